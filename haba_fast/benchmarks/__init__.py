@@ -1,0 +1,1 @@
+"""Benchmark implementations behind ``haba-fast bench`` and bench/ (timing via ``haba_fast.timing``)."""

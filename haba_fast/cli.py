@@ -1,0 +1,57 @@
+"""``haba-fast``: the command-line entry point.
+
+Each subcommand lives in ``haba_fast.commands.<name>`` and provides ``register(subparsers)``, which
+adds its parser and sets ``func`` (called with the parsed args; returns an exit code). Command
+modules import heavy dependencies inside ``func`` so ``haba-fast --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = ("info", "buffer", "distill", "eval", "export", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from haba_fast import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="haba-fast",
+        description="Dataset distillation via factorization (HaBa), fast. Run `haba-fast distill` with no "
+        "arguments for the embedded digits demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"haba-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"haba_fast.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"haba_fast.commands.{name}":
+                raise
+            continue  # a subcommand not installed in this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        # Bad input from the user: a clear one-line message, not a traceback.
+        print(f"haba-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

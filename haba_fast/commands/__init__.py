@@ -1,0 +1,1 @@
+"""Subcommands of ``haba-fast``; one module each, with ``register(subparsers)``."""

@@ -1,0 +1,93 @@
+"""The one timing helper used by every benchmark (bench/, ``haba-fast bench``).
+
+Warm-up runs, then repeats; reports the median. CUDA work is synchronized around each repeat
+(``triton.testing.do_bench`` style). Results carry the machine, versions and commit so a committed
+row says where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    """Seconds per call: ``median``, ``min``, ``mean`` over ``repeats`` timed calls."""
+
+    median: float
+    min: float
+    mean: float
+    repeats: int
+    times: List[float] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: Optional[torch.device]) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, device: Optional[torch.device] = None,
+            max_seconds: Optional[float] = None) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed calls (stops early past ``max_seconds``)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    start_all = time.perf_counter()
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if max_seconds is not None and time.perf_counter() - start_all > max_seconds and len(times) >= 1:
+            break
+    return Timing(median=statistics.median(times), min=min(times), mean=statistics.fmean(times), repeats=len(times), times=times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux: ru_maxrss is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def git_commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """Machine, versions and commit, recorded with every benchmark row."""
+    env: Dict[str, Any] = {
+        "machine": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device is not None and torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
