@@ -1,34 +1,409 @@
-"""Public ops: ``generate``, ``augment``, ``generate_augment``.
+"""Public ops: ``generate``, ``augment``, ``generate_augment`` — one signature, three backends.
 
-Each picks its backend with ``haba_fast.backend.select_backend`` (torch reference / C++ / Triton).
-Until the fused kernels land, every backend request resolves to the torch reference.
+Backends (picked per call by ``haba_fast.backend.select_backend``; ``backend=`` or ``$HABA_FAST_BACKEND``
+forces one):
+
+- ``torch``: the pure-PyTorch reference (``haba_fast._reference``), any device and dtype.
+- ``cpu``: fused C++ kernels (``csrc/genaug.cpp``) registered as ``torch.ops.haba_fast.*``; float32/float64.
+- ``triton``: Triton kernels (``kernels/generate.py``, ``kernels/augment.py``) registered here as
+  ``torch.ops.haba_fast_triton.*``; CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``); float32/float64.
+
+Autograd goes through ``torch.library.register_autograd`` on the registered forward ops; their backward
+calls the registered backward ops, asking only for the gradients ``ctx.needs_input_grad`` wants. Fake
+(meta) implementations are registered too, so the ops trace under ``torch.compile`` and pass
+``torch.library.opcheck``.
+
+Every input is validated here, before any kernel runs: a bad shape, dtype, device or index raises a
+``ValueError`` / ``TypeError`` that names the argument and the fix.
+
+Augmentation parameters (``haba_fast.augment.AugParams``) are encoded per sample as ``fparams`` [n, 4]
+(dtype of the images) and ``iparams`` [n, 4] int64 with a family code (see ``csrc/genaug_kernels.h``):
+the fused kernels read one row per sample, so a whole batch with per-sample parameters is one pass.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from haba_fast import _reference
+from haba_fast.backend import requested_backend, select_backend
 
 __all__ = ["generate", "augment", "generate_augment"]
 
+# Family codes shared with csrc/genaug_kernels.h and kernels/augment.py. scale and rotate are both "affine".
+IDENTITY, COLOR, CROP, CUTOUT, FLIP, AFFINE = 0, 1, 2, 3, 4, 5
+_FAST_DTYPES = (torch.float32, torch.float64)
+_GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight", "dec_bias")
 
+
+# ---- validation ---------------------------------------------------------------------------------------
+def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx):
+    """Validate generate's inputs; return (base_idx, hall_idx) as int64 on the bases' device."""
+    tensors = (bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias)
+    for name, t in zip(_GEN_NAMES, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"generate: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"generate: {name} must be floating point (float32/float64), got {t.dtype}")
+    for name, t in zip(_GEN_NAMES[1:], tensors[1:]):
+        if t.dtype != bases.dtype:
+            raise TypeError(f"generate: {name} has dtype {t.dtype} but bases has {bases.dtype}; cast them to one dtype")
+        if t.device != bases.device:
+            raise ValueError(f"generate: {name} is on {t.device} but bases is on {bases.device}; move them to one device")
+    if bases.dim() != 4:
+        raise ValueError(f"generate: bases must be [M, c_b, H, W], got shape {tuple(bases.shape)}")
+    if enc_weight.dim() != 5 or enc_weight.shape[-1] != enc_weight.shape[-2]:
+        raise ValueError(f"generate: enc_weight must be [Hn, C, c_b, k, k], got shape {tuple(enc_weight.shape)}")
+    M, cb, H, W = bases.shape
+    Hn, C, cbw, k, _ = enc_weight.shape
+    if cbw != cb:
+        raise ValueError(f"generate: enc_weight has {cbw} input channels but bases have c_b={cb}")
+    if k > H or k > W:
+        raise ValueError(f"generate: kernel size {k} exceeds the image size {H}x{W}")
+    Ho, Wo = H - k + 1, W - k + 1
+    expect = {
+        "enc_bias": (Hn, C),
+        "scale": (Hn, C, Ho, Wo),
+        "shift": (Hn, C, Ho, Wo),
+        "dec_weight": (Hn, C, C, k, k),
+        "dec_bias": (Hn, C),
+    }
+    for name, t in zip(_GEN_NAMES[2:], tensors[2:]):
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(f"generate: {name} must have shape {expect[name]} (from bases {tuple(bases.shape)} and "
+                             f"enc_weight {tuple(enc_weight.shape)}), got {tuple(t.shape)}")
+    idx = []
+    for name, t, limit in (("base_idx", base_idx, M), ("hall_idx", hall_idx, Hn)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"generate: {name} must be an int64 tensor [n], got {type(t).__name__}")
+        if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise TypeError(f"generate: {name} must be an integer tensor (int64), got {t.dtype}")
+        if t.dim() != 1:
+            raise ValueError(f"generate: {name} must be 1-D [n], got shape {tuple(t.shape)}")
+        if t.device != bases.device:
+            raise ValueError(f"generate: {name} is on {t.device} but bases is on {bases.device}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
+            raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        idx.append(t.to(torch.int64))
+    if idx[0].shape != idx[1].shape:
+        raise ValueError(f"generate: base_idx ({idx[0].shape[0]}) and hall_idx ({idx[1].shape[0]}) differ in length")
+    return idx[0], idx[1]
+
+
+def _chain(params) -> List:
+    chain = list(params) if isinstance(params, (list, tuple)) else [params]
+    for p in chain:
+        if not (hasattr(p, "family") and hasattr(p, "values") and hasattr(p, "n")):
+            raise TypeError(f"augment: params must be an AugParams or a list/tuple of them, got {type(p).__name__}")
+    return chain
+
+
+def _check_images(x, n_expected: Optional[int] = None, op: str = "augment"):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: images must be a tensor [n, C, H, W], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: images must be [n, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: images must be floating point (float32/float64), got {x.dtype}")
+
+
+def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int, Tensor, Tensor]:
+    """One AugParams -> (family code, fparams [n, 4] dtype, iparams [n, 4] int64) on ``device``.
+
+    Values are turned into the kernels' coefficients with the reference's own arithmetic, in the images'
+    dtype (e.g. cos/sin of theta), so the kernels see bit-identical coefficients.
+    """
+    if p.n != n:
+        raise ValueError(f"augment: params ({p.family}) are for a batch of {p.n}, the images have {n}")
+    v = {k: t.to(device) for k, t in p.values.items()}
+    fp = torch.zeros(n, 4, dtype=dtype, device=device)
+    ip = torch.zeros(n, 4, dtype=torch.int64, device=device)
+    fam = p.family
+    if fam == "identity":
+        return IDENTITY, fp, ip
+    if fam == "color":
+        fp[:, 0] = v["brightness"].to(dtype) - 0.5
+        fp[:, 1] = v["saturation"].to(dtype) * 2.0
+        fp[:, 2] = v["contrast"].to(dtype) + 0.5
+        return COLOR, fp, ip
+    if fam == "crop":
+        ip[:, 0], ip[:, 1] = v["tx"], v["ty"]
+        return CROP, fp, ip
+    if fam == "cutout":
+        ratio = getattr(p, "cutout_ratio", 0.5)
+        ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
+        if ch == 0 or cw == 0:  # an empty hole: nothing to cut
+            return IDENTITY, fp, ip
+        ox, oy = v["ox"], v["oy"]
+        ip[:, 0] = (ox - ch // 2).clamp(0, H - 1)
+        ip[:, 1] = (ox - ch // 2 + ch - 1).clamp(0, H - 1)
+        ip[:, 2] = (oy - cw // 2).clamp(0, W - 1)
+        ip[:, 3] = (oy - cw // 2 + cw - 1).clamp(0, W - 1)
+        return CUTOUT, fp, ip
+    if fam == "flip":
+        ip[:, 0] = (v["r"] < 0.5).to(torch.int64)
+        return FLIP, fp, ip
+    if fam == "scale":
+        fp[:, 0], fp[:, 3] = v["sx"].to(dtype), v["sy"].to(dtype)
+        return AFFINE, fp, ip
+    if fam == "rotate":
+        t = v["theta"].to(dtype)
+        cos, sin = torch.cos(t), torch.sin(t)
+        fp[:, 0], fp[:, 1], fp[:, 2], fp[:, 3] = cos, -sin, sin, cos
+        return AFFINE, fp, ip
+    raise ValueError(f"augment: unknown family {fam!r}: choose one of color, crop, cutout, flip, scale, rotate, identity")
+
+
+def _pick(op: str, cpu_op: str, x: Tensor, backend: Optional[str]) -> str:
+    """select_backend plus a dtype gate: the fused kernels take float32/float64."""
+    name = select_backend(op, x.device, backend, cpu_op=cpu_op)
+    if name != "torch" and x.dtype not in _FAST_DTYPES:
+        if requested_backend(backend) == name:
+            raise TypeError(f"{op}: backend {name!r} supports float32/float64, got {x.dtype}; use backend='torch' "
+                            "or cast the inputs")
+        return "torch"
+    if name == "cpu":
+        _register_cpu()
+    return name
+
+
+# ---- registration: autograd + fake kernels for the C++ (haba_fast) and Triton (haba_fast_triton) ops -----
+def _register_autograd(ns: str) -> None:
+    lib = getattr(torch.ops, ns)
+
+    def gen_setup(ctx, inputs, output):
+        bases, ew, eb, sc, sh, dw, db, bidx, hidx = inputs[:9]
+        ctx.aug = tuple(inputs[9:])  # (family, fparams, iparams) for generate_augment, () for generate
+        ctx.save_for_backward(bases, ew, eb, sc, sh, dw, bidx, hidx)
+
+    def gen_backward(ctx, grad):
+        bases, ew, eb, sc, sh, dw, bidx, hidx = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_bases, need_hall = bool(need[0]), any(need[1:7])
+        n_in = 9 + len(ctx.aug)
+        if not (need_bases or need_hall):
+            return (None,) * n_in
+        if ctx.aug:
+            fam, fp, ip = ctx.aug
+            r = lib.generate_augment_backward(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, need_bases,
+                                              need_hall)
+        else:
+            r = lib.generate_backward(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, need_hall)
+        grads = [r[0] if need_bases else None] + [r[i] if need[i] else None for i in range(1, 7)]
+        return tuple(grads) + (None,) * (n_in - 7)
+
+    def aug_setup(ctx, inputs, output):
+        _, fam, fp, ip = inputs
+        ctx.fam = fam
+        ctx.save_for_backward(fp, ip)
+
+    def aug_backward(ctx, grad):
+        fp, ip = ctx.saved_tensors
+        gx = lib.augment_backward(grad, ctx.fam, fp, ip) if ctx.needs_input_grad[0] else None
+        return gx, None, None, None
+
+    torch.library.register_autograd(f"{ns}::generate", gen_backward, setup_context=gen_setup)
+    torch.library.register_autograd(f"{ns}::generate_augment", gen_backward, setup_context=gen_setup)
+    torch.library.register_autograd(f"{ns}::augment", aug_backward, setup_context=aug_setup)
+
+
+def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, need_hall):
+    e = bases.new_empty((0,))
+    gb = torch.empty_like(bases) if need_bases else e
+    if need_hall:
+        Hn, C = eb.shape
+        hall = [torch.empty_like(ew), torch.empty_like(eb), torch.empty_like(sc), torch.empty_like(sh),
+                torch.empty_like(dw), bases.new_empty((Hn, C))]
+    else:
+        hall = [bases.new_empty((0,)) for _ in range(6)]
+    return (gb, *hall)
+
+
+def _register_fakes(ns: str) -> None:
+    def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx):
+        return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
+
+    def generate_augment_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, fam, fp, ip):
+        return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
+
+    def generate_augment_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, nb, nh):
+        return _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, nb, nh)
+
+    def augment_fake(x, fam, fp, ip):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    torch.library.register_fake(f"{ns}::generate", generate_fake)
+    torch.library.register_fake(f"{ns}::generate_backward", _gen_backward_fake)
+    torch.library.register_fake(f"{ns}::generate_augment", generate_augment_fake)
+    torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
+    torch.library.register_fake(f"{ns}::augment", augment_fake)
+    torch.library.register_fake(f"{ns}::augment_backward", augment_fake)
+
+
+@functools.lru_cache(maxsize=None)
+def _register_cpu() -> None:
+    """Wire fake kernels and autograd onto the C++ ops once the extension has loaded (idempotent)."""
+    _register_fakes("haba_fast")
+    _register_autograd("haba_fast")
+
+
+# Triton ops: thin custom ops around the launchers; triton itself is imported only when one runs.
+@torch.library.custom_op("haba_fast_triton::generate", mutates_args=())
+def _tr_generate(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
+                 dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor) -> Tensor:
+    from haba_fast.kernels.generate import generate_forward
+
+    return generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+
+
+@torch.library.custom_op("haba_fast_triton::generate_backward", mutates_args=())
+def _tr_generate_backward(grad: Tensor, bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor,
+                          shift: Tensor, dec_weight: Tensor, base_idx: Tensor, hall_idx: Tensor, need_bases: bool,
+                          need_hall: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from haba_fast.kernels.generate import generate_backward
+
+    return tuple(generate_backward(grad, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx,
+                                   need_bases, need_hall))
+
+
+@torch.library.custom_op("haba_fast_triton::augment", mutates_args=())
+def _tr_augment(x: Tensor, family: int, fparams: Tensor, iparams: Tensor) -> Tensor:
+    from haba_fast.kernels.augment import augment_forward
+
+    return augment_forward(x, family, fparams, iparams)
+
+
+@torch.library.custom_op("haba_fast_triton::augment_backward", mutates_args=())
+def _tr_augment_backward(grad: Tensor, family: int, fparams: Tensor, iparams: Tensor) -> Tensor:
+    from haba_fast.kernels.augment import augment_backward
+
+    return augment_backward(grad, family, fparams, iparams)
+
+
+@torch.library.custom_op("haba_fast_triton::generate_augment", mutates_args=())
+def _tr_generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
+                         dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, family: int,
+                         fparams: Tensor, iparams: Tensor) -> Tensor:
+    from haba_fast.kernels.augment import augment_forward
+    from haba_fast.kernels.generate import generate_forward
+
+    y = generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+    return augment_forward(y, family, fparams, iparams)
+
+
+@torch.library.custom_op("haba_fast_triton::generate_augment_backward", mutates_args=())
+def _tr_generate_augment_backward(grad: Tensor, bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor,
+                                  shift: Tensor, dec_weight: Tensor, base_idx: Tensor, hall_idx: Tensor, family: int,
+                                  fparams: Tensor, iparams: Tensor, need_bases: bool, need_hall: bool
+                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from haba_fast.kernels.augment import augment_backward
+    from haba_fast.kernels.generate import generate_backward
+
+    gy = augment_backward(grad, family, fparams, iparams)
+    return tuple(generate_backward(gy, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx,
+                                   need_bases, need_hall))
+
+
+_register_fakes("haba_fast_triton")
+_register_autograd("haba_fast_triton")
+
+
+def _lib(name: str):
+    return torch.ops.haba_fast if name == "cpu" else torch.ops.haba_fast_triton
+
+
+# ---- public ops -------------------------------------------------------------------------------------------
 def generate(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor, dec_weight: Tensor,
              dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, *, backend: Optional[str] = None) -> Tensor:
-    """Hallucinated samples [n, C, H, W]; shapes as in ``_reference.generate_reference``."""
-    return _reference.generate_reference(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+    """Hallucinate one sample per (basis, hallucinator) pair: out[i] = dec_h(scale_h ⊙ enc_h(bases[b]) + shift_h).
+
+    Args:
+        bases: [M, c_b, H, W] float32/float64.
+        enc_weight: [Hn, C, c_b, k, k]; enc_bias: [Hn, C].
+        scale, shift: [Hn, C, H-k+1, W-k+1].
+        dec_weight: [Hn, C, C, k, k] (ConvTranspose2d layout [in, out, k, k]); dec_bias: [Hn, C].
+        base_idx, hall_idx: [n] int64; b = base_idx[i] in [0, M), h = hall_idx[i] in [0, Hn). Any mix, repeats ok.
+        backend: ``torch`` | ``cpu`` | ``triton`` | ``auto`` (None: $HABA_FAST_BACKEND, else auto).
+
+    Returns:
+        [n, C, H, W], dtype of ``bases``; differentiable in bases and every hallucinator parameter.
+    """
+    base_idx, hall_idx = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
+                                         hall_idx)
+    name = _pick("generate", "generate", bases, backend)
+    if name == "torch":
+        return _reference.generate_reference(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
+                                             hall_idx)
+    return _lib(name).generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
 
 
 def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
-    """DSA-augmented ``x`` [n, C, H, W] under ``params`` (an AugParams or a list of them, applied in order)."""
-    return _reference.augment_reference(x, params)
+    """DSA-augment ``x`` under explicit per-sample parameters.
+
+    Args:
+        x: [n, C, H, W] floating images.
+        params: an ``AugParams`` (one family, values [n]) or a list/tuple of them applied in order ("M" mode).
+        backend: as in :func:`generate`.
+
+    Returns:
+        [n, C, H, W], a new tensor of ``x``'s dtype and device; differentiable in ``x``.
+    """
+    _check_images(x)
+    chain = _chain(params)
+    name = _pick("augment", "augment", x, backend)
+    if name == "torch":
+        return _reference.augment_reference(x, chain if isinstance(params, (list, tuple)) else params)
+    n, _, H, W = x.shape
+    out = x
+    for p in chain:
+        fam, fp, ip = _encode(p, n, H, W, x.dtype, x.device)
+        out = _lib(name).augment(out, fam, fp, ip)
+    return out if out is not x else x.clone()
 
 
 def generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
                      dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, params, *,
                      backend: Optional[str] = None) -> Tensor:
-    """``augment(generate(...), params)``."""
-    x = generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx, backend=backend)
-    return augment(x, params, backend=backend)
+    """``augment(generate(...), params)`` in one fused pass per sample (the first family of a chain is fused).
+
+    Args: as :func:`generate`, plus ``params`` as in :func:`augment` (n = len(base_idx)).
+
+    Returns:
+        [n, C, H, W]; differentiable in bases and every hallucinator parameter.
+    """
+    base_idx, hall_idx = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
+                                         hall_idx)
+    chain = _chain(params)
+    name = _pick("generate_augment", "generate_augment", bases, backend)
+    if name == "torch":
+        x = _reference.generate_reference(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
+                                          hall_idx)
+        return _reference.augment_reference(x, chain)
+    n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
+    fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (IDENTITY, None, None)
+    lib = _lib(name)
+    if fam == IDENTITY:
+        out = lib.generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+    else:
+        out = lib.generate_augment(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
+                                   hall_idx, fam, fp, ip)
+    for p in chain[1:]:
+        fam, fp, ip = _encode(p, n, H, W, out.dtype, out.device)
+        out = lib.augment(out, fam, fp, ip)
+    return out
+
+
+def backend_report(device: str = "cpu") -> dict:
+    """Which backend each public op would use on ``device`` now (for ``haba-fast info``)."""
+    report = {}
+    for op in ("generate", "augment", "generate_augment"):
+        try:
+            report[op] = select_backend(op, torch.device(device), None, cpu_op=op)
+        except Exception as exc:  # an explicitly requested backend that cannot run
+            report[op] = f"unavailable ({exc})"
+    return report

@@ -1,0 +1,157 @@
+"""``haba-fast info``: versions, devices, the C++ extension, and the backend each op would use.
+
+CUDA is queried only here, inside ``run`` (never at import). ``--json`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import warnings
+from typing import Any, Dict, Optional
+
+OPS = ("generate", "augment", "generate_augment", "trajectory_match")
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("info", help="versions, devices, extension and backend per op",
+                            description=__doc__)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.set_defaults(func=run)
+
+
+def _version(dist: str) -> Optional[str]:
+    # importlib.metadata reads the installed version without importing the (slow) package itself.
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - python < 3.8
+        return None
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _backend(op: str, device: str) -> Dict[str, Any]:
+    """Which backend ``op`` would run with on ``device``, and why when it is a fallback or an error."""
+    from haba_fast.backend import requested_backend, select_backend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # select_backend warns only once per process: we say why ourselves
+        try:
+            chosen = select_backend(op, device)
+        except Exception as exc:  # an explicitly forced backend that cannot run: report, don't crash
+            return {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
+    out: Dict[str, Any] = {"backend": chosen}
+    if chosen == "torch" and requested_backend() == "auto":
+        out["note"] = _fallback_reason(op, device)
+    return out
+
+
+def _fallback_reason(op: str, device: str) -> str:
+    """Why the automatic choice fell back to the torch reference (more precise than the one-time warning)."""
+    from haba_fast import _ext
+
+    if device == "cpu":
+        if not _ext.extension_available():
+            return f"C++ extension not loaded ({_ext.extension_error()})"
+        return f"C++ op haba_fast::{op} not registered in this build"
+    return "triton is not installed"
+
+
+def _registered_ops():
+    """Names of every op registered under the haba_fast namespace (None when torch cannot list them)."""
+    import torch
+
+    try:
+        names = torch._C._dispatch_get_all_op_names()  # private, but the only listing; guarded
+    except Exception:
+        return None
+    return sorted({n.split("::", 1)[1].split(".", 1)[0] for n in names if n.startswith("haba_fast::")})
+
+
+def collect() -> Dict[str, Any]:
+    """Everything ``info`` reports, as a plain dict."""
+    import torch
+
+    import haba_fast
+    from haba_fast import _ext
+
+    info: Dict[str, Any] = {
+        "versions": {
+            "haba_fast": haba_fast.__version__,
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "numpy": _version("numpy"),
+            "python": platform.python_version(),
+        },
+        "platform": platform.platform(),
+        "environment": {k: os.environ[k] for k in ("HABA_FAST_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")
+                        if k in os.environ},
+    }
+    cuda_ok = torch.cuda.is_available()
+    info["devices"] = {
+        "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "cuda": {
+            "available": cuda_ok,
+            "count": torch.cuda.device_count() if cuda_ok else 0,
+            "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda_ok else [],
+            "cuda_version": torch.version.cuda,
+        },
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the load failure is reported below, not as a warning
+        loaded = _ext.extension_available()
+    ext: Dict[str, Any] = {"loaded": loaded}
+    if loaded:
+        listed = _registered_ops()
+        ext["ops"] = listed if listed is not None else [op for op in OPS if _ext.has_op(op)]
+    else:
+        ext["error"] = _ext.extension_error()
+    info["extension"] = ext
+    devices = ["cpu"] + (["cuda"] if cuda_ok else [])
+    info["backends"] = {op: {dev: _backend(op, dev) for dev in devices} for op in OPS}
+    return info
+
+
+def _text(info: Dict[str, Any]) -> str:
+    lines = ["haba-fast " + info["versions"]["haba_fast"], "", "versions:"]
+    for k, v in info["versions"].items():
+        lines.append(f"  {k:<10} {v if v is not None else 'not installed'}")
+    lines.append(f"platform:   {info['platform']}")
+    if info["environment"]:
+        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in info["environment"].items()))
+    cpu, cuda = info["devices"]["cpu"], info["devices"]["cuda"]
+    lines += ["", "devices:", f"  cpu        {cpu['cores']} cores, torch uses {cpu['torch_threads']} threads"]
+    if cuda["available"]:
+        lines.append(f"  cuda       {cuda['count']} device(s): {', '.join(cuda['names'])} (CUDA {cuda['cuda_version']})")
+    else:
+        lines.append("  cuda       not available")
+    ext = info["extension"]
+    lines += ["", "C++ extension (haba_fast._C):"]
+    if ext["loaded"]:
+        lines.append(f"  loaded; ops registered: {', '.join(ext['ops']) or 'none yet'}")
+    else:
+        lines.append(f"  not loaded: {ext['error']}")
+    lines += ["", "backend per op:"]
+    for op, per_dev in info["backends"].items():
+        parts = []
+        for dev, b in per_dev.items():
+            if b["backend"] is None:
+                parts.append(f"{dev}: unavailable ({b['error']})")
+            else:
+                parts.append(f"{dev}: {b['backend']}" + (f" (fallback: {b['note']})" if "note" in b else ""))
+        lines.append(f"  {op:<18} " + "   ".join(parts))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    info = collect()
+    if getattr(args, "json", False):
+        print(json.dumps(info, indent=2, sort_keys=False))
+    else:
+        print(_text(info))
+    sys.stdout.flush()
+    return 0

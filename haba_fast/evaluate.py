@@ -1,0 +1,372 @@
+"""Evaluation of a synthetic set: train fresh networks on it, test them on the real test split.
+
+The protocol is the reference's (MTT ``evaluate_synset``; HaBa's ``StyleTranslatorSharedDataset``):
+a freshly initialized network per repeat, SGD with momentum 0.9 and weight decay 5e-4, the learned
+learning rate (0.01 when none is known), lr ×0.1 at half of training, DSA on every training batch,
+batch 256, 1000 epochs, test accuracy after the last epoch; ``num_eval`` repeats per architecture,
+reported as mean ± std (``np.std``, as the reference prints it). For ``HaBa`` every epoch trains on
+a fresh materialization (every basis through one random hallucinator), generated in one batched call
+on the training device. ``batch_standardize`` is HaBa's per-batch standardization (train and test).
+
+Baselines: :func:`coreset` picks real images per class, at random or by herding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from haba_fast.training import DEFAULT_DSA_STRATEGY, train_network
+
+COMMON_MODELS = ("ConvNet", "AlexNet", "VGG11", "ResNet18")  # the reference's cross-architecture pool ("M")
+CORESET_METHODS = ("random", "herding")
+DEFAULT_EVAL_LR = 0.01
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol (defaults: the reference's).
+
+    Attributes:
+        models: architectures to evaluate (``haba_fast.models.get_network`` names).
+        num_eval: repeats (fresh networks) per architecture.
+        epochs: training epochs per network.
+        lr: training lr; None: the synthetic set's learned lr (``syn.meta["lr"]``) if recorded, else 0.01.
+        momentum, weight_decay: SGD settings.
+        batch_size: training batch.
+        test_batch_size: test batch (128 as the reference's test loader; matters with ``batch_standardize``).
+        dsa, dsa_strategy: DSA augmentation of training batches.
+        lr_schedule: ``"half"`` (×0.1 from epoch ``epochs // 2``) or ``"none"``.
+        batch_standardize: HaBa's per-batch standardization, train and test.
+        device: training device (None: CUDA when available, else CPU).
+    """
+
+    models: Tuple[str, ...] = ("ConvNet",)
+    num_eval: int = 5
+    epochs: int = 1000
+    lr: Optional[float] = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    test_batch_size: int = 128
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    lr_schedule: str = "half"
+    batch_standardize: bool = False
+    device: Optional[str] = None
+
+    def validate(self) -> None:
+        if isinstance(self.models, str):
+            self.models = tuple(m.strip() for m in self.models.split(",") if m.strip())
+        if not self.models:
+            raise ValueError("EvalConfig.models is empty; give at least one architecture (e.g. ConvNet)")
+        if self.num_eval < 1:
+            raise ValueError(f"num_eval must be >= 1, got {self.num_eval}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or self.test_batch_size < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size}, {self.test_batch_size}")
+
+
+@dataclass
+class EvalResult:
+    """Accuracies (fractions in [0, 1]) of every evaluated network, per architecture."""
+
+    accuracies: Dict[str, List[float]]
+    lr: float
+    num_samples: int
+    epochs: int
+    config: Dict[str, Any] = field(default_factory=dict)
+    label: str = "synthetic"
+
+    def mean(self, model: Optional[str] = None) -> float:
+        """Mean accuracy of one architecture (default: the first one evaluated)."""
+        return float(np.mean(self.accuracies[model or next(iter(self.accuracies))]))
+
+    def std(self, model: Optional[str] = None) -> float:
+        """Standard deviation (``np.std``, ddof 0, as the reference reports)."""
+        return float(np.std(self.accuracies[model or next(iter(self.accuracies))]))
+
+    @property
+    def summary(self) -> Dict[str, Dict[str, float]]:
+        return {m: {"mean": self.mean(m), "std": self.std(m), "n": len(a)} for m, a in self.accuracies.items()}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "label": self.label,
+            "lr": self.lr,
+            "num_samples": self.num_samples,
+            "epochs": self.epochs,
+            "summary": self.summary,
+            "accuracies": self.accuracies,
+            "config": self.config,
+        }
+
+    def table(self) -> str:
+        """A plain-text table: one row per architecture, accuracy in %."""
+        return format_table([self])
+
+
+def format_table(results: Sequence[EvalResult]) -> str:
+    """Rows ``label | model | mean ± std (%) | n`` for several results (e.g. HaBa vs baselines)."""
+    rows = [("set", "model", "accuracy (%)", "runs", "samples")]
+    for r in results:
+        for m, s in r.summary.items():
+            rows.append((r.label, m, f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}", str(s["n"]), str(r.num_samples)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _device(cfg_device) -> torch.device:
+    if cfg_device:
+        return torch.device(cfg_device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _training_source(syn, device: torch.device) -> Tuple[Union[Tuple[Tensor, Tensor], Callable], int, Tuple[int, ...]]:
+    """(data for train_network, samples per epoch, sample shape [C, H, W])."""
+    if isinstance(syn, (tuple, list)):
+        if len(syn) != 2:
+            raise ValueError(f"a raw synthetic set must be an (images, labels) pair, got {len(syn)} items")
+        images, labels = syn
+        if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+            raise TypeError("a raw synthetic set must be an (images [N, C, H, W], labels [N]) pair of tensors")
+        if images.dim() != 4 or labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"synthetic images must be [N, C, H, W] with labels [N]; got {tuple(images.shape)}, {tuple(labels.shape)}"
+            )
+        images = images.detach().to(device, torch.float32)
+        return (images, labels.detach().to(device).long()), images.shape[0], tuple(images.shape[1:])
+    materialize = getattr(syn, "materialize", None)
+    if not callable(materialize):
+        raise TypeError(
+            f"evaluate_synthetic: syn must be a Pixels/HaBa synthetic set or an (images, labels) pair, "
+            f"got {type(syn).__name__}"
+        )
+    if isinstance(syn, nn.Module):
+        params = list(syn.parameters())
+        if params and params[0].device != device:
+            syn = copy.deepcopy(syn).to(device)  # generate on the training device; the caller's module stays put
+    with torch.no_grad():
+        x0, _ = syn.materialize(torch.Generator().manual_seed(0))
+    shape = tuple(x0.shape[1:])
+    n = x0.shape[0]
+    if type(syn).__name__ == "Pixels" or not getattr(syn, "n_hallucinators", 0):
+        x, y = syn.materialize(None)
+        return (x.detach().to(device, torch.float32), y.to(device).long()), n, shape
+
+    def epoch_data(epoch: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        # One random hallucinator per basis, generated in one batched call on the device.
+        x, y = syn.materialize(generator)
+        return x.detach().float(), y
+
+    return epoch_data, n, shape
+
+
+def resolve_lr(syn, cfg_lr: Optional[float], lr: Optional[float]) -> float:
+    """The evaluation lr: explicit ``lr`` > ``cfg_lr`` > the set's learned ``meta["lr"]`` > 0.01."""
+    for value in (lr, cfg_lr):
+        if value is not None:
+            return float(value)
+    meta = getattr(syn, "meta", None) or {}
+    learned = meta.get("lr") if isinstance(meta, dict) else None
+    if learned is not None:
+        learned = float(learned.item() if isinstance(learned, Tensor) else learned)
+        if learned > 0 and math.isfinite(learned):
+            return learned
+    return DEFAULT_EVAL_LR
+
+
+def evaluate_synthetic(
+    syn,
+    dataset,
+    cfg: Optional[EvalConfig] = None,
+    *,
+    lr: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+    label: str = "synthetic",
+    callback: Optional[Callable[[str, int, float], None]] = None,
+) -> EvalResult:
+    """Train ``cfg.num_eval`` fresh networks per architecture on ``syn`` and test them on ``dataset``.
+
+    Args:
+        syn: a ``Pixels`` / ``HaBa`` (``haba_fast.factorization``) or an ``(images [N, C, H, W], labels [N])``
+            pair. Samples must have the dataset's ``[C, H, W]``.
+        dataset: a ``haba_fast.data.Dataset`` (its test split is the test set).
+        cfg: :class:`EvalConfig` (default: the reference protocol).
+        lr: training lr overriding ``cfg.lr`` and the set's learned lr.
+        generator: CPU generator for network init, shuffling, augmentation and hallucinator draws
+            (None: seeded from OS entropy).
+        progress: tqdm bars.
+        label: the name of this set in tables.
+        callback: ``callback(model, repeat, accuracy)`` after every network.
+
+    Returns:
+        :class:`EvalResult`.
+    """
+    from haba_fast.models import get_network
+
+    cfg = copy.deepcopy(cfg) if cfg is not None else EvalConfig()
+    cfg.validate()
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    device = _device(cfg.device)
+    rate = resolve_lr(syn, cfg.lr, lr)
+    source, n, shape = _training_source(syn, device)
+    expected = (dataset.channels, *dataset.im_size)
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"synthetic samples are {list(shape)} but dataset {getattr(dataset, 'name', '?')} images are "
+            f"{list(expected)}: evaluate on the dataset the set was distilled from (--dataset, --zca)"
+        )
+    test = (dataset.test_images, dataset.test_labels)
+    accuracies: Dict[str, List[float]] = {}
+    for model in cfg.models:
+        accs = []
+        for rep in range(cfg.num_eval):
+            seed = int(torch.randint(2**62, (1,), generator=generator).item())
+            g = torch.Generator().manual_seed(seed)
+            net = get_network(model, dataset.channels, dataset.num_classes, dataset.im_size, generator=g, device=device)
+            history = train_network(
+                net,
+                source,
+                epochs=cfg.epochs,
+                lr=rate,
+                batch_size=cfg.batch_size,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                dsa=cfg.dsa,
+                dsa_strategy=cfg.dsa_strategy,
+                lr_schedule=cfg.lr_schedule,
+                batch_standardize=cfg.batch_standardize,
+                generator=g,
+                device=device,
+                test_data=test,
+                test_every=0,
+                test_batch_size=cfg.test_batch_size,
+                progress=progress,
+                desc=f"eval {model} {rep + 1}/{cfg.num_eval}",
+            )
+            acc = float(history.final_test_accuracy)
+            accs.append(acc)
+            if callback is not None:
+                callback(model, rep, acc)
+            del net
+        accuracies[model] = accs
+    return EvalResult(accuracies=accuracies, lr=rate, num_samples=n, epochs=cfg.epochs, config=asdict(cfg), label=label)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Coreset baselines
+
+
+@torch.no_grad()
+def _embed(images: Tensor, features: str, dataset, generator: torch.Generator, device, batch: int = 512) -> Tensor:
+    if features == "pixels":
+        return images.reshape(images.shape[0], -1).double()
+    from haba_fast.models import get_network
+
+    net = get_network("ConvNet", dataset.channels, dataset.num_classes, dataset.im_size, generator=generator, device=device)
+    net.eval()
+    embed = getattr(net, "embed", None)
+    if embed is None:  # pragma: no cover - ConvNet always has embed
+        raise ValueError("herding needs a network with an embed() method (ConvNet)")
+    out = [embed(images[i : i + batch].to(device)).double().cpu() for i in range(0, images.shape[0], batch)]
+    return torch.cat(out)
+
+
+def _herding(feats: Tensor, k: int) -> List[int]:
+    """Greedy mean matching (Welling 2009): pick ``k`` rows whose running mean stays closest to the mean of all."""
+    mu = feats.mean(dim=0)
+    total = torch.zeros_like(mu)
+    chosen: List[int] = []
+    taken = torch.zeros(feats.shape[0], dtype=torch.bool)
+    for step in range(1, k + 1):
+        dist = ((total.unsqueeze(0) + feats) / step - mu).norm(dim=1)
+        dist[taken] = math.inf
+        i = int(torch.argmin(dist).item())
+        chosen.append(i)
+        taken[i] = True
+        total += feats[i]
+    return chosen
+
+
+def coreset(
+    dataset,
+    ipc: int,
+    method: str = "random",
+    generator: Optional[torch.Generator] = None,
+    *,
+    features: str = "embedding",
+    device=None,
+) -> Tuple[Tensor, Tensor]:
+    """Pick ``ipc`` real training images per class: the random / herding coreset baselines.
+
+    ``random``: a uniform draw without replacement per class. ``herding``: greedy mean matching per class in a
+    feature space: ``features="embedding"`` (default) uses the embedding (the classifier's input) of a *randomly
+    initialized* ConvNet drawn from ``generator``; ``features="pixels"`` uses the raw (normalized) pixels. The
+    DC/DSA papers herd in the embedding of a network; a random ConvNet needs no training and its features still
+    cluster images far better than pixels.
+
+    Args:
+        dataset: a ``haba_fast.data.Dataset``.
+        ipc: images per class (>= 1; every class needs at least that many).
+        method: ``"random"`` or ``"herding"``.
+        generator: CPU generator (random choice / the embedding network); None: OS entropy.
+        features: ``"embedding"`` or ``"pixels"`` (herding only).
+        device: where the embedding network runs (default CPU).
+
+    Returns:
+        ``(images [K*ipc, C, H, W] float32, labels [K*ipc] int64)``, class-major (class c owns rows c*ipc ...).
+    """
+    if method not in CORESET_METHODS:
+        raise ValueError(f"coreset method must be one of {CORESET_METHODS}, got {method!r}")
+    if features not in ("embedding", "pixels"):
+        raise ValueError(f"herding features must be 'embedding' or 'pixels', got {features!r}")
+    if isinstance(ipc, bool) or not isinstance(ipc, (int, np.integer)) or ipc < 1:
+        raise ValueError(f"ipc must be a positive int, got {ipc!r}")
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()
+    images, labels = dataset.train_images, dataset.train_labels
+    per_class = [torch.nonzero(labels == c).flatten() for c in range(dataset.num_classes)]
+    short = [(c, len(idx)) for c, idx in enumerate(per_class) if len(idx) < ipc]
+    if short:
+        c, n = short[0]
+        raise ValueError(f"coreset ipc={ipc}, but class {c} has only {n} training images")
+    feats = None
+    if method == "herding":
+        feats = _embed(images, features, dataset, generator, torch.device(device) if device else torch.device("cpu"))
+    picked = []
+    for idx in per_class:
+        if method == "random":
+            picked.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
+        else:
+            picked.append(idx[torch.tensor(_herding(feats[idx], ipc), dtype=torch.long)])
+    keep = torch.cat(picked)
+    out_labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
+    return images[keep].clone().float(), out_labels
+
+
+__all__ = [
+    "COMMON_MODELS",
+    "CORESET_METHODS",
+    "EvalConfig",
+    "EvalResult",
+    "coreset",
+    "evaluate_synthetic",
+    "format_table",
+    "resolve_lr",
+]

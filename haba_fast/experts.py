@@ -1,0 +1,725 @@
+"""Expert trajectories: training them (``haba-fast buffer``) and reading them back (``load_buffer``).
+
+An expert is a network trained on the real training set with the reference settings (SGD lr 0.01,
+no momentum, no weight decay, batch 256, DSA, 50 epochs); its *trajectory* is the list of its flat
+parameter vectors at init and after every epoch: ``num_epochs + 1`` snapshots of ``P`` floats.
+
+Two on-disk formats:
+
+* ``"reference"``: the MTT/HaBa layout ``<buffer_path>/<DATASET>[_NO_ZCA]/<model>/replay_buffer_<n>.pt``,
+  each file a list of ``save_interval`` trajectories, a trajectory a list of snapshots, a snapshot the
+  list of parameter tensors in ``net.parameters()`` order. Unlike the reference, the last file also
+  holds a remainder of fewer than ``save_interval`` experts (the reference drops it).
+* ``"haba"`` (ours): ``experts.json`` (model, dataset, P, epochs, dtype, parameter shapes, config, the
+  list of finished trajectories) and one raw file ``expert_<i>.bin`` per trajectory holding a
+  row-major ``[num_epochs + 1, P]`` array (float32, or bfloat16 bits to halve the size). Files are
+  memory-mapped, so reading snapshot ``(traj, epoch)`` touches only that row.
+
+Snapshots are copies. The reference takes them with ``p.detach().cpu()``, which on a CPU returns the
+live parameter itself, so every snapshot of a CPU-trained expert equals its final weights and
+distillation divides by a zero distance; here every snapshot is ``detach().clone()``-d (see
+``tests/test_experts.py::test_snapshots_are_copies``).
+
+Every file is written atomically (``haba_fast.io``) as its expert finishes, so a killed run loses at
+most the expert in progress; rerunning with ``resume=True`` continues from the last finished expert.
+Expert ``i`` uses its own generator seeded from ``(cfg.seed, i)``, so a resumed run writes the same
+trajectories as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from haba_fast.io import atomic_path, atomic_torch_save, atomic_write_text
+from haba_fast.training import DEFAULT_DSA_STRATEGY, EpochStats, train_network
+
+PathLike = Union[str, os.PathLike]
+
+FORMATS = ("haba", "reference")
+HEADER_NAME = "experts.json"
+PROGRESS_NAME = "progress.json"  # reference format: what this run has written so far
+PENDING_NAME = "pending_experts.pt"  # reference format: finished experts not yet in a replay_buffer file
+FORMAT_TAG = "haba_fast-experts"
+FORMAT_VERSION = 1
+_REPLAY_RE = re.compile(r"^replay_buffer_(\d+)\.pt$")
+
+_STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ExpertConfig:
+    """Expert training settings; defaults are the reference ``buffer.py`` ones.
+
+    Attributes:
+        model: network name for ``haba_fast.models.get_network`` (reference ``--model``).
+        num_experts: trajectories to train (``--num_experts``).
+        epochs: training epochs per expert; snapshots = epochs + 1 (``--train_epochs``).
+        lr: SGD learning rate (``--lr_teacher``).
+        momentum, weight_decay: SGD settings (``--mom``, ``--l2``; reference 0 and 0).
+        batch_size: training batch (``--batch_train``).
+        dsa, dsa_strategy: DSA augmentation of training batches (``--dsa``, ``--dsa_strategy``).
+        decay: lr ×0.1 at half of training (``--decay``; off in the reference by default).
+        batch_standardize: HaBa's per-batch standardization (train and test).
+        save_interval: experts per ``replay_buffer_<n>.pt`` file in the reference format.
+        seed: base seed; expert ``i`` uses a generator seeded from ``(seed, i)``.
+        test_every: test accuracy every this many epochs (0: only after the last epoch).
+        device: training device (None: CUDA when available, else CPU).
+    """
+
+    model: str = "ConvNet"
+    num_experts: int = 100
+    epochs: int = 50
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    decay: bool = False
+    batch_standardize: bool = False
+    save_interval: int = 10
+    seed: int = 0
+    test_every: int = 1
+    device: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs (--train_epochs) must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr (--lr_teacher) must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size (--batch_train) must be >= 1, got {self.batch_size}")
+        if self.save_interval < 1:
+            raise ValueError(f"save_interval must be >= 1, got {self.save_interval}")
+        if self.test_every < 0:
+            raise ValueError(f"test_every must be >= 0, got {self.test_every}")
+
+    def training_signature(self) -> Dict[str, Any]:
+        """The settings that must agree for a resumed run to continue an existing buffer."""
+        d = asdict(self)
+        for k in ("num_experts", "device", "test_every", "save_interval"):
+            d.pop(k)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paths
+
+
+def reference_dataset_name(name: str) -> str:
+    """The reference's spelling of a dataset name (``"cifar10"`` -> ``"CIFAR10"``), as ``haba_fast.data`` has it.
+
+    Reference spellings (``"CIFAR10"``, ``"FashionMNIST"``) and unknown names pass through unchanged.
+    """
+    from haba_fast.data import REFERENCE_NAMES
+
+    key = name.strip().lower().replace("-", "").replace("_", "")
+    for ours, ref in REFERENCE_NAMES.items():
+        if key in (ours.replace("-", ""), ref.lower()):
+            return ref
+    return name
+
+
+def expert_dir(buffer_path: PathLike, dataset: str, model: str, zca: bool = False) -> Path:
+    """``<buffer_path>/<DATASET>[_NO_ZCA]/<model>`` exactly as the reference builds it.
+
+    ``_NO_ZCA`` is appended only for CIFAR10/CIFAR100 without ZCA, as in the reference.
+    """
+    name = reference_dataset_name(dataset)
+    if name in ("CIFAR10", "CIFAR100") and not zca:
+        name += "_NO_ZCA"
+    return Path(buffer_path) / name / model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+class ExpertBuffer:
+    """A set of expert trajectories: ``num_trajectories`` × ``(num_epochs + 1)`` snapshots of ``num_params`` floats.
+
+    Use :func:`load_buffer` to open one. Snapshots come back as float32 ``[P]`` CPU tensors (new memory).
+    """
+
+    path: Path
+    num_trajectories: int
+    num_epochs: int
+    num_params: int
+    param_shapes: Optional[List[Tuple[int, ...]]] = None
+    model: Optional[str] = None
+    dataset: Optional[str] = None
+    format: str = ""
+
+    def _read(self, traj: int, epoch: int) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_trajectories
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(path={str(self.path)!r}, trajectories={self.num_trajectories}, "
+            f"epochs={self.num_epochs}, params={self.num_params})"
+        )
+
+    def _check_index(self, traj: int, epoch: int) -> None:
+        if not 0 <= traj < self.num_trajectories:
+            raise ValueError(f"trajectory {traj} out of range: {self.path} holds {self.num_trajectories}")
+        if not 0 <= epoch <= self.num_epochs:
+            raise ValueError(
+                f"epoch {epoch} out of range: {self.path} has snapshots for epochs 0..{self.num_epochs}"
+            )
+
+    def snapshot(self, traj: int, epoch: int) -> Tensor:
+        """Flat parameters of trajectory ``traj`` after ``epoch`` epochs (0 = init): float32 ``[P]``."""
+        traj, epoch = int(traj), int(epoch)
+        self._check_index(traj, epoch)
+        return self._read(traj, epoch)
+
+    def trajectory(self, traj: int) -> Tensor:
+        """All snapshots of one trajectory: float32 ``[num_epochs + 1, P]``."""
+        return torch.stack([self.snapshot(traj, e) for e in range(self.num_epochs + 1)])
+
+    def check_max_start(self, max_start_epoch: int, expert_epochs: int) -> None:
+        """Raise a clear ValueError when trajectories are too short for these matching settings."""
+        if max_start_epoch < 1:
+            raise ValueError(f"max_start_epoch must be >= 1, got {max_start_epoch}")
+        if expert_epochs < 1:
+            raise ValueError(f"expert_epochs must be >= 1, got {expert_epochs}")
+        need = max_start_epoch - 1 + expert_epochs
+        if need > self.num_epochs:
+            raise ValueError(
+                f"expert buffer {self.path} is too short: its trajectories have {self.num_epochs} epochs, but "
+                f"max_start_epoch={max_start_epoch} and expert_epochs={expert_epochs} need {need}; train experts "
+                f"with --train_epochs >= {need} or lower --max_start_epoch/--expert_epochs"
+            )
+
+    def sample_pair(
+        self, generator: Optional[torch.Generator], max_start_epoch: int, expert_epochs: int
+    ) -> Tuple[Tensor, Tensor, Dict[str, int]]:
+        """Draw a matching target as the reference does.
+
+        A trajectory uniformly, a start epoch ``s`` uniform in ``[0, max_start_epoch)``; returns
+        ``(w_start [P], w_target [P], {"trajectory", "start_epoch", "target_epoch"})`` with
+        ``w_target`` the snapshot at ``s + expert_epochs``.
+        """
+        self.check_max_start(max_start_epoch, expert_epochs)
+        traj = int(torch.randint(self.num_trajectories, (1,), generator=generator).item())
+        start = int(torch.randint(max_start_epoch, (1,), generator=generator).item())
+        target = start + expert_epochs
+        meta = {"trajectory": traj, "start_epoch": start, "target_epoch": target}
+        return self.snapshot(traj, start), self.snapshot(traj, target), meta
+
+    def check_model(self, net: nn.Module) -> None:
+        """Raise ValueError when ``net``'s parameter count/shapes do not match this buffer's."""
+        shapes = [tuple(p.shape) for p in net.parameters()]
+        p = sum(math.prod(s) for s in shapes)
+        if p != self.num_params:
+            raise ValueError(
+                f"expert buffer {self.path} has {self.num_params} parameters per snapshot but the model has {p}: "
+                "it was trained for another model/dataset (check --model, --dataset, channels and image size)"
+            )
+        if self.param_shapes is not None and [tuple(s) for s in self.param_shapes] != shapes:
+            raise ValueError(
+                f"expert buffer {self.path}: parameter shapes {self.param_shapes} differ from the model's {shapes}"
+            )
+
+
+class MemmapExpertBuffer(ExpertBuffer):
+    """Our format: ``experts.json`` + one memory-mapped ``[num_epochs + 1, P]`` raw file per trajectory."""
+
+    format = "haba"
+
+    def __init__(self, header_path: PathLike):
+        self.path = Path(header_path)
+        header = _read_header(self.path)
+        self.header = header
+        try:
+            self.num_params = int(header["num_params"])
+            self.num_epochs = int(header["num_epochs"])
+            self.storage_dtype = _STORAGE_DTYPES[header["dtype"]]
+            files = [t["file"] for t in header["trajectories"]]
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"expert buffer header {self.path} is missing or has a bad field: {exc}") from exc
+        self.param_shapes = [tuple(s) for s in header["param_shapes"]] if header.get("param_shapes") else None
+        self.model = header.get("model")
+        self.dataset = header.get("dataset")
+        if not files:
+            raise ValueError(f"expert buffer {self.path} holds no finished trajectory yet (run `haba-fast buffer`)")
+        self._np_dtype = np.float32 if self.storage_dtype == torch.float32 else np.int16
+        self._files = [self.path.parent / f for f in files]
+        itemsize = np.dtype(self._np_dtype).itemsize
+        expected = (self.num_epochs + 1) * self.num_params * itemsize
+        for f in self._files:
+            if not f.exists():
+                raise FileNotFoundError(f"expert trajectory {f} listed in {self.path} is missing")
+            size = f.stat().st_size
+            if size != expected:
+                raise ValueError(
+                    f"expert trajectory {f} is truncated or corrupt: {size} bytes, expected {expected} "
+                    f"({self.num_epochs + 1} snapshots × {self.num_params} {header['dtype']}); retrain it "
+                    "(delete it and its entry, then rerun `haba-fast buffer`)"
+                )
+        self.num_trajectories = len(self._files)
+        self._maps: Dict[int, np.memmap] = {}
+
+    def _map(self, traj: int) -> np.memmap:
+        m = self._maps.get(traj)
+        if m is None:
+            m = np.memmap(
+                self._files[traj], dtype=self._np_dtype, mode="r", shape=(self.num_epochs + 1, self.num_params)
+            )
+            self._maps[traj] = m
+        return m
+
+    def _read(self, traj: int, epoch: int) -> Tensor:
+        row = torch.from_numpy(np.array(self._map(traj)[epoch]))  # copies just this row out of the map
+        if self.storage_dtype == torch.bfloat16:
+            row = row.view(torch.bfloat16)
+        return row.float()
+
+
+class ReferenceExpertBuffer(ExpertBuffer):
+    """The reference layout: ``replay_buffer_<n>.pt`` files (n = 0, 1, ... as the reference reads them)."""
+
+    format = "reference"
+
+    def __init__(self, files: Sequence[PathLike]):
+        self._files = [Path(f) for f in files]
+        self.path = self._files[0].parent if len(self._files) > 1 else self._files[0]
+        self._index: List[Tuple[int, int]] = []  # global trajectory -> (file, position)
+        self._cache: Dict[int, list] = {}
+        shapes = None
+        num_epochs = None
+        for fi, f in enumerate(self._files):
+            trajs = self._load(fi)
+            for ti, traj in enumerate(trajs):
+                if not isinstance(traj, (list, tuple)) or len(traj) < 2:
+                    raise ValueError(f"expert buffer {f}: trajectory {ti} is not a list of >= 2 snapshots")
+                for si, snap in enumerate(traj):
+                    if not isinstance(snap, (list, tuple)) or not all(isinstance(p, Tensor) for p in snap):
+                        raise ValueError(
+                            f"expert buffer {f}: trajectory {ti} snapshot {si} is not a list of tensors"
+                        )
+                    snap_shapes = [tuple(p.shape) for p in snap]
+                    if shapes is None:
+                        shapes = snap_shapes
+                    elif snap_shapes != shapes:
+                        raise ValueError(
+                            f"expert buffer {f}: trajectory {ti} snapshot {si} has parameter shapes that differ "
+                            "from the first snapshot's (a mix of models?)"
+                        )
+                if num_epochs is None:
+                    num_epochs = len(traj) - 1
+                elif len(traj) - 1 != num_epochs:
+                    raise ValueError(
+                        f"expert buffer {f}: trajectory {ti} has {len(traj) - 1} epochs, others {num_epochs}"
+                    )
+                self._index.append((fi, ti))
+        if not self._index:
+            raise ValueError(f"expert buffer {self.path} holds no trajectories")
+        self.param_shapes = shapes
+        self.num_params = sum(math.prod(s) for s in shapes)
+        self.num_epochs = num_epochs
+        self.num_trajectories = len(self._index)
+
+    def _load(self, fi: int) -> list:
+        if fi in self._cache:
+            return self._cache[fi]
+        f = self._files[fi]
+        if not f.exists():
+            raise FileNotFoundError(f"expert buffer file {f} not found")
+        try:
+            # mmap: a replay buffer of CIFAR experts is ~0.6 GB; only the snapshots read are paged in.
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            try:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise ValueError(
+                    f"expert buffer {f} is corrupt or not a torch file ({type(exc).__name__}: {exc})"
+                ) from exc
+        if not isinstance(obj, (list, tuple)):
+            raise ValueError(
+                f"expert buffer {f} is not a reference replay buffer (a list of trajectories), got {type(obj).__name__}"
+            )
+        self._cache = {fi: obj}
+        return obj
+
+    def _read(self, traj: int, epoch: int) -> Tensor:
+        fi, ti = self._index[traj]
+        snap = self._load(fi)[ti][epoch]
+        return torch.cat([p.detach().reshape(-1).float() for p in snap])
+
+
+def _read_header(path: Path) -> Dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"expert buffer header {path} not found")
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"expert buffer header {path} is corrupt (not JSON: {exc})") from exc
+    if not isinstance(header, dict) or header.get("format") != FORMAT_TAG:
+        raise ValueError(f"{path} is not a haba_fast expert buffer header (format tag {FORMAT_TAG!r} missing)")
+    if int(header.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"expert buffer {path} has format version {header.get('version')}; upgrade haba_fast")
+    return header
+
+
+def _replay_files(directory: Path) -> List[Path]:
+    """``replay_buffer_0.pt``, ``replay_buffer_1.pt``, ... consecutive from 0, as the reference loads them."""
+    numbers = sorted(int(m.group(1)) for m in (_REPLAY_RE.match(p.name) for p in directory.iterdir()) if m)
+    files = []
+    for expected, n in enumerate(numbers):
+        if n != expected:
+            break  # the reference stops at the first gap
+        files.append(directory / f"replay_buffer_{n}.pt")
+    return files
+
+
+def load_buffer(path: PathLike) -> ExpertBuffer:
+    """Open an expert buffer in either format.
+
+    Args:
+        path: a directory holding our ``experts.json`` or the reference's ``replay_buffer_<n>.pt`` files;
+            our ``experts.json`` itself; or a single reference ``replay_buffer_<n>.pt``.
+    Returns:
+        An :class:`ExpertBuffer`.
+    Raises:
+        FileNotFoundError: nothing readable at ``path``.
+        ValueError: a corrupt, truncated or inconsistent buffer (the message names the file).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"expert buffer not found: {path} (train experts with `haba-fast buffer --buffer_path ...`; the "
+            "directory is <buffer_path>/<DATASET>[_NO_ZCA]/<model>)"
+        )
+    if path.is_dir():
+        if (path / HEADER_NAME).exists():
+            return MemmapExpertBuffer(path / HEADER_NAME)
+        files = _replay_files(path)
+        if files:
+            return ReferenceExpertBuffer(files)
+        raise FileNotFoundError(
+            f"no expert buffer in {path}: expected {HEADER_NAME} (haba format) or replay_buffer_0.pt, ... "
+            "(reference format); train experts with `haba-fast buffer`"
+        )
+    if path.suffix == ".json":
+        return MemmapExpertBuffer(path)
+    return ReferenceExpertBuffer([path])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def snapshot_params(net: nn.Module) -> List[Tensor]:
+    """Copies of ``net``'s parameters on the CPU, in ``parameters()`` order.
+
+    ``.clone()`` matters: on a CPU ``p.detach().cpu()`` is ``p`` itself, and later SGD steps would
+    rewrite the "snapshot" (the reference's aliasing bug).
+    """
+    return [p.detach().to("cpu", copy=True) for p in net.parameters()]
+
+
+def _flat(snap: Sequence[Tensor]) -> Tensor:
+    return torch.cat([p.reshape(-1).float() for p in snap])
+
+
+class _HabaWriter:
+    def __init__(self, out_dir: Path, header: Dict[str, Any]):
+        self.out_dir = out_dir
+        self.header = header
+
+    @property
+    def completed(self) -> int:
+        return len(self.header["trajectories"])
+
+    def add(self, index: int, snaps: List[List[Tensor]], info: Dict[str, Any]) -> None:
+        flat = torch.stack([_flat(s) for s in snaps])  # [E+1, P] float32
+        name = f"expert_{index:05d}.bin"
+        if self.header["dtype"] == "bfloat16":
+            array = flat.to(torch.bfloat16).view(torch.int16).numpy()
+        else:
+            array = flat.numpy()
+        with atomic_path(self.out_dir / name) as tmp:
+            np.ascontiguousarray(array).tofile(tmp)
+        self.header["trajectories"].append({"file": name, **info})
+        # The header lists a trajectory only after its file is complete: a crash in between leaves an
+        # unlisted .bin that the next run overwrites.
+        atomic_write_text(json.dumps(self.header, indent=1), self.out_dir / HEADER_NAME)
+
+    def finish(self) -> None:
+        pass
+
+
+class _ReferenceWriter:
+    def __init__(self, out_dir: Path, progress: Dict[str, Any], save_interval: int):
+        self.out_dir = out_dir
+        self.progress = progress
+        self.save_interval = save_interval
+        pending_path = out_dir / PENDING_NAME
+        self.pending: list = []
+        if progress["pending"]:
+            obj = torch.load(pending_path, map_location="cpu", weights_only=True) if pending_path.exists() else None
+            if not isinstance(obj, list) or len(obj) != progress["pending"]:
+                raise ValueError(
+                    f"expert progress {out_dir / PROGRESS_NAME} expects {progress['pending']} pending experts in "
+                    f"{pending_path}, which is missing or corrupt; delete {PROGRESS_NAME} to start over"
+                )
+            self.pending = obj
+
+    @property
+    def completed(self) -> int:
+        return self.progress["completed"]
+
+    def _flush(self) -> None:
+        n = 0
+        while (self.out_dir / f"replay_buffer_{n}.pt").exists():
+            n += 1  # the reference's naming: the first free number (so runs append)
+        name = f"replay_buffer_{n}.pt"
+        atomic_torch_save(self.pending, self.out_dir / name)
+        self.progress["files"].append(name)
+        self.pending = []
+
+    def _save_progress(self) -> None:
+        self.progress["pending"] = len(self.pending)
+        if self.pending:
+            atomic_torch_save(self.pending, self.out_dir / PENDING_NAME)
+        atomic_write_text(json.dumps(self.progress, indent=1), self.out_dir / PROGRESS_NAME)
+        if not self.pending and (self.out_dir / PENDING_NAME).exists():
+            (self.out_dir / PENDING_NAME).unlink()
+
+    def add(self, index: int, snaps: List[List[Tensor]], info: Dict[str, Any]) -> None:
+        self.pending.append(snaps)
+        self.progress["completed"] += 1
+        self.progress["experts"].append(info)
+        if len(self.pending) >= self.save_interval:
+            self._flush()
+        self._save_progress()
+
+    def finish(self) -> None:
+        if self.pending:  # the reference drops a remainder < save_interval; we keep it
+            self._flush()
+            self._save_progress()
+
+
+def _signature_mismatch(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _open_writer(
+    out_dir: Path, fmt: str, cfg: ExpertConfig, meta: Dict[str, Any], storage: str, resume: bool
+):
+    signature = cfg.training_signature()
+    if fmt == "haba":
+        header_path = out_dir / HEADER_NAME
+        if header_path.exists():
+            if not resume:
+                raise ValueError(
+                    f"{header_path} already exists; pass resume=True (CLI: drop --no-resume) to continue it, or "
+                    "choose another output directory"
+                )
+            header = _read_header(header_path)
+            mismatch = _signature_mismatch(header.get("config_signature", {}), signature)
+            mismatch += [
+                f"{k}: {header.get(k)!r} -> {v!r}" for k, v in meta.items() if header.get(k) != v
+            ]
+            if header.get("dtype") != storage:
+                mismatch.append(f"dtype: {header.get('dtype')!r} -> {storage!r}")
+            if mismatch:
+                raise ValueError(
+                    f"cannot resume {header_path}: it was trained with other settings ({'; '.join(mismatch)}); "
+                    "use another output directory"
+                )
+            for t in header["trajectories"]:
+                if not (out_dir / t["file"]).exists():
+                    raise ValueError(f"cannot resume {header_path}: listed trajectory {t['file']} is missing")
+        else:
+            header = {
+                "format": FORMAT_TAG,
+                "version": FORMAT_VERSION,
+                **meta,
+                "dtype": storage,
+                "config": asdict(cfg),
+                "config_signature": signature,
+                "trajectories": [],
+            }
+        return _HabaWriter(out_dir, header)
+    progress_path = out_dir / PROGRESS_NAME
+    progress = None
+    if resume and progress_path.exists():
+        try:
+            progress = json.loads(progress_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"expert progress file {progress_path} is corrupt ({exc}); delete it to start over") from exc
+        mismatch = _signature_mismatch(progress.get("config_signature", {}), signature)
+        mismatch += [f"{k}: {progress.get(k)!r} -> {v!r}" for k, v in meta.items() if progress.get(k) != v]
+        if mismatch:
+            raise ValueError(
+                f"cannot resume {progress_path}: it was written with other settings ({'; '.join(mismatch)}); "
+                f"delete it (existing replay_buffer files stay and new ones are appended) or use another directory"
+            )
+    if progress is None:
+        progress = {
+            "format": "reference-progress",
+            **meta,
+            "config": asdict(cfg),
+            "config_signature": signature,
+            "completed": 0,
+            "pending": 0,
+            "files": [],
+            "experts": [],
+        }
+    return _ReferenceWriter(out_dir, progress, cfg.save_interval)
+
+
+def expert_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of expert ``index``: independent of how many experts ran before (resume-safe)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
+
+
+def train_experts(
+    dataset,
+    cfg: ExpertConfig,
+    out_dir: PathLike,
+    *,
+    fmt: str = "haba",
+    dtype: torch.dtype = torch.float32,
+    resume: bool = True,
+    progress: bool = True,
+    callback: Optional[Callable[[int, int, EpochStats], None]] = None,
+) -> Path:
+    """Train ``cfg.num_experts`` experts on ``dataset`` and write their trajectories to ``out_dir``.
+
+    Args:
+        dataset: a ``haba_fast.data.Dataset`` (train images ``[N, C, H, W]`` float32, labels ``[N]`` int64;
+            test split used for the per-epoch test accuracy).
+        cfg: :class:`ExpertConfig`.
+        out_dir: the directory written (for the reference layout pass ``expert_dir(buffer_path, ...)``).
+        fmt: ``"haba"`` (memory-mapped, see module doc) or ``"reference"`` (``replay_buffer_<n>.pt``).
+        dtype: storage dtype of the haba format: ``torch.float32`` or ``torch.bfloat16`` (the reference
+            format always stores float32 tensors).
+        resume: continue a run found in ``out_dir`` from its last finished expert (settings must agree;
+            ``num_experts`` may grow).
+        progress: tqdm bars (experts, and epochs with loss / test accuracy).
+        callback: ``callback(expert_index, epoch, stats)`` after every epoch (logging; raising stops the run
+            and leaves every finished expert on disk).
+
+    Returns:
+        ``out_dir`` as a Path (open it with :func:`load_buffer`).
+    """
+    from haba_fast.models import get_network
+
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"buffer storage dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if fmt == "reference" and dtype != torch.float32:
+        raise ValueError("the reference buffer format stores float32; use fmt='haba' for bfloat16 storage")
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
+
+    channels, num_classes = int(dataset.channels), int(dataset.num_classes)
+    im_size = tuple(int(s) for s in dataset.im_size)
+    probe = get_network(cfg.model, channels, num_classes, im_size, generator=torch.Generator().manual_seed(0))
+    shapes = [list(p.shape) for p in probe.parameters()]
+    meta = {
+        "model": cfg.model,
+        "dataset": getattr(dataset, "name", None),
+        "zca": getattr(dataset, "zca", None) is not None,
+        "channels": channels,
+        "num_classes": num_classes,
+        "im_size": list(im_size),
+        "num_params": sum(math.prod(s) for s in shapes),
+        "num_epochs": cfg.epochs,
+        "param_shapes": shapes,
+    }
+    del probe
+    writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
+
+    train = (dataset.train_images, dataset.train_labels)
+    test = (dataset.test_images, dataset.test_labels) if getattr(dataset, "test_images", None) is not None else None
+    start = writer.completed
+    outer = None
+    if progress and start < cfg.num_experts:
+        from tqdm.auto import tqdm
+
+        outer = tqdm(total=cfg.num_experts, initial=start, desc="experts", dynamic_ncols=True)
+    try:
+        for i in range(start, cfg.num_experts):
+            g = expert_generator(cfg.seed, i)
+            net = get_network(cfg.model, channels, num_classes, im_size, generator=g, device=device)
+            snaps = [snapshot_params(net)]
+
+            def on_epoch(ep: int, net_: nn.Module, stats: EpochStats, _i: int = i) -> None:
+                snaps.append(snapshot_params(net_))
+                if callback is not None:
+                    callback(_i, ep, stats)
+
+            history = train_network(
+                net,
+                train,
+                epochs=cfg.epochs,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                dsa=cfg.dsa,
+                dsa_strategy=cfg.dsa_strategy,
+                lr_schedule="half" if cfg.decay else None,
+                batch_standardize=cfg.batch_standardize,
+                generator=g,
+                device=device,
+                test_data=test,
+                test_every=cfg.test_every,
+                callback=on_epoch,
+                progress=progress,
+                desc=f"expert {i}",
+            )
+            last = history.epochs[-1]
+            info = {"train_loss": last.loss, "train_accuracy": last.accuracy, "test_accuracy": last.test_accuracy}
+            writer.add(i, snaps, info)
+            if outer is not None:
+                outer.set_postfix(
+                    {"loss": f"{last.loss:.4f}"}
+                    | ({"test_acc": f"{last.test_accuracy:.3f}"} if last.test_accuracy is not None else {})
+                )
+                outer.update(1)
+        writer.finish()
+    finally:
+        if outer is not None:
+            outer.close()
+    return out_dir
+
+
+__all__ = [
+    "ExpertConfig",
+    "ExpertBuffer",
+    "MemmapExpertBuffer",
+    "ReferenceExpertBuffer",
+    "FORMATS",
+    "expert_dir",
+    "expert_generator",
+    "load_buffer",
+    "reference_dataset_name",
+    "snapshot_params",
+    "train_experts",
+]
+

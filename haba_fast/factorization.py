@@ -1,0 +1,906 @@
+"""The synthetic-set parameterizations: ``Pixels`` (plain images, the MTT baseline) and ``HaBa``
+(bases + hallucinators), their storage accounting, and checkpoint I/O.
+
+Layouts (see docs/ARCHITECTURE.md and DESIGN.md "Formats"):
+
+* ``Pixels.images``  ``[K*ipc, C, H, W]``, class-major: class ``c`` owns rows ``c*ipc ... c*ipc+ipc-1``.
+* ``HaBa.bases``     ``[K*bpc, c_b, H, W]``, class-major the same way (this is the tensor the
+  reference saves as ``images_<it>.pt``).
+* ``HaBa`` hallucinators, stacked over ``Hn`` of them: ``enc_weight [Hn, C, c_b, k, k]``,
+  ``enc_bias [Hn, C]``, ``scale``/``shift [Hn, C, H-k+1, W-k+1]``, ``dec_weight [Hn, C, C, k, k]``
+  (ConvTranspose2d layout ``[in, out, k, k]``), ``dec_bias [Hn, C]``. Sample ``i`` is
+  ``dec_h(scale_h * enc_h(bases[b]) + shift_h)`` for the pair ``(b, h)``.
+
+Files:
+
+* Reference (Huage001/DatasetFactorization ``distill_fac.py``): ``images_<it>.pt`` holds the bases
+  tensor and ``styles_<it>.pt`` the ``state_dict()`` of an ``nn.ModuleList`` of hallucinators (keys
+  ``{i}.enc.weight``, ``{i}.enc.bias``, ``{i}.scale``, ``{i}.shift``, ``{i}.dec.weight``,
+  ``{i}.dec.bias``; scale/shift carry a leading batch dim of 1). The best iteration is saved as
+  ``images_best.pt`` + ``weights_best.pt``. The reference does not save its learned lr; we write and
+  read an optional ``syn_lr_<it>.pt`` (0-dim tensor) beside them, which the reference ignores.
+  MTT's pixel checkpoints are ``images_<it>.pt`` + ``labels_<it>.pt``.
+* Our own: one ``.pt`` written atomically, a dict ``{"format": "haba_fast/1", "kind": "haba"|"pixels",
+  "args": constructor args, "state_dict": ..., "meta": {...}}``. ``meta`` conventionally holds
+  ``dataset`` (str), ``lr`` (learned lr, float), ``zca`` (ZCA state dict), ``mean``/``std``
+  (per-channel normalization), ``iteration`` (int); any other plain values are kept as given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from haba_fast import io as hio
+
+__all__ = [
+    "FORMAT",
+    "Storage",
+    "Pixels",
+    "HaBa",
+    "budget_bpc",
+    "hallucinator_floats",
+    "load_synthetic",
+    "reference_file_names",
+]
+
+FORMAT = "haba_fast/1"
+PathLike = Union[str, os.PathLike]
+_HALL_FIELDS = ("enc.weight", "enc.bias", "scale", "shift", "dec.weight", "dec.bias")
+_HALL_KEY = re.compile(r"^(\d+)\.(enc\.weight|enc\.bias|scale|shift|dec\.weight|dec\.bias)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Storage accounting
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Storage:
+    """Size of a synthetic set.
+
+    Attributes:
+        floats: number of stored floats (bases + hallucinator parameters, or pixels).
+        image_equivalents: ``floats / (C*H*W)`` with ``C`` the channels of the *generated* images.
+        percent_of_train: ``100 * image_equivalents / train_size``, or None when no size was given.
+    """
+
+    floats: int
+    image_equivalents: float
+    percent_of_train: Optional[float] = None
+
+    def __str__(self) -> str:
+        text = f"{self.floats:,} floats = {self.image_equivalents:,.1f} images"
+        if self.percent_of_train is not None:
+            text += f" ({self.percent_of_train:.2g}% of the training set)"
+        return text
+
+
+def _storage(floats: int, image_floats: int, train_size: Optional[int]) -> Storage:
+    equiv = floats / image_floats
+    pct = None
+    if train_size is not None:
+        if train_size <= 0:
+            raise ValueError(f"train_size must be a positive number of training images, got {train_size}")
+        pct = 100.0 * equiv / train_size
+    return Storage(int(floats), float(equiv), pct)
+
+
+def _pair(im_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    if isinstance(im_size, int):
+        size = (im_size, im_size)
+    else:
+        size = tuple(int(s) for s in im_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"im_size must be an int or a pair (H, W) of positive ints, got {im_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def hallucinator_floats(channels: int, base_channels: int, kernel_size: int, im_size) -> int:
+    """Floats of one hallucinator: enc (C·c_b·k² + C) + scale and shift (2·C·(H-k+1)(W-k+1)) + dec (C²·k² + C)."""
+    H, W = _pair(im_size)
+    C, cb, k = channels, base_channels, kernel_size
+    return C * cb * k * k + C + 2 * C * (H - k + 1) * (W - k + 1) + C * C * k * k + C
+
+
+def budget_bpc(ipc: int, n_hallucinators: int, kernel_size: int, channels: int, base_channels: int, im_size, *,
+               num_classes: int) -> int:
+    """Largest bases-per-class whose bases + hallucinators fit the storage of ``ipc`` images per class.
+
+    Budget: ``num_classes * ipc * C*H*W`` floats. Cost: ``num_classes * bpc * c_b*H*W`` (bases)
+    + ``n_hallucinators * hallucinator_floats(...)``. Everything stored is counted, including the
+    per-pixel ``scale``/``shift`` maps, which dominate a hallucinator.
+
+    For CIFAR-10 (C=3, 32×32, k=3, 5 hallucinators = 27,840 floats = 9.06 images) this gives
+    BPC 9 at IPC 10 and BPC 49 at IPC 50, as in the paper's table; at IPC 1 the paper's BPC 1 does
+    *not* fit an exact count (10 bases + 9.06 images of hallucinators > 10 images), so this function
+    raises there. Single-channel bases with 1 hallucinator fit BPC 2 at IPC 1.
+
+    Raises:
+        ValueError: when even one basis per class does not fit (the message gives the sizes).
+    """
+    for name, v in (("ipc", ipc), ("num_classes", num_classes), ("kernel_size", kernel_size),
+                    ("channels", channels), ("base_channels", base_channels)):
+        if int(v) != v or v <= 0:
+            raise ValueError(f"budget_bpc: {name} must be a positive int, got {v!r}")
+    if int(n_hallucinators) != n_hallucinators or n_hallucinators < 0:
+        raise ValueError(f"budget_bpc: n_hallucinators must be an int >= 0, got {n_hallucinators!r}")
+    H, W = _pair(im_size)
+    if kernel_size > min(H, W):
+        raise ValueError(f"budget_bpc: kernel_size {kernel_size} is larger than the image ({H}x{W})")
+    budget = num_classes * ipc * channels * H * W
+    hall = n_hallucinators * hallucinator_floats(channels, base_channels, kernel_size, (H, W))
+    per_bpc = num_classes * base_channels * H * W
+    bpc = (budget - hall) // per_bpc
+    if bpc < 1:
+        need = (hall + per_bpc) / (num_classes * channels * H * W)
+        raise ValueError(
+            f"budget_bpc: IPC {ipc} ({budget:,} floats) cannot hold even 1 basis per class: {n_hallucinators} "
+            f"hallucinators take {hall:,} floats and 1 basis per class {per_bpc:,}; that needs IPC >= {need:.2f}. "
+            "Use fewer hallucinators, single-channel bases (base_channels=1), or a larger IPC."
+        )
+    return int(bpc)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def _randint(high: int, n: int, generator: Optional[torch.Generator], device) -> Tensor:
+    """``n`` draws in [0, high) from ``generator`` (on the generator's device), moved to ``device``."""
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
+
+
+def _uniform_(t: Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
+    # Drawn on CPU from a CPU generator so results do not depend on the parameter's device.
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    r = torch.rand(t.shape, generator=generator, device=gdev, dtype=torch.float64)
+    t.copy_((r * 2 - 1) * bound)
+
+
+def _randn_(t: Tensor, generator: Optional[torch.Generator]) -> None:
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    t.copy_(torch.randn(t.shape, generator=generator, device=gdev, dtype=t.dtype))
+
+
+def _real_source(images, labels) -> Tuple[Tensor, Tensor]:
+    """Accept ``(images, labels)`` or a ``haba_fast.data.Dataset`` (its training split)."""
+    if labels is None and hasattr(images, "train_images"):
+        return images.train_images, images.train_labels
+    if labels is None:
+        raise TypeError("init_from_real needs (images, labels) or a Dataset with train_images/train_labels")
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("init_from_real: images and labels must be tensors")
+    return images, labels
+
+
+def _pick_real(images: Tensor, labels: Tensor, num_classes: int, per_class: int, channels: int,
+               im_size: Tuple[int, int], generator) -> Tensor:
+    """``per_class`` distinct random real images of every class, class-major: ``[K*per_class, C, H, W]``."""
+    _check_generator(generator)
+    if images.dim() != 4 or tuple(images.shape[1:]) != (channels, *im_size):
+        raise ValueError(f"init_from_real: images must be [N, {channels}, {im_size[0]}, {im_size[1]}], "
+                         f"got {list(images.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"init_from_real: labels must be [N={images.shape[0]}], got {list(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"init_from_real: labels must be an integer tensor, got {labels.dtype}")
+    labels_cpu = labels.detach().cpu()
+    picks = []
+    gdev = generator.device if generator is not None else torch.device("cpu")
+    for c in range(num_classes):
+        idx = (labels_cpu == c).nonzero(as_tuple=True)[0]
+        if idx.numel() < per_class:
+            raise ValueError(f"init_from_real: class {c} has {idx.numel()} real images, {per_class} are needed "
+                             "(lower ipc/bpc or use init_noise)")
+        perm = torch.randperm(idx.numel(), generator=generator, device=gdev).cpu()
+        picks.append(idx[perm[:per_class]])
+    sel = torch.cat(picks).to(images.device)
+    return images.detach()[sel]
+
+
+def _check_meta(value: Any, where: str = "meta") -> None:
+    """Our files load with ``weights_only=True``: only plain values and tensors may be stored."""
+    if value is None or isinstance(value, (bool, int, float, str, Tensor, torch.dtype)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_meta(v, f"{where}[{i}]")
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int, got {type(k).__name__}")
+            _check_meta(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__name__}; checkpoints store only tensors, numbers, strings, "
+                    "lists and dicts (store a state_dict() instead of an object)")
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+class _Synthetic(nn.Module):
+    """Common checkpoint and bookkeeping code of both parameterizations."""
+
+    kind: str = ""
+    meta: Dict[str, Any]
+
+    def _ctor_args(self) -> Dict[str, Any]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def save(self, path: PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write our own format: one ``.pt`` file, atomically (see the module docstring).
+
+        Args:
+            path: destination file.
+            meta: plain values (str/int/float/bool/None, tensors, lists, dicts) such as ``dataset``,
+                ``lr``, ``zca`` (a state dict), ``mean``, ``std``, ``iteration``. Merged over ``self.meta``.
+        """
+        merged = dict(getattr(self, "meta", {}) or {})
+        merged.update(dict(meta or {}))
+        _check_meta(merged)
+        first = next(iter(self.parameters()))
+        payload = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "args": self._ctor_args(),
+            "dtype": str(first.dtype).replace("torch.", ""),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+            "meta": _to_cpu(merged),
+        }
+        hio.atomic_torch_save(payload, path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: PathLike):
+        """Load a file in our format (or a reference checkpoint) and check that it is a ``cls``."""
+        obj = load_synthetic(path)
+        if not isinstance(obj, cls):
+            raise ValueError(f"{path} holds a {type(obj).__name__} synthetic set, not a {cls.__name__}; "
+                             "use haba_fast.factorization.load_synthetic to load either kind")
+        return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Pixels
+# --------------------------------------------------------------------------------------------
+class Pixels(_Synthetic):
+    """Plain synthetic images (the MTT baseline).
+
+    Attributes:
+        images: Parameter ``[K*ipc, C, H, W]``, class-major.
+        labels: buffer ``[K*ipc]`` int64 (``c`` repeated ``ipc`` times, ``c = 0..K-1``).
+    """
+
+    kind = "pixels"
+
+    def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        for name, v in (("num_classes", num_classes), ("ipc", ipc), ("channels", channels)):
+            if int(v) != v or v <= 0:
+                raise ValueError(f"Pixels: {name} must be a positive int, got {v!r}")
+        _check_generator(generator)
+        self.num_classes, self.ipc, self.channels = int(num_classes), int(ipc), int(channels)
+        self.im_size = _pair(im_size)
+        self.images = nn.Parameter(torch.empty(self.num_classes * self.ipc, self.channels, *self.im_size))
+        self.register_buffer("labels", torch.arange(self.num_classes).repeat_interleave(self.ipc))
+        self.meta = {}
+        self.init_noise(generator)
+
+    def _ctor_args(self) -> Dict[str, Any]:
+        return {"num_classes": self.num_classes, "ipc": self.ipc, "channels": self.channels,
+                "im_size": list(self.im_size)}
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, ipc={self.ipc}, channels={self.channels}, im_size={self.im_size}"
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one evaluation epoch: ``K*ipc``."""
+        return self.images.shape[0]
+
+    @torch.no_grad()
+    def init_noise(self, generator: Optional[torch.Generator] = None) -> "Pixels":
+        """Standard-normal images (the reference's ``torch.randn`` init)."""
+        _check_generator(generator)
+        _randn_(self.images, generator)
+        return self
+
+    @torch.no_grad()
+    def init_from_real(self, images, labels: Optional[Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> "Pixels":
+        """Copy ``ipc`` distinct random real images of every class.
+
+        Args:
+            images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
+            labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
+        """
+        images, labels = _real_source(images, labels)
+        self.images.copy_(_pick_real(images, labels, self.num_classes, self.ipc, self.channels, self.im_size, generator))
+        return self
+
+    def sample_batch(self, indices: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """``(images[indices] [n, C, H, W]`` (differentiable), ``labels[indices] [n])``."""
+        indices = torch.as_tensor(indices, device=self.images.device)
+        return self.images[indices], self.labels[indices]
+
+    @torch.no_grad()
+    def materialize(self, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """A detached copy of ``(images [K*ipc, C, H, W], labels [K*ipc])`` for evaluation."""
+        return self.images.detach().clone(), self.labels.clone()
+
+    def storage(self, train_size: Optional[int] = None) -> Storage:
+        """Floats stored (the pixels; labels are implied by the layout)."""
+        H, W = self.im_size
+        return _storage(self.images.numel(), self.channels * H * W, train_size)
+
+    # -- reference (MTT) format ------------------------------------------------------------
+    @classmethod
+    def from_reference(cls, images, labels=None, num_classes: Optional[int] = None) -> "Pixels":
+        """Build from MTT's ``images_<it>.pt`` (``[K*ipc, C, H, W]``) and optional ``labels_<it>.pt``.
+
+        ``images``/``labels`` may be tensors or paths. Labels must be class-major with equal counts.
+        """
+        images = _load_tensor(images, "reference images")
+        if images.dim() != 4:
+            raise ValueError(f"reference images must be [K*ipc, C, H, W], got {list(images.shape)}")
+        if labels is not None:
+            labels = _load_tensor(labels, "reference labels")
+            if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+                raise ValueError(f"reference labels must be [{images.shape[0]}] to match the images, "
+                                 f"got {list(labels.shape)}")
+            labels = labels.long()
+            k = int(labels.max().item()) + 1
+            if num_classes is not None and num_classes != k:
+                raise ValueError(f"reference labels have {k} classes but num_classes={num_classes}")
+            num_classes = k
+        if num_classes is None:
+            raise ValueError("Pixels.from_reference needs labels or num_classes")
+        n = images.shape[0]
+        if n % num_classes:
+            raise ValueError(f"reference images: {n} rows is not a multiple of num_classes={num_classes}")
+        pix = cls(num_classes, n // num_classes, images.shape[1], images.shape[2:])
+        if labels is not None and not torch.equal(labels, pix.labels):
+            raise ValueError("reference labels are not class-major (c repeated ipc times for c = 0..K-1); "
+                             "Pixels stores images in that order")
+        pix.to(images.dtype)
+        with torch.no_grad():
+            pix.images.copy_(images)
+        return pix
+
+    def to_reference(self, directory: PathLike, it: Union[int, str] = "best") -> List[Path]:
+        """Write ``images_<it>.pt`` and ``labels_<it>.pt`` (MTT's pixel format). Returns the paths."""
+        names = reference_file_names(it)
+        d = Path(directory)
+        out = [d / names["images"], d / names["labels"]]
+        hio.atomic_torch_save(self.images.detach().cpu().clone(), out[0])
+        hio.atomic_torch_save(self.labels.detach().cpu().clone(), out[1])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# HaBa
+# --------------------------------------------------------------------------------------------
+class HaBa(_Synthetic):
+    """Bases + hallucinators (Liu et al., "Dataset Distillation via Factorization", NeurIPS 2022).
+
+    Args:
+        num_classes: K.
+        bpc: bases per class.
+        channels: C, channels of the generated images (the data's channels).
+        im_size: ``H`` or ``(H, W)``.
+        n_hallucinators: Hn (the reference's ``--n_style``, default 5).
+        kernel_size: k of the encoder conv and decoder transposed conv (reference: 3).
+        base_channels: c_b; None = ``channels``; 1 for single-channel bases (``--single_channel``).
+        generator: draws the initial bases (standard normal) and hallucinator weights (PyTorch's
+            default Conv2d/ConvTranspose2d init distributions); scale starts at 1, shift at 0.
+
+    Parameters (see the module docstring for layouts): ``bases``, ``enc_weight``, ``enc_bias``,
+    ``scale``, ``shift``, ``dec_weight``, ``dec_bias``.
+    """
+
+    kind = "haba"
+
+    def __init__(self, num_classes: int, bpc: int, channels: int, im_size, n_hallucinators: int = 5,
+                 kernel_size: int = 3, base_channels: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__()
+        base_channels = channels if base_channels is None else base_channels
+        for name, v in (("num_classes", num_classes), ("bpc", bpc), ("channels", channels),
+                        ("n_hallucinators", n_hallucinators), ("kernel_size", kernel_size),
+                        ("base_channels", base_channels)):
+            if int(v) != v or v <= 0:
+                raise ValueError(f"HaBa: {name} must be a positive int, got {v!r}")
+        _check_generator(generator)
+        self.num_classes, self.bpc, self.channels = int(num_classes), int(bpc), int(channels)
+        self.n_hallucinators, self.kernel_size, self.base_channels = int(n_hallucinators), int(kernel_size), int(base_channels)
+        self.im_size = _pair(im_size)
+        H, W = self.im_size
+        k, C, cb, Hn = self.kernel_size, self.channels, self.base_channels, self.n_hallucinators
+        if k > min(H, W):
+            raise ValueError(f"HaBa: kernel_size {k} is larger than the image ({H}x{W})")
+        self.bases = nn.Parameter(torch.empty(self.num_classes * self.bpc, cb, H, W))
+        self.enc_weight = nn.Parameter(torch.empty(Hn, C, cb, k, k))
+        self.enc_bias = nn.Parameter(torch.empty(Hn, C))
+        self.scale = nn.Parameter(torch.ones(Hn, C, H - k + 1, W - k + 1))
+        self.shift = nn.Parameter(torch.zeros(Hn, C, H - k + 1, W - k + 1))
+        self.dec_weight = nn.Parameter(torch.empty(Hn, C, C, k, k))
+        self.dec_bias = nn.Parameter(torch.empty(Hn, C))
+        self.meta = {}
+        self.init_noise(generator)
+        self.reset_hallucinators(generator)
+
+    def _ctor_args(self) -> Dict[str, Any]:
+        return {"num_classes": self.num_classes, "bpc": self.bpc, "channels": self.channels,
+                "im_size": list(self.im_size), "n_hallucinators": self.n_hallucinators,
+                "kernel_size": self.kernel_size, "base_channels": self.base_channels}
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, bpc={self.bpc}, channels={self.channels}, im_size={self.im_size}, "
+                f"n_hallucinators={self.n_hallucinators}, kernel_size={self.kernel_size}, "
+                f"base_channels={self.base_channels}")
+
+    # -- initialization --------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_hallucinators(self, generator: Optional[torch.Generator] = None) -> "HaBa":
+        """PyTorch's default init (kaiming_uniform(a=√5) = U(±1/√fan_in), bias U(±1/√fan_in)); scale 1, shift 0.
+
+        fan_in is ``c_b·k²`` for the encoder Conv2d and ``C·k²`` for the decoder ConvTranspose2d
+        (PyTorch takes fan_in from dim 1 of the weight, which is ``out`` for a transposed conv).
+        """
+        _check_generator(generator)
+        k = self.kernel_size
+        enc_bound = 1.0 / math.sqrt(self.base_channels * k * k)
+        dec_bound = 1.0 / math.sqrt(self.channels * k * k)
+        for h in range(self.n_hallucinators):  # per hallucinator, in the reference's module order
+            _uniform_(self.enc_weight[h], enc_bound, generator)
+            _uniform_(self.enc_bias[h], enc_bound, generator)
+            _uniform_(self.dec_weight[h], dec_bound, generator)
+            _uniform_(self.dec_bias[h], dec_bound, generator)
+        self.scale.fill_(1.0)
+        self.shift.zero_()
+        return self
+
+    @torch.no_grad()
+    def init_noise(self, generator: Optional[torch.Generator] = None) -> "HaBa":
+        """Standard-normal bases (the reference's ``pix_init noise``); hallucinators untouched."""
+        _check_generator(generator)
+        _randn_(self.bases, generator)
+        return self
+
+    @torch.no_grad()
+    def init_from_real(self, images, labels: Optional[Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> "HaBa":
+        """Bases from ``bpc`` distinct random real images per class (``pix_init real``).
+
+        Single-channel bases (``c_b = 1``) from multi-channel data take the channel mean.
+
+        Args:
+            images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
+            labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
+        """
+        images, labels = _real_source(images, labels)
+        picked = _pick_real(images, labels, self.num_classes, self.bpc, self.channels, self.im_size, generator)
+        if self.base_channels == self.channels:
+            self.bases.copy_(picked)
+        elif self.base_channels == 1:
+            self.bases.copy_(picked.mean(dim=1, keepdim=True))
+        else:
+            raise ValueError(f"init_from_real: cannot make {self.base_channels}-channel bases from "
+                             f"{self.channels}-channel images (use base_channels = channels or 1)")
+        return self
+
+    # -- sampling --------------------------------------------------------------------------
+    @property
+    def base_labels(self) -> Tensor:
+        """``[K*bpc]`` int64: the class of every basis (``index // bpc``)."""
+        return torch.arange(self.num_classes, device=self.bases.device).repeat_interleave(self.bpc)
+
+    @property
+    def labels(self) -> Tensor:
+        """Labels of ``materialize()``'s samples (one per basis): ``base_labels``."""
+        return self.base_labels
+
+    @property
+    def num_bases(self) -> int:
+        return self.bases.shape[0]
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one evaluation epoch: one per basis, ``K*bpc`` (as the reference's dataset)."""
+        return self.bases.shape[0]
+
+    @property
+    def num_pairs(self) -> int:
+        """Distinct (basis, hallucinator) samples: ``K*bpc*Hn``."""
+        return self.bases.shape[0] * self.n_hallucinators
+
+    def hallucinator_parameters(self) -> List[nn.Parameter]:
+        """``[enc_weight, enc_bias, scale, shift, dec_weight, dec_bias]`` (optimized with ``lr_style``)."""
+        return [self.enc_weight, self.enc_bias, self.scale, self.shift, self.dec_weight, self.dec_bias]
+
+    def _index(self, idx, n: Optional[int], what: str, high: int) -> Tensor:
+        device = self.bases.device
+        if isinstance(idx, int):
+            if n is None:
+                raise ValueError(f"{what}: an int index needs a tensor of base indices beside it")
+            idx = torch.full((n,), idx, dtype=torch.long, device=device)
+        idx = torch.as_tensor(idx, device=device)
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise TypeError(f"{what} must be an integer tensor, got {idx.dtype}")
+        if idx.dim() != 1:
+            raise ValueError(f"{what} must be 1-D [n], got shape {list(idx.shape)}")
+        idx = idx.long()
+        # Range check only for CPU tensors: on CUDA it would force a device sync on every step.
+        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
+            raise ValueError(f"{what} out of range: values must lie in [0, {high}), got "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        return idx
+
+    def generate(self, base_idx, hall_idx) -> Tensor:
+        """Hallucinated samples ``[n, C, H, W]``, differentiable in bases and hallucinators.
+
+        Args:
+            base_idx: ``[n]`` int flat basis indices (class-major: class ``c``, basis ``j`` is ``c*bpc+j``).
+            hall_idx: ``[n]`` int hallucinator indices, or one int for all samples.
+        """
+        from haba_fast import ops
+
+        base_idx = self._index(base_idx, None, "base_idx", self.num_bases)
+        hall_idx = self._index(hall_idx, base_idx.shape[0], "hall_idx", self.n_hallucinators)
+        if hall_idx.shape[0] != base_idx.shape[0]:
+            raise ValueError(f"base_idx and hall_idx must have the same length, got {base_idx.shape[0]} and "
+                             f"{hall_idx.shape[0]}")
+        return ops.generate(self.bases, self.enc_weight, self.enc_bias, self.scale, self.shift, self.dec_weight,
+                            self.dec_bias, base_idx, hall_idx)
+
+    def forward(self, base_idx, hall_idx) -> Tensor:
+        """Same as ``generate`` (so ``torch.func.functional_call`` works on a HaBa)."""
+        return self.generate(base_idx, hall_idx)
+
+    def labels_of(self, base_idx: Tensor) -> Tensor:
+        """Class labels ``[n]`` of the bases ``base_idx``."""
+        return torch.as_tensor(base_idx, device=self.bases.device).long() // self.bpc
+
+    def sample_batch(self, indices, generator: Optional[torch.Generator] = None, *,
+                     hall=None) -> Tuple[Tensor, Tensor]:
+        """Generate the bases ``indices`` ``[n]`` through hallucinators, with their labels.
+
+        Args:
+            indices: ``[n]`` flat basis indices.
+            generator: draws the hallucinator when ``hall`` is None.
+            hall: None = one random hallucinator for the whole batch (the reference's choice per
+                unrolled step), an int, or ``[n]`` indices.
+
+        Returns:
+            ``(x [n, C, H, W], y [n])``.
+        """
+        _check_generator(generator)
+        indices = self._index(indices, None, "indices", self.num_bases)
+        if hall is None:
+            hall = int(_randint(self.n_hallucinators, 1, generator, "cpu")[0])
+        return self.generate(indices, hall), self.labels_of(indices)
+
+    def all_pairs(self) -> Tuple[Tensor, Tensor]:
+        """Every basis through every hallucinator: ``(x [K*bpc*Hn, C, H, W], y [K*bpc*Hn])``.
+
+        Row ``b*Hn + h`` is basis ``b`` through hallucinator ``h`` (so rows stay class-major).
+        Differentiable; wrap in ``torch.no_grad()`` when exporting.
+        """
+        b, h = self.pair_indices()
+        return self.generate(b, h), self.labels_of(b)
+
+    def pair_indices(self) -> Tuple[Tensor, Tensor]:
+        """``(base_idx, hall_idx)`` ``[K*bpc*Hn]`` in ``all_pairs()`` order."""
+        device = self.bases.device
+        b = torch.arange(self.num_bases, device=device).repeat_interleave(self.n_hallucinators)
+        h = torch.arange(self.n_hallucinators, device=device).repeat(self.num_bases)
+        return b, h
+
+    @torch.no_grad()
+    def materialize(self, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """Every basis through one random hallucinator (per basis): detached ``(x [K*bpc, C, H, W], y [K*bpc])``.
+
+        This is one evaluation epoch's training set, as the reference's dataset draws it.
+        """
+        _check_generator(generator)
+        hall = _randint(self.n_hallucinators, self.num_bases, generator, self.bases.device)
+        base = torch.arange(self.num_bases, device=self.bases.device)
+        return self.generate(base, hall).detach(), self.base_labels
+
+    # -- storage ---------------------------------------------------------------------------
+    def storage(self, train_size: Optional[int] = None) -> Storage:
+        """Floats stored: bases + all hallucinator parameters (scale/shift maps included)."""
+        H, W = self.im_size
+        floats = self.bases.numel() + sum(p.numel() for p in self.hallucinator_parameters())
+        return _storage(floats, self.channels * H * W, train_size)
+
+    # -- reference format ------------------------------------------------------------------
+    @classmethod
+    def from_reference(cls, images, styles, num_classes: int, syn_lr=None) -> "HaBa":
+        """Build from the reference's checkpoint (tensors/state dicts or paths to its files).
+
+        Args:
+            images: ``[K*bpc, c_b, H, W]`` tensor, or a path to ``images_<it>.pt`` / ``images_best.pt``.
+            styles: hallucinator state dict (``{i}.enc.weight`` ... ``{i}.dec.bias``), or a path to
+                ``styles_<it>.pt`` / ``weights_best.pt``.
+            num_classes: K (the reference files do not record it).
+            syn_lr: optional learned lr (float, tensor or path); stored as ``meta["lr"]``.
+
+        The parameters take the dtype of ``images``; values are copied bit for bit.
+        """
+        images = _load_tensor(images, "reference images")
+        styles_what = f"reference styles {styles}" if isinstance(styles, (str, os.PathLike)) else "reference styles"
+        if isinstance(styles, (str, os.PathLike)):
+            styles = hio.torch_load(styles, what="reference styles file")
+        if not isinstance(styles, Mapping):
+            raise ValueError(f"{styles_what}: expected a state dict of hallucinators, got {type(styles).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"reference images must be [K*bpc, c_b, H, W], got {list(images.shape)}")
+        if int(num_classes) != num_classes or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        M, cb, H, W = images.shape
+        if M % num_classes:
+            raise ValueError(f"reference images: {M} bases is not a multiple of num_classes={num_classes} "
+                             "(pass the dataset's number of classes)")
+        styles = dict(styles)
+        if syn_lr is None and "syn_lr" in styles:
+            syn_lr = styles["syn_lr"]
+        stacked = _parse_styles(styles, styles_what)
+        Hn = stacked["enc.weight"].shape[0]
+        ew = stacked["enc.weight"]
+        if ew.dim() != 5 or ew.shape[3] != ew.shape[4]:
+            raise ValueError(f"{styles_what}: '0.enc.weight' must be [C, c_b, k, k], got {list(ew.shape[1:])}")
+        C, k = ew.shape[1], ew.shape[3]
+        if ew.shape[2] != cb:
+            raise ValueError(f"{styles_what}: '0.enc.weight' takes {ew.shape[2]} input channels but the bases have "
+                             f"{cb} (images and styles come from different runs?)")
+        expect = {"enc.weight": (C, cb, k, k), "enc.bias": (C,), "scale": (1, C, H - k + 1, W - k + 1),
+                  "shift": (1, C, H - k + 1, W - k + 1), "dec.weight": (C, C, k, k), "dec.bias": (C,)}
+        for field, shape in expect.items():
+            got = tuple(stacked[field].shape[1:])
+            if got != shape:
+                raise ValueError(f"{styles_what}: '{{i}}.{field}' has shape {list(got)}, expected {list(shape)} for "
+                                 f"{H}x{W} bases and kernel {k} (images and styles from different runs?)")
+        haba = cls(num_classes, M // num_classes, C, (H, W), n_hallucinators=Hn, kernel_size=k, base_channels=cb)
+        haba.to(images.dtype)
+        with torch.no_grad():
+            haba.bases.copy_(images)
+            haba.enc_weight.copy_(stacked["enc.weight"])
+            haba.enc_bias.copy_(stacked["enc.bias"])
+            haba.scale.copy_(stacked["scale"][:, 0])
+            haba.shift.copy_(stacked["shift"][:, 0])
+            haba.dec_weight.copy_(stacked["dec.weight"])
+            haba.dec_bias.copy_(stacked["dec.bias"])
+        if syn_lr is not None:
+            haba.meta["lr"] = _lr_value(syn_lr)
+        return haba
+
+    def reference_styles(self) -> Dict[str, Tensor]:
+        """The hallucinators as the reference's ``nn.ModuleList`` state dict (CPU copies)."""
+        out: Dict[str, Tensor] = {}
+        for h in range(self.n_hallucinators):
+            out[f"{h}.enc.weight"] = self.enc_weight[h].detach().cpu().clone()
+            out[f"{h}.enc.bias"] = self.enc_bias[h].detach().cpu().clone()
+            out[f"{h}.scale"] = self.scale[h].detach().cpu().unsqueeze(0).clone()
+            out[f"{h}.shift"] = self.shift[h].detach().cpu().unsqueeze(0).clone()
+            out[f"{h}.dec.weight"] = self.dec_weight[h].detach().cpu().clone()
+            out[f"{h}.dec.bias"] = self.dec_bias[h].detach().cpu().clone()
+        return out
+
+    def to_reference(self, directory: PathLike, it: Union[int, str] = "best", lr=None) -> List[Path]:
+        """Write the reference's files into ``directory`` (atomically); returns the paths written.
+
+        ``it="best"`` writes ``images_best.pt`` + ``weights_best.pt``; an int writes ``images_<it>.pt`` +
+        ``styles_<it>.pt``. The learned lr (``lr`` or ``meta["lr"]``) goes to ``syn_lr_<it>.pt``.
+        """
+        names = reference_file_names(it)
+        d = Path(directory)
+        paths = [d / names["images"], d / names["styles"]]
+        hio.atomic_torch_save(self.bases.detach().cpu().clone(), paths[0])
+        hio.atomic_torch_save(self.reference_styles(), paths[1])
+        lr = self.meta.get("lr") if lr is None else lr
+        if lr is not None:
+            paths.append(d / names["lr"])
+            hio.atomic_torch_save(torch.tensor(_lr_value(lr), dtype=torch.float64), paths[2])  # float64 keeps the Python float exact
+        return paths
+
+    @classmethod
+    def load_reference_dir(cls, directory: PathLike, it: Union[int, str] = "best", num_classes: int = 10) -> "HaBa":
+        """Load ``images_<it>.pt`` + ``styles_<it>.pt`` (``it="best"``: ``images_best.pt`` + ``weights_best.pt``).
+
+        ``num_classes`` defaults to 10 (every reference dataset but CIFAR-100 and Tiny ImageNet);
+        the reference files do not record it. An optional ``syn_lr_<it>.pt`` supplies the learned lr.
+        """
+        obj = _load_reference_dir(directory, it, num_classes, want="haba")
+        assert isinstance(obj, HaBa)
+        return obj
+
+
+# --------------------------------------------------------------------------------------------
+# File helpers
+# --------------------------------------------------------------------------------------------
+def reference_file_names(it: Union[int, str] = "best") -> Dict[str, str]:
+    """The reference's file names for iteration ``it`` (int or ``"best"``)."""
+    if it != "best":
+        if isinstance(it, str) and it.isdigit():
+            it = int(it)
+        if not isinstance(it, int) or isinstance(it, bool) or it < 0:
+            raise ValueError(f"iteration must be 'best' or an int >= 0, got {it!r}")
+    styles = "weights_best.pt" if it == "best" else f"styles_{it}.pt"
+    return {"images": f"images_{it}.pt", "styles": styles, "labels": f"labels_{it}.pt", "lr": f"syn_lr_{it}.pt"}
+
+
+def _load_tensor(x, what: str) -> Tensor:
+    if isinstance(x, (str, os.PathLike)):
+        path = x
+        x = hio.torch_load(path, what=f"{what} file")
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{what} file {path} holds a {type(x).__name__}, expected one tensor")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a tensor or a path, got {type(x).__name__}")
+    if not x.dtype.is_floating_point and "labels" not in what:
+        raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+    return x.detach().cpu()
+
+
+def _lr_value(lr) -> float:
+    if isinstance(lr, (str, os.PathLike)):
+        lr = hio.torch_load(lr, what="learned lr file")
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"learned lr must be a single number, got a tensor of shape {list(lr.shape)}")
+        lr = lr.item()
+    if not isinstance(lr, (int, float)):
+        raise ValueError(f"learned lr must be a number, got {type(lr).__name__}")
+    return float(lr)
+
+
+def _parse_styles(styles: Mapping[str, Any], what: str) -> Dict[str, Tensor]:
+    """Stack ``{i}.<field>`` tensors over i: ``{field: [Hn, ...]}``; missing/extra keys are errors."""
+    found: Dict[int, Dict[str, Tensor]] = {}
+    for key, value in styles.items():
+        if key == "syn_lr":
+            continue
+        m = _HALL_KEY.match(str(key))
+        if not m:
+            raise ValueError(f"{what}: unexpected key {key!r}; a hallucinator state dict has keys "
+                             f"{{i}}.{', {i}.'.join(_HALL_FIELDS)}")
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{what}: {key!r} is a {type(value).__name__}, expected a tensor")
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = value.detach().cpu()
+    if not found:
+        raise ValueError(f"{what}: no hallucinator keys ({{i}}.enc.weight, ...) found; is this a styles_<it>.pt / "
+                         "weights_best.pt file?")
+    n = max(found) + 1
+    stacked: Dict[str, Tensor] = {}
+    for field in _HALL_FIELDS:
+        tensors = []
+        for i in range(n):
+            t = found.get(i, {}).get(field)
+            if t is None:
+                raise ValueError(f"{what}: missing key '{i}.{field}' ({n} hallucinators expected from the keys present)")
+            tensors.append(t)
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) != 1:
+            raise ValueError(f"{what}: '{{i}}.{field}' differs in shape between hallucinators: {sorted(shapes)}")
+        stacked[field] = torch.stack(tensors)
+    return stacked
+
+
+def _find_lr(directory: Path, it) -> Optional[float]:
+    for name in (f"syn_lr_{it}.pt", f"lr_{it}.pt"):
+        p = directory / name
+        if p.exists():
+            return _lr_value(p)
+    return None
+
+
+def _load_reference_dir(directory: PathLike, it, num_classes: Optional[int], want: Optional[str] = None):
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"reference checkpoint directory not found: {d}")
+    names = reference_file_names(it)
+    images_p, styles_p, labels_p = d / names["images"], d / names["styles"], d / names["labels"]
+    if not images_p.exists():
+        found = sorted(p.name for p in d.glob("images_*.pt"))
+        raise FileNotFoundError(f"{images_p} not found (reference checkpoints are images_<it>.pt / images_best.pt"
+                                + (f"; this folder has {', '.join(found)}: pass that iteration)" if found else ")"))
+    if styles_p.exists() and want != "pixels":
+        haba = HaBa.from_reference(images_p, styles_p, 10 if num_classes is None else num_classes,
+                                   syn_lr=_find_lr(d, it))
+        haba.meta.setdefault("iteration", it)
+        return haba
+    if want == "haba":
+        raise FileNotFoundError(f"{styles_p} not found: a HaBa reference checkpoint has images and "
+                                f"{'weights_best.pt' if it == 'best' else 'styles_<it>.pt'} side by side")
+    if labels_p.exists() or num_classes is not None:
+        pix = Pixels.from_reference(images_p, labels_p if labels_p.exists() else None,
+                                    num_classes=None if labels_p.exists() else num_classes)
+        lr = _find_lr(d, it)
+        if lr is not None:
+            pix.meta["lr"] = lr
+        pix.meta.setdefault("iteration", it)
+        return pix
+    raise FileNotFoundError(f"{d}: found {images_p.name} but neither {styles_p.name} (HaBa) nor {labels_p.name} "
+                            "(pixels); pass num_classes to read the images as pixels")
+
+
+def _from_payload(payload: Mapping[str, Any], path: Path):
+    kind = payload.get("kind")
+    args = payload.get("args")
+    state = payload.get("state_dict")
+    if not isinstance(args, Mapping) or not isinstance(state, Mapping):
+        raise ValueError(f"{path}: a {FORMAT} file needs 'args' and 'state_dict' entries (file damaged?)")
+    classes = {"haba": HaBa, "pixels": Pixels}
+    if kind not in classes:
+        raise ValueError(f"{path}: unknown synthetic-set kind {kind!r} (expected 'haba' or 'pixels')")
+    try:
+        obj = classes[kind](**dict(args))
+    except TypeError as exc:
+        raise ValueError(f"{path}: bad constructor args {dict(args)} ({exc})") from exc
+    dtype = getattr(torch, str(payload.get("dtype", "float32")), None)
+    if isinstance(dtype, torch.dtype):
+        obj.to(dtype)
+    try:
+        obj.load_state_dict(dict(state), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: state dict does not match its args ({exc})") from exc
+    obj.meta = dict(payload.get("meta") or {})
+    return obj
+
+
+def load_synthetic(path: PathLike, *, it: Union[int, str] = "best", num_classes: Optional[int] = None):
+    """Load a synthetic set: our ``.pt`` format, or a reference checkpoint (directory or ``images_<it>.pt``).
+
+    Args:
+        path: our checkpoint file; a reference run directory (``images_<it>.pt`` with
+            ``weights_best.pt``/``styles_<it>.pt`` for HaBa, or ``labels_<it>.pt`` for pixels); or a
+            reference ``images_<it>.pt`` file whose styles/labels file sits beside it.
+        it: iteration to read from a reference directory (default ``"best"``).
+        num_classes: K for reference checkpoints (default 10; not recorded in those files).
+
+    Returns:
+        ``Pixels`` or ``HaBa``, with ``.meta`` (dataset, lr, zca, ... when recorded).
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _load_reference_dir(p, it, num_classes)
+    if not p.exists():
+        raise FileNotFoundError(f"synthetic-set checkpoint not found: {p} (expected our .pt file or a reference "
+                                "checkpoint directory with images_<it>.pt)")
+    obj = hio.torch_load(p, what="synthetic-set checkpoint")
+    if isinstance(obj, Mapping) and "format" in obj:
+        if obj["format"] != FORMAT:
+            raise ValueError(f"{p}: format {obj['format']!r} is not supported by this haba_fast (reads {FORMAT!r})")
+        return _from_payload(obj, p)
+    if isinstance(obj, Tensor):
+        m = re.match(r"^images_(.+)\.pt$", p.name)
+        if not m:
+            raise ValueError(f"{p} holds a bare tensor; reference checkpoints are named images_<it>.pt so that "
+                             "the styles/labels file beside it can be found")
+        rit = m.group(1)
+        return _load_reference_dir(p.parent, rit if rit == "best" else int(rit) if rit.isdigit() else rit, num_classes)
+    if isinstance(obj, Mapping) and any(_HALL_KEY.match(str(k)) for k in obj):
+        raise ValueError(f"{p} is a reference hallucinator (styles) file; pass its directory or the images_<it>.pt "
+                         "file beside it")
+    raise ValueError(f"{p} is not a synthetic-set checkpoint (no 'format' entry; expected {FORMAT!r} or a "
+                     "reference images_<it>.pt)")

@@ -1,0 +1,173 @@
+"""Triton kernels of the DSA augmentation families with per-sample parameters, forward and backward.
+
+One program per sample (grid ``(n,)``) walks the image in tiles of ``BLOCK`` pixels; the family is a
+``constexpr`` so each family compiles to its own straight-line kernel. Parameter encoding (shared with
+``csrc/genaug_kernels.h`` and ``haba_fast/ops.py``): ``fparams`` [n, 4] (dtype of x), ``iparams`` [n, 4] int64:
+
+- color (1):  fp = (add, sat, con).  fwd: y = con·sat·(x − m_C) + con·(m_C + add) + (1 − con)·(m + add), with
+  m_C the per-pixel channel mean and m the image mean (brightness, saturation, contrast composed; saturation keeps
+  the image mean). bwd: gx = con·sat·g + con·(1 − sat)·m_C(g) + (1 − con)·mean(g).
+- crop (2):   ip = (tx, ty). fwd: y[i, j] = x[i + tx, j + ty], 0 outside. bwd: the same with (−tx, −ty).
+- cutout (3): ip = (r0, r1, c0, c1): y = 0 on rows r0..r1 × cols c0..c1 (inclusive). bwd: the same mask.
+- flip (4):   ip[0] ≠ 0 flips the width axis (an involution: bwd = fwd).
+- affine (5): fp = (t00, t01, t10, t11): bilinear sampling at θ·(x_n, y_n) with zero padding and
+  ``align_corners=True`` (``affine_grid`` + ``grid_sample``). bwd scatters g·w into the four taps with
+  ``atomic_add`` (spread over the image, no hot spot).
+- identity (0): copy.
+
+Triton is imported at module import; this module is imported only when the triton backend runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+IDENTITY, COLOR, CROP, CUTOUT, FLIP, AFFINE = 0, 1, 2, 3, 4, 5
+
+
+@triton.jit
+def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, ADJOINT: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
+    HW = H * W
+    base = s * C * HW
+    DT = y_ptr.dtype.element_ty
+    lanes = tl.arange(0, BLOCK)
+    if FAMILY == 1:  # color
+        add = tl.load(fp_ptr + s * 4)
+        sat = tl.load(fp_ptr + s * 4 + 1)
+        con = tl.load(fp_ptr + s * 4 + 2)
+        tot = tl.zeros([BLOCK], dtype=DT)
+        for t0 in range(0, HW, BLOCK):
+            offs = t0 + lanes
+            m = offs < HW
+            for c in range(C):
+                tot += tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
+        mean = tl.sum(tot, axis=0) / (C * HW)
+        for t0 in range(0, HW, BLOCK):
+            offs = t0 + lanes
+            m = offs < HW
+            mc = tl.zeros([BLOCK], dtype=DT)
+            for c in range(C):
+                mc += tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
+            mc = mc / C
+            for c in range(C):
+                xv = tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
+                if ADJOINT:
+                    yv = con * sat * xv + con * (1.0 - sat) * mc + (1.0 - con) * mean
+                else:
+                    yv = con * sat * (xv - mc) + con * (mc + add) + (1.0 - con) * (mean + add)
+                tl.store(y_ptr + base + c * HW + offs, yv, mask=m)
+    elif FAMILY == 5:  # affine, bilinear, zeros padding, align_corners=True
+        t00 = tl.load(fp_ptr + s * 4)
+        t01 = tl.load(fp_ptr + s * 4 + 1)
+        t10 = tl.load(fp_ptr + s * 4 + 2)
+        t11 = tl.load(fp_ptr + s * 4 + 3)
+        for t0 in range(0, HW, BLOCK):
+            offs = t0 + lanes
+            m = offs < HW
+            i = offs // W
+            j = offs % W
+            xn = -1.0 + (2.0 * j.to(DT)) / (W - 1)
+            yn = -1.0 + (2.0 * i.to(DT)) / (H - 1)
+            ix = (t00 * xn + t01 * yn + 1.0) / 2.0 * (W - 1)
+            iy = (t10 * xn + t11 * yn + 1.0) / 2.0 * (H - 1)
+            fx = tl.floor(ix)
+            fy = tl.floor(iy)
+            x0 = fx.to(tl.int32)
+            y0 = fy.to(tl.int32)
+            wx1 = ix - fx
+            wy1 = iy - fy
+            wx0 = 1.0 - wx1
+            wy0 = 1.0 - wy1
+            okx0 = (x0 >= 0) & (x0 < W)
+            okx1 = (x0 + 1 >= 0) & (x0 + 1 < W)
+            oky0 = (y0 >= 0) & (y0 < H)
+            oky1 = (y0 + 1 >= 0) & (y0 + 1 < H)
+            m00 = m & oky0 & okx0
+            m01 = m & oky0 & okx1
+            m10 = m & oky1 & okx0
+            m11 = m & oky1 & okx1
+            q00 = y0 * W + x0
+            for c in range(C):
+                cb = base + c * HW
+                if ADJOINT:
+                    g = tl.load(x_ptr + cb + offs, mask=m, other=0.0)
+                    tl.atomic_add(y_ptr + cb + q00, g * (wx0 * wy0), mask=m00)
+                    tl.atomic_add(y_ptr + cb + q00 + 1, g * (wx1 * wy0), mask=m01)
+                    tl.atomic_add(y_ptr + cb + q00 + W, g * (wx0 * wy1), mask=m10)
+                    tl.atomic_add(y_ptr + cb + q00 + W + 1, g * (wx1 * wy1), mask=m11)
+                else:
+                    v = tl.load(x_ptr + cb + q00, mask=m00, other=0.0) * (wx0 * wy0)
+                    v += tl.load(x_ptr + cb + q00 + 1, mask=m01, other=0.0) * (wx1 * wy0)
+                    v += tl.load(x_ptr + cb + q00 + W, mask=m10, other=0.0) * (wx0 * wy1)
+                    v += tl.load(x_ptr + cb + q00 + W + 1, mask=m11, other=0.0) * (wx1 * wy1)
+                    tl.store(y_ptr + cb + offs, v, mask=m)
+    else:  # identity, crop, cutout, flip: one gather per output pixel
+        p0 = tl.load(ip_ptr + s * 4)
+        p1 = tl.load(ip_ptr + s * 4 + 1)
+        p2 = tl.load(ip_ptr + s * 4 + 2)
+        p3 = tl.load(ip_ptr + s * 4 + 3)
+        for t0 in range(0, HW, BLOCK):
+            offs = t0 + lanes
+            m = offs < HW
+            i = offs // W
+            j = offs % W
+            src = offs
+            ok = m
+            if FAMILY == 2:  # crop
+                if ADJOINT:
+                    si = i - p0
+                    sj = j - p1
+                else:
+                    si = i + p0
+                    sj = j + p1
+                ok = m & (si >= 0) & (si < H) & (sj >= 0) & (sj < W)
+                src = si * W + sj
+            elif FAMILY == 3:  # cutout
+                ok = m & ~((i >= p0) & (i <= p1) & (j >= p2) & (j <= p3))
+            elif FAMILY == 4:  # flip
+                src = tl.where(p0 != 0, i * W + (W - 1 - j), offs)
+            for c in range(C):
+                v = tl.load(x_ptr + base + c * HW + src, mask=ok, other=0.0)
+                tl.store(y_ptr + base + c * HW + offs, v, mask=m)
+
+
+@triton.jit
+def _augment_fwd_kernel(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, BLOCK: tl.constexpr):
+    """y = aug(x) for one sample per program (see the module docstring for the math per family)."""
+    _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY, False, BLOCK)
+
+
+@triton.jit
+def _augment_bwd_kernel(g_ptr, gx_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, BLOCK: tl.constexpr):
+    """gx = aug^T(g): the adjoint of the (linear) forward map, one sample per program."""
+    _augment_sample(g_ptr, gx_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY, True, BLOCK)
+
+
+def _block(hw: int) -> int:
+    return max(16, min(1024, triton.next_power_of_2(hw)))
+
+
+def _launch(kernel, x: torch.Tensor, out: torch.Tensor, family: int, fparams: torch.Tensor, iparams: torch.Tensor):
+    n, C, H, W = x.shape
+    if n == 0:
+        return out
+    kernel[(n,)](x, out, fparams.contiguous(), iparams.contiguous(), C, H, W, FAMILY=int(family),
+                 BLOCK=_block(H * W))
+    return out
+
+
+def augment_forward(x: torch.Tensor, family: int, fparams: torch.Tensor, iparams: torch.Tensor) -> torch.Tensor:
+    """Augment x [n, C, H, W] (float32/float64) under per-sample params; returns a new tensor."""
+    x = x.contiguous()
+    return _launch(_augment_fwd_kernel, x, torch.empty_like(x), family, fparams, iparams)
+
+
+def augment_backward(grad: torch.Tensor, family: int, fparams: torch.Tensor, iparams: torch.Tensor) -> torch.Tensor:
+    """dL/dx [n, C, H, W] from dL/dy under the same params (affine scatters, so it starts from zeros)."""
+    grad = grad.contiguous()
+    out = torch.zeros_like(grad) if int(family) == AFFINE else torch.empty_like(grad)
+    return _launch(_augment_bwd_kernel, grad, out, family, fparams, iparams)
