@@ -236,19 +236,23 @@ class AugParams:
         """Select samples: an int (keeps the batch axis: n = 1), a slice, or an index / bool mask tensor or list."""
         if isinstance(idx, bool):
             raise TypeError("AugParams index must be an int, slice, or index tensor, not bool")
+        if not isinstance(idx, (int, slice)):
+            empty = isinstance(idx, (list, tuple)) and len(idx) == 0
+            t = torch.zeros(0, dtype=torch.int64) if empty else torch.as_tensor(idx)
+            if t.dtype == torch.bool and t.dim() == 1:
+                if t.shape[0] != self.n:
+                    raise ValueError(f"AugParams bool mask has length {t.shape[0]}, batch size is {self.n}")
+            elif t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+                raise TypeError(f"AugParams index must be integer (or a 1-D bool mask), got {t.dtype}")
+            elif t.dim() == 0:
+                t = int(t)  # a 0-dim integer tensor or numpy integer: like an int
+            elif t.dim() != 1:
+                raise ValueError(f"AugParams index tensor must be 1-D, got shape {tuple(t.shape)}")
+            idx = t.to(self.device) if isinstance(t, Tensor) else t
         if isinstance(idx, int):
             if not -self.n <= idx < self.n:
                 raise IndexError(f"AugParams index {idx} out of range for batch size {self.n}")
             idx = slice(idx % self.n, idx % self.n + 1)
-        elif not isinstance(idx, slice):
-            idx = torch.as_tensor(idx)
-            if idx.dtype != torch.bool and (idx.is_floating_point() or idx.is_complex()):
-                raise TypeError(f"AugParams index tensor must be integer or bool, got {idx.dtype}")
-            if idx.dim() != 1:
-                raise ValueError(f"AugParams index tensor must be 1-D, got shape {tuple(idx.shape)}")
-            if idx.dtype == torch.bool and idx.shape[0] != self.n:
-                raise ValueError(f"AugParams bool mask has length {idx.shape[0]}, batch size is {self.n}")
-            idx = idx.to(self.device)
         n = int(torch.arange(self.n, device=self.device)[idx].numel())
         return self._replace({k: v[idx] for k, v in self.values.items()}, n)
 

@@ -42,6 +42,7 @@ class DemoConfig:
     num_experts: int = 4
     expert_train_epochs: int = 10
     expert_lr: float = 0.01
+    expert_batch: int = 64
     # distillation (shared)
     budget_ipc: int = 2
     n_hallucinators: int = 5
@@ -110,7 +111,7 @@ def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = 
 
     # 1. experts (resumable: a second run reuses the finished ones)
     ecfg = experts.ExpertConfig(model=demo.model, num_experts=demo.num_experts, epochs=demo.expert_train_epochs,
-                                lr=demo.expert_lr, seed=demo.seed, device=demo.device, test_every=0)
+                                lr=demo.expert_lr, batch_size=demo.expert_batch, seed=demo.seed, device=demo.device, test_every=0)
     t = time.perf_counter()
     buffer_dir = experts.train_experts(dataset, ecfg, out / "buffer", progress=demo.progress)
     buffer = experts.load_buffer(buffer_dir)

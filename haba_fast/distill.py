@@ -594,12 +594,14 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
     out = Path(out_dir) if out_dir is not None else None
     distiller = Distiller(cfg, dataset, buffer, device=device)
     ckpt = out / CHECKPOINT_NAME if out is not None else None
+    resumed = False
     if ckpt is not None and ckpt.exists():
         if resume:
             from haba_fast.io import torch_load
 
             distiller.load_state_dict(torch_load(ckpt, what="distillation checkpoint", weights_only=False))
             log(f"resuming from {ckpt} at iteration {distiller.iteration}")
+            resumed = True
         elif not overwrite:
             raise ValueError(f"{out} already holds a run ({ckpt.name}); pass --resume to continue it or choose "
                              "another --out")
@@ -608,13 +610,18 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
     every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
     eval_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    result = DistillResult(synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr), iterations=0, out_dir=out)
+    result = DistillResult(synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr.detach()), iterations=0, out_dir=out)
     storage = _storage_of(distiller.synthetic, dataset)
     result.storage = storage
     log(f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; engine {distiller.engine.name}"
         + (" (an approximation)" if getattr(distiller.engine, "approximate", False) else ""))
     best = -1.0
-    history_path = out / "history.jsonl" if out is not None else None
+    history_path = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        history_path = out / "history.jsonl"
+        if not resumed and history_path.exists():
+            history_path.unlink()  # a fresh run: drop an overwritten run's metrics
 
     bar = None
     if progress:

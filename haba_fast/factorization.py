@@ -31,9 +31,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,9 +43,9 @@ from haba_fast import io as hio
 
 __all__ = [
     "FORMAT",
-    "Storage",
-    "Pixels",
     "HaBa",
+    "Pixels",
+    "Storage",
     "budget_bpc",
     "hallucinator_floats",
     "load_synthetic",
@@ -72,7 +73,7 @@ class Storage:
 
     floats: int
     image_equivalents: float
-    percent_of_train: Optional[float] = None
+    percent_of_train: float | None = None
 
     def __str__(self) -> str:
         text = f"{self.floats:,} floats = {self.image_equivalents:,.1f} images"
@@ -81,7 +82,7 @@ class Storage:
         return text
 
 
-def _storage(floats: int, image_floats: int, train_size: Optional[int]) -> Storage:
+def _storage(floats: int, image_floats: int, train_size: int | None) -> Storage:
     equiv = floats / image_floats
     pct = None
     if train_size is not None:
@@ -91,7 +92,7 @@ def _storage(floats: int, image_floats: int, train_size: Optional[int]) -> Stora
     return Storage(int(floats), float(equiv), pct)
 
 
-def _pair(im_size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _pair(im_size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(im_size, int):
         size = (im_size, im_size)
     else:
@@ -155,25 +156,25 @@ def _check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
-def _randint(high: int, n: int, generator: Optional[torch.Generator], device) -> Tensor:
+def _randint(high: int, n: int, generator: torch.Generator | None, device) -> Tensor:
     """``n`` draws in [0, high) from ``generator`` (on the generator's device), moved to ``device``."""
     gdev = generator.device if generator is not None else torch.device("cpu")
     return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
 
 
-def _uniform_(t: Tensor, bound: float, generator: Optional[torch.Generator]) -> None:
+def _uniform_(t: Tensor, bound: float, generator: torch.Generator | None) -> None:
     # Drawn on CPU from a CPU generator so results do not depend on the parameter's device.
     gdev = generator.device if generator is not None else torch.device("cpu")
     r = torch.rand(t.shape, generator=generator, device=gdev, dtype=torch.float64)
     t.copy_((r * 2 - 1) * bound)
 
 
-def _randn_(t: Tensor, generator: Optional[torch.Generator]) -> None:
+def _randn_(t: Tensor, generator: torch.Generator | None) -> None:
     gdev = generator.device if generator is not None else torch.device("cpu")
     t.copy_(torch.randn(t.shape, generator=generator, device=gdev, dtype=t.dtype))
 
 
-def _real_source(images, labels) -> Tuple[Tensor, Tensor]:
+def _real_source(images, labels) -> tuple[Tensor, Tensor]:
     """Accept ``(images, labels)`` or a ``haba_fast.data.Dataset`` (its training split)."""
     if labels is None and hasattr(images, "train_images"):
         return images.train_images, images.train_labels
@@ -185,7 +186,7 @@ def _real_source(images, labels) -> Tuple[Tensor, Tensor]:
 
 
 def _pick_real(images: Tensor, labels: Tensor, num_classes: int, per_class: int, channels: int,
-               im_size: Tuple[int, int], generator) -> Tensor:
+               im_size: tuple[int, int], generator) -> Tensor:
     """``per_class`` distinct random real images of every class, class-major: ``[K*per_class, C, H, W]``."""
     _check_generator(generator)
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, *im_size):
@@ -241,12 +242,12 @@ class _Synthetic(nn.Module):
     """Common checkpoint and bookkeeping code of both parameterizations."""
 
     kind: str = ""
-    meta: Dict[str, Any]
+    meta: dict[str, Any]
 
-    def _ctor_args(self) -> Dict[str, Any]:  # pragma: no cover - overridden
+    def _ctor_args(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def save(self, path: PathLike, meta: Optional[Mapping[str, Any]] = None) -> Path:
+    def save(self, path: PathLike, meta: Mapping[str, Any] | None = None) -> Path:
         """Write our own format: one ``.pt`` file, atomically (see the module docstring).
 
         Args:
@@ -292,7 +293,7 @@ class Pixels(_Synthetic):
 
     kind = "pixels"
 
-    def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: Optional[torch.Generator] = None):
+    def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: torch.Generator | None = None):
         super().__init__()
         for name, v in (("num_classes", num_classes), ("ipc", ipc), ("channels", channels)):
             if int(v) != v or v <= 0:
@@ -305,7 +306,7 @@ class Pixels(_Synthetic):
         self.meta = {}
         self.init_noise(generator)
 
-    def _ctor_args(self) -> Dict[str, Any]:
+    def _ctor_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "ipc": self.ipc, "channels": self.channels,
                 "im_size": list(self.im_size)}
 
@@ -318,43 +319,46 @@ class Pixels(_Synthetic):
         return self.images.shape[0]
 
     @torch.no_grad()
-    def init_noise(self, generator: Optional[torch.Generator] = None) -> "Pixels":
+    def init_noise(self, generator: torch.Generator | None = None) -> Pixels:
         """Standard-normal images (the reference's ``torch.randn`` init)."""
         _check_generator(generator)
         _randn_(self.images, generator)
         return self
 
     @torch.no_grad()
-    def init_from_real(self, images, labels: Optional[Tensor] = None,
-                       generator: Optional[torch.Generator] = None) -> "Pixels":
+    def init_from_real(self, images, labels: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> Pixels:
         """Copy ``ipc`` distinct random real images of every class.
 
         Args:
             images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
             labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
         """
+        if isinstance(labels, torch.Generator):  # init_from_real(dataset, generator), the contract's positional form
+            labels, generator = None, labels
         images, labels = _real_source(images, labels)
-        self.images.copy_(_pick_real(images, labels, self.num_classes, self.ipc, self.channels, self.im_size, generator))
+        picked = _pick_real(images, labels, self.num_classes, self.ipc, self.channels, self.im_size, generator)
+        self.images.copy_(picked)
         return self
 
-    def sample_batch(self, indices: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    def sample_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """``(images[indices] [n, C, H, W]`` (differentiable), ``labels[indices] [n])``."""
         indices = torch.as_tensor(indices, device=self.images.device)
         return self.images[indices], self.labels[indices]
 
     @torch.no_grad()
-    def materialize(self, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    def materialize(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """A detached copy of ``(images [K*ipc, C, H, W], labels [K*ipc])`` for evaluation."""
         return self.images.detach().clone(), self.labels.clone()
 
-    def storage(self, train_size: Optional[int] = None) -> Storage:
+    def storage(self, train_size: int | None = None) -> Storage:
         """Floats stored (the pixels; labels are implied by the layout)."""
         H, W = self.im_size
         return _storage(self.images.numel(), self.channels * H * W, train_size)
 
     # -- reference (MTT) format ------------------------------------------------------------
     @classmethod
-    def from_reference(cls, images, labels=None, num_classes: Optional[int] = None) -> "Pixels":
+    def from_reference(cls, images, labels=None, num_classes: int | None = None) -> Pixels:
         """Build from MTT's ``images_<it>.pt`` (``[K*ipc, C, H, W]``) and optional ``labels_<it>.pt``.
 
         ``images``/``labels`` may be tensors or paths. Labels must be class-major with equal counts.
@@ -386,7 +390,7 @@ class Pixels(_Synthetic):
             pix.images.copy_(images)
         return pix
 
-    def to_reference(self, directory: PathLike, it: Union[int, str] = "best") -> List[Path]:
+    def to_reference(self, directory: PathLike, it: int | str = "best") -> list[Path]:
         """Write ``images_<it>.pt`` and ``labels_<it>.pt`` (MTT's pixel format). Returns the paths."""
         names = reference_file_names(it)
         d = Path(directory)
@@ -420,8 +424,8 @@ class HaBa(_Synthetic):
     kind = "haba"
 
     def __init__(self, num_classes: int, bpc: int, channels: int, im_size, n_hallucinators: int = 5,
-                 kernel_size: int = 3, base_channels: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None):
+                 kernel_size: int = 3, base_channels: int | None = None,
+                 generator: torch.Generator | None = None):
         super().__init__()
         base_channels = channels if base_channels is None else base_channels
         for name, v in (("num_classes", num_classes), ("bpc", bpc), ("channels", channels),
@@ -431,7 +435,8 @@ class HaBa(_Synthetic):
                 raise ValueError(f"HaBa: {name} must be a positive int, got {v!r}")
         _check_generator(generator)
         self.num_classes, self.bpc, self.channels = int(num_classes), int(bpc), int(channels)
-        self.n_hallucinators, self.kernel_size, self.base_channels = int(n_hallucinators), int(kernel_size), int(base_channels)
+        self.n_hallucinators, self.kernel_size = int(n_hallucinators), int(kernel_size)
+        self.base_channels = int(base_channels)
         self.im_size = _pair(im_size)
         H, W = self.im_size
         k, C, cb, Hn = self.kernel_size, self.channels, self.base_channels, self.n_hallucinators
@@ -448,7 +453,7 @@ class HaBa(_Synthetic):
         self.init_noise(generator)
         self.reset_hallucinators(generator)
 
-    def _ctor_args(self) -> Dict[str, Any]:
+    def _ctor_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "bpc": self.bpc, "channels": self.channels,
                 "im_size": list(self.im_size), "n_hallucinators": self.n_hallucinators,
                 "kernel_size": self.kernel_size, "base_channels": self.base_channels}
@@ -460,7 +465,7 @@ class HaBa(_Synthetic):
 
     # -- initialization --------------------------------------------------------------------
     @torch.no_grad()
-    def reset_hallucinators(self, generator: Optional[torch.Generator] = None) -> "HaBa":
+    def reset_hallucinators(self, generator: torch.Generator | None = None) -> HaBa:
         """PyTorch's default init (kaiming_uniform(a=√5) = U(±1/√fan_in), bias U(±1/√fan_in)); scale 1, shift 0.
 
         fan_in is ``c_b·k²`` for the encoder Conv2d and ``C·k²`` for the decoder ConvTranspose2d
@@ -480,15 +485,15 @@ class HaBa(_Synthetic):
         return self
 
     @torch.no_grad()
-    def init_noise(self, generator: Optional[torch.Generator] = None) -> "HaBa":
+    def init_noise(self, generator: torch.Generator | None = None) -> HaBa:
         """Standard-normal bases (the reference's ``pix_init noise``); hallucinators untouched."""
         _check_generator(generator)
         _randn_(self.bases, generator)
         return self
 
     @torch.no_grad()
-    def init_from_real(self, images, labels: Optional[Tensor] = None,
-                       generator: Optional[torch.Generator] = None) -> "HaBa":
+    def init_from_real(self, images, labels: Tensor | None = None,
+                       generator: torch.Generator | None = None) -> HaBa:
         """Bases from ``bpc`` distinct random real images per class (``pix_init real``).
 
         Single-channel bases (``c_b = 1``) from multi-channel data take the channel mean.
@@ -497,6 +502,8 @@ class HaBa(_Synthetic):
             images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
             labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
         """
+        if isinstance(labels, torch.Generator):  # init_from_real(dataset, generator), the contract's positional form
+            labels, generator = None, labels
         images, labels = _real_source(images, labels)
         picked = _pick_real(images, labels, self.num_classes, self.bpc, self.channels, self.im_size, generator)
         if self.base_channels == self.channels:
@@ -533,11 +540,11 @@ class HaBa(_Synthetic):
         """Distinct (basis, hallucinator) samples: ``K*bpc*Hn``."""
         return self.bases.shape[0] * self.n_hallucinators
 
-    def hallucinator_parameters(self) -> List[nn.Parameter]:
+    def hallucinator_parameters(self) -> list[nn.Parameter]:
         """``[enc_weight, enc_bias, scale, shift, dec_weight, dec_bias]`` (optimized with ``lr_style``)."""
         return [self.enc_weight, self.enc_bias, self.scale, self.shift, self.dec_weight, self.dec_bias]
 
-    def _index(self, idx, n: Optional[int], what: str, high: int) -> Tensor:
+    def _index(self, idx, n: int | None, what: str, high: int) -> Tensor:
         device = self.bases.device
         if isinstance(idx, int):
             if n is None:
@@ -580,8 +587,8 @@ class HaBa(_Synthetic):
         """Class labels ``[n]`` of the bases ``base_idx``."""
         return torch.as_tensor(base_idx, device=self.bases.device).long() // self.bpc
 
-    def sample_batch(self, indices, generator: Optional[torch.Generator] = None, *,
-                     hall=None) -> Tuple[Tensor, Tensor]:
+    def sample_batch(self, indices, generator: torch.Generator | None = None, *,
+                     hall=None) -> tuple[Tensor, Tensor]:
         """Generate the bases ``indices`` ``[n]`` through hallucinators, with their labels.
 
         Args:
@@ -599,7 +606,7 @@ class HaBa(_Synthetic):
             hall = int(_randint(self.n_hallucinators, 1, generator, "cpu")[0])
         return self.generate(indices, hall), self.labels_of(indices)
 
-    def all_pairs(self) -> Tuple[Tensor, Tensor]:
+    def all_pairs(self) -> tuple[Tensor, Tensor]:
         """Every basis through every hallucinator: ``(x [K*bpc*Hn, C, H, W], y [K*bpc*Hn])``.
 
         Row ``b*Hn + h`` is basis ``b`` through hallucinator ``h`` (so rows stay class-major).
@@ -608,7 +615,7 @@ class HaBa(_Synthetic):
         b, h = self.pair_indices()
         return self.generate(b, h), self.labels_of(b)
 
-    def pair_indices(self) -> Tuple[Tensor, Tensor]:
+    def pair_indices(self) -> tuple[Tensor, Tensor]:
         """``(base_idx, hall_idx)`` ``[K*bpc*Hn]`` in ``all_pairs()`` order."""
         device = self.bases.device
         b = torch.arange(self.num_bases, device=device).repeat_interleave(self.n_hallucinators)
@@ -616,7 +623,7 @@ class HaBa(_Synthetic):
         return b, h
 
     @torch.no_grad()
-    def materialize(self, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    def materialize(self, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Every basis through one random hallucinator (per basis): detached ``(x [K*bpc, C, H, W], y [K*bpc])``.
 
         This is one evaluation epoch's training set, as the reference's dataset draws it.
@@ -627,7 +634,7 @@ class HaBa(_Synthetic):
         return self.generate(base, hall).detach(), self.base_labels
 
     # -- storage ---------------------------------------------------------------------------
-    def storage(self, train_size: Optional[int] = None) -> Storage:
+    def storage(self, train_size: int | None = None) -> Storage:
         """Floats stored: bases + all hallucinator parameters (scale/shift maps included)."""
         H, W = self.im_size
         floats = self.bases.numel() + sum(p.numel() for p in self.hallucinator_parameters())
@@ -635,7 +642,7 @@ class HaBa(_Synthetic):
 
     # -- reference format ------------------------------------------------------------------
     @classmethod
-    def from_reference(cls, images, styles, num_classes: int, syn_lr=None) -> "HaBa":
+    def from_reference(cls, images, styles, num_classes: int, syn_lr=None) -> HaBa:
         """Build from the reference's checkpoint (tensors/state dicts or paths to its files).
 
         Args:
@@ -694,9 +701,9 @@ class HaBa(_Synthetic):
             haba.meta["lr"] = _lr_value(syn_lr)
         return haba
 
-    def reference_styles(self) -> Dict[str, Tensor]:
+    def reference_styles(self) -> dict[str, Tensor]:
         """The hallucinators as the reference's ``nn.ModuleList`` state dict (CPU copies)."""
-        out: Dict[str, Tensor] = {}
+        out: dict[str, Tensor] = {}
         for h in range(self.n_hallucinators):
             out[f"{h}.enc.weight"] = self.enc_weight[h].detach().cpu().clone()
             out[f"{h}.enc.bias"] = self.enc_bias[h].detach().cpu().clone()
@@ -706,7 +713,7 @@ class HaBa(_Synthetic):
             out[f"{h}.dec.bias"] = self.dec_bias[h].detach().cpu().clone()
         return out
 
-    def to_reference(self, directory: PathLike, it: Union[int, str] = "best", lr=None) -> List[Path]:
+    def to_reference(self, directory: PathLike, it: int | str = "best", lr=None) -> list[Path]:
         """Write the reference's files into ``directory`` (atomically); returns the paths written.
 
         ``it="best"`` writes ``images_best.pt`` + ``weights_best.pt``; an int writes ``images_<it>.pt`` +
@@ -720,11 +727,12 @@ class HaBa(_Synthetic):
         lr = self.meta.get("lr") if lr is None else lr
         if lr is not None:
             paths.append(d / names["lr"])
-            hio.atomic_torch_save(torch.tensor(_lr_value(lr), dtype=torch.float64), paths[2])  # float64 keeps the Python float exact
+            # float64 keeps the Python float exact
+            hio.atomic_torch_save(torch.tensor(_lr_value(lr), dtype=torch.float64), paths[2])
         return paths
 
     @classmethod
-    def load_reference_dir(cls, directory: PathLike, it: Union[int, str] = "best", num_classes: int = 10) -> "HaBa":
+    def load_reference_dir(cls, directory: PathLike, it: int | str = "best", num_classes: int = 10) -> HaBa:
         """Load ``images_<it>.pt`` + ``styles_<it>.pt`` (``it="best"``: ``images_best.pt`` + ``weights_best.pt``).
 
         ``num_classes`` defaults to 10 (every reference dataset but CIFAR-100 and Tiny ImageNet);
@@ -738,7 +746,7 @@ class HaBa(_Synthetic):
 # --------------------------------------------------------------------------------------------
 # File helpers
 # --------------------------------------------------------------------------------------------
-def reference_file_names(it: Union[int, str] = "best") -> Dict[str, str]:
+def reference_file_names(it: int | str = "best") -> dict[str, str]:
     """The reference's file names for iteration ``it`` (int or ``"best"``)."""
     if it != "best":
         if isinstance(it, str) and it.isdigit():
@@ -774,9 +782,9 @@ def _lr_value(lr) -> float:
     return float(lr)
 
 
-def _parse_styles(styles: Mapping[str, Any], what: str) -> Dict[str, Tensor]:
+def _parse_styles(styles: Mapping[str, Any], what: str) -> dict[str, Tensor]:
     """Stack ``{i}.<field>`` tensors over i: ``{field: [Hn, ...]}``; missing/extra keys are errors."""
-    found: Dict[int, Dict[str, Tensor]] = {}
+    found: dict[int, dict[str, Tensor]] = {}
     for key, value in styles.items():
         if key == "syn_lr":
             continue
@@ -791,13 +799,14 @@ def _parse_styles(styles: Mapping[str, Any], what: str) -> Dict[str, Tensor]:
         raise ValueError(f"{what}: no hallucinator keys ({{i}}.enc.weight, ...) found; is this a styles_<it>.pt / "
                          "weights_best.pt file?")
     n = max(found) + 1
-    stacked: Dict[str, Tensor] = {}
+    stacked: dict[str, Tensor] = {}
     for field in _HALL_FIELDS:
         tensors = []
         for i in range(n):
             t = found.get(i, {}).get(field)
             if t is None:
-                raise ValueError(f"{what}: missing key '{i}.{field}' ({n} hallucinators expected from the keys present)")
+                raise ValueError(f"{what}: missing key '{i}.{field}' ({n} hallucinators expected from the keys "
+                                 "present)")
             tensors.append(t)
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) != 1:
@@ -806,7 +815,7 @@ def _parse_styles(styles: Mapping[str, Any], what: str) -> Dict[str, Tensor]:
     return stacked
 
 
-def _find_lr(directory: Path, it) -> Optional[float]:
+def _find_lr(directory: Path, it) -> float | None:
     for name in (f"syn_lr_{it}.pt", f"lr_{it}.pt"):
         p = directory / name
         if p.exists():
@@ -814,7 +823,7 @@ def _find_lr(directory: Path, it) -> Optional[float]:
     return None
 
 
-def _load_reference_dir(directory: PathLike, it, num_classes: Optional[int], want: Optional[str] = None):
+def _load_reference_dir(directory: PathLike, it, num_classes: int | None, want: str | None = None):
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"reference checkpoint directory not found: {d}")
@@ -822,8 +831,13 @@ def _load_reference_dir(directory: PathLike, it, num_classes: Optional[int], wan
     images_p, styles_p, labels_p = d / names["images"], d / names["styles"], d / names["labels"]
     if not images_p.exists():
         found = sorted(p.name for p in d.glob("images_*.pt"))
+        ours = sorted(p.name for p in d.glob("*.pt") if not p.name.startswith(("images_", "styles_", "weights_",
+                                                                                  "labels_", "syn_lr_")))
+        hint = f"; this folder has {', '.join(found)}: pass that iteration" if found else ""
+        if ours:
+            hint += f"; to load our format pass the file itself (here: {', '.join(ours[:5])})"
         raise FileNotFoundError(f"{images_p} not found (reference checkpoints are images_<it>.pt / images_best.pt"
-                                + (f"; this folder has {', '.join(found)}: pass that iteration)" if found else ")"))
+                                f"{hint})")
     if styles_p.exists() and want != "pixels":
         haba = HaBa.from_reference(images_p, styles_p, 10 if num_classes is None else num_classes,
                                    syn_lr=_find_lr(d, it))
@@ -868,7 +882,7 @@ def _from_payload(payload: Mapping[str, Any], path: Path):
     return obj
 
 
-def load_synthetic(path: PathLike, *, it: Union[int, str] = "best", num_classes: Optional[int] = None):
+def load_synthetic(path: PathLike, *, it: int | str = "best", num_classes: int | None = None):
     """Load a synthetic set: our ``.pt`` format, or a reference checkpoint (directory or ``images_<it>.pt``).
 
     Args:

@@ -13,14 +13,15 @@ from __future__ import annotations
 import io as _io
 import math
 import os
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Callable, Union
 
 import torch
 from torch import Tensor
 
 from haba_fast import io as hio
 
-__all__ = ["save_grid", "haba_grid", "to_unit", "denormalizer", "REFERENCE_NORMALIZATION", "MIN_DISPLAY_SIZE"]
+__all__ = ["MIN_DISPLAY_SIZE", "REFERENCE_NORMALIZATION", "denormalizer", "haba_grid", "save_grid", "to_unit"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -54,7 +55,7 @@ def denormalizer(mean: Sequence[float], std: Sequence[float]) -> Callable[[Tenso
     return apply
 
 
-def to_unit(x: Tensor, denormalize: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+def to_unit(x: Tensor, denormalize: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Images ``[N, C, H, W]`` in network space -> ``[N, C, H, W]`` in [0, 1] for display."""
     x = x.detach().float().cpu()
     if denormalize is not None:
@@ -108,8 +109,8 @@ def save_grid(images: Tensor, path: PathLike, nrow: int = 10, *, pad: int = 2, f
 
 
 @torch.no_grad()
-def haba_grid(haba, path: PathLike, denormalize: Optional[Callable[[Tensor], Tensor]] = None,
-              ncol: Optional[int] = None) -> None:
+def haba_grid(haba, path: PathLike, denormalize: Callable[[Tensor], Tensor] | None = None,
+              ncol: int | None = None) -> None:
     """PNG of a HaBa set: a row block of the bases, then one block per hallucinator.
 
     Block ``h`` holds every basis through hallucinator ``h``, in the same position as its basis, so

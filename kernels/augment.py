@@ -28,7 +28,7 @@ IDENTITY, COLOR, CROP, CUTOUT, FLIP, AFFINE = 0, 1, 2, 3, 4, 5
 
 
 @triton.jit
-def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, ADJOINT: tl.constexpr,
+def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY: tl.constexpr, ADJOINT: tl.constexpr,
                     BLOCK: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     HW = H * W
@@ -40,32 +40,37 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr,
         sat = tl.load(fp_ptr + s * 4 + 1)
         con = tl.load(fp_ptr + s * 4 + 2)
         tot = tl.zeros([BLOCK], dtype=DT)
-        for t0 in range(0, HW, BLOCK):
+        t0 = 0
+        while t0 < HW:
             offs = t0 + lanes
             m = offs < HW
-            for c in range(C):
+            for c in tl.static_range(C):
                 tot += tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
+            t0 += BLOCK
         mean = tl.sum(tot, axis=0) / (C * HW)
-        for t0 in range(0, HW, BLOCK):
+        t0 = 0
+        while t0 < HW:
             offs = t0 + lanes
             m = offs < HW
             mc = tl.zeros([BLOCK], dtype=DT)
-            for c in range(C):
+            for c in tl.static_range(C):
                 mc += tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
             mc = mc / C
-            for c in range(C):
+            for c in tl.static_range(C):
                 xv = tl.load(x_ptr + base + c * HW + offs, mask=m, other=0.0)
                 if ADJOINT:
                     yv = con * sat * xv + con * (1.0 - sat) * mc + (1.0 - con) * mean
                 else:
                     yv = con * sat * (xv - mc) + con * (mc + add) + (1.0 - con) * (mean + add)
                 tl.store(y_ptr + base + c * HW + offs, yv, mask=m)
+            t0 += BLOCK
     elif FAMILY == 5:  # affine, bilinear, zeros padding, align_corners=True
         t00 = tl.load(fp_ptr + s * 4)
         t01 = tl.load(fp_ptr + s * 4 + 1)
         t10 = tl.load(fp_ptr + s * 4 + 2)
         t11 = tl.load(fp_ptr + s * 4 + 3)
-        for t0 in range(0, HW, BLOCK):
+        t0 = 0
+        while t0 < HW:
             offs = t0 + lanes
             m = offs < HW
             i = offs // W
@@ -91,7 +96,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr,
             m10 = m & oky1 & okx0
             m11 = m & oky1 & okx1
             q00 = y0 * W + x0
-            for c in range(C):
+            for c in tl.static_range(C):
                 cb = base + c * HW
                 if ADJOINT:
                     g = tl.load(x_ptr + cb + offs, mask=m, other=0.0)
@@ -105,12 +110,14 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr,
                     v += tl.load(x_ptr + cb + q00 + W, mask=m10, other=0.0) * (wx0 * wy1)
                     v += tl.load(x_ptr + cb + q00 + W + 1, mask=m11, other=0.0) * (wx1 * wy1)
                     tl.store(y_ptr + cb + offs, v, mask=m)
+            t0 += BLOCK
     else:  # identity, crop, cutout, flip: one gather per output pixel
         p0 = tl.load(ip_ptr + s * 4)
         p1 = tl.load(ip_ptr + s * 4 + 1)
         p2 = tl.load(ip_ptr + s * 4 + 2)
         p3 = tl.load(ip_ptr + s * 4 + 3)
-        for t0 in range(0, HW, BLOCK):
+        t0 = 0
+        while t0 < HW:
             offs = t0 + lanes
             m = offs < HW
             i = offs // W
@@ -130,19 +137,22 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr,
                 ok = m & ~((i >= p0) & (i <= p1) & (j >= p2) & (j <= p3))
             elif FAMILY == 4:  # flip
                 src = tl.where(p0 != 0, i * W + (W - 1 - j), offs)
-            for c in range(C):
+            for c in tl.static_range(C):
                 v = tl.load(x_ptr + base + c * HW + src, mask=ok, other=0.0)
                 tl.store(y_ptr + base + c * HW + offs, v, mask=m)
+            t0 += BLOCK
 
 
 @triton.jit
-def _augment_fwd_kernel(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, BLOCK: tl.constexpr):
+def _augment_fwd_kernel(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """y = aug(x) for one sample per program (see the module docstring for the math per family)."""
     _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY, False, BLOCK)
 
 
 @triton.jit
-def _augment_bwd_kernel(g_ptr, gx_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY: tl.constexpr, BLOCK: tl.constexpr):
+def _augment_bwd_kernel(g_ptr, gx_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY: tl.constexpr,
+                        BLOCK: tl.constexpr):
     """gx = aug^T(g): the adjoint of the (linear) forward map, one sample per program."""
     _augment_sample(g_ptr, gx_ptr, fp_ptr, ip_ptr, C, H, W, FAMILY, True, BLOCK)
 

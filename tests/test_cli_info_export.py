@@ -52,6 +52,22 @@ def test_info_reports_a_forced_backend_that_cannot_run(capsys, monkeypatch):
     assert cpu["backend"] is None and "triton" in cpu["error"]
 
 
+def test_info_when_the_extension_did_not_load(capsys, monkeypatch):
+    from haba_fast import _ext
+
+    monkeypatch.delenv("HABA_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_ext, "extension_available", lambda: False)
+    monkeypatch.setattr(_ext, "extension_error", lambda: "ImportError: undefined symbol: _ZN3c10")
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension"] == {"loaded": False, "error": "ImportError: undefined symbol: _ZN3c10"}
+    for op in OPS:
+        cpu = info["backends"][op]["cpu"]
+        assert cpu["backend"] == "torch" and "undefined symbol" in cpu["note"]
+    assert main(["info"]) == 0
+    assert "not loaded: ImportError: undefined symbol" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------ export
 def _haba(K=3, bpc=2, C=3, size=(8, 9), Hn=2, cb=None):
     return HaBa(K, bpc, C, size, n_hallucinators=Hn, base_channels=cb, generator=torch.Generator().manual_seed(0))
@@ -105,6 +121,25 @@ def test_export_pixels_grayscale(tmp_path):
     pt, npz = _check_outputs(tmp_path / "o", 8, 1, (8, 8))
     assert torch.equal(pt["images"], pix.images.detach()) and torch.equal(pt["labels"], pix.labels)
     torch.testing.assert_close(torch.from_numpy(npz["pixels"]), (pix.images.detach() * 0.3530 + 0.2861).clamp(0, 1))
+
+
+def test_export_uses_recorded_zca_and_dataset(tmp_path):
+    from haba_fast.data import ZCA
+
+    haba = _haba(K=2, bpc=1, C=3, size=(4, 4), Hn=2)
+    zca = ZCA().fit(torch.rand(20, 3, 4, 4, generator=torch.Generator().manual_seed(1)))
+    haba.save(tmp_path / "z.pt", {"dataset": "cifar10", "zca": zca.state_dict()})
+    assert main(["export", str(tmp_path / "z.pt"), "--out", str(tmp_path / "z")]) == 0
+    pt, npz = _check_outputs(tmp_path / "z", 4, 3, (4, 4))
+    expected = zca.inverse(pt["images"]).float().clamp(0, 1)
+    torch.testing.assert_close(torch.from_numpy(npz["pixels"]), expected)
+    # No ZCA, no mean/std: the recorded dataset name gives the reference's normalization.
+    haba.save(tmp_path / "d.pt", {"dataset": "CIFAR10"})
+    assert main(["export", str(tmp_path / "d.pt"), "--out", str(tmp_path / "d")]) == 0
+    pt, npz = _check_outputs(tmp_path / "d", 4, 3, (4, 4))
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2023, 0.1994, 0.2010]).view(1, 3, 1, 1)
+    torch.testing.assert_close(torch.from_numpy(npz["pixels"]), (pt["images"] * std + mean).clamp(0, 1))
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from utils import assert_close
+from utils import assert_close, devices
 
 from haba_fast.factorization import (
     FORMAT,
@@ -162,9 +162,8 @@ def test_labels_pairs_sample_batch_materialize():
 # ------------------------------------------------------------------------------------------ init
 def test_default_init_distributions_and_determinism():
     C, cb, k, Hn = 3, 1, 3, 20
-    a = HaBa(4, 2, C, 9, n_hallucinators=Hn, kernel_size=k, base_channels=cb, generator=torch.Generator().manual_seed(5))
-    b = HaBa(4, 2, C, 9, n_hallucinators=Hn, kernel_size=k, base_channels=cb, generator=torch.Generator().manual_seed(5))
-    c = HaBa(4, 2, C, 9, n_hallucinators=Hn, kernel_size=k, base_channels=cb, generator=torch.Generator().manual_seed(6))
+    a, b, c = (HaBa(4, 2, C, 9, n_hallucinators=Hn, kernel_size=k, base_channels=cb,
+                    generator=torch.Generator().manual_seed(s)) for s in (5, 5, 6))
     for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
         assert torch.equal(pa, pb), name
         if name not in ("scale", "shift"):
@@ -207,6 +206,9 @@ def test_init_from_real(cb):
     ds_init = HaBa(K, bpc, C, (H, W), n_hallucinators=2, base_channels=cb).init_from_real(
         DS(), generator=torch.Generator().manual_seed(1))
     assert torch.equal(ds_init.bases, haba.bases)
+    positional = HaBa(K, bpc, C, (H, W), n_hallucinators=2, base_channels=cb).init_from_real(
+        DS(), torch.Generator().manual_seed(1))
+    assert torch.equal(positional.bases, haba.bases)
 
     pix = Pixels(K, 4, C, (H, W)).init_from_real(images, labels, torch.Generator().manual_seed(2))
     for i in range(K * 4):
@@ -228,9 +230,9 @@ def test_init_from_real_errors():
         haba.init_from_real(images, labels, generator=3)
 
 
-@pytest.mark.parametrize("bad", [dict(bpc=0), dict(kernel_size=9), dict(n_hallucinators=-1), dict(im_size=(5,))])
+@pytest.mark.parametrize("bad", [{"bpc": 0}, {"kernel_size": 9}, {"n_hallucinators": -1}, {"im_size": (5,)}])
 def test_constructor_errors(bad):
-    kw = dict(num_classes=2, bpc=1, channels=3, im_size=8, n_hallucinators=2, kernel_size=3)
+    kw = {"num_classes": 2, "bpc": 1, "channels": 3, "im_size": 8, "n_hallucinators": 2, "kernel_size": 3}
     kw.update(bad)
     with pytest.raises(ValueError):
         HaBa(**kw)
@@ -266,7 +268,8 @@ def test_budget_bpc_paper_table_and_bounds():
     # The answer is the largest bpc whose actual storage fits, on odd shapes too.
     for ipc, Hn, k, C, cb, size, K in [(3, 2, 3, 3, 1, (7, 11), 3), (5, 4, 2, 1, 1, 13, 7), (10, 1, 5, 3, 3, 9, 2)]:
         bpc = budget_bpc(ipc, Hn, k, C, cb, size, num_classes=K)
-        budget = K * ipc * C * (size if isinstance(size, int) else size[0]) * (size if isinstance(size, int) else size[1])
+        H, W = (size, size) if isinstance(size, int) else size
+        budget = K * ipc * C * H * W
         fits = HaBa(K, bpc, C, size, n_hallucinators=Hn, kernel_size=k, base_channels=cb).storage().floats
         over = HaBa(K, bpc + 1, C, size, n_hallucinators=Hn, kernel_size=k, base_channels=cb).storage().floats
         assert fits <= budget < over
@@ -453,3 +456,22 @@ def test_own_format_errors(tmp_path):
     torch.save({"x": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a synthetic-set checkpoint"):
         load_synthetic(tmp_path / "other.pt")
+
+
+# ------------------------------------------------------------------------------------------ devices
+@pytest.mark.parametrize("device", devices())
+def test_haba_on_device_matches_cpu_and_saves(tmp_path, device):
+    cpu = make(SHAPES[0])
+    dev = make(SHAPES[0]).to(device)
+    b, h = torch.tensor([0, 5, 5, 2]), torch.tensor([3, 0, 1, 3])
+    out = dev.generate(b.to(device), h.to(device))
+    assert out.device.type == torch.device(device).type
+    assert_close(out.cpu(), cpu.generate(b, h))
+    x, y = dev.materialize(torch.Generator().manual_seed(0))  # CPU generator, device module
+    xc, yc = cpu.materialize(torch.Generator().manual_seed(0))
+    assert_close(x.cpu(), xc)
+    assert torch.equal(y.cpu(), yc)
+    dev.to_reference(tmp_path / "ref")
+    dev.save(tmp_path / "own.pt")
+    _state_equal(cpu, load_synthetic(tmp_path / "ref", num_classes=3))
+    _state_equal(cpu, load_synthetic(tmp_path / "own.pt"))

@@ -31,8 +31,8 @@ def register(sub) -> None:
                         help="number of classes of a reference checkpoint (not stored there; default 10)")
     parser.add_argument("--denormalize-dataset", metavar="NAME", default=None,
                         help="undo this dataset's normalization for the PNG (mnist, fashion-mnist, cifar10, cifar100, "
-                             "svhn, or any haba_fast.data name); default: the checkpoint's recorded mean/std/ZCA, "
-                             "else per-image min-max")
+                             "svhn, or any haba_fast.data name); default: the checkpoint's recorded ZCA, mean/std or "
+                             "dataset, else per-image min-max")
     parser.add_argument("--ncol", type=int, default=None, help="images per row of the PNG")
     parser.set_defaults(func=run)
 
@@ -58,40 +58,48 @@ def _load(args):
     return load_synthetic(args.checkpoint, it=it, num_classes=args.num_classes)
 
 
+def _dataset_stats(name: str):
+    """(mean, std) the dataset ``name`` is normalized with: the reference's constants, else haba_fast.data's."""
+    from haba_fast import visualize
+
+    key = str(name).strip().lower().replace("-", "").replace("_", "")
+    for known, stats in visualize.REFERENCE_NORMALIZATION.items():
+        if key == known.replace("-", ""):
+            return stats
+    from haba_fast import data  # e.g. digits: its normalization is ours, read it from the loaded dataset
+
+    ds = data.load(name)
+    return tuple(ds.mean), tuple(ds.std)
+
+
 def _denormalizer(syn, dataset_name):
-    """A callable network-space -> [0, 1], or None (per-image min-max) when the normalization is unknown."""
+    """A callable network-space -> [0, 1], or None (per-image min-max) when the normalization is unknown.
+
+    Order: a recorded ZCA (inverted); --denormalize-dataset; the recorded mean/std; the recorded dataset name.
+    """
     from haba_fast import visualize
 
     meta = getattr(syn, "meta", {}) or {}
-    zca_inverse = None
     if meta.get("zca") is not None:
+        # ZCA data is not mean/std normalized (as in the reference), so the inverse ZCA is the whole story.
         try:
             from haba_fast.data import ZCA
 
-            zca_inverse = ZCA.from_state_dict(meta["zca"]).inverse
-        except Exception as exc:  # data module absent or a state it cannot read: still export, say so
+            return ZCA.from_state_dict(meta["zca"]).inverse
+        except Exception as exc:  # noqa: BLE001 - a state we cannot read must not stop the export
             print(f"note: cannot undo the recorded ZCA whitening ({type(exc).__name__}: {exc}); "
-                  "PNG uses per-image min-max")
+                  "the PNG uses per-image min-max")
             return None
-    mean_std = None
     if dataset_name:
-        key = dataset_name.lower().replace("_", "-")
-        key = {"fashionmnist": "fashion-mnist"}.get(key, key)
-        if key in visualize.REFERENCE_NORMALIZATION:
-            mean_std = visualize.REFERENCE_NORMALIZATION[key]
-        else:
-            from haba_fast import data  # a dataset we do not know the constants of: ask the data module
-
-            ds = data.load(key)
-            mean_std = (ds.mean, ds.std)
-    elif meta.get("mean") is not None and meta.get("std") is not None:
-        mean_std = (list(meta["mean"]), list(meta["std"]))
-    if zca_inverse is None and mean_std is None:
-        return None
-    # ZCA data is not mean/std normalized (reference), so the two never both apply.
-    if zca_inverse is not None:
-        return zca_inverse
-    return visualize.denormalizer(*mean_std)
+        return visualize.denormalizer(*_dataset_stats(dataset_name))
+    if meta.get("mean") is not None and meta.get("std") is not None:
+        return visualize.denormalizer(list(meta["mean"]), list(meta["std"]))
+    if meta.get("dataset"):
+        try:
+            return visualize.denormalizer(*_dataset_stats(meta["dataset"]))
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"note: normalization of dataset {meta['dataset']!r} unknown ({exc}); the PNG uses per-image min-max")
+    return None
 
 
 def run(args) -> int:

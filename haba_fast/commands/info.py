@@ -10,7 +10,7 @@ import os
 import platform
 import sys
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any
 
 OPS = ("generate", "augment", "generate_augment", "trajectory_match")
 
@@ -22,7 +22,7 @@ def register(sub) -> None:
     parser.set_defaults(func=run)
 
 
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     # importlib.metadata reads the installed version without importing the (slow) package itself.
     try:
         from importlib.metadata import PackageNotFoundError, version
@@ -34,7 +34,7 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _backend(op: str, device: str) -> Dict[str, Any]:
+def _backend(op: str, device: str) -> dict[str, Any]:
     """Which backend ``op`` would run with on ``device``, and why when it is a fallback or an error."""
     from haba_fast.backend import requested_backend, select_backend
 
@@ -44,7 +44,7 @@ def _backend(op: str, device: str) -> Dict[str, Any]:
             chosen = select_backend(op, device)
         except Exception as exc:  # an explicitly forced backend that cannot run: report, don't crash
             return {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
-    out: Dict[str, Any] = {"backend": chosen}
+    out: dict[str, Any] = {"backend": chosen}
     if chosen == "torch" and requested_backend() == "auto":
         out["note"] = _fallback_reason(op, device)
     return out
@@ -72,14 +72,14 @@ def _registered_ops():
     return sorted({n.split("::", 1)[1].split(".", 1)[0] for n in names if n.startswith("haba_fast::")})
 
 
-def collect() -> Dict[str, Any]:
+def collect() -> dict[str, Any]:
     """Everything ``info`` reports, as a plain dict."""
     import torch
 
     import haba_fast
     from haba_fast import _ext
 
-    info: Dict[str, Any] = {
+    info: dict[str, Any] = {
         "versions": {
             "haba_fast": haba_fast.__version__,
             "torch": torch.__version__,
@@ -104,7 +104,7 @@ def collect() -> Dict[str, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the load failure is reported below, not as a warning
         loaded = _ext.extension_available()
-    ext: Dict[str, Any] = {"loaded": loaded}
+    ext: dict[str, Any] = {"loaded": loaded}
     if loaded:
         listed = _registered_ops()
         ext["ops"] = listed if listed is not None else [op for op in OPS if _ext.has_op(op)]
@@ -116,7 +116,7 @@ def collect() -> Dict[str, Any]:
     return info
 
 
-def _text(info: Dict[str, Any]) -> str:
+def _text(info: dict[str, Any]) -> str:
     lines = ["haba-fast " + info["versions"]["haba_fast"], "", "versions:"]
     for k, v in info["versions"].items():
         lines.append(f"  {k:<10} {v if v is not None else 'not installed'}")
@@ -126,7 +126,8 @@ def _text(info: Dict[str, Any]) -> str:
     cpu, cuda = info["devices"]["cpu"], info["devices"]["cuda"]
     lines += ["", "devices:", f"  cpu        {cpu['cores']} cores, torch uses {cpu['torch_threads']} threads"]
     if cuda["available"]:
-        lines.append(f"  cuda       {cuda['count']} device(s): {', '.join(cuda['names'])} (CUDA {cuda['cuda_version']})")
+        names = ", ".join(cuda["names"])
+        lines.append(f"  cuda       {cuda['count']} device(s): {names} (CUDA {cuda['cuda_version']})")
     else:
         lines.append("  cuda       not available")
     ext = info["extension"]

@@ -1,0 +1,695 @@
+// The exact constant-memory unrolled trajectory engine for the ConvNet family (see ../shared/DESIGN.md,
+// "The exact constant-memory engine (math)").
+//
+// Ops (torch.ops.haba_fast.*):
+//   trajectory_match(X, Y, w_start, w_target, lr, spec, first_order) -> loss            (autograd: dL/dX, dL/dlr)
+//   trajectory_match_forward(X, Y, w_start, w_target, lr, spec, first_order) -> (loss, W [N+1, P])
+//   trajectory_match_backward(grad, X, Y, W, w_target, lr, spec, first_order) -> (dX, dlr)
+//   trajectory_step_hvp(w, x, y, lam, spec) -> (g, h_w, h_x)     (one step's gradient and Hessian products; tests)
+//
+//   X [N, B, C, H, W] float/double, Y [N, B] int64, w_start/w_target [P], lr 0-dim (all on one device).
+//   spec = [channel, num_classes, width, depth, norm, act, pool, first_padding] with
+//   norm 0 none | 1 instancenorm | 2 groupnorm (4 groups) | 3 layernorm; act 0 relu | 1 sigmoid | 2 leakyrelu (0.01);
+//   pool 0 none | 1 avg 2x2 | 2 max 2x2. Layer math and flat parameter order: haba_fast/models.py ConvNet.
+//
+// Forward: w_{t+1} = w_t - lr * g_t, g_t = grad_w CE(f(w_t, X_t), Y_t) (mean over the batch); only the w_t are kept.
+// loss = ||w_N - w*||^2 / ||w_start - w*||^2.
+// Backward: lam = dL/dw_N; for t = N-1..0, with (h_w, h_x) = d/de grad_{w,x} CE(w_t + e lam, X_t) at e = 0 (a
+// forward-over-reverse Hessian-vector product, written out layer by layer below):
+//   dL/dX_t = -lr h_x;  dL/dlr -= <g_t, lam>;  lam <- lam - lr h_w   (first_order: lam stays fixed, no h_w;
+//   an approximation, TESLA-style).
+//
+// Why analytic: autograd's double backward of GroupNorm/AvgPool/ReLU is a long chain of composite element-wise
+// ops over the largest activations (profiled on ConvNet-128, batch 100, 3x32x32: ~60% of an autograd HVP step is
+// element-wise mul/add/fill/pool-backward; the convolutions are ~40%). Here every layer carries a primal and a
+// tangent through the forward pass and back; on CPU tensors the norm + activation + pooling of a block run as one
+// fused loop per (sample, group) whose data stays in cache (trajectory_kernels.h). Convolutions always go through
+// at::convolution / at::convolution_backward, so the same code runs on CUDA tensors (composite path).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "trajectory_kernels.h"
+
+namespace haba_fast {
+namespace {
+
+using at::Tensor;
+
+constexpr double kEps = 1e-5;
+
+enum Norm { kNormNone = 0, kInstance = 1, kGroup = 2, kLayer = 3 };
+enum Act { kRelu = 0, kSigmoid = 1, kLeaky = 2 };
+enum Pool { kPoolNone = 0, kAvg = 1, kMax = 2 };
+
+struct Spec {
+  int64_t channel, classes, width, depth, norm, act, pool, pad0;
+};
+
+Spec parse_spec(at::IntArrayRef s) {
+  TORCH_CHECK(s.size() == 8,
+              "trajectory_match: spec must be [channel, num_classes, width, depth, norm, act, pool, first_padding] "
+              "(8 ints), got ",
+              s.size(), " values");
+  Spec p{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]};
+  TORCH_CHECK(p.channel >= 1 && p.classes >= 1 && p.width >= 1 && p.depth >= 1,
+              "trajectory_match: spec channel, num_classes, width and depth must be >= 1, got ", s);
+  TORCH_CHECK(p.norm >= 0 && p.norm <= 3, "trajectory_match: spec norm code must be 0..3 (none, instancenorm, "
+              "groupnorm, layernorm), got ", p.norm);
+  TORCH_CHECK(p.act >= 0 && p.act <= 2, "trajectory_match: spec act code must be 0..2 (relu, sigmoid, leakyrelu), got ",
+              p.act);
+  TORCH_CHECK(p.pool >= 0 && p.pool <= 2, "trajectory_match: spec pool code must be 0..2 (none, avg, max), got ",
+              p.pool);
+  TORCH_CHECK(p.pad0 >= 0, "trajectory_match: spec first_padding must be >= 0, got ", p.pad0);
+  TORCH_CHECK(p.norm != kGroup || p.width % 4 == 0, "trajectory_match: groupnorm uses 4 groups, width ", p.width,
+              " is not a multiple of 4");
+  return p;
+}
+
+// Where each parameter lives in the flat vector, for an input of spatial size H x W.
+struct Slot {
+  int64_t offset;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto v : shape) n *= v;
+    return n;
+  }
+};
+
+struct LayerLayout {
+  Slot conv_w, conv_b, norm_w, norm_b;
+  int64_t pad, cin, Hc, Wc;  // conv output size (pre-pool)
+};
+
+struct Layout {
+  std::vector<LayerLayout> layers;
+  Slot fc_w, fc_b;
+  int64_t P = 0;
+};
+
+Layout make_layout(const Spec& s, int64_t H, int64_t W) {
+  Layout L;
+  int64_t off = 0;
+  auto take = [&](std::vector<int64_t> shape) {
+    Slot sl{off, std::move(shape)};
+    off += sl.numel();
+    return sl;
+  };
+  int64_t cin = s.channel;
+  for (int64_t d = 0; d < s.depth; ++d) {
+    LayerLayout l;
+    l.pad = d == 0 ? s.pad0 : 1;
+    l.cin = cin;
+    l.Hc = H + 2 * l.pad - 2;
+    l.Wc = W + 2 * l.pad - 2;
+    TORCH_CHECK(l.Hc >= 1 && l.Wc >= 1, "trajectory_match: the image is too small for depth ", s.depth,
+                " (feature map vanishes at block ", d + 1, ")");
+    l.conv_w = take({s.width, cin, 3, 3});
+    l.conv_b = take({s.width});
+    if (s.norm == kLayer) {
+      l.norm_w = take({s.width, l.Hc, l.Wc});
+      l.norm_b = take({s.width, l.Hc, l.Wc});
+    } else if (s.norm != kNormNone) {
+      l.norm_w = take({s.width});
+      l.norm_b = take({s.width});
+    }
+    H = l.Hc;
+    W = l.Wc;
+    if (s.pool != kPoolNone) {
+      H /= 2;
+      W /= 2;
+    }
+    TORCH_CHECK(H >= 1 && W >= 1, "trajectory_match: the image is too small for depth ", s.depth,
+                " (feature map vanishes after pooling in block ", d + 1, ")");
+    cin = s.width;
+    L.layers.push_back(l);
+  }
+  L.fc_w = take({s.classes, s.width * H * W});
+  L.fc_b = take({s.classes});
+  L.P = off;
+  return L;
+}
+
+Tensor view(const Tensor& w, const Slot& s) { return w.narrow(0, s.offset, s.numel()).view(s.shape); }
+
+bool fused_enabled() {
+  const char* v = std::getenv("HABA_FAST_TRAJECTORY_FUSED");
+  return !(v && std::string(v) == "0");
+}
+
+int64_t groups_of(const Spec& s) {
+  if (s.norm == kInstance) return s.width;
+  if (s.norm == kGroup) return 4;
+  return 1;
+}
+
+// Everything a block keeps from its forward pass for the backward pass of the same step.
+struct BlockCache {
+  Tensor a, ad;          // block input and its tangent (ad undefined when the tangent is zero: first block)
+  Tensor xh, xhd;        // normalized conv output and tangent [B, C, Hc, Wc] (norm) -- or n, nd (no norm)
+  Tensor rstd, k;        // per (b, group) 1/sigma and rstd * mean(zd * xh), shape [B, G] (norm)
+  Tensor d1, d2, nd;     // composite path: act'(n), act''(n) (sigmoid), tangent of n (sigmoid)
+  Tensor pool_idx;       // max pooling argmax
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Composite (ATen-only) block math: runs on any device.
+
+Tensor gview(const Tensor& t, int64_t G) { return t.reshape({t.size(0), G, -1}); }
+
+// Forward of norm -> act -> pool on conv output z (and tangent zd, may be undefined). Returns (a_out, ad_out).
+std::pair<Tensor, Tensor> block_forward_composite(const Spec& s, const Tensor& z, const Tensor& zd, const Tensor& gam,
+                                                  const Tensor& bet, const Tensor& gamd, const Tensor& betd,
+                                                  BlockCache& c) {
+  const bool tan = zd.defined();
+  Tensor n, nd;
+  if (s.norm != kNormNone) {
+    const int64_t G = groups_of(s);
+    Tensor zg = gview(z, G);
+    auto vm = at::var_mean(zg, {2}, /*correction=*/0, /*keepdim=*/true);
+    Tensor rstd = (std::get<0>(vm) + kEps).rsqrt();
+    Tensor xh = (zg - std::get<1>(vm)) * rstd;
+    std::vector<int64_t> ashape = s.norm == kLayer ? std::vector<int64_t>{1, z.size(1), z.size(2), z.size(3)}
+                                                   : std::vector<int64_t>{1, z.size(1), 1, 1};
+    Tensor g4 = gam.view(ashape), b4 = bet.view(ashape);
+    if (tan) {
+      Tensor zdg = gview(zd, G);
+      Tensor k = rstd * (zdg * xh).mean({2}, true);
+      Tensor xhd = (zdg - zdg.mean({2}, true)) * rstd - xh * k;
+      xhd = xhd.view(z.sizes());
+      c.xhd = xhd;
+      c.k = k;
+      nd = xhd * g4 + xh.view(z.sizes()) * gamd.view(ashape) + betd.view(ashape);
+    }
+    xh = xh.view(z.sizes());
+    c.xh = xh;
+    c.rstd = rstd;
+    n = xh * g4 + b4;
+  } else {
+    n = z;
+    nd = zd;
+  }
+  Tensor r, rd;
+  if (s.act == kSigmoid) {
+    Tensor sg = at::sigmoid(n);
+    c.d1 = sg * (1 - sg);
+    c.d2 = c.d1 * (1 - 2 * sg);
+    c.nd = nd;
+    r = sg;
+  } else if (s.act == kRelu) {
+    c.d1 = (n > 0).to(n.scalar_type());
+    r = n * c.d1;
+  } else {
+    c.d1 = (n > 0).to(n.scalar_type()) * 0.99 + 0.01;
+    r = n * c.d1;
+  }
+  if (tan) rd = nd * c.d1;
+  if (s.pool == kAvg) {
+    Tensor out = at::avg_pool2d(r, {2, 2}, {2, 2});
+    return {out, tan ? at::avg_pool2d(rd, {2, 2}, {2, 2}) : Tensor()};
+  }
+  if (s.pool == kMax) {
+    auto mi = at::max_pool2d_with_indices(r, {2, 2}, {2, 2});
+    c.pool_idx = std::get<1>(mi);
+    Tensor out = std::get<0>(mi);
+    Tensor outd;
+    if (tan) outd = rd.flatten(2).gather(2, c.pool_idx.flatten(2)).view(out.sizes());
+    return {out, outd};
+  }
+  return {r, rd};
+}
+
+// Backward of the same block: from (ga, gad) w.r.t. the block output to (gz, gzd) w.r.t. the conv output, plus
+// the norm parameter gradients (and tangents). gad undefined = primal only.
+std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& ga, const Tensor& gad,
+                                                   const Tensor& gam, const Tensor& gamd, BlockCache& c,
+                                                   Tensor* ggam, Tensor* gbet, Tensor* ggamd, Tensor* gbetd) {
+  const bool tan = gad.defined();
+  Tensor gr, grd;
+  if (s.pool == kAvg) {
+    gr = at::avg_pool2d_backward(ga, c.d1, {2, 2}, {2, 2}, {0, 0}, false, true, c10::nullopt);
+    if (tan) grd = at::avg_pool2d_backward(gad, c.d1, {2, 2}, {2, 2}, {0, 0}, false, true, c10::nullopt);
+  } else if (s.pool == kMax) {
+    gr = at::max_pool2d_with_indices_backward(ga, c.d1, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false, c.pool_idx);
+    if (tan) grd = at::max_pool2d_with_indices_backward(gad, c.d1, {2, 2}, {2, 2}, {0, 0}, {1, 1}, false, c.pool_idx);
+  } else {
+    gr = ga;
+    grd = gad;
+  }
+  Tensor gn = gr * c.d1;
+  Tensor gnd;
+  if (tan) {
+    gnd = grd * c.d1;
+    if (s.act == kSigmoid) gnd = gnd + gr * c.d2 * c.nd;
+  }
+  if (s.norm == kNormNone) return {gn, gnd};
+  const int64_t G = groups_of(s);
+  std::vector<int64_t> red = s.norm == kLayer ? std::vector<int64_t>{0} : std::vector<int64_t>{0, 2, 3};
+  std::vector<int64_t> ashape = s.norm == kLayer ? std::vector<int64_t>{1, gn.size(1), gn.size(2), gn.size(3)}
+                                                 : std::vector<int64_t>{1, gn.size(1), 1, 1};
+  const Tensor& xh = c.xh;
+  *ggam = (gn * xh).sum(red);
+  *gbet = gn.sum(red);
+  Tensor g4 = gam.view(ashape);
+  Tensor gx = gview(gn * g4, G);
+  Tensor xhg = gview(xh, G);
+  Tensor m1 = (gx * xhg).mean({2}, true);
+  Tensor gz = (gx - gx.mean({2}, true) - xhg * m1) * c.rstd;
+  Tensor gzd;
+  if (tan) {
+    if (ggamd) {
+      *ggamd = (gnd * xh + gn * c.xhd).sum(red);
+      *gbetd = gnd.sum(red);
+    }
+    Tensor gxd = gview(gnd * g4 + gn * gamd.view(ashape), G);
+    Tensor xhdg = gview(c.xhd, G);
+    gzd = (gxd - gxd.mean({2}, true) - xhdg * m1 - xhg * (gxd * xhg + gx * xhdg).mean({2}, true)) * c.rstd -
+          c.k * gz;
+    gzd = gzd.view(gn.sizes());
+  }
+  return {gz.view(gn.sizes()), gzd};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused CPU block math (trajectory_kernels.h): instancenorm / groupnorm / none, any activation, avg or no pooling.
+
+bool fused_ok(const Spec& s, const Tensor& z) {
+  return z.device().is_cpu() && fused_enabled() && s.norm != kLayer && s.pool != kMax;
+}
+
+std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, const Tensor& zd, const Tensor& gam,
+                                              const Tensor& bet, const Tensor& gamd, const Tensor& betd,
+                                              BlockCache& c) {
+  const bool tan = zd.defined();
+  const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  const int64_t G = s.norm == kNormNone ? C : groups_of(s);
+  const int64_t Ho = s.pool == kAvg ? H / 2 : H, Wo = s.pool == kAvg ? W / 2 : W;
+  auto opts = z.options();
+  Tensor out = at::empty({B, C, Ho, Wo}, opts);
+  Tensor outd = tan ? at::empty({B, C, Ho, Wo}, opts) : Tensor();
+  c.xh = at::empty_like(z);
+  c.xhd = tan ? at::empty_like(z) : Tensor();
+  c.rstd = at::empty({B, G}, opts);
+  c.k = at::empty({B, G}, opts);
+  Tensor zc = z.contiguous();
+  Tensor zdc = tan ? zd.contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
+    traj::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg};
+    traj::Params<scalar_t> p{};
+    if (s.norm != kNormNone) {
+      p.gam = gam.contiguous().data_ptr<scalar_t>();
+      p.bet = bet.contiguous().data_ptr<scalar_t>();
+      if (tan) {
+        p.gamd = gamd.contiguous().data_ptr<scalar_t>();
+        p.betd = betd.contiguous().data_ptr<scalar_t>();
+      }
+    }
+    traj::block_forward<scalar_t>(dims, p, zc.data_ptr<scalar_t>(), tan ? zdc.data_ptr<scalar_t>() : nullptr,
+                                  c.xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
+                                  c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                  tan ? outd.data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, outd};
+}
+
+std::pair<Tensor, Tensor> block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, const Tensor& gam,
+                                               const Tensor& bet, const Tensor& gamd, const Tensor& betd,
+                                               BlockCache& c, Tensor* ggam, Tensor* gbet, Tensor* ggamd,
+                                               Tensor* gbetd) {
+  const bool tan = gad.defined();
+  const Tensor& xh = c.xh;
+  const int64_t B = xh.size(0), C = xh.size(1), H = xh.size(2), W = xh.size(3);
+  const int64_t G = s.norm == kNormNone ? C : groups_of(s);
+  auto opts = xh.options();
+  Tensor gz = at::empty_like(xh);
+  Tensor gzd = tan ? at::empty_like(xh) : Tensor();
+  const bool norm = s.norm != kNormNone;
+  const bool want_pt = tan && ggamd != nullptr;
+  // Per (sample, channel) partial sums of the norm parameter gradients; summed over the batch afterwards so
+  // that no two threads write the same place (deterministic, thread-count independent).
+  Tensor part = norm ? at::empty({4, B, C}, opts) : Tensor();
+  Tensor gac = ga.contiguous();
+  Tensor gadc = tan ? gad.contiguous() : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
+    traj::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg};
+    traj::Params<scalar_t> p{};
+    if (norm) {
+      p.gam = gam.contiguous().data_ptr<scalar_t>();
+      p.bet = bet.contiguous().data_ptr<scalar_t>();
+      if (tan) {
+        p.gamd = gamd.contiguous().data_ptr<scalar_t>();
+        p.betd = betd.contiguous().data_ptr<scalar_t>();
+      }
+    }
+    traj::block_backward<scalar_t>(dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
+                                   xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
+                                   c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(),
+                                   tan ? gzd.data_ptr<scalar_t>() : nullptr,
+                                   norm ? part.data_ptr<scalar_t>() : nullptr, want_pt);
+  });
+  if (norm) {
+    Tensor sums = part.sum(1);  // [4, C]
+    *ggam = sums[0];
+    *gbet = sums[1];
+    if (want_pt) {
+      *ggamd = sums[2];
+      *gbetd = sums[3];
+    }
+  }
+  return {gz, gzd};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// One step: g = grad_w CE(f(w, x), y); with lam: also h_w = H_ww lam (if want_hw) and h_x = H_xw lam.
+
+struct StepResult {
+  Tensor g, hw, hx;
+};
+
+Tensor conv(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, int64_t pad) {
+  return at::convolution(x, w, b, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, const Tensor& w, int64_t pad,
+                                            std::array<bool, 3> mask) {
+  return at::convolution_backward(gy, x, w, at::OptionalIntArrayRef(at::IntArrayRef{w.size(0)}), {1, 1}, {pad, pad},
+                                  {1, 1}, false, {0, 0}, 1, mask);
+}
+
+StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& lam,
+                bool want_hw) {
+  const bool tan = lam.defined();
+  const int64_t B = x.size(0);
+  const bool fused = fused_ok(s, x);
+  std::vector<BlockCache> caches(s.depth);
+  Tensor a = x, ad;
+  for (int64_t d = 0; d < s.depth; ++d) {
+    const LayerLayout& l = L.layers[d];
+    BlockCache& c = caches[d];
+    Tensor Wc = view(w, l.conv_w), bc = view(w, l.conv_b);
+    Tensor z = conv(a, Wc, bc, l.pad);
+    Tensor zd;
+    if (tan) {
+      zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
+      if (ad.defined()) zd = zd + conv(ad, Wc, c10::nullopt, l.pad);
+    }
+    c.a = a;
+    c.ad = ad;
+    Tensor gam, bet, gamd, betd;
+    if (s.norm != kNormNone) {
+      gam = view(w, l.norm_w);
+      bet = view(w, l.norm_b);
+      if (tan) {
+        gamd = view(lam, l.norm_w);
+        betd = view(lam, l.norm_b);
+      }
+    }
+    auto outs = fused ? block_forward_fused(s, z, zd, gam, bet, gamd, betd, c)
+                      : block_forward_composite(s, z, zd, gam, bet, gamd, betd, c);
+    a = outs.first;
+    ad = outs.second;
+  }
+  Tensor f = a.flatten(1), fd = tan ? ad.flatten(1) : Tensor();
+  Tensor Wf = view(w, L.fc_w), bf = view(w, L.fc_b);
+  Tensor o = at::addmm(bf, f, Wf.t());
+  Tensor sm = at::softmax(o, 1);
+  Tensor go = (sm - at::one_hot(y, s.classes).to(sm.scalar_type())) / static_cast<double>(B);
+  std::vector<Tensor> grads, tans;  // in reverse layer order, reversed at the end
+  Tensor god;
+  if (tan) {
+    Tensor Wfd = view(lam, L.fc_w);
+    Tensor od = at::addmm(view(lam, L.fc_b), f, Wfd.t()) + at::mm(fd, Wf.t());
+    god = sm * (od - (sm * od).sum({1}, true)) / static_cast<double>(B);
+  }
+  // Parameters are pushed back to front: fc_b, fc_w, then per block (reversed) norm_b, norm_w, conv_b, conv_w.
+  grads.push_back(go.sum(0));
+  grads.push_back(at::mm(go.t(), f));
+  if (tan && want_hw) {
+    tans.push_back(god.sum(0));
+    tans.push_back(at::mm(god.t(), f) + at::mm(go.t(), fd));
+  }
+  Tensor ga = at::mm(go, Wf).view(a.sizes());
+  Tensor gad = tan ? (at::mm(god, Wf) + at::mm(go, view(lam, L.fc_w))).view(a.sizes()) : Tensor();
+  Tensor hx;
+  for (int64_t d = s.depth - 1; d >= 0; --d) {
+    const LayerLayout& l = L.layers[d];
+    BlockCache& c = caches[d];
+    Tensor gam, bet, gamd, betd;
+    if (s.norm != kNormNone) {
+      gam = view(w, l.norm_w);
+      bet = view(w, l.norm_b);
+      if (tan) {
+        gamd = view(lam, l.norm_w);
+        betd = view(lam, l.norm_b);
+      }
+    }
+    Tensor ggam, gbet, ggamd, gbetd;
+    Tensor* pgd = (tan && want_hw) ? &ggamd : nullptr;
+    Tensor* pbd = (tan && want_hw) ? &gbetd : nullptr;
+    auto gs = fused ? block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd)
+                    : block_backward_composite(s, ga, gad, gam, gamd, c, &ggam, &gbet, pgd, pbd);
+    caches[d].xh.reset();  // free the block's activations as soon as they are used
+    const Tensor& gz = gs.first;
+    const Tensor& gzd = gs.second;
+    if (s.norm != kNormNone) {
+      grads.push_back(gbet.reshape(-1));
+      grads.push_back(ggam.reshape(-1));
+      if (tan && want_hw) {
+        tans.push_back(gbetd.reshape(-1));
+        tans.push_back(ggamd.reshape(-1));
+      }
+    }
+    Tensor Wc = view(w, l.conv_w);
+    const bool need_ga = d > 0;
+    auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, true, true});
+    grads.push_back(std::get<2>(cb));
+    grads.push_back(std::get<1>(cb).reshape(-1));
+    Tensor ga_next = std::get<0>(cb);
+    Tensor gad_next;
+    if (tan) {
+      Tensor Wcd = view(lam, l.conv_w);
+      // d/de of the input gradient: conv^T(gzd, W) + conv^T(gz, W_dot).
+      auto t1 = conv_bwd(gzd, c.a, Wc, l.pad, {true, want_hw, want_hw});
+      auto t2 = conv_bwd(gz, c.a, Wcd, l.pad, {true, false, false});
+      gad_next = std::get<0>(t1) + std::get<0>(t2);
+      if (want_hw) {
+        Tensor gWd = std::get<1>(t1);
+        if (c.ad.defined()) gWd = gWd + std::get<1>(conv_bwd(gz, c.ad, Wc, l.pad, {false, true, false}));
+        tans.push_back(std::get<2>(t1));
+        tans.push_back(gWd.reshape(-1));
+      }
+    }
+    if (d == 0) hx = gad_next;
+    ga = ga_next;
+    gad = gad_next;
+  }
+  std::reverse(grads.begin(), grads.end());
+  StepResult r;
+  for (auto& t : grads) t = t.reshape(-1);
+  r.g = at::cat(grads);
+  if (tan && want_hw) {
+    std::reverse(tans.begin(), tans.end());
+    for (auto& t : tans) t = t.reshape(-1);
+    r.hw = at::cat(tans);
+  }
+  r.hx = hx;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Validation: every problem becomes a RuntimeError with a message that says what is wrong (never a crash).
+
+Layout check_inputs(const Spec& s, const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
+                    const Tensor& lr, bool check_values) {
+  TORCH_CHECK(X.dim() == 5, "trajectory_match: X must be [N, B, C, H, W] (one batch per unrolled step), got ",
+              X.dim(), "-d shape ", X.sizes());
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
+              "trajectory_match: X must be float32 or float64, got ", X.scalar_type());
+  TORCH_CHECK(X.size(0) >= 1 && X.size(1) >= 1, "trajectory_match: X needs at least one step and one sample, got ",
+              X.sizes());
+  TORCH_CHECK(X.size(2) == s.channel, "trajectory_match: X has ", X.size(2), " channels but the model spec has ",
+              s.channel);
+  TORCH_CHECK(Y.dim() == 2 && Y.size(0) == X.size(0) && Y.size(1) == X.size(1),
+              "trajectory_match: Y must be [N, B] = [", X.size(0), ", ", X.size(1), "] to match X, got ", Y.sizes());
+  TORCH_CHECK(Y.scalar_type() == at::kLong, "trajectory_match: Y must be int64 labels, got ", Y.scalar_type());
+  for (auto* t : {&w_start, &w_target, &lr, &Y}) {
+    TORCH_CHECK(t->device() == X.device(), "trajectory_match: all inputs must be on one device: X is on ", X.device(),
+                " but another input is on ", t->device());
+  }
+  for (auto* t : {&w_start, &w_target, &lr}) {
+    TORCH_CHECK(t->scalar_type() == X.scalar_type(), "trajectory_match: w_start, w_target and lr must have X's dtype (",
+                X.scalar_type(), "), got ", t->scalar_type());
+  }
+  TORCH_CHECK(lr.dim() == 0, "trajectory_match: lr must be a 0-dim tensor, got shape ", lr.sizes());
+  Layout L = make_layout(s, X.size(3), X.size(4));
+  TORCH_CHECK(w_start.dim() == 1 && w_start.size(0) == L.P, "trajectory_match: w_start must be a flat vector of P = ",
+              L.P, " parameters for this model spec and a ", X.size(3), "x", X.size(4), " input, got shape ",
+              w_start.sizes());
+  TORCH_CHECK(w_target.dim() == 1 && w_target.size(0) == L.P,
+              "trajectory_match: w_target must be a flat vector of P = ", L.P, " parameters, got shape ",
+              w_target.sizes());
+  if (check_values) {
+    auto mm = at::aminmax(Y);
+    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+    TORCH_CHECK(lo >= 0 && hi < s.classes, "trajectory_match: labels must be in [0, ", s.classes, "), got values in [",
+                lo, ", ", hi, "]");
+    TORCH_CHECK(at::isfinite(X).all().item<bool>(), "trajectory_match: X contains NaN or Inf");
+    TORCH_CHECK(at::isfinite(w_start).all().item<bool>() && at::isfinite(w_target).all().item<bool>(),
+                "trajectory_match: w_start or w_target contains NaN or Inf");
+    TORCH_CHECK(at::isfinite(lr).item<bool>(), "trajectory_match: lr is NaN or Inf");
+  }
+  return L;
+}
+
+std::tuple<Tensor, Tensor> trajectory_match_forward(const Tensor& X, const Tensor& Y, const Tensor& w_start,
+                                                    const Tensor& w_target, const Tensor& lr, at::IntArrayRef spec,
+                                                    bool first_order) {
+  (void)first_order;
+  Spec s = parse_spec(spec);
+  Layout L = check_inputs(s, X, Y, w_start, w_target, lr, true);
+  const int64_t N = X.size(0);
+  Tensor denom = (w_start - w_target).pow(2).sum();
+  TORCH_CHECK(denom.item<double>() > 0.0,
+              "trajectory_match: w_start equals w_target (distance 0): the expert snapshots are identical; the buffer "
+              "is broken (see haba_fast.trajectory.normalized_distance)");
+  Tensor Wt = at::empty({N + 1, L.P}, w_start.options());
+  Wt[0].copy_(w_start);
+  at::NoGradGuard no_grad;
+  for (int64_t t = 0; t < N; ++t) {
+    Tensor w = Wt[t];
+    StepResult r = step(s, L, w, X[t], Y[t], Tensor(), false);
+    at::sub_out(Wt[t + 1], w, r.g * lr);
+  }
+  Tensor loss = (Wt[N] - w_target).pow(2).sum() / denom;
+  return {loss, Wt};
+}
+
+std::tuple<Tensor, Tensor> trajectory_match_backward(const Tensor& grad, const Tensor& X, const Tensor& Y,
+                                                     const Tensor& Wt, const Tensor& w_target, const Tensor& lr,
+                                                     at::IntArrayRef spec, bool first_order) {
+  Spec s = parse_spec(spec);
+  TORCH_CHECK(Wt.dim() == 2 && Wt.size(0) == X.size(0) + 1,
+              "trajectory_match_backward: W must be [N+1, P] (the stored trajectory), got ", Wt.sizes());
+  Tensor w_start = Wt[0];
+  Layout L = check_inputs(s, X, Y, w_start, w_target, lr, false);
+  const int64_t N = X.size(0);
+  at::NoGradGuard no_grad;
+  Tensor denom = (w_start - w_target).pow(2).sum();
+  Tensor lam = (Wt[N] - w_target) * (2.0 * grad.to(X.scalar_type()) / denom);
+  Tensor dX = at::empty_like(X);
+  Tensor dlr = at::zeros({}, lr.options());
+  for (int64_t t = N - 1; t >= 0; --t) {
+    StepResult r = step(s, L, Wt[t], X[t], Y[t], lam, !first_order);
+    dX[t].copy_(r.hx * (-lr));
+    dlr -= at::dot(r.g, lam);
+    if (!first_order) lam = lam - lr * r.hw;
+  }
+  return {dX, dlr};
+}
+
+std::tuple<Tensor, Tensor, Tensor> trajectory_step_hvp(const Tensor& w, const Tensor& x, const Tensor& y,
+                                                       const Tensor& lam, at::IntArrayRef spec) {
+  Spec s = parse_spec(spec);
+  TORCH_CHECK(x.dim() == 4, "trajectory_step_hvp: x must be [B, C, H, W], got ", x.sizes());
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
+  TORCH_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
+              "trajectory_step_hvp: lam must be like w");
+  at::NoGradGuard no_grad;
+  StepResult r = step(s, L, w, x, y, lam, true);
+  return {r.g, r.hw, r.hx};
+}
+
+Tensor trajectory_match_composite(const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
+                                  const Tensor& lr, at::IntArrayRef spec, bool first_order) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("haba_fast::trajectory_match_forward", "")
+                       .typed<decltype(trajectory_match_forward)>();
+  return std::get<0>(op.call(X, Y, w_start, w_target, lr, spec, first_order));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Meta kernels (shapes only) for fake-tensor tracing / torch.compile / opcheck.
+
+std::tuple<Tensor, Tensor> trajectory_match_forward_meta(const Tensor& X, const Tensor& Y, const Tensor& w_start,
+                                                         const Tensor& w_target, const Tensor& lr,
+                                                         at::IntArrayRef spec, bool first_order) {
+  return {at::empty({}, X.options()), at::empty({X.size(0) + 1, w_start.size(0)}, w_start.options())};
+}
+
+std::tuple<Tensor, Tensor> trajectory_match_backward_meta(const Tensor& grad, const Tensor& X, const Tensor& Y,
+                                                          const Tensor& Wt, const Tensor& w_target, const Tensor& lr,
+                                                          at::IntArrayRef spec, bool first_order) {
+  return {at::empty_like(X), at::empty({}, lr.options())};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Autograd: saves the trajectory W (N+1 flat vectors), never an activation.
+
+class TrajectoryMatchFunction : public torch::autograd::Function<TrajectoryMatchFunction> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& X, const Tensor& Y, const Tensor& w_start,
+                        const Tensor& w_target, const Tensor& lr, std::vector<int64_t> spec, bool first_order) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("haba_fast::trajectory_match_forward", "")
+                         .typed<decltype(trajectory_match_forward)>();
+    auto out = op.call(X, Y, w_start, w_target, lr, spec, first_order);
+    ctx->save_for_backward({X, Y, std::get<1>(out), w_target, lr});
+    ctx->saved_data["spec"] = spec;
+    ctx->saved_data["first_order"] = first_order;
+    return std::get<0>(out);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto spec = ctx->saved_data["spec"].toIntVector();
+    bool first_order = ctx->saved_data["first_order"].toBool();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("haba_fast::trajectory_match_backward", "")
+                         .typed<decltype(trajectory_match_backward)>();
+    auto out = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], spec, first_order);
+    // w_start and w_target are constants of the objective (as in the naive engine): no gradient.
+    return {std::get<0>(out), Tensor(), Tensor(), Tensor(), std::get<1>(out), Tensor(), Tensor()};
+  }
+};
+
+Tensor trajectory_match_autograd(const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
+                                 const Tensor& lr, at::IntArrayRef spec, bool first_order) {
+  return TrajectoryMatchFunction::apply(X, Y, w_start, w_target, lr, spec.vec(), first_order);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
+  m.def("trajectory_match(Tensor X, Tensor Y, Tensor w_start, Tensor w_target, Tensor lr, int[] spec, "
+        "bool first_order) -> Tensor");
+  m.def("trajectory_match_forward(Tensor X, Tensor Y, Tensor w_start, Tensor w_target, Tensor lr, int[] spec, "
+        "bool first_order) -> (Tensor, Tensor)");
+  m.def("trajectory_match_backward(Tensor grad, Tensor X, Tensor Y, Tensor W, Tensor w_target, Tensor lr, "
+        "int[] spec, bool first_order) -> (Tensor, Tensor)");
+  m.def("trajectory_step_hvp(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {
+  m.impl("trajectory_match", &trajectory_match_composite);
+  m.impl("trajectory_match_forward", &trajectory_match_forward);
+  m.impl("trajectory_match_backward", &trajectory_match_backward);
+  m.impl("trajectory_step_hvp", &trajectory_step_hvp);
+}
+
+TORCH_LIBRARY_IMPL(haba_fast, Meta, m) {
+  m.impl("trajectory_match_forward", &trajectory_match_forward_meta);
+  m.impl("trajectory_match_backward", &trajectory_match_backward_meta);
+}
+
+TORCH_LIBRARY_IMPL(haba_fast, Autograd, m) { m.impl("trajectory_match", &trajectory_match_autograd); }
+
+}  // namespace haba_fast

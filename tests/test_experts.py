@@ -1,0 +1,311 @@
+"""Expert trajectories (haba_fast.experts): both buffer formats, memmap reads, bf16, corruption, aliasing, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from haba_fast import data, experts, models
+from haba_fast.experts import ExpertConfig, expert_dir, expert_generator, load_buffer, train_experts
+from haba_fast.training import train_network
+
+MODEL = "ConvNetW32"  # the ConvNet family at width 32: same parameter order, ~19k parameters on 8x8 digits
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", subset_per_class=4, generator=torch.Generator().manual_seed(0))
+
+
+def _cfg(**kw):
+    base = dict(model=MODEL, num_experts=2, epochs=2, batch_size=16, seed=3, save_interval=2, device="cpu", test_every=0)
+    base.update(kw)
+    return ExpertConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def haba_buffer(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("haba") / "buf"
+    train_experts(digits, _cfg(), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_buffer(digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "buf"
+    train_experts(digits, _cfg(num_experts=3), out, fmt="reference", progress=False)
+    return out
+
+
+def _oracle_trajectory(ds, cfg, index):
+    """An expert trained directly with train_network, snapshots flattened by hand: what the buffer must hold."""
+    g = expert_generator(cfg.seed, index)
+    net = models.get_network(cfg.model, ds.channels, ds.num_classes, ds.im_size, generator=g)
+    snaps = [torch.cat([p.detach().reshape(-1).clone() for p in net.parameters()])]
+    train_network(
+        net, ds.train_images, ds.train_labels, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+        dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, generator=g,
+        callback=lambda ep, n, s: snaps.append(torch.cat([p.detach().reshape(-1).clone() for p in n.parameters()])),
+    )
+    return torch.stack(snaps)
+
+
+def assert_distinct_snapshots(buf):
+    """The aliasing check: consecutive snapshots differ and no start/target pair is at distance 0."""
+    for t in range(buf.num_trajectories):
+        traj = buf.trajectory(t)
+        for e in range(buf.num_epochs):
+            assert not torch.equal(traj[e], traj[e + 1]), f"trajectory {t}: snapshots {e} and {e + 1} are identical"
+        assert (traj[0] - traj[-1]).norm() > 0
+
+
+def test_haba_format_holds_the_trained_trajectories(digits, haba_buffer):
+    buf = load_buffer(haba_buffer)
+    net = models.get_network(MODEL, digits.channels, digits.num_classes, digits.im_size)
+    assert isinstance(buf, experts.MemmapExpertBuffer)
+    assert (buf.num_trajectories, buf.num_epochs, buf.num_params) == (2, 2, models.num_params(net))
+    buf.check_model(net)
+    for t in range(2):
+        torch.testing.assert_close(buf.trajectory(t), _oracle_trajectory(digits, _cfg(), t), rtol=0, atol=0)
+    header = json.loads((haba_buffer / experts.HEADER_NAME).read_text())
+    assert header["model"] == MODEL and header["dataset"] == "digits" and header["dtype"] == "float32"
+    assert all(t["test_accuracy"] is not None for t in header["trajectories"])
+
+
+def test_memmap_reads_the_right_rows(haba_buffer):
+    buf = load_buffer(haba_buffer / experts.HEADER_NAME)  # the header file works as well as the directory
+    header = json.loads((haba_buffer / experts.HEADER_NAME).read_text())
+    for t, entry in enumerate(header["trajectories"]):
+        raw = np.fromfile(haba_buffer / entry["file"], dtype=np.float32).reshape(buf.num_epochs + 1, buf.num_params)
+        for e in (2, 0, 1):
+            row = buf.snapshot(t, e)
+            assert row.dtype == torch.float32 and row.shape == (buf.num_params,)
+            assert torch.equal(row, torch.from_numpy(raw[e].copy()))
+    # Snapshots are new memory, not views of the (read-only) map.
+    s = buf.snapshot(0, 1)
+    s.zero_()
+    assert buf.snapshot(0, 1).abs().sum() > 0
+    assert isinstance(buf._map(0), np.memmap)
+
+
+def test_snapshots_are_copies(haba_buffer, reference_buffer):
+    assert_distinct_snapshots(load_buffer(haba_buffer))
+    assert_distinct_snapshots(load_buffer(reference_buffer))
+
+
+@pytest.mark.parametrize("fmt", ["haba", "reference"])
+def test_aliasing_check_catches_the_reference_bug(digits, tmp_path, monkeypatch, fmt):
+    # The reference snapshots with p.detach().cpu(), which aliases CPU parameters: every snapshot = final weights.
+    monkeypatch.setattr(experts, "snapshot_params", lambda net: [p.detach().cpu() for p in net.parameters()])
+    train_experts(digits, _cfg(num_experts=1), tmp_path / "b", fmt=fmt, progress=False)
+    buf = load_buffer(tmp_path / "b")
+    assert torch.equal(buf.snapshot(0, 0), buf.snapshot(0, 2))
+    with pytest.raises(AssertionError, match="identical"):
+        assert_distinct_snapshots(buf)
+
+
+def test_reference_format_layout_and_values(digits, reference_buffer, haba_buffer):
+    # save_interval 2, 3 experts: replay_buffer_0.pt holds 2, replay_buffer_1.pt the remainder 1.
+    files = sorted(p.name for p in reference_buffer.glob("replay_buffer_*.pt"))
+    assert files == ["replay_buffer_0.pt", "replay_buffer_1.pt"]
+    first = torch.load(reference_buffer / "replay_buffer_0.pt", weights_only=True)
+    net = models.get_network(MODEL, digits.channels, digits.num_classes, digits.im_size)
+    assert isinstance(first, list) and len(first) == 2
+    assert all(len(traj) == 3 for traj in first)  # epochs + 1 snapshots
+    assert [tuple(p.shape) for p in first[0][0]] == [tuple(p.shape) for p in net.parameters()]
+    assert len(torch.load(reference_buffer / "replay_buffer_1.pt", weights_only=True)) == 1
+    ref = load_buffer(reference_buffer)
+    assert isinstance(ref, experts.ReferenceExpertBuffer)
+    assert (ref.num_trajectories, ref.num_epochs) == (3, 2)
+    ours = load_buffer(haba_buffer)  # same seed and settings: the same trajectories in both formats
+    for t in range(2):
+        torch.testing.assert_close(ref.trajectory(t), ours.trajectory(t), rtol=0, atol=0)
+    # A single replay_buffer file opens too.
+    single = load_buffer(reference_buffer / "replay_buffer_1.pt")
+    torch.testing.assert_close(single.snapshot(0, 2), ref.snapshot(2, 2), rtol=0, atol=0)
+
+
+def test_bf16_storage_round_trip(digits, haba_buffer, tmp_path):
+    out = tmp_path / "bf16"
+    train_experts(digits, _cfg(), out, dtype=torch.bfloat16, progress=False)
+    b16, b32 = load_buffer(out), load_buffer(haba_buffer)
+    assert b16.storage_dtype == torch.bfloat16
+    for t in range(2):
+        for e in range(3):
+            s16, s32 = b16.snapshot(t, e), b32.snapshot(t, e)
+            assert s16.dtype == torch.float32
+            torch.testing.assert_close(s16, s32.to(torch.bfloat16).float(), rtol=0, atol=0)
+            torch.testing.assert_close(s16, s32, rtol=1e-2, atol=1e-3)
+    assert (out / "expert_00000.bin").stat().st_size * 2 == (haba_buffer / "expert_00000.bin").stat().st_size
+
+
+def test_sample_pair(haba_buffer):
+    buf = load_buffer(haba_buffer)
+    g = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(30):
+        w0, w1, meta = buf.sample_pair(g, max_start_epoch=2, expert_epochs=1)
+        assert 0 <= meta["start_epoch"] < 2 and meta["target_epoch"] == meta["start_epoch"] + 1
+        assert torch.equal(w0, buf.snapshot(meta["trajectory"], meta["start_epoch"]))
+        assert torch.equal(w1, buf.snapshot(meta["trajectory"], meta["target_epoch"]))
+        starts.add(meta["start_epoch"])
+    assert starts == {0, 1}
+    with pytest.raises(ValueError, match="too short"):
+        buf.sample_pair(g, max_start_epoch=2, expert_epochs=2)
+    with pytest.raises(ValueError, match="max_start_epoch"):
+        buf.sample_pair(g, max_start_epoch=0, expert_epochs=1)
+    with pytest.raises(ValueError, match="out of range"):
+        buf.snapshot(5, 0)
+
+
+def test_corrupt_and_mismatched_buffers(haba_buffer, reference_buffer, tmp_path, digits):
+    import shutil
+
+    # Truncated trajectory file -> ValueError naming it.
+    bad = tmp_path / "trunc"
+    shutil.copytree(haba_buffer, bad)
+    raw = (bad / "expert_00001.bin").read_bytes()
+    (bad / "expert_00001.bin").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="expert_00001.bin"):
+        load_buffer(bad)
+    # Garbage header.
+    (bad / experts.HEADER_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="experts.json"):
+        load_buffer(bad)
+    # Garbage replay buffer, a replay buffer of the wrong structure, and mixed shapes.
+    rb = tmp_path / "rb"
+    rb.mkdir()
+    (rb / "replay_buffer_0.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="replay_buffer_0.pt"):
+        load_buffer(rb)
+    torch.save({"not": "a list"}, rb / "replay_buffer_0.pt")
+    with pytest.raises(ValueError, match="replay_buffer_0.pt"):
+        load_buffer(rb)
+    traj = [[torch.zeros(3), torch.zeros(2)] for _ in range(3)]
+    torch.save([traj, [[torch.zeros(4), torch.zeros(2)] for _ in range(3)]], rb / "replay_buffer_0.pt")
+    with pytest.raises(ValueError, match="replay_buffer_0.pt"):
+        load_buffer(rb)
+    # A buffer for another model.
+    net = models.get_network("ConvNetW64", digits.channels, digits.num_classes, digits.im_size)
+    with pytest.raises(ValueError, match="parameters"):
+        load_buffer(haba_buffer).check_model(net)
+    # Missing things.
+    with pytest.raises(FileNotFoundError):
+        load_buffer(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="replay_buffer_0.pt"):
+        load_buffer(tmp_path / "empty")
+
+
+def test_hand_written_reference_buffer_with_gap(tmp_path):
+    # The reference reads replay_buffer_0, 1, ... and stops at the first missing number.
+    def traj(v):
+        return [[torch.full((2, 3), float(v + e)), torch.full((4,), -float(v + e))] for e in range(4)]
+
+    torch.save([traj(0), traj(10)], tmp_path / "replay_buffer_0.pt")
+    torch.save([traj(20)], tmp_path / "replay_buffer_1.pt")
+    torch.save([traj(30)], tmp_path / "replay_buffer_3.pt")
+    buf = load_buffer(tmp_path)
+    assert (buf.num_trajectories, buf.num_epochs, buf.num_params) == (3, 3, 10)
+    assert buf.param_shapes == [(2, 3), (4,)]
+    torch.testing.assert_close(buf.snapshot(2, 1), torch.tensor([21.0] * 6 + [-21.0] * 4))
+    torch.testing.assert_close(buf.snapshot(1, 3), torch.tensor([13.0] * 6 + [-13.0] * 4))
+
+
+@pytest.mark.parametrize("fmt", ["haba", "reference"])
+def test_resume_after_kill(digits, tmp_path, fmt):
+    cfg = _cfg(num_experts=2)
+    # Uninterrupted run for comparison.
+    full = tmp_path / "full"
+    train_experts(digits, cfg, full, fmt=fmt, progress=False)
+
+    out = tmp_path / "killed"
+
+    def kill(expert, epoch, stats):
+        if expert == 1 and epoch == 0:
+            raise KeyboardInterrupt  # as a user's Ctrl-C (or a crash) in the middle of expert 1
+
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(digits, cfg, out, fmt=fmt, progress=False, callback=kill)
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+    if fmt == "haba":
+        assert len(load_buffer(out).header["trajectories"]) == 1
+    else:
+        assert json.loads((out / experts.PROGRESS_NAME).read_text())["completed"] == 1
+        assert not list(out.glob("replay_buffer_*.pt"))  # expert 0 waits in the pending file (save_interval 2)
+
+    trained = []
+    train_experts(digits, cfg, out, fmt=fmt, progress=False, callback=lambda i, e, s: trained.append(i))
+    assert sorted(set(trained)) == [1]  # expert 0 was not retrained
+    a, b = load_buffer(out), load_buffer(full)
+    assert a.num_trajectories == b.num_trajectories == 2
+    for t in range(2):
+        torch.testing.assert_close(a.trajectory(t), b.trajectory(t), rtol=0, atol=0)
+
+    # A finished run resumes to nothing; asking for more experts continues it.
+    trained.clear()
+    train_experts(digits, cfg, out, fmt=fmt, progress=False, callback=lambda i, e, s: trained.append(i))
+    assert trained == []
+    if fmt == "haba":
+        train_experts(digits, _cfg(num_experts=3), out, progress=False, callback=lambda i, e, s: trained.append(i))
+        assert sorted(set(trained)) == [2] and load_buffer(out).num_trajectories == 3
+
+
+def test_resume_refuses_other_settings(digits, haba_buffer, tmp_path):
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(haba_buffer, out)
+    with pytest.raises(ValueError, match="lr"):
+        train_experts(digits, _cfg(lr=0.02), out, progress=False)
+    with pytest.raises(ValueError, match="dtype"):
+        train_experts(digits, _cfg(), out, dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ValueError, match="already exists"):
+        train_experts(digits, _cfg(), out, resume=False, progress=False)
+
+
+def test_bad_arguments(digits, tmp_path):
+    with pytest.raises(ValueError, match="fmt"):
+        train_experts(digits, _cfg(), tmp_path, fmt="npz", progress=False)
+    with pytest.raises(TypeError, match="dtype"):
+        train_experts(digits, _cfg(), tmp_path, dtype=torch.float16, progress=False)
+    with pytest.raises(ValueError, match="bfloat16"):
+        train_experts(digits, _cfg(), tmp_path, fmt="reference", dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train_experts(digits, _cfg(epochs=0), tmp_path, progress=False)
+
+
+def test_expert_dir_naming():
+    assert expert_dir("b", "cifar10", "ConvNet").as_posix() == "b/CIFAR10_NO_ZCA/ConvNet"
+    assert expert_dir("b", "CIFAR100", "ConvNet", zca=True).as_posix() == "b/CIFAR100/ConvNet"
+    assert expert_dir("b", "fashion-mnist", "ConvNet").as_posix() == "b/FashionMNIST/ConvNet"
+    assert expert_dir("b", "FashionMNIST", "ConvNetD4").as_posix() == "b/FashionMNIST/ConvNetD4"
+    assert expert_dir("b", "svhn", "ConvNet").as_posix() == "b/SVHN/ConvNet"
+
+
+def test_cli_buffer_both_spellings(tmp_path, capsys):
+    from haba_fast.cli import build_parser, main
+
+    a = build_parser().parse_args(["buffer", "--num_experts", "3", "--lr_teacher", "0.02", "--train_epochs", "4",
+                                   "--batch_train", "32", "--buffer_path", "x", "--dsa", "False", "--mom", "0.5"])
+    b = build_parser().parse_args(["buffer", "--num-experts", "3", "--lr-teacher", "0.02", "--train-epochs", "4",
+                                   "--batch-size", "32", "--buffer-path", "x", "--dsa", "false", "--mom", "0.5"])
+    for args in (a, b):
+        assert (args.num_experts, args.lr_teacher, args.train_epochs, args.batch_train) == (3, 0.02, 4, 32)
+        assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, "digits", "haba")
+
+    rc = main(["buffer", "--model", MODEL, "--num_experts", "1", "--train_epochs", "1", "--batch_train", "64",
+               "--subset-per-class", "3", "--buffer_path", str(tmp_path), "--quiet", "--format", "reference",
+               "--device", "cpu"])
+    assert rc == 0
+    buf = load_buffer(tmp_path / "digits" / MODEL)
+    assert (buf.num_trajectories, buf.num_epochs) == (1, 1)
+    assert "1 trajectories" in capsys.readouterr().out
+    rc = main(["buffer", "--model", MODEL, "--num-experts", "1", "--train-epochs", "1", "--subset-per-class", "3",
+               "--out", str(tmp_path / "ours"), "--bf16", "--quiet", "--device", "cpu"])
+    assert rc == 0 and load_buffer(tmp_path / "ours").storage_dtype == torch.bfloat16
+    assert main(["buffer", "--train_epochs", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 2
