@@ -565,7 +565,8 @@ std::tuple<Tensor, Tensor> trajectory_match_forward(const Tensor& X, const Tenso
   for (int64_t t = 0; t < N; ++t) {
     Tensor w = Wt[t];
     StepResult r = step(s, L, w, X[t], Y[t], Tensor(), false);
-    at::sub_out(Wt[t + 1], w, r.g * lr);
+    Tensor next = Wt[t + 1];
+    at::sub_out(next, w, r.g * lr);
   }
   Tensor loss = (Wt[N] - w_target).pow(2).sum() / denom;
   return {loss, Wt};

@@ -370,8 +370,9 @@ def _check_pair(images: Tensor, labels: Tensor, what: str) -> None:
 
 
 def _missing(what: str, expected: Sequence[str | Path], searched: Sequence[str | Path], how: str):
-    lines = "\n  ".join(str(p) for p in expected)
-    places = ", ".join(str(p) for p in searched)
+    # Absolute paths: a relative default such as ./data is ambiguous in a message read later.
+    lines = "\n  ".join(str(Path(p).absolute()) for p in expected)
+    places = ", ".join(str(Path(p).absolute()) for p in searched)
     return FileNotFoundError(f"{what} not found. Expected files:\n  {lines}\n(searched: {places}). {how}")
 
 
@@ -765,7 +766,7 @@ def load(
     """
     canon = _canonical(name)
     if root is not None:
-        root = os.fspath(root)
+        root = os.path.expanduser(os.fspath(root))
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if canon == "digits":

@@ -23,10 +23,10 @@ or explodes, keeping the last good checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,8 +436,11 @@ class Distiller:
 
     # -- state -------------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything ``resume`` needs: synthetic set, lr, optimizers, adversary, index stream, RNG, iteration."""
-        return {
+        """Everything ``resume`` needs: synthetic set, lr, optimizers, adversary, index stream, RNG, iteration.
+
+        A deep copy: optimizer states would otherwise share their momentum tensors with this run.
+        """
+        return copy.deepcopy({
             "format": "haba_fast.distill/1",
             "iteration": self.iteration,
             "config": self.cfg.to_dict(),
@@ -450,7 +453,7 @@ class Distiller:
             "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
             "stream": self.stream.state_dict(),
             "generator": self.generator.get_state(),
-        }
+        })
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("format") != "haba_fast.distill/1":
@@ -620,8 +623,13 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         history_path = out / "history.jsonl"
-        if not resumed and history_path.exists():
-            history_path.unlink()  # a fresh run: drop an overwritten run's metrics
+        if history_path.exists():
+            # Keep the metrics of the iterations the checkpoint holds (none for a fresh run).
+            keep = [line for line in history_path.read_text().splitlines()
+                    if resumed and line.strip() and json.loads(line)["iteration"] < distiller.iteration]
+            from haba_fast.io import atomic_write_text
+
+            atomic_write_text("".join(line + "\n" for line in keep), history_path)
 
     bar = None
     if progress:
@@ -643,8 +651,6 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
-            if on_iteration is not None:
-                on_iteration(distiller, m)
             it = distiller.iteration
             if it in eval_its:
                 ev = _evaluate(distiller, dataset, cfg, eval_gen)
@@ -658,6 +664,8 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
                     _save_reference(distiller, out / "reference", "best")
             if out is not None and (it % every == 0 or it == cfg.iterations):
                 result.checkpoint = save_checkpoint(distiller, out, dataset)
+            if on_iteration is not None:  # last: a callback that raises leaves this iteration's checkpoint written
+                on_iteration(distiller, m)
     finally:
         if bar is not None:
             bar.close()

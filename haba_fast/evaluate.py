@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,10 +48,10 @@ class EvalConfig:
         device: training device (None: CUDA when available, else CPU).
     """
 
-    models: Tuple[str, ...] = ("ConvNet",)
+    models: tuple[str, ...] = ("ConvNet",)
     num_eval: int = 5
     epochs: int = 1000
-    lr: Optional[float] = None
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 256
@@ -59,7 +60,7 @@ class EvalConfig:
     dsa_strategy: str = DEFAULT_DSA_STRATEGY
     lr_schedule: str = "half"
     batch_standardize: bool = False
-    device: Optional[str] = None
+    device: str | None = None
 
     def validate(self) -> None:
         if isinstance(self.models, str):
@@ -80,26 +81,26 @@ class EvalConfig:
 class EvalResult:
     """Accuracies (fractions in [0, 1]) of every evaluated network, per architecture."""
 
-    accuracies: Dict[str, List[float]]
+    accuracies: dict[str, list[float]]
     lr: float
     num_samples: int
     epochs: int
-    config: Dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     label: str = "synthetic"
 
-    def mean(self, model: Optional[str] = None) -> float:
+    def mean(self, model: str | None = None) -> float:
         """Mean accuracy of one architecture (default: the first one evaluated)."""
         return float(np.mean(self.accuracies[model or next(iter(self.accuracies))]))
 
-    def std(self, model: Optional[str] = None) -> float:
+    def std(self, model: str | None = None) -> float:
         """Standard deviation (``np.std``, ddof 0, as the reference reports)."""
         return float(np.std(self.accuracies[model or next(iter(self.accuracies))]))
 
     @property
-    def summary(self) -> Dict[str, Dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, float]]:
         return {m: {"mean": self.mean(m), "std": self.std(m), "n": len(a)} for m, a in self.accuracies.items()}
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "lr": self.lr,
@@ -133,7 +134,7 @@ def _device(cfg_device) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _training_source(syn, device: torch.device) -> Tuple[Union[Tuple[Tensor, Tensor], Callable], int, Tuple[int, ...]]:
+def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] | Callable, int, tuple[int, ...]]:
     """(data for train_network, samples per epoch, sample shape [C, H, W])."""
     if isinstance(syn, (tuple, list)):
         if len(syn) != 2:
@@ -165,7 +166,7 @@ def _training_source(syn, device: torch.device) -> Tuple[Union[Tuple[Tensor, Ten
         x, y = syn.materialize(None)
         return (x.detach().to(device, torch.float32), y.to(device).long()), n, shape
 
-    def epoch_data(epoch: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    def epoch_data(epoch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         # One random hallucinator per basis, generated in one batched call on the device.
         x, y = syn.materialize(generator)
         return x.detach().float(), y
@@ -173,7 +174,7 @@ def _training_source(syn, device: torch.device) -> Tuple[Union[Tuple[Tensor, Ten
     return epoch_data, n, shape
 
 
-def resolve_lr(syn, cfg_lr: Optional[float], lr: Optional[float]) -> float:
+def resolve_lr(syn, cfg_lr: float | None, lr: float | None) -> float:
     """The evaluation lr: explicit ``lr`` > ``cfg_lr`` > the set's learned ``meta["lr"]`` > 0.01."""
     for value in (lr, cfg_lr):
         if value is not None:
@@ -190,13 +191,13 @@ def resolve_lr(syn, cfg_lr: Optional[float], lr: Optional[float]) -> float:
 def evaluate_synthetic(
     syn,
     dataset,
-    cfg: Optional[EvalConfig] = None,
+    cfg: EvalConfig | None = None,
     *,
-    lr: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
+    lr: float | None = None,
+    generator: torch.Generator | None = None,
     progress: bool = False,
     label: str = "synthetic",
-    callback: Optional[Callable[[str, int, float], None]] = None,
+    callback: Callable[[str, int, float], None] | None = None,
 ) -> EvalResult:
     """Train ``cfg.num_eval`` fresh networks per architecture on ``syn`` and test them on ``dataset``.
 
@@ -232,7 +233,7 @@ def evaluate_synthetic(
             f"{list(expected)}: evaluate on the dataset the set was distilled from (--dataset, --zca)"
         )
     test = (dataset.test_images, dataset.test_labels)
-    accuracies: Dict[str, List[float]] = {}
+    accuracies: dict[str, list[float]] = {}
     for model in cfg.models:
         accs = []
         for rep in range(cfg.num_eval):
@@ -278,7 +279,9 @@ def _embed(images: Tensor, features: str, dataset, generator: torch.Generator, d
         return images.reshape(images.shape[0], -1).double()
     from haba_fast.models import get_network
 
-    net = get_network("ConvNet", dataset.channels, dataset.num_classes, dataset.im_size, generator=generator, device=device)
+    net = get_network(
+        "ConvNet", dataset.channels, dataset.num_classes, dataset.im_size, generator=generator, device=device
+    )
     net.eval()
     embed = getattr(net, "embed", None)
     if embed is None:  # pragma: no cover - ConvNet always has embed
@@ -287,11 +290,11 @@ def _embed(images: Tensor, features: str, dataset, generator: torch.Generator, d
     return torch.cat(out)
 
 
-def _herding(feats: Tensor, k: int) -> List[int]:
+def _herding(feats: Tensor, k: int) -> list[int]:
     """Greedy mean matching (Welling 2009): pick ``k`` rows whose running mean stays closest to the mean of all."""
     mu = feats.mean(dim=0)
     total = torch.zeros_like(mu)
-    chosen: List[int] = []
+    chosen: list[int] = []
     taken = torch.zeros(feats.shape[0], dtype=torch.bool)
     for step in range(1, k + 1):
         dist = ((total.unsqueeze(0) + feats) / step - mu).norm(dim=1)
@@ -307,11 +310,11 @@ def coreset(
     dataset,
     ipc: int,
     method: str = "random",
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     *,
     features: str = "embedding",
     device=None,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Pick ``ipc`` real training images per class: the random / herding coreset baselines.
 
     ``random``: a uniform draw without replacement per class. ``herding``: greedy mean matching per class in a

@@ -32,9 +32,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import torch
@@ -48,7 +49,6 @@ PathLike = Union[str, os.PathLike]
 FORMATS = ("haba", "reference")
 HEADER_NAME = "experts.json"
 PROGRESS_NAME = "progress.json"  # reference format: what this run has written so far
-PENDING_NAME = "pending_experts.pt"  # reference format: finished experts not yet in a replay_buffer file
 FORMAT_TAG = "haba_fast-experts"
 FORMAT_VERSION = 1
 _REPLAY_RE = re.compile(r"^replay_buffer_(\d+)\.pt$")
@@ -90,7 +90,7 @@ class ExpertConfig:
     save_interval: int = 10
     seed: int = 0
     test_every: int = 1
-    device: Optional[str] = None
+    device: str | None = None
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -106,7 +106,7 @@ class ExpertConfig:
         if self.test_every < 0:
             raise ValueError(f"test_every must be >= 0, got {self.test_every}")
 
-    def training_signature(self) -> Dict[str, Any]:
+    def training_signature(self) -> dict[str, Any]:
         """The settings that must agree for a resumed run to continue an existing buffer."""
         d = asdict(self)
         for k in ("num_experts", "device", "test_every", "save_interval"):
@@ -157,9 +157,9 @@ class ExpertBuffer:
     num_trajectories: int
     num_epochs: int
     num_params: int
-    param_shapes: Optional[List[Tuple[int, ...]]] = None
-    model: Optional[str] = None
-    dataset: Optional[str] = None
+    param_shapes: list[tuple[int, ...]] | None = None
+    model: str | None = None
+    dataset: str | None = None
     format: str = ""
 
     def _read(self, traj: int, epoch: int) -> Tensor:  # pragma: no cover - abstract
@@ -178,9 +178,7 @@ class ExpertBuffer:
         if not 0 <= traj < self.num_trajectories:
             raise ValueError(f"trajectory {traj} out of range: {self.path} holds {self.num_trajectories}")
         if not 0 <= epoch <= self.num_epochs:
-            raise ValueError(
-                f"epoch {epoch} out of range: {self.path} has snapshots for epochs 0..{self.num_epochs}"
-            )
+            raise ValueError(f"epoch {epoch} out of range: {self.path} has snapshots for epochs 0..{self.num_epochs}")
 
     def snapshot(self, traj: int, epoch: int) -> Tensor:
         """Flat parameters of trajectory ``traj`` after ``epoch`` epochs (0 = init): float32 ``[P]``."""
@@ -207,8 +205,8 @@ class ExpertBuffer:
             )
 
     def sample_pair(
-        self, generator: Optional[torch.Generator], max_start_epoch: int, expert_epochs: int
-    ) -> Tuple[Tensor, Tensor, Dict[str, int]]:
+        self, generator: torch.Generator | None, max_start_epoch: int, expert_epochs: int
+    ) -> tuple[Tensor, Tensor, dict[str, int]]:
         """Draw a matching target as the reference does.
 
         A trajectory uniformly, a start epoch ``s`` uniform in ``[0, max_start_epoch)``; returns
@@ -273,7 +271,7 @@ class MemmapExpertBuffer(ExpertBuffer):
                     "(delete it and its entry, then rerun `haba-fast buffer`)"
                 )
         self.num_trajectories = len(self._files)
-        self._maps: Dict[int, np.memmap] = {}
+        self._maps: dict[int, np.memmap] = {}
 
     def _map(self, traj: int) -> np.memmap:
         m = self._maps.get(traj)
@@ -299,8 +297,8 @@ class ReferenceExpertBuffer(ExpertBuffer):
     def __init__(self, files: Sequence[PathLike]):
         self._files = [Path(f) for f in files]
         self.path = self._files[0].parent if len(self._files) > 1 else self._files[0]
-        self._index: List[Tuple[int, int]] = []  # global trajectory -> (file, position)
-        self._cache: Dict[int, list] = {}
+        self._index: list[tuple[int, int]] = []  # global trajectory -> (file, position)
+        self._cache: dict[int, list] = {}
         shapes = None
         num_epochs = None
         for fi, f in enumerate(self._files):
@@ -310,9 +308,7 @@ class ReferenceExpertBuffer(ExpertBuffer):
                     raise ValueError(f"expert buffer {f}: trajectory {ti} is not a list of >= 2 snapshots")
                 for si, snap in enumerate(traj):
                     if not isinstance(snap, (list, tuple)) or not all(isinstance(p, Tensor) for p in snap):
-                        raise ValueError(
-                            f"expert buffer {f}: trajectory {ti} snapshot {si} is not a list of tensors"
-                        )
+                        raise ValueError(f"expert buffer {f}: trajectory {ti} snapshot {si} is not a list of tensors")
                     snap_shapes = [tuple(p.shape) for p in snap]
                     if shapes is None:
                         shapes = snap_shapes
@@ -344,7 +340,7 @@ class ReferenceExpertBuffer(ExpertBuffer):
         try:
             # mmap: a replay buffer of CIFAR experts is ~0.6 GB; only the snapshots read are paged in.
             obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mmapped: retry plainly below
             try:
                 obj = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as exc:
@@ -352,7 +348,7 @@ class ReferenceExpertBuffer(ExpertBuffer):
                     f"expert buffer {f} is corrupt or not a torch file ({type(exc).__name__}: {exc})"
                 ) from exc
         if not isinstance(obj, (list, tuple)):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
                 f"expert buffer {f} is not a reference replay buffer (a list of trajectories), got {type(obj).__name__}"
             )
         self._cache = {fi: obj}
@@ -364,7 +360,7 @@ class ReferenceExpertBuffer(ExpertBuffer):
         return torch.cat([p.detach().reshape(-1).float() for p in snap])
 
 
-def _read_header(path: Path) -> Dict[str, Any]:
+def _read_header(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"expert buffer header {path} not found")
     try:
@@ -378,7 +374,7 @@ def _read_header(path: Path) -> Dict[str, Any]:
     return header
 
 
-def _replay_files(directory: Path) -> List[Path]:
+def _replay_files(directory: Path) -> list[Path]:
     """``replay_buffer_0.pt``, ``replay_buffer_1.pt``, ... consecutive from 0, as the reference loads them."""
     numbers = sorted(int(m.group(1)) for m in (_REPLAY_RE.match(p.name) for p in directory.iterdir()) if m)
     files = []
@@ -426,7 +422,7 @@ def load_buffer(path: PathLike) -> ExpertBuffer:
 # Writing
 
 
-def snapshot_params(net: nn.Module) -> List[Tensor]:
+def snapshot_params(net: nn.Module) -> list[Tensor]:
     """Copies of ``net``'s parameters on the CPU, in ``parameters()`` order.
 
     ``.clone()`` matters: on a CPU ``p.detach().cpu()`` is ``p`` itself, and later SGD steps would
@@ -440,7 +436,7 @@ def _flat(snap: Sequence[Tensor]) -> Tensor:
 
 
 class _HabaWriter:
-    def __init__(self, out_dir: Path, header: Dict[str, Any]):
+    def __init__(self, out_dir: Path, header: dict[str, Any]):
         self.out_dir = out_dir
         self.header = header
 
@@ -448,7 +444,7 @@ class _HabaWriter:
     def completed(self) -> int:
         return len(self.header["trajectories"])
 
-    def add(self, index: int, snaps: List[List[Tensor]], info: Dict[str, Any]) -> None:
+    def add(self, index: int, snaps: list[list[Tensor]], info: dict[str, Any]) -> None:
         flat = torch.stack([_flat(s) for s in snaps])  # [E+1, P] float32
         name = f"expert_{index:05d}.bin"
         if self.header["dtype"] == "bfloat16":
@@ -467,63 +463,82 @@ class _HabaWriter:
 
 
 class _ReferenceWriter:
-    def __init__(self, out_dir: Path, progress: Dict[str, Any], save_interval: int):
+    """Groups finished experts into ``replay_buffer_<n>.pt`` files of ``save_interval`` trajectories.
+
+    Until its group is complete, each finished expert waits in its own ``pending_expert_<i>.pt`` (one write per
+    expert). ``progress.json`` is rewritten after every step and is always consistent with the files: a crash at
+    any point loses at most the expert in training.
+    """
+
+    def __init__(self, out_dir: Path, progress: dict[str, Any], save_interval: int):
         self.out_dir = out_dir
         self.progress = progress
         self.save_interval = save_interval
-        pending_path = out_dir / PENDING_NAME
         self.pending: list = []
-        if progress["pending"]:
-            obj = torch.load(pending_path, map_location="cpu", weights_only=True) if pending_path.exists() else None
-            if not isinstance(obj, list) or len(obj) != progress["pending"]:
+        for name in progress["pending"]:
+            path = out_dir / name
+            try:
+                traj = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any unreadable file means the same thing here
                 raise ValueError(
-                    f"expert progress {out_dir / PROGRESS_NAME} expects {progress['pending']} pending experts in "
-                    f"{pending_path}, which is missing or corrupt; delete {PROGRESS_NAME} to start over"
-                )
-            self.pending = obj
+                    f"expert progress {out_dir / PROGRESS_NAME} lists the finished expert {path}, which is missing or "
+                    f"corrupt ({type(exc).__name__}); delete {PROGRESS_NAME} to start over"
+                ) from exc
+            self.pending.append(traj)
+        flushing = progress.get("flushing")
+        if flushing and (out_dir / flushing).exists():
+            self._flushed(flushing)  # the last run wrote this file but died before recording it
 
     @property
     def completed(self) -> int:
         return self.progress["completed"]
+
+    def _save_progress(self) -> None:
+        atomic_write_text(json.dumps(self.progress, indent=1), self.out_dir / PROGRESS_NAME)
 
     def _flush(self) -> None:
         n = 0
         while (self.out_dir / f"replay_buffer_{n}.pt").exists():
             n += 1  # the reference's naming: the first free number (so runs append)
         name = f"replay_buffer_{n}.pt"
+        # Record the file about to be written, so that a crash between writing it and the progress update does
+        # not make the next run write the same experts again (see __init__).
+        self.progress["flushing"] = name
+        self._save_progress()
         atomic_torch_save(self.pending, self.out_dir / name)
+        self._flushed(name)
+
+    def _flushed(self, name: str) -> None:
         self.progress["files"].append(name)
+        old = self.progress["pending"]
+        self.progress["pending"] = []
+        self.progress["flushing"] = None
         self.pending = []
+        self._save_progress()
+        for f in old:
+            (self.out_dir / f).unlink(missing_ok=True)
 
-    def _save_progress(self) -> None:
-        self.progress["pending"] = len(self.pending)
-        if self.pending:
-            atomic_torch_save(self.pending, self.out_dir / PENDING_NAME)
-        atomic_write_text(json.dumps(self.progress, indent=1), self.out_dir / PROGRESS_NAME)
-        if not self.pending and (self.out_dir / PENDING_NAME).exists():
-            (self.out_dir / PENDING_NAME).unlink()
-
-    def add(self, index: int, snaps: List[List[Tensor]], info: Dict[str, Any]) -> None:
+    def add(self, index: int, snaps: list[list[Tensor]], info: dict[str, Any]) -> None:
+        name = f"pending_expert_{index:05d}.pt"
+        atomic_torch_save(snaps, self.out_dir / name)
         self.pending.append(snaps)
+        self.progress["pending"].append(name)
         self.progress["completed"] += 1
         self.progress["experts"].append(info)
+        self._save_progress()
         if len(self.pending) >= self.save_interval:
             self._flush()
-        self._save_progress()
 
     def finish(self) -> None:
         if self.pending:  # the reference drops a remainder < save_interval; we keep it
             self._flush()
-            self._save_progress()
 
 
-def _signature_mismatch(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+def _signature_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _open_writer(
-    out_dir: Path, fmt: str, cfg: ExpertConfig, meta: Dict[str, Any], storage: str, resume: bool
-):
+def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any], storage: str, resume: bool):
     signature = cfg.training_signature()
     if fmt == "haba":
         header_path = out_dir / HEADER_NAME
@@ -535,9 +550,7 @@ def _open_writer(
                 )
             header = _read_header(header_path)
             mismatch = _signature_mismatch(header.get("config_signature", {}), signature)
-            mismatch += [
-                f"{k}: {header.get(k)!r} -> {v!r}" for k, v in meta.items() if header.get(k) != v
-            ]
+            mismatch += [f"{k}: {header.get(k)!r} -> {v!r}" for k, v in meta.items() if header.get(k) != v]
             if header.get("dtype") != storage:
                 mismatch.append(f"dtype: {header.get('dtype')!r} -> {storage!r}")
             if mismatch:
@@ -565,7 +578,9 @@ def _open_writer(
         try:
             progress = json.loads(progress_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"expert progress file {progress_path} is corrupt ({exc}); delete it to start over") from exc
+            raise ValueError(
+                f"expert progress file {progress_path} is corrupt ({exc}); delete it to start over"
+            ) from exc
         mismatch = _signature_mismatch(progress.get("config_signature", {}), signature)
         mismatch += [f"{k}: {progress.get(k)!r} -> {v!r}" for k, v in meta.items() if progress.get(k) != v]
         if mismatch:
@@ -580,7 +595,8 @@ def _open_writer(
             "config": asdict(cfg),
             "config_signature": signature,
             "completed": 0,
-            "pending": 0,
+            "pending": [],
+            "flushing": None,
             "files": [],
             "experts": [],
         }
@@ -601,7 +617,7 @@ def train_experts(
     dtype: torch.dtype = torch.float32,
     resume: bool = True,
     progress: bool = True,
-    callback: Optional[Callable[[int, int, EpochStats], None]] = None,
+    callback: Callable[[int, int, EpochStats], None] | None = None,
 ) -> Path:
     """Train ``cfg.num_experts`` experts on ``dataset`` and write their trajectories to ``out_dir``.
 
@@ -668,8 +684,8 @@ def train_experts(
             net = get_network(cfg.model, channels, num_classes, im_size, generator=g, device=device)
             snaps = [snapshot_params(net)]
 
-            def on_epoch(ep: int, net_: nn.Module, stats: EpochStats, _i: int = i) -> None:
-                snaps.append(snapshot_params(net_))
+            def on_epoch(ep: int, net_: nn.Module, stats: EpochStats, _i: int = i, _snaps: list = snaps) -> None:
+                _snaps.append(snapshot_params(net_))
                 if callback is not None:
                     callback(_i, ep, stats)
 
@@ -710,11 +726,11 @@ def train_experts(
 
 
 __all__ = [
-    "ExpertConfig",
+    "FORMATS",
     "ExpertBuffer",
+    "ExpertConfig",
     "MemmapExpertBuffer",
     "ReferenceExpertBuffer",
-    "FORMATS",
     "expert_dir",
     "expert_generator",
     "load_buffer",
@@ -722,4 +738,3 @@ __all__ = [
     "snapshot_params",
     "train_experts",
 ]
-

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,8 @@ from torch import Tensor, nn
 DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 LR_SCHEDULES = ("none", "half")
 
-EpochData = Callable[[int, torch.Generator], Tuple[Tensor, Tensor]]
-TrainData = Union[Tensor, Tuple[Tensor, Tensor], EpochData]
+EpochData = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+TrainData = Union[Tensor, tuple[Tensor, Tensor], EpochData]
 
 
 @dataclass
@@ -43,30 +43,30 @@ class EpochStats:
     loss: float
     accuracy: float
     lr: float
-    test_loss: Optional[float] = None
-    test_accuracy: Optional[float] = None
+    test_loss: float | None = None
+    test_accuracy: float | None = None
 
 
 @dataclass
 class TrainHistory:
     """Per-epoch statistics of one :func:`train_network` run."""
 
-    epochs: List[EpochStats] = field(default_factory=list)
+    epochs: list[EpochStats] = field(default_factory=list)
 
     @property
-    def losses(self) -> List[float]:
+    def losses(self) -> list[float]:
         return [e.loss for e in self.epochs]
 
     @property
-    def accuracies(self) -> List[float]:
+    def accuracies(self) -> list[float]:
         return [e.accuracy for e in self.epochs]
 
     @property
-    def test_accuracies(self) -> List[Optional[float]]:
+    def test_accuracies(self) -> list[float | None]:
         return [e.test_accuracy for e in self.epochs]
 
     @property
-    def final_test_accuracy(self) -> Optional[float]:
+    def final_test_accuracy(self) -> float | None:
         """Test accuracy after the last epoch (None when no test data was given)."""
         return self.epochs[-1].test_accuracy if self.epochs else None
 
@@ -83,18 +83,18 @@ def standardize_batch(x: Tensor) -> Tensor:
     return (x - x.mean()) / std.clamp_min(1e-12)
 
 
-def _dsa_enabled(dsa: bool, strategy: Optional[str]) -> bool:
+def _dsa_enabled(dsa: bool, strategy: str | None) -> bool:
     return bool(dsa) and bool(strategy) and strategy.lower() != "none"
 
 
-def _augment(x: Tensor, strategy: str, generator: Optional[torch.Generator]) -> Tensor:
+def _augment(x: Tensor, strategy: str, generator: torch.Generator | None) -> Tensor:
     from haba_fast import augment
 
     params = augment.sample(strategy, x.shape[0], tuple(x.shape[-2:]), generator=generator, device=x.device)
     return augment.apply(x, params)
 
 
-def _as_data(data: TrainData, labels: Optional[Tensor]) -> Union[EpochData, Tuple[Tensor, Tensor]]:
+def _as_data(data: TrainData, labels: Tensor | None) -> EpochData | tuple[Tensor, Tensor]:
     if callable(data) and not isinstance(data, Tensor):
         if labels is not None:
             raise ValueError("train_network: labels must be None when data is an epoch_data(epoch, generator) callable")
@@ -111,9 +111,11 @@ def _as_data(data: TrainData, labels: Optional[Tensor]) -> Union[EpochData, Tupl
     )
 
 
-def _check_pair(images, labels, what: str) -> Tuple[Tensor, Tensor]:
+def _check_pair(images, labels, what: str) -> tuple[Tensor, Tensor]:
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError(f"{what}: images and labels must be tensors, got {type(images).__name__}, {type(labels).__name__}")
+        raise TypeError(
+            f"{what}: images and labels must be tensors, got {type(images).__name__}, {type(labels).__name__}"
+        )
     if images.dim() != 4:
         raise ValueError(f"{what}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
@@ -146,7 +148,7 @@ def evaluate_loss_accuracy(
     batch_size: int = 256,
     batch_standardize: bool = False,
     device=None,
-) -> Tuple[float, float]:
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``net`` on a labelled set (no augmentation, eval mode).
 
     Args:
@@ -195,7 +197,7 @@ test_accuracy.__test__ = False
 def train_network(
     net: nn.Module,
     data: TrainData,
-    labels: Optional[Tensor] = None,
+    labels: Tensor | None = None,
     *,
     epochs: int,
     lr: float,
@@ -204,14 +206,14 @@ def train_network(
     weight_decay: float = 0.0,
     dsa: bool = True,
     dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-    lr_schedule: Optional[str] = None,
+    lr_schedule: str | None = None,
     batch_standardize: bool = False,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device=None,
-    test_data: Optional[Tuple[Tensor, Tensor]] = None,
+    test_data: tuple[Tensor, Tensor] | None = None,
     test_every: int = 1,
     test_batch_size: int = 256,
-    callback: Optional[Callable[[int, nn.Module, EpochStats], None]] = None,
+    callback: Callable[[int, nn.Module, EpochStats], None] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> TrainHistory:
@@ -291,7 +293,9 @@ def train_network(
             net.train()
             n = x_all.shape[0]
             order = torch.randperm(n, generator=generator)
-            total_loss, correct = 0.0, 0
+            # Sums stay on the device: one host sync per epoch, not per batch (matters on a GPU).
+            total_loss = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size].to(x_all.device)
                 x = x_all[idx].to(device, torch.float32)
@@ -305,9 +309,9 @@ def train_network(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                total_loss += loss.item() * y.shape[0]
-                correct += (out.detach().argmax(dim=1) == y).sum().item()
-            stats = EpochStats(epoch=ep, loss=total_loss / n, accuracy=correct / n, lr=current_lr)
+                total_loss += loss.detach() * y.shape[0]
+                correct += (out.detach().argmax(dim=1) == y).sum()
+            stats = EpochStats(epoch=ep, loss=total_loss.item() / n, accuracy=correct.item() / n, lr=current_lr)
             last = ep == epochs - 1
             if test_data is not None and (last or (test_every and (ep + 1) % test_every == 0)):
                 stats.test_loss, stats.test_accuracy = evaluate_loss_accuracy(

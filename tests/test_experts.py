@@ -12,7 +12,7 @@ from haba_fast import data, experts, models
 from haba_fast.experts import ExpertConfig, expert_dir, expert_generator, load_buffer, train_experts
 from haba_fast.training import train_network
 
-MODEL = "ConvNetW32"  # the ConvNet family at width 32: same parameter order, ~19k parameters on 8x8 digits
+MODEL = "MLP"  # cheap (a ConvNet costs ~10x more on this 2-core machine); the CLI test trains a ConvNet
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,16 @@ def digits():
 
 
 def _cfg(**kw):
-    base = dict(model=MODEL, num_experts=2, epochs=2, batch_size=16, seed=3, save_interval=2, device="cpu", test_every=0)
+    base = {
+        "model": MODEL,
+        "num_experts": 2,
+        "epochs": 2,
+        "batch_size": 16,
+        "seed": 3,
+        "save_interval": 2,
+        "device": "cpu",
+        "test_every": 0,
+    }
     base.update(kw)
     return ExpertConfig(**base)
 
@@ -46,8 +55,15 @@ def _oracle_trajectory(ds, cfg, index):
     net = models.get_network(cfg.model, ds.channels, ds.num_classes, ds.im_size, generator=g)
     snaps = [torch.cat([p.detach().reshape(-1).clone() for p in net.parameters()])]
     train_network(
-        net, ds.train_images, ds.train_labels, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-        dsa=cfg.dsa, dsa_strategy=cfg.dsa_strategy, generator=g,
+        net,
+        ds.train_images,
+        ds.train_labels,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        dsa=cfg.dsa,
+        dsa_strategy=cfg.dsa_strategy,
+        generator=g,
         callback=lambda ep, n, s: snaps.append(torch.cat([p.detach().reshape(-1).clone() for p in n.parameters()])),
     )
     return torch.stack(snaps)
@@ -189,7 +205,7 @@ def test_corrupt_and_mismatched_buffers(haba_buffer, reference_buffer, tmp_path,
     with pytest.raises(ValueError, match="replay_buffer_0.pt"):
         load_buffer(rb)
     # A buffer for another model.
-    net = models.get_network("ConvNetW64", digits.channels, digits.num_classes, digits.im_size)
+    net = models.get_network("ConvNetW32", digits.channels, digits.num_classes, digits.im_size)
     with pytest.raises(ValueError, match="parameters"):
         load_buffer(haba_buffer).check_model(net)
     # Missing things.
@@ -236,7 +252,7 @@ def test_resume_after_kill(digits, tmp_path, fmt):
         assert len(load_buffer(out).header["trajectories"]) == 1
     else:
         assert json.loads((out / experts.PROGRESS_NAME).read_text())["completed"] == 1
-        assert not list(out.glob("replay_buffer_*.pt"))  # expert 0 waits in the pending file (save_interval 2)
+        assert not list(out.glob("replay_buffer_*.pt"))  # expert 0 waits in its pending file (save_interval 2)
 
     trained = []
     train_experts(digits, cfg, out, fmt=fmt, progress=False, callback=lambda i, e, s: trained.append(i))
@@ -253,6 +269,41 @@ def test_resume_after_kill(digits, tmp_path, fmt):
     if fmt == "haba":
         train_experts(digits, _cfg(num_experts=3), out, progress=False, callback=lambda i, e, s: trained.append(i))
         assert sorted(set(trained)) == [2] and load_buffer(out).num_trajectories == 3
+
+
+@pytest.mark.parametrize("when", ["before_write", "after_write"])
+def test_reference_resume_after_kill_while_writing_a_replay_buffer(digits, tmp_path, monkeypatch, when):
+    cfg = _cfg(num_experts=2)  # save_interval 2: the second expert triggers writing replay_buffer_0.pt
+    full = tmp_path / "full"
+    train_experts(digits, cfg, full, fmt="reference", progress=False)
+    out = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        if when == "before_write":
+            real_save = experts.atomic_torch_save
+
+            def save(obj, path):
+                if "replay_buffer" in str(path):
+                    raise KeyboardInterrupt
+                real_save(obj, path)
+
+            m.setattr(experts, "atomic_torch_save", save)
+        else:
+
+            def flushed(self, name):
+                raise KeyboardInterrupt
+
+            m.setattr(experts._ReferenceWriter, "_flushed", flushed)
+        with pytest.raises(KeyboardInterrupt):
+            train_experts(digits, cfg, out, fmt="reference", progress=False)
+    assert (out / "replay_buffer_0.pt").exists() == (when == "after_write")
+    trained = []
+    train_experts(digits, cfg, out, fmt="reference", progress=False, callback=lambda i, e, s: trained.append(i))
+    assert trained == []  # both experts had finished
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".pt") == ["replay_buffer_0.pt"]  # no duplicate file
+    a, b = load_buffer(out), load_buffer(full)
+    assert a.num_trajectories == 2
+    for t in range(2):
+        torch.testing.assert_close(a.trajectory(t), b.trajectory(t), rtol=0, atol=0)
 
 
 def test_resume_refuses_other_settings(digits, haba_buffer, tmp_path):
@@ -290,22 +341,95 @@ def test_expert_dir_naming():
 def test_cli_buffer_both_spellings(tmp_path, capsys):
     from haba_fast.cli import build_parser, main
 
-    a = build_parser().parse_args(["buffer", "--num_experts", "3", "--lr_teacher", "0.02", "--train_epochs", "4",
-                                   "--batch_train", "32", "--buffer_path", "x", "--dsa", "False", "--mom", "0.5"])
-    b = build_parser().parse_args(["buffer", "--num-experts", "3", "--lr-teacher", "0.02", "--train-epochs", "4",
-                                   "--batch-size", "32", "--buffer-path", "x", "--dsa", "false", "--mom", "0.5"])
+    a = build_parser().parse_args(
+        [
+            "buffer",
+            "--num_experts",
+            "3",
+            "--lr_teacher",
+            "0.02",
+            "--train_epochs",
+            "4",
+            "--batch_train",
+            "32",
+            "--buffer_path",
+            "x",
+            "--dsa",
+            "False",
+            "--mom",
+            "0.5",
+        ]
+    )
+    b = build_parser().parse_args(
+        [
+            "buffer",
+            "--num-experts",
+            "3",
+            "--lr-teacher",
+            "0.02",
+            "--train-epochs",
+            "4",
+            "--batch-size",
+            "32",
+            "--buffer-path",
+            "x",
+            "--dsa",
+            "false",
+            "--mom",
+            "0.5",
+        ]
+    )
     for args in (a, b):
         assert (args.num_experts, args.lr_teacher, args.train_epochs, args.batch_train) == (3, 0.02, 4, 32)
         assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, "digits", "haba")
 
-    rc = main(["buffer", "--model", MODEL, "--num_experts", "1", "--train_epochs", "1", "--batch_train", "64",
-               "--subset-per-class", "3", "--buffer_path", str(tmp_path), "--quiet", "--format", "reference",
-               "--device", "cpu"])
+    rc = main(
+        [
+            "buffer",
+            "--model",
+            "ConvNetW32",
+            "--num_experts",
+            "1",
+            "--train_epochs",
+            "1",
+            "--batch_train",
+            "64",
+            "--subset-per-class",
+            "3",
+            "--buffer_path",
+            str(tmp_path),
+            "--quiet",
+            "--format",
+            "reference",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
-    buf = load_buffer(tmp_path / "digits" / MODEL)
+    buf = load_buffer(tmp_path / "digits" / "ConvNetW32")
     assert (buf.num_trajectories, buf.num_epochs) == (1, 1)
+    net = models.get_network("ConvNetW32", 1, 10, (8, 8))
+    buf.check_model(net)  # reference layout: parameters() order and shapes of the ConvNet
+    assert_distinct_snapshots(buf)
     assert "1 trajectories" in capsys.readouterr().out
-    rc = main(["buffer", "--model", MODEL, "--num-experts", "1", "--train-epochs", "1", "--subset-per-class", "3",
-               "--out", str(tmp_path / "ours"), "--bf16", "--quiet", "--device", "cpu"])
+    rc = main(
+        [
+            "buffer",
+            "--model",
+            MODEL,
+            "--num-experts",
+            "1",
+            "--train-epochs",
+            "1",
+            "--subset-per-class",
+            "3",
+            "--out",
+            str(tmp_path / "ours"),
+            "--bf16",
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0 and load_buffer(tmp_path / "ours").storage_dtype == torch.bfloat16
     assert main(["buffer", "--train_epochs", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 2

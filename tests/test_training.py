@@ -20,8 +20,10 @@ def digits():
     return data.load("digits", subset_per_class=8, generator=torch.Generator().manual_seed(0))
 
 
-def _net(ds, seed=0, name="ConvNetW32"):
-    return models.get_network(name, ds.channels, ds.num_classes, ds.im_size, generator=torch.Generator().manual_seed(seed))
+def _net(ds, seed=0, name="MLP"):  # MLP: ~10x cheaper than a ConvNet here; the loop is under test
+    return models.get_network(
+        name, ds.channels, ds.num_classes, ds.im_size, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _flat(net):
@@ -31,8 +33,15 @@ def _flat(net):
 def test_loss_decreases_on_digits(digits):
     net = _net(digits)
     hist = train_network(
-        net, digits.train_images, digits.train_labels, epochs=12, lr=0.05, batch_size=32, momentum=0.9,
-        dsa=False, generator=torch.Generator().manual_seed(1),
+        net,
+        digits.train_images,
+        digits.train_labels,
+        epochs=12,
+        lr=0.05,
+        batch_size=32,
+        momentum=0.9,
+        dsa=False,
+        generator=torch.Generator().manual_seed(1),
     )
     assert len(hist.epochs) == 12
     assert hist.losses[-1] < 0.5 * hist.losses[0]
@@ -74,17 +83,43 @@ def test_batch_standardize_makes_testing_affine_invariant(digits):
     w1 = _net(digits, seed=5)
     w2 = _net(digits, seed=5)
     for net_, scale in ((w1, 1.0), (w2, 2.0)):
-        train_network(net_, scale * digits.train_images + 0.25, digits.train_labels, epochs=2, lr=0.01, batch_size=40,
-                      dsa=False, batch_standardize=True, generator=torch.Generator().manual_seed(2))
+        train_network(
+            net_,
+            scale * digits.train_images + 0.25,
+            digits.train_labels,
+            epochs=2,
+            lr=0.01,
+            batch_size=40,
+            dsa=False,
+            batch_standardize=True,
+            generator=torch.Generator().manual_seed(2),
+        )
     torch.testing.assert_close(_flat(w1), _flat(w2), rtol=1e-4, atol=1e-5)
 
 
 def test_half_schedule_lrs(digits):
-    hist = train_network(_net(digits), digits.train_images[:20], digits.train_labels[:20], epochs=5, lr=0.1,
-                         batch_size=20, dsa=False, lr_schedule="half", generator=torch.Generator().manual_seed(0))
+    hist = train_network(
+        _net(digits),
+        digits.train_images[:20],
+        digits.train_labels[:20],
+        epochs=5,
+        lr=0.1,
+        batch_size=20,
+        dsa=False,
+        lr_schedule="half",
+        generator=torch.Generator().manual_seed(0),
+    )
     assert [e.lr for e in hist.epochs] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01])
-    hist = train_network(_net(digits), digits.train_images[:20], digits.train_labels[:20], epochs=3, lr=0.1,
-                         batch_size=20, dsa=False, generator=torch.Generator().manual_seed(0))
+    hist = train_network(
+        _net(digits),
+        digits.train_images[:20],
+        digits.train_labels[:20],
+        epochs=3,
+        lr=0.1,
+        batch_size=20,
+        dsa=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert [e.lr for e in hist.epochs] == pytest.approx([0.1, 0.1, 0.1])
 
 
@@ -97,8 +132,15 @@ def test_epoch_data_callable_called_each_epoch(digits):
         calls.append(epoch)
         return x + 0.01 * epoch, y
 
-    hist = train_network(_net(digits), epoch_data, epochs=3, lr=0.01, batch_size=16, dsa=False,
-                         generator=torch.Generator().manual_seed(0))
+    hist = train_network(
+        _net(digits),
+        epoch_data,
+        epochs=3,
+        lr=0.01,
+        batch_size=16,
+        dsa=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert calls == [0, 1, 2]
     assert len(hist.epochs) == 3
     # A callable that always returns the same data trains exactly like the fixed pair.
@@ -113,7 +155,9 @@ def test_deterministic_given_generator_and_dsa_changes_result(digits):
 
     def run(seed, dsa):
         net = _net(digits, seed=11)
-        train_network(net, x, y, epochs=2, lr=0.01, batch_size=16, dsa=dsa, generator=torch.Generator().manual_seed(seed))
+        train_network(
+            net, x, y, epochs=2, lr=0.01, batch_size=16, dsa=dsa, generator=torch.Generator().manual_seed(seed)
+        )
         return _flat(net)
 
     a, b = run(0, True), run(0, True)
@@ -125,8 +169,15 @@ def test_deterministic_given_generator_and_dsa_changes_result(digits):
 def test_callback_and_test_data(digits):
     seen = []
     hist = train_network(
-        _net(digits), digits.train_images[:30], digits.train_labels[:30], epochs=3, lr=0.01, batch_size=16, dsa=False,
-        test_data=(digits.test_images[:50], digits.test_labels[:50]), test_every=2,
+        _net(digits),
+        digits.train_images[:30],
+        digits.train_labels[:30],
+        epochs=3,
+        lr=0.01,
+        batch_size=16,
+        dsa=False,
+        test_data=(digits.test_images[:50], digits.test_labels[:50]),
+        test_every=2,
         callback=lambda ep, net, stats: seen.append((ep, stats.test_accuracy is not None)),
         generator=torch.Generator().manual_seed(0),
     )
@@ -137,14 +188,21 @@ def test_callback_and_test_data(digits):
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        train_network(_net(digits), digits.train_images[:10], digits.train_labels[:10], epochs=2, lr=0.01,
-                      callback=boom, generator=torch.Generator().manual_seed(0))
+        train_network(
+            _net(digits),
+            digits.train_images[:10],
+            digits.train_labels[:10],
+            epochs=2,
+            lr=0.01,
+            callback=boom,
+            generator=torch.Generator().manual_seed(0),
+        )
 
 
 def test_bad_inputs(digits):
     net = _net(digits)
     x, y = digits.train_images[:10], digits.train_labels[:10]
-    kw = dict(epochs=1, lr=0.01, generator=torch.Generator().manual_seed(0))
+    kw = {"epochs": 1, "lr": 0.01, "generator": torch.Generator().manual_seed(0)}
     with pytest.raises(ValueError, match="labels"):
         train_network(net, x, y[:5], **kw)
     with pytest.raises(ValueError, match="without labels"):

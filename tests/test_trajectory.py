@@ -6,7 +6,6 @@ import importlib.util
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from haba_fast import augment

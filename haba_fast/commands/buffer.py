@@ -26,45 +26,120 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reference ``buffer.py`` flags (underscore spelling) plus dash spellings and our own options."""
     p.add_argument("--dataset", default="digits", help="dataset name (ours or the reference's spelling, e.g. CIFAR10)")
     p.add_argument("--model", default="ConvNet", help="network to train (default ConvNet)")
-    p.add_argument("--num_experts", "--num-experts", dest="num_experts", type=int, default=100,
-                   help="expert trajectories to train (default 100)")
-    p.add_argument("--lr_teacher", "--lr-teacher", dest="lr_teacher", type=float, default=0.01,
-                   help="expert SGD learning rate (default 0.01)")
-    p.add_argument("--train_epochs", "--train-epochs", dest="train_epochs", type=int, default=50,
-                   help="epochs per expert; a snapshot at init and after every epoch (default 50)")
-    p.add_argument("--batch_train", "--batch-train", "--batch_size", "--batch-size", dest="batch_train", type=int,
-                   default=256, help="training batch size (default 256)")
-    p.add_argument("--batch_real", "--batch-real", dest="batch_real", type=int, default=256,
-                   help="accepted for compatibility (the reference's real-image loader batch); unused")
+    p.add_argument(
+        "--num_experts",
+        "--num-experts",
+        dest="num_experts",
+        type=int,
+        default=100,
+        help="expert trajectories to train (default 100)",
+    )
+    p.add_argument(
+        "--lr_teacher",
+        "--lr-teacher",
+        dest="lr_teacher",
+        type=float,
+        default=0.01,
+        help="expert SGD learning rate (default 0.01)",
+    )
+    p.add_argument(
+        "--train_epochs",
+        "--train-epochs",
+        dest="train_epochs",
+        type=int,
+        default=50,
+        help="epochs per expert; a snapshot at init and after every epoch (default 50)",
+    )
+    p.add_argument(
+        "--batch_train",
+        "--batch-train",
+        "--batch_size",
+        "--batch-size",
+        dest="batch_train",
+        type=int,
+        default=256,
+        help="training batch size (default 256)",
+    )
+    p.add_argument(
+        "--batch_real",
+        "--batch-real",
+        dest="batch_real",
+        type=int,
+        default=256,
+        help="accepted for compatibility (the reference's real-image loader batch); unused",
+    )
     p.add_argument("--dsa", type=_bool_flag, default=True, help="DSA augmentation while training: True/False")
-    p.add_argument("--dsa_strategy", "--dsa-strategy", dest="dsa_strategy", default=DEFAULT_DSA_STRATEGY,
-                   help=f"DSA families joined by '_' (default {DEFAULT_DSA_STRATEGY})")
-    p.add_argument("--data_path", "--data-path", dest="data_path", default=None,
-                   help="folder with the dataset files (digits needs none)")
-    p.add_argument("--buffer_path", "--buffer-path", dest="buffer_path", default="./buffers",
-                   help="root of the buffers (default ./buffers)")
+    p.add_argument(
+        "--dsa_strategy",
+        "--dsa-strategy",
+        dest="dsa_strategy",
+        default=DEFAULT_DSA_STRATEGY,
+        help=f"DSA families joined by '_' (default {DEFAULT_DSA_STRATEGY})",
+    )
+    p.add_argument(
+        "--data_path",
+        "--data-path",
+        dest="data_path",
+        default=None,
+        help="folder with the dataset files (digits needs none)",
+    )
+    p.add_argument(
+        "--buffer_path",
+        "--buffer-path",
+        dest="buffer_path",
+        default="./buffers",
+        help="root of the buffers (default ./buffers)",
+    )
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the data (as the reference's --zca)")
     p.add_argument("--decay", action="store_true", help="lr x0.1 at half of training (reference --decay)")
     p.add_argument("--mom", type=float, default=0.0, help="SGD momentum (default 0)")
     p.add_argument("--l2", type=float, default=0.0, help="SGD weight decay (default 0)")
-    p.add_argument("--save_interval", "--save-interval", dest="save_interval", type=int, default=10,
-                   help="experts per replay_buffer_<n>.pt file (reference format; default 10)")
+    p.add_argument(
+        "--save_interval",
+        "--save-interval",
+        dest="save_interval",
+        type=int,
+        default=10,
+        help="experts per replay_buffer_<n>.pt file (reference format; default 10)",
+    )
     p.add_argument("--subset", default=None, help="accepted for compatibility (ImageNet subsets); unused")
-    p.add_argument("--format", dest="fmt", choices=("haba", "reference"), default="haba",
-                   help="haba: memory-mapped [epochs+1, P] per expert (default); reference: replay_buffer_<n>.pt")
+    p.add_argument(
+        "--format",
+        dest="fmt",
+        choices=("haba", "reference"),
+        default="haba",
+        help="haba: memory-mapped [epochs+1, P] per expert (default); reference: replay_buffer_<n>.pt",
+    )
     p.add_argument("--bf16", action="store_true", help="store snapshots in bfloat16 (haba format; half the size)")
-    p.add_argument("--batch-standardize", "--batch_standardize", dest="batch_standardize", action="store_true",
-                   help="standardize every batch by its own mean/std (HaBa's expert training)")
-    p.add_argument("--test-every", "--test_every", dest="test_every", type=int, default=1,
-                   help="test accuracy every N epochs (0: only after the last; default 1)")
+    p.add_argument(
+        "--batch-standardize",
+        "--batch_standardize",
+        dest="batch_standardize",
+        action="store_true",
+        help="standardize every batch by its own mean/std (HaBa's expert training)",
+    )
+    p.add_argument(
+        "--test-every",
+        "--test_every",
+        dest="test_every",
+        type=int,
+        default=1,
+        help="test accuracy every N epochs (0: only after the last; default 1)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="base seed; expert i is seeded from (seed, i) (default 0)")
-    p.add_argument("--subset-per-class", "--subset_per_class", dest="subset_per_class", type=int, default=None,
-                   help="train on only N images per class")
-    p.add_argument("--out", default=None,
-                   help="write here instead of <buffer_path>/<DATASET>[_NO_ZCA]/<model>")
-    p.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="do not continue a run found in the output directory")
+    p.add_argument(
+        "--subset-per-class",
+        "--subset_per_class",
+        dest="subset_per_class",
+        type=int,
+        default=None,
+        help="train on only N images per class",
+    )
+    p.add_argument("--out", default=None, help="write here instead of <buffer_path>/<DATASET>[_NO_ZCA]/<model>")
+    p.add_argument(
+        "--no-resume", dest="resume", action="store_false", help="do not continue a run found in the output directory"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -114,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     buf = load_buffer(out)
-    print(f"buffer: {buf.num_trajectories} trajectories x {buf.num_epochs + 1} snapshots x {buf.num_params} "
-          f"parameters at {out}")
+    print(
+        f"buffer: {buf.num_trajectories} trajectories x {buf.num_epochs + 1} snapshots x {buf.num_params} "
+        f"parameters at {out}"
+    )
     return 0

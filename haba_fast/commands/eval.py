@@ -17,40 +17,101 @@ from haba_fast.training import DEFAULT_DSA_STRATEGY
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", default=None,
-                   help="our synthetic-set .pt, or a reference checkpoint directory / images_<it>.pt")
-    p.add_argument("--baseline", choices=("random", "herding"), default=None,
-                   help="evaluate a real-image coreset instead of a checkpoint (needs --ipc)")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        default=None,
+        help="our synthetic-set .pt, or a reference checkpoint directory / images_<it>.pt",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("random", "herding"),
+        default=None,
+        help="evaluate a real-image coreset instead of a checkpoint (needs --ipc)",
+    )
     p.add_argument("--ipc", type=int, default=None, help="images per class of the --baseline coreset")
-    p.add_argument("--herding-features", dest="herding_features", choices=("embedding", "pixels"),
-                   default="embedding", help="herding feature space (random ConvNet embedding, or pixels)")
-    p.add_argument("--dataset", default=None,
-                   help="dataset to test on (default: the checkpoint's, else digits)")
+    p.add_argument(
+        "--herding-features",
+        dest="herding_features",
+        choices=("embedding", "pixels"),
+        default="embedding",
+        help="herding feature space (random ConvNet embedding, or pixels)",
+    )
+    p.add_argument("--dataset", default=None, help="dataset to test on (default: the checkpoint's, else digits)")
     p.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="folder with the dataset files")
     p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten (default: as the checkpoint records)")
-    p.add_argument("--subset-per-class", "--subset_per_class", dest="subset_per_class", type=int, default=None,
-                   help="real training images per class to keep (coreset baselines draw from them)")
-    p.add_argument("--models", default="ConvNet",
-                   help="comma-separated architectures, e.g. ConvNet,AlexNet,VGG11,ResNet18 (default ConvNet)")
+    p.add_argument(
+        "--subset-per-class",
+        "--subset_per_class",
+        dest="subset_per_class",
+        type=int,
+        default=None,
+        help="real training images per class to keep (coreset baselines draw from them)",
+    )
+    p.add_argument(
+        "--models",
+        default="ConvNet",
+        help="comma-separated architectures, e.g. ConvNet,AlexNet,VGG11,ResNet18 (default ConvNet)",
+    )
     p.add_argument("--num-eval", "--num_eval", dest="num_eval", type=int, default=5, help="repeats per model (5)")
-    p.add_argument("--epochs", "--epoch_eval_train", "--epoch-eval-train", dest="epochs", type=int, default=1000,
-                   help="training epochs per network (1000)")
-    p.add_argument("--lr", "--lr_net", dest="lr", type=float, default=None,
-                   help="training lr (default: the checkpoint's learned lr, else 0.01)")
-    p.add_argument("--batch-size", "--batch_train", "--batch-train", dest="batch_size", type=int, default=256,
-                   help="training batch (256)")
+    p.add_argument(
+        "--epochs",
+        "--epoch_eval_train",
+        "--epoch-eval-train",
+        dest="epochs",
+        type=int,
+        default=1000,
+        help="training epochs per network (1000)",
+    )
+    p.add_argument(
+        "--lr",
+        "--lr_net",
+        dest="lr",
+        type=float,
+        default=None,
+        help="training lr (default: the checkpoint's learned lr, else 0.01)",
+    )
+    p.add_argument(
+        "--batch-size",
+        "--batch_train",
+        "--batch-train",
+        dest="batch_size",
+        type=int,
+        default=256,
+        help="training batch (256)",
+    )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=5e-4, help="SGD weight decay (5e-4)")
-    p.add_argument("--dsa-strategy", "--dsa_strategy", dest="dsa_strategy", default=DEFAULT_DSA_STRATEGY,
-                   help="DSA families (default: all six); 'none' turns DSA off")
+    p.add_argument(
+        "--dsa-strategy",
+        "--dsa_strategy",
+        dest="dsa_strategy",
+        default=DEFAULT_DSA_STRATEGY,
+        help="DSA families (default: all six); 'none' turns DSA off",
+    )
     p.add_argument("--no-dsa", dest="dsa", action="store_false", help="train without augmentation")
-    p.add_argument("--lr-schedule", dest="lr_schedule", choices=("half", "none"), default="half",
-                   help="half: lr x0.1 at half of training (default)")
-    p.add_argument("--batch-standardize", "--batch_standardize", dest="batch_standardize", action="store_true",
-                   help="HaBa's per-batch standardization (train and test)")
+    p.add_argument(
+        "--lr-schedule",
+        dest="lr_schedule",
+        choices=("half", "none"),
+        default="half",
+        help="half: lr x0.1 at half of training (default)",
+    )
+    p.add_argument(
+        "--batch-standardize",
+        "--batch_standardize",
+        dest="batch_standardize",
+        action="store_true",
+        help="HaBa's per-batch standardization (train and test)",
+    )
     p.add_argument("--it", default="best", help="iteration to read from a reference checkpoint directory (best)")
-    p.add_argument("--num-classes", dest="num_classes", type=int, default=None,
-                   help="classes of a reference checkpoint (default: the dataset's)")
+    p.add_argument(
+        "--num-classes",
+        dest="num_classes",
+        type=int,
+        default=None,
+        help="classes of a reference checkpoint (default: the dataset's)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of network inits, shuffling and augmentation (0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
@@ -58,8 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a synthetic set or a coreset baseline", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a synthetic set or a coreset baseline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -105,12 +170,21 @@ def run(args: argparse.Namespace) -> int:
         label = type(syn).__name__
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
-    ds = data.load(dataset_name, args.data_path, zca=zca, subset_per_class=args.subset_per_class,
-                   generator=torch.Generator().manual_seed(args.seed))
-    if syn is not None and args.num_classes is None and "dataset" not in meta:
-        # A reference checkpoint does not record K; load_synthetic assumed 10. Use the dataset's.
-        if getattr(syn, "num_classes", ds.num_classes) != ds.num_classes:
-            syn = load_synthetic(args.checkpoint, it=kwargs["it"], num_classes=ds.num_classes)
+    ds = data.load(
+        dataset_name,
+        args.data_path,
+        zca=zca,
+        subset_per_class=args.subset_per_class,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    # A reference checkpoint does not record K (load_synthetic assumed 10): use the dataset's.
+    if (
+        syn is not None
+        and args.num_classes is None
+        and "dataset" not in meta
+        and getattr(syn, "num_classes", ds.num_classes) != ds.num_classes
+    ):
+        syn = load_synthetic(args.checkpoint, it=kwargs["it"], num_classes=ds.num_classes)
     if syn is None:
         syn = coreset(ds, args.ipc, args.baseline, generator=g, features=args.herding_features)
         label = f"{args.baseline} coreset ipc {args.ipc}"

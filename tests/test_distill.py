@@ -1,0 +1,334 @@
+"""The distillation iteration, the run loop (checkpoints, resume, divergence) and `haba-fast distill` flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from haba_fast import data
+from haba_fast.distill import (
+    PRESETS,
+    DistillConfig,
+    Distiller,
+    DivergenceError,
+    distill,
+    eval_iterations,
+)
+
+MODEL = "ConvNetW32"
+
+
+class ToyBuffer:
+    """Expert trajectories computed here by plain SGD (no augmentation): the in-memory buffer interface."""
+
+    def __init__(self, snaps):
+        self.snaps = snaps  # [T, E+1, P]
+        self.num_trajectories, self.num_epochs = snaps.shape[0], snaps.shape[1] - 1
+
+    def snapshot(self, traj, epoch):
+        return self.snaps[traj, epoch].clone()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits", subset_per_class=30, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def buffer(digits):
+    from haba_fast.models import flatten_params, functional_forward, get_network
+
+    g = torch.Generator().manual_seed(0)
+    net = get_network(MODEL, digits.channels, digits.num_classes, digits.im_size, generator=g)
+    trajs = []
+    for _ in range(2):
+        w = flatten_params(net) + 0.01 * torch.randn(flatten_params(net).shape, generator=g)
+        snaps = [w.clone()]
+        for _epoch in range(4):
+            for _ in range(4):
+                idx = torch.randint(digits.train_labels.numel(), (64,), generator=g)
+                w = w.requires_grad_(True)
+                loss = F.cross_entropy(functional_forward(net, w, digits.train_images[idx]), digits.train_labels[idx])
+                (grad,) = torch.autograd.grad(loss, w)
+                w = (w - 0.05 * grad).detach()
+            snaps.append(w.clone())
+        trajs.append(torch.stack(snaps))
+    return ToyBuffer(torch.stack(trajs))
+
+
+def _cfg(**kw):
+    base = dict(dataset="digits", model=MODEL, ipc=1, n_hallucinators=3, syn_steps=4, expert_epochs=1,
+                max_start_epoch=2, iterations=3, engine="naive", device="cpu", num_eval=0, lr_img=100.0,
+                lr_style=100.0, lr_lr=1e-5, seed=0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The iteration
+
+
+def test_step_updates_every_parameter(digits, buffer):
+    d = Distiller(_cfg(), digits, buffer)
+    before = {n: p.detach().clone() for n, p in d.synthetic.named_parameters()}
+    adv_before = [p.detach().clone() for p in d.adversary.parameters()]
+    lr_before = d.syn_lr.item()
+    m = d.step()
+    for key in ("loss", "club", "grand", "adv_loss", "adv_cls", "adv_likeli", "adv_contrast", "syn_lr", "start_epoch"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["grand"] == pytest.approx(m["loss"] + m["club"], rel=1e-5)
+    for n, p in d.synthetic.named_parameters():
+        assert torch.isfinite(p).all() and not torch.equal(p, before[n]), n
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+    assert d.syn_lr.item() != lr_before and d.syn_lr.grad is not None and torch.isfinite(d.syn_lr.grad)
+    assert any(not torch.equal(p, q) for p, q in zip(d.adversary.parameters(), adv_before))
+    assert d.iteration == 1
+
+
+def test_pixels_step_has_no_adversary(digits, buffer):
+    d = Distiller(_cfg(parameterization="pixels", ipc=2), digits, buffer)
+    before = d.synthetic.images.detach().clone()
+    m = d.step()
+    assert d.adversary is None and "club" not in m
+    assert not torch.equal(before, d.synthetic.images)
+
+
+@pytest.mark.parametrize("parameterization", ["pixels", "haba"])
+def test_loss_decreases_on_a_fixed_toy_problem(digits, buffer, parameterization):
+    # One trajectory, one start epoch, no augmentation, all bases in every step: the objective is deterministic
+    # up to the hallucinator draws, so distillation must lower it.
+    cfg = _cfg(parameterization=parameterization, ipc=2, max_start_epoch=1, dsa=False, syn_steps=4, lr_img=1000.0,
+               lr_style=1000.0, lr_lr=0.0, lambda_club_content=0.0, n_hallucinators=2)
+    one = ToyBuffer(buffer.snaps[:1])
+    d = Distiller(cfg, digits, one)
+    losses = [d.step()["loss"] for _ in range(12)]
+    assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses
+
+
+def test_min_lr_floor(digits, buffer):
+    d = Distiller(_cfg(lr_teacher=0.002, min_lr=0.0015, lr_lr=1e3), digits, buffer)
+    for _ in range(2):
+        d.step()
+        assert d.syn_lr.item() >= 0.0015 - 1e-9
+
+
+def test_budget_ipc_chooses_bpc(digits, buffer):
+    from haba_fast.factorization import budget_bpc
+
+    d = Distiller(_cfg(budget_ipc=3, n_hallucinators=2), digits, buffer)
+    assert d.synthetic.bpc == budget_bpc(3, 2, 3, 1, 1, (8, 8), num_classes=10) == 2
+    s = d.synthetic.storage(digits.train_labels.numel())
+    assert s.floats <= 10 * 3 * 64
+
+
+def test_plan_replays_exactly(digits, buffer):
+    # Two distillers with the same seed draw the same plans, so they produce identical iterations.
+    a, b = Distiller(_cfg(), digits, buffer), Distiller(_cfg(), digits, buffer)
+    for _ in range(2):
+        ma, mb = a.step(), b.step()
+        assert ma == mb
+    assert torch.equal(a.synthetic.bases, b.synthetic.bases)
+
+
+def test_identical_snapshots_are_reported(digits, buffer):
+    aliased = ToyBuffer(buffer.snaps[:, -1:].expand(-1, 5, -1).clone())  # the reference's CPU aliasing bug
+    d = Distiller(_cfg(), digits, aliased)
+    with pytest.raises(ValueError, match="identical"):
+        d.step()
+
+
+def test_buffer_for_another_model_is_reported(digits, buffer):
+    with pytest.raises(ValueError, match="parameters per snapshot"):
+        Distiller(_cfg(model="ConvNetW64"), digits, buffer)
+    with pytest.raises(ValueError, match="max_start_epoch"):
+        Distiller(_cfg(max_start_epoch=4, expert_epochs=2), digits, buffer)
+
+
+def test_divergence_stops_before_updating(digits, buffer):
+    d = Distiller(_cfg(), digits, buffer)
+    with torch.no_grad():
+        d.syn_lr.fill_(1e9)
+    before = d.synthetic.bases.detach().clone()
+    with pytest.raises(DivergenceError, match="lower --lr_img"):
+        d.step()
+    assert torch.equal(before, d.synthetic.bases) and d.iteration == 0
+
+
+def test_state_dict_roundtrip(digits, buffer):
+    a = Distiller(_cfg(), digits, buffer)
+    a.step()
+    state = a.state_dict()
+    b = Distiller(_cfg(seed=5), digits, buffer)
+    b.load_state_dict(state)
+    assert a.step() == b.step()
+    with pytest.raises(ValueError, match="n_hallucinators"):
+        Distiller(_cfg(n_hallucinators=2), digits, buffer).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run loop
+
+
+class Kill(Exception):
+    pass
+
+
+def test_checkpoint_kill_and_resume(digits, buffer, tmp_path):
+    from haba_fast.factorization import HaBa, load_synthetic
+
+    cfg = _cfg(iterations=4, checkpoint_every=2)
+    full = distill(cfg, digits, buffer, tmp_path / "full", progress=False, log=lambda s: None)
+
+    def killer(distiller, metrics):
+        if distiller.iteration == 3:
+            raise Kill()
+
+    run = tmp_path / "run"
+    with pytest.raises(Kill):
+        distill(cfg, digits, buffer, run, progress=False, log=lambda s: None, on_iteration=killer)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 2
+    with pytest.raises(ValueError, match="--resume"):
+        distill(cfg, digits, buffer, run, progress=False, log=lambda s: None)
+    logs = []
+    res = distill(cfg, digits, buffer, run, resume=True, progress=False, log=logs.append)
+    assert any("resuming" in s and "iteration 2" in s for s in logs)
+    assert res.iterations == 4
+    # the resumed run continues exactly where the saved one stopped
+    torch.testing.assert_close(res.synthetic.bases, full.synthetic.bases)
+    assert res.syn_lr == pytest.approx(full.syn_lr)
+    hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in hist] == [0, 1, 2, 3]
+    # our format and the reference format are both there and agree
+    ours = load_synthetic(run / "synthetic_4.pt")
+    ref = HaBa.load_reference_dir(run / "reference", it=4, num_classes=10)
+    torch.testing.assert_close(ours.bases, res.synthetic.bases.detach())
+    torch.testing.assert_close(ref.bases, res.synthetic.bases.detach())
+    assert (run / "reference" / "syn_lr_2.pt").exists() and (run / "synthetic.png").stat().st_size > 0
+
+
+def test_divergence_keeps_last_good_checkpoint(digits, buffer, tmp_path):
+    def blow_up(distiller, metrics):
+        if distiller.iteration == 1:
+            with torch.no_grad():
+                distiller.syn_lr.fill_(1e9)
+
+    cfg = _cfg(iterations=3, checkpoint_every=1)
+    with pytest.raises(DivergenceError, match="last good checkpoint"):
+        distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None, on_iteration=blow_up)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 1 and math.isfinite(float(state["syn_lr"]))
+
+
+def test_periodic_evaluation(digits, buffer, tmp_path):
+    cfg = _cfg(iterations=2, eval_it=1, num_eval=1, epoch_eval_train=2)
+    res = distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None)
+    assert [e["iteration"] for e in res.evaluations] == [1, 2]
+    assert 0.0 <= res.evaluations[-1][MODEL]["mean"] <= 1.0
+    assert (tmp_path / "synthetic_best.pt").exists() and (tmp_path / "reference" / "weights_best.pt").exists()
+
+
+def test_eval_iterations_follow_the_reference():
+    assert eval_iterations(DistillConfig(iterations=1000, eval_it=50)) == [900, 950, 1000]
+    assert eval_iterations(DistillConfig(iterations=10, eval_it=100)) == [9, 10]  # np.arange(9, 11, 100) + the end
+    assert eval_iterations(DistillConfig(iterations=10, num_eval=0)) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flags
+
+
+def _parse(argv):
+    from haba_fast.cli import build_parser
+    from haba_fast.commands.distill import config_from_args
+
+    args = build_parser().parse_args(["distill", *argv])
+    return args, config_from_args(args)
+
+
+REF = ["--dataset=CIFAR10", "--ipc=10", "--n_style=5", "--syn_steps=30", "--expert_epochs=2", "--max_start_epoch=20",
+       "--zca", "--lr_img=100", "--lr_lr=1e-05", "--pix_init", "real", "--lr_teacher=0.001", "--buffer_path=/b",
+       "--data_path=/d", "--lr_style", "100", "--lambda_club_content", "0.1", "--lambda_contrast_content", "0.1",
+       "--lambda_cls_content", "1.", "--lambda_likeli_content", "0.1", "--batch_syn", "50", "--Iteration", "7",
+       "--eval_it", "3", "--num_eval", "2", "--epoch_eval_train", "9", "--single_channel", "--dsa_strategy",
+       "color_crop", "--dsa", "False", "--no_aug", "True", "--eval_mode", "S", "--batch_real", "128",
+       "--batch_train", "64", "--max_files", "1", "--max_experts", "2", "--load_all", "--force_save"]
+OURS = ["--dataset", "cifar10", "--bpc", "10", "--n-style", "5", "--syn-steps", "30", "--expert-epochs", "2",
+        "--max-start-epoch", "20", "--zca", "--lr-img", "100", "--lr-lr", "1e-5", "--pix-init", "real", "--lr-teacher",
+        "0.001", "--buffer-path", "/b", "--data-path", "/d", "--lr-style", "100", "--lambda-club-content", "0.1",
+        "--lambda-contrast-content", "0.1", "--lambda-cls-content", "1", "--lambda-likeli-content", "0.1",
+        "--batch-syn", "50", "--iterations", "7", "--eval-it", "3", "--num-eval", "2", "--epoch-eval-train", "9",
+        "--single-channel", "--dsa-strategy", "color_crop", "--dsa", "false", "--no-aug", "--eval-mode", "S",
+        "--batch-real", "128", "--batch-train", "64", "--max-files", "1", "--max-experts", "2", "--load-all",
+        "--force-save"]
+
+
+def test_both_spellings_give_the_same_config():
+    _, a = _parse(REF)
+    _, b = _parse(OURS)
+    assert a == b
+    assert (a.dataset, a.ipc, a.n_hallucinators, a.iterations, a.zca, a.single_channel, a.dsa, a.no_aug) == (
+        "cifar10", 10, 5, 7, True, True, False, True)
+    assert a.lr_lr == 1e-5 and a.batch_syn == 50 and a.dsa_strategy == "color_crop"
+
+
+def test_defaults_are_the_reference_ones():
+    _, cfg = _parse(["--dataset", "cifar10"])
+    assert dataclasses.replace(cfg, dataset="cifar10") == DistillConfig()
+    d = DistillConfig()
+    assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_teacher, d.lr_style) == (
+        64, 3, 25, 100.0, 1e-5, 0.01, 100.0)
+    assert (d.lambda_club_content, d.lambda_likeli_content, d.lambda_cls_content, d.lambda_contrast_content) == (
+        0.1, 1.0, 1.0, 1.0)
+    assert d.min_lr == 0.001 and d.iterations == 15000 and d.num_eval == 5 and d.epoch_eval_train == 1000
+
+
+def test_presets_and_overrides():
+    _, cfg = _parse(["--preset", "cifar10-ipc1"])
+    assert (cfg.dataset, cfg.ipc, cfg.syn_steps, cfg.max_start_epoch, cfg.lr_lr, cfg.zca) == (
+        "cifar10", 1, 50, 2, 1e-7, True)
+    assert cfg.lambda_likeli_content == 0.1 and cfg.lambda_contrast_content == 0.1
+    _, cfg = _parse(["--preset", "cifar10-ipc10", "--syn_steps", "12"])
+    assert cfg.syn_steps == 12 and cfg.lr_teacher == 0.001 and cfg.ipc == 10
+    assert PRESETS["cifar10-ipc50"]["ipc"] == 50 and PRESETS["cifar10-ipc50"]["lr_teacher"] == 0.01
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--dataset", "imagenet1k"], "unknown --dataset"),
+        (["--dataset", "digits", "--dsa_strategy", "color_bogus"], "bogus"),
+        (["--dataset", "digits", "--ipc", "0"], "--ipc"),
+        (["--dataset", "digits", "--lr_img", "-1"], "lr_img"),
+    ],
+)
+def test_bad_values_raise_value_error(argv, match):
+    with pytest.raises(ValueError, match=match):
+        _parse(argv)
+
+
+@pytest.mark.parametrize("argv", [["--pix_init", "zeros"], ["--engine", "fast"], ["--dsa", "maybe"],
+                                  ["--parameterization", "dct"], ["--preset", "cifar100-ipc1"], ["--ipc", "two"]])
+def test_bad_choices_are_argparse_errors(argv, capsys):
+    from haba_fast.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", *argv])
+    assert "error" in capsys.readouterr().err
+
+
+def test_no_dataset_runs_the_demo(monkeypatch):
+    import haba_fast.demo as demo_mod
+    from haba_fast.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo_mod, "run_demo", lambda demo: seen.setdefault("demo", demo))
+    assert main(["distill", "--out", "x/y", "--Iteration", "5", "--lr_img", "7", "--no-progress"]) == 0
+    d = seen["demo"]
+    assert (d.out, d.iterations, d.haba_lr_img, d.progress) == ("x/y", 5, 7.0, False)
+    assert main(["distill", "--zca"]) == 2  # a flag the demo cannot honour: a clear error, exit 2
