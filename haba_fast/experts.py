@@ -17,11 +17,13 @@ Two on-disk formats:
 
 Snapshots are copies. The reference takes them with ``p.detach().cpu()``, which on a CPU returns the
 live parameter itself, so every snapshot of a CPU-trained expert equals its final weights and
-distillation divides by a zero distance; here every snapshot is ``detach().clone()``-d (see
+distillation divides by a zero distance; here every snapshot is a copy (``p.detach().to('cpu', copy=True)``; see
 ``tests/test_experts.py::test_snapshots_are_copies``).
 
 Every file is written atomically (``haba_fast.io``) as its expert finishes, so a killed run loses at
 most the expert in progress; rerunning with ``resume=True`` continues from the last finished expert.
+Progress lives in ``experts.json`` (haba format) or ``progress.json`` plus one ``pending_expert_<i>.pt``
+per finished expert not yet grouped into a replay buffer file (reference format).
 Expert ``i`` uses its own generator seeded from ``(cfg.seed, i)``, so a resumed run writes the same
 trajectories as an uninterrupted one.
 """
@@ -479,7 +481,7 @@ class _ReferenceWriter:
             path = out_dir / name
             try:
                 traj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any unreadable file means the same thing here
+            except Exception as exc:  # any unreadable file means the same thing here
                 raise ValueError(
                     f"expert progress {out_dir / PROGRESS_NAME} lists the finished expert {path}, which is missing or "
                     f"corrupt ({type(exc).__name__}); delete {PROGRESS_NAME} to start over"

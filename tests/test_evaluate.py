@@ -277,3 +277,30 @@ def test_cli_eval_baseline_json_and_checkpoint(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing.pt"), "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert "--ipc" in err and "not found" in err
+
+
+def test_cli_eval_reference_checkpoint_directory(tmp_path, capsys):
+    from haba_fast.cli import main
+
+    syn = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    syn.to_reference(tmp_path / "run", it=5, lr=0.03)  # images_5.pt, styles_5.pt, syn_lr_5.pt
+    rc = main(
+        [
+            "eval",
+            str(tmp_path / "run"),
+            "--it",
+            "5",
+            "--models",
+            MODEL,
+            "--num-eval",
+            "1",
+            "--epochs",
+            "1",
+            "--json",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] == "HaBa" and out["lr"] == pytest.approx(0.03) and out["num_samples"] == 10

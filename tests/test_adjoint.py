@@ -1,0 +1,220 @@
+"""The adjoint engines (haba_fast.adjoint): exact == the create-graph unroll; first-order is an approximation.
+
+The oracle is ``naive_unroll`` below: a straightforward create-graph unroll through
+``haba_fast.models.functional_forward``, written here so these tests do not depend on another engine.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from haba_fast import adjoint
+from haba_fast.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
+from haba_fast.models import ConvNetSpec, build_convnet, flatten_params, functional_forward, get_network
+
+
+def naive_unroll(model, X, Y, w_start, w_target, lr):
+    """Oracle: N SGD steps with create_graph=True, loss ||w_N - w*||^2 / ||w_start - w*||^2."""
+    w = w_start.detach().clone().requires_grad_(True)
+    for t in range(X.shape[0]):
+        ce = F.cross_entropy(functional_forward(model, w, X[t]), Y[t])
+        (g,) = torch.autograd.grad(ce, w, create_graph=True)
+        w = w - lr * g
+    return (w - w_target).pow(2).sum() / (w_start - w_target).pow(2).sum()
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def make_problem(model, n_steps, batch, im_size, dtype, seed=0, spread=0.1):
+    """Random (X, Y, w_start, w_target) for ``model`` (w_start = the model's init, w_target nearby)."""
+    g = torch.Generator().manual_seed(seed)
+    w_start = flatten_params(model).to(dtype)
+    w_target = w_start + spread * torch.randn(w_start.shape, generator=g, dtype=dtype)
+    channels = model.channel
+    X = torch.randn(n_steps, batch, channels, *im_size, generator=g, dtype=dtype)
+    Y = torch.randint(0, model.num_classes, (n_steps, batch), generator=g)
+    return X, Y, w_start, w_target
+
+
+def grads(engine, model, X, Y, w_start, w_target, lr_value=0.05):
+    """(loss, dL/dX, dL/dlr) of one engine call."""
+    Xr = X.clone().requires_grad_(True)
+    lr = torch.tensor(lr_value, dtype=X.dtype, device=X.device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = engine(model, Xr, Y, w_start, w_target, lr)
+    loss.backward()
+    return loss.detach(), Xr.grad, lr.grad
+
+
+def _convnet(channel=3, width=8, depth=2, norm="instancenorm", act="relu", pool="avgpooling", im=9, k=5,
+             dtype=torch.float64, seed=0):
+    spec = ConvNetSpec(channel, k, width, depth, norm, act, pool, (im, im))
+    return build_convnet(spec, torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class _MLPStudent(nn.Module):
+    """A student outside the ConvNet family (the Python engine must take it)."""
+
+    def __init__(self, channel=1, im=5, k=4):
+        super().__init__()
+        self.channel, self.num_classes = channel, k
+        self.fc1 = nn.Linear(channel * im * im, 7)
+        self.fc2 = nn.Linear(7, k)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(norm="instancenorm", act="relu", pool="avgpooling", depth=1, im=8, steps=1, batch=3),
+        dict(norm="groupnorm", act="sigmoid", pool="maxpooling", depth=2, im=9, steps=3, batch=5),
+        dict(norm="layernorm", act="leakyrelu", pool="none", depth=2, im=7, steps=2, batch=3),
+        dict(norm="none", act="relu", pool="avgpooling", depth=3, im=11, steps=4, batch=1),
+        dict(norm="batchnorm", act="relu", pool="avgpooling", depth=2, im=8, steps=3, batch=3),
+        dict(norm="instancenorm", act="relu", pool="avgpooling", depth=2, im=8, steps=2, batch=3, channel=1),
+    ],
+    ids=lambda c: "-".join(str(v) for v in c.values()),
+)
+def test_python_exact_matches_naive_float64(cfg):
+    cfg = dict(cfg)
+    steps, batch = cfg.pop("steps"), cfg.pop("batch")
+    model = _convnet(**cfg)
+    X, Y, ws, wt = make_problem(model, steps, batch, model.im_size, torch.float64)
+    ref = grads(naive_unroll, model, X, Y, ws, wt)
+    eng = get_adjoint_engine("exact", backend="python")
+    out = grads(eng, model, X, Y, ws, wt)
+    assert eng.last_backend == "python"
+    assert rel_err(out[0], ref[0]) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-9
+    assert rel_err(out[2], ref[2]) < 1e-9
+
+
+def test_python_exact_any_module_float32():
+    model = _MLPStudent()
+    X, Y, ws, wt = make_problem(model, 5, 7, (5, 5), torch.float32, spread=0.5)
+    ref = grads(naive_unroll, model, X.double(), Y, ws.double(), wt.double(), lr_value=0.3)
+    eng = ExactEngine()  # auto: not a ConvNet -> Python
+    out = grads(eng, model, X, Y, ws, wt, lr_value=0.3)
+    assert eng.last_backend == "python"
+    assert rel_err(out[1].double(), ref[1]) < 1e-4
+    assert rel_err(out[2].double(), ref[2]) < 1e-4
+
+
+def test_reference_network_outside_convnet_family():
+    model = get_network("MLP", 1, 3, (6, 6), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    X, Y, ws, wt = make_problem(model, 3, 4, (6, 6), torch.float64)
+    ref = grads(naive_unroll, model, X, Y, ws, wt)
+    out = grads(get_adjoint_engine("exact"), model, X, Y, ws, wt)
+    assert rel_err(out[1], ref[1]) < 1e-9 and rel_err(out[2], ref[2]) < 1e-9
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_first_order_is_an_approximation(backend):
+    model = _convnet(depth=2, im=8)
+    X, Y, ws, wt = make_problem(model, 4, 3, model.im_size, torch.float64)
+    exact = grads(get_adjoint_engine("exact", backend), model, X, Y, ws, wt, lr_value=0.2)
+    approx = grads(get_adjoint_engine("first-order", backend), model, X, Y, ws, wt, lr_value=0.2)
+    assert torch.equal(exact[0], approx[0]) or rel_err(approx[0], exact[0]) < 1e-12  # same forward
+    assert rel_err(approx[1], exact[1]) > 1e-3  # dropping the Hessian term changes dL/dX
+    # At N = 1 there is no later step to couple to: first-order is exact.
+    e1 = grads(get_adjoint_engine("exact", backend), model, X[:1], Y[:1], ws, wt)
+    a1 = grads(get_adjoint_engine("first-order", backend), model, X[:1], Y[:1], ws, wt)
+    assert rel_err(a1[1], e1[1]) < 1e-12 and rel_err(a1[2], e1[2]) < 1e-12
+
+
+def test_first_order_says_it_is_approximate(monkeypatch):
+    monkeypatch.setattr(adjoint, "_warned_first_order", False)
+    eng = get_adjoint_engine("first_order")
+    assert isinstance(eng, FirstOrderEngine) and eng.approximate and eng.name == "first-order"
+    assert "APPROXIMATION" in FirstOrderEngine.__doc__
+    model = _convnet(depth=1, im=8)
+    X, Y, ws, wt = make_problem(model, 2, 2, model.im_size, torch.float64)
+    with pytest.warns(UserWarning, match="APPROXIMATION"):
+        eng(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
+    assert not get_adjoint_engine("exact").approximate
+
+
+def test_gradient_flows_to_what_produced_X():
+    """dL/dX reaches the parameters upstream of X (bases/hallucinators in HaBa), as with the naive unroll."""
+    model = _convnet(depth=1, im=8)
+    _, Y, ws, wt = make_problem(model, 3, 2, model.im_size, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 2, 3, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    results = []
+    for eng in (naive_unroll, get_adjoint_engine("exact", "python"), get_adjoint_engine("exact", "auto")):
+        loss = eng(model, torch.tanh(base) * scale, Y, ws, wt, lr)
+        results.append(torch.autograd.grad(loss, [base, scale]))
+    for r in results[1:]:
+        assert rel_err(r[0], results[0][0]) < 1e-9 and rel_err(r[1], results[0][1]) < 1e-9
+
+
+def test_lr_not_requiring_grad_and_float_lr():
+    model = _convnet(depth=1, im=8)
+    X, Y, ws, wt = make_problem(model, 2, 2, model.im_size, torch.float64)
+    eng = get_adjoint_engine("exact", "python")
+    a = eng(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
+    b = eng(model, X, Y, ws, wt, 0.1)
+    assert torch.allclose(a, b) and a.dim() == 0
+
+
+@pytest.mark.parametrize("backend", ["python", "auto"])
+def test_bad_inputs_raise_clear_errors(backend):
+    model = _convnet(depth=1, im=8, k=5)
+    X, Y, ws, wt = make_problem(model, 2, 3, model.im_size, torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    eng = get_adjoint_engine("exact", backend)
+    with pytest.raises(ValueError, match="w_start"):
+        eng(model, X, Y, ws[:-1], wt, lr)
+    with pytest.raises(ValueError, match="Y must be"):
+        eng(model, X, Y[:, :2], ws, wt, lr)
+    with pytest.raises(ValueError, match="X must be"):
+        eng(model, X[0], Y, ws, wt, lr)
+    with pytest.raises(TypeError, match="int64"):
+        eng(model, X, Y.float(), ws, wt, lr)
+    bad = X.clone()
+    bad[1, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        eng(model, bad, Y, ws, wt, lr)
+    with pytest.raises(ValueError, match="identical"):
+        eng(model, X, Y, ws, ws.clone(), lr)
+    with pytest.raises(ValueError, match="labels"):
+        eng(model, X, Y + 5, ws, wt, lr)
+    with pytest.raises(ValueError, match="lr"):
+        eng(model, X, Y, ws, wt, torch.tensor(float("inf"), dtype=torch.float64))
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown adjoint engine"):
+        get_adjoint_engine("naive")
+    with pytest.raises(ValueError, match="unknown adjoint backend"):
+        get_adjoint_engine("exact", backend="gpu")
+
+
+def test_cpp_backend_refuses_what_it_cannot_run():
+    eng = get_adjoint_engine("exact", backend="cpp")
+    model = _MLPStudent()
+    X, Y, ws, wt = make_problem(model, 1, 2, (5, 5), torch.float64)
+    with pytest.raises(ValueError, match="backend 'cpp' cannot run"):
+        eng(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
+
+
+def test_trajectory_module_gets_these_engines():
+    from haba_fast.trajectory import get_engine
+
+    assert isinstance(get_engine("exact"), ExactEngine)
+    assert isinstance(get_engine("first-order"), FirstOrderEngine)

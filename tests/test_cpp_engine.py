@@ -1,0 +1,191 @@
+"""The C++ trajectory engine (csrc/trajectory.cpp): torch.ops.haba_fast.trajectory_match and its pieces.
+
+Oracles: the create-graph unroll ``naive_unroll`` (tests/test_adjoint.py) for whole trajectories, and autograd's
+double backward through ``functional_forward`` for one step's gradient and Hessian-vector products. Both the fused
+CPU loops and the ATen-only (device-generic) path are checked (``HABA_FAST_TRAJECTORY_FUSED=0`` selects the latter).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from utils import devices, requires_ext
+
+from haba_fast._ext import has_op
+from haba_fast.adjoint import cpp_spec, get_adjoint_engine
+from haba_fast.models import functional_forward
+
+pytestmark = [
+    requires_ext,
+    pytest.mark.skipif(not has_op("trajectory_match"), reason="C++ extension without trajectory_match"),
+]
+
+PATHS = ["fused", "composite"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
+def autograd_step(model, w, x, y, lam):
+    """(g, h_w, h_x) by autograd's double backward: the oracle of trajectory_step_hvp."""
+    w = w.clone().requires_grad_(True)
+    x = x.clone().requires_grad_(True)
+    ce = F.cross_entropy(functional_forward(model, w, x), y)
+    (g,) = torch.autograd.grad(ce, w, create_graph=True)
+    hw, hx = torch.autograd.grad(g, [w, x], grad_outputs=lam)
+    return g.detach(), hw, hx
+
+
+NORMS = ["instancenorm", "groupnorm", "layernorm", "none"]
+ACTS = ["relu", "sigmoid", "leakyrelu"]
+POOLS = ["avgpooling", "maxpooling", "none"]
+
+
+@pytest.mark.parametrize("norm,act,pool", list(itertools.product(NORMS, ACTS, POOLS)))
+def test_step_hvp_matches_autograd_float64(norm, act, pool, path):
+    model = _convnet(width=8, depth=2, norm=norm, act=act, pool=pool, im=9)
+    g = torch.Generator().manual_seed(1)
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    w = w + 0.2 * torch.randn(w.shape, generator=g, dtype=w.dtype)  # away from the init (norm affine != 1, 0)
+    x = torch.randn(5, 3, 9, 9, generator=g, dtype=w.dtype)
+    y = torch.randint(0, model.num_classes, (5,), generator=g)
+    lam = torch.randn(w.shape, generator=g, dtype=w.dtype)
+    got = torch.ops.haba_fast.trajectory_step_hvp(w, x, y, lam, cpp_spec(model))
+    ref = autograd_step(model, w, x, y, lam)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-9
+
+
+CONFIGS = [
+    # (channel, width, depth, norm, act, pool, im, steps, batch)
+    (3, 8, 1, "instancenorm", "relu", "avgpooling", 8, 1, 3),
+    (1, 8, 2, "instancenorm", "relu", "avgpooling", 8, 3, 5),
+    (3, 8, 3, "groupnorm", "leakyrelu", "maxpooling", 16, 2, 3),
+    (3, 12, 2, "layernorm", "sigmoid", "avgpooling", 11, 4, 7),
+    (1, 8, 2, "none", "relu", "none", 13, 8, 3),
+    (3, 8, 3, "instancenorm", "relu", "avgpooling", 32, 2, 3),
+    (3, 16, 2, "groupnorm", "sigmoid", "none", 9, 5, 1),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_trajectory_matches_naive_float64(cfg, path):
+    c, width, depth, norm, act, pool, im, steps, batch = cfg
+    model = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im)
+    X, Y, ws, wt = make_problem(model, steps, batch, model.im_size, torch.float64)
+    ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
+    eng = get_adjoint_engine("exact", backend="cpp")
+    out = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
+    assert eng.last_backend == "cpp"
+    assert rel_err(out[0], ref[0]) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-9
+    assert rel_err(out[2], ref[2]) < 1e-9
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:4], ids=lambda c: "-".join(map(str, c)))
+def test_trajectory_float32_matches_float64_oracle(cfg, path):
+    c, width, depth, norm, act, pool, im, steps, batch = cfg
+    model64 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im)
+    model32 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im, dtype=torch.float32)
+    X, Y, ws, wt = make_problem(model64, steps, batch, model64.im_size, torch.float64)
+    ref = grads(naive_unroll, model64, X, Y, ws, wt, lr_value=0.1)
+    out = grads(get_adjoint_engine("exact", "cpp"), model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
+    assert out[1].dtype == torch.float32
+    assert rel_err(out[1].double(), ref[1]) < 1e-4
+    assert rel_err(out[2].double(), ref[2]) < 1e-4
+
+
+def test_cpp_equals_python_engine_first_order():
+    model = _convnet(width=8, depth=2, im=9, norm="groupnorm")
+    X, Y, ws, wt = make_problem(model, 4, 3, model.im_size, torch.float64)
+    py = grads(get_adjoint_engine("first-order", "python"), model, X, Y, ws, wt, lr_value=0.2)
+    cpp = grads(get_adjoint_engine("first-order", "cpp"), model, X, Y, ws, wt, lr_value=0.2)
+    exact = grads(get_adjoint_engine("exact", "cpp"), model, X, Y, ws, wt, lr_value=0.2)
+    assert rel_err(cpp[1], py[1]) < 1e-9 and rel_err(cpp[2], py[2]) < 1e-9
+    assert rel_err(cpp[1], exact[1]) > 1e-3
+
+
+def test_batchnorm_convnet_falls_back_to_python():
+    model = _convnet(depth=1, im=8, norm="batchnorm")
+    assert cpp_spec(model) is None
+    eng = get_adjoint_engine("exact")
+    X, Y, ws, wt = make_problem(model, 2, 3, model.im_size, torch.float64)
+    eng(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
+    assert eng.last_backend == "python"
+
+
+def _op_args(dtype=torch.float64, requires_grad=True):
+    model = _convnet(width=8, depth=2, im=9)
+    X, Y, ws, wt = make_problem(model, 3, 4, model.im_size, dtype)
+    lr = torch.tensor(0.05, dtype=dtype, requires_grad=requires_grad)
+    return model, X.requires_grad_(requires_grad), Y, ws, wt, lr
+
+
+def test_opcheck():
+    model, X, Y, ws, wt, lr = _op_args()
+    spec = cpp_spec(model)
+    torch.library.opcheck(torch.ops.haba_fast.trajectory_match.default, (X, Y, ws, wt, lr, spec, False))
+    torch.library.opcheck(torch.ops.haba_fast.trajectory_match_forward.default,
+                          (X.detach(), Y, ws, wt, lr.detach(), spec, True))
+
+
+def test_gradcheck_small():
+    model = _convnet(width=4, depth=1, im=5, norm="instancenorm", act="sigmoid")
+    X, Y, ws, wt = make_problem(model, 2, 2, model.im_size, torch.float64, spread=0.3)
+    spec = cpp_spec(model)
+
+    def f(X, lr):
+        return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr, spec, False)
+
+    X.requires_grad_(True)
+    lr = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (X, lr), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_op_errors_are_runtime_errors_not_crashes():
+    model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
+    spec = cpp_spec(model)
+    op = torch.ops.haba_fast.trajectory_match
+    cases = [
+        ((X, Y, ws[:-3], wt, lr, spec, False), "w_start must be a flat vector of P"),
+        ((X, Y[:, :2], ws, wt, lr, spec, False), "Y must be"),
+        ((X[0], Y, ws, wt, lr, spec, False), "X must be"),
+        ((X, Y, ws, wt, lr, spec[:5], False), "spec must be"),
+        ((X, Y + 100, ws, wt, lr, spec, False), "labels must be in"),
+        ((X.float(), Y, ws, wt, lr, spec, False), "dtype"),
+        ((X, Y, ws, ws, lr, spec, False), "distance 0"),
+        ((X, Y, ws, wt, lr.reshape(1), spec, False), "lr must be a 0-dim"),
+        ((X[:, :, :1], Y, ws, wt, lr, spec, False), "channels"),
+        ((X, Y, ws, wt, lr, [3, 5, 8, 2, 9, 0, 1, 1], False), "norm code"),
+    ]
+    bad = X.clone()
+    bad[0, 0, 0, 0, 0] = float("inf")
+    cases.append(((bad, Y, ws, wt, lr, spec, False), "NaN or Inf"))
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+
+
+def test_engine_turns_op_errors_into_value_errors():
+    model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
+    eng = get_adjoint_engine("exact", "cpp")
+    with pytest.raises(ValueError):
+        eng(model, X[:, :, :, :7], Y, ws, wt, lr)  # wrong image size: P does not match
+
+
+@pytest.mark.parametrize("device", devices())
+def test_device_generic(device):
+    """The composite path runs on every device present (CUDA when a GPU is lent)."""
+    model = _convnet(width=8, depth=2, im=9).to(device)
+    X, Y, ws, wt = make_problem(model.cpu(), 3, 3, model.im_size, torch.float64)
+    model = model.to(device)
+    ref = grads(naive_unroll, model.cpu(), X, Y, ws, wt)
+    out = grads(get_adjoint_engine("exact", "cpp"), model, X.to(device), Y.to(device), ws.to(device), wt.to(device))
+    assert rel_err(out[1].cpu(), ref[1]) < 1e-9 and rel_err(out[2].cpu(), ref[2]) < 1e-9
