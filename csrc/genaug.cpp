@@ -16,16 +16,52 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "genaug_types.h"
+
+// Two copies of the per-sample kernels: the baseline ISA of the build, and AVX2+FMA chosen at run time.
+#define GENAUG_NS genaug
 #include "genaug_kernels.h"
+#undef GENAUG_NS
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define HABA_GENAUG_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define GENAUG_NS genaug_avx2
+#include "genaug_kernels.h"
+#undef GENAUG_NS
+#pragma GCC pop_options
+#endif
 
 namespace haba_fast {
 namespace {
 
-using genaug::AugDims;
-using genaug::GenDims;
-using genaug::HallLayout;
+using genaug_types::AugDims;
+using genaug_types::GenDims;
+using genaug_types::HallLayout;
+
+// AVX2+FMA kernels when the CPU has them, unless HABA_FAST_CPU_ISA=baseline (tests compare both paths).
+bool use_avx2() {
+#ifdef HABA_GENAUG_AVX2
+  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* env = std::getenv("HABA_FAST_CPU_ISA");
+  return cpu && !(env && std::strcmp(env, "baseline") == 0);
+#else
+  return false;
+#endif
+}
+
+#ifdef HABA_GENAUG_AVX2
+#define GENAUG_CALL(avx2, fn, ...) ((avx2) ? ::haba_fast::genaug_avx2::fn(__VA_ARGS__) : ::haba_fast::genaug::fn(__VA_ARGS__))
+#else
+#define GENAUG_CALL(avx2, fn, ...) ::haba_fast::genaug::fn(__VA_ARGS__)
+#endif
 
 struct GenArgs {
   at::Tensor bases, ew, eb, sc, sh, dw, db, bidx, hidx;
@@ -86,7 +122,7 @@ struct AugArgs {
 };
 
 AugArgs prepare_aug(int64_t family, const at::Tensor& fp, const at::Tensor& ip, int64_t n, at::ScalarType dt) {
-  TORCH_CHECK(family >= genaug::kIdentity && family <= genaug::kAffine, "unknown augmentation family code ", family);
+  TORCH_CHECK(family >= genaug_types::kIdentity && family <= genaug_types::kAffine, "unknown augmentation family code ", family);
   TORCH_CHECK(fp.dim() == 2 && fp.size(0) == n && fp.size(1) == 4 && fp.scalar_type() == dt,
               "fparams must be [n, 4] with the dtype of x");
   TORCH_CHECK(ip.dim() == 2 && ip.size(0) == n && ip.size(1) == 4 && ip.scalar_type() == at::kLong,
@@ -121,26 +157,27 @@ template <typename T>
 void genaug_forward(const GenArgs& g, const AugArgs* aug, at::Tensor& out) {
   const GenDims d = gen_dims(g);
   const int64_t n = g.bidx.numel(), CHW = d.C * d.H * d.W, HW = d.H * d.W, nz = d.C * d.Ho * d.Wo;
-  const int64_t cbHW = d.cb * HW;
+  const int64_t cbHW = d.cb * HW, nzw = d.C * d.Ho * d.W;
   const T *x = g.bases.data_ptr<T>(), *ew = g.ew.data_ptr<T>(), *eb = g.eb.data_ptr<T>(), *sc = g.sc.data_ptr<T>(),
           *sh = g.sh.data_ptr<T>(), *dw = g.dw.data_ptr<T>(), *db = g.db.data_ptr<T>();
   const int64_t *bi = g.bidx.data_ptr<int64_t>(), *hi = g.hidx.data_ptr<int64_t>();
-  const bool fused = aug != nullptr && aug->family != genaug::kIdentity;
+  const bool fused = aug != nullptr && aug->family != genaug_types::kIdentity;
+  const bool avx2 = use_avx2();
   const T* fp = aug ? aug->fp.data_ptr<T>() : nullptr;
   const int64_t* ip = aug ? aug->ip.data_ptr<int64_t>() : nullptr;
   T* y = out.data_ptr<T>();
   const int64_t nwC = d.C * d.cb * d.K * d.K, ndC = d.C * d.C * d.K * d.K;
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-    std::vector<T> zbuf(nz), gen(fused ? CHW : 0), wt(fused ? 4 * HW : 0);
+    std::vector<T> zbuf(nzw), abuf(nzw), gen(fused ? CHW : 0), wt(fused ? 4 * HW : 0);
     std::vector<int64_t> idx(fused ? 4 * HW : 0);
     for (int64_t s = b; s < e; ++s) {
       const int64_t h = hi[s];
       T* dst = fused ? gen.data() : y + s * CHW;
-      genaug::generate_sample(d, x + bi[s] * cbHW, ew + h * nwC, eb + h * d.C, sc + h * nz, sh + h * nz,
-                              dw + h * ndC, db + h * d.C, zbuf.data(), dst);
+      GENAUG_CALL(avx2, generate_sample, d, x + bi[s] * cbHW, ew + h * nwC, eb + h * d.C, sc + h * nz, sh + h * nz,
+                              dw + h * ndC, db + h * d.C, zbuf.data(), abuf.data(), dst);
       if (fused)
-        genaug::augment_sample(AugDims{d.C, d.H, d.W}, aug->family, fp + s * 4, ip + s * 4, gen.data(), y + s * CHW,
-                               false, idx.data(), wt.data());
+        GENAUG_CALL(avx2, augment_sample, AugDims{d.C, d.H, d.W}, aug->family, fp + s * 4, ip + s * 4, gen.data(),
+                    y + s * CHW, false, idx.data(), wt.data());
     }
   });
 }
@@ -152,12 +189,14 @@ std::vector<at::Tensor> genaug_backward(const at::Tensor& grad_in, const GenArgs
   const HallLayout L(d);
   const int64_t n = g.bidx.numel(), M = g.bases.size(0), Hn = g.ew.size(0);
   const int64_t CHW = d.C * d.H * d.W, HW = d.H * d.W, nz = d.C * d.Ho * d.Wo, cbHW = d.cb * HW;
+  const int64_t nzw = d.C * d.Ho * d.W;
   const int64_t nwC = d.C * d.cb * d.K * d.K, ndC = d.C * d.C * d.K * d.K;
   at::Tensor grad = grad_in.contiguous();
   const T *gyp = grad.data_ptr<T>(), *x = g.bases.data_ptr<T>(), *ew = g.ew.data_ptr<T>(), *eb = g.eb.data_ptr<T>(),
           *sc = g.sc.data_ptr<T>(), *sh = g.sh.data_ptr<T>(), *dw = g.dw.data_ptr<T>();
   const int64_t *bi = g.bidx.data_ptr<int64_t>(), *hi = g.hidx.data_ptr<int64_t>();
-  const bool fused = aug != nullptr && aug->family != genaug::kIdentity;
+  const bool fused = aug != nullptr && aug->family != genaug_types::kIdentity;
+  const bool avx2 = use_avx2();
   const T* fp = aug ? aug->fp.data_ptr<T>() : nullptr;
   const int64_t* ip = aug ? aug->ip.data_ptr<int64_t>() : nullptr;
   auto opts = g.bases.options();
@@ -168,19 +207,19 @@ std::vector<at::Tensor> genaug_backward(const at::Tensor& grad_in, const GenArgs
   T* bp = need_bases ? bpart.data_ptr<T>() : nullptr;
   if (need_hall || need_bases) {
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      std::vector<T> z(nz), a(nz), gz(nz), gy(fused ? CHW : 0), wt(fused ? 4 * HW : 0);
+      std::vector<T> z(nzw), a(nzw), ga(nzw), gz(nzw), gy(fused ? CHW : 0), wt(fused ? 4 * HW : 0);
       std::vector<int64_t> idx(fused ? 4 * HW : 0);
       for (int64_t s = b; s < e; ++s) {
         const int64_t h = hi[s];
         const T* gys = gyp + s * CHW;
         if (fused) {
-          genaug::augment_sample(AugDims{d.C, d.H, d.W}, aug->family, fp + s * 4, ip + s * 4, gys, gy.data(), true,
-                                 idx.data(), wt.data());
+          GENAUG_CALL(avx2, augment_sample, AugDims{d.C, d.H, d.W}, aug->family, fp + s * 4, ip + s * 4, gys,
+                      gy.data(), true, idx.data(), wt.data());
           gys = gy.data();
         }
-        genaug::generate_sample_backward(d, x + bi[s] * cbHW, ew + h * nwC, eb + h * d.C, sc + h * nz, sh + h * nz,
-                                         dw + h * ndC, gys, z.data(), a.data(), gz.data(),
-                                         hp ? hp + s * L.total : nullptr, bp ? bp + s * cbHW : nullptr);
+        GENAUG_CALL(avx2, generate_sample_backward, d, x + bi[s] * cbHW, ew + h * nwC, eb + h * d.C, sc + h * nz,
+                    sh + h * nz, dw + h * ndC, gys, z.data(), a.data(), ga.data(), gz.data(),
+                    hp ? hp + s * L.total : nullptr, bp ? bp + s * cbHW : nullptr);
       }
     });
   }
@@ -275,12 +314,13 @@ void augment_run(const at::Tensor& x, const AugArgs& a, at::Tensor& out, bool ad
   T* yp = out.data_ptr<T>();
   const T* fp = a.fp.data_ptr<T>();
   const int64_t* ip = a.ip.data_ptr<int64_t>();
+  const bool avx2 = use_avx2();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     std::vector<T> wt(4 * HW);
     std::vector<int64_t> idx(4 * HW);
     for (int64_t s = b; s < e; ++s)
-      genaug::augment_sample(AugDims{C, H, W}, a.family, fp + s * 4, ip + s * 4, xp + s * CHW, yp + s * CHW, adjoint,
-                             idx.data(), wt.data());
+      GENAUG_CALL(avx2, augment_sample, AugDims{C, H, W}, a.family, fp + s * 4, ip + s * 4, xp + s * CHW,
+                  yp + s * CHW, adjoint, idx.data(), wt.data());
   });
 }
 

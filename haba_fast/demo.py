@@ -70,13 +70,29 @@ def _distill_config(demo: DemoConfig, parameterization: str) -> "DistillConfig":
 
     haba = parameterization == "haba"
     return DistillConfig(
-        dataset="digits", model=demo.model, parameterization=parameterization, budget_ipc=demo.budget_ipc,
-        n_hallucinators=demo.n_hallucinators, syn_steps=demo.syn_steps, expert_epochs=demo.expert_epochs,
-        max_start_epoch=demo.max_start_epoch, iterations=demo.iterations, lr_teacher=demo.lr_teacher,
-        lr_lr=demo.lr_lr, lr_img=demo.haba_lr_img if haba else demo.pixels_lr_img, lr_style=demo.haba_lr_style,
-        num_eval=0, epoch_eval_train=demo.eval_epochs, engine=demo.engine, device=demo.device, seed=demo.seed,
+        dataset="digits",
+        model=demo.model,
+        parameterization=parameterization,
+        budget_ipc=demo.budget_ipc,
+        n_hallucinators=demo.n_hallucinators,
+        syn_steps=demo.syn_steps,
+        expert_epochs=demo.expert_epochs,
+        max_start_epoch=demo.max_start_epoch,
+        iterations=demo.iterations,
+        lr_teacher=demo.lr_teacher,
+        lr_lr=demo.lr_lr,
+        lr_img=demo.haba_lr_img if haba else demo.pixels_lr_img,
+        lr_style=demo.haba_lr_style,
+        num_eval=0,
+        epoch_eval_train=demo.eval_epochs,
+        engine=demo.engine,
+        device=demo.device,
+        seed=demo.seed,
         # The reference scripts' λ values (run_cifar10_*_style5.sh).
-        lambda_club_content=0.1, lambda_contrast_content=0.1, lambda_cls_content=1.0, lambda_likeli_content=0.1,
+        lambda_club_content=0.1,
+        lambda_contrast_content=0.1,
+        lambda_cls_content=1.0,
+        lambda_likeli_content=0.1,
     )
 
 
@@ -85,8 +101,15 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     head = ("method", "storage (floats)", "image-equivalents", "% of train", "accuracy (%)")
     lines = [head]
     for r in rows:
-        lines.append((r["method"], f"{r['floats']:,}", f"{r['image_equivalents']:.1f}", f"{r['percent_of_train']:.2f}",
-                      f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"))
+        lines.append(
+            (
+                r["method"],
+                f"{r['floats']:,}",
+                f"{r['image_equivalents']:.1f}",
+                f"{r['percent_of_train']:.2f}",
+                f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}",
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     out = [" | ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "-+-".join("-" * w for w in widths))
@@ -106,45 +129,79 @@ def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = 
     out.mkdir(parents=True, exist_ok=True)
     dataset = data.load("digits")
     n_train = int(dataset.train_labels.numel())
-    log(f"digits: {n_train} train / {dataset.test_labels.numel()} test images of "
-        f"{dataset.channels}×{dataset.im_size[0]}×{dataset.im_size[1]}, {dataset.num_classes} classes")
+    log(
+        f"digits: {n_train} train / {dataset.test_labels.numel()} test images of "
+        f"{dataset.channels}×{dataset.im_size[0]}×{dataset.im_size[1]}, {dataset.num_classes} classes"
+    )
 
     # 1. experts (resumable: a second run reuses the finished ones)
-    ecfg = experts.ExpertConfig(model=demo.model, num_experts=demo.num_experts, epochs=demo.expert_train_epochs,
-                                lr=demo.expert_lr, batch_size=demo.expert_batch, seed=demo.seed, device=demo.device, test_every=0)
+    ecfg = experts.ExpertConfig(
+        model=demo.model,
+        num_experts=demo.num_experts,
+        epochs=demo.expert_train_epochs,
+        lr=demo.expert_lr,
+        batch_size=demo.expert_batch,
+        seed=demo.seed,
+        device=demo.device,
+        test_every=0,
+    )
     t = time.perf_counter()
     buffer_dir = experts.train_experts(dataset, ecfg, out / "buffer", progress=demo.progress)
     buffer = experts.load_buffer(buffer_dir)
-    log(f"experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {buffer_dir} "
-        f"({time.perf_counter() - t:.0f} s)")
+    log(
+        f"experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {buffer_dir} "
+        f"({time.perf_counter() - t:.0f} s)"
+    )
 
     ev = EvalConfig(models=(demo.model,), num_eval=demo.num_eval, epochs=demo.eval_epochs, device=demo.device)
     rows: List[Dict[str, Any]] = []
     timings: Dict[str, float] = {}
 
     def add_row(method: str, storage, res, extra: Dict[str, Any]) -> None:
-        rows.append({"method": method, "floats": int(storage.floats), "image_equivalents": storage.image_equivalents,
-                     "percent_of_train": storage.percent_of_train, "mean": res.mean(), "std": res.std(),
-                     "accuracies": res.accuracies[demo.model], **extra})
+        rows.append(
+            {
+                "method": method,
+                "floats": int(storage.floats),
+                "image_equivalents": storage.image_equivalents,
+                "percent_of_train": storage.percent_of_train,
+                "mean": res.mean(),
+                "std": res.std(),
+                "accuracies": res.accuracies[demo.model],
+                **extra,
+            }
+        )
 
     # 2./3. HaBa and pixel MTT at the same budget
     grid = None
     for param in ("haba", "pixels"):
         cfg = _distill_config(demo, param)
         t = time.perf_counter()
-        result = distill(cfg, dataset, buffer, out / param, overwrite=True, progress=demo.progress, evaluate=False,
-                         log=log)
+        result = distill(
+            cfg, dataset, buffer, out / param, overwrite=True, progress=demo.progress, evaluate=False, log=log
+        )
         timings[f"distill_{param}_s"] = time.perf_counter() - t
         syn = result.synthetic
         syn.meta["lr"] = result.syn_lr
         t = time.perf_counter()
-        res = evaluate_synthetic(syn, dataset, ev, lr=result.syn_lr,
-                                 generator=torch.Generator().manual_seed(demo.seed + 100), label=param)
+        res = evaluate_synthetic(
+            syn, dataset, ev, lr=result.syn_lr, generator=torch.Generator().manual_seed(demo.seed + 100), label=param
+        )
         timings[f"eval_{param}_s"] = time.perf_counter() - t
-        desc = (f"HaBa ({syn.bpc} basis/class + {syn.n_hallucinators} hallucinators)" if param == "haba"
-                else f"pixel MTT (IPC {syn.ipc})")
-        add_row(desc, result.storage, res, {"learned_lr": result.syn_lr, "iterations": result.iterations,
-                                            "final_loss": result.history[-1]["loss"] if result.history else None})
+        desc = (
+            f"HaBa ({syn.bpc} basis/class + {syn.n_hallucinators} hallucinators)"
+            if param == "haba"
+            else f"pixel MTT (IPC {syn.ipc})"
+        )
+        add_row(
+            desc,
+            result.storage,
+            res,
+            {
+                "learned_lr": result.syn_lr,
+                "iterations": result.iterations,
+                "final_loss": result.history[-1]["loss"] if result.history else None,
+            },
+        )
         if param == "haba":
             grid = result.grid_path
 
@@ -154,8 +211,14 @@ def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = 
     x, y = coreset(dataset, demo.budget_ipc, "random", torch.Generator().manual_seed(demo.seed + 7))
     storage = Pixels(dataset.num_classes, demo.budget_ipc, dataset.channels, dataset.im_size).storage(n_train)
     t = time.perf_counter()
-    res = evaluate_synthetic((x, y), dataset, ev, lr=demo.lr_teacher,
-                             generator=torch.Generator().manual_seed(demo.seed + 100), label="random")
+    res = evaluate_synthetic(
+        (x, y),
+        dataset,
+        ev,
+        lr=demo.lr_teacher,
+        generator=torch.Generator().manual_seed(demo.seed + 100),
+        label="random",
+    )
     timings["eval_random_s"] = time.perf_counter() - t
     add_row(f"random real (IPC {demo.budget_ipc})", storage, res, {})
 
@@ -166,8 +229,14 @@ def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = 
     log(table)
     log(f"HaBa picture: {grid}")
     log(f"total time: {total:.0f} s")
-    results = {"config": dataclasses.asdict(demo), "rows": rows, "table": table, "grid": str(grid) if grid else None,
-               "seconds": total, "timings": timings}
+    results = {
+        "config": dataclasses.asdict(demo),
+        "rows": rows,
+        "table": table,
+        "grid": str(grid) if grid else None,
+        "seconds": total,
+        "timings": timings,
+    }
     atomic_write_text(json.dumps(results, indent=2), out / "results.json")
     log(f"results: {out / 'results.json'}")
     return results

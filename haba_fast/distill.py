@@ -54,8 +54,17 @@ PIX_INITS = ("real", "noise")
 
 # The reference's CIFAR-10 shell scripts (run_cifar10_ipc{1,10,50}_style5.sh), flag for flag.
 _CIFAR10_COMMON = dict(
-    dataset="cifar10", n_hallucinators=5, expert_epochs=2, zca=True, lr_img=100.0, pix_init="real", lr_style=100.0,
-    lambda_club_content=0.1, lambda_contrast_content=0.1, lambda_cls_content=1.0, lambda_likeli_content=0.1,
+    dataset="cifar10",
+    n_hallucinators=5,
+    expert_epochs=2,
+    zca=True,
+    lr_img=100.0,
+    pix_init="real",
+    lr_style=100.0,
+    lambda_club_content=0.1,
+    lambda_contrast_content=0.1,
+    lambda_cls_content=1.0,
+    lambda_likeli_content=0.1,
 )
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cifar10-ipc1": dict(_CIFAR10_COMMON, ipc=1, syn_steps=50, max_start_epoch=2, lr_lr=1e-7, lr_teacher=0.01),
@@ -131,7 +140,9 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
         if self.parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {self.parameterization!r}: choose one of {', '.join(PARAMETERIZATIONS)}")
+            raise ValueError(
+                f"unknown parameterization {self.parameterization!r}: choose one of {', '.join(PARAMETERIZATIONS)}"
+            )
         if self.engine not in ENGINES + ("auto",):
             raise ValueError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)} (or auto)")
         if self.pix_init not in PIX_INITS:
@@ -202,8 +213,17 @@ def rows_per_class(cfg: DistillConfig, dataset) -> int:
 
     c = dataset.channels
     c_b = 1 if cfg.single_channel else c
-    return int(budget_bpc(cfg.budget_ipc, cfg.n_hallucinators, cfg.kernel_size, c, c_b, tuple(dataset.im_size),
-                          num_classes=dataset.num_classes))
+    return int(
+        budget_bpc(
+            cfg.budget_ipc,
+            cfg.n_hallucinators,
+            cfg.kernel_size,
+            c,
+            c_b,
+            tuple(dataset.im_size),
+            num_classes=dataset.num_classes,
+        )
+    )
 
 
 def build_synthetic(cfg: DistillConfig, dataset, generator: torch.Generator, device: torch.device) -> nn.Module:
@@ -214,12 +234,19 @@ def build_synthetic(cfg: DistillConfig, dataset, generator: torch.Generator, dev
     rpc = rows_per_class(cfg, dataset)
     if cfg.parameterization == "haba":
         syn = factorization.HaBa(
-            num_classes=K, bpc=rpc, channels=C, im_size=tuple(dataset.im_size), n_hallucinators=cfg.n_hallucinators,
-            kernel_size=cfg.kernel_size, base_channels=1 if cfg.single_channel else C, generator=generator,
+            num_classes=K,
+            bpc=rpc,
+            channels=C,
+            im_size=tuple(dataset.im_size),
+            n_hallucinators=cfg.n_hallucinators,
+            kernel_size=cfg.kernel_size,
+            base_channels=1 if cfg.single_channel else C,
+            generator=generator,
         )
     else:
-        syn = factorization.Pixels(num_classes=K, ipc=rpc, channels=C, im_size=tuple(dataset.im_size),
-                                   generator=generator)
+        syn = factorization.Pixels(
+            num_classes=K, ipc=rpc, channels=C, im_size=tuple(dataset.im_size), generator=generator
+        )
     if cfg.pix_init == "real":
         syn.init_from_real(dataset, generator=generator)
     return syn.to(device)
@@ -260,7 +287,9 @@ class Distiller:
     Construction is cheap (no file access): a benchmark builds one on random data and times ``step``.
     """
 
-    def __init__(self, cfg: DistillConfig, dataset, buffer, *, device=None, generator: Optional[torch.Generator] = None):
+    def __init__(
+        self, cfg: DistillConfig, dataset, buffer, *, device=None, generator: Optional[torch.Generator] = None
+    ):
         from haba_fast import models
         from haba_fast.objectives.contrastive import Adversary, AdversaryWeights
 
@@ -277,8 +306,9 @@ class Distiller:
         self._check_buffer()
 
         self.synthetic = build_synthetic(cfg, dataset, generator, self.device)
-        self.student = models.get_network(cfg.model, self.channels, self.num_classes, self.im_size,
-                                          generator=generator, device=self.device)
+        self.student = models.get_network(
+            cfg.model, self.channels, self.num_classes, self.im_size, generator=generator, device=self.device
+        )
         P = models.num_params(self.student)
         w0 = self.buffer.snapshot(0, 0)
         if w0.numel() != P:
@@ -293,11 +323,18 @@ class Distiller:
         momentum = 0.95
         if self.haba:
             self.opt_img = torch.optim.SGD([self.synthetic.bases], lr=cfg.lr_img, momentum=momentum)
-            self.opt_style = torch.optim.SGD(list(self.synthetic.hallucinator_parameters()), lr=cfg.lr_style,
-                                             momentum=momentum)
-            self.weights = AdversaryWeights(club=cfg.lambda_club_content, cls=cfg.lambda_cls_content,
-                                            likeli=cfg.lambda_likeli_content, contrast=cfg.lambda_contrast_content)
-            self.adversary = Adversary(self.channels, self.num_classes, self.im_size, generator=generator).to(self.device)
+            self.opt_style = torch.optim.SGD(
+                list(self.synthetic.hallucinator_parameters()), lr=cfg.lr_style, momentum=momentum
+            )
+            self.weights = AdversaryWeights(
+                club=cfg.lambda_club_content,
+                cls=cfg.lambda_cls_content,
+                likeli=cfg.lambda_likeli_content,
+                contrast=cfg.lambda_contrast_content,
+            )
+            self.adversary = Adversary(self.channels, self.num_classes, self.im_size, generator=generator).to(
+                self.device
+            )
             self.opt_adv = torch.optim.SGD(self.adversary.parameters(), lr=cfg.adversary_lr, momentum=0.9)
         else:
             self.opt_img = torch.optim.SGD([self.synthetic.images], lr=cfg.lr_img, momentum=momentum)
@@ -337,8 +374,15 @@ class Distiller:
         return traj, start, w_start, w_target
 
     def sample_plan(self) -> StepPlan:
-        return sample_plan(self.stream, self.cfg.syn_steps, self.cfg.n_hallucinators if self.haba else 1,
-                           self.im_size, strategy=self.strategy, adversarial=self.haba, generator=self.generator)
+        return sample_plan(
+            self.stream,
+            self.cfg.syn_steps,
+            self.cfg.n_hallucinators if self.haba else 1,
+            self.im_size,
+            strategy=self.strategy,
+            adversarial=self.haba,
+            generator=self.generator,
+        )
 
     # -- the iteration ----------------------------------------------------------------------------------------------
     def _pair(self, pair) -> Tuple[Tensor, Tensor]:
@@ -440,30 +484,41 @@ class Distiller:
 
         A deep copy: optimizer states would otherwise share their momentum tensors with this run.
         """
-        return copy.deepcopy({
-            "format": "haba_fast.distill/1",
-            "iteration": self.iteration,
-            "config": self.cfg.to_dict(),
-            "synthetic": {k: v.detach().cpu() for k, v in self.synthetic.state_dict().items()},
-            "syn_lr": self.syn_lr.detach().cpu(),
-            "opt_img": self.opt_img.state_dict(),
-            "opt_style": self.opt_style.state_dict() if self.opt_style is not None else None,
-            "opt_lr": self.opt_lr.state_dict(),
-            "adversary": self.adversary.state_dict() if self.adversary is not None else None,
-            "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
-            "stream": self.stream.state_dict(),
-            "generator": self.generator.get_state(),
-        })
+        return copy.deepcopy(
+            {
+                "format": "haba_fast.distill/1",
+                "iteration": self.iteration,
+                "config": self.cfg.to_dict(),
+                "synthetic": {k: v.detach().cpu() for k, v in self.synthetic.state_dict().items()},
+                "syn_lr": self.syn_lr.detach().cpu(),
+                "opt_img": self.opt_img.state_dict(),
+                "opt_style": self.opt_style.state_dict() if self.opt_style is not None else None,
+                "opt_lr": self.opt_lr.state_dict(),
+                "adversary": self.adversary.state_dict() if self.adversary is not None else None,
+                "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
+                "stream": self.stream.state_dict(),
+                "generator": self.generator.get_state(),
+            }
+        )
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if state.get("format") != "haba_fast.distill/1":
             raise ValueError("not a haba_fast distillation checkpoint (missing format tag haba_fast.distill/1)")
         saved = state.get("config", {})
-        for key in ("parameterization", "ipc", "n_hallucinators", "kernel_size", "model", "single_channel",
-                    "budget_ipc", "batch_syn"):
+        for key in (
+            "parameterization",
+            "ipc",
+            "n_hallucinators",
+            "kernel_size",
+            "model",
+            "single_channel",
+            "budget_ipc",
+            "batch_syn",
+        ):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(
-                    f"the checkpoint was made with {key}={saved[key]!r} but this run has {key}={getattr(self.cfg, key)!r}; "
+                    f"the checkpoint was made with {key}={saved[key]!r} but this run has "
+                    f"{key}={getattr(self.cfg, key)!r}; "
                     "resume with the same settings or start a new --out folder"
                 )
         with torch.no_grad():
@@ -502,8 +557,10 @@ def eval_iterations(cfg: DistillConfig) -> List[int]:
 def _storage_line(storage) -> str:
     if storage is None:
         return "storage: unknown"
-    return (f"storage: {int(storage.floats):,} floats = {storage.image_equivalents:.2f} image-equivalents = "
-            f"{storage.percent_of_train:.3f}% of the training set")
+    return (
+        f"storage: {int(storage.floats):,} floats = {storage.image_equivalents:.2f} image-equivalents = "
+        f"{storage.percent_of_train:.3f}% of the training set"
+    )
 
 
 def _storage_of(syn: nn.Module, dataset):
@@ -550,9 +607,14 @@ def eval_config(cfg: DistillConfig, device=None):
     from haba_fast.evaluate import EvalConfig
 
     return EvalConfig(
-        models=tuple(cfg.eval_models) or (cfg.model,), num_eval=max(1, cfg.num_eval), epochs=max(1, cfg.epoch_eval_train),
-        batch_size=cfg.batch_train, dsa=cfg.dsa and not cfg.no_aug, dsa_strategy=cfg.dsa_strategy,
-        batch_standardize=cfg.batch_standardize, device=None if device is None else str(device),
+        models=tuple(cfg.eval_models) or (cfg.model,),
+        num_eval=max(1, cfg.num_eval),
+        epochs=max(1, cfg.epoch_eval_train),
+        batch_size=cfg.batch_train,
+        dsa=cfg.dsa and not cfg.no_aug,
+        dsa_strategy=cfg.dsa_strategy,
+        batch_standardize=cfg.batch_standardize,
+        device=None if device is None else str(device),
     )
 
 
@@ -560,18 +622,34 @@ def _evaluate(distiller: Distiller, dataset, cfg: DistillConfig, generator: torc
     """Evaluate the current synthetic set with the learned lr: {"iteration", model: {"mean", "std", "accs"}}."""
     from haba_fast.evaluate import evaluate_synthetic
 
-    res = evaluate_synthetic(distiller.synthetic, dataset, eval_config(cfg, distiller.device),
-                             lr=float(distiller.syn_lr.detach()), generator=generator,
-                             label=f"{cfg.parameterization} it {distiller.iteration}")
+    res = evaluate_synthetic(
+        distiller.synthetic,
+        dataset,
+        eval_config(cfg, distiller.device),
+        lr=float(distiller.syn_lr.detach()),
+        generator=generator,
+        label=f"{cfg.parameterization} it {distiller.iteration}",
+    )
     out: Dict[str, Any] = {"iteration": distiller.iteration}
     for model, accs in res.accuracies.items():
         out[model] = {"mean": res.mean(model), "std": res.std(model), "accs": list(accs)}
     return out
 
 
-def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool = False, overwrite: bool = False,
-            progress: bool = True, evaluate: bool = True, device=None, log: Callable[[str], None] = print,
-            on_iteration: Optional[Callable[[Distiller, Dict[str, float]], None]] = None) -> DistillResult:
+def distill(
+    cfg: DistillConfig,
+    dataset,
+    buffer,
+    out_dir=None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    evaluate: bool = True,
+    device=None,
+    log: Callable[[str], None] = print,
+    on_iteration: Optional[Callable[[Distiller, Dict[str, float]], None]] = None,
+) -> DistillResult:
     """Run a distillation.
 
     Args:
@@ -606,18 +684,23 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
             log(f"resuming from {ckpt} at iteration {distiller.iteration}")
             resumed = True
         elif not overwrite:
-            raise ValueError(f"{out} already holds a run ({ckpt.name}); pass --resume to continue it or choose "
-                             "another --out")
+            raise ValueError(
+                f"{out} already holds a run ({ckpt.name}); pass --resume to continue it or choose another --out"
+            )
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
     every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
     eval_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-    result = DistillResult(synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr.detach()), iterations=0, out_dir=out)
+    result = DistillResult(
+        synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr.detach()), iterations=0, out_dir=out
+    )
     storage = _storage_of(distiller.synthetic, dataset)
     result.storage = storage
-    log(f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; engine {distiller.engine.name}"
-        + (" (an approximation)" if getattr(distiller.engine, "approximate", False) else ""))
+    log(
+        f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; engine {distiller.engine.name}"
+        + (" (an approximation)" if getattr(distiller.engine, "approximate", False) else "")
+    )
     best = -1.0
     history_path = None
     if out is not None:
@@ -625,8 +708,11 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
         history_path = out / "history.jsonl"
         if history_path.exists():
             # Keep the metrics of the iterations the checkpoint holds (none for a fresh run).
-            keep = [line for line in history_path.read_text().splitlines()
-                    if resumed and line.strip() and json.loads(line)["iteration"] < distiller.iteration]
+            keep = [
+                line
+                for line in history_path.read_text().splitlines()
+                if resumed and line.strip() and json.loads(line)["iteration"] < distiller.iteration
+            ]
             from haba_fast.io import atomic_write_text
 
             atomic_write_text("".join(line + "\n" for line in keep), history_path)
@@ -635,8 +721,12 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.iterations, initial=distiller.iteration, desc=f"distill {cfg.parameterization}",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.iterations,
+            initial=distiller.iteration,
+            desc=f"distill {cfg.parameterization}",
+            dynamic_ncols=True,
+        )
     try:
         while distiller.iteration < cfg.iterations:
             try:
@@ -656,8 +746,15 @@ def distill(cfg: DistillConfig, dataset, buffer, out_dir=None, *, resume: bool =
                 ev = _evaluate(distiller, dataset, cfg, eval_gen)
                 result.evaluations.append(ev)
                 acc = max(v["mean"] for k, v in ev.items() if isinstance(v, dict))
-                log("iteration {}: ".format(it) + ", ".join(
-                    f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}" for k, v in ev.items() if isinstance(v, dict)))
+                say = bar.write if (bar is not None and log is print) else log  # keep the bar intact
+                say(
+                    "iteration {}: ".format(it)
+                    + ", ".join(
+                        f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}"
+                        for k, v in ev.items()
+                        if isinstance(v, dict)
+                    )
+                )
                 if out is not None and acc > best:
                     best = acc
                     distiller.synthetic.save(out / "synthetic_best.pt", dict(_meta(distiller, dataset), accuracy=acc))

@@ -23,34 +23,34 @@ when a generator is given.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Union
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATIONS",
+    "MLP",
+    "NETWORK_NAMES",
     "NORMS",
     "POOLINGS",
-    "NETWORK_NAMES",
-    "ConvNetSpec",
-    "ConvNet",
-    "MLP",
-    "LeNet",
-    "AlexNet",
     "VGG",
+    "AlexNet",
+    "ConvNet",
+    "ConvNetSpec",
+    "LeNet",
     "ResNet",
     "build_convnet",
     "convnet_spec",
-    "get_network",
     "flatten_params",
-    "unflatten_into",
     "functional_forward",
+    "get_network",
     "num_params",
     "param_shapes",
+    "unflatten_into",
 ]
 
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
@@ -164,7 +164,7 @@ class ConvNetSpec:
         return c * h * w
 
 
-def _norm_layer(norm: str, shape: tuple[int, int, int]) -> Optional[nn.Module]:
+def _norm_layer(norm: str, shape: tuple[int, int, int]) -> nn.Module | None:
     c = shape[0]
     if norm == "instancenorm":
         return nn.GroupNorm(c, c, affine=True)
@@ -186,7 +186,7 @@ def _activation(act: str) -> nn.Module:
     return nn.LeakyReLU(negative_slope=0.01)
 
 
-def _pooling(pool: str) -> Optional[nn.Module]:
+def _pooling(pool: str) -> nn.Module | None:
     if pool == "avgpooling":
         return nn.AvgPool2d(kernel_size=2, stride=2)
     if pool == "maxpooling":
@@ -264,9 +264,9 @@ class ConvNet(_Net):
 
 def build_convnet(
     spec: ConvNetSpec,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     *,
-    device: Optional[Union[str, torch.device]] = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> ConvNet:
     """Build and initialize a :class:`ConvNet` from its spec (initialization from ``generator``; see module doc)."""
@@ -275,7 +275,7 @@ def build_convnet(
     return _build(lambda: ConvNet(spec), generator, device, dtype)
 
 
-def convnet_spec(net: nn.Module) -> Optional[ConvNetSpec]:
+def convnet_spec(net: nn.Module) -> ConvNetSpec | None:
     """The :class:`ConvNetSpec` of a ConvNet-family network, or None for any other network."""
     return net.spec if isinstance(net, ConvNet) else None
 
@@ -286,7 +286,9 @@ _CONVNET_VARIANTS: dict[str, dict] = {"ConvNet": {}}
 _CONVNET_VARIANTS.update({f"ConvNetD{d}": {"depth": d} for d in range(1, 9)})
 _CONVNET_VARIANTS.update({f"ConvNetW{w}": {"width": w} for w in (32, 64, 128, 256, 512, 1024)})
 _CONVNET_VARIANTS["ConvNetKIP"] = {"width": 1024, "norm": "none"}
-_CONVNET_VARIANTS.update({"ConvNetAS": {"act": "sigmoid"}, "ConvNetAR": {"act": "relu"}, "ConvNetAL": {"act": "leakyrelu"}})
+_CONVNET_VARIANTS.update(
+    {"ConvNetAS": {"act": "sigmoid"}, "ConvNetAR": {"act": "relu"}, "ConvNetAL": {"act": "leakyrelu"}}
+)
 _CONVNET_VARIANTS.update(
     {
         "ConvNetNN": {"norm": "none"},
@@ -556,7 +558,7 @@ class ResNet(_Net):
 
 
 @torch.no_grad()
-def _init_parameters(net: nn.Module, generator: Optional[torch.Generator]) -> None:
+def _init_parameters(net: nn.Module, generator: torch.Generator | None) -> None:
     """PyTorch's default initialization, drawn from ``generator`` in ``net.modules()`` order."""
     for m in net.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -578,8 +580,8 @@ def _init_parameters(net: nn.Module, generator: Optional[torch.Generator]) -> No
 
 def _build(
     make: Callable[[], nn.Module],
-    generator: Optional[torch.Generator],
-    device: Optional[Union[str, torch.device]],
+    generator: torch.Generator | None,
+    device: str | torch.device | None,
     dtype: torch.dtype,
 ) -> nn.Module:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -632,8 +634,8 @@ def get_network(
     num_classes: int,
     im_size: ImSize = (32, 32),
     *,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[Union[str, torch.device]] = None,
+    generator: torch.Generator | None = None,
+    device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build a network of the reference code by name, initialized from ``generator``.
@@ -729,7 +731,7 @@ def functional_forward(net: nn.Module, w: Tensor, x: Tensor) -> Tensor:
         Logits ``[B, K]``.
     """
     _check_flat(net, w)
-    params: dict[str, Optional[Tensor]] = {}
+    params: dict[str, Tensor | None] = {}
     offset = 0
     for name, p in net.named_parameters():
         n = p.numel()

@@ -58,8 +58,7 @@ class Engine(Protocol):
     name: str
     approximate: bool
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor,
-                 lr: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
         """Matching loss after N SGD steps.
 
         Args:
@@ -124,8 +123,7 @@ class NaiveEngine:
     name = "naive"
     approximate = False
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor,
-                 lr: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
         from haba_fast.models import functional_forward
 
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
@@ -209,7 +207,7 @@ class IndexStream:
         while self._pending.numel() < self.batch:
             perm = torch.randperm(self.n, generator=generator)
             self._pending = torch.cat([self._pending, perm])
-        out, self._pending = self._pending[: self.batch], self._pending[self.batch:]
+        out, self._pending = self._pending[: self.batch], self._pending[self.batch :]
         return out
 
     def state_dict(self) -> Dict[str, Any]:
@@ -287,9 +285,17 @@ def _sample_pair(stream: IndexStream, n_hallucinators: int, strategy, size, gene
     return PairPlan(base_idx=base_idx, hall_pair=hall_pair, aug=aug)
 
 
-def sample_plan(stream: IndexStream, num_steps: int, n_hallucinators: int, im_size: Sequence[int], *,
-                strategy: Optional[str] = "color_crop_cutout_flip_scale_rotate", mode: str = "S",
-                adversarial: bool = False, generator: Optional[torch.Generator] = None) -> StepPlan:
+def sample_plan(
+    stream: IndexStream,
+    num_steps: int,
+    n_hallucinators: int,
+    im_size: Sequence[int],
+    *,
+    strategy: Optional[str] = "color_crop_cutout_flip_scale_rotate",
+    mode: str = "S",
+    adversarial: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> StepPlan:
     """Draw every random choice of one iteration, in a fixed order, from ``generator``.
 
     Args:

@@ -62,9 +62,23 @@ def buffer(digits):
 
 
 def _cfg(**kw):
-    base = dict(dataset="digits", model=MODEL, ipc=1, n_hallucinators=3, syn_steps=4, expert_epochs=1,
-                max_start_epoch=2, iterations=3, engine="naive", device="cpu", num_eval=0, lr_img=100.0,
-                lr_style=100.0, lr_lr=1e-5, seed=0)
+    base = dict(
+        dataset="digits",
+        model=MODEL,
+        ipc=1,
+        n_hallucinators=3,
+        syn_steps=4,
+        expert_epochs=1,
+        max_start_epoch=2,
+        iterations=3,
+        engine="naive",
+        device="cpu",
+        num_eval=0,
+        lr_img=100.0,
+        lr_style=100.0,
+        lr_lr=1e-5,
+        seed=0,
+    )
     base.update(kw)
     return DistillConfig(**base)
 
@@ -102,8 +116,18 @@ def test_pixels_step_has_no_adversary(digits, buffer):
 def test_loss_decreases_on_a_fixed_toy_problem(digits, buffer, parameterization):
     # One trajectory, one start epoch, no augmentation, all bases in every step: the objective is deterministic
     # up to the hallucinator draws, so distillation must lower it.
-    cfg = _cfg(parameterization=parameterization, ipc=2, max_start_epoch=1, dsa=False, syn_steps=4, lr_img=1000.0,
-               lr_style=1000.0, lr_lr=0.0, lambda_club_content=0.0, n_hallucinators=2)
+    cfg = _cfg(
+        parameterization=parameterization,
+        ipc=2,
+        max_start_epoch=1,
+        dsa=False,
+        syn_steps=4,
+        lr_img=1000.0,
+        lr_style=1000.0,
+        lr_lr=0.0,
+        lambda_club_content=0.0,
+        n_hallucinators=2,
+    )
     one = ToyBuffer(buffer.snaps[:1])
     d = Distiller(cfg, digits, one)
     losses = [d.step()["loss"] for _ in range(12)]
@@ -251,21 +275,126 @@ def _parse(argv):
     return args, config_from_args(args)
 
 
-REF = ["--dataset=CIFAR10", "--ipc=10", "--n_style=5", "--syn_steps=30", "--expert_epochs=2", "--max_start_epoch=20",
-       "--zca", "--lr_img=100", "--lr_lr=1e-05", "--pix_init", "real", "--lr_teacher=0.001", "--buffer_path=/b",
-       "--data_path=/d", "--lr_style", "100", "--lambda_club_content", "0.1", "--lambda_contrast_content", "0.1",
-       "--lambda_cls_content", "1.", "--lambda_likeli_content", "0.1", "--batch_syn", "50", "--Iteration", "7",
-       "--eval_it", "3", "--num_eval", "2", "--epoch_eval_train", "9", "--single_channel", "--dsa_strategy",
-       "color_crop", "--dsa", "False", "--no_aug", "True", "--eval_mode", "S", "--batch_real", "128",
-       "--batch_train", "64", "--max_files", "1", "--max_experts", "2", "--load_all", "--force_save"]
-OURS = ["--dataset", "cifar10", "--bpc", "10", "--n-style", "5", "--syn-steps", "30", "--expert-epochs", "2",
-        "--max-start-epoch", "20", "--zca", "--lr-img", "100", "--lr-lr", "1e-5", "--pix-init", "real", "--lr-teacher",
-        "0.001", "--buffer-path", "/b", "--data-path", "/d", "--lr-style", "100", "--lambda-club-content", "0.1",
-        "--lambda-contrast-content", "0.1", "--lambda-cls-content", "1", "--lambda-likeli-content", "0.1",
-        "--batch-syn", "50", "--iterations", "7", "--eval-it", "3", "--num-eval", "2", "--epoch-eval-train", "9",
-        "--single-channel", "--dsa-strategy", "color_crop", "--dsa", "false", "--no-aug", "--eval-mode", "S",
-        "--batch-real", "128", "--batch-train", "64", "--max-files", "1", "--max-experts", "2", "--load-all",
-        "--force-save"]
+REF = [
+    "--dataset=CIFAR10",
+    "--ipc=10",
+    "--n_style=5",
+    "--syn_steps=30",
+    "--expert_epochs=2",
+    "--max_start_epoch=20",
+    "--zca",
+    "--lr_img=100",
+    "--lr_lr=1e-05",
+    "--pix_init",
+    "real",
+    "--lr_teacher=0.001",
+    "--buffer_path=/b",
+    "--data_path=/d",
+    "--lr_style",
+    "100",
+    "--lambda_club_content",
+    "0.1",
+    "--lambda_contrast_content",
+    "0.1",
+    "--lambda_cls_content",
+    "1.",
+    "--lambda_likeli_content",
+    "0.1",
+    "--batch_syn",
+    "50",
+    "--Iteration",
+    "7",
+    "--eval_it",
+    "3",
+    "--num_eval",
+    "2",
+    "--epoch_eval_train",
+    "9",
+    "--single_channel",
+    "--dsa_strategy",
+    "color_crop",
+    "--dsa",
+    "False",
+    "--no_aug",
+    "True",
+    "--eval_mode",
+    "S",
+    "--batch_real",
+    "128",
+    "--batch_train",
+    "64",
+    "--max_files",
+    "1",
+    "--max_experts",
+    "2",
+    "--load_all",
+    "--force_save",
+]
+OURS = [
+    "--dataset",
+    "cifar10",
+    "--bpc",
+    "10",
+    "--n-style",
+    "5",
+    "--syn-steps",
+    "30",
+    "--expert-epochs",
+    "2",
+    "--max-start-epoch",
+    "20",
+    "--zca",
+    "--lr-img",
+    "100",
+    "--lr-lr",
+    "1e-5",
+    "--pix-init",
+    "real",
+    "--lr-teacher",
+    "0.001",
+    "--buffer-path",
+    "/b",
+    "--data-path",
+    "/d",
+    "--lr-style",
+    "100",
+    "--lambda-club-content",
+    "0.1",
+    "--lambda-contrast-content",
+    "0.1",
+    "--lambda-cls-content",
+    "1",
+    "--lambda-likeli-content",
+    "0.1",
+    "--batch-syn",
+    "50",
+    "--iterations",
+    "7",
+    "--eval-it",
+    "3",
+    "--num-eval",
+    "2",
+    "--epoch-eval-train",
+    "9",
+    "--single-channel",
+    "--dsa-strategy",
+    "color_crop",
+    "--dsa",
+    "false",
+    "--no-aug",
+    "--eval-mode",
+    "S",
+    "--batch-real",
+    "128",
+    "--batch-train",
+    "64",
+    "--max-files",
+    "1",
+    "--max-experts",
+    "2",
+    "--load-all",
+    "--force-save",
+]
 
 
 def test_both_spellings_give_the_same_config():
@@ -273,7 +402,15 @@ def test_both_spellings_give_the_same_config():
     _, b = _parse(OURS)
     assert a == b
     assert (a.dataset, a.ipc, a.n_hallucinators, a.iterations, a.zca, a.single_channel, a.dsa, a.no_aug) == (
-        "cifar10", 10, 5, 7, True, True, False, True)
+        "cifar10",
+        10,
+        5,
+        7,
+        True,
+        True,
+        False,
+        True,
+    )
     assert a.lr_lr == 1e-5 and a.batch_syn == 50 and a.dsa_strategy == "color_crop"
 
 
@@ -282,16 +419,33 @@ def test_defaults_are_the_reference_ones():
     assert dataclasses.replace(cfg, dataset="cifar10") == DistillConfig()
     d = DistillConfig()
     assert (d.syn_steps, d.expert_epochs, d.max_start_epoch, d.lr_img, d.lr_lr, d.lr_teacher, d.lr_style) == (
-        64, 3, 25, 100.0, 1e-5, 0.01, 100.0)
+        64,
+        3,
+        25,
+        100.0,
+        1e-5,
+        0.01,
+        100.0,
+    )
     assert (d.lambda_club_content, d.lambda_likeli_content, d.lambda_cls_content, d.lambda_contrast_content) == (
-        0.1, 1.0, 1.0, 1.0)
+        0.1,
+        1.0,
+        1.0,
+        1.0,
+    )
     assert d.min_lr == 0.001 and d.iterations == 15000 and d.num_eval == 5 and d.epoch_eval_train == 1000
 
 
 def test_presets_and_overrides():
     _, cfg = _parse(["--preset", "cifar10-ipc1"])
     assert (cfg.dataset, cfg.ipc, cfg.syn_steps, cfg.max_start_epoch, cfg.lr_lr, cfg.zca) == (
-        "cifar10", 1, 50, 2, 1e-7, True)
+        "cifar10",
+        1,
+        50,
+        2,
+        1e-7,
+        True,
+    )
     assert cfg.lambda_likeli_content == 0.1 and cfg.lambda_contrast_content == 0.1
     _, cfg = _parse(["--preset", "cifar10-ipc10", "--syn_steps", "12"])
     assert cfg.syn_steps == 12 and cfg.lr_teacher == 0.001 and cfg.ipc == 10
@@ -312,8 +466,17 @@ def test_bad_values_raise_value_error(argv, match):
         _parse(argv)
 
 
-@pytest.mark.parametrize("argv", [["--pix_init", "zeros"], ["--engine", "fast"], ["--dsa", "maybe"],
-                                  ["--parameterization", "dct"], ["--preset", "cifar100-ipc1"], ["--ipc", "two"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--pix_init", "zeros"],
+        ["--engine", "fast"],
+        ["--dsa", "maybe"],
+        ["--parameterization", "dct"],
+        ["--preset", "cifar100-ipc1"],
+        ["--ipc", "two"],
+    ],
+)
 def test_bad_choices_are_argparse_errors(argv, capsys):
     from haba_fast.cli import build_parser
 

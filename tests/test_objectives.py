@@ -141,8 +141,9 @@ def test_trajectory_loss_gradients_finite_and_nonzero(kind):
     syn = _haba() if kind == "haba" else Pixels(3, 2, 1, (8, 8), generator=torch.Generator().manual_seed(0))
     net, w0, w1 = _tiny_student(1, 3, (8, 8))
     M = syn.num_bases if kind == "haba" else 6
-    plan = sample_plan(IndexStream(M, 5), 3, getattr(syn, "n_hallucinators", 1), (8, 8),
-                       generator=torch.Generator().manual_seed(2))
+    plan = sample_plan(
+        IndexStream(M, 5), 3, getattr(syn, "n_hallucinators", 1), (8, 8), generator=torch.Generator().manual_seed(2)
+    )
     lr = torch.tensor(0.01, requires_grad=True)
     loss = trajectory_loss(NaiveEngine(), net, syn, plan, w0, w1, lr)
     assert math.isfinite(loss.item())

@@ -34,7 +34,7 @@ def hand_unroll(w_start, w_target, X, Y, lr, shapes):
         params, off = [], 0
         for s in shapes:
             n = int(torch.tensor(s).prod())
-            params.append(w[off:off + n].view(s))
+            params.append(w[off : off + n].view(s))
             off += n
         W1, b1, W2, b2 = params
         logits = torch.tanh(X[t].flatten(1) @ W1.t() + b1) @ W2.t() + b2
@@ -192,7 +192,7 @@ def test_index_stream_batches(n, b):
     assert flat.min() >= 0 and flat.max() < n
     # The stream is a concatenation of permutations: every window of n aligned indices is a permutation.
     for i in range(0, flat.numel() - n + 1, n):
-        assert sorted(flat[i:i + n].tolist()) == list(range(n))
+        assert sorted(flat[i : i + n].tolist()) == list(range(n))
 
 
 def test_index_stream_state_roundtrip_and_errors():
@@ -254,7 +254,7 @@ def test_augment_groups_equals_per_step_apply():
     assert len({p.family for p in params}) > 1  # the test needs mixed families
     x = torch.randn(G * B, 2, 7, 5, generator=g, requires_grad=True)
     out = augment_groups(x, params, B)
-    ref = torch.cat([augment.apply(x[i * B:(i + 1) * B], params[i]) for i in range(G)])
+    ref = torch.cat([augment.apply(x[i * B : (i + 1) * B], params[i]) for i in range(G)])
     assert_close(out, ref)
     w = torch.randn(out.shape, generator=g)
     (ga,) = torch.autograd.grad((out * w).sum(), x)

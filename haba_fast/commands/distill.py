@@ -32,16 +32,40 @@ def _bool_value(text: str) -> bool:
 # on the command line override the preset and DistillConfig's defaults (the reference's).
 _FLAGS: List[tuple] = [
     # --- the reference's distill_fac.py flags ---
-    ("dataset", ["--dataset"], dict(type=str), "dataset: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, folder "
-     "(reference spellings such as CIFAR10 work); omit it for the digits demo"),
+    (
+        "dataset",
+        ["--dataset"],
+        dict(type=str),
+        "dataset: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, folder "
+        "(reference spellings such as CIFAR10 work); omit it for the digits demo",
+    ),
     ("subset", ["--subset"], dict(type=str), "ImageNet subset (accepted for compatibility; unused)"),
     ("model", ["--model"], dict(type=str), "student / expert network (default ConvNet)"),
-    ("ipc", ["--ipc", "--bpc"], dict(type=int), "bases per class (HaBa) or images per class (pixels), as the reference's --ipc"),
-    ("eval_mode", ["--eval_mode", "--eval-mode"], dict(type=str), "evaluation model pool (reference; S = the training model)"),
+    (
+        "ipc",
+        ["--ipc", "--bpc"],
+        dict(type=int),
+        "bases per class (HaBa) or images per class (pixels), as the reference's --ipc",
+    ),
+    (
+        "eval_mode",
+        ["--eval_mode", "--eval-mode"],
+        dict(type=str),
+        "evaluation model pool (reference; S = the training model)",
+    ),
     ("num_eval", ["--num_eval", "--num-eval"], dict(type=int), "networks per evaluation (0: no evaluation)"),
-    ("eval_it", ["--eval_it", "--eval-it"], dict(type=int), "evaluate every this many iterations (in the last tenth of "
-     "the run, as the reference, and at the end)"),
-    ("epoch_eval_train", ["--epoch_eval_train", "--epoch-eval-train"], dict(type=int), "epochs to train an evaluation network"),
+    (
+        "eval_it",
+        ["--eval_it", "--eval-it"],
+        dict(type=int),
+        "evaluate every this many iterations (in the last tenth of the run, as the reference, and at the end)",
+    ),
+    (
+        "epoch_eval_train",
+        ["--epoch_eval_train", "--epoch-eval-train"],
+        dict(type=int),
+        "epochs to train an evaluation network",
+    ),
     ("iterations", ["--Iteration", "--iterations"], dict(type=int), "distillation iterations"),
     ("lr_img", ["--lr_img", "--lr-img"], dict(type=float), "learning rate of the bases (HaBa) or images (pixels)"),
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
@@ -50,49 +74,123 @@ _FLAGS: List[tuple] = [
     ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "real-data batch (accepted for compatibility)"),
     ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int), "bases per unrolled step (default: all)"),
     ("batch_train", ["--batch_train", "--batch-train"], dict(type=int), "evaluation training batch"),
-    ("pix_init", ["--pix_init", "--pix-init"], dict(type=str, choices=["noise", "real"]), "initialize from real images or noise"),
+    (
+        "pix_init",
+        ["--pix_init", "--pix-init"],
+        dict(type=str, choices=["noise", "real"]),
+        "initialize from real images or noise",
+    ),
     ("dsa", ["--dsa"], dict(type=_bool_value, metavar="{True,False}"), "differentiable Siamese augmentation"),
     ("dsa_strategy", ["--dsa_strategy", "--dsa-strategy"], dict(type=str), "DSA strategy (families joined by _)"),
     ("data_path", ["--data_path", "--data-path"], dict(type=str), "folder holding the dataset files"),
-    ("buffer_path", ["--buffer_path", "--buffer-path"], dict(type=str), "expert buffers: <buffer_path>/<DATASET>[_NO_ZCA]/<model> "
-     "or a buffer folder itself"),
-    ("pretrained_ckpt", ["--pretrained_ckpt", "--pretrained-ckpt"], dict(type=str), "accepted for compatibility (unused)"),
+    (
+        "buffer_path",
+        ["--buffer_path", "--buffer-path"],
+        dict(type=str),
+        "expert buffers: <buffer_path>/<DATASET>[_NO_ZCA]/<model> or a buffer folder itself",
+    ),
+    (
+        "pretrained_ckpt",
+        ["--pretrained_ckpt", "--pretrained-ckpt"],
+        dict(type=str),
+        "accepted for compatibility (unused)",
+    ),
     ("expert_epochs", ["--expert_epochs", "--expert-epochs"], dict(type=int), "expert epochs between start and target"),
     ("syn_steps", ["--syn_steps", "--syn-steps"], dict(type=int), "unrolled student steps per iteration"),
-    ("max_start_epoch", ["--max_start_epoch", "--max-start-epoch"], dict(type=int), "start epochs are drawn in [0, this)"),
+    (
+        "max_start_epoch",
+        ["--max_start_epoch", "--max-start-epoch"],
+        dict(type=int),
+        "start epochs are drawn in [0, this)",
+    ),
     ("zca", ["--zca"], dict(action="store_const", const=True), "ZCA-whiten the data (as the reference's --zca)"),
-    ("load_all", ["--load_all", "--load-all"], dict(action="store_const", const=True), "accepted for compatibility "
-     "(buffers are memory-mapped)"),
-    ("no_aug", ["--no_aug", "--no-aug"], dict(type=_bool_value, nargs="?", const=True), "no augmentation while distilling"),
+    (
+        "load_all",
+        ["--load_all", "--load-all"],
+        dict(action="store_const", const=True),
+        "accepted for compatibility (buffers are memory-mapped)",
+    ),
+    (
+        "no_aug",
+        ["--no_aug", "--no-aug"],
+        dict(type=_bool_value, nargs="?", const=True),
+        "no augmentation while distilling",
+    ),
     ("max_files", ["--max_files", "--max-files"], dict(type=int), "accepted for compatibility"),
     ("max_experts", ["--max_experts", "--max-experts"], dict(type=int), "accepted for compatibility"),
-    ("force_save", ["--force_save", "--force-save"], dict(action="store_const", const=True), "accepted for compatibility"),
+    (
+        "force_save",
+        ["--force_save", "--force-save"],
+        dict(action="store_const", const=True),
+        "accepted for compatibility",
+    ),
     ("n_hallucinators", ["--n_style", "--n-style", "--n-hallucinators"], dict(type=int), "number of hallucinators"),
-    ("single_channel", ["--single_channel", "--single-channel"], dict(action="store_const", const=True),
-     "single-channel bases"),
-    ("lambda_club_content", ["--lambda_club_content", "--lambda-club-content"], dict(type=float), "weight of the club term"),
-    ("lambda_likeli_content", ["--lambda_likeli_content", "--lambda-likeli-content"], dict(type=float),
-     "weight of the adversary's cosine term"),
-    ("lambda_cls_content", ["--lambda_cls_content", "--lambda-cls-content"], dict(type=float),
-     "weight of the adversary's classification term"),
-    ("lambda_contrast_content", ["--lambda_contrast_content", "--lambda-contrast-content"], dict(type=float),
-     "weight of the adversary's SupCon term"),
+    (
+        "single_channel",
+        ["--single_channel", "--single-channel"],
+        dict(action="store_const", const=True),
+        "single-channel bases",
+    ),
+    (
+        "lambda_club_content",
+        ["--lambda_club_content", "--lambda-club-content"],
+        dict(type=float),
+        "weight of the club term",
+    ),
+    (
+        "lambda_likeli_content",
+        ["--lambda_likeli_content", "--lambda-likeli-content"],
+        dict(type=float),
+        "weight of the adversary's cosine term",
+    ),
+    (
+        "lambda_cls_content",
+        ["--lambda_cls_content", "--lambda-cls-content"],
+        dict(type=float),
+        "weight of the adversary's classification term",
+    ),
+    (
+        "lambda_contrast_content",
+        ["--lambda_contrast_content", "--lambda-contrast-content"],
+        dict(type=float),
+        "weight of the adversary's SupCon term",
+    ),
     # --- ours ---
-    ("parameterization", ["--parameterization"], dict(type=str, choices=["haba", "pixels"]), "haba (bases + hallucinators) "
-     "or pixels (plain MTT)"),
-    ("engine", ["--engine"], dict(type=str, choices=["exact", "naive", "first-order", "auto"]),
-     "unrolled-gradient engine (auto: exact when available, else naive)"),
-    ("budget_ipc", ["--budget-ipc", "--budget_ipc"], dict(type=int), "choose bases per class so bases + hallucinators fit "
-     "this many images per class"),
+    (
+        "parameterization",
+        ["--parameterization"],
+        dict(type=str, choices=["haba", "pixels"]),
+        "haba (bases + hallucinators) or pixels (plain MTT)",
+    ),
+    (
+        "engine",
+        ["--engine"],
+        dict(type=str, choices=["exact", "naive", "first-order", "auto"]),
+        "unrolled-gradient engine (auto: exact when available, else naive)",
+    ),
+    (
+        "budget_ipc",
+        ["--budget-ipc", "--budget_ipc"],
+        dict(type=int),
+        "choose bases per class so bases + hallucinators fit this many images per class",
+    ),
     ("kernel_size", ["--kernel-size", "--kernel_size"], dict(type=int), "hallucinator kernel size"),
     ("min_lr", ["--min-lr", "--min_lr"], dict(type=float), "floor of the learned lr (the reference clips at 0.001)"),
     ("device", ["--device"], dict(type=str), "cpu, cuda, cuda:N or auto"),
     ("seed", ["--seed"], dict(type=int), "seed of every random choice"),
-    ("checkpoint_every", ["--checkpoint-every", "--checkpoint_every"], dict(type=int),
-     "write a checkpoint every this many iterations (default: --eval_it)"),
+    (
+        "checkpoint_every",
+        ["--checkpoint-every", "--checkpoint_every"],
+        dict(type=int),
+        "write a checkpoint every this many iterations (default: --eval_it)",
+    ),
     ("max_loss", ["--max-loss", "--max_loss"], dict(type=float), "stop when the matching loss exceeds this (exploded)"),
-    ("batch_standardize", ["--batch-standardize", "--batch_standardize"], dict(action="store_const", const=True),
-     "HaBa's evaluation batch standardization"),
+    (
+        "batch_standardize",
+        ["--batch-standardize", "--batch_standardize"],
+        dict(action="store_const", const=True),
+        "HaBa's evaluation batch standardization",
+    ),
     ("eval_models", ["--eval-models", "--eval_models"], dict(type=str), "comma-separated evaluation networks"),
 ]
 
@@ -107,14 +205,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for dest, names, kwargs, help_text in _FLAGS:
         group = ref if dest in _REFERENCE_DESTS else ours
         group.add_argument(*names, dest=dest, default=_S, help=help_text, **kwargs)
-    ours.add_argument("--preset", default=None, choices=sorted(_presets()),
-                      help="the reference's CIFAR-10 settings (flags given explicitly override them)")
-    ours.add_argument("--out", default=None, help="output folder (default runs/<dataset>_<parameterization>_ipc<ipc>; "
-                      "the demo: runs/demo)")
+    ours.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(_presets()),
+        help="the reference's CIFAR-10 settings (flags given explicitly override them)",
+    )
+    ours.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default runs/<dataset>_<parameterization>_ipc<ipc>; the demo: runs/demo)",
+    )
     ours.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     ours.add_argument("--overwrite", action="store_true", help="start over even when --out holds a run")
     ours.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-
 
 
 def _presets() -> Dict[str, Dict[str, Any]]:
@@ -140,8 +244,10 @@ def config_from_args(args: argparse.Namespace):
         fams = augment.parse_strategy(given["dsa_strategy"])
         bad = [f for f in fams if f not in augment.FAMILIES]
         if bad:
-            raise ValueError(f"unknown DSA families {bad} in --dsa_strategy {given['dsa_strategy']!r}: "
-                             f"use {', '.join(augment.FAMILIES)} joined by _ (or none)")
+            raise ValueError(
+                f"unknown DSA families {bad} in --dsa_strategy {given['dsa_strategy']!r}: "
+                f"use {', '.join(augment.FAMILIES)} joined by _ (or none)"
+            )
     cfg = dataclasses.replace(cfg, **given)
     return cfg.validate()
 
@@ -153,8 +259,10 @@ def _canonical_dataset(name: str) -> str:
     for ours, ref in REFERENCE_NAMES.items():
         if key in (ours.replace("-", ""), ref.lower()):
             return ours
-    raise ValueError(f"unknown --dataset {name!r}: choose one of {', '.join(DATASETS)} (or the reference's spellings "
-                     f"{', '.join(REFERENCE_NAMES.values())})")
+    raise ValueError(
+        f"unknown --dataset {name!r}: choose one of {', '.join(DATASETS)} (or the reference's spellings "
+        f"{', '.join(REFERENCE_NAMES.values())})"
+    )
 
 
 def register(sub) -> None:
@@ -190,8 +298,10 @@ def run(args: argparse.Namespace) -> int:
     dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
     buffer = experts.load_buffer(_buffer_location(cfg))
     result = distill(cfg, dataset, buffer, out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
-    print(f"done: {result.iterations} iterations in {result.seconds:.0f} s; learned lr {result.syn_lr:.4g}; "
-          f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)")
+    print(
+        f"done: {result.iterations} iterations in {result.seconds:.0f} s; learned lr {result.syn_lr:.4g}; "
+        f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)"
+    )
     for ev in result.evaluations[-1:]:
         for model, v in ev.items():
             if isinstance(v, dict):
@@ -206,15 +316,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.out:
         demo.out = args.out
     # A few flags make sense for the demo too; the rest need --dataset.
-    mapping = {"iterations": "iterations", "seed": "seed", "device": "device", "engine": "engine", "model": "model",
-               "syn_steps": "syn_steps", "n_hallucinators": "n_hallucinators", "budget_ipc": "budget_ipc",
-               "num_eval": "num_eval", "epoch_eval_train": "eval_epochs", "expert_epochs": "expert_epochs",
-               "max_start_epoch": "max_start_epoch", "lr_lr": "lr_lr", "lr_teacher": "lr_teacher",
-               "lr_img": "haba_lr_img", "lr_style": "haba_lr_style"}
+    mapping = {
+        "iterations": "iterations",
+        "seed": "seed",
+        "device": "device",
+        "engine": "engine",
+        "model": "model",
+        "syn_steps": "syn_steps",
+        "n_hallucinators": "n_hallucinators",
+        "budget_ipc": "budget_ipc",
+        "num_eval": "num_eval",
+        "epoch_eval_train": "eval_epochs",
+        "expert_epochs": "expert_epochs",
+        "max_start_epoch": "max_start_epoch",
+        "lr_lr": "lr_lr",
+        "lr_teacher": "lr_teacher",
+        "lr_img": "haba_lr_img",
+        "lr_style": "haba_lr_style",
+    }
     ignored = [d for d in CONFIG_DESTS if hasattr(args, d) and d not in mapping]
     if ignored:
-        raise ValueError(f"--{ignored[0]} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "
-                         f"takes only {', '.join('--' + k for k in mapping)})")
+        raise ValueError(
+            f"--{ignored[0]} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "
+            f"takes only {', '.join('--' + k for k in mapping)})"
+        )
     for dest, field in mapping.items():
         if hasattr(args, dest):
             setattr(demo, field, getattr(args, dest))

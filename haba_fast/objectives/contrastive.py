@@ -39,8 +39,16 @@ class Adversary(nn.Module):
     Forward: x [B, C, H, W] -> (logits [B, K], features [B, width · H' · W']).
     """
 
-    def __init__(self, channel: int, num_classes: int, im_size: Sequence[int] = (32, 32), *, width: int = 128,
-                 depth: int = 3, generator: torch.Generator = None):
+    def __init__(
+        self,
+        channel: int,
+        num_classes: int,
+        im_size: Sequence[int] = (32, 32),
+        *,
+        width: int = 128,
+        depth: int = 3,
+        generator: torch.Generator = None,
+    ):
         super().__init__()
         layers = []
         h, w = int(im_size[0]), int(im_size[1])
@@ -125,7 +133,9 @@ def supcon_loss(features: Tensor, labels: Tensor, temperature: float = 0.07, bas
     return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
-def adversary_loss(adversary: nn.Module, x_pair: Tensor, labels: Tensor, weights: AdversaryWeights) -> Dict[str, Tensor]:
+def adversary_loss(
+    adversary: nn.Module, x_pair: Tensor, labels: Tensor, weights: AdversaryWeights
+) -> Dict[str, Tensor]:
     """The adversary's own loss on ``x_pair = cat([x_a, x_b])`` [2B, C, H, W] with labels [B].
 
     Returns:

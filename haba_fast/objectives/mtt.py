@@ -120,8 +120,9 @@ def build_inputs(syn: nn.Module, plan: StepPlan) -> Tuple[Tensor, Tensor]:
     return x.reshape(N, B, *x.shape[1:]), Y
 
 
-def trajectory_loss(engine: Engine, model: nn.Module, syn: nn.Module, plan: StepPlan, w_start: Tensor,
-                    w_target: Tensor, lr: Tensor) -> Tensor:
+def trajectory_loss(
+    engine: Engine, model: nn.Module, syn: nn.Module, plan: StepPlan, w_start: Tensor, w_target: Tensor, lr: Tensor
+) -> Tensor:
     """The MTT loss of one iteration: ``||w_N - w*||^2 / ||w_start - w*||^2`` (0-dim).
 
     Differentiable in the synthetic set's parameters (bases/hallucinators or images) and in ``lr``.

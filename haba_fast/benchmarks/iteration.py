@@ -1,0 +1,309 @@
+"""``haba-fast bench iteration``: seconds and peak memory of one full HaBa distillation iteration, per engine.
+
+One iteration is ``haba_fast.distill.Distiller.step()``: generate + augment the N unrolled batches, run the
+trajectory engine (``naive`` | ``exact`` | ``first-order``), the adversarial club term, the backward pass to the
+bases, hallucinators and learned lr, the optimizer steps, and the adversary's own step. It runs on random
+CIFAR-shaped data (10 classes, 3x32x32) and a synthetic expert buffer (the student's initial weights plus small
+random drifts per epoch, the right P): no files.
+
+Prints ONE JSON line: ``s_per_iter`` (median over ``--repeats`` timed iterations after ``--warmup``),
+``peak_rss_mb`` (peak resident set of this process: run one configuration per process so the peak is its own;
+``bench/run_iteration.sh`` does), the configuration and ``haba_fast.timing.environment()``. ``--engine-only`` times
+the engine call alone (forward + backward of the matching loss on fixed inputs) instead of the full step.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Dict
+
+import torch
+
+ENGINES = ("exact", "naive", "first-order")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--engine", default="exact", choices=ENGINES, help="trajectory engine (default exact)")
+    parser.add_argument("--ipc", type=int, default=10, help="bases per class (default 10)")
+    parser.add_argument("--n-hallucinators", type=int, default=5, help="hallucinators (default 5)")
+    parser.add_argument("--syn-steps", type=int, default=20, help="unrolled student steps N (default 20)")
+    parser.add_argument("--batch-syn", type=int, default=100, help="synthetic samples per step B (default 100)")
+    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
+    parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop repeating after this many seconds")
+    parser.add_argument("--engine-only", action="store_true", help="time the engine call alone, not the full step")
+    parser.add_argument("--backend", default=None, help="adjoint backend auto | cpp | python (exact/first-order)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON line (the default output anyway)")
+
+
+class SyntheticBuffer:
+    """An in-memory expert buffer: ``snapshot(t, e) = w0 + e * drift_t`` (flat float32 [P], CPU)."""
+
+    def __init__(self, w0: torch.Tensor, num_epochs: int, num_trajectories: int = 2, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.num_trajectories = num_trajectories
+        self.num_epochs = num_epochs
+        self.num_params = w0.numel()
+        self._w0 = w0.detach().float().cpu()
+        # Drift per epoch ~1% of the weights' scale: targets nearby, as after an epoch of expert SGD.
+        scale = float(self._w0.abs().mean()) * 0.01
+        self._drift = [torch.randn(self.num_params, generator=g) * scale for _ in range(num_trajectories)]
+
+    def snapshot(self, traj: int, epoch: int) -> torch.Tensor:
+        return self._w0 + float(epoch) * self._drift[int(traj)]
+
+
+def random_cifar(per_class: int, seed: int = 0):
+    """A ``haba_fast.data.Dataset`` of random CIFAR-shaped images: 10 classes x ``per_class``, 3x32x32."""
+    from haba_fast.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    n = 10 * per_class
+    labels = torch.arange(10).repeat_interleave(per_class)
+    return Dataset(
+        name="cifar10",
+        train_images=torch.randn(n, 3, 32, 32, generator=g),
+        train_labels=labels,
+        test_images=torch.randn(10, 3, 32, 32, generator=g),
+        test_labels=torch.arange(10),
+        class_names=[f"class{i}" for i in range(10)],
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+    )
+
+
+def model_name(width: int, depth: int) -> str:
+    """The reference network name of a ConvNet of this width and depth (ConvNet, ConvNetW<w>, ConvNetD<d>)."""
+    if (width, depth) == (128, 3):
+        return "ConvNet"
+    if depth == 3 and width in (32, 64, 256, 512, 1024):
+        return f"ConvNetW{width}"
+    if width == 128 and 1 <= depth <= 8:
+        return f"ConvNetD{depth}"
+    raise ValueError(f"no reference ConvNet of width {width} and depth {depth}: use --width 32..1024 with depth 3, "
+                     "or width 128 with --depth 1..8")
+
+
+def build_distiller(args):
+    """A Distiller for the benchmark configuration (random data, synthetic buffer)."""
+    from haba_fast.distill import DistillConfig, Distiller
+    from haba_fast.models import flatten_params, get_network
+
+    model = model_name(args.width, args.depth)
+    dataset = random_cifar(max(args.ipc, 2), seed=args.seed)
+    expert_epochs, max_start = 2, 2
+    student = get_network(model, 3, 10, (32, 32), generator=torch.Generator().manual_seed(args.seed))
+    buffer = SyntheticBuffer(flatten_params(student), num_epochs=max_start + expert_epochs, seed=args.seed)
+    cfg = DistillConfig(
+        dataset="cifar10", model=model, ipc=args.ipc, n_hallucinators=args.n_hallucinators, syn_steps=args.syn_steps,
+        batch_syn=args.batch_syn, engine=args.engine, expert_epochs=expert_epochs, max_start_epoch=max_start,
+        lr_teacher=0.01, lr_img=100.0, lr_style=100.0, lr_lr=1e-5, device=args.device, seed=args.seed,
+        iterations=1, num_eval=0, pix_init="real",
+    )
+    distiller = Distiller(cfg, dataset, buffer, device=args.device)
+    if args.backend is not None and args.engine != "naive":
+        from haba_fast.adjoint import get_adjoint_engine
+
+        distiller.engine = get_adjoint_engine(args.engine, backend=args.backend)
+    return distiller
+
+
+def engine_only_fn(args):
+    """A closure running the engine forward + backward on fixed random inputs of the benchmark's shapes."""
+    from haba_fast.trajectory import get_engine
+
+    from haba_fast.models import flatten_params, get_network
+
+    net = get_network(model_name(args.width, args.depth), 3, 10, (32, 32),
+                      generator=torch.Generator().manual_seed(args.seed), device=args.device)
+
+    g = torch.Generator().manual_seed(args.seed)
+    w0 = flatten_params(net).cpu()
+    wt = w0 + 0.01 * torch.randn(w0.shape, generator=g)
+    X = torch.randn(args.syn_steps, args.batch_syn, 3, 32, 32, generator=g).to(args.device).requires_grad_(True)
+    Y = torch.randint(0, 10, (args.syn_steps, args.batch_syn), generator=g).to(args.device)
+    lr = torch.tensor(0.01, device=args.device, requires_grad=True)
+    if args.backend is not None and args.engine != "naive":
+        from haba_fast.adjoint import get_adjoint_engine
+
+        engine = get_adjoint_engine(args.engine, backend=args.backend)
+    else:
+        engine = get_engine(args.engine)
+
+    def fn():
+        X.grad = None
+        lr.grad = None
+        loss = engine(net, X, Y, w0.to(args.device), wt.to(args.device), lr)
+        loss.backward()
+        return float(loss)
+
+    return fn, engine
+
+
+def run(args) -> int:
+    import warnings
+
+    from haba_fast import timing
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
+        if int(getattr(args, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_syn > 10 * args.ipc:
+        raise ValueError(f"--batch-syn {args.batch_syn} exceeds the {10 * args.ipc} bases (10 classes x --ipc)")
+    device = torch.device(args.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the first-order engine's one-time notice would break the JSON line
+        if args.engine_only:
+            fn, engine = engine_only_fn(args)
+        else:
+            distiller = build_distiller(args)
+            engine = distiller.engine
+            fn = distiller.step
+        t = timing.measure(fn, warmup=args.warmup, repeats=args.repeats, device=device, max_seconds=args.max_seconds)
+    row: Dict[str, Any] = {
+        "bench": "iteration",
+        "engine": args.engine,
+        "engine_backend": getattr(engine, "last_backend", None),
+        "approximate": bool(getattr(engine, "approximate", False)),
+        "what": "engine" if args.engine_only else "full HaBa step (incl. adversarial term)",
+        "ipc": args.ipc,
+        "n_hallucinators": args.n_hallucinators,
+        "syn_steps": args.syn_steps,
+        "batch_syn": args.batch_syn,
+        "width": args.width,
+        "depth": args.depth,
+        "device": str(device),
+        "s_per_iter": t.median,
+        "s_per_iter_min": t.min,
+        "times": t.times,
+        "peak_rss_mb": timing.peak_rss_mb(),
+        "env": timing.environment(device),
+    }
+    if device.type == "cuda":
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    sys.stdout.write(json.dumps(row) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results document (bench/run_iteration.sh calls write_report).
+
+_DOC_HEAD = """# One HaBa iteration per trajectory engine
+
+Generated by `bench/run_iteration.sh` (do not edit by hand: rerun it). Each row is one configuration of
+`haba-fast bench iteration` run in a fresh process: one full `Distiller.step()` (generate + augment the N batches,
+the trajectory engine, the adversarial club term, the backward pass to bases / hallucinators / lr, the optimizer
+steps, the adversary's step) on random CIFAR-shaped data (10 classes, 3x32x32), ConvNet-128 student, 5
+hallucinators, a synthetic expert buffer. `s/iter` is the median of the timed iterations (rows with one repeat and
+no warm-up are memory runs: their time includes first-call overheads); `peak RSS` is the process's peak resident
+set (`ru_maxrss`), so it includes the Python/torch baseline of a few hundred MB.
+
+Engines: `naive` = create-graph unroll (autograd through all N steps); `exact` = constant-memory adjoint
+(csrc/trajectory.cpp: stores only w_t, analytic forward-over-reverse Hessian-vector products with fused CPU loops
+for norm/activation/pooling); `first-order` = the same without the Hessian term in w: an APPROXIMATION
+(TESLA-style), shown for reference only.
+
+Commands: `bench/run_iteration.sh` (CPU) and `DEVICE=cuda bench/run_iteration.sh` (GPU); a single row, e.g.
+`haba-fast bench iteration --engine exact --ipc 10 --n-hallucinators 5 --syn-steps 20 --batch-syn 100 --json`.
+"""
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def _find(rows, engine, ipc, steps, batch, timed=None):
+    for r in rows:
+        if r.get("failed") or r.get("engine") != engine:
+            continue
+        if (r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")) != (ipc, steps, batch):
+            continue
+        if timed is not None and (len(r.get("times", [])) > 1) != timed:
+            continue
+        return r
+    return None
+
+
+def _section(rows, title) -> str:
+    lines = [f"## {title}", ""]
+    if not rows:
+        return "\n".join(lines + ["(no results)", ""])
+    env = next((r["env"] for r in rows if "env" in r), {})
+    lines.append(
+        f"Machine `{env.get('machine')}` ({env.get('cpus')} CPUs, torch threads {env.get('torch_threads')}"
+        + (f", GPU {env['gpu']}" if env.get("gpu") else "")
+        + f"), torch {env.get('torch')}, commit `{env.get('commit')}`."
+    )
+    lines += ["", "| engine | bpc | syn_steps | batch_syn | s/iter (median) | repeats | peak RSS (MB) | note |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("failed"):
+            lines.append(f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | failed | | | "
+                         "did not complete (out of memory or error) |")
+            continue
+        note = "approximation" if r.get("approximate") else ""
+        if r.get("peak_cuda_mb") is not None:
+            note = (note + "; " if note else "") + f"peak CUDA {r['peak_cuda_mb']:.0f} MB"
+        lines.append(
+            f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), '.2f')} "
+            f"| {len(r.get('times', []))} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {note} |"
+        )
+    steps = sorted({r.get("syn_steps") for r in rows if r.get("batch_syn") == 100 and not r.get("failed")})
+    lo, hi = (steps[0], steps[-1]) if steps else (None, None)
+    mid = sorted({r.get("syn_steps") for r in rows if len(r.get("times", [])) > 1 and not r.get("failed")})
+    checks = []
+    e_lo, e_hi = _find(rows, "exact", 10, lo, 100), _find(rows, "exact", 10, hi, 100)
+    if e_lo and e_hi and lo != hi:
+        ratio = e_hi["peak_rss_mb"] / e_lo["peak_rss_mb"]
+        checks.append(f"- exact peak RSS at syn_steps {hi} / at {lo}: **{ratio:.2f}x** (target <= 1.15x) "
+                      f"-> {'met' if ratio <= 1.15 else 'NOT met'}")
+    n_lo, n_hi = _find(rows, "naive", 10, lo, 100), _find(rows, "naive", 10, hi, 100)
+    if n_lo and n_hi and lo != hi:
+        checks.append(f"- naive peak RSS at syn_steps {hi} / at {lo}: {n_hi['peak_rss_mb'] / n_lo['peak_rss_mb']:.2f}x")
+    elif n_lo and e_lo:
+        checks.append(f"- naive peak RSS at syn_steps {lo}: {n_lo['peak_rss_mb']:.0f} MB vs exact "
+                      f"{e_lo['peak_rss_mb']:.0f} MB")
+    for s in mid:
+        e, n = _find(rows, "exact", 10, s, 100, True), _find(rows, "naive", 10, s, 100, True)
+        f = _find(rows, "first-order", 10, s, 100, True)
+        if e and n:
+            ratio = e["s_per_iter"] / n["s_per_iter"]
+            checks.append(f"- time per iteration at syn_steps {s}: exact / naive = **{ratio:.2f}** (target <= 0.6) "
+                          f"-> {'met' if ratio <= 0.6 else 'NOT met'}"
+                          + (f"; first-order / naive = {f['s_per_iter'] / n['s_per_iter']:.2f}" if f else ""))
+    big = [r for r in rows if r.get("engine") == "exact" and r.get("ipc") == 50 and r.get("batch_syn") == 500]
+    for r in big:
+        if r.get("failed"):
+            checks.append(f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: did NOT complete")
+        else:
+            checks.append(f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: exact completes, peak RSS "
+                          f"**{r['peak_rss_mb'] / 1024:.2f} GB** (target <= 6 GB) -> "
+                          f"{'met' if r['peak_rss_mb'] <= 6 * 1024 else 'NOT met'}")
+    lines += ["", "Targets (ratios from the same run):", ""] + (checks or ["- (not enough rows)"]) + [""]
+    return "\n".join(lines)
+
+
+def write_report(rows, json_path) -> None:
+    """Write ``rows`` to ``json_path`` and regenerate bench/results/ITERATION.md from every iteration*.json there."""
+    import os
+
+    from haba_fast.io import atomic_write_text
+
+    atomic_write_text(json.dumps(rows, indent=1) + "\n", json_path)
+    folder = os.path.dirname(os.path.abspath(json_path))
+    parts = [_DOC_HEAD]
+    for name, title in (("iteration.json", "CPU"), ("iteration_cuda.json", "GPU")):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                parts.append(_section(json.load(fh), title))
+    atomic_write_text("\n".join(parts), os.path.join(folder, "ITERATION.md"))
