@@ -235,7 +235,8 @@ std::vector<at::Tensor> genaug_backward(const at::Tensor& grad_in, const GenArgs
     at::Tensor hall = at::zeros({Hn, L.total}, opts);
     segment_sum<T>(hp, n, L.total, hi, Hn, hall.data_ptr<T>());
     auto piece = [&](int64_t off, int64_t len, at::IntArrayRef shape) {
-      return hall.narrow(1, off, len).contiguous().view(shape);
+      // clone: with Hn == 1 a narrowed slice is already contiguous, and outputs of an op may not alias
+      return hall.narrow(1, off, len).clone(at::MemoryFormat::Contiguous).view(shape);
     };
     res.push_back(piece(L.ew, L.eb - L.ew, {Hn, d.C, d.cb, d.K, d.K}));
     res.push_back(piece(L.eb, d.C, {Hn, d.C}));

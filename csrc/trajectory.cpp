@@ -284,52 +284,56 @@ bool fused_ok(const Spec& s, const Tensor& z) {
   return z.device().is_cpu() && fused_enabled() && s.norm != kLayer && s.pool != kMax;
 }
 
-std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, const Tensor& zd, const Tensor& gam,
+// zz: the conv output, [B, C, H, W] (primal only) or [B, 2C, H, W] = [z | zd] (with tangent), contiguous.
+std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& zz, bool tan, const Tensor& gam,
                                               const Tensor& bet, const Tensor& gamd, const Tensor& betd,
                                               BlockCache& c) {
-  const bool tan = zd.defined();
-  const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  const int64_t B = zz.size(0), C = tan ? zz.size(1) / 2 : zz.size(1), H = zz.size(2), W = zz.size(3);
   const int64_t G = s.norm == kNormNone ? C : groups_of(s);
   const int64_t Ho = s.pool == kAvg ? H / 2 : H, Wo = s.pool == kAvg ? W / 2 : W;
-  auto opts = z.options();
+  auto opts = zz.options();
   Tensor out = at::empty({B, C, Ho, Wo}, opts);
   Tensor outd = tan ? at::empty({B, C, Ho, Wo}, opts) : Tensor();
-  c.xh = at::empty_like(z);
-  c.xhd = tan ? at::empty_like(z) : Tensor();
+  c.xh = at::empty({B, C, H, W}, opts);
+  c.xhd = tan ? at::empty({B, C, H, W}, opts) : Tensor();
   c.rstd = at::empty({B, G}, opts);
   c.k = at::empty({B, G}, opts);
-  Tensor zc = z.contiguous();
-  Tensor zdc = tan ? zd.contiguous() : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
-    traj::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg};
+  TORCH_INTERNAL_ASSERT(zz.is_contiguous());
+  AT_DISPATCH_FLOATING_TYPES(zz.scalar_type(), "trajectory_block_forward", [&] {
+    traj::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, zz.stride(0)};
     traj::Params<scalar_t> p{};
+    Tensor gc, bc, gdc, bdc;  // keep contiguous copies alive during the call
     if (s.norm != kNormNone) {
-      p.gam = gam.contiguous().data_ptr<scalar_t>();
-      p.bet = bet.contiguous().data_ptr<scalar_t>();
+      gc = gam.contiguous();
+      bc = bet.contiguous();
+      p.gam = gc.data_ptr<scalar_t>();
+      p.bet = bc.data_ptr<scalar_t>();
       if (tan) {
-        p.gamd = gamd.contiguous().data_ptr<scalar_t>();
-        p.betd = betd.contiguous().data_ptr<scalar_t>();
+        gdc = gamd.contiguous();
+        bdc = betd.contiguous();
+        p.gamd = gdc.data_ptr<scalar_t>();
+        p.betd = bdc.data_ptr<scalar_t>();
       }
     }
-    traj::block_forward<scalar_t>(dims, p, zc.data_ptr<scalar_t>(), tan ? zdc.data_ptr<scalar_t>() : nullptr,
-                                  c.xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
-                                  c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+    const scalar_t* z = zz.data_ptr<scalar_t>();
+    traj::block_forward<scalar_t>(dims, p, z, tan ? z + C * H * W : nullptr, c.xh.data_ptr<scalar_t>(),
+                                  tan ? c.xhd.data_ptr<scalar_t>() : nullptr, c.rstd.data_ptr<scalar_t>(),
+                                  c.k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                   tan ? outd.data_ptr<scalar_t>() : nullptr);
   });
   return {out, outd};
 }
 
-std::pair<Tensor, Tensor> block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, const Tensor& gam,
-                                               const Tensor& bet, const Tensor& gamd, const Tensor& betd,
-                                               BlockCache& c, Tensor* ggam, Tensor* gbet, Tensor* ggamd,
-                                               Tensor* gbetd) {
+// Returns gzz: [B, C, H, W] = gz (primal only) or [B, 2C, H, W] = [gz | gzd] (with tangent), contiguous.
+Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, const Tensor& gam, const Tensor& bet,
+                            const Tensor& gamd, const Tensor& betd, BlockCache& c, Tensor* ggam, Tensor* gbet,
+                            Tensor* ggamd, Tensor* gbetd) {
   const bool tan = gad.defined();
   const Tensor& xh = c.xh;
   const int64_t B = xh.size(0), C = xh.size(1), H = xh.size(2), W = xh.size(3);
   const int64_t G = s.norm == kNormNone ? C : groups_of(s);
   auto opts = xh.options();
-  Tensor gz = at::empty_like(xh);
-  Tensor gzd = tan ? at::empty_like(xh) : Tensor();
+  Tensor gzz = at::empty({B, tan ? 2 * C : C, H, W}, opts);
   const bool norm = s.norm != kNormNone;
   const bool want_pt = tan && ggamd != nullptr;
   // Per (sample, channel) partial sums of the norm parameter gradients; summed over the batch afterwards so
@@ -338,21 +342,27 @@ std::pair<Tensor, Tensor> block_backward_fused(const Spec& s, const Tensor& ga, 
   Tensor gac = ga.contiguous();
   Tensor gadc = tan ? gad.contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
-    traj::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg};
+    traj::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
     traj::Params<scalar_t> p{};
+    Tensor gc, bc, gdc, bdc;
     if (norm) {
-      p.gam = gam.contiguous().data_ptr<scalar_t>();
-      p.bet = bet.contiguous().data_ptr<scalar_t>();
+      gc = gam.contiguous();
+      bc = bet.contiguous();
+      p.gam = gc.data_ptr<scalar_t>();
+      p.bet = bc.data_ptr<scalar_t>();
       if (tan) {
-        p.gamd = gamd.contiguous().data_ptr<scalar_t>();
-        p.betd = betd.contiguous().data_ptr<scalar_t>();
+        gdc = gamd.contiguous();
+        bdc = betd.contiguous();
+        p.gamd = gdc.data_ptr<scalar_t>();
+        p.betd = bdc.data_ptr<scalar_t>();
       }
     }
+    scalar_t* gz = gzz.data_ptr<scalar_t>();
     traj::block_backward<scalar_t>(dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
                                    xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
-                                   c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz.data_ptr<scalar_t>(),
-                                   tan ? gzd.data_ptr<scalar_t>() : nullptr,
-                                   norm ? part.data_ptr<scalar_t>() : nullptr, want_pt);
+                                   c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz,
+                                   tan ? gz + C * H * W : nullptr, norm ? part.data_ptr<scalar_t>() : nullptr,
+                                   want_pt);
   });
   if (norm) {
     Tensor sums = part.sum(1);  // [4, C]
@@ -363,7 +373,7 @@ std::pair<Tensor, Tensor> block_backward_fused(const Spec& s, const Tensor& ga, 
       *gbetd = sums[3];
     }
   }
-  return {gz, gzd};
+  return gzz;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -383,23 +393,25 @@ std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, c
                                   {1, 1}, false, {0, 0}, 1, mask);
 }
 
+// Per block, the fused CPU path runs the convolutions of the primal and the tangent as few, wide calls:
+//   forward:  conv(a, [W; Wd], [b; bd]) -> [z | zd'] (one call, 2C outputs), zd = zd' + conv(ad, W)
+//   backward: convolution_backward([gz | gzd], a, [Wd; W]) -> input grad conv^T(gz, Wd) + conv^T(gzd, W) (the
+//             tangent of the input gradient), weight grads [grad_W | part of its tangent], bias grads; and
+//             convolution_backward(gz, ad, W) -> the primal input gradient and the rest of grad_W's tangent.
+// Same arithmetic as six separate calls, but wider GEMMs and no copies: the fused loops read and write the two
+// channel halves in place (BlockDims::io_bs).
 StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& lam,
                 bool want_hw) {
   const bool tan = lam.defined();
   const int64_t B = x.size(0);
   const bool fused = fused_ok(s, x);
+  const int64_t Cw = s.width;
   std::vector<BlockCache> caches(s.depth);
   Tensor a = x, ad;
   for (int64_t d = 0; d < s.depth; ++d) {
     const LayerLayout& l = L.layers[d];
     BlockCache& c = caches[d];
     Tensor Wc = view(w, l.conv_w), bc = view(w, l.conv_b);
-    Tensor z = conv(a, Wc, bc, l.pad);
-    Tensor zd;
-    if (tan) {
-      zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
-      if (ad.defined()) zd = zd + conv(ad, Wc, c10::nullopt, l.pad);
-    }
     c.a = a;
     c.ad = ad;
     Tensor gam, bet, gamd, betd;
@@ -411,8 +423,25 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
         betd = view(lam, l.norm_b);
       }
     }
-    auto outs = fused ? block_forward_fused(s, z, zd, gam, bet, gamd, betd, c)
-                      : block_forward_composite(s, z, zd, gam, bet, gamd, betd, c);
+    std::pair<Tensor, Tensor> outs;
+    if (fused) {
+      Tensor zz;
+      if (tan) {
+        zz = conv(a, at::cat({Wc, view(lam, l.conv_w)}, 0), at::cat({bc, view(lam, l.conv_b)}, 0), l.pad);
+        if (ad.defined()) zz.narrow(1, Cw, Cw).add_(conv(ad, Wc, c10::nullopt, l.pad));
+      } else {
+        zz = conv(a, Wc, bc, l.pad);
+      }
+      outs = block_forward_fused(s, zz.contiguous(), tan, gam, bet, gamd, betd, c);
+    } else {
+      Tensor z = conv(a, Wc, bc, l.pad);
+      Tensor zd;
+      if (tan) {
+        zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
+        if (ad.defined()) zd = zd + conv(ad, Wc, c10::nullopt, l.pad);
+      }
+      outs = block_forward_composite(s, z, zd, gam, bet, gamd, betd, c);
+    }
     a = outs.first;
     ad = outs.second;
   }
@@ -421,11 +450,12 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
   Tensor o = at::addmm(bf, f, Wf.t());
   Tensor sm = at::softmax(o, 1);
   Tensor go = (sm - at::one_hot(y, s.classes).to(sm.scalar_type())) / static_cast<double>(B);
-  std::vector<Tensor> grads, tans;  // in reverse layer order, reversed at the end
+  std::vector<Tensor> grads, tans;  // in reverse parameter order, reversed at the end
   Tensor god;
   if (tan) {
     Tensor Wfd = view(lam, L.fc_w);
     Tensor od = at::addmm(view(lam, L.fc_b), f, Wfd.t()) + at::mm(fd, Wf.t());
+    // Tangent of softmax - onehot: J_softmax od.
     god = sm * (od - (sm * od).sum({1}, true)) / static_cast<double>(B);
   }
   // Parameters are pushed back to front: fc_b, fc_w, then per block (reversed) norm_b, norm_w, conv_b, conv_w.
@@ -453,11 +483,58 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     Tensor ggam, gbet, ggamd, gbetd;
     Tensor* pgd = (tan && want_hw) ? &ggamd : nullptr;
     Tensor* pbd = (tan && want_hw) ? &gbetd : nullptr;
-    auto gs = fused ? block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd)
-                    : block_backward_composite(s, ga, gad, gam, gamd, c, &ggam, &gbet, pgd, pbd);
-    caches[d].xh.reset();  // free the block's activations as soon as they are used
-    const Tensor& gz = gs.first;
-    const Tensor& gzd = gs.second;
+    Tensor Wc = view(w, l.conv_w);
+    const bool need_ga = d > 0;
+    Tensor gW, gb, gWd, gbd, ga_next, gad_next;
+    if (fused) {
+      Tensor gzz = block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd);
+      c.xh.reset();  // free the block's activations as soon as they are used
+      c.xhd.reset();
+      if (tan) {
+        Tensor Wcd = view(lam, l.conv_w);
+        auto r1 = at::convolution_backward(gzz, c.a, at::cat({Wcd, Wc}, 0),
+                                           at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1}, {l.pad, l.pad},
+                                           {1, 1}, false, {0, 0}, 1, {true, true, true});
+        gad_next = std::get<0>(r1);
+        gW = std::get<1>(r1).narrow(0, 0, Cw);
+        gb = std::get<2>(r1).narrow(0, 0, Cw);
+        gWd = std::get<1>(r1).narrow(0, Cw, Cw);
+        gbd = std::get<2>(r1).narrow(0, Cw, Cw);
+        if (need_ga || (want_hw && c.ad.defined())) {
+          Tensor gz = gzz.narrow(1, 0, Cw);
+          const bool wgrad = want_hw && c.ad.defined();
+          auto r2 = conv_bwd(gz, c.ad.defined() ? c.ad : c.a, Wc, l.pad, {need_ga, wgrad, false});
+          ga_next = std::get<0>(r2);
+          if (wgrad) gWd = gWd + std::get<1>(r2);
+        }
+      } else {
+        auto cb = conv_bwd(gzz, c.a, Wc, l.pad, {need_ga, true, true});
+        ga_next = std::get<0>(cb);
+        gW = std::get<1>(cb);
+        gb = std::get<2>(cb);
+      }
+    } else {
+      auto gs = block_backward_composite(s, ga, gad, gam, gamd, c, &ggam, &gbet, pgd, pbd);
+      c.xh.reset();
+      const Tensor& gz = gs.first;
+      const Tensor& gzd = gs.second;
+      auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, true, true});
+      gW = std::get<1>(cb);
+      gb = std::get<2>(cb);
+      ga_next = std::get<0>(cb);
+      if (tan) {
+        Tensor Wcd = view(lam, l.conv_w);
+        // d/de of the input gradient: conv^T(gzd, W) + conv^T(gz, W_dot).
+        auto t1 = conv_bwd(gzd, c.a, Wc, l.pad, {true, want_hw, want_hw});
+        auto t2 = conv_bwd(gz, c.a, Wcd, l.pad, {true, false, false});
+        gad_next = std::get<0>(t1) + std::get<0>(t2);
+        if (want_hw) {
+          gWd = std::get<1>(t1);
+          gbd = std::get<2>(t1);
+          if (c.ad.defined()) gWd = gWd + std::get<1>(conv_bwd(gz, c.ad, Wc, l.pad, {false, true, false}));
+        }
+      }
+    }
     if (s.norm != kNormNone) {
       grads.push_back(gbet.reshape(-1));
       grads.push_back(ggam.reshape(-1));
@@ -466,25 +543,11 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
         tans.push_back(ggamd.reshape(-1));
       }
     }
-    Tensor Wc = view(w, l.conv_w);
-    const bool need_ga = d > 0;
-    auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, true, true});
-    grads.push_back(std::get<2>(cb));
-    grads.push_back(std::get<1>(cb).reshape(-1));
-    Tensor ga_next = std::get<0>(cb);
-    Tensor gad_next;
-    if (tan) {
-      Tensor Wcd = view(lam, l.conv_w);
-      // d/de of the input gradient: conv^T(gzd, W) + conv^T(gz, W_dot).
-      auto t1 = conv_bwd(gzd, c.a, Wc, l.pad, {true, want_hw, want_hw});
-      auto t2 = conv_bwd(gz, c.a, Wcd, l.pad, {true, false, false});
-      gad_next = std::get<0>(t1) + std::get<0>(t2);
-      if (want_hw) {
-        Tensor gWd = std::get<1>(t1);
-        if (c.ad.defined()) gWd = gWd + std::get<1>(conv_bwd(gz, c.ad, Wc, l.pad, {false, true, false}));
-        tans.push_back(std::get<2>(t1));
-        tans.push_back(gWd.reshape(-1));
-      }
+    grads.push_back(gb);
+    grads.push_back(gW.reshape(-1));
+    if (tan && want_hw) {
+      tans.push_back(gbd);
+      tans.push_back(gWd.reshape(-1));
     }
     if (d == 0) hx = gad_next;
     ga = ga_next;

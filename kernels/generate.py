@@ -297,7 +297,8 @@ def generate_backward(grad, bases, enc_weight, enc_bias, scale, shift, dec_weigh
     wsum = segment_sum(wpart, hidx.repeat_interleave(T1), Hn)
     gdb = segment_sum(dbpart, hidx.repeat_interleave(T2), Hn)
     e0, e1 = C * CB * K * K, C * CB * K * K + C
-    gew = wsum[:, :e0].reshape(Hn, C, CB, K, K).contiguous()
-    geb = wsum[:, e0:e1].contiguous()
-    gdw = wsum[:, e1:].reshape(Hn, C, C, K, K).contiguous()
-    return [gbases, gew, geb, ssum[:, 0].contiguous(), ssum[:, 1].contiguous(), gdw, gdb]
+    # clone(): with Hn == 1 the slices are contiguous views of one buffer, and op outputs may not alias
+    gew = wsum[:, :e0].reshape(Hn, C, CB, K, K).clone()
+    geb = wsum[:, e0:e1].clone()
+    gdw = wsum[:, e1:].reshape(Hn, C, C, K, K).clone()
+    return [gbases, gew, geb, ssum[:, 0].clone(), ssum[:, 1].clone(), gdw, gdb]
