@@ -50,10 +50,13 @@ struct Params {
 };
 
 // Activation and its first two derivatives (compile-time choice so the loops below stay branch-free and vectorize).
+// Branch-free (a compare converted to 0/1) so that the loops vectorize: a ternary here compiled to a branch and
+// left the main loops scalar (perf annotate, ConvNet-128 batch 100).
 template <int ACT, typename T>
 inline T act_d1(T n) {
-  if (ACT == 0) return n > T(0) ? T(1) : T(0);
-  if (ACT == 2) return n > T(0) ? T(1) : T(0.01);
+  const T pos = static_cast<T>(n > T(0));
+  if (ACT == 0) return pos;
+  if (ACT == 2) return T(0.01) + T(0.99) * pos;
   T s = T(1) / (T(1) + std::exp(-n));
   return s * (T(1) - s);
 }

@@ -177,7 +177,7 @@ def _register_autograd(ns: str) -> None:
     lib = getattr(torch.ops, ns)
 
     def gen_setup(ctx, inputs, output):
-        bases, ew, eb, sc, sh, dw, db, bidx, hidx = inputs[:9]
+        bases, ew, eb, sc, sh, dw, _db, bidx, hidx = inputs[:9]
         ctx.aug = tuple(inputs[9:])  # (family, fparams, iparams) for generate_augment, () for generate
         ctx.save_for_backward(bases, ew, eb, sc, sh, dw, bidx, hidx)
 
@@ -404,6 +404,6 @@ def backend_report(device: str = "cpu") -> dict:
     for op in ("generate", "augment", "generate_augment"):
         try:
             report[op] = select_backend(op, torch.device(device), None, cpu_op=op)
-        except Exception as exc:  # an explicitly requested backend that cannot run
+        except (RuntimeError, ValueError) as exc:  # an explicitly requested backend that cannot run
             report[op] = f"unavailable ({exc})"
     return report

@@ -241,7 +241,7 @@ def _dims(bases: torch.Tensor, enc_weight: torch.Tensor):
 def generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
                      hall_idx) -> torch.Tensor:
     """out [n, C, H, W] = dec_h(scale_h · enc_h(bases[b]) + shift_h); shapes as ``haba_fast.ops.generate``."""
-    M, CB, H, W, Hn, C, K, HO, WO = _dims(bases, enc_weight)
+    _, CB, H, W, _, C, K, HO, WO = _dims(bases, enc_weight)
     n = base_idx.shape[0]
     out = torch.empty((n, C, H, W), dtype=bases.dtype, device=bases.device)
     if n == 0:

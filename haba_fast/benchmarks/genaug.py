@@ -20,8 +20,8 @@ import math
 from typing import Dict, List
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -192,7 +192,7 @@ def _module_params(mods) -> List[torch.Tensor]:
 def reference_step(bases, mods, problem, aug, grad_out):
     x = reference_generate(bases, mods, problem["base_idx"], problem["hall_idx"])
     out = REFERENCE_DSA[aug.family](x, aug)
-    return torch.autograd.grad(out, [bases, *_module_params(mods)], grad_out)
+    return torch.autograd.grad(out, [bases, *_module_params(mods)], grad_out, allow_unused=True, materialize_grads=True)
 
 
 def _stack_reference_grads(grads, Hn: int) -> List[torch.Tensor]:
@@ -235,7 +235,8 @@ def run_benchmark(args) -> Dict:
         aug = sample(fam, args.batch, (args.size, args.size), generator=gen).to(device)
         grad_out = torch.randn((args.batch, args.channels, args.size, args.size), generator=gen).to(device, dtype)
         row = {}
-        t = measure(lambda: fused_step(problem, leaves, aug, grad_out, backend), warmup=args.warmup,
+        t = measure(lambda aug=aug, grad_out=grad_out: fused_step(problem, leaves, aug, grad_out, backend),
+                    warmup=args.warmup,
                     repeats=args.repeats, device=device)
         row["fwd_bwd_s"] = t.median
         row["fwd_bwd_min_s"] = t.min
@@ -243,7 +244,8 @@ def run_benchmark(args) -> Dict:
             ours = fused_step(problem, leaves, aug, grad_out, backend)
             ref = _stack_reference_grads(reference_step(ref_bases, mods, problem, aug, grad_out), args.hallucinators)
             err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(ours, ref))
-            r = measure(lambda: reference_step(ref_bases, mods, problem, aug, grad_out), warmup=args.warmup,
+            r = measure(lambda aug=aug, grad_out=grad_out: reference_step(ref_bases, mods, problem, aug, grad_out),
+                        warmup=args.warmup,
                         repeats=args.repeats, device=device)
             row.update(reference_s=r.median, reference_min_s=r.min, speedup=r.median / t.median,
                        max_rel_grad_err=err)
@@ -302,10 +304,11 @@ this session (no GPU): GPU rows appear here after `DEVICE=cuda bench/run_genaug.
 
 def report(path: str) -> str:
     """GENAUG.md text from a genaug.json written by bench/run_genaug.sh (one JSON line per configuration)."""
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     out = ["# generate + augment: fused op vs the research-code path", "",
-           "Regenerate with `bench/run_genaug.sh` (CPU) or `DEVICE=cuda bench/run_genaug.sh` (GPU); raw rows in "
-           f"`{path}`.", "", _NOTES]
+           ("Regenerate with `bench/run_genaug.sh` (CPU) or `DEVICE=cuda bench/run_genaug.sh` (GPU); raw rows in "
+            f"`{path}`."), "", _NOTES]
     for r in rows:
         env = r.get("env", {})
         cfg = (f"backend `{r['backend']}` on {r['device']} ({env.get('gpu') or env.get('cpu')}, {env.get('cpus')} "
