@@ -38,9 +38,8 @@ def check_augment(backend, device, x, params):
 @pytest.mark.parametrize("backend,device", backends())
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("C,H,W", [(1, 8, 8), (3, 28, 28), (3, 32, 32), (3, 13, 7)])
-@pytest.mark.parametrize("n", [1, 7])
-def test_augment_matches_reference(backend, device, family, dtype, C, H, W, n):
+@pytest.mark.parametrize("n,C,H,W", [(7, 1, 8, 8), (7, 3, 28, 28), (7, 3, 32, 32), (7, 3, 13, 7), (1, 3, 11, 11)])
+def test_augment_matches_reference(backend, device, family, dtype, n, C, H, W):
     params = draw(family, n, H, W, seed=n + H).to(device)
     check_augment(backend, device, images(n, C, H, W, dtype, device), params)
 
@@ -85,7 +84,8 @@ def test_augment_batch_500_cpu():
 def test_gradcheck_augment_cpu(family):
     x = images(2, 1, 4, 5, torch.float64).requires_grad_(True)
     p = draw(family, 2, 4, 5, seed=2)
-    assert torch.autograd.gradcheck(lambda t: ops.augment(t, p, backend="cpu"), (x,))
+    # the maps are linear in x: fast mode (random projections) checks the adjoint just as well, at a fraction
+    assert torch.autograd.gradcheck(lambda t: ops.augment(t, p, backend="cpu"), (x,), fast_mode=True)
 
 
 @requires_ext
