@@ -243,6 +243,12 @@ class AdjointEngine:
             raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
         if not torch.isfinite(lr.detach()):
             raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
+        im_size = getattr(model, "im_size", None)
+        if im_size is not None and tuple(X.shape[-2:]) != tuple(im_size):
+            raise ValueError(
+                f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
+                "build the student with the synthetic images' size"
+            )
         classes = _num_classes(model)
         if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
             raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")

@@ -783,16 +783,17 @@ def distill(
 
 
 def save_grid(syn: nn.Module, dataset, path: Path) -> Path:
-    """PNG of the synthetic set: HaBa's bases and every hallucination of them, or the pixel images."""
+    """PNG of the synthetic set: HaBa's bases and every hallucination of them, or the pixel images.
+
+    Every image is min-max scaled on its own, as the reference's pictures (``make_grid(normalize=True,
+    scale_each=True)``): distilled images leave the data's range, and clamping them to it saturates the picture.
+    """
     from haba_fast import visualize
     from haba_fast.objectives.mtt import is_haba
 
-    denorm = getattr(dataset, "denormalize", None)
     if is_haba(syn):
-        visualize.haba_grid(syn, path, denormalize=denorm)
+        visualize.haba_grid(syn, path, denormalize=None)
     else:
-        with torch.no_grad():
-            x = syn.images.detach().cpu()
-            x = denorm(x).clamp(0, 1) if denorm is not None else x
+        x = visualize.to_unit(syn.images, None)
         visualize.save_grid(x, path, nrow=max(1, int(syn.ipc)))  # one row per class
     return Path(path)

@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_adjoint import _convnet, _one_thread, grads, make_problem, naive_unroll, rel_err  # noqa: F401
 from utils import devices, requires_ext
 
 from haba_fast._ext import has_op
@@ -127,8 +127,8 @@ def test_batchnorm_convnet_falls_back_to_python():
 
 
 def _op_args(dtype=torch.float64, requires_grad=True):
-    model = _convnet(width=8, depth=2, im=9)
-    X, Y, ws, wt = make_problem(model, 3, 4, model.im_size, dtype)
+    model = _convnet(width=4, depth=2, im=6)
+    X, Y, ws, wt = make_problem(model, 2, 3, model.im_size, dtype)
     lr = torch.tensor(0.05, dtype=dtype, requires_grad=requires_grad)
     return model, X.requires_grad_(requires_grad), Y, ws, wt, lr
 
@@ -189,11 +189,11 @@ def test_op_errors_are_runtime_errors_not_crashes():
             op(*args)
 
 
-def test_engine_turns_op_errors_into_value_errors():
+def test_engine_checks_image_size():
     model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
     eng = get_adjoint_engine("exact", "cpp")
-    with pytest.raises(ValueError):
-        eng(model, X[:, :, :, :7], Y, ws, wt, lr)  # wrong image size: P does not match
+    with pytest.raises(ValueError, match="im_size"):
+        eng(model, X[:, :, :, :5], Y, ws, wt, lr)  # same P after pooling, but not the model's input size
 
 
 @pytest.mark.parametrize("device", devices())
