@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,9 +45,9 @@ __all__ = [
     "AdjointEngine",
     "ExactEngine",
     "FirstOrderEngine",
-    "get_adjoint_engine",
-    "cpp_spec",
     "adjoint_unroll",
+    "cpp_spec",
+    "get_adjoint_engine",
 ]
 
 ADJOINT_ENGINES = ("exact", "first-order")
@@ -63,7 +62,7 @@ _POOL_CODES = {"none": 0, "avgpooling": 1, "maxpooling": 2}
 _warned_first_order = False
 
 
-def cpp_spec(model: nn.Module) -> Optional[List[int]]:
+def cpp_spec(model: nn.Module) -> list[int] | None:
     """The C++ engine's spec list for ``model``, or None when the C++ op cannot run it.
 
     Returns ``[channel, num_classes, width, depth, norm, act, pool, first_padding]`` (codes as in
@@ -92,10 +91,12 @@ def _cpp_op_available() -> bool:
     return has_op("trajectory_match")
 
 
-def _backend(backend: Optional[str]) -> str:
+def _backend(backend: str | None) -> str:
     name = (backend if backend is not None else os.environ.get(_ENV, "auto")).strip().lower()
     if name not in _BACKENDS:
-        raise ValueError(f"unknown adjoint backend {name!r}: choose one of {', '.join(_BACKENDS)} (argument or ${_ENV})")
+        raise ValueError(
+            f"unknown adjoint backend {name!r}: choose one of {', '.join(_BACKENDS)} (argument or ${_ENV})"
+        )
     return name
 
 
@@ -107,8 +108,9 @@ class _AdjointUnroll(torch.autograd.Function):
     """Forward: the unroll storing only w_t. Backward: the adjoint recursion (exact, or first-order)."""
 
     @staticmethod
-    def forward(ctx, X: Tensor, lr: Tensor, model: nn.Module, Y: Tensor, w_start: Tensor, w_target: Tensor,
-                first_order: bool) -> Tensor:
+    def forward(
+        ctx, X: Tensor, lr: Tensor, model: nn.Module, Y: Tensor, w_start: Tensor, w_target: Tensor, first_order: bool
+    ) -> Tensor:
         from haba_fast.models import functional_forward
 
         n_steps = X.shape[0]
@@ -160,8 +162,9 @@ class _AdjointUnroll(torch.autograd.Function):
         return dX, (dlr if ctx.needs_input_grad[1] else None), None, None, None, None, None
 
 
-def adjoint_unroll(model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, *,
-                   first_order: bool = False) -> Tensor:
+def adjoint_unroll(
+    model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, *, first_order: bool = False
+) -> Tensor:
     """The Python adjoint engine on any ``nn.Module`` (no input checks; engines call it after validating).
 
     Args:
@@ -192,11 +195,11 @@ class AdjointEngine:
     approximate = False
     first_order = False
 
-    def __init__(self, backend: Optional[str] = None):
+    def __init__(self, backend: str | None = None):
         self.backend = _backend(backend)
-        self.last_backend: Optional[str] = None  # which implementation the last call used ("cpp" | "python")
+        self.last_backend: str | None = None  # which implementation the last call used ("cpp" | "python")
 
-    def _use_cpp(self, model: nn.Module, X: Tensor) -> Optional[List[int]]:
+    def _use_cpp(self, model: nn.Module, X: Tensor) -> list[int] | None:
         if self.backend == "python":
             return None
         spec = cpp_spec(model)
@@ -213,8 +216,7 @@ class AdjointEngine:
             raise ValueError(f"engine {self.name!r} with backend 'cpp' cannot run: {reason}; use backend='auto'")
         return None
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor,
-                 lr: Tensor) -> Tensor:
+    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
         """Matching loss after N SGD steps (see ``haba_fast.trajectory.Engine``).
 
         Args:
@@ -269,7 +271,7 @@ class AdjointEngine:
         return f"{type(self).__name__}(backend={self.backend!r})"
 
 
-def _num_classes(model: nn.Module) -> Optional[int]:
+def _num_classes(model: nn.Module) -> int | None:
     k = getattr(model, "num_classes", None)
     return int(k) if isinstance(k, int) else None
 
@@ -306,7 +308,7 @@ class FirstOrderEngine(AdjointEngine):
         return super().__call__(*args, **kwargs)
 
 
-def get_adjoint_engine(name: str, backend: Optional[str] = None) -> AdjointEngine:
+def get_adjoint_engine(name: str, backend: str | None = None) -> AdjointEngine:
     """The adjoint engine ``exact`` or ``first-order`` (``first_order`` is accepted too).
 
     Args:
@@ -322,4 +324,3 @@ def get_adjoint_engine(name: str, backend: Optional[str] = None) -> AdjointEngin
     if key == "first-order":
         return FirstOrderEngine(backend)
     raise ValueError(f"unknown adjoint engine {name!r}: choose one of {', '.join(ADJOINT_ENGINES)}")
-

@@ -10,8 +10,8 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from haba_fast import adjoint
 from haba_fast.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
@@ -64,8 +64,18 @@ def grads(engine, model, X, Y, w_start, w_target, lr_value=0.05):
     return loss.detach(), Xr.grad, lr.grad
 
 
-def _convnet(channel=3, width=8, depth=2, norm="instancenorm", act="relu", pool="avgpooling", im=9, k=5,
-             dtype=torch.float64, seed=0):
+def _convnet(
+    channel=3,
+    width=8,
+    depth=2,
+    norm="instancenorm",
+    act="relu",
+    pool="avgpooling",
+    im=9,
+    k=5,
+    dtype=torch.float64,
+    seed=0,
+):
     spec = ConvNetSpec(channel, k, width, depth, norm, act, pool, (im, im))
     return build_convnet(spec, torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -89,12 +99,21 @@ class _MLPStudent(nn.Module):
 @pytest.mark.parametrize(
     "cfg",
     [
-        dict(norm="instancenorm", act="relu", pool="avgpooling", depth=1, im=8, steps=1, batch=3),
-        dict(norm="groupnorm", act="sigmoid", pool="maxpooling", depth=2, im=9, steps=3, batch=5),
-        dict(norm="layernorm", act="leakyrelu", pool="none", depth=2, im=7, steps=2, batch=3),
-        dict(norm="none", act="relu", pool="avgpooling", depth=3, im=11, steps=4, batch=1),
-        dict(norm="batchnorm", act="relu", pool="avgpooling", depth=2, im=8, steps=3, batch=3),
-        dict(norm="instancenorm", act="relu", pool="avgpooling", depth=2, im=8, steps=2, batch=3, channel=1),
+        {"norm": "instancenorm", "act": "relu", "pool": "avgpooling", "depth": 1, "im": 8, "steps": 1, "batch": 3},
+        {"norm": "groupnorm", "act": "sigmoid", "pool": "maxpooling", "depth": 2, "im": 9, "steps": 3, "batch": 5},
+        {"norm": "layernorm", "act": "leakyrelu", "pool": "none", "depth": 2, "im": 7, "steps": 2, "batch": 3},
+        {"norm": "none", "act": "relu", "pool": "avgpooling", "depth": 3, "im": 11, "steps": 4, "batch": 1},
+        {"norm": "batchnorm", "act": "relu", "pool": "avgpooling", "depth": 2, "im": 8, "steps": 3, "batch": 3},
+        {
+            "norm": "instancenorm",
+            "act": "relu",
+            "pool": "avgpooling",
+            "depth": 2,
+            "im": 8,
+            "steps": 2,
+            "batch": 3,
+            "channel": 1,
+        },
     ],
     ids=lambda c: "-".join(str(v) for v in c.values()),
 )
@@ -241,8 +260,22 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
 
     parser = argparse.ArgumentParser()
     iteration.add_arguments(parser)
-    args = parser.parse_args(["--engine", engine_name, "--ipc", "2", "--n-hallucinators", "3", "--syn-steps", "3",
-                              "--batch-syn", "6", "--width", "32"])
+    args = parser.parse_args(
+        [
+            "--engine",
+            engine_name,
+            "--ipc",
+            "2",
+            "--n-hallucinators",
+            "3",
+            "--syn-steps",
+            "3",
+            "--batch-syn",
+            "6",
+            "--width",
+            "32",
+        ]
+    )
     distiller = iteration.build_distiller(args)
     _, _, w_start, w_target = distiller.sample_trajectory()
     plan = distiller.sample_plan()

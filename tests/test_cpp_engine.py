@@ -76,7 +76,7 @@ CONFIGS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _oracle(cfg):
     """(model, X, Y, w_start, w_target, naive (loss, dX, dlr)) in float64; cached: both paths compare to it."""
     c, width, depth, norm, act, pool, im, steps, batch = cfg
@@ -98,7 +98,7 @@ def test_trajectory_matches_naive_float64(cfg, path):
 
 @pytest.mark.parametrize("cfg", CONFIGS[1:4], ids=lambda c: "-".join(map(str, c)))
 def test_trajectory_float32_matches_float64_oracle(cfg, path):
-    c, width, depth, norm, act, pool, im, steps, batch = cfg
+    c, width, depth, norm, act, pool, im, _steps, _batch = cfg
     model32 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im, dtype=torch.float32)
     _, X, Y, ws, wt, ref = _oracle(cfg)
     out = grads(get_adjoint_engine("exact", "cpp"), model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
@@ -139,17 +139,24 @@ OPCHECK_FAST = ("test_schema", "test_autograd_registration", "test_faketensor")
 def test_opcheck():
     model, X, Y, ws, wt, lr = _op_args()
     spec = cpp_spec(model)
-    torch.library.opcheck(torch.ops.haba_fast.trajectory_match.default, (X, Y, ws, wt, lr, spec, False),
-                          test_utils=OPCHECK_FAST)
-    torch.library.opcheck(torch.ops.haba_fast.trajectory_match_forward.default,
-                          (X.detach(), Y, ws, wt, lr.detach(), spec, True), test_utils=OPCHECK_FAST)
+    torch.library.opcheck(
+        torch.ops.haba_fast.trajectory_match.default, (X, Y, ws, wt, lr, spec, False), test_utils=OPCHECK_FAST
+    )
+    torch.library.opcheck(
+        torch.ops.haba_fast.trajectory_match_forward.default,
+        (X.detach(), Y, ws, wt, lr.detach(), spec, True),
+        test_utils=OPCHECK_FAST,
+    )
 
 
 @pytest.mark.slow
 def test_opcheck_aot_dispatch():
     model, X, Y, ws, wt, lr = _op_args()
-    torch.library.opcheck(torch.ops.haba_fast.trajectory_match.default, (X, Y, ws, wt, lr, cpp_spec(model), False),
-                          test_utils="test_aot_dispatch_dynamic")
+    torch.library.opcheck(
+        torch.ops.haba_fast.trajectory_match.default,
+        (X, Y, ws, wt, lr, cpp_spec(model), False),
+        test_utils="test_aot_dispatch_dynamic",
+    )
 
 
 def test_gradcheck_small():

@@ -18,7 +18,7 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -88,8 +88,10 @@ def model_name(width: int, depth: int) -> str:
         return f"ConvNetW{width}"
     if width == 128 and 1 <= depth <= 8:
         return f"ConvNetD{depth}"
-    raise ValueError(f"no reference ConvNet of width {width} and depth {depth}: use --width 32..1024 with depth 3, "
-                     "or width 128 with --depth 1..8")
+    raise ValueError(
+        f"no reference ConvNet of width {width} and depth {depth}: use --width 32..1024 with depth 3, "
+        "or width 128 with --depth 1..8"
+    )
 
 
 def build_distiller(args):
@@ -103,10 +105,24 @@ def build_distiller(args):
     student = get_network(model, 3, 10, (32, 32), generator=torch.Generator().manual_seed(args.seed))
     buffer = SyntheticBuffer(flatten_params(student), num_epochs=max_start + expert_epochs, seed=args.seed)
     cfg = DistillConfig(
-        dataset="cifar10", model=model, ipc=args.ipc, n_hallucinators=args.n_hallucinators, syn_steps=args.syn_steps,
-        batch_syn=args.batch_syn, engine=args.engine, expert_epochs=expert_epochs, max_start_epoch=max_start,
-        lr_teacher=0.01, lr_img=100.0, lr_style=100.0, lr_lr=1e-5, device=args.device, seed=args.seed,
-        iterations=1, num_eval=0, pix_init="real",
+        dataset="cifar10",
+        model=model,
+        ipc=args.ipc,
+        n_hallucinators=args.n_hallucinators,
+        syn_steps=args.syn_steps,
+        batch_syn=args.batch_syn,
+        engine=args.engine,
+        expert_epochs=expert_epochs,
+        max_start_epoch=max_start,
+        lr_teacher=0.01,
+        lr_img=100.0,
+        lr_style=100.0,
+        lr_lr=1e-5,
+        device=args.device,
+        seed=args.seed,
+        iterations=1,
+        num_eval=0,
+        pix_init="real",
     )
     distiller = Distiller(cfg, dataset, buffer, device=args.device)
     if args.backend is not None and args.engine != "naive":
@@ -118,12 +134,17 @@ def build_distiller(args):
 
 def engine_only_fn(args):
     """A closure running the engine forward + backward on fixed random inputs of the benchmark's shapes."""
+    from haba_fast.models import flatten_params, get_network
     from haba_fast.trajectory import get_engine
 
-    from haba_fast.models import flatten_params, get_network
-
-    net = get_network(model_name(args.width, args.depth), 3, 10, (32, 32),
-                      generator=torch.Generator().manual_seed(args.seed), device=args.device)
+    net = get_network(
+        model_name(args.width, args.depth),
+        3,
+        10,
+        (32, 32),
+        generator=torch.Generator().manual_seed(args.seed),
+        device=args.device,
+    )
 
     g = torch.Generator().manual_seed(args.seed)
     w0 = flatten_params(net).cpu()
@@ -179,10 +200,9 @@ def run(args) -> int:
             cpu_times.append(time.process_time() - c0)
             return out
 
-        t = timing.measure(timed, warmup=args.warmup, repeats=args.repeats, device=device,
-                           max_seconds=args.max_seconds)
-        cpu_times = cpu_times[args.warmup:]
-    row: Dict[str, Any] = {
+        t = timing.measure(timed, warmup=args.warmup, repeats=args.repeats, device=device, max_seconds=args.max_seconds)
+        cpu_times = cpu_times[args.warmup :]
+    row: dict[str, Any] = {
         "bench": "iteration",
         "engine": args.engine,
         "engine_backend": getattr(engine, "last_backend", None),
@@ -255,11 +275,11 @@ def _merge(rows):
     """One row per (engine, ipc, syn_steps, batch_syn): median time over rounds, max peak RSS, rounds counted."""
     import statistics
 
-    groups: Dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}
     for r in rows:
         groups.setdefault((r.get("engine"), r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")), []).append(r)
     merged = []
-    for key, rs in groups.items():
+    for rs in groups.values():
         ok = [r for r in rs if not r.get("failed")]
         if not ok:
             merged.append(dict(rs[0]))
@@ -288,12 +308,17 @@ def _section(rows, title) -> str:
         + (f", GPU {env['gpu']}" if env.get("gpu") else "")
         + f"), torch {env.get('torch')}, commit `{env.get('commit')}`."
     )
-    lines += ["", "| engine | bpc | syn_steps | batch_syn | s/iter (median) | CPU s/iter | runs | peak RSS (MB) | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| engine | bpc | syn_steps | batch_syn | s/iter (median) | CPU s/iter | runs | peak RSS (MB) | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("failed"):
-            lines.append(f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | failed | | | | "
-                         "did not complete (out of memory or error) |")
+            lines.append(
+                f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | failed | | | | "
+                "did not complete (out of memory or error) |"
+            )
             continue
         note = "approximation" if r.get("approximate") else ""
         if r.get("peak_cuda_mb") is not None:
@@ -304,39 +329,53 @@ def _section(rows, title) -> str:
         )
     steps = sorted({r.get("syn_steps") for r in rows if r.get("batch_syn") == 100 and not r.get("failed")})
     lo, hi = (steps[0], steps[-1]) if steps else (None, None)
-    mid = sorted({r.get("syn_steps") for r in rows if r.get("engine") == "naive" and r.get("batch_syn") == 100
-                  and not r.get("failed")})
+    mid = sorted(
+        {
+            r.get("syn_steps")
+            for r in rows
+            if r.get("engine") == "naive" and r.get("batch_syn") == 100 and not r.get("failed")
+        }
+    )
     checks = []
     e_lo, e_hi = _find(rows, "exact", 10, lo, 100), _find(rows, "exact", 10, hi, 100)
     if e_lo and e_hi and lo != hi:
         ratio = e_hi["peak_rss_mb"] / e_lo["peak_rss_mb"]
-        checks.append(f"- exact peak RSS at syn_steps {hi} / at {lo}: **{ratio:.2f}x** (target <= 1.15x) "
-                      f"-> {'met' if ratio <= 1.15 else 'NOT met'}")
+        checks.append(
+            f"- exact peak RSS at syn_steps {hi} / at {lo}: **{ratio:.2f}x** (target <= 1.15x) "
+            f"-> {'met' if ratio <= 1.15 else 'NOT met'}"
+        )
     n_lo, n_hi = _find(rows, "naive", 10, lo, 100), _find(rows, "naive", 10, hi, 100)
     if n_lo and n_hi and lo != hi:
         checks.append(f"- naive peak RSS at syn_steps {hi} / at {lo}: {n_hi['peak_rss_mb'] / n_lo['peak_rss_mb']:.2f}x")
     elif n_lo and e_lo:
-        checks.append(f"- naive peak RSS at syn_steps {lo}: {n_lo['peak_rss_mb']:.0f} MB vs exact "
-                      f"{e_lo['peak_rss_mb']:.0f} MB")
+        checks.append(
+            f"- naive peak RSS at syn_steps {lo}: {n_lo['peak_rss_mb']:.0f} MB vs exact {e_lo['peak_rss_mb']:.0f} MB"
+        )
     for s in mid:
         e, n = _find(rows, "exact", 10, s, 100), _find(rows, "naive", 10, s, 100)
         f = _find(rows, "first-order", 10, s, 100)
         if e and n:
             ratio = e["s_per_iter"] / n["s_per_iter"]
-            checks.append(f"- time per iteration at syn_steps {s}: exact / naive = **{ratio:.2f}** (target <= 0.6) "
-                          f"-> {'met' if ratio <= 0.6 else 'NOT met'}"
-                          + (f"; first-order / naive = {f['s_per_iter'] / n['s_per_iter']:.2f}" if f else ""))
+            checks.append(
+                f"- time per iteration at syn_steps {s}: exact / naive = **{ratio:.2f}** (target <= 0.6) "
+                f"-> {'met' if ratio <= 0.6 else 'NOT met'}"
+                + (f"; first-order / naive = {f['s_per_iter'] / n['s_per_iter']:.2f}" if f else "")
+            )
             if e.get("cpu_s_per_iter") and n.get("cpu_s_per_iter"):
-                checks.append(f"- CPU time per iteration at syn_steps {s}: exact / naive = "
-                              f"{e['cpu_s_per_iter'] / n['cpu_s_per_iter']:.2f}")
+                checks.append(
+                    f"- CPU time per iteration at syn_steps {s}: exact / naive = "
+                    f"{e['cpu_s_per_iter'] / n['cpu_s_per_iter']:.2f}"
+                )
     big = [r for r in rows if r.get("engine") == "exact" and r.get("ipc") == 50 and r.get("batch_syn") == 500]
     for r in big:
         if r.get("failed"):
             checks.append(f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: did NOT complete")
         else:
-            checks.append(f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: exact completes, peak RSS "
-                          f"**{r['peak_rss_mb'] / 1024:.2f} GB** (target <= 6 GB) -> "
-                          f"{'met' if r['peak_rss_mb'] <= 6 * 1024 else 'NOT met'}")
+            checks.append(
+                f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: exact completes, peak RSS "
+                f"**{r['peak_rss_mb'] / 1024:.2f} GB** (target <= 6 GB) -> "
+                f"{'met' if r['peak_rss_mb'] <= 6 * 1024 else 'NOT met'}"
+            )
     lines += ["", "Targets (ratios from the same run):", ""] + (checks or ["- (not enough rows)"]) + [""]
     return "\n".join(lines)
 
