@@ -159,7 +159,6 @@ struct BlockCache {
   Tensor rstd, k;        // per (b, group) 1/sigma and rstd * mean(zd * xh), shape [B, G] (norm)
   Tensor d1, d2, nd;     // composite path: act'(n), act''(n) (sigmoid), tangent of n (sigmoid)
   Tensor pool_idx;       // max pooling argmax
-  Tensor cols;           // first block on the fused path: im2col of the input [B, Cin*9, Hc*Wc]
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -380,23 +379,6 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// First block on CPU: the input has few channels (3 or 1), where mkldnn's convolution is slow (measured: the 3->256
-// channel forward took as long as the 128->256 one at 16x16, which has 40x the arithmetic). There the convolutions
-// are written as im2col + GEMM: cols [B, Cin*9, L] (L = Hc*Wc) is small, and every conv of the block is one batched
-// matrix product with it.
-
-bool gemm_first_layer(const LayerLayout& l, const Tensor& x) { return x.device().is_cpu() && l.cin * 9 <= 64; }
-
-Tensor im2col(const Tensor& x, int64_t pad) { return at::im2col(x, {3, 3}, {1, 1}, {pad, pad}, {1, 1}); }
-
-// out [B, O, Hc, Wc] = W [O, Cin*9] @ cols + b
-Tensor gemm_conv(const Tensor& cols, const Tensor& Wm, const Tensor& b, int64_t Hc, int64_t Wc) {
-  Tensor out = at::matmul(Wm, cols);
-  out.add_(b.view({1, -1, 1}));
-  return out.view({cols.size(0), Wm.size(0), Hc, Wc});
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // One step: g = grad_w CE(f(w, x), y); with lam: also h_w = H_ww lam (if want_hw) and h_x = H_xw lam.
 
 struct StepResult {
@@ -446,16 +428,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     std::pair<Tensor, Tensor> outs;
     if (fused) {
       Tensor zz;
-      if (d == 0 && gemm_first_layer(l, a)) {
-        c.cols = im2col(a, l.pad);
-        const int64_t K = l.cin * 9;
-        if (tan) {
-          zz = gemm_conv(c.cols, at::cat({Wc, view(lam, l.conv_w)}, 0).view({2 * Cw, K}),
-                         at::cat({bc, view(lam, l.conv_b)}, 0), l.Hc, l.Wc);
-        } else {
-          zz = gemm_conv(c.cols, Wc.reshape({Cw, K}), bc, l.Hc, l.Wc);
-        }
-      } else if (tan) {
+      if (tan) {
         zz = conv(a, at::cat({Wc, view(lam, l.conv_w)}, 0), at::cat({bc, view(lam, l.conv_b)}, 0), l.pad);
         if (ad.defined()) zz.narrow(1, Cw, Cw).add_(conv(ad, Wc, c10::nullopt, l.pad));
       } else {
@@ -519,24 +492,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       Tensor gzz = block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd);
       c.xh.reset();  // free the block's activations as soon as they are used
       c.xhd.reset();
-      if (c.cols.defined()) {
-        // First block via GEMM: weight grads of [gz | gzd] against cols, input grad (tangent only) by col2im.
-        const int64_t K = l.cin * 9, O = gzz.size(1), L = gzz.size(2) * gzz.size(3);
-        Tensor g3 = gzz.view({B, O, L});
-        Tensor gWall = at::matmul(g3, c.cols.transpose(1, 2)).sum(0);  // [O, K]
-        Tensor gball = g3.sum({0, 2});
-        gW = gWall.narrow(0, 0, Cw).view(Wc.sizes());
-        gb = gball.narrow(0, 0, Cw);
-        if (tan) {
-          gWd = gWall.narrow(0, Cw, Cw).view(Wc.sizes());
-          gbd = gball.narrow(0, Cw, Cw);
-          // d/de of the input gradient: conv^T(gz, W_dot) + conv^T(gzd, W) = [W_dot; W]^T [gz | gzd].
-          Tensor Wswap = at::cat({view(lam, l.conv_w), Wc}, 0).view({O, K});
-          Tensor gcols = at::matmul(Wswap.t(), g3);  // [B, K, L]
-          gad_next = at::col2im(gcols, {x.size(2), x.size(3)}, {3, 3}, {1, 1}, {l.pad, l.pad}, {1, 1});
-        }
-        c.cols.reset();
-      } else if (tan) {
+      if (tan) {
         Tensor Wcd = view(lam, l.conv_w);
         auto r1 = at::convolution_backward(gzz, c.a, at::cat({Wcd, Wc}, 0),
                                            at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1}, {l.pad, l.pad},

@@ -250,6 +250,12 @@ Engines: `naive` = create-graph unroll (autograd through all N steps); `exact` =
 for norm/activation/pooling); `first-order` = the same without the Hessian term in w: an APPROXIMATION
 (TESLA-style), shown for reference only.
 
+Reading the numbers: on a machine shared with other busy processes, wall times swing by tens of percent between
+rounds (the engines are interleaved round by round, and the median is shown); the CPU-time ratio is the more
+conservative comparison there. Rerun `bench/run_iteration.sh` on a quiet machine for clean numbers. The exact
+engine's peak RSS still grows a little with syn_steps: the stored w_t (N+1 flat vectors, 1.3 MB each) and the
+upstream generate/augment graph for the N*B samples scale with N; its activations do not.
+
 Commands: `bench/run_iteration.sh` (CPU) and `DEVICE=cuda bench/run_iteration.sh` (GPU); a single row, e.g.
 `haba-fast bench iteration --engine exact --ipc 10 --n-hallucinators 5 --syn-steps 20 --batch-syn 100 --json`.
 """
@@ -356,11 +362,15 @@ def _section(rows, title) -> str:
         f = _find(rows, "first-order", 10, s, 100)
         if e and n:
             ratio = e["s_per_iter"] / n["s_per_iter"]
-            checks.append(
-                f"- time per iteration at syn_steps {s}: exact / naive = **{ratio:.2f}** (target <= 0.6) "
-                f"-> {'met' if ratio <= 0.6 else 'NOT met'}"
-                + (f"; first-order / naive = {f['s_per_iter'] / n['s_per_iter']:.2f}" if f else "")
-            )
+            target = s == 20  # the issue's time target is at syn_steps 20
+            line = f"- wall time per iteration at syn_steps {s}: exact / naive = **{ratio:.2f}**"
+            if target:
+                line += f" (target <= 0.6) -> {'met' if ratio <= 0.6 else 'NOT met'}"
+            if f:
+                line += f"; first-order / naive = {f['s_per_iter'] / n['s_per_iter']:.2f}"
+            if e.get("runs", len(e.get("times", []))) < 2:
+                line += " (single run each)"
+            checks.append(line)
             if e.get("cpu_s_per_iter") and n.get("cpu_s_per_iter"):
                 checks.append(
                     f"- CPU time per iteration at syn_steps {s}: exact / naive = "
