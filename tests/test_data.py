@@ -32,14 +32,6 @@ requires_fmnist = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """LAPACK's eigh with 2 threads on the shared, oversubscribed 2-core machine took 16 s for D=784 where one
-    thread takes 0.5 s (measured); these tests are small, so one thread is always the faster choice here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def pixels(u8: np.ndarray) -> torch.Tensor:

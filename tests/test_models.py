@@ -22,14 +22,6 @@ from haba_fast.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on this shared 2-core machine run ~20x faster on one thread than on oversubscribed two
-    # (measured: 2.7 ms vs 57 ms per tiny ConvNet forward under load); restored after this module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gen(seed: int = 0) -> torch.Generator:

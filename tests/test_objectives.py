@@ -17,14 +17,6 @@ from haba_fast.trajectory import IndexStream, NaiveEngine, sample_plan
 from utils import assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and on the shared 2-core machine two threads made this
-    module's tests ~5x slower (measured: 3 min against 32 s for the three distillation test files)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def supcon_loop(features, labels, tau=0.07):
