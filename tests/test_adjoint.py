@@ -18,14 +18,6 @@ from haba_fast.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
 from haba_fast.models import ConvNetSpec, build_convnet, flatten_params, functional_forward, get_network
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is faster, and on a busy shared machine a 2-thread pool spins at every
-    barrier (measured here: 1.6 s vs 0.1 s for an 8-step unroll while another process used both cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def naive_unroll(model, X, Y, w_start, w_target, lr):

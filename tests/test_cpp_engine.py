@@ -13,7 +13,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adjoint import _convnet, _one_thread, grads, make_problem, naive_unroll, rel_err  # noqa: F401
+from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
 from utils import devices, requires_ext
 
 from haba_fast._ext import has_op
