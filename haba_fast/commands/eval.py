@@ -1,6 +1,6 @@
 """``haba-fast eval``: evaluate a synthetic set (ours or a reference checkpoint) or a coreset baseline.
 
-    haba-fast eval runs/demo/haba.pt --models ConvNet,AlexNet --num-eval 5
+    haba-fast eval runs/demo/haba/synthetic.pt --models ConvNet,AlexNet --num-eval 5
     haba-fast eval path/to/reference/run --dataset CIFAR10 --batch-standardize
     haba-fast eval --baseline random --ipc 10 --dataset digits
 
