@@ -421,7 +421,8 @@ def _check_chain(x: Tensor, params) -> None:
     for p in chain:
         if not isinstance(p, AugParams):
             raise TypeError(
-                f"augment: params must be an AugParams or a list/tuple of them (from augment.sample), got {type(p).__name__}"
+                "augment: params must be an AugParams or a list/tuple of them (from augment.sample), "
+                f"got {type(p).__name__}"
             )
         if p.n != x.shape[0]:
             raise ValueError(
@@ -454,7 +455,10 @@ def augment(
     same_on_batch: bool = False,
     config: DSAConfig = DSAConfig(),
 ) -> Tensor:
-    """``apply(x, sample(strategy, n, (H, W), ...))`` for x [n, C, H, W] (params drawn on the generator, moved to x's device)."""
+    """``apply(x, sample(strategy, n, (H, W), ...))`` for x [n, C, H, W].
+
+    Params are drawn on the generator and moved to x's device.
+    """
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"augment: images must be a tensor [n, C, H, W], got {getattr(x, 'shape', type(x).__name__)}")
     params = sample(

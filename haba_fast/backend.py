@@ -50,7 +50,9 @@ def requested_backend(backend: Optional[str] = None) -> str:
     name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     name = name.strip().lower()
     if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS + ('auto',))} (argument or ${ENV_VAR})")
+        raise ValueError(
+            f"unknown backend {name!r}: choose one of {', '.join(BACKENDS + ('auto',))} (argument or ${ENV_VAR})"
+        )
     return name
 
 
@@ -82,7 +84,9 @@ def select_backend(op: str, device: torch.device, backend: Optional[str] = None,
         return "cpu"
     if asked == "triton":
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BackendUnavailableError(f"backend 'triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+            raise BackendUnavailableError(
+                f"backend 'triton' for {op} needs CUDA tensors (or TRITON_INTERPRET=1), got {device}"
+            )
         if not triton_available():
             raise BackendUnavailableError(f"backend 'triton' for {op}: triton is not installed (pip install triton)")
         return "triton"
@@ -105,4 +109,6 @@ def _warn_once(op: str, backend: str, why: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"haba_fast: {op} falls back to the torch backend ({backend} unavailable: {why})", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"haba_fast: {op} falls back to the torch backend ({backend} unavailable: {why})", RuntimeWarning, stacklevel=3
+    )

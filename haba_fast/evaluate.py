@@ -144,7 +144,8 @@ def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] |
             raise TypeError("a raw synthetic set must be an (images [N, C, H, W], labels [N]) pair of tensors")
         if images.dim() != 4 or labels.shape != (images.shape[0],):
             raise ValueError(
-                f"synthetic images must be [N, C, H, W] with labels [N]; got {tuple(images.shape)}, {tuple(labels.shape)}"
+                "synthetic images must be [N, C, H, W] with labels [N]; "
+                f"got {tuple(images.shape)}, {tuple(labels.shape)}"
             )
         images = images.detach().to(device, torch.float32)
         return (images, labels.detach().to(device).long()), images.shape[0], tuple(images.shape[1:])

@@ -53,7 +53,9 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
         if t.dtype != bases.dtype:
             raise TypeError(f"generate: {name} has dtype {t.dtype} but bases has {bases.dtype}; cast them to one dtype")
         if t.device != bases.device:
-            raise ValueError(f"generate: {name} is on {t.device} but bases is on {bases.device}; move them to one device")
+            raise ValueError(
+                f"generate: {name} is on {t.device} but bases is on {bases.device}; move them to one device"
+            )
     if bases.dim() != 4:
         raise ValueError(f"generate: bases must be [M, c_b, H, W], got shape {tuple(bases.shape)}")
     if enc_weight.dim() != 5 or enc_weight.shape[-1] != enc_weight.shape[-2]:
@@ -74,8 +76,10 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
     }
     for name, t in zip(_GEN_NAMES[2:], tensors[2:]):
         if tuple(t.shape) != expect[name]:
-            raise ValueError(f"generate: {name} must have shape {expect[name]} (from bases {tuple(bases.shape)} and "
-                             f"enc_weight {tuple(enc_weight.shape)}), got {tuple(t.shape)}")
+            raise ValueError(
+                f"generate: {name} must have shape {expect[name]} (from bases {tuple(bases.shape)} and "
+                f"enc_weight {tuple(enc_weight.shape)}), got {tuple(t.shape)}"
+            )
     idx = []
     for name, t, limit in (("base_idx", base_idx, M), ("hall_idx", hall_idx, Hn)):
         if not isinstance(t, Tensor):
@@ -87,8 +91,9 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
         if t.device != bases.device:
             raise ValueError(f"generate: {name} is on {t.device} but bases is on {bases.device}")
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
-            raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range "
-                             f"[{int(t.min())}, {int(t.max())}]")
+            raise ValueError(
+                f"generate: {name} values must lie in [0, {limit}), got range [{int(t.min())}, {int(t.max())}]"
+            )
         idx.append(t.to(torch.int64))
     if idx[0].shape != idx[1].shape:
         raise ValueError(f"generate: base_idx ({idx[0].shape[0]}) and hall_idx ({idx[1].shape[0]}) differ in length")
@@ -156,7 +161,9 @@ def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int,
         cos, sin = torch.cos(t), torch.sin(t)
         fp[:, 0], fp[:, 1], fp[:, 2], fp[:, 3] = cos, -sin, sin, cos
         return AFFINE, fp, ip
-    raise ValueError(f"augment: unknown family {fam!r}: choose one of color, crop, cutout, flip, scale, rotate, identity")
+    raise ValueError(
+        f"augment: unknown family {fam!r}: choose one of color, crop, cutout, flip, scale, rotate, identity"
+    )
 
 
 def _pick(op: str, cpu_op: str, x: Tensor, backend: Optional[str]) -> str:
@@ -164,8 +171,10 @@ def _pick(op: str, cpu_op: str, x: Tensor, backend: Optional[str]) -> str:
     name = select_backend(op, x.device, backend, cpu_op=cpu_op)
     if name != "torch" and x.dtype not in _FAST_DTYPES:
         if requested_backend(backend) == name:
-            raise TypeError(f"{op}: backend {name!r} supports float32/float64, got {x.dtype}; use backend='torch' "
-                            "or cast the inputs")
+            raise TypeError(
+                f"{op}: backend {name!r} supports float32/float64, got {x.dtype}; use backend='torch' "
+                "or cast the inputs"
+            )
         return "torch"
     if name == "cpu":
         _register_cpu()
@@ -190,8 +199,9 @@ def _register_autograd(ns: str) -> None:
             return (None,) * n_in
         if ctx.aug:
             fam, fp, ip = ctx.aug
-            r = lib.generate_augment_backward(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, need_bases,
-                                              need_hall)
+            r = lib.generate_augment_backward(
+                grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, need_bases, need_hall
+            )
         else:
             r = lib.generate_backward(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, need_hall)
         grads = [r[0] if need_bases else None] + [r[i] if need[i] else None for i in range(1, 7)]
@@ -217,8 +227,14 @@ def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, 
     gb = torch.empty_like(bases) if need_bases else e
     if need_hall:
         Hn, C = eb.shape
-        hall = [torch.empty_like(ew), torch.empty_like(eb), torch.empty_like(sc), torch.empty_like(sh),
-                torch.empty_like(dw), bases.new_empty((Hn, C))]
+        hall = [
+            torch.empty_like(ew),
+            torch.empty_like(eb),
+            torch.empty_like(sc),
+            torch.empty_like(sh),
+            torch.empty_like(dw),
+            bases.new_empty((Hn, C)),
+        ]
     else:
         hall = [bases.new_empty((0,)) for _ in range(6)]
     return (gb, *hall)
@@ -254,21 +270,43 @@ def _register_cpu() -> None:
 
 # Triton ops: thin custom ops around the launchers; triton itself is imported only when one runs.
 @torch.library.custom_op("haba_fast_triton::generate", mutates_args=())
-def _tr_generate(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
-                 dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor) -> Tensor:
+def _tr_generate(
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    dec_bias: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+) -> Tensor:
     from haba_fast.kernels.generate import generate_forward
 
     return generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
 
 
 @torch.library.custom_op("haba_fast_triton::generate_backward", mutates_args=())
-def _tr_generate_backward(grad: Tensor, bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor,
-                          shift: Tensor, dec_weight: Tensor, base_idx: Tensor, hall_idx: Tensor, need_bases: bool,
-                          need_hall: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _tr_generate_backward(
+    grad: Tensor,
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+    need_bases: bool,
+    need_hall: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from haba_fast.kernels.generate import generate_backward
 
-    return tuple(generate_backward(grad, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx,
-                                   need_bases, need_hall))
+    return tuple(
+        generate_backward(
+            grad, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx, need_bases, need_hall
+        )
+    )
 
 
 @torch.library.custom_op("haba_fast_triton::augment", mutates_args=())
@@ -286,9 +324,20 @@ def _tr_augment_backward(grad: Tensor, family: int, fparams: Tensor, iparams: Te
 
 
 @torch.library.custom_op("haba_fast_triton::generate_augment", mutates_args=())
-def _tr_generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
-                         dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, family: int,
-                         fparams: Tensor, iparams: Tensor) -> Tensor:
+def _tr_generate_augment(
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    dec_bias: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+    family: int,
+    fparams: Tensor,
+    iparams: Tensor,
+) -> Tensor:
     from haba_fast.kernels.augment import augment_forward
     from haba_fast.kernels.generate import generate_forward
 
@@ -297,16 +346,31 @@ def _tr_generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, sc
 
 
 @torch.library.custom_op("haba_fast_triton::generate_augment_backward", mutates_args=())
-def _tr_generate_augment_backward(grad: Tensor, bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor,
-                                  shift: Tensor, dec_weight: Tensor, base_idx: Tensor, hall_idx: Tensor, family: int,
-                                  fparams: Tensor, iparams: Tensor, need_bases: bool, need_hall: bool
-                                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _tr_generate_augment_backward(
+    grad: Tensor,
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+    family: int,
+    fparams: Tensor,
+    iparams: Tensor,
+    need_bases: bool,
+    need_hall: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from haba_fast.kernels.augment import augment_backward
     from haba_fast.kernels.generate import generate_backward
 
     gy = augment_backward(grad, family, fparams, iparams)
-    return tuple(generate_backward(gy, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx,
-                                   need_bases, need_hall))
+    return tuple(
+        generate_backward(
+            gy, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx, need_bases, need_hall
+        )
+    )
 
 
 _register_fakes("haba_fast_triton")
@@ -318,8 +382,19 @@ def _lib(name: str):
 
 
 # ---- public ops -------------------------------------------------------------------------------------------
-def generate(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor, dec_weight: Tensor,
-             dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, *, backend: Optional[str] = None) -> Tensor:
+def generate(
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    dec_bias: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """Hallucinate one sample per (basis, hallucinator) pair: out[i] = dec_h(scale_h ⊙ enc_h(bases[b]) + shift_h).
 
     Args:
@@ -333,12 +408,14 @@ def generate(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor,
     Returns:
         [n, C, H, W], dtype of ``bases``; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
-                                         hall_idx)
+    base_idx, hall_idx = _check_generate(
+        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
+    )
     name = _pick("generate", "generate", bases, backend)
     if name == "torch":
-        return _reference.generate_reference(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
-                                             hall_idx)
+        return _reference.generate_reference(
+            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
+        )
     return _lib(name).generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
 
 
@@ -366,9 +443,20 @@ def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
     return out if out is not x else x.clone()
 
 
-def generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale: Tensor, shift: Tensor,
-                     dec_weight: Tensor, dec_bias: Tensor, base_idx: Tensor, hall_idx: Tensor, params, *,
-                     backend: Optional[str] = None) -> Tensor:
+def generate_augment(
+    bases: Tensor,
+    enc_weight: Tensor,
+    enc_bias: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    dec_weight: Tensor,
+    dec_bias: Tensor,
+    base_idx: Tensor,
+    hall_idx: Tensor,
+    params,
+    *,
+    backend: Optional[str] = None,
+) -> Tensor:
     """``augment(generate(...), params)`` in one fused pass per sample (the first family of a chain is fused).
 
     Args: as :func:`generate`, plus ``params`` as in :func:`augment` (n = len(base_idx)).
@@ -376,13 +464,15 @@ def generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale:
     Returns:
         [n, C, H, W]; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
-                                         hall_idx)
+    base_idx, hall_idx = _check_generate(
+        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
+    )
     chain = _chain(params)
     name = _pick("generate_augment", "generate_augment", bases, backend)
     if name == "torch":
-        x = _reference.generate_reference(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
-                                          hall_idx)
+        x = _reference.generate_reference(
+            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
+        )
         return _reference.augment_reference(x, chain)
     n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
     fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (IDENTITY, None, None)
@@ -390,8 +480,9 @@ def generate_augment(bases: Tensor, enc_weight: Tensor, enc_bias: Tensor, scale:
     if fam == IDENTITY:
         out = lib.generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     else:
-        out = lib.generate_augment(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx,
-                                   hall_idx, fam, fp, ip)
+        out = lib.generate_augment(
+            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx, fam, fp, ip
+        )
     for p in chain[1:]:
         fam, fp, ip = _encode(p, n, H, W, out.dtype, out.device)
         out = lib.augment(out, fam, fp, ip)

@@ -38,9 +38,18 @@ def _sync(device: Optional[torch.device]) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, device: Optional[torch.device] = None,
-            max_seconds: Optional[float] = None) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed calls (stops early past ``max_seconds``)."""
+def measure(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    device: Optional[torch.device] = None,
+    max_seconds: Optional[float] = None,
+) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed calls.
+
+    Stops repeating early once ``max_seconds`` have passed (at least one timed call).
+    """
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -54,7 +63,9 @@ def measure(fn: Callable[[], Any], *, warmup: int = 2, repeats: int = 5, device:
         times.append(time.perf_counter() - t0)
         if max_seconds is not None and time.perf_counter() - start_all > max_seconds and len(times) >= 1:
             break
-    return Timing(median=statistics.median(times), min=min(times), mean=statistics.fmean(times), repeats=len(times), times=times)
+    return Timing(
+        median=statistics.median(times), min=min(times), mean=statistics.fmean(times), repeats=len(times), times=times
+    )
 
 
 def peak_rss_mb() -> float:
@@ -65,7 +76,9 @@ def peak_rss_mb() -> float:
 def git_commit() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except Exception:
         return "unknown"

@@ -18,8 +18,6 @@ from haba_fast.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
 from haba_fast.models import ConvNetSpec, build_convnet, flatten_params, functional_forward, get_network
 
 
-
-
 def naive_unroll(model, X, Y, w_start, w_target, lr):
     """Oracle: N SGD steps with create_graph=True, loss ||w_N - w*||^2 / ||w_start - w*||^2."""
     w = w_start.detach().clone().requires_grad_(True)

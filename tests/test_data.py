@@ -618,7 +618,9 @@ def test_fashion_mnist_real(fmnist):
 
 @requires_fmnist
 def test_fashion_mnist_real_zca_subset():
-    g = lambda: torch.Generator().manual_seed(11)
+    def g():
+        return torch.Generator().manual_seed(11)
+
     raw = load("fashion-mnist", normalize=False, subset_per_class=10, generator=g())
     d = load("fashion-mnist", zca=True, subset_per_class=10, generator=g())
     assert d.train_images.shape == (100, 1, 28, 28) and torch.equal(d.train_labels, raw.train_labels)

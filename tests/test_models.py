@@ -22,8 +22,6 @@ from haba_fast.models import (
 )
 
 
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

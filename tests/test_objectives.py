@@ -7,16 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import assert_close
 
 from haba_fast import augment
 from haba_fast.factorization import HaBa, Pixels
 from haba_fast.objectives.contrastive import Adversary, AdversaryWeights, adversary_loss, club_loss, supcon_loss
 from haba_fast.objectives.mtt import build_inputs, synthetic_labels, trajectory_loss
 from haba_fast.trajectory import IndexStream, NaiveEngine, sample_plan
-
-from utils import assert_close
-
-
 
 
 def supcon_loop(features, labels, tau=0.07):

@@ -7,14 +7,10 @@ import importlib.util
 import pytest
 import torch
 from torch import nn
+from utils import assert_close
 
 from haba_fast import augment
 from haba_fast.trajectory import ENGINES, IndexStream, NaiveEngine, get_engine, normalized_distance, sample_plan
-
-from utils import assert_close
-
-
-
 
 ADJOINT = importlib.util.find_spec("haba_fast.adjoint") is not None
 

@@ -104,8 +104,12 @@ def _dsa_color(x, p):
 def _dsa_crop(x, p):
     tx = p.values["tx"].to(x.device).view(-1, 1, 1)
     ty = p.values["ty"].to(x.device).view(-1, 1, 1)
-    gb, gx, gy = torch.meshgrid(torch.arange(x.size(0), device=x.device), torch.arange(x.size(2), device=x.device),
-                                torch.arange(x.size(3), device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(x.size(0), device=x.device),
+        torch.arange(x.size(2), device=x.device),
+        torch.arange(x.size(3), device=x.device),
+        indexing="ij",
+    )
     gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)
     gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
     x_pad = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
@@ -116,8 +120,12 @@ def _dsa_cutout(x, p):
     ch, cw = int(x.size(2) * p.cutout_ratio + 0.5), int(x.size(3) * p.cutout_ratio + 0.5)
     ox = p.values["ox"].to(x.device).view(-1, 1, 1)
     oy = p.values["oy"].to(x.device).view(-1, 1, 1)
-    gb, gx, gy = torch.meshgrid(torch.arange(x.size(0), device=x.device), torch.arange(ch, device=x.device),
-                                torch.arange(cw, device=x.device), indexing="ij")
+    gb, gx, gy = torch.meshgrid(
+        torch.arange(x.size(0), device=x.device),
+        torch.arange(ch, device=x.device),
+        torch.arange(cw, device=x.device),
+        indexing="ij",
+    )
     gx = torch.clamp(gx + ox - ch // 2, min=0, max=x.size(2) - 1)
     gy = torch.clamp(gy + oy - cw // 2, min=0, max=x.size(3) - 1)
     mask = torch.ones(x.size(0), x.size(2), x.size(3), dtype=x.dtype, device=x.device)
@@ -146,13 +154,29 @@ def _dsa_rotate(x, p):
     return F.grid_sample(x, grid, align_corners=True)
 
 
-REFERENCE_DSA = {"color": _dsa_color, "crop": _dsa_crop, "cutout": _dsa_cutout, "flip": _dsa_flip,
-                 "scale": _dsa_scale, "rotate": _dsa_rotate}
+REFERENCE_DSA = {
+    "color": _dsa_color,
+    "crop": _dsa_crop,
+    "cutout": _dsa_cutout,
+    "flip": _dsa_flip,
+    "scale": _dsa_scale,
+    "rotate": _dsa_rotate,
+}
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
-def make_problem(batch: int, size: int, channels: int, base_channels: int, k: int, hallucinators: int, bases: int,
-                 device, dtype, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_problem(
+    batch: int,
+    size: int,
+    channels: int,
+    base_channels: int,
+    k: int,
+    hallucinators: int,
+    bases: int,
+    device,
+    dtype,
+    seed: int = 0,
+) -> Dict[str, torch.Tensor]:
     """Random bases, stacked hallucinator parameters (HaBa-like init) and one hallucinator drawn per sample."""
     g = torch.Generator().manual_seed(seed)
     H = W = size
@@ -185,8 +209,14 @@ def fused_step(problem, leaves: List[torch.Tensor], aug, grad_out, backend: str)
 
 def _module_params(mods) -> List[torch.Tensor]:
     """Hallucinator parameters grouped like the stacked layout: all enc weights, all enc biases, ..."""
-    return ([m.enc.weight for m in mods] + [m.enc.bias for m in mods] + [m.scale for m in mods] +
-            [m.shift for m in mods] + [m.dec.weight for m in mods] + [m.dec.bias for m in mods])
+    return (
+        [m.enc.weight for m in mods]
+        + [m.enc.bias for m in mods]
+        + [m.scale for m in mods]
+        + [m.shift for m in mods]
+        + [m.dec.weight for m in mods]
+        + [m.dec.bias for m in mods]
+    )
 
 
 def reference_step(bases, mods, problem, aug, grad_out):
@@ -198,7 +228,9 @@ def reference_step(bases, mods, problem, aug, grad_out):
 def _stack_reference_grads(grads, Hn: int) -> List[torch.Tensor]:
     out = [grads[0]]
     for i in range(6):
-        out.append(torch.stack([g.reshape(g.shape[1:]) if i in (2, 3) else g for g in grads[1 + i * Hn:1 + (i + 1) * Hn]]))
+        out.append(
+            torch.stack([g.reshape(g.shape[1:]) if i in (2, 3) else g for g in grads[1 + i * Hn : 1 + (i + 1) * Hn]])
+        )
     return out
 
 
@@ -222,11 +254,13 @@ def run_benchmark(args) -> Dict:
             raise ValueError(f"--families: unknown family {f!r}: choose from {', '.join(FAMILIES)}")
     if args.batch < 1 or args.size < args.k:
         raise ValueError("--batch must be >= 1 and --size >= --k")
-    problem = make_problem(args.batch, args.size, args.channels, cb, args.k, args.hallucinators, args.bases, device,
-                           dtype, args.seed)
+    problem = make_problem(
+        args.batch, args.size, args.channels, cb, args.k, args.hallucinators, args.bases, device, dtype, args.seed
+    )
     try:
-        backend = select_backend("generate_augment", device, None if args.backend == "auto" else args.backend,
-                                 cpu_op="generate_augment")
+        backend = select_backend(
+            "generate_augment", device, None if args.backend == "auto" else args.backend, cpu_op="generate_augment"
+        )
     except BackendUnavailableError as exc:  # the CLI prints ValueErrors as one-line errors
         raise ValueError(f"--backend {args.backend} --device {args.device}: {exc}") from exc
     leaves = [problem[k].clone().requires_grad_(True) for k in _PARAM_NAMES]
@@ -238,20 +272,25 @@ def run_benchmark(args) -> Dict:
         aug = sample(fam, args.batch, (args.size, args.size), generator=gen).to(device)
         grad_out = torch.randn((args.batch, args.channels, args.size, args.size), generator=gen).to(device, dtype)
         row = {}
-        t = measure(lambda aug=aug, grad_out=grad_out: fused_step(problem, leaves, aug, grad_out, backend),
-                    warmup=args.warmup,
-                    repeats=args.repeats, device=device)
+        t = measure(
+            lambda aug=aug, grad_out=grad_out: fused_step(problem, leaves, aug, grad_out, backend),
+            warmup=args.warmup,
+            repeats=args.repeats,
+            device=device,
+        )
         row["fwd_bwd_s"] = t.median
         row["fwd_bwd_min_s"] = t.min
         if not args.no_reference:
             ours = fused_step(problem, leaves, aug, grad_out, backend)
             ref = _stack_reference_grads(reference_step(ref_bases, mods, problem, aug, grad_out), args.hallucinators)
             err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(ours, ref))
-            r = measure(lambda aug=aug, grad_out=grad_out: reference_step(ref_bases, mods, problem, aug, grad_out),
-                        warmup=args.warmup,
-                        repeats=args.repeats, device=device)
-            row.update(reference_s=r.median, reference_min_s=r.min, speedup=r.median / t.median,
-                       max_rel_grad_err=err)
+            r = measure(
+                lambda aug=aug, grad_out=grad_out: reference_step(ref_bases, mods, problem, aug, grad_out),
+                warmup=args.warmup,
+                repeats=args.repeats,
+                device=device,
+            )
+            row.update(reference_s=r.median, reference_min_s=r.min, speedup=r.median / t.median, max_rel_grad_err=err)
         rows[fam] = row
     result = {
         "benchmark": "genaug",
@@ -313,26 +352,48 @@ def report(path: str) -> str:
     """GENAUG.md text from a genaug.json written by bench/run_genaug.sh (one JSON line per configuration)."""
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    out = ["# generate + augment: fused op vs the research-code path", "",
-           ("Regenerate with `bench/run_genaug.sh` (CPU) or `DEVICE=cuda bench/run_genaug.sh` (GPU); raw rows in "
-            f"`{path}`."), "", _NOTES]
+    out = [
+        "# generate + augment: fused op vs the research-code path",
+        "",
+        (
+            "Regenerate with `bench/run_genaug.sh` (CPU) or `DEVICE=cuda bench/run_genaug.sh` (GPU); raw rows in "
+            f"`{path}`."
+        ),
+        "",
+        _NOTES,
+    ]
     for r in rows:
         env = r.get("env", {})
-        cfg = (f"backend `{r['backend']}` on {r['device']} ({env.get('gpu') or env.get('cpu')}, {env.get('cpus')} "
-               f"cpus, {env.get('torch_threads')} threads), batch {r['batch']}, {r['channels']}x{r['size']}x{r['size']}, "
-               f"k={r['k']}, {r['hallucinators']} hallucinators, {r['dtype']}; torch {env.get('torch')}, commit "
-               f"{env.get('commit')}")
-        cmd = (f"haba-fast bench genaug --backend {r['backend']} --device {r['device']} --batch {r['batch']} "
-               f"--size {r['size']} --channels {r['channels']} --k {r['k']} --json")
-        out += [f"## {cfg}", "", f"`{cmd}`", "", "| family | fused fwd+bwd (s) | reference (s) | speedup |",
-                "|---|---|---|---|"]
+        cfg = (
+            f"backend `{r['backend']}` on {r['device']} ({env.get('gpu') or env.get('cpu')}, {env.get('cpus')} "
+            f"cpus, {env.get('torch_threads')} threads), batch {r['batch']}, {r['channels']}x{r['size']}x{r['size']}, "
+            f"k={r['k']}, {r['hallucinators']} hallucinators, {r['dtype']}; torch {env.get('torch')}, commit "
+            f"{env.get('commit')}"
+        )
+        cmd = (
+            f"haba-fast bench genaug --backend {r['backend']} --device {r['device']} --batch {r['batch']} "
+            f"--size {r['size']} --channels {r['channels']} --k {r['k']} --json"
+        )
+        out += [
+            f"## {cfg}",
+            "",
+            f"`{cmd}`",
+            "",
+            "| family | fused fwd+bwd (s) | reference (s) | speedup |",
+            "|---|---|---|---|",
+        ]
         for fam, v in r["families"].items():
             ref = v.get("reference_s")
-            out.append(f"| {fam} | {v['fwd_bwd_s']:.4f} | {ref:.4f} | {v['speedup']:.1f}x |" if ref is not None
-                       else f"| {fam} | {v['fwd_bwd_s']:.4f} | - | - |")
+            out.append(
+                f"| {fam} | {v['fwd_bwd_s']:.4f} | {ref:.4f} | {v['speedup']:.1f}x |"
+                if ref is not None
+                else f"| {fam} | {v['fwd_bwd_s']:.4f} | - | - |"
+            )
         if "speedup_mean" in r:
-            out.append(f"| **mean** | **{r['mean_fwd_bwd_s']:.4f}** | **{r['mean_reference_s']:.4f}** | "
-                       f"**{r['speedup_mean']:.1f}x** |")
+            out.append(
+                f"| **mean** | **{r['mean_fwd_bwd_s']:.4f}** | **{r['mean_reference_s']:.4f}** | "
+                f"**{r['speedup_mean']:.1f}x** |"
+            )
         out.append("")
     return "\n".join(out)
 

@@ -331,7 +331,8 @@ def _section(rows, title) -> str:
             note = (note + "; " if note else "") + f"peak CUDA {r['peak_cuda_mb']:.0f} MB"
         lines.append(
             f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), '.2f')} "
-            f"| {_fmt(r.get('cpu_s_per_iter'), '.2f')} | {len(r.get('times', []))} | {_fmt(r.get('peak_rss_mb'), '.0f')} | {note} |"
+            f"| {_fmt(r.get('cpu_s_per_iter'), '.2f')} | {len(r.get('times', []))} "
+            f"| {_fmt(r.get('peak_rss_mb'), '.0f')} | {note} |"
         )
     steps = sorted({r.get("syn_steps") for r in rows if r.get("batch_syn") == 100 and not r.get("failed")})
     lo, hi = (steps[0], steps[-1]) if steps else (None, None)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import importlib
 
 BENCHMARKS = {
-    "iteration": ("haba_fast.benchmarks.iteration", "one full HaBa distillation iteration per engine: s_per_iter, peak_rss_mb"),
+    "iteration": (
+        "haba_fast.benchmarks.iteration",
+        "one full HaBa distillation iteration per engine: s_per_iter, peak_rss_mb",
+    ),
     "genaug": ("haba_fast.benchmarks.genaug", "generate + augment forward+backward per DSA family and backend"),
 }
 
