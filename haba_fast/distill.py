@@ -702,6 +702,12 @@ def distill(
         + (" (an approximation)" if getattr(distiller.engine, "approximate", False) else "")
     )
     best = -1.0
+    if resumed and out is not None and (out / "synthetic_best.pt").exists():
+        # A resumed run keeps its best: only a better evaluation may replace synthetic_best.pt.
+        from haba_fast.io import torch_load
+
+        recorded = torch_load(out / "synthetic_best.pt", what="best checkpoint").get("meta", {}).get("accuracy")
+        best = float(recorded) if recorded is not None else best
     history_path = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

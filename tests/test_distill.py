@@ -497,3 +497,21 @@ def test_no_dataset_runs_the_demo(monkeypatch):
     d = seen["demo"]
     assert (d.out, d.iterations, d.haba_lr_img, d.progress) == ("x/y", 5, 7.0, False)
     assert main(["distill", "--zca"]) == 2  # a flag the demo cannot honour: a clear error, exit 2
+
+
+def test_resume_keeps_the_best_checkpoint(digits, buffer, tmp_path):
+    """After --resume, synthetic_best.pt is replaced only by a better evaluation than the one it records."""
+
+    def killer(distiller, metrics):
+        if distiller.iteration == 1:
+            raise Kill()
+
+    cfg = _cfg(iterations=2, eval_it=1, num_eval=1, epoch_eval_train=2, checkpoint_every=1)
+    with pytest.raises(Kill):
+        distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None, on_iteration=killer)
+    best_path = tmp_path / "synthetic_best.pt"
+    payload = torch.load(best_path, weights_only=True)
+    payload["meta"]["accuracy"] = 1.0  # an unbeatable record: the resumed run must not overwrite it
+    torch.save(payload, best_path)
+    distill(cfg, digits, buffer, tmp_path, resume=True, progress=False, log=lambda s: None)
+    assert torch.load(best_path, weights_only=True)["meta"]["accuracy"] == 1.0
