@@ -40,6 +40,34 @@ ROWS_PER_CHUNK = 64
 
 
 @triton.jit
+def _enc_taps(acc, ew_ptr, xb, h, o, i, j, m, H, W, C: tl.constexpr, CB: tl.constexpr, K: tl.constexpr):
+    """acc + Σ_{c,u,v} ew[h,o,c,u,v] · x[c, i+u, j+v]: output channel o of the valid k×k encoder conv."""
+    for c in tl.static_range(CB):
+        for u in tl.static_range(K):
+            for v in tl.static_range(K):
+                w = tl.load(ew_ptr + (((h * C + o) * CB + c) * K + u) * K + v)
+                acc += w * tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
+    return acc
+
+
+@triton.jit
+def _transposed_taps(acc, w_ptr, src_ptr, h, s, q, I, J, m, HO, WO, C: tl.constexpr, NOUT: tl.constexpr,
+                     K: tl.constexpr):
+    """acc + Σ_{o,u,v} w[h,o,q,u,v] · src[s, o, I-u, J-v] (zero outside Ho×Wo): the gather form of a stride-1
+    transposed conv. With w = dw (NOUT = C) it is the decoder; with w = ew (NOUT = c_b) the encoder's input grad."""
+    P = HO * WO
+    for o in tl.static_range(C):
+        for u in tl.static_range(K):
+            for v in tl.static_range(K):
+                ii = I - u
+                jj = J - v
+                ok = m & (ii >= 0) & (ii < HO) & (jj >= 0) & (jj < WO)
+                w = tl.load(w_ptr + (((h * C + o) * NOUT + q) * K + u) * K + v)
+                acc += w * tl.load(src_ptr + (s * C + o) * P + ii * WO + jj, mask=ok, other=0.0)
+    return acc
+
+
+@triton.jit
 def _generate_enc_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, bidx_ptr, hidx_ptr, a_ptr, H, W, HO, WO,
                          CB: tl.constexpr, C: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
     """a[s, :, tile] = scale_h · enc_h(bases[b]) + shift_h."""
@@ -54,12 +82,8 @@ def _generate_enc_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, bidx_ptr, hidx_p
     xb = x_ptr + b * (CB * H * W)
     DT = a_ptr.dtype.element_ty
     for o in tl.static_range(C):
-        acc = tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o)
-        for c in tl.static_range(CB):
-            for u in tl.static_range(K):
-                for v in tl.static_range(K):
-                    w = tl.load(ew_ptr + (((h * C + o) * CB + c) * K + u) * K + v)
-                    acc += w * tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
+        acc = _enc_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m, H, W,
+                        C, CB, K)
         scv = tl.load(sc_ptr + (h * C + o) * P + offs, mask=m, other=0.0)
         shv = tl.load(sh_ptr + (h * C + o) * P + offs, mask=m, other=0.0)
         tl.store(a_ptr + (s * C + o) * P + offs, scv * acc + shv, mask=m)
@@ -72,22 +96,14 @@ def _generate_fwd_kernel(a_ptr, dw_ptr, db_ptr, hidx_ptr, y_ptr, H, W, HO, WO, C
     s = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     HW = H * W
-    P = HO * WO
     m = offs < HW
     I = offs // W
     J = offs % W
     h = tl.load(hidx_ptr + s)
     DT = y_ptr.dtype.element_ty
     for p in tl.static_range(C):
-        acc = tl.zeros([BLOCK], dtype=DT) + tl.load(db_ptr + h * C + p)
-        for o in tl.static_range(C):
-            for u in tl.static_range(K):
-                for v in tl.static_range(K):
-                    ii = I - u
-                    jj = J - v
-                    ok = m & (ii >= 0) & (ii < HO) & (jj >= 0) & (jj < WO)
-                    w = tl.load(dw_ptr + (((h * C + o) * C + p) * K + u) * K + v)
-                    acc += w * tl.load(a_ptr + (s * C + o) * P + ii * WO + jj, mask=ok, other=0.0)
+        acc = _transposed_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(db_ptr + h * C + p), dw_ptr, a_ptr, h, s, p, I,
+                               J, m, HO, WO, C, C, K)
         tl.store(y_ptr + (s * C + p) * HW + offs, acc, mask=m)
 
 
@@ -117,12 +133,8 @@ def _generate_bwd_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, dw_ptr, gy_ptr, 
     PW: tl.constexpr = OFF_DW + C * C * K * K
     wrow = wpart_ptr + (s * T + t) * PW
     for o in tl.static_range(C):
-        z = tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o)
-        for c in tl.static_range(CB):
-            for u in tl.static_range(K):
-                for v in tl.static_range(K):
-                    w = tl.load(ew_ptr + (((h * C + o) * CB + c) * K + u) * K + v)
-                    z += w * tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
+        z = _enc_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m, H, W,
+                      C, CB, K)
         ga = tl.zeros([BLOCK], dtype=DT)
         for p in tl.static_range(C):
             for u in tl.static_range(K):
@@ -159,7 +171,6 @@ def _generate_bwd_input_kernel(ew_ptr, gz_ptr, gy_ptr, hidx_ptr, gx_ptr, dbpart_
     t = tl.program_id(1)
     offs = t * BLOCK + tl.arange(0, BLOCK)
     HW = H * W
-    P = HO * WO
     m = offs < HW
     h = tl.load(hidx_ptr + s)
     DT = gx_ptr.dtype.element_ty
@@ -167,15 +178,7 @@ def _generate_bwd_input_kernel(ew_ptr, gz_ptr, gy_ptr, hidx_ptr, gx_ptr, dbpart_
         I = offs // W
         J = offs % W
         for c in tl.static_range(CB):
-            acc = tl.zeros([BLOCK], dtype=DT)
-            for o in tl.static_range(C):
-                for u in tl.static_range(K):
-                    for v in tl.static_range(K):
-                        ii = I - u
-                        jj = J - v
-                        ok = m & (ii >= 0) & (ii < HO) & (jj >= 0) & (jj < WO)
-                        w = tl.load(ew_ptr + (((h * C + o) * CB + c) * K + u) * K + v)
-                        acc += w * tl.load(gz_ptr + (s * C + o) * P + ii * WO + jj, mask=ok, other=0.0)
+            acc = _transposed_taps(tl.zeros([BLOCK], dtype=DT), ew_ptr, gz_ptr, h, s, c, I, J, m, HO, WO, C, CB, K)
             tl.store(gx_ptr + (s * CB + c) * HW + offs, acc, mask=m)
     if NEED_HALL:
         for p in tl.static_range(C):
