@@ -33,10 +33,12 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "buffer_cache.h"
 #include "trajectory_kernels.h"
 
 namespace haba_fast {
@@ -383,6 +385,7 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
 
 struct StepResult {
   Tensor g, hw, hx;
+  Tensor g_dot_lam;  // <g, lam> as a 0-dim tensor (with lam), from the tangent of the loss: no weight gradient needed
 };
 
 Tensor conv(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, int64_t pad) {
@@ -402,9 +405,12 @@ std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, c
 //             convolution_backward(gz, ad, W) -> the primal input gradient and the rest of grad_W's tangent.
 // Same arithmetic as six separate calls, but wider GEMMs and no copies: the fused loops read and write the two
 // channel halves in place (BlockDims::io_bs).
+// want_g = false (only with lam) skips the primal parameter gradient g: the backward sweep needs only <g, lam>,
+// which is the loss's tangent <dCE/do, o_dot>, so the primal weight-gradient convolutions are not run.
 StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& lam,
-                bool want_hw) {
+                bool want_hw, bool want_g = true) {
   const bool tan = lam.defined();
+  TORCH_INTERNAL_ASSERT(want_g || tan, "step: want_g = false needs lam");
   const int64_t B = x.size(0);
   const bool fused = fused_ok(s, x);
   const int64_t Cw = s.width;
@@ -453,16 +459,19 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
   Tensor sm = at::softmax(o, 1);
   Tensor go = (sm - at::one_hot(y, s.classes).to(sm.scalar_type())) / static_cast<double>(B);
   std::vector<Tensor> grads, tans;  // in reverse parameter order, reversed at the end
-  Tensor god;
+  Tensor god, g_dot_lam;
   if (tan) {
     Tensor Wfd = view(lam, L.fc_w);
     Tensor od = at::addmm(view(lam, L.fc_b), f, Wfd.t()) + at::mm(fd, Wf.t());
+    g_dot_lam = (go * od).sum();
     // Tangent of softmax - onehot: J_softmax od.
     god = sm * (od - (sm * od).sum({1}, true)) / static_cast<double>(B);
   }
   // Parameters are pushed back to front: fc_b, fc_w, then per block (reversed) norm_b, norm_w, conv_b, conv_w.
-  grads.push_back(go.sum(0));
-  grads.push_back(at::mm(go.t(), f));
+  if (want_g) {
+    grads.push_back(go.sum(0));
+    grads.push_back(at::mm(go.t(), f));
+  }
   if (tan && want_hw) {
     tans.push_back(god.sum(0));
     tans.push_back(at::mm(god.t(), f) + at::mm(go.t(), fd));
@@ -494,14 +503,26 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       c.xhd.reset();
       if (tan) {
         Tensor Wcd = view(lam, l.conv_w);
-        auto r1 = at::convolution_backward(gzz, c.a, at::cat({Wcd, Wc}, 0),
-                                           at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1}, {l.pad, l.pad},
-                                           {1, 1}, false, {0, 0}, 1, {true, true, true});
-        gad_next = std::get<0>(r1);
-        gW = std::get<1>(r1).narrow(0, 0, Cw);
-        gb = std::get<2>(r1).narrow(0, 0, Cw);
-        gWd = std::get<1>(r1).narrow(0, Cw, Cw);
-        gbd = std::get<2>(r1).narrow(0, Cw, Cw);
+        if (want_g) {
+          auto r1 = at::convolution_backward(gzz, c.a, at::cat({Wcd, Wc}, 0),
+                                             at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1},
+                                             {l.pad, l.pad}, {1, 1}, false, {0, 0}, 1, {true, true, true});
+          gad_next = std::get<0>(r1);
+          gW = std::get<1>(r1).narrow(0, 0, Cw);
+          gb = std::get<2>(r1).narrow(0, 0, Cw);
+          gWd = std::get<1>(r1).narrow(0, Cw, Cw);
+          gbd = std::get<2>(r1).narrow(0, Cw, Cw);
+        } else {
+          // Input gradient of [gz | gzd] through [Wd; W] in one call; the weight gradient of gzd alone.
+          gad_next = std::get<0>(at::convolution_backward(
+              gzz, c.a, at::cat({Wcd, Wc}, 0), at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1},
+              {l.pad, l.pad}, {1, 1}, false, {0, 0}, 1, {true, false, false}));
+          if (want_hw) {
+            auto rw = conv_bwd(gzz.narrow(1, Cw, Cw), c.a, Wc, l.pad, {false, true, true});
+            gWd = std::get<1>(rw);
+            gbd = std::get<2>(rw);
+          }
+        }
         if (need_ga || (want_hw && c.ad.defined())) {
           Tensor gz = gzz.narrow(1, 0, Cw);
           const bool wgrad = want_hw && c.ad.defined();
@@ -520,10 +541,12 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       c.xh.reset();
       const Tensor& gz = gs.first;
       const Tensor& gzd = gs.second;
-      auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, true, true});
-      gW = std::get<1>(cb);
-      gb = std::get<2>(cb);
-      ga_next = std::get<0>(cb);
+      if (need_ga || want_g) {
+        auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, want_g, want_g});
+        gW = std::get<1>(cb);
+        gb = std::get<2>(cb);
+        ga_next = std::get<0>(cb);
+      }
       if (tan) {
         Tensor Wcd = view(lam, l.conv_w);
         // d/de of the input gradient: conv^T(gzd, W) + conv^T(gz, W_dot).
@@ -538,15 +561,19 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       }
     }
     if (s.norm != kNormNone) {
-      grads.push_back(gbet.reshape(-1));
-      grads.push_back(ggam.reshape(-1));
+      if (want_g) {
+        grads.push_back(gbet.reshape(-1));
+        grads.push_back(ggam.reshape(-1));
+      }
       if (tan && want_hw) {
         tans.push_back(gbetd.reshape(-1));
         tans.push_back(ggamd.reshape(-1));
       }
     }
-    grads.push_back(gb);
-    grads.push_back(gW.reshape(-1));
+    if (want_g) {
+      grads.push_back(gb);
+      grads.push_back(gW.reshape(-1));
+    }
     if (tan && want_hw) {
       tans.push_back(gbd);
       tans.push_back(gWd.reshape(-1));
@@ -555,10 +582,13 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     ga = ga_next;
     gad = gad_next;
   }
-  std::reverse(grads.begin(), grads.end());
   StepResult r;
-  for (auto& t : grads) t = t.reshape(-1);
-  r.g = at::cat(grads);
+  if (want_g) {
+    std::reverse(grads.begin(), grads.end());
+    for (auto& t : grads) t = t.reshape(-1);
+    r.g = at::cat(grads);
+  }
+  r.g_dot_lam = g_dot_lam;
   if (tan && want_hw) {
     std::reverse(tans.begin(), tans.end());
     for (auto& t : tans) t = t.reshape(-1);
@@ -627,6 +657,8 @@ std::tuple<Tensor, Tensor> trajectory_match_forward(const Tensor& X, const Tenso
   Tensor Wt = at::empty({N + 1, L.P}, w_start.options());
   Wt[0].copy_(w_start);
   at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;  // every step allocates the same activations
+  if (X.is_cpu()) reuse_buffers.emplace();
   for (int64_t t = 0; t < N; ++t) {
     Tensor w = Wt[t];
     StepResult r = step(s, L, w, X[t], Y[t], Tensor(), false);
@@ -647,14 +679,16 @@ std::tuple<Tensor, Tensor> trajectory_match_backward(const Tensor& grad, const T
   Layout L = check_inputs(s, X, Y, w_start, w_target, lr, false);
   const int64_t N = X.size(0);
   at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;  // every step allocates the same activations
+  if (X.is_cpu()) reuse_buffers.emplace();
   Tensor denom = (w_start - w_target).pow(2).sum();
   Tensor lam = (Wt[N] - w_target) * (2.0 * grad.to(X.scalar_type()) / denom);
   Tensor dX = at::empty_like(X);
   Tensor dlr = at::zeros({}, lr.options());
   for (int64_t t = N - 1; t >= 0; --t) {
-    StepResult r = step(s, L, Wt[t], X[t], Y[t], lam, !first_order);
+    StepResult r = step(s, L, Wt[t], X[t], Y[t], lam, !first_order, /*want_g=*/false);
     dX[t].copy_(r.hx * (-lr));
-    dlr -= at::dot(r.g, lam);
+    dlr -= r.g_dot_lam;
     if (!first_order) lam = lam - lr * r.hw;
   }
   return {dX, dlr};

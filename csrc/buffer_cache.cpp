@@ -1,0 +1,169 @@
+// See buffer_cache.h for why and how.
+#include "buffer_cache.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+namespace haba_fast {
+namespace {
+
+constexpr size_t kMinCachedBytes = size_t(1) << 20;  // smaller blocks come from glibc's heap, not from mmap
+
+bool cache_enabled() {
+  const char* v = std::getenv("HABA_FAST_BUFFER_CACHE");
+  return !(v && std::string(v) == "0");
+}
+
+size_t cache_cap_bytes() {
+  const char* v = std::getenv("HABA_FAST_BUFFER_CACHE_MB");
+  long long mb = v ? std::atoll(v) : 4096;
+  return mb > 0 ? size_t(mb) << 20 : 0;
+}
+
+void release(void* ptr);
+
+class CachingCPUAllocator final : public c10::Allocator {
+ public:
+  explicit CachingCPUAllocator(c10::Allocator* base) : base_(base) {}
+
+  c10::DataPtr allocate(size_t n) override {
+    if (scopes_.load(std::memory_order_acquire) == 0 || n < kMinCachedBytes) return base_->allocate(n);
+    void* ptr = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(n);
+      if (it != free_.end() && !it->second.empty()) {
+        ptr = it->second.back();
+        it->second.pop_back();
+        free_bytes_ -= n;
+        ++hits_;
+      } else {
+        ++misses_;
+      }
+    }
+    if (ptr == nullptr) ptr = c10::alloc_cpu(n);  // throws c10::Error on out-of-memory
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      live_[ptr] = n;
+    }
+    return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  // One deleter for both kinds of block: raw_deallocate (used by oneDNN's scratch buffers) must free whatever
+  // raw_allocate returned, ours or the base allocator's.
+  c10::DeleterFnPtr raw_deleter() const override { return base_->raw_deleter() ? &release : nullptr; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base_->copy_data(dest, src, count);
+  }
+
+  void free_block(void* ptr) {
+    size_t n = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = live_.find(ptr);
+      if (it != live_.end()) {
+        n = it->second;
+        live_.erase(it);
+        if (scopes_.load(std::memory_order_acquire) > 0 && free_bytes_ + n <= cap_) {
+          free_[n].push_back(ptr);
+          free_bytes_ += n;
+          return;
+        }
+      }
+    }
+    if (n > 0) {
+      c10::free_cpu(ptr);
+    } else {
+      base_->raw_deleter()(ptr);  // not ours: the base allocator's raw block
+    }
+  }
+
+  void enter() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (scopes_.load() == 0) cap_ = cache_cap_bytes();
+    scopes_.fetch_add(1, std::memory_order_acq_rel);
+  }
+
+  void leave() {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (scopes_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+      for (auto& kv : free_) drop.insert(drop.end(), kv.second.begin(), kv.second.end());
+      free_.clear();
+      free_bytes_ = 0;
+    }
+    for (void* p : drop) c10::free_cpu(p);
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {hits_, misses_, int64_t(free_bytes_), int64_t(live_.size()), int64_t(scopes_.load())};
+  }
+
+ private:
+  c10::Allocator* base_;
+  std::mutex mu_;
+  std::atomic<int> scopes_{0};
+  std::unordered_map<size_t, std::vector<void*>> free_;  // size -> freed blocks of exactly that size
+  std::unordered_map<void*, size_t> live_;               // blocks handed out by this cache -> size
+  size_t free_bytes_ = 0, cap_ = 0;
+  int64_t hits_ = 0, misses_ = 0;
+};
+
+// Installed once and never destroyed: tensors made through it may outlive any scope (and static destruction).
+CachingCPUAllocator* installed() {
+  static CachingCPUAllocator* alloc = [] {
+    c10::Allocator* base = c10::GetCPUAllocator();
+    auto* a = new CachingCPUAllocator(base);
+    c10::SetCPUAllocator(a, /*priority=*/0);
+    // Another component may hold the CPU allocator at a higher priority; then we stay out of the way.
+    if (c10::GetCPUAllocator() != a) return static_cast<CachingCPUAllocator*>(nullptr);
+    return a;
+  }();
+  return alloc;
+}
+
+CachingCPUAllocator* g_alloc = nullptr;  // set before the first block is handed out; read by release()
+
+void release(void* ptr) { g_alloc->free_block(ptr); }
+
+}  // namespace
+
+BufferCacheScope::BufferCacheScope() : active_(false) {
+  if (!cache_enabled()) return;
+  CachingCPUAllocator* a = installed();
+  if (a == nullptr) return;
+  g_alloc = a;
+  a->enter();
+  active_ = true;
+}
+
+BufferCacheScope::~BufferCacheScope() {
+  if (active_) g_alloc->leave();
+}
+
+std::vector<int64_t> buffer_cache_stats() {
+  if (g_alloc == nullptr) return {0, 0, 0, 0, 0, 0};
+  std::vector<int64_t> s = g_alloc->stats();
+  s.push_back(1);
+  return s;
+}
+
+namespace {
+std::vector<int64_t> buffer_cache_stats_op() { return buffer_cache_stats(); }
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
+  m.def("buffer_cache_stats() -> int[]", &buffer_cache_stats_op);
+}
+
+}  // namespace haba_fast

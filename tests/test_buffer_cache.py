@@ -1,0 +1,119 @@
+"""The engine's scoped CPU buffer cache (csrc/buffer_cache.cpp): same results, blocks reused, nothing kept after.
+
+The cache only changes where large activations live, so a trajectory computed with it must equal the one computed
+without it bit for bit; a kernel that read memory it never wrote would differ between fresh zeroed pages (cache off)
+and recycled dirty blocks (cache on).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from test_adjoint import _convnet, make_problem
+from utils import requires_ext
+
+from haba_fast._ext import has_op
+from haba_fast.adjoint import cpp_spec
+
+pytestmark = [
+    requires_ext,
+    pytest.mark.skipif(not has_op("buffer_cache_stats"), reason="C++ extension without the buffer cache"),
+]
+
+HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED = range(6)
+
+
+def stats():
+    return list(torch.ops.haba_fast.buffer_cache_stats())
+
+
+def problem(seed=0):
+    """A trajectory whose activations are over the cache's 1 MiB threshold (conv outputs of 2-4 MiB)."""
+    model = _convnet(channel=3, width=32, depth=2, im=16, k=3, dtype=torch.float32, seed=seed)
+    X, Y, w_start, w_target = make_problem(model, n_steps=3, batch=32, im_size=(16, 16), dtype=torch.float32,
+                                           seed=seed)
+    return cpp_spec(model), X, Y, w_start, w_target
+
+
+def run(spec, X, Y, w_start, w_target):
+    """(loss, dL/dX, dL/dlr) of the exact engine's op."""
+    Xr = X.clone().requires_grad_(True)
+    lr = torch.tensor(0.05, requires_grad=True)
+    loss = torch.ops.haba_fast.trajectory_match(Xr, Y, w_start, w_target, lr, spec, False)
+    loss.backward()
+    return loss.detach(), Xr.grad, lr.grad
+
+
+def test_results_are_bitwise_equal_with_and_without_the_cache(monkeypatch):
+    args = problem()
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    off = run(*args)
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    on = run(*args)
+    on_again = run(*args)  # the second call starts from blocks the first one dirtied
+    for a, b, c in zip(off, on, on_again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_blocks_are_reused_within_a_call_and_released_after(monkeypatch):
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    args = problem()
+    before = stats()
+    out = run(*args)
+    after = stats()
+    assert after[INSTALLED] == 1
+    assert after[HITS] - before[HITS] > 0, "no block was reused across the steps"
+    assert after[FREE_BYTES] == 0, "the cache kept free blocks after the engine call"
+    assert after[SCOPES] == 0
+    # Blocks handed out inside the call and still alive (the returned dL/dX) are freed normally later.
+    live = after[LIVE]
+    del out
+    assert stats()[LIVE] < live or live == 0
+
+
+def test_disabled_cache_does_not_reuse(monkeypatch):
+    args = problem()
+    run(*args)  # installs the wrapper (if the cache is on by default) so that the counters exist
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    before = stats()
+    run(*args)
+    after = stats()
+    assert after[HITS] == before[HITS] and after[MISSES] == before[MISSES]
+
+
+def test_zero_cap_keeps_nothing(monkeypatch):
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", "0")
+    args = problem()
+    before = stats()
+    run(*args)
+    after = stats()
+    assert after[HITS] == before[HITS], "a zero-byte cap must free every block at once"
+    assert after[MISSES] > before[MISSES]
+
+
+def test_concurrent_calls_from_two_threads_give_the_same_results(monkeypatch):
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    problems = [problem(seed=s) for s in (0, 1)]
+    expected = [run(*p) for p in problems]
+    got = [None, None]
+    errors = []
+
+    def work(i):
+        try:
+            got[i] = run(*problems[i])
+        except Exception as exc:  # surfaced below: a thread's exception would otherwise be lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for e, g in zip(expected, got):
+        for a, b in zip(e, g):
+            assert torch.equal(a, b)
+    assert stats()[FREE_BYTES] == 0 and stats()[SCOPES] == 0
