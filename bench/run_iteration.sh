@@ -1,38 +1,52 @@
 #!/usr/bin/env bash
 # Regenerates bench/results/iteration.json and bench/results/ITERATION.md: one full HaBa iteration
 # (haba_fast.distill.Distiller.step on random CIFAR-shaped data, ConvNet-128, 5 hallucinators) per engine.
-# Every configuration runs in a fresh process so its peak RSS is its own.
+# Every configuration runs in a fresh process so its peak memory is its own.
 #
 #   bench/run_iteration.sh                 # the issue's targets (CPU); takes a while on 2 cores
-#   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section)
-#   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps (needs a lot of memory)
-#   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3)
-#   QUICK=1 bench/run_iteration.sh         # small syn-steps: a smoke run of the script
-# Every row is one iteration in a fresh process (no warm-up: at tens of seconds per iteration the first-call
+#   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
+#                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps
+#   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
+#   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
+#   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
+#   RESULTS=/tmp/r bench/run_iteration.sh  # output folder (default bench/results); PYTHON picks the interpreter
+# CPU: every row is one iteration in a fresh process (no warm-up: at tens of seconds per iteration the first-call
 # overheads are noise); the timed comparison interleaves the engines round by round so that they see the same
 # machine load, and ITERATION.md reports the median over rounds.
+# CUDA: warm-up 1 and 3 timed iterations per process (first calls compile Triton kernels and autotune cuDNN, which
+# would dominate a sub-second iteration); a row that fails (naive out of memory) is recorded as failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 DEVICE=${DEVICE:-cpu}
-ROUNDS=${ROUNDS:-3}
-SUFFIX=$([ "$DEVICE" = cpu ] && echo "" || echo "_$DEVICE")
-OUT=bench/results/iteration${SUFFIX}.json
-TMP=$(mktemp)
-trap 'rm -f "$TMP"' EXIT
+RESULTS=${RESULTS:-bench/results}
+if [ "$DEVICE" = cpu ]; then
+  SUFFIX=""; DEF_ROUNDS=3; WARMUP=${WARMUP:-0}; REPEATS=${REPEATS:-1}; NAIVE40=${NAIVE40:-0}; NAIVE_BIG=${NAIVE_BIG:-0}
+else
+  SUFFIX="_${DEVICE%%:*}"; DEF_ROUNDS=1; WARMUP=${WARMUP:-1}; REPEATS=${REPEATS:-3}; NAIVE40=${NAIVE40:-1}
+  NAIVE_BIG=${NAIVE_BIG:-1}
+fi
+ROUNDS=${ROUNDS:-$DEF_ROUNDS}
+mkdir -p "$RESULTS"
+OUT=$RESULTS/iteration${SUFFIX}.json
+# Rows collect here, one JSON line each; the file is removed once the report is written. A run cut short leaves it
+# behind with the rows done so far (bench/run_gpu.sh turns those into the report).
+TMP=$OUT.partial.jsonl
+: > "$TMP"
+EXTRA=()
+if [ "${QUICK:-0}" = 1 ]; then S10=2; S20=4; S40=8; S30=2; EXTRA=(--width 32); else S10=10; S20=20; S40=40; S30=30; fi
 
 run() {  # run ENGINE IPC STEPS BATCH [extra args]
   local engine=$1 ipc=$2 steps=$3 batch=$4
   shift 4
-  echo "bench iteration: engine=$engine ipc=$ipc syn_steps=$steps batch_syn=$batch $*" >&2
+  echo "bench iteration: engine=$engine ipc=$ipc syn_steps=$steps batch_syn=$batch device=$DEVICE $*" >&2
   if ! $PY -m haba_fast.cli bench iteration --engine "$engine" --ipc "$ipc" --n-hallucinators 5 \
-      --syn-steps "$steps" --batch-syn "$batch" --device "$DEVICE" --warmup 0 --repeats 1 \
-      --json "$@" >> "$TMP"; then
-    echo "{\"bench\": \"iteration\", \"engine\": \"$engine\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"failed\": true}" >> "$TMP"
+      --syn-steps "$steps" --batch-syn "$batch" --device "$DEVICE" --warmup "$WARMUP" --repeats "$REPEATS" \
+      --json "${EXTRA[@]}" "$@" >> "$TMP"; then
+    echo "bench iteration: engine=$engine ipc=$ipc syn_steps=$steps batch_syn=$batch FAILED (recorded)" >&2
+    echo "{\"bench\": \"iteration\", \"engine\": \"$engine\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"device\": \"$DEVICE\", \"failed\": true}" >> "$TMP"
   fi
 }
-
-if [ "${QUICK:-0}" = 1 ]; then S10=2; S20=4; S40=8; S30=2; else S10=10; S20=20; S40=40; S30=30; fi
 
 # Time at syn_steps 20, engines interleaved round by round.
 for round in $(seq "$ROUNDS"); do
@@ -42,9 +56,10 @@ done
 run exact 10 $S10 100
 run exact 10 $S40 100
 run naive 10 $S10 100
-if [ "${NAIVE40:-0}" = 1 ]; then run naive 10 $S40 100; fi
-# The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30.
+if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
+# The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
+if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 
 $PY - "$TMP" "$OUT" <<'PYEOF'
 import json, sys
@@ -52,4 +67,5 @@ from haba_fast.benchmarks.iteration import write_report
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 write_report(rows, sys.argv[2])
 PYEOF
-echo "wrote $OUT and bench/results/ITERATION.md" >&2
+rm -f "$TMP"
+echo "wrote $OUT and $RESULTS/ITERATION.md" >&2

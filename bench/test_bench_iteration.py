@@ -53,3 +53,23 @@ def test_full_step(benchmark, engine):
         warnings.simplefilter("ignore")
         metrics = benchmark.pedantic(distiller.step, rounds=2, warmup_rounds=1)
     assert math.isfinite(metrics["loss"]) and metrics["loss"] > 0
+
+
+def test_gpu_section_reports_peak_cuda_memory(tmp_path):
+    """A CUDA row's memory column is its peak CUDA memory (with the card's name); a failed row says so."""
+    env = {"machine": "m", "cpus": 16, "torch_threads": 16, "torch": "x", "commit": "c", "gpu": "Fake H100"}
+
+    def row(engine, ipc, steps, batch, cuda_mb):
+        return {"bench": "iteration", "engine": engine, "ipc": ipc, "syn_steps": steps, "batch_syn": batch,
+                "device": "cuda", "s_per_iter": 0.1, "cpu_s_per_iter": 0.1, "times": [0.1, 0.1, 0.1],
+                "peak_rss_mb": 5000.0, "peak_cuda_mb": cuda_mb, "env": env}
+
+    rows = [row("exact", 10, 10, 100, 1000.0), row("exact", 10, 40, 100, 1100.0), row("naive", 10, 10, 100, 3000.0),
+            row("exact", 50, 30, 500, 2048.0),
+            {"bench": "iteration", "engine": "naive", "ipc": 50, "syn_steps": 30, "batch_syn": 500, "failed": True}]
+    iteration.write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    doc = (tmp_path / "ITERATION.md").read_text()
+    assert "## GPU" in doc and "## CPU" not in doc and "Fake H100" in doc
+    assert "peak CUDA memory (MB)" in doc and "| 1100 |" in doc and "peak RSS 5000 MB" in doc
+    assert "exact peak CUDA memory at syn_steps 40 / at 10: **1.10x**" in doc
+    assert "exact completes, peak CUDA memory **2.00 GB**" in doc and "naive did NOT complete" in doc

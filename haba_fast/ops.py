@@ -90,13 +90,15 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
             raise ValueError(f"generate: {name} must be 1-D [n], got shape {tuple(t.shape)}")
         if t.device != bases.device:
             raise ValueError(f"generate: {name} is on {t.device} but bases is on {bases.device}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= limit):
-            raise ValueError(
-                f"generate: {name} values must lie in [0, {limit}), got range [{int(t.min())}, {int(t.max())}]"
-            )
         idx.append(t.to(torch.int64))
     if idx[0].shape != idx[1].shape:
         raise ValueError(f"generate: base_idx ({idx[0].shape[0]}) and hall_idx ({idx[1].shape[0]}) differ in length")
+    if idx[0].numel():
+        # One host read for the four bounds: on CUDA each int(t.min()) would be a device sync of its own.
+        bounds = torch.stack([idx[0].min(), idx[0].max(), idx[1].min(), idx[1].max()]).tolist()
+        for name, (lo, hi), limit in (("base_idx", bounds[:2], M), ("hall_idx", bounds[2:], Hn)):
+            if lo < 0 or hi >= limit:
+                raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
     return idx[0], idx[1]
 
 

@@ -11,6 +11,10 @@ The reference path is written the way the research code runs it: an ``nn.Module`
 of ``DiffAugment`` (meshgrid gathers for crop, a mask tensor for cutout, per-sample Python loops that
 build the affine matrices for scale and rotate). It takes the same sampled parameters, so both paths
 compute the same numbers (checked once per family before timing).
+
+On CUDA the row also carries the fused step's achieved bandwidth (``minimal_bytes`` / median time, GB/s =
+1e9 B/s) per family and their mean, the card's measured device-to-device copy bandwidth
+(``copy_bandwidth``: a large ``Tensor.copy_`` timed with CUDA events, bytes read + written) and the ratio.
 """
 
 from __future__ import annotations
@@ -139,7 +143,9 @@ def _dsa_flip(x, p):
 
 
 def _dsa_scale(x, p):
-    sx, sy = p.values["sx"], p.values["sy"]
+    # The research code draws these on the CPU (torch.rand without a device) and loops over them there; reading
+    # CUDA values one by one would add a device sync per sample that it never pays.
+    sx, sy = p.values["sx"].cpu(), p.values["sy"].cpu()
     theta = [[[sx[i], 0, 0], [0, sy[i], 0]] for i in range(x.shape[0])]  # the research code's per-sample loop
     theta = torch.tensor(theta, dtype=x.dtype)
     grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
@@ -147,7 +153,7 @@ def _dsa_scale(x, p):
 
 
 def _dsa_rotate(x, p):
-    t = p.values["theta"]
+    t = p.values["theta"].cpu()  # on the CPU, as in the research code (see _dsa_scale)
     theta = [[[torch.cos(t[i]), torch.sin(-t[i]), 0], [torch.sin(t[i]), torch.cos(t[i]), 0]] for i in range(x.shape[0])]
     theta = torch.tensor(theta, dtype=x.dtype)
     grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
@@ -240,6 +246,81 @@ def _ops():
     return ops
 
 
+def minimal_bytes(
+    n: int, M: int, cb: int, C: int, H: int, W: int, k: int, Hn: int, elem: int, index_elem: int = 8
+) -> Dict[str, int]:
+    """Bytes one fused fwd+bwd step must move at least: every input read once, every output written once.
+
+    Forward reads the bases [M, c_b, H, W], the hallucinator parameters (enc_weight [Hn, C, c_b, k, k],
+    enc_bias [Hn, C], scale and shift [Hn, C, H-k+1, W-k+1], dec_weight [Hn, C, C, k, k], dec_bias [Hn, C]),
+    the indices base_idx and hall_idx [n] (int64) and the per-sample augmentation parameters as the kernels
+    read them (fparams [n, 4] in the images' dtype, iparams [n, 4] int64); it writes the images [n, C, H, W].
+    Backward reads the grad of the output [n, C, H, W], the same bases, parameters (dec_bias excepted: its
+    gradient does not need it), indices and augmentation parameters, and writes the grads of the bases and of
+    the six parameter tensors. Intermediates (the encoder maps, per-sample partial sums of the shared
+    gradients) are not counted: a kernel that keeps them on chip moves exactly these bytes. All M bases count
+    (at batch >= 500 with 100 bases every one is drawn).
+
+    Args:
+        n: samples; M: bases; cb, C: basis / image channels; H, W: image size; k: kernel size; Hn: hallucinators.
+        elem: bytes per float (4 or 8); index_elem: bytes per index (8: int64).
+
+    Returns:
+        dict with ``forward``, ``backward`` and ``total`` bytes.
+    """
+    Ho, Wo = H - k + 1, W - k + 1
+    bases = M * cb * H * W * elem
+    dec_bias = Hn * C * elem
+    params = (Hn * C * cb * k * k + Hn * C + 2 * Hn * C * Ho * Wo + Hn * C * C * k * k) * elem + dec_bias
+    indices = 2 * n * index_elem
+    aug = n * 4 * elem + n * 4 * index_elem
+    images = n * C * H * W * elem
+    forward = bases + params + indices + aug + images
+    backward = images + bases + (params - dec_bias) + indices + aug + bases + params
+    return {"forward": forward, "backward": backward, "total": forward + backward}
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> Dict[str, float]:
+    """The card's device-to-device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, timed with CUDA events.
+
+    Counts bytes read + written (2 * nbytes per copy), the same convention as ``minimal_bytes``; the median
+    of ``repeats`` single-copy timings after two warm-up copies, in GB/s (1e9 B/s).
+    """
+    import statistics
+
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    t = statistics.median(times)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"copy_bytes": 2 * (nbytes // 4) * 4, "copy_s": t, "copy_gbps": 2 * (nbytes // 4) * 4 / t / 1e9}
+
+
+def _add_bandwidth(result: Dict, args, cb: int, device) -> None:
+    """Achieved GB/s per family and mean (minimal_bytes / median time), the copy bandwidth, and their ratio."""
+    elem = 8 if args.dtype == "float64" else 4
+    nbytes = minimal_bytes(
+        args.batch, args.bases, cb, args.channels, args.size, args.size, args.k, args.hallucinators, elem
+    )
+    result["bytes_model"] = nbytes
+    for row in result["families"].values():
+        row["achieved_gbps"] = nbytes["total"] / row["fwd_bwd_s"] / 1e9
+    result["mean_achieved_gbps"] = nbytes["total"] / result["mean_fwd_bwd_s"] / 1e9
+    result.update(copy_bandwidth(device))
+    result["bandwidth_fraction"] = result["mean_achieved_gbps"] / result["copy_gbps"]
+
+
 def run_benchmark(args) -> Dict:
     from haba_fast.augment import sample
     from haba_fast.backend import BackendUnavailableError, select_backend
@@ -311,6 +392,8 @@ def run_benchmark(args) -> Dict:
     if not args.no_reference:
         result["mean_reference_s"] = sum(r["reference_s"] for r in rows.values()) / len(rows)
         result["speedup_mean"] = result["mean_reference_s"] / result["mean_fwd_bwd_s"]
+    if device.type == "cuda":
+        _add_bandwidth(result, args, cb, device)
     result["env"] = environment(device)
     return result
 
@@ -343,66 +426,124 @@ parameter encoding, custom-op and autograd dispatch, ~0.5-1 ms) decides, and on 
 millisecond medians are mostly scheduler noise (compare color and rotate at batch 1). The committed rows
 were taken on the 2-core dev VM while ~7 other engineers' jobs ran (load average 4-6): rerun
 `bench/run_genaug.sh` on a quiet machine for publishable absolute times; the same-run ratios are what
-these rows support. The Triton backend was only checked under TRITON_INTERPRET=1 in
-this session (no GPU): GPU rows appear here after `DEVICE=cuda bench/run_genaug.sh` on a CUDA machine.
+these rows support. GPU rows (section "GPU" below, when present) come from `DEVICE=cuda bench/run_genaug.sh`
+on a CUDA machine, written to `genaug_cuda.json`; this document is built from both files.
 """
 
 
-def report(path: str) -> str:
-    """GENAUG.md text from a genaug.json written by bench/run_genaug.sh (one JSON line per configuration)."""
+_GPU_NOTES = """\
+GPU columns: `GB/s` is the fused step's achieved bandwidth, `genaug.minimal_bytes` / median time: the bytes
+the step must move at least (forward: bases, hallucinator parameters, indices, per-sample augmentation
+parameters read once, images written once; backward: grad of the images, bases, parameters, indices and
+augmentation parameters read once, grads of the bases and parameters written once; intermediates not counted).
+`of copy` divides it by the card's device-to-device copy bandwidth (`genaug.copy_bandwidth`: a 1 GiB
+`Tensor.copy_` timed with CUDA events, bytes read + written), measured in the same process. Issue 5's GPU
+targets: speedup >= 10x the reference path on the same card, and >= 50% of the copy bandwidth at batch >= 4096.
+"""
+
+
+def _config_line(r: Dict) -> str:
+    env = r.get("env", {})
+    return (
+        f"backend `{r['backend']}` on {r['device']} ({env.get('gpu') or env.get('cpu')}, {env.get('cpus')} "
+        f"cpus, {env.get('torch_threads')} threads), batch {r['batch']}, {r['channels']}x{r['size']}x{r['size']}, "
+        f"k={r['k']}, {r['hallucinators']} hallucinators, {r['dtype']}; torch {env.get('torch')}, triton "
+        f"{env.get('triton')}, commit {env.get('commit')}"
+    )
+
+
+def _cpu_table(r: Dict) -> List[str]:
+    out = ["| family | fused fwd+bwd (s) | reference (s) | speedup |", "|---|---|---|---|"]
+    for fam, v in r["families"].items():
+        ref = v.get("reference_s")
+        out.append(
+            f"| {fam} | {v['fwd_bwd_s']:.4f} | {ref:.4f} | {v['speedup']:.1f}x |"
+            if ref is not None
+            else f"| {fam} | {v['fwd_bwd_s']:.4f} | - | - |"
+        )
+    if "speedup_mean" in r:
+        out.append(
+            f"| **mean** | **{r['mean_fwd_bwd_s']:.4f}** | **{r['mean_reference_s']:.4f}** | "
+            f"**{r['speedup_mean']:.1f}x** |"
+        )
+    return out
+
+
+def _gpu_table(r: Dict) -> List[str]:
+    """Per family: fused time (ms), reference (ms), speedup, achieved GB/s and its fraction of the copy bandwidth."""
+    copy = r["copy_gbps"]
+    env = r.get("env", {})
+    out = [
+        f"Card: **{env.get('gpu')}**; device-to-device copy bandwidth **{copy:.0f} GB/s** (read + write); "
+        f"minimal bytes per step {r['bytes_model']['total'] / 1e6:.2f} MB "
+        f"(forward {r['bytes_model']['forward'] / 1e6:.2f}, backward {r['bytes_model']['backward'] / 1e6:.2f}).",
+        "",
+        "| family | fused fwd+bwd (ms) | reference (ms) | speedup | GB/s | of copy |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ms(v):
+        return "-" if v is None else f"{1e3 * v:.3f}"
+
+    for fam, v in r["families"].items():
+        sp = v.get("speedup")
+        out.append(
+            f"| {fam} | {ms(v['fwd_bwd_s'])} | {ms(v.get('reference_s'))} | {'-' if sp is None else f'{sp:.1f}x'} "
+            f"| {v['achieved_gbps']:.0f} | {100 * v['achieved_gbps'] / copy:.0f}% |"
+        )
+    sp = r.get("speedup_mean")
+    out.append(
+        f"| **mean** | **{ms(r['mean_fwd_bwd_s'])}** | **{ms(r.get('mean_reference_s'))}** | "
+        f"**{'-' if sp is None else f'{sp:.1f}x'}** | **{r['mean_achieved_gbps']:.0f}** | "
+        f"**{100 * r['bandwidth_fraction']:.0f}%** |"
+    )
+    return out
+
+
+def _load_rows(path: str) -> List[Dict]:
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def report(*paths: str) -> str:
+    """GENAUG.md text from genaug*.json files written by bench/run_genaug.sh (one JSON line per configuration).
+
+    CPU rows get the time/speedup table; CUDA rows (with the bandwidth fields) get the GPU table, in their own
+    section after the CPU one.
+    """
+    rows = [r for p in paths for r in _load_rows(p)]
+    cpu = [r for r in rows if "copy_gbps" not in r]
+    gpu = [r for r in rows if "copy_gbps" in r]
     out = [
         "# generate + augment: fused op vs the research-code path",
         "",
         (
             "Regenerate with `bench/run_genaug.sh` (CPU) or `DEVICE=cuda bench/run_genaug.sh` (GPU); raw rows in "
-            f"`{path}`."
+            + ", ".join(f"`{p}`" for p in paths)
+            + "."
         ),
         "",
         _NOTES,
     ]
-    for r in rows:
-        env = r.get("env", {})
-        cfg = (
-            f"backend `{r['backend']}` on {r['device']} ({env.get('gpu') or env.get('cpu')}, {env.get('cpus')} "
-            f"cpus, {env.get('torch_threads')} threads), batch {r['batch']}, {r['channels']}x{r['size']}x{r['size']}, "
-            f"k={r['k']}, {r['hallucinators']} hallucinators, {r['dtype']}; torch {env.get('torch')}, commit "
-            f"{env.get('commit')}"
-        )
-        cmd = (
-            f"haba-fast bench genaug --backend {r['backend']} --device {r['device']} --batch {r['batch']} "
-            f"--size {r['size']} --channels {r['channels']} --k {r['k']} --json"
-        )
-        out += [
-            f"## {cfg}",
-            "",
-            f"`{cmd}`",
-            "",
-            "| family | fused fwd+bwd (s) | reference (s) | speedup |",
-            "|---|---|---|---|",
-        ]
-        for fam, v in r["families"].items():
-            ref = v.get("reference_s")
-            out.append(
-                f"| {fam} | {v['fwd_bwd_s']:.4f} | {ref:.4f} | {v['speedup']:.1f}x |"
-                if ref is not None
-                else f"| {fam} | {v['fwd_bwd_s']:.4f} | - | - |"
+    for title, group, table in (("CPU", cpu, _cpu_table), ("GPU", gpu, _gpu_table)):
+        if not group:
+            continue
+        if title == "GPU":
+            out += ["# GPU", "", _GPU_NOTES]
+        for r in group:
+            cmd = (
+                f"haba-fast bench genaug --backend {r['backend']} --device {r['device']} --batch {r['batch']} "
+                f"--size {r['size']} --channels {r['channels']} --k {r['k']} --repeats {r['repeats']} --json"
             )
-        if "speedup_mean" in r:
-            out.append(
-                f"| **mean** | **{r['mean_fwd_bwd_s']:.4f}** | **{r['mean_reference_s']:.4f}** | "
-                f"**{r['speedup_mean']:.1f}x** |"
-            )
-        out.append("")
+            out += [f"## {_config_line(r)}", "", f"`{cmd}`", ""] + table(r) + [""]
     return "\n".join(out)
 
 
-if __name__ == "__main__":  # python -m haba_fast.benchmarks.genaug report bench/results/genaug.json
+if __name__ == "__main__":  # python -m haba_fast.benchmarks.genaug report bench/results/genaug.json [more.json]
     import sys
 
-    if len(sys.argv) == 3 and sys.argv[1] == "report":
-        print(report(sys.argv[2]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "report":
+        print(report(*sys.argv[2:]))
     else:
-        print("usage: python -m haba_fast.benchmarks.genaug report RESULTS.json", file=sys.stderr)
+        print("usage: python -m haba_fast.benchmarks.genaug report RESULTS.json [MORE.json ...]", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,196 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine: build, GPU acceptance tests, GPU benchmarks, the rest of the suite.
+#
+#   bench/run_gpu.sh                # on the GPU machine, from the repo root (OUT=folder whose files come back)
+#   DRY=1 bench/run_gpu.sh          # a CPU dry run here: every phase at tiny sizes, .venv's python, no build
+#
+# Phases run in order, each under `timeout` with its own budget, and a failing phase is logged and the next one
+# runs (no `set -e`). The whole run stays under TOTAL seconds (default 400): the later phases get what remains.
+# Order = priority: the C++ build and the Triton part of tests/test_gpu.py run side by side (the Triton tests
+# need no extension, and their compiles warm Triton's disk cache for the benchmarks), then the rest of
+# tests/test_gpu.py, the genaug and iteration benchmarks, and last the rest of the suite (pytest-xdist).
+# Everything goes to $OUT in at most 8 files: summary.txt, env.txt, build.log, gpu_tests.log, bench.log,
+# suite.log and results.tar.gz (bench/results, junit xml files, every log). GPU settings are never changed.
+# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest genaug iteration suite), e.g. for a rerun.
+# Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_GENAUG, B_ITER, B_SUITE (seconds), GPU_WORKERS (default 4),
+# SUITE_WORKERS (default 8; pytest-xdist when installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+DRY=${DRY:-0}
+if [ "$DRY" = 1 ]; then
+  PY=${PYTHON:-.venv/bin/python}
+  DEVICE=cpu
+  OUT=${OUT:-$(mktemp -d /tmp/run_gpu_dry.XXXXXX)}
+  # the Triton tests under the interpreter on CPU tensors, small cases only
+  export HABA_GPU_TEST_DEVICE=cpu TRITON_INTERPRET=1
+  export ROUNDS=1  # one round of the iteration benchmark's timed comparison
+  GPU_TRITON_K="triton and (n7-cb1-C1-8x8 or 1ch-8x8 or refuses or (augment_float32 and (color or flip)) or info)"
+  GPU_REST_K="not triton and (c1-d2-groupnorm or first_order or distiller or device_mix)"
+  SUITE_ARGS=(tests/test_cli_info_export.py tests/test_ops_generate.py -k "bad_inputs or info")
+else
+  PY=${PYTHON:-python3}
+  DEVICE=cuda
+  OUT=${OUT:?set OUT to the folder whose files come back}
+  GPU_TRITON_K="triton"
+  GPU_REST_K="not triton"
+  SUITE_ARGS=(tests/ --ignore=tests/test_gpu.py -m "not slow")
+fi
+TOTAL=${TOTAL:-400}
+B_BUILD=${B_BUILD:-150}
+B_GPU=${B_GPU:-120}
+B_GENAUG=${B_GENAUG:-75}
+B_ITER=${B_ITER:-150}
+B_SUITE=${B_SUITE:-120}
+mkdir -p "$OUT"
+LOGS=$(mktemp -d /tmp/run_gpu_logs.XXXXXX)
+RES=$LOGS/results  # benchmark outputs: the committed CPU results are copied in, so the documents show both
+mkdir -p "$RES"
+cp bench/results/* "$RES"/ 2>/dev/null
+SUMMARY=()
+
+left() { echo $((TOTAL - ($(date +%s) - START))); }
+
+budget() {  # budget WANTED -> min(WANTED, time left - 5), at least 10
+  local l
+  l=$(($(left) - 5))
+  if [ "$1" -lt "$l" ]; then echo "$1"; elif [ "$l" -gt 10 ]; then echo "$l"; else echo 10; fi
+}
+
+phase() {  # phase NAME BUDGET LOG CMD...: run CMD under timeout, append to LOG, record rc and seconds
+  local name=$1 b=$2 log=$3 t0 rc
+  shift 3
+  if [[ " ${SKIP:-} " == *" $name "* ]]; then
+    echo "=== phase $name skipped (SKIP)" | tee -a "$log"
+    SUMMARY+=("$(printf '%-12s %5s %7s' "$name" skip 0)")
+    echo "=== phase $name rc=skip in 0s" >> "$log"
+    return 0
+  fi
+  t0=$(date +%s)
+  echo "=== phase $name (budget ${b}s, $(left)s left of ${TOTAL}s): $*" | tee -a "$log"
+  timeout -k 10 "$b" "$@" >> "$log" 2>&1
+  rc=$?
+  [ "$rc" = 124 ] && echo "=== phase $name TIMED OUT after ${b}s" | tee -a "$log"
+  echo "=== phase $name rc=$rc in $(($(date +%s) - t0))s" | tee -a "$log"
+  SUMMARY+=("$(printf '%-12s %5s %7s' "$name" "$rc" "$(($(date +%s) - t0))")")
+  return "$rc"
+}
+
+# ---- environment -------------------------------------------------------------------------------------------------
+{
+  echo "date: $(date -u)"; echo "host: $(hostname)"; echo "dry: $DRY"
+  if command -v nvidia-smi > /dev/null; then nvidia-smi -L; nvidia-smi; else echo "nvidia-smi: not found"; fi
+  $PY -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda',
+torch.version.cuda, 'available', torch.cuda.is_available());
+print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
+  $PY -c "import xdist; print('pytest-xdist', xdist.__version__)" || echo "pytest-xdist: not importable"
+  git log -1 --format='commit %h %s' 2>/dev/null || echo "commit: unknown (no git)"
+  git status --short 2>/dev/null | head -30
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ---- build (side by side with the Triton tests) ---------------------------------------------------------------------
+build() {
+  if [ "$DRY" = 1 ]; then  # never rebuild the shared checkout's extension here: only check that it loads
+    echo "dry run: no build, only a check that the extension loads"
+  else
+    build_ext || return 1
+  fi
+  $PY -c "
+import sys
+import haba_fast.kernels
+from haba_fast._ext import extension_available, extension_error
+ok = extension_available()
+print('extension loaded:', ok, '' if ok else extension_error())
+sys.exit(0 if ok else 1)"
+}
+
+build_ext() {
+  if ! MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -v -e .; then
+    echo "pip install -e failed; trying setup.py build_ext --inplace"
+    MAX_JOBS=16 $PY setup.py build_ext --inplace || return 1
+  fi
+  # haba_fast.kernels lives in kernels/ (setup.py's package_dir): without the editable finder, link it in place
+  $PY -c "import haba_fast.kernels" 2> /dev/null || ln -sfn ../kernels haba_fast/kernels
+}
+
+XDIST_GPU=""
+XDIST=()
+if $PY -c "import xdist" 2> /dev/null; then XDIST_GPU="-n ${GPU_WORKERS:-4}"; XDIST=(-n "${SUITE_WORKERS:-8}"); fi
+
+gpu_tests() {  # gpu_tests K JUNIT  (xdist workers compile the Triton kernels side by side)
+  # shellcheck disable=SC2086  # XDIST_GPU is "" or "-n 4"
+  $PY -m pytest -q -rA -p no:cacheprovider $XDIST_GPU tests/test_gpu.py -m gpu -k "$1" \
+    --junitxml="$LOGS/$2" --durations=15
+}
+# `timeout` runs programs, not shell functions: run them through bash with what they use exported.
+export PY LOGS DRY XDIST_GPU
+export -f build build_ext gpu_tests
+
+# haba_fast.kernels lives in kernels/ (setup.py's package_dir), found through the editable install's finder. The
+# Triton tests start before that install exists: without it, link the folder into the package (same files).
+if ! $PY -c "import haba_fast.kernels" 2> /dev/null; then
+  ln -sfn ../kernels haba_fast/kernels && echo "linked haba_fast/kernels -> ../kernels (no editable install yet)"
+fi
+
+B=$(budget "$B_BUILD")
+phase build "$B" "$LOGS/build.log" bash -c build &
+BUILD_PID=$!
+# The Triton tests need no extension: run them while the C++ extension compiles (a separate summary line).
+# Their log goes to its own file; phase() runs in this shell so that its summary line is kept.
+phase gpu_triton "$(budget "$B_GPU")" "$LOGS/gpu_tests.log" bash -c 'gpu_tests "$@"' _ "$GPU_TRITON_K" junit_gpu_triton.xml
+wait "$BUILD_PID"
+BUILD_RC=$?
+# phase() ran in a background subshell: read its rc and seconds back from its log line
+BUILD_LINE=$(grep -o "phase build rc=[a-z0-9]* in [0-9]*s" "$LOGS/build.log" | tail -1)
+BUILD_S=${BUILD_LINE##* in }
+BUILD_RC2=${BUILD_LINE#*rc=}
+SUMMARY+=("$(printf '%-12s %5s %7s' build "${BUILD_RC2%% *}" "${BUILD_S%s}")")
+[ "$BUILD_RC" = 0 ] || echo "build failed (rc $BUILD_RC): the C++ engine tests will skip or fail; see build.log"
+tail -5 "$LOGS/build.log"
+
+# ---- the rest of the GPU tests (C++ engine on CUDA, Distiller, CLI, bad input) -------------------------------------
+phase gpu_rest "$(budget "$B_GPU")" "$LOGS/gpu_tests.log" bash -c 'gpu_tests "$@"' _ "$GPU_REST_K" junit_gpu_rest.xml
+grep -E "passed|failed|error" "$LOGS/gpu_tests.log" | tail -4
+
+# ---- benchmarks ----------------------------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then QUICK=1; else QUICK=0; fi
+phase genaug "$(budget "$B_GENAUG")" "$LOGS/bench.log" \
+  env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_genaug.sh
+phase iteration "$(budget "$B_ITER")" "$LOGS/bench.log" \
+  env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_iteration.sh
+# A benchmark cut short by its budget leaves its rows so far: turn them into the documents all the same.
+for f in "$RES"/genaug*.json.tmp; do
+  [ -s "$f" ] || continue
+  mv "$f" "${f%.tmp}"
+  echo "genaug: kept the partial rows of $f" | tee -a "$LOGS/bench.log"
+  $PY -m haba_fast.benchmarks.genaug report "$RES/genaug.json" "${f%.tmp}" > "$RES/GENAUG.md" 2>> "$LOGS/bench.log"
+done
+for f in "$RES"/iteration*.json.partial.jsonl; do
+  [ -s "$f" ] || continue
+  echo "iteration: writing the report from the partial rows of $f" | tee -a "$LOGS/bench.log"
+  $PY - "$f" "${f%.partial.jsonl}" >> "$LOGS/bench.log" 2>&1 <<'PYEOF'
+import json, sys
+from haba_fast.benchmarks.iteration import write_report
+write_report([json.loads(line) for line in open(sys.argv[1]) if line.strip()], sys.argv[2])
+PYEOF
+done
+
+# ---- the rest of the suite -------------------------------------------------------------------------------------------
+phase suite "$(budget "$B_SUITE")" "$LOGS/suite.log" \
+  $PY -m pytest -q -rfEs -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --junitxml="$LOGS/junit_suite.xml" \
+  "${SUITE_ARGS[@]}"
+tail -3 "$LOGS/suite.log"
+
+# ---- collect (at most 8 files in $OUT) ----------------------------------------------------------------------------
+cp "$LOGS/build.log" "$LOGS/gpu_tests.log" "$LOGS/bench.log" "$LOGS/suite.log" "$OUT"/ 2> /dev/null
+tar -czf "$OUT/results.tar.gz" -C "$LOGS" . 2> /dev/null
+{
+  echo "run_gpu.sh summary (dry=$DRY, total $(($(date +%s) - START))s of ${TOTAL}s; OUT=$OUT)"
+  printf '%-12s %5s %7s\n' phase rc seconds
+  for line in "${SUMMARY[@]}"; do echo "$line"; done
+} > "$OUT/summary.txt"
+echo
+cat "$OUT/summary.txt"

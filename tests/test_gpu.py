@@ -1,0 +1,401 @@
+"""GPU acceptance suite: every CUDA path against the pure-PyTorch reference (float64 oracle), values and gradients.
+
+Covers the Triton generate / augment / generate_augment ops, the C++ exact trajectory engine on CUDA tensors, one
+full ``Distiller`` step, the CLI end to end, and bad input. Every test is marked ``gpu`` and skipped without CUDA.
+
+Outputs are checked so that unwritten elements fail: before each op the CUDA caching allocator is handed a block
+filled with NaN (``_poison``), so a ``torch.empty`` output the kernel leaves partly unwritten holds NaN and fails
+the comparison (and ``isfinite``).
+
+Kernel compiles dominate on a fresh GPU machine (each distinct (channels, k, dtype, family) is one Triton compile
+of a few seconds): the shapes below are few on purpose.
+
+``HABA_GPU_TEST_DEVICE=cpu TRITON_INTERPRET=1 pytest tests/test_gpu.py -k ...`` runs the same test code on the CPU
+under the Triton interpreter (small cases only: the interpreter runs each program in Python); it validates the
+test logic where no GPU is lent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_ops_generate import NAMES, make_inputs
+from utils import CUDA, extension_loaded
+
+from haba_fast import _reference, ops
+from haba_fast.augment import FAMILIES, AugParams, sample
+
+DEVICE = os.environ.get("HABA_GPU_TEST_DEVICE", "cuda")
+ON_CUDA = DEVICE.startswith("cuda")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(ON_CUDA and not CUDA, reason="needs a CUDA device"),
+]
+requires_ext_loaded = pytest.mark.skipif(
+    os.environ.get("HABA_FAST_BUILD_EXT") == "0", reason="built without the C++ extension"
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 on CUDA: TF32 convolutions/matmuls (cuDNN's default) err ~1e-3, above the float32 tolerances."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _poison() -> None:
+    """Leave NaN-filled blocks in both pools of the CUDA caching allocator for the next outputs to reuse.
+
+    Sixteen 1 MiB tensors fill 2 MiB segments of the small pool (allocations <= 1 MiB), one 64 MiB tensor the
+    large pool; freed, they go back to the cache with their NaN contents.
+    """
+    if ON_CUDA:
+        blocks = [torch.full((1 << 18,), float("nan"), device=DEVICE) for _ in range(16)]
+        blocks.append(torch.full((1 << 24,), float("nan"), device=DEVICE))
+        del blocks
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(max |b|, 1), in float64 on the CPU (NaN anywhere gives inf)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).abs().max() / max(float(b.abs().max()), 1.0))
+
+
+# Per-dtype bound on _rel against the float64 reference: float32 sums of up to k²·C² products of O(1) terms.
+REL = {torch.float32: 2e-5, torch.float64: 1e-11}
+
+
+# ---- Triton generate ------------------------------------------------------------------------------------
+GEN_CONFIGS = [
+    # (n, M, cb, C, H, W, k, Hn); few distinct (cb, C, k) so that compiles stay few
+    (7, 5, 1, 1, 8, 8, 3, 3),
+    (7, 5, 1, 1, 28, 28, 5, 3),
+    (7, 5, 3, 3, 32, 32, 3, 3),
+    (7, 5, 3, 3, 32, 32, 5, 3),
+    (1, 1, 3, 3, 32, 32, 3, 1),
+    (500, 100, 3, 3, 32, 32, 3, 5),
+    (500, 4, 1, 1, 28, 28, 5, 2),  # every (basis, hallucinator) pair repeated ~60 times
+]
+
+
+def check_generate(dtype, n, M, cb, C, H, W, k, Hn, seed=0):
+    """Triton generate on DEVICE vs the float64 reference: output and the gradient of all 7 inputs."""
+    tensors, bidx, hidx = make_inputs(n, M, cb, C, H, W, k, Hn, dtype=dtype, device=DEVICE, seed=seed)
+    mine = [t.detach().clone().requires_grad_(True) for t in tensors]
+    ref_in = [t.detach().double().clone().requires_grad_(True) for t in tensors]
+    _poison()
+    out = ops.generate(*mine, bidx, hidx, backend="triton")
+    assert out.shape == (n, C, H, W) and out.dtype == dtype and out.device == bidx.device
+    ref = _reference.generate_reference(*ref_in, bidx, hidx)
+    assert _rel(out, ref) < REL[dtype]
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    _poison()
+    g_mine = torch.autograd.grad(out, mine, gy.to(device=DEVICE, dtype=dtype))
+    g_ref = torch.autograd.grad(ref, ref_in, gy.to(DEVICE))
+    for name, a, b in zip(NAMES, g_mine, g_ref):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        # gradients of shared tensors sum over up to n samples: allow for that sum's float32 rounding
+        bound = REL[dtype] * (10 if dtype == torch.float32 and n > 100 else 1)
+        assert _rel(a, b) < bound, f"grad {name}: rel err {_rel(a, b):.3g}"
+
+
+@pytest.mark.parametrize("cfg", GEN_CONFIGS, ids=lambda c: "n{}-cb{}-C{}-{}x{}-k{}-Hn{}".format(*c[:1], *c[2:]))
+def test_triton_generate_float32(cfg):
+    check_generate(torch.float32, *cfg)
+
+
+@pytest.mark.parametrize("cfg", [GEN_CONFIGS[0], GEN_CONFIGS[2]], ids=["1ch-8x8-k3", "3ch-32x32-k3"])
+def test_triton_generate_float64(cfg):
+    """ops.py: the Triton backend takes float32 and float64."""
+    check_generate(torch.float64, *cfg)
+
+
+def test_triton_refuses_other_dtypes_clearly():
+    tensors, bidx, hidx = make_inputs(2, 2, 1, 1, 8, 8, 3, 1, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(TypeError, match="supports float32/float64"):
+        ops.generate(*tensors, bidx, hidx, backend="triton")
+
+
+def test_triton_generate_unused_hallucinator_gets_zero_grad():
+    """One hallucinator for the whole batch (the distillation case): the other's gradients are exactly 0."""
+    tensors, _, _ = make_inputs(9, 3, 3, 3, 32, 32, 3, 2, device=DEVICE)
+    bidx = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 0], device=DEVICE)
+    hidx = torch.ones(9, dtype=torch.int64, device=DEVICE)
+    leaves = [t.requires_grad_(True) for t in tensors]
+    _poison()
+    g = torch.autograd.grad(ops.generate(*leaves, bidx, hidx, backend="triton").sum(), leaves[1:])
+    assert all(float(t[0].abs().max()) == 0.0 for t in g)
+    assert all(float(t[1].abs().max()) > 0.0 for t in g)
+
+
+# ---- Triton augment and generate_augment -------------------------------------------------------------------
+def _params(family: str, n: int, H: int, W: int, seed: int) -> AugParams:
+    """Per-sample parameters of one family (sampled on the CPU, then moved: the same values on every device)."""
+    return sample(family, n, (H, W), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def check_augment(family, dtype, n=64, C=3, H=32, W=32, seed=3):
+    x = torch.randn(n, C, H, W, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    p = _params(family, n, H, W, seed)
+    mine = x.to(device=DEVICE, dtype=dtype).requires_grad_(True)
+    ref_in = x.to(DEVICE).requires_grad_(True)
+    _poison()
+    out = ops.augment(mine, p, backend="triton")
+    ref = _reference.augment_reference(ref_in, p)
+    assert out.shape == x.shape and out.dtype == dtype
+    assert _rel(out, ref) < REL[dtype]
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(DEVICE)
+    _poison()
+    (gx,) = torch.autograd.grad(out, mine, gy.to(dtype))
+    (gref,) = torch.autograd.grad(ref, ref_in, gy)
+    assert _rel(gx, gref) < REL[dtype], f"grad x: {_rel(gx, gref):.3g}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_augment_float32(family):
+    check_augment(family, torch.float32)
+
+
+@pytest.mark.parametrize("family", ["color", "rotate"])
+def test_triton_augment_float64(family):
+    check_augment(family, torch.float64)
+
+
+def test_triton_augment_chain_m_mode():
+    """A list of AugParams applies in order (the "M" mode composition) on the GPU too."""
+    n, H, W = 16, 32, 32
+    x = torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(5), device="cpu").to(DEVICE)
+    chain = [_params("crop", n, H, W, 6), _params("flip", n, H, W, 7), _params("color", n, H, W, 8)]
+    out = ops.augment(x, chain, backend="triton")
+    assert _rel(out, _reference.augment_reference(x.double(), chain)) < REL[torch.float32]
+
+
+# (n, M, cb, C, H, W, k, Hn): CIFAR-like on CUDA; tiny under the interpreter (a 3-channel 32x32 batch takes minutes)
+FUSED_CFG = (64, 10, 3, 3, 32, 32, 3, 4) if ON_CUDA else (4, 3, 1, 2, 8, 8, 3, 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_triton_generate_augment_fused_equals_generate_then_augment(family):
+    n, M, cb, C, H, W, k, Hn = FUSED_CFG
+    tensors, bidx, hidx = make_inputs(n, M, cb, C, H, W, k, Hn, device=DEVICE, seed=4)
+    p = _params(family, n, H, W, 9)
+    fused_in = [t.clone().requires_grad_(True) for t in tensors]
+    two_in = [t.clone().requires_grad_(True) for t in tensors]
+    ref_in = [t.double().requires_grad_(True) for t in tensors]
+    _poison()
+    fused = ops.generate_augment(*fused_in, bidx, hidx, p, backend="triton")
+    two = ops.augment(ops.generate(*two_in, bidx, hidx, backend="triton"), p, backend="triton")
+    ref = _reference.augment_reference(_reference.generate_reference(*ref_in, bidx, hidx), p)
+    assert _rel(fused, two) < 1e-6  # same kernels, same order of sums
+    assert _rel(fused, ref) < REL[torch.float32]
+    gy = torch.randn(fused.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64).to(DEVICE)
+    _poison()
+    g_fused = torch.autograd.grad(fused, fused_in, gy.float())
+    g_two = torch.autograd.grad(two, two_in, gy.float())
+    g_ref = torch.autograd.grad(ref, ref_in, gy)
+    for name, a, b, c in zip(NAMES, g_fused, g_two, g_ref):
+        assert _rel(a, b) < 1e-6, f"grad {name}: fused vs two-pass {_rel(a, b):.3g}"
+        assert _rel(a, c) < REL[torch.float32], f"grad {name}: fused vs reference {_rel(a, c):.3g}"
+
+
+# ---- the C++ exact trajectory engine on CUDA tensors ------------------------------------------------------------
+ENGINE_CONFIGS = [
+    # (channel, width, depth, norm, act, pool, im, steps, batch)
+    (3, 8, 1, "instancenorm", "relu", "avgpooling", 8, 2, 3),
+    (1, 8, 2, "groupnorm", "relu", "avgpooling", 8, 3, 5),
+    (3, 8, 3, "layernorm", "sigmoid", "maxpooling", 16, 2, 3),
+    (1, 8, 2, "none", "leakyrelu", "none", 7, 4, 3),
+]
+
+
+def _engine_problem(cfg, dtype):
+    """(model on DEVICE, X, Y, w_start, w_target on DEVICE) of one config."""
+    c, width, depth, norm, act, pool, im, steps, batch = cfg
+    model = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im, dtype=dtype)
+    X, Y, ws, wt = make_problem(model, steps, batch, model.im_size, dtype)
+    return model.to(DEVICE), X.to(DEVICE), Y.to(DEVICE), ws.to(DEVICE), wt.to(DEVICE)
+
+
+def _cpp_engine(name="exact"):
+    from haba_fast._ext import has_op
+    from haba_fast.adjoint import get_adjoint_engine
+
+    if not (extension_loaded() and has_op("trajectory_match")):
+        pytest.skip("C++ extension without trajectory_match")
+    return get_adjoint_engine(name, backend="cpp")
+
+
+@requires_ext_loaded
+@pytest.mark.parametrize("cfg", ENGINE_CONFIGS, ids=lambda c: f"c{c[0]}-d{c[2]}-{c[3]}")
+def test_cpp_engine_cuda_matches_naive_and_cpu_float64(cfg):
+    eng = _cpp_engine()
+    model, X, Y, ws, wt = _engine_problem(cfg, torch.float64)
+    ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
+    out = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
+    assert eng.last_backend == "cpp"
+    assert out[1].device == X.device
+    assert rel_err(out[0], ref[0]) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-9 and rel_err(out[2], ref[2]) < 1e-9
+    cpu = grads(eng, model.cpu(), X.cpu(), Y.cpu(), ws.cpu(), wt.cpu(), lr_value=0.1)
+    for a, b in zip(out, cpu):
+        assert rel_err(a.cpu(), b) < 1e-9
+
+
+@requires_ext_loaded
+@pytest.mark.parametrize("cfg", ENGINE_CONFIGS[:3], ids=lambda c: f"c{c[0]}-d{c[2]}-{c[3]}")
+def test_cpp_engine_cuda_float32_matches_naive_float64(cfg):
+    eng = _cpp_engine()
+    model64, X, Y, ws, wt = _engine_problem(cfg, torch.float64)
+    ref = grads(naive_unroll, model64, X, Y, ws, wt, lr_value=0.1)
+    model32 = _engine_problem(cfg, torch.float32)[0]
+    out = grads(eng, model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
+    assert out[1].dtype == torch.float32 and eng.last_backend == "cpp"
+    assert rel_err(out[1].double(), ref[1]) < 1e-4
+    assert rel_err(out[2].double(), ref[2]) < 1e-4
+
+
+@requires_ext_loaded
+def test_cpp_first_order_runs_on_cuda():
+    from haba_fast.adjoint import get_adjoint_engine
+
+    eng = _cpp_engine("first-order")
+    model, X, Y, ws, wt = _engine_problem(ENGINE_CONFIGS[1], torch.float64)
+    out = grads(eng, model, X, Y, ws, wt, lr_value=0.2)
+    py = grads(get_adjoint_engine("first-order", backend="python"), model, X, Y, ws, wt, lr_value=0.2)
+    exact = grads(_cpp_engine(), model, X, Y, ws, wt, lr_value=0.2)
+    assert eng.last_backend == "cpp" and out[1].device == X.device
+    assert rel_err(out[1], py[1]) < 1e-9 and rel_err(out[2], py[2]) < 1e-9
+    assert rel_err(out[1], exact[1]) > 1e-3  # an approximation: it must differ from the exact gradient
+
+
+# ---- one full distillation iteration on CUDA ------------------------------------------------------------------
+def _distiller(engine: str):
+    import argparse
+
+    from haba_fast.benchmarks import iteration
+
+    parser = argparse.ArgumentParser()
+    iteration.add_arguments(parser)
+    args = parser.parse_args(
+        ["--engine", engine, "--ipc", "2", "--n-hallucinators", "3", "--syn-steps", "3", "--batch-syn", "6",
+         "--width", "32", "--device", DEVICE]
+    )
+    return iteration.build_distiller(args)
+
+
+@requires_ext_loaded
+def test_distiller_step_exact_gradients_match_naive():
+    """Bases, every hallucinator parameter and lr: exact (C++ on CUDA) vs the naive unroll, one HaBa iteration."""
+    from haba_fast.adjoint import get_adjoint_engine
+    from haba_fast.objectives.mtt import trajectory_loss
+    from haba_fast.trajectory import NaiveEngine
+
+    d = _distiller("exact")
+    _, _, w_start, w_target = d.sample_trajectory()
+    plan = d.sample_plan()
+    syn = d.synthetic
+    assert syn.bases.device.type == torch.device(DEVICE).type
+    params = [d.syn_lr, syn.bases] + list(syn.hallucinator_parameters())
+    results = []
+    for engine in (NaiveEngine(), get_adjoint_engine("exact")):
+        loss = trajectory_loss(engine, d.student, syn, plan, w_start, w_target, d.syn_lr)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l_ref, g_ref), (l_out, g_out) = results
+    assert rel_err(l_out, l_ref) < 1e-5
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 1e-4  # float32 end to end
+    # and the whole step (matching loss + club term + optimizer + adversary) runs and moves the bases
+    before = syn.bases.detach().clone()
+    m = d.step()
+    assert all(torch.isfinite(torch.tensor(float(m[k]))) for k in ("loss", "club", "grand", "syn_lr"))
+    assert float((syn.bases.detach() - before).abs().max()) > 0
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------------------------
+def _cli(*argv, timeout=240):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "haba_fast.cli", *argv], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_cli_info_reports_triton_on_cuda():
+    r = _cli("info", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    info = json.loads(r.stdout)
+    if not ON_CUDA:
+        pytest.skip("CUDA-only check (the command itself ran)")
+    assert info["devices"]["cuda"]["available"]
+    for op in ("generate", "augment", "generate_augment"):
+        assert info["backends"][op]["cuda"]["backend"] == "triton", info["backends"][op]
+
+
+def test_cli_distill_demo_on_cuda(tmp_path):
+    """`haba-fast distill` (the digits demo) at tiny sizes on DEVICE writes its synthetic sets and results."""
+    out = tmp_path / "demo"
+    r = _cli("distill", "--out", str(out), "--device", DEVICE, "--Iteration", "2", "--syn-steps", "3",
+             "--num-eval", "1", "--epoch-eval-train", "2", "--expert-epochs", "1", "--no-progress")
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["device"] == DEVICE and len(res["rows"]) == 3
+    assert (out / "haba" / "synthetic.pt").exists() and (out / "pixels" / "synthetic.pt").exists()
+    from haba_fast.factorization import load_synthetic
+
+    syn = load_synthetic(str(out / "haba" / "synthetic.pt"))
+    assert torch.isfinite(syn.bases).all()
+
+
+# ---- bad input on CUDA: clear errors, no crash, no hang -----------------------------------------------------
+def test_device_mix_and_bad_indices_give_clear_errors():
+    if not ON_CUDA:
+        pytest.skip("needs two devices")
+    tensors, bidx, hidx = make_inputs(3, 2, 1, 3, 8, 8, 3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="base_idx is on cpu"):
+        ops.generate(*tensors, bidx.cpu(), hidx, backend="triton")
+    mixed = list(tensors)
+    mixed[3] = mixed[3].cpu()
+    with pytest.raises(ValueError, match="scale is on cpu"):
+        ops.generate(*mixed, bidx, hidx, backend="triton")
+    with pytest.raises(ValueError, match="base_idx values must lie in"):
+        ops.generate(*tensors, torch.tensor([0, 1, 2], device=DEVICE), hidx, backend="triton")
+    with pytest.raises(ValueError, match="hall_idx values must lie in"):
+        ops.generate(*tensors, bidx, torch.tensor([0, -1, 1], device=DEVICE), backend="triton")
+    p = sample("crop", 3, (8, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch of 3"):
+        ops.augment(torch.zeros(4, 3, 8, 8, device=DEVICE), p, backend="triton")
+    # the CUDA context is still healthy after the errors
+    assert float(ops.generate(*tensors, bidx, hidx, backend="triton").abs().sum()) > 0
+    torch.cuda.synchronize()
+
+
+@requires_ext_loaded
+def test_cpp_engine_device_mix_is_a_clear_error():
+    if not ON_CUDA:
+        pytest.skip("needs two devices")
+    eng = _cpp_engine()
+    model, X, Y, ws, wt = _engine_problem(ENGINE_CONFIGS[0], torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
+    spec = __import__("haba_fast.adjoint", fromlist=["cpp_spec"]).cpp_spec(model)
+    op = torch.ops.haba_fast.trajectory_match
+    for args in ((X, Y, ws.cpu(), wt, lr, spec, False), (X, Y.cpu(), ws, wt, lr, spec, False),
+                 (X.cpu(), Y, ws, wt, lr, spec, False)):
+        with pytest.raises((RuntimeError, ValueError)):
+            op(*args)
+    with pytest.raises((RuntimeError, ValueError)):
+        eng(model, X, Y, ws.cpu(), wt, lr)
+    with pytest.raises((RuntimeError, ValueError), match="labels"):
+        op(X, Y + 100, ws, wt, lr, spec, False)
+    assert torch.isfinite(op(X, Y, ws, wt, lr, spec, False))  # still healthy
+    torch.cuda.synchronize()
