@@ -81,7 +81,7 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
                 f"enc_weight {tuple(enc_weight.shape)}), got {tuple(t.shape)}"
             )
     idx = []
-    for name, t, limit in (("base_idx", base_idx, M), ("hall_idx", hall_idx, Hn)):
+    for name, t in (("base_idx", base_idx), ("hall_idx", hall_idx)):
         if not isinstance(t, Tensor):
             raise TypeError(f"generate: {name} must be an int64 tensor [n], got {type(t).__name__}")
         if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
