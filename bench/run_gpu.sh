@@ -11,8 +11,9 @@
 # tests/test_gpu.py, the genaug and iteration benchmarks, and last the rest of the suite (pytest-xdist).
 # Everything goes to $OUT in at most 8 files: summary.txt, env.txt, build.log, gpu_tests.log, bench.log,
 # suite.log and results.tar.gz (bench/results, junit xml files, every log). GPU settings are never changed.
-# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest genaug iteration suite), e.g. for a rerun.
-# Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_GENAUG, B_ITER, B_SUITE (seconds), GPU_WORKERS (default 4),
+# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest genaug iteration profile suite), e.g. for a
+# rerun; EXTRA_CMD="..." runs one more command before the suite (phase extra, log extra.log in the tarball).
+# Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_GENAUG, B_ITER, B_PROFILE, B_EXTRA, B_SUITE (seconds), GPU_WORKERS (default 4),
 # SUITE_WORKERS (default 8; pytest-xdist when installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -177,6 +178,14 @@ from haba_fast.benchmarks.iteration import write_report
 write_report([json.loads(line) for line in open(sys.argv[1]) if line.strip()], sys.argv[2])
 PYEOF
 done
+
+# ---- a profile of one genaug step (a map for the next optimization), and an optional one-off command ----------------
+if [ "$DRY" = 1 ]; then PROFILE_ARGS=(--device cpu --backend cpu --batch 64 --steps 2); else PROFILE_ARGS=(); fi
+phase profile "$(budget "${B_PROFILE:-60}")" "$LOGS/profile.log" $PY bench/profile_genaug.py ${PROFILE_ARGS[@]+"${PROFILE_ARGS[@]}"}
+grep -E "reduction:" "$LOGS/profile.log"
+if [ -n "${EXTRA_CMD:-}" ]; then  # EXTRA_CMD="..." runs one more command here (log: extra.log in the tarball)
+  phase extra "$(budget "${B_EXTRA:-90}")" "$LOGS/extra.log" bash -c "$EXTRA_CMD"
+fi
 
 # ---- the rest of the suite -------------------------------------------------------------------------------------------
 phase suite "$(budget "$B_SUITE")" "$LOGS/suite.log" \

@@ -20,9 +20,11 @@ Kernels (grid: sample × pixel tile; channels and k are constexpr, so the tap lo
 - ``_generate_bwd_kernel``: recomputes z, then ga, gz (scratch) and the per-(sample, tile) partials of every
   hallucinator parameter (stage 1 of a two-stage reduction: no atomics).
 - ``_generate_bwd_input_kernel``: gx per sample and the partials of gdb.
-- ``_segment_sum_kernel``: stage 2, sums partial rows per segment (hallucinator, or basis for gx) in a fixed
-  order; long segments are first cut into chunks of ``ROWS_PER_CHUNK`` rows so that one hallucinator shared by a
-  whole batch does not serialize on one program.
+- ``_segment_sum_kernel``: stage 2, sums partial rows per segment (basis for gx) in a fixed order; long
+  segments are first cut into chunks of ``ROWS_PER_CHUNK`` rows so that one basis shared by a whole batch does
+  not serialize on one program. Few segments (the hallucinators, up to ``ONEHOT_MAX_SEGMENTS``) are summed as
+  one [S, R] x [R, P] product with a 0/1 matrix instead: one library GEMM, deterministic, and no host sync
+  (the sorted path reads the longest segment's length on the host to size its chunks).
 
 Loops with runtime bounds are ``while`` loops: Triton 3.6's interpreter (TRITON_INTERPRET=1) cannot run
 ``range`` with a runtime bound under numpy 2.x.
@@ -37,6 +39,7 @@ import triton
 import triton.language as tl
 
 ROWS_PER_CHUNK = 64
+ONEHOT_MAX_SEGMENTS = 64
 
 
 @triton.jit
@@ -206,13 +209,24 @@ def _block(size: int, cap: int = 1024) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
 
-def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """out [S, P]: rows of ``src`` [R, P] summed per segment id ``seg`` [R] (int64 in [0, S)); two-stage."""
+def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method: str = "auto") -> torch.Tensor:
+    """out [S, P]: rows of ``src`` [R, P] summed per segment id ``seg`` [R] (int64 in [0, S)).
+
+    ``method``: ``onehot`` (a 0/1 [S, R] matrix times ``src``), ``sorted`` (the two-stage Triton reduction) or
+    ``auto`` (onehot for S <= ONEHOT_MAX_SEGMENTS, else sorted).
+    """
     R, P = src.shape
+    if method == "auto":
+        method = "onehot" if num_segments <= ONEHOT_MAX_SEGMENTS else "sorted"
+    if method not in ("onehot", "sorted"):
+        raise ValueError(f"segment_sum: unknown method {method!r}: choose auto, onehot or sorted")
+    seg = seg.to(torch.int64)
+    if method == "onehot":
+        segments = torch.arange(num_segments, device=src.device, dtype=torch.int64)
+        return (segments[:, None] == seg[None, :]).to(src.dtype) @ src
     out = torch.zeros((num_segments, P), dtype=src.dtype, device=src.device)
     if R == 0 or P == 0:
         return out
-    seg = seg.to(torch.int64)
     counts = torch.bincount(seg, minlength=num_segments)
     order = torch.argsort(seg, stable=True)
     if R > ROWS_PER_CHUNK and int(counts.max()) > ROWS_PER_CHUNK:
@@ -226,8 +240,8 @@ def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torc
         chunk_of_row[order] = chunk_start[seg_sorted] + rank // ROWS_PER_CHUNK
         total = int(nchunks.sum())
         chunk_seg = torch.repeat_interleave(torch.arange(num_segments, device=src.device), nchunks)
-        partial = segment_sum(src, chunk_of_row, total)
-        return segment_sum(partial, chunk_seg, num_segments)
+        partial = segment_sum(src, chunk_of_row, total, "sorted")
+        return segment_sum(partial, chunk_seg, num_segments, "sorted")
     starts = torch.zeros(num_segments + 1, dtype=torch.int64, device=src.device)
     starts[1:] = torch.cumsum(counts, 0)
     BLOCK = _block(P)

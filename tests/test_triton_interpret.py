@@ -79,7 +79,8 @@ SCRIPT = textwrap.dedent(
     seg = torch.zeros(R, dtype=torch.int64)
     seg[::9] = 2
     expect = torch.zeros(3, 7, dtype=torch.float64).index_add_(0, seg, src)
-    res["segment_sum_two_stage"] = rel(segment_sum(src, seg, 3), expect)
+    res["segment_sum_two_stage"] = rel(segment_sum(src, seg, 3, "sorted"), expect)
+    res["segment_sum_onehot"] = rel(segment_sum(src, seg, 3, "onehot"), expect)
 
     # registration of the triton ops: schema, autograd wiring, fake kernels
     x = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
@@ -111,7 +112,7 @@ def _tol(name: str) -> float:
     return 1e-10 if "f64" in name or "float64" in name or name.startswith("segment") else 3e-5
 
 
-EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage",
+EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage", "segment_sum_onehot",
              "opcheck_augment", "augment_color_float32", "augment_rotate_float32"]
             + [f"augment_{f}_float64" for f in ("color", "crop", "cutout", "flip", "scale", "rotate")])
 
