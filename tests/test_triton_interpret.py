@@ -112,8 +112,8 @@ def _tol(name: str) -> float:
     return 1e-10 if "f64" in name or "float64" in name or name.startswith("segment") else 3e-5
 
 
-EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage", "segment_sum_onehot",
-             "opcheck_augment", "augment_color_float32", "augment_rotate_float32"]
+EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage",
+             "segment_sum_onehot", "opcheck_augment", "augment_color_float32", "augment_rotate_float32"]
             + [f"augment_{f}_float64" for f in ("color", "crop", "cutout", "flip", "scale", "rotate")])
 
 
