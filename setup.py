@@ -3,7 +3,6 @@
 Environment:
     HABA_FAST_BUILD_EXT=0   install without the C++ extension (pure Python; the torch backend is used).
     DEBUG=1                 build the extension with -O0 -g.
-    HABA_FAST_PORTABLE=1    build without -march=native (for a binary that must run on other x86 CPUs).
     MAX_JOBS                honoured by torch.utils.cpp_extension's ninja build.
 """
 
@@ -26,12 +25,6 @@ def _extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
     cxx += ["-std=c++17", "-fopenmp"]
-    # The fused loops (csrc/*_kernels.h) vectorize with `omp simd`; with the build machine's full vector width
-    # (AVX2/AVX-512 rather than x86-64's baseline SSE2) the engine's fused norm/act/pool loops ran 2.7x faster
-    # (ConvNet-128, batch 100, this 2-core CI machine). The extension is compiled where it runs (pip install
-    # from source), so native is safe by default; HABA_FAST_PORTABLE=1 builds a binary for any x86-64 CPU.
-    if os.environ.get("HABA_FAST_PORTABLE", "0") != "1" and not debug:
-        cxx += ["-march=native"]
     ext = CppExtension(
         name="haba_fast._C",
         sources=sources,

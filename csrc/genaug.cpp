@@ -23,14 +23,14 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "genaug_types.h"
 
 // Two copies of the per-sample kernels: the baseline ISA of the build, and AVX2+FMA chosen at run time.
 #define GENAUG_NS genaug
 #include "genaug_kernels.h"
 #undef GENAUG_NS
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define HABA_GENAUG_AVX2 1
+#ifdef HABA_FAST_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define GENAUG_NS genaug_avx2
@@ -46,18 +46,7 @@ using genaug_types::AugDims;
 using genaug_types::GenDims;
 using genaug_types::HallLayout;
 
-// AVX2+FMA kernels when the CPU has them, unless HABA_FAST_CPU_ISA=baseline (tests compare both paths).
-bool use_avx2() {
-#ifdef HABA_GENAUG_AVX2
-  static const bool cpu = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* env = std::getenv("HABA_FAST_CPU_ISA");
-  return cpu && !(env && std::strcmp(env, "baseline") == 0);
-#else
-  return false;
-#endif
-}
-
-#ifdef HABA_GENAUG_AVX2
+#ifdef HABA_FAST_ISA_COPIES
 #define GENAUG_CALL(avx2, fn, ...) ((avx2) ? ::haba_fast::genaug_avx2::fn(__VA_ARGS__) : ::haba_fast::genaug::fn(__VA_ARGS__))
 #else
 #define GENAUG_CALL(avx2, fn, ...) ::haba_fast::genaug::fn(__VA_ARGS__)
@@ -162,7 +151,7 @@ void genaug_forward(const GenArgs& g, const AugArgs* aug, at::Tensor& out) {
           *sh = g.sh.data_ptr<T>(), *dw = g.dw.data_ptr<T>(), *db = g.db.data_ptr<T>();
   const int64_t *bi = g.bidx.data_ptr<int64_t>(), *hi = g.hidx.data_ptr<int64_t>();
   const bool fused = aug != nullptr && aug->family != genaug_types::kIdentity;
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2_kernels();
   const T* fp = aug ? aug->fp.data_ptr<T>() : nullptr;
   const int64_t* ip = aug ? aug->ip.data_ptr<int64_t>() : nullptr;
   T* y = out.data_ptr<T>();
@@ -196,7 +185,7 @@ std::vector<at::Tensor> genaug_backward(const at::Tensor& grad_in, const GenArgs
           *sc = g.sc.data_ptr<T>(), *sh = g.sh.data_ptr<T>(), *dw = g.dw.data_ptr<T>();
   const int64_t *bi = g.bidx.data_ptr<int64_t>(), *hi = g.hidx.data_ptr<int64_t>();
   const bool fused = aug != nullptr && aug->family != genaug_types::kIdentity;
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2_kernels();
   const T* fp = aug ? aug->fp.data_ptr<T>() : nullptr;
   const int64_t* ip = aug ? aug->ip.data_ptr<int64_t>() : nullptr;
   auto opts = g.bases.options();
@@ -315,7 +304,7 @@ void augment_run(const at::Tensor& x, const AugArgs& a, at::Tensor& out, bool ad
   T* yp = out.data_ptr<T>();
   const T* fp = a.fp.data_ptr<T>();
   const int64_t* ip = a.ip.data_ptr<int64_t>();
-  const bool avx2 = use_avx2();
+  const bool avx2 = use_avx2_kernels();
   at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
     std::vector<T> wt(4 * HW);
     std::vector<int64_t> idx(4 * HW);

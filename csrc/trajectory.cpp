@@ -39,7 +39,36 @@
 #include <vector>
 
 #include "buffer_cache.h"
+#include "cpu_isa.h"
+#include "trajectory_types.h"
+
+// Three copies of the fused loops: the build's baseline ISA, AVX2+FMA and Skylake-AVX512, chosen at run time
+// (cpu_isa.h).
+#define TRAJ_NS traj
 #include "trajectory_kernels.h"
+#undef TRAJ_NS
+#ifdef HABA_FAST_ISA_COPIES
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define TRAJ_NS traj_avx2
+#include "trajectory_kernels.h"
+#undef TRAJ_NS
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=skylake-avx512,tune=skylake-avx512")
+#define TRAJ_NS traj_avx512
+#include "trajectory_kernels.h"
+#undef TRAJ_NS
+#pragma GCC pop_options
+#define TRAJ_CALL(fn, ...)                                                                      \
+  switch (kernel_isa()) {                                                                       \
+    case CpuIsa::kAvx512: ::haba_fast::traj_avx512::fn(__VA_ARGS__); break;                     \
+    case CpuIsa::kAvx2: ::haba_fast::traj_avx2::fn(__VA_ARGS__); break;                         \
+    default: ::haba_fast::traj::fn(__VA_ARGS__);                                                \
+  }
+#else
+#define TRAJ_CALL(fn, ...) ::haba_fast::traj::fn(__VA_ARGS__)
+#endif
 
 namespace haba_fast {
 namespace {
@@ -304,8 +333,8 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& zz, b
   c.k = at::empty({B, G}, opts);
   TORCH_INTERNAL_ASSERT(zz.is_contiguous());
   AT_DISPATCH_FLOATING_TYPES(zz.scalar_type(), "trajectory_block_forward", [&] {
-    traj::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, zz.stride(0)};
-    traj::Params<scalar_t> p{};
+    traj_types::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, zz.stride(0)};
+    traj_types::Params<scalar_t> p{};
     Tensor gc, bc, gdc, bdc;  // keep contiguous copies alive during the call
     if (s.norm != kNormNone) {
       gc = gam.contiguous();
@@ -320,7 +349,7 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& zz, b
       }
     }
     const scalar_t* z = zz.data_ptr<scalar_t>();
-    traj::block_forward<scalar_t>(dims, p, z, tan ? z + C * H * W : nullptr, c.xh.data_ptr<scalar_t>(),
+    TRAJ_CALL(block_forward<scalar_t>, dims, p, z, tan ? z + C * H * W : nullptr, c.xh.data_ptr<scalar_t>(),
                                   tan ? c.xhd.data_ptr<scalar_t>() : nullptr, c.rstd.data_ptr<scalar_t>(),
                                   c.k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                   tan ? outd.data_ptr<scalar_t>() : nullptr);
@@ -346,8 +375,8 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
   Tensor gac = ga.contiguous();
   Tensor gadc = tan ? gad.contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
-    traj::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
-    traj::Params<scalar_t> p{};
+    traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
+    traj_types::Params<scalar_t> p{};
     Tensor gc, bc, gdc, bdc;
     if (norm) {
       gc = gam.contiguous();
@@ -362,7 +391,7 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
       }
     }
     scalar_t* gz = gzz.data_ptr<scalar_t>();
-    traj::block_backward<scalar_t>(dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
+    TRAJ_CALL(block_backward<scalar_t>, dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
                                    xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
                                    c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz,
                                    tan ? gz + C * H * W : nullptr, norm ? part.data_ptr<scalar_t>() : nullptr,

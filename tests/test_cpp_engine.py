@@ -212,3 +212,17 @@ def test_device_generic(device):
     ref = grads(naive_unroll, model.cpu(), X, Y, ws, wt)
     out = grads(get_adjoint_engine("exact", "cpp"), model, X.to(device), Y.to(device), ws.to(device), wt.to(device))
     assert rel_err(out[1].cpu(), ref[1]) < 1e-9 and rel_err(out[2].cpu(), ref[2]) < 1e-9
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_isa_copies_of_the_fused_loops_agree(isa, monkeypatch):
+    """The baseline / AVX2 / AVX-512 copies of the fused loops (csrc/cpu_isa.h) compute the same trajectory."""
+    model = _convnet(width=8, depth=2, im=8, norm="groupnorm", act="sigmoid", pool="avgpooling")
+    X, Y, ws, wt = make_problem(model, 3, 5, model.im_size, torch.float64)
+    eng = get_adjoint_engine("exact", backend="cpp")
+    monkeypatch.delenv("HABA_FAST_CPU_ISA", raising=False)
+    best = grads(eng, model, X, Y, ws, wt)
+    monkeypatch.setenv("HABA_FAST_CPU_ISA", isa)
+    capped = grads(eng, model, X, Y, ws, wt)
+    for a, b in zip(best, capped):
+        assert rel_err(a, b) < 1e-12
