@@ -87,6 +87,11 @@ torch.version.cuda, 'available', torch.cuda.is_available());
 print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
   $PY -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
   $PY -c "import xdist; print('pytest-xdist', xdist.__version__)" || echo "pytest-xdist: not importable"
+  # The toolchain: on the 2026-11-26 device run the extension was compiled by /opt/gcc/bin/g++ against
+  # /usr/include/c++/13 headers, and every TORCH_CHECK whose message formats an integer segfaulted (strings,
+  # dtypes and devices did not): a libstdc++ header/library mismatch is suspected. See docs/RESULTS.md.
+  echo "CXX=${CXX:-}"; which -a g++ c++ 2>/dev/null; g++ --version 2>/dev/null | head -1
+  /usr/bin/g++ --version 2>/dev/null | head -1
   git log -1 --format='commit %h %s' 2>/dev/null || echo "commit: unknown (no git)"
   git status --short 2>/dev/null | head -30
 } > "$OUT/env.txt" 2>&1
@@ -105,7 +110,18 @@ import haba_fast.kernels
 from haba_fast._ext import extension_available, extension_error
 ok = extension_available()
 print('extension loaded:', ok, '' if ok else extension_error())
-sys.exit(0 if ok else 1)"
+sys.exit(0 if ok else 1)" || return 1
+  # Bad input must raise, not crash: one integer-formatting error message, in a child process.
+  $PY - <<'PYEOF'
+import subprocess, sys
+code = ("import torch, haba_fast._ext as e; e.extension_available(); "
+        "torch.ops.haba_fast.trajectory_match(torch.zeros(1, 1, 3, 8, 8), torch.zeros(1, 1, dtype=torch.long), "
+        "torch.zeros(5), torch.ones(5), torch.tensor(0.1), [3, 10, 8, 1, 1, 0, 1, 1], False)")
+r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+ok = r.returncode == 1 and "RuntimeError" in r.stderr
+print("error-path check:", "raises RuntimeError (ok)" if ok else f"FAILED rc={r.returncode}: {r.stderr[-300:]}")
+PYEOF
+  ldd haba_fast/_C*.so 2>/dev/null | grep -E "stdc\+\+|gomp" || true
 }
 
 build_ext() {
