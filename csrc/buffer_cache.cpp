@@ -119,22 +119,22 @@ class CachingCPUAllocator final : public c10::Allocator {
   int64_t hits_ = 0, misses_ = 0;
 };
 
+// The wrapper, published before it becomes the CPU allocator: release() may run on any thread from then on.
+std::atomic<CachingCPUAllocator*> g_alloc{nullptr};
+
+void release(void* ptr) { g_alloc.load(std::memory_order_acquire)->free_block(ptr); }
+
 // Installed once and never destroyed: tensors made through it may outlive any scope (and static destruction).
+// nullptr when another component holds the CPU allocator at a higher priority: then we stay out of the way.
 CachingCPUAllocator* installed() {
   static CachingCPUAllocator* alloc = [] {
-    c10::Allocator* base = c10::GetCPUAllocator();
-    auto* a = new CachingCPUAllocator(base);
+    auto* a = new CachingCPUAllocator(c10::GetCPUAllocator());
+    g_alloc.store(a, std::memory_order_release);
     c10::SetCPUAllocator(a, /*priority=*/0);
-    // Another component may hold the CPU allocator at a higher priority; then we stay out of the way.
-    if (c10::GetCPUAllocator() != a) return static_cast<CachingCPUAllocator*>(nullptr);
-    return a;
+    return c10::GetCPUAllocator() == a ? a : nullptr;
   }();
   return alloc;
 }
-
-CachingCPUAllocator* g_alloc = nullptr;  // set before the first block is handed out; read by release()
-
-void release(void* ptr) { g_alloc->free_block(ptr); }
 
 }  // namespace
 
@@ -142,18 +142,18 @@ BufferCacheScope::BufferCacheScope() : active_(false) {
   if (!cache_enabled()) return;
   CachingCPUAllocator* a = installed();
   if (a == nullptr) return;
-  g_alloc = a;
   a->enter();
   active_ = true;
 }
 
 BufferCacheScope::~BufferCacheScope() {
-  if (active_) g_alloc->leave();
+  if (active_) installed()->leave();
 }
 
 std::vector<int64_t> buffer_cache_stats() {
-  if (g_alloc == nullptr) return {0, 0, 0, 0, 0, 0};
-  std::vector<int64_t> s = g_alloc->stats();
+  CachingCPUAllocator* a = g_alloc.load(std::memory_order_acquire);
+  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0};
+  std::vector<int64_t> s = a->stats();
   s.push_back(1);
   return s;
 }
