@@ -23,6 +23,7 @@
 #include <cstring>
 #include <vector>
 
+#include "check.h"
 #include "cpu_isa.h"
 #include "genaug_types.h"
 
@@ -69,10 +70,10 @@ GenDims gen_dims(const GenArgs& g) {
 }
 
 void check_index(const at::Tensor& idx, int64_t limit, const char* what) {
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, what, " must be a 1-d int64 tensor");
+  HF_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong, what, " must be a 1-d int64 tensor");
   const int64_t* p = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < idx.numel(); ++i)
-    TORCH_CHECK(p[i] >= 0 && p[i] < limit, what, "[", i, "] = ", p[i], " is out of range [0, ", limit, ")");
+    HF_CHECK(p[i] >= 0 && p[i] < limit, what, "[", i, "] = ", p[i], " is out of range [0, ", limit, ")");
 }
 
 // Contiguous copies (no-ops when already contiguous) + the checks that protect memory safety. Friendly errors
@@ -80,24 +81,24 @@ void check_index(const at::Tensor& idx, int64_t limit, const char* what) {
 GenArgs prepare(const at::Tensor& bases, const at::Tensor& ew, const at::Tensor& eb, const at::Tensor& sc,
                 const at::Tensor& sh, const at::Tensor& dw, const at::Tensor& db, const at::Tensor& bidx,
                 const at::Tensor& hidx) {
-  TORCH_CHECK(bases.device().is_cpu(), "haba_fast::generate (cpu) needs CPU tensors");
-  TORCH_CHECK(bases.dim() == 4 && ew.dim() == 5 && eb.dim() == 2 && sc.dim() == 4 && sh.dim() == 4 && dw.dim() == 5 &&
+  HF_CHECK(bases.device().is_cpu(), "haba_fast::generate (cpu) needs CPU tensors");
+  HF_CHECK(bases.dim() == 4 && ew.dim() == 5 && eb.dim() == 2 && sc.dim() == 4 && sh.dim() == 4 && dw.dim() == 5 &&
                   db.dim() == 2,
               "haba_fast::generate: bad ranks (bases 4-d, enc_weight 5-d, enc_bias 2-d, scale/shift 4-d, "
               "dec_weight 5-d, dec_bias 2-d)");
   const int64_t Hn = ew.size(0), C = ew.size(1), cb = bases.size(1), K = ew.size(3);
   const int64_t Ho = bases.size(2) - K + 1, Wo = bases.size(3) - K + 1;
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, "haba_fast::generate: kernel larger than the image");
-  TORCH_CHECK(ew.sizes() == at::IntArrayRef({Hn, C, cb, K, K}), "enc_weight shape mismatch");
-  TORCH_CHECK(eb.sizes() == at::IntArrayRef({Hn, C}), "enc_bias shape mismatch");
-  TORCH_CHECK(sc.sizes() == at::IntArrayRef({Hn, C, Ho, Wo}), "scale shape mismatch");
-  TORCH_CHECK(sh.sizes() == at::IntArrayRef({Hn, C, Ho, Wo}), "shift shape mismatch");
-  TORCH_CHECK(dw.sizes() == at::IntArrayRef({Hn, C, C, K, K}), "dec_weight shape mismatch");
-  TORCH_CHECK(db.sizes() == at::IntArrayRef({Hn, C}), "dec_bias shape mismatch");
+  HF_CHECK(Ho >= 1 && Wo >= 1, "haba_fast::generate: kernel larger than the image");
+  HF_CHECK(ew.sizes() == at::IntArrayRef({Hn, C, cb, K, K}), "enc_weight shape mismatch");
+  HF_CHECK(eb.sizes() == at::IntArrayRef({Hn, C}), "enc_bias shape mismatch");
+  HF_CHECK(sc.sizes() == at::IntArrayRef({Hn, C, Ho, Wo}), "scale shape mismatch");
+  HF_CHECK(sh.sizes() == at::IntArrayRef({Hn, C, Ho, Wo}), "shift shape mismatch");
+  HF_CHECK(dw.sizes() == at::IntArrayRef({Hn, C, C, K, K}), "dec_weight shape mismatch");
+  HF_CHECK(db.sizes() == at::IntArrayRef({Hn, C}), "dec_bias shape mismatch");
   const auto dt = bases.scalar_type();
   for (const at::Tensor* t : {&ew, &eb, &sc, &sh, &dw, &db})
-    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "haba_fast::generate: all tensors must share dtype/device");
-  TORCH_CHECK(bidx.numel() == hidx.numel(), "base_idx and hall_idx must have the same length");
+    HF_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "haba_fast::generate: all tensors must share dtype/device");
+  HF_CHECK(bidx.numel() == hidx.numel(), "base_idx and hall_idx must have the same length");
   GenArgs g{bases.contiguous(), ew.contiguous(), eb.contiguous(), sc.contiguous(), sh.contiguous(),
             dw.contiguous(), db.contiguous(), bidx.contiguous(), hidx.contiguous()};
   check_index(g.bidx, bases.size(0), "base_idx");
@@ -111,10 +112,10 @@ struct AugArgs {
 };
 
 AugArgs prepare_aug(int64_t family, const at::Tensor& fp, const at::Tensor& ip, int64_t n, at::ScalarType dt) {
-  TORCH_CHECK(family >= genaug_types::kIdentity && family <= genaug_types::kAffine, "unknown augmentation family code ", family);
-  TORCH_CHECK(fp.dim() == 2 && fp.size(0) == n && fp.size(1) == 4 && fp.scalar_type() == dt,
+  HF_CHECK(family >= genaug_types::kIdentity && family <= genaug_types::kAffine, "unknown augmentation family code ", family);
+  HF_CHECK(fp.dim() == 2 && fp.size(0) == n && fp.size(1) == 4 && fp.scalar_type() == dt,
               "fparams must be [n, 4] with the dtype of x");
-  TORCH_CHECK(ip.dim() == 2 && ip.size(0) == n && ip.size(1) == 4 && ip.scalar_type() == at::kLong,
+  HF_CHECK(ip.dim() == 2 && ip.size(0) == n && ip.size(1) == 4 && ip.scalar_type() == at::kLong,
               "iparams must be [n, 4] int64");
   return AugArgs{family, fp.contiguous(), ip.contiguous()};
 }
@@ -259,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     bool need_hall) {
   at::Tensor db = at::empty({ew.size(0), ew.size(1)}, bases.options());  // unused by the backward
   GenArgs g = prepare(bases, ew, eb, sc, sh, dw, db, bidx, hidx);
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({bidx.numel(), ew.size(1), bases.size(2), bases.size(3)}) &&
+  HF_CHECK(grad.sizes() == at::IntArrayRef({bidx.numel(), ew.size(1), bases.size(2), bases.size(3)}) &&
                   grad.scalar_type() == bases.scalar_type(),
               "generate_backward: grad must be [n, C, H, W] with the dtype of bases");
   std::vector<at::Tensor> r;
@@ -288,7 +289,7 @@ generate_augment_backward_cpu(const at::Tensor& grad, const at::Tensor& bases, c
   at::Tensor db = at::empty({ew.size(0), ew.size(1)}, bases.options());
   GenArgs g = prepare(bases, ew, eb, sc, sh, dw, db, bidx, hidx);
   AugArgs a = prepare_aug(family, fp, ip, bidx.numel(), bases.scalar_type());
-  TORCH_CHECK(grad.sizes() == at::IntArrayRef({bidx.numel(), ew.size(1), bases.size(2), bases.size(3)}) &&
+  HF_CHECK(grad.sizes() == at::IntArrayRef({bidx.numel(), ew.size(1), bases.size(2), bases.size(3)}) &&
                   grad.scalar_type() == bases.scalar_type(),
               "generate_augment_backward: grad must be [n, C, H, W] with the dtype of bases");
   std::vector<at::Tensor> r;
@@ -316,7 +317,7 @@ void augment_run(const at::Tensor& x, const AugArgs& a, at::Tensor& out, bool ad
 
 at::Tensor augment_impl(const at::Tensor& x_in, int64_t family, const at::Tensor& fp, const at::Tensor& ip,
                         bool adjoint) {
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "haba_fast::augment (cpu) needs a CPU tensor [n, C, H, W]");
+  HF_CHECK(x_in.device().is_cpu() && x_in.dim() == 4, "haba_fast::augment (cpu) needs a CPU tensor [n, C, H, W]");
   at::Tensor x = x_in.contiguous();
   AugArgs a = prepare_aug(family, fp, ip, x.size(0), x.scalar_type());
   at::Tensor out = at::empty_like(x);

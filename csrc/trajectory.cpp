@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "buffer_cache.h"
+#include "check.h"
 #include "cpu_isa.h"
 #include "trajectory_types.h"
 
@@ -86,21 +87,21 @@ struct Spec {
 };
 
 Spec parse_spec(at::IntArrayRef s) {
-  TORCH_CHECK(s.size() == 8,
+  HF_CHECK(s.size() == 8,
               "trajectory_match: spec must be [channel, num_classes, width, depth, norm, act, pool, first_padding] "
               "(8 ints), got ",
               s.size(), " values");
   Spec p{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]};
-  TORCH_CHECK(p.channel >= 1 && p.classes >= 1 && p.width >= 1 && p.depth >= 1,
+  HF_CHECK(p.channel >= 1 && p.classes >= 1 && p.width >= 1 && p.depth >= 1,
               "trajectory_match: spec channel, num_classes, width and depth must be >= 1, got ", s);
-  TORCH_CHECK(p.norm >= 0 && p.norm <= 3, "trajectory_match: spec norm code must be 0..3 (none, instancenorm, "
+  HF_CHECK(p.norm >= 0 && p.norm <= 3, "trajectory_match: spec norm code must be 0..3 (none, instancenorm, "
               "groupnorm, layernorm), got ", p.norm);
-  TORCH_CHECK(p.act >= 0 && p.act <= 2, "trajectory_match: spec act code must be 0..2 (relu, sigmoid, leakyrelu), got ",
+  HF_CHECK(p.act >= 0 && p.act <= 2, "trajectory_match: spec act code must be 0..2 (relu, sigmoid, leakyrelu), got ",
               p.act);
-  TORCH_CHECK(p.pool >= 0 && p.pool <= 2, "trajectory_match: spec pool code must be 0..2 (none, avg, max), got ",
+  HF_CHECK(p.pool >= 0 && p.pool <= 2, "trajectory_match: spec pool code must be 0..2 (none, avg, max), got ",
               p.pool);
-  TORCH_CHECK(p.pad0 >= 0, "trajectory_match: spec first_padding must be >= 0, got ", p.pad0);
-  TORCH_CHECK(p.norm != kGroup || p.width % 4 == 0, "trajectory_match: groupnorm uses 4 groups, width ", p.width,
+  HF_CHECK(p.pad0 >= 0, "trajectory_match: spec first_padding must be >= 0, got ", p.pad0);
+  HF_CHECK(p.norm != kGroup || p.width % 4 == 0, "trajectory_match: groupnorm uses 4 groups, width ", p.width,
               " is not a multiple of 4");
   return p;
 }
@@ -142,7 +143,7 @@ Layout make_layout(const Spec& s, int64_t H, int64_t W) {
     l.cin = cin;
     l.Hc = H + 2 * l.pad - 2;
     l.Wc = W + 2 * l.pad - 2;
-    TORCH_CHECK(l.Hc >= 1 && l.Wc >= 1, "trajectory_match: the image is too small for depth ", s.depth,
+    HF_CHECK(l.Hc >= 1 && l.Wc >= 1, "trajectory_match: the image is too small for depth ", s.depth,
                 " (feature map vanishes at block ", d + 1, ")");
     l.conv_w = take({s.width, cin, 3, 3});
     l.conv_b = take({s.width});
@@ -159,7 +160,7 @@ Layout make_layout(const Spec& s, int64_t H, int64_t W) {
       H /= 2;
       W /= 2;
     }
-    TORCH_CHECK(H >= 1 && W >= 1, "trajectory_match: the image is too small for depth ", s.depth,
+    HF_CHECK(H >= 1 && W >= 1, "trajectory_match: the image is too small for depth ", s.depth,
                 " (feature map vanishes after pooling in block ", d + 1, ")");
     cin = s.width;
     L.layers.push_back(l);
@@ -632,42 +633,42 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
 
 Layout check_inputs(const Spec& s, const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
                     const Tensor& lr, bool check_values) {
-  TORCH_CHECK(X.dim() == 5, "trajectory_match: X must be [N, B, C, H, W] (one batch per unrolled step), got ",
+  HF_CHECK(X.dim() == 5, "trajectory_match: X must be [N, B, C, H, W] (one batch per unrolled step), got ",
               X.dim(), "-d shape ", X.sizes());
-  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
+  HF_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
               "trajectory_match: X must be float32 or float64, got ", X.scalar_type());
-  TORCH_CHECK(X.size(0) >= 1 && X.size(1) >= 1, "trajectory_match: X needs at least one step and one sample, got ",
+  HF_CHECK(X.size(0) >= 1 && X.size(1) >= 1, "trajectory_match: X needs at least one step and one sample, got ",
               X.sizes());
-  TORCH_CHECK(X.size(2) == s.channel, "trajectory_match: X has ", X.size(2), " channels but the model spec has ",
+  HF_CHECK(X.size(2) == s.channel, "trajectory_match: X has ", X.size(2), " channels but the model spec has ",
               s.channel);
-  TORCH_CHECK(Y.dim() == 2 && Y.size(0) == X.size(0) && Y.size(1) == X.size(1),
+  HF_CHECK(Y.dim() == 2 && Y.size(0) == X.size(0) && Y.size(1) == X.size(1),
               "trajectory_match: Y must be [N, B] = [", X.size(0), ", ", X.size(1), "] to match X, got ", Y.sizes());
-  TORCH_CHECK(Y.scalar_type() == at::kLong, "trajectory_match: Y must be int64 labels, got ", Y.scalar_type());
+  HF_CHECK(Y.scalar_type() == at::kLong, "trajectory_match: Y must be int64 labels, got ", Y.scalar_type());
   for (auto* t : {&w_start, &w_target, &lr, &Y}) {
-    TORCH_CHECK(t->device() == X.device(), "trajectory_match: all inputs must be on one device: X is on ", X.device(),
+    HF_CHECK(t->device() == X.device(), "trajectory_match: all inputs must be on one device: X is on ", X.device(),
                 " but another input is on ", t->device());
   }
   for (auto* t : {&w_start, &w_target, &lr}) {
-    TORCH_CHECK(t->scalar_type() == X.scalar_type(), "trajectory_match: w_start, w_target and lr must have X's dtype (",
+    HF_CHECK(t->scalar_type() == X.scalar_type(), "trajectory_match: w_start, w_target and lr must have X's dtype (",
                 X.scalar_type(), "), got ", t->scalar_type());
   }
-  TORCH_CHECK(lr.dim() == 0, "trajectory_match: lr must be a 0-dim tensor, got shape ", lr.sizes());
+  HF_CHECK(lr.dim() == 0, "trajectory_match: lr must be a 0-dim tensor, got shape ", lr.sizes());
   Layout L = make_layout(s, X.size(3), X.size(4));
-  TORCH_CHECK(w_start.dim() == 1 && w_start.size(0) == L.P, "trajectory_match: w_start must be a flat vector of P = ",
+  HF_CHECK(w_start.dim() == 1 && w_start.size(0) == L.P, "trajectory_match: w_start must be a flat vector of P = ",
               L.P, " parameters for this model spec and a ", X.size(3), "x", X.size(4), " input, got shape ",
               w_start.sizes());
-  TORCH_CHECK(w_target.dim() == 1 && w_target.size(0) == L.P,
+  HF_CHECK(w_target.dim() == 1 && w_target.size(0) == L.P,
               "trajectory_match: w_target must be a flat vector of P = ", L.P, " parameters, got shape ",
               w_target.sizes());
   if (check_values) {
     auto mm = at::aminmax(Y);
     int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    TORCH_CHECK(lo >= 0 && hi < s.classes, "trajectory_match: labels must be in [0, ", s.classes, "), got values in [",
+    HF_CHECK(lo >= 0 && hi < s.classes, "trajectory_match: labels must be in [0, ", s.classes, "), got values in [",
                 lo, ", ", hi, "]");
-    TORCH_CHECK(at::isfinite(X).all().item<bool>(), "trajectory_match: X contains NaN or Inf");
-    TORCH_CHECK(at::isfinite(w_start).all().item<bool>() && at::isfinite(w_target).all().item<bool>(),
+    HF_CHECK(at::isfinite(X).all().item<bool>(), "trajectory_match: X contains NaN or Inf");
+    HF_CHECK(at::isfinite(w_start).all().item<bool>() && at::isfinite(w_target).all().item<bool>(),
                 "trajectory_match: w_start or w_target contains NaN or Inf");
-    TORCH_CHECK(at::isfinite(lr).item<bool>(), "trajectory_match: lr is NaN or Inf");
+    HF_CHECK(at::isfinite(lr).item<bool>(), "trajectory_match: lr is NaN or Inf");
   }
   return L;
 }
@@ -680,7 +681,7 @@ std::tuple<Tensor, Tensor> trajectory_match_forward(const Tensor& X, const Tenso
   Layout L = check_inputs(s, X, Y, w_start, w_target, lr, true);
   const int64_t N = X.size(0);
   Tensor denom = (w_start - w_target).pow(2).sum();
-  TORCH_CHECK(denom.item<double>() > 0.0,
+  HF_CHECK(denom.item<double>() > 0.0,
               "trajectory_match: w_start equals w_target (distance 0): the expert snapshots are identical; the buffer "
               "is broken (see haba_fast.trajectory.normalized_distance)");
   Tensor Wt = at::empty({N + 1, L.P}, w_start.options());
@@ -702,7 +703,7 @@ std::tuple<Tensor, Tensor> trajectory_match_backward(const Tensor& grad, const T
                                                      const Tensor& Wt, const Tensor& w_target, const Tensor& lr,
                                                      at::IntArrayRef spec, bool first_order) {
   Spec s = parse_spec(spec);
-  TORCH_CHECK(Wt.dim() == 2 && Wt.size(0) == X.size(0) + 1,
+  HF_CHECK(Wt.dim() == 2 && Wt.size(0) == X.size(0) + 1,
               "trajectory_match_backward: W must be [N+1, P] (the stored trajectory), got ", Wt.sizes());
   Tensor w_start = Wt[0];
   Layout L = check_inputs(s, X, Y, w_start, w_target, lr, false);
@@ -726,9 +727,9 @@ std::tuple<Tensor, Tensor> trajectory_match_backward(const Tensor& grad, const T
 std::tuple<Tensor, Tensor, Tensor> trajectory_step_hvp(const Tensor& w, const Tensor& x, const Tensor& y,
                                                        const Tensor& lam, at::IntArrayRef spec) {
   Spec s = parse_spec(spec);
-  TORCH_CHECK(x.dim() == 4, "trajectory_step_hvp: x must be [B, C, H, W], got ", x.sizes());
+  HF_CHECK(x.dim() == 4, "trajectory_step_hvp: x must be [B, C, H, W], got ", x.sizes());
   Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
-  TORCH_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
+  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
               "trajectory_step_hvp: lam must be like w");
   at::NoGradGuard no_grad;
   StepResult r = step(s, L, w, x, y, lam, true);

@@ -226,3 +226,18 @@ def test_isa_copies_of_the_fused_loops_agree(isa, monkeypatch):
     capped = grads(eng, model, X, Y, ws, wt)
     for a, b in zip(best, capped):
         assert rel_err(a, b) < 1e-12
+
+
+def test_error_messages_format_integers_and_shapes():
+    """csrc/check.h builds the messages without ostream: numbers and shapes must still read as before."""
+    model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
+    spec = cpp_spec(model)
+    op = torch.ops.haba_fast.trajectory_match
+    with pytest.raises(RuntimeError, match=r"P = 301 parameters for this model spec and a 6x6 input, got shape \[298"):
+        op(X, Y, ws[:-3], wt, lr, spec, False)
+    with pytest.raises(RuntimeError, match=r"Y must be \[N, B\] = \[2, 3\] to match X, got \[2, 2\]"):
+        op(X, Y[:, :2], ws, wt, lr, spec, False)
+    with pytest.raises(RuntimeError, match=r"labels must be in \[0, 5\), got values in \[100, 104\]"):
+        op(X, Y + 100, ws, wt, lr, spec, False)
+    with pytest.raises(RuntimeError, match=r"must have X's dtype \(Float\), got Double"):
+        op(X.float(), Y, ws, wt, lr, spec, False)
