@@ -130,6 +130,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the digits demo end to end; returns the results dict (also written to ``<out>/results.json``)."""
     demo = demo or DemoConfig()
+    if int(demo.num_eval) < 1:  # the demo's table compares evaluated accuracies: nothing to show without them
+        raise ValueError(f"the digits demo needs --num_eval >= 1 (evaluation networks per method), got {demo.num_eval}")
     threads = torch.get_num_threads()
     if demo.threads:
         torch.set_num_threads(int(demo.threads))

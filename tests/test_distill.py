@@ -515,3 +515,10 @@ def test_resume_keeps_the_best_checkpoint(digits, buffer, tmp_path):
     torch.save(payload, best_path)
     distill(cfg, digits, buffer, tmp_path, resume=True, progress=False, log=lambda s: None)
     assert torch.load(best_path, weights_only=True)["meta"]["accuracy"] == 1.0
+
+
+def test_demo_without_evaluation_networks_is_a_clear_error(tmp_path):
+    from haba_fast.demo import DemoConfig, run_demo
+
+    with pytest.raises(ValueError, match="--num_eval >= 1"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), num_eval=0), log=lambda s: None)
