@@ -128,9 +128,7 @@ build_ext() {
   if ! MAX_JOBS=16 PIP_BREAK_SYSTEM_PACKAGES=1 $PY -m pip install --no-build-isolation --no-deps -v -e .; then
     echo "pip install -e failed; trying setup.py build_ext --inplace"
     MAX_JOBS=16 $PY setup.py build_ext --inplace || return 1
-  fi
-  # haba_fast.kernels lives in kernels/ (setup.py's package_dir): without the editable finder, link it in place
-  $PY -c "import haba_fast.kernels" 2> /dev/null || ln -sfn ../kernels haba_fast/kernels
+  fi  # haba_fast.kernels: linked before the build when the package could not find it (below)
 }
 
 XDIST_GPU=""

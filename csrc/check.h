@@ -29,7 +29,6 @@ template <typename T, std::enable_if_t<std::is_integral<T>::value && !std::is_sa
 inline void append(std::string& s, T v) {
   s += std::to_string(v);
 }
-inline void append(std::string& s, const std::vector<int64_t>& v) { append(s, at::IntArrayRef(v)); }
 
 template <typename... Parts>
 std::string make(const Parts&... parts) {

@@ -245,8 +245,6 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
     import argparse
 
     from haba_fast.benchmarks import iteration
-    from haba_fast.objectives.mtt import trajectory_loss
-    from haba_fast.trajectory import NaiveEngine
 
     parser = argparse.ArgumentParser()
     iteration.add_arguments(parser)
@@ -266,7 +264,15 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
             "32",
         ]
     )
-    distiller = iteration.build_distiller(args)
+    assert_iteration_grads_match_naive(iteration.build_distiller(args), engine_name)
+
+
+def assert_iteration_grads_match_naive(distiller, engine_name):
+    """One HaBa iteration's matching loss and its gradients (lr, bases, every hallucinator parameter): the engine
+    ``engine_name`` against the naive unroll on the same trajectory and plan."""
+    from haba_fast.objectives.mtt import trajectory_loss
+    from haba_fast.trajectory import NaiveEngine
+
     _, _, w_start, w_target = distiller.sample_trajectory()
     plan = distiller.sample_plan()
     syn = distiller.synthetic

@@ -24,7 +24,7 @@ import sys
 
 import pytest
 import torch
-from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_adjoint import _convnet, assert_iteration_grads_match_naive, grads, make_problem, naive_unroll, rel_err
 from test_ops_generate import NAMES, make_inputs
 from utils import CUDA, extension_loaded
 
@@ -298,24 +298,10 @@ def _distiller(engine: str):
 @requires_ext_loaded
 def test_distiller_step_exact_gradients_match_naive():
     """Bases, every hallucinator parameter and lr: exact (C++ on CUDA) vs the naive unroll, one HaBa iteration."""
-    from haba_fast.adjoint import get_adjoint_engine
-    from haba_fast.objectives.mtt import trajectory_loss
-    from haba_fast.trajectory import NaiveEngine
-
     d = _distiller("exact")
-    _, _, w_start, w_target = d.sample_trajectory()
-    plan = d.sample_plan()
     syn = d.synthetic
     assert syn.bases.device.type == torch.device(DEVICE).type
-    params = [d.syn_lr, syn.bases] + list(syn.hallucinator_parameters())
-    results = []
-    for engine in (NaiveEngine(), get_adjoint_engine("exact")):
-        loss = trajectory_loss(engine, d.student, syn, plan, w_start, w_target, d.syn_lr)
-        results.append((loss.detach(), torch.autograd.grad(loss, params)))
-    (l_ref, g_ref), (l_out, g_out) = results
-    assert rel_err(l_out, l_ref) < 1e-5
-    for a, b in zip(g_out, g_ref):
-        assert rel_err(a, b) < 1e-4  # float32 end to end
+    assert_iteration_grads_match_naive(d, "exact")
     # and the whole step (matching loss + club term + optimizer + adversary) runs and moves the bases
     before = syn.bases.detach().clone()
     m = d.step()
