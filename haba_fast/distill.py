@@ -65,12 +65,16 @@ _CIFAR10_COMMON = dict(
     lambda_contrast_content=0.1,
     lambda_cls_content=1.0,
     lambda_likeli_content=0.1,
+    batch_standardize=True,  # HaBa's evaluation (utils.epoch) standardizes every train and test batch
 )
 PRESETS: Dict[str, Dict[str, Any]] = {
     "cifar10-ipc1": dict(_CIFAR10_COMMON, ipc=1, syn_steps=50, max_start_epoch=2, lr_lr=1e-7, lr_teacher=0.01),
     "cifar10-ipc10": dict(_CIFAR10_COMMON, ipc=10, syn_steps=30, max_start_epoch=20, lr_lr=1e-5, lr_teacher=0.001),
     "cifar10-ipc50": dict(_CIFAR10_COMMON, ipc=50, syn_steps=30, max_start_epoch=20, lr_lr=1e-5, lr_teacher=0.01),
 }
+
+
+_DROPPED_FIELDS = ("subset", "batch_real", "pretrained_ckpt", "force_save")
 
 
 class DivergenceError(ValueError):
@@ -87,7 +91,6 @@ class DistillConfig:
 
     # --- the reference's flags (distill_fac.py defaults) ---
     dataset: str = "cifar10"
-    subset: str = "imagenette"
     model: str = "ConvNet"
     ipc: int = 1
     eval_mode: str = "S"
@@ -99,7 +102,6 @@ class DistillConfig:
     lr_lr: float = 1e-5
     lr_teacher: float = 0.01
     lr_style: float = 100.0
-    batch_real: int = 256
     batch_syn: Optional[int] = None
     batch_train: int = 256
     pix_init: str = "real"
@@ -107,16 +109,14 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     data_path: Optional[str] = None
     buffer_path: str = "./buffers"
-    pretrained_ckpt: str = ""
     expert_epochs: int = 3
     syn_steps: int = 64
     max_start_epoch: int = 25
     zca: bool = False
-    load_all: bool = False
+    load_all: bool = False  # the reference's sampling: True draws any trajectory each time; False walks files
     no_aug: bool = False
-    max_files: Optional[int] = None
-    max_experts: Optional[int] = None
-    force_save: bool = False
+    max_files: Optional[int] = None  # without load_all: read only this many (randomly chosen) buffer files
+    max_experts: Optional[int] = None  # without load_all: keep only the first this many experts of each file
     n_hallucinators: int = 5
     single_channel: bool = False
     lambda_club_content: float = 0.1
@@ -134,8 +134,9 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: Optional[int] = None  # default: eval_it
     max_loss: float = 1e4  # a matching loss above this counts as exploded (it starts near 1)
-    batch_standardize: bool = False  # HaBa's evaluation standardizes every batch (on when reproducing HaBa)
-    eval_models: Tuple[str, ...] = ()  # default: (model,)
+    # HaBa's evaluation standardizes every train and test batch; None: on for haba, off for pixels (MTT's does not)
+    batch_standardize: Optional[bool] = None
+    eval_models: Tuple[str, ...] = ()  # overrides the eval_mode pool when given
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -155,6 +156,25 @@ class DistillConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"--batch_syn must be >= 1, got {self.batch_syn}")
+        for name in ("max_files", "max_experts"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {v}")
+        if self.load_all and (self.max_files is not None or self.max_experts is not None):
+            raise ValueError(
+                "--max_files/--max_experts do nothing with --load_all in the reference (it loads every file and "
+                "draws any expert); drop --load_all to sample from a subset of the experts"
+            )
+        if self.eval_models and self.eval_mode != "S":
+            raise ValueError("give --eval_mode or --eval-models, not both")
+        from haba_fast.models import NETWORK_NAMES
+
+        if self.model not in NETWORK_NAMES:
+            raise ValueError(f"unknown --model {self.model!r}; valid names: {', '.join(NETWORK_NAMES)}")
+        if not self.eval_models:
+            from haba_fast.evaluate import eval_pool
+
+            eval_pool(self.eval_mode, self.model)  # a clear error now, not at the first evaluation
         if self.budget_ipc is not None and self.budget_ipc < 1:
             raise ValueError(f"--budget-ipc must be >= 1, got {self.budget_ipc}")
         for name in ("lr_img", "lr_style", "lr_teacher", "min_lr"):
@@ -170,9 +190,18 @@ class DistillConfig:
         d["eval_models"] = list(self.eval_models)
         return d
 
+    @property
+    def standardize(self) -> bool:
+        """Whether evaluation standardizes batches: ``batch_standardize``, or by default on for haba only."""
+        if self.batch_standardize is None:
+            return self.parameterization == "haba"
+        return bool(self.batch_standardize)
+
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "DistillConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        # Reference flags that never had an effect here and are now refused; old checkpoints still record them.
+        d = {k: v for k, v in d.items() if k not in _DROPPED_FIELDS}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown DistillConfig fields: {', '.join(unknown)}")
@@ -274,6 +303,41 @@ class DistillResult:
     seconds: float = 0.0
 
 
+@torch.no_grad()
+def step_used_hallucinators(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()`` on stacked hallucinator parameters, leaving unused hallucinators exactly as they were.
+
+    The reference keeps one module per hallucinator: one that an iteration does not use gets no gradient, so SGD
+    skips it and its momentum buffer. Here every hallucinator parameter is one tensor ``[n_hallucinators, ...]``, so
+    an unused one has a zero gradient row, which momentum would still move (and its buffer decay). A hallucinator is
+    unused when its rows are zero in every parameter's gradient; its parameter rows and momentum-buffer rows (zero
+    where SGD creates the buffer in this step) are restored after the step.
+
+    Args:
+        optimizer: SGD over parameters whose first dimension indexes the hallucinators (``HaBa``'s).
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return
+    used = torch.zeros(params[0].shape[0], dtype=torch.bool, device=params[0].device)
+    for p in params:
+        used |= p.grad.reshape(p.shape[0], -1).ne(0).any(dim=1)
+    unused = (~used).nonzero().flatten()
+    if unused.numel() == 0:
+        optimizer.step()
+        return
+    saved = []
+    for p in params:
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        saved.append((p, p[unused].clone(), None if buf is None else buf[unused].clone()))
+    optimizer.step()
+    for p, rows, buf_rows in saved:
+        p[unused] = rows
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            buf[unused] = 0 if buf_rows is None else buf_rows
+
+
 class Distiller:
     """One distillation run's state and its iteration.
 
@@ -349,6 +413,15 @@ class Distiller:
         self.stream = IndexStream(M, batch)
         self.iteration = 0
         self.strategy = None if (not cfg.dsa or cfg.no_aug) else cfg.dsa_strategy
+        from haba_fast.experts import TrajectorySampler
+
+        self.trajectories = TrajectorySampler(
+            buffer,
+            load_all=cfg.load_all,
+            max_files=cfg.max_files,
+            max_experts=cfg.max_experts,
+            generator=generator,
+        )
 
     # -- expert trajectories --------------------------------------------------------------------------------------
     def _check_buffer(self) -> None:
@@ -366,8 +439,11 @@ class Distiller:
                 )
 
     def sample_trajectory(self) -> Tuple[int, int, Tensor, Tensor]:
-        """(trajectory, start epoch, w_start [P], w_target [P]) drawn from the run's generator."""
-        traj = int(torch.randint(int(self.buffer.num_trajectories), (1,), generator=self.generator))
+        """(trajectory, start epoch, w_start [P], w_target [P]) drawn from the run's generator.
+
+        The trajectory is the reference's choice (:class:`haba_fast.experts.TrajectorySampler`: ``load_all``,
+        ``max_files``, ``max_experts``)."""
+        traj = self.trajectories.next()
         start = int(torch.randint(int(self.cfg.max_start_epoch), (1,), generator=self.generator))
         w_start = self.buffer.snapshot(traj, start).to(self.device, torch.float32)
         w_target = self.buffer.snapshot(traj, start + self.cfg.expert_epochs).to(self.device, torch.float32)
@@ -441,7 +517,7 @@ class Distiller:
                 )
         self.opt_img.step()
         if self.opt_style is not None:
-            self.opt_style.step()
+            step_used_hallucinators(self.opt_style)
         self.opt_lr.step()
         with torch.no_grad():
             self.syn_lr.clamp_(min=self.cfg.min_lr)
@@ -497,6 +573,7 @@ class Distiller:
                 "adversary": self.adversary.state_dict() if self.adversary is not None else None,
                 "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
                 "stream": self.stream.state_dict(),
+                "trajectories": self.trajectories.state_dict(),
                 "generator": self.generator.get_state(),
             }
         )
@@ -514,6 +591,9 @@ class Distiller:
             "single_channel",
             "budget_ipc",
             "batch_syn",
+            "load_all",
+            "max_files",
+            "max_experts",
         ):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(
@@ -532,6 +612,8 @@ class Distiller:
             self.adversary.load_state_dict(state["adversary"])
             self.opt_adv.load_state_dict(state["opt_adv"])
         self.stream.load_state_dict(state["stream"])
+        if "trajectories" in state:  # checkpoints written before the reference's trajectory walk lack it
+            self.trajectories.load_state_dict(state["trajectories"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
 
@@ -603,17 +685,18 @@ def _save_reference(distiller: Distiller, ref_dir: Path, it: str) -> None:
 
 
 def eval_config(cfg: DistillConfig, device=None):
-    """The evaluation protocol of a run: the reference's, with the run's epochs, repeats, batch and DSA flags."""
-    from haba_fast.evaluate import EvalConfig
+    """The evaluation protocol of a run: the reference's, with the run's pool (``eval_models``, else the ``eval_mode``
+    pool), epochs, repeats, batch, DSA and batch standardization (default: on for haba)."""
+    from haba_fast.evaluate import EvalConfig, eval_pool
 
     return EvalConfig(
-        models=tuple(cfg.eval_models) or (cfg.model,),
+        models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model),
         num_eval=max(1, cfg.num_eval),
         epochs=max(1, cfg.epoch_eval_train),
         batch_size=cfg.batch_train,
         dsa=cfg.dsa,  # --no_aug only turns augmentation off while distilling, as in the reference
         dsa_strategy=cfg.dsa_strategy,
-        batch_standardize=cfg.batch_standardize,
+        batch_standardize=cfg.standardize,
         device=None if device is None else str(device),
     )
 

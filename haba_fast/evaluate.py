@@ -2,13 +2,17 @@
 
 The protocol is the reference's (MTT ``evaluate_synset``; HaBa's ``StyleTranslatorSharedDataset``):
 a freshly initialized network per repeat, SGD with momentum 0.9 and weight decay 5e-4, the learned
-learning rate (0.01 when none is known), lr ×0.1 at half of training, DSA on every training batch,
-batch 256, 1000 epochs, test accuracy after the last epoch; ``num_eval`` repeats per architecture,
+learning rate (0.01 when none is known), DSA on every training batch, batch 256, ``Epoch`` = 1000
+(``--epoch_eval_train``) as the reference counts it: ``Epoch + 1`` epochs trained, lr ×0.1 (new SGD)
+from epoch ``Epoch // 2 + 2`` on (``evaluate_synset`` decays after epoch ``Epoch // 2 + 1``), test
+accuracy after the last epoch; ``num_eval`` repeats per architecture,
 reported as mean ± std (``np.std``, as the reference prints it). For ``HaBa`` every epoch trains on
 a fresh materialization (every basis through one random hallucinator), generated in one batched call
 on the training device. ``batch_standardize`` is HaBa's per-batch standardization (train and test).
 
-Baselines: :func:`coreset` picks real images per class, at random or by herding.
+Evaluation pools: :func:`eval_pool` is the reference's ``get_eval_pool`` (``--eval_mode``).
+
+Baselines: :func:`coreset` picks real images per class: at random, by herding, or by k-center.
 """
 
 from __future__ import annotations
@@ -26,8 +30,58 @@ from torch import Tensor, nn
 from haba_fast.training import DEFAULT_DSA_STRATEGY, train_network
 
 COMMON_MODELS = ("ConvNet", "AlexNet", "VGG11", "ResNet18")  # the reference's cross-architecture pool ("M")
-CORESET_METHODS = ("random", "herding")
+CORESET_METHODS = ("random", "herding", "kcenter")
 DEFAULT_EVAL_LR = 0.01
+
+
+# The reference's get_eval_pool (HaBa utils.py; MTT's is the same without "C"). "S" and "C" depend on the training
+# model; any other value falls back to the training model there, which hides typos: here it is an error.
+EVAL_MODES: dict[str, tuple[str, ...]] = {
+    "S": (),  # the training model itself (a "...BN" name is evaluated without its BN suffix)
+    "M": COMMON_MODELS,  # architectures
+    "W": ("ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"),  # widths
+    "D": ("ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"),  # depths
+    "A": ("ConvNetAS", "ConvNetAR", "ConvNetAL"),  # activations: sigmoid, relu, leaky relu
+    "P": ("ConvNetNP", "ConvNetMP", "ConvNetAP"),  # poolings: none, max, average
+    "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),  # norms: none/batch/layer/instance/group
+    "C": (),  # the training model and ConvNet
+}
+
+
+def eval_pool(eval_mode: str, model: str = "ConvNet") -> tuple[str, ...]:
+    """The evaluation architectures of ``--eval_mode`` for a set distilled with ``model`` (the reference's pool).
+
+    Args:
+        eval_mode: one of :data:`EVAL_MODES` (``S`` itself, ``M`` architectures, ``W`` widths, ``D`` depths,
+            ``A`` activations, ``P`` poolings, ``N`` norms, ``C`` itself and ConvNet).
+        model: the training (distillation) model, a ``haba_fast.models.get_network`` name.
+
+    Returns:
+        The ``get_network`` names to evaluate, in the reference's order.
+
+    Raises:
+        ValueError: an unknown mode (the reference would silently evaluate ``model``), or a pool naming a network
+            haba_fast lacks (the message names it).
+    """
+    from haba_fast.models import NETWORK_NAMES
+
+    mode = str(eval_mode)
+    if mode not in EVAL_MODES:
+        raise ValueError(
+            f"unknown --eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)} (S: the training model, "
+            "M: ConvNet/AlexNet/VGG11/ResNet18, W: widths, D: depths, A: activations, P: poolings, N: norms, "
+            "C: the training model and ConvNet)"
+        )
+    if mode == "S":
+        pool: tuple[str, ...] = (model[: model.index("BN")] if "BN" in model else model,)
+    elif mode == "C":
+        pool = (model, "ConvNet")
+    else:
+        pool = EVAL_MODES[mode]
+    missing = [m for m in pool if m not in NETWORK_NAMES]
+    if missing:
+        raise ValueError(f"--eval_mode {mode} evaluates {', '.join(missing)}, which haba_fast does not build")
+    return pool
 
 
 @dataclass
@@ -37,13 +91,14 @@ class EvalConfig:
     Attributes:
         models: architectures to evaluate (``haba_fast.models.get_network`` names).
         num_eval: repeats (fresh networks) per architecture.
-        epochs: training epochs per network.
+        epochs: the reference's ``Epoch`` (``--epoch_eval_train``): every network trains ``epochs + 1`` epochs,
+            as ``evaluate_synset`` does, at ``lr`` then at ``lr × 0.1`` from epoch ``epochs // 2 + 2`` on.
         lr: training lr; None: the synthetic set's learned lr (``syn.meta["lr"]``) if recorded, else 0.01.
         momentum, weight_decay: SGD settings.
         batch_size: training batch.
         test_batch_size: test batch (128 as the reference's test loader; matters with ``batch_standardize``).
         dsa, dsa_strategy: DSA augmentation of training batches.
-        lr_schedule: ``"half"`` (×0.1 from epoch ``epochs // 2``) or ``"none"``.
+        lr_schedule: ``"half"`` (the reference's decay, above) or ``"none"``.
         batch_standardize: HaBa's per-batch standardization, train and test.
         device: training device (None: CUDA when available, else CPU).
     """
@@ -244,7 +299,8 @@ def evaluate_synthetic(
             history = train_network(
                 net,
                 source,
-                epochs=cfg.epochs,
+                epochs=cfg.epochs + 1,  # the reference's range(Epoch + 1)
+                decay_epoch=cfg.epochs // 2 + 2,  # it decays after epoch Epoch // 2 + 1
                 lr=rate,
                 batch_size=cfg.batch_size,
                 momentum=cfg.momentum,
@@ -307,6 +363,22 @@ def _herding(feats: Tensor, k: int) -> list[int]:
     return chosen
 
 
+def _kcenter(feats: Tensor, k: int) -> list[int]:
+    """Greedy k-center (farthest-point; Sener & Savarese 2018): ``feats`` ``[n, d]`` -> ``k`` distinct row indices.
+
+    The first center is the row nearest the mean of all rows; each next one is the row farthest (Euclidean) from
+    its nearest chosen center. Ties go to the lowest index.
+    """
+    first = int(torch.argmin((feats - feats.mean(dim=0)).norm(dim=1)).item())
+    chosen = [first]
+    nearest = (feats - feats[first]).norm(dim=1)  # distance of every row to its nearest chosen center
+    for _ in range(1, k):
+        i = int(torch.argmax(nearest).item())
+        chosen.append(i)
+        nearest = torch.minimum(nearest, (feats - feats[i]).norm(dim=1))
+    return chosen
+
+
 def coreset(
     dataset,
     ipc: int,
@@ -316,10 +388,11 @@ def coreset(
     features: str = "embedding",
     device=None,
 ) -> tuple[Tensor, Tensor]:
-    """Pick ``ipc`` real training images per class: the random / herding coreset baselines.
+    """Pick ``ipc`` real training images per class: the random / herding / k-center coreset baselines.
 
     ``random``: a uniform draw without replacement per class. ``herding``: greedy mean matching per class in a
-    feature space: ``features="embedding"`` (default) uses the embedding (the classifier's input) of a *randomly
+    feature space. ``kcenter``: greedy farthest-point selection per class in the same feature space.
+    ``features="embedding"`` (default) uses the embedding (the classifier's input) of a *randomly
     initialized* ConvNet drawn from ``generator``; ``features="pixels"`` uses the raw (normalized) pixels. The
     DC/DSA papers herd in the embedding of a network; a random ConvNet needs no training and its features still
     cluster images far better than pixels.
@@ -327,9 +400,9 @@ def coreset(
     Args:
         dataset: a ``haba_fast.data.Dataset``.
         ipc: images per class (>= 1; every class needs at least that many).
-        method: ``"random"`` or ``"herding"``.
+        method: ``"random"``, ``"herding"`` or ``"kcenter"``.
         generator: CPU generator (random choice / the embedding network); None: OS entropy.
-        features: ``"embedding"`` or ``"pixels"`` (herding only).
+        features: ``"embedding"`` or ``"pixels"`` (herding and k-center).
         device: where the embedding network runs (default CPU).
 
     Returns:
@@ -338,7 +411,7 @@ def coreset(
     if method not in CORESET_METHODS:
         raise ValueError(f"coreset method must be one of {CORESET_METHODS}, got {method!r}")
     if features not in ("embedding", "pixels"):
-        raise ValueError(f"herding features must be 'embedding' or 'pixels', got {features!r}")
+        raise ValueError(f"herding/k-center features must be 'embedding' or 'pixels', got {features!r}")
     if isinstance(ipc, bool) or not isinstance(ipc, (int, np.integer)) or ipc < 1:
         raise ValueError(f"ipc must be a positive int, got {ipc!r}")
     if generator is None:
@@ -351,14 +424,15 @@ def coreset(
         c, n = short[0]
         raise ValueError(f"coreset ipc={ipc}, but class {c} has only {n} training images")
     feats = None
-    if method == "herding":
+    if method != "random":
         feats = _embed(images, features, dataset, generator, torch.device(device) if device else torch.device("cpu"))
     picked = []
     for idx in per_class:
         if method == "random":
             picked.append(idx[torch.randperm(len(idx), generator=generator)[:ipc]])
         else:
-            picked.append(idx[torch.tensor(_herding(feats[idx], ipc), dtype=torch.long)])
+            select = _herding if method == "herding" else _kcenter
+            picked.append(idx[torch.tensor(select(feats[idx], ipc), dtype=torch.long)])
     keep = torch.cat(picked)
     out_labels = torch.arange(dataset.num_classes).repeat_interleave(ipc)
     return images[keep].clone().float(), out_labels
@@ -367,9 +441,11 @@ def coreset(
 __all__ = [
     "COMMON_MODELS",
     "CORESET_METHODS",
+    "EVAL_MODES",
     "EvalConfig",
     "EvalResult",
     "coreset",
+    "eval_pool",
     "evaluate_synthetic",
     "format_table",
     "resolve_lr",

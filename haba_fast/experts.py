@@ -70,7 +70,7 @@ class ExpertConfig:
         momentum, weight_decay: SGD settings (``--mom``, ``--l2``; reference 0 and 0).
         batch_size: training batch (``--batch_train``).
         dsa, dsa_strategy: DSA augmentation of training batches (``--dsa``, ``--dsa_strategy``).
-        decay: lr ×0.1 at half of training (``--decay``; off in the reference by default).
+        decay: lr ×0.1 (new SGD) after epoch ``epochs // 2 + 1``, as the reference ``--decay`` (off by default).
         batch_standardize: HaBa's per-batch standardization (train and test).
         save_interval: experts per ``replay_buffer_<n>.pt`` file in the reference format.
         seed: base seed; expert ``i`` uses a generator seeded from ``(seed, i)``.
@@ -192,6 +192,13 @@ class ExpertBuffer:
         """All snapshots of one trajectory: float32 ``[num_epochs + 1, P]``."""
         return torch.stack([self.snapshot(traj, e) for e in range(self.num_epochs + 1)])
 
+    def file_groups(self) -> list[list[int]]:
+        """The trajectories of every buffer file, in file order: what ``--max_files`` / ``--max_experts`` count.
+
+        One group holds everything unless a subclass knows its files.
+        """
+        return [list(range(self.num_trajectories))]
+
     def check_max_start(self, max_start_epoch: int, expert_epochs: int) -> None:
         """Raise a clear ValueError when trajectories are too short for these matching settings."""
         if max_start_epoch < 1:
@@ -275,6 +282,13 @@ class MemmapExpertBuffer(ExpertBuffer):
         self.num_trajectories = len(self._files)
         self._maps: dict[int, np.memmap] = {}
 
+    def file_groups(self) -> list[list[int]]:
+        """Trajectories in runs of the buffer's ``save_interval`` (default 10): the ``replay_buffer_<n>.pt`` files
+        the reference format would hold, so ``--max_files`` means the same for both formats."""
+        config = self.header.get("config") or {}
+        size = max(1, int(config.get("save_interval", 10)))
+        return [list(range(i, min(i + size, self.num_trajectories))) for i in range(0, self.num_trajectories, size)]
+
     def _map(self, traj: int) -> np.memmap:
         m = self._maps.get(traj)
         if m is None:
@@ -333,6 +347,13 @@ class ReferenceExpertBuffer(ExpertBuffer):
         self.num_epochs = num_epochs
         self.num_trajectories = len(self._index)
 
+    def file_groups(self) -> list[list[int]]:
+        """The trajectories of every ``replay_buffer_<n>.pt`` file, in file order."""
+        groups: list[list[int]] = [[] for _ in self._files]
+        for traj, (fi, _) in enumerate(self._index):
+            groups[fi].append(traj)
+        return [g for g in groups if g]
+
     def _load(self, fi: int) -> list:
         if fi in self._cache:
             return self._cache[fi]
@@ -360,6 +381,107 @@ class ReferenceExpertBuffer(ExpertBuffer):
         fi, ti = self._index[traj]
         snap = self._load(fi)[ti][epoch]
         return torch.cat([p.detach().reshape(-1).float() for p in snap])
+
+
+class TrajectorySampler:
+    """Which expert trajectory each distillation iteration matches, as the reference's distill scripts pick it.
+
+    * ``load_all=True`` (``--load_all``): any trajectory of the buffer, uniformly, with replacement.
+    * ``load_all=False`` (the reference's default): the buffer files in a random order, of which only the first
+      ``max_files`` are ever used; a file's first ``max_experts`` trajectories in a random order, one per
+      iteration; then the next file; after the last one, the same files in a new random order.
+
+    Randomness comes from ``generator`` only, drawn lazily (constructing a sampler draws nothing).
+
+    Args:
+        buffer: an :class:`ExpertBuffer` (or anything with ``num_trajectories``; ``file_groups()`` when it has files).
+        load_all, max_files, max_experts: the reference's flags (``max_*`` need ``load_all=False``; None: all).
+        generator: CPU ``torch.Generator``.
+    """
+
+    def __init__(
+        self,
+        buffer,
+        *,
+        load_all: bool = False,
+        max_files: int | None = None,
+        max_experts: int | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        for name, v in (("max_files", max_files), ("max_experts", max_experts)):
+            if v is not None and (isinstance(v, bool) or int(v) < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+        if load_all and (max_files is not None or max_experts is not None):
+            raise ValueError("max_files/max_experts choose experts file by file, which load_all does not do")
+        groups = buffer.file_groups() if callable(getattr(buffer, "file_groups", None)) else None
+        self.groups = groups if groups else [list(range(int(buffer.num_trajectories)))]
+        if not any(self.groups):
+            raise ValueError("the expert buffer holds no trajectories")
+        self.num_trajectories = sum(len(g) for g in self.groups)
+        self.load_all = bool(load_all)
+        self.max_files = max_files
+        self.max_experts = max_experts
+        self.generator = generator
+        self._files: list[int] = []  # the files in use, in the current random order
+        self._file_pos = 0
+        self._order: list[int] = []  # the current file's trajectories, in the order they are used
+        self._pos = 0
+
+    def _perm(self, n: int) -> list[int]:
+        return torch.randperm(n, generator=self.generator).tolist()
+
+    def _open(self, f: int) -> None:
+        trajs = self.groups[f][: self.max_experts]
+        self._order = [trajs[i] for i in self._perm(len(trajs))]
+        self._pos = 0
+
+    def pool(self) -> list[int]:
+        """Every trajectory that can ever be drawn (sorted); draws the file choice if not made yet."""
+        if self.load_all:
+            return sorted(t for g in self.groups for t in g)
+        if not self._files:
+            self._start()
+        return sorted(t for f in self._files for t in self.groups[f][: self.max_experts])
+
+    def _start(self) -> None:
+        self._files = self._perm(len(self.groups))[: self.max_files]
+        self._file_pos = 0
+        self._open(self._files[0])
+
+    def next(self) -> int:
+        """The trajectory index of the next iteration."""
+        if self.load_all:
+            return int(torch.randint(self.num_trajectories, (1,), generator=self.generator))
+        if not self._files:
+            self._start()
+        traj = self._order[self._pos]
+        self._pos += 1
+        if self._pos == len(self._order):
+            self._file_pos += 1
+            if self._file_pos == len(self._files):
+                self._file_pos = 0
+                self._files = [self._files[i] for i in self._perm(len(self._files))]
+            self._open(self._files[self._file_pos])
+        return traj
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the walk is (the generator's state is the caller's)."""
+        return {
+            "files": list(self._files),
+            "file_pos": self._file_pos,
+            "order": list(self._order),
+            "pos": self._pos,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._files = [int(f) for f in state["files"]]
+        self._file_pos = int(state["file_pos"])
+        self._order = [int(t) for t in state["order"]]
+        self._pos = int(state["pos"])
+        if any(not 0 <= f < len(self.groups) for f in self._files) or any(
+            not 0 <= t < self.num_trajectories for t in self._order
+        ):
+            raise ValueError("the trajectory sampler state does not fit this expert buffer (another buffer?)")
 
 
 def _read_header(path: Path) -> dict[str, Any]:
@@ -733,6 +855,7 @@ __all__ = [
     "ExpertConfig",
     "MemmapExpertBuffer",
     "ReferenceExpertBuffer",
+    "TrajectorySampler",
     "expert_dir",
     "expert_generator",
     "load_buffer",

@@ -12,10 +12,12 @@ evaluation (``haba_fast.evaluate``) trains fresh networks on a synthetic set. Bo
 * HaBa's "batch standardization": every batch, train and test, is standardized by its own scalar
   mean and std before augmentation (the HaBa reference's ``epoch`` does ``(img - img.mean()) / img.std()``).
 
-The learning-rate schedule ``"half"`` multiplies the lr by 0.1 from epoch ``epochs // 2`` on and, like
-the reference, restarts the optimizer there (its momentum buffer is dropped). The reference evaluation
-trains ``Epoch + 1`` epochs and decays after epoch ``Epoch // 2 + 1``; pass ``epochs=Epoch + 1`` to
-get its epoch count (the decay point then differs by at most one epoch).
+The learning-rate schedule ``"half"`` is the reference's: its loops (``evaluate_synset`` and
+``buffer.py``) multiply the lr by 0.1 *after* epoch ``E // 2 + 1`` (0-based) and build a new SGD there
+(momentum buffer dropped), so the first epoch at the decayed lr is ``decay_epoch = E // 2 + 2``, with
+``E`` the reference's nominal epoch count (``--train_epochs`` for experts; ``--epoch_eval_train`` for
+evaluation, which trains ``E + 1`` epochs). ``train_network`` takes ``decay_epoch`` explicitly; its
+default ``epochs // 2 + 2`` is the expert case (``epochs = E``).
 """
 
 from __future__ import annotations
@@ -207,6 +209,7 @@ def train_network(
     dsa: bool = True,
     dsa_strategy: str = DEFAULT_DSA_STRATEGY,
     lr_schedule: str | None = None,
+    decay_epoch: int | None = None,
     batch_standardize: bool = False,
     generator: torch.Generator | None = None,
     device=None,
@@ -230,7 +233,9 @@ def train_network(
         batch_size: mini-batch size (the last batch of an epoch may be smaller).
         momentum, weight_decay: SGD settings (experts: 0, 0; evaluation: 0.9, 5e-4).
         dsa: augment every training batch with DSA (``dsa_strategy``; "none" turns it off too).
-        lr_schedule: None/"none" (constant) or "half" (×0.1 from epoch ``epochs // 2`` on, optimizer restarted).
+        lr_schedule: None/"none" (constant) or "half" (×0.1 from epoch ``decay_epoch`` on, optimizer restarted).
+        decay_epoch: first 0-based epoch trained at the decayed lr under ``"half"`` (default ``epochs // 2 + 2``,
+            the reference ``buffer.py``'s; ``haba_fast.evaluate`` passes ``E // 2 + 2`` for ``E + 1`` epochs).
         batch_standardize: HaBa's per-batch standardization, applied to train and test batches.
         generator: CPU ``torch.Generator`` for shuffling, augmentation and ``epoch_data``; None: a fresh
             unseeded one (never the global RNG).
@@ -271,7 +276,9 @@ def train_network(
 
     current_lr = float(lr)
     optimizer = make_optimizer(current_lr)
-    decay_at = epochs // 2 if schedule == "half" else None
+    if decay_epoch is not None and (isinstance(decay_epoch, bool) or int(decay_epoch) < 1):
+        raise ValueError(f"decay_epoch must be an int >= 1, got {decay_epoch!r}")
+    decay_at = (epochs // 2 + 2 if decay_epoch is None else int(decay_epoch)) if schedule == "half" else None
     history = TrainHistory()
 
     bar = None
@@ -281,7 +288,7 @@ def train_network(
         bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
     try:
         for ep in range(epochs):
-            if decay_at is not None and ep == decay_at and ep > 0:
+            if decay_at is not None and ep == decay_at:
                 current_lr *= 0.1
                 optimizer = make_optimizer(current_lr)  # the reference builds a new SGD here (momentum reset)
             if callable(source):

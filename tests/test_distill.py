@@ -321,16 +321,12 @@ REF = [
     "True",
     "--eval_mode",
     "S",
-    "--batch_real",
-    "128",
     "--batch_train",
     "64",
     "--max_files",
     "1",
     "--max_experts",
     "2",
-    "--load_all",
-    "--force_save",
 ]
 OURS = [
     "--dataset",
@@ -386,16 +382,12 @@ OURS = [
     "--no-aug",
     "--eval-mode",
     "S",
-    "--batch-real",
-    "128",
     "--batch-train",
     "64",
     "--max-files",
     "1",
     "--max-experts",
     "2",
-    "--load-all",
-    "--force-save",
 ]
 
 

@@ -98,7 +98,7 @@ def test_haba_materializes_every_epoch_and_identity_haba_matches_its_bases(digit
     res = evaluate_synthetic(
         syn, digits, _cfg(epochs=20, lr=0.05, batch_size=32), generator=torch.Generator().manual_seed(1)
     )
-    assert len(calls) == 1 + 20  # a shape probe, then one fresh materialization per epoch
+    assert len(calls) == 1 + 21  # a shape probe, then one fresh materialization per epoch (Epoch + 1 epochs)
     assert res.num_samples == 100
     assert res.mean() > 0.5
     # Generated samples are the bases with a zero border: what the identity hallucinators compute.
@@ -123,9 +123,9 @@ def test_haba_draws_a_random_hallucinator_per_sample_each_epoch(digits):
 
     syn.materialize = spy
     evaluate_synthetic(syn, digits, _cfg(epochs=4), generator=torch.Generator().manual_seed(2))
-    epochs = torch.stack(draws[1:])  # [4, 30] hallucinator index per sample and epoch
+    epochs = torch.stack(draws[1:])  # [5, 30] hallucinator index per sample and epoch (Epoch 4: 5 epochs trained)
     assert set(epochs.unique().tolist()) == {0, 1, 2}
-    assert len({tuple(e.tolist()) for e in epochs}) == 4  # a new draw every epoch
+    assert len({tuple(e.tolist()) for e in epochs}) == 5  # a new draw every epoch
 
 
 def test_lr_resolution(digits):
@@ -206,7 +206,7 @@ def test_coreset_errors(digits):
     with pytest.raises(ValueError, match="only 12"):
         coreset(digits, 13, "random", torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="method"):
-        coreset(digits, 1, "kcenter")
+        coreset(digits, 1, "kmeans")
     with pytest.raises(ValueError, match="ipc"):
         coreset(digits, 0)
     with pytest.raises(ValueError, match="features"):

@@ -1,5 +1,10 @@
 """``haba-fast buffer``: train expert trajectories (the reference ``buffer.py``, same flags).
 
+Every flag of mtt-distillation's ``buffer.py`` means what it means there (``--decay``: lr x0.1 after
+epoch ``train_epochs // 2 + 1``; ``--mom``/``--l2``: SGD momentum and weight decay from the start) or is
+refused with the reason (:data:`REFUSED`: ``--subset``, ``--batch_real``, and ``--dsa False``, which
+there means DC augmentation).
+
 Writes ``<buffer_path>/<DATASET>[_NO_ZCA]/<model>/`` in our memory-mapped format (``--format haba``,
 default) or the reference's ``replay_buffer_<n>.pt`` files (``--format reference``). A killed run
 continues from its last finished expert when rerun with the same flags.
@@ -65,10 +70,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-real",
         dest="batch_real",
         type=int,
-        default=256,
-        help="accepted for compatibility (the reference's real-image loader batch); unused",
+        default=None,
+        help=f"refused: {REFUSED['batch_real']}",
     )
-    p.add_argument("--dsa", type=_bool_flag, default=True, help="DSA augmentation while training: True/False")
+    p.add_argument(
+        "--dsa",
+        type=_bool_flag,
+        default=True,
+        help="DSA augmentation while training: True (the default; False is refused: " + REFUSED["dsa"] + ")",
+    )
     p.add_argument(
         "--dsa_strategy",
         "--dsa-strategy",
@@ -91,7 +101,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="root of the buffers (default ./buffers)",
     )
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the data (as the reference's --zca)")
-    p.add_argument("--decay", action="store_true", help="lr x0.1 at half of training (reference --decay)")
+    p.add_argument(
+        "--decay",
+        action="store_true",
+        help="lr x0.1 (new SGD) after epoch train_epochs // 2 + 1, as the reference's --decay",
+    )
     p.add_argument("--mom", type=float, default=0.0, help="SGD momentum (default 0)")
     p.add_argument("--l2", type=float, default=0.0, help="SGD weight decay (default 0)")
     p.add_argument(
@@ -102,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=10,
         help="experts per replay_buffer_<n>.pt file (reference format; default 10)",
     )
-    p.add_argument("--subset", default=None, help="accepted for compatibility (ImageNet subsets); unused")
+    p.add_argument("--subset", default=None, help=f"refused: {REFUSED['subset']}")
     p.add_argument(
         "--format",
         dest="fmt",
@@ -143,18 +157,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def register(sub) -> None:
-    p = sub.add_parser("buffer", help="train expert trajectories (reference buffer.py flags)", description=__doc__)
-    add_arguments(p)
-    p.set_defaults(func=run)
+# Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
+REFUSED = {
+    "subset": "it picks an ImageNet subset in the reference, and haba_fast has no ImageNet loader; put the "
+    "subset's images in class folders and use --dataset folder --data_path",
+    "batch_real": "the reference uses it only for its ImageNet per-class loaders, which haba_fast does not have; "
+    "drop it",
+    "dsa": "--dsa False makes the reference train experts with DC augmentation (crop_scale_rotate), which "
+    "haba_fast does not implement; use --dsa True, or --dsa_strategy none for no augmentation",
+}
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def expert_config_from_args(args: argparse.Namespace):
+    """The ExpertConfig of parsed ``buffer`` arguments; ValueError for a refused flag (:data:`REFUSED`)."""
+    from haba_fast.experts import ExpertConfig
 
-    from haba_fast import data
-    from haba_fast.experts import ExpertConfig, expert_dir, load_buffer, train_experts
-
+    if args.subset is not None:
+        raise ValueError(f"--subset is not supported: {REFUSED['subset']}")
+    if args.batch_real is not None:
+        raise ValueError(f"--batch_real is not supported: {REFUSED['batch_real']}")
+    if not args.dsa:
+        raise ValueError(f"--dsa False is not supported: {REFUSED['dsa']}")
     if args.bf16 and args.fmt == "reference":
         raise ValueError("--bf16 needs --format haba (the reference format stores float32)")
     cfg = ExpertConfig(
@@ -175,6 +198,22 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     cfg.validate()
+    return cfg
+
+
+def register(sub) -> None:
+    p = sub.add_parser("buffer", help="train expert trajectories (reference buffer.py flags)", description=__doc__)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from haba_fast import data
+    from haba_fast.experts import expert_dir, load_buffer, train_experts
+
+    cfg = expert_config_from_args(args)
     g = torch.Generator().manual_seed(args.seed)
     ds = data.load(args.dataset, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
     out = args.out or expert_dir(args.buffer_path, ds.name, args.model, zca=args.zca)

@@ -3,10 +3,13 @@
 With no ``--dataset`` (and no ``--preset``) it runs the embedded digits demo end to end: experts,
 HaBa, pixel MTT and a random coreset at the same storage, evaluated and tabulated.
 
-Every flag of the HaBa reference's ``distill_fac.py`` is accepted in its spelling (``--ipc``,
-``--n_style``, ``--syn_steps``, ``--Iteration``, ...) and in our dash spelling (``--n-style``,
-``--syn-steps``, ``--iterations``, ...); both set the same option, so the reference's shell scripts
-run with ``python distill_fac.py`` replaced by ``haba-fast distill``.
+Every flag of the HaBa reference's ``distill_fac.py`` (and of mtt-distillation's ``distill.py``) is
+parsed in its spelling (``--ipc``, ``--n_style``, ``--syn_steps``, ``--Iteration``, ...) and in our dash
+spelling (``--n-style``, ``--syn-steps``, ``--iterations``, ...); both set the same option, so the
+reference's shell scripts run with ``python distill_fac.py`` replaced by ``haba-fast distill``. A flag
+either means what it means in the reference or is refused with the reason and what to use instead
+(:data:`REFUSED`: ``--subset``, ``--batch_real``, ``--pretrained_ckpt``, ``--force_save``, ``--lr_init``,
+``--texture``, ``--canvas_size``, ``--canvas_samples``, and ``--no_aug False``); nothing is ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ _FLAGS: List[tuple] = [
         "dataset: digits, mnist, fashion-mnist, cifar10, cifar100, svhn, folder "
         "(reference spellings such as CIFAR10 work); omit it for the digits demo",
     ),
-    ("subset", ["--subset"], dict(type=str), "ImageNet subset (accepted for compatibility; unused)"),
+    ("subset", ["--subset"], dict(type=str), "refused (see REFUSED)"),
     ("model", ["--model"], dict(type=str), "student / expert network (default ConvNet)"),
     (
         "ipc",
@@ -51,7 +54,8 @@ _FLAGS: List[tuple] = [
         "eval_mode",
         ["--eval_mode", "--eval-mode"],
         dict(type=str),
-        "evaluation model pool (reference; S = the training model)",
+        "evaluation pool, the reference's get_eval_pool: S the training model, M ConvNet/AlexNet/VGG11/ResNet18, "
+        "W widths, D depths, A activations, P poolings, N norms, C the training model and ConvNet",
     ),
     ("num_eval", ["--num_eval", "--num-eval"], dict(type=int), "networks per evaluation (0: no evaluation)"),
     (
@@ -71,7 +75,7 @@ _FLAGS: List[tuple] = [
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
     ("lr_style", ["--lr_style", "--lr-style"], dict(type=float), "learning rate of the hallucinators"),
-    ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "real-data batch (accepted for compatibility)"),
+    ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "refused (see REFUSED)"),
     ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int), "bases per unrolled step (default: all)"),
     ("batch_train", ["--batch_train", "--batch-train"], dict(type=int), "evaluation training batch"),
     (
@@ -93,7 +97,7 @@ _FLAGS: List[tuple] = [
         "pretrained_ckpt",
         ["--pretrained_ckpt", "--pretrained-ckpt"],
         dict(type=str),
-        "accepted for compatibility (unused)",
+        "refused (see REFUSED)",
     ),
     ("expert_epochs", ["--expert_epochs", "--expert-epochs"], dict(type=int), "expert epochs between start and target"),
     ("syn_steps", ["--syn_steps", "--syn-steps"], dict(type=int), "unrolled student steps per iteration"),
@@ -108,22 +112,29 @@ _FLAGS: List[tuple] = [
         "load_all",
         ["--load_all", "--load-all"],
         dict(action="store_const", const=True),
-        "accepted for compatibility (buffers are memory-mapped)",
+        "draw any expert trajectory each iteration (with replacement); without it, walk the buffer files in a "
+        "random order, each file's experts in a random order, as the reference",
     ),
     (
         "no_aug",
         ["--no_aug", "--no-aug"],
         dict(type=_bool_value, nargs="?", const=True),
-        "no augmentation while distilling",
+        "no augmentation while distilling (--no_aug or --no_aug True; the reference reads any value as True, so "
+        "--no_aug False is refused)",
     ),
-    ("max_files", ["--max_files", "--max-files"], dict(type=int), "accepted for compatibility"),
-    ("max_experts", ["--max_experts", "--max-experts"], dict(type=int), "accepted for compatibility"),
     (
-        "force_save",
-        ["--force_save", "--force-save"],
-        dict(action="store_const", const=True),
-        "accepted for compatibility",
+        "max_files",
+        ["--max_files", "--max-files"],
+        dict(type=int),
+        "use only this many buffer files, chosen at random (not with --load_all)",
     ),
+    (
+        "max_experts",
+        ["--max_experts", "--max-experts"],
+        dict(type=int),
+        "use only the first this many experts of each buffer file (not with --load_all)",
+    ),
+    ("force_save", ["--force_save", "--force-save"], dict(action="store_const", const=True), "refused (see REFUSED)"),
     ("n_hallucinators", ["--n_style", "--n-style", "--n-hallucinators"], dict(type=int), "number of hallucinators"),
     (
         "single_channel",
@@ -155,6 +166,11 @@ _FLAGS: List[tuple] = [
         dict(type=float),
         "weight of the adversary's SupCon term",
     ),
+    # mtt-distillation's distill.py flags that HaBa's distill_fac.py does not have
+    ("lr_init", ["--lr_init", "--lr-init"], dict(type=float), "refused (see REFUSED)"),
+    ("texture", ["--texture"], dict(action="store_const", const=True), "refused (see REFUSED)"),
+    ("canvas_size", ["--canvas_size", "--canvas-size"], dict(type=int), "refused (see REFUSED)"),
+    ("canvas_samples", ["--canvas_samples", "--canvas-samples"], dict(type=int), "refused (see REFUSED)"),
     # --- ours ---
     (
         "parameterization",
@@ -188,14 +204,45 @@ _FLAGS: List[tuple] = [
     (
         "batch_standardize",
         ["--batch-standardize", "--batch_standardize"],
-        dict(action="store_const", const=True),
-        "HaBa's evaluation batch standardization",
+        dict(type=_bool_value, nargs="?", const=True, metavar="{True,False}"),
+        "standardize every evaluation batch by its mean/std, as HaBa's evaluation (default: on for haba, off for "
+        "pixels)",
     ),
     ("eval_models", ["--eval-models", "--eval_models"], dict(type=str), "comma-separated evaluation networks"),
 ]
 
+# Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
+REFUSED: Dict[str, str] = {
+    "subset": "it picks an ImageNet subset in the reference, and haba_fast has no ImageNet loader (the reference "
+    "ignores it for other datasets); put the subset's images in class folders and use --dataset folder --data_path",
+    "batch_real": "the reference uses it only for its ImageNet per-class loaders, which haba_fast does not have; "
+    "drop it",
+    "pretrained_ckpt": "the reference parses it and never reads it; to continue a run use --resume --out RUN",
+    "force_save": "it only makes the reference log image grids to wandb at ipc >= 50; haba_fast always writes "
+    "synthetic.png; drop it",
+    "lr_init": "mtt-distillation parses it and never reads it (the learned lr starts at --lr_teacher); use "
+    "--lr_teacher",
+    "texture": "texture distillation (MTT's tileable canvases) is not implemented in haba_fast; use "
+    "mtt-distillation's distill.py for textures",
+    "canvas_size": "it only sizes MTT's --texture canvases, which haba_fast does not implement; drop it",
+    "canvas_samples": "it only counts MTT's --texture canvas crops, which haba_fast does not implement; drop it",
+}
+
 CONFIG_DESTS = tuple(f[0] for f in _FLAGS)
 _REFERENCE_DESTS = set(CONFIG_DESTS[: CONFIG_DESTS.index("parameterization")])
+
+
+def refuse_unsupported(args: argparse.Namespace) -> None:
+    """Raise ValueError naming the first reference flag given that haba_fast refuses, with why and what instead."""
+    names = {f[0]: f[1][0] for f in _FLAGS}
+    for dest, reason in REFUSED.items():
+        if hasattr(args, dest):
+            raise ValueError(f"{names[dest]} is not supported: {reason}")
+    if getattr(args, "no_aug", True) is False:
+        raise ValueError(
+            "--no_aug False would turn augmentation OFF in the reference (argparse type=bool reads any non-empty "
+            "value as True); leave --no_aug out to keep augmentation, or write --no_aug True"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -204,6 +251,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours = parser.add_argument_group("haba_fast")
     for dest, names, kwargs, help_text in _FLAGS:
         group = ref if dest in _REFERENCE_DESTS else ours
+        if dest in REFUSED:
+            help_text = f"refused: {REFUSED[dest]}".replace("%", "%%")
         group.add_argument(*names, dest=dest, default=_S, help=help_text, **kwargs)
     ours.add_argument(
         "--preset",
@@ -232,10 +281,11 @@ def config_from_args(args: argparse.Namespace):
     from haba_fast import augment
     from haba_fast.distill import DistillConfig, apply_preset
 
+    refuse_unsupported(args)
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
-    given = {d: getattr(args, d) for d in CONFIG_DESTS if hasattr(args, d)}
+    given = {d: getattr(args, d) for d in CONFIG_DESTS if hasattr(args, d) and d not in REFUSED}
     if "eval_models" in given:
         given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
     if "dataset" in given:
@@ -312,6 +362,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_demo(args: argparse.Namespace) -> int:
     from haba_fast.demo import DemoConfig, run_demo
 
+    refuse_unsupported(args)
     demo = DemoConfig()
     if args.out:
         demo.out = args.out

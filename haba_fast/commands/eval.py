@@ -2,10 +2,12 @@
 
     haba-fast eval runs/demo/haba/synthetic.pt --models ConvNet,AlexNet --num-eval 5
     haba-fast eval path/to/reference/run --dataset CIFAR10 --batch-standardize
-    haba-fast eval --baseline random --ipc 10 --dataset digits
+    haba-fast eval --baseline kcenter --ipc 10 --dataset digits --eval_mode M
 
 Trains fresh networks on the set (the reference protocol: SGD momentum 0.9, weight decay 5e-4, the
-learned lr, lr x0.1 at half, DSA, batch 256) and prints test accuracy mean ± std per architecture.
+learned lr, DSA, batch 256, --epochs E trained as E + 1 epochs with lr x0.1 after epoch E // 2 + 1) and
+prints test accuracy mean ± std per architecture. ``--eval_mode`` picks the architectures as the
+reference's ``get_eval_pool`` does (S, M, W, D, A, P, N, C); ``--models`` names them instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from haba_fast.evaluate import CORESET_METHODS, EVAL_MODES
 from haba_fast.training import DEFAULT_DSA_STRATEGY
 
 
@@ -25,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--baseline",
-        choices=("random", "herding"),
+        choices=CORESET_METHODS,
         default=None,
         help="evaluate a real-image coreset instead of a checkpoint (needs --ipc)",
     )
@@ -35,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="herding_features",
         choices=("embedding", "pixels"),
         default="embedding",
-        help="herding feature space (random ConvNet embedding, or pixels)",
+        help="herding / k-center feature space (random ConvNet embedding, or pixels)",
     )
     p.add_argument("--dataset", default=None, help="dataset to test on (default: the checkpoint's, else digits)")
     p.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="folder with the dataset files")
@@ -50,8 +53,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--models",
-        default="ConvNet",
-        help="comma-separated architectures, e.g. ConvNet,AlexNet,VGG11,ResNet18 (default ConvNet)",
+        default=None,
+        help="comma-separated architectures, e.g. ConvNet,AlexNet,VGG11,ResNet18 (default: the --eval_mode pool)",
+    )
+    p.add_argument(
+        "--eval_mode",
+        "--eval-mode",
+        dest="eval_mode",
+        choices=tuple(EVAL_MODES),
+        default=None,
+        help="the reference's evaluation pool: S the training model (default), M architectures, W widths, "
+        "D depths, A activations, P poolings, N norms, C the training model and ConvNet",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the training model that --eval_mode S/C refer to (default: the checkpoint's, else ConvNet)",
     )
     p.add_argument("--num-eval", "--num_eval", dest="num_eval", type=int, default=5, help="repeats per model (5)")
     p.add_argument(
@@ -61,7 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="epochs",
         type=int,
         default=1000,
-        help="training epochs per network (1000)",
+        help="the reference's Epoch: each network trains Epoch + 1 epochs, lr x0.1 after epoch Epoch // 2 + 1 "
+        "(1000)",
     )
     p.add_argument(
         "--lr",
@@ -95,7 +113,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="lr_schedule",
         choices=("half", "none"),
         default="half",
-        help="half: lr x0.1 at half of training (default)",
+        help="half: the reference's lr x0.1 after epoch --epochs // 2 + 1 (default)",
     )
     p.add_argument(
         "--batch-standardize",
@@ -133,15 +151,18 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data
-    from haba_fast.evaluate import EvalConfig, coreset, evaluate_synthetic
+    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic
 
     if (args.checkpoint is None) == (args.baseline is None):
-        raise ValueError("give a CHECKPOINT to evaluate, or --baseline random|herding with --ipc N (not both)")
+        raise ValueError(
+            f"give a CHECKPOINT to evaluate, or --baseline {'|'.join(CORESET_METHODS)} with --ipc N (not both)"
+        )
     if args.baseline is not None and (args.ipc is None or args.ipc < 1):
         raise ValueError("--baseline needs --ipc N (images per class, N >= 1)")
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.models is not None and args.eval_mode is not None:
+        raise ValueError("give --models or --eval_mode, not both")
     cfg = EvalConfig(
-        models=models,
+        models=("ConvNet",),  # replaced below, once the checkpoint's training model is known
         num_eval=args.num_eval,
         epochs=args.epochs,
         lr=args.lr,
@@ -154,7 +175,6 @@ def run(args: argparse.Namespace) -> int:
         batch_standardize=args.batch_standardize,
         device=args.device,
     )
-    cfg.validate()
     g = torch.Generator().manual_seed(args.seed)
 
     syn, meta, label = None, {}, None
@@ -168,6 +188,12 @@ def run(args: argparse.Namespace) -> int:
         syn = load_synthetic(args.checkpoint, **kwargs)
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
+    if args.models is not None:
+        cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    else:
+        recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+        cfg.models = eval_pool(args.eval_mode or "S", args.model or recorded.get("model") or "ConvNet")
+    cfg.validate()
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
     ds = data.load(
