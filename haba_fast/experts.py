@@ -461,7 +461,11 @@ class TrajectorySampler:
             if self._file_pos == len(self._files):
                 self._file_pos = 0
                 self._files = [self._files[i] for i in self._perm(len(self._files))]
-            self._open(self._files[self._file_pos])
+            if self.max_files == 1:  # the reference keeps the loaded list and reshuffles it (same draws here)
+                self._order = [self._order[i] for i in self._perm(len(self._order))]
+                self._pos = 0
+            else:
+                self._open(self._files[self._file_pos])
         return traj
 
     def state_dict(self) -> dict[str, Any]:
