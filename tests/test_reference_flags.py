@@ -792,3 +792,31 @@ def test_eval_command_kcenter_baseline(monkeypatch, capsys):
     torch.testing.assert_close(seen["syn"][0], want)
     assert seen["label"] == "kcenter coreset ipc 2"
     capsys.readouterr()
+
+
+def test_eval_command_standardizes_haba_sets_by_default(monkeypatch, tmp_path, capsys):
+    seen = []
+
+    def fake(syn, ds, cfg, **kw):
+        seen.append(cfg.batch_standardize)
+        from haba_fast.evaluate import EvalResult
+
+        return EvalResult({m: [0.5] for m in cfg.models}, lr=0.01, num_samples=10, epochs=cfg.epochs)
+
+    monkeypatch.setattr("haba_fast.evaluate.evaluate_synthetic", fake)
+    from haba_fast.cli import main
+    from haba_fast.factorization import Pixels
+
+    g = torch.Generator().manual_seed(0)
+    HaBa(num_classes=10, bpc=1, channels=1, im_size=(8, 8), n_hallucinators=2, generator=g).save(
+        tmp_path / "haba.pt", {"dataset": "digits"}
+    )
+    pix = Pixels(num_classes=10, ipc=1, channels=1, im_size=(8, 8), generator=g)
+    pix.save(tmp_path / "pix.pt", {"dataset": "digits"})
+    assert main(["eval", str(tmp_path / "haba.pt")]) == 0
+    assert main(["eval", str(tmp_path / "pix.pt")]) == 0
+    assert main(["eval", "--baseline", "random", "--ipc", "1"]) == 0
+    assert main(["eval", str(tmp_path / "haba.pt"), "--batch-standardize", "False"]) == 0
+    assert main(["eval", str(tmp_path / "pix.pt"), "--batch_standardize"]) == 0
+    assert seen == [True, False, False, False, True]
+    capsys.readouterr()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from haba_fast.commands.distill import _bool_value
 from haba_fast.evaluate import CORESET_METHODS, EVAL_MODES
 from haba_fast.training import DEFAULT_DSA_STRATEGY
 
@@ -119,8 +120,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-standardize",
         "--batch_standardize",
         dest="batch_standardize",
-        action="store_true",
-        help="HaBa's per-batch standardization (train and test)",
+        type=_bool_value,
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="{True,False}",
+        help="standardize every train and test batch by its mean/std, as HaBa's evaluation (default: on for a "
+        "HaBa set, off for pixel sets and coresets, as `haba-fast distill` evaluates)",
     )
     p.add_argument("--it", default="best", help="iteration to read from a reference checkpoint directory (best)")
     p.add_argument(
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         dsa=args.dsa,
         dsa_strategy=args.dsa_strategy,
         lr_schedule=args.lr_schedule,
-        batch_standardize=args.batch_standardize,
+        batch_standardize=bool(args.batch_standardize),
         device=args.device,
     )
     g = torch.Generator().manual_seed(args.seed)
@@ -188,6 +194,8 @@ def run(args: argparse.Namespace) -> int:
         syn = load_synthetic(args.checkpoint, **kwargs)
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
+    if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
+        cfg.batch_standardize = syn is not None and bool(getattr(syn, "n_hallucinators", 0))
     if args.models is not None:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
