@@ -192,6 +192,24 @@ _FLAGS: List[tuple] = [
         "HaBa's evaluation batch standardization",
     ),
     ("eval_models", ["--eval-models", "--eval_models"], dict(type=str), "comma-separated evaluation networks"),
+    (
+        "objective",
+        ["--objective"],
+        dict(type=str, choices=["mtt", "dc", "dsa", "dm"]),
+        "distillation objective: mtt (trajectory matching, needs a buffer), dc / dsa (gradient matching without / "
+        "with Siamese augmentation), dm (distribution matching); sets that objective's public-code defaults "
+        "(lr_img, ...) under the flags given",
+    ),
+    ("lr_net", ["--lr-net", "--lr_net"], dict(type=float), "dc/dsa: network lr; dc/dsa/dm: evaluation lr (0.01)"),
+    ("outer_loop", ["--outer-loop", "--outer_loop"], dict(type=int), "dc/dsa: updates per network (default per IPC)"),
+    ("inner_loop", ["--inner-loop", "--inner_loop"], dict(type=int), "dc/dsa: network epochs between updates"),
+    (
+        "soft_labels",
+        ["--soft-labels", "--soft_labels"],
+        dict(action="store_const", const=True),
+        "learn soft labels (logits per image, or per basis for HaBa), trained by the objective",
+    ),
+    ("lr_label", ["--lr-label", "--lr_label"], dict(type=float), "learning rate of the soft label logits"),
 ]
 
 CONFIG_DESTS = tuple(f[0] for f in _FLAGS)
@@ -230,11 +248,13 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 def config_from_args(args: argparse.Namespace):
     """DistillConfig: defaults, then the preset, then the flags given on the command line."""
     from haba_fast import augment
-    from haba_fast.distill import DistillConfig, apply_preset
+    from haba_fast.distill import DistillConfig, apply_objective, apply_preset
 
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
+    if hasattr(args, "objective"):
+        cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
     given = {d: getattr(args, d) for d in CONFIG_DESTS if hasattr(args, d)}
     if "eval_models" in given:
         given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
@@ -294,12 +314,17 @@ def run(args: argparse.Namespace) -> int:
     from haba_fast.distill import distill
 
     cfg = config_from_args(args)
-    out = args.out or f"runs/{cfg.dataset}_{cfg.parameterization}_ipc{cfg.budget_ipc or cfg.ipc}"
+    tag = "" if cfg.objective == "mtt" else f"_{cfg.objective}"
+    out = args.out or f"runs/{cfg.dataset}_{cfg.parameterization}{tag}_ipc{cfg.budget_ipc or cfg.ipc}"
     dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
-    buffer = experts.load_buffer(_buffer_location(cfg))
+    from haba_fast.objectives.base import get_objective
+
+    # Only trajectory matching reads expert trajectories.
+    buffer = experts.load_buffer(_buffer_location(cfg)) if get_objective(cfg.objective).needs_buffer else None
     result = distill(cfg, dataset, buffer, out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    lr_text = f"learned lr {result.syn_lr:.4g}" if cfg.objective == "mtt" else f"evaluation lr {result.syn_lr:.4g}"
     print(
-        f"done: {result.iterations} iterations in {result.seconds:.0f} s; learned lr {result.syn_lr:.4g}; "
+        f"done: {result.iterations} iterations in {result.seconds:.0f} s; {lr_text}; "
         f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)"
     )
     for ev in result.evaluations[-1:]:
