@@ -137,7 +137,7 @@ def test_get_loops_table_and_unknown_ipc():
 # Gradient matching: loss and gradients against the per-class plain-autograd oracle
 
 
-@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("batched", [True, False, "auto"])
 @pytest.mark.parametrize("K,bpc,Hn,R", [(3, 2, 2, 4), (2, 1, 3, 5)])
 def test_gradient_matching_haba_matches_oracle(batched, K, bpc, Hn, R):
     h, net = _haba(K, bpc, Hn), _net(K)
