@@ -135,7 +135,7 @@ class DistillConfig:
     device: str = "auto"
     seed: int = 0
     checkpoint_every: Optional[int] = None  # default: eval_it
-    max_loss: float = 1e4  # a matching loss above this counts as exploded (it starts near 1)
+    max_loss: float = 1e4  # an MTT matching loss above this counts as exploded (it starts near 1)
     batch_standardize: bool = False  # HaBa's evaluation standardizes every batch (on when reproducing HaBa)
     eval_models: Tuple[str, ...] = ()  # default: (model,)
     # --- objectives (haba_fast.objectives; apply_objective sets the public code's lr_img etc. for one) ---
@@ -463,7 +463,8 @@ class Distiller:
             club = club_loss(feat[:B], feat[B:]) * self.weights.club
             grand = grand + club
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value) or loss_value > self.cfg.max_loss:
+        exploded = self.objective.normalized_loss and loss_value > self.cfg.max_loss  # MTT's loss starts near 1
+        if not math.isfinite(loss_value) or exploded:
             where = f" (start epoch {int(out.metrics['start_epoch'])})" if "start_epoch" in out.metrics else ""
             raise DivergenceError(
                 f"distillation loss is {loss_value} at iteration {self.iteration}{where}; "

@@ -161,3 +161,61 @@ def run(args) -> int:
         sys.stdout.write(json.dumps(row) + "\n")
         sys.stdout.flush()
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results document
+
+
+def write_report(jsonl_path, md_path, command: str) -> None:
+    """Write ``md_path``: a table of the rows in ``jsonl_path`` (one JSON line each) with the command that made them."""
+    from haba_fast.io import atomic_write_text
+
+    with open(jsonl_path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if not rows:
+        raise ValueError(f"{jsonl_path} holds no rows")
+    env = rows[0]["env"]
+    lines = [
+        "# One distillation iteration per objective",
+        "",
+        "Each row is `Distiller.step()` with that `--objective` over that parameterization (HaBa: with its",
+        "adversarial term), on random CIFAR-shaped data (10 classes, 3x32x32); see",
+        "`haba_fast/benchmarks/objective.py`.",
+        "DC/DSA rows compare the per-class weight gradients: `auto` (default: vmap on the synthetic side, loop on the",
+        "real side on a CPU), `vmap` (both sides), `loop` (the public code's loop over classes).",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine `{env.get('machine')}` ({env.get('cpus')} CPUs, torch threads {env.get('torch_threads')}), torch "
+        f"{env.get('torch')}, commit `{env.get('commit')}`. The machine was shared with other busy processes: wall",
+        "times swing; the CPU-time column is the steadier comparison.",
+        "",
+        "| objective | parameterization | per-class grads | s/iter (median) | CPU s/iter | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        note = []
+        if r.get("engine"):
+            note.append(f"engine {r['engine']}, syn_steps {r['syn_steps']}")
+        if r.get("batch_real"):
+            note.append(f"batch_real {r['batch_real']}")
+        if r.get("outer_loop"):
+            note.append(f"outer {r['outer_loop']} / inner {r['inner_loop']}")
+        lines.append(
+            f"| {r['objective']} | {r['parameterization']} | {r.get('gradient_batching') or '-'} | "
+            f"{r['s_per_iter']:.3f} | {r['cpu_s_per_iter']:.3f} | {'; '.join(note)} |"
+        )
+    speed = []
+    for obj in ("dc", "dsa"):
+        for par in ("pixels", "haba"):
+            by = {r.get("gradient_batching"): r for r in rows if r["objective"] == obj and r["parameterization"] == par}
+            if "loop" in by and "auto" in by:
+                loop = by["loop"]["cpu_s_per_iter"]
+                text = f"- {obj} {par}: loop / auto = {loop / by['auto']['cpu_s_per_iter']:.2f}x CPU time"
+                if "vmap" in by:
+                    text += f", loop / vmap = {loop / by['vmap']['cpu_s_per_iter']:.2f}x"
+                speed.append(text)
+    if speed:
+        lines += ["", "Per-class gradient batching (CPU-time ratios, > 1: batching is faster):", ""] + speed
+    atomic_write_text("\n".join(lines) + "\n", md_path)

@@ -93,6 +93,8 @@ class Objective(abc.ABC):
         needs_buffer: needs an expert buffer (MTT).
         learns_lr: the lr passed to ``loss`` is a learned parameter (MTT); the others evaluate with ``lr_net``.
         momentum: SGD momentum of the synthetic parameters (the public code's: MTT/HaBa 0.95, DC/DSA/DM 0.5).
+        normalized_loss: the loss starts near 1 (MTT's normalized distance), so ``max_loss`` can flag an explosion;
+            the others' scale grows with classes and layers, and only a non-finite loss stops them.
         defaults: ``DistillConfig`` values of the objective's public code (``haba_fast.distill.apply_objective``).
     """
 
@@ -100,6 +102,7 @@ class Objective(abc.ABC):
     needs_buffer: ClassVar[bool] = False
     learns_lr: ClassVar[bool] = False
     momentum: ClassVar[float] = 0.5
+    normalized_loss: ClassVar[bool] = False
     defaults: ClassVar[Dict[str, Any]] = {}
 
     def __init__(self, setup: ObjectiveSetup):

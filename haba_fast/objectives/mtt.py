@@ -177,6 +177,7 @@ class TrajectoryMatching(Objective):
     name = "mtt"
     needs_buffer = True
     learns_lr = True
+    normalized_loss = True
     momentum = 0.95  # the HaBa reference: SGD momentum 0.95 for bases and hallucinators (and images)
     defaults: Dict[str, Any] = {}
 
