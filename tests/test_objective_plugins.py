@@ -472,3 +472,50 @@ def test_cli_runs_dm_without_a_buffer(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "run" / "synthetic.pt").exists()
     assert "objective dm" in capsys.readouterr().out
+
+
+def test_max_loss_only_flags_mtt(digits):
+    # DC/DM losses grow with classes and layers: max_loss (meant for MTT's normalized loss) must not stop them.
+    d = Distiller(_cfg("dm", "pixels", max_loss=1e-12), digits)
+    assert math.isfinite(d.step()["loss"])
+
+
+def test_bench_objective_rows_and_report(tmp_path):
+    import argparse
+    import json
+
+    from haba_fast.benchmarks import objective as bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(
+        [
+            "--objectives",
+            "dm,dc",
+            "--parameterizations",
+            "pixels",
+            "--width",
+            "32",
+            "--batch-real",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
+    )
+    rows = list(bench.rows(args))
+    assert [(r["objective"], r["gradient_batching"]) for r in rows] == [
+        ("dm", None),
+        ("dc", "auto"),
+        ("dc", "vmap"),
+        ("dc", "loop"),
+    ]
+    assert all(r["s_per_iter"] > 0 and r["bench"] == "objective" for r in rows)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench.write_report(path, tmp_path / "OBJECTIVE.md", "cmd")
+    text = (tmp_path / "OBJECTIVE.md").read_text()
+    assert "| dc | pixels | loop |" in text and "loop / auto" in text
+    with pytest.raises(ValueError, match="unknown objective"):
+        list(bench.rows(p.parse_args(["--objectives", "kip"])))

@@ -20,10 +20,10 @@ here. Defaults: ``get_loops(ipc)`` of the public code (:func:`get_loops`), ``lr_
 Speed: per-class gradients can be computed for all classes at once with ``torch.func.vmap`` over
 ``torch.func.grad`` (one batched forward/backward per side instead of K) or with the public code's loop over
 classes. ``batched="auto"`` (the default) vmaps the synthetic side (tiny per-class batches and a double backward:
-the loop's per-call overhead dominates; measured 2x faster on a CPU) and, on a CPU, loops over the real side
-(batch_real images per class already fill a call; vmap's grouped convolutions measured 10-20% slower there); on
-CUDA both sides are vmapped. ``True`` / ``False``: vmap / loop on both sides (``haba-fast bench objective``
-times all three).
+the loop's per-call overhead dominates) and, on a CPU, loops over the real side (``batch_real`` images per class
+already fill a call; vmap's grouped convolutions measured about 2x slower there); on CUDA both sides are vmapped.
+``True`` / ``False``: vmap / loop on both sides. Measured on a 2-core CPU (bench/results/OBJECTIVE.md): ``auto``
+1.2x faster than the loop in 3 of 4 DC/DSA configurations, vmap on both sides 2x slower.
 """
 
 from __future__ import annotations
