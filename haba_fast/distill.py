@@ -184,6 +184,13 @@ class DistillConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.batch_real < 1:
             raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
+        if self.objective not in ("dc", "dsa") and (self.outer_loop is not None or self.inner_loop is not None):
+            raise ValueError(f"--outer-loop / --inner-loop apply to --objective dc or dsa, not {self.objective}")
+        if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
+            raise ValueError(
+                f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
+                "takes hard labels only); use --engine naive or auto"
+            )
         return self
 
     def to_dict(self) -> Dict[str, Any]:

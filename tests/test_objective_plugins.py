@@ -271,11 +271,11 @@ def _cfg(objective, parameterization, **kw):
         num_eval=0,
         iterations=8,
         batch_real=16,
-        outer_loop=4,
-        inner_loop=1,
         parameterization=parameterization,
         seed=0,
     )
+    if objective in ("dc", "dsa"):
+        base.update(outer_loop=4, inner_loop=1)
     base.update(kw)
     cfg = apply_objective(DistillConfig(), objective)
     return dataclasses.replace(cfg, **base)
@@ -408,36 +408,17 @@ def test_cli_objective_flags(objective):
         assert getattr(cfg, k) == v, k
     if objective == "mtt":
         assert cfg.lr_img == DistillConfig().lr_img
-    cfg = _parse(
-        [
-            "--dataset",
-            "digits",
-            "--objective",
-            objective,
-            "--lr_img",
-            "0.5",
-            "--outer-loop",
-            "2",
-            "--inner-loop",
-            "3",
-            "--lr-net",
-            "0.02",
-            "--soft-labels",
-            "--lr-label",
-            "0.3",
-            "--batch_real",
-            "32",
-        ]
-    )
-    assert (cfg.lr_img, cfg.outer_loop, cfg.inner_loop, cfg.lr_net, cfg.soft_labels, cfg.lr_label, cfg.batch_real) == (
-        0.5,
-        2,
-        3,
-        0.02,
-        True,
-        0.3,
-        32,
-    )
+    argv = ["--dataset", "digits", "--objective", objective, "--lr_img", "0.5", "--soft-labels", "--lr-label", "0.3"]
+    argv += ["--batch_real", "32"]
+    want = dict(lr_img=0.5, soft_labels=True, lr_label=0.3, batch_real=32)
+    if objective != "mtt":
+        argv += ["--lr-net", "0.02"]
+        want["lr_net"] = 0.02
+    if objective in ("dc", "dsa"):
+        argv += ["--outer-loop", "2", "--inner-loop", "3"]
+        want.update(outer_loop=2, inner_loop=3)
+    cfg = _parse(argv)
+    assert {k: getattr(cfg, k) for k in want} == want
 
 
 def test_cli_runs_dm_without_a_buffer(tmp_path, capsys):
@@ -519,3 +500,15 @@ def test_bench_objective_rows_and_report(tmp_path):
     assert "| dc | pixels | loop |" in text and "loop / auto" in text
     with pytest.raises(ValueError, match="unknown objective"):
         list(bench.rows(p.parse_args(["--objectives", "kip"])))
+
+
+def test_flags_of_other_objectives_are_errors_not_ignored():
+    with pytest.raises(ValueError, match="--outer-loop"):
+        DistillConfig(objective="dm", outer_loop=2).validate()
+    with pytest.raises(ValueError, match="--outer-loop"):
+        DistillConfig(objective="mtt", inner_loop=2).validate()
+    with pytest.raises(ValueError, match="--engine naive"):
+        DistillConfig(objective="mtt", soft_labels=True, engine="exact").validate()
+    with pytest.raises(ValueError, match="--lr-net"):
+        _parse(["--dataset", "digits", "--lr-net", "0.1"])
+    assert _parse(["--dataset", "digits", "--objective", "dm", "--lr-net", "0.1"]).lr_net == 0.1

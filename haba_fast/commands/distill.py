@@ -256,6 +256,8 @@ def config_from_args(args: argparse.Namespace):
     if hasattr(args, "objective"):
         cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
     given = {d: getattr(args, d) for d in CONFIG_DESTS if hasattr(args, d)}
+    if "lr_net" in given and (given.get("objective") or cfg.objective) == "mtt":
+        raise ValueError("--lr-net applies to --objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)")
     if "eval_models" in given:
         given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
     if "dataset" in given:

@@ -214,6 +214,8 @@ class TrajectoryMatching(Objective):
         self.engine = get_engine(cfg.engine)
 
     def describe(self) -> str:
+        if self.cfg.soft_labels:
+            return "objective mtt: soft labels, create-graph unroll (the engines take hard labels only)"
         approx = " (an approximation)" if getattr(self.engine, "approximate", False) else ""
         return f"objective mtt: engine {self.engine.name}{approx}"
 
