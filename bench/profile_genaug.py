@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import collections
 
+import haba_fast.kernels.generate as kgen
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import haba_fast.kernels.generate as kgen
 from haba_fast.augment import sample
 from haba_fast.benchmarks.genaug import _PARAM_NAMES, fused_step, make_problem
 from haba_fast.timing import measure
