@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from haba_fast.trajectory import ENGINES, IndexStream, StepPlan, get_engine, sample_plan
+from haba_fast.objectives.base import OBJECTIVES
+from haba_fast.trajectory import ENGINES, IndexStream, StepPlan
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "DistillResult",
     "DivergenceError",
     "distill",
+    "apply_objective",
     "apply_preset",
     "resolve_device",
 ]
@@ -74,7 +76,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
-_DROPPED_FIELDS = ("subset", "batch_real", "pretrained_ckpt", "force_save")
+_DROPPED_FIELDS = ("subset", "pretrained_ckpt", "force_save")
 
 
 class DivergenceError(ValueError):
@@ -133,10 +135,18 @@ class DistillConfig:
     device: str = "auto"
     seed: int = 0
     checkpoint_every: Optional[int] = None  # default: eval_it
-    max_loss: float = 1e4  # a matching loss above this counts as exploded (it starts near 1)
+    max_loss: float = 1e4  # an MTT matching loss above this counts as exploded (it starts near 1)
     # HaBa's evaluation standardizes every train and test batch; None: on for haba, off for pixels (MTT's does not)
     batch_standardize: Optional[bool] = None
     eval_models: Tuple[str, ...] = ()  # overrides the eval_mode pool when given
+    # --- objectives (haba_fast.objectives; apply_objective sets the public code's lr_img etc. for one) ---
+    objective: str = "mtt"  # mtt | dc | dsa | dm
+    batch_real: int = 256  # DC/DSA/DM: real images per class per matching step (the public code's default)
+    lr_net: float = 0.01  # DC/DSA: the matching network's SGD lr; DC/DSA/DM evaluate with it (no learned lr)
+    outer_loop: Optional[int] = None  # DC/DSA: synthetic updates per fresh network (None: get_loops(ipc))
+    inner_loop: Optional[int] = None  # DC/DSA: network epochs on the synthetic set between them (None: get_loops)
+    soft_labels: bool = False  # learnable label logits per image (Pixels) / per basis (HaBa)
+    lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -183,6 +193,25 @@ class DistillConfig:
                 raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
         if not (self.max_loss > 0):
             raise ValueError(f"max_loss must be > 0, got {self.max_loss}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
+        for name in ("lr_net", "lr_label"):
+            v = float(getattr(self, name))
+            if not math.isfinite(v) or v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        for name in ("outer_loop", "inner_loop"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.batch_real < 1:
+            raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
+        if self.objective not in ("dc", "dsa") and (self.outer_loop is not None or self.inner_loop is not None):
+            raise ValueError(f"--outer-loop / --inner-loop apply to --objective dc or dsa, not {self.objective}")
+        if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
+            raise ValueError(
+                f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
+                "takes hard labels only); use --engine naive or auto"
+            )
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -216,6 +245,16 @@ def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return dataclasses.replace(cfg, **PRESETS[name])
+
+
+def apply_objective(cfg: DistillConfig, name: str) -> DistillConfig:
+    """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1; DM: 1.0; ...).
+
+    The CLI applies them before the flags given explicitly; in the Python API call this first, then override.
+    """
+    from haba_fast.objectives.base import objective_defaults
+
+    return dataclasses.replace(cfg, objective=name, **objective_defaults(name))
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -271,10 +310,16 @@ def build_synthetic(cfg: DistillConfig, dataset, generator: torch.Generator, dev
             kernel_size=cfg.kernel_size,
             base_channels=1 if cfg.single_channel else C,
             generator=generator,
+            soft_labels=bool(cfg.soft_labels),
         )
     else:
         syn = factorization.Pixels(
-            num_classes=K, ipc=rpc, channels=C, im_size=tuple(dataset.im_size), generator=generator
+            num_classes=K,
+            ipc=rpc,
+            channels=C,
+            im_size=tuple(dataset.im_size),
+            generator=generator,
+            soft_labels=bool(cfg.soft_labels),
         )
     if cfg.pix_init == "real":
         syn.init_from_real(dataset, generator=generator)
@@ -342,19 +387,20 @@ class Distiller:
     """One distillation run's state and its iteration.
 
     Args:
-        cfg: the configuration.
-        dataset: a ``haba_fast.data.Dataset`` (real images initialize the synthetic set; shapes).
-        buffer: an expert buffer (``num_trajectories``, ``snapshot(traj, epoch) -> [P]``).
-        device: where the synthetic set and the student live (default: ``cfg.device``).
+        cfg: the configuration (``cfg.objective`` picks the objective: mtt | dc | dsa | dm).
+        dataset: a ``haba_fast.data.Dataset`` (real images initialize the synthetic set and feed DC/DSA/DM).
+        buffer: an expert buffer (``num_trajectories``, ``snapshot(traj, epoch) -> [P]``): MTT only; None for
+            the other objectives.
+        device: where the synthetic set and the networks live (default: ``cfg.device``).
         generator: CPU generator for every random choice (default: seeded with ``cfg.seed``).
 
     Construction is cheap (no file access): a benchmark builds one on random data and times ``step``.
     """
 
     def __init__(
-        self, cfg: DistillConfig, dataset, buffer, *, device=None, generator: Optional[torch.Generator] = None
+        self, cfg: DistillConfig, dataset, buffer=None, *, device=None, generator: Optional[torch.Generator] = None
     ):
-        from haba_fast import models
+        from haba_fast.objectives.base import ObjectiveSetup, get_objective
         from haba_fast.objectives.contrastive import Adversary, AdversaryWeights
 
         self.cfg = cfg.validate()
@@ -367,24 +413,36 @@ class Distiller:
         self.num_classes = dataset.num_classes
         self.channels = dataset.channels
         self.im_size = tuple(dataset.im_size)
-        self._check_buffer()
+        objective_cls = get_objective(cfg.objective)
+        if objective_cls.needs_buffer and buffer is None:
+            raise ValueError(
+                f"objective {cfg.objective} needs an expert buffer (train one with `haba-fast buffer`); "
+                "the dc, dsa and dm objectives need none"
+            )
 
         self.synthetic = build_synthetic(cfg, dataset, generator, self.device)
-        self.student = models.get_network(
-            cfg.model, self.channels, self.num_classes, self.im_size, generator=generator, device=self.device
-        )
-        P = models.num_params(self.student)
-        w0 = self.buffer.snapshot(0, 0)
-        if w0.numel() != P:
-            raise ValueError(
-                f"the expert buffer holds {w0.numel()} parameters per snapshot but a {cfg.model} for "
-                f"{self.channels}×{self.im_size[0]}×{self.im_size[1]} images with {self.num_classes} classes has {P}; "
-                "was the buffer trained for another model or dataset?"
+        self.labels = _labels_of(self.synthetic).to(self.device)
+        M = self.labels.numel()
+        batch = M if cfg.batch_syn is None else min(int(cfg.batch_syn), M)
+        self.stream = IndexStream(M, batch)
+        self.strategy = None if (not cfg.dsa or cfg.no_aug) else cfg.dsa_strategy
+        self.objective = objective_cls(
+            ObjectiveSetup(
+                cfg=cfg,
+                dataset=dataset,
+                device=self.device,
+                generator=generator,
+                stream=self.stream,
+                strategy=self.strategy,
+                buffer=buffer,
             )
-        self.syn_lr = torch.tensor(float(cfg.lr_teacher), device=self.device).requires_grad_(True)
-        self.engine = get_engine(cfg.engine)
+        )
+        # The learned lr exists for MTT only; the other objectives evaluate with the fixed lr_net (public code).
+        learns_lr = objective_cls.learns_lr
+        init_lr = float(cfg.lr_teacher) if learns_lr else float(cfg.lr_net)
+        self.syn_lr = torch.tensor(init_lr, device=self.device).requires_grad_(learns_lr)
 
-        momentum = 0.95
+        momentum = objective_cls.momentum
         if self.haba:
             self.opt_img = torch.optim.SGD([self.synthetic.bases], lr=cfg.lr_img, momentum=momentum)
             self.opt_style = torch.optim.SGD(
@@ -405,60 +463,37 @@ class Distiller:
             self.opt_style = None
             self.adversary = None
             self.opt_adv = None
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.9)
-
-        self.labels = _labels_of(self.synthetic).to(self.device)
-        M = self.labels.numel()
-        batch = M if cfg.batch_syn is None else min(int(cfg.batch_syn), M)
-        self.stream = IndexStream(M, batch)
-        self.iteration = 0
-        self.strategy = None if (not cfg.dsa or cfg.no_aug) else cfg.dsa_strategy
-        from haba_fast.experts import TrajectorySampler
-
-        self.trajectories = TrajectorySampler(
-            buffer,
-            load_all=cfg.load_all,
-            max_files=cfg.max_files,
-            max_experts=cfg.max_experts,
-            generator=generator,
+        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.9) if learns_lr else None
+        logits = getattr(self.synthetic, "label_logits", None)
+        self.opt_label = (
+            torch.optim.SGD([logits], lr=cfg.lr_label, momentum=momentum) if logits is not None else None
         )
+        self.iteration = 0
 
-    # -- expert trajectories --------------------------------------------------------------------------------------
-    def _check_buffer(self) -> None:
-        n = int(self.buffer.num_trajectories)
-        if n < 1:
-            raise ValueError("the expert buffer holds no trajectories; train experts with `haba-fast buffer`")
-        epochs = getattr(self.buffer, "num_epochs", None)
-        if epochs is not None:
-            need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
-            if need > int(epochs):
-                raise ValueError(
-                    f"--max_start_epoch {self.cfg.max_start_epoch} + --expert_epochs {self.cfg.expert_epochs} needs "
-                    f"snapshots up to epoch {need}, but the buffer's experts trained {epochs} epochs; lower them or "
-                    "train longer experts"
-                )
+    # -- MTT's pieces (kept here for callers of the MTT-only distiller) ---------------------------------------------
+    @property
+    def engine(self):
+        """The trajectory engine (MTT); None for the other objectives."""
+        return getattr(self.objective, "engine", None)
+
+    @engine.setter
+    def engine(self, engine) -> None:
+        if not hasattr(self.objective, "engine"):
+            raise ValueError(f"objective {self.cfg.objective} has no trajectory engine")
+        self.objective.engine = engine
+
+    @property
+    def student(self):
+        """MTT's student network (its structure; the engine replaces its weights)."""
+        return getattr(self.objective, "student", None)
 
     def sample_trajectory(self) -> Tuple[int, int, Tensor, Tensor]:
-        """(trajectory, start epoch, w_start [P], w_target [P]) drawn from the run's generator.
-
-        The trajectory is the reference's choice (:class:`haba_fast.experts.TrajectorySampler`: ``load_all``,
-        ``max_files``, ``max_experts``)."""
-        traj = self.trajectories.next()
-        start = int(torch.randint(int(self.cfg.max_start_epoch), (1,), generator=self.generator))
-        w_start = self.buffer.snapshot(traj, start).to(self.device, torch.float32)
-        w_target = self.buffer.snapshot(traj, start + self.cfg.expert_epochs).to(self.device, torch.float32)
-        return traj, start, w_start, w_target
+        """(trajectory, start epoch, w_start [P], w_target [P]) drawn from the run's generator (MTT)."""
+        return self.objective.sample_trajectory()
 
     def sample_plan(self) -> StepPlan:
-        return sample_plan(
-            self.stream,
-            self.cfg.syn_steps,
-            self.cfg.n_hallucinators if self.haba else 1,
-            self.im_size,
-            strategy=self.strategy,
-            adversarial=self.haba,
-            generator=self.generator,
-        )
+        """The iteration's step plan (MTT)."""
+        return self.objective.sample_plan()
 
     # -- the iteration ----------------------------------------------------------------------------------------------
     def _pair(self, pair) -> Tuple[Tensor, Tensor]:
@@ -484,23 +519,27 @@ class Distiller:
             DivergenceError: non-finite or exploding loss/gradients; nothing was updated.
         """
         from haba_fast.objectives.contrastive import adversary_loss, club_loss
-        from haba_fast.objectives.mtt import trajectory_loss
 
-        traj, start, w_start, w_target = self.sample_trajectory()
-        plan = self.sample_plan()
-        loss = trajectory_loss(self.engine, self.student, self.synthetic, plan, w_start, w_target, self.syn_lr)
+        # The objective's loss (MTT: trajectory matching; DC/DSA: gradient matching; DM: distribution matching).
+        out = self.objective.loss(self.synthetic, self.syn_lr)
+        loss = out.loss
         grand = loss
         club = None
+        pairs = (out.club, out.adversary)
         if self.haba:
-            x_pair, _ = self._pair(plan.club)
+            if pairs[0] is None:  # the objective drew no adversarial batches: draw them here
+                pairs = tuple(self._sample_pair() for _ in range(2))
+            x_pair, _ = self._pair(pairs[0])
             _, feat = self.adversary(x_pair)
-            B = plan.club.base_idx.numel()
+            B = pairs[0].base_idx.numel()
             club = club_loss(feat[:B], feat[B:]) * self.weights.club
             grand = grand + club
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value) or loss_value > self.cfg.max_loss:
+        exploded = self.objective.normalized_loss and loss_value > self.cfg.max_loss  # MTT's loss starts near 1
+        if not math.isfinite(loss_value) or exploded:
+            where = f" (start epoch {int(out.metrics['start_epoch'])})" if "start_epoch" in out.metrics else ""
             raise DivergenceError(
-                f"distillation loss is {loss_value} at iteration {self.iteration} (start epoch {start}); "
+                f"distillation loss is {loss_value} at iteration {self.iteration}{where}; "
                 + ("it exploded (above max_loss " + f"{self.cfg.max_loss:g}); " if math.isfinite(loss_value) else "")
                 + "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
             )
@@ -518,23 +557,26 @@ class Distiller:
         self.opt_img.step()
         if self.opt_style is not None:
             step_used_hallucinators(self.opt_style)
-        self.opt_lr.step()
-        with torch.no_grad():
-            self.syn_lr.clamp_(min=self.cfg.min_lr)
+        if self.opt_label is not None:
+            self.opt_label.step()
+        if self.opt_lr is not None:
+            self.opt_lr.step()
+            with torch.no_grad():
+                self.syn_lr.clamp_(min=self.cfg.min_lr)
+        self.objective.after_update(self.synthetic)
 
         metrics: Dict[str, float] = {
             "iteration": float(self.iteration),
             "loss": loss_value,
             "grand": float(grand.detach()),
             "syn_lr": float(self.syn_lr.detach()),
-            "start_epoch": float(start),
-            "trajectory": float(traj),
         }
+        metrics.update(out.metrics)
         if self.haba:
             metrics["club"] = float(club.detach())
             # The adversary trains on a fresh batch of the updated synthetic set; its loss must not move it.
             with torch.no_grad():
-                x_pair, labels = self._pair(plan.adversary)
+                x_pair, labels = self._pair(pairs[1])
             self.opt_adv.zero_grad(set_to_none=True)
             adv = adversary_loss(self.adversary, x_pair, labels, self.weights)
             adv["total"].backward()
@@ -543,16 +585,25 @@ class Distiller:
         self.iteration += 1
         return metrics
 
+    def _sample_pair(self):
+        """One adversarial batch (bases under two hallucinators, augmentation) for objectives without a plan."""
+        from haba_fast.trajectory import _sample_pair
+
+        return _sample_pair(self.stream, self.cfg.n_hallucinators, self.strategy, self.im_size, self.generator, "S")
+
     def _trainable(self) -> List[Tensor]:
-        ps = [self.syn_lr]
+        ps = [self.syn_lr] if self.opt_lr is not None else []
         if self.haba:
             ps += [self.synthetic.bases] + list(self.synthetic.hallucinator_parameters())
         else:
             ps.append(self.synthetic.images)
+        if self.opt_label is not None:
+            ps.append(self.synthetic.label_logits)
         return ps
 
     def _optimizers(self) -> List[torch.optim.Optimizer]:
-        return [o for o in (self.opt_img, self.opt_style, self.opt_lr, self.opt_adv) if o is not None]
+        opts = (self.opt_img, self.opt_style, self.opt_lr, self.opt_label, self.opt_adv)
+        return [o for o in opts if o is not None]
 
     # -- state -------------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -569,11 +620,12 @@ class Distiller:
                 "syn_lr": self.syn_lr.detach().cpu(),
                 "opt_img": self.opt_img.state_dict(),
                 "opt_style": self.opt_style.state_dict() if self.opt_style is not None else None,
-                "opt_lr": self.opt_lr.state_dict(),
+                "opt_lr": self.opt_lr.state_dict() if self.opt_lr is not None else None,
+                "opt_label": self.opt_label.state_dict() if self.opt_label is not None else None,
+                "objective": self.objective.state_dict(),
                 "adversary": self.adversary.state_dict() if self.adversary is not None else None,
                 "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
                 "stream": self.stream.state_dict(),
-                "trajectories": self.trajectories.state_dict(),
                 "generator": self.generator.get_state(),
             }
         )
@@ -594,6 +646,8 @@ class Distiller:
             "load_all",
             "max_files",
             "max_experts",
+            "objective",
+            "soft_labels",
         ):
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise ValueError(
@@ -607,13 +661,15 @@ class Distiller:
         self.opt_img.load_state_dict(state["opt_img"])
         if self.opt_style is not None:
             self.opt_style.load_state_dict(state["opt_style"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
+        if self.opt_lr is not None:
+            self.opt_lr.load_state_dict(state["opt_lr"])
+        if self.opt_label is not None:
+            self.opt_label.load_state_dict(state["opt_label"])
+        self.objective.load_state_dict(state.get("objective") or {})
         if self.adversary is not None:
             self.adversary.load_state_dict(state["adversary"])
             self.opt_adv.load_state_dict(state["opt_adv"])
         self.stream.load_state_dict(state["stream"])
-        if "trajectories" in state:  # checkpoints written before the reference's trajectory walk lack it
-            self.trajectories.load_state_dict(state["trajectories"])
         self.generator.set_state(state["generator"])
         self.iteration = int(state["iteration"])
 
@@ -722,7 +778,7 @@ def _evaluate(distiller: Distiller, dataset, cfg: DistillConfig, generator: torc
 def distill(
     cfg: DistillConfig,
     dataset,
-    buffer,
+    buffer=None,
     out_dir=None,
     *,
     resume: bool = False,
@@ -738,7 +794,7 @@ def distill(
     Args:
         cfg: the configuration (``iterations`` steps; checkpoints every ``checkpoint_every`` or ``eval_it``).
         dataset: the real dataset (``haba_fast.data.Dataset``).
-        buffer: the expert buffer (``haba_fast.experts.load_buffer``).
+        buffer: the expert buffer (``haba_fast.experts.load_buffer``); MTT only (None for dc, dsa, dm).
         out_dir: where checkpoints, the final synthetic set and the PNG grid go (None: nothing is written).
         resume: continue from ``out_dir/checkpoint.pt`` when it exists (else start fresh).
         overwrite: start fresh even when ``out_dir`` holds a checkpoint (else that is an error without resume).
@@ -780,10 +836,7 @@ def distill(
     )
     storage = _storage_of(distiller.synthetic, dataset)
     result.storage = storage
-    log(
-        f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; engine {distiller.engine.name}"
-        + (" (an approximation)" if getattr(distiller.engine, "approximate", False) else "")
-    )
+    log(f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}")
     best = -1.0
     if resumed and out is not None and (out / "synthetic_best.pt").exists():
         # A resumed run keeps its best: only a better evaluation may replace synthetic_best.pt.

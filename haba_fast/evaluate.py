@@ -218,14 +218,17 @@ def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] |
         x0, _ = syn.materialize(torch.Generator().manual_seed(0))
     shape = tuple(x0.shape[1:])
     n = x0.shape[0]
+    # Soft labels: train on the learned class probabilities [N, K] (one row per image / basis) with a soft CE.
+    soft = syn.label_targets() if callable(getattr(syn, "label_targets", None)) else None
+    soft = None if soft is None else soft.detach().to(device, torch.float32)
     if type(syn).__name__ == "Pixels" or not getattr(syn, "n_hallucinators", 0):
         x, y = syn.materialize(None)
-        return (x.detach().to(device, torch.float32), y.to(device).long()), n, shape
+        return (x.detach().to(device, torch.float32), y.to(device).long() if soft is None else soft), n, shape
 
     def epoch_data(epoch: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         # One random hallucinator per basis, generated in one batched call on the device.
         x, y = syn.materialize(generator)
-        return x.detach().float(), y
+        return x.detach().float(), y if soft is None else soft
 
     return epoch_data, n, shape
 

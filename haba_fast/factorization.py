@@ -238,11 +238,67 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
+SOFT_LABEL_INIT_P = 0.9  # initial probability of a soft label's own class (the rest share 1 - this)
+
+
 class _Synthetic(nn.Module):
-    """Common checkpoint and bookkeeping code of both parameterizations."""
+    """Common checkpoint and bookkeeping code of both parameterizations.
+
+    Soft labels (``soft_labels=True``): a Parameter ``label_logits [M, K]``, one row per stored row (Pixels: per
+    image; HaBa: per basis, shared by all of its hallucinated samples), initialized so that softmax gives
+    ``SOFT_LABEL_INIT_P`` to the row's own class. ``label_targets()`` returns their softmax (differentiable).
+    """
 
     kind: str = ""
     meta: dict[str, Any]
+
+    def _init_soft_labels(self, enabled: bool, row_labels: Tensor) -> None:
+        """Register ``label_logits [M, K]`` (after the data parameters, so they stay first) when ``enabled``."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"soft_labels must be a bool, got {type(enabled).__name__}")
+        self.soft_labels = enabled
+        if not enabled:
+            self.register_parameter("label_logits", None)  # a None parameter: absent from state_dict()
+            return
+        K = self.num_classes
+        logits = torch.zeros(row_labels.numel(), K)
+        if K > 1:
+            # softmax(logits)[own] = p with the others equal: own logit = log(p (K-1) / (1-p)), the others 0.
+            logits[torch.arange(row_labels.numel()), row_labels] = math.log(
+                SOFT_LABEL_INIT_P * (K - 1) / (1.0 - SOFT_LABEL_INIT_P))
+        self.label_logits = nn.Parameter(logits)
+
+    def label_targets(self) -> Tensor | None:
+        """Soft targets ``[M, K]`` = softmax(label_logits) per stored row (differentiable), or None (hard labels)."""
+        if self.label_logits is None:
+            return None
+        return torch.softmax(self.label_logits, dim=1)
+
+    def _label_floats(self) -> int:
+        return 0 if self.label_logits is None else self.label_logits.numel()
+
+    def _write_soft_labels(self, directory: PathLike, it) -> list[Path]:
+        """Beside the reference files: ``label_logits_<it>.pt`` ``[M, K]`` (the reference code has no soft labels
+        and ignores this file; its own evaluation would train with hard labels)."""
+        if self.label_logits is None:
+            return []
+        path = Path(directory) / f"label_logits_{it}.pt"
+        hio.atomic_torch_save(self.label_logits.detach().cpu().clone(), path)
+        return [path]
+
+    @torch.no_grad()
+    def _read_soft_labels(self, directory: Path, it) -> None:
+        path = Path(directory) / f"label_logits_{it}.pt"
+        if not path.exists():
+            return
+        logits = _load_tensor(path, "soft label logits")
+        rows = self.images.shape[0] if self.kind == "pixels" else self.bases.shape[0]
+        if tuple(logits.shape) != (rows, self.num_classes):
+            raise ValueError(
+                f"{path}: soft label logits must be [{rows}, {self.num_classes}], got {list(logits.shape)}"
+            )
+        self._init_soft_labels(True, torch.zeros(rows, dtype=torch.long))
+        self.label_logits.data = logits.to(self.label_logits.dtype)
 
     def _ctor_args(self) -> dict[str, Any]:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -293,7 +349,8 @@ class Pixels(_Synthetic):
 
     kind = "pixels"
 
-    def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: torch.Generator | None = None):
+    def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: torch.Generator | None = None,
+                 soft_labels: bool = False):
         super().__init__()
         for name, v in (("num_classes", num_classes), ("ipc", ipc), ("channels", channels)):
             if int(v) != v or v <= 0:
@@ -303,12 +360,13 @@ class Pixels(_Synthetic):
         self.im_size = _pair(im_size)
         self.images = nn.Parameter(torch.empty(self.num_classes * self.ipc, self.channels, *self.im_size))
         self.register_buffer("labels", torch.arange(self.num_classes).repeat_interleave(self.ipc))
+        self._init_soft_labels(soft_labels, self.labels)
         self.meta = {}
         self.init_noise(generator)
 
     def _ctor_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "ipc": self.ipc, "channels": self.channels,
-                "im_size": list(self.im_size)}
+                "im_size": list(self.im_size), "soft_labels": self.soft_labels}
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, ipc={self.ipc}, channels={self.channels}, im_size={self.im_size}"
@@ -352,9 +410,9 @@ class Pixels(_Synthetic):
         return self.images.detach().clone(), self.labels.clone()
 
     def storage(self, train_size: int | None = None) -> Storage:
-        """Floats stored (the pixels; labels are implied by the layout)."""
+        """Floats stored: the pixels, plus the soft label logits when there are any (hard labels are implied)."""
         H, W = self.im_size
-        return _storage(self.images.numel(), self.channels * H * W, train_size)
+        return _storage(self.images.numel() + self._label_floats(), self.channels * H * W, train_size)
 
     # -- reference (MTT) format ------------------------------------------------------------
     @classmethod
@@ -391,13 +449,14 @@ class Pixels(_Synthetic):
         return pix
 
     def to_reference(self, directory: PathLike, it: int | str = "best") -> list[Path]:
-        """Write ``images_<it>.pt`` and ``labels_<it>.pt`` (MTT's pixel format). Returns the paths."""
+        """Write ``images_<it>.pt`` and ``labels_<it>.pt`` (MTT's pixel format), and ``label_logits_<it>.pt``
+        beside them for soft labels. Returns the paths."""
         names = reference_file_names(it)
         d = Path(directory)
         out = [d / names["images"], d / names["labels"]]
         hio.atomic_torch_save(self.images.detach().cpu().clone(), out[0])
         hio.atomic_torch_save(self.labels.detach().cpu().clone(), out[1])
-        return out
+        return out + self._write_soft_labels(d, it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +484,7 @@ class HaBa(_Synthetic):
 
     def __init__(self, num_classes: int, bpc: int, channels: int, im_size, n_hallucinators: int = 5,
                  kernel_size: int = 3, base_channels: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, soft_labels: bool = False):
         super().__init__()
         base_channels = channels if base_channels is None else base_channels
         for name, v in (("num_classes", num_classes), ("bpc", bpc), ("channels", channels),
@@ -449,6 +508,7 @@ class HaBa(_Synthetic):
         self.shift = nn.Parameter(torch.zeros(Hn, C, H - k + 1, W - k + 1))
         self.dec_weight = nn.Parameter(torch.empty(Hn, C, C, k, k))
         self.dec_bias = nn.Parameter(torch.empty(Hn, C))
+        self._init_soft_labels(soft_labels, torch.arange(self.num_classes).repeat_interleave(self.bpc))
         self.meta = {}
         self.init_noise(generator)
         self.reset_hallucinators(generator)
@@ -456,7 +516,7 @@ class HaBa(_Synthetic):
     def _ctor_args(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "bpc": self.bpc, "channels": self.channels,
                 "im_size": list(self.im_size), "n_hallucinators": self.n_hallucinators,
-                "kernel_size": self.kernel_size, "base_channels": self.base_channels}
+                "kernel_size": self.kernel_size, "base_channels": self.base_channels, "soft_labels": self.soft_labels}
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, bpc={self.bpc}, channels={self.channels}, im_size={self.im_size}, "
@@ -635,9 +695,9 @@ class HaBa(_Synthetic):
 
     # -- storage ---------------------------------------------------------------------------
     def storage(self, train_size: int | None = None) -> Storage:
-        """Floats stored: bases + all hallucinator parameters (scale/shift maps included)."""
+        """Floats stored: bases + all hallucinator parameters (scale/shift maps included) + soft label logits."""
         H, W = self.im_size
-        floats = self.bases.numel() + sum(p.numel() for p in self.hallucinator_parameters())
+        floats = self.bases.numel() + sum(p.numel() for p in self.hallucinator_parameters()) + self._label_floats()
         return _storage(floats, self.channels * H * W, train_size)
 
     # -- reference format ------------------------------------------------------------------
@@ -729,7 +789,7 @@ class HaBa(_Synthetic):
             paths.append(d / names["lr"])
             # float64 keeps the Python float exact
             hio.atomic_torch_save(torch.tensor(_lr_value(lr), dtype=torch.float64), paths[2])
-        return paths
+        return paths + self._write_soft_labels(d, it)
 
     @classmethod
     def load_reference_dir(cls, directory: PathLike, it: int | str = "best", num_classes: int = 10) -> HaBa:
@@ -842,6 +902,7 @@ def _load_reference_dir(directory: PathLike, it, num_classes: int | None, want: 
         haba = HaBa.from_reference(images_p, styles_p, 10 if num_classes is None else num_classes,
                                    syn_lr=_find_lr(d, it))
         haba.meta.setdefault("iteration", it)
+        haba._read_soft_labels(d, it)
         return haba
     if want == "haba":
         raise FileNotFoundError(f"{styles_p} not found: a HaBa reference checkpoint has images and "
@@ -853,6 +914,7 @@ def _load_reference_dir(directory: PathLike, it, num_classes: int | None, want: 
         if lr is not None:
             pix.meta["lr"] = lr
         pix.meta.setdefault("iteration", it)
+        pix._read_soft_labels(d, it)
         return pix
     raise FileNotFoundError(f"{d}: found {images_p.name} but neither {styles_p.name} (HaBa) nor {labels_p.name} "
                             "(pixels); pass num_classes to read the images as pixels")

@@ -85,6 +85,30 @@ def standardize_batch(x: Tensor) -> Tensor:
     return (x - x.mean()) / std.clamp_min(1e-12)
 
 
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy against class probabilities: ``mean_i( -sum_k targets[i, k] * log_softmax(logits)[i, k] )``.
+
+    Args:
+        logits: ``[B, K]`` float.
+        targets: ``[B, K]`` float probabilities (rows summing to 1; soft labels), or ``[B]`` int64 classes (then
+            this is plain cross-entropy).
+    Returns:
+        0-dim loss, differentiable in both arguments.
+    """
+    if targets.dim() == 1:
+        return F.cross_entropy(logits, targets)
+    if targets.shape != logits.shape:
+        raise ValueError(
+            f"soft targets must be [B, K] = {tuple(logits.shape)} like the logits, got {tuple(targets.shape)}"
+        )
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def _hard(labels: Tensor) -> Tensor:
+    """Class indices ``[B]`` of hard labels ``[B]`` or soft targets ``[B, K]`` (their argmax)."""
+    return labels if labels.dim() == 1 else labels.argmax(dim=1)
+
+
 def _dsa_enabled(dsa: bool, strategy: str | None) -> bool:
     return bool(dsa) and bool(strategy) and strategy.lower() != "none"
 
@@ -104,22 +128,28 @@ def _as_data(data: TrainData, labels: Tensor | None) -> EpochData | tuple[Tensor
     if isinstance(data, Tensor):
         if labels is None:
             raise ValueError("train_network: images given without labels; pass (images, labels) or labels=...")
-        return _check_pair(data, labels, "training data")
+        return _check_pair(data, labels, "training data", soft_ok=True)
     if isinstance(data, (tuple, list)) and len(data) == 2 and labels is None:
-        return _check_pair(data[0], data[1], "training data")
+        return _check_pair(data[0], data[1], "training data", soft_ok=True)
     raise TypeError(
         "train_network: data must be an images tensor with labels, an (images, labels) pair, or a callable "
         f"epoch_data(epoch, generator) -> (images, labels); got {type(data).__name__}"
     )
 
 
-def _check_pair(images, labels, what: str) -> tuple[Tensor, Tensor]:
+def _check_pair(images, labels, what: str, soft_ok: bool = False) -> tuple[Tensor, Tensor]:
     if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(
             f"{what}: images and labels must be tensors, got {type(images).__name__}, {type(labels).__name__}"
         )
     if images.dim() != 4:
         raise ValueError(f"{what}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if soft_ok and labels.dim() == 2 and labels.is_floating_point():  # soft targets [N, K] (probabilities)
+        if labels.shape[0] != images.shape[0] or images.shape[0] == 0:
+            raise ValueError(
+                f"{what}: soft targets must be [N, K] with N = {images.shape[0]}, got {tuple(labels.shape)}"
+            )
+        return images, labels
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(
             f"{what}: labels must be [N] with N = {images.shape[0]} (the number of images), got {tuple(labels.shape)}"
@@ -224,7 +254,8 @@ def train_network(
 
     Args:
         net: the network (moved to ``device``; put in train mode).
-        data: ``images [N, C, H, W]`` float with ``labels [N]`` int64, an ``(images, labels)`` pair, or a
+        data: ``images [N, C, H, W]`` float with ``labels [N]`` int64 (or soft targets ``[N, K]`` float
+            probabilities: the loss is then :func:`soft_cross_entropy`), an ``(images, labels)`` pair, or a
             callable ``epoch_data(epoch, generator) -> (images, labels)`` called once per epoch (the
             training set is re-materialized every epoch, e.g. HaBa's random hallucinator per sample).
         labels: the labels when ``data`` is an images tensor.
@@ -294,7 +325,7 @@ def train_network(
             if callable(source):
                 with torch.no_grad():
                     x_all, y_all = source(ep, generator)
-                x_all, y_all = _check_pair(x_all.detach(), y_all, f"epoch_data(epoch={ep})")
+                x_all, y_all = _check_pair(x_all.detach(), y_all, f"epoch_data(epoch={ep})", soft_ok=True)
             else:
                 x_all, y_all = source
             net.train()
@@ -312,12 +343,12 @@ def train_network(
                 if use_dsa:
                     x = _augment(x, dsa_strategy, generator)
                 out = net(x)
-                loss = F.cross_entropy(out, y)
+                loss = soft_cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total_loss += loss.detach() * y.shape[0]
-                correct += (out.detach().argmax(dim=1) == y).sum()
+                correct += (out.detach().argmax(dim=1) == _hard(y)).sum()
             stats = EpochStats(epoch=ep, loss=total_loss.item() / n, accuracy=correct.item() / n, lr=current_lr)
             last = ep == epochs - 1
             if test_data is not None and (last or (test_every and (ep + 1) % test_every == 0)):

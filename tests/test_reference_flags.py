@@ -589,7 +589,7 @@ def _distiller(digits, **kw):
 def test_distiller_samples_trajectories_as_the_reference(digits):
     d = _distiller(digits, max_files=2, max_experts=1)
     trajs = [d.sample_trajectory()[0] for _ in range(8)]
-    pool = d.trajectories.pool()
+    pool = d.objective.trajectories.pool()
     assert len(pool) == 2 and set(trajs) == set(pool)
     assert all(FILES[[t in f for f in FILES].index(True)][0] == t for t in pool)  # the first expert of its file
     # resume continues the walk where it was
@@ -713,13 +713,13 @@ def test_plain_sgd_on_stacked_rows_would_move_unused_hallucinators():
 def test_distiller_step_leaves_unused_hallucinators_alone(digits):
     d = _distiller(digits)
     plans = []
-    real_plan = d.sample_plan
+    real_plan = d.objective.sample_plan
 
     def spy():
         plans.append(real_plan())
         return plans[-1]
 
-    d.sample_plan = spy
+    d.objective.sample_plan = spy
     for _ in range(3):
         before = [p.detach().clone() for p in d.synthetic.hallucinator_parameters()]
         bufs = [d.opt_style.state.get(p, {}).get("momentum_buffer") for p in d.synthetic.hallucinator_parameters()]

@@ -1,7 +1,8 @@
 """``haba-fast bench <what>``: benchmarks that print one JSON line per result.
 
 ``iteration`` (full HaBa step per engine) lives in ``haba_fast.benchmarks.iteration``; ``genaug``
-(generate + augment, fwd+bwd per DSA family and backend) in ``haba_fast.benchmarks.genaug``. Each
+(generate + augment, fwd+bwd per DSA family and backend) in ``haba_fast.benchmarks.genaug``; ``objective``
+(one iteration per objective x parameterization) in ``haba_fast.benchmarks.objective``. Each
 module provides ``add_arguments(parser)`` and ``run(args) -> int``.
 """
 
@@ -15,6 +16,10 @@ BENCHMARKS = {
         "one full HaBa distillation iteration per engine: s_per_iter, peak_rss_mb",
     ),
     "genaug": ("haba_fast.benchmarks.genaug", "generate + augment forward+backward per DSA family and backend"),
+    "objective": (
+        "haba_fast.benchmarks.objective",
+        "one distillation iteration per objective (mtt, dc, dsa, dm) x parameterization: s_per_iter",
+    ),
 }
 
 

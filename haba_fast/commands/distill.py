@@ -75,7 +75,7 @@ _FLAGS: List[tuple] = [
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
     ("lr_style", ["--lr_style", "--lr-style"], dict(type=float), "learning rate of the hallucinators"),
-    ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "refused (see REFUSED)"),
+    ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "dc/dsa/dm: real images per class per step"),
     ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int), "bases per unrolled step (default: all)"),
     ("batch_train", ["--batch_train", "--batch-train"], dict(type=int), "evaluation training batch"),
     (
@@ -209,13 +209,32 @@ _FLAGS: List[tuple] = [
         "pixels)",
     ),
     ("eval_models", ["--eval-models", "--eval_models"], dict(type=str), "comma-separated evaluation networks"),
+    (
+        "objective",
+        ["--objective"],
+        dict(type=str, choices=["mtt", "dc", "dsa", "dm"]),
+        "distillation objective: mtt (trajectory matching, needs a buffer), dc / dsa (gradient matching without / "
+        "with Siamese augmentation), dm (distribution matching); sets that objective's public-code defaults "
+        "(lr_img, ...) under the flags given",
+    ),
+    ("lr_net", ["--lr-net", "--lr_net"], dict(type=float), "dc/dsa: network lr; dc/dsa/dm: evaluation lr (0.01)"),
+    ("outer_loop", ["--outer-loop", "--outer_loop"], dict(type=int), "dc/dsa: updates per network (default per IPC)"),
+    ("inner_loop", ["--inner-loop", "--inner_loop"], dict(type=int), "dc/dsa: network epochs between updates"),
+    (
+        "soft_labels",
+        ["--soft-labels", "--soft_labels"],
+        dict(action="store_const", const=True),
+        "learn soft labels (logits per image, or per basis for HaBa), trained by the objective",
+    ),
+    ("lr_label", ["--lr-label", "--lr_label"], dict(type=float), "learning rate of the soft label logits"),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
 REFUSED: Dict[str, str] = {
     "subset": "it picks an ImageNet subset in the reference, and haba_fast has no ImageNet loader (the reference "
     "ignores it for other datasets); put the subset's images in class folders and use --dataset folder --data_path",
-    "batch_real": "the reference uses it only for its ImageNet per-class loaders, which haba_fast does not have; "
+    "batch_real": "the HaBa/MTT reference uses it only for its ImageNet per-class loaders, which haba_fast does not "
+    "have (it is the real batch per class of --objective dc, dsa and dm); "
     "drop it",
     "pretrained_ckpt": "the reference parses it and never reads it; to continue a run use --resume --out RUN",
     "force_save": "it only makes the reference log image grids to wandb at ipc >= 50; haba_fast always writes "
@@ -228,6 +247,9 @@ REFUSED: Dict[str, str] = {
     "canvas_samples": "it only counts MTT's --texture canvas crops, which haba_fast does not implement; drop it",
 }
 
+# Refused reference flags that mean something for other objectives: flag -> the objectives that use it.
+OBJECTIVE_FLAGS: Dict[str, tuple] = {"batch_real": ("dc", "dsa", "dm")}
+
 CONFIG_DESTS = tuple(f[0] for f in _FLAGS)
 _REFERENCE_DESTS = set(CONFIG_DESTS[: CONFIG_DESTS.index("parameterization")])
 
@@ -236,6 +258,8 @@ def refuse_unsupported(args: argparse.Namespace) -> None:
     """Raise ValueError naming the first reference flag given that haba_fast refuses, with why and what instead."""
     names = {f[0]: f[1][0] for f in _FLAGS}
     for dest, reason in REFUSED.items():
+        if dest in OBJECTIVE_FLAGS and getattr(args, "objective", "mtt") in OBJECTIVE_FLAGS[dest]:
+            continue
         if hasattr(args, dest):
             raise ValueError(f"{names[dest]} is not supported: {reason}")
     if getattr(args, "no_aug", True) is False:
@@ -252,7 +276,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for dest, names, kwargs, help_text in _FLAGS:
         group = ref if dest in _REFERENCE_DESTS else ours
         if dest in REFUSED:
-            help_text = f"refused: {REFUSED[dest]}".replace("%", "%%")
+            prefix = f"{help_text}; with mtt refused: " if dest in OBJECTIVE_FLAGS else "refused: "
+            help_text = f"{prefix}{REFUSED[dest]}".replace("%", "%%")
         group.add_argument(*names, dest=dest, default=_S, help=help_text, **kwargs)
     ours.add_argument(
         "--preset",
@@ -279,13 +304,18 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 def config_from_args(args: argparse.Namespace):
     """DistillConfig: defaults, then the preset, then the flags given on the command line."""
     from haba_fast import augment
-    from haba_fast.distill import DistillConfig, apply_preset
+    from haba_fast.distill import DistillConfig, apply_objective, apply_preset
 
     refuse_unsupported(args)
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
-    given = {d: getattr(args, d) for d in CONFIG_DESTS if hasattr(args, d) and d not in REFUSED}
+    if hasattr(args, "objective"):
+        cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
+    usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
+    given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
+    if "lr_net" in given and (given.get("objective") or cfg.objective) == "mtt":
+        raise ValueError("--lr-net applies to --objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)")
     if "eval_models" in given:
         given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
     if "dataset" in given:
@@ -344,12 +374,17 @@ def run(args: argparse.Namespace) -> int:
     from haba_fast.distill import distill
 
     cfg = config_from_args(args)
-    out = args.out or f"runs/{cfg.dataset}_{cfg.parameterization}_ipc{cfg.budget_ipc or cfg.ipc}"
+    tag = "" if cfg.objective == "mtt" else f"_{cfg.objective}"
+    out = args.out or f"runs/{cfg.dataset}_{cfg.parameterization}{tag}_ipc{cfg.budget_ipc or cfg.ipc}"
     dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
-    buffer = experts.load_buffer(_buffer_location(cfg))
+    from haba_fast.objectives.base import get_objective
+
+    # Only trajectory matching reads expert trajectories.
+    buffer = experts.load_buffer(_buffer_location(cfg)) if get_objective(cfg.objective).needs_buffer else None
     result = distill(cfg, dataset, buffer, out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    lr_text = f"learned lr {result.syn_lr:.4g}" if cfg.objective == "mtt" else f"evaluation lr {result.syn_lr:.4g}"
     print(
-        f"done: {result.iterations} iterations in {result.seconds:.0f} s; learned lr {result.syn_lr:.4g}; "
+        f"done: {result.iterations} iterations in {result.seconds:.0f} s; {lr_text}; "
         f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)"
     )
     for ev in result.evaluations[-1:]:

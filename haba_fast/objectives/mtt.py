@@ -1,4 +1,4 @@
-"""Trajectory matching (MTT) for the ``Pixels`` and ``HaBa`` parameterizations.
+"""Trajectory matching (MTT) for the ``Pixels`` and ``HaBa`` parameterizations: the ``mtt`` objective.
 
 One iteration's synthetic inputs are built in ONE batched call for all N unrolled steps: generate
 (bases × hallucinator of each step; for Pixels, a gather of images) then DSA with each step's own
@@ -13,9 +13,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from haba_fast.objectives.base import Objective, ObjectiveOutput, ObjectiveSetup, register_objective
 from haba_fast.trajectory import Engine, StepPlan
 
-__all__ = ["is_haba", "synthetic_labels", "synthetic_samples", "augment_groups", "build_inputs", "trajectory_loss"]
+__all__ = [
+    "is_haba",
+    "synthetic_labels",
+    "synthetic_samples",
+    "augment_groups",
+    "build_inputs",
+    "trajectory_loss",
+    "soft_label_trajectory_loss",
+    "TrajectoryMatching",
+]
 
 
 def is_haba(syn: nn.Module) -> bool:
@@ -130,3 +140,145 @@ def trajectory_loss(
     X, Y = build_inputs(syn, plan)
     device = X.device
     return engine(model, X, Y, w_start.to(device), w_target.to(device), lr)
+
+
+def soft_label_trajectory_loss(
+    model: nn.Module, syn: nn.Module, plan: StepPlan, w_start: Tensor, w_target: Tensor, lr: Tensor
+) -> Tensor:
+    """MTT's loss with the student trained on SOFT labels (create-graph unroll; memory grows with N).
+
+    As the naive engine, with each step's loss the soft cross-entropy against ``softmax(label_logits)`` of the
+    step's rows: differentiable in the synthetic set, the label logits and ``lr``. The engines of
+    ``haba_fast.trajectory`` take hard labels only, so soft labels always unroll this way.
+    """
+    from haba_fast.models import functional_forward
+    from haba_fast.training import soft_cross_entropy
+    from haba_fast.trajectory import normalized_distance
+
+    X, _ = build_inputs(syn, plan)
+    probs = syn.label_targets()
+    P = probs[plan.base_idx.reshape(-1).to(probs.device)].reshape(*plan.base_idx.shape, -1).to(X.device)
+    denom = normalized_distance(w_start, w_target).to(X.device)
+    w = w_start.detach().to(X.device, X.dtype).requires_grad_(True)
+    for t in range(X.shape[0]):
+        (g,) = torch.autograd.grad(soft_cross_entropy(functional_forward(model, w, X[t]), P[t]), w, create_graph=True)
+        w = w - lr * g
+    return (w - w_target.detach().to(w)).pow(2).sum() / denom.to(w.dtype)
+
+
+@register_objective
+class TrajectoryMatching(Objective):
+    """MTT: match expert trajectories with a learned lr (the HaBa reference's objective).
+
+    Per iteration: an expert trajectory and start epoch from the buffer, the iteration's step plan (which also
+    holds the adversarial term's draws), and the engine's loss ``||w_N - w*||^2 / ||w_start - w*||^2``.
+    """
+
+    name = "mtt"
+    needs_buffer = True
+    learns_lr = True
+    normalized_loss = True
+    momentum = 0.95  # the HaBa reference: SGD momentum 0.95 for bases and hallucinators (and images)
+    defaults: Dict[str, Any] = {}
+
+    def __init__(self, setup: ObjectiveSetup):
+        super().__init__(setup)
+        from haba_fast import models
+        from haba_fast.trajectory import get_engine
+
+        cfg = self.cfg
+        self.buffer = setup.buffer
+        if self.buffer is None:
+            raise ValueError(
+                "objective mtt needs an expert buffer (train one with `haba-fast buffer`, pass --buffer_path); "
+                "the dc, dsa and dm objectives need none"
+            )
+        self.stream = setup.stream
+        self.strategy = setup.strategy
+        self.haba = cfg.parameterization == "haba"
+        self.im_size = tuple(setup.dataset.im_size)
+        self._check_buffer()
+        ds = setup.dataset
+        # The student: only its structure is used (the engine replaces its weights by w_start).
+        self.student = models.get_network(
+            cfg.model, ds.channels, ds.num_classes, self.im_size, generator=self.generator, device=self.device
+        )
+        P = models.num_params(self.student)
+        w0 = self.buffer.snapshot(0, 0)
+        if w0.numel() != P:
+            raise ValueError(
+                f"the expert buffer holds {w0.numel()} parameters per snapshot but a {cfg.model} for "
+                f"{ds.channels}×{self.im_size[0]}×{self.im_size[1]} images with {ds.num_classes} classes has {P}; "
+                "was the buffer trained for another model or dataset?"
+            )
+        self.engine = get_engine(cfg.engine)
+        from haba_fast.experts import TrajectorySampler
+
+        self.trajectories = TrajectorySampler(
+            self.buffer,
+            load_all=cfg.load_all,
+            max_files=cfg.max_files,
+            max_experts=cfg.max_experts,
+            generator=self.generator,
+        )
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"trajectories": self.trajectories.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "trajectories" in state:  # checkpoints written before the reference's trajectory walk lack it
+            self.trajectories.load_state_dict(state["trajectories"])
+
+    def describe(self) -> str:
+        if self.cfg.soft_labels:
+            return "objective mtt: soft labels, create-graph unroll (the engines take hard labels only)"
+        approx = " (an approximation)" if getattr(self.engine, "approximate", False) else ""
+        return f"objective mtt: engine {self.engine.name}{approx}"
+
+    def _check_buffer(self) -> None:
+        n = int(self.buffer.num_trajectories)
+        if n < 1:
+            raise ValueError("the expert buffer holds no trajectories; train experts with `haba-fast buffer`")
+        epochs = getattr(self.buffer, "num_epochs", None)
+        if epochs is not None:
+            need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
+            if need > int(epochs):
+                raise ValueError(
+                    f"--max_start_epoch {self.cfg.max_start_epoch} + --expert_epochs {self.cfg.expert_epochs} needs "
+                    f"snapshots up to epoch {need}, but the buffer's experts trained {epochs} epochs; lower them or "
+                    "train longer experts"
+                )
+
+    def sample_trajectory(self) -> Tuple[int, int, Tensor, Tensor]:
+        """(trajectory, start epoch, w_start [P], w_target [P]) drawn from the run's generator.
+
+        The trajectory is the reference's choice (:class:`haba_fast.experts.TrajectorySampler`: ``load_all``,
+        ``max_files``, ``max_experts``)."""
+        traj = self.trajectories.next()
+        start = int(torch.randint(int(self.cfg.max_start_epoch), (1,), generator=self.generator))
+        w_start = self.buffer.snapshot(traj, start).to(self.device, torch.float32)
+        w_target = self.buffer.snapshot(traj, start + self.cfg.expert_epochs).to(self.device, torch.float32)
+        return traj, start, w_start, w_target
+
+    def sample_plan(self) -> StepPlan:
+        from haba_fast.trajectory import sample_plan
+
+        return sample_plan(
+            self.stream,
+            self.cfg.syn_steps,
+            self.cfg.n_hallucinators if self.haba else 1,
+            self.im_size,
+            strategy=self.strategy,
+            adversarial=self.haba,
+            generator=self.generator,
+        )
+
+    def loss(self, syn: nn.Module, lr: Tensor) -> ObjectiveOutput:
+        traj, start, w_start, w_target = self.sample_trajectory()
+        plan = self.sample_plan()
+        if getattr(syn, "label_logits", None) is not None:
+            loss = soft_label_trajectory_loss(self.student, syn, plan, w_start, w_target, lr)
+        else:
+            loss = trajectory_loss(self.engine, self.student, syn, plan, w_start, w_target, lr)
+        metrics = {"start_epoch": float(start), "trajectory": float(traj)}
+        return ObjectiveOutput(loss, metrics, club=plan.club, adversary=plan.adversary)
