@@ -13,9 +13,10 @@ A run's ``--out`` folder holds (see ``docs/ARCHITECTURE.md``, "Resume and failur
 
 Resume compares the whole result-changing configuration (:func:`result_keys`) and a fingerprint of the inputs
 (training images and labels, expert buffer). A difference is an error naming the flags; ``allow_changed``
-continues with the new values (new optimizer learning rates included). Every random stream (the distillation
-generator, the evaluation generator, torch's global CPU generator) is saved, so a run killed at any point and
-resumed ends bitwise equal to an uninterrupted one on the CPU.
+continues with the new values (new optimizer learning rates included). Every random stream of a run is saved
+(the distillation generator and the evaluation generator; nothing draws from torch's global generator, which a
+library must not reseed), so a run killed at any point and resumed ends bitwise equal to an uninterrupted one on
+the CPU.
 """
 
 from __future__ import annotations
@@ -157,7 +158,6 @@ def distiller_state(distiller: "Distiller", *, inputs: Optional[Dict[str, Any]] 
         "rng": {
             "distill": _generator_state(d.generator),
             "eval": _generator_state(d.eval_generator),
-            "torch": torch.get_rng_state(),
         },
     }
     return copy.deepcopy(state)
@@ -211,8 +211,6 @@ def load_distiller_state(distiller: "Distiller", state: Dict[str, Any]) -> None:
         d.generator.set_state(rng["distill"])
         if rng.get("eval") is not None:
             d.eval_generator.set_state(rng["eval"])
-        if rng.get("torch") is not None:
-            torch.set_rng_state(rng["torch"])
     d.bad_steps = int(state.get("bad_steps", 0))
     d.iteration = int(state["iteration"])
 

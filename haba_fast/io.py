@@ -71,7 +71,26 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            # torch's writer reports a failed write (full disk, quota) as a RuntimeError without its errno.
+            _raise_write_error(tmp.parent, exc)
+            raise
+
+
+def _raise_write_error(directory: Path, exc: BaseException) -> None:
+    """Raise the OSError (real errno) that writing into ``directory`` gives now, if any; else return."""
+    probe = directory / f".haba_fast_probe.{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (256 << 10))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (while writing: {exc})") from exc
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
