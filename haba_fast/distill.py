@@ -502,7 +502,7 @@ class Distiller:
 
         The learned lr: "plain" (the reference) steps lr itself and clamps it to >= min_lr; "log" steps
         u = log(lr) with du = lr · d(lr) (the chain rule), so lr = exp(u) stays positive, and clamps u to
-        >= log(min_lr) (no floor when min_lr = 0).
+        >= log(min_lr) (with min_lr = 0: >= log of the dtype's smallest normal number, so exp(u) > 0).
         """
         at_floor = float(self.syn_lr.detach()) <= self.cfg.min_lr
         lower = "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
@@ -533,11 +533,12 @@ class Distiller:
         self.opt_lr.step()
         with torch.no_grad():
             if self.lr_param is self.syn_lr:
-                clamped = float(self.syn_lr) < self.cfg.min_lr
+                clamped = float(self.syn_lr.detach()) < self.cfg.min_lr
                 self.syn_lr.clamp_(min=self.cfg.min_lr)
             else:
-                floor = math.log(self.cfg.min_lr) if self.cfg.min_lr > 0 else -math.inf
-                clamped = float(self.lr_param) < floor
+                # exp(u) must stay a positive float: the floor is min_lr, or the dtype's smallest normal number.
+                floor = math.log(max(self.cfg.min_lr, torch.finfo(self.syn_lr.dtype).tiny))
+                clamped = float(self.lr_param.detach()) < floor
                 self.lr_param.clamp_(min=floor)
                 self.syn_lr.copy_(self.lr_param.exp())
         if not all(torch.isfinite(p).all() for p in self._trainable() + [self.lr_param]):
