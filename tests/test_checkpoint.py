@@ -51,6 +51,19 @@ def assert_same_state(a, b, path="state"):
         assert a == b, (path, a, b)
 
 
+def test_state_comparison_can_fail():
+    a = {"x": torch.tensor([0.0, 1.0]), "n": 1, "l": [torch.tensor([1], dtype=torch.uint8)]}
+    assert_same_state(a, {"x": torch.tensor([0.0, 1.0]), "n": 1, "l": [torch.tensor([1], dtype=torch.uint8)]})
+    for b in (
+        {"x": torch.tensor([-0.0, 1.0]), "n": 1, "l": a["l"]},  # equal as numbers, different bits
+        {"x": a["x"], "n": 2, "l": a["l"]},
+        {"x": a["x"], "n": 1, "l": [torch.tensor([2], dtype=torch.uint8)]},
+        {"x": a["x"], "n": 1},
+    ):
+        with pytest.raises(AssertionError):
+            assert_same_state(a, b)
+
+
 def _history(run):
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
