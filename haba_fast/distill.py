@@ -1,4 +1,4 @@
-"""Distillation: the HaBa / pixel-MTT iteration, the run loop with checkpoints and resume, presets.
+"""Distillation: the HaBa / pixel-MTT iteration, the run loop (checkpoints and resume in haba_fast.checkpoint), presets.
 
 One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does it:
 
@@ -10,15 +10,16 @@ One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does 
 4. HaBa: add λ_club · mean((cos(f(x_a), f(x_b)) + 1) / 2) for one batch of bases under two different
    hallucinators (f: the adversary's features);
 5. one SGD step on the bases (lr_img), the hallucinators (lr_style), both momentum 0.95, and on the
-   learned lr (lr_lr, momentum 0.9, then clipped to ≥ min_lr);
+   learned lr (lr_lr, momentum 0.9, then clipped to ≥ min_lr; or, with ``lr_param="log"``, on log lr);
 6. HaBa: one step of the adversary (SGD lr 1e-3, momentum 0.9) on a fresh batch with
    λ_cls·CE + λ_likeli·mean((1 − cos)/2) + λ_contrast·SupCon.
 
 ``distill`` runs iterations with a progress bar, evaluates periodically (the reference evaluates in
-the last tenth of the run, every ``eval_it`` iterations), writes checkpoints atomically in our format
-and in the reference's (``images_<it>.pt``, ``styles_<it>.pt``, ``syn_lr_<it>.pt``) plus the full
-optimizer/RNG state for ``resume``, and stops with a clear message when the loss stops being finite
-or explodes, keeping the last good checkpoint.
+the last tenth of the run, every ``eval_it`` iterations), and writes checkpoints (``haba_fast.checkpoint``:
+our format, the reference's ``images_<it>.pt`` / ``styles_<it>.pt`` / ``syn_lr_<it>.pt``, and the resume
+state). A bad iteration (non-finite or exploded loss, non-finite gradients or update) changes nothing and is
+skipped (logged to the history and stderr); ``max_bad_steps`` in a row stop the run with a ``DivergenceError``
+that names the likely cause, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -694,7 +695,8 @@ def distill(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_writable(out, what="--out folder")
-        stale = remove_temp_files(out)
+        # Only the folders a run writes (a shared --out such as the home folder keeps other programs' files).
+        stale = remove_temp_files(out, recursive=False) + remove_temp_files(out / "reference", recursive=False)
         if stale:
             log(f"removed {len(stale)} temp file(s) a stopped run left in {out}")
     distiller = Distiller(cfg, dataset, buffer, device=device)

@@ -457,10 +457,11 @@ class _HabaWriter:
             array = flat.numpy()
         with atomic_path(self.out_dir / name) as tmp:
             np.ascontiguousarray(array).tofile(tmp)
-        self.header["trajectories"].append({"file": name, **info})
+        header = dict(self.header, trajectories=[*self.header["trajectories"], {"file": name, **info}])
         # The header lists a trajectory only after its file is complete: a crash in between leaves an
-        # unlisted .bin that the next run overwrites.
-        atomic_write_text(json.dumps(self.header, indent=1), self.out_dir / HEADER_NAME)
+        # unlisted .bin that the next run overwrites. In memory too: a failed header write changes nothing.
+        atomic_write_text(json.dumps(header, indent=1), self.out_dir / HEADER_NAME)
+        self.header = header
 
     def finish(self) -> None:
         pass

@@ -432,3 +432,30 @@ def test_buffer_read_only_and_full(tmpfs):
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     with pytest.raises(ValueError, match="cannot write to the expert output folder .*Read-only"):
         train_experts(ds, cfg, tmpfs / "buf", progress=False)
+
+
+def test_buffer_write_failure_keeps_finished_experts(tmp_path, monkeypatch):
+    """Anywhere (no root needed): the header write after expert 1 fails as a full disk does; a rerun finishes the
+    buffer, equal to an uninterrupted one."""
+    import haba_fast.experts as ex
+
+    ds = data.load("digits", subset_per_class=5, generator=torch.Generator().manual_seed(0))
+    cfg = ex.ExpertConfig(model=MODEL, num_experts=2, epochs=1, batch_size=50, test_every=0, device="cpu")
+    real = ex.atomic_write_text
+    calls = []
+
+    def failing(text, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(text, path)
+
+    monkeypatch.setattr(ex, "atomic_write_text", failing)
+    with pytest.raises(ValueError, match="could not write expert 1 .*No space left.*the 1 finished expert"):
+        ex.train_experts(ds, cfg, tmp_path / "buf", progress=False)
+    monkeypatch.setattr(ex, "atomic_write_text", real)
+    assert ex.load_buffer(tmp_path / "buf").num_trajectories == 1
+    ex.train_experts(ds, cfg, tmp_path / "buf", progress=False)
+    ex.train_experts(ds, cfg, tmp_path / "ref", progress=False)
+    for name in ("experts.json", "expert_00000.bin", "expert_00001.bin"):
+        assert (tmp_path / "buf" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
