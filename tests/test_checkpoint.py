@@ -296,23 +296,52 @@ def test_crafted_checkpoint_is_refused_and_not_executed(digits, buffer, tmp_path
     assert marker.exists()
 
 
-def test_crafted_checkpoint_through_the_cli(tmp_path, capsys):
-    from haba_fast.cli import main
+@pytest.fixture(scope="module")
+def cli_buffer(tmp_path_factory):
     from haba_fast.experts import ExpertConfig, train_experts
 
+    out = tmp_path_factory.mktemp("cli_buffer") / "buf"
     ds = data.load("digits", subset_per_class=5, generator=torch.Generator().manual_seed(0))
     cfg = ExpertConfig(model=MODEL, num_experts=1, epochs=2, batch_size=50, test_every=0, device="cpu")
-    train_experts(ds, cfg, tmp_path / "buf", progress=False)
+    train_experts(ds, cfg, out, progress=False)
+    return out
+
+
+def _cli_argv(buf, run, *extra):
+    return ["distill", "--dataset", "digits", "--model", MODEL, "--buffer_path", str(buf), "--n_style", "2",
+            "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "1", "--num_eval", "0",
+            "--engine", "naive", "--device", "cpu", "--out", str(run), "--no-progress", *extra]  # fmt: skip
+
+
+def test_crafted_checkpoint_through_the_cli(cli_buffer, tmp_path, capsys):
+    from haba_fast.cli import main
+
     run = tmp_path / "run"
     run.mkdir()
     marker = tmp_path / "pwned"
     torch.save({"format": ck.FORMAT, "payload": _Evil(marker)}, run / "checkpoint.pt")
-    argv = ["distill", "--dataset", "digits", "--model", MODEL, "--buffer_path", str(tmp_path / "buf"),
-            "--expert_epochs", "1", "--max_start_epoch", "1", "--out", str(run), "--resume", "--no-progress"]
-    assert main(argv) == 2
+    assert main(_cli_argv(cli_buffer, run, "--resume")) == 2
     err = capsys.readouterr().err
     assert "checkpoint" in err and "not loaded" in err and "Traceback" not in err
     assert not marker.exists()
+
+
+def test_allow_changed_through_the_cli(cli_buffer, tmp_path, capsys):
+    from haba_fast.cli import main
+
+    run = tmp_path / "run"
+    assert main(_cli_argv(cli_buffer, run, "--Iteration", "1")) == 0
+    capsys.readouterr()
+    assert main(_cli_argv(cli_buffer, run, "--Iteration", "2", "--lr-img", "5", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "--lr_img 100.0 -> 5.0" in err and "--allow-changed lr_img" in err
+    assert main(_cli_argv(cli_buffer, run, "--Iteration", "2", "--lr-img", "5", "--allow-changed", "lr_img")) == 2
+    assert "--allow-changed needs --resume" in capsys.readouterr().err
+    argv = _cli_argv(cli_buffer, run, "--Iteration", "2", "--lr-img", "5", "--resume", "--allow-changed", "lr-img")
+    assert main(argv) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["config"]["lr_img"] == 5.0
+    assert state["opt_img"]["param_groups"][0]["lr"] == 5.0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
