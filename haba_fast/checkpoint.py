@@ -21,12 +21,13 @@ the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ __all__ = [
     "save_checkpoint",
     "save_reference",
     "synthetic_meta",
+    "writing",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -383,7 +385,7 @@ def save_checkpoint(
 
     out_dir = Path(out_dir)
     it = distiller.iteration
-    try:
+    with writing(f"the checkpoint of iteration {it}", out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = synthetic_meta(distiller, dataset)
         distiller.synthetic.save(out_dir / f"synthetic_{it}.pt", meta)
@@ -391,12 +393,19 @@ def save_checkpoint(
         save_reference(distiller, out_dir / "reference", str(it))
         # The resume state goes last: a checkpoint.pt always points at files that exist.
         atomic_torch_save(distiller_state(distiller, inputs=inputs), out_dir / CHECKPOINT_NAME)
+    return out_dir / CHECKPOINT_NAME
+
+
+@contextlib.contextmanager
+def writing(what: str, out_dir: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only) into a ValueError that says the last checkpoint is intact."""
+    try:
+        yield
     except OSError as exc:
         raise ValueError(
-            f"could not write the checkpoint of iteration {it} in {out_dir}: {exc.strerror or exc}; the last "
-            f"complete checkpoint ({CHECKPOINT_NAME}) is intact: free space and rerun with --resume"
+            f"could not write {what} in {out_dir}: {exc.strerror or exc}; the last complete checkpoint "
+            f"({CHECKPOINT_NAME}) is intact: free space and rerun with --resume"
         ) from exc
-    return out_dir / CHECKPOINT_NAME
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -779,10 +779,10 @@ def distill(
                 )
                 if out is not None and acc > best:
                     best = acc
-                    distiller.synthetic.save(
-                        out / "synthetic_best.pt", dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
-                    )
-                    ckpt_mod.save_reference(distiller, out / "reference", "best")
+                    with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
+                        meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
+                        distiller.synthetic.save(out / "synthetic_best.pt", meta)
+                        ckpt_mod.save_reference(distiller, out / "reference", "best")
             # No checkpoint inside a run of bad steps: a resume must start from a state that stepped well.
             due = it % every == 0 or it == cfg.iterations
             if out is not None and due and distiller.bad_steps == 0:
@@ -799,10 +799,11 @@ def distill(
     if out is not None:
         if result.checkpoint is None and distiller.bad_steps == 0:
             result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
-        distiller.synthetic.save(out / "synthetic.pt", ckpt_mod.synthetic_meta(distiller, dataset))
         from haba_fast.visualize import synthetic_grid
 
-        result.grid_path = synthetic_grid(distiller.synthetic, out / "synthetic.png")
+        with ckpt_mod.writing("the final synthetic set", out):
+            distiller.synthetic.save(out / "synthetic.pt", ckpt_mod.synthetic_meta(distiller, dataset))
+            result.grid_path = synthetic_grid(distiller.synthetic, out / "synthetic.png")
     log(_storage_line(storage))
     if result.grid_path is not None:
         log(f"grid: {result.grid_path}")
