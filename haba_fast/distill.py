@@ -447,7 +447,8 @@ class Distiller:
 
         Returns:
             metrics: ``loss`` (matching), ``club``, ``grand``, ``adv_loss``, ``adv_cls``, ``adv_likeli``,
-            ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``start_epoch``, ``trajectory``, ``iteration``.
+            ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
+            ``start_epoch``, ``trajectory``, ``iteration``.
 
         Raises:
             BadStepError (a DivergenceError): non-finite or exploding loss/gradients, or an update that would

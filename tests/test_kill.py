@@ -122,13 +122,13 @@ def _mtime(path):
 
 def kill_loop(
     args, out, progress_file, kills, rng, log, modes=("early", "write", "random"), launch=_popen, final=None,
-    start_file=None,
+    start_file=None, max_writes=8,
 ):
     """Start ``args`` again and again, SIGKILL it ``kills`` times, then let it finish.
 
     Modes (cycled): "early": a random moment of the start-up (within 0.3 s after ``start_file`` changed, or
     within 3 s of the launch without one: loading, cleanup, the history rewrite, the first step); "write":
-    inside the n-th atomic write of the launch (n random in 1..8: a temp file exists at the kill); "random":
+    inside the n-th atomic write of the launch (n random in 1..max_writes: a temp file exists at the kill); "random":
     after it made progress (``progress_file`` changed), a random moment within the next half second.
 
     Returns:
@@ -153,7 +153,7 @@ def kill_loop(
             elif mode == "write":
                 # inside the n-th atomic write of this launch (history rewrite, synthetic files, checkpoint.pt,
                 # an expert's .bin, experts.json, ...)
-                n, seen = rng.randint(1, 8), set()
+                n, seen = rng.randint(1, max_writes), set()
                 deadline = time.monotonic() + 60
                 while p.poll() is None and time.monotonic() < deadline:
                     now = {t.name for t in _temp_files(out)}
@@ -219,10 +219,11 @@ def test_twenty_kills_buffer_and_distill(tmp_path):
     rng = random.Random(0)
     log = tmp_path / "log.txt"
     ref_buf, buf = tmp_path / "ref_buf", tmp_path / "buf"
-    experts, epochs, iterations = 8, 2, 10
+    experts, epochs, iterations = 10, 2, 10
     _run(buffer_args(ref_buf, experts, epochs), log)
+    # two writes per expert (its .bin, then experts.json): at most 3 writes in, so the kills outlast the experts
     k1, w1 = kill_loop(buffer_args(buf, experts, epochs), buf, buf / "experts.json", 6, rng, log, launch=_Forked,
-                       final=_popen)
+                       final=_popen, max_writes=3)
     m1 = compare_buffers(ref_buf, buf)
     _report("buffer", k1, w1, m1)
 
@@ -253,7 +254,7 @@ def test_two_kills_distill(tmp_path):
     ds = data.load("digits", subset_per_class=20, generator=torch.Generator().manual_seed(0))
     train_experts(ds, ExpertConfig(model=MODEL, num_experts=1, epochs=2, batch_size=64, test_every=0, device="cpu"),
                   buf, progress=False)
-    iterations = 4
+    iterations = 6
     run, ref_run = tmp_path / "run", tmp_path / "ref_run"
     args = build_parser().parse_args(distill_args(ref_run, buf, iterations))
     distill(config_from_args(args), data.load("digits"), load_buffer(buf), ref_run, progress=False, log=lambda s: None)
