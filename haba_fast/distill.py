@@ -448,6 +448,7 @@ class Distiller:
         Returns:
             metrics: ``loss`` (matching), ``club``, ``grand``, ``adv_loss``, ``adv_cls``, ``adv_likeli``,
             ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
+            ``adv_skipped`` (HaBa: 1.0 when the adversary's loss or gradients were not finite and it did not step),
             ``start_epoch``, ``trajectory``, ``iteration``.
 
         Raises:
@@ -487,8 +488,7 @@ class Distiller:
                 x_pair, labels = self._pair(plan.adversary)
             self.opt_adv.zero_grad(set_to_none=True)
             adv = adversary_loss(self.adversary, x_pair, labels, self.weights)
-            adv["total"].backward()
-            self.opt_adv.step()
+            metrics["adv_skipped"] = float(not self._adversary_update(adv["total"]))
             metrics.update({f"adv_{k}" if k != "total" else "adv_loss": float(v.detach()) for k, v in adv.items()})
         self.iteration += 1
         return metrics
@@ -547,6 +547,18 @@ class Distiller:
             self._restore(before)
             raise BadStepError(f"the update made parameters non-finite {where}; {lower}", "update", at_floor)
         return clamped
+
+    def _adversary_update(self, total: Tensor) -> bool:
+        """Backward and one step of the adversary, unless its loss or a gradient is not finite (then skipped:
+        a non-finite adversary would make every later club term, and so every later step, bad)."""
+        if not torch.isfinite(total.detach()):
+            return False
+        total.backward()
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.adversary.parameters()):
+            self.opt_adv.zero_grad(set_to_none=True)
+            return False
+        self.opt_adv.step()
+        return True
 
     def _snapshot(self) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
         values = [p.detach().clone() for p in self._trainable() + [self.lr_param]]

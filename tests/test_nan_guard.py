@@ -116,6 +116,22 @@ def test_a_learned_lr_at_its_floor_is_named(digits, buffer, tmp_path):
         distill(cfg, digits, buffer, tmp_path, on_iteration=blow_up, **QUIET)
 
 
+def test_non_finite_adversary_step_is_skipped(digits, buffer):
+    d = Distiller(_cfg(), digits, buffer)
+    m = d.step()
+    assert m["adv_skipped"] == 0.0
+    before = [p.detach().clone() for p in d.adversary.parameters()]
+    hooks = [p.register_hook(lambda g: g * float("nan")) for p in d.adversary.parameters()]
+    bases = d.synthetic.bases.detach().clone()
+    m = d.step()  # the club term's gradient reaches the bases only, so the synthetic step is good
+    assert m["adv_skipped"] == 1.0 and not torch.equal(bases, d.synthetic.bases)
+    for p, q in zip(d.adversary.parameters(), before):
+        assert torch.equal(p, q)
+    for h in hooks:
+        h.remove()
+    assert d.step()["adv_skipped"] == 0.0
+
+
 def test_max_bad_steps_must_be_positive():
     with pytest.raises(ValueError, match="--max-bad-steps"):
         DistillConfig(max_bad_steps=0).validate()
