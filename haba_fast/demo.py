@@ -222,7 +222,7 @@ def _run(demo: DemoConfig, log: Callable[[str], None]) -> Dict[str, Any]:
             {
                 "learned_lr": result.syn_lr,
                 "iterations": result.iterations,
-                "final_loss": result.history[-1]["loss"] if result.history else None,
+                "final_loss": result.history[-1].get("loss") if result.history else None,  # a skipped step has none
             },
         )
         if param == "haba":

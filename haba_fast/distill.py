@@ -1,4 +1,4 @@
-"""Distillation: the HaBa / pixel-MTT iteration, the run loop with checkpoints and resume, presets.
+"""Distillation: the HaBa / pixel-MTT iteration, the run loop (checkpoints and resume in haba_fast.checkpoint), presets.
 
 One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does it:
 
@@ -10,27 +10,27 @@ One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does 
 4. HaBa: add λ_club · mean((cos(f(x_a), f(x_b)) + 1) / 2) for one batch of bases under two different
    hallucinators (f: the adversary's features);
 5. one SGD step on the bases (lr_img), the hallucinators (lr_style), both momentum 0.95, and on the
-   learned lr (lr_lr, momentum 0.9, then clipped to ≥ min_lr);
+   learned lr (lr_lr, momentum 0.9, then clipped to ≥ min_lr; or, with ``lr_param="log"``, on log lr);
 6. HaBa: one step of the adversary (SGD lr 1e-3, momentum 0.9) on a fresh batch with
    λ_cls·CE + λ_likeli·mean((1 − cos)/2) + λ_contrast·SupCon.
 
 ``distill`` runs iterations with a progress bar, evaluates periodically (the reference evaluates in
-the last tenth of the run, every ``eval_it`` iterations), writes checkpoints atomically in our format
-and in the reference's (``images_<it>.pt``, ``styles_<it>.pt``, ``syn_lr_<it>.pt``) plus the full
-optimizer/RNG state for ``resume``, and stops with a clear message when the loss stops being finite
-or explodes, keeping the last good checkpoint.
+the last tenth of the run, every ``eval_it`` iterations), and writes checkpoints (``haba_fast.checkpoint``:
+our format, the reference's ``images_<it>.pt`` / ``styles_<it>.pt`` / ``syn_lr_<it>.pt``, and the resume
+state). A bad iteration (non-finite or exploded loss, non-finite gradients or update) changes nothing and is
+skipped (logged to the history and stderr); ``max_bad_steps`` in a row stop the run with a ``DivergenceError``
+that names the likely cause, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +44,9 @@ __all__ = [
     "DistillConfig",
     "Distiller",
     "DistillResult",
+    "BadStepError",
     "DivergenceError",
+    "LR_PARAMS",
     "distill",
     "apply_objective",
     "apply_preset",
@@ -53,6 +55,9 @@ __all__ = [
 
 PARAMETERIZATIONS = ("haba", "pixels")
 PIX_INITS = ("real", "noise")
+# How the learned lr is parameterized (see Distiller): "plain" is the reference's; "log" keeps it positive by
+# construction (lr = exp(u), SGD on u; --lr_lr is then the step size of log(lr)).
+LR_PARAMS = ("plain", "log")
 
 # The reference's CIFAR-10 shell scripts (run_cifar10_ipc{1,10,50}_style5.sh), flag for flag.
 _CIFAR10_COMMON = dict(
@@ -81,6 +86,20 @@ _DROPPED_FIELDS = ("subset", "pretrained_ckpt", "force_save")
 
 class DivergenceError(ValueError):
     """The distillation loss became non-finite or exploded; the run stopped before applying that step."""
+
+
+class BadStepError(DivergenceError):
+    """One iteration's loss or gradients were not finite (or exploded); nothing was updated.
+
+    ``distill`` skips such a step and stops (raising a plain ``DivergenceError``) after ``max_bad_steps`` in a row.
+    Attributes: ``reason`` ("loss", "exploded", "gradient" or "update") and ``lr_clamped`` (the learned lr was
+    at its floor when the step went bad).
+    """
+
+    def __init__(self, message: str, reason: str, lr_clamped: bool = False):
+        super().__init__(message)
+        self.reason = reason
+        self.lr_clamped = lr_clamped
 
 
 @dataclass
@@ -147,6 +166,8 @@ class DistillConfig:
     inner_loop: Optional[int] = None  # DC/DSA: network epochs on the synthetic set between them (None: get_loops)
     soft_labels: bool = False  # learnable label logits per image (Pixels) / per basis (HaBa)
     lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
+    max_bad_steps: int = 5  # a non-finite/exploded step is skipped; this many in a row stop the run
+    lr_param: str = "plain"  # learned lr: "plain" (the reference: SGD on lr, clamped to >= min_lr) or "log"
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -212,6 +233,12 @@ class DistillConfig:
                 f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
                 "takes hard labels only); use --engine naive or auto"
             )
+        if int(self.max_bad_steps) < 1:
+            raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        if self.lr_param not in LR_PARAMS:
+            raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
+        if self.lr_param == "log" and not self.lr_teacher > 0:
+            raise ValueError(f"--lr-param log needs --lr_teacher > 0, got {self.lr_teacher}")
         return self
 
     def to_dict(self) -> Dict[str, Any]:
@@ -438,9 +465,15 @@ class Distiller:
             )
         )
         # The learned lr exists for MTT only; the other objectives evaluate with the fixed lr_net (public code).
+        # ``syn_lr`` is a leaf the loss is differentiated in; the optimizer moves ``lr_param``: syn_lr itself
+        # ("plain"), or u with syn_lr = exp(u) ("log"; see _update).
         learns_lr = objective_cls.learns_lr
         init_lr = float(cfg.lr_teacher) if learns_lr else float(cfg.lr_net)
         self.syn_lr = torch.tensor(init_lr, device=self.device).requires_grad_(learns_lr)
+        if learns_lr and cfg.lr_param == "log":
+            self.lr_param = torch.tensor(math.log(init_lr), device=self.device).requires_grad_(True)
+        else:
+            self.lr_param = self.syn_lr
 
         momentum = objective_cls.momentum
         if self.haba:
@@ -463,12 +496,24 @@ class Distiller:
             self.opt_style = None
             self.adversary = None
             self.opt_adv = None
-        self.opt_lr = torch.optim.SGD([self.syn_lr], lr=cfg.lr_lr, momentum=0.9) if learns_lr else None
+        self.opt_lr = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=0.9) if learns_lr else None
         logits = getattr(self.synthetic, "label_logits", None)
         self.opt_label = (
             torch.optim.SGD([logits], lr=cfg.lr_label, momentum=momentum) if logits is not None else None
         )
         self.iteration = 0
+        # The evaluation's own stream (network inits, shuffles, augmentation): saved with the checkpoint.
+        self.eval_generator = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        self.bad_steps = 0  # bad (skipped) iterations in a row, counted by ``distill``
+
+    def set_optimizer_lrs(self) -> None:
+        """Set every optimizer's learning rate from ``cfg`` (after loading a state that saved older ones)."""
+        pairs = [(self.opt_img, self.cfg.lr_img), (self.opt_style, self.cfg.lr_style), (self.opt_lr, self.cfg.lr_lr)]
+        pairs += [(self.opt_label, self.cfg.lr_label), (self.opt_adv, self.cfg.adversary_lr)]
+        for opt, lr in pairs:
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = float(lr)
 
     # -- MTT's pieces (kept here for callers of the MTT-only distiller) ---------------------------------------------
     @property
@@ -513,10 +558,13 @@ class Distiller:
 
         Returns:
             metrics: ``loss`` (matching), ``club``, ``grand``, ``adv_loss``, ``adv_cls``, ``adv_likeli``,
-            ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``start_epoch``, ``trajectory``, ``iteration``.
+            ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
+            ``adv_skipped`` (HaBa: 1.0 when the adversary's loss or gradients were not finite and it did not step),
+            ``start_epoch``, ``trajectory``, ``iteration``.
 
         Raises:
-            DivergenceError: non-finite or exploding loss/gradients; nothing was updated.
+            BadStepError (a DivergenceError): non-finite or exploding loss/gradients, or an update that would
+            make a parameter non-finite; nothing was updated (``distill`` skips the step).
         """
         from haba_fast.objectives.contrastive import adversary_loss, club_loss
 
@@ -535,41 +583,15 @@ class Distiller:
             club = club_loss(feat[:B], feat[B:]) * self.weights.club
             grand = grand + club
         loss_value = float(loss.detach())
-        exploded = self.objective.normalized_loss and loss_value > self.cfg.max_loss  # MTT's loss starts near 1
-        if not math.isfinite(loss_value) or exploded:
-            where = f" (start epoch {int(out.metrics['start_epoch'])})" if "start_epoch" in out.metrics else ""
-            raise DivergenceError(
-                f"distillation loss is {loss_value} at iteration {self.iteration}{where}; "
-                + ("it exploded (above max_loss " + f"{self.cfg.max_loss:g}); " if math.isfinite(loss_value) else "")
-                + "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
-            )
-
-        params = self._trainable()
-        for opt in self._optimizers():
-            opt.zero_grad(set_to_none=True)
-        grand.backward()
-        for p in params:
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                raise DivergenceError(
-                    f"non-finite gradients at iteration {self.iteration} (loss {loss_value:.4g}); "
-                    "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
-                )
-        self.opt_img.step()
-        if self.opt_style is not None:
-            step_used_hallucinators(self.opt_style)
-        if self.opt_label is not None:
-            self.opt_label.step()
-        if self.opt_lr is not None:
-            self.opt_lr.step()
-            with torch.no_grad():
-                self.syn_lr.clamp_(min=self.cfg.min_lr)
-        self.objective.after_update(self.synthetic)
+        lr_clamped = self._update(grand, loss_value, out.metrics.get("start_epoch"))
+        self.objective.after_update(self.synthetic)  # e.g. DC trains its network on the updated set
 
         metrics: Dict[str, float] = {
             "iteration": float(self.iteration),
             "loss": loss_value,
             "grand": float(grand.detach()),
             "syn_lr": float(self.syn_lr.detach()),
+            "lr_clamped": float(lr_clamped),
         }
         metrics.update(out.metrics)
         if self.haba:
@@ -579,8 +601,7 @@ class Distiller:
                 x_pair, labels = self._pair(pairs[1])
             self.opt_adv.zero_grad(set_to_none=True)
             adv = adversary_loss(self.adversary, x_pair, labels, self.weights)
-            adv["total"].backward()
-            self.opt_adv.step()
+            metrics["adv_skipped"] = float(not self._adversary_update(adv["total"]))
             metrics.update({f"adv_{k}" if k != "total" else "adv_loss": float(v.detach()) for k, v in adv.items()})
         self.iteration += 1
         return metrics
@@ -590,6 +611,94 @@ class Distiller:
         from haba_fast.trajectory import _sample_pair
 
         return _sample_pair(self.stream, self.cfg.n_hallucinators, self.strategy, self.im_size, self.generator, "S")
+
+    # -- the guarded update ------------------------------------------------------------------------------------------
+    def _update(self, grand: Tensor, loss_value: float, start: Optional[float] = None) -> bool:
+        """Backward and one optimizer step of the synthetic set and the learned lr, or nothing at all.
+
+        Raises BadStepError, having changed nothing, when the matching loss is not finite or (MTT's normalized
+        loss) above ``max_loss``,
+        when a gradient is not finite, or when the step would make a parameter non-finite (then the values and
+        optimizer states from before the step are restored). Returns whether the learned lr's floor
+        (``min_lr``) fired.
+
+        The learned lr: "plain" (the reference) steps lr itself and clamps it to >= min_lr; "log" steps
+        u = log(lr) with du = lr · d(lr) (the chain rule), so lr = exp(u) stays positive, and clamps u to
+        >= log(min_lr) (with min_lr = 0: >= log of the dtype's smallest normal number, so exp(u) > 0).
+        """
+        at_floor = float(self.syn_lr.detach()) <= self.cfg.min_lr
+        lower = "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
+        where = f"at iteration {self.iteration}" + (f" (start epoch {int(start)})" if start is not None else "")
+        # Only MTT's loss is normalized (it starts near 1); DC/DM losses grow with classes and layers.
+        above = self.objective.normalized_loss and loss_value > self.cfg.max_loss
+        if not math.isfinite(loss_value) or above:
+            exploded = math.isfinite(loss_value)
+            raise BadStepError(
+                f"distillation loss is {loss_value} {where}; "
+                + (f"it exploded (above max_loss {self.cfg.max_loss:g}); " if exploded else "")
+                + lower,
+                "exploded" if exploded else "loss",
+                at_floor,
+            )
+        for opt in self._optimizers():
+            opt.zero_grad(set_to_none=True)
+        self.syn_lr.grad = None  # in log mode syn_lr is not an optimizer's parameter
+        grand.backward()
+        for p in self._trainable():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                message = f"non-finite gradients {where} (loss {loss_value:.4g}); {lower}"
+                raise BadStepError(message, "gradient", at_floor)
+        if self.lr_param is not self.syn_lr and self.syn_lr.grad is not None:
+            self.lr_param.grad = self.syn_lr.grad * self.syn_lr.detach()
+        before = self._snapshot()
+        self.opt_img.step()
+        if self.opt_style is not None:
+            step_used_hallucinators(self.opt_style)
+        if self.opt_label is not None:
+            self.opt_label.step()
+        clamped = False
+        if self.opt_lr is not None:
+            self.opt_lr.step()
+        with torch.no_grad():
+            if self.opt_lr is None:
+                pass  # a fixed lr (objectives other than MTT)
+            elif self.lr_param is self.syn_lr:
+                clamped = float(self.syn_lr.detach()) < self.cfg.min_lr
+                self.syn_lr.clamp_(min=self.cfg.min_lr)
+            else:
+                # exp(u) must stay a positive float: the floor is min_lr, or the dtype's smallest normal number.
+                floor = math.log(max(self.cfg.min_lr, torch.finfo(self.syn_lr.dtype).tiny))
+                clamped = float(self.lr_param.detach()) < floor
+                self.lr_param.clamp_(min=floor)
+                self.syn_lr.copy_(self.lr_param.exp())
+        if not all(torch.isfinite(p).all() for p in self._trainable() + [self.lr_param]):
+            self._restore(before)
+            raise BadStepError(f"the update made parameters non-finite {where}; {lower}", "update", at_floor)
+        return clamped
+
+    def _adversary_update(self, total: Tensor) -> bool:
+        """Backward and one step of the adversary, unless its loss or a gradient is not finite (then skipped:
+        a non-finite adversary would make every later club term, and so every later step, bad)."""
+        if not torch.isfinite(total.detach()):
+            return False
+        total.backward()
+        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.adversary.parameters()):
+            self.opt_adv.zero_grad(set_to_none=True)
+            return False
+        self.opt_adv.step()
+        return True
+
+    def _snapshot(self) -> Tuple[List[Tensor], List[Dict[str, Any]]]:
+        values = [p.detach().clone() for p in self._trainable() + [self.lr_param]]
+        return values, [copy.deepcopy(o.state_dict()) for o in self._optimizers()]
+
+    def _restore(self, snapshot: Tuple[List[Tensor], List[Dict[str, Any]]]) -> None:
+        values, states = snapshot
+        with torch.no_grad():
+            for p, v in zip(self._trainable() + [self.lr_param], values):
+                p.copy_(v)
+        for o, st in zip(self._optimizers(), states):
+            o.load_state_dict(st)
 
     def _trainable(self) -> List[Tensor]:
         ps = [self.syn_lr] if self.opt_lr is not None else []
@@ -605,80 +714,22 @@ class Distiller:
         opts = (self.opt_img, self.opt_style, self.opt_lr, self.opt_label, self.opt_adv)
         return [o for o in opts if o is not None]
 
-    # -- state -------------------------------------------------------------------------------------------------------
+    # -- state (haba_fast.checkpoint) ---------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything ``resume`` needs: synthetic set, lr, optimizers, adversary, index stream, RNG, iteration.
+        """Everything resume needs (tensors and plain values): see ``haba_fast.checkpoint.distiller_state``."""
+        from haba_fast.checkpoint import distiller_state
 
-        A deep copy: optimizer states would otherwise share their momentum tensors with this run.
-        """
-        return copy.deepcopy(
-            {
-                "format": "haba_fast.distill/1",
-                "iteration": self.iteration,
-                "config": self.cfg.to_dict(),
-                "synthetic": {k: v.detach().cpu() for k, v in self.synthetic.state_dict().items()},
-                "syn_lr": self.syn_lr.detach().cpu(),
-                "opt_img": self.opt_img.state_dict(),
-                "opt_style": self.opt_style.state_dict() if self.opt_style is not None else None,
-                "opt_lr": self.opt_lr.state_dict() if self.opt_lr is not None else None,
-                "opt_label": self.opt_label.state_dict() if self.opt_label is not None else None,
-                "objective": self.objective.state_dict(),
-                "adversary": self.adversary.state_dict() if self.adversary is not None else None,
-                "opt_adv": self.opt_adv.state_dict() if self.opt_adv is not None else None,
-                "stream": self.stream.state_dict(),
-                "generator": self.generator.get_state(),
-            }
-        )
+        return distiller_state(self)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state.get("format") != "haba_fast.distill/1":
-            raise ValueError("not a haba_fast distillation checkpoint (missing format tag haba_fast.distill/1)")
-        saved = state.get("config", {})
-        for key in (
-            "parameterization",
-            "ipc",
-            "n_hallucinators",
-            "kernel_size",
-            "model",
-            "single_channel",
-            "budget_ipc",
-            "batch_syn",
-            "load_all",
-            "max_files",
-            "max_experts",
-            "objective",
-            "soft_labels",
-        ):
-            if key in saved and saved[key] != getattr(self.cfg, key):
-                raise ValueError(
-                    f"the checkpoint was made with {key}={saved[key]!r} but this run has "
-                    f"{key}={getattr(self.cfg, key)!r}; "
-                    "resume with the same settings or start a new --out folder"
-                )
-        with torch.no_grad():
-            self.synthetic.load_state_dict(state["synthetic"])
-            self.syn_lr.copy_(state["syn_lr"].to(self.device))
-        self.opt_img.load_state_dict(state["opt_img"])
-        if self.opt_style is not None:
-            self.opt_style.load_state_dict(state["opt_style"])
-        if self.opt_lr is not None:
-            self.opt_lr.load_state_dict(state["opt_lr"])
-        if self.opt_label is not None:
-            self.opt_label.load_state_dict(state["opt_label"])
-        self.objective.load_state_dict(state.get("objective") or {})
-        if self.adversary is not None:
-            self.adversary.load_state_dict(state["adversary"])
-            self.opt_adv.load_state_dict(state["opt_adv"])
-        self.stream.load_state_dict(state["stream"])
-        self.generator.set_state(state["generator"])
-        self.iteration = int(state["iteration"])
+        """Restore a ``state_dict()``; the optimizers' lrs come from this run's config."""
+        from haba_fast.checkpoint import load_distiller_state
+
+        load_distiller_state(self, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The run loop
-
-
-CHECKPOINT_NAME = "checkpoint.pt"
 
 
 def eval_iterations(cfg: DistillConfig) -> List[int]:
@@ -703,41 +754,6 @@ def _storage_line(storage) -> str:
 
 def _storage_of(syn: nn.Module, dataset):
     return syn.storage(int(dataset.train_labels.numel()))
-
-
-def save_checkpoint(distiller: Distiller, out_dir: Path, dataset=None) -> Path:
-    """Write the resume state, our format and the reference format for the current iteration (atomically)."""
-    from haba_fast.io import atomic_torch_save
-
-    it = distiller.iteration
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = _meta(distiller, dataset)
-    distiller.synthetic.save(out_dir / f"synthetic_{it}.pt", meta)
-    distiller.synthetic.save(out_dir / "synthetic_last.pt", meta)
-    ref_dir = out_dir / "reference"
-    _save_reference(distiller, ref_dir, str(it))
-    # The resume state goes last: a checkpoint.pt always points at files that exist.
-    atomic_torch_save(distiller.state_dict(), out_dir / CHECKPOINT_NAME)
-    return out_dir / CHECKPOINT_NAME
-
-
-def _meta(distiller: Distiller, dataset) -> Dict[str, Any]:
-    lr = float(distiller.syn_lr.detach())
-    meta = {"iteration": distiller.iteration, "lr": lr, "syn_lr": lr, "config": distiller.cfg.to_dict()}
-    if dataset is not None:
-        meta["dataset"] = dataset.name
-        zca = getattr(dataset, "zca", None)
-        if zca is not None and hasattr(zca, "state_dict"):
-            meta["zca"] = zca.state_dict()
-    return meta
-
-
-def _save_reference(distiller: Distiller, ref_dir: Path, it: str) -> None:
-    """The reference's files: images_<it>.pt [K·ipc, c_b, H, W], styles_<it>.pt (HaBa), syn_lr_<it>.pt."""
-    from haba_fast.io import atomic_torch_save
-
-    distiller.synthetic.to_reference(ref_dir, it=it)
-    atomic_torch_save(distiller.syn_lr.detach().cpu(), ref_dir / f"syn_lr_{it}.pt")
 
 
 def eval_config(cfg: DistillConfig, device=None):
@@ -783,6 +799,7 @@ def distill(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    allow_changed: Sequence[str] = (),
     progress: bool = True,
     evaluate: bool = True,
     device=None,
@@ -796,31 +813,50 @@ def distill(
         dataset: the real dataset (``haba_fast.data.Dataset``).
         buffer: the expert buffer (``haba_fast.experts.load_buffer``); MTT only (None for dc, dsa, dm).
         out_dir: where checkpoints, the final synthetic set and the PNG grid go (None: nothing is written).
-        resume: continue from ``out_dir/checkpoint.pt`` when it exists (else start fresh).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists (else start fresh). The checkpoint's
+            result-changing settings and inputs must equal this run's (``haba_fast.checkpoint.check_resume``).
         overwrite: start fresh even when ``out_dir`` holds a checkpoint (else that is an error without resume).
+        allow_changed: config keys (or flag spellings) that may differ from the checkpoint's on resume; the new
+            values apply from the resumed iteration on.
         progress: show a tqdm progress bar (loss, lr).
         evaluate: run the periodic evaluations (``num_eval`` networks, ``epoch_eval_train`` epochs).
         device: overrides ``cfg.device``.
-        log: where messages go.
+        log: where messages go (skipped steps also go to stderr).
         on_iteration: called after every iteration with the distiller and its metrics (tests use it).
 
     Returns:
         A DistillResult; the synthetic set is the last iterate (``synthetic_best.pt`` holds the best evaluated one).
 
     Raises:
-        DivergenceError: the loss became non-finite or exploded; the last good checkpoint stays in out_dir.
+        DivergenceError: ``max_bad_steps`` iterations in a row were bad (non-finite or exploded loss or gradients);
+            the message names the likely cause, and the last good checkpoint stays in out_dir.
+        ValueError: ``out_dir`` is not writable (checked before any work), a checkpoint write failed, or the
+            checkpoint does not match this run.
     """
+    from haba_fast import checkpoint as ckpt_mod
+    from haba_fast.io import check_writable, remove_temp_files
+
     t0 = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_writable(out, what="--out folder")
+        # Only the folders a run writes (a shared --out such as the home folder keeps other programs' files).
+        stale = remove_temp_files(out, recursive=False) + remove_temp_files(out / "reference", recursive=False)
+        if stale:
+            log(f"removed {len(stale)} temp file(s) a stopped run left in {out}")
     distiller = Distiller(cfg, dataset, buffer, device=device)
-    ckpt = out / CHECKPOINT_NAME if out is not None else None
+    ckpt = out / ckpt_mod.CHECKPOINT_NAME if out is not None else None
+    inputs = ckpt_mod.inputs_fingerprint(dataset, buffer) if out is not None else None
     resumed = False
     if ckpt is not None and ckpt.exists():
         if resume:
-            from haba_fast.io import torch_load
-
-            distiller.load_state_dict(torch_load(ckpt, what="distillation checkpoint", weights_only=False))
-            log(f"resuming from {ckpt} at iteration {distiller.iteration}")
+            state = ckpt_mod.load_checkpoint(ckpt)
+            changed = ckpt_mod.check_resume(state, cfg, inputs, allow_changed, where=str(ckpt), log=log)
+            distiller.load_state_dict(state)
+            log(
+                f"resuming from {ckpt} at iteration {distiller.iteration}"
+                + (f" with changed {', '.join(changed)}" if changed else "")
+            )
             resumed = True
         elif not overwrite:
             raise ValueError(
@@ -830,7 +866,6 @@ def distill(
         log(f"no checkpoint in {out}; starting a new run")
     every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
-    eval_gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
     result = DistillResult(
         synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr.detach()), iterations=0, out_dir=out
     )
@@ -844,20 +879,11 @@ def distill(
 
         recorded = torch_load(out / "synthetic_best.pt", what="best checkpoint").get("meta", {}).get("accuracy")
         best = float(recorded) if recorded is not None else best
-    history_path = None
+    history = None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        history_path = out / "history.jsonl"
-        if history_path.exists():
-            # Keep the metrics of the iterations the checkpoint holds (none for a fresh run).
-            keep = [
-                line
-                for line in history_path.read_text().splitlines()
-                if resumed and line.strip() and json.loads(line)["iteration"] < distiller.iteration
-            ]
-            from haba_fast.io import atomic_write_text
-
-            atomic_write_text("".join(line + "\n" for line in keep), history_path)
+        history = ckpt_mod.History(out / ckpt_mod.HISTORY_NAME)
+        # Keep the metrics of the iterations the checkpoint holds (none for a fresh run).
+        history.restart(distiller.iteration if resumed else 0, log=log)
 
     bar = None
     if progress:
@@ -871,21 +897,17 @@ def distill(
         )
     try:
         while distiller.iteration < cfg.iterations:
-            try:
-                m = distiller.step()
-            except DivergenceError as exc:
-                last = f"; the last good checkpoint is {ckpt}" if ckpt is not None and ckpt.exists() else ""
-                raise DivergenceError(f"{exc}{last}") from None
+            m = _guarded_step(distiller, ckpt, history, log)
             result.history.append(m)
-            if history_path is not None:
-                with open(history_path, "a") as f:
-                    f.write(json.dumps(m) + "\n")
+            if history is not None:
+                history.append(m)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
+                if "loss" in m:
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
             it = distiller.iteration
             if it in eval_its:
-                ev = _evaluate(distiller, dataset, cfg, eval_gen)
+                ev = _evaluate(distiller, dataset, cfg, distiller.eval_generator)
                 result.evaluations.append(ev)
                 acc = max(v["mean"] for k, v in ev.items() if isinstance(v, dict))
                 say = bar.write if (bar is not None and log is print) else log  # keep the bar intact
@@ -899,10 +921,14 @@ def distill(
                 )
                 if out is not None and acc > best:
                     best = acc
-                    distiller.synthetic.save(out / "synthetic_best.pt", dict(_meta(distiller, dataset), accuracy=acc))
-                    _save_reference(distiller, out / "reference", "best")
-            if out is not None and (it % every == 0 or it == cfg.iterations):
-                result.checkpoint = save_checkpoint(distiller, out, dataset)
+                    with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
+                        meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
+                        distiller.synthetic.save(out / "synthetic_best.pt", meta)
+                        ckpt_mod.save_reference(distiller, out / "reference", "best")
+            # No checkpoint inside a run of bad steps: a resume must start from a state that stepped well.
+            due = it % every == 0 or it == cfg.iterations
+            if out is not None and due and distiller.bad_steps == 0:
+                result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
             if on_iteration is not None:  # last: a callback that raises leaves this iteration's checkpoint written
                 on_iteration(distiller, m)
     finally:
@@ -913,10 +939,13 @@ def distill(
     result.syn_lr = float(distiller.syn_lr.detach())
     distiller.synthetic.meta["lr"] = result.syn_lr  # evaluation trains with the learned lr
     if out is not None:
-        if result.checkpoint is None:
-            result.checkpoint = save_checkpoint(distiller, out, dataset)
-        distiller.synthetic.save(out / "synthetic.pt", _meta(distiller, dataset))
-        result.grid_path = save_grid(distiller.synthetic, dataset, out / "synthetic.png")
+        if result.checkpoint is None and distiller.bad_steps == 0:
+            result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
+        from haba_fast.visualize import synthetic_grid
+
+        with ckpt_mod.writing("the final synthetic set", out):
+            distiller.synthetic.save(out / "synthetic.pt", ckpt_mod.synthetic_meta(distiller, dataset))
+            result.grid_path = synthetic_grid(distiller.synthetic, out / "synthetic.png")
     log(_storage_line(storage))
     if result.grid_path is not None:
         log(f"grid: {result.grid_path}")
@@ -924,18 +953,52 @@ def distill(
     return result
 
 
-def save_grid(syn: nn.Module, dataset, path: Path) -> Path:
-    """PNG of the synthetic set: HaBa's bases and every hallucination of them, or the pixel images.
+def _guarded_step(distiller: Distiller, ckpt: Optional[Path], history, log: Callable[[str], None]) -> Dict[str, Any]:
+    """``distiller.step()``, or a skipped iteration when the step was bad (nothing updated; logged to stderr).
 
-    Every image is min-max scaled on its own, as the reference's pictures (``make_grid(normalize=True,
-    scale_each=True)``): distilled images leave the data's range, and clamping them to it saturates the picture.
+    Raises:
+        DivergenceError: the ``max_bad_steps``-th bad step in a row, naming the likely cause.
     """
-    from haba_fast import visualize
-    from haba_fast.objectives.mtt import is_haba
+    import sys
 
-    if is_haba(syn):
-        visualize.haba_grid(syn, path, denormalize=None)
-    else:
-        x = visualize.to_unit(syn.images, None)
-        visualize.save_grid(x, path, nrow=max(1, int(syn.ipc)))  # one row per class
-    return Path(path)
+    try:
+        m = distiller.step()
+    except BadStepError as exc:
+        distiller.bad_steps += 1
+        it = distiller.iteration
+        K = int(distiller.cfg.max_bad_steps)
+        if distiller.bad_steps >= K:
+            last = f"; the last good checkpoint is {ckpt}" if ckpt is not None and ckpt.exists() else ""
+            raise DivergenceError(f"{_divergence_cause(distiller, exc)} ({exc}){last}") from None
+        message = f"iteration {it}: skipped ({exc}); {distiller.bad_steps} bad step(s) in a row, stop at {K}"
+        print(message, file=sys.stderr, flush=True)
+        if log is not print:
+            log(message)
+        distiller.iteration += 1  # the iteration's random draws are spent: a resumed run skips the same way
+        return {
+            "iteration": float(it),
+            "skipped": exc.reason,
+            "syn_lr": float(distiller.syn_lr.detach()),
+            "lr_clamped": float(exc.lr_clamped),
+            "bad_steps": float(distiller.bad_steps),
+        }
+    distiller.bad_steps = 0
+    return m
+
+
+def _divergence_cause(distiller: Distiller, exc: BadStepError) -> str:
+    cfg = distiller.cfg
+    K = int(cfg.max_bad_steps)
+    lr = float(distiller.syn_lr.detach())
+    head = f"{K} bad distillation step(s) in a row, the last at iteration {distiller.iteration}: "
+    if exc.lr_clamped or lr <= cfg.min_lr:
+        return head + (
+            f"the learned lr is at its floor (--min-lr {cfg.min_lr:g}; its updates push it toward zero or below): "
+            f"lower --lr_lr (now {cfg.lr_lr:g}) or use --lr-param log"
+        )
+    return head + (
+        f"the synthetic set's step is likely too large: lower --lr_img (now {cfg.lr_img:g})"
+        + (f" / --lr_style (now {cfg.lr_style:g})" if distiller.haba else "")
+        + f", or --lr_lr / --lr_teacher (learned lr now {lr:.4g}); continue with --resume --allow-changed lr_img "
+        "and the new value"
+    )

@@ -21,7 +21,9 @@ distillation divides by a zero distance; here every snapshot is a copy (``p.deta
 ``tests/test_experts.py::test_snapshots_are_copies``).
 
 Every file is written atomically (``haba_fast.io``) as its expert finishes, so a killed run loses at
-most the expert in progress; rerunning with ``resume=True`` continues from the last finished expert.
+most the expert in progress; rerunning with ``resume=True`` continues from the last finished expert (and
+removes the temp files the killed run left). The output folder is probed for writing before any training; a
+failed write (disk full) is a ``ValueError`` that leaves every finished expert intact.
 Progress lives in ``experts.json`` (haba format) or ``progress.json`` plus one ``pending_expert_<i>.pt``
 per finished expert not yet grouped into a replay buffer file (reference format).
 Expert ``i`` uses its own generator seeded from ``(cfg.seed, i)``, so a resumed run writes the same
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from haba_fast.io import atomic_path, atomic_torch_save, atomic_write_text
+from haba_fast.io import atomic_path, atomic_torch_save, atomic_write_text, check_writable, remove_temp_files
 from haba_fast.training import DEFAULT_DSA_STRATEGY, EpochStats, train_network
 
 PathLike = Union[str, os.PathLike]
@@ -581,10 +583,11 @@ class _HabaWriter:
             array = flat.numpy()
         with atomic_path(self.out_dir / name) as tmp:
             np.ascontiguousarray(array).tofile(tmp)
-        self.header["trajectories"].append({"file": name, **info})
+        header = dict(self.header, trajectories=[*self.header["trajectories"], {"file": name, **info}])
         # The header lists a trajectory only after its file is complete: a crash in between leaves an
-        # unlisted .bin that the next run overwrites.
-        atomic_write_text(json.dumps(self.header, indent=1), self.out_dir / HEADER_NAME)
+        # unlisted .bin that the next run overwrites. In memory too: a failed header write changes nothing.
+        atomic_write_text(json.dumps(header, indent=1), self.out_dir / HEADER_NAME)
+        self.header = header
 
     def finish(self) -> None:
         pass
@@ -776,7 +779,8 @@ def train_experts(
         raise ValueError("the reference buffer format stores float32; use fmt='haba' for bfloat16 storage")
     cfg.validate()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, what="expert output folder")  # read-only or full: a clear error before any training
+    remove_temp_files(out_dir, recursive=False)  # what a killed run was writing (its expert is retrained)
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
 
@@ -839,14 +843,26 @@ def train_experts(
             )
             last = history.epochs[-1]
             info = {"train_loss": last.loss, "train_accuracy": last.accuracy, "test_accuracy": last.test_accuracy}
-            writer.add(i, snaps, info)
+            try:
+                writer.add(i, snaps, info)
+            except OSError as exc:
+                raise ValueError(
+                    f"could not write expert {i} in {out_dir}: {exc.strerror or exc}; the {writer.completed} "
+                    "finished expert(s) are intact: free space and rerun to continue"
+                ) from exc
             if outer is not None:
                 outer.set_postfix(
                     {"loss": f"{last.loss:.4f}"}
                     | ({"test_acc": f"{last.test_accuracy:.3f}"} if last.test_accuracy is not None else {})
                 )
                 outer.update(1)
-        writer.finish()
+        try:
+            writer.finish()
+        except OSError as exc:
+            raise ValueError(
+                f"could not write the last replay buffer file in {out_dir}: {exc.strerror or exc}; the finished "
+                "experts are intact: free space and rerun to continue"
+            ) from exc
     finally:
         if outer is not None:
             outer.close()

@@ -1,16 +1,47 @@
-"""Atomic file writes: a temp file in the same folder, fsync, then rename. Nothing is left half-written."""
+"""Atomic file writes: a temp file in the same folder, fsync, rename, fsync the folder. Nothing is left half-written.
+
+A process killed in the middle of a write leaves at most a ``.<name>.<random>.tmp`` file beside the target;
+``remove_temp_files`` (run by ``haba-fast distill`` and ``haba-fast buffer`` when they start) deletes them.
+``check_writable`` is the write probe those commands run before the work starts (read-only folder, full disk).
+
+``$HABA_FAST_IO_TEST_DELAY`` (seconds; tests only) sleeps inside every atomic write, between writing the temp
+file and renaming it, so that a test can kill a process in the middle of a checkpoint write.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, List, Union
 
 import torch
 
 PathLike = Union[str, os.PathLike]
+
+TEMP_SUFFIX = ".tmp"
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX: the entry lives in the folder's own data)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def _test_delay() -> None:
+    delay = os.environ.get("HABA_FAST_IO_TEST_DELAY")
+    if delay:
+        time.sleep(float(delay))
 
 
 @contextlib.contextmanager
@@ -18,7 +49,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed over ``path``, on error removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; give the file the permissions a plain open() would (umask applied).
@@ -29,7 +60,9 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        _test_delay()
         os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -38,7 +71,26 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a partial file at ``path``."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            # torch's writer reports a failed write (full disk, quota) as a RuntimeError without its errno.
+            _raise_write_error(tmp.parent, exc)
+            raise
+
+
+def _raise_write_error(directory: Path, exc: BaseException) -> None:
+    """Raise the OSError (real errno) that writing into ``directory`` gives now, if any; else return."""
+    probe = directory / f".haba_fast_probe.{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (256 << 10))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror} (while writing: {exc})") from exc
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(data: bytes, path: PathLike) -> None:
@@ -48,6 +100,45 @@ def atomic_write_bytes(data: bytes, path: PathLike) -> None:
 
 def atomic_write_text(text: str, path: PathLike) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def remove_temp_files(directory: PathLike, *, recursive: bool = True) -> List[Path]:
+    """Delete the temp files (``.<name>.<random>.tmp``) a killed writer left in ``directory``; returns them.
+
+    Call it only when no other process writes into ``directory`` (a run owns its output folder).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    pattern = f".*{TEMP_SUFFIX}"
+    found = sorted(directory.rglob(pattern) if recursive else directory.glob(pattern))
+    removed = []
+    for p in found:
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def check_writable(directory: PathLike, *, what: str = "output folder", reserve_bytes: int = 1 << 20) -> Path:
+    """Create ``directory`` and prove a file of ``reserve_bytes`` can be written, synced and removed there.
+
+    Raises:
+        ValueError: naming the folder and the reason (read-only, permission denied, no space left, ...).
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / ".haba_fast_write_probe") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"\0" * int(reserve_bytes))
+        (directory / ".haba_fast_write_probe").unlink(missing_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write to the {what} {directory}: {exc.strerror or exc} "
+            "(choose a writable folder with free space)"
+        ) from exc
+    return directory
 
 
 def torch_load(path: PathLike, *, what: str = "file", weights_only: bool = True) -> Any:

@@ -1,6 +1,7 @@
 """PNG grids of synthetic images (PIL; no matplotlib needed).
 
-``save_grid`` writes a tiled PNG atomically; ``haba_grid`` lays out a HaBa set as one row block of
+``save_grid`` writes a tiled PNG atomically; ``synthetic_grid`` pictures a distilled set (HaBa or pixels);
+``haba_grid`` lays out a HaBa set as one row block of
 bases followed by one block per hallucinator (each basis through that hallucinator, in the same
 column as its basis). ``to_unit`` maps network-space images to [0, 1] for display: with a
 ``denormalize`` callable (e.g. ``Dataset.denormalize``, or ``denormalizer(mean, std)``) when the
@@ -14,6 +15,7 @@ import io as _io
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable, Union
 
 import torch
@@ -21,7 +23,15 @@ from torch import Tensor
 
 from haba_fast import io as hio
 
-__all__ = ["MIN_DISPLAY_SIZE", "REFERENCE_NORMALIZATION", "denormalizer", "haba_grid", "save_grid", "to_unit"]
+__all__ = [
+    "MIN_DISPLAY_SIZE",
+    "REFERENCE_NORMALIZATION",
+    "denormalizer",
+    "haba_grid",
+    "save_grid",
+    "synthetic_grid",
+    "to_unit",
+]
 
 PathLike = Union[str, os.PathLike]
 
@@ -143,3 +153,21 @@ def haba_grid(haba, path: PathLike, denormalize: Callable[[Tensor], Tensor] | No
         start = i * rows_per_block * ncol
         tiles[start:start + M] = block
     save_grid(tiles, path, nrow=ncol)
+
+
+def synthetic_grid(syn, path: PathLike) -> Path:
+    """PNG of a synthetic set: HaBa's bases and every hallucination of them, or the pixel images (one row per class).
+
+    Every image is min-max scaled on its own, as the reference's pictures (``make_grid(normalize=True,
+    scale_each=True)``): distilled images leave the data's range, and clamping them to it saturates the picture.
+
+    Returns:
+        ``path`` as a ``pathlib.Path``.
+    """
+    from haba_fast.objectives.mtt import is_haba
+
+    if is_haba(syn):
+        haba_grid(syn, path, denormalize=None)
+    else:
+        save_grid(to_unit(syn.images, None), path, nrow=max(1, int(syn.ipc)))
+    return Path(path)

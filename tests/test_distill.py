@@ -217,7 +217,7 @@ def test_checkpoint_kill_and_resume(digits, buffer, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Kill):
         distill(cfg, digits, buffer, run, progress=False, log=lambda s: None, on_iteration=killer)
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 2
     with pytest.raises(ValueError, match="--resume"):
         distill(cfg, digits, buffer, run, progress=False, log=lambda s: None)
@@ -244,10 +244,12 @@ def test_divergence_keeps_last_good_checkpoint(digits, buffer, tmp_path):
             with torch.no_grad():
                 distiller.syn_lr.fill_(1e9)
 
-    cfg = _cfg(iterations=3, checkpoint_every=1)
+    # Bad steps are skipped; the second in a row stops the run (max_bad_steps=2), and no checkpoint is written
+    # while they last.
+    cfg = _cfg(iterations=3, checkpoint_every=1, max_bad_steps=2)
     with pytest.raises(DivergenceError, match="last good checkpoint"):
         distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None, on_iteration=blow_up)
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 1 and math.isfinite(float(state["syn_lr"]))
 
 

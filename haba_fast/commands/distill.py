@@ -227,6 +227,20 @@ _FLAGS: List[tuple] = [
         "learn soft labels (logits per image, or per basis for HaBa), trained by the objective",
     ),
     ("lr_label", ["--lr-label", "--lr_label"], dict(type=float), "learning rate of the soft label logits"),
+    (
+        "max_bad_steps",
+        ["--max-bad-steps", "--max_bad_steps"],
+        dict(type=int),
+        "skip an iteration whose loss or gradients are not finite (or exploded); stop after this many in a row "
+        "(default 5)",
+    ),
+    (
+        "lr_param",
+        ["--lr-param", "--lr_param"],
+        dict(type=str, choices=["plain", "log"]),
+        "learned lr: plain (the reference: SGD on lr, clamped to >= --min-lr) or log (SGD on log lr: always "
+        "positive; --lr_lr is then the step of log lr)",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
@@ -291,6 +305,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="output folder (default runs/<dataset>_<parameterization>_ipc<ipc>; the demo: runs/demo)",
     )
     ours.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    ours.add_argument(
+        "--allow-changed",
+        "--allow_changed",
+        dest="allow_changed",
+        default="",
+        metavar="FLAG,...",
+        help="with --resume: continue although these result-changing flags differ from the checkpoint's "
+        "(e.g. lr_img,lr_style); the new values apply from the resumed iteration on",
+    )
     ours.add_argument("--overwrite", action="store_true", help="start over even when --out holds a run")
     ours.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -372,16 +395,30 @@ def run(args: argparse.Namespace) -> int:
         return _run_demo(args)
     from haba_fast import data, experts
     from haba_fast.distill import distill
+    from haba_fast.io import check_writable
 
     cfg = config_from_args(args)
     tag = "" if cfg.objective == "mtt" else f"_{cfg.objective}"
     out = args.out or f"runs/{cfg.dataset}_{cfg.parameterization}{tag}_ipc{cfg.budget_ipc or cfg.ipc}"
+    allow = [f.strip() for f in args.allow_changed.split(",") if f.strip()]
+    if allow and not args.resume:
+        raise ValueError("--allow-changed needs --resume")
+    check_writable(out, what="--out folder")  # before loading anything: a read-only or full disk fails now
     dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
     from haba_fast.objectives.base import get_objective
 
     # Only trajectory matching reads expert trajectories.
     buffer = experts.load_buffer(_buffer_location(cfg)) if get_objective(cfg.objective).needs_buffer else None
-    result = distill(cfg, dataset, buffer, out, resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    result = distill(
+        cfg,
+        dataset,
+        buffer,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        allow_changed=allow,
+        progress=args.progress,
+    )
     lr_text = f"learned lr {result.syn_lr:.4g}" if cfg.objective == "mtt" else f"evaluation lr {result.syn_lr:.4g}"
     print(
         f"done: {result.iterations} iterations in {result.seconds:.0f} s; {lr_text}; "
@@ -420,6 +457,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         "lr_img": "haba_lr_img",
         "lr_style": "haba_lr_style",
     }
+    if args.allow_changed:
+        raise ValueError("--allow-changed needs --dataset and --resume (the digits demo always starts over)")
     ignored = [d for d in CONFIG_DESTS if hasattr(args, d) and d not in mapping]
     if ignored:
         raise ValueError(

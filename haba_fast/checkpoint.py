@@ -1,0 +1,463 @@
+"""Checkpoints and resume of a distillation run: the state, its files, the resume checks and the history log.
+
+A run's ``--out`` folder holds (see ``docs/ARCHITECTURE.md``, "Resume and failure"):
+
+- ``checkpoint.pt``: the resume state (:func:`distiller_state`). It holds only tensors and plain values (optimizer
+  state dicts, generator states as uint8 tensors, the config as a dict), so it loads with
+  ``torch.load(weights_only=True)``: a crafted file cannot run code. Written last and atomically, so it always
+  points at files that exist.
+- ``synthetic_<it>.pt``, ``synthetic_last.pt`` (our format), ``reference/`` (the reference's files).
+- ``history.jsonl``: one JSON line of metrics per iteration (a skipped step is a line with ``"skipped"``).
+  Appended as the run goes; on resume it is read tolerantly (a torn last line from a kill is dropped) and
+  rewritten to hold exactly the iterations before the resumed one.
+
+Resume compares the whole result-changing configuration (:func:`result_keys`) and a fingerprint of the inputs
+(training images and labels, expert buffer). A difference is an error naming the flags; ``allow_changed``
+continues with the new values (new optimizer learning rates included). Every random stream of a run is saved
+(the distillation generator and the evaluation generator; nothing draws from torch's global generator, which a
+library must not reseed), so a run killed at any point and resumed ends bitwise equal to an uninterrupted one on
+the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from haba_fast.distill import DistillConfig, Distiller
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "FORMAT",
+    "GUARD_KEYS",
+    "HISTORY_NAME",
+    "INIT_ONLY_KEYS",
+    "NON_RESULT_KEYS",
+    "STRUCTURAL_KEYS",
+    "History",
+    "check_resume",
+    "distiller_state",
+    "flag_name",
+    "inputs_fingerprint",
+    "load_checkpoint",
+    "load_distiller_state",
+    "result_keys",
+    "save_checkpoint",
+    "save_reference",
+    "synthetic_meta",
+    "writing",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.jsonl"
+FORMAT = "haba_fast.distill/2"
+_FORMATS = ("haba_fast.distill/1", FORMAT)
+
+# DistillConfig keys that never change what a run computes: where it runs and writes, how often it checkpoints
+# or evaluates, and when it stops (``iterations``: a run may be extended). Inputs given by path (data_path,
+# buffer_path) are compared by content instead (:func:`inputs_fingerprint`), so a moved folder resumes and a
+# changed one does not.
+NON_RESULT_KEYS = frozenset(
+    {
+        "device",
+        "checkpoint_every",
+        "eval_it",
+        "iterations",
+        "data_path",
+        "buffer_path",
+    }
+)
+# Guard settings: they change nothing while the run is healthy, only where it skips or stops.
+GUARD_KEYS = frozenset({"max_loss", "max_bad_steps"})
+# Keys that shape the saved tensors: a change cannot be applied to a checkpoint, even with allow_changed.
+STRUCTURAL_KEYS = (
+    "parameterization",
+    "ipc",
+    "budget_ipc",
+    "n_hallucinators",
+    "kernel_size",
+    "model",
+    "single_channel",
+    "batch_syn",
+    "lr_param",
+    "objective",
+    "soft_labels",
+)
+# Keys used only to initialize (iteration 0): the checkpoint's random state and learned lr replace their effect.
+INIT_ONLY_KEYS = frozenset({"seed", "lr_teacher", "pix_init"})
+# Pseudo-keys of the inputs' fingerprint (allow_changed accepts them too).
+_INPUT_KEYS = {"dataset_content": "dataset", "buffer_content": "buffer_path"}
+
+
+def _config_fields() -> List[str]:
+    from haba_fast.distill import DistillConfig
+
+    return [f.name for f in dataclasses.fields(DistillConfig)]
+
+
+def result_keys() -> Tuple[str, ...]:
+    """Every DistillConfig key that changes a run's result (compared on resume)."""
+    return tuple(k for k in _config_fields() if k not in NON_RESULT_KEYS and k not in GUARD_KEYS)
+
+
+def flag_name(key: str) -> str:
+    """The command-line spelling of a DistillConfig key (``n_hallucinators`` -> ``--n_style``)."""
+    try:
+        from haba_fast.commands.distill import _FLAGS
+
+        for dest, names, _kwargs, _help in _FLAGS:
+            if dest == key:
+                return names[0]
+    except ImportError:  # pragma: no cover - the CLI is always installed with the library
+        pass
+    return "--" + key
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The state
+
+
+def _generator_state(g: Optional[torch.Generator]) -> Optional[Tensor]:
+    return None if g is None else g.get_state().clone()  # uint8 [S]
+
+
+def distiller_state(distiller: "Distiller", *, inputs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Everything resume needs, as tensors and plain values (loads with ``weights_only=True``).
+
+    A deep copy: optimizer states would otherwise share their momentum tensors with the running distiller.
+    """
+    d = distiller
+    state = {
+        "format": FORMAT,
+        "iteration": int(d.iteration),
+        "config": d.cfg.to_dict(),
+        "inputs": inputs,
+        "synthetic": {k: v.detach().cpu() for k, v in d.synthetic.state_dict().items()},
+        "syn_lr": d.syn_lr.detach().cpu(),
+        "lr_param": d.lr_param.detach().cpu() if d.lr_param is not d.syn_lr else None,
+        "opt_img": d.opt_img.state_dict(),
+        "opt_style": d.opt_style.state_dict() if d.opt_style is not None else None,
+        "opt_lr": d.opt_lr.state_dict() if d.opt_lr is not None else None,
+        "opt_label": d.opt_label.state_dict() if d.opt_label is not None else None,
+        "objective": d.objective.state_dict(),
+        "adversary": d.adversary.state_dict() if d.adversary is not None else None,
+        "opt_adv": d.opt_adv.state_dict() if d.opt_adv is not None else None,
+        "stream": d.stream.state_dict(),
+        "bad_steps": int(d.bad_steps),
+        "rng": {
+            "distill": _generator_state(d.generator),
+            "eval": _generator_state(d.eval_generator),
+        },
+    }
+    return copy.deepcopy(state)
+
+
+def _structural_mismatch(saved: Dict[str, Any], cfg: "DistillConfig") -> List[str]:
+    out = []
+    for key in STRUCTURAL_KEYS:
+        default = getattr(type(cfg)(), key)
+        if saved.get(key, default) != getattr(cfg, key):
+            out.append(f"{flag_name(key)} ({key}) {saved.get(key, default)!r} -> {getattr(cfg, key)!r}")
+    return out
+
+
+def load_distiller_state(distiller: "Distiller", state: Dict[str, Any]) -> None:
+    """Restore ``distiller`` from :func:`distiller_state`'s output.
+
+    The optimizers' learning rates come from ``distiller.cfg`` (not from the saved state), so a value changed
+    on resume (``allow_changed``) is applied.
+
+    Raises:
+        ValueError: not a distillation state, or one whose tensors have other shapes (``STRUCTURAL_KEYS``).
+    """
+    d = distiller
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+        raise ValueError(f"not a haba_fast distillation checkpoint (missing format tag {FORMAT})")
+    mismatch = _structural_mismatch(state.get("config", {}), d.cfg)
+    if mismatch:
+        raise ValueError(
+            f"the checkpoint was made with other shapes: {'; '.join(mismatch)}; "
+            "resume with the same settings or start a new --out folder"
+        )
+    with torch.no_grad():
+        d.synthetic.load_state_dict(state["synthetic"])
+        d.syn_lr.copy_(state["syn_lr"].to(d.device))
+        if state.get("lr_param") is not None and d.lr_param is not d.syn_lr:
+            d.lr_param.copy_(state["lr_param"].to(d.device))
+    d.opt_img.load_state_dict(state["opt_img"])
+    if d.opt_style is not None:
+        d.opt_style.load_state_dict(state["opt_style"])
+    if d.opt_lr is not None:
+        d.opt_lr.load_state_dict(state["opt_lr"])
+    if d.opt_label is not None:
+        d.opt_label.load_state_dict(state["opt_label"])
+    d.objective.load_state_dict(state.get("objective") or {})
+    if d.adversary is not None:
+        d.adversary.load_state_dict(state["adversary"])
+        d.opt_adv.load_state_dict(state["opt_adv"])
+    d.set_optimizer_lrs()
+    d.stream.load_state_dict(state["stream"])
+    rng = state.get("rng")
+    if rng is None:  # format 1: the distillation generator only
+        d.generator.set_state(state["generator"])
+    else:
+        d.generator.set_state(rng["distill"])
+        if rng.get("eval") is not None:
+            d.eval_generator.set_state(rng["eval"])
+    d.bad_steps = int(state.get("bad_steps", 0))
+    d.iteration = int(state["iteration"])
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Read a resume state with ``weights_only=True`` (tensors and plain values only; nothing is executed).
+
+    Raises:
+        FileNotFoundError: no file. ValueError: corrupt, not a checkpoint, or holding anything but tensors and
+        plain values (a crafted or foreign pickle).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"distillation checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"distillation checkpoint {path} is corrupt or holds more than tensors and plain values, and was "
+            f"not loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); delete it to start "
+            "over, or resume from a copy you trust"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+        raise ValueError(f"{path} is not a haba_fast distillation checkpoint (missing format tag {FORMAT})")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resume checks
+
+
+def _digest(t: Tensor, samples: int = 65536) -> str:
+    """Hash of a tensor's shape, dtype and (up to) ``samples`` evenly spaced elements: exact and cheap."""
+    t = t.detach().cpu().reshape(-1)
+    if t.numel() > samples:
+        t = t[torch.linspace(0, t.numel() - 1, samples).long()]
+    h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def inputs_fingerprint(dataset, buffer) -> Dict[str, Any]:
+    """What the run reads, by content: the training images and labels, and the expert trajectories (or None)."""
+    ds = {
+        "name": getattr(dataset, "name", None),
+        "num_train": int(dataset.train_labels.numel()),
+        "images": _digest(dataset.train_images),
+        "labels": _digest(dataset.train_labels),
+    }
+    if buffer is None:  # objectives other than MTT read no expert trajectories
+        return {"dataset_content": ds, "buffer_content": None}
+    T = int(buffer.num_trajectories)
+    E = getattr(buffer, "num_epochs", None)
+    buf = {
+        "num_trajectories": T,
+        "num_epochs": None if E is None else int(E),
+        "first": _digest(buffer.snapshot(0, 0)),
+        "last": _digest(buffer.snapshot(T - 1, int(E))) if E is not None else None,
+    }
+    return {"dataset_content": ds, "buffer_content": buf}
+
+
+def _normalize_allowed(allow_changed: Iterable[str]) -> set:
+    fields = set(_config_fields())
+    aliases: Dict[str, str] = {}
+    try:
+        from haba_fast.commands.distill import _FLAGS
+
+        for dest, names, _k, _h in _FLAGS:
+            for n in names:
+                aliases[n.lstrip("-").replace("-", "_").lower()] = dest
+    except ImportError:  # pragma: no cover
+        pass
+    out = set()
+    for raw in allow_changed:
+        name = str(raw).strip()
+        if not name:
+            continue
+        key = name.lstrip("-").replace("-", "_")
+        key = key if key in fields else aliases.get(key.lower(), key)
+        if key not in fields:
+            raise ValueError(f"--allow-changed {name}: not a distillation flag")
+        out.add(key)
+    return out
+
+
+def check_resume(
+    saved_state: Dict[str, Any],
+    cfg: "DistillConfig",
+    inputs: Optional[Dict[str, Any]] = None,
+    allow_changed: Iterable[str] = (),
+    *,
+    where: str = "the checkpoint",
+    log: Callable[[str], None] = print,
+) -> List[str]:
+    """Compare a checkpoint's configuration and inputs with this run's; returns the keys that changed (allowed).
+
+    Raises:
+        ValueError: a result-changing key or an input differs and is not in ``allow_changed`` (the message names
+            every such flag and how to continue), or a structural key differs (never allowed).
+    """
+    from haba_fast.distill import DistillConfig
+
+    allowed = _normalize_allowed(allow_changed)
+    saved = dict(saved_state.get("config", {}))
+    defaults = DistillConfig().to_dict()
+    now = cfg.to_dict()
+    structural = _structural_mismatch(saved, cfg)
+    if structural:
+        raise ValueError(
+            f"{where} was made with other shapes, which cannot change on resume: {'; '.join(structural)}; "
+            "resume with the same settings or start a new --out folder"
+        )
+    changed = [k for k in result_keys() if saved.get(k, defaults[k]) != now[k]]
+    lines = [f"{flag_name(k)} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed]
+    saved_inputs = saved_state.get("inputs")
+    if inputs is not None and saved_inputs is not None:
+        for key, flag in _INPUT_KEYS.items():
+            if saved_inputs.get(key) != inputs.get(key):
+                changed.append(flag)
+                what = "training images or labels" if key == "dataset_content" else "expert trajectories"
+                lines.append(f"{flag_name(flag)}: the {what} differ from the checkpoint's")
+    refused = [line for k, line in zip(changed, lines) if k not in allowed]
+    if refused:
+        keys = ",".join(dict.fromkeys(k for k in changed if k not in allowed))
+        raise ValueError(
+            f"{where} was made with other settings: {'; '.join(refused)}. Resume with the same flags, pass "
+            f"--allow-changed {keys} to continue with the new values, or start a new --out folder"
+        )
+    for k in dict.fromkeys(changed):
+        if k in INIT_ONLY_KEYS:
+            log(f"--allow-changed {k}: {flag_name(k)} only sets up iteration 0; the run continues from the "
+                "checkpoint's random state and learned lr")
+    return list(dict.fromkeys(changed))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def synthetic_meta(distiller: "Distiller", dataset) -> Dict[str, Any]:
+    """The ``meta`` of our synthetic files: iteration, learned lr, config, dataset name and ZCA state."""
+    lr = float(distiller.syn_lr.detach())
+    meta = {"iteration": distiller.iteration, "lr": lr, "syn_lr": lr, "config": distiller.cfg.to_dict()}
+    if dataset is not None:
+        meta["dataset"] = dataset.name
+        zca = getattr(dataset, "zca", None)
+        if zca is not None and hasattr(zca, "state_dict"):
+            meta["zca"] = zca.state_dict()
+    return meta
+
+
+def save_reference(distiller: "Distiller", ref_dir: Path, it: str) -> None:
+    """The reference's files: images_<it>.pt [K·ipc, c_b, H, W], styles_<it>.pt (HaBa), syn_lr_<it>.pt."""
+    from haba_fast.io import atomic_torch_save
+
+    distiller.synthetic.to_reference(ref_dir, it=it)
+    atomic_torch_save(distiller.syn_lr.detach().cpu(), ref_dir / f"syn_lr_{it}.pt")
+
+
+def save_checkpoint(
+    distiller: "Distiller", out_dir: Path, dataset=None, *, inputs: Optional[Dict[str, Any]] = None
+) -> Path:
+    """Write our format, the reference format and the resume state for the current iteration (each atomically).
+
+    Raises:
+        ValueError: a write failed (disk full, folder became read-only); the previous checkpoint is intact.
+    """
+    from haba_fast.io import atomic_torch_save
+
+    out_dir = Path(out_dir)
+    it = distiller.iteration
+    with writing(f"the checkpoint of iteration {it}", out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = synthetic_meta(distiller, dataset)
+        distiller.synthetic.save(out_dir / f"synthetic_{it}.pt", meta)
+        distiller.synthetic.save(out_dir / "synthetic_last.pt", meta)
+        save_reference(distiller, out_dir / "reference", str(it))
+        # The resume state goes last: a checkpoint.pt always points at files that exist.
+        atomic_torch_save(distiller_state(distiller, inputs=inputs), out_dir / CHECKPOINT_NAME)
+    return out_dir / CHECKPOINT_NAME
+
+
+@contextlib.contextmanager
+def writing(what: str, out_dir: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, read-only) into a ValueError that says the last checkpoint is intact."""
+    try:
+        yield
+    except OSError as exc:
+        raise ValueError(
+            f"could not write {what} in {out_dir}: {exc.strerror or exc}; the last complete checkpoint "
+            f"({CHECKPOINT_NAME}) is intact: free space and rerun with --resume"
+        ) from exc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# History
+
+
+class History:
+    """``history.jsonl``: one JSON object per line, ``"iteration"`` in each.
+
+    ``append`` writes a whole line and flushes it; a kill can tear only the last line, which ``restart`` drops.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> Tuple[List[Dict[str, Any]], int]:
+        """(records, number of unreadable lines dropped)."""
+        if not self.path.exists():
+            return [], 0
+        records, dropped = [], 0
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                dropped += 1
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("iteration"), (int, float)):
+                records.append(rec)
+            else:
+                dropped += 1
+        return records, dropped
+
+    def restart(self, iteration: int, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+        """Keep the records of iterations before ``iteration`` (0: none) and rewrite the file atomically."""
+        from haba_fast.io import atomic_write_text
+
+        if iteration <= 0:
+            if self.path.exists():
+                atomic_write_text("", self.path)
+            return []
+        records, dropped = self.read()
+        if dropped:
+            log(f"{self.path}: dropped {dropped} unreadable line(s) (a run killed while writing it)")
+        keep = [r for r in records if r["iteration"] < iteration]
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in keep), self.path)
+        return keep
+
+    def append(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
