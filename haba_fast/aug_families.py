@@ -164,9 +164,8 @@ def _affine_research(x: Tensor, rows) -> Tensor:
 
 def _meshgrid(x: Tensor, rows: int, cols: int):
     dev = x.device
-    return torch.meshgrid(
-        torch.arange(x.size(0), device=dev), torch.arange(rows, device=dev), torch.arange(cols, device=dev), indexing="ij"
-    )
+    axes = (torch.arange(x.size(0), device=dev), torch.arange(rows, device=dev), torch.arange(cols, device=dev))
+    return torch.meshgrid(*axes, indexing="ij")
 
 
 # ---- the families -------------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ def _check_images(x, n_expected: Optional[int] = None, op: str = "augment"):
 
 
 def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int, Tensor, Tensor]:
-    """One AugParams -> (kernel code, fparams [n, 4] dtype, iparams [n, 4] int64) on ``device`` (its family's encode)."""
+    """One AugParams -> (kernel code, fparams [n, 4] dtype, iparams [n, 4] int64) on ``device``, by its family."""
     if p.n != n:
         raise ValueError(f"augment: params ({p.family}) are for a batch of {p.n}, the images have {n}")
     fp = torch.zeros(n, 4, dtype=dtype, device=device)
