@@ -143,9 +143,9 @@ def test_noise_routes_to_torch_with_a_reason(monkeypatch):
     with pytest.warns(RuntimeWarning, match="noise"):
         out = ops.augment(x, chain)
     assert_close(out, _reference.augment_reference(x, chain))
-    for backend in ("cpu", "triton"):
+    for name in ("cpu", "triton"):
         with pytest.raises(BackendUnavailableError, match="family 'noise'"):
-            ops.augment(x, p, backend=backend)
+            ops.augment(x, p, backend=name)
     from test_ops_generate import make_inputs
 
     tensors, bidx, hidx = make_inputs(3, 4, 2, 2, 6, 6, 3, 2, dtype=torch.float64)
