@@ -211,10 +211,21 @@ def _preference(device: torch.device) -> tuple[str, ...]:
     return ("triton", "cpu", "torch") if device.type == "cuda" else ("cpu", "torch", "triton")
 
 
-def requested_backend(backend: Optional[str] = None) -> str:
-    """The backend asked for: the argument, else $HABA_FAST_BACKEND, else ``auto`` (old spellings mapped, warned)."""
-    name = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
-    name = name.strip().lower()
+def requested_backend(backend: Optional[str] = None, *, legacy_env: Optional[str] = None) -> str:
+    """The backend asked for: the argument, else $HABA_FAST_BACKEND, else ``auto`` (old spellings mapped, warned).
+
+    ``legacy_env`` names an older, op-specific variable (``HABA_FAST_ADJOINT``) still honoured, with a
+    ``DeprecationWarning``, when it is set and neither the argument nor $HABA_FAST_BACKEND is.
+    """
+    name = backend if backend is not None else os.environ.get(ENV_VAR)
+    if name is None and legacy_env and os.environ.get(legacy_env):
+        warnings.warn(
+            f"haba_fast: ${legacy_env} is deprecated; set ${ENV_VAR} (torch | cpu | triton | auto) instead",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        name = os.environ[legacy_env]
+    name = (name if name is not None else "auto").strip().lower()
     if name in _DEPRECATED:
         warnings.warn(
             f"haba_fast: backend name {name!r} is deprecated; use {_DEPRECATED[name]!r} (torch | cpu | triton)",
@@ -237,6 +248,8 @@ def select_backend(
     inputs: Union[OpInputs, torch.device, str],
     backend: Optional[str] = None,
     cpu_op: Optional[str] = None,
+    *,
+    legacy_env: Optional[str] = None,
 ) -> str:
     """Return the backend that runs ``op`` on ``inputs``.
 
@@ -245,6 +258,7 @@ def select_backend(
         inputs: an :class:`OpInputs`, or just a device.
         backend: explicit override; None reads $HABA_FAST_BACKEND (default ``auto``).
         cpu_op: unused; kept so older callers keep working (the C++ op of each op is in :data:`OPS`).
+        legacy_env: an older op-specific environment variable still honoured (see :func:`requested_backend`).
 
     Raises:
         BackendUnavailableError: ``backend`` (or the environment) names a backend that cannot run here.
@@ -252,7 +266,7 @@ def select_backend(
     del cpu_op
     _check_op(op)
     inputs = _inputs(inputs)
-    asked = requested_backend(backend)
+    asked = requested_backend(backend, legacy_env=legacy_env)
     if asked != "auto":
         reasons = supports(op, inputs, asked)
         if reasons:
