@@ -142,6 +142,11 @@ def _draw_int(g: torch.Generator, low: int, high: int, n: int, same: bool) -> Te
     return r.repeat(n) if same else r
 
 
+def _sides(H: int, W: int, ratio: float) -> tuple[int, int]:
+    """The DSA rounding of a ratio of the image sides: (int(H·ratio + 0.5), int(W·ratio + 0.5))."""
+    return int(H * ratio + 0.5), int(W * ratio + 0.5)
+
+
 def _per_sample(v: Tensor, x: Tensor) -> Tensor:
     """A float value [n] as [n, 1, 1, 1] in x's dtype and device, to broadcast over C, H, W."""
     return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
@@ -244,8 +249,7 @@ class Crop(AugFamily):
     int_keys = frozenset(keys)
 
     def sample(self, n, size, g, same, cfg):
-        H, W = size
-        sh, sw = int(H * cfg.crop + 0.5), int(W * cfg.crop + 0.5)
+        sh, sw = _sides(*size, cfg.crop)
         return {"tx": _draw_int(g, -sh, sh + 1, n, same), "ty": _draw_int(g, -sw, sw + 1, n, same)}
 
     def apply(self, x, p):
@@ -266,8 +270,7 @@ class Crop(AugFamily):
 
 
 def _hole_size(p, H: int, W: int) -> tuple[int, int]:
-    ratio = getattr(p, "cutout_ratio", 0.5)
-    return int(H * ratio + 0.5), int(W * ratio + 0.5)
+    return _sides(H, W, getattr(p, "cutout_ratio", 0.5))
 
 
 def _hole_axis(o: Tensor, c: int, L: int, device) -> Tensor:
@@ -288,7 +291,7 @@ class Cutout(AugFamily):
 
     def sample(self, n, size, g, same, cfg):
         H, W = size
-        ch, cw = int(H * cfg.cutout + 0.5), int(W * cfg.cutout + 0.5)
+        ch, cw = _sides(H, W, cfg.cutout)
         # Even holes may also be centred one past the last pixel, as in the reference.
         return {"ox": _draw_int(g, 0, H + (1 - ch % 2), n, same), "oy": _draw_int(g, 0, W + (1 - cw % 2), n, same)}
 
