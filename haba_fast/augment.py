@@ -397,12 +397,13 @@ def _check_chain(x: Tensor, params) -> None:
             )
 
 
-def apply(x: Tensor, params: AugChain) -> Tensor:
-    """Augment ``x`` under ``params``; differentiable in ``x``.
+def apply(x: Tensor, params: AugChain, *, backend: str | None = None) -> Tensor:
+    """Augment ``x`` under ``params``; differentiable in ``x``. Also ``haba_fast.augment(x, params)``.
 
     Args:
         x: [n, C, H, W] floating images.
         params: an AugParams with ``n`` samples, or a list/tuple of them applied in order ("M" mode).
+        backend: ``torch`` | ``cpu`` | ``triton`` | ``auto`` (None: $HABA_FAST_BACKEND, else auto).
 
     Returns:
         [n, C, H, W], same dtype and device as ``x`` (param values are moved to ``x``'s device).
@@ -410,7 +411,7 @@ def apply(x: Tensor, params: AugChain) -> Tensor:
     _check_chain(x, params)
     from haba_fast import ops  # late import: ops may grow backends that import this module
 
-    return ops.augment(x, params)
+    return ops.augment(x, params) if backend is None else ops.augment(x, params, backend=backend)
 
 
 def augment(
