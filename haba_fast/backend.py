@@ -21,6 +21,11 @@ import time; availability checks are cached.
 
 Ops can add their own conditions with :func:`register_check` (the engine registers "the model is a ConvNet the
 C++ engine implements" for ``trajectory_match`` on ``cpu``).
+
+Environment: ``HABA_FAST_BACKEND`` is the only variable that chooses a backend (``HABA_FAST_ADJOINT`` is its
+deprecated, engine-only predecessor). ``HABA_FAST_CPU_ISA`` (cap the per-ISA copies of the C++ loops),
+``HABA_FAST_TRAJECTORY_FUSED=0`` (the C++ engine's ATen-only path) and ``HABA_FAST_BUFFER_CACHE[_MB]`` tune the
+``cpu`` backend from inside; they never change which backend runs. ``haba-fast info`` lists every one that is set.
 """
 
 from __future__ import annotations

@@ -79,8 +79,8 @@ def collect() -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "platform": platform.platform(),
-        "environment": {k: os.environ[k] for k in ("HABA_FAST_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")
-                        if k in os.environ},
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("HABA_FAST_") or k in ("TRITON_INTERPRET", "OMP_NUM_THREADS")},
     }
     cuda_ok = torch.cuda.is_available()
     info["devices"] = {
