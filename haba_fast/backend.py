@@ -282,25 +282,16 @@ def select_backend(
         reasons = supports(op, inputs, name)
         if not reasons:
             if skipped and name == "torch":
-                _warn_once(op, *skipped[0])
+                _warn_once(op, skipped)
             return name
-        if _expected_here(name, inputs):
-            skipped.append((name, reasons))
+        skipped.append((name, tuple(reasons)))
     return "torch"  # unreachable: torch supports everything
 
 
-def _expected_here(backend: str, inputs: OpInputs) -> bool:
-    """Whether ``backend`` is the device's natural fast path (worth a warning when it is skipped)."""
-    return (backend == "triton" and inputs.device.type == "cuda") or (backend == "cpu" and inputs.device.type == "cpu")
-
-
-def _warn_once(op: str, backend: str, reasons: list[str]) -> None:
-    key = (op, backend, tuple(reasons))
+def _warn_once(op: str, skipped: list) -> None:
+    key = (op, tuple(skipped))
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(
-        f"haba_fast: {op} falls back to the torch backend ({backend}: {'; '.join(reasons)})",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    why = "; ".join(f"{name}: {'; '.join(reasons)}" for name, reasons in skipped)
+    warnings.warn(f"haba_fast: {op} falls back to the torch backend ({why})", RuntimeWarning, stacklevel=3)

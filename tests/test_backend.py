@@ -96,3 +96,10 @@ def test_info_prints_why_each_backend_was_skipped(capsys):
     out = capsys.readouterr().out
     assert "not triton: no Triton implementation of trajectory_match" in out
     assert "not triton: needs CUDA tensors" in out
+
+
+def test_cuda_fallback_names_every_skipped_backend(monkeypatch):
+    monkeypatch.setattr(B, "triton_available", lambda: False)
+    monkeypatch.setattr(B.importlib.util, "find_spec", lambda name: None)  # as if triton were not installed
+    with pytest.warns(RuntimeWarning, match=r"generate falls back to the torch backend \(triton: .*not installed.*; cpu: "):
+        assert select_backend("generate", OpInputs("cuda", torch.float32)) == "torch"
