@@ -101,5 +101,6 @@ def test_info_prints_why_each_backend_was_skipped(capsys):
 def test_cuda_fallback_names_every_skipped_backend(monkeypatch):
     monkeypatch.setattr(B, "triton_available", lambda: False)
     monkeypatch.setattr(B.importlib.util, "find_spec", lambda name: None)  # as if triton were not installed
-    with pytest.warns(RuntimeWarning, match=r"generate falls back to the torch backend \(triton: .*not installed.*; cpu: "):
+    pattern = r"generate falls back to the torch backend \(triton: .*not installed.*; cpu: "
+    with pytest.warns(RuntimeWarning, match=pattern):
         assert select_backend("generate", OpInputs("cuda", torch.float32)) == "torch"
