@@ -152,3 +152,31 @@ def test_noise_routes_to_torch_with_a_reason(monkeypatch):
     out = ops.generate_augment(*tensors, bidx, hidx, chain[::-1])
     ref = _reference.augment_reference(_reference.generate_reference(*tensors, bidx, hidx), chain[::-1])
     assert_close(out, ref)
+
+
+def test_a_new_family_is_one_class(monkeypatch):
+    """Registering a family is enough for sample, AugParams, apply, ops (routed to torch) and the strategies."""
+    monkeypatch.setattr(aug_families, "_REGISTRY", dict(aug_families._REGISTRY))
+
+    @aug_families.register_family
+    class Invert(aug_families.AugFamily):
+        name = "invert"
+        keys = ("w",)
+        no_kernel = "family 'invert' is a test family without kernels"
+
+        def sample(self, n, size, g, same, cfg):
+            return {"w": torch.rand(1 if same else n, generator=g).expand(n).clone()}
+
+        def apply(self, x, p):
+            return x * (1 - 2 * p.values["w"].to(x).view(-1, 1, 1, 1))
+
+    chain = sample("flip_invert", 4, (5, 6), generator=gen(0), mode="M")
+    assert [p.family for p in chain] == ["flip", "invert"] and chain[1][1:3].n == 2
+    x = images(4, 2, 5, 6).requires_grad_(True)
+    w = chain[1].values["w"].double().view(-1, 1, 1, 1)
+    out = apply(x, chain)
+    assert_close(out, _reference.augment_reference(x, chain[:1]) * (1 - 2 * w))
+    gy = images(4, 2, 5, 6, seed=3)
+    assert_close(torch.autograd.grad(out, x, gy)[0], _reference.augment_reference(gy * (1 - 2 * w), chain[:1]))
+    with pytest.raises(BackendUnavailableError, match="test family without kernels"):
+        ops.augment(x, chain, backend="cpu")
