@@ -5,7 +5,8 @@
 //   generate_backward(grad, <generate inputs minus dec_bias>, need_bases, need_hall) -> 7 grads
 //   augment(x, family, fparams, iparams) -> out            augment_backward(grad, family, fparams, iparams)
 //   generate_augment(<generate inputs>, family, fparams, iparams) -> out   (+ generate_augment_backward)
-// Shapes: see haba_fast/_reference.py; family codes and fparams/iparams meaning: csrc/genaug_kernels.h.
+// Shapes: see haba_fast/_reference.py; kernel codes and fparams/iparams meaning: csrc/genaug_types.h
+// (each family's `encode` in haba_fast/aug_families.py writes them).
 //
 // Parallelism: at::parallel_for over samples; each sample's work is independent (genaug_kernels.h). Gradients of
 // shared tensors (bases rows, hallucinator parameters) are written as per-sample partial rows first, then summed

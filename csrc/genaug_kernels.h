@@ -11,8 +11,9 @@
 //   y  [C, H, W]    generated sample
 //
 // This header is included twice by genaug.cpp, with GENAUG_NS = genaug (baseline ISA) and GENAUG_NS =
-// genaug_avx2 under `#pragma GCC target("avx2,fma")`; the driver picks the AVX2 copy at run time when the CPU
-// has it (setup.py builds without -march, so the baseline copy is plain SSE2). Hence no include guard. The
+// genaug_avx2 under `#pragma GCC target("avx2,fma")` (no AVX-512 copy here, unlike trajectory_kernels.h; see
+// cpu_isa.h); the driver picks the AVX2 copy at run time when the CPU has it (setup.py builds without -march, so
+// the baseline copy is plain SSE2). Hence no include guard. The
 // baseline copy is included first, so std:: templates are instantiated for the baseline ISA, which the AVX2
 // copy may call safely.
 #ifndef GENAUG_NS

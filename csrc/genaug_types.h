@@ -27,7 +27,8 @@ struct HallLayout {
 
 // ---------------------------------------------------------------------------------------------------------
 // Augmentation of one sample [C, H, W]. Every DSA family is linear in x, so the backward is the adjoint map.
-// Families (codes shared with haba_fast/ops.py and kernels/augment.py):
+// Kernel codes: haba_fast.aug_families.KernelCode holds the same numbers for Python (the Triton kernels and each
+// family's `encode`; tests/test_aug_families.py checks they agree). Several families may share a code.
 enum Family : int64_t { kIdentity = 0, kColor = 1, kCrop = 2, kCutout = 3, kFlip = 4, kAffine = 5 };
 // Per-sample parameters: fp[4] (dtype of x), ip[4] (int64):
 //   color : fp = (add, sat, con): y = con*(sat*(x - mC) + mC + add - m) + m, mC = channel mean per pixel,

@@ -1,5 +1,5 @@
-// The exact constant-memory unrolled trajectory engine for the ConvNet family (see ../shared/DESIGN.md,
-// "The exact constant-memory engine (math)").
+// The exact constant-memory unrolled trajectory engine for the ConvNet family (see docs/DESIGN.md,
+// "The exact constant-memory engine").
 //
 // Ops (torch.ops.haba_fast.*):
 //   trajectory_match(X, Y, w_start, w_target, lr, spec, first_order) -> loss            (autograd: dL/dX, dL/dlr)

@@ -19,11 +19,10 @@
 //   gz  = rstd (gx - mean(gx) - xh mean(gx xh))
 //   gzd = rstd (gxd - mean(gxd) - xhd mean(gx xh) - xh mean(gxd xh + gx xhd)) - k gz
 // Sums accumulate per channel plane in T (SIMD lanes), group totals in double. Deterministic: every output element and partial sum has exactly one writer.
-// Included twice by trajectory.cpp, with TRAJ_NS = traj (the build's baseline ISA) and TRAJ_NS = traj_avx2 under
-// `#pragma GCC target("avx2,fma")`; trajectory.cpp picks the AVX2 copy at run time when the CPU has it (the
-// same scheme as genaug_kernels.h). Hence no include guard. The loops below vectorize with `omp simd`: the
-// AVX2 copy ran the engine's fused norm/act/pool loops ~2.7x faster than the SSE2 baseline (ConvNet-128, batch
-// 100, the 2-core CI machine).
+// Included three times by trajectory.cpp, with TRAJ_NS = traj (the build's baseline ISA), traj_avx2 (under
+// `#pragma GCC target("avx2,fma")`) and traj_avx512 (Skylake-AVX512); trajectory.cpp picks the best copy the CPU
+// runs (cpu_isa.h, which also records what each copy gains). Hence no include guard. The loops below vectorize
+// with `omp simd`.
 #ifndef TRAJ_NS
 #error "define TRAJ_NS before including trajectory_kernels.h"
 #endif

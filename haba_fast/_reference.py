@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from haba_fast.aug_families import family
+
 
 def generate_reference(
     bases: Tensor,
@@ -49,13 +51,13 @@ def generate_reference(
     return out
 
 
-# ---- DSA augmentation --------------------------------------------------------------------------------
-# Duck-typed on ``params.family`` / ``params.values`` / ``params.cutout_ratio`` (haba_fast.augment.AugParams)
-# so that this module imports nothing from the package. Formulas: ../shared/DESIGN.md, "DSA defaults".
+# ---- augmentation --------------------------------------------------------------------------------------
+# Each family's reference transform is its ``apply`` in haba_fast.aug_families (the one home of a family);
+# this function chains them. Formulas: docs/DESIGN.md, "Augmentation (DSA)".
 
 
 def augment_reference(x: Tensor, params) -> Tensor:
-    """DSA-augment a batch under explicit parameters (the oracle of ``ops.augment``).
+    """Augment a batch under explicit parameters (the oracle of ``ops.augment``).
 
     Args:
         x: [n, C, H, W] floating images.
@@ -67,104 +69,8 @@ def augment_reference(x: Tensor, params) -> Tensor:
     chain = params if isinstance(params, (list, tuple)) else (params,)
     out = x
     for p in chain:
-        out = _augment_one(out, p)
+        if p.n != x.shape[0]:
+            raise ValueError(f"augment: params ({p.family}) are for a batch of {p.n}, the images have {x.shape[0]}")
+        out = family(p.family).apply(out, p)
     # A fresh tensor even for identity chains: callers (custom ops) may not return an alias of their input.
     return out.clone() if out is x else out
-
-
-def _augment_one(x: Tensor, p) -> Tensor:
-    if p.n != x.shape[0]:
-        raise ValueError(f"augment: params ({p.family}) are for a batch of {p.n}, the images have {x.shape[0]}")
-    fn = _AUGMENT_FNS.get(p.family)
-    if fn is None:
-        raise ValueError(f"augment: unknown family {p.family!r}: choose one of {tuple(_AUGMENT_FNS)}")
-    return fn(x, p)
-
-
-def _per_sample(v: Tensor, x: Tensor) -> Tensor:
-    """A float value [n] as [n, 1, 1, 1] in x's dtype and device, to broadcast over C, H, W."""
-    return v.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
-
-
-def _color(x: Tensor, p) -> Tensor:
-    b, s, c = (_per_sample(p.values[k], x) for k in ("brightness", "saturation", "contrast"))
-    x = x + (b - 0.5)  # brightness: shift by (r − 0.5)·1.0
-    m = x.mean(dim=1, keepdim=True)  # saturation: around the per-pixel channel mean, factor 2r
-    x = (x - m) * (s * 2.0) + m
-    m = x.mean(dim=(1, 2, 3), keepdim=True)  # contrast: around the image mean, factor r + 0.5
-    return (x - m) * (c + 0.5) + m
-
-
-def _shift_axis(x: Tensor, t: Tensor, dim: int) -> Tensor:
-    """out[..., i, ...] = x[..., i + t, ...] along ``dim`` (2 or 3), zero where i + t falls outside."""
-    n, C, H, W = x.shape
-    L = x.shape[dim]
-    src = torch.arange(L, device=x.device).view(1, L) + t.to(x.device).view(-1, 1)  # [n, L]
-    valid = (src >= 0) & (src < L)
-    shape = (n, 1, L, 1) if dim == 2 else (n, 1, 1, L)
-    src = src.clamp(0, L - 1).view(shape).expand(n, C, H, W)
-    return torch.where(valid.view(shape), x.gather(dim, src), x.new_zeros(()))
-
-
-def _crop(x: Tensor, p) -> Tensor:
-    return _shift_axis(_shift_axis(x, p.values["tx"], 2), p.values["ty"], 3)
-
-
-def _hole_axis(o: Tensor, c: int, L: int, device) -> Tensor:
-    """[n, L] bool: positions clamp(o − c//2 + k, 0, L−1), k in [0, c), i.e. the clamped interval's ends."""
-    lo = (o.to(device) - c // 2).clamp(0, L - 1).view(-1, 1)
-    hi = (o.to(device) - c // 2 + c - 1).clamp(0, L - 1).view(-1, 1)
-    i = torch.arange(L, device=device).view(1, L)
-    return (i >= lo) & (i <= hi)
-
-
-def _cutout(x: Tensor, p) -> Tensor:
-    H, W = x.shape[-2:]
-    ratio = getattr(p, "cutout_ratio", 0.5)
-    ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
-    if ch == 0 or cw == 0:  # an empty hole
-        return x.clone()
-    rows = _hole_axis(p.values["ox"], ch, H, x.device)  # [n, H]
-    cols = _hole_axis(p.values["oy"], cw, W, x.device)  # [n, W]
-    keep = ~(rows[:, :, None] & cols[:, None, :])  # [n, H, W]
-    return x * keep.to(x.dtype).unsqueeze(1)
-
-
-def _flip(x: Tensor, p) -> Tensor:
-    r = p.values["r"].to(x.device).view(-1, 1, 1, 1)
-    return torch.where(r < 0.5, x.flip(3), x)
-
-
-def _affine(x: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
-    """Bilinear resampling (zero padding, align_corners=True) under the per-sample matrices [[a, b, 0], [c, d, 0]]."""
-    zero = torch.zeros_like(a)
-    theta = torch.stack([torch.stack([a, b, zero], dim=-1), torch.stack([c, d, zero], dim=-1)], dim=-2)  # [n, 2, 3]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-
-
-def _scale(x: Tensor, p) -> Tensor:
-    sx, sy = (p.values[k].to(device=x.device, dtype=x.dtype) for k in ("sx", "sy"))
-    zero = torch.zeros_like(sx)
-    return _affine(x, sx, zero, zero, sy)
-
-
-def _rotate(x: Tensor, p) -> Tensor:
-    t = p.values["theta"].to(device=x.device, dtype=x.dtype)
-    cos, sin = torch.cos(t), torch.sin(t)
-    return _affine(x, cos, -sin, sin, cos)
-
-
-def _identity(x: Tensor, p) -> Tensor:
-    return x
-
-
-_AUGMENT_FNS = {
-    "color": _color,
-    "crop": _crop,
-    "cutout": _cutout,
-    "flip": _flip,
-    "scale": _scale,
-    "rotate": _rotate,
-    "identity": _identity,
-}

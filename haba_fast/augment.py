@@ -7,7 +7,7 @@ images. Applying the same params to two batches is Siamese augmentation; replayi
 a backward pass reproduces its forward exactly.
 
 Semantics follow the DSA reference (``DiffAugment`` / ``ParamDiffAug`` of the public MTT and HaBa code,
-see ``../shared/DESIGN.md``), without its habit of reseeding the global RNG:
+see docs/DESIGN.md), without its habit of reseeding the global RNG:
 
 - mode ``"S"`` (default): one family is drawn, uniformly among the strategy's families, for the whole
   batch; its parameters are drawn per sample.
@@ -18,10 +18,15 @@ Stored values are in the units of the default DSA constants (for color and flip:
 themselves), so ``apply`` needs no config: a non-default :class:`DSAConfig` is folded into the values
 when sampling (see ``sample``), except the cutout ratio, which sets the hole size and travels as
 ``AugParams.cutout_ratio``.
+
+Each family (its values, sampler, reference transform and kernel encoding) is one registered object in
+``haba_fast.aug_families``; this module names none of them. ``FAMILIES`` are DSA's six; the registry also
+holds ``noise`` (additive Gaussian noise, see ``aug_families.Noise``), usable in any strategy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +34,9 @@ from typing import Union
 
 import torch
 from torch import Tensor
+
+from haba_fast.aug_families import family as _family
+from haba_fast.aug_families import registered_families
 
 __all__ = [
     "DEFAULT_STRATEGY",
@@ -41,24 +49,18 @@ __all__ = [
     "augment",
     "parse_strategy",
     "sample",
+    "strategy_families",
 ]
 
-FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")  # DSA's families (the default strategy)
 MODES = ("S", "M")
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 _NONE_STRATEGIES = ("", "none", "None")
 
-# Names of the per-sample values of each family, in constructor order.
-_KEYS: dict[str, tuple[str, ...]] = {
-    "color": ("brightness", "saturation", "contrast"),
-    "crop": ("tx", "ty"),
-    "cutout": ("ox", "oy"),
-    "flip": ("r",),
-    "scale": ("sx", "sy"),
-    "rotate": ("theta",),
-    "identity": (),
-}
-_INT_FAMILIES = ("crop", "cutout")  # integer pixel shifts / centres; every other family holds floats
+
+def strategy_families() -> tuple[str, ...]:
+    """Every family a strategy may name: the registered ones (haba_fast.aug_families) except ``identity``."""
+    return tuple(f for f in registered_families() if f != "identity")
 
 
 class AugDtypeError(TypeError, ValueError):
@@ -78,6 +80,7 @@ class DSAConfig:
         flip: flip probability (width axis).
         scale: scale ratio; sx, sy ~ U[1/scale, scale).
         rotate: maximal rotation in degrees; θ ~ U[−rotate, rotate).
+        noise: std of the additive Gaussian noise of the ``noise`` family (DSA's ``ratio_noise``).
     """
 
     brightness: float = 1.0
@@ -88,13 +91,15 @@ class DSAConfig:
     flip: float = 0.5
     scale: float = 1.2
     rotate: float = 15.0
+    noise: float = 0.05
 
     def __post_init__(self):
-        for name in ("brightness", "saturation", "contrast", "crop", "cutout", "flip", "scale", "rotate"):
+        for f in dataclasses.fields(self):
+            name = f.name
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"DSAConfig.{name} must be a finite number, got {v!r}")
-        if self.crop < 0 or self.rotate < 0 or self.brightness < 0 or self.saturation < 0 or self.contrast < 0:
+        if min(self.crop, self.rotate, self.brightness, self.saturation, self.contrast, self.noise) < 0:
             raise ValueError(f"DSAConfig ratios must be >= 0, got {self}")
         if not 0.0 <= self.cutout <= 1.0:
             raise ValueError(f"DSAConfig.cutout is a side ratio in [0, 1], got {self.cutout}")
@@ -105,16 +110,16 @@ class DSAConfig:
 
 
 def _as_values(family: str, name: str, v) -> Tensor:
-    """One per-sample value as a 1-D tensor of the family's dtype (int64 for crop/cutout, float otherwise)."""
+    """One per-sample value as a 1-D tensor of its dtype (int64 for the family's ``int_keys``, float otherwise)."""
     t = v if isinstance(v, Tensor) else torch.as_tensor(v)
     if t.dim() != 1:
         raise ValueError(
             f"AugParams.{family}: {name!r} must be a 1-D tensor [n] (one value per sample), got shape {tuple(t.shape)}"
         )
-    if family in _INT_FAMILIES:
+    if name in _family(family).int_keys:
         if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
             raise AugDtypeError(
-                f"AugParams.{family}: {name!r} holds integer pixel offsets; got dtype {t.dtype}, "
+                f"AugParams.{family}: {name!r} holds integer values (pixel offsets, seeds); got dtype {t.dtype}, "
                 "pass an integer tensor (e.g. torch.int64)"
             )
         return t.to(torch.int64)
@@ -125,18 +130,19 @@ def _as_values(family: str, name: str, v) -> Tensor:
 
 @dataclass(frozen=True, eq=False)
 class AugParams:
-    """Parameters of one DSA family for a batch: per-sample tensors, all of shape [n].
+    """Parameters of one augmentation family for a batch: per-sample tensors, all of shape [n].
 
-    ``values`` per family: color: ``brightness``, ``saturation``, ``contrast`` (the uniform draws r, float);
-    crop: ``tx``, ``ty`` (int64 shifts; rows shift with tx, columns with ty); cutout: ``ox``, ``oy`` (int64
-    hole centres); flip: ``r`` (float; flip where r < 0.5); scale: ``sx``, ``sy`` (float factors);
-    rotate: ``theta`` (radians, float); identity: none.
+    ``values`` holds the family's ``keys`` (``haba_fast.aug_families``), e.g. color: ``brightness``,
+    ``saturation``, ``contrast`` (the uniform draws r, float); crop: ``tx``, ``ty`` (int64 shifts; rows shift
+    with tx, columns with ty); cutout: ``ox``, ``oy`` (int64 hole centres); flip: ``r`` (float; flip where
+    r < 0.5); scale: ``sx``, ``sy`` (float factors); rotate: ``theta`` (radians, float); noise: ``seed``
+    (int64), ``std`` (float); identity: none.
 
     Build with the family constructors (``AugParams.crop(tx, ty)``, ...) rather than directly.
     A list or tuple of AugParams is a chain ("M" mode), applied in order.
 
     Attributes:
-        family: one of ``FAMILIES`` or ``"identity"``.
+        family: a registered family name (``FAMILIES``, ``"noise"``, ``"identity"``).
         values: name -> [n] tensor.
         batch_size: n; inferred from ``values`` (required only for ``identity``).
         cutout_ratio: hole side ratio of a cutout (the DSA constant 0.5 unless sampled with another).
@@ -148,11 +154,9 @@ class AugParams:
     cutout_ratio: float = 0.5
 
     def __post_init__(self):
-        if self.family not in _KEYS:
-            raise ValueError(f"unknown augmentation family {self.family!r}: choose one of {FAMILIES + ('identity',)}")
+        expected = _family(self.family).keys  # ValueError naming the registered families
         if not isinstance(self.values, dict):
             raise TypeError(f"AugParams.values must be a dict of name -> tensor, got {type(self.values).__name__}")
-        expected = _KEYS[self.family]
         if set(self.values) != set(expected):
             raise ValueError(f"AugParams({self.family!r}) needs values {list(expected)}, got {sorted(self.values)}")
         # Own copy in constructor order, so that mutating the caller's dict cannot change these params.
@@ -209,6 +213,11 @@ class AugParams:
     def rotate(cls, theta) -> AugParams:
         """Rotation by theta [n] radians: affine matrix [[cos, −sin, 0], [sin, cos, 0]]."""
         return cls("rotate", {"theta": theta})
+
+    @classmethod
+    def noise(cls, seed, std) -> AugParams:
+        """Additive Gaussian noise x + std·ε, ε ~ N(0, 1) drawn from ``seed`` [n] int64; std [n] float."""
+        return cls("noise", {"seed": seed, "std": std})
 
     @classmethod
     def identity(cls, n: int) -> AugParams:
@@ -269,7 +278,7 @@ class AugParams:
             if p.cutout_ratio != first.cutout_ratio:
                 raise ValueError(f"AugParams.cat: cutout ratios differ ({first.cutout_ratio} vs {p.cutout_ratio})")
         dev = first.device
-        values = {k: torch.cat([p.values[k].to(dev) for p in params]) for k in _KEYS[first.family]}
+        values = {k: torch.cat([p.values[k].to(dev) for p in params]) for k in _family(first.family).keys}
         return first._replace(values, sum(p.n for p in params))
 
     def to(self, device) -> AugParams:
@@ -291,64 +300,14 @@ def parse_strategy(strategy: str) -> tuple[str, ...]:
     if strategy in _NONE_STRATEGIES:
         return ()
     fams = tuple(strategy.split("_"))
-    bad = [f for f in fams if f not in FAMILIES]
+    known = strategy_families()
+    bad = [f for f in fams if f not in known]
     if bad:
         raise ValueError(
-            f"unknown DSA family {bad[0]!r} in strategy {strategy!r}: families are {', '.join(FAMILIES)} joined by '_' "
+            f"unknown DSA family {bad[0]!r} in strategy {strategy!r}: families are {', '.join(known)} joined by '_' "
             f"(e.g. {DEFAULT_STRATEGY!r}), or 'none'"
         )
     return fams
-
-
-def _draw_uniform(g: torch.Generator, n: int, same: bool) -> Tensor:
-    """[n] float32 U[0, 1) on the generator's device; one draw repeated when ``same``."""
-    r = torch.rand(1 if same else n, generator=g, device=g.device)
-    return r.repeat(n) if same else r
-
-
-def _draw_int(g: torch.Generator, low: int, high: int, n: int, same: bool) -> Tensor:
-    """[n] int64 uniform in [low, high) on the generator's device; one draw repeated when ``same``."""
-    r = torch.randint(low, high, (1 if same else n,), generator=g, device=g.device)
-    return r.repeat(n) if same else r
-
-
-def _sample_family(
-    family: str, n: int, size: tuple[int, int], g: torch.Generator, same: bool, cfg: DSAConfig, device
-) -> AugParams:
-    H, W = size
-    if family == "color":
-        b, s, c = (_draw_uniform(g, n, same) for _ in range(3))
-        # Fold non-default constants into the stored draws so that apply's fixed formula
-        # x + (b − 0.5), factor 2s, factor c + 0.5 realizes the configured ratios exactly.
-        if cfg.brightness != 1.0:
-            b = 0.5 + (b - 0.5) * cfg.brightness
-        if cfg.saturation != 2.0:
-            s = s * (cfg.saturation / 2.0)
-        if cfg.contrast != 0.5:
-            c = c + (cfg.contrast - 0.5)
-        p = AugParams.color(b, s, c)
-    elif family == "crop":
-        sh, sw = int(H * cfg.crop + 0.5), int(W * cfg.crop + 0.5)
-        p = AugParams.crop(_draw_int(g, -sh, sh + 1, n, same), _draw_int(g, -sw, sw + 1, n, same))
-    elif family == "cutout":
-        ch, cw = int(H * cfg.cutout + 0.5), int(W * cfg.cutout + 0.5)
-        # Even holes may also be centred one past the last pixel, as in the reference.
-        ox = _draw_int(g, 0, H + (1 - ch % 2), n, same)
-        oy = _draw_int(g, 0, W + (1 - cw % 2), n, same)
-        p = AugParams.cutout(ox, oy, ratio=cfg.cutout)
-    elif family == "flip":
-        r = _draw_uniform(g, n, same)
-        if cfg.flip != 0.5:
-            r = r + (0.5 - cfg.flip)  # flip where r < p  <=>  r + 0.5 − p < 0.5
-        p = AugParams.flip(r)
-    elif family == "scale":
-        lo, span = 1.0 / cfg.scale, cfg.scale - 1.0 / cfg.scale
-        p = AugParams.scale(_draw_uniform(g, n, same) * span + lo, _draw_uniform(g, n, same) * span + lo)
-    elif family == "rotate":
-        p = AugParams.rotate((_draw_uniform(g, n, same) - 0.5) * (2.0 * cfg.rotate / 180.0 * math.pi))
-    else:  # unreachable: parse_strategy validated the name
-        raise ValueError(f"unknown DSA family {family!r}")
-    return p.to(device) if device is not None else p
 
 
 def sample(
@@ -409,6 +368,14 @@ def sample(
     return _sample_family(fams[pick], n, (H, W), generator, same, config, device)
 
 
+def _sample_family(
+    name: str, n: int, size: tuple[int, int], g: torch.Generator, same: bool, cfg: DSAConfig, device
+) -> AugParams:
+    fam = _family(name)
+    p = AugParams(name, fam.sample(n, size, g, same, cfg), batch_size=n, **fam.static_params(cfg))
+    return p.to(device) if device is not None else p
+
+
 # ---- applying ----------------------------------------------------------------------------------------
 def _check_chain(x: Tensor, params) -> None:
     if not isinstance(x, Tensor):
@@ -430,12 +397,13 @@ def _check_chain(x: Tensor, params) -> None:
             )
 
 
-def apply(x: Tensor, params: AugChain) -> Tensor:
-    """Augment ``x`` under ``params``; differentiable in ``x``.
+def apply(x: Tensor, params: AugChain, *, backend: str | None = None) -> Tensor:
+    """Augment ``x`` under ``params``; differentiable in ``x``. Also ``haba_fast.augment(x, params)``.
 
     Args:
         x: [n, C, H, W] floating images.
         params: an AugParams with ``n`` samples, or a list/tuple of them applied in order ("M" mode).
+        backend: ``torch`` | ``cpu`` | ``triton`` | ``auto`` (None: $HABA_FAST_BACKEND, else auto).
 
     Returns:
         [n, C, H, W], same dtype and device as ``x`` (param values are moved to ``x``'s device).
@@ -443,7 +411,7 @@ def apply(x: Tensor, params: AugChain) -> Tensor:
     _check_chain(x, params)
     from haba_fast import ops  # late import: ops may grow backends that import this module
 
-    return ops.augment(x, params)
+    return ops.augment(x, params) if backend is None else ops.augment(x, params, backend=backend)
 
 
 def augment(

@@ -28,10 +28,9 @@ Files:
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import io as hio
+from haba_fast.init import pair, uniform_fan_in_
 
 __all__ = [
     "FORMAT",
@@ -92,19 +92,9 @@ def _storage(floats: int, image_floats: int, train_size: int | None) -> Storage:
     return Storage(int(floats), float(equiv), pct)
 
 
-def _pair(im_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(im_size, int):
-        size = (im_size, im_size)
-    else:
-        size = tuple(int(s) for s in im_size)
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"im_size must be an int or a pair (H, W) of positive ints, got {im_size!r}")
-    return size  # type: ignore[return-value]
-
-
 def hallucinator_floats(channels: int, base_channels: int, kernel_size: int, im_size) -> int:
     """Floats of one hallucinator: enc (C·c_b·k² + C) + scale and shift (2·C·(H-k+1)(W-k+1)) + dec (C²·k² + C)."""
-    H, W = _pair(im_size)
+    H, W = pair(im_size)
     C, cb, k = channels, base_channels, kernel_size
     return C * cb * k * k + C + 2 * C * (H - k + 1) * (W - k + 1) + C * C * k * k + C
 
@@ -131,7 +121,7 @@ def budget_bpc(ipc: int, n_hallucinators: int, kernel_size: int, channels: int, 
             raise ValueError(f"budget_bpc: {name} must be a positive int, got {v!r}")
     if int(n_hallucinators) != n_hallucinators or n_hallucinators < 0:
         raise ValueError(f"budget_bpc: n_hallucinators must be an int >= 0, got {n_hallucinators!r}")
-    H, W = _pair(im_size)
+    H, W = pair(im_size)
     if kernel_size > min(H, W):
         raise ValueError(f"budget_bpc: kernel_size {kernel_size} is larger than the image ({H}x{W})")
     budget = num_classes * ipc * channels * H * W
@@ -160,13 +150,6 @@ def _randint(high: int, n: int, generator: torch.Generator | None, device) -> Te
     """``n`` draws in [0, high) from ``generator`` (on the generator's device), moved to ``device``."""
     gdev = generator.device if generator is not None else torch.device("cpu")
     return torch.randint(high, (n,), generator=generator, device=gdev).to(device)
-
-
-def _uniform_(t: Tensor, bound: float, generator: torch.Generator | None) -> None:
-    # Drawn on CPU from a CPU generator so results do not depend on the parameter's device.
-    gdev = generator.device if generator is not None else torch.device("cpu")
-    r = torch.rand(t.shape, generator=generator, device=gdev, dtype=torch.float64)
-    t.copy_((r * 2 - 1) * bound)
 
 
 def _randn_(t: Tensor, generator: torch.Generator | None) -> None:
@@ -357,7 +340,7 @@ class Pixels(_Synthetic):
                 raise ValueError(f"Pixels: {name} must be a positive int, got {v!r}")
         _check_generator(generator)
         self.num_classes, self.ipc, self.channels = int(num_classes), int(ipc), int(channels)
-        self.im_size = _pair(im_size)
+        self.im_size = pair(im_size)
         self.images = nn.Parameter(torch.empty(self.num_classes * self.ipc, self.channels, *self.im_size))
         self.register_buffer("labels", torch.arange(self.num_classes).repeat_interleave(self.ipc))
         self._init_soft_labels(soft_labels, self.labels)
@@ -496,7 +479,7 @@ class HaBa(_Synthetic):
         self.num_classes, self.bpc, self.channels = int(num_classes), int(bpc), int(channels)
         self.n_hallucinators, self.kernel_size = int(n_hallucinators), int(kernel_size)
         self.base_channels = int(base_channels)
-        self.im_size = _pair(im_size)
+        self.im_size = pair(im_size)
         H, W = self.im_size
         k, C, cb, Hn = self.kernel_size, self.channels, self.base_channels, self.n_hallucinators
         if k > min(H, W):
@@ -533,13 +516,13 @@ class HaBa(_Synthetic):
         """
         _check_generator(generator)
         k = self.kernel_size
-        enc_bound = 1.0 / math.sqrt(self.base_channels * k * k)
-        dec_bound = 1.0 / math.sqrt(self.channels * k * k)
+        enc_fan_in, dec_fan_in = self.base_channels * k * k, self.channels * k * k
+        f64 = torch.float64  # drawn in float64 (the values of earlier releases, for every parameter dtype)
         for h in range(self.n_hallucinators):  # per hallucinator, in the reference's module order
-            _uniform_(self.enc_weight[h], enc_bound, generator)
-            _uniform_(self.enc_bias[h], enc_bound, generator)
-            _uniform_(self.dec_weight[h], dec_bound, generator)
-            _uniform_(self.dec_bias[h], dec_bound, generator)
+            uniform_fan_in_(self.enc_weight[h], enc_fan_in, generator, draw_dtype=f64)
+            uniform_fan_in_(self.enc_bias[h], enc_fan_in, generator, draw_dtype=f64)
+            uniform_fan_in_(self.dec_weight[h], dec_fan_in, generator, draw_dtype=f64)
+            uniform_fan_in_(self.dec_bias[h], dec_fan_in, generator, draw_dtype=f64)
         self.scale.fill_(1.0)
         self.shift.zero_()
         return self

@@ -22,7 +22,6 @@ when a generator is given.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Callable, Union
@@ -30,6 +29,8 @@ from typing import Callable, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from haba_fast.init import default_init_, pair
 
 __all__ = [
     "ACTIVATIONS",
@@ -58,19 +59,6 @@ NORMS = ("instancenorm", "groupnorm", "layernorm", "batchnorm", "none")
 POOLINGS = ("avgpooling", "maxpooling", "none")
 
 ImSize = Union[int, Sequence[int]]
-
-
-def _im_size(im_size: ImSize) -> tuple[int, int]:
-    """Normalize ``im_size`` (an int or a pair of ints) to ``(H, W)``, or raise ValueError."""
-    if isinstance(im_size, int) and not isinstance(im_size, bool):
-        im_size = (im_size, im_size)
-    try:
-        h, w = (int(v) for v in im_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"im_size must be an int or a pair (H, W) of ints, got {im_size!r}") from None
-    if h < 1 or w < 1 or (h, w) != tuple(im_size):
-        raise ValueError(f"im_size must be positive integers (H, W), got {tuple(im_size)!r}")
-    return (h, w)
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -127,7 +115,7 @@ class ConvNetSpec:
             raise ValueError(f"unknown ConvNet pooling {self.pool!r}; valid: {', '.join(POOLINGS)}")
         if self.norm == "groupnorm" and self.width % 4:
             raise ValueError(f"norm 'groupnorm' uses 4 groups: width must be a multiple of 4, got {self.width}")
-        object.__setattr__(self, "im_size", _im_size(self.im_size))
+        object.__setattr__(self, "im_size", pair(self.im_size))
         # Fails early (ValueError) when the image is too small for this depth.
         self.layer_sizes()
 
@@ -557,27 +545,6 @@ class ResNet(_Net):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _init_parameters(net: nn.Module, generator: torch.Generator | None) -> None:
-    """PyTorch's default initialization, drawn from ``generator`` in ``net.modules()`` order."""
-    for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            # kaiming_uniform_(a=sqrt(5)) gives bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in); the bias uses
-            # the same bound (nn.Conv2d / nn.Linear reset_parameters).
-            fan_in = m.weight[0].numel()
-            bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-            m.weight.uniform_(-bound, bound, generator=generator)
-            if m.bias is not None:
-                m.bias.uniform_(-bound, bound, generator=generator)
-        elif isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)):
-            if getattr(m, "weight", None) is not None:
-                m.weight.fill_(1.0)
-            if getattr(m, "bias", None) is not None:
-                m.bias.fill_(0.0)
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-
-
 def _build(
     make: Callable[[], nn.Module],
     generator: torch.Generator | None,
@@ -597,7 +564,7 @@ def _build(
     if device is not None and torch.device(device).type == "meta":
         return net.to(dtype=dtype)  # shapes only (cheap inspection of big networks): nothing to initialize
     net = net.to_empty(device=init_device)
-    _init_parameters(net, generator)
+    default_init_(net, generator)
     return net.to(device=device if device is not None else init_device, dtype=dtype)
 
 
@@ -665,7 +632,7 @@ def get_network(
         raise ValueError(f"unknown network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
     _check_positive("channel", channel)
     _check_positive("num_classes", num_classes)
-    size = _im_size(im_size)
+    size = pair(im_size)
     return _build(lambda: _REGISTRY[name](channel, num_classes, size), generator, device, dtype)
 
 

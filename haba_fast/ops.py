@@ -17,8 +17,10 @@ Every input is validated here, before any kernel runs: a bad shape, dtype, devic
 ``ValueError`` / ``TypeError`` that names the argument and the fix.
 
 Augmentation parameters (``haba_fast.augment.AugParams``) are encoded per sample as ``fparams`` [n, 4]
-(dtype of the images) and ``iparams`` [n, 4] int64 with a family code (see ``csrc/genaug_kernels.h``):
-the fused kernels read one row per sample, so a whole batch with per-sample parameters is one pass.
+(dtype of the images) and ``iparams`` [n, 4] int64 with a kernel code, by each family's ``encode``
+(``haba_fast.aug_families``; the kernels' side: ``csrc/genaug_types.h``): the fused kernels read one row per
+sample, so a whole batch with per-sample parameters is one pass. A family without a kernel encoding (its
+``no_kernel`` says why) makes the dispatcher pick the torch backend for the call.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import torch
 from torch import Tensor
 
 from haba_fast import _reference
-from haba_fast.backend import requested_backend, select_backend
+from haba_fast.aug_families import KernelCode
+from haba_fast.aug_families import family as _family
+from haba_fast.backend import OpInputs, requested_backend, select_backend
 
 __all__ = ["generate", "augment", "generate_augment"]
 
-# Family codes shared with csrc/genaug_kernels.h and kernels/augment.py. scale and rotate are both "affine".
-IDENTITY, COLOR, CROP, CUTOUT, FLIP, AFFINE = 0, 1, 2, 3, 4, 5
 _FAST_DTYPES = (torch.float32, torch.float64)
 _GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight", "dec_bias")
 
@@ -120,64 +122,24 @@ def _check_images(x, n_expected: Optional[int] = None, op: str = "augment"):
 
 
 def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int, Tensor, Tensor]:
-    """One AugParams -> (family code, fparams [n, 4] dtype, iparams [n, 4] int64) on ``device``.
-
-    Values are turned into the kernels' coefficients with the reference's own arithmetic, in the images'
-    dtype (e.g. cos/sin of theta), so the kernels see bit-identical coefficients.
-    """
+    """One AugParams -> (kernel code, fparams [n, 4] dtype, iparams [n, 4] int64) on ``device``, by its family."""
     if p.n != n:
         raise ValueError(f"augment: params ({p.family}) are for a batch of {p.n}, the images have {n}")
-    v = {k: t.to(device) for k, t in p.values.items()}
     fp = torch.zeros(n, 4, dtype=dtype, device=device)
     ip = torch.zeros(n, 4, dtype=torch.int64, device=device)
-    fam = p.family
-    if fam == "identity":
-        return IDENTITY, fp, ip
-    if fam == "color":
-        fp[:, 0] = v["brightness"].to(dtype) - 0.5
-        fp[:, 1] = v["saturation"].to(dtype) * 2.0
-        fp[:, 2] = v["contrast"].to(dtype) + 0.5
-        return COLOR, fp, ip
-    if fam == "crop":
-        ip[:, 0], ip[:, 1] = v["tx"], v["ty"]
-        return CROP, fp, ip
-    if fam == "cutout":
-        ratio = getattr(p, "cutout_ratio", 0.5)
-        ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
-        if ch == 0 or cw == 0:  # an empty hole: nothing to cut
-            return IDENTITY, fp, ip
-        ox, oy = v["ox"], v["oy"]
-        ip[:, 0] = (ox - ch // 2).clamp(0, H - 1)
-        ip[:, 1] = (ox - ch // 2 + ch - 1).clamp(0, H - 1)
-        ip[:, 2] = (oy - cw // 2).clamp(0, W - 1)
-        ip[:, 3] = (oy - cw // 2 + cw - 1).clamp(0, W - 1)
-        return CUTOUT, fp, ip
-    if fam == "flip":
-        ip[:, 0] = (v["r"] < 0.5).to(torch.int64)
-        return FLIP, fp, ip
-    if fam == "scale":
-        fp[:, 0], fp[:, 3] = v["sx"].to(dtype), v["sy"].to(dtype)
-        return AFFINE, fp, ip
-    if fam == "rotate":
-        t = v["theta"].to(dtype)
-        cos, sin = torch.cos(t), torch.sin(t)
-        fp[:, 0], fp[:, 1], fp[:, 2], fp[:, 3] = cos, -sin, sin, cos
-        return AFFINE, fp, ip
-    raise ValueError(
-        f"augment: unknown family {fam!r}: choose one of color, crop, cutout, flip, scale, rotate, identity"
-    )
+    code = _family(p.family).encode(p.to(device), H, W, fp, ip)
+    return int(code), fp, ip
 
 
-def _pick(op: str, cpu_op: str, x: Tensor, backend: Optional[str]) -> str:
-    """select_backend plus a dtype gate: the fused kernels take float32/float64."""
-    name = select_backend(op, x.device, backend, cpu_op=cpu_op)
-    if name != "torch" and x.dtype not in _FAST_DTYPES:
-        if requested_backend(backend) == name:
-            raise TypeError(
-                f"{op}: backend {name!r} supports float32/float64, got {x.dtype}; use backend='torch' "
-                "or cast the inputs"
-            )
-        return "torch"
+def _pick(op: str, x: Tensor, backend: Optional[str], chain=()) -> str:
+    """select_backend on the call's device, dtype and augmentation families (a dtype the kernels lack: TypeError)."""
+    inputs = OpInputs(x.device, x.dtype, tuple(p.family for p in chain))
+    asked = requested_backend(backend)
+    if asked in ("cpu", "triton") and x.dtype not in _FAST_DTYPES:
+        raise TypeError(
+            f"{op}: backend {asked!r} supports float32/float64, got {x.dtype}; use backend='torch' or cast the inputs"
+        )
+    name = select_backend(op, inputs, backend)
     if name == "cpu":
         _register_cpu()
     return name
@@ -413,7 +375,7 @@ def generate(
     base_idx, hall_idx = _check_generate(
         bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
     )
-    name = _pick("generate", "generate", bases, backend)
+    name = _pick("generate", bases, backend)
     if name == "torch":
         return _reference.generate_reference(
             bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
@@ -434,7 +396,7 @@ def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
     """
     _check_images(x)
     chain = _chain(params)
-    name = _pick("augment", "augment", x, backend)
+    name = _pick("augment", x, backend, chain)
     if name == "torch":
         return _reference.augment_reference(x, chain if isinstance(params, (list, tuple)) else params)
     n, _, H, W = x.shape
@@ -459,7 +421,10 @@ def generate_augment(
     *,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """``augment(generate(...), params)`` in one fused pass per sample (the first family of a chain is fused).
+    """``augment(generate(...), params)``; on the C++ backend one fused pass per sample (the chain's first family).
+
+    On the Triton backend it launches generate, then augment (the forward is not fused there); on the torch
+    backend it is the reference of each.
 
     Args: as :func:`generate`, plus ``params`` as in :func:`augment` (n = len(base_idx)).
 
@@ -470,16 +435,16 @@ def generate_augment(
         bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
     )
     chain = _chain(params)
-    name = _pick("generate_augment", "generate_augment", bases, backend)
+    name = _pick("generate_augment", bases, backend, chain)
     if name == "torch":
         x = _reference.generate_reference(
             bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
         )
         return _reference.augment_reference(x, chain)
     n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
-    fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (IDENTITY, None, None)
+    fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (KernelCode.IDENTITY, None, None)
     lib = _lib(name)
-    if fam == IDENTITY:
+    if fam == KernelCode.IDENTITY:
         out = lib.generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     else:
         out = lib.generate_augment(
@@ -490,13 +455,3 @@ def generate_augment(
         out = lib.augment(out, fam, fp, ip)
     return out
 
-
-def backend_report(device: str = "cpu") -> dict:
-    """Which backend each public op would use on ``device`` now (for ``haba-fast info``)."""
-    report = {}
-    for op in ("generate", "augment", "generate_augment"):
-        try:
-            report[op] = select_backend(op, torch.device(device), None, cpu_op=op)
-        except (RuntimeError, ValueError) as exc:  # an explicitly requested backend that cannot run
-            report[op] = f"unavailable ({exc})"
-    return report

@@ -1,8 +1,9 @@
 """Triton kernels of the DSA augmentation families with per-sample parameters, forward and backward.
 
 One program per sample (grid ``(n,)``) walks the image in tiles of ``BLOCK`` pixels; the family is a
-``constexpr`` so each family compiles to its own straight-line kernel. Parameter encoding (shared with
-``csrc/genaug_kernels.h`` and ``haba_fast/ops.py``): ``fparams`` [n, 4] (dtype of x), ``iparams`` [n, 4] int64:
+``constexpr`` so each family compiles to its own straight-line kernel. The codes are
+``haba_fast.aug_families.KernelCode`` (the C++ kernels' ``enum Family`` in csrc/genaug_types.h); each family's
+``encode`` writes the rows: ``fparams`` [n, 4] (dtype of x), ``iparams`` [n, 4] int64:
 
 - color (1):  fp = (add, sat, con).  fwd: y = con·sat·(x − m_C) + con·(m_C + add) + (1 − con)·(m + add), with
   m_C the per-pixel channel mean and m the image mean (brightness, saturation, contrast composed; saturation keeps
@@ -24,7 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-IDENTITY, COLOR, CROP, CUTOUT, FLIP, AFFINE = 0, 1, 2, 3, 4, 5
+from haba_fast.aug_families import KernelCode
+
+# Module-level constexprs: a @triton.jit function may read a global only when it is a tl.constexpr.
+_COLOR = tl.constexpr(int(KernelCode.COLOR))
+_CROP = tl.constexpr(int(KernelCode.CROP))
+_CUTOUT = tl.constexpr(int(KernelCode.CUTOUT))
+_FLIP = tl.constexpr(int(KernelCode.FLIP))
+_AFFINE = tl.constexpr(int(KernelCode.AFFINE))
 
 
 @triton.jit
@@ -35,7 +43,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
     base = s * C * HW
     DT = y_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
-    if FAMILY == 1:  # color
+    if FAMILY == _COLOR:
         add = tl.load(fp_ptr + s * 4)
         sat = tl.load(fp_ptr + s * 4 + 1)
         con = tl.load(fp_ptr + s * 4 + 2)
@@ -64,7 +72,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
                     yv = con * sat * (xv - mc) + con * (mc + add) + (1.0 - con) * (mean + add)
                 tl.store(y_ptr + base + c * HW + offs, yv, mask=m)
             t0 += BLOCK
-    elif FAMILY == 5:  # affine, bilinear, zeros padding, align_corners=True
+    elif FAMILY == _AFFINE:  # bilinear, zeros padding, align_corners=True
         t00 = tl.load(fp_ptr + s * 4)
         t01 = tl.load(fp_ptr + s * 4 + 1)
         t10 = tl.load(fp_ptr + s * 4 + 2)
@@ -124,7 +132,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
             j = offs % W
             src = offs
             ok = m
-            if FAMILY == 2:  # crop
+            if FAMILY == _CROP:
                 if ADJOINT:
                     si = i - p0
                     sj = j - p1
@@ -133,9 +141,9 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
                     sj = j + p1
                 ok = m & (si >= 0) & (si < H) & (sj >= 0) & (sj < W)
                 src = si * W + sj
-            elif FAMILY == 3:  # cutout
+            elif FAMILY == _CUTOUT:
                 ok = m & ~((i >= p0) & (i <= p1) & (j >= p2) & (j <= p3))
-            elif FAMILY == 4:  # flip
+            elif FAMILY == _FLIP:
                 src = tl.where(p0 != 0, i * W + (W - 1 - j), offs)
             for c in tl.static_range(C):
                 v = tl.load(x_ptr + base + c * HW + src, mask=ok, other=0.0)
@@ -179,5 +187,5 @@ def augment_forward(x: torch.Tensor, family: int, fparams: torch.Tensor, iparams
 def augment_backward(grad: torch.Tensor, family: int, fparams: torch.Tensor, iparams: torch.Tensor) -> torch.Tensor:
     """dL/dx [n, C, H, W] from dL/dy under the same params (affine scatters, so it starts from zeros)."""
     grad = grad.contiguous()
-    out = torch.zeros_like(grad) if int(family) == AFFINE else torch.empty_like(grad)
+    out = torch.zeros_like(grad) if int(family) == KernelCode.AFFINE else torch.empty_like(grad)
     return _launch(_augment_bwd_kernel, grad, out, family, fparams, iparams)

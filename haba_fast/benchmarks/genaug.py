@@ -7,10 +7,11 @@ family, backward to the bases and every hallucinator parameter) with the fused o
 the means over the families, and ``haba_fast.timing.environment()``.
 
 The reference path is written the way the research code runs it: an ``nn.Module`` per hallucinator
-(Conv2d → scale/shift → ConvTranspose2d) applied to the samples that drew it, then the composed DSA ops
-of ``DiffAugment`` (meshgrid gathers for crop, a mask tensor for cutout, per-sample Python loops that
-build the affine matrices for scale and rotate). It takes the same sampled parameters, so both paths
-compute the same numbers (checked once per family before timing).
+(Conv2d → scale/shift → ConvTranspose2d) applied to the samples that drew it, then each family's
+``apply_research`` (``haba_fast.aug_families``: meshgrid gathers for crop, a mask tensor for cutout, per-sample
+Python loops that build the affine matrices for scale and rotate). It takes the same sampled parameters, so
+both paths compute the same gradients: they are compared once per family before timing, and a relative error
+above ``GRAD_RTOL`` raises instead of timing a wrong kernel (``--no-reference`` skips the check and the path).
 
 On CUDA the row also carries the fused step's achieved bandwidth (``minimal_bytes`` / median time, GB/s =
 1e9 B/s) per family and their mean, the card's measured device-to-device copy bandwidth
@@ -24,10 +25,14 @@ import math
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+from haba_fast.aug_families import family
+from haba_fast.augment import FAMILIES
+
+# Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a
+# batch of 500 in another order stay near 1e-6; a wrong kernel is off by O(1)).
+GRAD_RTOL = {"float32": 1e-4, "float64": 1e-10}
 
 
 def add_arguments(parser) -> None:
@@ -94,82 +99,6 @@ def reference_generate(bases, mods, base_idx, hall_idx):
     return out[inv]
 
 
-def _dsa_color(x, p):
-    rb = p.values["brightness"].to(x).view(-1, 1, 1, 1)
-    x = x + (rb - 0.5) * 1.0
-    rs = p.values["saturation"].to(x).view(-1, 1, 1, 1)
-    m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * (rs * 2.0) + m
-    rc = p.values["contrast"].to(x).view(-1, 1, 1, 1)
-    m = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - m) * (rc + 0.5) + m
-
-
-def _dsa_crop(x, p):
-    tx = p.values["tx"].to(x.device).view(-1, 1, 1)
-    ty = p.values["ty"].to(x.device).view(-1, 1, 1)
-    gb, gx, gy = torch.meshgrid(
-        torch.arange(x.size(0), device=x.device),
-        torch.arange(x.size(2), device=x.device),
-        torch.arange(x.size(3), device=x.device),
-        indexing="ij",
-    )
-    gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)
-    gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
-    x_pad = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
-    return x_pad.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
-
-
-def _dsa_cutout(x, p):
-    ch, cw = int(x.size(2) * p.cutout_ratio + 0.5), int(x.size(3) * p.cutout_ratio + 0.5)
-    ox = p.values["ox"].to(x.device).view(-1, 1, 1)
-    oy = p.values["oy"].to(x.device).view(-1, 1, 1)
-    gb, gx, gy = torch.meshgrid(
-        torch.arange(x.size(0), device=x.device),
-        torch.arange(ch, device=x.device),
-        torch.arange(cw, device=x.device),
-        indexing="ij",
-    )
-    gx = torch.clamp(gx + ox - ch // 2, min=0, max=x.size(2) - 1)
-    gy = torch.clamp(gy + oy - cw // 2, min=0, max=x.size(3) - 1)
-    mask = torch.ones(x.size(0), x.size(2), x.size(3), dtype=x.dtype, device=x.device)
-    mask[gb, gx, gy] = 0
-    return x * mask.unsqueeze(1)
-
-
-def _dsa_flip(x, p):
-    r = p.values["r"].to(x.device).view(-1, 1, 1, 1)
-    return torch.where(r < 0.5, x.flip(3), x)
-
-
-def _dsa_scale(x, p):
-    # The research code draws these on the CPU (torch.rand without a device) and loops over them there; reading
-    # CUDA values one by one would add a device sync per sample that it never pays.
-    sx, sy = p.values["sx"].cpu(), p.values["sy"].cpu()
-    theta = [[[sx[i], 0, 0], [0, sy[i], 0]] for i in range(x.shape[0])]  # the research code's per-sample loop
-    theta = torch.tensor(theta, dtype=x.dtype)
-    grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
-    return F.grid_sample(x, grid, align_corners=True)
-
-
-def _dsa_rotate(x, p):
-    t = p.values["theta"].cpu()  # on the CPU, as in the research code (see _dsa_scale)
-    theta = [[[torch.cos(t[i]), torch.sin(-t[i]), 0], [torch.sin(t[i]), torch.cos(t[i]), 0]] for i in range(x.shape[0])]
-    theta = torch.tensor(theta, dtype=x.dtype)
-    grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
-    return F.grid_sample(x, grid, align_corners=True)
-
-
-REFERENCE_DSA = {
-    "color": _dsa_color,
-    "crop": _dsa_crop,
-    "cutout": _dsa_cutout,
-    "flip": _dsa_flip,
-    "scale": _dsa_scale,
-    "rotate": _dsa_rotate,
-}
-
-
 # ---- the benchmark ----------------------------------------------------------------------------------------
 def make_problem(
     batch: int,
@@ -227,7 +156,7 @@ def _module_params(mods) -> List[torch.Tensor]:
 
 def reference_step(bases, mods, problem, aug, grad_out):
     x = reference_generate(bases, mods, problem["base_idx"], problem["hall_idx"])
-    out = REFERENCE_DSA[aug.family](x, aug)
+    out = family(aug.family).apply_research(x, aug)
     return torch.autograd.grad(out, [bases, *_module_params(mods)], grad_out, allow_unused=True, materialize_grads=True)
 
 
@@ -339,9 +268,7 @@ def run_benchmark(args) -> Dict:
         args.batch, args.size, args.channels, cb, args.k, args.hallucinators, args.bases, device, dtype, args.seed
     )
     try:
-        backend = select_backend(
-            "generate_augment", device, None if args.backend == "auto" else args.backend, cpu_op="generate_augment"
-        )
+        backend = select_backend("generate_augment", device, None if args.backend == "auto" else args.backend)
     except BackendUnavailableError as exc:  # the CLI prints ValueErrors as one-line errors
         raise ValueError(f"--backend {args.backend} --device {args.device}: {exc}") from exc
     leaves = [problem[k].clone().requires_grad_(True) for k in _PARAM_NAMES]
@@ -353,6 +280,16 @@ def run_benchmark(args) -> Dict:
         aug = sample(fam, args.batch, (args.size, args.size), generator=gen).to(device)
         grad_out = torch.randn((args.batch, args.channels, args.size, args.size), generator=gen).to(device, dtype)
         row = {}
+        if not args.no_reference:
+            ours = fused_step(problem, leaves, aug, grad_out, backend)
+            ref = _stack_reference_grads(reference_step(ref_bases, mods, problem, aug, grad_out), args.hallucinators)
+            err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(ours, ref))
+            if not err <= GRAD_RTOL[args.dtype]:
+                raise RuntimeError(
+                    f"genaug: {fam} gradients of the {backend} backend differ from the reference path "
+                    f"(max relative error {err:.3g} > {GRAD_RTOL[args.dtype]:g}); not timing a wrong result"
+                )
+            row["max_rel_grad_err"] = err
         t = measure(
             lambda aug=aug, grad_out=grad_out: fused_step(problem, leaves, aug, grad_out, backend),
             warmup=args.warmup,
@@ -362,16 +299,13 @@ def run_benchmark(args) -> Dict:
         row["fwd_bwd_s"] = t.median
         row["fwd_bwd_min_s"] = t.min
         if not args.no_reference:
-            ours = fused_step(problem, leaves, aug, grad_out, backend)
-            ref = _stack_reference_grads(reference_step(ref_bases, mods, problem, aug, grad_out), args.hallucinators)
-            err = max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(ours, ref))
             r = measure(
                 lambda aug=aug, grad_out=grad_out: reference_step(ref_bases, mods, problem, aug, grad_out),
                 warmup=args.warmup,
                 repeats=args.repeats,
                 device=device,
             )
-            row.update(reference_s=r.median, reference_min_s=r.min, speedup=r.median / t.median, max_rel_grad_err=err)
+            row.update(reference_s=r.median, reference_min_s=r.min, speedup=r.median / t.median)
         rows[fam] = row
     result = {
         "benchmark": "genaug",
@@ -410,7 +344,8 @@ hallucinators, 100 bases), augment it with per-sample parameters of one DSA fami
 the bases and every hallucinator parameter. `fused` is `haba_fast.ops.generate_augment` on the named
 backend; `reference` is the research-code path (an `nn.Module` per hallucinator + the composed
 `DiffAugment` ops, with per-sample Python loops building the scale/rotate matrices), measured in the same
-process right after the fused op with the same parameters (its gradients agree: `max_rel_grad_err`).
+process right after the fused op with the same parameters (its gradients are compared before timing:
+`max_rel_grad_err`, and the run stops when it exceeds `GRAD_RTOL`).
 Times are medians in seconds (`haba_fast.timing.measure`); `speedup` = reference / fused.
 
 Where the time of the reference goes (torch 2.13 CPU profile, batch 500): `ConvTranspose2d` forward and
@@ -437,7 +372,7 @@ the step must move at least (forward: bases, hallucinator parameters, indices, p
 parameters read once, images written once; backward: grad of the images, bases, parameters, indices and
 augmentation parameters read once, grads of the bases and parameters written once; intermediates not counted).
 `of copy` divides it by the card's device-to-device copy bandwidth (`genaug.copy_bandwidth`: a 1 GiB
-`Tensor.copy_` timed with CUDA events, bytes read + written), measured in the same process. Issue 5's GPU
+`Tensor.copy_` timed with CUDA events, bytes read + written), measured in the same process. The GPU
 targets: speedup >= 10x the reference path on the same card, and >= 50% of the copy bandwidth at batch >= 4096.
 """
 

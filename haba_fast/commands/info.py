@@ -35,30 +35,21 @@ def _version(dist: str) -> str | None:
 
 
 def _backend(op: str, device: str) -> dict[str, Any]:
-    """Which backend ``op`` would run with on ``device``, and why when it is a fallback or an error."""
-    from haba_fast.backend import requested_backend, select_backend
+    """Which backend ``op`` would run with on ``device``, and why each other backend was skipped there."""
+    from haba_fast.backend import explain, select_backend
 
+    reasons = {b: r for b, r in explain(op, device).items() if r}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # select_backend warns only once per process: we say why ourselves
+        warnings.simplefilter("ignore")  # select_backend warns only once per process: the reasons say why
         try:
             chosen = select_backend(op, device)
         except Exception as exc:  # an explicitly forced backend that cannot run: report, don't crash
-            return {"backend": None, "error": f"{type(exc).__name__}: {exc}"}
-    out: dict[str, Any] = {"backend": chosen}
-    if chosen == "torch" and requested_backend() == "auto":
-        out["note"] = _fallback_reason(op, device)
+            return {"backend": None, "error": f"{type(exc).__name__}: {exc}", "skipped": reasons}
+    out: dict[str, Any] = {"backend": chosen, "skipped": reasons}
+    natural = "triton" if device == "cuda" else "cpu"
+    if chosen == "torch" and natural in reasons:  # a fallback: say why in one line
+        out["note"] = f"{natural}: " + "; ".join(reasons[natural])
     return out
-
-
-def _fallback_reason(op: str, device: str) -> str:
-    """Why the automatic choice fell back to the torch reference (more precise than the one-time warning)."""
-    from haba_fast import _ext
-
-    if device == "cpu":
-        if not _ext.extension_available():
-            return f"C++ extension not loaded ({_ext.extension_error()})"
-        return f"C++ op haba_fast::{op} not registered in this build"
-    return "triton is not installed"
 
 
 def _registered_ops():
@@ -88,8 +79,8 @@ def collect() -> dict[str, Any]:
             "python": platform.python_version(),
         },
         "platform": platform.platform(),
-        "environment": {k: os.environ[k] for k in ("HABA_FAST_BACKEND", "TRITON_INTERPRET", "OMP_NUM_THREADS")
-                        if k in os.environ},
+        "environment": {k: v for k, v in sorted(os.environ.items())
+                        if k.startswith("HABA_FAST_") or k in ("TRITON_INTERPRET", "OMP_NUM_THREADS")},
     }
     cuda_ok = torch.cuda.is_available()
     info["devices"] = {
@@ -136,15 +127,13 @@ def _text(info: dict[str, Any]) -> str:
         lines.append(f"  loaded; ops registered: {', '.join(ext['ops']) or 'none yet'}")
     else:
         lines.append(f"  not loaded: {ext['error']}")
-    lines += ["", "backend per op:"]
+    lines += ["", "backend per op (and why the others were skipped):"]
     for op, per_dev in info["backends"].items():
-        parts = []
         for dev, b in per_dev.items():
-            if b["backend"] is None:
-                parts.append(f"{dev}: unavailable ({b['error']})")
-            else:
-                parts.append(f"{dev}: {b['backend']}" + (f" (fallback: {b['note']})" if "note" in b else ""))
-        lines.append(f"  {op:<18} " + "   ".join(parts))
+            chosen = f"unavailable ({b['error']})" if b["backend"] is None else b["backend"]
+            lines.append(f"  {op:<18} {dev:<5} {chosen}")
+            for name, why in b["skipped"].items():
+                lines.append(f"  {'':<18} {'':<5}   not {name}: {'; '.join(why)}")
     return "\n".join(lines)
 
 

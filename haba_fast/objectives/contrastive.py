@@ -15,12 +15,15 @@ Per iteration (the reference's order):
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from haba_fast.init import default_init_, pair
 
 __all__ = ["Adversary", "AdversaryWeights", "club_loss", "supcon_loss", "adversary_loss"]
 
@@ -34,7 +37,8 @@ class Adversary(nn.Module):
         im_size: (H, W) of the inputs.
         width: conv width (128 in the reference).
         depth: number of conv blocks (3 in the reference).
-        generator: initializes the weights reproducibly (the global RNG is not touched when given).
+        generator: initializes the weights reproducibly; when given, the global RNG is neither read nor advanced
+            (None: the modules' own init from the global RNG, as PyTorch does).
 
     Forward: x [B, C, H, W] -> (logits [B, K], features [B, width · H' · W']).
     """
@@ -50,8 +54,17 @@ class Adversary(nn.Module):
         generator: torch.Generator = None,
     ):
         super().__init__()
+        # With a generator, build on the meta device so the modules' own reset_parameters() draw nothing from the
+        # global RNG, then materialize on the generator's device and draw every weight from the generator.
+        with torch.device("meta") if generator is not None else contextlib.nullcontext():
+            self._build(channel, num_classes, pair(im_size), width, depth)
+        if generator is not None:
+            self.to_empty(device=generator.device)
+            default_init_(self, generator)
+
+    def _build(self, channel: int, num_classes: int, im_size: tuple[int, int], width: int, depth: int) -> None:
         layers = []
-        h, w = int(im_size[0]), int(im_size[1])
+        h, w = im_size
         in_ch = channel
         for d in range(depth):
             # As the reference ConvNet: padding 3 on a single-channel first layer (28×28 becomes 32×32).
@@ -70,18 +83,6 @@ class Adversary(nn.Module):
         self.features = nn.Sequential(*layers)
         self.feature_dim = width * h * w
         self.classifier = nn.Linear(self.feature_dim, num_classes)
-        if generator is not None:
-            self._init(generator)
-
-    @torch.no_grad()
-    def _init(self, generator: torch.Generator) -> None:
-        # PyTorch's default init (kaiming-uniform with a=sqrt(5) ⇒ bound 1/sqrt(fan_in)), drawn from generator.
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                fan_in = m.weight[0].numel()
-                bound = 1.0 / fan_in**0.5
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 2 * bound - bound)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=generator) * 2 * bound - bound)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         feat = self.features(x)
