@@ -28,6 +28,7 @@ Files:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
