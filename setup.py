@@ -39,7 +39,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["haba_fast", "haba_fast.commands", "haba_fast.objectives", "haba_fast.benchmarks", "haba_fast.kernels"],
+    packages=["haba_fast", "haba_fast.commands", "haba_fast.engines", "haba_fast.objectives", "haba_fast.benchmarks", "haba_fast.kernels"],
     package_dir={"haba_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

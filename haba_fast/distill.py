@@ -35,7 +35,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from haba_fast.trajectory import ENGINES, IndexStream, StepPlan, get_engine, sample_plan
+from haba_fast.engines import ENGINES, get_engine
+from haba_fast.plan import IndexStream, StepPlan, sample_plan
 
 __all__ = [
     "PARAMETERIZATIONS",

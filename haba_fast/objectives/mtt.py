@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from haba_fast.trajectory import Engine, StepPlan
+from haba_fast.engines.base import Engine
+from haba_fast.plan import StepPlan
 
 __all__ = ["is_haba", "synthetic_labels", "synthetic_samples", "augment_groups", "build_inputs", "trajectory_loss"]
 
