@@ -34,9 +34,9 @@ _COMPILING_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "d
 NO_TORCH_MESSAGE = """
 haba-fast: cannot build the C++ extension: torch is not importable in this build environment.
 
-The extension must be compiled against the torch you will run it with, so it is built without build
-isolation (an isolated build sees only its own, freshly downloaded torch, whose C++ ABI your torch would
-reject at import). Install torch first, then build in the same environment:
+The extension must be compiled against the torch you will run it with (libtorch's C++ ABI changes between
+versions), so it is built without build isolation: an isolated build environment does not see your torch.
+Install torch first, then build in the same environment:
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu     # or your CUDA build of torch
     pip install --no-build-isolation .                                     # or: ... haba-fast-<version>.tar.gz

@@ -4,13 +4,15 @@ The slow test builds the sdist and a wheel from it (``python -m build --no-isola
 checks what each carries, installs the wheel into a fresh virtual environment that sees this interpreter's
 torch, and runs ``haba-fast info`` plus a compiled generate and engine call there; then it fakes an extension
 built against another torch version and checks the clear refusal, and checks that an isolated
-``pip install`` of the sdist stops with the message saying what to run.
+``pip install`` of the sdist stops with the message saying what to run (and that the pure-Python install it
+offers works).
 Run it with ``pytest -m packaging tests/test_packaging.py`` (a few minutes: the compile dominates).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -255,3 +257,10 @@ def test_isolated_install_of_the_sdist_says_what_to_run(dists, tmp_path):
     assert res.returncode != 0
     assert "torch is not importable in this build environment" in out
     assert "pip install --no-build-isolation ." in out
+
+    # The pure-Python install the message offers works in isolation, and says it has no extension.
+    _run([py, "-m", "pip", "install", "--no-deps", "--force-reinstall", sdist], tmp_path, timeout=600,
+         HABA_FAST_BUILD_EXT="0")
+    info = _run([tmp_path / "env" / "bin" / "haba-fast", "info"], tmp_path).stdout
+    assert "not loaded:" in info and "_C" in info and "built against: no record" in info
+    assert re.search(r"generate\s+cpu: torch \(fallback: C\+\+ extension not loaded", info), info
