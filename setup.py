@@ -66,6 +66,11 @@ def _openmp_flag(torch) -> str:
     return "-fopenmp" if "OpenMP" in torch.__config__.parallel_info() else "-fopenmp-simd"
 
 
+def _openmp_link_args(openmp_flag: str) -> list:
+    """Clang's ``-fopenmp`` emits calls into LLVM's libomp (``__kmpc_*``), which torch's libgomp lacks: link it."""
+    return ["-fopenmp"] if openmp_flag == "-fopenmp" and "clang" in _compiler_version().lower() else []
+
+
 def _compiler_version() -> str:
     import subprocess
 
@@ -102,12 +107,14 @@ def _extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     # -g0: Python's own CFLAGS (which the build starts from) carry -g; debug info would make the .so ~8x larger.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG", "-g0"]
-    cxx += ["-std=c++17", _openmp_flag(torch)]
+    openmp = _openmp_flag(torch)
+    cxx += ["-std=c++17", openmp]
     ext = CppExtension(
         name="haba_fast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx},
+        extra_link_args=_openmp_link_args(openmp),
         py_limited_api=False,
     )
 
