@@ -42,7 +42,7 @@ _EXPORTS = {
     "DistillConfig": ("haba_fast.distill", "DistillConfig"),
     "distill": ("haba_fast.distill", None),
     "evaluate_synthetic": ("haba_fast.evaluate", "evaluate_synthetic"),
-    "get_engine": ("haba_fast.trajectory", "get_engine"),
+    "get_engine": ("haba_fast.engines", "get_engine"),
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

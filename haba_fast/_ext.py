@@ -2,15 +2,63 @@
 
 The extension registers its ops under ``torch.ops.haba_fast`` (TORCH_LIBRARY). Loading it is
 deferred until an op first asks, so ``import haba_fast`` stays cheap and never fails.
+
+libtorch has no stable C++ ABI across versions, so an extension compiled against one torch must not be
+loaded into another (at best an undefined-symbol error, at worst a crash). The build records the torch it
+compiled against in ``haba_fast/_build_info.py`` (written by setup.py beside ``_C``); before loading,
+:func:`extension_available` compares that version with the running torch and refuses a mismatch with a
+message saying how to rebuild. A build without the record (an older in-place build) is loaded as before.
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import Optional
+from typing import Any, Dict, Optional
 
 _load_error: Optional[str] = None
+
+REBUILD_HINT = (
+    "rebuild it against the installed torch: `pip install --no-build-isolation .` in the source tree "
+    "(or `pip install --no-build-isolation --force-reinstall --no-deps haba-fast-<version>.tar.gz`)"
+)
+
+
+def build_info() -> Optional[Dict[str, Any]]:
+    """What ``haba_fast._C`` was compiled against, from ``haba_fast/_build_info.py``; None without a record.
+
+    Returns:
+        ``{"torch": "2.13.0+cpu", "cuda": None | "12.8", "compiler": "...", "cxx_flags": "..."}``.
+    """
+    try:
+        from haba_fast import _build_info
+    except ImportError:
+        return None
+    return {
+        "torch": getattr(_build_info, "TORCH_VERSION", None),
+        "cuda": getattr(_build_info, "TORCH_CUDA", None),
+        "compiler": getattr(_build_info, "COMPILER", None),
+        "cxx_flags": getattr(_build_info, "CXX_FLAGS", None),
+    }
+
+
+def _public_version(version: str) -> str:
+    # "2.13.0+cpu" and "2.13.0+cu128" share libtorch's CPU ABI, which is all the extension links against.
+    return str(version).split("+", 1)[0]
+
+
+def abi_mismatch(built: Optional[str], running: str) -> Optional[str]:
+    """Why an extension built against torch ``built`` cannot load into torch ``running``; None when it can.
+
+    Versions are compared without their local label (``+cpu``, ``+cu128``); ``built`` None (no record)
+    is not a mismatch.
+    """
+    if built is None or _public_version(built) == _public_version(running):
+        return None
+    return (
+        f"the extension was built against torch {built}, but torch {running} is running "
+        f"(the C++ ABI differs between torch versions); {REBUILD_HINT}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -18,14 +66,20 @@ def extension_available() -> bool:
     """True when ``haba_fast._C`` imported and registered its ops (cached)."""
     global _load_error
     try:
-        import torch  # noqa: F401  (loads libtorch, which _C links against)
+        import torch  # loads libtorch, which _C links against
 
-        from haba_fast import _C  # noqa: F401
-    except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
-        _load_error = f"{type(exc).__name__}: {exc}"
+        info = build_info()
+        mismatch = abi_mismatch(info["torch"] if info else None, torch.__version__)
+        if mismatch is not None:
+            _load_error = mismatch
+        else:
+            from haba_fast import _C  # noqa: F401
+    except Exception as exc:  # ImportError (not built), or an undefined symbol from an unrecorded torch mismatch
+        _load_error = f"{type(exc).__name__}: {exc} (to build it: `pip install --no-build-isolation .`)"
+    if _load_error is not None:
         warnings.warn(
-            f"haba_fast C++ extension not loaded ({_load_error}); falling back to the pure-PyTorch backend. "
-            "Rebuild with `pip install --no-build-isolation -e .` to get the fast CPU kernels.",
+            f"haba_fast C++ extension not loaded ({_load_error}); falling back to the pure-PyTorch backend "
+            "(several times slower on the CPU).",
             RuntimeWarning,
             stacklevel=2,
         )

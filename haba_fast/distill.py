@@ -4,7 +4,7 @@ One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does 
 
 1. pick an expert trajectory and a start epoch s ∈ [0, max_start_epoch); w_start = snapshot[s],
    w_target = snapshot[s + expert_epochs];
-2. draw the iteration's random choices as data (:class:`haba_fast.trajectory.StepPlan`);
+2. draw the iteration's random choices as data (:class:`haba_fast.plan.StepPlan`);
 3. build the N unrolled steps' inputs in one generate + augment call and run the engine:
    L = ||w_N − w*||² / ||w_start − w*||²;
 4. HaBa: add λ_club · mean((cos(f(x_a), f(x_b)) + 1) / 2) for one batch of bases under two different
@@ -35,8 +35,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
-from haba_fast.trajectory import ENGINES, IndexStream, StepPlan
+from haba_fast.plan import IndexStream, StepPlan
 
 __all__ = [
     "PARAMETERIZATIONS",
@@ -146,7 +147,7 @@ class DistillConfig:
     lambda_contrast_content: float = 1.0
     # --- ours ---
     parameterization: str = "haba"
-    engine: str = "auto"  # exact when haba_fast.adjoint is installed, else naive
+    engine: str = "auto"  # auto: the exact engine (haba_fast.engines)
     budget_ipc: Optional[int] = None  # choose ipc (bases per class) so bases + hallucinators fit this many images
     kernel_size: int = 3
     min_lr: float = 0.001  # the reference clips the learned lr to >= 0.001 after every step
@@ -608,9 +609,9 @@ class Distiller:
 
     def _sample_pair(self):
         """One adversarial batch (bases under two hallucinators, augmentation) for objectives without a plan."""
-        from haba_fast.trajectory import _sample_pair
+        from haba_fast.plan import sample_pair
 
-        return _sample_pair(self.stream, self.cfg.n_hallucinators, self.strategy, self.im_size, self.generator, "S")
+        return sample_pair(self.stream, self.cfg.n_hallucinators, self.strategy, self.im_size, self.generator, "S")
 
     # -- the guarded update ------------------------------------------------------------------------------------------
     def _update(self, grand: Tensor, loss_value: float, start: Optional[float] = None) -> bool:

@@ -1,4 +1,4 @@
-"""The adjoint engines (haba_fast.adjoint): exact == the create-graph unroll; first-order is an approximation.
+"""The adjoint engines (haba_fast.engines.adjoint): exact == the create-graph unroll; first-order is an approximation.
 
 The oracle is ``naive_unroll`` below: a straightforward create-graph unroll through
 ``haba_fast.models.functional_forward``, written here so these tests do not depend on another engine.
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from haba_fast import adjoint
-from haba_fast.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
+from haba_fast.engines import adjoint
+from haba_fast.engines.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
 from haba_fast.models import ConvNetSpec, build_convnet, flatten_params, functional_forward, get_network
 
 
@@ -233,7 +233,7 @@ def test_cpp_backend_refuses_what_it_cannot_run():
 
 
 def test_trajectory_module_gets_these_engines():
-    from haba_fast.trajectory import get_engine
+    from haba_fast.engines import get_engine
 
     assert isinstance(get_engine("exact"), ExactEngine)
     assert isinstance(get_engine("first-order"), FirstOrderEngine)
@@ -270,8 +270,8 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
 def assert_iteration_grads_match_naive(distiller, engine_name):
     """One HaBa iteration's matching loss and its gradients (lr, bases, every hallucinator parameter): the engine
     ``engine_name`` against the naive unroll on the same trajectory and plan."""
+    from haba_fast.engines import NaiveEngine
     from haba_fast.objectives.mtt import trajectory_loss
-    from haba_fast.trajectory import NaiveEngine
 
     _, _, w_start, w_target = distiller.sample_trajectory()
     plan = distiller.sample_plan()

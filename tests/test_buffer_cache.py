@@ -15,7 +15,7 @@ from test_adjoint import _convnet, make_problem
 from utils import requires_ext
 
 from haba_fast._ext import has_op
-from haba_fast.adjoint import cpp_spec
+from haba_fast.engines.adjoint import cpp_spec
 
 pytestmark = [
     requires_ext,

@@ -17,7 +17,7 @@ from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
 from utils import devices, requires_ext
 
 from haba_fast._ext import has_op
-from haba_fast.adjoint import cpp_spec, get_adjoint_engine
+from haba_fast.engines.adjoint import cpp_spec, get_adjoint_engine
 from haba_fast.models import functional_forward
 
 pytestmark = [

@@ -230,7 +230,7 @@ def _engine_problem(cfg, dtype):
 
 def _cpp_engine(name="exact"):
     from haba_fast._ext import has_op
-    from haba_fast.adjoint import get_adjoint_engine
+    from haba_fast.engines import get_adjoint_engine
 
     if not (extension_loaded() and has_op("trajectory_match")):
         pytest.skip("C++ extension without trajectory_match")
@@ -268,7 +268,7 @@ def test_cpp_engine_cuda_float32_matches_naive_float64(cfg):
 
 @requires_ext_loaded
 def test_cpp_first_order_runs_on_cuda():
-    from haba_fast.adjoint import get_adjoint_engine
+    from haba_fast.engines import get_adjoint_engine
 
     eng = _cpp_engine("first-order")
     model, X, Y, ws, wt = _engine_problem(ENGINE_CONFIGS[1], torch.float64)
@@ -373,7 +373,7 @@ def test_cpp_engine_device_mix_is_a_clear_error():
     eng = _cpp_engine()
     model, X, Y, ws, wt = _engine_problem(ENGINE_CONFIGS[0], torch.float64)
     lr = torch.tensor(0.1, dtype=torch.float64, device=DEVICE)
-    spec = __import__("haba_fast.adjoint", fromlist=["cpp_spec"]).cpp_spec(model)
+    spec = __import__("haba_fast.engines.adjoint", fromlist=["cpp_spec"]).cpp_spec(model)
     op = torch.ops.haba_fast.trajectory_match
     for args in ((X, Y, ws.cpu(), wt, lr, spec, False), (X, Y.cpu(), ws, wt, lr, spec, False),
                  (X.cpu(), Y, ws, wt, lr, spec, False)):

@@ -10,10 +10,11 @@ import torch.nn.functional as F
 from utils import assert_close
 
 from haba_fast import augment
+from haba_fast.engines import NaiveEngine
 from haba_fast.factorization import HaBa, Pixels
 from haba_fast.objectives.contrastive import Adversary, AdversaryWeights, adversary_loss, club_loss, supcon_loss
 from haba_fast.objectives.mtt import build_inputs, synthetic_labels, trajectory_loss
-from haba_fast.trajectory import IndexStream, NaiveEngine, sample_plan
+from haba_fast.plan import IndexStream, sample_plan
 
 
 def supcon_loop(features, labels, tau=0.07):

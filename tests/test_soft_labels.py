@@ -129,7 +129,7 @@ def test_evaluation_trains_on_the_soft_targets(monkeypatch, kind):
 
 def test_mtt_soft_label_unroll_matches_oracle():
     from haba_fast.objectives.mtt import soft_label_trajectory_loss
-    from haba_fast.trajectory import IndexStream, sample_plan
+    from haba_fast.plan import IndexStream, sample_plan
 
     K, bpc, Hn, N = 3, 2, 2, 3
     h = HaBa(K, bpc, 1, (6, 6), n_hallucinators=Hn, generator=torch.Generator().manual_seed(0), soft_labels=True)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from torch import nn
 from utils import assert_close
 
 from haba_fast import augment
-from haba_fast.trajectory import ENGINES, IndexStream, NaiveEngine, get_engine, normalized_distance, sample_plan
-
-ADJOINT = importlib.util.find_spec("haba_fast.adjoint") is not None
+from haba_fast.engines import ENGINES, NaiveEngine, get_engine, normalized_distance
+from haba_fast.plan import IndexStream, sample_plan
 
 
 class TinyMLP(nn.Module):
@@ -148,21 +145,6 @@ def test_get_engine_names():
         get_engine("fast")
 
 
-def test_exact_without_adjoint_is_a_clear_error(monkeypatch):
-    # Simulate an install without the adjoint module: a None entry in sys.modules makes its import fail.
-    import sys
-
-    import haba_fast.trajectory as trajectory
-
-    monkeypatch.setitem(sys.modules, "haba_fast.adjoint", None)
-    monkeypatch.setattr(trajectory, "_adjoint_available", lambda: False)
-    with pytest.raises(ValueError, match="naive"):
-        get_engine("exact")
-    with pytest.warns(RuntimeWarning, match="naive"):
-        assert get_engine(None).name == "naive"
-
-
-@pytest.mark.skipif(not ADJOINT, reason="haba_fast.adjoint is not installed")
 @pytest.mark.parametrize("name", ["exact", "first-order"])
 def test_adjoint_engines_resolve(name):
     eng = get_engine(name)
@@ -170,7 +152,6 @@ def test_adjoint_engines_resolve(name):
     assert get_engine(None).name == "exact" or getattr(get_engine(None), "name", "").startswith("exact")
 
 
-@pytest.mark.skipif(not ADJOINT, reason="haba_fast.adjoint is not installed")
 def test_exact_engine_matches_naive():
     model, X, Y, w_start, w_target = _problem(4, 3, 1, 3, 3, 3, hidden=5, dtype=torch.float64)
     grads = []

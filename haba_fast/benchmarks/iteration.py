@@ -126,7 +126,7 @@ def build_distiller(args):
     )
     distiller = Distiller(cfg, dataset, buffer, device=args.device)
     if args.backend is not None and args.engine != "naive":
-        from haba_fast.adjoint import get_adjoint_engine
+        from haba_fast.engines import get_adjoint_engine
 
         distiller.engine = get_adjoint_engine(args.engine, backend=args.backend)
     return distiller
@@ -134,8 +134,8 @@ def build_distiller(args):
 
 def engine_only_fn(args):
     """A closure running the engine forward + backward on fixed random inputs of the benchmark's shapes."""
+    from haba_fast.engines import get_engine
     from haba_fast.models import flatten_params, get_network
-    from haba_fast.trajectory import get_engine
 
     net = get_network(
         model_name(args.width, args.depth),
@@ -153,7 +153,7 @@ def engine_only_fn(args):
     Y = torch.randint(0, 10, (args.syn_steps, args.batch_syn), generator=g).to(args.device)
     lr = torch.tensor(0.01, device=args.device, requires_grad=True)
     if args.backend is not None and args.engine != "naive":
-        from haba_fast.adjoint import get_adjoint_engine
+        from haba_fast.engines import get_adjoint_engine
 
         engine = get_adjoint_engine(args.engine, backend=args.backend)
     else:

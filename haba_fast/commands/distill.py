@@ -464,7 +464,7 @@ def _run_demo(args: argparse.Namespace) -> int:
             setattr(demo, field, getattr(args, dest))
     demo.progress = args.progress
     if demo.engine != "auto":
-        from haba_fast.trajectory import get_engine
+        from haba_fast.engines import get_engine
 
         get_engine(demo.engine)  # a clear error now rather than after the experts
     run_demo(demo)

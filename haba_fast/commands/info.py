@@ -102,9 +102,18 @@ def collect() -> dict[str, Any]:
     else:
         ext["error"] = _ext.extension_error()
     info["extension"] = ext
+    info["extension_build"] = _ext.build_info()  # what _C was compiled against (see _build_line)
     devices = ["cpu"] + (["cuda"] if cuda_ok else [])
     info["backends"] = {op: {dev: _backend(op, dev) for dev in devices} for op in OPS}
     return info
+
+
+def _build_line(build: dict[str, Any] | None) -> str:
+    """The torch, compiler and flags the C++ extension was compiled against (recorded by setup.py)."""
+    if build is None:
+        return "  built against: no record (not built, or built before builds were recorded)"
+    cuda = f", CUDA {build['cuda']}" if build.get("cuda") else ""
+    return f"  built against: torch {build['torch']}{cuda}, {build['compiler']}, flags {build['cxx_flags']}"
 
 
 def _text(info: dict[str, Any]) -> str:
@@ -127,6 +136,7 @@ def _text(info: dict[str, Any]) -> str:
         lines.append(f"  loaded; ops registered: {', '.join(ext['ops']) or 'none yet'}")
     else:
         lines.append(f"  not loaded: {ext['error']}")
+    lines.append(_build_line(info.get("extension_build")))
     lines += ["", "backend per op (and why the others were skipped):"]
     for op, per_dev in info["backends"].items():
         for dev, b in per_dev.items():

@@ -2,7 +2,7 @@
 
 * ``base``: the interface (:class:`~haba_fast.objectives.base.Objective`), the registry (``get_objective``,
   ``OBJECTIVES``) and the shared pieces (per-class synthetic batches, Siamese augmentation, real batches).
-* ``mtt``: trajectory matching (MTT), through an engine of ``haba_fast.trajectory`` (``--objective mtt``).
+* ``mtt``: trajectory matching (MTT), through an engine of ``haba_fast.engines`` (``--objective mtt``).
 * ``gradient``: gradient matching, DC and DSA (``--objective dc`` / ``dsa``).
 * ``distribution``: distribution matching, DM (``--objective dm``).
 * ``contrastive``: HaBa's adversarial contrastive term (the adversary network, its loss, the club term), added

@@ -75,7 +75,7 @@ class ObjectiveOutput:
     Attributes:
         loss: 0-dim, differentiable in the synthetic parameters (and in the lr for MTT).
         metrics: plain floats for the history (e.g. ``start_epoch``, ``trajectory`` for MTT).
-        club, adversary: the adversarial term's draws (``haba_fast.trajectory.PairPlan``) when the objective drew
+        club, adversary: the adversarial term's draws (``haba_fast.plan.PairPlan``) when the objective drew
             them as part of its own plan (MTT: in the step plan); None: the distiller draws them.
     """
 

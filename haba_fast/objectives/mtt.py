@@ -13,8 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from haba_fast.engines.base import Engine
 from haba_fast.objectives.base import Objective, ObjectiveOutput, ObjectiveSetup, register_objective
-from haba_fast.trajectory import Engine, StepPlan
+from haba_fast.plan import StepPlan
 
 __all__ = [
     "is_haba",
@@ -149,11 +150,11 @@ def soft_label_trajectory_loss(
 
     As the naive engine, with each step's loss the soft cross-entropy against ``softmax(label_logits)`` of the
     step's rows: differentiable in the synthetic set, the label logits and ``lr``. The engines of
-    ``haba_fast.trajectory`` take hard labels only, so soft labels always unroll this way.
+    ``haba_fast.engines`` take hard labels only, so soft labels always unroll this way.
     """
+    from haba_fast.engines.base import normalized_distance
     from haba_fast.models import functional_forward
     from haba_fast.training import soft_cross_entropy
-    from haba_fast.trajectory import normalized_distance
 
     X, _ = build_inputs(syn, plan)
     probs = syn.label_targets()
@@ -184,7 +185,7 @@ class TrajectoryMatching(Objective):
     def __init__(self, setup: ObjectiveSetup):
         super().__init__(setup)
         from haba_fast import models
-        from haba_fast.trajectory import get_engine
+        from haba_fast.engines import get_engine
 
         cfg = self.cfg
         self.buffer = setup.buffer
@@ -261,7 +262,7 @@ class TrajectoryMatching(Objective):
         return traj, start, w_start, w_target
 
     def sample_plan(self) -> StepPlan:
-        from haba_fast.trajectory import sample_plan
+        from haba_fast.plan import sample_plan
 
         return sample_plan(
             self.stream,

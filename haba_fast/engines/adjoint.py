@@ -1,19 +1,21 @@
 """The exact constant-memory trajectory engine, and its first-order approximation.
 
 Both engines run N plain SGD steps of a student network on synthetic batches, starting at an expert snapshot
-(see ``haba_fast.trajectory`` for the engine contract)::
+(see ``haba_fast.engines.base.Engine`` for the contract)::
 
     w_0 = w_start;  g_t = grad_w CE(model_{w_t}(X_t), Y_t);  w_{t+1} = w_t - lr * g_t
     loss = ||w_N - w*||^2 / ||w_start - w*||^2
 
 and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of ../shared/DESIGN.md: the forward pass
-stores only the N+1 flat vectors w_t (no activation, no graph), the backward pass walks the steps in reverse with
-``lam = dL/dw_{t+1}``, recomputes step t with a graph, and takes one Hessian-vector product::
+saves X and the N+1 flat vectors w_t (no activation, no graph); the backward pass walks the steps in reverse with
+``lam = dL/dw_{t+1}``, recomputes step t's activations with a graph from the saved (w_t, X_t), and takes one
+Hessian-vector product::
 
     (h_w, h_x) = grad(g_t, [w_t, X_t], grad_outputs=lam)
     dL/dX_t = -lr h_x;   dL/dlr -= <g_t, lam>;   lam <- lam - lr h_w
 
-Activation memory is that of one step, whatever N is; the result equals the create-graph unroll (``naive``) up to
+Activation memory is that of one step, whatever N is (X itself, [N, B, C, H, W], is saved: it is an input that
+autograd keeps anyway); the result equals the create-graph unroll (``naive``) up to
 float rounding.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
@@ -39,6 +41,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from haba_fast.engines.base import check_engine_inputs, normalized_distance
+from haba_fast.models import convnet_spec, functional_forward
 
 __all__ = [
     "ADJOINT_ENGINES",
@@ -68,8 +73,6 @@ def cpp_spec(model: nn.Module) -> list[int] | None:
     Returns ``[channel, num_classes, width, depth, norm, act, pool, first_padding]`` (codes as in
     csrc/trajectory.cpp) for a ConvNet-family network whose norm the C++ engine implements (not batchnorm).
     """
-    from haba_fast.models import convnet_spec
-
     spec = convnet_spec(model)
     if spec is None or spec.norm not in _NORM_CODES or spec.act not in _ACT_CODES or spec.pool not in _POOL_CODES:
         return None
@@ -111,8 +114,6 @@ class _AdjointUnroll(torch.autograd.Function):
     def forward(
         ctx, X: Tensor, lr: Tensor, model: nn.Module, Y: Tensor, w_start: Tensor, w_target: Tensor, first_order: bool
     ) -> Tensor:
-        from haba_fast.models import functional_forward
-
         n_steps = X.shape[0]
         ws = torch.empty((n_steps + 1, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
         ws[0] = w_start
@@ -130,8 +131,6 @@ class _AdjointUnroll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        from haba_fast.models import functional_forward
-
         X, lr, Y, ws, w_target = ctx.saved_tensors
         model, first_order = ctx.model, ctx.first_order
         n_steps = X.shape[0]
@@ -217,7 +216,7 @@ class AdjointEngine:
         return None
 
     def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
-        """Matching loss after N SGD steps (see ``haba_fast.trajectory.Engine``).
+        """Matching loss after N SGD steps (see ``haba_fast.engines.base.Engine``).
 
         Args:
             model: the student architecture; only its structure is used.
@@ -230,8 +229,6 @@ class AdjointEngine:
         Returns:
             0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2`` in X's dtype.
         """
-        from haba_fast.trajectory import check_engine_inputs, normalized_distance
-
         if not isinstance(lr, Tensor):
             lr = torch.tensor(float(lr), dtype=X.dtype, device=X.device)
         check_engine_inputs(model, X, Y, w_start, w_target, lr)

@@ -1,0 +1,85 @@
+"""The engine contract: the ``Engine`` protocol, the normalizing distance, and the shared input checks.
+
+An *engine* runs N plain SGD steps of a student network on synthetic batches, starting at an expert
+snapshot, and returns how far the student lands from a later expert snapshot::
+
+    w_0 = w_start;  w_{t+1} = w_t - lr * grad_w CE(model_w(X_t), Y_t)      (mean CE over the batch)
+    loss = ||w_N - w*||^2 / ||w_start - w*||^2
+
+differentiable in ``X`` (so gradients reach the bases/hallucinators through generate ∘ augment)
+and in ``lr`` (the learned learning rate). ``w_start`` and ``w_target`` are constants of the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Engine", "normalized_distance", "check_engine_inputs"]
+
+
+class Engine(Protocol):
+    """An unrolled trajectory-matching engine (see the module docstring)."""
+
+    name: str
+    approximate: bool
+
+    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
+        """Matching loss after N SGD steps.
+
+        Args:
+            model: the student architecture; only its structure is used (its own weights are ignored).
+            X: [N, B, C, H, W] synthetic inputs, one batch per step (float).
+            Y: [N, B] int64 labels.
+            w_start: [P] flat expert snapshot at the start epoch.
+            w_target: [P] flat expert snapshot ``expert_epochs`` later.
+            lr: 0-dim learned learning rate.
+
+        Returns:
+            0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2``, differentiable in X and lr.
+        """
+        ...
+
+
+def normalized_distance(w_start: Tensor, w_target: Tensor) -> Tensor:
+    """``||w_start - w*||^2`` as a 0-dim tensor; raises ValueError when it is 0 or not finite.
+
+    A zero distance means the two expert snapshots are identical. That is what expert buffers
+    trained on a CPU with the reference code contain: it snapshots with ``p.detach().cpu()``, which
+    on a CPU aliases the live parameter, so every snapshot equals the final weights.
+    """
+    denom = (w_start.detach() - w_target.detach()).pow(2).sum()
+    value = float(denom)
+    if value == 0.0:
+        raise ValueError(
+            "the expert snapshots at the start and target epochs are identical (distance 0), so trajectory "
+            "matching would divide by zero. The expert buffer is broken: buffers trained on a CPU with the "
+            "reference code alias every snapshot to the final weights (p.detach().cpu() does not copy on a "
+            "CPU). Re-train the experts with `haba-fast buffer`, which stores copies."
+        )
+    if not torch.isfinite(denom):
+        raise ValueError(f"the distance between the expert snapshots is not finite ({value}); the buffer is corrupt")
+    return denom
+
+
+def check_engine_inputs(model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> None:
+    """Validate the engine arguments' shapes and dtypes (clear ValueError/TypeError)."""
+    if X.dim() != 5:
+        raise ValueError(f"X must be [N, B, C, H, W] (one batch per unrolled step), got shape {tuple(X.shape)}")
+    if Y.dim() != 2 or tuple(Y.shape) != tuple(X.shape[:2]):
+        raise ValueError(f"Y must be [N, B] = {tuple(X.shape[:2])} to match X, got shape {tuple(Y.shape)}")
+    if Y.dtype != torch.long:
+        raise TypeError(f"Y must be int64 class labels, got {Y.dtype}")
+    if not X.is_floating_point():
+        raise TypeError(f"X must be a floating-point tensor, got {X.dtype}")
+    n_params = sum(p.numel() for p in model.parameters())
+    for name, w in (("w_start", w_start), ("w_target", w_target)):
+        if w.dim() != 1 or w.numel() != n_params:
+            raise ValueError(
+                f"{name} must be a flat parameter vector [P] with P = {n_params} (the model's parameter count), "
+                f"got shape {tuple(w.shape)}; is the expert buffer for a different model or dataset?"
+            )
+    if lr.dim() != 0:
+        raise ValueError(f"lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")

@@ -1,0 +1,169 @@
+"""The step plan: every random choice of one distillation iteration, drawn as data.
+
+The random choices of an iteration (which bases, which hallucinator, which augmentation) are drawn
+once into a :class:`StepPlan` from a ``torch.Generator``, in a fixed order, so an iteration can be
+replayed exactly from the generator's state (resume, tests). The plan only chooses inputs: the
+engines (:mod:`haba_fast.engines`) receive the resulting batches ``X`` and save them for their own
+backward pass, so nothing is drawn again there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from haba_fast import augment
+
+__all__ = ["IndexStream", "PairPlan", "StepPlan", "sample_pair", "sample_plan"]
+
+
+class IndexStream:
+    """Batches of B indices out of ``range(n)``, taken in order from a stream of random permutations.
+
+    Every batch has exactly B indices; a batch may straddle two permutations when B does not divide
+    n (then it may repeat an index). When B divides n this draws what the reference does: each
+    permutation split into n / B chunks.
+    """
+
+    def __init__(self, n: int, batch: int):
+        if n < 1:
+            raise ValueError(f"IndexStream needs at least one item, got n={n}")
+        if not 1 <= batch <= n:
+            raise ValueError(f"batch size must be in [1, {n}], got {batch}")
+        self.n = int(n)
+        self.batch = int(batch)
+        self._pending = torch.empty(0, dtype=torch.long)
+
+    def next(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        """The next batch: [B] int64 (CPU)."""
+        while self._pending.numel() < self.batch:
+            perm = torch.randperm(self.n, generator=generator)
+            self._pending = torch.cat([self._pending, perm])
+        out, self._pending = self._pending[: self.batch], self._pending[self.batch :]
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"n": self.n, "batch": self.batch, "pending": self._pending.clone()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if int(state["n"]) != self.n or int(state["batch"]) != self.batch:
+            raise ValueError(
+                f"index stream state is for n={state['n']}, batch={state['batch']}; this run has n={self.n}, "
+                f"batch={self.batch}"
+            )
+        self._pending = state["pending"].clone().long()
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """One batch of bases under two different hallucinators (the adversarial term's draws).
+
+    Attributes:
+        base_idx: [B] int64 indices into the flat class-major bases.
+        hall_pair: [2] int64, two different hallucinators (equal only when there is a single one).
+        aug: augmentation of the 2B samples ``cat([x_a, x_b])`` (one DSA call, as the reference does:
+            one family, independent per-sample values), or None without augmentation.
+    """
+
+    base_idx: Tensor
+    hall_pair: Tensor
+    aug: Any = None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The random choices of one distillation iteration.
+
+    Attributes:
+        base_idx: [N, B] int64, the bases (or images, for Pixels) of each unrolled step.
+        hall_idx: [N] int64, the hallucinator of each step (zeros for Pixels).
+        aug: per-step augmentation parameters (a list of N AugParams, each for B samples; "M" mode:
+            each entry is itself a list applied in order), or None without augmentation.
+        club: draws of the club term (HaBa only).
+        adversary: draws of the adversary's own batch (HaBa only).
+    """
+
+    base_idx: Tensor
+    hall_idx: Tensor
+    aug: Optional[List[Any]] = None
+    club: Optional[PairPlan] = None
+    adversary: Optional[PairPlan] = None
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.base_idx.shape[0])
+
+    @property
+    def batch(self) -> int:
+        return int(self.base_idx.shape[1])
+
+
+def _sample_aug(strategy: Optional[str], n: int, size, generator, mode: str):
+    if not strategy or strategy.lower() == "none":
+        return None
+    return augment.sample(strategy, n, tuple(size), generator=generator, mode=mode)
+
+
+def sample_pair(stream: IndexStream, n_hallucinators: int, strategy, size, generator, mode) -> PairPlan:
+    """The adversarial term's draws: a batch of bases [B], two different hallucinators [2], and augmentation
+    parameters for the 2B samples (both hallucinated batches, augmented together)."""
+    base_idx = stream.next(generator)
+    if n_hallucinators >= 2:
+        hall_pair = torch.randperm(n_hallucinators, generator=generator)[:2]
+    else:  # a single hallucinator cannot be contrasted with another: the term compares it with itself
+        hall_pair = torch.zeros(2, dtype=torch.long)
+    aug = _sample_aug(strategy, 2 * base_idx.numel(), size, generator, mode)
+    return PairPlan(base_idx=base_idx, hall_pair=hall_pair, aug=aug)
+
+
+def sample_plan(
+    stream: IndexStream,
+    num_steps: int,
+    n_hallucinators: int,
+    im_size: Sequence[int],
+    *,
+    strategy: Optional[str] = "color_crop_cutout_flip_scale_rotate",
+    mode: str = "S",
+    adversarial: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> StepPlan:
+    """Draw every random choice of one iteration, in a fixed order, from ``generator``.
+
+    Args:
+        stream: the run's index stream (advanced in place; its state is part of a checkpoint).
+        num_steps: N unrolled steps.
+        n_hallucinators: hallucinator count (0 or 1 for Pixels: all hallucinator indices are 0).
+        im_size: (H, W) of the generated samples (augmentation parameters depend on it).
+        strategy: DSA strategy, or None / "none" for no augmentation.
+        mode: DSA mode ("S": one family per call, per-sample values).
+        adversarial: also draw the club batch and the adversary's batch (HaBa).
+        generator: the source of randomness (never the global RNG when given).
+
+    Returns:
+        A StepPlan with base_idx [N, B], hall_idx [N], per-step aug, and the adversarial draws.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps (--syn_steps) must be >= 1, got {num_steps}")
+    base, hall, augs = [], [], []
+    for _ in range(num_steps):
+        base.append(stream.next(generator))
+        if n_hallucinators > 1:
+            hall.append(int(torch.randint(n_hallucinators, (1,), generator=generator)))
+        else:
+            hall.append(0)
+        augs.append(_sample_aug(strategy, stream.batch, im_size, generator, mode))
+    club = adversary = None
+    if adversarial:
+        club = sample_pair(stream, n_hallucinators, strategy, im_size, generator, mode)
+        adversary = sample_pair(stream, n_hallucinators, strategy, im_size, generator, mode)
+    return StepPlan(
+        base_idx=torch.stack(base),
+        hall_idx=torch.tensor(hall, dtype=torch.long),
+        aug=None if augs[0] is None else augs,
+        club=club,
+        adversary=adversary,
+    )
