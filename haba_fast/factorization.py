@@ -865,7 +865,7 @@ def _from_payload(payload: Mapping[str, Any], path: Path):
     if not isinstance(args, Mapping) or not isinstance(state, Mapping):
         raise ValueError(f"{path}: a {FORMAT} file needs 'args' and 'state_dict' entries (file damaged?)")
     classes = {"haba": HaBa, "pixels": Pixels}
-    if kind not in classes:
+    if not isinstance(kind, str) or kind not in classes:
         raise ValueError(f"{path}: unknown synthetic-set kind {kind!r} (expected 'haba' or 'pixels')")
     try:
         obj = classes[kind](**dict(args))
