@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -42,6 +43,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # The command owns its process, so it may let the engine reuse large CPU blocks through c10's allocator
+    # (off by default for library use: it replaces a process-wide allocator; csrc/buffer_cache.h).
+    os.environ.setdefault("HABA_FAST_BUFFER_CACHE", "1")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
