@@ -186,7 +186,11 @@ class ExpertBuffer:
         """Flat parameters of trajectory ``traj`` after ``epoch`` epochs (0 = init): float32 ``[P]``."""
         traj, epoch = int(traj), int(epoch)
         self._check_index(traj, epoch)
-        return self._read(traj, epoch)
+        w = self._read(traj, epoch)
+        if not bool(torch.isfinite(w).all()):  # a diverged expert would make every matching loss NaN
+            raise ValueError(f"expert buffer {self.path}: trajectory {traj} snapshot {epoch} contains NaN or Inf (a "
+                             "diverged or damaged expert; retrain it or remove it from the buffer)")
+        return w
 
     def trajectory(self, traj: int) -> Tensor:
         """All snapshots of one trajectory: float32 ``[num_epochs + 1, P]``."""
@@ -327,6 +331,9 @@ class ReferenceExpertBuffer(ExpertBuffer):
                 for si, snap in enumerate(traj):
                     if not isinstance(snap, (list, tuple)) or not all(isinstance(p, Tensor) for p in snap):
                         raise ValueError(f"expert buffer {f}: trajectory {ti} snapshot {si} is not a list of tensors")
+                    if not all(p.is_floating_point() for p in snap):
+                        raise ValueError(f"expert buffer {f}: trajectory {ti} snapshot {si} holds non-floating "
+                                         f"tensors ({sorted({str(p.dtype) for p in snap})}); expected network weights")
                     snap_shapes = [tuple(p.shape) for p in snap]
                     if shapes is None:
                         shapes = snap_shapes

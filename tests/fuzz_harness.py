@@ -89,6 +89,30 @@ class Worker:
             sel.close()
 
 
+def drive(worker: Worker, fn: str, strategy, n: int) -> None:
+    """Run ``n`` hypothesis-drawn cases of ``strategy`` through ``fn``, collecting outcomes in ``worker.stats``
+    (no assertion per case: the long profiles report and assert on the totals)."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def run(case):
+        worker.run(fn, case)
+
+    run()
+
+
+def report(name: str, stats, bad: list) -> str:
+    """Write every bad outcome to a JSON file in the temp folder (for the long profiles); returns its path."""
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"haba_fuzz_{name}_failures.json")
+    with open(path, "w") as f:
+        json.dump({"stats": dict(stats), "bad": bad}, f, indent=1, default=str)
+    return path
+
+
 # ---- the child ------------------------------------------------------------------------------------------------
 DEFAULT_ALLOWED = (ValueError, TypeError, FileNotFoundError)
 
