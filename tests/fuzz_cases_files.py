@@ -326,8 +326,8 @@ def run_file_case(c):
         if c["target"] in ("synthetic", "reference"):
             path = (make_synthetic if c["target"] == "synthetic" else make_reference_dir)(d, m, rng)
             if c["command"] == "eval":
-                argv = ["eval", str(path), "--dataset", "digits", "--epochs", "2", "--num-eval", "1",
-                        "--subset-per-class", "3", "--device", "cpu", "--quiet", "--json"]
+                argv = ["eval", str(path), "--dataset", "digits", "--epochs", "1", "--num-eval", "1",
+                        "--subset-per-class", "2", "--device", "cpu", "--quiet", "--json"]
             else:
                 argv = ["export", str(path), "--out", str(d / "export")]
         else:

@@ -10,6 +10,7 @@ tensors) or exit status 2 with a one-line `haba-fast CMD: error: ...`; never a t
 from __future__ import annotations
 
 import pytest
+import torch
 from fuzz_cases_files import BUFFER_MUTATIONS, HABA_BUFFER_MUTATIONS, REFERENCE_MUTATIONS, SYNTHETIC_MUTATIONS
 from fuzz_harness import BAD, Worker, drive, report
 from hypothesis import HealthCheck, given, settings
@@ -79,3 +80,73 @@ def test_fuzz_files_long_profile(capsys):
         print(f"\nfuzz files long profile: {s['cases']} cases, {s['ok']} clean outcomes, {s['crash']} crashes, "
               f"{s['hang']} hangs, {s['wrong']} wrong outcomes, {s['unclear']} tracebacks")
     assert not w.bad, f"{len(w.bad)} bad outcomes, listed in {report('files', s, w.bad)}"
+
+
+# Regressions found by the fuzzer, pinned (in-process: each is a clean ValueError now).
+def _saved_haba(tmp_path):
+    from fuzz_cases_files import _haba
+
+    p = tmp_path / "s.pt"
+    _haba().save(p, meta={"dataset": "digits", "lr": 0.01})
+    return p, torch.load(p, weights_only=True)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda pl: pl["args"].update(num_classes=10**12), "does not match its args"),
+    (lambda pl: pl["args"].update(n_hallucinators=10**9), "does not match its args"),
+    (lambda pl: pl["state_dict"].update(bases=pl["state_dict"]["bases"].round().long()), "floating dtype"),
+    (lambda pl: pl["state_dict"]["scale"].view(-1).__setitem__(0, float("nan")), "NaN or Inf"),
+    (lambda pl: pl["meta"].update(lr=float("nan")), "finite number > 0"),
+    (lambda pl: pl["meta"].update(lr=-1.0), "finite number > 0"),
+    (lambda pl: pl["meta"].update(lr=torch.tensor(True)), "real number"),
+    (lambda pl: pl.update(meta=[1, 2]), "'meta' must be a dict"),
+    (lambda pl: pl.update(kind=["haba"]), "unknown synthetic-set kind"),
+    (lambda pl: pl.update(dtype="int64"), "dtype entry"),
+])
+def test_damaged_synthetic_set_is_a_clear_error(tmp_path, damage, match):
+    from haba_fast.factorization import load_synthetic
+
+    p, payload = _saved_haba(tmp_path)
+    damage(payload)
+    torch.save(payload, p)
+    with pytest.raises(ValueError, match=match) as e:
+        load_synthetic(p)
+    assert str(p) in str(e.value)
+
+
+def test_damaged_reference_checkpoint_is_a_clear_error(tmp_path):
+    from fuzz_cases_files import _haba
+
+    from haba_fast.factorization import load_synthetic
+
+    _haba().to_reference(tmp_path, it="best", lr=0.01)
+    good = {n: torch.load(tmp_path / n, weights_only=True) for n in ("images_best.pt", "weights_best.pt")}
+    for name, bad, match in (("syn_lr_best.pt", torch.tensor(float("nan")), "finite"),
+                             ("syn_lr_best.pt", torch.tensor(True), "real number"),
+                             ("images_best.pt", good["images_best.pt"].long(), "floating-point"),
+                             ("weights_best.pt", {k: v.clone().fill_(float("inf")) for k, v in
+                                                  good["weights_best.pt"].items()}, "NaN or Inf")):
+        _haba().to_reference(tmp_path, it="best", lr=0.01)
+        torch.save(bad, tmp_path / name)
+        with pytest.raises(ValueError, match=match) as e:
+            load_synthetic(tmp_path, num_classes=10)
+        assert name in str(e.value)
+
+
+def test_damaged_expert_snapshots_are_a_clear_error(tmp_path):
+    from fuzz_cases_files import _net_snapshots
+
+    from haba_fast.experts import load_buffer
+
+    snaps = _net_snapshots(0)
+    snaps[1][0] = snaps[1][0].clone().fill_(float("nan"))
+    torch.save([snaps], tmp_path / "replay_buffer_0.pt")
+    buf = load_buffer(tmp_path)
+    buf.snapshot(0, 0)  # intact snapshots still read
+    with pytest.raises(ValueError, match="trajectory 0 snapshot 1 contains NaN or Inf"):
+        buf.snapshot(0, 1)
+    snaps = _net_snapshots(0)
+    snaps[2][1] = snaps[2][1].round().long()
+    torch.save([snaps], tmp_path / "replay_buffer_0.pt")
+    with pytest.raises(ValueError, match="non-floating"):
+        load_buffer(tmp_path)
