@@ -31,7 +31,9 @@ USABLE = {
     "haba": {"none"},
 }
 # The learned lr is one number: a 1-element tensor of any real dtype is still one.
-USABLE_LR = {"rank", "shape", "int", "f64", "bf16", "noncontig", "mixed_dtype"}
+USABLE_LR = {"rank", "int", "f64", "bf16", "noncontig", "mixed_dtype", "delete"}
+# Flipped bits in a tensor's data leave a valid file with other values: any clean outcome.
+MAY_PASS = {"flip_bytes"}
 _usable = {"now": False}
 
 
@@ -74,9 +76,9 @@ def _mutate_tensor(t: torch.Tensor, m: str, rng: random.Random) -> torch.Tensor:
     if m == "bf16":
         return t.to(torch.bfloat16)
     if m == "empty":
-        return t[:0]
-    if m == "shape":
-        return t.reshape(-1)[: max(t.numel() - 1, 1)]
+        return t.reshape(-1)[:0]
+    if m == "shape":  # always a different shape: one element fewer, flattened
+        return t.reshape(-1)[: max(t.numel() - 1, 0)]
     if m == "rank":
         return t.unsqueeze(0)
     if m == "noncontig":
@@ -186,7 +188,9 @@ def make_reference_dir(d: Path, m: str, rng: random.Random) -> Path:
         return ref
     name = rng.choice(["images_best.pt", "weights_best.pt", "syn_lr_best.pt"])
     p = ref / name
-    _usable["now"] = m in USABLE["reference"] or (name == "syn_lr_best.pt" and m in USABLE_LR)
+    # Without weights_best.pt the images read as a pixel set (reference MTT directories have no labels file).
+    _usable["now"] = (m in USABLE["reference"] or m in MAY_PASS or (name == "syn_lr_best.pt" and m in USABLE_LR)
+                      or (name == "weights_best.pt" and m == "delete"))
     if m in BYTE_MUTATIONS:
         _corrupt_bytes(p, m, rng)
         return ref
@@ -224,9 +228,14 @@ def make_replay_buffer(d: Path, m: str, rng: random.Random) -> Path:
     buf.mkdir()
     trajs = [_net_snapshots(0), _net_snapshots(1)]
     p = buf / "replay_buffer_0.pt"
-    if m in TENSOR_MUTATIONS:
-        # NaN/Inf go where the run reads (epochs 0-1): a damaged snapshot no run reads is not an error.
-        t, e = rng.randrange(2), rng.randrange(2 if m in ("nan", "inf") else 4)
+    if m in ("nan", "inf"):
+        # Where every run reads (epochs 0-1 of every trajectory): a damaged snapshot no run reads is not an error.
+        i = rng.randrange(len(trajs[0][0]))
+        for tr in trajs:
+            for e in (0, 1):
+                tr[e][i] = _mutate_tensor(tr[e][i], m, rng)
+    elif m in TENSOR_MUTATIONS:
+        t, e = rng.randrange(2), rng.randrange(4)
         i = rng.randrange(len(trajs[t][e]))
         trajs[t][e][i] = _mutate_tensor(trajs[t][e][i], m, rng)
         if m in ("f64", "noncontig"):
@@ -322,7 +331,7 @@ def run_file_case(c):
     d.mkdir(parents=True)
     try:
         m = c["mutation"]
-        _usable["now"] = m in USABLE[c["target"]]
+        _usable["now"] = m in USABLE[c["target"]] or m in MAY_PASS
         if c["target"] in ("synthetic", "reference"):
             path = (make_synthetic if c["target"] == "synthetic" else make_reference_dir)(d, m, rng)
             if c["command"] == "eval":
