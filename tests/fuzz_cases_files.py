@@ -33,7 +33,7 @@ USABLE = {
 # The learned lr is one number: a 1-element tensor of any real dtype is still one.
 USABLE_LR = {"rank", "int", "f64", "bf16", "noncontig", "mixed_dtype", "delete"}
 # Flipped bits in a tensor's data leave a valid file with other values: any clean outcome.
-MAY_PASS = {"flip_bytes"}
+MAY_PASS = {"flip_bytes", "args_missing"}  # a missing arg whose default matches loads
 _usable = {"now": False}
 
 
