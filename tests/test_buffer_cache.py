@@ -149,23 +149,32 @@ def test_off_by_default_the_allocator_is_never_replaced():
     assert out == str([0, 0, 0, 0, 0, 0]), out
 
 
-def test_cli_opts_in_for_its_own_process():
-    out = _fresh_process(
+def test_cli_program_opts_in_for_its_own_process_and_main_does_not():
+    code = """
+        import os, sys
+        from haba_fast import cli
+        mode = sys.argv[1]
+        sys.argv = ["haba-fast", "info"]
+        if mode == "main":
+            cli.main(["info"])  # a library call inside someone else's process: no opt-in
+        else:
+            try:
+                cli.entry()
+            except SystemExit:
+                pass
+        print(os.environ.get("HABA_FAST_BUFFER_CACHE"))
         """
-        import os
-        from haba_fast.cli import main
-        main(["info"])
-        print(os.environ.get("HABA_FAST_BUFFER_CACHE"))
-        """,
-        {},
-    )
-    assert out == "1"
-    assert _fresh_process("""
-        import os
-        from haba_fast.cli import main
-        main(["info"])
-        print(os.environ.get("HABA_FAST_BUFFER_CACHE"))
-        """, {"HABA_FAST_BUFFER_CACHE": "0"}) == "0", "an explicit choice must win"
+    def out(mode, env):
+        full_env = {k: v for k, v in os.environ.items() if k != "HABA_FAST_BUFFER_CACHE"}
+        full_env.update(env)
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), mode], env=full_env, capture_output=True,
+                           text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    assert out("entry", {}) == "1"
+    assert out("entry", {"HABA_FAST_BUFFER_CACHE": "0"}) == "0", "an explicit choice must win"
+    assert out("main", {}) == "None"
 
 
 def test_other_threads_never_draw_from_the_cache(monkeypatch):
