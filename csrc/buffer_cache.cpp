@@ -16,10 +16,16 @@ namespace {
 
 constexpr size_t kMinCachedBytes = size_t(1) << 20;  // smaller blocks come from glibc's heap, not from mmap
 
+// Opt-in: the cache has to replace c10's process-wide CPU allocator, which a library should not do behind its
+// user's back. Off unless HABA_FAST_BUFFER_CACHE=1.
 bool cache_enabled() {
   const char* v = std::getenv("HABA_FAST_BUFFER_CACHE");
-  return !(v && std::string(v) == "0");
+  return v && std::string(v) == "1";
 }
+
+// Scopes alive on this thread: only the engine's own thread draws from the cache; every other thread of the
+// process (and the intra-op worker threads) is served by the replaced allocator exactly as before.
+thread_local int tl_scopes = 0;
 
 size_t cache_cap_bytes() {
   const char* v = std::getenv("HABA_FAST_BUFFER_CACHE_MB");
@@ -34,7 +40,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   explicit CachingCPUAllocator(c10::Allocator* base) : base_(base) {}
 
   c10::DataPtr allocate(size_t n) override {
-    if (scopes_.load(std::memory_order_acquire) == 0 || n < kMinCachedBytes) return base_->allocate(n);
+    if (tl_scopes == 0 || n < kMinCachedBytes) return base_->allocate(n);
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -90,12 +96,14 @@ class CachingCPUAllocator final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mu_);
     if (scopes_.load() == 0) cap_ = cache_cap_bytes();
     scopes_.fetch_add(1, std::memory_order_acq_rel);
+    ++tl_scopes;
   }
 
   void leave() {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      --tl_scopes;
       if (scopes_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
       for (auto& kv : free_) drop.insert(drop.end(), kv.second.begin(), kv.second.end());
       free_.clear();

@@ -6,13 +6,18 @@
 // the 2-core CI machine (1.03 s -> 0.75 s with huge pages, which cut the faults 512-fold). Reusing freed blocks
 // of the same size removes both costs, and the steps of one trajectory all have the same shapes.
 //
-// How: the first BufferCacheScope wraps c10's CPU allocator once (SetCPUAllocator). The wrapper passes every
-// allocation straight to the allocator it replaced, except, while at least one scope is alive (any thread),
-// blocks of at least kMinCachedBytes: those come from a free list of same-size blocks, and go back to it when
-// their tensor dies. When the last scope ends, the free lists are returned to the system, so memory held by the
-// cache never outlives an engine call. Blocks still in use at that point (returned tensors) are freed normally
-// later. HABA_FAST_BUFFER_CACHE=0 turns the cache off; HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free
-// (default 4096).
+// Opt-in (HABA_FAST_BUFFER_CACHE=1; off by default): ATen allocates the convolutions' outputs itself, so the
+// only way to reuse those blocks is to wrap c10's CPU allocator, which is process-wide, and a library must not
+// swap its user's allocator unasked. Off, no scope touches the allocator and the engine pays the page faults
+// (measured cost: docs/RESULTS.md, "Buffer reuse").
+//
+// How (when on): the first BufferCacheScope wraps c10's CPU allocator once (SetCPUAllocator). The wrapper passes
+// every allocation straight to the allocator it replaced, except blocks of at least kMinCachedBytes requested by
+// a thread inside a scope (the engine's own thread: other threads of the process never draw from the cache):
+// those come from a free list of same-size blocks, and go back to it when their tensor dies while a scope is
+// alive. When the last scope ends, the free lists are returned to the system, so memory held by the cache never
+// outlives an engine call. Blocks still in use at that point (returned tensors) are freed normally later.
+// HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096).
 #pragma once
 
 #include <cstdint>
@@ -32,7 +37,7 @@ class BufferCacheScope {
 };
 
 // Counters since the process started: {hits, misses, bytes kept free now, live cached blocks, scopes alive,
-// installed (0/1)}. For tests and `haba-fast info`.
+// installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on)}. For tests and `haba-fast info`.
 std::vector<int64_t> buffer_cache_stats();
 
 }  // namespace haba_fast

@@ -118,7 +118,21 @@ AugArgs prepare_aug(int64_t family, const at::Tensor& fp, const at::Tensor& ip, 
               "fparams must be [n, 4] with the dtype of x");
   HF_CHECK(ip.dim() == 2 && ip.size(0) == n && ip.size(1) == 4 && ip.scalar_type() == at::kLong,
               "iparams must be [n, 4] int64");
-  return AugArgs{family, fp.contiguous(), ip.contiguous()};
+  HF_CHECK(fp.device().is_cpu() && ip.device().is_cpu(), "fparams and iparams must be CPU tensors");
+  AugArgs a{family, fp.contiguous(), ip.contiguous()};
+  // The kernels turn these into indices: NaN/Inf coefficients (affine) or shifts near the int64 limits (crop)
+  // would overflow that arithmetic. haba_fast.ops never sends them (it clamps shifts to the image size and refuses
+  // non-finite parameters); these checks guard direct calls.
+  if (family == genaug_types::kAffine && n > 0)
+    HF_CHECK(at::isfinite(a.fp).all().item<bool>(), "fparams of the affine family must be finite (NaN or Inf found)");
+  if (family == genaug_types::kCrop && n > 0) {
+    const int64_t* p = a.ip.data_ptr<int64_t>();
+    constexpr int64_t kMaxShift = int64_t(1) << 40;
+    for (int64_t s = 0; s < n; ++s)
+      HF_CHECK(p[4 * s] > -kMaxShift && p[4 * s] < kMaxShift && p[4 * s + 1] > -kMaxShift && p[4 * s + 1] < kMaxShift,
+               "crop shifts must lie in (-2^40, 2^40), got (", p[4 * s], ", ", p[4 * s + 1], ") for sample ", s);
+  }
+  return a;
 }
 
 // out[g, :] = sum over samples s with seg[s] == g of part[s, :]  (out pre-zeroed). Two-stage reduction, stage 2.

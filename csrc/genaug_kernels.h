@@ -220,11 +220,13 @@ inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, 
 template <typename T>
 inline void affine_taps(const AugDims& d, const T* fp, int64_t* idx, T* wt) {
   const int64_t H = d.H, W = d.W;
+  // Normalized base grid as affine_grid(align_corners=True) makes it: -1 .. 1, and 0 for a size-1 axis.
   const T sx = W > 1 ? T(2) / T(W - 1) : T(0), sy = H > 1 ? T(2) / T(H - 1) : T(0);
+  const T ox = W > 1 ? T(-1) : T(0), oy = H > 1 ? T(-1) : T(0);
   for (int64_t i = 0; i < H; ++i) {
-    const T yn = T(-1) + sy * T(i);
+    const T yn = oy + sy * T(i);
     for (int64_t j = 0; j < W; ++j) {
-      const T xn = T(-1) + sx * T(j);
+      const T xn = ox + sx * T(j);
       const T gxv = fp[0] * xn + fp[1] * yn;
       const T gyv = fp[2] * xn + fp[3] * yn;
       const T ix = (gxv + T(1)) / T(2) * T(W - 1);

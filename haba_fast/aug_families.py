@@ -256,7 +256,9 @@ class Crop(AugFamily):
         return _shift_axis(_shift_axis(x, p.values["tx"], 2), p.values["ty"], 3)
 
     def encode(self, p, H, W, fp, ip):
-        ip[:, 0], ip[:, 1] = p.values["tx"], p.values["ty"]
+        # A shift of the image size or more empties the image either way; clamping keeps the kernels' index
+        # arithmetic far from int64 overflow for absurd shifts.
+        ip[:, 0], ip[:, 1] = p.values["tx"].clamp(-H, H), p.values["ty"].clamp(-W, W)
         return KernelCode.CROP
 
     def apply_research(self, x, p):

@@ -45,7 +45,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from haba_fast.io import atomic_path, atomic_torch_save, atomic_write_text, check_writable, remove_temp_files
+from haba_fast.io import (
+    atomic_path,
+    atomic_torch_save,
+    atomic_write_text,
+    check_writable,
+    remove_temp_files,
+    torch_load,
+)
 from haba_fast.training import DEFAULT_DSA_STRATEGY, EpochStats, train_network
 
 PathLike = Union[str, os.PathLike]
@@ -188,7 +195,11 @@ class ExpertBuffer:
         """Flat parameters of trajectory ``traj`` after ``epoch`` epochs (0 = init): float32 ``[P]``."""
         traj, epoch = int(traj), int(epoch)
         self._check_index(traj, epoch)
-        return self._read(traj, epoch)
+        w = self._read(traj, epoch)
+        if not bool(torch.isfinite(w).all()):  # a diverged expert would make every matching loss NaN
+            raise ValueError(f"expert buffer {self.path}: trajectory {traj} snapshot {epoch} contains NaN or Inf (a "
+                             "diverged or damaged expert; retrain it or remove it from the buffer)")
+        return w
 
     def trajectory(self, traj: int) -> Tensor:
         """All snapshots of one trajectory: float32 ``[num_epochs + 1, P]``."""
@@ -260,9 +271,25 @@ class MemmapExpertBuffer(ExpertBuffer):
             self.num_epochs = int(header["num_epochs"])
             self.storage_dtype = _STORAGE_DTYPES[header["dtype"]]
             files = [t["file"] for t in header["trajectories"]]
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"expert buffer header {self.path} is missing or has a bad field: {exc}") from exc
-        self.param_shapes = [tuple(s) for s in header["param_shapes"]] if header.get("param_shapes") else None
+        if self.num_params < 1 or self.num_epochs < 1:
+            raise ValueError(f"expert buffer header {self.path}: num_params ({self.num_params}) and num_epochs "
+                             f"({self.num_epochs}) must be >= 1")
+        for f in files:
+            # The header names files beside it; anything else (a path, '..') would read outside the buffer.
+            if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+                raise ValueError(f"expert buffer header {self.path}: trajectory file {f!r} is not a plain file name "
+                                 "in the buffer's directory")
+        try:
+            shapes = header.get("param_shapes")
+            self.param_shapes = [tuple(int(d) for d in s) for s in shapes] if shapes else None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"expert buffer header {self.path}: bad param_shapes {shapes!r} ({exc})") from exc
+        if self.param_shapes is not None and sum(math.prod(s) for s in self.param_shapes) != self.num_params:
+            raise ValueError(f"expert buffer header {self.path}: param_shapes hold "
+                             f"{sum(math.prod(s) for s in self.param_shapes)} parameters, num_params says "
+                             f"{self.num_params}")
         self.model = header.get("model")
         self.dataset = header.get("dataset")
         if not files:
@@ -327,6 +354,9 @@ class ReferenceExpertBuffer(ExpertBuffer):
                 for si, snap in enumerate(traj):
                     if not isinstance(snap, (list, tuple)) or not all(isinstance(p, Tensor) for p in snap):
                         raise ValueError(f"expert buffer {f}: trajectory {ti} snapshot {si} is not a list of tensors")
+                    if not all(p.is_floating_point() for p in snap):
+                        raise ValueError(f"expert buffer {f}: trajectory {ti} snapshot {si} holds non-floating "
+                                         f"tensors ({sorted({str(p.dtype) for p in snap})}); expected network weights")
                     snap_shapes = [tuple(p.shape) for p in snap]
                     if shapes is None:
                         shapes = snap_shapes
@@ -360,18 +390,9 @@ class ReferenceExpertBuffer(ExpertBuffer):
         if fi in self._cache:
             return self._cache[fi]
         f = self._files[fi]
-        if not f.exists():
-            raise FileNotFoundError(f"expert buffer file {f} not found")
-        try:
-            # mmap: a replay buffer of CIFAR experts is ~0.6 GB; only the snapshots read are paged in.
-            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mmapped: retry plainly below
-            try:
-                obj = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise ValueError(
-                    f"expert buffer {f} is corrupt or not a torch file ({type(exc).__name__}: {exc})"
-                ) from exc
+        # weights_only (torch_load's default): a replay buffer is someone else's pickle. mmap: a replay buffer of
+        # CIFAR experts is ~0.6 GB; only the snapshots read are paged in.
+        obj = torch_load(f, what="expert buffer", mmap=True)
         if not isinstance(obj, (list, tuple)):
             raise ValueError(  # noqa: TRY004 - bad file content, not a bad argument
                 f"expert buffer {f} is not a reference replay buffer (a list of trajectories), got {type(obj).__name__}"
@@ -609,11 +630,11 @@ class _ReferenceWriter:
         for name in progress["pending"]:
             path = out_dir / name
             try:
-                traj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:  # any unreadable file means the same thing here
+                traj = torch_load(path, what="finished expert")
+            except (FileNotFoundError, ValueError) as exc:  # any unreadable file means the same thing here
                 raise ValueError(
-                    f"expert progress {out_dir / PROGRESS_NAME} lists the finished expert {path}, which is missing or "
-                    f"corrupt ({type(exc).__name__}); delete {PROGRESS_NAME} to start over"
+                    f"expert progress {out_dir / PROGRESS_NAME} lists the finished expert {path}, which is missing, "
+                    f"corrupt or unsafe ({exc}); delete {PROGRESS_NAME} to start over"
                 ) from exc
             self.pending.append(traj)
         flushing = progress.get("flushing")

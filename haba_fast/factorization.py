@@ -772,7 +772,7 @@ class HaBa(_Synthetic):
         if lr is not None:
             paths.append(d / names["lr"])
             # float64 keeps the Python float exact
-            hio.atomic_torch_save(torch.tensor(_lr_value(lr), dtype=torch.float64), paths[2])
+            hio.atomic_torch_save(torch.tensor(_lr_value(lr, positive=False), dtype=torch.float64), paths[2])
         return paths + self._write_soft_labels(d, it)
 
     @classmethod
@@ -801,12 +801,25 @@ def reference_file_names(it: int | str = "best") -> dict[str, str]:
     return {"images": f"images_{it}.pt", "styles": styles, "labels": f"labels_{it}.pt", "lr": f"syn_lr_{it}.pt"}
 
 
+def _check_float_values(t: Tensor, what: str) -> None:
+    """A file's parameters: a real floating dtype and finite values (a damaged or diverged file otherwise)."""
+    if not t.is_floating_point():
+        raise ValueError(f"{what} has dtype {t.dtype}, expected a floating-point tensor")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{what} contains NaN or Inf (did the run that wrote it diverge?)")
+
+
 def _load_tensor(x, what: str) -> Tensor:
     if isinstance(x, (str, os.PathLike)):
         path = x
         x = hio.torch_load(path, what=f"{what} file")
         if not isinstance(x, Tensor):
             raise ValueError(f"{what} file {path} holds a {type(x).__name__}, expected one tensor")
+        if "labels" in what:
+            if x.dtype != torch.int64:
+                raise ValueError(f"{what} file {path} has dtype {x.dtype}, expected int64 labels")
+        else:
+            _check_float_values(x, f"{what} file {path}")
     if not isinstance(x, Tensor):
         raise TypeError(f"{what} must be a tensor or a path, got {type(x).__name__}")
     if not x.dtype.is_floating_point and "labels" not in what:
@@ -814,15 +827,22 @@ def _load_tensor(x, what: str) -> Tensor:
     return x.detach().cpu()
 
 
-def _lr_value(lr) -> float:
+def _lr_value(lr, *, positive: bool = True) -> float:
+    """One finite number from a float, a 1-element tensor or a file (``positive``: and > 0, as a file must hold)."""
+    where = ""
     if isinstance(lr, (str, os.PathLike)):
+        where = f" (file {lr})"
         lr = hio.torch_load(lr, what="learned lr file")
     if isinstance(lr, Tensor):
+        if lr.dtype == torch.bool or lr.is_complex():
+            raise ValueError(f"learned lr must be a real number, got a {lr.dtype} tensor{where}")
         if lr.numel() != 1:
-            raise ValueError(f"learned lr must be a single number, got a tensor of shape {list(lr.shape)}")
+            raise ValueError(f"learned lr must be a single number, got a tensor of shape {list(lr.shape)}{where}")
         lr = lr.item()
-    if not isinstance(lr, (int, float)):
-        raise ValueError(f"learned lr must be a number, got {type(lr).__name__}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+        raise ValueError(f"learned lr must be a number, got {type(lr).__name__}{where}")
+    if not math.isfinite(lr) or (positive and lr <= 0):
+        raise ValueError(f"learned lr must be a finite number{' > 0' if positive else ''}, got {lr}{where}")
     return float(lr)
 
 
@@ -838,6 +858,7 @@ def _parse_styles(styles: Mapping[str, Any], what: str) -> dict[str, Tensor]:
                              f"{{i}}.{', {i}.'.join(_HALL_FIELDS)}")
         if not isinstance(value, Tensor):
             raise ValueError(f"{what}: {key!r} is a {type(value).__name__}, expected a tensor")
+        _check_float_values(value, f"{what}: {key!r}")
         found.setdefault(int(m.group(1)), {})[m.group(2)] = value.detach().cpu()
     if not found:
         raise ValueError(f"{what}: no hallucinator keys ({{i}}.enc.weight, ...) found; is this a styles_<it>.pt / "
@@ -904,6 +925,52 @@ def _load_reference_dir(directory: PathLike, it, num_classes: int | None, want: 
                             "(pixels); pass num_classes to read the images as pixels")
 
 
+_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _check_state(kind: str, args: Mapping[str, Any], state: Mapping[str, Any], path: Path) -> None:
+    """Refuse damaged tensors, and args that disagree with them, before anything is allocated from ``args``.
+
+    The file is someone else's: ``args`` are only trusted once the tensors it describes are there, so a damaged
+    ``num_classes=10**12`` cannot make the constructor allocate terabytes.
+    """
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, Tensor):
+            raise ValueError(f"{path}: state_dict entry {k!r} is a {type(v).__name__}, expected a tensor")
+        if k == "labels":
+            if v.dtype != torch.int64:
+                raise ValueError(f"{path}: 'labels' must be int64, got {v.dtype}")
+            continue
+        if not v.is_floating_point():
+            raise ValueError(f"{path}: state_dict entry {k!r} has dtype {v.dtype}, expected a floating dtype")
+        if not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{path}: state_dict entry {k!r} contains NaN or Inf (did the run that wrote it diverge?)")
+    main, fields = ("bases", ("num_classes", "bpc", "base_channels")) if kind == "haba" else \
+        ("images", ("num_classes", "ipc", "channels"))
+    t = state.get(main)
+    if t is None:
+        raise ValueError(f"{path}: state_dict lacks {main!r}")
+    try:
+        K, per, ch = (int(args[f]) if f != "base_channels" or args.get(f) is not None else int(args["channels"])
+                      for f in fields)
+        H, W = _pair(args["im_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: bad constructor args {dict(args)} ({type(exc).__name__}: {exc})") from exc
+    if t.dim() != 4 or tuple(t.shape) != (K * per, ch, H, W):
+        raise ValueError(f"{path}: {main!r} has shape {list(t.shape)}, which does not match its args {dict(args)} "
+                         f"(they describe {[K * per, ch, H, W]})")
+    if kind == "haba":
+        ew = state.get("enc_weight")
+        try:
+            Hn, k, C = int(args.get("n_hallucinators", 5)), int(args.get("kernel_size", 3)), int(args["channels"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: bad constructor args {dict(args)} ({type(exc).__name__}: {exc})") from exc
+        if ew is None or tuple(ew.shape) != (Hn, C, ch, k, k):
+            raise ValueError(f"{path}: 'enc_weight' has shape {None if ew is None else list(ew.shape)}, which does "
+                             f"not match its args {dict(args)} (they describe {[Hn, C, ch, k, k]})")
+
+
 def _from_payload(payload: Mapping[str, Any], path: Path):
     kind = payload.get("kind")
     args = payload.get("args")
@@ -911,20 +978,33 @@ def _from_payload(payload: Mapping[str, Any], path: Path):
     if not isinstance(args, Mapping) or not isinstance(state, Mapping):
         raise ValueError(f"{path}: a {FORMAT} file needs 'args' and 'state_dict' entries (file damaged?)")
     classes = {"haba": HaBa, "pixels": Pixels}
-    if kind not in classes:
+    if not isinstance(kind, str) or kind not in classes:
         raise ValueError(f"{path}: unknown synthetic-set kind {kind!r} (expected 'haba' or 'pixels')")
+    dtype_name = payload.get("dtype", "float32")
+    dtype = _FLOAT_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise ValueError(f"{path}: dtype entry {dtype_name!r} is not one of {', '.join(_FLOAT_DTYPES)}")
+    meta = payload.get("meta") or {}
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{path}: 'meta' must be a dict, got {type(meta).__name__}")
+    _check_state(kind, args, state, path)
     try:
         obj = classes[kind](**dict(args))
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: bad constructor args {dict(args)} ({exc})") from exc
-    dtype = getattr(torch, str(payload.get("dtype", "float32")), None)
-    if isinstance(dtype, torch.dtype):
-        obj.to(dtype)
+    obj.to(dtype)
     try:
         obj.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
         raise ValueError(f"{path}: state dict does not match its args ({exc})") from exc
-    obj.meta = dict(payload.get("meta") or {})
+    if kind == "pixels" and not torch.equal(obj.labels, torch.arange(obj.num_classes).repeat_interleave(obj.ipc)):
+        raise ValueError(f"{path}: 'labels' must be each class 0..{obj.num_classes - 1} repeated ipc={obj.ipc} times")
+    obj.meta = dict(meta)
+    if "lr" in obj.meta and obj.meta["lr"] is not None:
+        try:
+            obj.meta["lr"] = _lr_value(obj.meta["lr"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: meta 'lr': {exc}") from exc
     return obj
 
 

@@ -109,6 +109,12 @@ def _chain(params) -> List:
     for p in chain:
         if not (hasattr(p, "family") and hasattr(p, "values") and hasattr(p, "n")):
             raise TypeError(f"augment: params must be an AugParams or a list/tuple of them, got {type(p).__name__}")
+    floats = [(p.family, k, v) for p in chain for k, v in p.values.items() if v.is_floating_point() and v.numel()]
+    # One host read for the whole chain. A NaN/Inf parameter would make the kernels' bilinear taps fall outside
+    # the image and silently give zeros (the reference gives NaN): refuse it instead.
+    if floats and not bool(torch.stack([torch.isfinite(v).all().to(floats[0][2].device) for _, _, v in floats]).all()):
+        bad = [f"{fam}.{k}" for fam, k, v in floats if not bool(torch.isfinite(v).all())]
+        raise ValueError(f"augment: parameters {', '.join(bad)} contain NaN or Inf (sample them from finite ranges)")
     return chain
 
 

@@ -83,8 +83,9 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
             m = offs < HW
             i = offs // W
             j = offs % W
-            xn = -1.0 + (2.0 * j.to(DT)) / (W - 1)
-            yn = -1.0 + (2.0 * i.to(DT)) / (H - 1)
+            # affine_grid's base grid: -1 .. 1, and 0 on a size-1 axis (W - 1 = 0 must not divide).
+            xn = tl.where(W > 1, -1.0 + (2.0 * j.to(DT)) / tl.maximum(W - 1, 1), 0.0)
+            yn = tl.where(H > 1, -1.0 + (2.0 * i.to(DT)) / tl.maximum(H - 1, 1), 0.0)
             ix = (t00 * xn + t01 * yn + 1.0) / 2.0 * (W - 1)
             iy = (t10 * xn + t11 * yn + 1.0) / 2.0 * (H - 1)
             fx = tl.floor(ix)

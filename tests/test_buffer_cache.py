@@ -2,11 +2,16 @@
 
 The cache only changes where large activations live, so a trajectory computed with it must equal the one computed
 without it bit for bit; a kernel that read memory it never wrote would differ between fresh zeroed pages (cache off)
-and recycled dirty blocks (cache on).
+and recycled dirty blocks (cache on). It is opt-in (HABA_FAST_BUFFER_CACHE=1; the CLI sets it for its own process):
+off, the process-wide CPU allocator is never replaced; on, only the engine's own thread draws from it.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -75,7 +80,8 @@ def test_blocks_are_reused_within_a_call_and_released_after(monkeypatch):
 
 def test_disabled_cache_does_not_reuse(monkeypatch):
     args = problem()
-    run(*args)  # installs the wrapper (if the cache is on by default) so that the counters exist
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    run(*args)  # installs the wrapper so that the counters exist
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     before = stats()
     run(*args)
@@ -116,4 +122,93 @@ def test_concurrent_calls_from_two_threads_give_the_same_results(monkeypatch):
     for e, g in zip(expected, got):
         for a, b in zip(e, g):
             assert torch.equal(a, b)
+    assert stats()[FREE_BYTES] == 0 and stats()[SCOPES] == 0
+
+
+def _fresh_process(code: str, env: dict) -> str:
+    full_env = {k: v for k, v in os.environ.items() if k != "HABA_FAST_BUFFER_CACHE"}
+    full_env.update(env)
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full_env, cwd=here, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_off_by_default_the_allocator_is_never_replaced():
+    """A library call with no opt-in leaves c10's CPU allocator alone (a fresh process: nothing installed yet)."""
+    out = _fresh_process(
+        """
+        import torch, test_buffer_cache as t
+        args = t.problem()
+        t.run(*args)
+        print(list(torch.ops.haba_fast.buffer_cache_stats()))
+        """,
+        {},
+    )
+    assert out == str([0, 0, 0, 0, 0, 0]), out
+
+
+def test_cli_program_opts_in_for_its_own_process_and_main_does_not():
+    code = """
+        import os, sys
+        from haba_fast import cli
+        mode = sys.argv[1]
+        sys.argv = ["haba-fast", "info"]
+        if mode == "main":
+            cli.main(["info"])  # a library call inside someone else's process: no opt-in
+        else:
+            try:
+                cli.entry()
+            except SystemExit:
+                pass
+        print(os.environ.get("HABA_FAST_BUFFER_CACHE"))
+        """
+    def out(mode, env):
+        full_env = {k: v for k, v in os.environ.items() if k != "HABA_FAST_BUFFER_CACHE"}
+        full_env.update(env)
+        r = subprocess.run([sys.executable, "-c", textwrap.dedent(code), mode], env=full_env, capture_output=True,
+                           text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.strip().splitlines()[-1]
+
+    assert out("entry", {}) == "1"
+    assert out("entry", {"HABA_FAST_BUFFER_CACHE": "0"}) == "0", "an explicit choice must win"
+    assert out("main", {}) == "None"
+
+
+def test_other_threads_never_draw_from_the_cache(monkeypatch):
+    """While an engine call runs on one thread, large tensors made by another thread are not cached blocks."""
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    args = problem()
+    run(*args)  # installed
+    done = threading.Event()
+    errors = []
+
+    def engine():
+        try:
+            for _ in range(3):
+                run(*args)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    th = threading.Thread(target=engine)
+    live_before = stats()[LIVE]
+    kept, overlapped = [], 0
+    th.start()
+    while not done.is_set():
+        t = torch.ones(2 << 20, dtype=torch.uint8)  # 2 MiB: over the cache's threshold
+        if stats()[SCOPES] > 0:
+            overlapped += 1
+            kept.append(t)
+            kept = kept[-16:]
+        done.wait(0.001)
+    th.join()
+    assert not errors, errors
+    assert overlapped > 0, "the main thread never allocated while the engine ran"
+    # Everything the engine allocated is freed (or returned); the main thread's tensors are still alive, and none
+    # of them was counted as a cached block.
+    assert stats()[LIVE] == live_before, (stats(), live_before)
     assert stats()[FREE_BYTES] == 0 and stats()[SCOPES] == 0

@@ -1,0 +1,324 @@
+"""Fuzz case runners for the public ops and the engine op (run inside tests/fuzz_harness.py's child process).
+
+Each runner takes a plain dict (drawn by hypothesis in tests/test_fuzz_ops.py), builds the inputs from it, runs the
+op and either checks the result against the plain-PyTorch oracle (AssertionError on a mismatch) or lets the op's
+exception through for the harness to classify. A case that corrupts an input says so (``case["bad"]``): then the op
+must raise, and a result is a failure too (a bad input accepted silently).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from haba_fast import _reference, ops
+from haba_fast._ext import extension_available
+from haba_fast.augment import AugParams
+
+DTYPES = {"f32": torch.float32, "f64": torch.float64}
+TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1e30, "tiny": 1e-40}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(int(seed))
+
+
+def _poison(t: torch.Tensor, special: str | None, g) -> torch.Tensor:
+    """Put a special value at one random position of ``t`` (a copy)."""
+    if special is None or t.numel() == 0:
+        return t
+    t = t.clone()
+    i = int(torch.randint(t.numel(), (1,), generator=g))
+    t.view(-1)[i] = SPECIAL[special]
+    return t
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool = False,
+           values: bool = True) -> None:
+    """``out`` equals ``ref`` within the dtype's tolerance, non-finite exactly where ``ref`` is.
+
+    special (NaN/Inf among the inputs): the fused kernels multiply zero-weight taps instead of skipping them, so
+    0 * NaN may spread a NaN further than the reference does; and they write cutout's hole as 0 where the
+    reference multiplies by a 0 mask (0 * NaN = NaN). So where ``ref`` is non-finite, ``out`` must be non-finite
+    or exactly 0 (an erased or zero-weight value, never a made-up number); equal where both are finite.
+    values=False (augmentation parameters of 1e30): the kernels fold a family into a few coefficients, whose
+    products of such magnitudes cancel differently from the reference's step-by-step arithmetic; only the
+    structure (shape, dtype, no hidden NaN) is compared.
+    """
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != reference {ref.dtype}"
+    o, r = out.detach().double(), ref.detach().double()
+    fin_r, fin_o = torch.isfinite(r), torch.isfinite(o)
+    if special:
+        hidden = fin_o & ~fin_r & (o != 0)
+        assert not hidden.any(), f"{what}: nonzero finite values where the reference is NaN/Inf (hidden)"
+    else:
+        assert torch.equal(fin_o, fin_r), f"{what}: non-finite values differ from the reference's"
+    both = fin_o & fin_r
+    if values and both.any():
+        scale = max(float(r[both].abs().max()), 1.0)
+        err = float((o[both] - r[both]).abs().max())
+        assert err <= TOL.get(dtype, 1e-2) * scale * 10, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+# ---- generate / generate_augment ---------------------------------------------------------------------------------
+def _gen_inputs(c):
+    g = _gen(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    n, M, cb, C, H, W, k, Hn = (c[x] for x in ("n", "M", "cb", "C", "H", "W", "k", "Hn"))
+    Ho, Wo = max(H - k + 1, 0), max(W - k + 1, 0)
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    ts = [t(M, cb, H, W), t(Hn, C, cb, k, k, scale=0.3), t(Hn, C), 1.0 + t(Hn, C, Ho, Wo, scale=0.1),
+          t(Hn, C, Ho, Wo, scale=0.1), t(Hn, C, C, k, k, scale=0.3), t(Hn, C)]
+    bidx = torch.randint(0, max(M, 1), (n,), generator=g)
+    hidx = torch.randint(0, max(Hn, 1), (n,), generator=g)
+    if c.get("special"):
+        which = int(torch.randint(len(ts), (1,), generator=g))
+        ts[which] = _poison(ts[which], c["special"], g)
+    if c.get("noncontig"):
+        ts = [x.transpose(-1, -2).contiguous().transpose(-1, -2) if x.dim() >= 2 else x for x in ts]
+    bad = c.get("bad")
+    if bad in ("base_oob", "hall_oob", "negative_idx") and not n:
+        bad = None  # nothing to corrupt in an empty batch
+    if bad == "params_n" and not c.get("aug") or bad == "bf16" and c["backend"] == "torch":
+        bad = None  # not a bad input there: the torch backend takes any floating dtype
+    if bad == "dec_shape" and Hn == C and k == 0:
+        bad = None
+    if bad is None and (k > H or k > W):
+        bad = "kernel_too_big"
+    if bad == "base_oob" and n:
+        bidx[int(torch.randint(n, (1,), generator=g))] = M + int(torch.randint(0, 1000, (1,), generator=g))
+    elif bad == "hall_oob" and n:
+        hidx[0] = Hn
+    elif bad == "negative_idx" and n:
+        bidx[0] = -1
+    elif bad == "float_idx":
+        bidx = bidx.double()
+    elif bad == "int32_idx":  # allowed: cast to int64
+        bidx = bidx.int()
+    elif bad == "2d_idx":
+        bidx = bidx.view(n, 1)
+    elif bad == "len_mismatch":
+        hidx = torch.cat([hidx, hidx[:1] if n else torch.zeros(1, dtype=torch.int64)])
+    elif bad == "scale_shape":
+        ts[3] = ts[3][..., :-1] if ts[3].shape[-1] > 0 else torch.ones(*ts[3].shape[:-1], 1, dtype=dtype)
+    elif bad == "dec_shape":
+        ts[5] = ts[5].transpose(0, 1) if Hn != C else ts[5][:, :, :, :, :0]
+    elif bad == "enc_rank":
+        ts[1] = ts[1][0]
+    elif bad == "dtype_mix":
+        ts[2] = ts[2].to(torch.float32 if dtype == torch.float64 else torch.float64)
+    elif bad == "bf16":
+        ts = [x.to(torch.bfloat16) for x in ts]
+    elif bad == "int_bases":
+        ts[0] = ts[0].round().to(torch.int64)
+    elif bad == "list_arg":
+        ts[0] = ts[0].tolist()
+    return ts, bidx, hidx, dtype, bad
+
+
+def _aug_params(c, n, H, W, g):
+    """A chain of AugParams from c["families"] with values from c["values"] mode (normal or extreme)."""
+    chain = []
+    extreme = c.get("extreme", False)
+    for fam in c["families"]:
+        def f(lo, hi):
+            x = torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo
+            if extreme and n:
+                x[0] = SPECIAL[c.get("special_aug", "huge")] * (1 if hi > 0 else -1)
+            return x.float() if c.get("aug_f32") else x
+
+        def i(lo, hi):
+            return torch.randint(lo, hi + 1, (n,), generator=g)
+
+        if fam == "color":
+            chain.append(AugParams.color(f(0, 1), f(0, 1), f(0, 1)))
+        elif fam == "crop":
+            span = 10**12 if extreme else max(H, W) + 2
+            chain.append(AugParams.crop(i(-span, span), i(-span, span)))
+        elif fam == "cutout":
+            span = 10**12 if extreme else max(H, W) + 2
+            chain.append(AugParams.cutout(i(-span, span), i(-span, span)))
+        elif fam == "flip":
+            chain.append(AugParams.flip(f(0, 1)))
+        elif fam == "scale":
+            chain.append(AugParams.scale(f(-2, 3), f(-2, 3)))
+        elif fam == "rotate":
+            chain.append(AugParams.rotate(f(-4, 4)))
+        else:
+            chain.append(AugParams.identity(n))
+    if c.get("bad") == "params_n" and chain:
+        chain[0] = chain[0][: max(n - 1, 0)] if n else AugParams.identity(1)
+    return chain
+
+
+def _grads(out, ins, g):
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    live = [x for x in ins if x.requires_grad]
+    return torch.autograd.grad(out, live, gy, allow_unused=True)
+
+
+def run_generate(c):
+    """ops.generate or ops.generate_augment (c["aug"]) on c["backend"] vs the reference, values and gradients."""
+    ts, bidx, hidx, dtype, bad = _gen_inputs(c)
+    bad = bad if bad != "int32_idx" else None
+    g = _gen(c["seed"] + 1)
+    chain = _aug_params(c, c["n"], c["H"], c["W"], g) if c.get("aug") else None
+    want_grad = not bad and not c.get("special")
+    mine = [x.detach().clone().requires_grad_(want_grad) if isinstance(x, torch.Tensor) else x for x in ts]
+    if chain is None:
+        out = ops.generate(*mine, bidx, hidx, backend=c["backend"])
+    else:
+        out = ops.generate_augment(*mine, bidx, hidx, chain, backend=c["backend"])
+    assert not bad, f"bad input {bad!r} was accepted (output shape {tuple(out.shape)})"
+    theirs = [x.detach().clone().requires_grad_(want_grad) for x in ts]
+    ref = _reference.generate_reference(*theirs, bidx.long(), hidx.long())
+    if chain is not None:
+        ref = _reference.augment_reference(ref, chain)
+    _close(out, ref, "output", dtype, special=bool(c.get("special")) or bool(c.get("extreme")),
+           values=not c.get("extreme"))
+    if want_grad and out.numel():
+        for i, (a, b) in enumerate(zip(_grads(out, mine, _gen(3)), _grads(ref, theirs, _gen(3)))):
+            if a is None or b is None:
+                assert (a is None or not a.any()) and (b is None or not b.any()), f"grad {i}: one side missing"
+                continue
+            _close(a, b, f"grad of input {i}", dtype)
+    return list(out.shape)
+
+
+def run_augment(c):
+    """ops.augment on c["backend"] vs the reference (values, and the gradient for finite inputs)."""
+    g = _gen(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    n, C, H, W = c["n"], c["C"], c["H"], c["W"]
+    x = torch.randn(n, C, H, W, generator=g, dtype=torch.float64).to(dtype)
+    x = _poison(x, c.get("special"), g)
+    bad = c.get("bad")
+    chain = _aug_params(c, n, H, W, g)
+    if bad == "int_images":
+        x = (x * 10).round().to(torch.int64)
+    elif bad == "bf16_images" and c["backend"] != "torch":
+        x = x.to(torch.bfloat16)
+    elif bad == "rank3":
+        x = x[0] if n else torch.zeros(C, H, W, dtype=dtype)
+    elif bad == "not_params":
+        chain = [{"family": "flip"}]
+    if c.get("noncontig") and x.dim() == 4:
+        x = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    params = chain if len(chain) != 1 else chain[0]
+    want_grad = not bad and not c.get("special") and not c.get("extreme")
+    xa = x.detach().clone().requires_grad_(want_grad and x.is_floating_point())
+    out = ops.augment(xa, params, backend=c["backend"])
+    assert bad in (None, "bf16_images"), f"bad input {bad!r} was accepted (output shape {tuple(out.shape)})"
+    xb = x.detach().clone().requires_grad_(xa.requires_grad)
+    ref = _reference.augment_reference(xb, params)
+    _close(out, ref, "output", x.dtype if x.dtype in TOL else torch.float32,
+           special=bool(c.get("special")) or bool(c.get("extreme")), values=not c.get("extreme"))
+    if xa.requires_grad and out.numel():
+        (ga,), (gb,) = _grads(out, [xa], _gen(3)), _grads(ref, [xb], _gen(3))
+        _close(ga if ga is not None else torch.zeros_like(xa), gb if gb is not None else torch.zeros_like(xb),
+               "grad", dtype)
+    return list(out.shape)
+
+
+# ---- raw C++ ops (torch.ops.haba_fast.*): memory safety on direct calls ------------------------------------------
+def run_raw_genaug(c):
+    """Direct calls of the C++ augment/generate ops with arbitrary codes and parameter rows: no crash."""
+    assert extension_available(), "the C++ extension did not load"
+    g = _gen(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    n, C, H, W = c["n"], c["C"], c["H"], c["W"]
+    x = torch.randn(n, C, H, W, generator=g, dtype=dtype)
+    fp = (torch.randn(n, 4, generator=g, dtype=torch.float64) * c["fscale"]).to(dtype)
+    fp = _poison(fp, c.get("special"), g)
+    ip = torch.randint(-c["ispan"], c["ispan"] + 1, (n, 4), generator=g)
+    if c.get("imax") and n:
+        ip[0, int(torch.randint(4, (1,), generator=g))] = c["imax"]
+    op = torch.ops.haba_fast.augment_backward if c.get("adjoint") else torch.ops.haba_fast.augment
+    out = op(x, c["family"], fp, ip)
+    assert out.shape == x.shape
+    return list(out.shape)
+
+
+run_raw_genaug.ALLOWED = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+# ---- the engine op -----------------------------------------------------------------------------------------------
+def run_engine(c):
+    """torch.ops.haba_fast.trajectory_match (exact/first-order) vs the autograd naive engine, or a clean error."""
+    from haba_fast.adjoint import cpp_spec, get_adjoint_engine
+    from haba_fast.models import ConvNetSpec, build_convnet
+    from haba_fast.trajectory import get_engine
+
+    assert extension_available(), "the C++ extension did not load"
+    g = _gen(c["seed"])
+    dtype = DTYPES[c["dtype"]]
+    im = c["im"]
+    width = 4 * c["width"] if c["norm"] == "groupnorm" else c["width"]  # groupnorm: 4 groups
+    net = build_convnet(ConvNetSpec(c["channel"], c["classes"], width, c["depth"], c["norm"], c["act"],
+                                    c["pool"], (im, im)), _gen(c["seed"]), dtype=dtype)
+    spec = list(cpp_spec(net))
+    P = sum(p.numel() for p in net.parameters())
+    N, B = c["N"], c["B"]
+    X = torch.randn(N, B, c["channel"], c["im"], c["im"], generator=g, dtype=torch.float64).to(dtype)
+    Y = torch.randint(0, c["classes"], (N, B), generator=g)
+    w_start = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    w_target = w_start + 0.05 * torch.randn(P, generator=g, dtype=torch.float64).to(dtype)
+    lr = torch.tensor(c["lr"], dtype=dtype)
+    bad = c.get("bad")
+    if bad == "label_oob":
+        Y[0, 0] = c["classes"] + 3
+    elif bad == "label_neg":
+        Y[0, 0] = -1
+    elif bad == "P_mismatch":
+        w_start = w_start[:-1]
+    elif bad == "X_rank":
+        X = X[0]
+    elif bad == "X_channels":
+        X = X[:, :, :1].expand(-1, -1, c["channel"] + 1, -1, -1).contiguous()
+    elif bad == "spec_depth":
+        spec[3] = 9
+    elif bad == "spec_norm":
+        spec[4] = 17
+    elif bad == "spec_negative":
+        spec[2] = -4
+    elif bad == "spec_short":
+        spec = spec[:5]
+    elif bad == "Y_float":
+        Y = Y.double()
+    elif bad == "mixed_dtype":
+        w_target = w_target.to(torch.float32 if dtype == torch.float64 else torch.float64)
+    elif bad == "same_target":
+        w_target = w_start.clone()
+    elif bad == "nan_X":
+        X = _poison(X, "nan", g)
+    elif bad == "inf_w":
+        w_start = _poison(w_start, "inf", g)
+    elif bad == "nan_lr":
+        lr = torch.tensor(math.nan, dtype=dtype)
+    elif bad == "empty_batch":
+        X, Y = X[:, :0], Y[:, :0]
+    elif bad == "zero_steps":
+        X, Y = X[:0], Y[:0]
+    Xa = X.clone().requires_grad_(X.is_floating_point())
+    lra = lr.clone().requires_grad_(True)
+    loss = torch.ops.haba_fast.trajectory_match(Xa, Y, w_start, w_target, lra, spec, c["first_order"])
+    loss.backward()
+    assert bad is None, f"bad input {bad!r} was accepted (loss {float(loss)})"
+    engine = get_adjoint_engine("first-order", backend="python") if c["first_order"] else get_engine("naive")
+    Xb = X.clone().requires_grad_(True)
+    lrb = lr.clone().requires_grad_(True)
+    ref = engine(net, Xb, Y, w_start, w_target, lrb)
+    ref.backward()
+    _close(loss, ref, "loss", dtype)
+    _close(Xa.grad, Xb.grad, "dL/dX", dtype)
+    _close(lra.grad, lrb.grad, "dL/dlr", dtype)
+    return float(loss)
+
+
+run_engine.ALLOWED = (RuntimeError, ValueError, TypeError)
