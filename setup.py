@@ -105,7 +105,7 @@ def _extensions():
         sys.exit(NO_TORCH_MESSAGE)
 
     debug = os.environ.get("DEBUG", "0") == "1"
-    # -g0: Python's own CFLAGS (which the build starts from) carry -g; debug info would make the .so ~8x larger.
+    # -g0: Python's own CFLAGS (which the build starts from) carry -g: 24 MB .so with it, 2.2 MB without.
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG", "-g0"]
     openmp = _openmp_flag(torch)
     cxx += ["-std=c++17", openmp]
