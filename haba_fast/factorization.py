@@ -954,7 +954,7 @@ def _check_state(kind: str, args: Mapping[str, Any], state: Mapping[str, Any], p
     try:
         K, per, ch = (int(args[f]) if f != "base_channels" or args.get(f) is not None else int(args["channels"])
                       for f in fields)
-        H, W = _pair(args["im_size"])
+        H, W = pair(args["im_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: bad constructor args {dict(args)} ({type(exc).__name__}: {exc})") from exc
     if t.dim() != 4 or tuple(t.shape) != (K * per, ch, H, W):
