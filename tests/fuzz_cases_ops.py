@@ -251,9 +251,9 @@ run_raw_genaug.ALLOWED = (RuntimeError, ValueError, TypeError, IndexError)
 # ---- the engine op -----------------------------------------------------------------------------------------------
 def run_engine(c):
     """torch.ops.haba_fast.trajectory_match (exact/first-order) vs the autograd naive engine, or a clean error."""
-    from haba_fast.adjoint import cpp_spec, get_adjoint_engine
+    from haba_fast.engines import get_engine
+    from haba_fast.engines.adjoint import cpp_spec, get_adjoint_engine
     from haba_fast.models import ConvNetSpec, build_convnet
-    from haba_fast.trajectory import get_engine
 
     assert extension_available(), "the C++ extension did not load"
     g = _gen(c["seed"])
