@@ -150,7 +150,9 @@ class DistillConfig:
     engine: str = "auto"  # auto: the exact engine (haba_fast.engines)
     budget_ipc: Optional[int] = None  # choose ipc (bases per class) so bases + hallucinators fit this many images
     kernel_size: int = 3
-    min_lr: float = 0.001  # the reference clips the learned lr to >= 0.001 after every step
+    # Floor of the learned lr; None: the reference's (HaBa's distill_fac.py clips at 0.001, MTT's distill.py does
+    # not clip). See ``lr_floor``.
+    min_lr: Optional[float] = None
     adversary_lr: float = 1e-3
     device: str = "auto"
     seed: int = 0
@@ -210,6 +212,8 @@ class DistillConfig:
         if self.budget_ipc is not None and self.budget_ipc < 1:
             raise ValueError(f"--budget-ipc must be >= 1, got {self.budget_ipc}")
         for name in ("lr_img", "lr_style", "lr_teacher", "min_lr"):
+            if getattr(self, name) is None:
+                continue
             v = float(getattr(self, name))
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
@@ -246,6 +250,14 @@ class DistillConfig:
         d = dataclasses.asdict(self)
         d["eval_models"] = list(self.eval_models)
         return d
+
+    @property
+    def lr_floor(self) -> Optional[float]:
+        """The learned lr's floor: ``min_lr``, or the reference's (0.001 for haba as distill_fac.py clips; none for
+        pixels, as MTT's distill.py does not clip)."""
+        if self.min_lr is not None:
+            return float(self.min_lr)
+        return 0.001 if self.parameterization == "haba" else None
 
     @property
     def standardize(self) -> bool:
@@ -476,7 +488,7 @@ class Distiller:
         else:
             self.lr_param = self.syn_lr
 
-        momentum = objective_cls.momentum
+        momentum, lr_momentum = objective_cls.momenta(cfg)
         if self.haba:
             self.opt_img = torch.optim.SGD([self.synthetic.bases], lr=cfg.lr_img, momentum=momentum)
             self.opt_style = torch.optim.SGD(
@@ -497,7 +509,7 @@ class Distiller:
             self.opt_style = None
             self.adversary = None
             self.opt_adv = None
-        self.opt_lr = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=0.9) if learns_lr else None
+        self.opt_lr = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=lr_momentum) if learns_lr else None
         logits = getattr(self.synthetic, "label_logits", None)
         self.opt_label = (
             torch.optim.SGD([logits], lr=cfg.lr_label, momentum=momentum) if logits is not None else None
@@ -627,7 +639,8 @@ class Distiller:
         u = log(lr) with du = lr · d(lr) (the chain rule), so lr = exp(u) stays positive, and clamps u to
         >= log(min_lr) (with min_lr = 0: >= log of the dtype's smallest normal number, so exp(u) > 0).
         """
-        at_floor = float(self.syn_lr.detach()) <= self.cfg.min_lr
+        lr_floor = self.cfg.lr_floor
+        at_floor = lr_floor is not None and float(self.syn_lr.detach()) <= lr_floor
         lower = "lower --lr_img / --lr_style / --lr_lr or --lr_teacher"
         where = f"at iteration {self.iteration}" + (f" (start epoch {int(start)})" if start is not None else "")
         # Only MTT's loss is normalized (it starts near 1); DC/DM losses grow with classes and layers.
@@ -664,11 +677,12 @@ class Distiller:
             if self.opt_lr is None:
                 pass  # a fixed lr (objectives other than MTT)
             elif self.lr_param is self.syn_lr:
-                clamped = float(self.syn_lr.detach()) < self.cfg.min_lr
-                self.syn_lr.clamp_(min=self.cfg.min_lr)
+                if lr_floor is not None:  # pixels (MTT's distill.py) have none by default
+                    clamped = float(self.syn_lr.detach()) < lr_floor
+                    self.syn_lr.clamp_(min=lr_floor)
             else:
                 # exp(u) must stay a positive float: the floor is min_lr, or the dtype's smallest normal number.
-                floor = math.log(max(self.cfg.min_lr, torch.finfo(self.syn_lr.dtype).tiny))
+                floor = math.log(max(lr_floor or 0.0, torch.finfo(self.syn_lr.dtype).tiny))
                 clamped = float(self.lr_param.detach()) < floor
                 self.lr_param.clamp_(min=floor)
                 self.syn_lr.copy_(self.lr_param.exp())
@@ -734,12 +748,18 @@ class Distiller:
 
 
 def eval_iterations(cfg: DistillConfig) -> List[int]:
-    """Iterations after which the run evaluates: the reference's pool (the last tenth, every eval_it) and the end."""
+    """Iterations after which the run evaluates, and always at the end.
+
+    The references' pools: HaBa's distill_fac.py evaluates every ``eval_it`` in the last tenth of the run; MTT's
+    distill.py (pixels) every ``eval_it`` from the start. Iteration 0 (the initialization, before any update) is
+    not evaluated here: ``haba-fast eval --baseline random`` measures real-image initializations.
+    """
     if cfg.num_eval <= 0 or cfg.iterations <= 0:
         return []
     its = set()
     if cfg.eval_it > 0:
-        its.update(range((cfg.iterations // 10) * 9, cfg.iterations + 1, cfg.eval_it))
+        first = (cfg.iterations // 10) * 9 if cfg.parameterization == "haba" else 0
+        its.update(range(first, cfg.iterations + 1, cfg.eval_it))
     its.add(cfg.iterations)
     return sorted(i for i in its if i > 0)
 
@@ -992,9 +1012,11 @@ def _divergence_cause(distiller: Distiller, exc: BadStepError) -> str:
     K = int(cfg.max_bad_steps)
     lr = float(distiller.syn_lr.detach())
     head = f"{K} bad distillation step(s) in a row, the last at iteration {distiller.iteration}: "
-    if exc.lr_clamped or lr <= cfg.min_lr:
+    floor = cfg.lr_floor
+    if exc.lr_clamped or lr <= (floor if floor is not None else 0.0):
+        where = f"at its floor (--min-lr {floor:g}" if floor is not None else "at or below zero (no --min-lr floor"
         return head + (
-            f"the learned lr is at its floor (--min-lr {cfg.min_lr:g}; its updates push it toward zero or below): "
+            f"the learned lr is {where}; its updates push it toward zero or below): "
             f"lower --lr_lr (now {cfg.lr_lr:g}) or use --lr-param log"
         )
     return head + (

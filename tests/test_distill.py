@@ -429,7 +429,8 @@ def test_defaults_are_the_reference_ones():
         1.0,
         1.0,
     )
-    assert d.min_lr == 0.001 and d.iterations == 15000 and d.num_eval == 5 and d.epoch_eval_train == 1000
+    assert d.min_lr is None and d.lr_floor == 0.001
+    assert d.iterations == 15000 and d.num_eval == 5 and d.epoch_eval_train == 1000
 
 
 def test_presets_and_overrides():

@@ -820,3 +820,51 @@ def test_eval_command_standardizes_haba_sets_by_default(monkeypatch, tmp_path, c
     assert main(["eval", str(tmp_path / "pix.pt"), "--batch_standardize"]) == 0
     assert seen == [True, False, False, False, True]
     capsys.readouterr()
+
+
+# --- pixel MTT as mtt-distillation's distill.py, HaBa as distill_fac.py -------------------------------------------
+# distill.py: SGD momentum 0.5 for the images and for syn_lr, no clip of syn_lr, evaluation every eval_it from the
+# start. distill_fac.py: momentum 0.95 (images, styles) and 0.9 (syn_lr), syn_lr clipped to >= 0.001 after each
+# step, evaluation in the last tenth of the run.
+
+
+@pytest.mark.parametrize("param, mom, lr_mom", [("pixels", 0.5, 0.5), ("haba", 0.95, 0.9)])
+def test_optimizer_momenta_follow_the_reference(digits, param, mom, lr_mom):
+    d = _distiller(digits, parameterization=param)
+    assert d.opt_img.param_groups[0]["momentum"] == mom
+    assert d.opt_lr.param_groups[0]["momentum"] == lr_mom
+    if param == "haba":
+        assert d.opt_style.param_groups[0]["momentum"] == mom
+
+
+def test_learned_lr_floor_is_the_references():
+    from haba_fast.distill import DistillConfig
+
+    assert DistillConfig(parameterization="haba").lr_floor == 0.001
+    assert DistillConfig(parameterization="pixels").lr_floor is None
+    assert DistillConfig(parameterization="pixels", min_lr=0.01).lr_floor == 0.01
+
+
+def test_pixel_lr_is_not_clipped(digits):
+    # A step that drives syn_lr below 0.001 (and below zero) keeps it there for pixels, as distill.py does.
+    d = _distiller(digits, parameterization="pixels", lr_teacher=0.002)
+    with torch.no_grad():
+        d.syn_lr.fill_(0.0005)
+    d.step()
+    assert float(d.syn_lr) != 0.001
+    h = _distiller(digits, parameterization="haba", lr_teacher=0.002)
+    with torch.no_grad():
+        h.syn_lr.fill_(0.0005)
+    h.step()
+    assert float(h.syn_lr) >= 0.001
+
+
+def test_eval_pool_per_reference():
+    from haba_fast.distill import DistillConfig, eval_iterations
+
+    kw = dict(iterations=100, eval_it=20, num_eval=1)
+    assert eval_iterations(DistillConfig(parameterization="pixels", **kw)) == [20, 40, 60, 80, 100]
+    assert eval_iterations(DistillConfig(parameterization="haba", **kw)) == [90, 100]
+    assert eval_iterations(DistillConfig(parameterization="haba", iterations=100, eval_it=5, num_eval=1)) == [
+        90, 95, 100,
+    ]  # fmt: skip

@@ -191,7 +191,12 @@ _FLAGS: List[tuple] = [
         "choose bases per class so bases + hallucinators fit this many images per class",
     ),
     ("kernel_size", ["--kernel-size", "--kernel_size"], dict(type=int), "hallucinator kernel size"),
-    ("min_lr", ["--min-lr", "--min_lr"], dict(type=float), "floor of the learned lr (the reference clips at 0.001)"),
+    (
+        "min_lr",
+        ["--min-lr", "--min_lr"],
+        dict(type=float),
+        "floor of the learned lr (default: the reference's, 0.001 for haba; none for pixels, as MTT)",
+    ),
     ("device", ["--device"], dict(type=str), "cpu, cuda, cuda:N or auto"),
     ("seed", ["--seed"], dict(type=int), "seed of every random choice"),
     (

@@ -102,6 +102,11 @@ class Objective(abc.ABC):
     needs_buffer: ClassVar[bool] = False
     learns_lr: ClassVar[bool] = False
     momentum: ClassVar[float] = 0.5
+
+    @classmethod
+    def momenta(cls, cfg) -> Tuple[float, float]:
+        """SGD momentum of the synthetic parameters and of the learned lr, as the objective's public code sets them."""
+        return cls.momentum, 0.9
     normalized_loss: ClassVar[bool] = False
     defaults: ClassVar[Dict[str, Any]] = {}
 

@@ -179,7 +179,12 @@ class TrajectoryMatching(Objective):
     needs_buffer = True
     learns_lr = True
     normalized_loss = True
-    momentum = 0.95  # the HaBa reference: SGD momentum 0.95 for bases and hallucinators (and images)
+    momentum = 0.95  # the HaBa reference: SGD momentum 0.95 for bases and hallucinators
+
+    @classmethod
+    def momenta(cls, cfg) -> Tuple[float, float]:
+        """HaBa's distill_fac.py: 0.95 (bases, hallucinators) and 0.9 (lr); MTT's distill.py (pixels): 0.5 and 0.5."""
+        return (0.95, 0.9) if cfg.parameterization == "haba" else (0.5, 0.5)
     defaults: Dict[str, Any] = {}
 
     def __init__(self, setup: ObjectiveSetup):
