@@ -517,3 +517,16 @@ def test_demo_without_evaluation_networks_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="--num_eval >= 1"):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), num_eval=0), log=lambda s: None)
+
+
+def test_demo_storage_note_explains_a_loss_and_only_a_loss():
+    from haba_fast.demo import storage_note
+    from haba_fast.factorization import HaBa
+
+    syn = HaBa(num_classes=10, bpc=1, channels=1, im_size=(8, 8), n_hallucinators=5, kernel_size=3)
+    hall = sum(p.numel() for p in syn.hallucinator_parameters())
+    assert hall == 5 * (9 + 1 + 36 + 36 + 9 + 1)  # enc, scale/shift maps 1×6×6, dec
+    note = storage_note(syn, 0.85, 0.90, 2)
+    assert note is not None and f"{hall:,} floats" in note and "1 basis per class" in note and "2 images" in note
+    assert f"({100 * hall / syn.storage().floats:.0f}% of its storage" in note
+    assert storage_note(syn, 0.91, 0.90, 2) is None
