@@ -44,7 +44,7 @@ _GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight",
 
 # ---- validation ---------------------------------------------------------------------------------------
 def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx):
-    """Validate generate's inputs; return (base_idx, hall_idx) as int64 on the bases' device."""
+    """Validate generate's inputs; return all nine, in order, with base_idx and hall_idx as int64."""
     tensors = (bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias)
     for name, t in zip(_GEN_NAMES, tensors):
         if not isinstance(t, Tensor):
@@ -101,7 +101,7 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
         for name, (lo, hi), limit in (("base_idx", bounds[:2], M), ("hall_idx", bounds[2:], Hn)):
             if lo < 0 or hi >= limit:
                 raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
-    return idx[0], idx[1]
+    return (*tensors, idx[0], idx[1])
 
 
 def _chain(params) -> List:
@@ -118,13 +118,14 @@ def _chain(params) -> List:
     return chain
 
 
-def _check_images(x, n_expected: Optional[int] = None, op: str = "augment"):
+def _check_images(x, op: str = "augment", dtype_error: type = TypeError) -> None:
+    """Images must be a floating tensor [n, C, H, W] (``haba_fast.augment.apply`` passes its AugDtypeError)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: images must be a tensor [n, C, H, W], got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{op}: images must be [n, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{op}: images must be floating point (float32/float64), got {x.dtype}")
+        raise dtype_error(f"{op}: images must be floating point (float32/float64/...), got {x.dtype}")
 
 
 def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int, Tensor, Tensor]:
@@ -211,21 +212,18 @@ def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, 
 
 
 def _register_fakes(ns: str) -> None:
-    def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx):
+    def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, *aug):  # aug: (family, fparams, iparams) or ()
         return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
 
-    def generate_augment_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, fam, fp, ip):
-        return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
-
-    def generate_augment_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, nb, nh):
-        return _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, nb, nh)
+    def generate_augment_backward_fake(*args):  # generate_backward's arguments with (family, fparams, iparams) at 9
+        return _gen_backward_fake(*args[:9], *args[12:])
 
     def augment_fake(x, fam, fp, ip):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     torch.library.register_fake(f"{ns}::generate", generate_fake)
     torch.library.register_fake(f"{ns}::generate_backward", _gen_backward_fake)
-    torch.library.register_fake(f"{ns}::generate_augment", generate_augment_fake)
+    torch.library.register_fake(f"{ns}::generate_augment", generate_fake)
     torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
     torch.library.register_fake(f"{ns}::augment", augment_fake)
     torch.library.register_fake(f"{ns}::augment_backward", augment_fake)
@@ -378,15 +376,11 @@ def generate(
     Returns:
         [n, C, H, W], dtype of ``bases``; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(
-        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-    )
+    gen = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     name = _pick("generate", bases, backend)
     if name == "torch":
-        return _reference.generate_reference(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-        )
-    return _lib(name).generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+        return _reference.generate_reference(*gen)
+    return _lib(name).generate(*gen)
 
 
 def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
@@ -437,25 +431,15 @@ def generate_augment(
     Returns:
         [n, C, H, W]; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(
-        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-    )
+    gen = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     chain = _chain(params)
     name = _pick("generate_augment", bases, backend, chain)
     if name == "torch":
-        x = _reference.generate_reference(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-        )
-        return _reference.augment_reference(x, chain)
+        return _reference.augment_reference(_reference.generate_reference(*gen), chain)
     n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
     fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (KernelCode.IDENTITY, None, None)
     lib = _lib(name)
-    if fam == KernelCode.IDENTITY:
-        out = lib.generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
-    else:
-        out = lib.generate_augment(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx, fam, fp, ip
-        )
+    out = lib.generate(*gen) if fam == KernelCode.IDENTITY else lib.generate_augment(*gen, fam, fp, ip)
     for p in chain[1:]:
         fam, fp, ip = _encode(p, n, H, W, out.dtype, out.device)
         out = lib.augment(out, fam, fp, ip)
