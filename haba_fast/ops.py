@@ -153,7 +153,8 @@ def _pick(op: str, x: Tensor, backend: Optional[str], chain=()) -> str:
 
 
 # ---- registration: autograd + fake kernels for the C++ (haba_fast) and Triton (haba_fast_triton) ops -----
-def _register_autograd(ns: str) -> None:
+# ``fused``: the namespace has generate_augment[_backward] (the C++ one; Triton runs generate, then augment).
+def _register_autograd(ns: str, fused: bool = True) -> None:
     lib = getattr(torch.ops, ns)
 
     def gen_setup(ctx, inputs, output):
@@ -189,8 +190,9 @@ def _register_autograd(ns: str) -> None:
         return gx, None, None, None
 
     torch.library.register_autograd(f"{ns}::generate", gen_backward, setup_context=gen_setup)
-    torch.library.register_autograd(f"{ns}::generate_augment", gen_backward, setup_context=gen_setup)
     torch.library.register_autograd(f"{ns}::augment", aug_backward, setup_context=aug_setup)
+    if fused:
+        torch.library.register_autograd(f"{ns}::generate_augment", gen_backward, setup_context=gen_setup)
 
 
 def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, need_hall):
@@ -211,7 +213,7 @@ def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, 
     return (gb, *hall)
 
 
-def _register_fakes(ns: str) -> None:
+def _register_fakes(ns: str, fused: bool = True) -> None:
     def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, *aug):  # aug: (family, fparams, iparams) or ()
         return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
 
@@ -223,10 +225,11 @@ def _register_fakes(ns: str) -> None:
 
     torch.library.register_fake(f"{ns}::generate", generate_fake)
     torch.library.register_fake(f"{ns}::generate_backward", _gen_backward_fake)
-    torch.library.register_fake(f"{ns}::generate_augment", generate_fake)
-    torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
     torch.library.register_fake(f"{ns}::augment", augment_fake)
     torch.library.register_fake(f"{ns}::augment_backward", augment_fake)
+    if fused:
+        torch.library.register_fake(f"{ns}::generate_augment", generate_fake)
+        torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
 
 
 @functools.lru_cache(maxsize=None)
@@ -291,58 +294,8 @@ def _tr_augment_backward(grad: Tensor, family: int, fparams: Tensor, iparams: Te
     return augment_backward(grad, family, fparams, iparams)
 
 
-@torch.library.custom_op("haba_fast_triton::generate_augment", mutates_args=())
-def _tr_generate_augment(
-    bases: Tensor,
-    enc_weight: Tensor,
-    enc_bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    dec_weight: Tensor,
-    dec_bias: Tensor,
-    base_idx: Tensor,
-    hall_idx: Tensor,
-    family: int,
-    fparams: Tensor,
-    iparams: Tensor,
-) -> Tensor:
-    from haba_fast.kernels.augment import augment_forward
-    from haba_fast.kernels.generate import generate_forward
-
-    y = generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
-    return augment_forward(y, family, fparams, iparams)
-
-
-@torch.library.custom_op("haba_fast_triton::generate_augment_backward", mutates_args=())
-def _tr_generate_augment_backward(
-    grad: Tensor,
-    bases: Tensor,
-    enc_weight: Tensor,
-    enc_bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    dec_weight: Tensor,
-    base_idx: Tensor,
-    hall_idx: Tensor,
-    family: int,
-    fparams: Tensor,
-    iparams: Tensor,
-    need_bases: bool,
-    need_hall: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from haba_fast.kernels.augment import augment_backward
-    from haba_fast.kernels.generate import generate_backward
-
-    gy = augment_backward(grad, family, fparams, iparams)
-    return tuple(
-        generate_backward(
-            gy, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx, need_bases, need_hall
-        )
-    )
-
-
-_register_fakes("haba_fast_triton")
-_register_autograd("haba_fast_triton")
+_register_fakes("haba_fast_triton", fused=False)
+_register_autograd("haba_fast_triton", fused=False)
 
 
 def _lib(name: str):
@@ -423,7 +376,7 @@ def generate_augment(
 ) -> Tensor:
     """``augment(generate(...), params)``; on the C++ backend one fused pass per sample (the chain's first family).
 
-    On the Triton backend it launches generate, then augment (the forward is not fused there); on the torch
+    On the Triton backend it runs the generate op, then the augment op per family (not fused there); on the torch
     backend it is the reference of each.
 
     Args: as :func:`generate`, plus ``params`` as in :func:`augment` (n = len(base_idx)).
@@ -437,10 +390,11 @@ def generate_augment(
     if name == "torch":
         return _reference.augment_reference(_reference.generate_reference(*gen), chain)
     n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
-    fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (KernelCode.IDENTITY, None, None)
-    lib = _lib(name)
+    lib, rest, fam = _lib(name), list(chain), KernelCode.IDENTITY
+    if name == "cpu" and rest:  # the chain's first family fused into generate's pass (Triton: generate, then each)
+        fam, fp, ip = _encode(rest.pop(0), n, H, W, bases.dtype, bases.device)
     out = lib.generate(*gen) if fam == KernelCode.IDENTITY else lib.generate_augment(*gen, fam, fp, ip)
-    for p in chain[1:]:
+    for p in rest:
         fam, fp, ip = _encode(p, n, H, W, out.dtype, out.device)
         out = lib.augment(out, fam, fp, ip)
     return out
