@@ -34,6 +34,15 @@ using namespace genaug_types;
 // taps was tried; it measured no faster on the shared VM, so the simpler per-tap loops stay.)
 inline int64_t wide_len(const GenDims& d) { return (d.Ho - 1) * d.W + d.Wo; }
 
+// sum_{q < n} p[q]
+template <typename T>
+inline T sum_of(const T* p, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t q = 0; q < n; ++q) s += p[q];
+  return s;
+}
+
 // The three tap loops every convolution here is made of. src is image-shaped [nin, H, W]; dst/g one wide map
 // row block [Ho, W] (q < Lq); w points at one output channel's [nin, K, K] weights (or its gradient).
 
@@ -178,13 +187,7 @@ inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, 
   }
   if (hall_row) {
     T* gdb = hall_row + L.db;
-    for (int64_t p = 0; p < C; ++p) {
-      const T* yp = gy + p * HW;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < HW; ++q) s += yp[q];
-      gdb[p] = s;
-    }
+    for (int64_t p = 0; p < C; ++p) gdb[p] = sum_of(gy + p * HW, HW);
     // gdw[o,p,u,v] = <a[o], gy[p] shifted by (u, v)>: a's padding is 0, so one long dot product per tap.
     T* gdw = hall_row + L.dw;
     for (int64_t o = 0; o < C; ++o) correlate_wide_weight_grad(d, gy, C, a + o * Lz, gdw + o * C * KK);
@@ -192,10 +195,7 @@ inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, 
     T* gew = hall_row + L.ew;
     for (int64_t o = 0; o < C; ++o) {
       const T* go = gz + o * Lz;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < Lq; ++q) s += go[q];
-      geb[o] = s;
+      geb[o] = sum_of(go, Lq);
       correlate_wide_weight_grad(d, x, d.cb, go, gew + o * d.cb * KK);
     }
   }
