@@ -34,24 +34,75 @@ using namespace genaug_types;
 // taps was tried; it measured no faster on the shared VM, so the simpler per-tap loops stay.)
 inline int64_t wide_len(const GenDims& d) { return (d.Ho - 1) * d.W + d.Wo; }
 
+// sum_{q < n} p[q]
+template <typename T>
+inline T sum_of(const T* p, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t q = 0; q < n; ++q) s += p[q];
+  return s;
+}
+
+// The three tap loops every convolution here is made of. src is image-shaped [nin, H, W]; dst/g one wide map
+// row block [Ho, W] (q < Lq); w points at one output channel's [nin, K, K] weights (or its gradient).
+
+// dst[q] = bias + sum_{c,u,v} w[c,u,v] * src[c, u*W+v + q]   (valid cross-correlation of nin channels)
+template <typename T>
+inline void correlate_wide(const GenDims& d, const T* src, int64_t nin, const T* w, T bias, T* dst) {
+  const int64_t K = d.K, W = d.W, HW = d.H * d.W, Lq = wide_len(d);
+#pragma omp simd
+  for (int64_t q = 0; q < Lq; ++q) dst[q] = bias;
+  for (int64_t c = 0; c < nin; ++c)
+    for (int64_t u = 0; u < K; ++u)
+      for (int64_t v = 0; v < K; ++v) {
+        const T wv = w[(c * K + u) * K + v];
+        const T* xs = src + c * HW + u * W + v;
+#pragma omp simd
+        for (int64_t q = 0; q < Lq; ++q) dst[q] += wv * xs[q];
+      }
+}
+
+// gw[c,u,v] = <g, src[c] shifted by (u, v)> = sum_q g[q] * src[c, u*W+v + q]   (the weight gradient of the
+// correlation above; g's padding columns are 0, so one long dot product per tap)
+template <typename T>
+inline void correlate_wide_weight_grad(const GenDims& d, const T* src, int64_t nin, const T* g, T* gw) {
+  const int64_t K = d.K, W = d.W, HW = d.H * d.W, Lq = wide_len(d);
+  for (int64_t c = 0; c < nin; ++c)
+    for (int64_t u = 0; u < K; ++u)
+      for (int64_t v = 0; v < K; ++v) {
+        const T* xs = src + c * HW + u * W + v;
+        T t = 0;
+#pragma omp simd reduction(+ : t)
+        for (int64_t q = 0; q < Lq; ++q) t += g[q] * xs[q];
+        gw[(c * K + u) * K + v] = t;
+      }
+}
+
+// dst[c, q] += sum_{o,u,v} w[o,c,u,v] * src[o, q - u*W - v]  for every c < nout   (stride-1 transposed
+// convolution, scatter form; src is wide [C, Ho, W] with zero padding, w is [C, nout, K, K])
+template <typename T>
+inline void transposed_accumulate(const GenDims& d, const T* src, const T* w, int64_t nout, T* dst) {
+  const int64_t K = d.K, W = d.W, HW = d.H * d.W, Lz = d.Ho * W, Lq = wide_len(d);
+  for (int64_t c = 0; c < nout; ++c) {
+    T* dc = dst + c * HW;
+    for (int64_t o = 0; o < d.C; ++o) {
+      const T* so = src + o * Lz;
+      for (int64_t u = 0; u < K; ++u)
+        for (int64_t v = 0; v < K; ++v) {
+          const T wv = w[((o * nout + c) * K + u) * K + v];
+          T* ds = dc + u * W + v;
+#pragma omp simd
+          for (int64_t q = 0; q < Lq; ++q) ds[q] += wv * so[q];
+        }
+    }
+  }
+}
+
 // z[o, i*W+j] = eb[o] + sum_{c,u,v} ew[o,c,u,v] * x[c, (i+u)*W + j+v]   (valid cross-correlation, like Conv2d)
 template <typename T>
 inline void enc_forward(const GenDims& d, const T* x, const T* ew, const T* eb, T* z) {
-  const int64_t K = d.K, W = d.W, HW = d.H * d.W, Lz = d.Ho * W, Lq = wide_len(d);
-  for (int64_t o = 0; o < d.C; ++o) {
-    T* zo = z + o * Lz;
-    const T b = eb[o];
-#pragma omp simd
-    for (int64_t q = 0; q < Lq; ++q) zo[q] = b;
-    for (int64_t c = 0; c < d.cb; ++c)
-      for (int64_t u = 0; u < K; ++u)
-        for (int64_t v = 0; v < K; ++v) {
-          const T w = ew[((o * d.cb + c) * K + u) * K + v];
-          const T* xs = x + c * HW + u * W + v;
-#pragma omp simd
-          for (int64_t q = 0; q < Lq; ++q) zo[q] += w * xs[q];
-        }
-  }
+  const int64_t KK = d.K * d.K, Lz = d.Ho * d.W;
+  for (int64_t o = 0; o < d.C; ++o) correlate_wide(d, x, d.cb, ew + o * d.cb * KK, eb[o], z + o * Lz);
 }
 
 // a = scale * z + shift on the valid columns, 0 on the wide padding (scale/shift are compact [C, Ho, Wo]).
@@ -72,23 +123,14 @@ inline void scale_shift_wide(const GenDims& d, const T* sc, const T* sh, const T
 // y[p, I*W+J] = db[p] + sum_{o,u,v} dw[o,p,u,v] * a[o, (I-u)*W + J-v]   (stride-1 transposed conv, scatter form)
 template <typename T>
 inline void dec_forward(const GenDims& d, const T* a, const T* dw, const T* db, T* y) {
-  const int64_t K = d.K, W = d.W, HW = d.H * d.W, Lz = d.Ho * W, Lq = wide_len(d);
+  const int64_t HW = d.H * d.W;
   for (int64_t p = 0; p < d.C; ++p) {
     T* yp = y + p * HW;
     const T b = db[p];
 #pragma omp simd
     for (int64_t q = 0; q < HW; ++q) yp[q] = b;
-    for (int64_t o = 0; o < d.C; ++o) {
-      const T* ao = a + o * Lz;
-      for (int64_t u = 0; u < K; ++u)
-        for (int64_t v = 0; v < K; ++v) {
-          const T w = dw[((o * d.C + p) * K + u) * K + v];
-          T* ys = yp + u * W + v;
-#pragma omp simd
-          for (int64_t q = 0; q < Lq; ++q) ys[q] += w * ao[q];
-        }
-    }
   }
+  transposed_accumulate(d, a, dw, d.C, y);
 }
 
 // One generated sample: y = dec(scale * enc(x) + shift). z, a: [C, Ho, W] scratch each.
@@ -113,7 +155,7 @@ template <typename T>
 inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, const T* eb, const T* sc,
                                      const T* sh, const T* dw, const T* gy, T* z, T* a, T* ga, T* gz, T* hall_row,
                                      T* gx) {
-  const int64_t K = d.K, Wo = d.Wo, Ho = d.Ho, W = d.W, C = d.C, HW = d.H * d.W;
+  const int64_t KK = d.K * d.K, Wo = d.Wo, Ho = d.Ho, W = d.W, C = d.C, HW = d.H * d.W;
   const int64_t Lz = Ho * W, Lq = wide_len(d);
   const HallLayout L(d);
   // Recompute the encoder output instead of saving it: the op stays memory-light and z is cache-hot here.
@@ -121,19 +163,7 @@ inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, 
   if (hall_row) scale_shift_wide(d, sc, sh, z, a);
 
   // ga[o] = valid correlation of gy with dw[o, :]
-  for (int64_t o = 0; o < C; ++o) {
-    T* go = ga + o * Lz;
-#pragma omp simd
-    for (int64_t q = 0; q < Lq; ++q) go[q] = T(0);
-    for (int64_t p = 0; p < C; ++p)
-      for (int64_t u = 0; u < K; ++u)
-        for (int64_t v = 0; v < K; ++v) {
-          const T w = dw[((o * C + p) * K + u) * K + v];
-          const T* ys = gy + p * HW + u * W + v;
-#pragma omp simd
-          for (int64_t q = 0; q < Lq; ++q) go[q] += w * ys[q];
-        }
-  }
+  for (int64_t o = 0; o < C; ++o) correlate_wide(d, gy, C, dw + o * C * KK, T(0), ga + o * Lz);
   // gz = ga * scale on valid columns, 0 on the padding; gscale / gshift rows (compact) when wanted.
   T* gsc = hall_row ? hall_row + L.scale : nullptr;
   T* gsh = hall_row ? hall_row + L.shift : nullptr;
@@ -157,62 +187,22 @@ inline void generate_sample_backward(const GenDims& d, const T* x, const T* ew, 
   }
   if (hall_row) {
     T* gdb = hall_row + L.db;
-    for (int64_t p = 0; p < C; ++p) {
-      const T* yp = gy + p * HW;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < HW; ++q) s += yp[q];
-      gdb[p] = s;
-    }
+    for (int64_t p = 0; p < C; ++p) gdb[p] = sum_of(gy + p * HW, HW);
     // gdw[o,p,u,v] = <a[o], gy[p] shifted by (u, v)>: a's padding is 0, so one long dot product per tap.
     T* gdw = hall_row + L.dw;
-    for (int64_t o = 0; o < C; ++o) {
-      const T* ao = a + o * Lz;
-      for (int64_t p = 0; p < C; ++p)
-        for (int64_t u = 0; u < K; ++u)
-          for (int64_t v = 0; v < K; ++v) {
-            const T* ys = gy + p * HW + u * W + v;
-            T s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t q = 0; q < Lq; ++q) s += ao[q] * ys[q];
-            gdw[((o * C + p) * K + u) * K + v] = s;
-          }
-    }
+    for (int64_t o = 0; o < C; ++o) correlate_wide_weight_grad(d, gy, C, a + o * Lz, gdw + o * C * KK);
     T* geb = hall_row + L.eb;
     T* gew = hall_row + L.ew;
     for (int64_t o = 0; o < C; ++o) {
       const T* go = gz + o * Lz;
-      T s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t q = 0; q < Lq; ++q) s += go[q];
-      geb[o] = s;
-      for (int64_t c = 0; c < d.cb; ++c)
-        for (int64_t u = 0; u < K; ++u)
-          for (int64_t v = 0; v < K; ++v) {
-            const T* xs = x + c * HW + u * W + v;
-            T t = 0;
-#pragma omp simd reduction(+ : t)
-            for (int64_t q = 0; q < Lq; ++q) t += go[q] * xs[q];
-            gew[((o * d.cb + c) * K + u) * K + v] = t;
-          }
+      geb[o] = sum_of(go, Lq);
+      correlate_wide_weight_grad(d, x, d.cb, go, gew + o * d.cb * KK);
     }
   }
   if (gx) {
     // gx[c] = sum_o full convolution of gz[o] with ew[o, c] (scatter form; gz's padding is 0)
     for (int64_t q = 0; q < d.cb * HW; ++q) gx[q] = T(0);
-    for (int64_t c = 0; c < d.cb; ++c) {
-      T* gc = gx + c * HW;
-      for (int64_t o = 0; o < C; ++o) {
-        const T* go = gz + o * Lz;
-        for (int64_t u = 0; u < K; ++u)
-          for (int64_t v = 0; v < K; ++v) {
-            const T w = ew[((o * d.cb + c) * K + u) * K + v];
-            T* xs = gc + u * W + v;
-#pragma omp simd
-            for (int64_t q = 0; q < Lq; ++q) xs[q] += w * go[q];
-          }
-      }
-    }
+    transposed_accumulate(d, gz, ew, d.cb, gx);
   }
 }
 

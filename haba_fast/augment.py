@@ -378,12 +378,9 @@ def _sample_family(
 
 # ---- applying ----------------------------------------------------------------------------------------
 def _check_chain(x: Tensor, params) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"augment: images must be a tensor [n, C, H, W], got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"augment: images must be [n, C, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise AugDtypeError(f"augment: images must be floating point (float32/float64/...), got {x.dtype}")
+    from haba_fast.ops import _check_images  # late import, as in apply
+
+    _check_images(x, "augment", AugDtypeError)
     chain = params if isinstance(params, (list, tuple)) else [params]
     for p in chain:
         if not isinstance(p, AugParams):

@@ -154,6 +154,8 @@ def _randint(high: int, n: int, generator: torch.Generator | None, device) -> Te
 
 
 def _randn_(t: Tensor, generator: torch.Generator | None) -> None:
+    """Fill ``t`` in place with standard-normal draws from ``generator`` (checked), made on its device."""
+    _check_generator(generator)
     gdev = generator.device if generator is not None else torch.device("cpu")
     t.copy_(torch.randn(t.shape, generator=generator, device=gdev, dtype=t.dtype))
 
@@ -169,9 +171,16 @@ def _real_source(images, labels) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
-def _pick_real(images: Tensor, labels: Tensor, num_classes: int, per_class: int, channels: int,
-               im_size: tuple[int, int], generator) -> Tensor:
-    """``per_class`` distinct random real images of every class, class-major: ``[K*per_class, C, H, W]``."""
+def _pick_real(images, labels, generator, num_classes: int, per_class: int, channels: int,
+               im_size: tuple[int, int]) -> Tensor:
+    """``per_class`` distinct random real images of every class, class-major: ``[K*per_class, C, H, W]``.
+
+    ``images, labels, generator`` as ``init_from_real`` takes them: tensors, or a Dataset with ``labels=None``,
+    or a Dataset with the generator in ``labels``'s place (the contract's positional form).
+    """
+    if isinstance(labels, torch.Generator):
+        labels, generator = None, labels
+    images, labels = _real_source(images, labels)
     _check_generator(generator)
     if images.dim() != 4 or tuple(images.shape[1:]) != (channels, *im_size):
         raise ValueError(f"init_from_real: images must be [N, {channels}, {im_size[0]}, {im_size[1]}], "
@@ -363,7 +372,6 @@ class Pixels(_Synthetic):
     @torch.no_grad()
     def init_noise(self, generator: torch.Generator | None = None) -> Pixels:
         """Standard-normal images (the reference's ``torch.randn`` init)."""
-        _check_generator(generator)
         _randn_(self.images, generator)
         return self
 
@@ -376,10 +384,7 @@ class Pixels(_Synthetic):
             images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
             labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
         """
-        if isinstance(labels, torch.Generator):  # init_from_real(dataset, generator), the contract's positional form
-            labels, generator = None, labels
-        images, labels = _real_source(images, labels)
-        picked = _pick_real(images, labels, self.num_classes, self.ipc, self.channels, self.im_size, generator)
+        picked = _pick_real(images, labels, generator, self.num_classes, self.ipc, self.channels, self.im_size)
         self.images.copy_(picked)
         return self
 
@@ -531,7 +536,6 @@ class HaBa(_Synthetic):
     @torch.no_grad()
     def init_noise(self, generator: torch.Generator | None = None) -> HaBa:
         """Standard-normal bases (the reference's ``pix_init noise``); hallucinators untouched."""
-        _check_generator(generator)
         _randn_(self.bases, generator)
         return self
 
@@ -546,10 +550,7 @@ class HaBa(_Synthetic):
             images: ``[N, C, H, W]`` real (normalized) images, or a ``haba_fast.data.Dataset``.
             labels: ``[N]`` int labels in ``[0, K)`` (omit when passing a Dataset).
         """
-        if isinstance(labels, torch.Generator):  # init_from_real(dataset, generator), the contract's positional form
-            labels, generator = None, labels
-        images, labels = _real_source(images, labels)
-        picked = _pick_real(images, labels, self.num_classes, self.bpc, self.channels, self.im_size, generator)
+        picked = _pick_real(images, labels, generator, self.num_classes, self.bpc, self.channels, self.im_size)
         if self.base_channels == self.channels:
             self.bases.copy_(picked)
         elif self.base_channels == 1:

@@ -44,7 +44,7 @@ _GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight",
 
 # ---- validation ---------------------------------------------------------------------------------------
 def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx):
-    """Validate generate's inputs; return (base_idx, hall_idx) as int64 on the bases' device."""
+    """Validate generate's inputs; return all nine, in order, with base_idx and hall_idx as int64."""
     tensors = (bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias)
     for name, t in zip(_GEN_NAMES, tensors):
         if not isinstance(t, Tensor):
@@ -101,7 +101,7 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
         for name, (lo, hi), limit in (("base_idx", bounds[:2], M), ("hall_idx", bounds[2:], Hn)):
             if lo < 0 or hi >= limit:
                 raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
-    return idx[0], idx[1]
+    return (*tensors, idx[0], idx[1])
 
 
 def _chain(params) -> List:
@@ -118,13 +118,14 @@ def _chain(params) -> List:
     return chain
 
 
-def _check_images(x, n_expected: Optional[int] = None, op: str = "augment"):
+def _check_images(x, op: str = "augment", dtype_error: type = TypeError) -> None:
+    """Images must be a floating tensor [n, C, H, W] (``haba_fast.augment.apply`` passes its AugDtypeError)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: images must be a tensor [n, C, H, W], got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{op}: images must be [n, C, H, W], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{op}: images must be floating point (float32/float64), got {x.dtype}")
+        raise dtype_error(f"{op}: images must be floating point (float32/float64/...), got {x.dtype}")
 
 
 def _encode(p, n: int, H: int, W: int, dtype: torch.dtype, device) -> Tuple[int, Tensor, Tensor]:
@@ -152,7 +153,8 @@ def _pick(op: str, x: Tensor, backend: Optional[str], chain=()) -> str:
 
 
 # ---- registration: autograd + fake kernels for the C++ (haba_fast) and Triton (haba_fast_triton) ops -----
-def _register_autograd(ns: str) -> None:
+# ``fused``: the namespace has generate_augment[_backward] (the C++ one; Triton runs generate, then augment).
+def _register_autograd(ns: str, fused: bool = True) -> None:
     lib = getattr(torch.ops, ns)
 
     def gen_setup(ctx, inputs, output):
@@ -188,8 +190,9 @@ def _register_autograd(ns: str) -> None:
         return gx, None, None, None
 
     torch.library.register_autograd(f"{ns}::generate", gen_backward, setup_context=gen_setup)
-    torch.library.register_autograd(f"{ns}::generate_augment", gen_backward, setup_context=gen_setup)
     torch.library.register_autograd(f"{ns}::augment", aug_backward, setup_context=aug_setup)
+    if fused:
+        torch.library.register_autograd(f"{ns}::generate_augment", gen_backward, setup_context=gen_setup)
 
 
 def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, need_hall):
@@ -210,25 +213,23 @@ def _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, need_bases, 
     return (gb, *hall)
 
 
-def _register_fakes(ns: str) -> None:
-    def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx):
+def _register_fakes(ns: str, fused: bool = True) -> None:
+    def generate_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, *aug):  # aug: (family, fparams, iparams) or ()
         return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
 
-    def generate_augment_fake(bases, ew, eb, sc, sh, dw, db, bidx, hidx, fam, fp, ip):
-        return bases.new_empty((bidx.shape[0], ew.shape[1], bases.shape[2], bases.shape[3]))
-
-    def generate_augment_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, fam, fp, ip, nb, nh):
-        return _gen_backward_fake(grad, bases, ew, eb, sc, sh, dw, bidx, hidx, nb, nh)
+    def generate_augment_backward_fake(*args):  # generate_backward's arguments with (family, fparams, iparams) at 9
+        return _gen_backward_fake(*args[:9], *args[12:])
 
     def augment_fake(x, fam, fp, ip):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     torch.library.register_fake(f"{ns}::generate", generate_fake)
     torch.library.register_fake(f"{ns}::generate_backward", _gen_backward_fake)
-    torch.library.register_fake(f"{ns}::generate_augment", generate_augment_fake)
-    torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
     torch.library.register_fake(f"{ns}::augment", augment_fake)
     torch.library.register_fake(f"{ns}::augment_backward", augment_fake)
+    if fused:
+        torch.library.register_fake(f"{ns}::generate_augment", generate_fake)
+        torch.library.register_fake(f"{ns}::generate_augment_backward", generate_augment_backward_fake)
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,58 +294,8 @@ def _tr_augment_backward(grad: Tensor, family: int, fparams: Tensor, iparams: Te
     return augment_backward(grad, family, fparams, iparams)
 
 
-@torch.library.custom_op("haba_fast_triton::generate_augment", mutates_args=())
-def _tr_generate_augment(
-    bases: Tensor,
-    enc_weight: Tensor,
-    enc_bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    dec_weight: Tensor,
-    dec_bias: Tensor,
-    base_idx: Tensor,
-    hall_idx: Tensor,
-    family: int,
-    fparams: Tensor,
-    iparams: Tensor,
-) -> Tensor:
-    from haba_fast.kernels.augment import augment_forward
-    from haba_fast.kernels.generate import generate_forward
-
-    y = generate_forward(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
-    return augment_forward(y, family, fparams, iparams)
-
-
-@torch.library.custom_op("haba_fast_triton::generate_augment_backward", mutates_args=())
-def _tr_generate_augment_backward(
-    grad: Tensor,
-    bases: Tensor,
-    enc_weight: Tensor,
-    enc_bias: Tensor,
-    scale: Tensor,
-    shift: Tensor,
-    dec_weight: Tensor,
-    base_idx: Tensor,
-    hall_idx: Tensor,
-    family: int,
-    fparams: Tensor,
-    iparams: Tensor,
-    need_bases: bool,
-    need_hall: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from haba_fast.kernels.augment import augment_backward
-    from haba_fast.kernels.generate import generate_backward
-
-    gy = augment_backward(grad, family, fparams, iparams)
-    return tuple(
-        generate_backward(
-            gy, bases, enc_weight, enc_bias, scale, shift, dec_weight, base_idx, hall_idx, need_bases, need_hall
-        )
-    )
-
-
-_register_fakes("haba_fast_triton")
-_register_autograd("haba_fast_triton")
+_register_fakes("haba_fast_triton", fused=False)
+_register_autograd("haba_fast_triton", fused=False)
 
 
 def _lib(name: str):
@@ -378,15 +329,11 @@ def generate(
     Returns:
         [n, C, H, W], dtype of ``bases``; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(
-        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-    )
+    gen = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     name = _pick("generate", bases, backend)
     if name == "torch":
-        return _reference.generate_reference(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-        )
-    return _lib(name).generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
+        return _reference.generate_reference(*gen)
+    return _lib(name).generate(*gen)
 
 
 def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
@@ -429,7 +376,7 @@ def generate_augment(
 ) -> Tensor:
     """``augment(generate(...), params)``; on the C++ backend one fused pass per sample (the chain's first family).
 
-    On the Triton backend it launches generate, then augment (the forward is not fused there); on the torch
+    On the Triton backend it runs the generate op, then the augment op per family (not fused there); on the torch
     backend it is the reference of each.
 
     Args: as :func:`generate`, plus ``params`` as in :func:`augment` (n = len(base_idx)).
@@ -437,26 +384,17 @@ def generate_augment(
     Returns:
         [n, C, H, W]; differentiable in bases and every hallucinator parameter.
     """
-    base_idx, hall_idx = _check_generate(
-        bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-    )
+    gen = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
     chain = _chain(params)
     name = _pick("generate_augment", bases, backend, chain)
     if name == "torch":
-        x = _reference.generate_reference(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx
-        )
-        return _reference.augment_reference(x, chain)
+        return _reference.augment_reference(_reference.generate_reference(*gen), chain)
     n, H, W = base_idx.shape[0], bases.shape[2], bases.shape[3]
-    fam, fp, ip = _encode(chain[0], n, H, W, bases.dtype, bases.device) if chain else (KernelCode.IDENTITY, None, None)
-    lib = _lib(name)
-    if fam == KernelCode.IDENTITY:
-        out = lib.generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
-    else:
-        out = lib.generate_augment(
-            bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx, fam, fp, ip
-        )
-    for p in chain[1:]:
+    lib, rest, fam = _lib(name), list(chain), KernelCode.IDENTITY
+    if name == "cpu" and rest:  # the chain's first family fused into generate's pass (Triton: generate, then each)
+        fam, fp, ip = _encode(rest.pop(0), n, H, W, bases.dtype, bases.device)
+    out = lib.generate(*gen) if fam == KernelCode.IDENTITY else lib.generate_augment(*gen, fam, fp, ip)
+    for p in rest:
         fam, fp, ip = _encode(p, n, H, W, out.dtype, out.device)
         out = lib.augment(out, fam, fp, ip)
     return out

@@ -36,6 +36,13 @@ _AFFINE = tl.constexpr(int(KernelCode.AFFINE))
 
 
 @triton.jit
+def _param_row(ptr, s):
+    """The four entries of row ``s`` of an [n, 4] parameter tensor (fparams or iparams)."""
+    row = ptr + s * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+
+
+@triton.jit
 def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY: tl.constexpr, ADJOINT: tl.constexpr,
                     BLOCK: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
@@ -44,9 +51,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
     DT = y_ptr.dtype.element_ty
     lanes = tl.arange(0, BLOCK)
     if FAMILY == _COLOR:
-        add = tl.load(fp_ptr + s * 4)
-        sat = tl.load(fp_ptr + s * 4 + 1)
-        con = tl.load(fp_ptr + s * 4 + 2)
+        add, sat, con, _unused = _param_row(fp_ptr, s)
         tot = tl.zeros([BLOCK], dtype=DT)
         t0 = 0
         while t0 < HW:
@@ -73,10 +78,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
                 tl.store(y_ptr + base + c * HW + offs, yv, mask=m)
             t0 += BLOCK
     elif FAMILY == _AFFINE:  # bilinear, zeros padding, align_corners=True
-        t00 = tl.load(fp_ptr + s * 4)
-        t01 = tl.load(fp_ptr + s * 4 + 1)
-        t10 = tl.load(fp_ptr + s * 4 + 2)
-        t11 = tl.load(fp_ptr + s * 4 + 3)
+        t00, t01, t10, t11 = _param_row(fp_ptr, s)
         t0 = 0
         while t0 < HW:
             offs = t0 + lanes
@@ -121,10 +123,7 @@ def _augment_sample(x_ptr, y_ptr, fp_ptr, ip_ptr, C: tl.constexpr, H, W, FAMILY:
                     tl.store(y_ptr + cb + offs, v, mask=m)
             t0 += BLOCK
     else:  # identity, crop, cutout, flip: one gather per output pixel
-        p0 = tl.load(ip_ptr + s * 4)
-        p1 = tl.load(ip_ptr + s * 4 + 1)
-        p2 = tl.load(ip_ptr + s * 4 + 2)
-        p3 = tl.load(ip_ptr + s * 4 + 3)
+        p0, p1, p2, p3 = _param_row(ip_ptr, s)
         t0 = 0
         while t0 < HW:
             offs = t0 + lanes

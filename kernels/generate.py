@@ -43,14 +43,26 @@ ONEHOT_MAX_SEGMENTS = 64
 
 
 @triton.jit
-def _enc_taps(acc, ew_ptr, xb, h, o, i, j, m, H, W, C: tl.constexpr, CB: tl.constexpr, K: tl.constexpr):
-    """acc + Σ_{c,u,v} ew[h,o,c,u,v] · x[c, i+u, j+v]: output channel o of the valid k×k encoder conv."""
-    for c in tl.static_range(CB):
+def _correlate_taps(acc, w_ptr, xb, h, o, i, j, m, H, W, C: tl.constexpr, NIN: tl.constexpr, K: tl.constexpr):
+    """acc + Σ_{c,u,v} w[h,o,c,u,v] · x[c, i+u, j+v], w [Hn, C, NIN, K, K], x = xb [NIN, H, W]: output channel o of
+    a valid k×k correlation. With (ew, bases[b], NIN = c_b) the encoder; with (dw, gy[s], NIN = C) the decoder's
+    input grad."""
+    for c in tl.static_range(NIN):
         for u in tl.static_range(K):
             for v in tl.static_range(K):
-                w = tl.load(ew_ptr + (((h * C + o) * CB + c) * K + u) * K + v)
+                w = tl.load(w_ptr + (((h * C + o) * NIN + c) * K + u) * K + v)
                 acc += w * tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
     return acc
+
+
+@triton.jit
+def _correlate_weight_grad(out_ptr, g, xb, o, i, j, m, H, W, NIN: tl.constexpr, K: tl.constexpr):
+    """out[(o·NIN + c)·K² + u·K + v] = Σ_tile g · x[c, i+u, j+v] (this tile's part of the weight grad above)."""
+    for c in tl.static_range(NIN):
+        for u in tl.static_range(K):
+            for v in tl.static_range(K):
+                xv = tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
+                tl.store(out_ptr + ((o * NIN + c) * K + u) * K + v, tl.sum(g * xv, axis=0))
 
 
 @triton.jit
@@ -85,8 +97,8 @@ def _generate_enc_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, bidx_ptr, hidx_p
     xb = x_ptr + b * (CB * H * W)
     DT = a_ptr.dtype.element_ty
     for o in tl.static_range(C):
-        acc = _enc_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m, H, W,
-                        C, CB, K)
+        acc = _correlate_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m,
+                              H, W, C, CB, K)
         scv = tl.load(sc_ptr + (h * C + o) * P + offs, mask=m, other=0.0)
         shv = tl.load(sh_ptr + (h * C + o) * P + offs, mask=m, other=0.0)
         tl.store(a_ptr + (s * C + o) * P + offs, scv * acc + shv, mask=m)
@@ -136,14 +148,9 @@ def _generate_bwd_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, dw_ptr, gy_ptr, 
     PW: tl.constexpr = OFF_DW + C * C * K * K
     wrow = wpart_ptr + (s * T + t) * PW
     for o in tl.static_range(C):
-        z = _enc_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m, H, W,
-                      C, CB, K)
-        ga = tl.zeros([BLOCK], dtype=DT)
-        for p in tl.static_range(C):
-            for u in tl.static_range(K):
-                for v in tl.static_range(K):
-                    w = tl.load(dw_ptr + (((h * C + o) * C + p) * K + u) * K + v)
-                    ga += w * tl.load(gyb + (p * H + i + u) * W + j + v, mask=m, other=0.0)
+        z = _correlate_taps(tl.zeros([BLOCK], dtype=DT) + tl.load(eb_ptr + h * C + o), ew_ptr, xb, h, o, i, j, m,
+                            H, W, C, CB, K)
+        ga = _correlate_taps(tl.zeros([BLOCK], dtype=DT), dw_ptr, gyb, h, o, i, j, m, H, W, C, C, K)
         scv = tl.load(sc_ptr + (h * C + o) * P + offs, mask=m, other=0.0)
         gz = ga * scv
         tl.store(gz_ptr + (s * C + o) * P + offs, gz, mask=m)
@@ -153,16 +160,8 @@ def _generate_bwd_kernel(x_ptr, ew_ptr, eb_ptr, sc_ptr, sh_ptr, dw_ptr, gy_ptr, 
             tl.store(ss_ptr + (s * 2 * C + o) * P + offs, ga * z, mask=m)
             tl.store(ss_ptr + (s * 2 * C + C + o) * P + offs, ga, mask=m)
             tl.store(wrow + OFF_EB + o, tl.sum(gz, axis=0))
-            for c in tl.static_range(CB):
-                for u in tl.static_range(K):
-                    for v in tl.static_range(K):
-                        xv = tl.load(xb + (c * H + i + u) * W + j + v, mask=m, other=0.0)
-                        tl.store(wrow + ((o * CB + c) * K + u) * K + v, tl.sum(gz * xv, axis=0))
-            for p in tl.static_range(C):
-                for u in tl.static_range(K):
-                    for v in tl.static_range(K):
-                        gyv = tl.load(gyb + (p * H + i + u) * W + j + v, mask=m, other=0.0)
-                        tl.store(wrow + OFF_DW + ((o * C + p) * K + u) * K + v, tl.sum(a * gyv, axis=0))
+            _correlate_weight_grad(wrow, gz, xb, o, i, j, m, H, W, CB, K)
+            _correlate_weight_grad(wrow + OFF_DW, a, gyb, o, i, j, m, H, W, C, K)
 
 
 @triton.jit

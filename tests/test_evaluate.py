@@ -220,31 +220,20 @@ def test_format_table_rows():
     assert len(lines) == 4 and "60.00 ± 10.00" in lines[2] and "40.00 ± 0.00" in lines[3]
 
 
+def _eval_json(capsys, *args: str) -> dict:
+    """``haba-fast eval ARGS`` as one quick run on the CPU (one evaluation of one epoch); its --json record."""
+    from haba_fast.cli import main
+
+    rc = main(["eval", *args, "--num-eval", "1", "--epochs", "1", "--json", "--device", "cpu"])
+    assert rc == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_cli_eval_baseline_json_and_checkpoint(tmp_path, capsys):
     from haba_fast.cli import main
 
-    rc = main(
-        [
-            "eval",
-            "--baseline",
-            "herding",
-            "--ipc",
-            "2",
-            "--subset-per-class",
-            "5",
-            "--models",
-            f"{MODEL},ConvNetW32",
-            "--num-eval",
-            "1",
-            "--epochs",
-            "1",
-            "--json",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _eval_json(capsys, "--baseline", "herding", "--ipc", "2", "--subset-per-class", "5",
+                     "--models", f"{MODEL},ConvNetW32")
     assert set(out["summary"]) == {MODEL, "ConvNetW32"} and out["num_samples"] == 20 and out["dataset"] == "digits"
 
     ds = data.load("digits", subset_per_class=5)
@@ -280,27 +269,7 @@ def test_cli_eval_baseline_json_and_checkpoint(tmp_path, capsys):
 
 
 def test_cli_eval_reference_checkpoint_directory(tmp_path, capsys):
-    from haba_fast.cli import main
-
     syn = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
     syn.to_reference(tmp_path / "run", it=5, lr=0.03)  # images_5.pt, styles_5.pt, syn_lr_5.pt
-    rc = main(
-        [
-            "eval",
-            str(tmp_path / "run"),
-            "--it",
-            "5",
-            "--models",
-            MODEL,
-            "--num-eval",
-            "1",
-            "--epochs",
-            "1",
-            "--json",
-            "--device",
-            "cpu",
-        ]
-    )
-    assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    out = _eval_json(capsys, str(tmp_path / "run"), "--it", "5", "--models", MODEL)
     assert out["label"] == "HaBa" and out["lr"] == pytest.approx(0.03) and out["num_samples"] == 10

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from haba_fast import data
+from haba_fast.benchmarks.genaug import Hallucinator
 from haba_fast.distill import PRESETS, DistillConfig, Distiller, eval_config, step_used_hallucinators
 from haba_fast.evaluate import EVAL_MODES, EvalConfig, _kcenter, coreset, eval_pool, evaluate_synthetic
 from haba_fast.experts import TrajectorySampler, load_buffer
@@ -145,6 +146,17 @@ def _expert_config(argv):
     return args, expert_config_from_args(args)
 
 
+def _refusal(build, flag, argv, expect):
+    """A REFUSED case's error message, after checking that ``build`` raises a ValueError naming the flag and the
+    reason; None for any other case."""
+    if not (isinstance(expect, tuple) and expect[0] == REFUSED):
+        return None
+    with pytest.raises(ValueError, match=flag) as err:
+        build([flag, *argv])
+    assert expect[1] in str(err.value)
+    return str(err.value)
+
+
 def test_every_reference_flag_has_a_case():
     assert set(HABA_DISTILL_FAC) | set(MTT_DISTILL) == set(DISTILL_CASES)
     assert set(MTT_BUFFER) == set(BUFFER_CASES)
@@ -153,10 +165,9 @@ def test_every_reference_flag_has_a_case():
 @pytest.mark.parametrize("flag", sorted(DISTILL_CASES))
 def test_distill_flag_means_the_reference_or_is_refused(flag):
     argv, expect = DISTILL_CASES[flag]
-    if isinstance(expect, tuple) and expect[0] == REFUSED:
-        with pytest.raises(ValueError, match=flag) as err:
-            _distill_config([flag, *argv])
-        assert expect[1] in str(err.value) and "not supported" in str(err.value)
+    refused = _refusal(_distill_config, flag, argv, expect)
+    if refused is not None:
+        assert "not supported" in refused
         return
     cfg = _distill_config([flag, *argv])
     default = DistillConfig()
@@ -172,10 +183,7 @@ def test_distill_flag_means_the_reference_or_is_refused(flag):
 @pytest.mark.parametrize("flag", sorted(BUFFER_CASES))
 def test_buffer_flag_means_the_reference_or_is_refused(flag):
     argv, expect = BUFFER_CASES[flag]
-    if isinstance(expect, tuple) and expect[0] == REFUSED:
-        with pytest.raises(ValueError, match=flag) as err:
-            _expert_config([flag, *argv])
-        assert expect[1] in str(err.value)
+    if _refusal(_expert_config, flag, argv, expect) is not None:
         return
     args, cfg = _expert_config([flag, *argv])
     base_args, base_cfg = _expert_config([])
@@ -606,24 +614,11 @@ def test_distiller_samples_trajectories_as_the_reference(digits):
 # Unused hallucinators do not move (one module per hallucinator in the reference)
 
 
-class _StyleTranslator(nn.Module):
-    """The reference's hallucinator: dec(scale * enc(basis) + shift)."""
-
-    def __init__(self, c_b, c, k, size):
-        super().__init__()
-        self.enc = nn.Conv2d(c_b, c, k)
-        self.scale = nn.Parameter(torch.ones(1, c, size - k + 1, size - k + 1))
-        self.shift = nn.Parameter(torch.zeros(1, c, size - k + 1, size - k + 1))
-        self.dec = nn.ConvTranspose2d(c, c, k)
-
-    def forward(self, x):
-        return self.dec(self.scale * self.enc(x) + self.shift)
-
-
 def _oracle_modules(syn):
+    """The research code's one hallucinator module per hallucinator (float64), holding copies of syn's rows."""
     mods = nn.ModuleList()
     for h in range(syn.n_hallucinators):
-        m = _StyleTranslator(syn.bases.shape[1], syn.channels, syn.kernel_size, syn.im_size[0]).double()
+        m = Hallucinator(syn.bases.shape[1], syn.channels, syn.kernel_size, *syn.im_size).double()
         with torch.no_grad():
             m.enc.weight.copy_(syn.enc_weight[h])
             m.enc.bias.copy_(syn.enc_bias[h])

@@ -98,30 +98,14 @@ def test_batch_standardize_makes_testing_affine_invariant(digits):
 
 
 def test_half_schedule_lrs(digits):
-    hist = train_network(
-        _net(digits),
-        digits.train_images[:20],
-        digits.train_labels[:20],
-        epochs=5,
-        lr=0.1,
-        batch_size=20,
-        dsa=False,
-        lr_schedule="half",
-        generator=torch.Generator().manual_seed(0),
-    )
+    def epoch_lrs(epochs, **schedule):
+        hist = train_network(_net(digits), digits.train_images[:20], digits.train_labels[:20], epochs=epochs, lr=0.1,
+                             batch_size=20, dsa=False, generator=torch.Generator().manual_seed(0), **schedule)
+        return [e.lr for e in hist.epochs]
+
     # the reference's buffer.py: decay after epoch 5 // 2 + 1 = 3, so epoch 4 is the first at lr x0.1
-    assert [e.lr for e in hist.epochs] == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01])
-    hist = train_network(
-        _net(digits),
-        digits.train_images[:20],
-        digits.train_labels[:20],
-        epochs=3,
-        lr=0.1,
-        batch_size=20,
-        dsa=False,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert [e.lr for e in hist.epochs] == pytest.approx([0.1, 0.1, 0.1])
+    assert epoch_lrs(5, lr_schedule="half") == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.01])
+    assert epoch_lrs(3) == pytest.approx([0.1, 0.1, 0.1])
 
 
 def test_epoch_data_callable_called_each_epoch(digits):
