@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from haba_fast import dist
 from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
@@ -442,6 +443,12 @@ class Distiller:
         self.channels = dataset.channels
         self.im_size = tuple(dataset.im_size)
         objective_cls = get_objective(cfg.objective)
+        if dist.world_size() > 1 and (cfg.objective != "mtt" or cfg.soft_labels):
+            raise ValueError(
+                f"a multi-process run ({dist.world_size()} processes) splits MTT's unrolled batches over ranks; "
+                f"--objective {cfg.objective}{' with --soft-labels' if cfg.soft_labels else ''} runs on one process "
+                "(start it without torchrun)"
+            )
         if objective_cls.needs_buffer and buffer is None:
             raise ValueError(
                 f"objective {cfg.objective} needs an expert buffer (train one with `haba-fast buffer`); "
@@ -584,7 +591,9 @@ class Distiller:
             club = club_loss(feat[:B], feat[B:]) * self.weights.club
             grand = grand + club
         loss_value = float(loss.detach())
-        lr_clamped = self._update(grand, loss_value, out.metrics.get("start_epoch"))
+        # Several processes: every rank computes the club term in full, so only rank 0's counts in the gradient sum.
+        local = loss + club * dist.main_weight() if club is not None else loss
+        lr_clamped = self._update(local, loss_value, out.metrics.get("start_epoch"))
         self.objective.after_update(self.synthetic)  # e.g. DC trains its network on the updated set
 
         metrics: Dict[str, float] = {
@@ -645,6 +654,9 @@ class Distiller:
             opt.zero_grad(set_to_none=True)
         self.syn_lr.grad = None  # in log mode syn_lr is not an optimizer's parameter
         grand.backward()
+        # Several processes: the matching loss's gradients are each rank's share of the batch; one sum over ranks
+        # (before the checks, so every rank decides the same) gives every rank the full gradient.
+        dist.all_reduce_grads_(self._trainable())
         for p in self._trainable():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 message = f"non-finite gradients {where} (loss {loss_value:.4g}); {lower}"
@@ -683,6 +695,7 @@ class Distiller:
         if not torch.isfinite(total.detach()):
             return False
         total.backward()
+        dist.broadcast_grads_(list(self.adversary.parameters()))  # replicated batch: keep the ranks bitwise in step
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.adversary.parameters()):
             self.opt_adv.zero_grad(set_to_none=True)
             return False

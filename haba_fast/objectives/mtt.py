@@ -137,10 +137,18 @@ def trajectory_loss(
     """The MTT loss of one iteration: ``||w_N - w*||^2 / ||w_start - w*||^2`` (0-dim).
 
     Differentiable in the synthetic set's parameters (bases/hallucinators or images) and in ``lr``.
+
+    On several processes (``haba_fast.dist``) every rank builds the same X and unrolls its shard of every step's
+    batch; the loss is the same on every rank, the gradients of X (and so of the synthetic set) and of ``lr`` are
+    this rank's share, to be summed over ranks (``Distiller`` does).
     """
+    from haba_fast.dist import BatchReducer
+
     X, Y = build_inputs(syn, plan)
     device = X.device
-    return engine(model, X, Y, w_start.to(device), w_target.to(device), lr)
+    reducer = BatchReducer(X.shape[1])
+    X, Y = reducer.shard(X, Y)
+    return engine(model, X, Y, w_start.to(device), w_target.to(device), lr, reducer=reducer)
 
 
 def soft_label_trajectory_loss(
