@@ -1,0 +1,127 @@
+"""Multi-process runs (haba_fast.dist): 2 gloo ranks against one process.
+
+Buffer files, one distillation iteration's gradients, evaluation results and checkpoints of a 2-process run equal
+the 1-process run's (up to the float order of the sum over ranks); a dead rank ends the job with an error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dist_workers as W
+from haba_fast import dist
+
+
+def test_one_process_is_a_no_op():
+    assert not dist.init_from_env("cpu") or dist.world_size() > 1  # no torchrun variables in the test run
+    assert (dist.rank(), dist.world_size(), dist.is_main(), dist.main_weight()) == (0, 1, True, 1.0)
+    t = torch.arange(3.0)
+    assert dist.all_reduce_sum_(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+    assert dist.broadcast({"a": 1}) == {"a": 1}
+    assert dist.gather_objects(5) == [5] and dist.all_gather_objects(5) == [5]
+    r = dist.BatchReducer(7)
+    assert (r.lo, r.hi, r.weight, r.active) == (0, 7, 1.0, False)
+    X, Y = torch.zeros(2, 7, 1), torch.zeros(2, 7)
+    assert r.shard(X, Y)[0] is X and r.reduce(t) is t and r.share(t) is t
+    dist.barrier()
+
+
+def test_init_from_env_rejects_bad_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="RANK"):
+        dist.init_from_env("cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("HABA_FAST_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HABA_FAST_DIST_TIMEOUT"):
+        dist.init_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.init_from_env("cpu") is False
+
+
+def test_collectives_on_two_ranks(tmp_path):
+    r0, r1 = W.run_ranks(W.collectives, 2, tmp_path)
+    for r, out in enumerate((r0, r1)):
+        assert out["rank"] == r and out["world"] == 2 and out["is_main"] == (r == 0)
+        assert out["sum"].tolist() == [3.0] * 3
+        assert out["bcast"].tolist() == [1.0, 1.0]  # from the last rank
+        assert out["obj"] == {"from": 0}
+        assert out["everyone"] == [0, 10]
+        assert out["grad_sum"].tolist() == [3.0, 3.0] and out["q_grad"] is None
+        assert out["grad_bcast"].tolist() == [5.0, 5.0]
+    assert r0["gathered"] == [("rank", 0), ("rank", 1)] and r1["gathered"] is None
+
+
+def test_batch_reducer_needs_a_sample_per_rank(monkeypatch):
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    with pytest.raises(ValueError, match="batch_syn"):
+        dist.BatchReducer(3)
+
+
+@pytest.mark.parametrize("engine", ["naive", "exact", "first-order"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_engine_gradients_equal_one_process(tmp_path, engine, dtype, tol):
+    if engine == "first-order" and dtype == torch.float32:
+        pytest.skip("one dtype is enough for the approximation")
+    (ref,) = W.run_ranks(W.engine_grads, 1, tmp_path / "one", engine, dtype)
+    parts = W.run_ranks(W.engine_grads, 2, tmp_path / "two", engine, dtype)
+    assert parts[0]["rows"] == (0, 3) and parts[1]["rows"] == (3, 7)
+    for p in parts:  # the same loss on every rank (every rank stepped the same w_t)
+        torch.testing.assert_close(p["loss"], ref["loss"], rtol=tol, atol=tol)
+    dX = parts[0]["dX"] + parts[1]["dX"]  # each rank's rows, zeros elsewhere
+    assert parts[0]["dX"][:, 3:].abs().max() == 0 and parts[1]["dX"][:, :3].abs().max() == 0
+    scale = ref["dX"].abs().max()
+    assert (dX - ref["dX"]).abs().max() <= tol * scale
+    dlr = parts[0]["dlr"] + parts[1]["dlr"]
+    assert abs(float(dlr - ref["dlr"])) <= tol * max(1.0, abs(float(ref["dlr"])))
+
+
+@pytest.mark.parametrize("parameterization", ["haba", "pixels"])
+def test_distiller_step_equals_one_process(tmp_path, parameterization):
+    """One float32 iteration (exact engine, Python adjoint): the updated synthetic set, lr and adversary."""
+    (ref,) = W.run_ranks(W.distiller_step, 1, tmp_path / "one", "exact", parameterization)
+    r0, r1 = W.run_ranks(W.distiller_step, 2, tmp_path / "two", "exact", parameterization)
+    for name, p in ref["params"].items():
+        torch.testing.assert_close(r0["params"][name], p, rtol=1e-5, atol=1e-5)
+        assert torch.equal(r0["params"][name], r1["params"][name]), name  # the ranks stay bitwise in step
+    torch.testing.assert_close(r0["syn_lr"], ref["syn_lr"], rtol=1e-5, atol=1e-9)
+    assert abs(r0["metrics"]["loss"] - ref["metrics"]["loss"]) < 1e-5
+    for a, b, c in zip(ref["adversary"], r0["adversary"], r1["adversary"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert torch.equal(b, c)
+
+
+def test_eval_gathers_every_result(tmp_path):
+    (ref,) = W.run_ranks(W.evaluate_runs, 1, tmp_path / "one")
+    r0, r1 = W.run_ranks(W.evaluate_runs, 2, tmp_path / "two")
+    assert r0["accuracies"] == ref["accuracies"] == r1["accuracies"]
+    assert len(r0["local_calls"]) == 3 and len(r1["local_calls"]) == 3  # runs 0, 2, 4 and 1, 3, 5
+    assert sorted(r0["local_calls"] + r1["local_calls"]) == sorted(ref["local_calls"])
+
+
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
+    """Rank 1 dies before a collective; torchrun ends the job (non-zero) instead of leaving rank 0 waiting."""
+    script = tmp_path / "die.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch
+        from haba_fast import dist
+        dist.init_from_env("cpu")
+        if dist.rank() == 1:
+            os._exit(3)
+        dist.all_reduce_sum_(torch.ones(4))
+        dist.barrier()
+        print("rank 0 finished")
+    """))
+    env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="20", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(W.free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert proc.returncode != 0
+    assert "rank 0 finished" not in proc.stdout
+    assert "exitcode" in proc.stderr or "Error" in proc.stderr
