@@ -38,6 +38,7 @@ __all__ = [
     "init_from_env",
     "is_main",
     "main_weight",
+    "print_main",
     "rank",
     "world_size",
 ]
@@ -70,6 +71,12 @@ def world_size() -> int:
 def is_main() -> bool:
     """True on rank 0: the process that writes files and logs."""
     return rank() == 0
+
+
+def print_main(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (one line per job, not one per process)."""
+    if is_main():
+        print(*args, **kwargs)
 
 
 def main_weight() -> float:

@@ -222,3 +222,16 @@ def evaluate_runs(out_dir: str) -> dict:
         (x, y), ds, cfg, lr=0.01, generator=torch.Generator().manual_seed(3), callback=lambda *a: seen.append(a)
     )
     return {"accuracies": res.accuracies, "local_calls": seen}
+
+
+def train_buffer(out_dir: str, fmt: str, num_experts: int, sub: str) -> None:
+    """train_experts of tiny experts into ``out_dir/sub`` (resumes what is there)."""
+    from haba_fast.experts import ExpertConfig, train_experts
+
+    ds = digits()
+    cfg = ExpertConfig(
+        model=MODEL, num_experts=num_experts, epochs=2, batch_size=64, save_interval=2, seed=5, device="cpu",
+        dsa_strategy="color_crop", test_every=0,
+    )
+    train_experts(ds, cfg, Path(out_dir) / sub, fmt=fmt, progress=False)
+    return None

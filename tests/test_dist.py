@@ -125,3 +125,21 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
     assert proc.returncode != 0
     assert "rank 0 finished" not in proc.stdout
     assert "exitcode" in proc.stderr or "Error" in proc.stderr
+
+
+@pytest.mark.parametrize("fmt,first", [("haba", 1), ("reference", 2)])
+def test_buffer_files_equal_one_process(tmp_path, fmt, first):
+    """2 ranks resume a 1-process run of ``first`` experts up to 5 (rounds of 2, the last one partial): same
+    trajectories, same files, same grouping into replay_buffer files, as one process training all 5. (The reference
+    layout's first run ends with a full file of save_interval 2: a finished run flushes its remainder.)"""
+    from haba_fast.experts import load_buffer
+
+    W.run_ranks(W.train_buffer, 1, tmp_path, fmt, 5, "one")
+    W.run_ranks(W.train_buffer, 1, tmp_path, fmt, first, "two")
+    W.run_ranks(W.train_buffer, 2, tmp_path, fmt, 5, "two")
+    one, two = load_buffer(tmp_path / "one"), load_buffer(tmp_path / "two")
+    assert two.num_trajectories == one.num_trajectories == 5
+    assert two.file_groups() == one.file_groups()
+    for t in range(5):
+        assert torch.equal(two.trajectory(t), one.trajectory(t)), t
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
