@@ -851,7 +851,10 @@ def distill(
     from haba_fast.io import check_writable, remove_temp_files
 
     t0 = time.perf_counter()
+    dist.init_from_env(device if device is not None else cfg.device)  # under torchrun: join the job (else nothing)
     out = Path(out_dir) if out_dir is not None else None
+    if not dist.is_main():  # several processes: rank 0 alone reads the checkpoint, writes files and logs
+        out, log, progress = None, (lambda message: None), False
     if out is not None:
         check_writable(out, what="--out folder")
         # Only the folders a run writes (a shared --out such as the home folder keeps other programs' files).
@@ -878,6 +881,10 @@ def distill(
             )
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
+    if dist.world_size() > 1:  # every rank continues from the state rank 0 read and checked
+        state = dist.broadcast(distiller.state_dict() if resumed else None)
+        if state is not None and not dist.is_main():
+            distiller.load_state_dict(state)
     every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
     result = DistillResult(

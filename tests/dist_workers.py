@@ -200,14 +200,14 @@ def distiller_step(out_dir: str, engine: str, parameterization: str) -> dict:
     return {"params": params, "syn_lr": d.syn_lr.detach().clone(), "metrics": metrics, "adversary": adv}
 
 
-def distill_run(out_dir: str, resume: bool) -> dict:
-    """A 2-iteration run writing to ``out_dir/run`` (rank 0 writes); the history of this rank."""
+def distill_run(out_dir: str, sub: str, iterations: int, resume: bool) -> dict:
+    """A HaBa run of ``iterations`` writing to ``out_dir/sub`` (rank 0 writes); this rank's history."""
     from haba_fast.distill import distill
 
     ds = digits()
-    cfg = distill_config(parameterization="haba", checkpoint_every=1)
-    res = distill(cfg, ds, toy_buffer(ds), Path(out_dir) / "run", resume=resume, progress=False, log=lambda s: None)
-    return {"history": res.history, "syn_lr": res.syn_lr}
+    cfg = distill_config(parameterization="haba", checkpoint_every=1, iterations=iterations)
+    res = distill(cfg, ds, toy_buffer(ds), Path(out_dir) / sub, resume=resume, progress=False, log=lambda s: None)
+    return {"history": res.history, "syn_lr": res.syn_lr, "out_dir": res.out_dir}
 
 
 def evaluate_runs(out_dir: str) -> dict:

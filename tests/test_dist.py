@@ -11,10 +11,10 @@ import subprocess
 import sys
 import textwrap
 
+import dist_workers as W
 import pytest
 import torch
 
-import dist_workers as W
 from haba_fast import dist
 
 
@@ -143,3 +143,27 @@ def test_buffer_files_equal_one_process(tmp_path, fmt, first):
     for t in range(5):
         assert torch.equal(two.trajectory(t), one.trajectory(t)), t
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_distill_run_writes_on_rank_0_and_resumes(tmp_path):
+    """2 ranks: rank 0 writes the checkpoint and history, both ranks log the same iterations as one process; a resume
+    on another number of processes is a clear error, on the same number it continues."""
+    import json
+
+    from haba_fast.distill import distill
+
+    (ref,) = W.run_ranks(W.distill_run, 1, tmp_path, "one", 3, False)
+    r0, r1 = W.run_ranks(W.distill_run, 2, tmp_path, "two", 2, False)
+    assert r0["out_dir"] is not None and r1["out_dir"] is None
+    assert [m["loss"] for m in r0["history"]] == [m["loss"] for m in r1["history"]]
+    for a, b in zip(r0["history"], ref["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["syn_lr"] - b["syn_lr"]) < 1e-9
+    lines = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [0.0, 1.0]
+    ds = W.digits()
+    cfg = W.distill_config(parameterization="haba", checkpoint_every=1, iterations=3)
+    with pytest.raises(ValueError, match="2 process"):
+        distill(cfg, ds, W.toy_buffer(ds), tmp_path / "two", resume=True, progress=False, log=lambda s: None)
+    r0, _ = W.run_ranks(W.distill_run, 2, tmp_path, "two", 3, True)
+    (last,) = r0["history"]
+    assert last["iteration"] == 2.0 and abs(last["loss"] - ref["history"][2]["loss"]) < 1e-5

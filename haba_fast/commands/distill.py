@@ -414,14 +414,16 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     lr_text = f"learned lr {result.syn_lr:.4g}" if cfg.objective == "mtt" else f"evaluation lr {result.syn_lr:.4g}"
-    print(
+    from haba_fast.dist import print_main  # under torchrun: one report, from rank 0
+
+    print_main(
         f"done: {result.iterations} iterations in {result.seconds:.0f} s; {lr_text}; "
         f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)"
     )
     for ev in result.evaluations[-1:]:
         for model, v in ev.items():
             if isinstance(v, dict):
-                print(f"final evaluation {model}: {100 * v['mean']:.2f}% ± {100 * v['std']:.2f}")
+                print_main(f"final evaluation {model}: {100 * v['mean']:.2f}% ± {100 * v['std']:.2f}")
     return 0
 
 
