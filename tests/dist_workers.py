@@ -185,6 +185,20 @@ def distill_config(**kw):
     return DistillConfig(**base)
 
 
+ENGINE_CASES = (("naive", torch.float64), ("naive", torch.float32), ("exact", torch.float64),
+                ("exact", torch.float32), ("first-order", torch.float64))
+
+
+def engine_grads_all(out_dir: str) -> dict:
+    """:func:`engine_grads` of every ENGINE_CASES entry (one process start for all)."""
+    return {case: engine_grads(out_dir, *case) for case in ENGINE_CASES}
+
+
+def distiller_steps(out_dir: str) -> dict:
+    """:func:`distiller_step` for HaBa and Pixels (exact engine)."""
+    return {p: distiller_step(out_dir, "exact", p) for p in ("haba", "pixels")}
+
+
 def distiller_step(out_dir: str, engine: str, parameterization: str) -> dict:
     """One Distiller iteration; the parameters after it and its metrics."""
     from haba_fast.distill import Distiller
@@ -224,14 +238,16 @@ def evaluate_runs(out_dir: str) -> dict:
     return {"accuracies": res.accuracies, "local_calls": seen}
 
 
-def train_buffer(out_dir: str, fmt: str, num_experts: int, sub: str) -> None:
-    """train_experts of tiny experts into ``out_dir/sub`` (resumes what is there)."""
+def train_buffers(out_dir: str, num_experts: dict, sub: str) -> None:
+    """train_experts of tiny experts into ``out_dir/<fmt>_<sub>`` for each format (resumes what is there);
+    ``num_experts``: format -> count."""
     from haba_fast.experts import ExpertConfig, train_experts
 
     ds = digits()
-    cfg = ExpertConfig(
-        model=MODEL, num_experts=num_experts, epochs=2, batch_size=64, save_interval=2, seed=5, device="cpu",
-        dsa_strategy="color_crop", test_every=0,
-    )
-    train_experts(ds, cfg, Path(out_dir) / sub, fmt=fmt, progress=False)
+    for fmt, n in num_experts.items():
+        cfg = ExpertConfig(
+            model=MODEL, num_experts=n, epochs=2, batch_size=64, save_interval=2, seed=5, device="cpu",
+            dsa_strategy="color_crop", test_every=0,
+        )
+        train_experts(ds, cfg, Path(out_dir) / f"{fmt}_{sub}", fmt=fmt, progress=False)
     return None
