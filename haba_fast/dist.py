@@ -38,6 +38,7 @@ __all__ = [
     "init_from_env",
     "is_main",
     "main_weight",
+    "payload_bytes",
     "print_main",
     "rank",
     "world_size",
@@ -155,10 +156,21 @@ def barrier() -> None:
         _dist().barrier()
 
 
+_payload_bytes = 0  # bytes of tensors this process handed to collectives (benchmarks read it: payload_bytes())
+
+
+def payload_bytes() -> int:
+    """Bytes of the tensors this process has passed to all-reduce / broadcast so far (0 on one process). A ring
+    all-reduce of S bytes sends about 2 (K-1)/K · S bytes per rank over the network."""
+    return _payload_bytes
+
+
 def all_reduce_sum_(tensor: Tensor) -> Tensor:
     """Sum ``tensor`` over ranks in place (every rank gets the sum); returns it."""
+    global _payload_bytes
     if _active():
         _dist().all_reduce(tensor, op=_dist().ReduceOp.SUM)
+        _payload_bytes += tensor.numel() * tensor.element_size()
     return tensor
 
 
@@ -169,7 +181,9 @@ def broadcast(value: Any, src: int = 0) -> Any:
         return value
     dist = _dist()
     if isinstance(value, Tensor):
+        global _payload_bytes
         dist.broadcast(value, src=src)
+        _payload_bytes += value.numel() * value.element_size()
         return value
     box = [value]
     dist.broadcast_object_list(box, src=src)

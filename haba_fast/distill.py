@@ -892,7 +892,11 @@ def distill(
     )
     storage = _storage_of(distiller.synthetic, dataset)
     result.storage = storage
-    log(f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}")
+    k = dist.world_size()
+    log(
+        f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}"
+        + (f"; data-parallel on {k} processes (every unrolled step's batch split over them)" if k > 1 else "")
+    )
     best = -1.0
     if resumed and out is not None and (out / "synthetic_best.pt").exists():
         # A resumed run keeps its best: only a better evaluation may replace synthetic_best.pt.
