@@ -170,6 +170,9 @@ class DistillConfig:
     lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
     max_bad_steps: int = 5  # a non-finite/exploded step is skipped; this many in a row stop the run
     lr_param: str = "plain"  # learned lr: "plain" (the reference: SGD on lr, clamped to >= min_lr) or "log"
+    # MTT: expert segments matched per iteration (mean loss); > 1 is trajectory-parallel under torchrun (segment m
+    # on rank m mod K). A different algorithm from the reference's one segment per iteration.
+    trajectories_per_iteration: int = 1
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -230,6 +233,11 @@ class DistillConfig:
             raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
         if self.objective not in ("dc", "dsa") and (self.outer_loop is not None or self.inner_loop is not None):
             raise ValueError(f"--outer-loop / --inner-loop apply to --objective dc or dsa, not {self.objective}")
+        m = self.trajectories_per_iteration
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"--trajectories-per-iteration must be an int >= 1, got {m!r}")
+        if m > 1 and self.objective != "mtt":
+            raise ValueError("--trajectories-per-iteration matches expert segments: it needs --objective mtt")
         if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
             raise ValueError(
                 f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
@@ -443,6 +451,12 @@ class Distiller:
         self.channels = dataset.channels
         self.im_size = tuple(dataset.im_size)
         objective_cls = get_objective(cfg.objective)
+        m, k = cfg.trajectories_per_iteration, dist.world_size()
+        if m > 1 and m % k:
+            raise ValueError(
+                f"--trajectories-per-iteration {m} does not split evenly over {k} processes (segment m runs on process "
+                f"m mod {k}): use a multiple of {k}"
+            )
         if dist.world_size() > 1 and (cfg.objective != "mtt" or cfg.soft_labels):
             raise ValueError(
                 f"a multi-process run ({dist.world_size()} processes) splits MTT's unrolled batches over ranks; "
@@ -895,7 +909,13 @@ def distill(
     k = dist.world_size()
     log(
         f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}"
-        + (f"; data-parallel on {k} processes (every unrolled step's batch split over them)" if k > 1 else "")
+        + (
+            ""
+            if k == 1
+            else f"; trajectory-parallel on {k} processes (segment m on process m mod {k})"
+            if cfg.trajectories_per_iteration > 1
+            else f"; data-parallel on {k} processes (every unrolled step's batch split over them)"
+        )
     )
     best = -1.0
     if resumed and out is not None and (out / "synthetic_best.pt").exists():

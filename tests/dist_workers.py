@@ -195,16 +195,18 @@ def engine_grads_all(out_dir: str) -> dict:
 
 
 def distiller_steps(out_dir: str) -> dict:
-    """:func:`distiller_step` for HaBa and Pixels (exact engine)."""
-    return {p: distiller_step(out_dir, "exact", p) for p in ("haba", "pixels")}
+    """:func:`distiller_step` for HaBa and Pixels (exact engine), and HaBa with 2 segments per iteration."""
+    out = {p: distiller_step(out_dir, "exact", p) for p in ("haba", "pixels")}
+    out["haba_m2"] = distiller_step(out_dir, "exact", "haba", trajectories_per_iteration=2)
+    return out
 
 
-def distiller_step(out_dir: str, engine: str, parameterization: str) -> dict:
+def distiller_step(out_dir: str, engine: str, parameterization: str, **kw) -> dict:
     """One Distiller iteration; the parameters after it and its metrics."""
     from haba_fast.distill import Distiller
 
     ds = digits()
-    cfg = distill_config(engine=engine, parameterization=parameterization)
+    cfg = distill_config(engine=engine, parameterization=parameterization, **kw)
     d = Distiller(cfg, ds, toy_buffer(ds))
     if engine == "exact":
         d.engine = type(d.engine)(backend="python")  # the 1-process reference uses the same implementation

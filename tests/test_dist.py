@@ -87,10 +87,13 @@ def test_engine_gradients_equal_one_process(tmp_path):
 
 
 def test_distiller_step_equals_one_process(tmp_path):
-    """One float32 iteration (exact engine, Python adjoint), HaBa and Pixels: the updated synthetic set, lr and
-    adversary of 2 ranks equal one process's, and the ranks are bitwise in step."""
+    """One float32 iteration (exact engine, Python adjoint), HaBa and Pixels data-parallel, and HaBa with 2 expert
+    segments per iteration (trajectory-parallel on 2 ranks): the updated synthetic set, lr and adversary of 2 ranks
+    equal one process's, and the ranks are bitwise in step."""
     (refs,) = W.run_ranks(W.distiller_steps, 1, tmp_path / "one")
     twos = W.run_ranks(W.distiller_steps, 2, tmp_path / "two")
+    assert refs["haba_m2"]["metrics"]["segments"] == 2.0
+    assert abs(refs["haba_m2"]["metrics"]["loss"] - refs["haba"]["metrics"]["loss"]) > 1e-6  # another algorithm
     for key, ref in refs.items():
         r0, r1 = twos[0][key], twos[1][key]
         for name, p in ref["params"].items():

@@ -241,6 +241,14 @@ _FLAGS: List[tuple] = [
         "learned lr: plain (the reference: SGD on lr, clamped to >= --min-lr) or log (SGD on log lr: always "
         "positive; --lr_lr is then the step of log lr)",
     ),
+    (
+        "trajectories_per_iteration",
+        ["--trajectories-per-iteration", "--trajectories_per_iteration"],
+        dict(type=int),
+        "MTT: match M expert segments per iteration (mean loss; default 1). A DIFFERENT ALGORITHM from the "
+        "reference's one segment per iteration. Under torchrun it is trajectory-parallel (segment m on process "
+        "m mod K; M a multiple of K); with M = 1 torchrun splits every unrolled batch instead (same algorithm)",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
