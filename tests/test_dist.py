@@ -115,26 +115,32 @@ def test_eval_gathers_every_result(tmp_path):
     assert sorted(r0["local_calls"] + r1["local_calls"]) == sorted(ref["local_calls"])
 
 
-def test_a_dead_rank_ends_the_job_with_an_error(tmp_path):
-    """Rank 1 dies before a collective; torchrun ends the job (non-zero) instead of leaving rank 0 waiting."""
+@pytest.mark.parametrize("failure", ["exit", "stall"])
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, failure):
+    """Rank 1 dies (exit) or stops answering (stall) before a collective: the job ends with an error (torchrun stops
+    the others; a stalled peer makes rank 0's collective time out after $HABA_FAST_DIST_TIMEOUT) instead of a hang."""
     script = tmp_path / "die.py"
-    script.write_text(textwrap.dedent("""
-        import os, torch
+    script.write_text(textwrap.dedent(f"""
+        import os, time, torch
         from haba_fast import dist
         dist.init_from_env("cpu")
         if dist.rank() == 1:
-            os._exit(3)
+            if "{failure}" == "exit":
+                os._exit(3)
+            time.sleep(600)
         dist.all_reduce_sum_(torch.ones(4))
         dist.barrier()
         print("rank 0 finished")
     """))
-    env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="20", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="5", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(W.free_port()), str(script)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # a hang fails here
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)  # a hang fails here
     assert proc.returncode != 0
     assert "rank 0 finished" not in proc.stdout
-    assert "exitcode" in proc.stderr or "Error" in proc.stderr
+    assert "ChildFailedError" in proc.stderr  # torchrun's report of the failed rank
+    if failure == "stall":
+        assert "Timed out" in proc.stderr  # rank 0's collective gave up after the timeout
 
 
 def test_buffer_files_equal_one_process(tmp_path):
