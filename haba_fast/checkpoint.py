@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 import torch
 from torch import Tensor
 
+from haba_fast import dist
+
 if TYPE_CHECKING:  # pragma: no cover
     from haba_fast.distill import DistillConfig, Distiller
 
@@ -153,6 +155,7 @@ def distiller_state(distiller: "Distiller", *, inputs: Optional[Dict[str, Any]] 
         "opt_adv": d.opt_adv.state_dict() if d.opt_adv is not None else None,
         "stream": d.stream.state_dict(),
         "bad_steps": int(d.bad_steps),
+        "world_size": dist.world_size(),  # processes of the run (haba_fast.dist); a resume needs as many
         "rng": {
             "distill": _generator_state(d.generator),
             "eval": _generator_state(d.eval_generator),
@@ -318,6 +321,14 @@ def check_resume(
     """
     from haba_fast.distill import DistillConfig
 
+    saved_world = int(saved_state.get("world_size", 1))
+    if saved_world != dist.world_size():
+        raise ValueError(
+            f"{where} was written by a run on {saved_world} process(es), this one has {dist.world_size()}: resume with "
+            + ("`torchrun --nproc-per-node " + str(saved_world) + " haba-fast distill ...`" if saved_world > 1 else
+               "one process (without torchrun)")
+            + " (or start a new --out folder)"
+        )
     allowed = _normalize_allowed(allow_changed)
     saved = dict(saved_state.get("config", {}))
     defaults = DistillConfig().to_dict()

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from haba_fast import dist
 from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
@@ -171,6 +172,9 @@ class DistillConfig:
     lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
     max_bad_steps: int = 5  # a non-finite/exploded step is skipped; this many in a row stop the run
     lr_param: str = "plain"  # learned lr: "plain" (the reference: SGD on lr, clamped to >= min_lr) or "log"
+    # MTT: expert segments matched per iteration (mean loss); > 1 is trajectory-parallel under torchrun (segment m
+    # on rank m mod K). A different algorithm from the reference's one segment per iteration.
+    trajectories_per_iteration: int = 1
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -233,6 +237,11 @@ class DistillConfig:
             raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
         if self.objective not in ("dc", "dsa") and (self.outer_loop is not None or self.inner_loop is not None):
             raise ValueError(f"--outer-loop / --inner-loop apply to --objective dc or dsa, not {self.objective}")
+        m = self.trajectories_per_iteration
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"--trajectories-per-iteration must be an int >= 1, got {m!r}")
+        if m > 1 and self.objective != "mtt":
+            raise ValueError("--trajectories-per-iteration matches expert segments: it needs --objective mtt")
         if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
             raise ValueError(
                 f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
@@ -454,6 +463,18 @@ class Distiller:
         self.channels = dataset.channels
         self.im_size = tuple(dataset.im_size)
         objective_cls = get_objective(cfg.objective)
+        m, k = cfg.trajectories_per_iteration, dist.world_size()
+        if m > 1 and m % k:
+            raise ValueError(
+                f"--trajectories-per-iteration {m} does not split evenly over {k} processes (segment m runs on process "
+                f"m mod {k}): use a multiple of {k}"
+            )
+        if dist.world_size() > 1 and (cfg.objective != "mtt" or cfg.soft_labels):
+            raise ValueError(
+                f"a multi-process run ({dist.world_size()} processes) splits MTT's unrolled batches over ranks; "
+                f"--objective {cfg.objective}{' with --soft-labels' if cfg.soft_labels else ''} runs on one process "
+                "(start it without torchrun)"
+            )
         if objective_cls.needs_buffer and buffer is None:
             raise ValueError(
                 f"objective {cfg.objective} needs an expert buffer (train one with `haba-fast buffer`); "
@@ -596,7 +617,9 @@ class Distiller:
             club = club_loss(feat[:B], feat[B:]) * self.weights.club
             grand = grand + club
         loss_value = float(loss.detach())
-        lr_clamped = self._update(grand, loss_value, out.metrics.get("start_epoch"))
+        # Several processes: every rank computes the club term in full, so only rank 0's counts in the gradient sum.
+        local = loss + club * dist.main_weight() if club is not None else loss
+        lr_clamped = self._update(local, loss_value, out.metrics.get("start_epoch"))
         self.objective.after_update(self.synthetic)  # e.g. DC trains its network on the updated set
 
         metrics: Dict[str, float] = {
@@ -658,6 +681,9 @@ class Distiller:
             opt.zero_grad(set_to_none=True)
         self.syn_lr.grad = None  # in log mode syn_lr is not an optimizer's parameter
         grand.backward()
+        # Several processes: the matching loss's gradients are each rank's share of the batch; one sum over ranks
+        # (before the checks, so every rank decides the same) gives every rank the full gradient.
+        dist.all_reduce_grads_(self._trainable())
         for p in self._trainable():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 message = f"non-finite gradients {where} (loss {loss_value:.4g}); {lower}"
@@ -697,6 +723,7 @@ class Distiller:
         if not torch.isfinite(total.detach()):
             return False
         total.backward()
+        dist.broadcast_grads_(list(self.adversary.parameters()))  # replicated batch: keep the ranks bitwise in step
         if not all(p.grad is None or torch.isfinite(p.grad).all() for p in self.adversary.parameters()):
             self.opt_adv.zero_grad(set_to_none=True)
             return False
@@ -858,7 +885,10 @@ def distill(
     from haba_fast.io import check_writable, remove_temp_files
 
     t0 = time.perf_counter()
+    dist.init_from_env(device if device is not None else cfg.device)  # under torchrun: join the job (else nothing)
     out = Path(out_dir) if out_dir is not None else None
+    if not dist.is_main():  # several processes: rank 0 alone reads the checkpoint, writes files and logs
+        out, log, progress = None, (lambda message: None), False
     if out is not None:
         check_writable(out, what="--out folder")
         # Only the folders a run writes (a shared --out such as the home folder keeps other programs' files).
@@ -885,6 +915,10 @@ def distill(
             )
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
+    if dist.world_size() > 1:  # every rank continues from the state rank 0 read and checked
+        state = dist.broadcast(distiller.state_dict() if resumed else None)
+        if state is not None and not dist.is_main():
+            distiller.load_state_dict(state)
     every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
     result = DistillResult(
@@ -892,7 +926,17 @@ def distill(
     )
     storage = _storage_of(distiller.synthetic, dataset)
     result.storage = storage
-    log(f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}")
+    k = dist.world_size()
+    log(
+        f"{cfg.parameterization} on {dataset.name}: {_storage_line(storage)}; {distiller.objective.describe()}"
+        + (
+            ""
+            if k == 1
+            else f"; trajectory-parallel on {k} processes (segment m on process m mod {k})"
+            if cfg.trajectories_per_iteration > 1
+            else f"; data-parallel on {k} processes (every unrolled step's batch split over them)"
+        )
+    )
     best = -1.0
     if resumed and out is not None and (out / "synthetic_best.pt").exists():
         # A resumed run keeps its best: only a better evaluation may replace synthetic_best.pt.

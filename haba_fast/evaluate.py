@@ -10,6 +10,9 @@ reported as mean ± std (``np.std``, as the reference prints it). For ``HaBa`` e
 a fresh materialization (every basis through one random hallucinator), generated in one batched call
 on the training device. ``batch_standardize`` is HaBa's per-batch standardization (train and test).
 
+Several processes (``torchrun``, :mod:`haba_fast.dist`): the runs (models × repeats) are spread over the ranks, run j
+on rank j mod K, each with the seed one process would give it, and every rank returns all the results.
+
 Evaluation pools: :func:`eval_pool` is the reference's ``get_eval_pool`` (``--eval_mode``).
 
 Baselines: :func:`coreset` picks real images per class: at random, by herding, or by k-center.
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from haba_fast import dist
 from haba_fast.training import DEFAULT_DSA_STRATEGY, train_network
 
 COMMON_MODELS = ("ConvNet", "AlexNet", "VGG11", "ResNet18")  # the reference's cross-architecture pool ("M")
@@ -292,40 +296,50 @@ def evaluate_synthetic(
             f"{list(expected)}: evaluate on the dataset the set was distilled from (--dataset, --zca)"
         )
     test = (dataset.test_images, dataset.test_labels)
-    accuracies: dict[str, list[float]] = {}
-    for model in cfg.models:
-        accs = []
-        for rep in range(cfg.num_eval):
-            seed = int(torch.randint(2**62, (1,), generator=generator).item())
-            g = torch.Generator().manual_seed(seed)
-            net = get_network(model, dataset.channels, dataset.num_classes, dataset.im_size, generator=g, device=device)
-            history = train_network(
-                net,
-                source,
-                epochs=cfg.epochs + 1,  # the reference's range(Epoch + 1)
-                decay_epoch=cfg.epochs // 2 + 2,  # it decays after epoch Epoch // 2 + 1
-                lr=rate,
-                batch_size=cfg.batch_size,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                dsa=cfg.dsa,
-                dsa_strategy=cfg.dsa_strategy,
-                lr_schedule=cfg.lr_schedule,
-                batch_standardize=cfg.batch_standardize,
-                generator=g,
-                device=device,
-                test_data=test,
-                test_every=0,
-                test_batch_size=cfg.test_batch_size,
-                progress=progress,
-                desc=f"eval {model} {rep + 1}/{cfg.num_eval}",
-            )
-            acc = float(history.final_test_accuracy)
-            accs.append(acc)
-            if callback is not None:
-                callback(model, rep, acc)
-            del net
-        accuracies[model] = accs
+    # Every run's seed is drawn up front, in the order one process uses them, so the runs are independent and can
+    # be spread over ranks (run j on rank j mod K; haba_fast.dist: one process runs them all).
+    runs = [
+        (model, rep, int(torch.randint(2**62, (1,), generator=generator).item()))
+        for model in cfg.models
+        for rep in range(cfg.num_eval)
+    ]
+    mine = []
+    for j, (model, rep, seed) in enumerate(runs):
+        if j % dist.world_size() != dist.rank():
+            continue
+        g = torch.Generator().manual_seed(seed)
+        net = get_network(model, dataset.channels, dataset.num_classes, dataset.im_size, generator=g, device=device)
+        history = train_network(
+            net,
+            source,
+            epochs=cfg.epochs + 1,  # the reference's range(Epoch + 1)
+            decay_epoch=cfg.epochs // 2 + 2,  # it decays after epoch Epoch // 2 + 1
+            lr=rate,
+            batch_size=cfg.batch_size,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            dsa=cfg.dsa,
+            dsa_strategy=cfg.dsa_strategy,
+            lr_schedule=cfg.lr_schedule,
+            batch_standardize=cfg.batch_standardize,
+            generator=g,
+            device=device,
+            test_data=test,
+            test_every=0,
+            test_batch_size=cfg.test_batch_size,
+            progress=progress,
+            desc=f"eval {model} {rep + 1}/{cfg.num_eval}",
+        )
+        acc = float(history.final_test_accuracy)
+        mine.append((j, acc))
+        if callback is not None:
+            callback(model, rep, acc)
+        del net
+    # Every rank gets every result (the same EvalResult everywhere), in run order.
+    done = dict(item for part in dist.all_gather_objects(mine) for item in part)
+    accuracies: dict[str, list[float]] = {model: [] for model in cfg.models}
+    for j, (model, _rep, _seed) in enumerate(runs):
+        accuracies[model].append(done[j])
     return EvalResult(accuracies=accuracies, lr=rate, num_samples=n, epochs=cfg.epochs, config=asdict(cfg), label=label)
 
 

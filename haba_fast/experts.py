@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from haba_fast import dist
 from haba_fast.io import (
     atomic_path,
     atomic_torch_save,
@@ -586,6 +587,14 @@ def _flat(snap: Sequence[Tensor]) -> Tensor:
     return torch.cat([p.reshape(-1).float() for p in snap])
 
 
+def _haba_name(index: int) -> str:
+    return f"expert_{index:05d}.bin"
+
+
+def _pending_name(index: int) -> str:
+    return f"pending_expert_{index:05d}.pt"
+
+
 class _HabaWriter:
     def __init__(self, out_dir: Path, header: dict[str, Any]):
         self.out_dir = out_dir
@@ -596,14 +605,22 @@ class _HabaWriter:
         return len(self.header["trajectories"])
 
     def add(self, index: int, snaps: list[list[Tensor]], info: dict[str, Any]) -> None:
+        self.stage(index, snaps)
+        self.commit(index, info, snaps)
+
+    def stage(self, index: int, snaps: list[list[Tensor]]) -> None:
+        """Write expert ``index``'s own file (by the process that trained it)."""
         flat = torch.stack([_flat(s) for s in snaps])  # [E+1, P] float32
-        name = f"expert_{index:05d}.bin"
         if self.header["dtype"] == "bfloat16":
             array = flat.to(torch.bfloat16).view(torch.int16).numpy()
         else:
             array = flat.numpy()
-        with atomic_path(self.out_dir / name) as tmp:
+        with atomic_path(self.out_dir / _haba_name(index)) as tmp:
             np.ascontiguousarray(array).tofile(tmp)
+
+    def commit(self, index: int, info: dict[str, Any], snaps: list[list[Tensor]] | None = None) -> None:
+        """Record a staged expert as finished (rank 0, in index order)."""
+        name = _haba_name(index)
         header = dict(self.header, trajectories=[*self.header["trajectories"], {"file": name, **info}])
         # The header lists a trajectory only after its file is complete: a crash in between leaves an
         # unlisted .bin that the next run overwrites. In memory too: a failed header write changes nothing.
@@ -671,8 +688,19 @@ class _ReferenceWriter:
             (self.out_dir / f).unlink(missing_ok=True)
 
     def add(self, index: int, snaps: list[list[Tensor]], info: dict[str, Any]) -> None:
-        name = f"pending_expert_{index:05d}.pt"
-        atomic_torch_save(snaps, self.out_dir / name)
+        self.stage(index, snaps)
+        self.commit(index, info, snaps)
+
+    def stage(self, index: int, snaps: list[list[Tensor]]) -> None:
+        """Write expert ``index``'s pending file (by the process that trained it)."""
+        atomic_torch_save(snaps, self.out_dir / _pending_name(index))
+
+    def commit(self, index: int, info: dict[str, Any], snaps: list[list[Tensor]] | None = None) -> None:
+        """Record a staged expert as finished (rank 0, in index order); reads its pending file when another process
+        trained it, and writes a ``replay_buffer_<n>.pt`` when ``save_interval`` experts wait."""
+        name = _pending_name(index)
+        if snaps is None:
+            snaps = torch_load(self.out_dir / name, what="finished expert")
         self.pending.append(snaps)
         self.progress["pending"].append(name)
         self.progress["completed"] += 1
@@ -801,7 +829,9 @@ def train_experts(
     cfg.validate()
     out_dir = Path(out_dir)
     check_writable(out_dir, what="expert output folder")  # read-only or full: a clear error before any training
-    remove_temp_files(out_dir, recursive=False)  # what a killed run was writing (its expert is retrained)
+    if dist.is_main():
+        remove_temp_files(out_dir, recursive=False)  # what a killed run was writing (its expert is retrained)
+    dist.barrier()  # no rank writes before the stale temp files are gone
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
 
@@ -821,73 +851,132 @@ def train_experts(
         "param_shapes": shapes,
     }
     del probe
-    writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
+    # Rank 0 opens (creates or checks) the progress file; every rank learns where to start, or rank 0's error.
+    writer, opened = None, None
+    if dist.is_main():
+        try:
+            writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
+            opened = ("ok", writer.completed)
+        except (ValueError, FileNotFoundError) as exc:
+            opened = ("error", exc)
+    kind, value = dist.broadcast(opened)
+    if kind == "error":
+        raise value
+    start = int(value)
+    if writer is None:  # another rank: it only stages its experts' own files
+        writer = _StagingWriter(out_dir, fmt, storage)
 
     train = (dataset.train_images, dataset.train_labels)
     test = (dataset.test_images, dataset.test_labels) if getattr(dataset, "test_images", None) is not None else None
-    start = writer.completed
     outer = None
-    if progress and start < cfg.num_experts:
+    if progress and start < cfg.num_experts and dist.is_main():
         from tqdm.auto import tqdm
 
         outer = tqdm(total=cfg.num_experts, initial=start, desc="experts", dynamic_ncols=True)
+    k, rank = dist.world_size(), dist.rank()
     try:
-        for i in range(start, cfg.num_experts):
-            g = expert_generator(cfg.seed, i)
-            net = get_network(cfg.model, channels, num_classes, im_size, generator=g, device=device)
-            snaps = [snapshot_params(net)]
-
-            def on_epoch(ep: int, net_: nn.Module, stats: EpochStats, _i: int = i, _snaps: list = snaps) -> None:
-                _snaps.append(snapshot_params(net_))
-                if callback is not None:
-                    callback(_i, ep, stats)
-
-            history = train_network(
-                net,
-                train,
-                epochs=cfg.epochs,
-                lr=cfg.lr,
-                batch_size=cfg.batch_size,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                dsa=cfg.dsa,
-                dsa_strategy=cfg.dsa_strategy,
-                lr_schedule="half" if cfg.decay else None,
-                batch_standardize=cfg.batch_standardize,
-                generator=g,
-                device=device,
-                test_data=test,
-                test_every=cfg.test_every,
-                callback=on_epoch,
-                progress=progress,
-                desc=f"expert {i}",
-            )
-            last = history.epochs[-1]
-            info = {"train_loss": last.loss, "train_accuracy": last.accuracy, "test_accuracy": last.test_accuracy}
+        # Rounds of K consecutive experts: expert i is trained by rank i mod K (one per rank per round), staged in
+        # its own file by that rank, and recorded by rank 0 in index order, as one process records them.
+        for first in range(start, cfg.num_experts, k):
+            i = first + (rank - first) % k
+            mine = None
+            if i < cfg.num_experts:
+                info, snaps = _train_one(
+                    i, cfg, train, test, channels, num_classes, im_size, device, progress and dist.is_main(), callback
+                )
+                try:
+                    writer.stage(i, snaps)
+                except OSError as exc:
+                    raise _write_error(i, out_dir, writer, exc) from exc
+                mine = (i, info, snaps if dist.is_main() else None)
+            finished = dist.gather_objects(None if mine is None else (mine[0], mine[1]))
+            if finished is None:
+                continue
+            for j, info in sorted(f for f in finished if f is not None):
+                try:
+                    writer.commit(j, info, mine[2] if mine is not None and j == mine[0] else None)
+                except OSError as exc:
+                    raise _write_error(j, out_dir, writer, exc) from exc
+                if outer is not None:
+                    outer.set_postfix(
+                        {"loss": f"{info['train_loss']:.4f}"}
+                        | ({"test_acc": f"{info['test_accuracy']:.3f}"} if info["test_accuracy"] is not None else {})
+                    )
+                    outer.update(1)
+        if dist.is_main():
             try:
-                writer.add(i, snaps, info)
+                writer.finish()
             except OSError as exc:
                 raise ValueError(
-                    f"could not write expert {i} in {out_dir}: {exc.strerror or exc}; the {writer.completed} "
-                    "finished expert(s) are intact: free space and rerun to continue"
+                    f"could not write the last replay buffer file in {out_dir}: {exc.strerror or exc}; the finished "
+                    "experts are intact: free space and rerun to continue"
                 ) from exc
-            if outer is not None:
-                outer.set_postfix(
-                    {"loss": f"{last.loss:.4f}"}
-                    | ({"test_acc": f"{last.test_accuracy:.3f}"} if last.test_accuracy is not None else {})
-                )
-                outer.update(1)
-        try:
-            writer.finish()
-        except OSError as exc:
-            raise ValueError(
-                f"could not write the last replay buffer file in {out_dir}: {exc.strerror or exc}; the finished "
-                "experts are intact: free space and rerun to continue"
-            ) from exc
     finally:
         if outer is not None:
             outer.close()
+    dist.barrier()  # every file is complete when any rank returns
     return out_dir
+
+
+def _write_error(index: int, out_dir: Path, writer, exc: OSError) -> ValueError:
+    return ValueError(
+        f"could not write expert {index} in {out_dir}: {exc.strerror or exc}; the {writer.completed} "
+        "finished expert(s) are intact: free space and rerun to continue"
+    )
+
+
+class _StagingWriter:
+    """A rank other than 0: writes its experts' own files only (rank 0 records them)."""
+
+    def __init__(self, out_dir: Path, fmt: str, storage: str):
+        self.out_dir = out_dir
+        self.fmt = fmt
+        self.header = {"dtype": storage}
+        self.completed = 0
+
+    def stage(self, index: int, snaps: list[list[Tensor]]) -> None:
+        if self.fmt == "haba":
+            _HabaWriter.stage(self, index, snaps)
+        else:
+            atomic_torch_save(snaps, self.out_dir / _pending_name(index))
+
+
+def _train_one(index, cfg, train, test, channels, num_classes, im_size, device, progress, callback):
+    """Train expert ``index`` from its own generator: ``(info, snapshots)``."""
+    from haba_fast.models import get_network
+
+    g = expert_generator(cfg.seed, index)
+    net = get_network(cfg.model, channels, num_classes, im_size, generator=g, device=device)
+    snaps = [snapshot_params(net)]
+
+    def on_epoch(ep: int, net_: nn.Module, stats: EpochStats) -> None:
+        snaps.append(snapshot_params(net_))
+        if callback is not None:
+            callback(index, ep, stats)
+
+    history = train_network(
+        net,
+        train,
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        dsa=cfg.dsa,
+        dsa_strategy=cfg.dsa_strategy,
+        lr_schedule="half" if cfg.decay else None,
+        batch_standardize=cfg.batch_standardize,
+        generator=g,
+        device=device,
+        test_data=test,
+        test_every=cfg.test_every,
+        callback=on_epoch,
+        progress=progress,
+        desc=f"expert {index}",
+    )
+    last = history.epochs[-1]
+    info = {"train_loss": last.loss, "train_accuracy": last.accuracy, "test_accuracy": last.test_accuracy}
+    return info, snaps
 
 
 __all__ = [

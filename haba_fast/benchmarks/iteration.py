@@ -172,8 +172,13 @@ def engine_only_fn(args):
 def run(args) -> int:
     import warnings
 
-    from haba_fast import timing
+    from haba_fast import dist, timing
 
+    # Under torchrun (``torchrun --nproc-per-node K -m haba_fast.cli bench iteration ...``): the data-parallel step,
+    # every unrolled batch split over the K processes; rank 0 prints the row.
+    dist.init_from_env(args.device)
+    if dist.world_size() > 1 and args.max_seconds is not None:
+        raise ValueError("--max-seconds would let the processes stop after different counts; give --repeats only")
     if args.threads:
         torch.set_num_threads(int(args.threads))
     for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
@@ -200,8 +205,10 @@ def run(args) -> int:
             cpu_times.append(time.process_time() - c0)
             return out
 
+        sent = dist.payload_bytes()
         t = timing.measure(timed, warmup=args.warmup, repeats=args.repeats, device=device, max_seconds=args.max_seconds)
         cpu_times = cpu_times[args.warmup :]
+        sent = (dist.payload_bytes() - sent) / max(1, len(cpu_times) + args.warmup)
     row: dict[str, Any] = {
         "bench": "iteration",
         "engine": args.engine,
@@ -215,6 +222,9 @@ def run(args) -> int:
         "width": args.width,
         "depth": args.depth,
         "device": str(device),
+        "processes": dist.world_size(),
+        "threads": torch.get_num_threads(),
+        "comm_payload_bytes_per_iter": sent,  # tensors handed to all-reduce/broadcast by one rank per iteration
         "s_per_iter": t.median,
         "s_per_iter_min": t.min,
         "cpu_s_per_iter": statistics.median(cpu_times),
@@ -224,8 +234,9 @@ def run(args) -> int:
     }
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    sys.stdout.write(json.dumps(row) + "\n")
-    sys.stdout.flush()
+    if dist.is_main():
+        sys.stdout.write(json.dumps(row) + "\n")
+        sys.stdout.flush()
     return 0
 
 

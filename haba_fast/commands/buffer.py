@@ -210,14 +210,18 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from haba_fast import data
+    from haba_fast import data, dist
     from haba_fast.experts import expert_dir, load_buffer, train_experts
 
     cfg = expert_config_from_args(args)
+    dist.init_from_env(args.device)  # under torchrun: expert i is trained by rank i mod K
     g = torch.Generator().manual_seed(args.seed)
     ds = data.load(args.dataset, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
     out = args.out or expert_dir(args.buffer_path, ds.name, args.model, zca=args.zca)
-    print(f"experts: {cfg.num_experts} x {cfg.epochs} epochs of {cfg.model} on {ds!r} -> {out} ({args.fmt})")
+    dist.print_main(
+        f"experts: {cfg.num_experts} x {cfg.epochs} epochs of {cfg.model} on {ds!r} -> {out} ({args.fmt})"
+        + (f", {dist.world_size()} processes" if dist.world_size() > 1 else "")
+    )
     train_experts(
         ds,
         cfg,
@@ -228,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     buf = load_buffer(out)
-    print(
+    dist.print_main(
         f"buffer: {buf.num_trajectories} trajectories x {buf.num_epochs + 1} snapshots x {buf.num_params} "
         f"parameters at {out}"
     )

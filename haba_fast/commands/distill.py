@@ -246,6 +246,14 @@ _FLAGS: List[tuple] = [
         "learned lr: plain (the reference: SGD on lr, clamped to >= --min-lr) or log (SGD on log lr: always "
         "positive; --lr_lr is then the step of log lr)",
     ),
+    (
+        "trajectories_per_iteration",
+        ["--trajectories-per-iteration", "--trajectories_per_iteration"],
+        dict(type=int),
+        "MTT: match M expert segments per iteration (mean loss; default 1). A DIFFERENT ALGORITHM from the "
+        "reference's one segment per iteration. Under torchrun it is trajectory-parallel (segment m on process "
+        "m mod K; M a multiple of K); with M = 1 torchrun splits every unrolled batch instead (same algorithm)",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.
@@ -419,14 +427,16 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     lr_text = f"learned lr {result.syn_lr:.4g}" if cfg.objective == "mtt" else f"evaluation lr {result.syn_lr:.4g}"
-    print(
+    from haba_fast.dist import print_main  # under torchrun: one report, from rank 0
+
+    print_main(
         f"done: {result.iterations} iterations in {result.seconds:.0f} s; {lr_text}; "
         f"synthetic set: {result.out_dir}/synthetic.pt (reference files in {result.out_dir}/reference)"
     )
     for ev in result.evaluations[-1:]:
         for model, v in ev.items():
             if isinstance(v, dict):
-                print(f"final evaluation {model}: {100 * v['mean']:.2f}% ± {100 * v['std']:.2f}")
+                print_main(f"final evaluation {model}: {100 * v['mean']:.2f}% ± {100 * v['std']:.2f}")
     return 0
 
 

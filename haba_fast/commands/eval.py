@@ -156,8 +156,10 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from haba_fast import data
+    from haba_fast import data, dist
     from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic
+
+    dist.init_from_env(args.device)  # under torchrun: the runs are spread over the processes
 
     if (args.checkpoint is None) == (args.baseline is None):
         raise ValueError(
@@ -222,13 +224,16 @@ def run(args: argparse.Namespace) -> int:
     if syn is None:
         syn = coreset(ds, args.ipc, args.baseline, generator=g, features=args.herding_features)
         label = f"{args.baseline} coreset ipc {args.ipc}"
-    result = evaluate_synthetic(syn, ds, cfg, generator=g, progress=not args.quiet and not args.json, label=label)
+    progress = not args.quiet and not args.json and dist.is_main()
+    result = evaluate_synthetic(syn, ds, cfg, generator=g, progress=progress, label=label)
     if args.json:
         out = result.to_dict()
         out["dataset"] = ds.name
         out["checkpoint"] = args.checkpoint
-        print(json.dumps(out, indent=1))
+        out["processes"] = dist.world_size()
+        dist.print_main(json.dumps(out, indent=1))
     else:
-        print(f"dataset {ds.name}: {cfg.num_eval} x {cfg.epochs} epochs per model, lr {result.lr:g}")
-        print(result.table())
+        dist.print_main(f"dataset {ds.name}: {cfg.num_eval} x {cfg.epochs} epochs per model, lr {result.lr:g}"
+                        + (f" ({dist.world_size()} processes)" if dist.world_size() > 1 else ""))
+        dist.print_main(result.table())
     return 0

@@ -37,11 +37,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
 from haba_fast.models import convnet_spec, functional_forward
 
@@ -112,7 +114,15 @@ class _AdjointUnroll(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, X: Tensor, lr: Tensor, model: nn.Module, Y: Tensor, w_start: Tensor, w_target: Tensor, first_order: bool
+        ctx,
+        X: Tensor,
+        lr: Tensor,
+        model: nn.Module,
+        Y: Tensor,
+        w_start: Tensor,
+        w_target: Tensor,
+        first_order: bool,
+        reducer: BatchReducer,
     ) -> Tensor:
         n_steps = X.shape[0]
         ws = torch.empty((n_steps + 1, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
@@ -120,19 +130,21 @@ class _AdjointUnroll(torch.autograd.Function):
         for t in range(n_steps):
             with torch.enable_grad():
                 w = ws[t].detach().requires_grad_(True)
-                ce = F.cross_entropy(functional_forward(model, w, X[t].detach()), Y[t])
+                ce = F.cross_entropy(functional_forward(model, w, X[t].detach()), Y[t]) * reducer.weight
                 (g,) = torch.autograd.grad(ce, w)
+            reducer.reduce_(g)  # the reducer hook: the shards' weighted gradients summed (identity on one process)
             torch.sub(ws[t], lr.detach() * g, out=ws[t + 1])
         denom = (w_start - w_target).pow(2).sum()
         ctx.save_for_backward(X, lr, Y, ws, w_target)
         ctx.model = model
         ctx.first_order = first_order
+        ctx.reducer = reducer
         return (ws[n_steps] - w_target).pow(2).sum() / denom
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         X, lr, Y, ws, w_target = ctx.saved_tensors
-        model, first_order = ctx.model, ctx.first_order
+        model, first_order, reducer = ctx.model, ctx.first_order, ctx.reducer
         n_steps = X.shape[0]
         lr_d = lr.detach()
         denom = (ws[0] - w_target).pow(2).sum()
@@ -144,7 +156,7 @@ class _AdjointUnroll(torch.autograd.Function):
             with torch.enable_grad():
                 w = ws[t].detach().requires_grad_(True)
                 x = X[t].detach().requires_grad_(need_x)
-                ce = F.cross_entropy(functional_forward(model, w, x), Y[t])
+                ce = F.cross_entropy(functional_forward(model, w, x), Y[t]) * reducer.weight
                 (g,) = torch.autograd.grad(ce, w, create_graph=True)
                 inputs = ([] if first_order else [w]) + ([x] if need_x else [])
                 hs = torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True) if inputs else ()
@@ -156,13 +168,23 @@ class _AdjointUnroll(torch.autograd.Function):
             if not first_order:
                 hw = hs[0]
                 if hw is not None:
-                    lam = lam - lr_d * hw
+                    # The reducer hook: the shards' Hessian-vector products summed (<g_t, lam> and dX stay per shard:
+                    # the lr gradient is summed over ranks with the synthetic set's).
+                    lam = lam - lr_d * reducer.reduce_(hw)
         # Inputs: X, lr, model, Y, w_start, w_target, first_order (w_start/w_target are constants, as in naive).
-        return dX, (dlr if ctx.needs_input_grad[1] else None), None, None, None, None, None
+        return dX, (dlr if ctx.needs_input_grad[1] else None), None, None, None, None, None, None
 
 
 def adjoint_unroll(
-    model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, *, first_order: bool = False
+    model: nn.Module,
+    X: Tensor,
+    Y: Tensor,
+    w_start: Tensor,
+    w_target: Tensor,
+    lr: Tensor,
+    *,
+    first_order: bool = False,
+    reducer: Optional[BatchReducer] = None,
 ) -> Tensor:
     """The Python adjoint engine on any ``nn.Module`` (no input checks; engines call it after validating).
 
@@ -170,11 +192,14 @@ def adjoint_unroll(
         model: the student architecture (its weights are ignored; ``functional_forward`` uses ``w``).
         X: [N, B, C, H, W] float inputs; Y: [N, B] int64; w_start, w_target: [P] (X's dtype); lr: 0-dim.
         first_order: drop the Hessian term in w (approximation).
+        reducer: data parallelism (``haba_fast.dist.BatchReducer``): X, Y are this rank's shard of every step's
+            batch; per-step gradients and Hessian-vector products are summed over ranks. None: one process.
 
     Returns:
         0-dim loss, differentiable in X and lr.
     """
-    return _AdjointUnroll.apply(X, lr, model, Y, w_start, w_target, bool(first_order))
+    reducer = reducer if reducer is not None else BatchReducer.single(X.shape[1])
+    return _AdjointUnroll.apply(X, lr, model, Y, w_start, w_target, bool(first_order), reducer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -198,12 +223,14 @@ class AdjointEngine:
         self.backend = _backend(backend)
         self.last_backend: str | None = None  # which implementation the last call used ("cpp" | "python")
 
-    def _use_cpp(self, model: nn.Module, X: Tensor) -> list[int] | None:
+    def _use_cpp(self, model: nn.Module, X: Tensor, distributed: bool = False) -> list[int] | None:
         if self.backend == "python":
             return None
         spec = cpp_spec(model)
         reason = None
-        if spec is None:
+        if distributed:  # the op runs the whole unroll in one call: no place for the per-step sum over ranks
+            reason = "the C++ op has no per-step all-reduce (a multi-process run uses the Python adjoint)"
+        elif spec is None:
             reason = f"{type(model).__name__} is not a ConvNet the C++ engine implements (instance/group/layer/no norm)"
         elif X.dtype not in (torch.float32, torch.float64):
             reason = f"dtype {X.dtype} (the C++ engine runs float32 and float64)"
@@ -215,7 +242,17 @@ class AdjointEngine:
             raise ValueError(f"engine {self.name!r} with backend 'cpp' cannot run: {reason}; use backend='auto'")
         return None
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        X: Tensor,
+        Y: Tensor,
+        w_start: Tensor,
+        w_target: Tensor,
+        lr: Tensor,
+        *,
+        reducer: Optional[BatchReducer] = None,
+    ) -> Tensor:
         """Matching loss after N SGD steps (see ``haba_fast.engines.base.Engine``).
 
         Args:
@@ -225,6 +262,8 @@ class AdjointEngine:
             w_start: [P] flat expert snapshot at the start epoch (treated as a constant).
             w_target: [P] flat expert snapshot ``expert_epochs`` later (a constant).
             lr: 0-dim learning rate (differentiable).
+            reducer: data parallelism (``haba_fast.dist.BatchReducer``; None: one process): X, Y are this rank's
+                shard of every step's batch. An active reducer runs the Python implementation.
 
         Returns:
             0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2`` in X's dtype.
@@ -254,7 +293,7 @@ class AdjointEngine:
         ws = w_start.detach().to(X.dtype)
         wt = w_target.detach().to(X.dtype)
         lr_x = lr.to(X.dtype)
-        spec = self._use_cpp(model, X)
+        spec = self._use_cpp(model, X, distributed=reducer is not None and reducer.active)
         if spec is not None:
             self.last_backend = "cpp"
             try:
@@ -262,7 +301,7 @@ class AdjointEngine:
             except RuntimeError as exc:  # the op's TORCH_CHECKs: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
         self.last_backend = "python"
-        return adjoint_unroll(model, X, Y, ws, wt, lr_x, first_order=self.first_order)
+        return adjoint_unroll(model, X, Y, ws, wt, lr_x, first_order=self.first_order, reducer=reducer)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self.backend!r})"

@@ -26,7 +26,9 @@ class Engine(Protocol):
     name: str
     approximate: bool
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
+    def __call__(
+        self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, *, reducer=None
+    ) -> Tensor:
         """Matching loss after N SGD steps.
 
         Args:
@@ -36,6 +38,10 @@ class Engine(Protocol):
             w_start: [P] flat expert snapshot at the start epoch.
             w_target: [P] flat expert snapshot ``expert_epochs`` later.
             lr: 0-dim learned learning rate.
+            reducer: ``haba_fast.dist.BatchReducer`` or None (one process). When active, X and Y are this rank's
+                shard of every step's batch; the engine weights its shard's mean CE by ``reducer.weight`` and sums
+                every per-step gradient and Hessian-vector product over ranks, so each rank steps the same w_t and
+                returns the same loss; the gradients of X and lr it returns are this rank's share.
 
         Returns:
             0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2``, differentiable in X and lr.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
 from haba_fast.models import functional_forward
 
@@ -22,17 +25,34 @@ class NaiveEngine:
     name = "naive"
     approximate = False
 
-    def __call__(self, model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> Tensor:
-        """Matching loss after N SGD steps (the contract of ``haba_fast.engines.base.Engine``)."""
+    def __call__(
+        self,
+        model: nn.Module,
+        X: Tensor,
+        Y: Tensor,
+        w_start: Tensor,
+        w_target: Tensor,
+        lr: Tensor,
+        *,
+        reducer: Optional[BatchReducer] = None,
+    ) -> Tensor:
+        """Matching loss after N SGD steps (the contract of ``haba_fast.engines.base.Engine``).
+
+        ``reducer`` (data parallelism, ``haba_fast.dist.BatchReducer``): X and Y hold this rank's shard of every
+        step's batch; the weighted shard gradients are summed over ranks so every rank steps the same w_{t+1}.
+        """
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
         denom = normalized_distance(w_start, w_target)
         # The start point is a constant of the objective; a fresh leaf so grad() can differentiate the CE.
         w = w_start.detach().to(X.dtype).requires_grad_(True)
+        reducer = reducer if reducer is not None else BatchReducer.single(X.shape[1])
         for t in range(X.shape[0]):
-            logits = functional_forward(model, w, X[t])
-            ce = F.cross_entropy(logits, Y[t])
-            (g,) = torch.autograd.grad(ce, w, create_graph=True)
-            w = w - lr * g
+            # The reducer hook (identity on one process): this rank's shard gradient, weighted, summed over ranks;
+            # in the backward pass share() sums the shards' Hessian-vector products.
+            w_in = reducer.share(w)
+            ce = F.cross_entropy(functional_forward(model, w_in, X[t]), Y[t]) * reducer.weight
+            (g,) = torch.autograd.grad(ce, w_in, create_graph=True)
+            w = w - reducer.reduce(lr * g)
         return (w - w_target.detach().to(w.dtype)).pow(2).sum() / denom.to(w.dtype)
 
     def __repr__(self) -> str:

@@ -132,15 +132,32 @@ def build_inputs(syn: nn.Module, plan: StepPlan) -> Tuple[Tensor, Tensor]:
 
 
 def trajectory_loss(
-    engine: Engine, model: nn.Module, syn: nn.Module, plan: StepPlan, w_start: Tensor, w_target: Tensor, lr: Tensor
+    engine: Engine,
+    model: nn.Module,
+    syn: nn.Module,
+    plan: StepPlan,
+    w_start: Tensor,
+    w_target: Tensor,
+    lr: Tensor,
+    *,
+    shard: bool = True,
 ) -> Tensor:
     """The MTT loss of one iteration: ``||w_N - w*||^2 / ||w_start - w*||^2`` (0-dim).
 
     Differentiable in the synthetic set's parameters (bases/hallucinators or images) and in ``lr``.
+
+    On several processes (``haba_fast.dist``) every rank builds the same X and unrolls its shard of every step's
+    batch; the loss is the same on every rank, the gradients of X (and so of the synthetic set) and of ``lr`` are
+    this rank's share, to be summed over ranks (``Distiller`` does). ``shard=False``: this rank unrolls the whole
+    batch (trajectory-parallel mode: the ranks match different segments).
     """
+    from haba_fast.dist import BatchReducer
+
     X, Y = build_inputs(syn, plan)
     device = X.device
-    return engine(model, X, Y, w_start.to(device), w_target.to(device), lr)
+    reducer = BatchReducer(X.shape[1]) if shard else BatchReducer.single(X.shape[1])
+    X, Y = reducer.shard(X, Y)
+    return engine(model, X, Y, w_start.to(device), w_target.to(device), lr, reducer=reducer)
 
 
 def soft_label_trajectory_loss(
@@ -239,7 +256,14 @@ class TrajectoryMatching(Objective):
         if self.cfg.soft_labels:
             return "objective mtt: soft labels, create-graph unroll (the engines take hard labels only)"
         approx = " (an approximation)" if getattr(self.engine, "approximate", False) else ""
-        return f"objective mtt: engine {self.engine.name}{approx}"
+        m = self.cfg.trajectories_per_iteration
+        segments = (
+            f"; {m} expert segments per iteration, mean loss (trajectory-parallel: NOT the reference's algorithm, "
+            "which matches one)"
+            if m > 1
+            else ""
+        )
+        return f"objective mtt: engine {self.engine.name}{approx}{segments}"
 
     def _check_buffer(self) -> None:
         n = int(self.buffer.num_trajectories)
@@ -280,6 +304,8 @@ class TrajectoryMatching(Objective):
         )
 
     def loss(self, syn: nn.Module, lr: Tensor) -> ObjectiveOutput:
+        if self.cfg.trajectories_per_iteration > 1:
+            return self._segments_loss(syn, lr)
         traj, start, w_start, w_target = self.sample_trajectory()
         plan = self.sample_plan()
         if getattr(syn, "label_logits", None) is not None:
@@ -288,3 +314,28 @@ class TrajectoryMatching(Objective):
             loss = trajectory_loss(self.engine, self.student, syn, plan, w_start, w_target, lr)
         metrics = {"start_epoch": float(start), "trajectory": float(traj)}
         return ObjectiveOutput(loss, metrics, club=plan.club, adversary=plan.adversary)
+
+    def _segments_loss(self, syn: nn.Module, lr: Tensor) -> ObjectiveOutput:
+        """``--trajectories-per-iteration M`` (a different algorithm from the reference's): the mean matching loss of
+        M expert segments, each with its own plan. Every rank draws all M (the generators stay in step, and the
+        draws do not depend on the number of processes); segment m is unrolled whole on rank m mod K. The returned
+        loss has the M-mean's value on every rank and this rank's segments' gradient (summed over ranks by the
+        Distiller); the club and adversary batches are the first segment's."""
+        from haba_fast import dist
+
+        M = self.cfg.trajectories_per_iteration
+        draws = [(self.sample_trajectory(), self.sample_plan()) for _ in range(M)]
+        local = None
+        for m, ((_traj, _start, w_start, w_target), plan) in enumerate(draws):
+            if m % dist.world_size() != dist.rank():
+                continue
+            if getattr(syn, "label_logits", None) is not None:
+                term = soft_label_trajectory_loss(self.student, syn, plan, w_start, w_target, lr)
+            else:
+                term = trajectory_loss(self.engine, self.student, syn, plan, w_start, w_target, lr, shard=False)
+            local = term / M if local is None else local + term / M
+        total = dist.all_reduce_sum_(local.detach().clone())
+        loss = total + (local - local.detach())  # value: the M-mean (exactly); gradient: this rank's segments
+        (traj, start, _, _), first = draws[0]
+        metrics = {"start_epoch": float(start), "trajectory": float(traj), "segments": float(M)}
+        return ObjectiveOutput(loss, metrics, club=first.club, adversary=first.adversary)

@@ -1,0 +1,189 @@
+"""Multi-process runs (haba_fast.dist): 2 gloo ranks against one process.
+
+Buffer files, one distillation iteration's gradients, evaluation results and checkpoints of a 2-process run equal
+the 1-process run's (up to the float order of the sum over ranks); a dead rank ends the job with an error.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import dist_workers as W
+import pytest
+import torch
+
+from haba_fast import dist
+
+
+def test_one_process_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # no torchrun: no group
+    assert dist.init_from_env("cpu") is False
+    assert (dist.rank(), dist.world_size(), dist.is_main(), dist.main_weight()) == (0, 1, True, 1.0)
+    t = torch.arange(3.0)
+    assert dist.all_reduce_sum_(t) is t and t.tolist() == [0.0, 1.0, 2.0]
+    assert dist.broadcast({"a": 1}) == {"a": 1}
+    assert dist.gather_objects(5) == [5] and dist.all_gather_objects(5) == [5]
+    r = dist.BatchReducer(7)
+    assert (r.lo, r.hi, r.weight, r.active) == (0, 7, 1.0, False)
+    X, Y = torch.zeros(2, 7, 1), torch.zeros(2, 7)
+    assert r.shard(X, Y)[0] is X and r.reduce(t) is t and r.share(t) is t
+    dist.barrier()
+
+
+def test_init_from_env_rejects_bad_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "5")
+    with pytest.raises(ValueError, match="RANK"):
+        dist.init_from_env("cpu")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("HABA_FAST_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="HABA_FAST_DIST_TIMEOUT"):
+        dist.init_from_env("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert dist.init_from_env("cpu") is False
+
+
+def test_collectives_on_two_ranks(tmp_path):
+    r0, r1 = W.run_ranks(W.collectives, 2, tmp_path)
+    for r, out in enumerate((r0, r1)):
+        assert out["rank"] == r and out["world"] == 2 and out["is_main"] == (r == 0)
+        assert out["sum"].tolist() == [3.0] * 3
+        assert out["bcast"].tolist() == [1.0, 1.0]  # from the last rank
+        assert out["obj"] == {"from": 0}
+        assert out["everyone"] == [0, 10]
+        assert out["grad_sum"].tolist() == [3.0, 3.0] and out["q_grad"] is None
+        assert out["grad_bcast"].tolist() == [5.0, 5.0]
+    assert r0["gathered"] == [("rank", 0), ("rank", 1)] and r1["gathered"] is None
+
+
+def test_batch_reducer_needs_a_sample_per_rank(monkeypatch):
+    monkeypatch.setattr(dist, "world_size", lambda: 4)
+    with pytest.raises(ValueError, match="batch_syn"):
+        dist.BatchReducer(3)
+
+
+def test_engine_gradients_equal_one_process(tmp_path):
+    """naive, exact and first-order (Python adjoint) on 2 ranks: the loss on every rank, dL/dX and dL/dlr summed over
+    ranks equal one process's (float64 < 1e-10, float32 < 1e-5, relative to the largest value)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # first-order's approximation warning
+        (ref,) = W.run_ranks(W.engine_grads_all, 1, tmp_path / "one")
+    parts = W.run_ranks(W.engine_grads_all, 2, tmp_path / "two")
+    for case in W.ENGINE_CASES:
+        tol = 1e-10 if case[1] == torch.float64 else 1e-5
+        r, (p0, p1) = ref[case], (parts[0][case], parts[1][case])
+        assert p0["rows"] == (0, 3) and p1["rows"] == (3, 7)
+        for p in (p0, p1):  # the same loss on every rank (every rank stepped the same w_t)
+            assert abs(float(p["loss"] - r["loss"])) <= tol * max(1.0, abs(float(r["loss"]))), case
+        assert p0["dX"][:, 3:].abs().max() == 0 and p1["dX"][:, :3].abs().max() == 0  # each rank: its rows
+        assert (p0["dX"] + p1["dX"] - r["dX"]).abs().max() <= tol * r["dX"].abs().max(), case
+        dlr = p0["dlr"] + p1["dlr"]
+        assert abs(float(dlr - r["dlr"])) <= tol * max(1.0, abs(float(r["dlr"]))), case
+        assert r["dX"].abs().max() > 0 and r["dlr"] != 0  # the gradients compared are not trivially zero
+
+
+def test_distiller_step_equals_one_process(tmp_path):
+    """One float32 iteration (exact engine, Python adjoint), HaBa and Pixels data-parallel, and HaBa with 2 expert
+    segments per iteration (trajectory-parallel on 2 ranks): the updated synthetic set, lr and adversary of 2 ranks
+    equal one process's, and the ranks are bitwise in step."""
+    (refs,) = W.run_ranks(W.distiller_steps, 1, tmp_path / "one")
+    twos = W.run_ranks(W.distiller_steps, 2, tmp_path / "two")
+    assert refs["haba_m2"]["metrics"]["segments"] == 2.0
+    assert abs(refs["haba_m2"]["metrics"]["loss"] - refs["haba"]["metrics"]["loss"]) > 1e-6  # another algorithm
+    for key, ref in refs.items():
+        r0, r1 = twos[0][key], twos[1][key]
+        for name, p in ref["params"].items():
+            torch.testing.assert_close(r0["params"][name], p, rtol=1e-5, atol=1e-5)
+            assert torch.equal(r0["params"][name], r1["params"][name]), name
+        torch.testing.assert_close(r0["syn_lr"], ref["syn_lr"], rtol=1e-5, atol=1e-9)
+        assert torch.equal(r0["syn_lr"], r1["syn_lr"])
+        assert abs(r0["metrics"]["loss"] - ref["metrics"]["loss"]) < 1e-5
+        for a, b, c in zip(ref["adversary"], r0["adversary"], r1["adversary"]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            assert torch.equal(b, c)
+
+
+def test_eval_gathers_every_result(tmp_path):
+    (ref,) = W.run_ranks(W.evaluate_runs, 1, tmp_path / "one")
+    r0, r1 = W.run_ranks(W.evaluate_runs, 2, tmp_path / "two")
+    assert r0["accuracies"] == ref["accuracies"] == r1["accuracies"]
+    assert len(r0["local_calls"]) == 3 and len(r1["local_calls"]) == 3  # runs 0, 2, 4 and 1, 3, 5
+    assert sorted(r0["local_calls"] + r1["local_calls"]) == sorted(ref["local_calls"])
+
+
+@pytest.mark.parametrize("failure", ["exit", "stall"])
+def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, failure):
+    """Rank 1 dies (exit) or stops answering (stall) before a collective: the job ends with an error (torchrun stops
+    the others; a stalled peer makes rank 0's collective time out after $HABA_FAST_DIST_TIMEOUT) instead of a hang."""
+    script = tmp_path / "die.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, time, torch
+        from haba_fast import dist
+        dist.init_from_env("cpu")
+        if dist.rank() == 1:
+            if "{failure}" == "exit":
+                os._exit(3)
+            time.sleep(600)
+        dist.all_reduce_sum_(torch.ones(4))
+        dist.barrier()
+        print("rank 0 finished")
+    """))
+    env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="5", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(W.free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)  # a hang fails here
+    assert proc.returncode != 0
+    assert "rank 0 finished" not in proc.stdout
+    assert "ChildFailedError" in proc.stderr  # torchrun's report of the failed rank
+    if failure == "stall":
+        assert "Timed out" in proc.stderr  # rank 0's collective gave up after the timeout
+
+
+def test_buffer_files_equal_one_process(tmp_path):
+    """2 ranks resume a 1-process run up to 5 experts (rounds of 2, the last one partial): same trajectories, same
+    files, same grouping into replay_buffer files, as one process training all 5. The haba layout resumes from 1
+    expert (rounds start at an odd index); the reference layout from 2 (a finished run flushes its remainder into
+    a file, so a full first file of save_interval 2 keeps the grouping)."""
+    from haba_fast.experts import load_buffer
+
+    W.run_ranks(W.train_buffers, 1, tmp_path, {"haba": 5, "reference": 5}, "one")
+    W.run_ranks(W.train_buffers, 1, tmp_path, {"haba": 1, "reference": 2}, "two")
+    W.run_ranks(W.train_buffers, 2, tmp_path, {"haba": 5, "reference": 5}, "two")
+    for fmt in ("haba", "reference"):
+        one, two = load_buffer(tmp_path / f"{fmt}_one"), load_buffer(tmp_path / f"{fmt}_two")
+        assert two.num_trajectories == one.num_trajectories == 5
+        assert two.file_groups() == one.file_groups()
+        for t in range(5):
+            assert torch.equal(two.trajectory(t), one.trajectory(t)), (fmt, t)
+        names = [sorted(p.name for p in (tmp_path / f"{fmt}_{s}").iterdir()) for s in ("one", "two")]
+        assert names[0] == names[1]
+
+
+@pytest.mark.slow
+def test_distill_run_writes_on_rank_0_and_resumes(tmp_path):
+    """2 ranks: rank 0 writes the checkpoint and history, both ranks log the same iterations as one process; a resume
+    on another number of processes is a clear error, on the same number it continues."""
+    import json
+
+    from haba_fast.distill import distill
+
+    (ref,) = W.run_ranks(W.distill_run, 1, tmp_path, "one", 3, False)
+    r0, r1 = W.run_ranks(W.distill_run, 2, tmp_path, "two", 2, False)
+    assert r0["out_dir"] is not None and r1["out_dir"] is None
+    assert [m["loss"] for m in r0["history"]] == [m["loss"] for m in r1["history"]]
+    for a, b in zip(r0["history"], ref["history"]):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["syn_lr"] - b["syn_lr"]) < 1e-9
+    lines = (tmp_path / "two" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [0.0, 1.0]
+    ds = W.digits()
+    cfg = W.distill_config(parameterization="haba", checkpoint_every=1, iterations=3)
+    with pytest.raises(ValueError, match="2 process"):
+        distill(cfg, ds, W.toy_buffer(ds), tmp_path / "two", resume=True, progress=False, log=lambda s: None)
+    r0, _ = W.run_ranks(W.distill_run, 2, tmp_path, "two", 3, True)
+    (last,) = r0["history"]
+    assert last["iteration"] == 2.0 and abs(last["loss"] - ref["history"][2]["loss"]) < 1e-5
