@@ -521,8 +521,9 @@ class AdjointEngine:
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         params = tuple(params)
+        source = _StreamedBatches(make_inputs, n_steps, params)
         with torch.no_grad():
-            x0, y0 = make_inputs(0)
+            x0, y0 = source.batch(0)
         if not isinstance(lr, Tensor):
             lr = torch.tensor(float(lr), dtype=x0.dtype, device=x0.device)
         check_engine_inputs(model, x0[None], y0[None], w_start, w_target, lr)
@@ -534,7 +535,7 @@ class AdjointEngine:
         self.last_backend = name
         budget = 0 if name == "cpu" else budget_bytes(self.memory_budget, x0.device)
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
-        run = _Run(_StreamedBatches(make_inputs, n_steps, params), step, ws, wt, self.first_order, budget)
+        run = _Run(source, step, ws, wt, self.first_order, budget)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)
         self._record(run, budget, n_steps)
