@@ -169,6 +169,8 @@ class DistillConfig:
     lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
     max_bad_steps: int = 5  # a non-finite/exploded step is skipped; this many in a row stop the run
     lr_param: str = "plain"  # learned lr: "plain" (the reference: SGD on lr, clamped to >= min_lr) or "log"
+    # MTT adjoint engines: bytes of per-step tensors kept instead of recomputed ("0" | "2GB" | "auto" | "unlimited")
+    memory_budget: str = "0"
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -236,6 +238,15 @@ class DistillConfig:
             )
         if int(self.max_bad_steps) < 1:
             raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        from haba_fast.engines.memory import parse_memory_budget
+
+        if parse_memory_budget(self.memory_budget) != 0 and (
+            self.objective != "mtt" or self.engine == "naive" or self.soft_labels
+        ):
+            raise ValueError(
+                f"--memory-budget {self.memory_budget} applies to --objective mtt with the exact or first-order engine "
+                "and hard labels (naive and soft labels keep every step's graph); drop it"
+            )
         if self.lr_param not in LR_PARAMS:
             raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
         if self.lr_param == "log" and not self.lr_teacher > 0:

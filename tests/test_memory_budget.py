@@ -13,7 +13,7 @@ from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unrol
 from utils import extension_loaded
 
 from haba_fast.backend import BackendUnavailableError
-from haba_fast.engines import get_adjoint_engine, get_engine
+from haba_fast.engines import adjoint, get_adjoint_engine, get_engine
 from haba_fast.engines.memory import budget_bytes, keep_last, parse_memory_budget
 
 # Relative tolerance of "identical" gradients per dtype.
@@ -140,7 +140,13 @@ def test_dispatch_names_and_budget_routing():
     eng = get_adjoint_engine("exact", "auto")
     grads(eng, model, X, Y, ws, wt)
     assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
-    eng = get_adjoint_engine("exact", None, "unlimited")
+    eng = get_adjoint_engine("exact", None, "unlimited")  # CPU tensors: the C++ op, the budget unused (warned)
+    adjoint._warned_budget = False
+    Xr = X.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="budget is unused"):
+        eng(model, Xr, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64)).backward()
+    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+    eng = get_adjoint_engine("exact", "torch", "unlimited")
     grads(eng, model, X, Y, ws, wt)
     assert eng.last_backend == "torch" and eng.last_stats["stored_steps"] == 2
     eng = get_adjoint_engine("exact", "cpu", "unlimited")  # forced: the C++ op, which stores no step

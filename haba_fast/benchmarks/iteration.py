@@ -39,7 +39,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop repeating after this many seconds")
     parser.add_argument("--engine-only", action="store_true", help="time the engine call alone, not the full step")
-    parser.add_argument("--backend", default=None, help="adjoint backend auto | cpp | python (exact/first-order)")
+    parser.add_argument("--backend", default=None, help="adjoint backend auto | cpu | torch (exact/first-order)")
+    parser.add_argument(
+        "--memory-budget",
+        default="0",
+        help="exact/first-order: memory for stored per-step tensors (0 | 2GB | auto | unlimited; default 0)",
+    )
+    parser.add_argument(
+        "--baseline-rss-mb",
+        type=float,
+        default=None,
+        help="peak RSS of the same configuration at budget 0 (from an earlier row): predicted_peak_rss_mb = it + "
+        "the stored steps' bytes",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON line (the default output anyway)")
 
@@ -112,6 +124,7 @@ def build_distiller(args):
         syn_steps=args.syn_steps,
         batch_syn=args.batch_syn,
         engine=args.engine,
+        memory_budget=args.memory_budget,
         expert_epochs=expert_epochs,
         max_start_epoch=max_start,
         lr_teacher=0.01,
@@ -128,7 +141,7 @@ def build_distiller(args):
     if args.backend is not None and args.engine != "naive":
         from haba_fast.engines import get_adjoint_engine
 
-        distiller.engine = get_adjoint_engine(args.engine, backend=args.backend)
+        distiller.engine = get_adjoint_engine(args.engine, backend=args.backend, memory_budget=args.memory_budget)
     return distiller
 
 
@@ -155,9 +168,9 @@ def engine_only_fn(args):
     if args.backend is not None and args.engine != "naive":
         from haba_fast.engines import get_adjoint_engine
 
-        engine = get_adjoint_engine(args.engine, backend=args.backend)
+        engine = get_adjoint_engine(args.engine, backend=args.backend, memory_budget=args.memory_budget)
     else:
-        engine = get_engine(args.engine)
+        engine = get_engine(args.engine, memory_budget=args.memory_budget)
 
     def fn():
         X.grad = None
@@ -167,6 +180,29 @@ def engine_only_fn(args):
         return float(loss)
 
     return fn, engine
+
+
+def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None) -> dict:
+    """The memory-budget columns of a row, from the engine's ``last_stats`` (``haba_fast.engines.adjoint``).
+
+    ``memory_budget_mb``: the resolved budget (None = unlimited); ``stored_steps`` / ``recomputed_steps``;
+    ``per_step_mb``: one stored step, measured on step 0; ``predicted_stored_mb`` = stored_steps x per_step_mb;
+    ``predicted_peak_rss_mb`` = ``baseline_rss_mb`` (budget 0's peak) + predicted_stored_mb, when given.
+    """
+    budget = stats.get("memory_budget_bytes", 0)
+    per_step = stats.get("per_step_bytes", 0) / 2**20
+    stored = int(stats.get("stored_steps", 0))
+    out = {
+        "memory_budget": str(memory_budget),
+        "memory_budget_mb": None if budget is None else budget / 2**20,
+        "stored_steps": stored,
+        "recomputed_steps": stats.get("recomputed_steps"),
+        "per_step_mb": per_step,
+        "predicted_stored_mb": stored * per_step,
+    }
+    if baseline_rss_mb is not None:
+        out["predicted_peak_rss_mb"] = float(baseline_rss_mb) + stored * per_step
+    return out
 
 
 def run(args) -> int:
@@ -222,6 +258,7 @@ def run(args) -> int:
         "peak_rss_mb": timing.peak_rss_mb(),
         "env": timing.environment(device),
     }
+    row.update(budget_fields(args.memory_budget, getattr(engine, "last_stats", {}), args.baseline_rss_mb))
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     sys.stdout.write(json.dumps(row) + "\n")

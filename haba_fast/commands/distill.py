@@ -241,6 +241,13 @@ _FLAGS: List[tuple] = [
         "learned lr: plain (the reference: SGD on lr, clamped to >= --min-lr) or log (SGD on log lr: always "
         "positive; --lr_lr is then the step of log lr)",
     ),
+    (
+        "memory_budget",
+        ["--memory-budget", "--memory_budget"],
+        dict(type=str, metavar="SIZE|auto|0|unlimited"),
+        "mtt engine: memory for per-step tensors kept from the forward sweep instead of recomputed (0: keep none, "
+        "constant memory; 2GB / 512MB: a cap; auto: half the free memory; unlimited: recompute nothing)",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.

@@ -6,31 +6,46 @@ Both engines run N plain SGD steps of a student network on synthetic batches, st
     w_0 = w_start;  g_t = grad_w CE(model_{w_t}(X_t), Y_t);  w_{t+1} = w_t - lr * g_t
     loss = ||w_N - w*||^2 / ||w_start - w*||^2
 
-and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of ../shared/DESIGN.md: the forward pass
-saves X and the N+1 flat vectors w_t (no activation, no graph); the backward pass walks the steps in reverse with
-``lam = dL/dw_{t+1}``, recomputes step t's activations with a graph from the saved (w_t, X_t), and takes one
-Hessian-vector product::
+and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of ../shared/DESIGN.md: the forward sweep
+saves the N+1 flat vectors w_t; the backward sweep walks the steps in reverse with ``lam = dL/dw_{t+1}``, gets
+step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and takes one Hessian-vector
+product::
 
     (h_w, h_x) = grad(g_t, [w_t, X_t], grad_outputs=lam)
     dL/dX_t = -lr h_x;   dL/dlr -= <g_t, lam>;   lam <- lam - lr h_w
 
-Activation memory is that of one step, whatever N is (X itself, [N, B, C, H, W], is saved: it is an input that
-autograd keeps anyway); the result equals the create-graph unroll (``naive``) up to
-float rounding.
+The result equals the create-graph unroll (``naive``) up to float rounding, whatever is kept.
+
+Where step t's batch comes from:
+
+* ``engine(model, X, Y, ...)``: a stored ``X [N, B, C, H, W]`` (autograd carries dL/dX back to whatever built X);
+* ``engine.stream(model, make_inputs, N, params, ...)``: ``make_inputs(t) -> (X_t, Y_t)`` builds each step's batch
+  on demand (the MTT objective passes the step plan's generate + augment), without a graph in the forward sweep and
+  again with one in the backward sweep, which pushes dL/dX_t into ``params`` at once: neither X nor the N steps'
+  generate/augment graph is held, so memory does not grow with N.
+
+Memory budget (``memory_budget``, :mod:`haba_fast.engines.memory`): 0 keeps no per-step tensor (every step is
+recomputed in the backward sweep); a budget keeps the last k steps' graphs (activations, normalization statistics,
+the first-order gradient's graph and the step's batch graph), k = budget // (one step's bytes, measured on step 0),
+so the backward sweep recomputes only the first N - k; ``unlimited`` recomputes nothing.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
 ones when N > 1 (equal at N = 1). It says so in its name, docstring and a one-time warning.
 
-Two implementations of the same algorithm:
+Backends (``haba_fast.backend``'s vocabulary; ``select_backend("trajectory_match", ...)`` decides):
 
-* the C++ op ``torch.ops.haba_fast.trajectory_match`` (csrc/trajectory.cpp) for the ConvNet family
-  (``convnet_spec(model)`` not None, norm instancenorm / groupnorm / layernorm / none), float32/float64, CPU or
-  CUDA tensors. It writes the Hessian-vector product analytically (forward-over-reverse, fused CPU loops);
-* a Python ``torch.autograd.Function`` for any ``nn.Module`` (via ``haba_fast.models.functional_forward``).
+* ``cpu``: the C++ ops (csrc/trajectory.cpp) for the ConvNet family (``cpp_spec(model)`` not None, norm
+  instancenorm / groupnorm / layernorm / none), float32/float64, CPU or CUDA tensors: the whole unroll in one op
+  (``trajectory_match``) for a stored X, or its per-step halves (``trajectory_step_grad`` /
+  ``trajectory_step_adjoint``) for streamed batches. Analytic forward-over-reverse Hessian-vector products, fused
+  CPU loops. It recomputes every step (stores no per-step tensor);
+* ``torch``: autograd on ``haba_fast.models.functional_forward``, any ``nn.Module``; honours the memory budget.
 
-The choice is automatic; ``backend="python"`` (or ``$HABA_FAST_ADJOINT=python``) forces the Python one and
-``backend="cpp"`` requires the C++ one.
+With ``backend`` None/``auto`` and a budget other than 0 the engine takes ``torch`` (the one that stores steps) for
+CUDA tensors; for CPU tensors it stays on ``cpu`` and warns once that the budget is unused, because on a CPU
+autograd's double backward costs about 3x the C++ op's analytic step, more than the recomputation it saves
+(docs/RESULTS.md, "Memory budget"). ``backend="torch"`` spends the budget anywhere.
 """
 
 from __future__ import annotations
@@ -65,6 +80,20 @@ _ACT_CODES = {"relu": 0, "sigmoid": 1, "leakyrelu": 2}
 _POOL_CODES = {"none": 0, "avgpooling": 1, "maxpooling": 2}
 
 _warned_first_order = False
+_warned_budget = False
+
+
+def _warn_budget_unused() -> None:
+    global _warned_budget
+    if not _warned_budget:
+        _warned_budget = True
+        warnings.warn(
+            "--memory-budget: the C++ engine (backend cpu, chosen for CPU tensors) recomputes every step and stores "
+            "nothing per step, and on a CPU the torch backend that spends the budget is slower (its autograd "
+            "Hessian products cost ~3x); the budget is unused. Set HABA_FAST_BACKEND=torch to spend it anyway.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def cpp_spec(model: nn.Module) -> list[int] | None:
@@ -391,7 +420,8 @@ class AdjointEngine:
         memory_budget: bytes of per-step forward-sweep tensors the backward sweep may reuse instead of
             recomputing: ``0`` (default; store only w_t), a size (``"2GB"``), ``"auto"`` or ``"unlimited"``
             (``haba_fast.engines.memory``). Only the ``torch`` backend stores steps (the C++ op recomputes every
-            step); an automatic backend choice with a budget other than 0 takes ``torch``.
+            step); an automatic choice with a budget other than 0 takes ``torch`` on CUDA, and on a CPU stays on
+            ``cpu`` with a one-time warning that the budget is unused (see the module docstring).
     """
 
     name = "adjoint"
@@ -416,7 +446,13 @@ class AdjointEngine:
             legacy_env="HABA_FAST_ADJOINT",
         )
         if name == "cpu" and self.memory_budget != 0 and requested_backend(self.backend) == "auto":
-            name = "torch"  # the C++ op stores no per-step tensor; a budget asks for the trade the torch one makes
+            # The C++ op stores no per-step tensor; only the torch step can spend a budget. On CUDA the stored
+            # graphs beat the C++ op's recomputation at large batches (naive vs exact, bench/results/ITERATION.md);
+            # on a CPU autograd's double backward is ~3x the C++ op's analytic step, so the budget would only cost
+            # time there (docs/RESULTS.md, "Memory budget").
+            if device.type == "cuda":
+                return "torch"
+            _warn_budget_unused()
         return name
 
     @staticmethod
