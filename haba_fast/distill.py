@@ -5,7 +5,8 @@ One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does 
 1. pick an expert trajectory and a start epoch s ∈ [0, max_start_epoch); w_start = snapshot[s],
    w_target = snapshot[s + expert_epochs];
 2. draw the iteration's random choices as data (:class:`haba_fast.plan.StepPlan`);
-3. build the N unrolled steps' inputs in one generate + augment call and run the engine:
+3. run the engine on the N unrolled steps' inputs (the adjoint engines generate + augment each step's batch on
+   demand; ``naive`` takes all N from one batched call):
    L = ||w_N − w*||² / ||w_start − w*||²;
 4. HaBa: add λ_club · mean((cos(f(x_a), f(x_b)) + 1) / 2) for one batch of bases under two different
    hallucinators (f: the adversary's features);
