@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
+from test_distill import buffer, digits  # noqa: F401  (module fixtures reused)
 from utils import extension_loaded
 
 from haba_fast.backend import BackendUnavailableError
@@ -268,3 +269,54 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
         torch.ops.haba_fast.trajectory_step_grad(ws, X, Y[0], spec)
     with pytest.raises(RuntimeError, match="lam must be like w"):
         torch.ops.haba_fast.trajectory_step_adjoint(ws, X[0], Y[0], lam[:-1], spec, want_hw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: DistillConfig.memory_budget and `haba-fast distill --memory-budget`.
+
+
+def test_distill_config_and_flag():
+    import argparse
+
+    from haba_fast.checkpoint import NON_RESULT_KEYS
+    from haba_fast.commands.distill import _FLAGS, add_arguments, config_from_args
+    from haba_fast.distill import DistillConfig
+
+    assert DistillConfig().memory_budget == "0"
+    DistillConfig(memory_budget="2GB").validate()
+    with pytest.raises(ValueError, match="memory budget"):
+        DistillConfig(memory_budget="two gigs").validate()
+    with pytest.raises(ValueError, match="applies to --objective mtt"):
+        DistillConfig(memory_budget="1GB", engine="naive").validate()
+    with pytest.raises(ValueError, match="applies to --objective mtt"):
+        DistillConfig(memory_budget="1GB", objective="dm").validate()
+    assert _FLAGS[-1][0] == "memory_budget"
+    assert "memory_budget" in NON_RESULT_KEYS  # a resumed run may change it: same gradients
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--memory-budget", "512MB"]))
+    assert cfg.memory_budget == "512MB"
+    assert config_from_args(parser.parse_args([])).memory_budget == "0"
+
+
+def test_distiller_step_spends_the_budget(digits, buffer):
+    """One HaBa iteration with the torch backend: unlimited budget stores every step, same update as budget 0."""
+    from test_distill import _cfg
+
+    from haba_fast.distill import Distiller
+
+    out = {}
+    for budget in ("0", "unlimited"):
+        d = Distiller(_cfg(engine="exact", memory_budget=budget), digits, buffer)
+        assert d.engine.memory_budget == parse_memory_budget(budget)
+        d.engine.backend = "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d.step()
+        stats = d.engine.last_stats
+        assert stats["stored_steps"] == (0 if budget == "0" else 4) and stats["recomputed_steps"] == 4 - stats[
+            "stored_steps"
+        ]
+        out[budget] = [p.grad.clone() for p in d.synthetic.parameters()]
+    for a, b in zip(out["0"], out["unlimited"]):
+        assert rel_err(a, b) < 1e-5
