@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
-from test_distill import buffer, digits  # noqa: F401  (module fixtures reused)
+from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
 from utils import extension_loaded
 
 from haba_fast.backend import BackendUnavailableError
@@ -299,7 +299,7 @@ def test_distill_config_and_flag():
     assert config_from_args(parser.parse_args([])).memory_budget == "0"
 
 
-def test_distiller_step_spends_the_budget(digits, buffer):
+def test_distiller_step_spends_the_budget(digits, buffer):  # noqa: F811
     """One HaBa iteration with the torch backend: unlimited budget stores every step, same update as budget 0."""
     from test_distill import _cfg
 
@@ -314,9 +314,10 @@ def test_distiller_step_spends_the_budget(digits, buffer):
             warnings.simplefilter("ignore")
             d.step()
         stats = d.engine.last_stats
-        assert stats["stored_steps"] == (0 if budget == "0" else 4) and stats["recomputed_steps"] == 4 - stats[
-            "stored_steps"
-        ]
+        assert (
+            stats["stored_steps"] == (0 if budget == "0" else 4)
+            and stats["recomputed_steps"] == 4 - stats["stored_steps"]
+        )
         out[budget] = [p.grad.clone() for p in d.synthetic.parameters()]
     for a, b in zip(out["0"], out["unlimited"]):
         assert rel_err(a, b) < 1e-5
