@@ -26,8 +26,9 @@ Where step t's batch comes from:
 
 Memory budget (``memory_budget``, :mod:`haba_fast.engines.memory`): 0 keeps no per-step tensor (every step is
 recomputed in the backward sweep); a budget keeps the last k steps' graphs (activations, normalization statistics,
-the first-order gradient's graph and the step's batch graph), k = budget // (one step's bytes, measured on step 0),
-so the backward sweep recomputes only the first N - k; ``unlimited`` recomputes nothing.
+the first-order gradient's graph and the step's batch graph), k = budget // (one step's bytes, measured on step 0)
+- 1 (one step held back for the step being computed), so the backward sweep recomputes only the first N - k;
+``unlimited`` recomputes nothing.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
