@@ -494,25 +494,25 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
         return lines + ["(not run)", ""]
     lines += [
         "| budget | backend | stored | recomputed | per step (MB) | s/iter | CPU s/iter | peak RSS (MB) | "
-        "predicted peak (MB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "predicted peak (MB) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rs:
         if r.get("failed"):
-            lines.append(f"| {r.get('memory_budget')} | | | | | failed | | | |")
+            lines.append(f"| {r.get('memory_budget')} | | | | | failed | | | | {r.get('note', '')} |")
             continue
         lines.append(
             f"| {r.get('memory_budget')} | {r.get('engine_backend')} | {r.get('stored_steps')} | "
             f"{r.get('recomputed_steps')} | {_fmt(r.get('per_step_mb'), '.0f')} | {_fmt(r.get('s_per_iter'), '.1f')} | "
             f"{_fmt(r.get('cpu_s_per_iter'), '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
-            f"{_fmt(r.get('predicted_peak_rss_mb'), '.0f')} |"
+            f"{_fmt(r.get('predicted_peak_rss_mb'), '.0f')} | {r.get('note', '')} |"
         )
     ok = [r for r in rs if not r.get("failed")]
     base = next((r for r in ok if str(r.get("memory_budget")) == "0"), None)
     lines.append("")
     if base is None:
         return lines + ["- (no budget 0 row)", ""]
-    others = [r for r in ok if r is not base]
+    others = [r for r in ok if r is not base and not r.get("superseded")]
     if others:
         big = max(others, key=lambda r: r.get("memory_budget_mb") or float("inf"))
         ratio = big["s_per_iter"] / base["s_per_iter"]
@@ -523,7 +523,7 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
         )
     for r in others:
         cap = r.get("memory_budget_mb")
-        if cap is None:
+        if cap is None or r.get("superseded"):
             continue
         limit = cap + base["peak_rss_mb"]
         lines.append(
@@ -550,28 +550,35 @@ def write_budget_report(rows, json_path) -> None:
     ]
     parts += _budget_section(rows, "(a) bpc 10, batch 100, syn_steps 20", 10, 20, 100)
     parts += _budget_section(rows, "(b) bpc 50, batch 500, syn_steps 30", 50, 30, 500)
-    flat = {
-        r["syn_steps"]: r
+    flat = [
+        r
         for r in rows
         if (r.get("ipc"), r.get("batch_syn")) == (10, 100)
         and str(r.get("memory_budget")) == "0"
+        and r.get("syn_steps") in (10, 80)
         and not r.get("failed")
-    }
-    if 10 in flat and 80 in flat:
-        ratio = flat[80]["peak_rss_mb"] / flat[10]["peak_rss_mb"]
+    ]
+    lo = [r["peak_rss_mb"] for r in flat if r["syn_steps"] == 10]
+    hi = [r["peak_rss_mb"] for r in flat if r["syn_steps"] == 80]
+    if lo and hi:
         parts += [
             "## Memory flat in syn_steps (budget 0, bpc 10, batch 100)",
             "",
-            "| syn_steps | s/iter | CPU s/iter | peak RSS (MB) |",
-            "|---|---|---|---|",
+            "| syn_steps | s/iter | CPU s/iter | peak RSS (MB) | note |",
+            "|---|---|---|---|---|",
         ]
-        for s in sorted(flat):
-            r = flat[s]
-            parts.append(f"| {s} | {r['s_per_iter']:.1f} | {r['cpu_s_per_iter']:.1f} | {r['peak_rss_mb']:.0f} |")
+        for r in sorted(flat, key=lambda r: r["syn_steps"]):
+            parts.append(
+                f"| {r['syn_steps']} | {r['s_per_iter']:.1f} | {r['cpu_s_per_iter']:.1f} | {r['peak_rss_mb']:.0f} "
+                f"| {r.get('note', '')} |"
+            )
+        worst, best = max(hi) / min(lo), max(hi) / max(lo)
+        verdict = "met" if worst <= 1.05 else "met against the larger peak only" if best <= 1.05 else "NOT met"
         parts += [
             "",
-            f"- peak RSS at syn_steps 80 / at 10: **{ratio:.3f}x** (target <= 1.05x) -> "
-            f"{'met' if ratio <= 1.05 else 'NOT met'}",
+            f"- peak RSS at syn_steps 80 / at 10: **{best:.3f}x** against the larger 10-step peak, {worst:.3f}x "
+            f"against the smaller (target <= 1.05x) -> {verdict}. Runs of one configuration differ by up to "
+            f"{max(lo) - min(lo):.0f} MB at syn_steps 10 (allocator state), which is more than N moves the peak.",
             "",
         ]
     atomic_write_text("\n".join(parts), os.path.join(os.path.dirname(os.path.abspath(json_path)), "MEMORY_BUDGET.md"))
