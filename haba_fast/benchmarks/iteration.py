@@ -544,7 +544,9 @@ def write_budget_report(rows, json_path) -> None:
     parts = [
         _BUDGET_HEAD,
         f"Machine `{env.get('machine')}` ({env.get('cpus')} CPUs, torch threads {env.get('torch_threads')}), "
-        f"torch {env.get('torch')}, commit `{env.get('commit')}`. Command: `bench/run_memory_budget.sh` "
+        f"torch {env.get('torch')}, commits "
+        f"{', '.join(sorted({'`' + str(r['env'].get('commit')) + '`' for r in rows if 'env' in r}))} (rows ran as "
+        "the branch moved on; each row's `env.commit` is in the JSON). Command: `bench/run_memory_budget.sh` "
         "(`FLAT=1` for the syn_steps rows).",
         "",
     ]
