@@ -6,6 +6,8 @@
 //   trajectory_match_forward(X, Y, w_start, w_target, lr, spec, first_order) -> (loss, W [N+1, P])
 //   trajectory_match_backward(grad, X, Y, W, w_target, lr, spec, first_order) -> (dX, dlr)
 //   trajectory_step_hvp(w, x, y, lam, spec) -> (g, h_w, h_x)     (one step's gradient and Hessian products; tests)
+//   trajectory_step_grad(w, x, y, spec) -> g                      (the streamed engine's forward step)
+//   trajectory_step_adjoint(w, x, y, lam, spec, want_hw) -> (<g, lam>, h_w, h_x)   (its backward step)
 //
 //   X [N, B, C, H, W] float/double, Y [N, B] int64, w_start/w_target [P], lr 0-dim (all on one device).
 //   spec = [channel, num_classes, width, depth, norm, act, pool, first_padding] with
@@ -736,6 +738,37 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_hvp(const Tensor& w, const Te
   return {r.g, r.hw, r.hx};
 }
 
+// One step of the streamed engine (haba_fast/engines/adjoint.py builds each step's batch on demand, so X never
+// exists as one [N, B, C, H, W] tensor): the forward sweep's g_t, and the backward sweep's adjoint step.
+Tensor trajectory_step_grad(const Tensor& w, const Tensor& x, const Tensor& y, at::IntArrayRef spec) {
+  Spec s = parse_spec(spec);
+  HF_CHECK(x.dim() == 4, "trajectory_step_grad: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
+  HF_CHECK(y.dim() == 1, "trajectory_step_grad: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
+  at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;
+  if (x.is_cpu()) reuse_buffers.emplace();
+  return step(s, L, w, x, y, Tensor(), false).g;
+}
+
+// (<g_t, lam>, h_w, h_x) without the primal weight gradient (as trajectory_match_backward's steps); h_w is a
+// zero-size tensor when want_hw is false (first-order).
+std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint(const Tensor& w, const Tensor& x, const Tensor& y,
+                                                           const Tensor& lam, at::IntArrayRef spec, bool want_hw) {
+  Spec s = parse_spec(spec);
+  HF_CHECK(x.dim() == 4, "trajectory_step_adjoint: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
+  HF_CHECK(y.dim() == 1, "trajectory_step_adjoint: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), false);
+  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
+           "trajectory_step_adjoint: lam must be like w (", w.sizes(), "), got ", lam.sizes());
+  at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;
+  if (x.is_cpu()) reuse_buffers.emplace();
+  StepResult r = step(s, L, w, x, y, lam, want_hw, /*want_g=*/false);
+  Tensor hw = want_hw ? r.hw : w.new_empty({0});
+  return {r.g_dot_lam, hw, r.hx};
+}
+
 Tensor trajectory_match_composite(const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
                                   const Tensor& lr, at::IntArrayRef spec, bool first_order) {
   static auto op = c10::Dispatcher::singleton()
@@ -806,6 +839,9 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("trajectory_match_backward(Tensor grad, Tensor X, Tensor Y, Tensor W, Tensor w_target, Tensor lr, "
         "int[] spec, bool first_order) -> (Tensor, Tensor)");
   m.def("trajectory_step_hvp(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec) -> (Tensor, Tensor, Tensor)");
+  m.def("trajectory_step_grad(Tensor w, Tensor x, Tensor y, int[] spec) -> Tensor");
+  m.def("trajectory_step_adjoint(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec, bool want_hw) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {
@@ -813,6 +849,8 @@ TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {
   m.impl("trajectory_match_forward", &trajectory_match_forward);
   m.impl("trajectory_match_backward", &trajectory_match_backward);
   m.impl("trajectory_step_hvp", &trajectory_step_hvp);
+  m.impl("trajectory_step_grad", &trajectory_step_grad);
+  m.impl("trajectory_step_adjoint", &trajectory_step_adjoint);
 }
 
 TORCH_LIBRARY_IMPL(haba_fast, Meta, m) {

@@ -76,6 +76,7 @@ NON_RESULT_KEYS = frozenset(
         "iterations",
         "data_path",
         "buffer_path",
+        "memory_budget",  # what the engine keeps vs recomputes: same gradients, other memory and time
     }
 )
 # Guard settings: they change nothing while the run is healthy, only where it skips or stops.

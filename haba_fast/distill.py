@@ -5,7 +5,8 @@ One iteration (``Distiller.step``), as the HaBa reference (distill_fac.py) does 
 1. pick an expert trajectory and a start epoch s ∈ [0, max_start_epoch); w_start = snapshot[s],
    w_target = snapshot[s + expert_epochs];
 2. draw the iteration's random choices as data (:class:`haba_fast.plan.StepPlan`);
-3. build the N unrolled steps' inputs in one generate + augment call and run the engine:
+3. run the engine on the N unrolled steps' inputs (the adjoint engines generate + augment each step's batch on
+   demand; ``naive`` takes all N from one batched call):
    L = ||w_N − w*||² / ||w_start − w*||²;
 4. HaBa: add λ_club · mean((cos(f(x_a), f(x_b)) + 1) / 2) for one batch of bases under two different
    hallucinators (f: the adversary's features);
@@ -175,6 +176,8 @@ class DistillConfig:
     # MTT: expert segments matched per iteration (mean loss); > 1 is trajectory-parallel under torchrun (segment m
     # on rank m mod K). A different algorithm from the reference's one segment per iteration.
     trajectories_per_iteration: int = 1
+    # MTT adjoint engines: bytes of per-step tensors kept instead of recomputed ("0" | "2GB" | "auto" | "unlimited")
+    memory_budget: str = "0"
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -249,6 +252,15 @@ class DistillConfig:
             )
         if int(self.max_bad_steps) < 1:
             raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        from haba_fast.engines.memory import parse_memory_budget
+
+        if parse_memory_budget(self.memory_budget) != 0 and (
+            self.objective != "mtt" or self.engine == "naive" or self.soft_labels
+        ):
+            raise ValueError(
+                f"--memory-budget {self.memory_budget} applies to --objective mtt with the exact or first-order engine "
+                "and hard labels (naive and soft labels keep every step's graph); drop it"
+            )
         if self.lr_param not in LR_PARAMS:
             raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
         if self.lr_param == "log" and not self.lr_teacher > 0:

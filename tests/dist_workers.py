@@ -115,7 +115,7 @@ def engine_grads(out_dir: str, engine: str, dtype: torch.dtype) -> dict:
     model, X, Y, w_start, w_target, lr = engine_inputs(dtype)
     X = X.requires_grad_(True)
     lr = lr.requires_grad_(True)
-    eng = NaiveEngine() if engine == "naive" else get_adjoint_engine(engine, backend="python")
+    eng = NaiveEngine() if engine == "naive" else get_adjoint_engine(engine, backend="torch")
     reducer = BatchReducer(X.shape[1])
     xs, ys = reducer.shard(X, Y)
     loss = eng(model, xs, ys, w_start, w_target, lr, reducer=reducer)
@@ -209,7 +209,7 @@ def distiller_step(out_dir: str, engine: str, parameterization: str, **kw) -> di
     cfg = distill_config(engine=engine, parameterization=parameterization, **kw)
     d = Distiller(cfg, ds, toy_buffer(ds))
     if engine == "exact":
-        d.engine = type(d.engine)(backend="python")  # the 1-process reference uses the same implementation
+        d.engine = type(d.engine)(backend="torch")  # the 1-process reference uses the same implementation
     metrics = d.step()
     params = {name: p.detach().clone() for name, p in d.synthetic.named_parameters()}
     adv = [p.detach().clone() for p in d.adversary.parameters()] if d.adversary is not None else []

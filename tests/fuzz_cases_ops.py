@@ -310,7 +310,7 @@ def run_engine(c):
     loss = torch.ops.haba_fast.trajectory_match(Xa, Y, w_start, w_target, lra, spec, c["first_order"])
     loss.backward()
     assert bad is None, f"bad input {bad!r} was accepted (loss {float(loss)})"
-    engine = get_adjoint_engine("first-order", backend="python") if c["first_order"] else get_engine("naive")
+    engine = get_adjoint_engine("first-order", backend="torch") if c["first_order"] else get_engine("naive")
     Xb = X.clone().requires_grad_(True)
     lrb = lr.clone().requires_grad_(True)
     ref = engine(net, Xb, Y, w_start, w_target, lrb)

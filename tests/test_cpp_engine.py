@@ -88,9 +88,9 @@ def _oracle(cfg):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_trajectory_matches_naive_float64(cfg, path):
     model, X, Y, ws, wt, ref = _oracle(cfg)
-    eng = get_adjoint_engine("exact", backend="cpp")
+    eng = get_adjoint_engine("exact", backend="cpu")
     out = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
-    assert eng.last_backend == "cpp"
+    assert eng.last_backend == "cpu"
     assert rel_err(out[0], ref[0]) < 1e-12
     assert rel_err(out[1], ref[1]) < 1e-9
     assert rel_err(out[2], ref[2]) < 1e-9
@@ -101,7 +101,7 @@ def test_trajectory_float32_matches_float64_oracle(cfg, path):
     c, width, depth, norm, act, pool, im, _steps, _batch = cfg
     model32 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im, dtype=torch.float32)
     _, X, Y, ws, wt, ref = _oracle(cfg)
-    out = grads(get_adjoint_engine("exact", "cpp"), model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
+    out = grads(get_adjoint_engine("exact", "cpu"), model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
     assert out[1].dtype == torch.float32
     assert rel_err(out[1].double(), ref[1]) < 1e-4
     assert rel_err(out[2].double(), ref[2]) < 1e-4
@@ -110,9 +110,9 @@ def test_trajectory_float32_matches_float64_oracle(cfg, path):
 def test_cpp_equals_python_engine_first_order():
     model = _convnet(width=8, depth=2, im=9, norm="groupnorm")
     X, Y, ws, wt = make_problem(model, 4, 3, model.im_size, torch.float64)
-    py = grads(get_adjoint_engine("first-order", "python"), model, X, Y, ws, wt, lr_value=0.2)
-    cpp = grads(get_adjoint_engine("first-order", "cpp"), model, X, Y, ws, wt, lr_value=0.2)
-    exact = grads(get_adjoint_engine("exact", "cpp"), model, X, Y, ws, wt, lr_value=0.2)
+    py = grads(get_adjoint_engine("first-order", "torch"), model, X, Y, ws, wt, lr_value=0.2)
+    cpp = grads(get_adjoint_engine("first-order", "cpu"), model, X, Y, ws, wt, lr_value=0.2)
+    exact = grads(get_adjoint_engine("exact", "cpu"), model, X, Y, ws, wt, lr_value=0.2)
     assert rel_err(cpp[1], py[1]) < 1e-9 and rel_err(cpp[2], py[2]) < 1e-9
     assert rel_err(cpp[1], exact[1]) > 1e-3
 
@@ -123,7 +123,7 @@ def test_batchnorm_convnet_falls_back_to_python():
     eng = get_adjoint_engine("exact")
     X, Y, ws, wt = make_problem(model, 2, 3, model.im_size, torch.float64)
     eng(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
-    assert eng.last_backend == "python"
+    assert eng.last_backend == "torch"
 
 
 def _op_args(dtype=torch.float64, requires_grad=True):
@@ -198,7 +198,7 @@ def test_op_errors_are_runtime_errors_not_crashes():
 
 def test_engine_checks_image_size():
     model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
-    eng = get_adjoint_engine("exact", "cpp")
+    eng = get_adjoint_engine("exact", "cpu")
     with pytest.raises(ValueError, match="im_size"):
         eng(model, X[:, :, :, :5], Y, ws, wt, lr)  # same P after pooling, but not the model's input size
 
@@ -210,7 +210,7 @@ def test_device_generic(device):
     X, Y, ws, wt = make_problem(model.cpu(), 3, 3, model.im_size, torch.float64)
     model = model.to(device)
     ref = grads(naive_unroll, model.cpu(), X, Y, ws, wt)
-    out = grads(get_adjoint_engine("exact", "cpp"), model, X.to(device), Y.to(device), ws.to(device), wt.to(device))
+    out = grads(get_adjoint_engine("exact", "cpu"), model, X.to(device), Y.to(device), ws.to(device), wt.to(device))
     assert rel_err(out[1].cpu(), ref[1]) < 1e-9 and rel_err(out[2].cpu(), ref[2]) < 1e-9
 
 
@@ -219,7 +219,7 @@ def test_isa_copies_of_the_fused_loops_agree(isa, monkeypatch):
     """The baseline / AVX2 / AVX-512 copies of the fused loops (csrc/cpu_isa.h) compute the same trajectory."""
     model = _convnet(width=8, depth=2, im=8, norm="groupnorm", act="sigmoid", pool="avgpooling")
     X, Y, ws, wt = make_problem(model, 3, 5, model.im_size, torch.float64)
-    eng = get_adjoint_engine("exact", backend="cpp")
+    eng = get_adjoint_engine("exact", backend="cpu")
     monkeypatch.delenv("HABA_FAST_CPU_ISA", raising=False)
     best = grads(eng, model, X, Y, ws, wt)
     monkeypatch.setenv("HABA_FAST_CPU_ISA", isa)

@@ -234,7 +234,7 @@ def _cpp_engine(name="exact"):
 
     if not (extension_loaded() and has_op("trajectory_match")):
         pytest.skip("C++ extension without trajectory_match")
-    return get_adjoint_engine(name, backend="cpp")
+    return get_adjoint_engine(name, backend="cpu")
 
 
 @requires_ext_loaded
@@ -244,7 +244,7 @@ def test_cpp_engine_cuda_matches_naive_and_cpu_float64(cfg):
     model, X, Y, ws, wt = _engine_problem(cfg, torch.float64)
     ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
     out = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
-    assert eng.last_backend == "cpp"
+    assert eng.last_backend == "cpu"
     assert out[1].device == X.device
     assert rel_err(out[0], ref[0]) < 1e-12
     assert rel_err(out[1], ref[1]) < 1e-9 and rel_err(out[2], ref[2]) < 1e-9
@@ -261,7 +261,7 @@ def test_cpp_engine_cuda_float32_matches_naive_float64(cfg):
     ref = grads(naive_unroll, model64, X, Y, ws, wt, lr_value=0.1)
     model32 = _engine_problem(cfg, torch.float32)[0]
     out = grads(eng, model32, X.float(), Y, ws.float(), wt.float(), lr_value=0.1)
-    assert out[1].dtype == torch.float32 and eng.last_backend == "cpp"
+    assert out[1].dtype == torch.float32 and eng.last_backend == "cpu"
     assert rel_err(out[1].double(), ref[1]) < 1e-4
     assert rel_err(out[2].double(), ref[2]) < 1e-4
 
@@ -273,9 +273,9 @@ def test_cpp_first_order_runs_on_cuda():
     eng = _cpp_engine("first-order")
     model, X, Y, ws, wt = _engine_problem(ENGINE_CONFIGS[1], torch.float64)
     out = grads(eng, model, X, Y, ws, wt, lr_value=0.2)
-    py = grads(get_adjoint_engine("first-order", backend="python"), model, X, Y, ws, wt, lr_value=0.2)
+    py = grads(get_adjoint_engine("first-order", backend="torch"), model, X, Y, ws, wt, lr_value=0.2)
     exact = grads(_cpp_engine(), model, X, Y, ws, wt, lr_value=0.2)
-    assert eng.last_backend == "cpp" and out[1].device == X.device
+    assert eng.last_backend == "cpu" and out[1].device == X.device
     assert rel_err(out[1], py[1]) < 1e-9 and rel_err(out[2], py[2]) < 1e-9
     assert rel_err(out[1], exact[1]) > 1e-3  # an approximation: it must differ from the exact gradient
 

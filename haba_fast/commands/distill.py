@@ -254,6 +254,13 @@ _FLAGS: List[tuple] = [
         "reference's one segment per iteration. Under torchrun it is trajectory-parallel (segment m on process "
         "m mod K; M a multiple of K); with M = 1 torchrun splits every unrolled batch instead (same algorithm)",
     ),
+    (
+        "memory_budget",
+        ["--memory-budget", "--memory_budget"],
+        dict(type=str, metavar="SIZE|auto|0|unlimited"),
+        "mtt engine: memory for per-step tensors kept from the forward sweep instead of recomputed (0: keep none, "
+        "constant memory; 2GB / 512MB: a cap; auto: half the free memory; unlimited: recompute nothing)",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.

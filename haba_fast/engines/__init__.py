@@ -8,7 +8,9 @@ student from ``w_start`` on synthetic batches ``X [N, B, C, H, W]`` and return
   so memory grows linearly with N. Simple, the oracle for the others.
 * ``exact`` (:mod:`~haba_fast.engines.adjoint`): the constant-memory adjoint. Its forward pass saves X and
   the N+1 flat weight vectors w_t (no activation, no graph); the backward pass recomputes one step's
-  activations at a time from the saved (w_t, X_t). Same gradient as ``naive`` up to float rounding.
+  activations at a time from the saved (w_t, X_t). Same gradient as ``naive`` up to float rounding. Within a
+  memory budget (:mod:`~haba_fast.engines.memory`) it also keeps the last steps' graphs instead of recomputing
+  them; ``engine.stream(...)`` builds each step's batch on demand, so memory does not grow with N.
 * ``first-order``: the adjoint without the Hessian term in w (TESLA-style); an approximation.
 
 Module layout (no import cycle): ``base`` (protocol, checks) <- ``naive``, ``adjoint`` <- this registry.
@@ -16,10 +18,11 @@ Module layout (no import cycle): ``base`` (protocol, checks) <- ``naive``, ``adj
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 from haba_fast.engines.adjoint import ExactEngine, FirstOrderEngine, get_adjoint_engine
 from haba_fast.engines.base import Engine, check_engine_inputs, normalized_distance
+from haba_fast.engines.memory import parse_memory_budget
 from haba_fast.engines.naive import NaiveEngine
 
 ENGINES = ("exact", "naive", "first-order")
@@ -35,6 +38,7 @@ __all__ = [
     "get_adjoint_engine",
     "get_engine",
     "normalized_distance",
+    "parse_memory_budget",
 ]
 
 
@@ -43,16 +47,28 @@ def default_engine_name() -> str:
     return "exact"
 
 
-def get_engine(name: Optional[str] = None) -> Engine:
+def get_engine(name: Optional[str] = None, *, memory_budget: Union[str, int] = 0) -> Engine:
     """Return the engine called ``name`` (``exact`` | ``naive`` | ``first-order``; None or ``auto``: default).
 
+    Args:
+        name: engine name.
+        memory_budget: the adjoint engines' budget for stored per-step tensors (``0`` | a size such as ``"2GB"`` |
+            ``"auto"`` | ``"unlimited"``; :mod:`haba_fast.engines.memory`). ``naive`` stores every step by
+            construction and takes only 0.
+
     Raises:
-        ValueError: unknown name.
+        ValueError: unknown name, a bad budget, or a budget for ``naive``.
     """
     if name is None or name == "auto":
         name = default_engine_name()
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
+    budget = parse_memory_budget(memory_budget)
     if name == "naive":
+        if budget != 0:
+            raise ValueError(
+                "engine 'naive' keeps every step's graph (memory grows with N) and takes no memory budget; use "
+                "--engine exact with --memory-budget"
+            )
         return NaiveEngine()
-    return get_adjoint_engine(name)
+    return get_adjoint_engine(name, memory_budget=budget)

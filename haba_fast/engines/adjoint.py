@@ -6,45 +6,62 @@ Both engines run N plain SGD steps of a student network on synthetic batches, st
     w_0 = w_start;  g_t = grad_w CE(model_{w_t}(X_t), Y_t);  w_{t+1} = w_t - lr * g_t
     loss = ||w_N - w*||^2 / ||w_start - w*||^2
 
-and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of ../shared/DESIGN.md: the forward pass
-saves X and the N+1 flat vectors w_t (no activation, no graph); the backward pass walks the steps in reverse with
-``lam = dL/dw_{t+1}``, recomputes step t's activations with a graph from the saved (w_t, X_t), and takes one
-Hessian-vector product::
+and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of docs/DESIGN.md: the forward sweep
+saves the N+1 flat vectors w_t; the backward sweep walks the steps in reverse with ``lam = dL/dw_{t+1}``, gets
+step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and takes one Hessian-vector
+product::
 
     (h_w, h_x) = grad(g_t, [w_t, X_t], grad_outputs=lam)
     dL/dX_t = -lr h_x;   dL/dlr -= <g_t, lam>;   lam <- lam - lr h_w
 
-Activation memory is that of one step, whatever N is (X itself, [N, B, C, H, W], is saved: it is an input that
-autograd keeps anyway); the result equals the create-graph unroll (``naive``) up to
-float rounding.
+The result equals the create-graph unroll (``naive``) up to float rounding, whatever is kept.
+
+Where step t's batch comes from:
+
+* ``engine(model, X, Y, ...)``: a stored ``X [N, B, C, H, W]`` (autograd carries dL/dX back to whatever built X);
+* ``engine.stream(model, make_inputs, N, params, ...)``: ``make_inputs(t) -> (X_t, Y_t)`` builds each step's batch
+  on demand (the MTT objective passes the step plan's generate + augment), without a graph in the forward sweep and
+  again with one in the backward sweep, which pushes dL/dX_t into ``params`` at once: neither X nor the N steps'
+  generate/augment graph is held, so memory does not grow with N.
+
+Memory budget (``memory_budget``, :mod:`haba_fast.engines.memory`): 0 keeps no per-step tensor (every step is
+recomputed in the backward sweep); a budget keeps the last k steps' graphs (activations, normalization statistics,
+the first-order gradient's graph and the step's batch graph), k = budget // (one step's bytes, measured on step 0)
+- 1 (one step held back for the step being computed), so the backward sweep recomputes only the first N - k;
+``unlimited`` recomputes nothing.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
 ones when N > 1 (equal at N = 1). It says so in its name, docstring and a one-time warning.
 
-Two implementations of the same algorithm:
+Backends (``haba_fast.backend``'s vocabulary; ``select_backend("trajectory_match", ...)`` decides):
 
-* the C++ op ``torch.ops.haba_fast.trajectory_match`` (csrc/trajectory.cpp) for the ConvNet family
-  (``convnet_spec(model)`` not None, norm instancenorm / groupnorm / layernorm / none), float32/float64, CPU or
-  CUDA tensors. It writes the Hessian-vector product analytically (forward-over-reverse, fused CPU loops);
-* a Python ``torch.autograd.Function`` for any ``nn.Module`` (via ``haba_fast.models.functional_forward``).
+* ``cpu``: the C++ ops (csrc/trajectory.cpp) for the ConvNet family (``cpp_spec(model)`` not None, norm
+  instancenorm / groupnorm / layernorm / none), float32/float64, CPU or CUDA tensors: the whole unroll in one op
+  (``trajectory_match``) for a stored X, or its per-step halves (``trajectory_step_grad`` /
+  ``trajectory_step_adjoint``) for streamed batches. Analytic forward-over-reverse Hessian-vector products, fused
+  CPU loops. It recomputes every step (stores no per-step tensor);
+* ``torch``: autograd on ``haba_fast.models.functional_forward``, any ``nn.Module``; honours the memory budget.
 
-The choice is automatic; ``backend="python"`` (or ``$HABA_FAST_ADJOINT=python``) forces the Python one and
-``backend="cpp"`` requires the C++ one.
+With ``backend`` None/``auto`` and a budget other than 0 the engine takes ``torch`` (the one that stores steps) for
+CUDA tensors; for CPU tensors it stays on ``cpu`` and warns once that the budget is unused, because on a CPU
+autograd's double backward costs about 3x the C++ op's analytic step, more than the recomputation it saves
+(docs/RESULTS.md, "Memory budget"). ``backend="torch"`` spends the budget anywhere.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
+from haba_fast.engines.memory import Budget, budget_bytes, keep_last, parse_memory_budget
 from haba_fast.models import convnet_spec, functional_forward
 
 __all__ = [
@@ -58,8 +75,6 @@ __all__ = [
 ]
 
 ADJOINT_ENGINES = ("exact", "first-order")
-_BACKENDS = ("auto", "cpp", "python")
-_ENV = "HABA_FAST_ADJOINT"
 
 # Codes of csrc/trajectory.cpp's spec list.
 _NORM_CODES = {"none": 0, "instancenorm": 1, "groupnorm": 2, "layernorm": 3}
@@ -67,6 +82,20 @@ _ACT_CODES = {"relu": 0, "sigmoid": 1, "leakyrelu": 2}
 _POOL_CODES = {"none": 0, "avgpooling": 1, "maxpooling": 2}
 
 _warned_first_order = False
+_warned_budget = False
+
+
+def _warn_budget_unused() -> None:
+    global _warned_budget
+    if not _warned_budget:
+        _warned_budget = True
+        warnings.warn(
+            "--memory-budget: the C++ engine (backend cpu, chosen for CPU tensors) recomputes every step and stores "
+            "nothing per step, and on a CPU the torch backend that spends the budget is slower (its autograd "
+            "Hessian products cost ~3x); the budget is unused. Set HABA_FAST_BACKEND=torch to spend it anyway.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def cpp_spec(model: nn.Module) -> list[int] | None:
@@ -90,89 +119,270 @@ def cpp_spec(model: nn.Module) -> list[int] | None:
     ]
 
 
-def _cpp_op_available() -> bool:
-    from haba_fast._ext import has_op
-
-    return has_op("trajectory_match")
-
-
-def _backend(backend: str | None) -> str:
-    name = (backend if backend is not None else os.environ.get(_ENV, "auto")).strip().lower()
-    if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown adjoint backend {name!r}: choose one of {', '.join(_BACKENDS)} (argument or ${_ENV})"
+def _cpu_engine_reasons(inp: OpInputs) -> list[str]:
+    reasons = []
+    if inp.extra.get("distributed"):
+        reasons.append("the C++ op has no per-step all-reduce (a multi-process run uses the torch engine)")
+    model = inp.extra.get("model")
+    if model is not None and cpp_spec(model) is None:
+        reasons.append(
+            f"{type(model).__name__} is not a ConvNet the C++ engine implements (instance/group/layer/no norm)"
         )
-    return name
+    return reasons
+
+
+register_check("trajectory_match", "cpu", _cpu_engine_reasons)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The Python implementation (any nn.Module).
+# Where step t's batch comes from: a stored X [N, B, C, H, W], or a callable that rebuilds it (streamed).
 
 
-class _AdjointUnroll(torch.autograd.Function):
-    """Forward: the unroll storing only w_t. Backward: the adjoint recursion (exact, or first-order)."""
+class _TensorBatches:
+    """Steps read from a stored ``X [N, B, C, H, W]``; dL/dX is written into one [N, ...] tensor."""
+
+    def __init__(self, X: Tensor, Y: Tensor):
+        self.X, self.Y = X, Y
+        self.n_steps = int(X.shape[0])
+        self.dX: Tensor | None = None
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        return self.X[t].detach(), self.Y[t]
+
+    def push(self, t: int, x_graph: Tensor, dx: Tensor) -> None:
+        if self.dX is None:
+            self.dX = torch.zeros_like(self.X)
+        self.dX[t] = dx
+
+
+class _StreamedBatches:
+    """Steps rebuilt by ``make_inputs(t) -> (X_t [B, C, H, W], Y_t [B])`` (differentiable in ``params``).
+
+    The forward sweep builds each batch without a graph; the backward sweep rebuilds it with one and pushes dL/dX_t
+    into ``params`` at once, so neither X nor the generate/augment graph of all N steps ever exists.
+    """
+
+    def __init__(self, make_inputs: Callable[[int], tuple[Tensor, Tensor]], n_steps: int, params: tuple[Tensor, ...]):
+        self.make_inputs = make_inputs
+        self.n_steps = int(n_steps)
+        self.params = params
+        self.grads: list[Tensor | None] = [None] * len(params)
+
+    def batch(self, t: int) -> tuple[Tensor, Tensor]:
+        x, y = self.make_inputs(t)
+        if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"make_inputs({t}) must return X_t [B, C, H, W] and Y_t [B], got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
+        return x, y
+
+    def push(self, t: int, x_graph: Tensor, dx: Tensor) -> None:
+        if not x_graph.requires_grad:
+            return
+        wanted = [p for p in self.params if p.requires_grad]
+        got = iter(torch.autograd.grad(x_graph, wanted, dx, allow_unused=True))
+        for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                continue
+            g = next(got)
+            if g is not None:
+                self.grads[i] = g if self.grads[i] is None else self.grads[i] + g
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One step's math: the forward sweep's gradient g_t, and the backward sweep's (<g_t, lam>, h_w, h_x).
+
+
+class _TorchStep:
+    """Autograd on ``functional_forward`` (any nn.Module). Can keep a step's graph for the backward sweep."""
+
+    can_keep = True
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def graph(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(w leaf, x leaf, g with its create-graph graph): what a kept step stores."""
+        with torch.enable_grad():
+            wl = w.detach().clone().requires_grad_(True)  # a copy: w is a row of the trajectory, written later
+            xl = x.detach().requires_grad_(True)
+            ce = F.cross_entropy(functional_forward(self.model, wl, xl), y)
+            (g,) = torch.autograd.grad(ce, wl, create_graph=True)
+        return wl, xl, g
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        with torch.enable_grad():
+            wl = w.detach().requires_grad_(True)
+            ce = F.cross_entropy(functional_forward(self.model, wl, x.detach()), y)
+            (g,) = torch.autograd.grad(ce, wl)
+        return g
+
+    def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
+        wl, xl, g = kept if kept is not None else self.graph(w, x, y)
+        inputs = ([wl] if want_hw else []) + ([xl] if want_hx else [])
+        with torch.enable_grad():
+            hs = torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True) if inputs else ()
+        g_dot_lam = torch.dot(g.detach(), lam)
+        hw = hs[0] if want_hw else None
+        hx = hs[-1] if want_hx else None
+        if want_hw and hw is None:
+            hw = torch.zeros_like(lam)
+        if want_hx and hx is None:
+            hx = torch.zeros_like(x)
+        return g_dot_lam, hw, hx
+
+
+class _CppStep:
+    """The C++ op's per-step halves (``trajectory_step_grad`` / ``trajectory_step_adjoint``): recompute only."""
+
+    can_keep = False
+
+    def __init__(self, spec: list[int]):
+        self.spec = spec
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return torch.ops.haba_fast.trajectory_step_grad(w, x.detach(), y, self.spec)
+
+    def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
+        g_dot_lam, hw, hx = torch.ops.haba_fast.trajectory_step_adjoint(w, x.detach(), y, lam, self.spec, want_hw)
+        return g_dot_lam, (hw if want_hw else None), hx
+
+
+def _saved_bytes(fn, exclude: set[int]):
+    """Run ``fn()`` and count the bytes of the distinct storages autograd saves for backward (not in ``exclude``)."""
+    seen: set[int] = set()
+    total = [0]
+
+    def pack(t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key not in seen and key not in exclude:
+            seen.add(key)
+            total[0] += st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The unroll and its adjoint, for any batch source and step implementation.
+
+
+class _Unroll(torch.autograd.Function):
+    """Forward: N SGD steps storing every w_t and, within the budget, the last k steps' graphs. Backward: the adjoint
+    recursion (exact, or first-order), recomputing the steps that were not kept.
+
+    Inputs: ``lr``, a holder object (batch source, step, budget, stats), then the tensors differentiated (X, or
+    the synthetic parameters the streamed batches are built from).
+    """
 
     @staticmethod
-    def forward(
-        ctx,
-        X: Tensor,
-        lr: Tensor,
-        model: nn.Module,
-        Y: Tensor,
-        w_start: Tensor,
-        w_target: Tensor,
-        first_order: bool,
-        reducer: BatchReducer,
-    ) -> Tensor:
-        n_steps = X.shape[0]
-        ws = torch.empty((n_steps + 1, w_start.numel()), dtype=w_start.dtype, device=w_start.device)
-        ws[0] = w_start
-        for t in range(n_steps):
-            with torch.enable_grad():
-                w = ws[t].detach().requires_grad_(True)
-                ce = F.cross_entropy(functional_forward(model, w, X[t].detach()), Y[t]) * reducer.weight
-                (g,) = torch.autograd.grad(ce, w)
-            reducer.reduce_(g)  # the reducer hook: the shards' weighted gradients summed (identity on one process)
-            torch.sub(ws[t], lr.detach() * g, out=ws[t + 1])
-        denom = (w_start - w_target).pow(2).sum()
-        ctx.save_for_backward(X, lr, Y, ws, w_target)
-        ctx.model = model
-        ctx.first_order = first_order
-        ctx.reducer = reducer
-        return (ws[n_steps] - w_target).pow(2).sum() / denom
+    def forward(ctx, lr: Tensor, run: "_Run", *leaves: Tensor) -> Tensor:
+        src, step = run.source, run.step
+        n = src.n_steps
+        lr_d = lr.detach()
+        ws = torch.empty((n + 1, run.w_start.numel()), dtype=run.w_start.dtype, device=run.w_start.device)
+        ws[0] = run.w_start
+        kept: dict[int, tuple] = {}
+        budget = run.budget
+        k = 0
+        for t in range(n):
+            keep_t = step.can_keep and budget != 0 and (t == 0 or t >= n - k)
+            if keep_t and t == 0:
+                # Measure one step's stored tensors (its batch's graph included), then decide how many fit.
+                exclude = {ws.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in leaves}
+
+                def first_step():
+                    with torch.enable_grad():
+                        x, y = src.batch(0)
+                    return step.graph(ws[0], x, y), x
+
+                (graph, x), per_step = _saved_bytes(first_step, exclude)
+                k = keep_last(n, per_step, budget)
+                run.stats.update(per_step_bytes=per_step, stored_steps=k)
+                if n - k == 0:
+                    kept[0] = (graph, x)
+                g = graph[2].detach()
+                del graph, x
+            elif keep_t:
+                with torch.enable_grad():
+                    x, y = src.batch(t)
+                graph = step.graph(ws[t], x, y)
+                kept[t] = (graph, x)
+                g = graph[2].detach()
+                del graph
+            else:
+                with torch.no_grad():
+                    x, y = src.batch(t)
+                g = step.grad(ws[t], x, y)
+            for hook in run.grad_hooks:
+                g = hook(g)
+            torch.sub(ws[t], lr_d * g, out=ws[t + 1])
+        run.stats.setdefault("stored_steps", 0)
+        run.stats["recomputed_steps"] = n - len(kept)
+        denom = (run.w_start - run.w_target).pow(2).sum()
+        ctx.run, ctx.ws, ctx.kept = run, ws, kept
+        ctx.save_for_backward(lr)
+        return (ws[n] - run.w_target).pow(2).sum() / denom
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        X, lr, Y, ws, w_target = ctx.saved_tensors
-        model, first_order, reducer = ctx.model, ctx.first_order, ctx.reducer
-        n_steps = X.shape[0]
+        (lr,) = ctx.saved_tensors
+        run, ws, kept = ctx.run, ctx.ws, ctx.kept
+        src, step = run.source, run.step
+        n = src.n_steps
         lr_d = lr.detach()
-        denom = (ws[0] - w_target).pow(2).sum()
-        lam = 2.0 * grad_loss * (ws[n_steps] - w_target) / denom
-        dX = torch.empty_like(X) if ctx.needs_input_grad[0] else None
+        need_x = any(ctx.needs_input_grad[2:])
+        denom = (ws[0] - run.w_target).pow(2).sum()
+        lam = 2.0 * grad_loss * (ws[n] - run.w_target) / denom
         dlr = torch.zeros((), dtype=lr.dtype, device=lr.device)
-        need_x = ctx.needs_input_grad[0]
-        for t in range(n_steps - 1, -1, -1):
-            with torch.enable_grad():
-                w = ws[t].detach().requires_grad_(True)
-                x = X[t].detach().requires_grad_(need_x)
-                ce = F.cross_entropy(functional_forward(model, w, x), Y[t]) * reducer.weight
-                (g,) = torch.autograd.grad(ce, w, create_graph=True)
-                inputs = ([] if first_order else [w]) + ([x] if need_x else [])
-                hs = torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True) if inputs else ()
-            g = g.detach()
-            dlr -= torch.dot(g, lam).to(dlr.dtype)
+        want_hw = not run.first_order
+        for t in range(n - 1, -1, -1):
+            entry = kept.pop(t, None)
+            if entry is not None:
+                graph, x_graph = entry
+                x, y = graph[1], None  # the kept graph already holds the step's batch and labels
+            else:
+                graph = None
+                with torch.enable_grad() if need_x else torch.no_grad():
+                    x_graph, y = src.batch(t)
+                x = x_graph
+            g_dot_lam, hw, hx = step.adjoint(graph, ws[t], x, y, lam, want_hw, need_x)
+            for hook in run.hvp_hooks:
+                g_dot_lam, hw, hx = hook(g_dot_lam, hw, hx)
+            dlr -= g_dot_lam.to(dlr.dtype)
             if need_x:
-                hx = hs[-1]
-                dX[t] = 0.0 if hx is None else -lr_d * hx
-            if not first_order:
-                hw = hs[0]
-                if hw is not None:
-                    # The reducer hook: the shards' Hessian-vector products summed (<g_t, lam> and dX stay per shard:
-                    # the lr gradient is summed over ranks with the synthetic set's).
-                    lam = lam - lr_d * reducer.reduce_(hw)
-        # Inputs: X, lr, model, Y, w_start, w_target, first_order (w_start/w_target are constants, as in naive).
-        return dX, (dlr if ctx.needs_input_grad[1] else None), None, None, None, None, None, None
+                src.push(t, x_graph, -lr_d * hx)
+            del graph, x_graph, x
+            if want_hw:
+                lam = lam - lr_d * hw
+        ctx.kept = {}
+        if isinstance(src, _TensorBatches):
+            leaf_grads = (src.dX,)
+        else:
+            leaf_grads = tuple(src.grads)
+        return ((dlr if ctx.needs_input_grad[0] else None), None) + leaf_grads
+
+
+class _Run:
+    """Everything one unroll needs besides the differentiated tensors (not a tensor: autograd passes it through)."""
+
+    def __init__(self, source, step, w_start, w_target, first_order: bool, budget: int | None):
+        self.source, self.step = source, step
+        self.w_start, self.w_target = w_start, w_target
+        self.first_order = first_order
+        self.budget = budget  # bytes for kept steps; None = unlimited
+        self.stats: dict = {}
+        # Per-step hooks (e.g. a cross-process reduction): g -> g in the forward sweep,
+        # (<g, lam>, h_w, h_x) -> same in the backward sweep. Empty by default.
+        self.grad_hooks: list = []
+        self.hvp_hooks: list = []
+
+
+def _unroll(run: _Run, lr: Tensor, leaves: tuple[Tensor, ...]) -> Tensor:
+    return _Unroll.apply(lr, run, *leaves)
 
 
 def adjoint_unroll(
@@ -184,6 +394,7 @@ def adjoint_unroll(
     lr: Tensor,
     *,
     first_order: bool = False,
+    memory_budget: Budget = 0,
     reducer: Optional[BatchReducer] = None,
 ) -> Tensor:
     """The Python adjoint engine on any ``nn.Module`` (no input checks; engines call it after validating).
@@ -192,14 +403,37 @@ def adjoint_unroll(
         model: the student architecture (its weights are ignored; ``functional_forward`` uses ``w``).
         X: [N, B, C, H, W] float inputs; Y: [N, B] int64; w_start, w_target: [P] (X's dtype); lr: 0-dim.
         first_order: drop the Hessian term in w (approximation).
-        reducer: data parallelism (``haba_fast.dist.BatchReducer``): X, Y are this rank's shard of every step's
-            batch; per-step gradients and Hessian-vector products are summed over ranks. None: one process.
+        memory_budget: bytes of per-step graphs to keep (``haba_fast.engines.memory``); 0 recomputes every step.
+        reducer: data parallelism (``haba_fast.dist.BatchReducer``; None: one process): X, Y are this rank's shard
+            of every step's batch (see :func:`_add_reducer_hooks`).
 
     Returns:
         0-dim loss, differentiable in X and lr.
     """
-    reducer = reducer if reducer is not None else BatchReducer.single(X.shape[1])
-    return _AdjointUnroll.apply(X, lr, model, Y, w_start, w_target, bool(first_order), reducer)
+    budget = budget_bytes(memory_budget, X.device)
+    run = _Run(_TensorBatches(X, Y), _TorchStep(model), w_start, w_target, bool(first_order), budget)
+    _add_reducer_hooks(run, reducer)
+    return _unroll(run, lr, (X,))
+
+
+def _add_reducer_hooks(run: "_Run", reducer: Optional[BatchReducer]) -> None:
+    """Data parallelism through the per-step hooks (nothing on one process).
+
+    Rank r unrolls its shard of every step's batch; its mean cross-entropy is weighted by ``reducer.weight`` (its
+    share of the batch), so summing the weighted shard gradients over ranks gives the full batch's gradient. The
+    forward sweep sums g_t (every rank then takes the same step); the backward sweep sums the Hessian-vector
+    products h_w (every rank keeps the same lambda). ``<g_t, lambda>`` and h_x stay this rank's weighted share: the
+    lr's and the synthetic set's gradients are summed over ranks with the rest (``Distiller``).
+    """
+    if reducer is None or not reducer.active:
+        return
+    w = reducer.weight
+    run.grad_hooks.append(lambda g: reducer.reduce_(g * w))
+
+    def hvp(g_dot_lam, hw, hx):
+        return g_dot_lam * w, (None if hw is None else reducer.reduce_(hw * w)), (None if hx is None else hx * w)
+
+    run.hvp_hooks.append(hvp)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,40 +441,85 @@ def adjoint_unroll(
 
 
 class AdjointEngine:
-    """Base of the two adjoint engines: validation, dtype handling, and the C++ / Python dispatch.
+    """Base of the two adjoint engines: validation, dtype handling, the backend dispatch and the memory budget.
 
     Args:
-        backend: ``auto`` (C++ op when the model is a supported ConvNet, the extension is loaded and the dtype is
-            float32/float64; else Python), ``cpp`` (require the C++ op), ``python`` (force the Python
-            implementation). None reads ``$HABA_FAST_ADJOINT`` (default ``auto``).
+        backend: ``torch`` (the Python implementation, any nn.Module), ``cpu`` (the C++ op; ConvNet family),
+            ``auto`` or None (``haba_fast.backend.select_backend``: the C++ op when it can run, else torch;
+            None also reads ``$HABA_FAST_BACKEND``, then the deprecated ``$HABA_FAST_ADJOINT``). ``cpp`` /
+            ``python`` are deprecated spellings of ``cpu`` / ``torch``.
+        memory_budget: bytes of per-step forward-sweep tensors the backward sweep may reuse instead of
+            recomputing: ``0`` (default; store only w_t), a size (``"2GB"``), ``"auto"`` or ``"unlimited"``
+            (``haba_fast.engines.memory``). Only the ``torch`` backend stores steps (the C++ op recomputes every
+            step); an automatic choice with a budget other than 0 takes ``torch`` on CUDA, and on a CPU stays on
+            ``cpu`` with a one-time warning that the budget is unused (see the module docstring).
     """
 
     name = "adjoint"
     approximate = False
     first_order = False
 
-    def __init__(self, backend: str | None = None):
-        self.backend = _backend(backend)
-        self.last_backend: str | None = None  # which implementation the last call used ("cpp" | "python")
+    def __init__(self, backend: str | None = None, memory_budget: Budget = 0):
+        if backend is not None:
+            requested_backend(backend)  # a clear ValueError for an unknown name now
+        self.backend = backend
+        self.memory_budget = parse_memory_budget(memory_budget)
+        self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
+        # The last call's budget bookkeeping: memory_budget_bytes (None = unlimited), per_step_bytes (measured on
+        # step 0; 0 when nothing is stored), stored_steps, recomputed_steps.
+        self.last_stats: dict = {}
 
-    def _use_cpp(self, model: nn.Module, X: Tensor, distributed: bool = False) -> list[int] | None:
-        if self.backend == "python":
-            return None
-        spec = cpp_spec(model)
-        reason = None
-        if distributed:  # the op runs the whole unroll in one call: no place for the per-step sum over ranks
-            reason = "the C++ op has no per-step all-reduce (a multi-process run uses the Python adjoint)"
-        elif spec is None:
-            reason = f"{type(model).__name__} is not a ConvNet the C++ engine implements (instance/group/layer/no norm)"
-        elif X.dtype not in (torch.float32, torch.float64):
-            reason = f"dtype {X.dtype} (the C++ engine runs float32 and float64)"
-        elif not _cpp_op_available():
-            reason = "the C++ extension is not built or lacks trajectory_match"
-        if reason is None:
-            return spec
-        if self.backend == "cpp":
-            raise ValueError(f"engine {self.name!r} with backend 'cpp' cannot run: {reason}; use backend='auto'")
-        return None
+    def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
+        name = select_backend(
+            "trajectory_match",
+            OpInputs(device, dtype, extra={"model": model, "distributed": distributed}),
+            self.backend,
+            legacy_env="HABA_FAST_ADJOINT",
+        )
+        if name == "cpu" and self.memory_budget != 0 and requested_backend(self.backend) == "auto":
+            # The C++ op stores no per-step tensor; only the torch step can spend a budget. On CUDA the stored
+            # graphs beat the C++ op's recomputation at large batches (naive vs exact, bench/results/ITERATION.md);
+            # on a CPU autograd's double backward is ~3x the C++ op's analytic step, so the budget would only cost
+            # time there (docs/RESULTS.md, "Memory budget").
+            if device.type == "cuda":
+                return "torch"
+            _warn_budget_unused()
+        return name
+
+    @staticmethod
+    def _check(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
+        for name, t in (("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but X is on {device}: put all engine inputs on one device")
+        normalized_distance(w_start, w_target)
+        if not (torch.isfinite(w_start).all() and torch.isfinite(w_target).all()):
+            raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
+        if not torch.isfinite(lr.detach()):
+            raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
+
+    @staticmethod
+    def _check_batch(model: nn.Module, X: Tensor, Y: Tensor) -> None:
+        if not torch.isfinite(X.detach()).all():
+            raise ValueError("X (the synthetic batches) contains NaN or Inf; lower the learning rates")
+        im_size = getattr(model, "im_size", None)
+        if im_size is not None and tuple(X.shape[-2:]) != tuple(im_size):
+            raise ValueError(
+                f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
+                "build the student with the synthetic images' size"
+            )
+        classes = _num_classes(model)
+        if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
+            raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
+
+    def _record(self, run: "_Run | None", budget: int | None, n_steps: int) -> None:
+        self.last_stats = {
+            "memory_budget_bytes": budget,
+            "per_step_bytes": 0,
+            "stored_steps": 0,
+            "recomputed_steps": n_steps,
+        }
+        if run is not None:
+            self.last_stats.update(run.stats)
 
     def __call__(
         self,
@@ -263,48 +542,89 @@ class AdjointEngine:
             w_target: [P] flat expert snapshot ``expert_epochs`` later (a constant).
             lr: 0-dim learning rate (differentiable).
             reducer: data parallelism (``haba_fast.dist.BatchReducer``; None: one process): X, Y are this rank's
-                shard of every step's batch. An active reducer runs the Python implementation.
+                shard of every step's batch. An active reducer runs the torch implementation (the C++ op has no
+                per-step all-reduce).
 
         Returns:
             0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2`` in X's dtype.
+
+        Raises:
+            BackendUnavailableError: a backend forced by name cannot run these inputs.
         """
         if not isinstance(lr, Tensor):
             lr = torch.tensor(float(lr), dtype=X.dtype, device=X.device)
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
-        for name, t in (("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
-            if t.device != X.device:
-                raise ValueError(f"{name} is on {t.device} but X is on {X.device}: put all engine inputs on one device")
-        normalized_distance(w_start, w_target)
-        if not torch.isfinite(X.detach()).all():
-            raise ValueError("X (the synthetic batches) contains NaN or Inf; lower the learning rates")
-        if not (torch.isfinite(w_start).all() and torch.isfinite(w_target).all()):
-            raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
-        if not torch.isfinite(lr.detach()):
-            raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
-        im_size = getattr(model, "im_size", None)
-        if im_size is not None and tuple(X.shape[-2:]) != tuple(im_size):
-            raise ValueError(
-                f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
-                "build the student with the synthetic images' size"
-            )
-        classes = _num_classes(model)
-        if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
-            raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
+        self._check(Y, w_start, w_target, lr, X.device)
+        self._check_batch(model, X, Y)
         ws = w_start.detach().to(X.dtype)
         wt = w_target.detach().to(X.dtype)
         lr_x = lr.to(X.dtype)
-        spec = self._use_cpp(model, X, distributed=reducer is not None and reducer.active)
-        if spec is not None:
-            self.last_backend = "cpp"
+        distributed = reducer is not None and reducer.active
+        name = self._select(model, X.device, X.dtype, distributed=distributed)
+        self.last_backend = name
+        if name == "cpu":
+            self._record(None, 0, int(X.shape[0]))
             try:
-                return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, spec, self.first_order)
-            except RuntimeError as exc:  # the op's TORCH_CHECKs: bad input the checks above did not catch
+                return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
+            except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
-        self.last_backend = "python"
-        return adjoint_unroll(model, X, Y, ws, wt, lr_x, first_order=self.first_order, reducer=reducer)
+        budget = budget_bytes(self.memory_budget, X.device)
+        run = _Run(_TensorBatches(X, Y), _TorchStep(model), ws, wt, self.first_order, budget)
+        _add_reducer_hooks(run, reducer)
+        out = _unroll(run, lr_x, (X,))
+        self._record(run, budget, int(X.shape[0]))
+        return out
+
+    def stream(
+        self,
+        model: nn.Module,
+        make_inputs: Callable[[int], tuple[Tensor, Tensor]],
+        n_steps: int,
+        params: Sequence[Tensor],
+        w_start: Tensor,
+        w_target: Tensor,
+        lr: Tensor,
+    ) -> Tensor:
+        """The matching loss with each step's batch built on demand: memory flat in N.
+
+        Args:
+            model: the student architecture.
+            make_inputs: ``t -> (X_t [B, C, H, W] float, Y_t [B] int64)``; deterministic (called without a graph in
+                the forward sweep and again with one in the backward sweep), differentiable in ``params``.
+            n_steps: N >= 1.
+            params: the tensors X_t depends on (the synthetic set's parameters); autograd gives them the gradients.
+            w_start, w_target: [P] constants; lr: 0-dim (differentiable).
+
+        Returns:
+            0-dim loss, differentiable in ``params`` and ``lr``; equal to ``self(model, X, Y, ...)`` with
+            ``X = stack([make_inputs(t)[0] for t in range(N)])``.
+        """
+        n_steps = int(n_steps)
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        params = tuple(params)
+        source = _StreamedBatches(make_inputs, n_steps, params)
+        with torch.no_grad():
+            x0, y0 = source.batch(0)
+        if not isinstance(lr, Tensor):
+            lr = torch.tensor(float(lr), dtype=x0.dtype, device=x0.device)
+        check_engine_inputs(model, x0[None], y0[None], w_start, w_target, lr)
+        self._check(y0, w_start, w_target, lr, x0.device)
+        self._check_batch(model, x0, y0)
+        ws = w_start.detach().to(x0.dtype)
+        wt = w_target.detach().to(x0.dtype)
+        name = self._select(model, x0.device, x0.dtype)
+        self.last_backend = name
+        budget = 0 if name == "cpu" else budget_bytes(self.memory_budget, x0.device)
+        step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
+        run = _Run(source, step, ws, wt, self.first_order, budget)
+        del x0, y0
+        out = _unroll(run, lr.to(ws.dtype), params)
+        self._record(run, budget, n_steps)
+        return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r})"
+        return f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r})"
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -344,19 +664,20 @@ class FirstOrderEngine(AdjointEngine):
         return super().__call__(*args, **kwargs)
 
 
-def get_adjoint_engine(name: str, backend: str | None = None) -> AdjointEngine:
+def get_adjoint_engine(name: str, backend: str | None = None, memory_budget: Budget = 0) -> AdjointEngine:
     """The adjoint engine ``exact`` or ``first-order`` (``first_order`` is accepted too).
 
     Args:
         name: engine name.
-        backend: ``auto`` | ``cpp`` | ``python`` (see :class:`AdjointEngine`).
+        backend: ``torch`` | ``cpu`` | ``auto`` | None (see :class:`AdjointEngine`).
+        memory_budget: ``0`` | a size | ``auto`` | ``unlimited`` (see :mod:`haba_fast.engines.memory`).
 
     Raises:
         ValueError: unknown name or backend.
     """
     key = str(name).strip().lower().replace("_", "-")
     if key == "exact":
-        return ExactEngine(backend)
+        return ExactEngine(backend, memory_budget)
     if key == "first-order":
-        return FirstOrderEngine(backend)
+        return FirstOrderEngine(backend, memory_budget)
     raise ValueError(f"unknown adjoint engine {name!r}: choose one of {', '.join(ADJOINT_ENGINES)}")

@@ -1,9 +1,12 @@
 """Trajectory matching (MTT) for the ``Pixels`` and ``HaBa`` parameterizations: the ``mtt`` objective.
 
-One iteration's synthetic inputs are built in ONE batched call for all N unrolled steps: generate
-(bases × hallucinator of each step; for Pixels, a gather of images) then DSA with each step's own
-parameters, reshaped to [N, B, C, H, W]. The engine then unrolls the student on them and autograd
-carries dL/dX back through augment ∘ generate to the bases, hallucinators and the learned lr.
+The adjoint engines (``exact``, ``first-order``) get each step's batch from :func:`step_inputs` on demand
+(``engine.stream``): generate (bases × the step's hallucinator; for Pixels, a gather of images) then DSA with the
+step's own parameters, all fixed by the step plan, so rebuilding a batch in the backward sweep gives the same
+batch. Its gradient goes to the bases/hallucinators step by step; neither X [N, B, C, H, W] nor the
+generate/augment graph of N steps is held, so memory does not grow with N. The ``naive`` engine (and soft labels)
+take all N steps' inputs from ONE batched call (:func:`build_inputs`); autograd carries dL/dX back through
+augment ∘ generate.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "synthetic_samples",
     "augment_groups",
     "build_inputs",
+    "step_inputs",
     "trajectory_loss",
     "soft_label_trajectory_loss",
     "TrajectoryMatching",
@@ -131,6 +135,21 @@ def build_inputs(syn: nn.Module, plan: StepPlan) -> Tuple[Tensor, Tensor]:
     return x.reshape(N, B, *x.shape[1:]), Y
 
 
+def step_inputs(syn: nn.Module, plan: StepPlan, t: int) -> Tuple[Tensor, Tensor]:
+    """Step ``t``'s synthetic batch: the t-th [B, C, H, W] slice of :func:`build_inputs`, built on its own.
+
+    Returns:
+        X_t [B, C, H, W] (differentiable in syn's parameters) and Y_t [B] int64.
+    """
+    idx = plan.base_idx[t]
+    hall = plan.hall_idx[t].expand(idx.shape[0]) if is_haba(syn) else None
+    x = synthetic_samples(syn, idx, hall)
+    if plan.aug is not None:
+        x = augment_groups(x, [plan.aug[t]], idx.shape[0])
+    labels = synthetic_labels(syn)
+    return x, labels[idx.to(labels.device)].to(x.device)
+
+
 def trajectory_loss(
     engine: Engine,
     model: nn.Module,
@@ -144,15 +163,29 @@ def trajectory_loss(
 ) -> Tensor:
     """The MTT loss of one iteration: ``||w_N - w*||^2 / ||w_start - w*||^2`` (0-dim).
 
-    Differentiable in the synthetic set's parameters (bases/hallucinators or images) and in ``lr``.
+    Differentiable in the synthetic set's parameters (bases/hallucinators or images) and in ``lr``. Engines with a
+    ``stream`` method build each step's batch on demand (memory flat in N); the others get X [N, B, C, H, W].
 
     On several processes (``haba_fast.dist``) every rank builds the same X and unrolls its shard of every step's
     batch; the loss is the same on every rank, the gradients of X (and so of the synthetic set) and of ``lr`` are
     this rank's share, to be summed over ranks (``Distiller`` does). ``shard=False``: this rank unrolls the whole
     batch (trajectory-parallel mode: the ranks match different segments).
     """
-    from haba_fast.dist import BatchReducer
+    from haba_fast.dist import BatchReducer, world_size
 
+    sharded = shard and world_size() > 1
+    if hasattr(engine, "stream") and not sharded:
+        params = [p for p in syn.parameters() if p.requires_grad]
+        device = next(iter(syn.parameters())).device
+        return engine.stream(
+            model,
+            lambda t: step_inputs(syn, plan, t),
+            plan.num_steps,
+            params,
+            w_start.to(device),
+            w_target.to(device),
+            lr,
+        )
     X, Y = build_inputs(syn, plan)
     device = X.device
     reducer = BatchReducer(X.shape[1]) if shard else BatchReducer.single(X.shape[1])
@@ -234,7 +267,7 @@ class TrajectoryMatching(Objective):
                 f"{ds.channels}×{self.im_size[0]}×{self.im_size[1]} images with {ds.num_classes} classes has {P}; "
                 "was the buffer trained for another model or dataset?"
             )
-        self.engine = get_engine(cfg.engine)
+        self.engine = get_engine(cfg.engine, memory_budget=getattr(cfg, "memory_budget", 0))
         from haba_fast.experts import TrajectorySampler
 
         self.trajectories = TrajectorySampler(

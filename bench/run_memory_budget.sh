@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Regenerates bench/results/memory_budget.json and bench/results/MEMORY_BUDGET.md: one full HaBa iteration
+# (haba_fast.distill.Distiller.step on random CIFAR-shaped data, ConvNet-128, 5 hallucinators) per memory budget,
+# each in a fresh process so its peak RSS is its own.
+#
+#   bench/run_memory_budget.sh             # rows (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / 500 / 30
+#   ROWS=a bench/run_memory_budget.sh      # only row (a) (row (b) takes many minutes per budget on 2 cores)
+#   FLAT=1 bench/run_memory_budget.sh      # also budget 0 at syn_steps 10 and 80 (memory flat in syn_steps)
+#   RESULTS=/tmp/r, PYTHON=...             # output folder (default bench/results), interpreter
+# Budget 0 runs the default engine (backend auto: the C++ op on CPU tensors); the other budgets force the torch
+# backend (the only one that stores steps) and get budget 0's peak RSS as --baseline-rss-mb, so each row carries
+# the predicted peak (budget 0's peak + the stored steps) next to the measured one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+RESULTS=${RESULTS:-bench/results}
+ROWS=${ROWS:-ab}
+mkdir -p "$RESULTS"
+OUT=$RESULTS/memory_budget.json
+TMP=$OUT.partial.jsonl
+touch "$TMP"
+
+run() {  # run IPC STEPS BATCH BUDGET [extra args]
+  local ipc=$1 steps=$2 batch=$3 budget=$4
+  shift 4
+  echo "bench memory budget: ipc=$ipc syn_steps=$steps batch_syn=$batch budget=$budget $*" >&2
+  $PY -m haba_fast.cli bench iteration --engine exact --ipc "$ipc" --n-hallucinators 5 --syn-steps "$steps" \
+    --batch-syn "$batch" --warmup 0 --repeats 1 --memory-budget "$budget" --json "$@" | tail -1 > "$TMP.row" || {
+    echo "{\"bench\": \"iteration\", \"engine\": \"exact\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"memory_budget\": \"$budget\", \"failed\": true}" > "$TMP.row"
+  }
+  cat "$TMP.row" >> "$TMP"
+}
+
+base_rss() {  # the peak RSS of the last row
+  $PY -c 'import json,sys; r=json.loads(open(sys.argv[1]).read()); print(r.get("peak_rss_mb", 0))' "$TMP.row"
+}
+
+config() {  # config IPC STEPS BATCH BUDGETS...
+  local ipc=$1 steps=$2 batch=$3
+  shift 3
+  run "$ipc" "$steps" "$batch" 0
+  local rss
+  rss=$(base_rss)
+  for b in "$@"; do run "$ipc" "$steps" "$batch" "$b" --backend torch --baseline-rss-mb "$rss"; done
+}
+
+case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited ;; esac
+if [ "${FLAT:-0}" = 1 ]; then run 10 10 100 0; run 10 80 100 0; fi
+case $ROWS in *b*) config 50 30 500 8GB 2GB ;; esac
+
+$PY - "$TMP" "$OUT" <<'PYEOF'
+import json, sys
+from haba_fast.benchmarks.iteration import write_budget_report
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+write_budget_report(rows, sys.argv[2])
+PYEOF
+rm -f "$TMP" "$TMP.row"
+echo "wrote $OUT and $RESULTS/MEMORY_BUDGET.md" >&2

@@ -1,0 +1,324 @@
+"""Memory budgets and streamed batches of the adjoint engines: same gradients at every budget, as naive.
+
+Oracle: ``naive_unroll`` of tests/test_adjoint.py (a plain create-graph unroll through ``functional_forward``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
+from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
+from utils import extension_loaded
+
+from haba_fast.backend import BackendUnavailableError
+from haba_fast.engines import adjoint, get_adjoint_engine, get_engine
+from haba_fast.engines.memory import budget_bytes, keep_last, parse_memory_budget
+
+# Relative tolerance of "identical" gradients per dtype.
+REL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+needs_cpp = pytest.mark.skipif(not extension_loaded(), reason="the C++ extension is not built")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing and the schedule.
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0", 0),
+        (0, 0),
+        (None, 0),
+        ("512MB", 512 * 2**20),
+        ("8GB", 8 * 2**30),
+        ("8gb", 8 * 2**30),
+        ("1.5GiB", int(1.5 * 2**30)),
+        ("100k", 100 * 1024),
+        ("4096", 4096),
+        (" 2 G ", 2 * 2**30),
+        ("auto", "auto"),
+        ("AUTO", "auto"),
+        ("unlimited", "unlimited"),
+        ("inf", "unlimited"),
+    ],
+)
+def test_parse_memory_budget(text, expected):
+    assert parse_memory_budget(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["-1GB", "8XB", "GB", "", "1e9", "lots", -5, float("nan"), True, [1]])
+def test_parse_memory_budget_rejects_with_the_accepted_forms(bad):
+    with pytest.raises(ValueError, match="memory budget"):
+        parse_memory_budget(bad)
+
+
+def test_budget_bytes_resolves_auto_and_unlimited():
+    assert budget_bytes("unlimited", torch.device("cpu")) is None
+    assert budget_bytes("1MB", torch.device("cpu")) == 2**20
+    auto = budget_bytes("auto", torch.device("cpu"))
+    assert 0 < auto < 2**50
+
+
+def test_keep_last():
+    assert keep_last(7, 10, None) == 7
+    assert keep_last(7, 10, 0) == 0
+    assert keep_last(7, 10, 35) == 2  # one step held back for the step being computed
+    assert keep_last(7, 10, 20) == 1
+    assert keep_last(7, 10, 10**6) == 7
+    with pytest.warns(RuntimeWarning, match="holds no step"):
+        assert keep_last(7, 10, 19) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Engine gradients at every budget (torch backend: the one that stores steps).
+
+
+def _run(engine, model, X, Y, ws, wt):
+    out = grads(engine, model, X, Y, ws, wt, lr_value=0.1)
+    return out, dict(engine.last_stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["exact", "first-order"])
+def test_every_budget_gives_the_budget_zero_gradients(dtype, name):
+    model = _convnet(depth=2, norm="instancenorm", dtype=dtype)
+    N = 5  # odd
+    X, Y, ws, wt = make_problem(model, N, 3, tuple(model.im_size), dtype)
+    base, stats0 = _run(get_adjoint_engine(name, "torch", 0), model, X, Y, ws, wt)
+    assert stats0["stored_steps"] == 0 and stats0["recomputed_steps"] == N
+    _, stats = _run(get_adjoint_engine(name, "torch", "unlimited"), model, X, Y, ws, wt)
+    per_step = stats["per_step_bytes"]
+    assert per_step > 0 and stats["stored_steps"] == N and stats["recomputed_steps"] == 0
+    for k in range(1, N + 1):
+        out, st = _run(get_adjoint_engine(name, "torch", per_step * (k + 1) + per_step // 2), model, X, Y, ws, wt)
+        assert st["stored_steps"] == k and st["recomputed_steps"] == N - k
+        for a, b in zip(out, base):
+            assert rel_err(a, b) < REL[dtype], (k, rel_err(a, b))
+    if name == "exact":
+        ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
+        for a, b in zip(base, ref):
+            assert rel_err(a, b) < REL[dtype] * (1 if dtype == torch.float64 else 10)
+
+
+def test_budget_below_one_step_falls_back_to_zero_with_a_warning():
+    model = _convnet()
+    X, Y, ws, wt = make_problem(model, 3, 2, tuple(model.im_size), torch.float64)
+    base = grads(get_adjoint_engine("exact", "torch"), model, X, Y, ws, wt)
+    eng = get_adjoint_engine("exact", "torch", 100)
+    Xr = X.clone().requires_grad_(True)
+    lr = torch.tensor(0.05, dtype=X.dtype, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="holds no step"):
+        loss = eng(model, Xr, Y, ws, wt, lr)
+    loss.backward()
+    assert eng.last_stats["stored_steps"] == 0 and eng.last_stats["recomputed_steps"] == 3
+    for a, b in zip((loss.detach(), Xr.grad, lr.grad), base):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_budget_on_any_module():
+    model = _MLPStudent().double()
+    X, Y, ws, wt = make_problem(model, 4, 3, (5, 5), torch.float64)
+    ref = grads(naive_unroll, model, X, Y, ws, wt)
+    for b in (0, "unlimited"):
+        eng = get_adjoint_engine("exact", None, b)
+        out = grads(eng, model, X, Y, ws, wt)
+        assert eng.last_backend == "torch"
+        for a, r in zip(out, ref):
+            assert rel_err(a, r) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The backend dispatch.
+
+
+@needs_cpp
+def test_dispatch_names_and_budget_routing():
+    model = _convnet()
+    X, Y, ws, wt = make_problem(model, 2, 2, tuple(model.im_size), torch.float64)
+    eng = get_adjoint_engine("exact", "auto")
+    grads(eng, model, X, Y, ws, wt)
+    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+    eng = get_adjoint_engine("exact", None, "unlimited")  # CPU tensors: the C++ op, the budget unused (warned)
+    adjoint._warned_budget = False
+    Xr = X.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="budget is unused"):
+        eng(model, Xr, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64)).backward()
+    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+    eng = get_adjoint_engine("exact", "torch", "unlimited")
+    grads(eng, model, X, Y, ws, wt)
+    assert eng.last_backend == "torch" and eng.last_stats["stored_steps"] == 2
+    eng = get_adjoint_engine("exact", "cpu", "unlimited")  # forced: the C++ op, which stores no step
+    grads(eng, model, X, Y, ws, wt)
+    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+
+
+def test_forced_cpu_backend_on_a_module_it_cannot_run_raises():
+    model = _MLPStudent().double()
+    X, Y, ws, wt = make_problem(model, 2, 2, (5, 5), torch.float64)
+    with pytest.raises(BackendUnavailableError, match="not a ConvNet"):
+        get_adjoint_engine("exact", "cpu")(model, X, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64))
+
+
+def test_naive_takes_no_budget_and_bad_names_raise():
+    with pytest.raises(ValueError, match="takes no memory budget"):
+        get_engine("naive", memory_budget="1GB")
+    assert get_engine("naive", memory_budget=0).name == "naive"
+    assert get_engine("exact", memory_budget="2GB").memory_budget == 2 * 2**30
+    with pytest.raises(ValueError, match="memory budget"):
+        get_engine("exact", memory_budget="2 apples")
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_adjoint_engine("exact", backend="gpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Streamed batches: engine.stream(make_inputs) == engine(X) with X built in one call, for HaBa.
+
+
+def _haba_problem(N, dtype, strategy="color_crop_cutout_flip_scale_rotate"):
+    from haba_fast.factorization import HaBa
+    from haba_fast.models import flatten_params
+    from haba_fast.plan import IndexStream, sample_plan
+
+    g = torch.Generator().manual_seed(3)
+    syn = HaBa(4, 2, 3, (9, 9), n_hallucinators=3, generator=g).to(dtype)
+    plan = sample_plan(IndexStream(8, 3), N, 3, (9, 9), strategy=strategy, generator=g)
+    model = _convnet(channel=3, k=4, im=9, dtype=dtype)
+    ws = flatten_params(model).to(dtype)
+    wt = ws + 0.1 * torch.randn(ws.shape, generator=g, dtype=dtype)
+    return syn, plan, model, ws, wt
+
+
+def _syn_grads(fn, syn, dtype):
+    syn.zero_grad(set_to_none=True)
+    lr = torch.tensor(0.05, dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = fn(lr)
+    loss.backward()
+    return [loss.detach(), lr.grad] + [p.grad.clone() for p in syn.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend, budget", [("torch", 0), ("torch", "unlimited"), ("torch", "mid"), ("cpu", 0)])
+def test_streamed_equals_stacked_and_naive(dtype, backend, budget):
+    from haba_fast.objectives.mtt import build_inputs, trajectory_loss
+
+    if backend == "cpu" and not extension_loaded():
+        pytest.skip("the C++ extension is not built")
+    N = 5
+    syn, plan, model, ws, wt = _haba_problem(N, dtype)
+    naive = get_engine("naive")
+
+    def stacked(lr):
+        X, Y = build_inputs(syn, plan)
+        return naive(model, X, Y, ws, wt, lr)
+
+    ref = _syn_grads(stacked, syn, dtype)
+    if budget == "mid":  # measure one step, then a budget holding 2 of the 5 steps
+        probe = get_adjoint_engine("exact", backend, "unlimited")
+        _syn_grads(lambda lr: trajectory_loss(probe, model, syn, plan, ws, wt, lr), syn, dtype)
+        budget = int(probe.last_stats["per_step_bytes"] * 3.5)
+    eng = get_adjoint_engine("exact", backend, budget)
+    got = _syn_grads(lambda lr: trajectory_loss(eng, model, syn, plan, ws, wt, lr), syn, dtype)
+    assert eng.last_backend == backend
+    if budget == "unlimited":
+        assert eng.last_stats["recomputed_steps"] == 0
+    elif budget != 0:
+        assert eng.last_stats["stored_steps"] == 2
+    tol = REL[dtype] * (1 if dtype == torch.float64 else 10)
+    for i, (a, b) in enumerate(zip(got, ref)):
+        assert rel_err(a, b) < tol, (i, rel_err(a, b))
+
+
+def test_streamed_checks_make_inputs():
+    syn, plan, model, ws, wt = _haba_problem(2, torch.float64)
+    eng = get_adjoint_engine("exact", "torch")
+    with pytest.raises(ValueError, match="n_steps"):
+        eng.stream(model, lambda t: None, 0, list(syn.parameters()), ws, wt, 0.1)
+    bad = lambda t: (torch.zeros(3, 3, 9, 9, dtype=torch.float64), torch.zeros(3, dtype=torch.long))  # noqa: E731
+    with pytest.raises(ValueError, match="make_inputs"):
+        eng.stream(model, lambda t: (bad(t)[0][None], bad(t)[1]), 2, list(syn.parameters()), ws, wt, 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The C++ per-step ops equal trajectory_step_hvp.
+
+
+@needs_cpp
+@pytest.mark.parametrize("want_hw", [True, False])
+def test_cpp_step_ops_match_step_hvp(want_hw):
+    from haba_fast.engines.adjoint import cpp_spec
+
+    model = _convnet(depth=2, norm="groupnorm")
+    X, Y, ws, _ = make_problem(model, 1, 4, tuple(model.im_size), torch.float64)
+    lam = torch.randn(ws.shape, dtype=torch.float64)
+    spec = cpp_spec(model)
+    g, hw, hx = torch.ops.haba_fast.trajectory_step_hvp(ws, X[0], Y[0], lam, spec)
+    g2 = torch.ops.haba_fast.trajectory_step_grad(ws, X[0], Y[0], spec)
+    gl, hw2, hx2 = torch.ops.haba_fast.trajectory_step_adjoint(ws, X[0], Y[0], lam, spec, want_hw)
+    assert rel_err(g2, g) < 1e-12 and rel_err(hx2, hx) < 1e-12
+    assert abs(float(gl) - float(torch.dot(g, lam))) < 1e-10 * float(g.norm() * lam.norm())
+    if want_hw:
+        assert rel_err(hw2, hw) < 1e-12
+    else:
+        assert hw2.numel() == 0
+    with pytest.raises(RuntimeError, match="x must be"):
+        torch.ops.haba_fast.trajectory_step_grad(ws, X, Y[0], spec)
+    with pytest.raises(RuntimeError, match="lam must be like w"):
+        torch.ops.haba_fast.trajectory_step_adjoint(ws, X[0], Y[0], lam[:-1], spec, want_hw)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Plumbing: DistillConfig.memory_budget and `haba-fast distill --memory-budget`.
+
+
+def test_distill_config_and_flag():
+    import argparse
+
+    from haba_fast.checkpoint import NON_RESULT_KEYS
+    from haba_fast.commands.distill import _FLAGS, add_arguments, config_from_args
+    from haba_fast.distill import DistillConfig
+
+    assert DistillConfig().memory_budget == "0"
+    DistillConfig(memory_budget="2GB").validate()
+    with pytest.raises(ValueError, match="memory budget"):
+        DistillConfig(memory_budget="two gigs").validate()
+    with pytest.raises(ValueError, match="applies to --objective mtt"):
+        DistillConfig(memory_budget="1GB", engine="naive").validate()
+    with pytest.raises(ValueError, match="applies to --objective mtt"):
+        DistillConfig(memory_budget="1GB", objective="dm").validate()
+    assert _FLAGS[-1][0] == "memory_budget"
+    assert "memory_budget" in NON_RESULT_KEYS  # a resumed run may change it: same gradients
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--memory-budget", "512MB"]))
+    assert cfg.memory_budget == "512MB"
+    assert config_from_args(parser.parse_args([])).memory_budget == "0"
+
+
+def test_distiller_step_spends_the_budget(digits, buffer):  # noqa: F811
+    """One HaBa iteration with the torch backend: unlimited budget stores every step, same update as budget 0."""
+    from test_distill import _cfg
+
+    from haba_fast.distill import Distiller
+
+    out = {}
+    for budget in ("0", "unlimited"):
+        d = Distiller(_cfg(engine="exact", memory_budget=budget), digits, buffer)
+        assert d.engine.memory_budget == parse_memory_budget(budget)
+        d.engine.backend = "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d.step()
+        stats = d.engine.last_stats
+        assert (
+            stats["stored_steps"] == (0 if budget == "0" else 4)
+            and stats["recomputed_steps"] == 4 - stats["stored_steps"]
+        )
+        out[budget] = [p.grad.clone() for p in d.synthetic.parameters()]
+    for a, b in zip(out["0"], out["unlimited"]):
+        assert rel_err(a, b) < 1e-5
