@@ -104,3 +104,13 @@ def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
     if device is not None and torch.device(device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
+
+
+def add_network_timing_arguments(parser) -> None:
+    """The flags every per-iteration benchmark shares: the ConvNet's size, the device, threads and repeats."""
+    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
+    parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")

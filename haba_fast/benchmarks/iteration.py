@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from haba_fast.timing import add_network_timing_arguments
+
 ENGINES = ("exact", "naive", "first-order")
 
 
@@ -31,12 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n-hallucinators", type=int, default=5, help="hallucinators (default 5)")
     parser.add_argument("--syn-steps", type=int, default=20, help="unrolled student steps N (default 20)")
     parser.add_argument("--batch-syn", type=int, default=100, help="synthetic samples per step B (default 100)")
-    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
-    parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")
+    add_network_timing_arguments(parser)
     parser.add_argument("--max-seconds", type=float, default=None, help="stop repeating after this many seconds")
     parser.add_argument("--engine-only", action="store_true", help="time the engine call alone, not the full step")
     parser.add_argument("--backend", default=None, help="adjoint backend auto | cpu | torch (exact/first-order)")

@@ -24,6 +24,8 @@ from typing import Any, Dict, List
 
 import torch
 
+from haba_fast.timing import add_network_timing_arguments
+
 OBJECTIVES = ("mtt", "dc", "dsa", "dm")
 PARAMETERIZATIONS = ("pixels", "haba")
 
@@ -38,12 +40,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inner-loop", type=int, default=None, help="DC/DSA inner loop (default: per IPC)")
     parser.add_argument("--syn-steps", type=int, default=10, help="MTT unrolled steps (default 10)")
     parser.add_argument("--engine", default="exact", help="MTT engine (default exact)")
-    parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
-    parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")
+    add_network_timing_arguments(parser)
     parser.add_argument("--no-loop", action="store_true", help="DC/DSA: only the default (auto) gradient batching")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print JSON lines (the default output anyway)")
