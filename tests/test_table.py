@@ -33,7 +33,6 @@ TINY = Protocol(
     whole_epochs=1,
     n_hallucinators=2,
     cross_models=("MLP",),
-    threads=1,
 )
 
 
@@ -158,7 +157,7 @@ def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("Fashion-MNIST is absent (Debian package dataset-fashion-mnist)")
     p = Protocol(name="guard", val_per_class=100, train_per_class=200, num_eval=3, eval_epochs=60,
-                 iterations=(("dc", 1), ("dsa", 1), ("dm", 100), ("mtt", 1)), threads=2)
+                 iterations=(("dc", 1), ("dsa", 1), ("dm", 100), ("mtt", 1)))
     ds, _ = table.split_dataset(data.load("fashion-mnist"), p, "val")
     haba = table.run_cell(Cell(2, "haba-dm"), ds, p, tmp_path, log=lambda m: None)
     rand = table.run_cell(Cell(2, "random"), ds, p, tmp_path, log=lambda m: None)

@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--doc", default="docs/RESULTS-{dataset}.md", help="markdown document to write")
     p.add_argument("--cells-json", default="bench/results/{dataset_}_cells.json", help="JSON of every cell")
     p.add_argument("--images", default="docs/images/{dataset}", help="folder for the PNG grids")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 leaves torch's)")
     p.set_defaults(func=run)
 
 
@@ -49,6 +50,7 @@ def run(args) -> int:
         cells_json=Path(args.cells_json.format(**names)),
         images_dir=Path(args.images.format(**names)),
         data_root=args.data_path,
+        threads=args.threads or None,
         log=lambda m: print(m, flush=True),
     )
     return 0
