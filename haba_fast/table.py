@@ -817,7 +817,9 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         "",
         "Reductions against the papers (1000 evaluation epochs, thousands of iterations, 100 experts × 50 "
         "epochs, ConvNet-128 distillation, the whole train set): these figures are lower than a full run would "
-        "give and rank methods only under this budget.",
+        "give and rank methods only under this budget. The cost of the reduction is to be measured on one row "
+        "(DM at IPC 10: this protocol against 1000 evaluation epochs, the whole train set and the paper's "
+        "iterations); until then, read the figures as a ranking under this budget only.",
         "",
         "## Machine",
         "",
