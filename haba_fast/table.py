@@ -740,7 +740,9 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         lines.append("No pair of HaBa and pixel cells is finished yet.")
     nofit = [r for r in cells.values() if r.get("status") == "does not fit"]
     if nofit:
-        lines += ["", "Cells that do not fit their budget (never run):", ""]
+        lines += ["", "Cells that do not fit their budget (never run). With bases of the images' channels (always, for "
+                  "1-channel data), one basis per class is already the whole IPC 1 budget, so no HaBa set with any "
+                  "hallucinator fits IPC 1 under this exact count:", ""]
         lines += [f"- {r['key']}: {r['reason']}" for r in sorted(nofit, key=lambda r: r["key"])]
 
     lines += ["", "## Every cell", "",
