@@ -156,18 +156,21 @@ class Protocol:
 
 
 PROTOCOLS: Dict[str, Protocol] = {
-    # A first look: ~2-6 minutes a cell at IPC 1 on a 2-core CPU.
+    # A first look: 9-13 minutes a cell at IPC 1 on the shared 2-core CPU (load 6-10), about 2-3 on an idle one.
     "quick": Protocol(name="quick"),
-    # The table's protocol, sized for <= ~4 h on a 2-core CPU (still far below the papers': see the document).
+    # The table's protocol, sized for ~4 h on an idle 2-core CPU (still far below the papers': see the document). An
+    # estimate, not a measurement: an evaluation epoch of ConvNet-128 took ~0.3 s at IPC 1 (overhead-bound) and
+    # should take ~1 s at IPC 10 (compute-bound), plus ~8 s per network for the 10,000 test images, so 5 networks ×
+    # 150 epochs are ~3 min (IPC 1) and ~13 min (IPC 10) per cell, ~3 h for the evaluations of both IPCs.
     "full": Protocol(
         name="full",
         num_eval=5,
-        eval_epochs=300,
+        eval_epochs=150,
         iterations=(("dc", 200), ("dsa", 200), ("dm", 500), ("mtt", 300)),
         num_experts=5,
         expert_train_epochs=10,
         max_start_epoch=6,
-        whole_epochs=20,
+        whole_epochs=10,
     ),
 }
 
