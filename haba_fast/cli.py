@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-COMMANDS = ("info", "buffer", "distill", "eval", "export", "bench")
+COMMANDS = ("info", "buffer", "distill", "eval", "export", "bench", "table")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,170 @@
+"""``haba-fast table``: cells as data, resume without recomputation, storage within budget, the document.
+
+The fast tests run a tiny protocol on scikit-learn's digits (8×8). The slow one (``-m slow``) checks on a
+Fashion-MNIST train subset that HaBa + DM beats a random coreset at equal storage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from haba_fast import table
+from haba_fast.table import Cell, Protocol
+
+TINY = Protocol(
+    name="tiny",
+    val_per_class=20,
+    train_per_class=50,
+    distill_model="ConvNetW32",
+    eval_model="ConvNetW32",
+    num_eval=2,
+    eval_epochs=3,
+    iterations=(("dc", 2), ("dsa", 2), ("dm", 3), ("mtt", 2)),
+    batch_real=8,
+    dc_loops=(1, 1),
+    num_experts=1,
+    expert_train_epochs=2,
+    syn_steps=3,
+    expert_epochs=1,
+    max_start_epoch=1,
+    whole_epochs=1,
+    n_hallucinators=2,
+    cross_models=("MLP",),
+)
+
+
+def _run(tmp_path, rows, ipcs=(2,), **kw):
+    return table.run_table(
+        "digits", tmp_path / "out", protocol=TINY, ipcs=ipcs, rows=rows, doc=tmp_path / "doc.md",
+        cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img", log=lambda m: None, **kw,
+    )
+
+
+def test_cells_written_resumed_and_rendered(tmp_path, monkeypatch):
+    calls = []
+    real_run_cell = table.run_cell
+
+    def counting(cell, *a, **k):
+        calls.append(cell.key)
+        return real_run_cell(cell, *a, **k)
+
+    monkeypatch.setattr(table, "run_cell", counting)
+    done = _run(tmp_path, ["random", "haba-dm"], cross=False)
+    assert calls == ["ipc2-random", "ipc2-haba-dm"]
+    assert sorted(done) == ["ipc2-haba-dm", "ipc2-random"]
+    files = sorted(p.name for p in (tmp_path / "out" / "cells" / "tiny").glob("*.json"))
+    assert files == ["ipc2-haba-dm.json", "ipc2-random.json"]
+    for rec in done.values():
+        assert rec["status"] == "done"
+        assert len(rec["accuracies"]) == TINY.num_eval
+        # equal storage: never above the budget (2 images per class of 1×8×8, 10 classes)
+        assert rec["storage"]["budget_floats"] == 10 * 2 * 64
+        assert rec["storage"]["floats"] <= rec["storage"]["budget_floats"]
+    haba = done["ipc2-haba-dm"]
+    assert haba["rows_per_class"] == 1 and haba["n_hallucinators"] == 2
+    assert haba["storage"]["floats"] == 10 * 64 + 2 * 92  # bases + 2 hallucinators (k=3 on 8×8: 92 floats each)
+    assert Path(haba["image"]).is_file()
+
+    # A second run computes nothing and returns the stored records.
+    calls.clear()
+    again = _run(tmp_path, ["random", "haba-dm"], cross=False)
+    assert calls == []
+    assert again == done
+
+    # Adding a row computes only that row.
+    both = _run(tmp_path, ["random", "haba-dm", "dm"], cross=False)
+    assert calls == ["ipc2-dm"]
+    assert set(both) == {"ipc2-random", "ipc2-haba-dm", "ipc2-dm"}
+
+    doc = (tmp_path / "doc.md").read_text()
+    assert "| HaBa + DM |" in doc and "| DM (pixels) |" in doc
+    h, px = both["ipc2-haba-dm"], both["ipc2-dm"]
+    assert f"HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f}" in doc
+    for a in h["accuracies"]:  # every seed is in the document
+        assert f"{100 * a:.2f}" in doc
+    payload = json.loads((tmp_path / "cells.json").read_text())
+    assert sorted(c["key"] for c in payload["cells"]) == sorted(both)
+
+
+def test_a_cell_of_another_protocol_is_not_reused(tmp_path):
+    _run(tmp_path, ["random"], cross=False)
+    other = Protocol(**{**TINY.__dict__, "num_eval": 1})
+    assert table.load_cells(tmp_path / "out", other) == {}
+    assert set(table.load_cells(tmp_path / "out", TINY)) == {"ipc2-random"}
+
+
+def test_haba_that_does_not_fit_is_recorded_not_run(tmp_path):
+    # 1×8×8 at IPC 1: ten bases take the whole budget, no room for a hallucinator
+    done = _run(tmp_path, ["haba-dm"], ipcs=(1,), cross=False)
+    rec = done["ipc1-haba-dm"]
+    assert rec["status"] == "does not fit"
+    assert "cannot hold even 1 basis per class" in rec["reason"]
+    assert "does not fit" in (tmp_path / "doc.md").read_text()
+
+
+def test_validation_split_is_disjoint_and_test_untouched():
+    from haba_fast import data
+
+    ds = data.load("digits")
+    train, info = table.split_dataset(ds, TINY, "test")
+    val, _ = table.split_dataset(ds, TINY, "val")
+    assert info["train_images"] == 500 and info["val_images"] == 200
+    assert train.test_images is ds.test_images
+    assert val.test_images.shape[0] == 200
+    rows = {tuple(r.tolist()) for r in ds.train_images.flatten(1)}
+    t = {tuple(r.tolist()) for r in train.train_images.flatten(1)}
+    v = {tuple(r.tolist()) for r in val.test_images.flatten(1)}
+    assert t <= rows and v <= rows and not (t & v)
+    assert sorted(val.test_labels.bincount().tolist()) == [20] * 10
+    with pytest.raises(ValueError, match="eval split"):
+        table.split_dataset(ds, TINY, "train")
+    with pytest.raises(ValueError, match="cannot hold out"):
+        table.split_dataset(ds, Protocol(**{**TINY.__dict__, "val_per_class": 10_000}), "test")
+
+
+def test_cells_are_data():
+    assert Cell(10, "haba-mtt").objective == "mtt" and Cell(10, "haba-mtt").parameterization == "haba"
+    assert Cell(1, "dm").parameterization == "pixels" and Cell(1, "kcenter").kind == "coreset"
+    assert Cell(1, "whole").kind == "whole"
+    with pytest.raises(ValueError, match="unknown table row"):
+        Cell(1, "pixels")
+    with pytest.raises(ValueError, match="positive int"):
+        Cell(0, "dm")
+    keys = [c.key for c in table.cells_for([1, 10], ["random", "whole"])]
+    assert keys == ["ipc1-random", "ipc1-whole", "ipc10-random"]  # the ceiling once
+    cfg = table.distill_config(Cell(10, "haba-dsa"), table.PROTOCOLS["full"], "fashion-mnist")
+    assert (cfg.objective, cfg.parameterization, cfg.budget_ipc, cfg.iterations) == ("dsa", "haba", 10, 200)
+
+
+def test_cli_parses_table(tmp_path):
+    from haba_fast.cli import build_parser
+
+    args = build_parser().parse_args(["table", "--ipc", "1", "--rows", "random", "dm", "--protocol", "full"])
+    assert args.ipc == [1] and args.rows == ["random", "dm"] and args.protocol == "full"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["table", "--rows", "nonsense"])
+
+
+@pytest.mark.slow
+def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
+    """HaBa + DM at a budget of 2 images per class (1 basis/class + 5 hallucinators: 14,700 floats) beats a random
+    coreset of 2 images per class (15,680 floats), trained from a 200-per-class Fashion-MNIST subset and scored on
+    the 1,000-image validation split (the test set stays untouched). Measured: HaBa + DM 70.3, 69.1, 69.1 (69.5)
+    against random 66.1, 64.1, 64.8 (65.0), +4.5 points; the guard asks for +2 (a few minutes on an idle machine)."""
+    from haba_fast import data
+
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.skip("Fashion-MNIST is absent (Debian package dataset-fashion-mnist)")
+    p = Protocol(name="guard", val_per_class=100, train_per_class=200, num_eval=3, eval_epochs=60,
+                 iterations=(("dc", 1), ("dsa", 1), ("dm", 100), ("mtt", 1)))
+    ds, _ = table.split_dataset(data.load("fashion-mnist"), p, "val")
+    haba = table.run_cell(Cell(2, "haba-dm"), ds, p, tmp_path, log=lambda m: None)
+    rand = table.run_cell(Cell(2, "random"), ds, p, tmp_path, log=lambda m: None)
+    assert haba["storage"]["floats"] <= rand["storage"]["floats"]
+    assert haba["mean"] >= rand["mean"] + MARGIN, (haba["accuracies"], rand["accuracies"])
+
+
+MARGIN = 0.02
