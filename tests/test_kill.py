@@ -219,7 +219,8 @@ def test_twenty_kills_buffer_and_distill(tmp_path):
     rng = random.Random(0)
     log = tmp_path / "log.txt"
     ref_buf, buf = tmp_path / "ref_buf", tmp_path / "buf"
-    experts, epochs, iterations = 10, 2, 10
+    # enough experts that the buffer run outlasts 6 kills (an early kill waits up to 3 s)
+    experts, epochs, iterations = 24, 2, 10
     _run(buffer_args(ref_buf, experts, epochs), log)
     # two writes per expert (its .bin, then experts.json): at most 3 writes in, so the kills outlast the experts
     k1, w1 = kill_loop(buffer_args(buf, experts, epochs), buf, buf / "experts.json", 6, rng, log, launch=_Forked,
