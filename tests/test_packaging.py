@@ -222,7 +222,8 @@ def test_wheel_installs_and_runs_compiled(dists, tmp_path):
     info = _run([tmp_path / "env" / "bin" / "haba-fast", "info"], tmp_path).stdout
     assert f"built against: torch {torch.__version__}" in info
     assert "loaded; ops registered:" in info and "trajectory_match" in info
-    assert "cpu: cpu" in info  # every op picks the compiled backend
+    for op in ("generate", "augment", "generate_augment", "trajectory_match"):  # every op picks the compiled backend
+        assert re.search(rf"\n\s*{op}\s+cpu\s+cpu\n", info), info
     so = next((tmp_path / "env").rglob("haba_fast/_C.*.so"))
     smoke = _run([py, "-c", SMOKE], tmp_path)
     assert "SMOKE OK" in smoke.stdout
@@ -239,7 +240,7 @@ def test_wheel_installs_and_runs_compiled(dists, tmp_path):
     info = _run([tmp_path / "env" / "bin" / "haba-fast", "info"], tmp_path).stdout
     assert "not loaded: the extension was built against torch 2.4.0" in info
     assert "pip install --no-build-isolation" in info
-    assert "fallback: C++ extension not loaded" in info  # each op says why the compiled backend is not used
+    assert "not cpu: the C++ extension is not loaded" in info  # each op says why the compiled backend is not used
     fallback = _run([py, "-W", "error::RuntimeWarning", "-c", "from haba_fast import _ext; _ext.extension_available()"],
                     tmp_path, check=False)
     assert fallback.returncode != 0 and "built against torch 2.4.0" in fallback.stderr
@@ -263,4 +264,5 @@ def test_isolated_install_of_the_sdist_says_what_to_run(dists, tmp_path):
          HABA_FAST_BUILD_EXT="0")
     info = _run([tmp_path / "env" / "bin" / "haba-fast", "info"], tmp_path).stdout
     assert "not loaded:" in info and "_C" in info and "built against: no record" in info
-    assert re.search(r"generate\s+cpu: torch \(fallback: C\+\+ extension not loaded", info), info
+    assert re.search(r"\n\s*generate\s+cpu\s+torch\n", info), info  # device cpu, backend torch (the fallback)
+    assert "not cpu: the C++ extension is not loaded" in info
