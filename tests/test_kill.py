@@ -223,8 +223,9 @@ def test_twenty_kills_buffer_and_distill(tmp_path):
     experts, epochs, iterations = 24, 2, 10
     _run(buffer_args(ref_buf, experts, epochs), log)
     # two writes per expert (its .bin, then experts.json): at most 3 writes in, so the kills outlast the experts
+    # "early" kills wait for the launch's first recorded expert (not up to 3 s, in which many experts can finish)
     k1, w1 = kill_loop(buffer_args(buf, experts, epochs), buf, buf / "experts.json", 6, rng, log, launch=_Forked,
-                       final=_popen, max_writes=3)
+                       final=_popen, max_writes=3, start_file=buf / "experts.json")
     m1 = compare_buffers(ref_buf, buf)
     _report("buffer", k1, w1, m1)
 
