@@ -709,24 +709,28 @@ class Distiller:
         if self.opt_label is not None:
             self.opt_label.step()
         clamped = False
-        if self.opt_lr is not None:
+        if self.opt_lr is not None:  # objectives other than MTT keep a fixed lr
             self.opt_lr.step()
-        with torch.no_grad():
-            if self.opt_lr is None:
-                pass  # a fixed lr (objectives other than MTT)
-            elif self.lr_param is self.syn_lr:
-                if lr_floor is not None:  # pixels (MTT's distill.py) have none by default
-                    clamped = float(self.syn_lr.detach()) < lr_floor
-                    self.syn_lr.clamp_(min=lr_floor)
-            else:
-                # exp(u) must stay a positive float: the floor is min_lr, or the dtype's smallest normal number.
-                floor = math.log(max(lr_floor or 0.0, torch.finfo(self.syn_lr.dtype).tiny))
-                clamped = float(self.lr_param.detach()) < floor
-                self.lr_param.clamp_(min=floor)
-                self.syn_lr.copy_(self.lr_param.exp())
+            clamped = self._apply_lr_floor(lr_floor)
         if not all(torch.isfinite(p).all() for p in self._trainable() + [self.lr_param]):
             self._restore(before)
             raise BadStepError(f"the update made parameters non-finite {where}; {lower}", "update", at_floor)
+        return clamped
+
+    @torch.no_grad()
+    def _apply_lr_floor(self, lr_floor: Optional[float]) -> bool:
+        """Clamp the learned lr to its floor after its step; returns whether the floor fired."""
+        if self.lr_param is self.syn_lr:
+            if lr_floor is None:  # pixels (MTT's distill.py) have none by default
+                return False
+            clamped = float(self.syn_lr) < lr_floor
+            self.syn_lr.clamp_(min=lr_floor)
+            return clamped
+        # exp(u) must stay a positive float: the floor is min_lr, or the dtype's smallest normal number.
+        floor = math.log(max(lr_floor or 0.0, torch.finfo(self.syn_lr.dtype).tiny))
+        clamped = float(self.lr_param) < floor
+        self.lr_param.clamp_(min=floor)
+        self.syn_lr.copy_(self.lr_param.exp())
         return clamped
 
     def _adversary_update(self, total: Tensor) -> bool:
