@@ -24,9 +24,9 @@ from typing import Any, Dict, List
 
 import torch
 
+from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.timing import add_network_timing_arguments
 
-OBJECTIVES = ("mtt", "dc", "dsa", "dm")
 PARAMETERIZATIONS = ("pixels", "haba")
 
 
