@@ -39,11 +39,14 @@ __all__ = [
     "ANCHORS",
     "CROSS_MODELS",
     "Cell",
+    "HABA_TUNABLE",
     "PROTOCOLS",
     "Protocol",
     "ROWS",
     "cells_for",
     "load_cells",
+    "load_trials",
+    "parse_haba_set",
     "render_markdown",
     "run_cell",
     "run_table",
@@ -56,6 +59,57 @@ OBJECTIVES = ("dc", "dsa", "dm", "mtt")
 ROWS: Tuple[str, ...] = (*CORESETS, *OBJECTIVES, *(f"haba-{o}" for o in OBJECTIVES), "whole")
 CROSS_MODELS: Tuple[str, ...] = ("AlexNet", "VGG11", "ResNet18", "MLP")
 FORMAT = "haba_fast.table/1"
+# DistillConfig fields a HaBa cell may override (tuned on the validation split; never the seed or the budget).
+HABA_TUNABLE: Tuple[str, ...] = (
+    "n_hallucinators", "kernel_size", "single_channel", "pix_init", "iterations", "lr_img", "lr_style", "lr_lr",
+    "batch_syn", "batch_real", "syn_steps", "lambda_club_content", "lambda_likeli_content", "lambda_cls_content",
+    "lambda_contrast_content", "adversary_lr",
+)
+
+
+def check_haba_settings(settings: Dict[str, Any]) -> None:
+    """Raise ValueError when a HaBa override names a field outside :data:`HABA_TUNABLE` or has the wrong type."""
+    from haba_fast.distill import DistillConfig
+
+    defaults = DistillConfig()
+    for key, value in settings.items():
+        if key not in HABA_TUNABLE:
+            raise ValueError(f"HaBa setting {key!r} cannot be tuned here: choose from {', '.join(HABA_TUNABLE)}")
+        want = type(getattr(defaults, key))
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if key == "batch_syn" and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ValueError(f"HaBa setting {key}={value!r}: expected {want.__name__}")
+
+
+def parse_haba_set(text: str) -> Tuple[str, str, Any]:
+    """``"dm:lr_img=10"`` → ``("dm", "lr_img", 10.0)``: the value takes the ``DistillConfig`` field's type."""
+    from haba_fast.distill import DistillConfig
+
+    head, sep, value = text.partition("=")
+    objective, colon, key = head.partition(":")
+    if not sep or not colon or objective not in OBJECTIVES or not key or not value:
+        raise ValueError(f"--haba-set {text!r}: expected OBJECTIVE:KEY=VALUE with OBJECTIVE one of "
+                         f"{', '.join(OBJECTIVES)} (e.g. dm:lr_img=10)")
+    if key not in HABA_TUNABLE:
+        raise ValueError(f"--haba-set {text!r}: {key!r} cannot be tuned here: choose from {', '.join(HABA_TUNABLE)}")
+    current = getattr(DistillConfig(), key)
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            parsed: Any = value.lower() in ("true", "1")
+        elif isinstance(current, int) or current is None:
+            parsed = int(value)
+        elif isinstance(current, float):
+            parsed = float(value)
+        else:
+            parsed = value
+    except ValueError:
+        raise ValueError(f"--haba-set {text!r}: {value!r} is not a valid {type(current).__name__} for {key}") from None
+    return objective, key, parsed
 
 
 @dataclass(frozen=True)
@@ -121,6 +175,8 @@ class Protocol:
         whole_epochs: the whole-set ceiling's ``Epoch``.
         cross_models: architectures of the cross-architecture cells.
         seed: seed of the distillations and evaluations.
+        haba_settings: per objective, ``DistillConfig`` overrides of its HaBa cells (``((objective, ((key, value),
+            ..)), ..)``; keys from :data:`HABA_TUNABLE`), chosen on the validation split (``--haba-set``).
     """
 
     name: str
@@ -147,9 +203,22 @@ class Protocol:
     whole_epochs: int = 10
     cross_models: Tuple[str, ...] = CROSS_MODELS
     seed: int = 0
+    haba_settings: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
 
     def iterations_of(self, objective: str) -> int:
         return int(dict(self.iterations)[objective])
+
+    def haba_overrides(self, objective: Optional[str]) -> Dict[str, Any]:
+        """The ``DistillConfig`` values HaBa cells of ``objective`` take over the protocol's (chosen on validation)."""
+        return {str(k): v for k, v in dict(self.haba_settings).get(objective, ())}
+
+    def with_haba(self, objective: str, **settings: Any) -> "Protocol":
+        """This protocol with ``settings`` added to the HaBa overrides of ``objective`` (validated)."""
+        check_haba_settings(settings)
+        merged = {**self.haba_overrides(objective), **settings}
+        table = {o: tuple(sorted(s)) for o, s in self.haba_settings if o != objective}
+        table[objective] = tuple(sorted(merged.items()))
+        return dataclasses.replace(self, haba_settings=tuple(sorted(table.items())))
 
     def to_dict(self) -> Dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -174,20 +243,26 @@ PROTOCOLS: Dict[str, Protocol] = {
     ),
 }
 
+_DEFAULT_PROTOCOL: Dict[str, Any] = {k: v for k, v in Protocol(name="").to_dict().items() if k != "name"}
+
 # Published full-protocol numbers (ConvNet, test accuracy %, IPC 1/10/50), for context only. "source" names the
 # table they come from; "checked" says how far the figures were checked against a paper.
-_KIP = ("Nguyen et al., NeurIPS 2021 (KIP ConvNet, arXiv 2107.13034), Table 1, which quotes the DC/DSA figures "
-        "with these values; the original table itself was not checked")
+_DC_README = ("checked: the authors' repository VICO-UoE/DatasetCondensation, readme.md, {table} (FashionMNIST "
+              "column), and Nguyen et al., NeurIPS 2021 (KIP ConvNet, arXiv 2107.13034), Table 1, which quotes "
+              "{quote}")
+_NOT_FOUND = ("unverified: the paper's table could not be read from this workplace (no copy of it was reachable); "
+              "read it before citing")
 ANCHORS: List[Dict[str, Any]] = [
-    {"method": "DC", "acc": (70.5, 82.3, 83.6), "source": "Zhao et al., ICLR 2021 (DC), Table 1", "checked": _KIP},
+    {"method": "DC", "acc": (70.5, 82.3, 83.6), "source": "Zhao et al., ICLR 2021 (DC), Table 1",
+     "checked": _DC_README.format(table="Table 1", quote="70.5±0.6 / 82.3±0.4 / 83.6±0.4")},
     {"method": "DSA", "acc": (70.6, 84.6, 88.7), "source": "Zhao & Bilen, ICML 2021 (DSA), Table 1",
-     "checked": _KIP},
+     "checked": _DC_README.format(table="Table 2", quote="70.6±0.6 / 84.6±0.3 / 88.7±0.2")},
     {"method": "MTT (FRePo's rerun)", "acc": (75.1, 87.2, 88.3), "source": "Zhou et al., NeurIPS 2022 (FRePo), Table 1",
-     "checked": "unverified"},
+     "checked": _NOT_FOUND},
     {"method": "RCIG", "acc": (79.8, 88.5, 90.2), "source": "Loo et al., ICML 2023 (RCIG), Table 1",
-     "checked": "unverified"},
+     "checked": _NOT_FOUND},
     {"method": "whole dataset", "acc": (93.5, 93.5, 93.5), "source": "DC/DSA papers (whole training set)",
-     "checked": "unverified"},
+     "checked": _NOT_FOUND + " (the repository's readme gives no whole-set figure for FashionMNIST)"},
 ]
 
 
@@ -326,21 +401,56 @@ def distill_config(cell: Cell, protocol: Protocol, dataset_name: str):
         value = dict(table).get(obj)
         if value is not None:
             changes[name] = float(value)
-    return dataclasses.replace(cfg, **changes)
+    if cell.parameterization == "haba":
+        changes.update(protocol.haba_overrides(obj))
+    return dataclasses.replace(cfg, **changes).validate()
 
 
 def haba_fits(cell: Cell, protocol: Protocol, dataset) -> Optional[str]:
     """None when the cell's set fits its budget; else why not (HaBa: not even one basis per class fits)."""
     if cell.parameterization != "haba":
         return None
-    from haba_fast.factorization import budget_bpc
+    from haba_fast.distill import rows_per_class
 
     try:
-        budget_bpc(cell.ipc, protocol.n_hallucinators, 3, dataset.channels, dataset.channels,
-                   tuple(dataset.im_size), num_classes=dataset.num_classes)
+        rows_per_class(distill_config(cell, protocol, dataset.name), dataset)
     except ValueError as exc:
         return str(exc).replace("budget_bpc: ", "")
     return None
+
+
+def cell_stem(cell: Cell, protocol: Protocol) -> str:
+    """File and run-folder name of a cell: its key, plus its HaBa overrides if any (``ipc10-haba-dm--lr_img=10``)."""
+    return _stem(cell.key, protocol.haba_overrides(cell.objective) if cell.parameterization == "haba" else {})
+
+
+def _stem(key: str, settings: Dict[str, Any]) -> str:
+    if not settings:
+        return key
+    return key + "--" + "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in sorted(settings.items()))
+
+
+def _decides(protocol: Dict[str, Any], row: Optional[str]) -> Dict[str, Any]:
+    """The part of a protocol (as stored) that decides a cell of ``row``.
+
+    Fields added to :class:`Protocol` after a cell was stored take their default (the cell ran with it); the HaBa
+    overrides count only for HaBa cells, and only their own objective's.
+    """
+    full = {**_DEFAULT_PROTOCOL, **protocol}
+    settings = {o: {k: v for k, v in s} for o, s in full.pop("haba_settings") or ()}
+    if row is not None and row.startswith("haba-"):
+        full["haba"] = settings.get(row.split("-")[-1], {})
+    return full
+
+
+def same_protocol(record: Dict[str, Any], protocol: Protocol) -> bool:
+    """Whether a stored cell ``record`` was computed under ``protocol`` (for its row: see :func:`_decides`)."""
+    stored = record.get("protocol")
+    if not isinstance(stored, dict):
+        return False
+    row = record.get("row") or record.get("source", "").partition("-")[2] or None
+    return _decides(stored, row) == _decides(protocol.to_dict(), row)
 
 
 def _experts(dataset, protocol: Protocol, out: Path, log: Callable[[str], None]):
@@ -442,7 +552,8 @@ def run_cell(
         if cell.objective == "mtt":
             buffer = _experts(dataset, protocol, work / "buffer", log)
         t = time.perf_counter()
-        result = distill(cfg, dataset, buffer, work / "runs" / cell.key, resume=True, progress=False, evaluate=False,
+        run_dir = work / "runs" / cell_stem(cell, protocol)
+        result = distill(cfg, dataset, buffer, run_dir, resume=True, progress=False, evaluate=False,
                          log=lambda m: None)
         seconds["distill"] = time.perf_counter() - t
         syn = result.synthetic
@@ -466,7 +577,9 @@ def run_cell(
             batch_standardize=bool(ev.batch_standardize),
             engine=_engine_text(cfg.engine, default_engine_name()) if cell.objective == "mtt" else None,
             final_loss=next((h.get("loss") for h in reversed(result.history) if h.get("loss") is not None), None),
-            synthetic=str(work / "runs" / cell.key / "synthetic.pt"),
+            settings=protocol.haba_overrides(cell.objective) if cell.parameterization == "haba" else {},
+            kernel_size=int(cfg.kernel_size) if cell.parameterization == "haba" else None,
+            synthetic=str(run_dir / "synthetic.pt"),
         )
         if images_dir is not None:
             from haba_fast.visualize import synthetic_grid
@@ -538,7 +651,7 @@ def load_cells(out: Path, protocol: Protocol, split: str = "test") -> Dict[str, 
             rec = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue  # unreadable: recomputed
-        if rec.get("format") == FORMAT and rec.get("protocol") == protocol.to_dict():
+        if rec.get("format") == FORMAT and same_protocol(rec, protocol):
             cells[rec["key"]] = rec
     return cells
 
@@ -552,9 +665,33 @@ def committed_cells(cells_json, protocol: Protocol) -> Dict[str, Dict[str, Any]]
     return {
         rec["key"]: rec
         for rec in payload.get("cells", [])
-        if isinstance(rec, dict) and rec.get("format") == FORMAT and rec.get("protocol") == protocol.to_dict()
-        and "key" in rec
+        if isinstance(rec, dict) and rec.get("format") == FORMAT and same_protocol(rec, protocol) and "key" in rec
     }
+
+
+def validation_trials(out: Path, protocol: Protocol) -> List[Dict[str, Any]]:
+    """Every finished validation-split cell under ``out`` of this protocol name, any HaBa settings (oldest first)."""
+    d = _cell_dir(Path(out), protocol, "val")
+    trials = []
+    for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if rec.get("format") == FORMAT and "row" in rec:
+            trials.append(rec)
+    return sorted(trials, key=lambda r: (r.get("finished", ""), r["key"]))
+
+
+def load_trials(tuning_json) -> List[Dict[str, Any]]:
+    """The trials of a tuning log written by a validation run (empty when there is none or it is unreadable)."""
+    if tuning_json is None:
+        return []
+    try:
+        payload = json.loads(Path(tuning_json).read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return [t for t in payload.get("trials", []) if isinstance(t, dict) and "row" in t]
 
 
 def run_table(
@@ -569,6 +706,7 @@ def run_table(
     doc: Optional[Path] = None,
     cells_json: Optional[Path] = None,
     images_dir: Optional[Path] = None,
+    tuning_json: Optional[Path] = None,
     data_root: Optional[str] = None,
     threads: Optional[int] = 1,
     log: Callable[[str], None] = print,
@@ -583,6 +721,8 @@ def run_table(
         eval_split: ``test`` (the table) or ``val`` (tuning: cells stored apart, never in the document).
         cross: after the last IPC's cells, evaluate its best pixel and best HaBa sets on ``protocol.cross_models``.
         doc: markdown file to (re)write after every cell; cells_json: the JSON of every cell; images_dir: PNGs.
+        tuning_json: the log of every validation-split trial: written by ``eval_split="val"`` runs (all trials in
+            the work folder, whatever their HaBa settings), read into the document by ``"test"`` runs.
         data_root: dataset folder (default: the dataset's own).
         threads: torch intra-op threads while the table runs (None: leave as is). Not part of the protocol: on a
             loaded 2-core machine one thread ran these small networks faster than two.
@@ -600,7 +740,8 @@ def run_table(
     if not ipcs:
         raise ValueError("no IPC selected")
     out = Path(out)
-    doc, cells_json, images_dir = (None if v is None else Path(v) for v in (doc, cells_json, images_dir))
+    doc, cells_json, images_dir, tuning_json = (None if v is None else Path(v)
+                                                for v in (doc, cells_json, images_dir, tuning_json))
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -614,7 +755,8 @@ def run_table(
             # Cells committed with the repository (a fresh checkout has no work folder): reused, not recomputed.
             for key, rec in committed_cells(cells_json, protocol).items():
                 if key not in done:
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{key}.json")
+                    atomic_write_text(json.dumps(rec, indent=1) + "\n",
+                                      cell_dir / f"{_stem(key, rec.get('settings') or {})}.json")
                     done[key] = rec
         todo = cells_for(list(ipcs), list(rows))
         env = environment()
@@ -624,6 +766,10 @@ def run_table(
 
         def write_outputs() -> None:
             if eval_split != "test":
+                if tuning_json is not None:  # every trial on the validation split, whatever its settings
+                    payload = {"dataset": dataset_name, "split": split, "trials": validation_trials(out, protocol)}
+                    Path(tuning_json).parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(json.dumps(payload, indent=1) + "\n", tuning_json)
                 return
             if cells_json is not None:
                 payload = {"dataset": dataset_name, "protocol": protocol.to_dict(), "split": split,
@@ -633,7 +779,10 @@ def run_table(
             if doc is not None:
                 Path(doc).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(render_markdown(done, protocol, split, dataset_name,
-                                                  None if cells_json is None else str(cells_json), doc), doc)
+                                                  None if cells_json is None else str(cells_json), doc,
+                                                  tuning=load_trials(tuning_json),
+                                                  tuning_json=None if tuning_json is None else str(tuning_json)),
+                                  doc)
 
         for i, cell in enumerate(todo, 1):
             if cell.key in done:
@@ -641,11 +790,12 @@ def run_table(
                 continue
             t = time.perf_counter()
             log(f"[{i}/{len(todo)}] {cell.key}: running ...")
-            rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir, log=log)
+            rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir if eval_split == "test" else None,
+                           log=log)
             rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
                        environment=env, total_seconds=time.perf_counter() - t,
                        finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-            atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{cell.key}.json")
+            atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{cell_stem(cell, protocol)}.json")
             done[cell.key] = rec
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
             write_outputs()
@@ -710,11 +860,13 @@ def _cell_text(rec: Optional[Dict[str, Any]]) -> str:
 
 
 def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split: Dict[str, Any],
-                    dataset_name: str, cells_json: Optional[str] = None, doc: Optional[Path] = None) -> str:
-    """The results document: table, HaBa vs pixels, every seed, timings, protocol, machine, anchors.
+                    dataset_name: str, cells_json: Optional[str] = None, doc: Optional[Path] = None, *,
+                    tuning: Sequence[Dict[str, Any]] = (), tuning_json: Optional[str] = None) -> str:
+    """The results document: table, HaBa vs pixels, every seed, timings, tuning, protocol, machine, anchors.
 
     ``cells_json``: where the JSON of every cell is written (named in the document). ``doc``: where the document
-    goes (pictures are linked relative to it).
+    goes (pictures are linked relative to it). ``tuning``: every validation-split trial (:func:`load_trials`),
+    listed in full; ``tuning_json``: where they are stored.
     """
     ipcs = sorted({int(r["ipc"]) for r in cells.values() if "ipc" in r} | {1, 10})
     p = protocol
@@ -804,6 +956,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
     else:
         lines.append(f"Not run yet: it evaluates the best pixel and the best HaBa set at IPC {max(ipcs)} on "
                      f"{', '.join(p.cross_models)} once every row of that IPC is finished.")
+    lines += ["", "## Tuning on the validation split", ""]
+    lines += _tuning_lines(tuning, protocol, tuning_json)
     images = [r for r in cells.values() if r.get("image")]
     if images:
         lines += ["", "## Synthetic sets", "",
@@ -833,7 +987,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         f"lr_img: {lr_img} (other objectives: their public-code defaults, DC/DSA 0.1, DM 1.0); "
         f"lr_style: {lr_style}.",
         f"- HaBa: {p.n_hallucinators} hallucinators (kernel 3), bases per class = the most that fit the budget; "
-        "the reference scripts' loss weights; batch standardization at evaluation.",
+        "the reference scripts' loss weights; batch standardization at evaluation. "
+        + _settings_text(p),
         f"- MTT: {p.num_experts} experts × {p.expert_train_epochs} epochs ({p.distill_model}, lr {p.expert_lr}, "
         f"on the training pool), syn_steps {p.syn_steps}, expert_epochs {p.expert_epochs}, max_start_epoch "
         f"{p.max_start_epoch}, lr_lr {p.lr_lr:g}; the learned lr is used at evaluation.",
@@ -867,6 +1022,42 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         lines.append(f"| {a['method']} | " + " | ".join(f"{v}" for v in a["acc"]) +
                      f" | {a['source']} | {a['checked']} |")
     return "\n".join(lines) + "\n"
+
+
+def _settings_text(p: Protocol) -> str:
+    if not p.haba_settings:
+        return "No HaBa setting was changed from these."
+    parts = [f"{o.upper()}: " + ", ".join(f"{k} {v}" for k, v in settings) for o, settings in p.haba_settings]
+    return "Chosen on the validation split (below) and used by the HaBa cells: " + "; ".join(parts) + "."
+
+
+def _tuning_lines(trials: Sequence[Dict[str, Any]], p: Protocol, tuning_json: Optional[str]) -> List[str]:
+    """Every trial on the validation split, in the order run: the settings, every network's accuracy."""
+    if not trials:
+        return ["No trial on the validation split is recorded yet (`--eval-split val`)."]
+    lines = [
+        f"Every trial run on the {trials[0].get('split', {}).get('val_images', '?')} validation images "
+        f"(`haba-fast table --eval-split val [--haba-set OBJ:KEY=VALUE ...]`), in the order run"
+        + (f"; all of them in `{tuning_json}`" if tuning_json else "") + ". The test set played no part in these "
+        "choices. Settings not listed are the protocol's.",
+        "",
+        "| trial | settings | rows/class | validation accuracies (%) | mean ± std | distill s | finished |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in trials:
+        if t.get("status") != "done":
+            lines.append(f"| {t['key']} | {_stem('', t.get('settings') or {}).lstrip('-') or 'protocol'} | "
+                         f"{t.get('status')} | – | – | – | {t.get('finished', '')} |")
+            continue
+        settings = ", ".join(f"{k} {v}" for k, v in sorted((t.get("settings") or {}).items())) or "protocol"
+        rpc = t.get("rows_per_class")
+        rpc_text = "–" if rpc is None else f"{rpc}" + (f" + {t['n_hallucinators']} hall." if t.get("n_hallucinators")
+                                                       else "")
+        accs = ", ".join(f"{100 * a:.2f}" for a in t["accuracies"])
+        lines.append(f"| {t['key']} | {settings} | {rpc_text} | {accs} | {100 * t['mean']:.2f} ± "
+                     f"{100 * t['std']:.2f} | {t.get('seconds', {}).get('distill', 0):.0f} | "
+                     f"{t.get('finished', '')} |")
+    return lines
 
 
 def _sort_key(key: str) -> Tuple[int, int, str]:

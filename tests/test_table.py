@@ -175,6 +175,71 @@ def test_cli_parses_table(tmp_path):
         build_parser().parse_args(["table", "--rows", "nonsense"])
 
 
+def test_haba_set_parses_to_the_config_field_type():
+    assert table.parse_haba_set("dm:lr_img=10") == ("dm", "lr_img", 10.0)
+    assert table.parse_haba_set("mtt:n_hallucinators=2") == ("mtt", "n_hallucinators", 2)
+    assert table.parse_haba_set("dc:pix_init=noise") == ("dc", "pix_init", "noise")
+    assert table.parse_haba_set("dsa:single_channel=true") == ("dsa", "single_channel", True)
+    for bad, msg in (("lr_img=10", "OBJECTIVE:KEY=VALUE"), ("xx:lr_img=1", "OBJECTIVE:KEY=VALUE"),
+                     ("dm:seed=3", "cannot be tuned"), ("dm:budget_ipc=50", "cannot be tuned"),
+                     ("dm:n_hallucinators=two", "not a valid int"), ("dm:lr_img=", "OBJECTIVE:KEY=VALUE")):
+        with pytest.raises(ValueError, match=msg):
+            table.parse_haba_set(bad)
+    with pytest.raises(ValueError, match="expected float"):
+        TINY.with_haba("dm", lr_img="big")
+    with pytest.raises(ValueError, match="cannot be tuned"):
+        TINY.with_haba("dm", seed=1)
+
+
+def test_haba_settings_reach_the_config_and_only_their_objective():
+    p = TINY.with_haba("dm", n_hallucinators=1, lr_style=3.0).with_haba("dm", lr_img=7.0)
+    assert p.haba_overrides("dm") == {"n_hallucinators": 1, "lr_style": 3.0, "lr_img": 7.0}
+    cfg = table.distill_config(Cell(2, "haba-dm"), p, "digits")
+    assert (cfg.n_hallucinators, cfg.lr_style, cfg.lr_img) == (1, 3.0, 7.0)
+    assert table.distill_config(Cell(2, "dm"), p, "digits").lr_img == 1.0  # pixels keep the public default
+    assert table.distill_config(Cell(2, "haba-dc"), p, "digits").n_hallucinators == TINY.n_hallucinators
+    assert table.cell_stem(Cell(2, "haba-dm"), p) == "ipc2-haba-dm--lr_img=7_lr_style=3_n_hallucinators=1"
+    assert table.cell_stem(Cell(2, "dm"), p) == "ipc2-dm"
+
+
+def test_haba_settings_keep_other_cells_and_split_haba_trials(tmp_path, monkeypatch):
+    """Pixel cells are reused across HaBa settings; each HaBa setting is its own validation trial, all logged."""
+    common = dict(doc=tmp_path / "doc.md", cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img",
+                  tuning_json=tmp_path / "tuning.json", log=lambda m: None, cross=False)
+    calls = []
+    real = table.run_cell
+    monkeypatch.setattr(table, "run_cell", lambda cell, *a, **k: calls.append(cell.key) or real(cell, *a, **k))
+    out = tmp_path / "out"
+    table.run_table("digits", out, protocol=TINY, ipcs=(2,), rows=["random", "haba-dm"], eval_split="val", **common)
+    tuned = TINY.with_haba("dm", n_hallucinators=1)
+    done = table.run_table("digits", out, protocol=tuned, ipcs=(2,), rows=["random", "haba-dm"], eval_split="val",
+                           **common)
+    assert calls == ["ipc2-random", "ipc2-haba-dm", "ipc2-haba-dm"]  # random reused under the new HaBa setting
+    assert done["ipc2-haba-dm"]["n_hallucinators"] == 1 and done["ipc2-haba-dm"]["settings"] == {"n_hallucinators": 1}
+    trials = table.load_trials(tmp_path / "tuning.json")
+    assert [(t["key"], t.get("settings") or {}) for t in trials if t["row"] == "haba-dm"] == [
+        ("ipc2-haba-dm", {}), ("ipc2-haba-dm", {"n_hallucinators": 1})]
+    assert (out / "runs" / "ipc2-haba-dm--n_hallucinators=1" / "synthetic.pt").is_file()
+    assert not (tmp_path / "doc.md").exists() and not (tmp_path / "img").exists()  # validation never publishes
+    # The test split: the trials are listed in the document; the HaBa cell runs under the chosen setting.
+    table.run_table("digits", out, protocol=tuned, ipcs=(2,), rows=["haba-dm"], **common)
+    text = (tmp_path / "doc.md").read_text()
+    assert "## Tuning on the validation split" in text and "n_hallucinators 1" in text
+    assert "Chosen on the validation split" in text
+
+
+def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
+    _run(tmp_path, ["random"], cross=False)
+    path = tmp_path / "out" / "cells" / "tiny" / "ipc2-random.json"
+    rec = json.loads(path.read_text())
+    del rec["protocol"]["haba_settings"]  # as written before HaBa settings were part of the protocol
+    path.write_text(json.dumps(rec))
+    assert set(table.load_cells(tmp_path / "out", TINY)) == {"ipc2-random"}
+    rec["protocol"]["num_eval"] = 1
+    path.write_text(json.dumps(rec))
+    assert table.load_cells(tmp_path / "out", TINY) == {}
+
+
 @pytest.mark.slow
 def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
     """HaBa + DM at a budget of 2 images per class (1 basis/class + 5 hallucinators: 14,700 floats) beats a random

@@ -28,6 +28,11 @@ def register(sub) -> None:
     p.add_argument("--doc", default="docs/RESULTS-{dataset}.md", help="markdown document to write")
     p.add_argument("--cells-json", default="bench/results/{dataset_}_cells.json", help="JSON of every cell")
     p.add_argument("--images", default="docs/images/{dataset}", help="folder for the PNG grids")
+    p.add_argument("--haba-set", nargs="+", default=[], metavar="OBJ:KEY=VALUE",
+                   help="HaBa setting for one objective's HaBa cells, e.g. dm:lr_img=10 dm:n_hallucinators=2 "
+                        "(tune with --eval-split val; its cells and runs are stored apart per setting)")
+    p.add_argument("--tuning-json", default="bench/results/{dataset_}_tuning.json",
+                   help="log of every validation-split trial (written by --eval-split val, listed in the document)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 leaves torch's)")
     p.set_defaults(func=run)
 
@@ -35,13 +40,17 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from haba_fast.table import PROTOCOLS, run_table
+    from haba_fast.table import PROTOCOLS, parse_haba_set, run_table
 
     names = {"dataset": args.dataset, "dataset_": args.dataset.replace("-", "_")}
+    protocol = PROTOCOLS[args.protocol]
+    for text in args.haba_set:
+        objective, key, value = parse_haba_set(text)
+        protocol = protocol.with_haba(objective, **{key: value})
     run_table(
         args.dataset,
         Path(args.out),
-        protocol=PROTOCOLS[args.protocol],
+        protocol=protocol,
         ipcs=sorted(set(args.ipc)),
         rows=args.rows,
         eval_split=args.eval_split,
@@ -49,6 +58,7 @@ def run(args) -> int:
         doc=Path(args.doc.format(**names)),
         cells_json=Path(args.cells_json.format(**names)),
         images_dir=Path(args.images.format(**names)),
+        tuning_json=Path(args.tuning_json.format(**names)),
         data_root=args.data_path,
         threads=args.threads or None,
         log=lambda m: print(m, flush=True),
