@@ -228,6 +228,24 @@ def test_haba_settings_keep_other_cells_and_split_haba_trials(tmp_path, monkeypa
     assert "Chosen on the validation split" in text
 
 
+def test_longer_protocol_cell_is_run_once_and_set_beside_the_reduced_one(tmp_path, monkeypatch):
+    import dataclasses
+    import shutil
+
+    longer = dataclasses.replace(TINY, name="tiny-longer", eval_epochs=4, train_per_class=None)
+    monkeypatch.setattr(table, "LONGER", {"tiny": (longer, Cell(2, "random"))})
+    _run(tmp_path, ["random"], cross=False)
+    payload = json.loads((tmp_path / "cells.json").read_text())
+    (rec,) = payload["longer"]
+    assert rec["key"] == "ipc2-random" and rec["protocol"]["eval_epochs"] == 4
+    assert rec["split"]["train_images"] > payload["cells"][0]["split"]["train_images"]  # the whole pool
+    assert "The cost of the reduction, measured on one cell (ipc2-random" in (tmp_path / "doc.md").read_text()
+    shutil.rmtree(tmp_path / "out")  # a fresh checkout: both come back from the committed JSON, nothing reruns
+    monkeypatch.setattr(table, "run_cell", lambda *a, **k: pytest.fail("recomputed a committed cell"))
+    _run(tmp_path, ["random"], cross=False)
+    assert json.loads((tmp_path / "cells.json").read_text())["longer"] == [rec]
+
+
 def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
     _run(tmp_path, ["random"], cross=False)
     path = tmp_path / "out" / "cells" / "tiny" / "ipc2-random.json"

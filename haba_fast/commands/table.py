@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--eval-split", default="test", choices=("test", "val"),
                    help="test: the table; val: the validation split, for tuning (not written to the document)")
     p.add_argument("--no-cross", action="store_true", help="skip the cross-architecture cells")
+    p.add_argument("--no-longer", action="store_true",
+                   help="skip the one cell rerun under a longer protocol (the cost of the reduced protocol)")
     p.add_argument("--doc", default="docs/RESULTS-{dataset}.md", help="markdown document to write")
     p.add_argument("--cells-json", default="bench/results/{dataset_}_cells.json", help="JSON of every cell")
     p.add_argument("--images", default="docs/images/{dataset}", help="folder for the PNG grids")
@@ -55,6 +57,7 @@ def run(args) -> int:
         rows=args.rows,
         eval_split=args.eval_split,
         cross=not args.no_cross,
+        longer_check=not args.no_longer,
         doc=Path(args.doc.format(**names)),
         cells_json=Path(args.cells_json.format(**names)),
         images_dir=Path(args.images.format(**names)),
