@@ -804,6 +804,8 @@ def run_table(
                                   doc)
 
         for i, cell in enumerate(todo, 1):
+            if cell.key not in done:  # another run on the same work folder may have finished it meanwhile
+                done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == cell.key})
             if cell.key in done:
                 log(f"[{i}/{len(todo)}] {cell.key}: reused ({_figure(done[cell.key])})")
                 continue
