@@ -537,11 +537,15 @@ class Distiller:
                 self.device
             )
             self.opt_adv = torch.optim.SGD(self.adversary.parameters(), lr=cfg.adversary_lr, momentum=0.9)
+            # The adversary reaches the synthetic set only through the club term: with λ_club = 0 it cannot change
+            # it (its own losses shape only itself), so neither it nor the club term is computed.
+            self.uses_adversary = cfg.lambda_club_content != 0
         else:
             self.opt_img = torch.optim.SGD([self.synthetic.images], lr=cfg.lr_img, momentum=momentum)
             self.opt_style = None
             self.adversary = None
             self.opt_adv = None
+            self.uses_adversary = False
         self.opt_lr = torch.optim.SGD([self.lr_param], lr=cfg.lr_lr, momentum=lr_momentum) if learns_lr else None
         logits = getattr(self.synthetic, "label_logits", None)
         self.opt_label = (
@@ -604,7 +608,7 @@ class Distiller:
 
         Returns:
             metrics: ``loss`` (matching), ``club``, ``grand``, ``adv_loss``, ``adv_cls``, ``adv_likeli``,
-            ``adv_contrast`` (HaBa), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
+            ``adv_contrast`` (HaBa with λ_club ≠ 0), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
             ``adv_skipped`` (HaBa: 1.0 when the adversary's loss or gradients were not finite and it did not step),
             ``start_epoch``, ``trajectory``, ``iteration``.
 
@@ -620,7 +624,7 @@ class Distiller:
         grand = loss
         club = None
         pairs = (out.club, out.adversary)
-        if self.haba:
+        if self.uses_adversary:
             if pairs[0] is None:  # the objective drew no adversarial batches: draw them here
                 pairs = tuple(self._sample_pair() for _ in range(2))
             x_pair, _ = self._pair(pairs[0])
@@ -642,7 +646,7 @@ class Distiller:
             "lr_clamped": float(lr_clamped),
         }
         metrics.update(out.metrics)
-        if self.haba:
+        if self.uses_adversary:
             metrics["club"] = float(club.detach())
             # The adversary trains on a fresh batch of the updated synthetic set; its loss must not move it.
             with torch.no_grad():

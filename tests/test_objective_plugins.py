@@ -323,6 +323,27 @@ def test_distillation_lowers_the_objective(digits, objective, parameterization):
         assert "club" in m and "adv_loss" in m
 
 
+@pytest.mark.parametrize("objective", ["dm", "dc"])
+def test_zero_club_weight_skips_the_adversary_and_changes_nothing_else(digits, objective, monkeypatch):
+    """λ_club = 0: the adversary cannot reach the synthetic set, so it is not run; the update equals the one
+    computed with the adversary and a zero club term (one step, same seed: bitwise)."""
+    cfg = _cfg(objective, "haba", lambda_club_content=0.0, lambda_contrast_content=1.0)
+    forced = Distiller(cfg, digits)
+    forced.uses_adversary = True  # the general path: club term × 0 and an adversary step
+    m_forced = forced.step()
+    assert m_forced["club"] == 0.0 and "adv_loss" in m_forced
+    skipped = Distiller(cfg, digits)
+    assert skipped.uses_adversary is False
+    adv0 = [p.detach().clone() for p in skipped.adversary.parameters()]
+    monkeypatch.setattr(type(skipped.adversary), "forward", lambda *a, **k: pytest.fail("adversary was run"))
+    m = skipped.step()
+    assert "club" not in m and "adv_loss" not in m and m["loss"] == m_forced["loss"]
+    for (n, p), q in zip(skipped.synthetic.named_parameters(), forced.synthetic.parameters()):
+        assert torch.equal(p, q), n
+    assert all(torch.equal(p, q) for p, q in zip(skipped.adversary.parameters(), adv0))
+    assert Distiller(_cfg(objective, "haba"), digits).uses_adversary is True
+
+
 def test_mtt_without_buffer_is_a_clear_error(digits):
     with pytest.raises(ValueError, match="expert buffer"):
         Distiller(_cfg("mtt", "haba"), digits, None)
