@@ -246,6 +246,18 @@ def test_longer_protocol_cell_is_run_once_and_set_beside_the_reduced_one(tmp_pat
     assert json.loads((tmp_path / "cells.json").read_text())["longer"] == [rec]
 
 
+def test_gaps_to_the_published_anchors_are_explained_over_three_points():
+    cells = {"ipc1-dsa": {"status": "done", "mean": 0.60}, "ipc10-dc": {"status": "done", "mean": 0.81},
+             "ipc1-whole": {"status": "done", "mean": 0.90}}
+    lines = table._anchor_gap_lines(cells, table.PROTOCOLS["quick"])
+    dsa = next(x for x in lines if x.startswith("- DSA, IPC 1"))
+    assert "60.00 against 70.6 (-10.60 points)" in dsa and "100 iterations (public code: 1000)" in dsa
+    dc = next(x for x in lines if x.startswith("- DC, IPC 10"))
+    assert "(-1.30 points)" in dc and "exceeds" not in dc
+    assert any(x.startswith("- whole dataset, the whole training pool: 90.00 against 93.5") for x in lines)
+    assert table._anchor_gap_lines({}, TINY) == ["No cell with a published anchor is finished yet."]
+
+
 def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
     _run(tmp_path, ["random"], cross=False)
     path = tmp_path / "out" / "cells" / "tiny" / "ipc2-random.json"
