@@ -608,7 +608,8 @@ class Distiller:
 
         Returns:
             metrics: ``loss`` (matching), ``club``, ``grand``, ``adv_loss``, ``adv_cls``, ``adv_likeli``,
-            ``adv_contrast`` (HaBa with λ_club ≠ 0), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr floor fired),
+            ``adv_contrast`` (HaBa with λ_club ≠ 0), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr
+            floor fired),
             ``adv_skipped`` (HaBa: 1.0 when the adversary's loss or gradients were not finite and it did not step),
             ``start_epoch``, ``trajectory``, ``iteration``.
 
