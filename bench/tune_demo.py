@@ -21,6 +21,14 @@ TRIALS = [
     {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 3.0, "haba_lr_style": 0.3},
     {"method": "haba", "n_hallucinators": 2, "haba_lr_img": 3.0, "haba_lr_style": 0.3},
     {"method": "haba", "n_hallucinators": 1, "haba_lr_img": 3.0, "haba_lr_style": 0.3},
+    # stage 2 (stage 1: 5 > 2 > 1 hallucinators by 8 and 28 points): the learning rates at 5 hallucinators, and 6
+    # hallucinators (the most that fit next to 1 basis per class: 640 + 6 × 92 = 1,192 <= 1,280 floats)
+    {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 3.0, "haba_lr_style": 0.1},
+    {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 3.0, "haba_lr_style": 1.0},
+    {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 10.0, "haba_lr_style": 0.1},
+    {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 10.0, "haba_lr_style": 0.3},
+    {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 10.0, "haba_lr_style": 1.0},
+    {"method": "haba", "n_hallucinators": 6, "haba_lr_img": 3.0, "haba_lr_style": 0.3},
 ]
 
 
@@ -37,10 +45,26 @@ def main(argv=None) -> int:
     demo = DemoConfig(out=a.out, num_eval=a.num_eval, eval_epochs=a.eval_epochs, progress=not a.no_progress)
     meta = {**environment(), "command": "python bench/tune_demo.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     rec = tune(TRIALS, demo, val_per_class=a.val_per_class, split_seed=a.split_seed, log_path=a.json, meta=meta)
-    for i, t in enumerate(rec["trials"]):
-        print(f"{i:2d} {t['method']:6s} {t['values']} val {100 * t['mean']:.2f} ± {100 * t['std']:.2f}")
-    print("best:", {m: rec["trials"][i]["values"] for m, i in rec["best"].items()})
+    print(markdown(rec))
     return 0
+
+
+def markdown(rec) -> str:
+    """The trial log as a Markdown table (the one in docs/RESULTS.md)."""
+    lines = [
+        "| # | method | settings | storage (floats) | validation accuracy (%) | each network (%) | distill s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, t in enumerate(rec["trials"]):
+        best = " **(best)**" if rec["best"].get(t["method"]) == i else ""
+        values = ", ".join(f"{k} {v}" for k, v in t["values"].items())
+        each = " / ".join(f"{100 * a:.1f}" for a in t["accuracies"])
+        seconds = t["seconds"][f"distill_{t['method']}_s"]
+        lines.append(
+            f"| {i} | {t['method']} | {values} | {t['floats']:,} | {100 * t['mean']:.2f} ± {100 * t['std']:.2f}{best} "
+            f"| {each} | {seconds:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,7 @@ def test_the_bench_trials_are_valid():
     assert mod.TRIALS and [check_trial(t)[0] for t in mod.TRIALS].count("pixels") >= 1
     keys = [json.dumps(t, sort_keys=True) for t in mod.TRIALS]
     assert len(set(keys)) == len(keys)  # no trial listed twice
+    trial = {"method": "pixels", "values": {"pixels_lr_img": 10.0}, "floats": 1280, "accuracies": [0.9, 0.8],
+             "mean": 0.85, "std": 0.05, "seconds": {"distill_pixels_s": 12.3}}
+    table = mod.markdown({"trials": [trial], "best": {"pixels": 0}}).splitlines()
+    assert table[2] == "| 0 | pixels | pixels_lr_img 10.0 | 1,280 | 85.00 ± 5.00 **(best)** | 90.0 / 80.0 | 12 |"
