@@ -29,6 +29,8 @@ TRIALS = [
     {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 10.0, "haba_lr_style": 0.3},
     {"method": "haba", "n_hallucinators": 5, "haba_lr_img": 10.0, "haba_lr_style": 1.0},
     {"method": "haba", "n_hallucinators": 6, "haba_lr_img": 3.0, "haba_lr_style": 0.3},
+    # stage 3 (stage 2's best: 6 hallucinators, lr_img 3, lr_style 0.3): twice the iterations
+    {"method": "haba", "n_hallucinators": 6, "haba_lr_img": 3.0, "haba_lr_style": 0.3, "iterations": 800},
 ]
 
 
