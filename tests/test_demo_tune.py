@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from haba_fast import data
-from haba_fast.demo import DemoConfig, check_trial, tune
+from haba_fast.demo import TUNABLE, DemoConfig, check_trial, tune
 
 TINY = dict(
     num_experts=1,
@@ -145,6 +145,16 @@ def test_the_bench_trials_are_valid():
     assert mod.TRIALS and [check_trial(t)[0] for t in mod.TRIALS].count("pixels") >= 1
     keys = [json.dumps(t, sort_keys=True) for t in mod.TRIALS]
     assert len(set(keys)) == len(keys)  # no trial listed twice
+    # the committed log is this script's (a rerun reuses every trial) and the demo's defaults are a trial of it
+    log = json.loads((path.parents[0] / "results" / "demo_tuning.json").read_text())
+    base = dataclasses.asdict(DemoConfig(**mod.BASE))
+    base = {k: v for k, v in base.items() if k not in ("out", "progress", "threads")}
+    assert log["base"] == base and log["split"]["val_images"] == 250
+    assert [{"method": t["method"], **t["settings"]} for t in log["trials"]] == mod.TRIALS
+    demo = DemoConfig()
+    assert {"method": "haba", **{k: getattr(demo, k) for k in TUNABLE["haba"]}} in [
+        {"method": t["method"], **t["values"]} for t in log["trials"]
+    ]
     trial = {"method": "pixels", "values": {"pixels_lr_img": 10.0}, "floats": 1280, "accuracies": [0.9, 0.8],
              "mean": 0.85, "std": 0.05, "seconds": {"distill_pixels_s": 12.3}}
     table = mod.markdown({"trials": [trial], "best": {"pixels": 0}}).splitlines()
