@@ -139,6 +139,8 @@ def test_tune_needs_evaluation_networks(tmp_path):
 
 def test_the_bench_trials_are_valid():
     path = Path(__file__).resolve().parents[1] / "bench" / "tune_demo.py"
+    if not path.exists():  # the sdist ships tests/ without bench/
+        pytest.skip("bench/tune_demo.py is not in this tree")
     spec = importlib.util.spec_from_file_location("tune_demo", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
