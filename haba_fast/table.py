@@ -588,6 +588,7 @@ def run_cell(
             engine=_engine_text(cfg.engine, default_engine_name()) if cell.objective == "mtt" else None,
             final_loss=next((h.get("loss") for h in reversed(result.history) if h.get("loss") is not None), None),
             settings=protocol.haba_overrides(cell.objective) if cell.parameterization == "haba" else {},
+            bases_floats=int(syn.bases.numel()) if cell.parameterization == "haba" else None,
             kernel_size=int(cfg.kernel_size) if cell.parameterization == "haba" else None,
             synthetic=str(run_dir / "synthetic.pt"),
         )
@@ -974,7 +975,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             gap = 100 * (h["mean"] - px["mean"])
             verdict = "HaBa is better" if gap > 0 else "**HaBa is worse**"
             lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f} "
-                         f"({gap:+.2f} points: {verdict}).")
+                         f"({gap:+.2f} points: {verdict}). {_haba_storage_text(h)}")
     if not compared:
         lines.append("No pair of HaBa and pixel cells is finished yet.")
     nofit = [r for r in cells.values() if r.get("status") == "does not fit"]
@@ -1137,6 +1138,23 @@ def _longer_text(cells: Dict[str, Dict[str, Any]], longer: Dict[str, Dict[str, A
             f"{100 * long_['std']:.2f} (networks: {', '.join(f'{100 * a:.2f}' for a in long_['accuracies'])}; "
             f"{long_['total_seconds']:.0f} s) against this protocol's {100 * short['mean']:.2f} ± "
             f"{100 * short['std']:.2f}: {gap:+.2f} points.")
+
+
+def _haba_storage_text(rec: Dict[str, Any]) -> str:
+    """Where a HaBa cell's storage went: bases against hallucinators, and the samples it trains on per class."""
+    st, K = rec["storage"], int(rec.get("num_classes", 10))
+    bpc, hn = rec.get("rows_per_class"), rec.get("n_hallucinators")
+    if not (bpc and hn and st.get("budget_floats")):
+        return ""
+    bases = rec.get("bases_floats")
+    if bases is None:  # cells stored before bases_floats was recorded: full-channel bases, unless stated otherwise
+        if (rec.get("settings") or {}).get("single_channel"):
+            return ""
+        bases = K * bpc * (st["budget_floats"] // (rec["ipc"] * K))
+    hall = st["floats"] - bases
+    return (f"Storage: {bpc} bases per class ({bases:,} floats) and {hn} hallucinators ({hall:,} floats, "
+            f"{100 * hall / st['floats']:.0f}%); evaluation trains on {bpc * hn} hallucinated samples per class "
+            f"against the pixel set's {rec['ipc']} images.")
 
 
 def _settings_text(p: Protocol) -> str:

@@ -260,6 +260,16 @@ def test_gaps_to_the_published_anchors_are_explained_over_three_points():
     assert table._anchor_gap_lines({}, TINY) == ["No cell with a published anchor is finished yet."]
 
 
+def test_haba_storage_split_is_stated():
+    rec = {"ipc": 10, "num_classes": 10, "rows_per_class": 9, "n_hallucinators": 5,
+           "storage": {"floats": 77_420, "budget_floats": 78_400}}
+    text = table._haba_storage_text(rec)
+    assert "9 bases per class (70,560 floats) and 5 hallucinators (6,860 floats, 9%)" in text
+    assert "45 hallucinated samples per class against the pixel set's 10 images" in text
+    assert "(2,000 floats" in table._haba_storage_text({**rec, "bases_floats": 75_420})
+    assert table._haba_storage_text({**rec, "settings": {"single_channel": True}}) == ""
+
+
 def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
     _run(tmp_path, ["random"], cross=False)
     path = tmp_path / "out" / "cells" / "tiny" / "ipc2-random.json"
