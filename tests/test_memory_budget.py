@@ -393,3 +393,28 @@ def test_distiller_step_spends_the_budget(digits, buffer, backend):  # noqa: F81
         out[budget] = [p.grad.clone() for p in d.synthetic.parameters()]
     for a, b in zip(out["0"], out["unlimited"]):
         assert rel_err(a, b) < 1e-5
+
+
+def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
+    """bench/run_memory_budget.sh's report: verdicts from the current rows (CPU time), medians for syn_steps."""
+    from haba_fast.benchmarks.iteration import write_budget_report
+
+    def row(budget, cpu, rss, steps=20, **kw):
+        mb = {"0": 0, "2GB": 2048, "unlimited": None}[budget]
+        return dict(ipc=10, syn_steps=steps, batch_syn=100, memory_budget=budget, memory_budget_mb=mb,
+                    engine_backend="cpu", s_per_iter=2 * cpu, cpu_s_per_iter=cpu, peak_rss_mb=rss, **kw)
+
+    rows = [
+        row("0", 50.0, 1000, superseded=True),
+        row("unlimited", 90.0, 7000, superseded=True),
+        row("0", 40.0, 1000),
+        row("2GB", 33.0, 2900),
+        row("unlimited", 29.0, 3100),
+        row("0", 30.0, 900, steps=10, superseded=True),
+    ] + [row("0", 30.0, rss, steps=10) for rss in (910, 912, 990)] + [row("0", 200.0, 950, steps=80)] * 2
+    write_budget_report(rows, str(tmp_path / "memory_budget.json"))
+    text = (tmp_path / "MEMORY_BUDGET.md").read_text()
+    assert "largest budget run (unlimited) / budget 0: CPU **0.72x**, wall 0.72x" in text and "-> met" in text
+    assert "peak RSS 2900 MB <= budget + budget 0's peak (3048 MB) -> met" in text
+    assert "(medians of 2 and 3 runs): **1.042x** (target <= 1.05x) -> met" in text
+    assert "spread of the runs: 80 MB at 10 steps" in text
