@@ -5,16 +5,29 @@
 #
 #   bench/run_memory_budget.sh             # rows (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / 500 / 30
 #   ROWS=a bench/run_memory_budget.sh      # only row (a) (row (b) takes many minutes per budget on 2 cores)
-#   FLAT=1 bench/run_memory_budget.sh      # also budget 0 at syn_steps 10 and 80 (memory flat in syn_steps)
+#   FLAT=1 bench/run_memory_budget.sh      # also budget 0 at syn_steps 10 and 80 (memory flat in syn_steps),
+#                                          # FLAT_REPEATS times each (default 3), interleaved, under MALLOC_ENV
+#   BACKEND=torch bench/run_memory_budget.sh   # budgets above 0 on the torch backend (autograd graphs)
+#   THREADS=1 PASSES=2 bench/run_memory_budget.sh   # torch threads per process (default: torch's); rows (a)/(b)
+#                                          # repeated PASSES times (the report takes medians)
 #   RESULTS=/tmp/r, PYTHON=...             # output folder (default bench/results), interpreter
-# Budget 0 runs the default engine (backend auto: the C++ op on CPU tensors); the other budgets force the torch
-# backend (the only one that stores steps) and get budget 0's peak RSS as --baseline-rss-mb, so each row carries
-# the predicted peak (budget 0's peak + the stored steps) next to the measured one.
+# On a shared machine THREADS=1 makes CPU time the work done: with 2 threads on 2 busy cores, the OpenMP threads
+# spin at barriers while their sibling is descheduled, and that spinning counts as CPU time.
+# Every budget runs the default engine (backend auto: on CPU tensors the C++ op, which keeps steps within the
+# budget); the budgets above 0 get budget 0's peak RSS as --baseline-rss-mb, so each row carries the predicted peak
+# (budget 0's peak + the stored steps) next to the measured one.
+# The syn_steps rows compare peak RSS across processes: glibc's dynamic mmap threshold moves the peak by ~200 MB
+# between identical runs, so they run with a fixed threshold (MALLOC_ENV) and the report takes medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 RESULTS=${RESULTS:-bench/results}
 ROWS=${ROWS:-ab}
+BACKEND_ARGS=()
+if [ -n "${BACKEND:-}" ]; then BACKEND_ARGS=(--backend "$BACKEND"); fi
+THREAD_ARGS=()
+if [ -n "${THREADS:-}" ]; then THREAD_ARGS=(--threads "$THREADS"); fi
+MALLOC_ENV=${MALLOC_ENV:-MALLOC_MMAP_THRESHOLD_=131072 MALLOC_TRIM_THRESHOLD_=131072 MALLOC_ARENA_MAX=2}
 mkdir -p "$RESULTS"
 OUT=$RESULTS/memory_budget.json
 TMP=$OUT.partial.jsonl
@@ -24,8 +37,9 @@ run() {  # run IPC STEPS BATCH BUDGET [extra args]
   local ipc=$1 steps=$2 batch=$3 budget=$4
   shift 4
   echo "bench memory budget: ipc=$ipc syn_steps=$steps batch_syn=$batch budget=$budget $*" >&2
-  $PY -m haba_fast.cli bench iteration --engine exact --ipc "$ipc" --n-hallucinators 5 --syn-steps "$steps" \
-    --batch-syn "$batch" --warmup 0 --repeats 1 --memory-budget "$budget" --json "$@" | tail -1 > "$TMP.row" || {
+  ${RUN_ENV:-} $PY -m haba_fast.cli bench iteration --engine exact --ipc "$ipc" --n-hallucinators 5 --syn-steps "$steps" \
+    --batch-syn "$batch" --warmup 0 --repeats 1 --memory-budget "$budget" --json "${THREAD_ARGS[@]}" "$@" \
+    | tail -1 > "$TMP.row" || {
     echo "{\"bench\": \"iteration\", \"engine\": \"exact\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"memory_budget\": \"$budget\", \"failed\": true}" > "$TMP.row"
   }
   cat "$TMP.row" >> "$TMP"
@@ -41,12 +55,21 @@ config() {  # config IPC STEPS BATCH BUDGETS...
   run "$ipc" "$steps" "$batch" 0
   local rss
   rss=$(base_rss)
-  for b in "$@"; do run "$ipc" "$steps" "$batch" "$b" --backend torch --baseline-rss-mb "$rss"; done
+  for b in "$@"; do run "$ipc" "$steps" "$batch" "$b" "${BACKEND_ARGS[@]}" --baseline-rss-mb "$rss"; done
 }
 
-case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited ;; esac
-if [ "${FLAT:-0}" = 1 ]; then run 10 10 100 0; run 10 80 100 0; fi
-case $ROWS in *b*) config 50 30 500 8GB 2GB ;; esac
+for _ in $(seq "${PASSES:-1}"); do
+  case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited ;; esac
+done
+if [ "${FLAT:-0}" = 1 ]; then
+  for _ in $(seq "${FLAT_REPEATS:-3}"); do
+    RUN_ENV="env $MALLOC_ENV" run 10 10 100 0
+    RUN_ENV="env $MALLOC_ENV" run 10 80 100 0
+  done
+fi
+for _ in $(seq "${PASSES:-1}"); do
+  case $ROWS in *b*) config 50 30 500 8GB 2GB ;; esac
+done
 
 $PY - "$TMP" "$OUT" <<'PYEOF'
 import json, sys

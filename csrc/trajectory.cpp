@@ -8,6 +8,9 @@
 //   trajectory_step_hvp(w, x, y, lam, spec) -> (g, h_w, h_x)     (one step's gradient and Hessian products; tests)
 //   trajectory_step_grad(w, x, y, spec) -> g                      (the streamed engine's forward step)
 //   trajectory_step_adjoint(w, x, y, lam, spec, want_hw) -> (<g, lam>, h_w, h_x)   (its backward step)
+//   trajectory_step_grad_keep(w, x, y, spec) -> (g, kept)          (a kept step of the memory budget: g and the
+//                                                                    forward sweep's per-block tensors, 3 x depth)
+//   trajectory_step_adjoint_kept(w, x, y, lam, kept, spec, want_hw) -> as trajectory_step_adjoint, reusing kept
 //
 //   X [N, B, C, H, W] float/double, Y [N, B] int64, w_start/w_target [P], lr 0-dim (all on one device).
 //   spec = [channel, num_classes, width, depth, norm, act, pool, first_padding] with
@@ -186,6 +189,9 @@ int64_t groups_of(const Spec& s) {
   return 1;
 }
 
+// Tensors per block in a kept step's list (see step()): conv output, block output, gradient w.r.t. the block input.
+constexpr int64_t kKeptPerBlock = 3;
+
 // Everything a block keeps from its forward pass for the backward pass of the same step.
 struct BlockCache {
   Tensor a, ad;          // block input and its tangent (ad undefined when the tangent is zero: first block)
@@ -320,23 +326,27 @@ bool fused_ok(const Spec& s, const Tensor& z) {
   return z.device().is_cpu() && fused_enabled() && s.norm != kLayer && s.pool != kMax;
 }
 
-// zz: the conv output, [B, C, H, W] (primal only) or [B, 2C, H, W] = [z | zd] (with tangent), contiguous.
-std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& zz, bool tan, const Tensor& gam,
+// z: the conv output [B, C, H, W], and zd its tangent (undefined: primal only), each contiguous within a sample and
+// with one batch stride: the two channel halves of one contiguous [B, 2C, H, W] tensor, or two contiguous tensors
+// (the primal kept from the forward sweep, the tangent computed now).
+std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, const Tensor& zd, const Tensor& gam,
                                               const Tensor& bet, const Tensor& gamd, const Tensor& betd,
                                               BlockCache& c) {
-  const int64_t B = zz.size(0), C = tan ? zz.size(1) / 2 : zz.size(1), H = zz.size(2), W = zz.size(3);
+  const bool tan = zd.defined();
+  const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  TORCH_INTERNAL_ASSERT(z.stride(1) == H * W && z.stride(2) == W && z.stride(3) == 1);
+  TORCH_INTERNAL_ASSERT(!tan || (zd.sizes() == z.sizes() && zd.strides() == z.strides()));
   const int64_t G = s.norm == kNormNone ? C : groups_of(s);
   const int64_t Ho = s.pool == kAvg ? H / 2 : H, Wo = s.pool == kAvg ? W / 2 : W;
-  auto opts = zz.options();
+  auto opts = z.options();
   Tensor out = at::empty({B, C, Ho, Wo}, opts);
   Tensor outd = tan ? at::empty({B, C, Ho, Wo}, opts) : Tensor();
   c.xh = at::empty({B, C, H, W}, opts);
   c.xhd = tan ? at::empty({B, C, H, W}, opts) : Tensor();
   c.rstd = at::empty({B, G}, opts);
   c.k = at::empty({B, G}, opts);
-  TORCH_INTERNAL_ASSERT(zz.is_contiguous());
-  AT_DISPATCH_FLOATING_TYPES(zz.scalar_type(), "trajectory_block_forward", [&] {
-    traj_types::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, zz.stride(0)};
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
+    traj_types::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, z.stride(0)};
     traj_types::Params<scalar_t> p{};
     Tensor gc, bc, gdc, bdc;  // keep contiguous copies alive during the call
     if (s.norm != kNormNone) {
@@ -351,8 +361,8 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& zz, b
         p.betd = bdc.data_ptr<scalar_t>();
       }
     }
-    const scalar_t* z = zz.data_ptr<scalar_t>();
-    TRAJ_CALL(block_forward<scalar_t>, dims, p, z, tan ? z + C * H * W : nullptr, c.xh.data_ptr<scalar_t>(),
+    TRAJ_CALL(block_forward<scalar_t>, dims, p, z.data_ptr<scalar_t>(), tan ? zd.data_ptr<scalar_t>() : nullptr,
+                                  c.xh.data_ptr<scalar_t>(),
                                   tan ? c.xhd.data_ptr<scalar_t>() : nullptr, c.rstd.data_ptr<scalar_t>(),
                                   c.k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                   tan ? outd.data_ptr<scalar_t>() : nullptr);
@@ -439,10 +449,22 @@ std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, c
 // channel halves in place (BlockDims::io_bs).
 // want_g = false (only with lam) skips the primal parameter gradient g: the backward sweep needs only <g, lam>,
 // which is the loss's tangent <dCE/do, o_dot>, so the primal weight-gradient convolutions are not run.
+//
+// Kept steps (the memory budget): keep_out (primal only) collects, per block d, the forward sweep's tensors that the
+// backward sweep would otherwise recompute, kKeptPerBlock of them: the conv output z_d, the block output (block
+// d+1's input; the features for the last block) and the loss gradient w.r.t. block d's input (empty for d = 0:
+// the input gradient of block 0 is never needed by the primal). kept_in (with lam) reuses them: the step then runs
+// only the tangent's convolutions forward (conv(a, Wd) + conv(ad, W), not conv(a, W)) and, backward, skips the
+// primal input gradient conv^T(gz, W) of every block but the first. The norm/activation/pooling loops and the
+// small classifier layer are recomputed from z as before (cheap next to the convolutions).
 StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x, const Tensor& y, const Tensor& lam,
-                bool want_hw, bool want_g = true) {
+                bool want_hw, bool want_g = true, const std::vector<Tensor>* kept_in = nullptr,
+                std::vector<Tensor>* keep_out = nullptr) {
   const bool tan = lam.defined();
   TORCH_INTERNAL_ASSERT(want_g || tan, "step: want_g = false needs lam");
+  TORCH_INTERNAL_ASSERT(!kept_in || (tan && !want_g), "step: kept tensors serve the backward sweep's step");
+  TORCH_INTERNAL_ASSERT(!keep_out || !tan, "step: the forward sweep's step keeps its tensors");
+  if (keep_out) keep_out->assign(kKeptPerBlock * s.depth, Tensor());
   const int64_t B = x.size(0);
   const bool fused = fused_ok(s, x);
   const int64_t Cw = s.width;
@@ -464,7 +486,15 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       }
     }
     std::pair<Tensor, Tensor> outs;
-    if (fused) {
+    if (kept_in) {
+      // The primal conv output from the forward sweep; only the tangent's convolutions run.
+      const Tensor& z = (*kept_in)[kKeptPerBlock * d];
+      Tensor zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
+      if (ad.defined()) zd.add_(conv(ad, Wc, c10::nullopt, l.pad));
+      outs = fused ? block_forward_fused(s, z, zd.contiguous(), gam, bet, gamd, betd, c)
+                   : block_forward_composite(s, z, zd, gam, bet, gamd, betd, c);
+      outs.first = (*kept_in)[kKeptPerBlock * d + 1];
+    } else if (fused) {
       Tensor zz;
       if (tan) {
         zz = conv(a, at::cat({Wc, view(lam, l.conv_w)}, 0), at::cat({bc, view(lam, l.conv_b)}, 0), l.pad);
@@ -472,9 +502,13 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       } else {
         zz = conv(a, Wc, bc, l.pad);
       }
-      outs = block_forward_fused(s, zz.contiguous(), tan, gam, bet, gamd, betd, c);
+      zz = zz.contiguous();
+      outs = tan ? block_forward_fused(s, zz.narrow(1, 0, Cw), zz.narrow(1, Cw, Cw), gam, bet, gamd, betd, c)
+                 : block_forward_fused(s, zz, Tensor(), gam, bet, gamd, betd, c);
+      if (keep_out) (*keep_out)[kKeptPerBlock * d] = zz;
     } else {
       Tensor z = conv(a, Wc, bc, l.pad);
+      if (keep_out) (*keep_out)[kKeptPerBlock * d] = z;
       Tensor zd;
       if (tan) {
         zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
@@ -484,6 +518,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     }
     a = outs.first;
     ad = outs.second;
+    if (keep_out) (*keep_out)[kKeptPerBlock * d + 1] = a;
   }
   Tensor f = a.flatten(1), fd = tan ? ad.flatten(1) : Tensor();
   Tensor Wf = view(w, L.fc_w), bf = view(w, L.fc_b);
@@ -528,6 +563,8 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     Tensor* pbd = (tan && want_hw) ? &gbetd : nullptr;
     Tensor Wc = view(w, l.conv_w);
     const bool need_ga = d > 0;
+    const bool ga_kept = kept_in && need_ga;  // conv^T(gz, W) came from the forward sweep
+    const bool run_ga = need_ga && !ga_kept;
     Tensor gW, gb, gWd, gbd, ga_next, gad_next;
     if (fused) {
       Tensor gzz = block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd);
@@ -555,11 +592,11 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
             gbd = std::get<2>(rw);
           }
         }
-        if (need_ga || (want_hw && c.ad.defined())) {
+        if (run_ga || (want_hw && c.ad.defined())) {
           Tensor gz = gzz.narrow(1, 0, Cw);
           const bool wgrad = want_hw && c.ad.defined();
-          auto r2 = conv_bwd(gz, c.ad.defined() ? c.ad : c.a, Wc, l.pad, {need_ga, wgrad, false});
-          ga_next = std::get<0>(r2);
+          auto r2 = conv_bwd(gz, c.ad.defined() ? c.ad : c.a, Wc, l.pad, {run_ga, wgrad, false});
+          if (run_ga) ga_next = std::get<0>(r2);
           if (wgrad) gWd = gWd + std::get<1>(r2);
         }
       } else {
@@ -573,8 +610,8 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       c.xh.reset();
       const Tensor& gz = gs.first;
       const Tensor& gzd = gs.second;
-      if (need_ga || want_g) {
-        auto cb = conv_bwd(gz, c.a, Wc, l.pad, {need_ga, want_g, want_g});
+      if (run_ga || want_g) {
+        auto cb = conv_bwd(gz, c.a, Wc, l.pad, {run_ga, want_g, want_g});
         gW = std::get<1>(cb);
         gb = std::get<2>(cb);
         ga_next = std::get<0>(cb);
@@ -592,6 +629,8 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
         }
       }
     }
+    if (ga_kept) ga_next = (*kept_in)[kKeptPerBlock * d + 2];
+    if (keep_out) (*keep_out)[kKeptPerBlock * d + 2] = need_ga ? ga_next : at::empty({0}, x.options());
     if (s.norm != kNormNone) {
       if (want_g) {
         grads.push_back(gbet.reshape(-1));
@@ -769,6 +808,78 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint(const Tensor& w, cons
   return {r.g_dot_lam, hw, r.hx};
 }
 
+// The forward sweep's step of a kept step: g and the tensors its backward step reuses (see step(): per block, the
+// conv output, the block output and the gradient w.r.t. the block input, empty for block 0), 3 * depth tensors.
+std::tuple<Tensor, std::vector<Tensor>> trajectory_step_grad_keep(const Tensor& w, const Tensor& x, const Tensor& y,
+                                                                  at::IntArrayRef spec) {
+  Spec s = parse_spec(spec);
+  HF_CHECK(x.dim() == 4, "trajectory_step_grad_keep: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
+  HF_CHECK(y.dim() == 1, "trajectory_step_grad_keep: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
+  at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;
+  if (x.is_cpu()) reuse_buffers.emplace();
+  std::vector<Tensor> kept;
+  StepResult r = step(s, L, w, x, y, Tensor(), false, true, nullptr, &kept);
+  return {r.g, kept};
+}
+
+// The kept list must be what trajectory_step_grad_keep returned for this spec and batch shape.
+std::vector<Tensor> check_kept(const Spec& s, const Layout& L, const Tensor& x, const std::vector<Tensor>& kept) {
+  HF_CHECK(static_cast<int64_t>(kept.size()) == kKeptPerBlock * s.depth, "trajectory_step_adjoint_kept: kept must be ",
+           kKeptPerBlock * s.depth, " tensors (trajectory_step_grad_keep's list for depth ", s.depth, "), got ",
+           kept.size());
+  std::vector<Tensor> out;
+  int64_t H = x.size(2), W = x.size(3);
+  std::vector<int64_t> prev_out = x.sizes().vec();
+  for (int64_t d = 0; d < s.depth; ++d) {
+    const LayerLayout& l = L.layers[d];
+    H = l.Hc;
+    W = l.Wc;
+    std::vector<int64_t> zshape{x.size(0), s.width, H, W};
+    if (s.pool != kPoolNone) {
+      H /= 2;
+      W /= 2;
+    }
+    std::vector<int64_t> oshape{x.size(0), s.width, H, W};
+    const Tensor* ts[3] = {&kept[kKeptPerBlock * d], &kept[kKeptPerBlock * d + 1], &kept[kKeptPerBlock * d + 2]};
+    for (const Tensor* t : ts) {
+      HF_CHECK(t->defined() && t->scalar_type() == x.scalar_type() && t->device() == x.device(),
+               "trajectory_step_adjoint_kept: kept tensors must have x's dtype and device");
+    }
+    HF_CHECK(ts[0]->sizes() == at::IntArrayRef(zshape) && ts[1]->sizes() == at::IntArrayRef(oshape) &&
+                 (d == 0 ? ts[2]->numel() == 0 : ts[2]->sizes() == at::IntArrayRef(prev_out)),
+             "trajectory_step_adjoint_kept: kept tensors of block ", d + 1, " do not match this spec and batch (",
+             "conv output ", ts[0]->sizes(), ", block output ", ts[1]->sizes(), ", input gradient ", ts[2]->sizes(),
+             "); pass the list trajectory_step_grad_keep returned for this step");
+    out.push_back(ts[0]->contiguous());
+    out.push_back(*ts[1]);
+    out.push_back(*ts[2]);
+    prev_out = oshape;
+  }
+  return out;
+}
+
+// trajectory_step_adjoint for a kept step: same results, fewer convolutions (see step()).
+std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint_kept(const Tensor& w, const Tensor& x, const Tensor& y,
+                                                                const Tensor& lam, at::TensorList kept,
+                                                                at::IntArrayRef spec, bool want_hw) {
+  Spec s = parse_spec(spec);
+  HF_CHECK(x.dim() == 4, "trajectory_step_adjoint_kept: x must be [B, C, H, W], got ", x.dim(), "-d shape ",
+           x.sizes());
+  HF_CHECK(y.dim() == 1, "trajectory_step_adjoint_kept: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), false);
+  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
+           "trajectory_step_adjoint_kept: lam must be like w (", w.sizes(), "), got ", lam.sizes());
+  std::vector<Tensor> k = check_kept(s, L, x, kept.vec());
+  at::NoGradGuard no_grad;
+  std::optional<haba_fast::BufferCacheScope> reuse_buffers;
+  if (x.is_cpu()) reuse_buffers.emplace();
+  StepResult r = step(s, L, w, x, y, lam, want_hw, /*want_g=*/false, &k);
+  Tensor hw = want_hw ? r.hw : w.new_empty({0});
+  return {r.g_dot_lam, hw, r.hx};
+}
+
 Tensor trajectory_match_composite(const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
                                   const Tensor& lr, at::IntArrayRef spec, bool first_order) {
   static auto op = c10::Dispatcher::singleton()
@@ -842,6 +953,9 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("trajectory_step_grad(Tensor w, Tensor x, Tensor y, int[] spec) -> Tensor");
   m.def("trajectory_step_adjoint(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec, bool want_hw) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("trajectory_step_grad_keep(Tensor w, Tensor x, Tensor y, int[] spec) -> (Tensor, Tensor[])");
+  m.def("trajectory_step_adjoint_kept(Tensor w, Tensor x, Tensor y, Tensor lam, Tensor[] kept, int[] spec, "
+        "bool want_hw) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {
@@ -851,6 +965,8 @@ TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {
   m.impl("trajectory_step_hvp", &trajectory_step_hvp);
   m.impl("trajectory_step_grad", &trajectory_step_grad);
   m.impl("trajectory_step_adjoint", &trajectory_step_adjoint);
+  m.impl("trajectory_step_grad_keep", &trajectory_step_grad_keep);
+  m.impl("trajectory_step_adjoint_kept", &trajectory_step_adjoint_kept);
 }
 
 TORCH_LIBRARY_IMPL(haba_fast, Meta, m) {

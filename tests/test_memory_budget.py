@@ -14,7 +14,7 @@ from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures re
 from utils import extension_loaded
 
 from haba_fast.backend import BackendUnavailableError
-from haba_fast.engines import adjoint, get_adjoint_engine, get_engine
+from haba_fast.engines import get_adjoint_engine, get_engine
 from haba_fast.engines.memory import budget_bytes, keep_last, parse_memory_budget
 
 # Relative tolerance of "identical" gradients per dtype.
@@ -82,33 +82,68 @@ def _run(engine, model, X, Y, ws, wt):
     return out, dict(engine.last_stats)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", ["exact", "first-order"])
-def test_every_budget_gives_the_budget_zero_gradients(dtype, name):
-    model = _convnet(depth=2, norm="instancenorm", dtype=dtype)
-    N = 5  # odd
-    X, Y, ws, wt = make_problem(model, N, 3, tuple(model.im_size), dtype)
-    base, stats0 = _run(get_adjoint_engine(name, "torch", 0), model, X, Y, ws, wt)
+# The C++ engine's models (several shapes: its fused CPU loops and its composite path, layernorm / maxpooling).
+CPP_MODELS = {
+    "instancenorm": dict(depth=2, norm="instancenorm"),
+    "groupnorm-sigmoid-odd": dict(depth=2, norm="groupnorm", act="sigmoid", im=11, width=8),
+    "layernorm-maxpool": dict(depth=2, norm="layernorm", pool="maxpooling"),
+    "nonorm-nopool-3": dict(depth=3, norm="none", pool="none", act="leakyrelu", im=7, width=4),
+}
+
+
+def _check_every_budget(name, backend, dtype, model, N, batch):
+    """Budgets holding 1..N steps (and unlimited) give budget 0's gradients; exact ones also the naive unroll's."""
+    X, Y, ws, wt = make_problem(model, N, batch, tuple(model.im_size), dtype)
+    base, stats0 = _run(get_adjoint_engine(name, backend, 0), model, X, Y, ws, wt)
     assert stats0["stored_steps"] == 0 and stats0["recomputed_steps"] == N
-    _, stats = _run(get_adjoint_engine(name, "torch", "unlimited"), model, X, Y, ws, wt)
+    out, stats = _run(get_adjoint_engine(name, backend, "unlimited"), model, X, Y, ws, wt)
     per_step = stats["per_step_bytes"]
     assert per_step > 0 and stats["stored_steps"] == N and stats["recomputed_steps"] == 0
+    runs = [(N, out)]
     for k in range(1, N + 1):
-        out, st = _run(get_adjoint_engine(name, "torch", per_step * (k + 1) + per_step // 2), model, X, Y, ws, wt)
+        eng = get_adjoint_engine(name, backend, per_step * (k + 1) + per_step // 2)
+        out, st = _run(eng, model, X, Y, ws, wt)
+        assert eng.last_backend == backend
         assert st["stored_steps"] == k and st["recomputed_steps"] == N - k
+        runs.append((k, out))
+    for k, out in runs:
         for a, b in zip(out, base):
             assert rel_err(a, b) < REL[dtype], (k, rel_err(a, b))
     if name == "exact":
         ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
-        for a, b in zip(base, ref):
-            assert rel_err(a, b) < REL[dtype] * (1 if dtype == torch.float64 else 10)
+        for k, out in [(0, base)] + runs:
+            for a, b in zip(out, ref):
+                assert rel_err(a, b) < REL[dtype] * (1 if dtype == torch.float64 else 10), (k, rel_err(a, b))
 
 
-def test_budget_below_one_step_falls_back_to_zero_with_a_warning():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["exact", "first-order"])
+def test_every_budget_gives_the_budget_zero_gradients(dtype, name):
+    model = _convnet(depth=2, norm="instancenorm", dtype=dtype)
+    _check_every_budget(name, "torch", dtype, model, 5, 3)  # odd N
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", list(CPP_MODELS))
+def test_cpp_every_budget_gives_the_budget_zero_and_naive_gradients(dtype, shape):
+    """The C++ op's kept steps: 1..N stored (odd N), unlimited, against budget 0 and the naive unroll."""
+    model = _convnet(dtype=dtype, **CPP_MODELS[shape])
+    _check_every_budget("exact", "cpu", dtype, model, 5 if shape == "instancenorm" else 3, 3)
+
+
+@needs_cpp
+def test_cpp_first_order_budget():
+    model = _convnet(depth=2, norm="groupnorm")
+    _check_every_budget("first-order", "cpu", torch.float64, model, 3, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpp)])
+def test_budget_below_one_step_falls_back_to_zero_with_a_warning(backend):
     model = _convnet()
     X, Y, ws, wt = make_problem(model, 3, 2, tuple(model.im_size), torch.float64)
-    base = grads(get_adjoint_engine("exact", "torch"), model, X, Y, ws, wt)
-    eng = get_adjoint_engine("exact", "torch", 100)
+    base = grads(get_adjoint_engine("exact", backend), model, X, Y, ws, wt)
+    eng = get_adjoint_engine("exact", backend, 100)
     Xr = X.clone().requires_grad_(True)
     lr = torch.tensor(0.05, dtype=X.dtype, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="holds no step"):
@@ -142,18 +177,20 @@ def test_dispatch_names_and_budget_routing():
     eng = get_adjoint_engine("exact", "auto")
     grads(eng, model, X, Y, ws, wt)
     assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
-    eng = get_adjoint_engine("exact", None, "unlimited")  # CPU tensors: the C++ op, the budget unused (warned)
-    adjoint._warned_budget = False
-    Xr = X.clone().requires_grad_(True)
-    with pytest.warns(RuntimeWarning, match="budget is unused"):
-        eng(model, Xr, Y, ws, wt, torch.tensor(0.1, dtype=torch.float64)).backward()
-    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+    eng = get_adjoint_engine("exact", None, "unlimited")  # CPU tensors: the C++ op, which keeps the steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: the budget is spent
+        eng(model, X.clone().requires_grad_(True), Y, ws, wt, torch.tensor(0.1, dtype=torch.float64)).backward()
+    assert eng.last_backend == "cpu" and eng.last_stats["stored_steps"] == 2
+    assert eng.last_stats["recomputed_steps"] == 0
     eng = get_adjoint_engine("exact", "torch", "unlimited")
     grads(eng, model, X, Y, ws, wt)
     assert eng.last_backend == "torch" and eng.last_stats["stored_steps"] == 2
-    eng = get_adjoint_engine("exact", "cpu", "unlimited")  # forced: the C++ op, which stores no step
-    grads(eng, model, X, Y, ws, wt)
-    assert eng.last_backend == "cpu" and eng.last_stats["recomputed_steps"] == 2
+    cpp = _MLPStudent().double()  # a model the C++ op cannot run: auto takes torch, which spends the budget
+    Xm, Ym, wsm, wtm = make_problem(cpp, 2, 2, (5, 5), torch.float64)
+    eng = get_adjoint_engine("exact", None, "unlimited")
+    grads(eng, cpp, Xm, Ym, wsm, wtm)
+    assert eng.last_backend == "torch" and eng.last_stats["stored_steps"] == 2
 
 
 def test_forced_cpu_backend_on_a_module_it_cannot_run_raises():
@@ -203,7 +240,10 @@ def _syn_grads(fn, syn, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("backend, budget", [("torch", 0), ("torch", "unlimited"), ("torch", "mid"), ("cpu", 0)])
+@pytest.mark.parametrize(
+    "backend, budget",
+    [("torch", 0), ("torch", "unlimited"), ("torch", "mid"), ("cpu", 0), ("cpu", "unlimited"), ("cpu", "mid")],
+)
 def test_streamed_equals_stacked_and_naive(dtype, backend, budget):
     from haba_fast.objectives.mtt import build_inputs, trajectory_loss
 
@@ -272,6 +312,35 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
         torch.ops.haba_fast.trajectory_step_adjoint(ws, X[0], Y[0], lam[:-1], spec, want_hw)
 
 
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", list(CPP_MODELS))
+def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape):
+    """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint."""
+    from haba_fast.engines.adjoint import cpp_spec
+
+    model = _convnet(dtype=dtype, **CPP_MODELS[shape])
+    X, Y, ws, _ = make_problem(model, 1, 3, tuple(model.im_size), dtype)
+    lam = torch.randn(ws.shape, dtype=dtype)
+    spec = cpp_spec(model)
+    ops = torch.ops.haba_fast
+    g, kept = ops.trajectory_step_grad_keep(ws, X[0], Y[0], spec)
+    assert len(kept) == 3 * spec[3] and kept[2].numel() == 0  # block 0's input gradient is never needed
+    assert rel_err(g, ops.trajectory_step_grad(ws, X[0], Y[0], spec)) < REL[dtype]
+    for want_hw in (True, False):
+        ref = ops.trajectory_step_adjoint(ws, X[0], Y[0], lam, spec, want_hw)
+        got = ops.trajectory_step_adjoint_kept(ws, X[0], Y[0], lam, kept, spec, want_hw)
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and (a.numel() == 0 or rel_err(a, b) < REL[dtype])
+    with pytest.raises(RuntimeError, match="kept must be"):
+        ops.trajectory_step_adjoint_kept(ws, X[0], Y[0], lam, kept[:-1], spec, True)
+    with pytest.raises(RuntimeError, match="do not match"):  # another batch size's list
+        ops.trajectory_step_adjoint_kept(ws, X[0, :2], Y[0, :2], lam, kept, spec, True)
+    with pytest.raises(RuntimeError, match="dtype and device"):
+        other = torch.float32 if dtype == torch.float64 else torch.float64
+        ops.trajectory_step_adjoint_kept(ws, X[0], Y[0], lam, [t.to(other) for t in kept], spec, True)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Plumbing: DistillConfig.memory_budget and `haba-fast distill --memory-budget`.
 
@@ -300,8 +369,9 @@ def test_distill_config_and_flag():
     assert config_from_args(parser.parse_args([])).memory_budget == "0"
 
 
-def test_distiller_step_spends_the_budget(digits, buffer):  # noqa: F811
-    """One HaBa iteration with the torch backend: unlimited budget stores every step, same update as budget 0."""
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpp)])
+def test_distiller_step_spends_the_budget(digits, buffer, backend):  # noqa: F811
+    """One HaBa iteration: unlimited budget stores every step, same update as budget 0."""
     from test_distill import _cfg
 
     from haba_fast.distill import Distiller
@@ -310,7 +380,7 @@ def test_distiller_step_spends_the_budget(digits, buffer):  # noqa: F811
     for budget in ("0", "unlimited"):
         d = Distiller(_cfg(engine="exact", memory_budget=budget), digits, buffer)
         assert d.engine.memory_budget == parse_memory_budget(budget)
-        d.engine.backend = "torch"
+        d.engine.backend = backend
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             d.step()
@@ -319,6 +389,32 @@ def test_distiller_step_spends_the_budget(digits, buffer):  # noqa: F811
             stats["stored_steps"] == (0 if budget == "0" else 4)
             and stats["recomputed_steps"] == 4 - stats["stored_steps"]
         )
+        assert d.engine.last_backend == backend
         out[budget] = [p.grad.clone() for p in d.synthetic.parameters()]
     for a, b in zip(out["0"], out["unlimited"]):
         assert rel_err(a, b) < 1e-5
+
+
+def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
+    """bench/run_memory_budget.sh's report: verdicts from the current rows (CPU time), medians for syn_steps."""
+    from haba_fast.benchmarks.iteration import write_budget_report
+
+    def row(budget, cpu, rss, steps=20, **kw):
+        mb = {"0": 0, "2GB": 2048, "unlimited": None}[budget]
+        return dict(ipc=10, syn_steps=steps, batch_syn=100, memory_budget=budget, memory_budget_mb=mb,
+                    engine_backend="cpu", s_per_iter=2 * cpu, cpu_s_per_iter=cpu, peak_rss_mb=rss, **kw)
+
+    rows = [
+        row("0", 50.0, 1000, superseded=True),
+        row("unlimited", 90.0, 7000, superseded=True),
+        row("0", 40.0, 1000),
+        row("2GB", 33.0, 2900),
+        row("unlimited", 29.0, 3100),
+        row("0", 30.0, 900, steps=10, superseded=True),
+    ] + [row("0", 30.0, rss, steps=10) for rss in (910, 912, 990)] + [row("0", 200.0, 950, steps=80)] * 2
+    write_budget_report(rows, str(tmp_path / "memory_budget.json"))
+    text = (tmp_path / "MEMORY_BUDGET.md").read_text()
+    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.72x**, wall 0.72x" in text
+    assert "peak RSS 2900 MB <= budget + budget 0's peak (3048 MB) -> met" in text
+    assert "(medians of 2 and 3 runs): **1.042x** (target <= 1.05x) -> met" in text
+    assert "spread of the runs: 80 MB at 10 steps" in text

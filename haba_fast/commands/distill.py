@@ -258,8 +258,9 @@ _FLAGS: List[tuple] = [
         "memory_budget",
         ["--memory-budget", "--memory_budget"],
         dict(type=str, metavar="SIZE|auto|0|unlimited"),
-        "mtt engine: memory for per-step tensors kept from the forward sweep instead of recomputed (0: keep none, "
-        "constant memory; 2GB / 512MB: a cap; auto: half the free memory; unlimited: recompute nothing)",
+        "mtt engine: memory for per-step tensors kept from the forward sweep instead of recomputed, same gradients "
+        "(0: keep none, memory flat in --syn_steps but for one weight vector per step; 2GB / 512MB: a cap; auto: "
+        "half the free memory; unlimited: recompute nothing)",
     ),
 ]
 

@@ -25,10 +25,11 @@ Where step t's batch comes from:
   generate/augment graph is held, so memory does not grow with N.
 
 Memory budget (``memory_budget``, :mod:`haba_fast.engines.memory`): 0 keeps no per-step tensor (every step is
-recomputed in the backward sweep); a budget keeps the last k steps' graphs (activations, normalization statistics,
-the first-order gradient's graph and the step's batch graph), k = budget // (one step's bytes, measured on step 0)
-- 1 (one step held back for the step being computed), so the backward sweep recomputes only the first N - k;
-``unlimited`` recomputes nothing.
+recomputed in the backward sweep); a budget keeps the last k steps' forward-sweep tensors and their batch graphs
+(the torch step: the first-order gradient's autograd graph; the C++ step: per block the conv output, the block
+output and the gradient w.r.t. the block input), k = budget // (one step's bytes, measured on step 0) - 1 (one step
+held back for the step being computed), so the backward sweep recomputes only the first N - k; ``unlimited``
+recomputes nothing. Kept or recomputed, a step's results are the same.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
@@ -40,13 +41,13 @@ Backends (``haba_fast.backend``'s vocabulary; ``select_backend("trajectory_match
   instancenorm / groupnorm / layernorm / none), float32/float64, CPU or CUDA tensors: the whole unroll in one op
   (``trajectory_match``) for a stored X, or its per-step halves (``trajectory_step_grad`` /
   ``trajectory_step_adjoint``) for streamed batches. Analytic forward-over-reverse Hessian-vector products, fused
-  CPU loops. It recomputes every step (stores no per-step tensor);
+  CPU loops. With budget 0 a stored X runs the whole-unroll op; with a budget both run the per-step halves, kept
+  steps through ``trajectory_step_grad_keep`` / ``trajectory_step_adjoint_kept``;
 * ``torch``: autograd on ``haba_fast.models.functional_forward``, any ``nn.Module``; honours the memory budget.
 
-With ``backend`` None/``auto`` and a budget other than 0 the engine takes ``torch`` (the one that stores steps) for
-CUDA tensors; for CPU tensors it stays on ``cpu`` and warns once that the budget is unused, because on a CPU
-autograd's double backward costs about 3x the C++ op's analytic step, more than the recomputation it saves
-(docs/RESULTS.md, "Memory budget"). ``backend="torch"`` spends the budget anywhere.
+With ``backend`` None/``auto`` and a budget other than 0 the engine takes ``torch`` for CUDA tensors (its stored
+graphs beat the C++ op's composite CUDA path at large batches); for CPU tensors it stays on ``cpu``, which spends
+the budget itself (bench/results/MEMORY_BUDGET.md). ``backend="torch"`` / ``"cpu"`` spend it anywhere they run.
 """
 
 from __future__ import annotations
@@ -82,20 +83,6 @@ _ACT_CODES = {"relu": 0, "sigmoid": 1, "leakyrelu": 2}
 _POOL_CODES = {"none": 0, "avgpooling": 1, "maxpooling": 2}
 
 _warned_first_order = False
-_warned_budget = False
-
-
-def _warn_budget_unused() -> None:
-    global _warned_budget
-    if not _warned_budget:
-        _warned_budget = True
-        warnings.warn(
-            "--memory-budget: the C++ engine (backend cpu, chosen for CPU tensors) recomputes every step and stores "
-            "nothing per step, and on a CPU the torch backend that spends the budget is slower (its autograd "
-            "Hessian products cost ~3x); the budget is unused. Set HABA_FAST_BACKEND=torch to spend it anyway.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
 
 def cpp_spec(model: nn.Module) -> list[int] | None:
@@ -201,6 +188,16 @@ class _TorchStep:
     def __init__(self, model: nn.Module):
         self.model = model
 
+    def keep(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        """The forward sweep's g_t, and what a kept step stores: its create-graph graph (autograd's saved tensors)."""
+        graph = self.graph(w, x, y)
+        return graph[2].detach(), graph
+
+    @staticmethod
+    def kept_bytes(kept) -> int:
+        """Bytes of a kept step outside autograd's saved tensors (none: the graph is all saved tensors)."""
+        return 0
+
     def graph(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(w leaf, x leaf, g with its create-graph graph): what a kept step stores."""
         with torch.enable_grad():
@@ -233,9 +230,14 @@ class _TorchStep:
 
 
 class _CppStep:
-    """The C++ op's per-step halves (``trajectory_step_grad`` / ``trajectory_step_adjoint``): recompute only."""
+    """The C++ op's per-step halves (``trajectory_step_grad`` / ``trajectory_step_adjoint``).
 
-    can_keep = False
+    A kept step runs ``trajectory_step_grad_keep`` in the forward sweep (g_t and, per block, the conv output, the
+    block output and the gradient w.r.t. the block input: 3 x depth tensors) and ``trajectory_step_adjoint_kept``
+    in the backward sweep, which reuses them instead of recomputing the primal convolutions (same results).
+    """
+
+    can_keep = True
 
     def __init__(self, spec: list[int]):
         self.spec = spec
@@ -243,8 +245,23 @@ class _CppStep:
     def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return torch.ops.haba_fast.trajectory_step_grad(w, x.detach(), y, self.spec)
 
+    def keep(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        g, kept = torch.ops.haba_fast.trajectory_step_grad_keep(w, x.detach(), y, self.spec)
+        return g, tuple(kept)
+
+    @staticmethod
+    def kept_bytes(kept) -> int:
+        """Bytes of the distinct storages of a kept step's tensors."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept if t.numel()}
+        return int(sum(storages.values()))
+
     def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
-        g_dot_lam, hw, hx = torch.ops.haba_fast.trajectory_step_adjoint(w, x.detach(), y, lam, self.spec, want_hw)
+        if kept is None:
+            g_dot_lam, hw, hx = torch.ops.haba_fast.trajectory_step_adjoint(w, x.detach(), y, lam, self.spec, want_hw)
+        else:
+            g_dot_lam, hw, hx = torch.ops.haba_fast.trajectory_step_adjoint_kept(
+                w, x.detach(), y, lam, list(kept), self.spec, want_hw
+            )
         return g_dot_lam, (hw if want_hw else None), hx
 
 
@@ -297,21 +314,20 @@ class _Unroll(torch.autograd.Function):
                 def first_step():
                     with torch.enable_grad():
                         x, y = src.batch(0)
-                    return step.graph(ws[0], x, y), x
+                    return step.keep(ws[0], x, y), x, y
 
-                (graph, x), per_step = _saved_bytes(first_step, exclude)
+                ((g, graph), x, y), per_step = _saved_bytes(first_step, exclude)
+                per_step += step.kept_bytes(graph)
                 k = keep_last(n, per_step, budget)
                 run.stats.update(per_step_bytes=per_step, stored_steps=k)
                 if n - k == 0:
-                    kept[0] = (graph, x)
-                g = graph[2].detach()
+                    kept[0] = (graph, x, y)
                 del graph, x
             elif keep_t:
                 with torch.enable_grad():
                     x, y = src.batch(t)
-                graph = step.graph(ws[t], x, y)
-                kept[t] = (graph, x)
-                g = graph[2].detach()
+                g, graph = step.keep(ws[t], x, y)
+                kept[t] = (graph, x, y)
                 del graph
             else:
                 with torch.no_grad():
@@ -342,8 +358,8 @@ class _Unroll(torch.autograd.Function):
         for t in range(n - 1, -1, -1):
             entry = kept.pop(t, None)
             if entry is not None:
-                graph, x_graph = entry
-                x, y = graph[1], None  # the kept graph already holds the step's batch and labels
+                graph, x_graph, y = entry  # the step's batch as the forward sweep built it (with its graph)
+                x = x_graph
             else:
                 graph = None
                 with torch.enable_grad() if need_x else torch.no_grad():
@@ -450,9 +466,8 @@ class AdjointEngine:
             ``python`` are deprecated spellings of ``cpu`` / ``torch``.
         memory_budget: bytes of per-step forward-sweep tensors the backward sweep may reuse instead of
             recomputing: ``0`` (default; store only w_t), a size (``"2GB"``), ``"auto"`` or ``"unlimited"``
-            (``haba_fast.engines.memory``). Only the ``torch`` backend stores steps (the C++ op recomputes every
-            step); an automatic choice with a budget other than 0 takes ``torch`` on CUDA, and on a CPU stays on
-            ``cpu`` with a one-time warning that the budget is unused (see the module docstring).
+            (``haba_fast.engines.memory``). Both backends store steps; an automatic choice with a budget other than
+            0 takes ``torch`` on CUDA and ``cpu`` on a CPU (see the module docstring).
     """
 
     name = "adjoint"
@@ -477,13 +492,11 @@ class AdjointEngine:
             legacy_env="HABA_FAST_ADJOINT",
         )
         if name == "cpu" and self.memory_budget != 0 and requested_backend(self.backend) == "auto":
-            # The C++ op stores no per-step tensor; only the torch step can spend a budget. On CUDA the stored
-            # graphs beat the C++ op's recomputation at large batches (naive vs exact, bench/results/ITERATION.md);
-            # on a CPU autograd's double backward is ~3x the C++ op's analytic step, so the budget would only cost
-            # time there (docs/RESULTS.md, "Memory budget").
+            # On CUDA the torch step's stored graphs beat the C++ op's composite path at large batches (naive vs
+            # exact, bench/results/ITERATION.md); on a CPU the C++ op keeps its own steps (trajectory_step_grad_keep),
+            # which saves more than autograd's double backward would (bench/results/MEMORY_BUDGET.md).
             if device.type == "cuda":
                 return "torch"
-            _warn_budget_unused()
         return name
 
     @staticmethod
@@ -562,14 +575,15 @@ class AdjointEngine:
         distributed = reducer is not None and reducer.active
         name = self._select(model, X.device, X.dtype, distributed=distributed)
         self.last_backend = name
-        if name == "cpu":
+        budget = budget_bytes(self.memory_budget, X.device)
+        if name == "cpu" and budget == 0:
             self._record(None, 0, int(X.shape[0]))
             try:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
             except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
-        budget = budget_bytes(self.memory_budget, X.device)
-        run = _Run(_TensorBatches(X, Y), _TorchStep(model), ws, wt, self.first_order, budget)
+        step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
+        run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget)
         _add_reducer_hooks(run, reducer)
         out = _unroll(run, lr_x, (X,))
         self._record(run, budget, int(X.shape[0]))
@@ -615,7 +629,7 @@ class AdjointEngine:
         wt = w_target.detach().to(x0.dtype)
         name = self._select(model, x0.device, x0.dtype)
         self.last_backend = name
-        budget = 0 if name == "cpu" else budget_bytes(self.memory_budget, x0.device)
+        budget = budget_bytes(self.memory_budget, x0.device)
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
         run = _Run(source, step, ws, wt, self.first_order, budget)
         del x0, y0

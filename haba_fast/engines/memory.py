@@ -1,10 +1,12 @@
 """Memory budgets of the adjoint engines: parsing ``--memory-budget``, and which steps a budget keeps.
 
 The adjoint engines store the N+1 flat weight vectors w_t (P floats each, ~1.3 MB for ConvNet-128) and, within
-a memory budget, the per-step tensors of the forward sweep (activations, normalization statistics and the
-first-order gradient's graph) that their backward sweep would otherwise recompute. A budget is:
+a memory budget, the per-step tensors of the forward sweep that their backward sweep would otherwise recompute
+(the torch step: the first-order gradient's autograd graph; the C++ step: per block the conv output, the block
+output and the input gradient; both: the step's batch graph). A budget is:
 
-* ``0``: store no per-step tensor; every step is recomputed in the backward sweep (constant memory);
+* ``0``: store no per-step tensor; every step is recomputed in the backward sweep (memory flat in N apart from
+  the w_t themselves);
 * a size (``8GB``, ``512MB``, ``1.5GiB``, ``4096``): a hard cap in bytes on the stored per-step tensors;
 * ``auto``: :data:`AUTO_FRACTION` of the memory free when the engine runs (``MemAvailable`` of /proc/meminfo,
   or free CUDA memory for CUDA tensors);
