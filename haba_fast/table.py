@@ -737,6 +737,7 @@ def run_table(
     images_dir: Optional[Path] = None,
     tuning_json: Optional[Path] = None,
     longer_check: bool = True,
+    render_only: bool = False,
     data_root: Optional[str] = None,
     threads: Optional[int] = 1,
     log: Callable[[str], None] = print,
@@ -755,6 +756,7 @@ def run_table(
             the work folder, whatever their HaBa settings), read into the document by ``"test"`` runs.
         longer_check: after the table's cells, rerun one cell under the longer protocol (:data:`LONGER`), which
             the document sets beside the reduced protocol's figure (the cost of the reduction).
+        render_only: compute nothing; rewrite the document and the JSON from the cells already stored.
         data_root: dataset folder (default: the dataset's own).
         threads: torch intra-op threads while the table runs (None: leave as is). Not part of the protocol: on a
             loaded 2-core machine one thread ran these small networks faster than two.
@@ -822,6 +824,8 @@ def run_table(
                                                   tuning_json=None if tuning_json is None else str(tuning_json)),
                                   doc)
 
+        if render_only:  # the document and the JSON from the stored cells; nothing is computed
+            todo, longer_check, cross = [], False, False
         for i, cell in enumerate(todo, 1):
             if cell.key not in done:  # another run on the same work folder may have finished it meanwhile
                 done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == cell.key})

@@ -260,6 +260,16 @@ def test_gaps_to_the_published_anchors_are_explained_over_three_points():
     assert table._anchor_gap_lines({}, TINY) == ["No cell with a published anchor is finished yet."]
 
 
+def test_render_only_computes_nothing_and_writes_the_document(tmp_path, monkeypatch):
+    _run(tmp_path, ["random"], cross=False)
+    monkeypatch.setattr(table, "run_cell", lambda *a, **k: pytest.fail("render-only computed a cell"))
+    (tmp_path / "doc.md").unlink()
+    done = _run(tmp_path, ["random", "dm", "haba-dm"], render_only=True)
+    assert set(done) == {"ipc2-random"}
+    text = (tmp_path / "doc.md").read_text()
+    assert "| random real (coreset) | " in text and "not run yet" in text
+
+
 def test_haba_storage_split_is_stated():
     rec = {"ipc": 10, "num_classes": 10, "rows_per_class": 9, "n_hallucinators": 5,
            "storage": {"floats": 77_420, "budget_floats": 78_400}}

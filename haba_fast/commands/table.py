@@ -25,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--eval-split", default="test", choices=("test", "val"),
                    help="test: the table; val: the validation split, for tuning (not written to the document)")
     p.add_argument("--no-cross", action="store_true", help="skip the cross-architecture cells")
+    p.add_argument("--render-only", action="store_true",
+                   help="compute nothing: rewrite the document and the JSON from the cells already stored")
     p.add_argument("--no-longer", action="store_true",
                    help="skip the one cell rerun under a longer protocol (the cost of the reduced protocol)")
     p.add_argument("--doc", default="docs/RESULTS-{dataset}.md", help="markdown document to write")
@@ -58,6 +60,7 @@ def run(args) -> int:
         eval_split=args.eval_split,
         cross=not args.no_cross,
         longer_check=not args.no_longer,
+        render_only=args.render_only,
         doc=Path(args.doc.format(**names)),
         cells_json=Path(args.cells_json.format(**names)),
         images_dir=Path(args.images.format(**names)),
