@@ -41,7 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--memory-budget",
         default="0",
-        help="exact/first-order: memory for stored per-step tensors (0 | 2GB | auto | unlimited; default 0)",
+        help="exact/first-order: memory for stored per-step tensors (0 | 2GB | auto | unlimited | min; default 0; "
+        "min also checkpoints the weight trajectory)",
     )
     parser.add_argument(
         "--baseline-rss-mb",
@@ -197,6 +198,7 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
         "recomputed_steps": stats.get("recomputed_steps"),
         "per_step_mb": per_step,
         "predicted_stored_mb": stored * per_step,
+        "stored_weights": stats.get("stored_weights"),
     }
     if baseline_rss_mb is not None:
         out["predicted_peak_rss_mb"] = float(baseline_rss_mb) + stored * per_step
