@@ -7,9 +7,9 @@ Both engines run N plain SGD steps of a student network on synthetic batches, st
     loss = ||w_N - w*||^2 / ||w_start - w*||^2
 
 and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of docs/DESIGN.md: the forward sweep
-saves the N+1 flat vectors w_t; the backward sweep walks the steps in reverse with ``lam = dL/dw_{t+1}``, gets
-step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and takes one Hessian-vector
-product::
+saves the N+1 flat vectors w_t (or checkpoints of them); the backward sweep walks the steps in reverse with
+``lam = dL/dw_{t+1}``, gets step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and
+takes one Hessian-vector product::
 
     (h_w, h_x) = grad(g_t, [w_t, X_t], grad_outputs=lam)
     dL/dX_t = -lr h_x;   dL/dlr -= <g_t, lam>;   lam <- lam - lr h_w
@@ -29,7 +29,10 @@ recomputed in the backward sweep); a budget keeps the last k steps' forward-swee
 (the torch step: the first-order gradient's autograd graph; the C++ step: per block the conv output, the block
 output and the gradient w.r.t. the block input), k = budget // (one step's bytes, measured on step 0) - 1 (one step
 held back for the step being computed), so the backward sweep recomputes only the first N - k; ``unlimited``
-recomputes nothing. Kept or recomputed, a step's results are the same.
+recomputes nothing. Kept or recomputed, a step's results are the same. ``min`` keeps no step and checkpoints the
+weight trajectory too: the forward sweep stores every ceil(sqrt(N))-th w_t (and w_N), the backward sweep
+recomputes one segment's w_t at a time from its checkpoint with the forward sweep's ops (the same values, bit for
+bit): ~2 sqrt(N) + 2 vectors held instead of N + 1, for one more forward gradient per step.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
