@@ -217,3 +217,24 @@ def test_min_plumbing():
         eng = get_adjoint_engine("exact", None, "min")
         grads(eng, model, X, Y, ws, wt)
         assert eng.last_backend == "cpu" and eng.last_stats["stored_weights"] <= _min_bound(3, 2)
+
+
+def test_budget_report_min_rows(tmp_path):
+    """bench/run_memory_budget.sh's report: min rows get their own syn_steps section and a CPU verdict, and stay
+    out of the largest-budget and cap verdicts."""
+    from haba_fast.benchmarks.iteration import write_budget_report
+
+    def row(budget, cpu, rss, steps=20, held=None):
+        return dict(ipc=10, syn_steps=steps, batch_syn=100, memory_budget=budget, memory_budget_mb=0,
+                    engine_backend="cpu", s_per_iter=2 * cpu, cpu_s_per_iter=cpu, peak_rss_mb=rss,
+                    stored_weights=held)
+
+    rows = [row("0", 40.0, 1000, held=21), row("min", 50.0, 990, held=10)]
+    rows += [row("min", 30.0, rss, steps=10, held=6) for rss in (900, 904)] + [row("min", 250.0, 920, 80, 19)]
+    write_budget_report(rows, str(tmp_path / "memory_budget.json"))
+    text = (tmp_path / "MEMORY_BUDGET.md").read_text()
+    assert "budget min (checkpointed weight trajectory) / budget 0 (medians of 1 and 1 runs): CPU **1.25x**" in text
+    assert "largest budget run" not in text and "budget min: peak RSS" not in text
+    assert "## Memory flat in syn_steps (budget min: checkpointed weight trajectory, bpc 10, batch 100)" in text
+    assert "(medians of 1 and 2 runs): **1.020x** (target <= 1.05x) -> met" in text
+    assert "holds at most 6 w_t at 10 steps and 19 at 80" in text
