@@ -238,3 +238,17 @@ def test_budget_report_min_rows(tmp_path):
     assert "## Memory flat in syn_steps (budget min: checkpointed weight trajectory, bpc 10, batch 100)" in text
     assert "(medians of 1 and 2 runs): **1.020x** (target <= 1.05x) -> met" in text
     assert "holds at most 6 w_t at 10 steps and 19 at 80" in text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_min_backward_twice(backend):
+    """retain_graph: a second backward recomputes the segments again and gives the same gradients."""
+    model = _convnet(depth=1, norm="none", width=4, im=5)
+    X, Y, ws, wt = make_problem(model, 5, 2, tuple(model.im_size), torch.float64)
+    Xr = X.clone().requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    loss = get_adjoint_engine("exact", backend, "min")(model, Xr, Y, ws, wt, lr)
+    first = torch.autograd.grad(loss, (Xr, lr), retain_graph=True)
+    second = torch.autograd.grad(loss, (Xr, lr))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

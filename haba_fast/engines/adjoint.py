@@ -326,7 +326,7 @@ class _AllWeights:
         return self.ws[t]
 
     def release(self) -> None:
-        self.ws = None
+        """After the backward sweep (the tensors go with the autograd graph; a second backward reuses them)."""
 
 
 class _CheckpointedWeights:
@@ -378,9 +378,7 @@ class _CheckpointedWeights:
         if t not in self.segment:
             a = (t // self.every) * self.every
             self.cur = None
-            self.segment = {}  # the later segment is consumed
-            for c in [c for c in self.saved if c > a]:
-                del self.saved[c]  # and so is its checkpoint
+            self.segment = {}  # the later segment is consumed (its checkpoint stays: a second backward reuses it)
             w = self.saved[a]
             self.segment[a] = w
             for u in range(a, t):
@@ -393,7 +391,8 @@ class _CheckpointedWeights:
         return self.segment[t]
 
     def release(self) -> None:
-        self.saved, self.segment, self.cur, self.last = {}, {}, None, None
+        """After the backward sweep: drop the last segment (recomputable); the checkpoints go with the graph."""
+        self.segment, self.cur = {}, None
 
 
 class _Unroll(torch.autograd.Function):
