@@ -229,12 +229,14 @@ def test_budget_report_min_rows(tmp_path):
                     engine_backend="cpu", s_per_iter=2 * cpu, cpu_s_per_iter=cpu, peak_rss_mb=rss,
                     stored_weights=held)
 
-    rows = [row("0", 40.0, 1000, held=21), row("min", 50.0, 990, held=10)]
+    rows = [row("0", 40.0, 1000, held=21), row("min", 50.0, 990, held=10), row("unlimited", 30.0, 3000)]
+    rows += [dict(row("0", 50.0, 1000, held=21), paired_with="min")]  # min's reference, not unlimited's
     rows += [row("min", 30.0, rss, steps=10, held=6) for rss in (900, 904)] + [row("min", 250.0, 920, 80, 19)]
     write_budget_report(rows, str(tmp_path / "memory_budget.json"))
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
-    assert "budget min (checkpointed weight trajectory) / budget 0 (medians of 1 and 1 runs): CPU **1.25x**" in text
-    assert "largest budget run" not in text and "budget min: peak RSS" not in text
+    assert "budget min (checkpointed weight trajectory) / budget 0 (medians of 1 and 1 runs): CPU **1.00x**" in text
+    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.75x**" in text
+    assert "budget min: peak RSS" not in text
     assert "## Memory flat in syn_steps (budget min: checkpointed weight trajectory, bpc 10, batch 100)" in text
     assert "(medians of 1 and 2 runs): **1.020x** (target <= 1.05x) -> met" in text
     assert "holds at most 6 w_t at 10 steps and 19 at 80" in text

@@ -534,17 +534,20 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
         return lines + ["- (no current budget 0 row: not rerun since the rows above)", ""]
     others = [r for r in ok if str(r.get("memory_budget")) not in ("0", "min")]
     mins = [r for r in ok if str(r.get("memory_budget")) == "min"]
+    # Budget 0 rows run beside the min rows (``paired_with: "min"``, same load) are min's reference only.
+    min_bases = [r for r in bases if r.get("paired_with") == "min"] or bases
+    bases = [r for r in bases if r.get("paired_with") != "min"] or bases
 
     def med(rows_, key):
         return statistics.median(r[key] for r in rows_)
 
     if mins:
-        cpu = med(mins, "cpu_s_per_iter") / med(bases, "cpu_s_per_iter")
+        cpu = med(mins, "cpu_s_per_iter") / med(min_bases, "cpu_s_per_iter")
         lines.append(
-            f"- budget min (checkpointed weight trajectory) / budget 0 (medians of {len(mins)} and {len(bases)} runs): "
-            f"CPU **{cpu:.2f}x**, wall {med(mins, 's_per_iter') / med(bases, 's_per_iter'):.2f}x, peak RSS "
-            f"{med(mins, 'peak_rss_mb'):.0f} MB against {med(bases, 'peak_rss_mb'):.0f} MB (the price of one more "
-            "forward gradient per step)"
+            f"- budget min (checkpointed weight trajectory) / budget 0 (medians of {len(mins)} and {len(min_bases)} "
+            f"runs): CPU **{cpu:.2f}x**, wall {med(mins, 's_per_iter') / med(min_bases, 's_per_iter'):.2f}x, peak "
+            f"RSS {med(mins, 'peak_rss_mb'):.0f} MB against {med(min_bases, 'peak_rss_mb'):.0f} MB (the price of one "
+            "more forward gradient per step)"
         )
 
     if others:
