@@ -495,7 +495,9 @@ step's generate/augment graph), k = budget // per step - 1. Rows marked *superse
 and left out of the verdicts: rows of older commits (a budget above 0 then ran the torch backend, autograd
 graphs), and runs replaced by later ones (the note says why). `stored` / `recomputed`: steps whose forward-sweep
 tensors the backward sweep reused / recomputed; `per step`: one stored step, measured on step 0; `predicted
-peak` = budget 0's peak RSS + stored steps x per step. `peak RSS` is `ru_maxrss` of the process.
+peak` = budget 0's peak RSS + stored steps x per step. `peak RSS` is `ru_maxrss` of the process. Budget `min`
+keeps no step and checkpoints the weight trajectory (every ceil(sqrt(N))-th w_t stored, the others recomputed per
+segment in the backward sweep); `w_t held`: the most weight vectors the engine held at once (N + 1 at other budgets).
 
 The machine is shared with other jobs (2 cores): wall times swing by tens of percent between runs; CPU time (all
 threads of the process) is the steadier comparison and the one the verdicts use, with one torch thread per
