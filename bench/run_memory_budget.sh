@@ -5,8 +5,9 @@
 #
 #   bench/run_memory_budget.sh             # rows (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / 500 / 30
 #   ROWS=a bench/run_memory_budget.sh      # only row (a) (row (b) takes many minutes per budget on 2 cores)
-#   FLAT=1 bench/run_memory_budget.sh      # also budget 0 at syn_steps 10 and 80 (memory flat in syn_steps),
-#                                          # FLAT_REPEATS times each (default 3), interleaved, under MALLOC_ENV
+#   FLAT=1 bench/run_memory_budget.sh      # also budgets 0 and min at syn_steps 10 and 80 (memory flat in
+#                                          # syn_steps; FLAT_BUDGETS="0 min"), FLAT_REPEATS times each (default 3),
+#                                          # interleaved, under MALLOC_ENV
 #   BACKEND=torch bench/run_memory_budget.sh   # budgets above 0 on the torch backend (autograd graphs)
 #   THREADS=1 PASSES=2 bench/run_memory_budget.sh   # torch threads per process (default: torch's); rows (a)/(b)
 #                                          # repeated PASSES times (the report takes medians)
@@ -59,12 +60,14 @@ config() {  # config IPC STEPS BATCH BUDGETS...
 }
 
 for _ in $(seq "${PASSES:-1}"); do
-  case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited ;; esac
+  case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited min ;; esac
 done
 if [ "${FLAT:-0}" = 1 ]; then
   for _ in $(seq "${FLAT_REPEATS:-3}"); do
-    RUN_ENV="env $MALLOC_ENV" run 10 10 100 0
-    RUN_ENV="env $MALLOC_ENV" run 10 80 100 0
+    for b in ${FLAT_BUDGETS:-0 min}; do
+      RUN_ENV="env $MALLOC_ENV" run 10 10 100 "$b"
+      RUN_ENV="env $MALLOC_ENV" run 10 80 100 "$b"
+    done
   done
 fi
 for _ in $(seq "${PASSES:-1}"); do

@@ -176,7 +176,8 @@ class DistillConfig:
     # MTT: expert segments matched per iteration (mean loss); > 1 is trajectory-parallel under torchrun (segment m
     # on rank m mod K). A different algorithm from the reference's one segment per iteration.
     trajectories_per_iteration: int = 1
-    # MTT adjoint engines: bytes of per-step tensors kept instead of recomputed ("0" | "2GB" | "auto" | "unlimited")
+    # MTT adjoint engines: bytes of per-step tensors kept instead of recomputed ("0" | "2GB" | "auto" | "unlimited";
+    # "min": keep none and checkpoint the weight trajectory, memory flat in syn_steps)
     memory_budget: str = "0"
 
     def validate(self) -> "DistillConfig":

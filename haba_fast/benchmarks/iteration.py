@@ -41,7 +41,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--memory-budget",
         default="0",
-        help="exact/first-order: memory for stored per-step tensors (0 | 2GB | auto | unlimited; default 0)",
+        help="exact/first-order: memory for stored per-step tensors (0 | 2GB | auto | unlimited | min; default 0; "
+        "min also checkpoints the weight trajectory)",
     )
     parser.add_argument(
         "--baseline-rss-mb",
@@ -197,6 +198,7 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
         "recomputed_steps": stats.get("recomputed_steps"),
         "per_step_mb": per_step,
         "predicted_stored_mb": stored * per_step,
+        "stored_weights": stats.get("stored_weights"),
     }
     if baseline_rss_mb is not None:
         out["predicted_peak_rss_mb"] = float(baseline_rss_mb) + stored * per_step
@@ -493,7 +495,9 @@ step's generate/augment graph), k = budget // per step - 1. Rows marked *superse
 and left out of the verdicts: rows of older commits (a budget above 0 then ran the torch backend, autograd
 graphs), and runs replaced by later ones (the note says why). `stored` / `recomputed`: steps whose forward-sweep
 tensors the backward sweep reused / recomputed; `per step`: one stored step, measured on step 0; `predicted
-peak` = budget 0's peak RSS + stored steps x per step. `peak RSS` is `ru_maxrss` of the process.
+peak` = budget 0's peak RSS + stored steps x per step. `peak RSS` is `ru_maxrss` of the process. Budget `min`
+keeps no step and checkpoints the weight trajectory (every ceil(sqrt(N))-th w_t stored, the others recomputed per
+segment in the backward sweep); `w_t held`: the most weight vectors the engine held at once (N + 1 at other budgets).
 
 The machine is shared with other jobs (2 cores): wall times swing by tens of percent between runs; CPU time (all
 threads of the process) is the steadier comparison and the one the verdicts use, with one torch thread per
@@ -530,10 +534,23 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
     lines.append("")
     if not bases:
         return lines + ["- (no current budget 0 row: not rerun since the rows above)", ""]
-    others = [r for r in ok if str(r.get("memory_budget")) != "0"]
+    others = [r for r in ok if str(r.get("memory_budget")) not in ("0", "min")]
+    mins = [r for r in ok if str(r.get("memory_budget")) == "min"]
+    # Budget 0 rows run beside the min rows (``paired_with: "min"``, same load) are min's reference only.
+    min_bases = [r for r in bases if r.get("paired_with") == "min"] or bases
+    bases = [r for r in bases if r.get("paired_with") != "min"] or bases
 
     def med(rows_, key):
         return statistics.median(r[key] for r in rows_)
+
+    if mins:
+        cpu = med(mins, "cpu_s_per_iter") / med(min_bases, "cpu_s_per_iter")
+        lines.append(
+            f"- budget min (checkpointed weight trajectory) / budget 0 (medians of {len(mins)} and {len(min_bases)} "
+            f"runs): CPU **{cpu:.2f}x**, wall {med(mins, 's_per_iter') / med(min_bases, 's_per_iter'):.2f}x, peak "
+            f"RSS {med(mins, 'peak_rss_mb'):.0f} MB against {med(min_bases, 'peak_rss_mb'):.0f} MB (the price of one "
+            "more forward gradient per step)"
+        )
 
     if others:
         big = max(others, key=lambda r: r.get("memory_budget_mb") or float("inf"))
@@ -558,30 +575,32 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
     return lines + [""]
 
 
-def _flat_section(rows) -> list[str]:
-    """Budget 0 at syn_steps 10 and 80: the peak RSS ratio, medians of the current runs (one malloc setting)."""
+def _flat_section(rows, budget: str = "0") -> list[str]:
+    """One budget at syn_steps 10 and 80: the peak RSS ratio, medians of the current runs (one malloc setting)."""
     flat = [
         r
         for r in rows
         if (r.get("ipc"), r.get("batch_syn")) == (10, 100)
-        and str(r.get("memory_budget")) == "0"
+        and str(r.get("memory_budget")) == budget
         and r.get("syn_steps") in (10, 80)
         and not r.get("failed")
     ]
     if not flat:
         return []
+    what = "budget 0" if budget == "0" else "budget min: checkpointed weight trajectory"
     lines = [
-        "## Memory flat in syn_steps (budget 0, bpc 10, batch 100)",
+        f"## Memory flat in syn_steps ({what}, bpc 10, batch 100)",
         "",
-        "| syn_steps | s/iter | CPU s/iter | peak RSS (MB) | malloc env | note |",
-        "|---|---|---|---|---|---|",
+        "| syn_steps | s/iter | CPU s/iter | peak RSS (MB) | w_t held | malloc env | note |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(flat, key=lambda r: (not r.get("superseded"), r["syn_steps"])):
         env = " ".join(f"{k}={v}" for k, v in (r.get("malloc_env") or {}).items()) or "default"
         note = ("superseded (older commit); " if r.get("superseded") else "") + (r.get("note") or "")
+        held = r.get("stored_weights")
         lines.append(
-            f"| {r['syn_steps']} | {r['s_per_iter']:.1f} | {r['cpu_s_per_iter']:.1f} | {r['peak_rss_mb']:.0f} | {env} "
-            f"| {note} |"
+            f"| {r['syn_steps']} | {r['s_per_iter']:.1f} | {r['cpu_s_per_iter']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{'-' if held is None else held} | {env} | {note} |"
         )
     cur = [r for r in flat if not r.get("superseded")]
     lo = [r["peak_rss_mb"] for r in cur if r["syn_steps"] == 10]
@@ -597,11 +616,21 @@ def _flat_section(rows) -> list[str]:
         from haba_fast.models import get_network, num_params
 
         per_w = num_params(get_network("ConvNet", 3, 10, (32, 32))) * 4 / 2**20
-        lines.append(
-            f"- what grows: {statistics.median(hi) - statistics.median(lo):.0f} MB from 10 to 80 steps; budget 0 "
-            f"keeps one flat weight vector w_t per step (ConvNet-128, float32: {per_w:.2f} MB), "
-            f"{70 * per_w:.0f} MB for 70 steps: the weight trajectory, no activation."
-        )
+        if budget == "0":
+            lines.append(
+                f"- what grows: {statistics.median(hi) - statistics.median(lo):.0f} MB from 10 to 80 steps; budget 0 "
+                f"keeps one flat weight vector w_t per step (ConvNet-128, float32: {per_w:.2f} MB), "
+                f"{70 * per_w:.0f} MB for 70 steps: the weight trajectory, no activation."
+            )
+        else:
+            held = {n: [r.get("stored_weights") for r in cur if r["syn_steps"] == n] for n in (10, 80)}
+            if all(held.values()) and all(None not in v for v in held.values()):
+                h10, h80 = max(held[10]), max(held[80])
+                lines.append(
+                    f"- what grows: {statistics.median(hi) - statistics.median(lo):.0f} MB from 10 to 80 steps; the "
+                    f"engine holds at most {h10} w_t at 10 steps and {h80} at 80 (~2 sqrt(N) + 2, against N + 1 at "
+                    f"budget 0; {per_w:.2f} MB each): {(h80 - h10) * per_w:.0f} MB of weight vectors."
+                )
     return lines + [""]
 
 
@@ -625,4 +654,5 @@ def write_budget_report(rows, json_path) -> None:
     parts += _budget_section(rows, "(a) bpc 10, batch 100, syn_steps 20", 10, 20, 100)
     parts += _budget_section(rows, "(b) bpc 50, batch 500, syn_steps 30", 50, 30, 500)
     parts += _flat_section(rows)
+    parts += _flat_section(rows, "min")
     atomic_write_text("\n".join(parts), os.path.join(os.path.dirname(os.path.abspath(json_path)), "MEMORY_BUDGET.md"))

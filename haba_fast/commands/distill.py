@@ -257,10 +257,11 @@ _FLAGS: List[tuple] = [
     (
         "memory_budget",
         ["--memory-budget", "--memory_budget"],
-        dict(type=str, metavar="SIZE|auto|0|unlimited"),
+        dict(type=str, metavar="SIZE|auto|0|unlimited|min"),
         "mtt engine: memory for per-step tensors kept from the forward sweep instead of recomputed, same gradients "
         "(0: keep none, memory flat in --syn_steps but for one weight vector per step; 2GB / 512MB: a cap; auto: "
-        "half the free memory; unlimited: recompute nothing)",
+        "half the free memory; unlimited: recompute nothing; min: keep none and store only every ceil(sqrt(N))-th "
+        "weight vector, recomputing the others: memory flat in --syn_steps, one more forward step per step)",
     ),
 ]
 

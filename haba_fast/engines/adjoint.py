@@ -7,9 +7,9 @@ Both engines run N plain SGD steps of a student network on synthetic batches, st
     loss = ||w_N - w*||^2 / ||w_start - w*||^2
 
 and differentiate the loss in ``X`` and ``lr`` with the adjoint recursion of docs/DESIGN.md: the forward sweep
-saves the N+1 flat vectors w_t; the backward sweep walks the steps in reverse with ``lam = dL/dw_{t+1}``, gets
-step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and takes one Hessian-vector
-product::
+saves the N+1 flat vectors w_t (or checkpoints of them); the backward sweep walks the steps in reverse with
+``lam = dL/dw_{t+1}``, gets step t's activations (recomputed from w_t and X_t, or kept from the forward sweep) and
+takes one Hessian-vector product::
 
     (h_w, h_x) = grad(g_t, [w_t, X_t], grad_outputs=lam)
     dL/dX_t = -lr h_x;   dL/dlr -= <g_t, lam>;   lam <- lam - lr h_w
@@ -29,7 +29,10 @@ recomputed in the backward sweep); a budget keeps the last k steps' forward-swee
 (the torch step: the first-order gradient's autograd graph; the C++ step: per block the conv output, the block
 output and the gradient w.r.t. the block input), k = budget // (one step's bytes, measured on step 0) - 1 (one step
 held back for the step being computed), so the backward sweep recomputes only the first N - k; ``unlimited``
-recomputes nothing. Kept or recomputed, a step's results are the same.
+recomputes nothing. Kept or recomputed, a step's results are the same. ``min`` keeps no step and checkpoints the
+weight trajectory too: the forward sweep stores every ceil(sqrt(N))-th w_t (and w_N), the backward sweep
+recomputes one segment's w_t at a time from its checkpoint with the forward sweep's ops (the same values, bit for
+bit): ~2 sqrt(N) + 2 vectors held instead of N + 1, for one more forward gradient per step.
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
@@ -62,7 +65,7 @@ from torch import Tensor, nn
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
-from haba_fast.engines.memory import Budget, budget_bytes, keep_last, parse_memory_budget
+from haba_fast.engines.memory import MINIMAL, Budget, budget_bytes, checkpoint_every, keep_last, parse_memory_budget
 from haba_fast.models import convnet_spec, functional_forward
 
 __all__ = [
@@ -287,9 +290,115 @@ def _saved_bytes(fn, exclude: set[int]):
 # The unroll and its adjoint, for any batch source and step implementation.
 
 
+def _forward_grad(run: "_Run", t: int, w: Tensor) -> Tensor:
+    """Step t's gradient g_t at ``w`` as the forward sweep takes it (batch without a graph, then the grad hooks)."""
+    with torch.no_grad():
+        x, y = run.source.batch(t)
+    g = run.step.grad(w, x, y)
+    for hook in run.grad_hooks:
+        g = hook(g)
+    return g
+
+
+class _AllWeights:
+    """The weight trajectory stored whole: w_0 .. w_N as the rows of one [N+1, P] tensor."""
+
+    def __init__(self, run: "_Run", n: int, lr: Tensor):
+        w0 = run.w_start
+        self.ws = torch.empty((n + 1, w0.numel()), dtype=w0.dtype, device=w0.device)
+        self.ws[0] = w0
+        self.n, self.lr = n, lr
+        run.stats["stored_weights"] = n + 1
+
+    def current(self, t: int) -> Tensor:
+        """The forward sweep's w_t."""
+        return self.ws[t]
+
+    def advance(self, t: int, g: Tensor) -> None:
+        """w_{t+1} = w_t - lr g_t."""
+        torch.sub(self.ws[t], self.lr * g, out=self.ws[t + 1])
+
+    def final(self) -> Tensor:
+        return self.ws[self.n]
+
+    def at(self, t: int) -> Tensor:
+        """The backward sweep's w_t (t = N-1 down to 0)."""
+        return self.ws[t]
+
+    def release(self) -> None:
+        """After the backward sweep (the tensors go with the autograd graph; a second backward reuses them)."""
+
+
+class _CheckpointedWeights:
+    """The weight trajectory checkpointed (``--memory-budget min``): w_0, w_s, w_2s, ... and w_N are stored
+    (s = ``checkpoint_every(N)``); the backward sweep recomputes one segment's w_t at a time from its checkpoint.
+
+    The recomputation runs the forward sweep's ops on the same inputs (``_forward_grad``, then ``w - lr * g``; the
+    batches are deterministic), so every w_t is the forward sweep's bit for bit and the gradients are those of the
+    whole trajectory. ``run.stats["stored_weights"]``: the most w_t held at once (~2 sqrt(N) + 2).
+    """
+
+    def __init__(self, run: "_Run", n: int, lr: Tensor):
+        self.run, self.n, self.lr = run, n, lr
+        self.every = run.checkpoint_every or checkpoint_every(n)
+        self.saved: dict[int, Tensor] = {0: run.w_start.clone()}
+        self.cur, self.cur_t = self.saved[0], 0
+        self.last: Tensor | None = None
+        self.segment: dict[int, Tensor] = {}
+        self.peak = 1
+        run.stats.update(stored_weights=1, checkpoint_every=self.every)
+
+    def _count(self, *extra: Tensor) -> None:
+        held = {w.data_ptr() for w in (*self.saved.values(), *self.segment.values(), *extra) if w is not None}
+        held |= {w.data_ptr() for w in (self.cur, self.last) if w is not None}
+        self.peak = max(self.peak, len(held))
+        self.run.stats["stored_weights"] = self.peak
+
+    def current(self, t: int) -> Tensor:
+        if t != self.cur_t:
+            raise RuntimeError(f"the forward sweep is at step {self.cur_t}, not {t}")
+        return self.cur
+
+    def _next(self, w: Tensor, g: Tensor) -> Tensor:
+        return torch.sub(w, self.lr * g)  # the one update both sweeps use
+
+    def advance(self, t: int, g: Tensor) -> None:
+        nxt = self._next(self.cur, g)
+        self._count(nxt)
+        if t + 1 == self.n:
+            self.last = nxt
+        elif (t + 1) % self.every == 0:
+            self.saved[t + 1] = nxt
+        self.cur, self.cur_t = nxt, t + 1
+
+    def final(self) -> Tensor:
+        return self.last
+
+    def at(self, t: int) -> Tensor:
+        if t not in self.segment:
+            a = (t // self.every) * self.every
+            self.cur = None
+            self.segment = {}  # the later segment is consumed (its checkpoint stays: a second backward reuses it)
+            w = self.saved[a]
+            self.segment[a] = w
+            for u in range(a, t):
+                w = self._next(w, _forward_grad(self.run, u, w))
+                self.segment[u + 1] = w
+                self._count()
+            self.run.stats["recomputed_weights"] = self.run.stats.get("recomputed_weights", 0) + t - a
+        for later in [u for u in self.segment if u > t]:
+            del self.segment[later]  # consumed by the step after t
+        return self.segment[t]
+
+    def release(self) -> None:
+        """After the backward sweep: drop the last segment (recomputable); the checkpoints go with the graph."""
+        self.segment, self.cur = {}, None
+
+
 class _Unroll(torch.autograd.Function):
-    """Forward: N SGD steps storing every w_t and, within the budget, the last k steps' graphs. Backward: the adjoint
-    recursion (exact, or first-order), recomputing the steps that were not kept.
+    """Forward: N SGD steps storing the weight trajectory (every w_t, or checkpoints of it) and, within the budget,
+    the last k steps' graphs. Backward: the adjoint recursion (exact, or first-order), recomputing the steps that
+    were not kept (and, checkpointed, each segment's w_t).
 
     Inputs: ``lr``, a holder object (batch source, step, budget, stats), then the tensors differentiated (X, or
     the synthetic parameters the streamed batches are built from).
@@ -300,21 +409,21 @@ class _Unroll(torch.autograd.Function):
         src, step = run.source, run.step
         n = src.n_steps
         lr_d = lr.detach()
-        ws = torch.empty((n + 1, run.w_start.numel()), dtype=run.w_start.dtype, device=run.w_start.device)
-        ws[0] = run.w_start
+        traj = (_CheckpointedWeights if run.checkpoint else _AllWeights)(run, n, lr_d)
         kept: dict[int, tuple] = {}
         budget = run.budget
         k = 0
         for t in range(n):
+            w = traj.current(t)
             keep_t = step.can_keep and budget != 0 and (t == 0 or t >= n - k)
             if keep_t and t == 0:
                 # Measure one step's stored tensors (its batch's graph included), then decide how many fit.
-                exclude = {ws.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in leaves}
+                exclude = {traj.ws.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in leaves}
 
                 def first_step():
                     with torch.enable_grad():
                         x, y = src.batch(0)
-                    return step.keep(ws[0], x, y), x, y
+                    return step.keep(traj.current(0), x, y), x, y
 
                 ((g, graph), x, y), per_step = _saved_bytes(first_step, exclude)
                 per_step += step.kept_bytes(graph)
@@ -323,39 +432,41 @@ class _Unroll(torch.autograd.Function):
                 if n - k == 0:
                     kept[0] = (graph, x, y)
                 del graph, x
+                for hook in run.grad_hooks:
+                    g = hook(g)
             elif keep_t:
                 with torch.enable_grad():
                     x, y = src.batch(t)
-                g, graph = step.keep(ws[t], x, y)
+                g, graph = step.keep(w, x, y)
                 kept[t] = (graph, x, y)
                 del graph
+                for hook in run.grad_hooks:
+                    g = hook(g)
             else:
-                with torch.no_grad():
-                    x, y = src.batch(t)
-                g = step.grad(ws[t], x, y)
-            for hook in run.grad_hooks:
-                g = hook(g)
-            torch.sub(ws[t], lr_d * g, out=ws[t + 1])
+                g = _forward_grad(run, t, w)
+            traj.advance(t, g)
+            del w, g
         run.stats.setdefault("stored_steps", 0)
         run.stats["recomputed_steps"] = n - len(kept)
         denom = (run.w_start - run.w_target).pow(2).sum()
-        ctx.run, ctx.ws, ctx.kept = run, ws, kept
+        ctx.run, ctx.traj, ctx.kept = run, traj, kept
         ctx.save_for_backward(lr)
-        return (ws[n] - run.w_target).pow(2).sum() / denom
+        return (traj.final() - run.w_target).pow(2).sum() / denom
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         (lr,) = ctx.saved_tensors
-        run, ws, kept = ctx.run, ctx.ws, ctx.kept
+        run, traj, kept = ctx.run, ctx.traj, ctx.kept
         src, step = run.source, run.step
         n = src.n_steps
         lr_d = lr.detach()
         need_x = any(ctx.needs_input_grad[2:])
-        denom = (ws[0] - run.w_target).pow(2).sum()
-        lam = 2.0 * grad_loss * (ws[n] - run.w_target) / denom
+        denom = (run.w_start - run.w_target).pow(2).sum()
+        lam = 2.0 * grad_loss * (traj.final() - run.w_target) / denom
         dlr = torch.zeros((), dtype=lr.dtype, device=lr.device)
         want_hw = not run.first_order
         for t in range(n - 1, -1, -1):
+            w = traj.at(t)
             entry = kept.pop(t, None)
             if entry is not None:
                 graph, x_graph, y = entry  # the step's batch as the forward sweep built it (with its graph)
@@ -365,16 +476,17 @@ class _Unroll(torch.autograd.Function):
                 with torch.enable_grad() if need_x else torch.no_grad():
                     x_graph, y = src.batch(t)
                 x = x_graph
-            g_dot_lam, hw, hx = step.adjoint(graph, ws[t], x, y, lam, want_hw, need_x)
+            g_dot_lam, hw, hx = step.adjoint(graph, w, x, y, lam, want_hw, need_x)
             for hook in run.hvp_hooks:
                 g_dot_lam, hw, hx = hook(g_dot_lam, hw, hx)
             dlr -= g_dot_lam.to(dlr.dtype)
             if need_x:
                 src.push(t, x_graph, -lr_d * hx)
-            del graph, x_graph, x
+            del graph, x_graph, x, w
             if want_hw:
                 lam = lam - lr_d * hw
         ctx.kept = {}
+        traj.release()
         if isinstance(src, _TensorBatches):
             leaf_grads = (src.dX,)
         else:
@@ -385,11 +497,17 @@ class _Unroll(torch.autograd.Function):
 class _Run:
     """Everything one unroll needs besides the differentiated tensors (not a tensor: autograd passes it through)."""
 
-    def __init__(self, source, step, w_start, w_target, first_order: bool, budget: int | None):
+    def __init__(
+        self, source, step, w_start, w_target, first_order: bool, budget: int | None, checkpoint: bool = False
+    ):
         self.source, self.step = source, step
         self.w_start, self.w_target = w_start, w_target
         self.first_order = first_order
         self.budget = budget  # bytes for kept steps; None = unlimited
+        self.checkpoint = checkpoint  # store checkpoints of the weight trajectory (``min``), not every w_t
+        self.checkpoint_every: int | None = None  # their spacing; None: ``checkpoint_every(N)``
+        if checkpoint and budget != 0:
+            raise ValueError("a checkpointed weight trajectory keeps no step: its budget must be 0")
         self.stats: dict = {}
         # Per-step hooks (e.g. a cross-process reduction): g -> g in the forward sweep,
         # (<g, lam>, h_w, h_x) -> same in the backward sweep. Empty by default.
@@ -419,7 +537,8 @@ def adjoint_unroll(
         model: the student architecture (its weights are ignored; ``functional_forward`` uses ``w``).
         X: [N, B, C, H, W] float inputs; Y: [N, B] int64; w_start, w_target: [P] (X's dtype); lr: 0-dim.
         first_order: drop the Hessian term in w (approximation).
-        memory_budget: bytes of per-step graphs to keep (``haba_fast.engines.memory``); 0 recomputes every step.
+        memory_budget: bytes of per-step graphs to keep (``haba_fast.engines.memory``); 0 recomputes every step;
+            ``min`` also checkpoints the weight trajectory.
         reducer: data parallelism (``haba_fast.dist.BatchReducer``; None: one process): X, Y are this rank's shard
             of every step's batch (see :func:`_add_reducer_hooks`).
 
@@ -427,7 +546,8 @@ def adjoint_unroll(
         0-dim loss, differentiable in X and lr.
     """
     budget = budget_bytes(memory_budget, X.device)
-    run = _Run(_TensorBatches(X, Y), _TorchStep(model), w_start, w_target, bool(first_order), budget)
+    checkpoint = parse_memory_budget(memory_budget) == MINIMAL
+    run = _Run(_TensorBatches(X, Y), _TorchStep(model), w_start, w_target, bool(first_order), budget, checkpoint)
     _add_reducer_hooks(run, reducer)
     return _unroll(run, lr, (X,))
 
@@ -467,7 +587,9 @@ class AdjointEngine:
         memory_budget: bytes of per-step forward-sweep tensors the backward sweep may reuse instead of
             recomputing: ``0`` (default; store only w_t), a size (``"2GB"``), ``"auto"`` or ``"unlimited"``
             (``haba_fast.engines.memory``). Both backends store steps; an automatic choice with a budget other than
-            0 takes ``torch`` on CUDA and ``cpu`` on a CPU (see the module docstring).
+            0 (or ``min``) takes ``torch`` on CUDA and ``cpu`` on a CPU (see the module docstring). ``"min"``: keep
+            no step and checkpoint the weight trajectory (every ceil(sqrt(N))-th w_t; memory flat in N, one more
+            forward gradient per step); both backends, stored or streamed batches.
     """
 
     name = "adjoint"
@@ -479,9 +601,11 @@ class AdjointEngine:
             requested_backend(backend)  # a clear ValueError for an unknown name now
         self.backend = backend
         self.memory_budget = parse_memory_budget(memory_budget)
+        self.checkpoint = self.memory_budget == MINIMAL  # checkpoint the weight trajectory
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_budget_bytes (None = unlimited), per_step_bytes (measured on
-        # step 0; 0 when nothing is stored), stored_steps, recomputed_steps.
+        # step 0; 0 when nothing is stored), stored_steps, recomputed_steps, stored_weights (the most w_t held at
+        # once: N + 1, or ~2 sqrt(N) + 2 with ``min``) and, with ``min``, checkpoint_every and recomputed_weights.
         self.last_stats: dict = {}
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
@@ -491,7 +615,7 @@ class AdjointEngine:
             self.backend,
             legacy_env="HABA_FAST_ADJOINT",
         )
-        if name == "cpu" and self.memory_budget != 0 and requested_backend(self.backend) == "auto":
+        if name == "cpu" and self.memory_budget not in (0, MINIMAL) and requested_backend(self.backend) == "auto":
             # On CUDA the torch step's stored graphs beat the C++ op's composite path at large batches (naive vs
             # exact, bench/results/ITERATION.md); on a CPU the C++ op keeps its own steps (trajectory_step_grad_keep),
             # which saves more than autograd's double backward would (bench/results/MEMORY_BUDGET.md).
@@ -525,14 +649,18 @@ class AdjointEngine:
             raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
 
     def _record(self, run: "_Run | None", budget: int | None, n_steps: int) -> None:
-        self.last_stats = {
+        stats = {
             "memory_budget_bytes": budget,
             "per_step_bytes": 0,
             "stored_steps": 0,
             "recomputed_steps": n_steps,
+            "stored_weights": n_steps + 1,
         }
-        if run is not None:
-            self.last_stats.update(run.stats)
+        if run is not None:  # the run's own dict: the backward sweep adds to it (checkpointed w_t)
+            stats.update(run.stats)
+            run.stats.update(stats)
+            stats = run.stats
+        self.last_stats = stats
 
     def __call__(
         self,
@@ -576,14 +704,14 @@ class AdjointEngine:
         name = self._select(model, X.device, X.dtype, distributed=distributed)
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, X.device)
-        if name == "cpu" and budget == 0:
+        if name == "cpu" and budget == 0 and not self.checkpoint:
             self._record(None, 0, int(X.shape[0]))
             try:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
             except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
-        run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget)
+        run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget, self.checkpoint)
         _add_reducer_hooks(run, reducer)
         out = _unroll(run, lr_x, (X,))
         self._record(run, budget, int(X.shape[0]))
@@ -631,7 +759,7 @@ class AdjointEngine:
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, x0.device)
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
-        run = _Run(source, step, ws, wt, self.first_order, budget)
+        run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)
         self._record(run, budget, n_steps)

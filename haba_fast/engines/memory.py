@@ -10,14 +10,21 @@ output and the input gradient; both: the step's batch graph). A budget is:
 * a size (``8GB``, ``512MB``, ``1.5GiB``, ``4096``): a hard cap in bytes on the stored per-step tensors;
 * ``auto``: :data:`AUTO_FRACTION` of the memory free when the engine runs (``MemAvailable`` of /proc/meminfo,
   or free CUDA memory for CUDA tensors);
-* ``unlimited``: store every step; nothing is recomputed.
+* ``unlimited``: store every step; nothing is recomputed;
+* ``min`` (``minimal``): below 0: store no per-step tensor AND only every s-th weight vector w_t (s =
+  :func:`checkpoint_every` (N) = ceil(sqrt(N))); the backward sweep recomputes each segment's w_t from its
+  checkpoint with the forward sweep's ops (the same values, bit for bit). About 2 sqrt(N) + 2 w_t are held instead of
+  N + 1, so memory is flat in N; it costs one more forward gradient per step (~N - N/s in all).
 
-Schedule (see docs/ARCHITECTURE.md, "Memory budget"): every w_t is stored whatever the budget, so a step that is
-not kept costs exactly one recomputation wherever it sits; binomial checkpointing (revolve) saves recomputation
-only when the states themselves do not fit, which here they always do. The engine keeps the LAST k steps: the
-backward sweep consumes them first and frees each as it goes, so the recomputation of the earlier steps never
-runs on top of the kept ones. One step's worth of the budget is held back for the step being computed, so
-k = min(N, budget // per_step - 1) and peak = fixed + (k + 1) steps at most.
+Schedule (see docs/ARCHITECTURE.md, "Memory budget"): every w_t is stored whatever the budget but ``min``, so a
+step that is not kept costs exactly one recomputation wherever it sits; binomial checkpointing (revolve) saves
+recomputation only when the states themselves do not fit. The engine keeps the LAST k steps: the backward sweep
+consumes them first and frees each as it goes, so the recomputation of the earlier steps never runs on top of the
+kept ones. One step's worth of the budget is held back for the step being computed, so k = min(N, budget //
+per_step - 1) and peak = fixed + (k + 1) steps at most. ``min`` checkpoints the w_t in uniform segments of
+ceil(sqrt(N)) steps (:func:`checkpoint_every`), not revolve's binomial schedule: a w_t is small next to a step's
+work, so what matters is that each w_t is recomputed at most once (revolve would hold ~sqrt(2N) instead of ~2
+sqrt(N) vectors for the same count of recomputations, a few MB, at the price of a schedule table).
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import torch
 __all__ = [
     "AUTO_FRACTION",
     "UNLIMITED",
+    "MINIMAL",
     "budget_bytes",
+    "checkpoint_every",
     "free_memory_bytes",
     "keep_last",
     "parse_memory_budget",
@@ -40,6 +49,7 @@ __all__ = [
 
 AUTO_FRACTION = 0.5  # ``auto``: half of the free memory (the rest for generate/augment, the optimizer, other jobs)
 UNLIMITED = "unlimited"
+MINIMAL = "min"  # checkpoint the weight trajectory too (every ceil(sqrt(N))-th w_t)
 
 _UNITS = {
     "": 1,
@@ -59,16 +69,17 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*$")
 
-Budget = Union[int, str]  # bytes >= 0, "auto" or "unlimited"
+Budget = Union[int, str]  # bytes >= 0, "auto", "unlimited" or "min"
 
 
 def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
-    """Parse a memory budget: ``0`` | a size (``8GB``, ``512MB``, ``1.5GiB``, bytes) | ``auto`` | ``unlimited``.
+    """Parse a memory budget: ``0`` | a size (``8GB``, ``512MB``, ``1.5GiB``, bytes) | ``auto`` | ``unlimited`` |
+    ``min``.
 
-    Units are binary (1 KB = 1024 bytes, as RSS is reported). None means 0.
+    Units are binary (1 KB = 1024 bytes, as RSS is reported). None means 0. ``minimal`` is a spelling of ``min``.
 
     Returns:
-        bytes (int >= 0), ``"auto"`` or ``"unlimited"``.
+        bytes (int >= 0), ``"auto"``, ``"unlimited"`` or ``"min"``.
 
     Raises:
         ValueError: anything else (negative, NaN, unknown unit), with the accepted forms.
@@ -76,7 +87,7 @@ def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
     if value is None:
         return 0
     if isinstance(value, bool):
-        raise ValueError(f"memory budget must be a size, 0, auto or unlimited, got {value!r}")
+        raise ValueError(f"memory budget must be a size, 0, auto, unlimited or min, got {value!r}")
     if isinstance(value, (int, float)):
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"memory budget must be >= 0 bytes, got {value!r}")
@@ -86,11 +97,14 @@ def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
     text = value.strip().lower()
     if text in ("auto", UNLIMITED, "inf", "none"):
         return "auto" if text == "auto" else UNLIMITED
+    if text in (MINIMAL, "minimal"):
+        return MINIMAL
     m = _SIZE.match(text)
     if m is None or m.group(2) not in _UNITS:
         raise ValueError(
             f"memory budget {value!r} is not understood: give 0, a size such as 512MB, 8GB or 1.5GiB (binary "
-            "units B/KB/MB/GB/TB), auto (a fraction of the free memory) or unlimited"
+            "units B/KB/MB/GB/TB), auto (a fraction of the free memory), unlimited, or min (checkpoint the weight "
+            "trajectory too: memory flat in N, one more forward gradient per step)"
         )
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
@@ -116,8 +130,11 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def budget_bytes(budget: Budget, device: torch.device) -> Optional[int]:
-    """The budget in bytes for tensors on ``device`` (None: unlimited); ``auto`` is resolved now."""
+    """The budget in bytes for kept steps on ``device`` (None: unlimited); ``auto`` is resolved now; ``min`` keeps none
+    (0; whether the weight trajectory is checkpointed is the caller's: ``budget == MINIMAL``)."""
     budget = parse_memory_budget(budget) if not isinstance(budget, int) else budget
+    if budget == MINIMAL:
+        return 0
     if budget == UNLIMITED:
         return None
     if budget == "auto":
@@ -146,3 +163,16 @@ def keep_last(n_steps: int, per_step: int, budget: Optional[int], *, warn: bool 
             stacklevel=3,
         )
     return k
+
+
+def checkpoint_every(n_steps: int) -> int:
+    """The segment length s of ``min``: every s-th w_t is stored (w_0, w_s, w_2s, ...), s = ceil(sqrt(N)) >= 1.
+
+    Uniform segments: the backward sweep recomputes one segment's s - 1 inner w_t at a time, each once, so at most
+    ceil(N/s) checkpoints + s - 1 segment vectors + w_N (~2 sqrt(N) + 1) are held and the extra work is one forward
+    gradient per step that is not a checkpoint (N - ceil(N/s) in all).
+    """
+    n = int(n_steps)
+    if n < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n}")
+    return max(1, math.isqrt(n - 1) + 1)
