@@ -709,7 +709,9 @@ def validation_trials(out: Path, protocol: Protocol) -> List[Dict[str, Any]]:
             continue
         if rec.get("format") == FORMAT and "row" in rec:
             trials.append(rec)
-    return sorted(trials, key=lambda r: (r.get("finished", ""), r["key"]))
+    # Run order: the finish time (seconds), then its fraction (cells of the same second), then the name.
+    return sorted(trials, key=lambda r: (r.get("finished", ""), r.get("finished_unix", 0.0), r["key"],
+                                         _stem(r["key"], r.get("settings") or {})))
 
 
 def load_trials(tuning_json) -> List[Dict[str, Any]]:
@@ -838,7 +840,7 @@ def run_table(
                            log=log)
             rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
                        environment=env, total_seconds=time.perf_counter() - t,
-                       finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                       finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), finished_unix=time.time())
             atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{cell_stem(cell, protocol)}.json")
             done[cell.key] = rec
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
