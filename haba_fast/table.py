@@ -1196,7 +1196,37 @@ def _tuning_lines(trials: Sequence[Dict[str, Any]], p: Protocol, tuning_json: Op
         lines.append(f"| {t['key']} | {settings} | {rpc_text} | {accs} | {100 * t['mean']:.2f} ± "
                      f"{100 * t['std']:.2f} | {t.get('seconds', {}).get('distill', 0):.0f} | "
                      f"{t.get('finished', '')} |")
-    return lines
+    return lines + [""] + _tuning_summary(trials, p)
+
+
+def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
+    """Per HaBa cell tuned: the best trial, the setting the table uses, and the pixel row on the same split."""
+    out = []
+    done = [t for t in trials if t.get("status") == "done" and "mean" in t]
+    for key in sorted({t["key"] for t in done if str(t.get("row", "")).startswith("haba-")}, key=_sort_key):
+        mine = [t for t in done if t["key"] == key]
+        obj = mine[0]["row"].split("-")[-1]
+        best = max(mine, key=lambda t: t["mean"])
+        used = next((t for t in mine if (t.get("settings") or {}) == p.haba_overrides(obj)), None)
+
+        def name(t):
+            settings = ", ".join(f"{k} {v}" for k, v in sorted((t.get("settings") or {}).items()))
+            return f"the setting {settings}" if settings else "the protocol's setting"
+
+        text = (f"- {key}: {len(mine)} trial(s); best on validation: {name(best)}, {100 * best['mean']:.2f} "
+                f"± {100 * best['std']:.2f}")
+        if used is not None and used is not best:
+            spread = max(best["std"], used["std"])
+            text += (f"; the table uses {name(used)} ({100 * used['mean']:.2f} ± {100 * used['std']:.2f}), "
+                     f"{100 * (best['mean'] - used['mean']):.2f} points below the best"
+                     + (", within the networks' spread" if best["mean"] - used["mean"] <= spread else ""))
+        pixel = next((t for t in done if t["key"] == f"ipc{mine[0]['ipc']}-{obj}"), None)
+        if pixel is not None:
+            gap = 100 * (best["mean"] - pixel["mean"])
+            text += (f"; pixel {obj.upper()} on the same split: {100 * pixel['mean']:.2f} ± {100 * pixel['std']:.2f} "
+                     f"({gap:+.2f} points for the best HaBa trial)")
+        out.append(text + ".")
+    return out
 
 
 def _sort_key(key: str) -> Tuple[int, int, str]:

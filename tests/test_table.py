@@ -227,6 +227,7 @@ def test_haba_settings_keep_other_cells_and_split_haba_trials(tmp_path, monkeypa
     assert test_done["ipc2-haba-dm"]["seconds"]["distill"] == done["ipc2-haba-dm"]["seconds"]["distill"]
     text = (tmp_path / "doc.md").read_text()
     assert "## Tuning on the validation split" in text and "n_hallucinators 1" in text
+    assert "- ipc2-haba-dm: 2 trial(s); best on validation: " in text
     assert "Chosen on the validation split" in text
 
 
