@@ -980,6 +980,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
                 continue
             gap = 100 * (h["mean"] - px["mean"])
             verdict = "HaBa is better" if gap > 0 else "**HaBa is worse**"
+            if abs(gap) <= 100 * max(h["std"], px["std"]):
+                verdict += ", by no more than the networks' spread"
             lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f} "
                          f"({gap:+.2f} points: {verdict}). {_haba_storage_text(h)}")
     if not compared:
@@ -1073,7 +1075,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         "## Machine",
         "",
         f"{env.get('cpus', '?')} CPUs ({env.get('cpu', '?')}), torch {env.get('torch', '?')} with "
-        f"{env.get('torch_threads', '?')} threads, Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
+        f"{env.get('torch_threads', '?')} thread(s), Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
         "The machine was shared with other jobs, so seconds are indicative.",
         "",
         "## Published anchors (full protocols, for context only)",
