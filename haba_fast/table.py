@@ -848,24 +848,19 @@ def run_table(
 
         if longer_check and eval_split == "test" and protocol.name in LONGER:
             lp, lcell = LONGER[protocol.name]
-            if lcell.ipc in ipcs and lcell.row in rows:
-                longer.update(load_cells(out / "longer", lp))
-                if cells_json is not None:
-                    for key, rec in committed_cells(cells_json, lp, "longer").items():
-                        longer.setdefault(key, rec)
-                if lcell.key not in longer:
-                    log(f"{lcell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
-                    t = time.perf_counter()
-                    ldata, lsplit = split_dataset(full, lp, "test")
-                    rec = run_cell(lcell, ldata, lp, out / "longer", log=log)
-                    rec.update(format=FORMAT, protocol=lp.to_dict(), split=lsplit, dataset=dataset_name,
-                               environment=env, total_seconds=time.perf_counter() - t,
-                               finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-                    ldir = _cell_dir(out / "longer", lp, "test")
-                    ldir.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n", ldir / f"{lcell.key}.json")
-                    longer[lcell.key] = rec
-                    log(f"{lcell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
+            if lcell.ipc in ipcs and lcell.row in rows and lcell.key not in longer:  # `longer` was loaded above
+                log(f"{lcell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
+                t = time.perf_counter()
+                ldata, lsplit = split_dataset(full, lp, "test")
+                rec = run_cell(lcell, ldata, lp, out / "longer", log=log)
+                rec.update(format=FORMAT, protocol=lp.to_dict(), split=lsplit, dataset=dataset_name,
+                           environment=env, total_seconds=time.perf_counter() - t,
+                           finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                ldir = _cell_dir(out / "longer", lp, "test")
+                ldir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(json.dumps(rec, indent=1) + "\n", ldir / f"{lcell.key}.json")
+                longer[lcell.key] = rec
+                log(f"{lcell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
 
         if cross and eval_split == "test":
             last = max(ipcs)

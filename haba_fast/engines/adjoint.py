@@ -657,8 +657,8 @@ class AdjointEngine:
             "stored_weights": n_steps + 1,
         }
         if run is not None:  # the run's own dict: the backward sweep adds to it (checkpointed w_t)
-            stats.update(run.stats)
-            run.stats.update(stats)
+            for key, value in stats.items():
+                run.stats.setdefault(key, value)
             stats = run.stats
         self.last_stats = stats
 
