@@ -636,26 +636,55 @@ def _save_png(write: Callable[[Path], Any], images_dir: Path, key: str) -> str:
     return str(path)
 
 
-def cross_architecture(record: Dict[str, Any], dataset, protocol: Protocol) -> Dict[str, Any]:
-    """Evaluate a finished distillation cell's stored set on ``protocol.cross_models`` (same protocol otherwise)."""
+def cross_key(source: str, model: str) -> str:
+    """Key of the cross-architecture cell that evaluates cell ``source``'s set on ``model``."""
+    return f"xarch-{source}-{model}"
+
+
+def cross_architecture(record: Dict[str, Any], model: str, dataset, protocol: Protocol) -> Dict[str, Any]:
+    """Evaluate a finished distillation cell's stored set on one architecture ``model`` (the table's evaluation
+    protocol otherwise: ``num_eval`` fresh networks, ``eval_epochs``, the set's lr and batch standardization)."""
     from haba_fast.evaluate import evaluate_synthetic
     from haba_fast.factorization import load_synthetic
 
     syn = load_synthetic(record["synthetic"])
     syn.meta["lr"] = record["lr"]
-    ev = _eval_config(protocol, batch_standardize=record.get("batch_standardize", False),
-                      models=protocol.cross_models)
+    ev = _eval_config(protocol, batch_standardize=record.get("batch_standardize", False), models=(model,))
     t = time.perf_counter()
-    g = torch.Generator().manual_seed(protocol.seed + 200)
-    res = evaluate_synthetic(syn, dataset, ev, lr=record["lr"], generator=g)
+    # One seed per (set, architecture): a cell does not depend on which other architectures ran before it.
+    g = torch.Generator().manual_seed(protocol.seed + 200 + protocol.cross_models.index(model))
+    res = evaluate_synthetic(syn, dataset, ev, lr=record["lr"], generator=g, label=record["key"])
+    accs = [float(a) for a in res.accuracies[model]]
     return {
-        "key": f"xarch-{record['key']}",
+        "key": cross_key(record["key"], model),
         "source": record["key"],
+        "model": model,
         "status": "done",
-        "accuracies": {m: [float(a) for a in v] for m, v in res.accuracies.items()},
-        "summary": res.summary,
+        "accuracies": accs,
+        "mean": float(sum(accs) / len(accs)),
+        "std": float(torch.tensor(accs, dtype=torch.float64).std(unbiased=False)) if len(accs) > 1 else 0.0,
+        "settings": record.get("settings") or {},
         "seconds": {"eval": time.perf_counter() - t},
     }
+
+
+def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int) -> List[Dict[str, Any]]:
+    """The sets the cross-architecture cells evaluate: the best pixel and the best HaBa cell at ``ipc``.
+
+    Empty until every row of :data:`ROWS` but the whole-set ceiling is finished at ``ipc`` (only then is the best
+    known), and a set whose stored file is missing (a fresh checkout) cannot be evaluated: it is left out.
+    """
+    if not all(Cell(ipc, r).key in done for r in ROWS if r != "whole"):
+        return []
+    best = []
+    for param in ("pixels", "haba"):
+        cands = [r for r in done.values() if r.get("ipc") == ipc and r.get("parameterization") == param
+                 and r.get("status") == "done" and "mean" in r]
+        if cands:
+            top = max(cands, key=lambda r: r["mean"])
+            if top.get("synthetic") and Path(top["synthetic"]).is_file():
+                best.append(top)
+    return best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -734,6 +763,7 @@ def run_table(
     rows: Sequence[str] = ROWS,
     eval_split: str = "test",
     cross: bool = True,
+    cross_models: Optional[Sequence[str]] = None,
     doc: Optional[Path] = None,
     cells_json: Optional[Path] = None,
     images_dir: Optional[Path] = None,
@@ -752,7 +782,10 @@ def run_table(
         protocol: a :class:`Protocol` (``PROTOCOLS["quick"]`` / ``["full"]``).
         ipcs: storage budgets; rows: rows of :data:`ROWS`.
         eval_split: ``test`` (the table) or ``val`` (tuning: cells stored apart, never in the document).
-        cross: after the last IPC's cells, evaluate its best pixel and best HaBa sets on ``protocol.cross_models``.
+        cross: after the last IPC's cells, evaluate its best pixel and best HaBa sets on ``protocol.cross_models``
+            (one cell per set and architecture), once every row of that IPC is finished (:func:`cross_sources`).
+        cross_models: the architectures this run computes (a subset of ``protocol.cross_models``; None: all), so
+            that two runs on one work folder can share the cross-architecture cells.
         doc: markdown file to (re)write after every cell; cells_json: the JSON of every cell; images_dir: PNGs.
         tuning_json: the log of every validation-split trial: written by ``eval_split="val"`` runs (all trials in
             the work folder, whatever their HaBa settings), read into the document by ``"test"`` runs.
@@ -773,6 +806,10 @@ def run_table(
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown rows {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    unknown = [m for m in cross_models or () if m not in protocol.cross_models]
+    if unknown:
+        raise ValueError(f"cross-architecture models {', '.join(unknown)} are not in protocol {protocol.name}'s: "
+                         f"choose from {', '.join(protocol.cross_models)}")
     if not ipcs:
         raise ValueError("no IPC selected")
     out = Path(out)
@@ -863,22 +900,26 @@ def run_table(
                 log(f"{lcell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
 
         if cross and eval_split == "test":
-            last = max(ipcs)
-            for param in ("pixels", "haba"):
-                cands = [r for r in done.values() if r.get("ipc") == last and r.get("parameterization") == param
-                         and r.get("status") == "done" and r.get("synthetic") and Path(r["synthetic"]).is_file()]
-                if not cands or not all(Cell(last, r).key in done for r in rows if r != "whole"):
-                    continue  # the best row is known only once every row of the last IPC is finished
-                best = max(cands, key=lambda r: r["mean"])
-                key = f"xarch-{best['key']}"
-                if key in done:
-                    continue
-                log(f"cross-architecture: {best['key']} on {', '.join(protocol.cross_models)} ...")
-                rec = cross_architecture(best, dataset, protocol)
-                rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
-                           environment=env)
-                atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{key}.json")
-                done[key] = rec
+            models = protocol.cross_models if cross_models is None else tuple(cross_models)
+            for source in cross_sources(done, max(ipcs)):
+                for model in models:
+                    key = cross_key(source["key"], model)
+                    if key not in done:  # another run on the same work folder may have finished it meanwhile
+                        done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == key})
+                    if key in done:
+                        continue
+                    log(f"cross-architecture: {source['key']} on {model} ...")
+                    rec = cross_architecture(source, model, dataset, protocol)
+                    rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
+                               environment=env,
+                               finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                               finished_unix=time.time())
+                    path = cell_dir / f"{_stem(key, rec['settings'])}.json"
+                    atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
+                    done[key] = rec
+                    log(f"cross-architecture: {source['key']} on {model}: {_figure(rec)} in "
+                        f"{rec['seconds']['eval']:.0f} s")
+                    write_outputs()
         write_outputs()
         return done
     finally:
@@ -1009,18 +1050,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             f"{s.get('distill', 0):.0f} | {s.get('eval', 0):.0f} | {r.get('engine') or '–'} | "
             f"{r.get('finished', '')} |"
         )
-    xarch = [r for r in cells.values() if str(r.get("key", "")).startswith("xarch-")]
     lines += ["", "## Cross-architecture", ""]
-    if xarch:
-        models = list(p.cross_models)
-        lines += ["| set | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-        for r in xarch:
-            sm = r["summary"]
-            lines.append(f"| {r['source']} | " + " | ".join(
-                f"{100 * sm[m]['mean']:.2f} ± {100 * sm[m]['std']:.2f}" for m in models) + " |")
-    else:
-        lines.append(f"Not run yet: it evaluates the best pixel and the best HaBa set at IPC {max(ipcs)} on "
-                     f"{', '.join(p.cross_models)} once every row of that IPC is finished.")
+    lines += _cross_lines(cells, p, max(ipcs))
     lines += ["", "## Tuning on the validation split", ""]
     lines += _tuning_lines(tuning, protocol, tuning_json)
     images = [r for r in cells.values() if r.get("image")]
@@ -1224,6 +1255,31 @@ def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
                      f"({gap:+.2f} points for the best HaBa trial)")
         out.append(text + ".")
     return out
+
+
+def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> List[str]:
+    """The cross-architecture section: one row per evaluated set, the table's ConvNet figure beside each
+    architecture's (test %, mean ± std over ``num_eval`` networks), then the seconds of each cell."""
+    xarch = [r for r in cells.values() if str(r.get("key", "")).startswith("xarch-") and "model" in r]
+    models = list(p.cross_models)
+    head = (f"The best pixel set and the best HaBa set at IPC {ipc}, each trained from scratch on other "
+            f"architectures under the table's evaluation protocol ({p.num_eval} networks, Epoch {p.eval_epochs}, the "
+            f"set's lr and, for HaBa, batch standardization).")
+    if not xarch:
+        return [head, "", f"Not run yet: these cells run once every row of IPC {ipc} is finished."]
+    lines = [head, "", f"| set | {p.eval_model} (the table) | " + " | ".join(models) + " |",
+             "|---|---|" + "---|" * len(models)]
+    sources = sorted({r["source"] for r in xarch}, key=_sort_key)
+    for src in sources:
+        mine = {r["model"]: r for r in xarch if r["source"] == src}
+        lines.append(f"| {ROW_NAMES.get(src.partition('-')[2], src)} ({src}) | {_cell_text(cells.get(src))} | "
+                     + " | ".join(_cell_text(mine.get(m)) for m in models) + " |")
+    lines += ["", "Seconds per cross-architecture cell (training and testing every network): " + "; ".join(
+        f"{r['source']} on {r['model']} {r['seconds']['eval']:.0f} s"
+        for r in sorted(xarch, key=lambda r: (_sort_key(r["source"]), models.index(r["model"])
+                                               if r["model"] in models else 99)))
+        + "."]
+    return lines
 
 
 def _sort_key(key: str) -> Tuple[int, int, str]:

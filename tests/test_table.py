@@ -6,6 +6,7 @@ Fashion-MNIST train subset that HaBa + DM beats a random coreset at equal storag
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -313,3 +314,57 @@ def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
 
 
 MARGIN = 0.02
+
+
+def test_cross_architecture_cells_wait_for_every_row_then_run_per_model(tmp_path, monkeypatch):
+    """Cross-architecture cells: none while a row of the IPC is unfinished; then one cell per (best set, model),
+    reproducible, reused on a rerun, limited to ``cross_models``, and listed in the document."""
+    two = dataclasses.replace(TINY, cross_models=("MLP", "ConvNetW32"))
+    kw = dict(protocol=two, ipcs=(2,), doc=tmp_path / "doc.md", cells_json=tmp_path / "cells.json",
+              log=lambda m: None, longer_check=False)
+    done = table.run_table("digits", tmp_path / "out", rows=["dm", "haba-dm"], **kw)
+    assert not [k for k in done if k.startswith("xarch-")]  # the other rows of IPC 2 are not finished
+    assert "Not run yet" in (tmp_path / "doc.md").read_text()
+
+    # Every other row but the ceiling finishes (stored stubs: the cross cells only need them to exist).
+    for row in table.ROWS:
+        if row not in ("dm", "haba-dm", "whole"):
+            stub = {"key": f"ipc2-{row}", "ipc": 2, "row": row, "status": "does not fit", "reason": "stub",
+                    "storage": {"budget_floats": 1280}, "format": table.FORMAT, "protocol": two.to_dict()}
+            (tmp_path / "out" / "cells" / "tiny" / f"ipc2-{row}.json").write_text(json.dumps(stub))
+    with pytest.raises(ValueError, match="not in protocol"):
+        table.run_table("digits", tmp_path / "out", rows=["dm"], cross_models=["VGG11"], **kw)
+    done = table.run_table("digits", tmp_path / "out", rows=["dm"], cross_models=["MLP"], **kw)
+    xarch = sorted(k for k in done if k.startswith("xarch-"))
+    assert xarch == ["xarch-ipc2-dm-MLP", "xarch-ipc2-haba-dm-MLP"]
+    for key in xarch:
+        rec = done[key]
+        assert rec["model"] == "MLP" and len(rec["accuracies"]) == two.num_eval
+        assert rec["mean"] == pytest.approx(sum(rec["accuracies"]) / two.num_eval)
+        assert (tmp_path / "out" / "cells" / "tiny" / f"{key}.json").is_file()
+    # The oracle: the same set, model and seed evaluated directly give the same accuracies.
+    from haba_fast import data
+
+    dataset, _ = table.split_dataset(data.load("digits"), two, "test")
+    again = table.cross_architecture(done["ipc2-haba-dm"], "MLP", dataset, two)
+    assert again["accuracies"] == done["xarch-ipc2-haba-dm-MLP"]["accuracies"]
+
+    calls = []
+    real = table.cross_architecture
+    monkeypatch.setattr(table, "cross_architecture", lambda rec, m, *a: calls.append((rec["key"], m)) or real(
+        rec, m, *a))
+    done = table.run_table("digits", tmp_path / "out", rows=["dm"], **kw)  # only the missing model runs
+    assert sorted(calls) == [("ipc2-dm", "ConvNetW32"), ("ipc2-haba-dm", "ConvNetW32")]
+    calls.clear()
+    table.run_table("digits", tmp_path / "out", rows=["dm"], **kw)
+    assert calls == []
+    doc = (tmp_path / "doc.md").read_text()
+    section = doc.split("## Cross-architecture")[1].split("\n## ")[0]
+    for src in ("ipc2-dm", "ipc2-haba-dm"):
+        line = next(ln for ln in section.splitlines() if f"({src})" in ln)
+        for m in two.cross_models:
+            r = done[f"xarch-{src}-{m}"]
+            assert f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}" in line
+        assert table._cell_text(done[src]) in line
+    payload = json.loads((tmp_path / "cells.json").read_text())
+    assert {c["key"] for c in payload["cells"]} >= set(xarch)

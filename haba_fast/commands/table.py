@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--eval-split", default="test", choices=("test", "val"),
                    help="test: the table; val: the validation split, for tuning (not written to the document)")
     p.add_argument("--no-cross", action="store_true", help="skip the cross-architecture cells")
+    p.add_argument("--cross-models", nargs="+", default=None, metavar="MODEL",
+                   help="compute only these architectures' cross-architecture cells (default: all of the "
+                        "protocol's), e.g. to split them between two runs on one work folder")
     p.add_argument("--render-only", action="store_true",
                    help="compute nothing: rewrite the document and the JSON from the cells already stored")
     p.add_argument("--no-longer", action="store_true",
@@ -59,6 +62,7 @@ def run(args) -> int:
         rows=args.rows,
         eval_split=args.eval_split,
         cross=not args.no_cross,
+        cross_models=args.cross_models,
         longer_check=not args.no_longer,
         render_only=args.render_only,
         doc=Path(args.doc.format(**names)),
