@@ -5,7 +5,8 @@
 #
 #   bench/run_iteration.sh                 # the issue's targets (CPU); takes a while on 2 cores
 #   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
-#                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps
+#                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps,
+#                                          # and exact with --memory-budget auto at both (the memory-budget targets)
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -60,6 +61,12 @@ if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
 # The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
+# On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
+# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30.
+if [ "$DEVICE" != cpu ]; then
+  run exact 10 $S20 100 --memory-budget auto
+  run exact 50 $S30 500 --memory-budget auto
+fi
 
 $PY - "$TMP" "$OUT" <<'PYEOF'
 import json, sys

@@ -280,6 +280,40 @@ def test_cpp_first_order_runs_on_cuda():
     assert rel_err(out[1], exact[1]) > 1e-3  # an approximation: it must differ from the exact gradient
 
 
+@requires_ext_loaded
+@pytest.mark.parametrize("cfg", ENGINE_CONFIGS[1:3], ids=lambda c: f"c{c[0]}-d{c[2]}-{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
+    """The kept-step ops (budget holding 1 step, unlimited) and ``min`` (sqrt(N) weight checkpoints) on CUDA
+    tensors: budget 0's gradients and the naive unroll's (float64 oracle)."""
+    from haba_fast.engines import get_adjoint_engine
+
+    _cpp_engine()  # skips without the op
+    model64, X64, Y, ws64, wt64 = _engine_problem(cfg, torch.float64)
+    ref = grads(naive_unroll, model64, X64, Y, ws64, wt64, lr_value=0.1)
+    model = _engine_problem(cfg, dtype)[0]
+    X, ws, wt = X64.to(dtype), ws64.to(dtype), wt64.to(dtype)
+    base_eng = get_adjoint_engine("exact", "cpu", 0)
+    base = grads(base_eng, model, X, Y, ws, wt, lr_value=0.1)
+    N = X.shape[0]
+    unl = get_adjoint_engine("exact", "cpu", "unlimited")
+    out_unl = grads(unl, model, X, Y, ws, wt, lr_value=0.1)
+    per_step = unl.last_stats["per_step_bytes"]
+    assert unl.last_backend == "cpu" and unl.last_stats["stored_steps"] == N and per_step > 0
+    one = get_adjoint_engine("exact", "cpu", per_step * 2 + per_step // 2)  # one step kept
+    out_one = grads(one, model, X, Y, ws, wt, lr_value=0.1)
+    assert one.last_stats["stored_steps"] == 1 and one.last_stats["recomputed_steps"] == N - 1
+    mini = get_adjoint_engine("exact", "cpu", "min")
+    out_min = grads(mini, model, X, Y, ws, wt, lr_value=0.1)
+    assert mini.last_stats["stored_steps"] == 0 and mini.last_stats["recomputed_weights"] > 0  # w_t recomputed
+    rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
+    for out in (out_unl, out_one, out_min):
+        assert out[1].device == X.device
+        for a, b, r in zip(out, base, ref):
+            assert rel_err(a, b) < rel_same
+            assert rel_err(a.double(), r) < rel_ref
+
+
 # ---- one full distillation iteration on CUDA ------------------------------------------------------------------
 def _distiller(engine: str):
     import argparse

@@ -418,3 +418,41 @@ def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
     assert "peak RSS 2900 MB <= budget + budget 0's peak (3048 MB) -> met" in text
     assert "(medians of 2 and 3 runs): **1.042x** (target <= 1.05x) -> met" in text
     assert "spread of the runs: 80 MB at 10 steps" in text
+
+
+def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp_path):
+    """bench/run_iteration.sh's report on a GPU: ``exact --memory-budget auto`` rows stay separate from budget 0's
+    (not merged), and the issue's targets against naive are checked at (a) and (b) in time and CUDA memory."""
+    from haba_fast.benchmarks.iteration import write_report
+
+    def row(engine, ipc, steps, batch, s, mem, budget=None, failed=False):
+        r = dict(bench="iteration", engine=engine, ipc=ipc, syn_steps=steps, batch_syn=batch, s_per_iter=s,
+                 times=[s], cpu_s_per_iter=s, peak_rss_mb=900.0, peak_cuda_mb=mem, env={"gpu": "H200"})
+        if budget is not None:
+            r["memory_budget"] = budget
+        if failed:
+            r = dict(bench="iteration", engine=engine, ipc=ipc, syn_steps=steps, batch_syn=batch, failed=True)
+        return r
+
+    rows = [
+        row("exact", 10, 20, 100, 0.50, 300.0, "0"),
+        row("naive", 10, 20, 100, 1.00, 2000.0),
+        row("exact", 10, 20, 100, 0.35, 1500.0, "auto"),
+        row("exact", 50, 30, 500, 1.10, 900.0),
+        row("naive", 50, 30, 500, 1.00, 9000.0),
+        row("exact", 50, 30, 500, 0.90, 9500.0, "auto"),
+    ]
+    write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    text = (tmp_path / "ITERATION.md").read_text()
+    assert "| exact (budget auto) | 10 | 20 | 100 | 0.350 |" in text and "| exact | 10 | 20 | 100 | 0.500 |" in text
+    assert ("(a) bpc 10, batch 100, syn_steps 20: exact (budget auto) / naive time = **0.35** (target <= 0.4) -> met;"
+            " peak CUDA memory 1500 vs 2000 MB (target: no larger) -> met") in text
+    assert ("(b) bpc 50, batch 500, syn_steps 30: exact (budget auto) / naive time = **0.90** (target <= 0.8) -> "
+            "NOT met; peak CUDA memory 9500 vs 9000 MB (target: no larger) -> NOT met") in text
+    # budget 0's big row is still the one the 6 GB line reports
+    assert "exact completes, peak CUDA memory **0.88 GB**" in text
+
+    rows[4] = row("naive", 50, 30, 500, 0, 0, failed=True)
+    write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    assert "exact (budget auto) completes; naive did not (out of memory or error)" in (
+        tmp_path / "ITERATION.md").read_text()

@@ -315,9 +315,20 @@ def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
-def _find(rows, engine, ipc, steps, batch, timed=None):
+def _budget(row) -> str:
+    """A row's memory budget as given (``0`` for rows written before the budget existed)."""
+    return str(row.get("memory_budget", "0"))
+
+
+def _label(row) -> str:
+    """Engine name for the tables: ``exact`` (budget 0) or ``exact (budget auto)``."""
+    b = _budget(row)
+    return row.get("engine", "?") if b == "0" else f"{row.get('engine')} (budget {b})"
+
+
+def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
     for r in rows:
-        if r.get("failed") or r.get("engine") != engine:
+        if r.get("failed") or r.get("engine") != engine or _budget(r) != budget:
             continue
         if (r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")) != (ipc, steps, batch):
             continue
@@ -328,12 +339,13 @@ def _find(rows, engine, ipc, steps, batch, timed=None):
 
 
 def _merge(rows):
-    """One row per (engine, ipc, syn_steps, batch_syn): median time over rounds, max peak RSS, rounds counted."""
+    """One row per (engine and budget, ipc, syn_steps, batch_syn): median time over rounds, max peak RSS, rounds
+    counted."""
     import statistics
 
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r.get("engine"), r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")), []).append(r)
+        groups.setdefault((_label(r), r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")), []).append(r)
     merged = []
     for rs in groups.values():
         ok = [r for r in rs if not r.get("failed")]
@@ -382,7 +394,7 @@ def _section(rows, title) -> str:
     for r in rows:
         if r.get("failed"):
             lines.append(
-                f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | failed | | | | "
+                f"| {_label(r)} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | failed | | | | "
                 "did not complete (out of memory or error) |"
             )
             continue
@@ -390,7 +402,7 @@ def _section(rows, title) -> str:
         if cuda and r.get("peak_rss_mb") is not None:
             note = (note + "; " if note else "") + f"peak RSS {r['peak_rss_mb']:.0f} MB"
         lines.append(
-            f"| {r['engine']} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), tf)} "
+            f"| {_label(r)} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), tf)} "
             f"| {_fmt(r.get('cpu_s_per_iter'), tf)} | {len(r.get('times', []))} "
             f"| {_fmt(r.get(mem_key), '.0f')} | {note} |"
         )
@@ -435,7 +447,8 @@ def _section(rows, title) -> str:
                     f"- CPU time per iteration at syn_steps {s}: exact / naive = "
                     f"{e['cpu_s_per_iter'] / n['cpu_s_per_iter']:.2f}"
                 )
-    big = [r for r in rows if r.get("ipc") == 50 and r.get("batch_syn") == 500]
+    checks += _auto_budget_checks(rows, mem_key, mem_name)
+    big = [r for r in rows if r.get("ipc") == 50 and r.get("batch_syn") == 500 and _budget(r) == "0"]
     for r in big:
         if r.get("failed"):
             checks.append(f"- bpc 50, batch 500, syn_steps {r['syn_steps']}: {r['engine']} did NOT complete")
@@ -462,6 +475,45 @@ def _section(rows, title) -> str:
     )
     lines += ["", head, ""] + (checks or ["- (not enough rows)"]) + [""]
     return "\n".join(lines)
+
+
+def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
+    """The memory-budget targets against naive: exact with ``--memory-budget auto`` at (a) bpc 10 / batch 100 /
+    syn_steps 20 (time <= 0.4x naive's) and (b) bpc 50 / batch 500 / syn_steps 30 (<= 0.8x), in memory no larger
+    than naive's. Rows from the same run (merged rows)."""
+    out = []
+    for name, (ipc, batch), target in (("(a)", (10, 100), 0.4), ("(b)", (50, 500), 0.8)):
+        autos = [
+            r
+            for r in rows
+            if not r.get("failed")
+            and _budget(r) == "auto"
+            and r.get("engine") == "exact"
+            and (r.get("ipc"), r.get("batch_syn")) == (ipc, batch)
+        ]
+        for a in autos:
+            n = _find(rows, "naive", ipc, a.get("syn_steps"), batch)
+            where = f"{name} bpc {ipc}, batch {batch}, syn_steps {a.get('syn_steps')}"
+            if n is None:
+                failed = any(
+                    r.get("failed")
+                    and r.get("engine") == "naive"
+                    and (r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")) == (ipc, a.get("syn_steps"), batch)
+                    for r in rows
+                )
+                out.append(
+                    f"- {where}: exact (budget auto) completes; naive "
+                    + ("did not (out of memory or error)" if failed else "was not run")
+                )
+                continue
+            ratio = a["s_per_iter"] / n["s_per_iter"]
+            mem_ok = a[mem_key] <= n[mem_key]
+            out.append(
+                f"- {where}: exact (budget auto) / naive time = **{ratio:.2f}** (target <= {target}) -> "
+                f"{'met' if ratio <= target else 'NOT met'}; {mem_name} {a[mem_key]:.0f} vs {n[mem_key]:.0f} MB "
+                f"(target: no larger) -> {'met' if mem_ok else 'NOT met'}"
+            )
+    return out
 
 
 def write_report(rows, json_path) -> None:
