@@ -96,7 +96,7 @@ STRUCTURAL_KEYS = (
     "soft_labels",
 )
 # Keys used only to initialize (iteration 0): the checkpoint's random state and learned lr replace their effect.
-INIT_ONLY_KEYS = frozenset({"seed", "lr_teacher", "pix_init"})
+INIT_ONLY_KEYS = frozenset({"seed", "lr_teacher", "pix_init", "hallucinator_init"})
 # Pseudo-keys of the inputs' fingerprint (allow_changed accepts them too).
 _INPUT_KEYS = {"dataset_content": "dataset", "buffer_content": "buffer_path"}
 

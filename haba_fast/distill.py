@@ -58,6 +58,8 @@ __all__ = [
 
 PARAMETERIZATIONS = ("haba", "pixels")
 PIX_INITS = ("real", "noise")
+# HaBa's hallucinators at iteration 0: the reference's random init, or near-identity (samples start as their bases).
+HALLUCINATOR_INITS = ("reference", "identity")
 # How the learned lr is parameterized (see Distiller): "plain" is the reference's; "log" keeps it positive by
 # construction (lr = exp(u), SGD on u; --lr_lr is then the step size of log(lr)).
 LR_PARAMS = ("plain", "log")
@@ -129,6 +131,7 @@ class DistillConfig:
     batch_syn: Optional[int] = None
     batch_train: int = 256
     pix_init: str = "real"
+    hallucinator_init: str = "reference"  # not a reference flag: "identity" (HaBa.init_hallucinators_identity)
     dsa: bool = True
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     data_path: Optional[str] = None
@@ -190,6 +193,10 @@ class DistillConfig:
             raise ValueError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)} (or auto)")
         if self.pix_init not in PIX_INITS:
             raise ValueError(f"unknown --pix_init {self.pix_init!r}: choose real or noise")
+        if self.hallucinator_init not in HALLUCINATOR_INITS:
+            raise ValueError(
+                f"unknown --hallucinator-init {self.hallucinator_init!r}: choose {' or '.join(HALLUCINATOR_INITS)}"
+            )
         for name in ("ipc", "syn_steps", "expert_epochs", "max_start_epoch", "kernel_size", "n_hallucinators"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -385,6 +392,9 @@ def build_synthetic(cfg: DistillConfig, dataset, generator: torch.Generator, dev
         )
     if cfg.pix_init == "real":
         syn.init_from_real(dataset, generator=generator)
+    if cfg.parameterization == "haba" and cfg.hallucinator_init == "identity":
+        # Drawn after the bases: the same seed picks the same bases under either hallucinator init.
+        syn.init_hallucinators_identity(generator=generator)
     return syn.to(device)
 
 

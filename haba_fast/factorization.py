@@ -534,6 +534,29 @@ class HaBa(_Synthetic):
         return self
 
     @torch.no_grad()
+    def init_hallucinators_identity(self, noise: float = 0.1, generator: torch.Generator | None = None) -> HaBa:
+        """Near-identity hallucinators (not the reference's init, which is :meth:`reset_hallucinators`).
+
+        The encoder and decoder kernels are centered deltas, one per channel (single-channel bases feed every
+        channel), biases 0, scale 1, shift 0, so that every sample starts as its basis: exactly, with ``noise`` 0,
+        on the interior, while a border of ``(k - 1) // 2`` pixels starts at 0 (the encoder has no padding). On top,
+        ``noise`` times the default draws of :meth:`reset_hallucinators` on the kernels and biases: the
+        hallucinators then differ from the start, so that their gradients differ too.
+        """
+        if not noise >= 0:
+            raise ValueError(f"init_hallucinators_identity: noise must be >= 0, got {noise!r}")
+        if self.kernel_size % 2 != 1:
+            raise ValueError(f"identity hallucinators need an odd kernel_size, got {self.kernel_size}")
+        self.reset_hallucinators(generator)
+        for p in (self.enc_weight, self.enc_bias, self.dec_weight, self.dec_bias):
+            p.mul_(noise)
+        m = self.kernel_size // 2
+        for c in range(self.channels):
+            self.enc_weight[:, c, c if self.base_channels == self.channels else 0, m, m] += 1.0
+            self.dec_weight[:, c, c, m, m] += 1.0
+        return self
+
+    @torch.no_grad()
     def init_noise(self, generator: torch.Generator | None = None) -> HaBa:
         """Standard-normal bases (the reference's ``pix_init noise``); hallucinators untouched."""
         _randn_(self.bases, generator)

@@ -61,9 +61,9 @@ CROSS_MODELS: Tuple[str, ...] = ("AlexNet", "VGG11", "ResNet18", "MLP")
 FORMAT = "haba_fast.table/1"
 # DistillConfig fields a HaBa cell may override (tuned on the validation split; never the seed or the budget).
 HABA_TUNABLE: Tuple[str, ...] = (
-    "n_hallucinators", "kernel_size", "single_channel", "pix_init", "iterations", "lr_img", "lr_style", "lr_lr",
-    "batch_syn", "batch_real", "syn_steps", "lambda_club_content", "lambda_likeli_content", "lambda_cls_content",
-    "lambda_contrast_content", "adversary_lr",
+    "n_hallucinators", "kernel_size", "single_channel", "pix_init", "hallucinator_init", "iterations", "lr_img",
+    "lr_style", "lr_lr", "batch_syn", "batch_real", "syn_steps", "lambda_club_content", "lambda_likeli_content",
+    "lambda_cls_content", "lambda_contrast_content", "adversary_lr",
 )
 
 

@@ -84,6 +84,13 @@ _FLAGS: List[tuple] = [
         dict(type=str, choices=["noise", "real"]),
         "initialize from real images or noise",
     ),
+    (
+        "hallucinator_init",
+        ["--hallucinator-init"],
+        dict(type=str, choices=["reference", "identity"]),
+        "haba: hallucinators at iteration 0: the reference's random init, or near-identity (samples start as "
+        "their bases; not a reference flag)",
+    ),
     ("dsa", ["--dsa"], dict(type=_bool_value, metavar="{True,False}"), "differentiable Siamese augmentation"),
     ("dsa_strategy", ["--dsa_strategy", "--dsa-strategy"], dict(type=str), "DSA strategy (families joined by _)"),
     ("data_path", ["--data_path", "--data-path"], dict(type=str), "folder holding the dataset files"),
