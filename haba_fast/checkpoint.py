@@ -252,7 +252,9 @@ def _digest(t: Tensor, samples: int = 65536) -> str:
     """Hash of a tensor's shape, dtype and (up to) ``samples`` evenly spaced elements: exact and cheap."""
     t = t.detach().cpu().reshape(-1)
     if t.numel() > samples:
-        t = t[torch.linspace(0, t.numel() - 1, samples).long()]
+        # float32 positions, as checkpoints written before hold them; past 2**24 elements the last one can round up
+        # beyond the end (55,000 Fashion-MNIST images did), so the positions are clamped to the last element.
+        t = t[torch.linspace(0, t.numel() - 1, samples).long().clamp_(max=t.numel() - 1)]
     h = hashlib.sha256(str((tuple(t.shape), str(t.dtype))).encode())
     if t.dtype == torch.bfloat16:
         t = t.float()
