@@ -368,3 +368,15 @@ def test_cross_architecture_cells_wait_for_every_row_then_run_per_model(tmp_path
         assert table._cell_text(done[src]) in line
     payload = json.loads((tmp_path / "cells.json").read_text())
     assert {c["key"] for c in payload["cells"]} >= set(xarch)
+
+
+def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
+    """The anchor gap of a cell rerun under the longer protocol names that figure and its own gap."""
+    quick = table.PROTOCOLS["quick"]
+    rec = {"key": "ipc1-dsa", "status": "done", "mean": 0.6751}
+    rerun = {"key": "ipc1-dsa", "status": "done", "mean": 0.7043}
+    lines = table._anchor_gap_lines({"ipc1-dsa": rec}, quick, {"ipc1-dsa": rerun})
+    (line,) = [ln for ln in lines if ln.startswith("- DSA, IPC 1:")]
+    assert "67.51 against 70.6 (-3.09 points). The gap exceeds 3 points" in line
+    assert "Under the longer protocol `quick-longer` (above) this cell scored 70.43 (-0.17 points" in line
+    assert "longer protocol" not in "".join(table._anchor_gap_lines({"ipc1-dsa": rec}, quick))
