@@ -1155,7 +1155,7 @@ def _anchor_gap_lines(cells: Dict[str, Dict[str, Any]], p: Protocol,
             line = f"- {a['method']}, {where}: {100 * rec['mean']:.2f} against {ref} ({gap:+.2f} points)"
             if gap < -3:
                 line += f". The gap exceeds 3 points; this protocol's cuts: {_reductions(row, p)}"
-            rerun = (longer or {}).get(rec["key"])
+            rerun = (longer or {}).get(Cell(1 if row == "whole" else ipc, row).key)
             if rerun is not None and rerun.get("status") == "done" and p.name in LONGER:
                 line += (f". Under the longer protocol `{LONGER[p.name][0].name}` (above) this cell scored "
                          f"{100 * rerun['mean']:.2f} ({100 * rerun['mean'] - ref:+.2f} points against the anchor)")
