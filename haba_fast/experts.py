@@ -828,10 +828,20 @@ def train_experts(
         raise ValueError("the reference buffer format stores float32; use fmt='haba' for bfloat16 storage")
     cfg.validate()
     out_dir = Path(out_dir)
-    check_writable(out_dir, what="expert output folder")  # read-only or full: a clear error before any training
+    # Rank 0 alone probes the folder (read-only or full: a clear error before any training) and removes what a
+    # killed run was writing (its expert is retrained). Another rank's probe would be one of those temp files, so
+    # the ranks do not probe side by side; every rank learns the outcome, and none writes before the removal.
+    checked = None
     if dist.is_main():
-        remove_temp_files(out_dir, recursive=False)  # what a killed run was writing (its expert is retrained)
-    dist.barrier()  # no rank writes before the stale temp files are gone
+        try:
+            check_writable(out_dir, what="expert output folder")
+            remove_temp_files(out_dir, recursive=False)
+            checked = ("ok", None)
+        except ValueError as exc:
+            checked = ("error", exc)
+    kind, error = dist.broadcast(checked)
+    if kind == "error":
+        raise error
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
 

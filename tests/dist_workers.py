@@ -253,3 +253,13 @@ def train_buffers(out_dir: str, num_experts: dict, sub: str) -> None:
         )
         train_experts(ds, cfg, Path(out_dir) / f"{fmt}_{sub}", fmt=fmt, progress=False)
     return None
+
+
+def train_buffers_slow_rank1(out_dir: str, num_experts: dict, sub: str) -> None:
+    """train_buffers with rank 1's atomic writes held open 0.5 s (a slow rank): rank 0 must not remove a temp file
+    rank 1 is still writing."""
+    from haba_fast import dist
+
+    if dist.rank() == 1:
+        os.environ["HABA_FAST_IO_TEST_DELAY"] = "0.5"
+    return train_buffers(out_dir, num_experts, sub)

@@ -164,6 +164,15 @@ def test_buffer_files_equal_one_process(tmp_path):
         assert names[0] == names[1]
 
 
+def test_a_slow_rank_keeps_its_temp_files(tmp_path):
+    """Rank 0 removes a killed run's temp files when expert training starts; a slower rank 1 must not lose a file
+    it is writing at that moment (it probed the folder side by side and failed with ENOENT before)."""
+    from haba_fast.experts import load_buffer
+
+    W.run_ranks(W.train_buffers_slow_rank1, 2, tmp_path, {"haba": 2}, "slow")
+    assert load_buffer(tmp_path / "haba_slow").num_trajectories == 2
+
+
 @pytest.mark.slow
 def test_distill_run_writes_on_rank_0_and_resumes(tmp_path):
     """2 ranks: rank 0 writes the checkpoint and history, both ranks log the same iterations as one process; a resume
