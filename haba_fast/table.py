@@ -1277,7 +1277,8 @@ def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> Lis
         return [head, "", f"Not run yet: these cells run once every row of IPC {ipc} is finished."]
     lines = [head, "", f"| set | {p.eval_model} (the table) | " + " | ".join(models) + " |",
              "|---|---|" + "---|" * len(models)]
-    sources = sorted({r["source"] for r in xarch}, key=_sort_key)
+    # the sets evaluated so far, and the ones still to come (their rows say "not run yet")
+    sources = sorted({r["source"] for r in xarch} | {r["key"] for r in cross_sources(cells, ipc)}, key=_sort_key)
     for src in sources:
         mine = {r["model"]: r for r in xarch if r["source"] == src}
         lines.append(f"| {ROW_NAMES.get(src.partition('-')[2], src)} ({src}) | {_cell_text(cells.get(src))} | "
