@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -188,6 +188,21 @@ def broadcast(value: Any, src: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def run_on_main(fn: Callable[[], Any], errors: tuple = (ValueError,)) -> Any:
+    """``fn()`` on rank 0 alone; every rank returns its value (pickled) or raises the error of ``errors`` it
+    raised, so that no rank waits at a later collective for a rank 0 that failed. One process: just ``fn()``."""
+    outcome = None
+    if is_main():
+        try:
+            outcome = ("ok", fn())
+        except errors as exc:
+            outcome = ("error", exc)
+    kind, value = broadcast(outcome)
+    if kind == "error":
+        raise value
+    return value
 
 
 def gather_objects(value: Any, dst: int = 0) -> Optional[list]:

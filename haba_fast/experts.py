@@ -831,17 +831,11 @@ def train_experts(
     # Rank 0 alone probes the folder (read-only or full: a clear error before any training) and removes what a
     # killed run was writing (its expert is retrained). Another rank's probe would be one of those temp files, so
     # the ranks do not probe side by side; every rank learns the outcome, and none writes before the removal.
-    checked = None
-    if dist.is_main():
-        try:
-            check_writable(out_dir, what="expert output folder")
-            remove_temp_files(out_dir, recursive=False)
-            checked = ("ok", None)
-        except ValueError as exc:
-            checked = ("error", exc)
-    kind, error = dist.broadcast(checked)
-    if kind == "error":
-        raise error
+    def prepare_folder() -> None:
+        check_writable(out_dir, what="expert output folder")
+        remove_temp_files(out_dir, recursive=False)
+
+    dist.run_on_main(prepare_folder)
     device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
 
@@ -862,17 +856,14 @@ def train_experts(
     }
     del probe
     # Rank 0 opens (creates or checks) the progress file; every rank learns where to start, or rank 0's error.
-    writer, opened = None, None
-    if dist.is_main():
-        try:
-            writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
-            opened = ("ok", writer.completed)
-        except (ValueError, FileNotFoundError) as exc:
-            opened = ("error", exc)
-    kind, value = dist.broadcast(opened)
-    if kind == "error":
-        raise value
-    start = int(value)
+    writer = None
+
+    def open_writer() -> int:
+        nonlocal writer
+        writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
+        return writer.completed
+
+    start = int(dist.run_on_main(open_writer, (ValueError, FileNotFoundError)))
     if writer is None:  # another rank: it only stages its experts' own files
         writer = _StagingWriter(out_dir, fmt, storage)
 

@@ -598,15 +598,16 @@ def run_cell(
             from haba_fast.visualize import synthetic_grid
 
             record["image"] = _save_png(lambda p: synthetic_grid(syn, p), images_dir, cell.key)
-    accs = [float(a) for a in res.accuracies[protocol.eval_model]]
-    record.update(
-        model=protocol.eval_model,
-        accuracies=accs,
-        mean=float(sum(accs) / len(accs)),
-        std=float(torch.tensor(accs, dtype=torch.float64).std(unbiased=False)) if len(accs) > 1 else 0.0,
-        seconds=seconds,
-    )
+    record.update(model=protocol.eval_model, **_accuracy_fields(res.accuracies[protocol.eval_model]),
+                  seconds=seconds)
     return record
+
+
+def _accuracy_fields(accuracies: Sequence[float]) -> Dict[str, Any]:
+    """A cell's ``accuracies`` (one per network) with their ``mean`` and ``std`` (ddof 0)."""
+    accs = [float(a) for a in accuracies]
+    std = float(torch.tensor(accs, dtype=torch.float64).std(unbiased=False)) if len(accs) > 1 else 0.0
+    return {"accuracies": accs, "mean": float(sum(accs) / len(accs)), "std": std}
 
 
 def _distill_seconds(run_dir: Path, elapsed: float, finished_before: bool) -> float:
@@ -656,15 +657,12 @@ def cross_architecture(record: Dict[str, Any], model: str, dataset, protocol: Pr
     # One seed per (set, architecture): a cell does not depend on which other architectures ran before it.
     g = torch.Generator().manual_seed(protocol.seed + 200 + protocol.cross_models.index(model))
     res = evaluate_synthetic(syn, dataset, ev, lr=record["lr"], generator=g, label=record["key"])
-    accs = [float(a) for a in res.accuracies[model]]
     return {
         "key": cross_key(record["key"], model),
         "source": record["key"],
         "model": model,
         "status": "done",
-        "accuracies": accs,
-        "mean": float(sum(accs) / len(accs)),
-        "std": float(torch.tensor(accs, dtype=torch.float64).std(unbiased=False)) if len(accs) > 1 else 0.0,
+        **_accuracy_fields(res.accuracies[model]),
         "settings": record.get("settings") or {},
         "seconds": {"eval": time.perf_counter() - t},
     }
@@ -865,21 +863,29 @@ def run_table(
                                                   tuning_json=None if tuning_json is None else str(tuning_json)),
                                   doc)
 
+        def stamp(rec: Dict[str, Any], proto: Protocol, split_info: Dict[str, Any], **extra: Any) -> None:
+            """What every stored record carries besides its figures: format, protocol, split, data, machine, time."""
+            rec.update(format=FORMAT, protocol=proto.to_dict(), split=split_info, dataset=dataset_name,
+                       environment=env, finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                       finished_unix=time.time(), **extra)
+
+        def finished_elsewhere(key: str) -> bool:
+            """Whether ``key`` is done, re-reading the folder: another run on it may have finished the cell."""
+            if key not in done:
+                done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == key})
+            return key in done
+
         if render_only:  # the document and the JSON from the stored cells; nothing is computed
             todo, longer_check, cross = [], False, False
         for i, cell in enumerate(todo, 1):
-            if cell.key not in done:  # another run on the same work folder may have finished it meanwhile
-                done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == cell.key})
-            if cell.key in done:
+            if finished_elsewhere(cell.key):
                 log(f"[{i}/{len(todo)}] {cell.key}: reused ({_figure(done[cell.key])})")
                 continue
             t = time.perf_counter()
             log(f"[{i}/{len(todo)}] {cell.key}: running ...")
             rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir if eval_split == "test" else None,
                            log=log)
-            rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
-                       environment=env, total_seconds=time.perf_counter() - t,
-                       finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), finished_unix=time.time())
+            stamp(rec, protocol, split, total_seconds=time.perf_counter() - t)
             atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{cell_stem(cell, protocol)}.json")
             done[cell.key] = rec
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
@@ -892,9 +898,7 @@ def run_table(
                 t = time.perf_counter()
                 ldata, lsplit = split_dataset(full, lp, "test")
                 rec = run_cell(lcell, ldata, lp, out / "longer", log=log)
-                rec.update(format=FORMAT, protocol=lp.to_dict(), split=lsplit, dataset=dataset_name,
-                           environment=env, total_seconds=time.perf_counter() - t,
-                           finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                stamp(rec, lp, lsplit, total_seconds=time.perf_counter() - t)
                 ldir = _cell_dir(out / "longer", lp, "test")
                 ldir.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(json.dumps(rec, indent=1) + "\n", ldir / f"{lcell.key}.json")
@@ -906,16 +910,11 @@ def run_table(
             for source in cross_sources(done, max(ipcs)):
                 for model in models:
                     key = cross_key(source["key"], model)
-                    if key not in done:  # another run on the same work folder may have finished it meanwhile
-                        done.update({k: v for k, v in load_cells(out, protocol, eval_split).items() if k == key})
-                    if key in done:
+                    if finished_elsewhere(key):
                         continue
                     log(f"cross-architecture: {source['key']} on {model} ...")
                     rec = cross_architecture(source, model, dataset, protocol)
-                    rec.update(format=FORMAT, protocol=protocol.to_dict(), split=split, dataset=dataset_name,
-                               environment=env,
-                               finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                               finished_unix=time.time())
+                    stamp(rec, protocol, split)
                     path = cell_dir / f"{_stem(key, rec['settings'])}.json"
                     atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
                     done[key] = rec

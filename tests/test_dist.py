@@ -33,6 +33,19 @@ def test_one_process_is_a_no_op(monkeypatch):
     dist.barrier()
 
 
+def test_run_on_main_returns_or_raises_on_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert dist.run_on_main(lambda: 7) == 7
+
+    def fail():
+        raise ValueError("folder is read-only")
+
+    with pytest.raises(ValueError, match="read-only"):
+        dist.run_on_main(fail)
+    with pytest.raises(KeyError):  # an error outside ``errors`` is not caught
+        dist.run_on_main(lambda: {}["missing"])
+
+
 def test_init_from_env_rejects_bad_variables(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "5")
