@@ -35,6 +35,7 @@ TINY = Protocol(
     whole_epochs=1,
     n_hallucinators=2,
     cross_models=("MLP",),
+    cross_ipc=2,
 )
 
 
@@ -368,6 +369,18 @@ def test_cross_architecture_cells_wait_for_every_row_then_run_per_model(tmp_path
         assert table._cell_text(done[src]) in line
     payload = json.loads((tmp_path / "cells.json").read_text())
     assert {c["key"] for c in payload["cells"]} >= set(xarch)
+
+    # A cell at a larger budget (here IPC 4, as IPC 50 beside IPC 10) moves neither the cells nor the section:
+    # they stay at the protocol's cross_ipc.
+    big = {**done["ipc2-dm"], "key": "ipc4-dm", "ipc": 4}
+    (tmp_path / "out" / "cells" / "tiny" / "ipc4-dm.json").write_text(json.dumps(big))
+    table.run_table("digits", tmp_path / "out", rows=["dm"], **{**kw, "ipcs": (2, 4)})
+    assert calls == []
+    doc = (tmp_path / "doc.md").read_text()
+    assert "| IPC 2 | IPC 4 |" in doc
+    section = doc.split("## Cross-architecture")[1].split("\n## ")[0]
+    assert "at IPC 2," in section and "IPC 4" not in section
+    assert all(f"({src})" in section for src in ("ipc2-dm", "ipc2-haba-dm"))
 
 
 def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):

@@ -20,6 +20,7 @@ On CUDA the row also carries the fused step's achieved bandwidth (``minimal_byte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Dict, List
@@ -74,7 +75,9 @@ def reference_modules(params: Dict[str, torch.Tensor]) -> nn.ModuleList:
     Hn, C, cb, k, _ = params["enc_weight"].shape
     H = params["scale"].shape[2] + k - 1
     W = params["scale"].shape[3] + k - 1
-    mods = nn.ModuleList([Hallucinator(cb, C, k, H, W) for _ in range(Hn)])
+    # Cast before copying, so float64 parameters keep every bit (not rounded through float32 modules).
+    mods = nn.ModuleList([Hallucinator(cb, C, k, H, W) for _ in range(Hn)]).to(
+        device=params["bases"].device, dtype=params["bases"].dtype)
     with torch.no_grad():
         for h, m in enumerate(mods):
             m.enc.weight.copy_(params["enc_weight"][h])
@@ -83,7 +86,7 @@ def reference_modules(params: Dict[str, torch.Tensor]) -> nn.ModuleList:
             m.shift.copy_(params["shift"][h][None])
             m.dec.weight.copy_(params["dec_weight"][h])
             m.dec.bias.copy_(params["dec_bias"][h])
-    return mods.to(device=params["bases"].device, dtype=params["bases"].dtype)
+    return mods
 
 
 def reference_generate(bases, mods, base_idx, hall_idx):
@@ -155,7 +158,16 @@ def _module_params(mods) -> List[torch.Tensor]:
 
 
 def reference_step(bases, mods, problem, aug, grad_out):
+    """The research-code path's gradients (bases, then every module's parameters).
+
+    The sampled augmentation values are cast to the bases' dtype first: the research code draws them in torch's
+    default dtype, so at float64 its rotation and scale matrices are float64 too (``apply_research`` builds them
+    in the values' dtype; float32 trig would differ from the fused op's float64 by ~1e-7).
+    """
     x = reference_generate(bases, mods, problem["base_idx"], problem["hall_idx"])
+    dtype = problem["bases"].dtype
+    aug = dataclasses.replace(aug, values={k: v.to(dtype) if v.is_floating_point() else v
+                                           for k, v in aug.values.items()})
     out = family(aug.family).apply_research(x, aug)
     return torch.autograd.grad(out, [bases, *_module_params(mods)], grad_out, allow_unused=True, materialize_grads=True)
 
