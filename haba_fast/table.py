@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -1108,7 +1109,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         "## Machine",
         "",
         f"{env.get('cpus', '?')} CPUs ({env.get('cpu', '?')}), torch {env.get('torch', '?')} with "
-        f"{env.get('torch_threads', '?')} thread(s), Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
+        f"{_threads_text(envs)}, Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
         "The machine was shared with other jobs, so seconds are indicative.",
         "",
         "## Published anchors (full protocols, for context only)",
@@ -1268,6 +1269,19 @@ def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
                      f"({gap:+.2f} points for the best HaBa trial)")
         out.append(text + ".")
     return out
+
+
+def _threads_text(envs: Sequence[Dict[str, Any]]) -> str:
+    """Torch intra-op threads of the cells' processes: ``1 thread`` or, mixed, ``1 thread (29 cells), 2 (6)``."""
+    counts = Counter(e.get("torch_threads", "?") for e in envs)
+    if not counts:
+        return "? thread(s)"
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+    (top, n), rest = ranked[0], ranked[1:]
+    if not rest:
+        return f"{top} thread{'' if top == 1 else 's'} per process"
+    return (f"{top} thread{'' if top == 1 else 's'} per process ({n} records; "
+            + ", ".join(f"{k} in {m}" for k, m in rest) + ")")
 
 
 def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> List[str]:

@@ -393,3 +393,11 @@ def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
     assert "67.51 against 70.6 (-3.09 points). The gap exceeds 3 points" in line
     assert "Under the longer protocol `quick-longer` (above) this cell scored 70.43 (-0.17 points" in line
     assert "longer protocol" not in "".join(table._anchor_gap_lines({"ipc1-dsa": rec}, quick))
+
+
+def test_machine_line_counts_every_thread_setting():
+    """The document's machine line names each torch thread count its cells ran with, not one cell's."""
+    envs = [{"torch_threads": 1}] * 29 + [{"torch_threads": 2}] * 6
+    assert table._threads_text(envs) == "1 thread per process (29 records; 2 in 6)"
+    assert table._threads_text([{"torch_threads": 2}]) == "2 threads per process"
+    assert table._threads_text([]) == "? thread(s)"
