@@ -863,3 +863,30 @@ def test_eval_pool_per_reference():
     assert eval_iterations(DistillConfig(parameterization="haba", iterations=100, eval_it=5, num_eval=1)) == [
         90, 95, 100,
     ]  # fmt: skip
+
+
+def test_readme_reference_flags_example_is_the_preset():
+    """README's "reference script's own flags" command runs what ``--preset cifar10-ipc10`` runs (the same run as
+    run_cifar10_ipc10_style5.sh), so a user copying either gets the reference's settings."""
+    import dataclasses
+    import pathlib
+    import shlex
+
+    from haba_fast.cli import build_parser
+    from haba_fast.commands.distill import config_from_args
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("# or the reference script's own flags", 1)[1].split("\n", 1)[1]
+    lines = []
+    for line in block.splitlines():
+        lines.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(" ".join(lines))
+    assert argv[:2] == ["haba-fast", "distill"]
+    parse = build_parser().parse_args
+    mine = dataclasses.asdict(config_from_args(parse(argv[1:])))
+    preset = dataclasses.asdict(config_from_args(parse(["distill", "--preset", "cifar10-ipc10", *argv[-6:]])))
+    diff = {k: (mine[k], preset[k]) for k in mine if mine[k] != preset[k]}
+    assert diff == {"batch_standardize": (None, True)}  # None: on for haba (eval_config)
+    assert eval_config(config_from_args(parse(argv[1:]))).batch_standardize is True
