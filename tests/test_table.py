@@ -106,6 +106,40 @@ def test_committed_cells_are_reused_in_a_fresh_work_folder(tmp_path, monkeypatch
     assert table.committed_cells(tmp_path / "cells.json", other) == {}
 
 
+def test_a_cell_finished_by_another_run_on_the_folder_stays_in_the_outputs(tmp_path, monkeypatch):
+    # Two runs on one work folder (e.g. one per core): each writes the cell JSON and the document after its cells.
+    # The one that writes last must keep the cells the other finished after it started.
+    _run(tmp_path, ["random"], cross=False)
+    cell_dir = tmp_path / "out" / "cells" / "tiny"
+    other = json.loads((cell_dir / "ipc2-random.json").read_text())
+    (cell_dir / "ipc2-random.json").unlink()
+    real = table.run_cell
+
+    def meanwhile(cell, *a, **k):  # while this run works on its cell, the other run stores its own
+        (cell_dir / "ipc2-random.json").write_text(json.dumps(other))
+        return real(cell, *a, **k)
+
+    monkeypatch.setattr(table, "run_cell", meanwhile)
+    done = table.run_table(
+        "digits", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["herding"], doc=tmp_path / "doc.md",
+        cells_json=None, images_dir=tmp_path / "img", log=lambda m: None, cross=False)
+    assert set(done) == {"ipc2-random", "ipc2-herding"}
+    doc = (tmp_path / "doc.md").read_text()
+    assert f"{100 * other['mean']:.2f}" in doc and "| random real (coreset) |" in doc
+
+
+def test_with_iterations_changes_one_objective_and_stores_apart(tmp_path):
+    longer = TINY.with_iterations("dm", 7)
+    assert longer.name == "tiny-dm7" and longer.iterations_of("dm") == 7
+    assert all(longer.iterations_of(o) == TINY.iterations_of(o) for o in ("dc", "dsa", "mtt"))
+    assert table.cell_stem(Cell(2, "dm"), longer) == "ipc2-dm"  # same file name, in another protocol's folder
+    stored = {"format": table.FORMAT, "key": "ipc2-dm", "row": "dm", "protocol": TINY.to_dict()}
+    assert table.same_protocol(stored, TINY) and not table.same_protocol(stored, longer)
+    for bad in (("dm", 0), ("kip", 5)):
+        with pytest.raises(ValueError):
+            TINY.with_iterations(*bad)
+
+
 def test_threads_option_applies_and_is_restored(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(table, "run_cell", lambda cell, *a, **k: seen.append(torch.get_num_threads()) or {
@@ -222,6 +256,18 @@ def test_haba_settings_keep_other_cells_and_split_haba_trials(tmp_path, monkeypa
     assert [(t["key"], t.get("settings") or {}) for t in trials if t["row"] == "haba-dm"] == [
         ("ipc2-haba-dm", {}), ("ipc2-haba-dm", {"n_hallucinators": 1})]
     assert (out / "runs" / "ipc2-haba-dm--n_hallucinators=1" / "synthetic.pt").is_file()
+    # A fresh work folder (a new checkout) keeps the committed log's trials and does not recompute them.
+    import shutil
+
+    shutil.copytree(out, tmp_path / "kept")
+    shutil.rmtree(out)
+    calls.clear()
+    again = table.run_table("digits", out, protocol=tuned, ipcs=(2,), rows=["random", "haba-dm"], eval_split="val",
+                            **common)
+    assert calls == [] and again == done
+    assert table.load_trials(tmp_path / "tuning.json") == trials
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "kept", out)
     assert not (tmp_path / "doc.md").exists() and not (tmp_path / "img").exists()  # validation never publishes
     # The test split: the trials are listed in the document; the HaBa cell runs under the chosen setting.
     test_done = table.run_table("digits", out, protocol=tuned, ipcs=(2,), rows=["haba-dm"], **common)
@@ -261,6 +307,14 @@ def test_gaps_to_the_published_anchors_are_explained_over_three_points():
     assert "(-1.30 points)" in dc and "exceeds" not in dc
     assert any(x.startswith("- whole dataset, the whole training pool: 90.00 against 93.5") for x in lines)
     assert table._anchor_gap_lines({}, TINY) == ["No cell with a published anchor is finished yet."]
+    # An anchor that could not be checked against its paper: no gap is measured against it, its figures withheld.
+    assert not any(x.startswith("- MTT") for x in table._anchor_gap_lines({"ipc10-mtt": {"status": "done",
+                                                                                      "mean": 0.7}}, TINY))
+    split = {"train_images": 1, "val_images": 1, "test_images": 1, "split_seed": 0, "eval_split": "test"}
+    doc = table.render_markdown({}, TINY, split, "fashion-mnist")
+    frepo = next(x for x in doc.splitlines() if x.startswith("| MTT (FRePo's rerun)"))
+    assert "87.2" not in frepo and frepo.count("| withheld ") == 3
+    assert "| DSA | 70.6 | 84.6 | 88.7 |" in doc
 
 
 def test_render_only_computes_nothing_and_writes_the_document(tmp_path, monkeypatch):
@@ -401,3 +455,16 @@ def test_machine_line_counts_every_thread_setting():
     assert table._threads_text(envs) == "1 thread per process (29 records; 2 in 6)"
     assert table._threads_text([{"torch_threads": 2}]) == "2 threads per process"
     assert table._threads_text([]) == "? thread(s)"
+
+
+def test_tuning_summary_states_a_longer_haba_trial_beside_the_gap():
+    def trial(row, mean, iterations, settings=None):
+        return {"key": f"ipc2-{row}", "row": row, "ipc": 2, "status": "done", "mean": mean, "std": 0.01,
+                "iterations": iterations, "settings": settings or {}}
+
+    pixel, short = trial("dm", 0.80, 3), trial("haba-dm", 0.75, 3)
+    (line,) = table._tuning_summary([pixel, short], TINY)
+    assert "(-5.00 points for the best HaBa trial)." in line and "iterations against" not in line
+    (line,) = table._tuning_summary([pixel, short, trial("haba-dm", 0.78, 9, {"iterations": 9})], TINY)
+    assert "best on validation: the setting iterations 9, 78.00" in line
+    assert "(-2.00 points for the best HaBa trial, which ran 9 iterations against the pixel row's 3)." in line
