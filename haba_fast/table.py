@@ -25,6 +25,7 @@ each HaBa row to its pixel row, and published anchors for context.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -576,7 +577,8 @@ def run_cell(
 
         reason = haba_fits(cell, protocol, dataset)
         if reason is not None:
-            record.update(status="does not fit", reason=reason, storage={"budget_floats": budget})
+            record.update(status="does not fit", reason=reason, storage={"budget_floats": budget},
+                          settings=protocol.haba_overrides(cell.objective))
             return record
         cfg = distill_config(cell, protocol, dataset.name)
         buffer = None
@@ -715,6 +717,23 @@ def _cell_dir(out: Path, protocol: Protocol, split: str) -> Path:
     return out / "cells" / (protocol.name if split == "test" else f"{protocol.name}-val")
 
 
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder/.lock`` (held by the process until the block ends; none without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the re-read before each write still keeps the other runs' cells
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def load_cells(out: Path, protocol: Protocol, split: str = "test") -> Dict[str, Dict[str, Any]]:
     """Finished cells under ``out`` for this protocol and split (files of another protocol are ignored)."""
     d = _cell_dir(Path(out), protocol, split)
@@ -758,20 +777,43 @@ def validation_trials(out: Path, protocol: Protocol) -> List[Dict[str, Any]]:
             continue
         if rec.get("format") == FORMAT and "row" in rec:
             trials.append(rec)
-    # Run order: the finish time (seconds), then its fraction (cells of the same second), then the name.
-    return sorted(trials, key=lambda r: (r.get("finished", ""), r.get("finished_unix", 0.0), r["key"],
-                                         _stem(r["key"], r.get("settings") or {})))
+    return sorted(trials, key=_run_order)
 
 
-def load_trials(tuning_json) -> List[Dict[str, Any]]:
-    """The trials of a tuning log written by a validation run (empty when there is none or it is unreadable)."""
+def record_settings(rec: Dict[str, Any]) -> Dict[str, Any]:
+    """The HaBa overrides a stored cell ran with, read from its stored protocol ({} for pixel rows and coresets).
+
+    The record's own ``settings`` field where it has one; else its stored protocol's (a HaBa cell that did not fit
+    its budget was stored without the field).
+    """
+    if isinstance(rec.get("settings"), dict):
+        return dict(rec["settings"])
+    return dict(_decides(rec.get("protocol") or {}, rec.get("row")).get("haba", {}))
+
+
+def record_stem(rec: Dict[str, Any]) -> str:
+    """File and run-folder name of a stored cell: the :func:`cell_stem` of the cell it records."""
+    return _stem(rec["key"], record_settings(rec))
+
+
+def _run_order(rec: Dict[str, Any]) -> Tuple[str, float, str, str]:
+    """Run order: the finish time (seconds), then its fraction (cells of the same second), then the name."""
+    return rec.get("finished", ""), rec.get("finished_unix", 0.0), rec["key"], record_stem(rec)
+
+
+def load_trials(tuning_json, protocol_name: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The trials of a tuning log written by a validation run (empty when there is none or it is unreadable).
+
+    ``protocol_name``: only the trials of that protocol (the log of a dataset holds every protocol's).
+    """
     if tuning_json is None:
         return []
     try:
         payload = json.loads(Path(tuning_json).read_text())
     except (OSError, json.JSONDecodeError):
         return []
-    return [t for t in payload.get("trials", []) if isinstance(t, dict) and "row" in t]
+    return [t for t in payload.get("trials", []) if isinstance(t, dict) and "row" in t and "key" in t
+            and (protocol_name is None or (t.get("protocol") or {}).get("name") == protocol_name)]
 
 
 def run_table(
@@ -849,15 +891,13 @@ def run_table(
             # Cells committed with the repository (a fresh checkout has no work folder): reused, not recomputed.
             for key, rec in committed_cells(cells_json, protocol).items():
                 if key not in done:
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n",
-                                      cell_dir / f"{_stem(key, rec.get('settings') or {})}.json")
+                    atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{record_stem(rec)}.json")
                     done[key] = rec
         if eval_split == "val" and tuning_json is not None:
-            # The committed tuning log likewise: its trials are reused and stay in the log a fresh folder rewrites.
-            for rec in load_trials(tuning_json):
-                path = cell_dir / f"{_stem(rec['key'], rec.get('settings') or {})}.json"
-                if rec.get("format") == FORMAT and (rec.get("protocol") or {}).get("name") == protocol.name \
-                        and not path.exists():
+            # The committed tuning log likewise: a trial missing from the folder is restored, reused, kept in the log.
+            for rec in load_trials(tuning_json, protocol.name):
+                path = cell_dir / f"{record_stem(rec)}.json"
+                if rec.get("format") == FORMAT and not path.exists():
                     atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
             done = load_cells(out, protocol, eval_split)
         todo = cells_for(list(ipcs), list(rows))
@@ -873,9 +913,16 @@ def run_table(
             f"{len(todo)} cells ({sum(c.key in done for c in todo)} already done)")
 
         def write_outputs() -> None:
+            with _folder_lock(out / "cells"):  # one writer at a time among the runs on this work folder
+                _write_outputs()
+
+        def _write_outputs() -> None:
             if eval_split != "test":
                 if tuning_json is not None:  # every trial on the validation split, whatever its settings
-                    payload = {"dataset": dataset_name, "split": split, "trials": validation_trials(out, protocol)}
+                    others = [t for t in load_trials(tuning_json)  # other protocols' trials stay in the log
+                              if (t.get("protocol") or {}).get("name") != protocol.name]
+                    trials = sorted(others + validation_trials(out, protocol), key=_run_order)
+                    payload = {"dataset": dataset_name, "split": split, "trials": trials}
                     Path(tuning_json).parent.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(json.dumps(payload, indent=1) + "\n", tuning_json)
                 return
@@ -894,7 +941,7 @@ def run_table(
                 Path(doc).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(render_markdown(done, protocol, split, dataset_name,
                                                   None if cells_json is None else str(cells_json), doc,
-                                                  tuning=load_trials(tuning_json), longer=longer,
+                                                  tuning=load_trials(tuning_json, protocol.name), longer=longer,
                                                   tuning_json=None if tuning_json is None else str(tuning_json)),
                                   doc)
 
@@ -1050,9 +1097,9 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             if h.get("status") != "done":
                 lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa does not fit the budget (below).")
                 continue
-            gap = _pct(h["mean"]) - _pct(px["mean"])
-            verdict = "HaBa is better" if gap > 0 else "**HaBa is worse**"
-            if abs(gap) <= 100 * max(h["std"], px["std"]):
+            gap = round(_pct(h["mean"]) - _pct(px["mean"]), 2)
+            verdict = "HaBa is better" if gap > 0 else "**HaBa is worse**" if gap < 0 else "equal as printed"
+            if gap and abs(gap) <= max(_pct(h["std"]), _pct(px["std"])):
                 verdict += ", by no more than the networks' spread"
             lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f} "
                          f"({gap:+.2f} points: {verdict}). {_haba_storage_text(h)}")
@@ -1255,10 +1302,10 @@ def _tuning_lines(trials: Sequence[Dict[str, Any]], p: Protocol, tuning_json: Op
     ]
     for t in trials:
         if t.get("status") != "done":
-            lines.append(f"| {t['key']} | {_stem('', t.get('settings') or {}).lstrip('-') or 'protocol'} | "
+            lines.append(f"| {t['key']} | {_stem('', record_settings(t)).lstrip('-') or 'protocol'} | "
                          f"{t.get('status')} | – | – | – | {t.get('finished', '')} |")
             continue
-        settings = ", ".join(f"{k} {v}" for k, v in sorted((t.get("settings") or {}).items())) or "protocol"
+        settings = ", ".join(f"{k} {v}" for k, v in sorted(record_settings(t).items())) or "protocol"
         rpc = t.get("rows_per_class")
         rpc_text = "–" if rpc is None else f"{rpc}" + (f" + {t['n_hallucinators']} hall." if t.get("n_hallucinators")
                                                        else "")
@@ -1282,25 +1329,27 @@ def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
         mine = [t for t in done if t["key"] == key]
         obj = mine[0]["row"].split("-")[-1]
         best = max(mine, key=lambda t: t["mean"])
-        used = next((t for t in mine if (t.get("settings") or {}) == p.haba_overrides(obj)), None)
+        used = next((t for t in mine if record_settings(t) == p.haba_overrides(obj)), None)
 
         def name(t):
-            settings = ", ".join(f"{k} {v}" for k, v in sorted((t.get("settings") or {}).items()))
+            settings = ", ".join(f"{k} {v}" for k, v in sorted(record_settings(t).items()))
             return f"the setting {settings}" if settings else "the protocol's setting"
 
         text = (f"- {key}: {len(mine)} trial(s); best on validation: {name(best)}, {100 * best['mean']:.2f} "
                 f"± {100 * best['std']:.2f}")
         if used is not None and used is not best:
-            spread = max(best["std"], used["std"])
+            below = round(_pct(best["mean"]) - _pct(used["mean"]), 2)
             text += (f"; the table uses {name(used)} ({100 * used['mean']:.2f} ± {100 * used['std']:.2f}), "
-                     f"{_pct(best['mean']) - _pct(used['mean']):.2f} points below the best"
-                     + (", within the networks' spread" if best["mean"] - used["mean"] <= spread else ""))
+                     f"{below:.2f} points below the best"
+                     + (", within the networks' spread" if below <= max(_pct(best["std"]), _pct(used["std"]))
+                        else ""))
         pixel = next((t for t in done if t["key"] == f"ipc{mine[0]['ipc']}-{obj}"), None)
         if pixel is not None:
             gap = _pct(best["mean"]) - _pct(pixel["mean"])  # of the figures as printed, so the text adds up
             text += (f"; pixel {obj.upper()} on the same split: {100 * pixel['mean']:.2f} ± {100 * pixel['std']:.2f} "
                      f"({gap:+.2f} points for the best HaBa trial")
-            if best.get("iterations") != pixel.get("iterations"):  # a longer HaBa run: say so beside the gap
+            if None not in (best.get("iterations"), pixel.get("iterations")) \
+                    and best["iterations"] != pixel["iterations"]:  # a HaBa run of another length: said beside it
                 text += (f", which ran {best.get('iterations')} iterations against the pixel row's "
                          f"{pixel.get('iterations')}")
             text += ")"

@@ -125,7 +125,8 @@ def test_a_cell_finished_by_another_run_on_the_folder_stays_in_the_outputs(tmp_p
         cells_json=None, images_dir=tmp_path / "img", log=lambda m: None, cross=False)
     assert set(done) == {"ipc2-random", "ipc2-herding"}
     doc = (tmp_path / "doc.md").read_text()
-    assert f"{100 * other['mean']:.2f}" in doc and "| random real (coreset) |" in doc
+    row = next(x for x in doc.splitlines() if x.startswith("| random real (coreset) |"))
+    assert f"| {100 * other['mean']:.2f} ± " in row
 
 
 def test_with_iterations_changes_one_objective_and_stores_apart(tmp_path):
@@ -468,3 +469,29 @@ def test_tuning_summary_states_a_longer_haba_trial_beside_the_gap():
     (line,) = table._tuning_summary([pixel, short, trial("haba-dm", 0.78, 9, {"iterations": 9})], TINY)
     assert "best on validation: the setting iterations 9, 78.00" in line
     assert "(-2.00 points for the best HaBa trial, which ran 9 iterations against the pixel row's 3)." in line
+
+
+def test_tuning_log_keeps_every_protocol_and_every_setting_in_a_fresh_folder(tmp_path, monkeypatch):
+    """Trials that did not fit (stored without settings of their own) and other protocols' trials are never lost."""
+    log = tmp_path / "tuning.json"
+    common = dict(eval_split="val", tuning_json=log, log=lambda m: None, cross=False)
+    tuned = TINY.with_haba("dm", n_hallucinators=1)
+    for p in (TINY, tuned):  # 1×8×8 at IPC 1: neither setting fits
+        table.run_table("digits", tmp_path / "out", protocol=p, ipcs=(1,), rows=["haba-dm"], **common)
+    other = dataclasses.replace(TINY, name="tiny-other")
+    table.run_table("digits", tmp_path / "out", protocol=other, ipcs=(1,), rows=["haba-dm"], **common)
+
+    def logged():
+        return sorted((t["protocol"]["name"], table.record_stem(t)) for t in table.load_trials(log))
+
+    expected = [("tiny", "ipc1-haba-dm"), ("tiny", "ipc1-haba-dm--n_hallucinators=1"),
+                ("tiny-other", "ipc1-haba-dm")]
+    assert logged() == expected
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")  # a fresh checkout: only the committed log is left
+    monkeypatch.setattr(table, "run_cell", lambda *a, **k: pytest.fail("recomputed a logged trial"))
+    for p in (tuned, TINY):
+        table.run_table("digits", tmp_path / "out", protocol=p, ipcs=(1,), rows=["haba-dm"], **common)
+    assert logged() == expected
+    assert [table.record_stem(t) for t in table.load_trials(log, "tiny-other")] == ["ipc1-haba-dm"]
