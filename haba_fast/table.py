@@ -1225,7 +1225,13 @@ def _anchor_gap_lines(cells: Dict[str, Dict[str, Any]], p: Protocol,
     out: List[str] = []
     for a in ANCHORS:
         row = a.get("row")
-        if row is None or not a.get("verified", True):
+        if row is None:
+            continue
+        if not a.get("verified", True):
+            ours = [k for k in (Cell(i, row).key for i in (1, 10, 50)) if (cells.get(k) or {}).get("status") == "done"]
+            if ours:
+                out.append(f"- {a['method']}: its figures could not be checked against {a['source']}, so no gap is "
+                           f"measured for {', '.join(ours)}.")
             continue
         for ipc, ref in zip((1, 10, 50), a["acc"]):
             rec = cells.get(Cell(1 if row == "whole" else ipc, row).key)
