@@ -6,9 +6,11 @@
 A HaBa trial of ``haba-fast table --eval-split val`` may change its iterations (``--haba-set dm:iterations=1000``),
 while the pixel row keeps the protocol's. Whether HaBa's gain then comes from the factorization or only from the
 longer run is answered by giving the pixel row the same iterations: this runs that pixel cell under the quick
-protocol with only the objective's iterations changed (protocol ``quick-<objective><iterations>``, stored apart),
-evaluated on the validation split like every tuning trial, and writes its record (accuracies, seconds, protocol,
-machine) to ``--json``. Resumable like the table: a finished cell under ``--out`` is reused.
+protocol with only the objective's iterations changed (protocol ``quick-<objective><iterations>``, stored apart).
+``--eval-split val`` (default) evaluates on the validation split like every tuning trial and writes the record to
+the tuning log ``--json``; ``--eval-split test`` evaluates the same set on the test split (the control for the test
+figure of the chosen HaBa setting; nothing is chosen from it) and writes the cell JSON ``--json``. Resumable like
+the table: a finished cell under ``--out`` is reused.
 """
 
 from __future__ import annotations
@@ -26,17 +28,20 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--out", default="runs/pixel-iterations")
-    p.add_argument("--json", default="bench/results/fashion_mnist_pixel_iterations.json")
+    p.add_argument("--eval-split", choices=["val", "test"], default="val")
+    p.add_argument("--json", default=None, help="default: bench/results/fashion_mnist_pixel_iterations.json (val), "
+                   "bench/results/fashion_mnist_pixel_iterations_test.json (test)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     try:
         protocol = table.PROTOCOLS["quick"].with_iterations(args.objective, args.iterations)
     except ValueError as e:
         p.error(str(e))
+    suffix = "" if args.eval_split == "val" else "_test"
+    out_json = Path(args.json or f"bench/results/fashion_mnist_pixel_iterations{suffix}.json")
+    written = {"tuning_json": out_json} if args.eval_split == "val" else {"cells_json": out_json}
     table.run_table(args.dataset, Path(args.out), protocol=protocol, ipcs=[args.ipc], rows=[args.objective],
-                    eval_split="val", tuning_json=Path(args.json), cross=False, longer_check=False,
-                    threads=args.threads)
-
+                    eval_split=args.eval_split, cross=False, longer_check=False, threads=args.threads, **written)
 
 if __name__ == "__main__":
     main()
