@@ -1231,7 +1231,7 @@ def _anchor_gap_lines(cells: Dict[str, Dict[str, Any]], p: Protocol,
             ours = [k for k in (Cell(i, row).key for i in (1, 10, 50)) if (cells.get(k) or {}).get("status") == "done"]
             if ours:
                 out.append(f"- {a['method']}: its figures could not be checked against {a['source']}, so no gap is "
-                           f"measured for {', '.join(ours)}.")
+                           f"measured for {', '.join(ours)}; this protocol's cuts for the row: {_reductions(row, p)}.")
             continue
         for ipc, ref in zip((1, 10, 50), a["acc"]):
             rec = cells.get(Cell(1 if row == "whole" else ipc, row).key)
