@@ -39,6 +39,8 @@ import torch
 
 __all__ = [
     "ANCHORS",
+    "check_same_table",
+    "protocol_tag",
     "CROSS_MODELS",
     "Cell",
     "HABA_TUNABLE",
@@ -750,6 +752,36 @@ def load_cells(out: Path, protocol: Protocol, split: str = "test") -> Dict[str, 
     return cells
 
 
+def protocol_tag(protocol: Protocol) -> str:
+    """Suffix of the default output names of a table under ``protocol``: "" for the quick protocol as it stands,
+    else ``-<name>`` plus its HaBa settings (``-quick-dm.lr_img=10``), so that no run replaces another's table."""
+    if protocol == PROTOCOLS["quick"]:
+        return ""
+    settings = "_".join(f"{o}.{_stem('', dict(s)).lstrip('-')}" for o, s in protocol.haba_settings)
+    return f"-{protocol.name}" + (f"-{settings}" if settings else "")
+
+
+def check_same_table(cells_json, protocol: Protocol) -> None:
+    """Raise ``ValueError`` when ``cells_json`` holds the table of another protocol (or other HaBa settings).
+
+    A run writes the whole file from its own protocol's cells, so writing over another table would drop it.
+    """
+    try:
+        stored = json.loads(Path(cells_json).read_text()).get("protocol")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # no table there yet (or unreadable: nothing to keep)
+    if not isinstance(stored, dict):
+        return
+    ours = protocol.to_dict()
+    if {**_DEFAULT_PROTOCOL, **stored} != {**_DEFAULT_PROTOCOL, **ours}:
+        named = "" if stored.get("name") == ours["name"] else f" {stored.get('name')!r}"
+        raise ValueError(
+            f"{cells_json} holds the table of another protocol{named} (or other HaBa settings); writing this run's "
+            f"({ours['name']!r}{', HaBa ' + protocol_tag(protocol) if protocol.haba_settings else ''}) over it "
+            f"would drop it. Pass a document, cell JSON and image folder of its own (the CLI's defaults carry the "
+            f"suffix {protocol_tag(protocol)!r} for it)")
+
+
 def committed_cells(cells_json, protocol: Protocol, section: str = "cells") -> Dict[str, Dict[str, Any]]:
     """The finished cells of ``protocol`` in a cell JSON written by :func:`run_table` (empty if none/unreadable).
 
@@ -884,6 +916,8 @@ def run_table(
     try:
         full = data.load(dataset_name, data_root)
         dataset, split = split_dataset(full, protocol, eval_split)
+        if eval_split == "test" and cells_json is not None:
+            check_same_table(cells_json, protocol)
         cell_dir = _cell_dir(out, protocol, eval_split)
         cell_dir.mkdir(parents=True, exist_ok=True)
         done = load_cells(out, protocol, eval_split)

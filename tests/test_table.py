@@ -212,6 +212,35 @@ def test_cli_parses_table(tmp_path):
         build_parser().parse_args(["table", "--rows", "nonsense"])
 
 
+def test_another_protocol_never_writes_over_a_table(tmp_path, monkeypatch):
+    quick = table.PROTOCOLS["quick"]
+    assert table.protocol_tag(quick) == ""
+    assert table.protocol_tag(table.PROTOCOLS["full"]) == "-full"
+    assert table.protocol_tag(quick.with_haba("dm", lr_img=10.0)) == "-quick-dm.lr_img=10"
+    from haba_fast.cli import build_parser
+
+    seen = {}
+    monkeypatch.setattr(table, "run_table", lambda *a, **k: seen.update(k))
+    for argv, tag in ((["table"], ""), (["table", "--protocol", "full"], "-full"),
+                      (["table", "--haba-set", "dm:lr_img=10"], "-quick-dm.lr_img=10")):
+        args = build_parser().parse_args(argv)
+        args.func(args)
+        assert str(seen["doc"]) == f"docs/RESULTS-fashion-mnist{tag}.md"
+        assert str(seen["cells_json"]) == f"bench/results/fashion_mnist{tag}_cells.json"
+        assert str(seen["images_dir"]) == f"docs/images/fashion-mnist{tag}"
+    monkeypatch.undo()
+    # A run handed another protocol's cell JSON stops before computing anything, and the file is left as it was.
+    _run(tmp_path, ["random"], cross=False)
+    before = (tmp_path / "cells.json").read_text()
+    monkeypatch.setattr(table, "run_cell", lambda *a, **k: pytest.fail("computed a cell"))
+    for other in (dataclasses.replace(TINY, num_eval=3), TINY.with_haba("dm", lr_img=7.0)):
+        with pytest.raises(ValueError, match="holds the table of another protocol"):
+            table.run_table("digits", tmp_path / "out", protocol=other, ipcs=(2,), rows=["random"],
+                            doc=tmp_path / "doc.md", cells_json=tmp_path / "cells.json", log=lambda m: None)
+    assert (tmp_path / "cells.json").read_text() == before
+    _run(tmp_path, ["random"], cross=False)  # its own protocol: fine
+
+
 def test_haba_set_parses_to_the_config_field_type():
     assert table.parse_haba_set("dm:lr_img=10") == ("dm", "lr_img", 10.0)
     assert table.parse_haba_set("mtt:n_hallucinators=2") == ("mtt", "n_hallucinators", 2)

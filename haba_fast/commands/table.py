@@ -32,9 +32,11 @@ def register(sub) -> None:
                    help="compute nothing: rewrite the document and the JSON from the cells already stored")
     p.add_argument("--no-longer", action="store_true",
                    help="skip the one cell rerun under a longer protocol (the cost of the reduced protocol)")
-    p.add_argument("--doc", default="docs/RESULTS-{dataset}.md", help="markdown document to write")
-    p.add_argument("--cells-json", default="bench/results/{dataset_}_cells.json", help="JSON of every cell")
-    p.add_argument("--images", default="docs/images/{dataset}", help="folder for the PNG grids")
+    p.add_argument("--doc", default="docs/RESULTS-{dataset}{tag}.md",
+                   help="markdown document to write ({tag}: '' for the quick protocol without --haba-set, else "
+                        "-<protocol>[-<settings>], so that no run replaces another protocol's table)")
+    p.add_argument("--cells-json", default="bench/results/{dataset_}{tag}_cells.json", help="JSON of every cell")
+    p.add_argument("--images", default="docs/images/{dataset}{tag}", help="folder for the PNG grids")
     p.add_argument("--haba-set", nargs="+", default=[], metavar="OBJ:KEY=VALUE",
                    help="HaBa setting for one objective's HaBa cells, e.g. dm:lr_img=10 dm:n_hallucinators=2 "
                         "(tune with --eval-split val; its cells and runs are stored apart per setting)")
@@ -47,13 +49,13 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from haba_fast.table import PROTOCOLS, parse_haba_set, run_table
+    from haba_fast.table import PROTOCOLS, parse_haba_set, protocol_tag, run_table
 
-    names = {"dataset": args.dataset, "dataset_": args.dataset.replace("-", "_")}
     protocol = PROTOCOLS[args.protocol]
     for text in args.haba_set:
         objective, key, value = parse_haba_set(text)
         protocol = protocol.with_haba(objective, **{key: value})
+    names = {"dataset": args.dataset, "dataset_": args.dataset.replace("-", "_"), "tag": protocol_tag(protocol)}
     run_table(
         args.dataset,
         Path(args.out),
