@@ -143,11 +143,24 @@ def init_from_env(device: Optional[str] = None) -> bool:
     return True
 
 
-def destroy() -> None:
-    """Leave the process group (no-op on one process)."""
+def destroy(wait: bool = True) -> None:
+    """Leave the process group (no-op on one process).
+
+    ``wait`` (the normal exit): every rank first waits at a barrier. A rank that tore the group down while a peer's
+    last collective was still reading from it made the peer's transport thread abort its process ("terminate
+    called without an active exception", SIGABRT). The barrier is bounded by the group's timeout; past it (a
+    dead peer) the group is left anyway. ``wait=False``: leave at once (on an error path, where a peer may never
+    arrive).
+    """
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait and dist.get_world_size() > 1:
+                dist.barrier()
+        except RuntimeError:
+            pass  # a peer is gone: nothing to wait for; leave the group all the same
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -42,8 +42,10 @@ def _entry(local_rank: int, world: int, port: int, fn, out_dir: str, args: tuple
     try:
         value = fn(out_dir, *args)
         torch.save(value, Path(out_dir) / f"rank{local_rank}.pt")
-    finally:
-        dist.destroy()
+    except BaseException:
+        dist.destroy(wait=False)
+        raise
+    dist.destroy()
 
 
 def run_ranks(fn, world: int, out_dir, *args) -> list:
