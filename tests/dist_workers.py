@@ -265,3 +265,18 @@ def train_buffers_slow_rank1(out_dir: str, num_experts: dict, sub: str) -> None:
     if dist.rank() == 1:
         os.environ["HABA_FAST_IO_TEST_DELAY"] = "0.5"
     return train_buffers(out_dir, num_experts, sub)
+
+
+def leave_in_turn(out_dir: str) -> bool:
+    """Rank 1 arrives late at destroy() (after writing a marker); rank 0 leaves at once and then looks for the
+    marker: destroy() waits for every rank, so rank 0 must see it."""
+    import time
+
+    from haba_fast import dist
+
+    marker = Path(out_dir) / "rank1-arrived"
+    if dist.rank() == 1:
+        time.sleep(1.0)
+        marker.write_text("here")
+    dist.destroy()
+    return marker.exists()

@@ -72,6 +72,11 @@ def test_collectives_on_two_ranks(tmp_path):
     assert r0["gathered"] == [("rank", 0), ("rank", 1)] and r1["gathered"] is None
 
 
+def test_destroy_waits_for_every_rank(tmp_path):
+    # A rank that left while its peer still read the last collective aborted the peer (SIGABRT): destroy() waits.
+    assert W.run_ranks(W.leave_in_turn, 2, tmp_path) == [True, True]
+
+
 def test_batch_reducer_needs_a_sample_per_rank(monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 4)
     with pytest.raises(ValueError, match="batch_syn"):
