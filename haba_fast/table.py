@@ -39,8 +39,6 @@ import torch
 
 __all__ = [
     "ANCHORS",
-    "check_same_table",
-    "protocol_tag",
     "CROSS_MODELS",
     "Cell",
     "HABA_TUNABLE",
@@ -48,9 +46,11 @@ __all__ = [
     "Protocol",
     "ROWS",
     "cells_for",
+    "check_same_table",
     "load_cells",
     "load_trials",
     "parse_haba_set",
+    "protocol_tag",
     "render_markdown",
     "run_cell",
     "run_table",
@@ -465,13 +465,23 @@ def _stem(key: str, settings: Dict[str, Any]) -> str:
                                  for k, v in sorted(settings.items()))
 
 
+def _filled(protocol: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored protocol with the fields added to :class:`Protocol` since it was stored at their defaults."""
+    return {**_DEFAULT_PROTOCOL, **protocol}
+
+
+def _protocol_name(rec: Dict[str, Any]) -> Optional[str]:
+    """The name of the protocol a stored record ran under (None when it has none)."""
+    return (rec.get("protocol") or {}).get("name")
+
+
 def _decides(protocol: Dict[str, Any], row: Optional[str]) -> Dict[str, Any]:
     """The part of a protocol (as stored) that decides a cell of ``row``.
 
     Fields added to :class:`Protocol` after a cell was stored take their default (the cell ran with it); the HaBa
     overrides count only for HaBa cells, and only their own objective's.
     """
-    full = {**_DEFAULT_PROTOCOL, **protocol}
+    full = _filled(protocol)
     settings = {o: {k: v for k, v in s} for o, s in full.pop("haba_settings") or ()}
     if row is not None and row.startswith("haba-"):
         full["haba"] = settings.get(row.split("-")[-1], {})
@@ -773,7 +783,7 @@ def check_same_table(cells_json, protocol: Protocol) -> None:
     if not isinstance(stored, dict):
         return
     ours = protocol.to_dict()
-    if {**_DEFAULT_PROTOCOL, **stored} != {**_DEFAULT_PROTOCOL, **ours}:
+    if _filled(stored) != _filled(ours):
         named = "" if stored.get("name") == ours["name"] else f" {stored.get('name')!r}"
         raise ValueError(
             f"{cells_json} holds the table of another protocol{named} (or other HaBa settings); writing this run's "
@@ -828,6 +838,15 @@ def record_stem(rec: Dict[str, Any]) -> str:
     return _stem(rec["key"], record_settings(rec))
 
 
+def _store_cell(rec: Dict[str, Any], folder: Path) -> Path:
+    """Write a stored cell to ``folder/<record_stem>.json`` (atomic); returns the path."""
+    from haba_fast.io import atomic_write_text
+
+    path = Path(folder) / f"{record_stem(rec)}.json"
+    atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
+    return path
+
+
 def _run_order(rec: Dict[str, Any]) -> Tuple[str, float, str, str]:
     """Run order: the finish time (seconds), then its fraction (cells of the same second), then the name."""
     return rec.get("finished", ""), rec.get("finished_unix", 0.0), rec["key"], record_stem(rec)
@@ -845,7 +864,7 @@ def load_trials(tuning_json, protocol_name: Optional[str] = None) -> List[Dict[s
     except (OSError, json.JSONDecodeError):
         return []
     return [t for t in payload.get("trials", []) if isinstance(t, dict) and "row" in t and "key" in t
-            and (protocol_name is None or (t.get("protocol") or {}).get("name") == protocol_name)]
+            and (protocol_name is None or _protocol_name(t) == protocol_name)]
 
 
 def run_table(
@@ -925,14 +944,13 @@ def run_table(
             # Cells committed with the repository (a fresh checkout has no work folder): reused, not recomputed.
             for key, rec in committed_cells(cells_json, protocol).items():
                 if key not in done:
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{record_stem(rec)}.json")
+                    _store_cell(rec, cell_dir)
                     done[key] = rec
         if eval_split == "val" and tuning_json is not None:
             # The committed tuning log likewise: a trial missing from the folder is restored, reused, kept in the log.
             for rec in load_trials(tuning_json, protocol.name):
-                path = cell_dir / f"{record_stem(rec)}.json"
-                if rec.get("format") == FORMAT and not path.exists():
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
+                if rec.get("format") == FORMAT and not (cell_dir / f"{record_stem(rec)}.json").exists():
+                    _store_cell(rec, cell_dir)
             done = load_cells(out, protocol, eval_split)
         todo = cells_for(list(ipcs), list(rows))
         longer: Dict[str, Dict[str, Any]] = {}  # the cell rerun under the longer protocol (LONGER)
@@ -954,7 +972,7 @@ def run_table(
             if eval_split != "test":
                 if tuning_json is not None:  # every trial on the validation split, whatever its settings
                     others = [t for t in load_trials(tuning_json)  # other protocols' trials stay in the log
-                              if (t.get("protocol") or {}).get("name") != protocol.name]
+                              if _protocol_name(t) != protocol.name]
                     trials = sorted(others + validation_trials(out, protocol), key=_run_order)
                     payload = {"dataset": dataset_name, "split": split, "trials": trials}
                     Path(tuning_json).parent.mkdir(parents=True, exist_ok=True)
@@ -1002,7 +1020,7 @@ def run_table(
             rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir if eval_split == "test" else None,
                            log=log)
             stamp(rec, protocol, split, total_seconds=time.perf_counter() - t)
-            atomic_write_text(json.dumps(rec, indent=1) + "\n", cell_dir / f"{cell_stem(cell, protocol)}.json")
+            _store_cell(rec, cell_dir)  # named cell_stem(cell, protocol): the record carries its settings
             done[cell.key] = rec
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
             write_outputs()
@@ -1017,7 +1035,7 @@ def run_table(
                 stamp(rec, lp, lsplit, total_seconds=time.perf_counter() - t)
                 ldir = _cell_dir(out / "longer", lp, "test")
                 ldir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(json.dumps(rec, indent=1) + "\n", ldir / f"{lcell.key}.json")
+                _store_cell(rec, ldir)
                 longer[lcell.key] = rec
                 log(f"{lcell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
 
@@ -1031,8 +1049,7 @@ def run_table(
                     log(f"cross-architecture: {source['key']} on {model} ...")
                     rec = cross_architecture(source, model, dataset, protocol)
                     stamp(rec, protocol, split)
-                    path = cell_dir / f"{_stem(key, rec['settings'])}.json"
-                    atomic_write_text(json.dumps(rec, indent=1) + "\n", path)
+                    _store_cell(rec, cell_dir)
                     done[key] = rec
                     log(f"cross-architecture: {source['key']} on {model}: {_figure(rec)} in "
                         f"{rec['seconds']['eval']:.0f} s")
