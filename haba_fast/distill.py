@@ -936,6 +936,12 @@ def distill(
             state = ckpt_mod.load_checkpoint(ckpt)
             changed = ckpt_mod.check_resume(state, cfg, inputs, allow_changed, where=str(ckpt), log=log)
             distiller.load_state_dict(state)
+            if distiller.iteration > cfg.iterations:  # its result is not this run's: never hand it back as one
+                raise ValueError(
+                    f"{ckpt} is at iteration {distiller.iteration}, past this run's --Iteration {cfg.iterations}: "
+                    f"its synthetic set is not a {cfg.iterations}-iteration result. Take synthetic_{cfg.iterations}.pt "
+                    "from that folder if it was saved, raise --Iteration to continue the run, or choose another --out"
+                )
             log(
                 f"resuming from {ckpt} at iteration {distiller.iteration}"
                 + (f" with changed {', '.join(changed)}" if changed else "")

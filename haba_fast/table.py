@@ -50,6 +50,7 @@ __all__ = [
     "load_cells",
     "load_trials",
     "parse_haba_set",
+    "protocol_work_dir",
     "protocol_tag",
     "render_markdown",
     "run_cell",
@@ -458,6 +459,15 @@ def cell_stem(cell: Cell, protocol: Protocol) -> str:
     return _stem(cell.key, protocol.haba_overrides(cell.objective) if cell.parameterization == "haba" else {})
 
 
+def protocol_work_dir(work: Path, protocol: Protocol) -> Path:
+    """Where ``protocol``'s distillation runs and experts live in the work folder ``work``.
+
+    Protocols differ in iterations and experts, so each has its own folder (a run or a buffer of one is never
+    resumed as another's); the quick protocol keeps the folder's root, where its earlier runs are.
+    """
+    return Path(work) if protocol.name == "quick" else Path(work) / "protocols" / protocol.name
+
+
 def _stem(key: str, settings: Dict[str, Any]) -> str:
     if not settings:
         return key
@@ -595,9 +605,9 @@ def run_cell(
         cfg = distill_config(cell, protocol, dataset.name)
         buffer = None
         if cell.objective == "mtt":
-            buffer = _experts(dataset, protocol, work / "buffer", log)
+            buffer = _experts(dataset, protocol, protocol_work_dir(work, protocol) / "buffer", log)
         t = time.perf_counter()
-        run_dir = work / "runs" / cell_stem(cell, protocol)
+        run_dir = protocol_work_dir(work, protocol) / "runs" / cell_stem(cell, protocol)
         finished_before = (run_dir / "synthetic.pt").is_file()
         result = distill(cfg, dataset, buffer, run_dir, resume=True, progress=False, evaluate=False,
                          log=lambda m: None)

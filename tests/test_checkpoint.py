@@ -131,6 +131,16 @@ def test_changed_result_flags_are_named(digits, buffer, one_run, tmp_path, chang
     assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 2  # nothing was run
 
 
+def test_a_run_past_the_asked_iterations_is_refused(digits, buffer, one_run, tmp_path):
+    """A checkpoint past --Iteration is another run's result: a clear error, never handed back as this run's."""
+    run = _copy(one_run, tmp_path)
+    with pytest.raises(ValueError, match="at iteration 2, past this run's --Iteration 1"):
+        distill(_cfg(iterations=1), digits, buffer, run, resume=True, **QUIET)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["iteration"] == 2  # left as it was
+    res = distill(_cfg(iterations=2), digits, buffer, run, resume=True, **QUIET)  # the same length: reused
+    assert res.iterations == 2 and not res.history  # nothing more was run
+
+
 def test_non_result_keys_resume_silently(digits, buffer, one_run, tmp_path):
     run = _copy(one_run, tmp_path)
     cfg = _cfg(iterations=3, checkpoint_every=5, eval_it=7, device="cpu", buffer_path="/elsewhere", max_loss=1e5)

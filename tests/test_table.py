@@ -257,6 +257,20 @@ def test_haba_set_parses_to_the_config_field_type():
         TINY.with_haba("dm", seed=1)
 
 
+def test_protocols_on_one_work_folder_keep_their_own_runs(tmp_path):
+    """A longer protocol's run is never resumed as a shorter one's: each protocol has its own runs and experts."""
+    longer = dataclasses.replace(TINY, name="tiny-long", iterations=(("dc", 2), ("dsa", 2), ("dm", 5), ("mtt", 2)))
+    out = tmp_path / "out"
+    common = dict(ipcs=(2,), rows=["dm"], cross=False, log=lambda m: None)
+    first = table.run_table("digits", out, protocol=longer, **common)["ipc2-dm"]
+    second = table.run_table("digits", out, protocol=TINY, **common)["ipc2-dm"]
+    assert (first["iterations"], second["iterations"]) == (5, 3)
+    assert Path(first["synthetic"]).parent != Path(second["synthetic"]).parent
+    assert Path(second["synthetic"]).parent == table.protocol_work_dir(out, TINY) / "runs" / "ipc2-dm"
+    assert table.protocol_work_dir(out, table.PROTOCOLS["quick"]) == out  # where the quick table's runs already are
+    assert table.protocol_work_dir(out, table.PROTOCOLS["full"]) == out / "protocols" / "full"
+
+
 def test_haba_settings_reach_the_config_and_only_their_objective():
     p = TINY.with_haba("dm", n_hallucinators=1, lr_style=3.0).with_haba("dm", lr_img=7.0)
     assert p.haba_overrides("dm") == {"n_hallucinators": 1, "lr_style": 3.0, "lr_img": 7.0}
@@ -285,7 +299,7 @@ def test_haba_settings_keep_other_cells_and_split_haba_trials(tmp_path, monkeypa
     trials = table.load_trials(tmp_path / "tuning.json")
     assert [(t["key"], t.get("settings") or {}) for t in trials if t["row"] == "haba-dm"] == [
         ("ipc2-haba-dm", {}), ("ipc2-haba-dm", {"n_hallucinators": 1})]
-    assert (out / "runs" / "ipc2-haba-dm--n_hallucinators=1" / "synthetic.pt").is_file()
+    assert (table.protocol_work_dir(out, TINY) / "runs" / "ipc2-haba-dm--n_hallucinators=1" / "synthetic.pt").is_file()
     # A fresh work folder (a new checkout) keeps the committed log's trials and does not recompute them.
     import shutil
 
