@@ -29,8 +29,8 @@ def main() -> None:
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--out", default="runs/pixel-iterations")
     p.add_argument("--eval-split", choices=["val", "test"], default="val")
-    p.add_argument("--json", default=None, help="default: bench/results/fashion_mnist_pixel_iterations.json (val), "
-                   "bench/results/fashion_mnist_pixel_iterations_test.json (test)")
+    p.add_argument("--json", default=None, help="default: bench/results/<dataset>_pixel_iterations.json (val), "
+                   "bench/results/<dataset>_pixel_iterations_test.json (test), '-' in the name written '_'")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     try:
@@ -38,7 +38,7 @@ def main() -> None:
     except ValueError as e:
         p.error(str(e))
     suffix = "" if args.eval_split == "val" else "_test"
-    out_json = Path(args.json or f"bench/results/fashion_mnist_pixel_iterations{suffix}.json")
+    out_json = Path(args.json or f"bench/results/{args.dataset.replace('-', '_')}_pixel_iterations{suffix}.json")
     written = {"tuning_json": out_json} if args.eval_split == "val" else {"cells_json": out_json}
     table.run_table(args.dataset, Path(args.out), protocol=protocol, ipcs=[args.ipc], rows=[args.objective],
                     eval_split=args.eval_split, cross=False, longer_check=False, threads=args.threads, **written)

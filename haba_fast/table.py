@@ -46,6 +46,7 @@ __all__ = [
     "Protocol",
     "ROWS",
     "cells_for",
+    "check_one_dataset",
     "check_same_table",
     "load_cells",
     "load_trials",
@@ -56,6 +57,7 @@ __all__ = [
     "run_cell",
     "run_table",
     "split_dataset",
+    "stored_set_problem",
 ]
 
 CORESETS = ("random", "herding", "kcenter")
@@ -637,6 +639,7 @@ def run_cell(
             bases_floats=int(syn.bases.numel()) if cell.parameterization == "haba" else None,
             kernel_size=int(cfg.kernel_size) if cell.parameterization == "haba" else None,
             synthetic=str(run_dir / "synthetic.pt"),
+            synthetic_sha256=_sha256(run_dir / "synthetic.pt"),
         )
         if images_dir is not None:
             from haba_fast.visualize import synthetic_grid
@@ -694,6 +697,9 @@ def cross_architecture(record: Dict[str, Any], model: str, dataset, protocol: Pr
     from haba_fast.evaluate import evaluate_synthetic
     from haba_fast.factorization import load_synthetic
 
+    problem = stored_set_problem(record)
+    if problem is not None:
+        raise ValueError(f"{record['key']}: cannot evaluate across architectures: {problem}")
     syn = load_synthetic(record["synthetic"])
     syn.meta["lr"] = record["lr"]
     ev = _eval_config(protocol, batch_standardize=record.get("batch_standardize", False), models=(model,))
@@ -712,11 +718,41 @@ def cross_architecture(record: Dict[str, Any], model: str, dataset, protocol: Pr
     }
 
 
-def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int) -> List[Dict[str, Any]]:
+def stored_set_problem(record: Dict[str, Any]) -> Optional[str]:
+    """Why the synthetic set file a cell ``record`` names is not that cell's set (None when it is).
+
+    The file must exist and be the one the cell wrote: the same bytes (``synthetic_sha256``, recorded since
+    2026-12-03) or, for older records, the same dataset and iteration count in its meta. A work folder rebuilt or
+    shared by another run may hold another set under the same path; evaluating it would mislabel the result.
+    """
+    path = record.get("synthetic")
+    if not path or not Path(path).is_file():
+        return f"its stored set {path} is missing"
+    digest = record.get("synthetic_sha256")
+    if digest is not None:
+        return None if _sha256(Path(path)) == digest else f"{path} is not the set it wrote (other bytes)"
+    from haba_fast.factorization import load_synthetic
+
+    meta = load_synthetic(path).meta
+    for key, want in (("iteration", record.get("iterations")), ("dataset", record.get("dataset"))):
+        if want is not None and meta.get(key) != want:
+            return f"{path} holds {key} {meta.get(key)!r}, the cell's set had {want!r}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int,
+                  log: Optional[Callable[[str], None]] = None) -> List[Dict[str, Any]]:
     """The sets the cross-architecture cells evaluate: the best pixel and the best HaBa cell at ``ipc``.
 
     Empty until every row of :data:`ROWS` but the whole-set ceiling is finished at ``ipc`` (only then is the best
-    known), and a set whose stored file is missing (a fresh checkout) cannot be evaluated: it is left out.
+    known). A set whose stored file is missing (a fresh checkout) or is not the cell's own
+    (:func:`stored_set_problem`) cannot be evaluated: it is left out, and ``log`` says why.
     """
     if not all(Cell(ipc, r).key in done for r in ROWS if r != "whole"):
         return []
@@ -726,8 +762,11 @@ def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int) -> List[Dict[str, A
                  and r.get("status") == "done" and "mean" in r]
         if cands:
             top = max(cands, key=lambda r: r["mean"])
-            if top.get("synthetic") and Path(top["synthetic"]).is_file():
+            problem = stored_set_problem(top)
+            if problem is None:
                 best.append(top)
+            elif log is not None:
+                log(f"cross-architecture: {top['key']} left out: {problem}")
     return best
 
 
@@ -779,6 +818,24 @@ def protocol_tag(protocol: Protocol) -> str:
         return ""
     settings = "_".join(f"{o}.{_stem('', dict(s)).lstrip('-')}" for o, s in protocol.haba_settings)
     return f"-{protocol.name}" + (f"-{settings}" if settings else "")
+
+
+def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> None:
+    """Raise ``ValueError`` when the work folder ``out`` or one of ``files`` (cell JSON, tuning log) holds another
+    dataset's results: cells are keyed by protocol and cell alone, so they would be reused as this dataset's."""
+    records = [p for d in (Path(out) / "cells", Path(out) / "longer" / "cells") if d.is_dir()
+               for p in sorted(d.rglob("*.json"))]
+    for path in [*records, *(f for f in files if f is not None)]:
+        try:
+            other = json.loads(Path(path).read_text()).get("dataset")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue  # unreadable or not a record: nothing is reused from it
+        if other is not None and other != dataset_name:
+            where = f"the work folder {out}" if path in records else str(path)
+            raise ValueError(
+                f"{where} holds {other} results ({path}); a {dataset_name} table would reuse them as its own. "
+                f"Choose another --out (e.g. runs/table-{dataset_name}) and, for a cell JSON or tuning log, a "
+                "file of its own")
 
 
 def check_same_table(cells_json, protocol: Protocol) -> None:
@@ -943,6 +1000,7 @@ def run_table(
     if threads:
         torch.set_num_threads(int(threads))
     try:
+        check_one_dataset(dataset_name, out, cells_json, tuning_json)
         full = data.load(dataset_name, data_root)
         dataset, split = split_dataset(full, protocol, eval_split)
         if eval_split == "test" and cells_json is not None:
@@ -1051,7 +1109,7 @@ def run_table(
 
         if cross and eval_split == "test" and protocol.cross_ipc in ipcs:
             models = protocol.cross_models if cross_models is None else tuple(cross_models)
-            for source in cross_sources(done, protocol.cross_ipc):
+            for source in cross_sources(done, protocol.cross_ipc, log):
                 for model in models:
                     key = cross_key(source["key"], model)
                     if finished_elsewhere(key):

@@ -482,6 +482,50 @@ def test_cross_architecture_cells_wait_for_every_row_then_run_per_model(tmp_path
     assert all(f"({src})" in section for src in ("ipc2-dm", "ipc2-haba-dm"))
 
 
+def test_a_replaced_set_file_is_never_evaluated_as_the_cells(tmp_path):
+    """A cell's stored set path may later hold another set (a rebuilt or shared work folder): detected by its bytes,
+    or for a record without them by its meta; the cross-architecture cells leave it out and say why."""
+    done = table.run_table("digits", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["dm"], cross=False,
+                           log=lambda m: None)
+    rec = done["ipc2-dm"]
+    assert table.stored_set_problem(rec) is None
+    from haba_fast.factorization import load_synthetic
+
+    path = Path(rec["synthetic"])
+    syn = load_synthetic(path)
+    syn.meta["iteration"] = rec["iterations"] + 7  # another run's set, written where the cell's was
+    syn.save(path, syn.meta)
+    assert "other bytes" in table.stored_set_problem(rec)
+    old = {k: v for k, v in rec.items() if k != "synthetic_sha256"}  # a record stored before the digest existed
+    assert "holds iteration" in table.stored_set_problem(old)
+    from haba_fast import data
+
+    dataset, _ = table.split_dataset(data.load("digits"), TINY, "test")
+    with pytest.raises(ValueError, match="other bytes"):
+        table.cross_architecture(rec, "MLP", dataset, TINY)
+    stubs = {table.Cell(2, r).key: {"key": table.Cell(2, r).key, "ipc": 2, "status": "does not fit"}
+             for r in table.ROWS if r != "dm"}
+    lines = []
+    assert table.cross_sources({**stubs, "ipc2-dm": rec}, 2, lines.append) == []
+    assert lines == [f"cross-architecture: ipc2-dm left out: {path} is not the set it wrote (other bytes)"]
+    path.unlink()
+    assert "missing" in table.stored_set_problem(rec)
+
+
+def test_a_work_folder_or_file_of_another_dataset_is_refused(tmp_path):
+    """Cells are keyed by protocol and cell: another dataset's would be reused as this one's. A clear error first."""
+    table.run_table("digits", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["random"], cross=False,
+                    cells_json=tmp_path / "cells.json", log=lambda m: None)
+    with pytest.raises(ValueError, match="work folder .* holds digits results"):
+        table.run_table("fashion-mnist", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["random"],
+                        cross=False, log=lambda m: None)
+    with pytest.raises(ValueError, match="cells.json holds digits results"):
+        table.run_table("fashion-mnist", tmp_path / "fresh", protocol=TINY, ipcs=(2,), rows=["random"],
+                        cross=False, cells_json=tmp_path / "cells.json", log=lambda m: None)
+    assert not (tmp_path / "fresh").exists()  # refused before anything was written
+    table.check_one_dataset("digits", tmp_path / "out", tmp_path / "cells.json")  # its own: accepted
+
+
 def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
     """The anchor gap of a cell rerun under the longer protocol names that figure and its own gap."""
     quick = table.PROTOCOLS["quick"]
