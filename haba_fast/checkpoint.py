@@ -56,6 +56,7 @@ __all__ = [
     "save_checkpoint",
     "save_reference",
     "synthetic_meta",
+    "train_content",
     "writing",
 ]
 
@@ -262,14 +263,19 @@ def _digest(t: Tensor, samples: int = 65536) -> str:
     return h.hexdigest()[:16]
 
 
-def inputs_fingerprint(dataset, buffer) -> Dict[str, Any]:
-    """What the run reads, by content: the training images and labels, and the expert trajectories (or None)."""
-    ds = {
+def train_content(dataset) -> Dict[str, Any]:
+    """The training images and labels of ``dataset``, by content (name, count and sampled digests)."""
+    return {
         "name": getattr(dataset, "name", None),
         "num_train": int(dataset.train_labels.numel()),
         "images": _digest(dataset.train_images),
         "labels": _digest(dataset.train_labels),
     }
+
+
+def inputs_fingerprint(dataset, buffer) -> Dict[str, Any]:
+    """What the run reads, by content: the training images and labels, and the expert trajectories (or None)."""
+    ds = train_content(dataset)
     if buffer is None:  # objectives other than MTT read no expert trajectories
         return {"dataset_content": ds, "buffer_content": None}
     T = int(buffer.num_trajectories)

@@ -167,7 +167,7 @@ def _experts(demo: DemoConfig, dataset, buffer_dir: Path, log: Callable[[str], N
     )
     t = time.perf_counter()
     buffer_dir = experts.train_experts(dataset, ecfg, buffer_dir, progress=demo.progress)
-    buffer = experts.load_buffer(buffer_dir)
+    buffer = experts.load_experts(buffer_dir, ecfg.num_experts)
     log(
         f"experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {buffer_dir} "
         f"({time.perf_counter() - t:.0f} s)"
@@ -428,7 +428,8 @@ def _tune(checked, demo: DemoConfig, val_per_class: int, split_seed: int, log_pa
         f"validation split: {split['val_images']} held-out / {split['train_images']} training images of digits "
         f"(seed {split_seed}); the test set is not used"
     )
-    buffer = _experts(demo, pool, out / "buffer", log)
+    # The split's own experts: trained on its training pool alone (never on a validation image, nor another split's).
+    buffer = _experts(demo, pool, out / f"buffer-val{val_per_class}-split{split_seed}", log)
     ev = _eval_config(demo)
     record: Dict[str, Any] = {"split": split, "base": base, "trials": [], "best": {}, "meta": dict(meta or {})}
     for i, (method, settings) in enumerate(checked):

@@ -537,6 +537,22 @@ def _replay_files(directory: Path) -> list[Path]:
     return files
 
 
+def load_experts(path: PathLike, num_experts: int) -> ExpertBuffer:
+    """:func:`load_buffer` for a caller that trained ``num_experts`` experts into ``path`` and reports that count.
+
+    Raises:
+        ValueError: the folder holds another number of experts (a run that asked for more left them there, and
+            every expert of a buffer is sampled), naming both counts.
+    """
+    buffer = load_buffer(path)
+    if int(buffer.num_trajectories) != int(num_experts):
+        raise ValueError(
+            f"{path} holds {buffer.num_trajectories} experts, this run asks for {num_experts}: every expert there "
+            f"would be sampled. Ask for {buffer.num_trajectories} or use another folder"
+        )
+    return buffer
+
+
 def load_buffer(path: PathLike) -> ExpertBuffer:
     """Open an expert buffer in either format.
 
@@ -718,7 +734,20 @@ def _signature_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any], storage: str, resume: bool):
+def _content_mismatch(stored: dict[str, Any], content: dict[str, Any]) -> list[str]:
+    """The training data differ from the ones the stored experts were trained on (folders written before the
+    content was recorded have none to compare)."""
+    stored_content = stored.get("train_content")
+    if stored_content is None or stored_content == content:
+        return []
+    return [f"training images or labels: {stored_content.get('num_train')} images of other content -> "
+            f"{content.get('num_train')} of this dataset (another subset, split, data path or ZCA fit)"]
+
+
+def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any], storage: str, resume: bool,
+                 content: dict[str, Any]):
+    """Open (create, or check and continue) the buffer's progress record; ``content``: the training data's
+    :func:`haba_fast.checkpoint.train_content`, recorded and compared on resume like ``meta``."""
     signature = cfg.training_signature()
     if fmt == "haba":
         header_path = out_dir / HEADER_NAME
@@ -733,6 +762,7 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
             mismatch += [f"{k}: {header.get(k)!r} -> {v!r}" for k, v in meta.items() if header.get(k) != v]
             if header.get("dtype") != storage:
                 mismatch.append(f"dtype: {header.get('dtype')!r} -> {storage!r}")
+            mismatch += _content_mismatch(header, content)
             if mismatch:
                 raise ValueError(
                     f"cannot resume {header_path}: it was trained with other settings ({'; '.join(mismatch)}); "
@@ -749,6 +779,7 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
                 "dtype": storage,
                 "config": asdict(cfg),
                 "config_signature": signature,
+                "train_content": content,
                 "trajectories": [],
             }
         return _HabaWriter(out_dir, header)
@@ -763,6 +794,7 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
             ) from exc
         mismatch = _signature_mismatch(progress.get("config_signature", {}), signature)
         mismatch += [f"{k}: {progress.get(k)!r} -> {v!r}" for k, v in meta.items() if progress.get(k) != v]
+        mismatch += _content_mismatch(progress, content)
         if mismatch:
             raise ValueError(
                 f"cannot resume {progress_path}: it was written with other settings ({'; '.join(mismatch)}); "
@@ -774,6 +806,7 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
             **meta,
             "config": asdict(cfg),
             "config_signature": signature,
+            "train_content": content,
             "completed": 0,
             "pending": [],
             "flushing": None,
@@ -855,12 +888,15 @@ def train_experts(
         "param_shapes": shapes,
     }
     del probe
+    from haba_fast.checkpoint import train_content
+
+    content = train_content(dataset)
     # Rank 0 opens (creates or checks) the progress file; every rank learns where to start, or rank 0's error.
     writer = None
 
     def open_writer() -> int:
         nonlocal writer
-        writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume)
+        writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume, content)
         return writer.completed
 
     start = int(dist.run_on_main(open_writer, (ValueError, FileNotFoundError)))
@@ -990,6 +1026,7 @@ __all__ = [
     "expert_dir",
     "expert_generator",
     "load_buffer",
+    "load_experts",
     "reference_dataset_name",
     "snapshot_params",
     "train_experts",

@@ -523,7 +523,7 @@ def _experts(dataset, protocol: Protocol, out: Path, log: Callable[[str], None])
     )
     t = time.perf_counter()
     path = experts.train_experts(dataset, ecfg, out, progress=False)
-    buffer = experts.load_buffer(path)
+    buffer = experts.load_experts(path, ecfg.num_experts)
     seconds = time.perf_counter() - t
     log(f"  experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {path} ({seconds:.0f} s)")
     return buffer

@@ -109,6 +109,10 @@ def test_tune_trains_on_the_rest_evaluates_on_held_out_and_never_reads_the_test_
     seen = _spy(monkeypatch)
     tune(TRIALS[:1], demo, val_per_class=5, split_seed=3, log_path=log_path, log=lambda s: None)
     assert len(seen["distill"]) == 1
+    pool = seen["experts"][0]  # the experts too are the new split's, trained on its pool (not the 7-per-class one's)
+    assert pool.train_labels.numel() == len(tagged.train_labels) - 50 and seen["distill"][0] is pool
+    buffers = sorted(p.name for p in (tmp_path / "work").glob("buffer*"))
+    assert buffers == ["buffer-val5-split3", "buffer-val7-split3"]
 
 
 @pytest.mark.parametrize(

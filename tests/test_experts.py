@@ -319,6 +319,27 @@ def test_resume_refuses_other_settings(digits, haba_buffer, tmp_path):
         train_experts(digits, _cfg(), out, resume=False, progress=False)
 
 
+@pytest.mark.parametrize("fmt", ["haba", "reference"])
+def test_resume_refuses_other_training_data(digits, haba_buffer, reference_buffer, tmp_path, fmt):
+    """Experts trained on other images (another subset, split or data path, same name and shapes) are never
+    continued as this data's: more experts would be appended to a buffer of mixed data."""
+    import shutil
+
+    from haba_fast.experts import load_experts
+
+    out = tmp_path / "b"
+    shutil.copytree(haba_buffer if fmt == "haba" else reference_buffer, out)
+    other = data.load("digits", subset_per_class=4, generator=torch.Generator().manual_seed(1))  # other images
+    assert other.name == digits.name and other.train_images.shape == digits.train_images.shape
+    n = 2 if fmt == "haba" else 3
+    with pytest.raises(ValueError, match="training images or labels"):
+        train_experts(other, _cfg(num_experts=n + 1), out, fmt=fmt, progress=False)
+    train_experts(digits, _cfg(num_experts=n), out, fmt=fmt, progress=False)  # its own data: accepted
+    assert load_experts(out, n).num_trajectories == n
+    with pytest.raises(ValueError, match=f"holds {n} experts, this run asks for {n - 1}"):
+        load_experts(out, n - 1)
+
+
 def test_bad_arguments(digits, tmp_path):
     with pytest.raises(ValueError, match="fmt"):
         train_experts(digits, _cfg(), tmp_path, fmt="npz", progress=False)
