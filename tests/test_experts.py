@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -338,6 +339,29 @@ def test_resume_refuses_other_training_data(digits, haba_buffer, reference_buffe
     assert load_experts(out, n).num_trajectories == n
     with pytest.raises(ValueError, match=f"holds {n} experts, this run asks for {n - 1}"):
         load_experts(out, n - 1)
+
+
+@pytest.mark.parametrize("key,value,shown", [("zca", True, "zca True (this run: False)"),
+                                              ("dataset", "mnist", "dataset 'mnist' (this run: 'digits')"),
+                                              ("model", "ConvNet", "model 'ConvNet' (this run: 'MLP')")])
+def test_mtt_refuses_a_buffer_recorded_for_other_data_or_model(digits, haba_buffer, tmp_path, key, value, shown):
+    """Our buffer's header says what its experts were trained on: ZCA-space or another dataset's trajectories are
+    never matched with this run's images (same shapes, so nothing else would fail)."""
+    import shutil
+
+    from haba_fast.distill import DistillConfig, Distiller
+    from haba_fast.experts import HEADER_NAME, load_buffer
+
+    cfg = DistillConfig(dataset="digits", model=MODEL, ipc=1, parameterization="pixels", syn_steps=2,
+                        expert_epochs=1, max_start_epoch=1, iterations=1, engine="naive", device="cpu", num_eval=0)
+    Distiller(cfg, digits, load_buffer(haba_buffer), device="cpu")  # its own buffer: accepted
+    out = tmp_path / "b"
+    shutil.copytree(haba_buffer, out)
+    header = json.loads((out / HEADER_NAME).read_text())
+    header[key] = value
+    (out / HEADER_NAME).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="was trained with " + re.escape(shown)):
+        Distiller(cfg, digits, load_buffer(out), device="cpu")
 
 
 def test_bad_arguments(digits, tmp_path):

@@ -253,8 +253,8 @@ class TrajectoryMatching(Objective):
         self.strategy = setup.strategy
         self.haba = cfg.parameterization == "haba"
         self.im_size = tuple(setup.dataset.im_size)
-        self._check_buffer()
         ds = setup.dataset
+        self._check_buffer(ds)
         # The student: only its structure is used (the engine replaces its weights by w_start).
         self.student = models.get_network(
             cfg.model, ds.channels, ds.num_classes, self.im_size, generator=self.generator, device=self.device
@@ -298,10 +298,22 @@ class TrajectoryMatching(Objective):
         )
         return f"objective mtt: engine {self.engine.name}{approx}{segments}"
 
-    def _check_buffer(self) -> None:
+    def _check_buffer(self, dataset) -> None:
         n = int(self.buffer.num_trajectories)
         if n < 1:
             raise ValueError("the expert buffer holds no trajectories; train experts with `haba-fast buffer`")
+        header = getattr(self.buffer, "header", None)  # our format records what the experts were trained on
+        if header is not None:
+            wanted = {"dataset": getattr(dataset, "name", None), "zca": getattr(dataset, "zca", None) is not None,
+                      "model": self.cfg.model}
+            differ = [f"{k} {header[k]!r} (this run: {v!r})" for k, v in wanted.items()
+                      if k in header and header[k] is not None and v is not None and header[k] != v]
+            if differ:
+                raise ValueError(
+                    f"the expert buffer {getattr(self.buffer, 'path', '')} was trained with {', '.join(differ)}: its "
+                    "trajectories are not this run's to match (pass the buffer's --dataset/--zca/--model, or train "
+                    "experts for this run with `haba-fast buffer`)"
+                )
         epochs = getattr(self.buffer, "num_epochs", None)
         if epochs is not None:
             need = self.cfg.max_start_epoch - 1 + self.cfg.expert_epochs
