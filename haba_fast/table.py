@@ -754,6 +754,19 @@ def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int,
     known). A set whose stored file is missing (a fresh checkout) or is not the cell's own
     (:func:`stored_set_problem`) cannot be evaluated: it is left out, and ``log`` says why.
     """
+    best = []
+    for top in best_sets(done, ipc):
+        problem = stored_set_problem(top)
+        if problem is None:
+            best.append(top)
+        elif log is not None:
+            log(f"cross-architecture: {top['key']} left out: {problem}")
+    return best
+
+
+def best_sets(done: Dict[str, Dict[str, Any]], ipc: int) -> List[Dict[str, Any]]:
+    """The best pixel and the best HaBa cell at ``ipc`` by mean accuracy, once every row of :data:`ROWS` but the
+    whole-set ceiling is finished there (else empty: the best is not known yet)."""
     if not all(Cell(ipc, r).key in done for r in ROWS if r != "whole"):
         return []
     best = []
@@ -761,12 +774,7 @@ def cross_sources(done: Dict[str, Dict[str, Any]], ipc: int,
         cands = [r for r in done.values() if r.get("ipc") == ipc and r.get("parameterization") == param
                  and r.get("status") == "done" and "mean" in r]
         if cands:
-            top = max(cands, key=lambda r: r["mean"])
-            problem = stored_set_problem(top)
-            if problem is None:
-                best.append(top)
-            elif log is not None:
-                log(f"cross-architecture: {top['key']} left out: {problem}")
+            best.append(max(cands, key=lambda r: r["mean"]))
     return best
 
 
@@ -1507,12 +1515,15 @@ def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> Lis
         return [head, "", f"Not run yet: these cells run once every row of IPC {ipc} is finished."]
     lines = [head, "", f"| set | {p.eval_model} (the table) | " + " | ".join(models) + " |",
              "|---|---|" + "---|" * len(models)]
-    # the sets evaluated so far, and the ones still to come (their rows say "not run yet")
-    sources = sorted({r["source"] for r in xarch} | {r["key"] for r in cross_sources(cells, ipc)}, key=_sort_key)
+    # the sets evaluated so far, and the best ones still to come (their rows say "not run yet"); a set evaluated
+    # while it was the best, and overtaken since (another HaBa setting), is marked so
+    best = {r["key"] for r in best_sets(cells, ipc)}
+    sources = sorted({r["source"] for r in xarch} | best, key=_sort_key)
     for src in sources:
         mine = {r["model"]: r for r in xarch if r["source"] == src}
-        lines.append(f"| {ROW_NAMES.get(src.partition('-')[2], src)} ({src}) | {_cell_text(cells.get(src))} | "
-                     + " | ".join(_cell_text(mine.get(m)) for m in models) + " |")
+        overtaken = "" if src in best or not best else ", no longer the best"
+        lines.append(f"| {ROW_NAMES.get(src.partition('-')[2], src)} ({src}{overtaken}) | "
+                     f"{_cell_text(cells.get(src))} | " + " | ".join(_cell_text(mine.get(m)) for m in models) + " |")
     lines += ["", "Seconds per cross-architecture cell (training and testing every network): " + "; ".join(
         f"{r['source']} on {r['model']} {r['seconds']['eval']:.0f} s"
         for r in sorted(xarch, key=lambda r: (_sort_key(r["source"]), models.index(r["model"])

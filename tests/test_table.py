@@ -526,6 +526,24 @@ def test_a_work_folder_or_file_of_another_dataset_is_refused(tmp_path):
     table.check_one_dataset("digits", tmp_path / "out", tmp_path / "cells.json")  # its own: accepted
 
 
+def test_a_cross_architecture_set_overtaken_since_is_marked():
+    """The section is headed "the best sets": a set evaluated while it was the best and overtaken since says so."""
+    cells = {}
+    for row, mean in (("dm", 0.70), ("haba-dm", 0.60), ("haba-mtt", 0.65)):
+        cells[f"ipc2-{row}"] = {"key": f"ipc2-{row}", "ipc": 2, "row": row, "status": "done", "mean": mean,
+                                "std": 0.0, "parameterization": "haba" if row.startswith("haba") else "pixels"}
+    for row in table.ROWS:
+        cells.setdefault(f"ipc2-{row}", {"key": f"ipc2-{row}", "ipc": 2, "row": row, "status": "does not fit"})
+    for src in ("ipc2-dm", "ipc2-haba-dm"):  # haba-dm was the best HaBa set when these ran
+        key = table.cross_key(src, "MLP")
+        cells[key] = {"key": key, "source": src, "model": "MLP", "status": "done", "mean": 0.5, "std": 0.0,
+                      "seconds": {"eval": 1.0}}
+    lines = table._cross_lines(cells, TINY, 2)
+    row = {name: next(ln for ln in lines if f"({name}" in ln) for name in ("ipc2-dm", "ipc2-haba-dm", "ipc2-haba-mtt")}
+    assert "(ipc2-dm)" in row["ipc2-dm"] and "(ipc2-haba-dm, no longer the best)" in row["ipc2-haba-dm"]
+    assert "(ipc2-haba-mtt)" in row["ipc2-haba-mtt"] and row["ipc2-haba-mtt"].endswith("| not run yet |")
+
+
 def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
     """The anchor gap of a cell rerun under the longer protocol names that figure and its own gap."""
     quick = table.PROTOCOLS["quick"]
