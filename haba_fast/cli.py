@@ -43,8 +43,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    finished = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        finished = True
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -52,6 +55,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Bad input from the user: a clear one-line message, not a traceback.
         print(f"haba-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group(wait=finished)
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Under torchrun, leave the process group the command joined before the process exits: after a barrier when it
+    finished (a rank that exits while a peer's last collective still reads from it aborts that peer), at once when
+    it failed (a peer may never arrive). Nothing when no group was joined (torch.distributed never imported)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from haba_fast import dist
+
+    dist.destroy(wait=wait)
 
 
 def entry() -> None:

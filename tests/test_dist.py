@@ -77,6 +77,38 @@ def test_destroy_waits_for_every_rank(tmp_path):
     assert W.run_ranks(W.leave_in_turn, 2, tmp_path) == [True, True]
 
 
+def test_cli_leaves_the_process_group_after_every_command(monkeypatch):
+    """The CLI under torchrun leaves the group before exiting: waiting for every rank when the command finished
+    (destroy's barrier, tested above), at once when it failed (a peer may never arrive)."""
+    import argparse
+
+    import torch.distributed  # noqa: F401  (a command that joined a group has imported it)
+
+    from haba_fast import cli
+
+    calls = []
+    monkeypatch.setattr(dist, "destroy", lambda wait=True: calls.append(wait))
+
+    def parser_running(func):
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=func, command="x")
+        return lambda: p
+
+    def fail(exc):
+        def func(args):
+            raise exc
+        return func
+
+    monkeypatch.setattr(cli, "build_parser", parser_running(lambda args: 0))
+    assert cli.main([]) == 0 and calls == [True]
+    monkeypatch.setattr(cli, "build_parser", parser_running(fail(ValueError("bad input"))))
+    assert cli.main([]) == 2 and calls == [True, False]
+    monkeypatch.setattr(cli, "build_parser", parser_running(fail(RuntimeError("a bug"))))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main([])
+    assert calls == [True, False, False]
+
+
 def test_batch_reducer_needs_a_sample_per_rank(monkeypatch):
     monkeypatch.setattr(dist, "world_size", lambda: 4)
     with pytest.raises(ValueError, match="batch_syn"):
