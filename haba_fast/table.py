@@ -733,7 +733,10 @@ def stored_set_problem(record: Dict[str, Any]) -> Optional[str]:
         return None if _sha256(Path(path)) == digest else f"{path} is not the set it wrote (other bytes)"
     from haba_fast.factorization import load_synthetic
 
-    meta = load_synthetic(path).meta
+    try:
+        meta = load_synthetic(path).meta
+    except (OSError, ValueError, RuntimeError) as exc:  # torn or not a synthetic set: not the cell's either
+        return f"{path} cannot be read as a synthetic set ({exc})"
     for key, want in (("iteration", record.get("iterations")), ("dataset", record.get("dataset"))):
         if want is not None and meta.get(key) != want:
             return f"{path} holds {key} {meta.get(key)!r}, the cell's set had {want!r}"

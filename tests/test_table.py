@@ -508,6 +508,8 @@ def test_a_replaced_set_file_is_never_evaluated_as_the_cells(tmp_path):
     lines = []
     assert table.cross_sources({**stubs, "ipc2-dm": rec}, 2, lines.append) == []
     assert lines == [f"cross-architecture: ipc2-dm left out: {path} is not the set it wrote (other bytes)"]
+    path.write_bytes(b"torn")
+    assert "cannot be read as a synthetic set" in table.stored_set_problem(old)
     path.unlink()
     assert "missing" in table.stored_set_problem(rec)
 
