@@ -376,11 +376,13 @@ def check_resume(
 
 
 def synthetic_meta(distiller: "Distiller", dataset) -> Dict[str, Any]:
-    """The ``meta`` of our synthetic files: iteration, learned lr, config, dataset name and ZCA state."""
+    """The ``meta`` of our synthetic files: iteration, learned lr, config, dataset name, mean/std and ZCA state."""
     lr = float(distiller.syn_lr.detach())
     meta = {"iteration": distiller.iteration, "lr": lr, "syn_lr": lr, "config": distiller.cfg.to_dict()}
     if dataset is not None:
         meta["dataset"] = dataset.name
+        if getattr(dataset, "mean", None) is not None and getattr(dataset, "std", None) is not None:
+            meta["mean"], meta["std"] = list(dataset.mean), list(dataset.std)  # after the inverse ZCA, if any
         zca = getattr(dataset, "zca", None)
         if zca is not None and hasattr(zca, "state_dict"):
             meta["zca"] = zca.state_dict()

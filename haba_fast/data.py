@@ -59,6 +59,10 @@ _STATS = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
 
+# Datasets the reference normalizes by mean/std whatever --zca says (its MNIST/FashionMNIST transform has no ZCA
+# branch), so their ZCA is fit on normalized images; every other dataset is whitened from pixels in [0, 1].
+_NORMALIZED_BEFORE_ZCA = frozenset({"mnist", "fashion-mnist"})
+
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = "data"  # the reference scripts' default --data_path
 
@@ -282,18 +286,18 @@ class Dataset:
         return mean, std
 
     def denormalize(self, x: Tensor) -> Tensor:
-        """Model-space images ``[..., C, H, W]`` -> pixels (about [0, 1]; not clamped). Inverts ZCA too."""
+        """Model-space images ``[..., C, H, W]`` -> pixels (about [0, 1]; not clamped). Inverts ZCA too (then
+        the mean/std, identity unless the dataset was normalized before its ZCA)."""
         if self.zca is not None:
-            return self.zca.inverse(x)
+            x = self.zca.inverse(x)
         mean, std = self._stats(x)
         return x * std + mean
 
     def normalize(self, x: Tensor) -> Tensor:
         """Pixels in [0, 1] ``[..., C, H, W]`` -> the space the dataset's images live in (inverse of denormalize)."""
-        if self.zca is not None:
-            return self.zca.transform(x)
         mean, std = self._stats(x)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return self.zca.transform(x) if self.zca is not None else x
 
     def class_indices(self) -> list[Tensor]:
         """For each class, the indices of its train images (``[n_c]`` int64, ascending)."""
@@ -749,8 +753,9 @@ def load(
         name: one of ``DATASETS`` (the reference's spellings such as ``FashionMNIST``/``CIFAR10`` work too).
         root: folder holding the files (``folder``: required). Default: Debian's folder for Fashion-MNIST,
             ``./data`` (the reference's ``--data_path``) otherwise; ``digits`` needs none.
-        zca: ZCA-whiten (DESIGN.md; the reference's ``--zca``): pixels in [0, 1], no mean/std, the transform fit
-            on the returned train images and applied to train and test. Overrides ``normalize``.
+        zca: ZCA-whiten (DESIGN.md; the reference's ``--zca``): the transform fit on the returned train images
+            and applied to train and test, from pixels in [0, 1] (no mean/std), except MNIST and Fashion-MNIST,
+            which the reference normalizes first (``normalize`` still applies to them).
         normalize: subtract the per-dataset mean and divide by the std, as the reference does (``digits`` and
             ``folder``: statistics of their own train split). False: pixels in [0, 1].
         subset_per_class: keep only k train images per class (the first k in file order, or k random ones drawn
@@ -794,12 +799,7 @@ def load(
     if subset_per_class is not None:
         x_train, y_train = _subset(x_train, y_train, subset_per_class, len(classes), generator)
 
-    fitted = None
-    if zca:
-        fitted = ZCA(eps=0.1).fit(x_train)
-        x_train, x_test = fitted.transform(x_train), fitted.transform(x_test)
-        mean, std = (0.0,) * channels, (1.0,) * channels
-    elif normalize:
+    if normalize and (not zca or canon in _NORMALIZED_BEFORE_ZCA):
         # torchvision's Normalize order (subtract, then divide, in float32), so values match the reference's bits.
         m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
@@ -807,6 +807,10 @@ def load(
         x_test = x_test.sub_(m).div_(s) if x_test.is_contiguous() else (x_test - m) / s
     else:
         mean, std = (0.0,) * channels, (1.0,) * channels
+    fitted = None
+    if zca:
+        fitted = ZCA(eps=0.1).fit(x_train)
+        x_train, x_test = fitted.transform(x_train), fitted.transform(x_test)
 
     return Dataset(
         name=canon,

@@ -81,6 +81,10 @@ def test_state_loads_weights_only_and_holds_every_rng(digits, buffer, tmp_path):
         assert state["rng"][name].dtype == torch.uint8, name
     assert isinstance(state["config"], dict) and state["config"]["lr_img"] == 100.0
     assert state["inputs"]["buffer_content"]["num_trajectories"] == 2
+    from haba_fast.factorization import load_synthetic
+
+    meta = load_synthetic(tmp_path / "synthetic.pt").meta  # what undoes the normalization (export, pictures)
+    assert (meta["mean"], meta["std"], meta["dataset"]) == (list(digits.mean), list(digits.std), "digits")
 
 
 def test_result_keys_are_documented_split():

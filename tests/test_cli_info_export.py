@@ -133,6 +133,15 @@ def test_export_uses_recorded_zca_and_dataset(tmp_path):
     pt, npz = _check_outputs(tmp_path / "z", 4, 3, (4, 4))
     expected = zca.inverse(pt["images"]).float().clamp(0, 1)
     torch.testing.assert_close(torch.from_numpy(npz["pixels"]), expected)
+    # ZCA fit on normalized images (the reference's MNIST / FashionMNIST): the inverse ZCA, then the mean/std.
+    gray = _haba(K=2, bpc=1, C=1, size=(4, 4), Hn=2)
+    zca1 = ZCA().fit(torch.randn(20, 1, 4, 4, generator=torch.Generator().manual_seed(2)))
+    gray.save(tmp_path / "f.pt", {"dataset": "fashion-mnist", "zca": zca1.state_dict(), "mean": [0.2861],
+                                  "std": [0.3530]})
+    assert main(["export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f")]) == 0
+    pt, npz = _check_outputs(tmp_path / "f", 4, 1, (4, 4))
+    expected = (zca1.inverse(pt["images"]).float() * 0.3530 + 0.2861).clamp(0, 1)
+    torch.testing.assert_close(torch.from_numpy(npz["pixels"]), expected)
     # No ZCA, no mean/std: the recorded dataset name gives the reference's normalization.
     haba.save(tmp_path / "d.pt", {"dataset": "CIFAR10"})
     assert main(["export", str(tmp_path / "d.pt"), "--out", str(tmp_path / "d")]) == 0

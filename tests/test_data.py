@@ -621,9 +621,14 @@ def test_fashion_mnist_real_zca_subset():
     def g():
         return torch.Generator().manual_seed(11)
 
-    raw = load("fashion-mnist", normalize=False, subset_per_class=10, generator=g())
+    pixels = load("fashion-mnist", normalize=False, subset_per_class=10, generator=g())
+    # The reference normalizes MNIST / FashionMNIST by mean/std before its ZCA (no ZCA branch in their transform).
+    raw = load("fashion-mnist", subset_per_class=10, generator=g())
     d = load("fashion-mnist", zca=True, subset_per_class=10, generator=g())
     assert d.train_images.shape == (100, 1, 28, 28) and torch.equal(d.train_labels, raw.train_labels)
+    assert (d.mean, d.std) == (raw.mean, raw.std) == ((0.2861,), (0.3530,))
+    assert not load("fashion-mnist", zca=True, normalize=False, subset_per_class=10, generator=g()).zca.matrix.equal(
+        d.zca.matrix)  # normalize=False: whitened from pixels, another transform
     # D = 784: instead of a second eigendecomposition (seconds on 2 busy cores), check that T is the symmetric
     # positive-definite matrix with T^2 = (Sigma + 0.1 I)^-1, which determines it uniquely.
     # (torch, not numpy, for the 784^3 products: numpy's BLAS threads crawl on the oversubscribed machine.)
@@ -639,7 +644,8 @@ def test_fashion_mnist_real_zca_subset():
     mu, t = mu.numpy(), t.numpy()
     np.testing.assert_allclose(d.train_images.numpy(), zca_apply(raw.train_images.numpy(), mu, t), atol=1e-4)
     np.testing.assert_allclose(d.test_images[:200].numpy(), zca_apply(raw.test_images[:200].numpy(), mu, t), atol=1e-4)
-    torch.testing.assert_close(d.denormalize(d.test_images[:50]), raw.test_images[:50], atol=1e-4, rtol=0)
+    torch.testing.assert_close(d.denormalize(d.test_images[:50]), pixels.test_images[:50], atol=1e-4, rtol=0)
+    torch.testing.assert_close(d.normalize(pixels.test_images[:50]), d.test_images[:50], atol=1e-4, rtol=0)
 
 
 def test_fashion_mnist_default_root_in_message(tmp_path, monkeypatch):

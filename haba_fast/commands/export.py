@@ -75,21 +75,27 @@ def _dataset_stats(name: str):
 def _denormalizer(syn, dataset_name):
     """A callable network-space -> [0, 1], or None (per-image min-max) when the normalization is unknown.
 
-    Order: a recorded ZCA (inverted); --denormalize-dataset; the recorded mean/std; the recorded dataset name.
+    Order: a recorded ZCA (inverted, then the recorded mean/std); --denormalize-dataset; the recorded mean/std;
+    the recorded dataset name.
     """
     from haba_fast import visualize
 
     meta = getattr(syn, "meta", {}) or {}
     if meta.get("zca") is not None:
-        # ZCA data is not mean/std normalized (as in the reference), so the inverse ZCA is the whole story.
+        # The inverse ZCA, then the recorded mean/std: identity except for MNIST / Fashion-MNIST, which the
+        # reference normalizes before its ZCA (files without a recorded mean/std were whitened from [0, 1] pixels).
         try:
             from haba_fast.data import ZCA
 
-            return ZCA.from_state_dict(meta["zca"]).inverse
+            inverse = ZCA.from_state_dict(meta["zca"]).inverse
         except Exception as exc:  # noqa: BLE001 - a state we cannot read must not stop the export
             print(f"note: cannot undo the recorded ZCA whitening ({type(exc).__name__}: {exc}); "
                   "the PNG uses per-image min-max")
             return None
+        if meta.get("mean") is None or meta.get("std") is None:
+            return inverse
+        stats = visualize.denormalizer(list(meta["mean"]), list(meta["std"]))
+        return lambda x: stats(inverse(x))
     if dataset_name:
         return visualize.denormalizer(*_dataset_stats(dataset_name))
     if meta.get("mean") is not None and meta.get("std") is not None:
