@@ -678,6 +678,11 @@ class _ReferenceWriter:
     def completed(self) -> int:
         return self.progress["completed"]
 
+    @property
+    def index_offset(self) -> int:
+        """Seed index of this run's expert 0: the trajectories found beside it when it started (appending)."""
+        return int(self.progress.get("index_offset", 0))
+
     def _save_progress(self) -> None:
         atomic_write_text(json.dumps(self.progress, indent=1), self.out_dir / PROGRESS_NAME)
 
@@ -798,11 +803,18 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
         if mismatch:
             raise ValueError(
                 f"cannot resume {progress_path}: it was written with other settings ({'; '.join(mismatch)}); "
-                f"delete it (existing replay_buffer files stay and new ones are appended) or use another directory"
+                "use another directory (or delete it: its replay_buffer files stay and new experts are appended, "
+                "as the reference's buffer.py appends)"
             )
     if progress is None:
+        # Files no progress record covers (a run of the reference's buffer.py, or ours after its progress file
+        # was deleted): the reference appends new experts beside them on every run. Ours are seeded from
+        # (seed, index), so the new ones take the indices after the trajectories found: none repeats one of ours.
+        earlier = _replay_files(out_dir) if out_dir.is_dir() else []
+        offset = ReferenceExpertBuffer(earlier).num_trajectories if earlier else 0
         progress = {
             "format": "reference-progress",
+            "index_offset": offset,
             **meta,
             "config": asdict(cfg),
             "config_signature": signature,
@@ -831,6 +843,7 @@ def train_experts(
     resume: bool = True,
     progress: bool = True,
     callback: Callable[[int, int, EpochStats], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train ``cfg.num_experts`` experts on ``dataset`` and write their trajectories to ``out_dir``.
 
@@ -847,6 +860,7 @@ def train_experts(
         progress: tqdm bars (experts, and epochs with loss / test accuracy).
         callback: ``callback(expert_index, epoch, stats)`` after every epoch (logging; raising stops the run
             and leaves every finished expert on disk).
+        log: where a note goes when the folder already holds ``num_experts`` experts (nothing is trained).
 
     Returns:
         ``out_dir`` as a Path (open it with :func:`load_buffer`).
@@ -894,12 +908,17 @@ def train_experts(
     # Rank 0 opens (creates or checks) the progress file; every rank learns where to start, or rank 0's error.
     writer = None
 
-    def open_writer() -> int:
+    def open_writer() -> tuple[int, int]:
         nonlocal writer
         writer = _open_writer(out_dir, fmt, cfg, meta, storage, resume, content)
-        return writer.completed
+        return writer.completed, getattr(writer, "index_offset", 0)
 
-    start = int(dist.run_on_main(open_writer, (ValueError, FileNotFoundError)))
+    start, offset = (int(v) for v in dist.run_on_main(open_writer, (ValueError, FileNotFoundError)))
+    if offset and start < cfg.num_experts and log is not None:
+        log(f"appending to {out_dir}: {offset} experts found there; the new ones are seeded from index {offset} on")
+    if start >= cfg.num_experts and log is not None:
+        log(f"nothing to train: {out_dir} already holds {start} experts (num_experts {cfg.num_experts} is the "
+            "total here, where the reference's buffer.py adds that many on every run: raise it to add more)")
     if writer is None:  # another rank: it only stages its experts' own files
         writer = _StagingWriter(out_dir, fmt, storage)
 
@@ -918,9 +937,8 @@ def train_experts(
             i = first + (rank - first) % k
             mine = None
             if i < cfg.num_experts:
-                info, snaps = _train_one(
-                    i, cfg, train, test, channels, num_classes, im_size, device, progress and dist.is_main(), callback
-                )
+                info, snaps = _train_one(i, offset + i, cfg, train, test, channels, num_classes, im_size, device,
+                                         progress and dist.is_main(), callback)
                 try:
                     writer.stage(i, snaps)
                 except OSError as exc:
@@ -978,11 +996,12 @@ class _StagingWriter:
             atomic_torch_save(snaps, self.out_dir / _pending_name(index))
 
 
-def _train_one(index, cfg, train, test, channels, num_classes, im_size, device, progress, callback):
-    """Train expert ``index`` from its own generator: ``(info, snapshots)``."""
+def _train_one(index, seed_index, cfg, train, test, channels, num_classes, im_size, device, progress, callback):
+    """Train expert ``index`` of this run from the generator of ``seed_index`` (``index`` plus the experts an
+    appended folder held): ``(info, snapshots)``."""
     from haba_fast.models import get_network
 
-    g = expert_generator(cfg.seed, index)
+    g = expert_generator(cfg.seed, seed_index)
     net = get_network(cfg.model, channels, num_classes, im_size, generator=g, device=device)
     snaps = [snapshot_params(net)]
 

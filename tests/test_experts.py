@@ -364,6 +364,43 @@ def test_mtt_refuses_a_buffer_recorded_for_other_data_or_model(digits, haba_buff
         Distiller(cfg, digits, load_buffer(out), device="cpu")
 
 
+def test_reference_folder_without_progress_gets_new_experts_appended(digits, reference_buffer, tmp_path):
+    """The reference's buffer.py appends experts on every run. Ours, seeded from (seed, index), append beside
+    files no progress record covers with the indices after the trajectories found: the experts a longer run would
+    have trained there, never a repeat of the ones found."""
+    import shutil
+
+    from haba_fast.experts import PROGRESS_NAME
+
+    out = tmp_path / "b"
+    shutil.copytree(reference_buffer, out)
+    (out / PROGRESS_NAME).unlink()  # as after deleting it, or a folder the reference's buffer.py wrote
+    notes = []
+    train_experts(digits, _cfg(num_experts=2), out, fmt="reference", progress=False, log=notes.append)
+    assert notes == [f"appending to {out}: 3 experts found there; the new ones are seeded from index 3 on"]
+    buf = load_buffer(out)
+    assert buf.num_trajectories == 3 + 2
+    whole = tmp_path / "whole"
+    train_experts(digits, _cfg(num_experts=5), whole, fmt="reference", progress=False)  # the oracle: one run of 5
+    oracle = load_buffer(whole)
+    for t in range(5):
+        for e in range(buf.num_epochs + 1):
+            assert torch.equal(buf.snapshot(t, e), oracle.snapshot(t, e)), (t, e)
+    # Resumed after a kill, the appended run keeps its offset (recorded in its progress file).
+    assert json.loads((out / PROGRESS_NAME).read_text())["index_offset"] == 3
+
+
+def test_a_finished_folder_says_nothing_was_trained(digits, haba_buffer, tmp_path):
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(haba_buffer, out)
+    notes = []
+    train_experts(digits, _cfg(), out, progress=False, log=notes.append)
+    assert len(notes) == 1 and "nothing to train" in notes[0] and "raise it to add more" in notes[0]
+    assert load_buffer(out).num_trajectories == 2
+
+
 def test_bad_arguments(digits, tmp_path):
     with pytest.raises(ValueError, match="fmt"):
         train_experts(digits, _cfg(), tmp_path, fmt="npz", progress=False)

@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=torch.bfloat16 if args.bf16 else torch.float32,
         resume=args.resume,
         progress=not args.quiet,
+        log=dist.print_main,
     )
     buf = load_buffer(out)
     dist.print_main(
