@@ -630,6 +630,7 @@ class Distiller:
         """
         from haba_fast.objectives.contrastive import adversary_loss, club_loss
 
+        self.stream.start_iteration()  # every iteration draws its own --batch_syn chunks, as the reference does
         # The objective's loss (MTT: trajectory matching; DC/DSA: gradient matching; DM: distribution matching).
         out = self.objective.loss(self.synthetic, self.syn_lr)
         loss = out.loss

@@ -21,11 +21,12 @@ __all__ = ["IndexStream", "PairPlan", "StepPlan", "sample_pair", "sample_plan"]
 
 
 class IndexStream:
-    """Batches of B indices out of ``range(n)``, taken in order from a stream of random permutations.
+    """Batches of B indices out of ``range(n)``, drawn as the reference draws ``--batch_syn`` chunks.
 
-    Every batch has exactly B indices; a batch may straddle two permutations when B does not divide
-    n (then it may repeat an index). When B divides n this draws what the reference does: each
-    permutation split into n / B chunks.
+    The reference keeps a list of chunks: when it is empty, a random permutation of ``range(n)`` split into
+    chunks of B; each batch is the last chunk, popped; the list is emptied at the start of every iteration
+    (:meth:`start_iteration`), and the iteration's adversarial draws continue it. B must divide n: otherwise
+    the reference alternates a smaller leftover chunk, which the engines' fixed ``[N, B]`` plan cannot hold.
     """
 
     def __init__(self, n: int, batch: int):
@@ -33,20 +34,32 @@ class IndexStream:
             raise ValueError(f"IndexStream needs at least one item, got n={n}")
         if not 1 <= batch <= n:
             raise ValueError(f"batch size must be in [1, {n}], got {batch}")
+        if n % batch:
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            below = max(d for d in divisors if d < batch)
+            above = min(d for d in divisors if d > batch)
+            raise ValueError(
+                f"--batch_syn {batch} does not divide the {n} synthetic samples: the reference would then "
+                f"alternate batches of {n % batch} and {batch}, which the engines' fixed batch cannot hold; "
+                f"choose a divisor of {n} (e.g. {below} or {above})"
+            )
         self.n = int(n)
         self.batch = int(batch)
-        self._pending = torch.empty(0, dtype=torch.long)
+        self._chunks: List[Tensor] = []
+
+    def start_iteration(self) -> None:
+        """Forget the chunks left by the last iteration (the reference's ``indices_chunks = []``)."""
+        self._chunks = []
 
     def next(self, generator: Optional[torch.Generator] = None) -> Tensor:
         """The next batch: [B] int64 (CPU)."""
-        while self._pending.numel() < self.batch:
-            perm = torch.randperm(self.n, generator=generator)
-            self._pending = torch.cat([self._pending, perm])
-        out, self._pending = self._pending[: self.batch], self._pending[self.batch :]
-        return out
+        if not self._chunks:
+            self._chunks = list(torch.randperm(self.n, generator=generator).split(self.batch))
+        return self._chunks.pop()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"n": self.n, "batch": self.batch, "pending": self._pending.clone()}
+        chunks = torch.stack(self._chunks) if self._chunks else torch.empty(0, self.batch, dtype=torch.long)
+        return {"n": self.n, "batch": self.batch, "chunks": chunks.clone()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if int(state["n"]) != self.n or int(state["batch"]) != self.batch:
@@ -54,7 +67,10 @@ class IndexStream:
                 f"index stream state is for n={state['n']}, batch={state['batch']}; this run has n={self.n}, "
                 f"batch={self.batch}"
             )
-        self._pending = state["pending"].clone().long()
+        if "chunks" in state:
+            self._chunks = list(state["chunks"].clone().long())
+        else:  # checkpoints before 2026-12-03 kept the unused indices in order, taken from the front
+            self._chunks = list(reversed(state["pending"].clone().long().split(self.batch)))
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,14 @@ class Kill(Exception):
     pass
 
 
+def test_batch_syn_that_does_not_divide_the_set_is_refused(digits, buffer):
+    """--batch_syn chunks a permutation of the synthetic rows (the reference's draws); a size that does not divide
+    them would need a smaller last batch, so it is a clear error naming divisors, before anything runs."""
+    with pytest.raises(ValueError, match="--batch_syn 3 does not divide the 10 synthetic samples.*e.g. 2 or 5"):
+        Distiller(_cfg(batch_syn=3), digits, buffer, device="cpu")
+    assert Distiller(_cfg(batch_syn=5), digits, buffer, device="cpu").stream.batch == 5
+
+
 def test_checkpoint_kill_and_resume(digits, buffer, tmp_path):
     from haba_fast.factorization import HaBa, load_synthetic
 

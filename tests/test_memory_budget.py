@@ -222,7 +222,7 @@ def _haba_problem(N, dtype, strategy="color_crop_cutout_flip_scale_rotate"):
 
     g = torch.Generator().manual_seed(3)
     syn = HaBa(4, 2, 3, (9, 9), n_hallucinators=3, generator=g).to(dtype)
-    plan = sample_plan(IndexStream(8, 3), N, 3, (9, 9), strategy=strategy, generator=g)
+    plan = sample_plan(IndexStream(8, 4), N, 3, (9, 9), strategy=strategy, generator=g)
     model = _convnet(channel=3, k=4, im=9, dtype=dtype)
     ws = flatten_params(model).to(dtype)
     wt = ws + 0.1 * torch.randn(ws.shape, generator=g, dtype=dtype)

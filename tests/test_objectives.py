@@ -115,12 +115,12 @@ def _haba(K=3, bpc=2, C=1, size=(8, 8), Hn=3):
 def test_build_inputs_haba_matches_per_step_generate_and_augment():
     syn = _haba()
     g = torch.Generator().manual_seed(4)
-    plan = sample_plan(IndexStream(syn.num_bases, 4), 5, syn.n_hallucinators, syn.im_size, generator=g)
+    plan = sample_plan(IndexStream(syn.num_bases, 3), 5, syn.n_hallucinators, syn.im_size, generator=g)
     X, Y = build_inputs(syn, plan)
-    assert X.shape == (5, 4, 1, 8, 8) and Y.shape == (5, 4)
+    assert X.shape == (5, 3, 1, 8, 8) and Y.shape == (5, 3)
     for t in range(5):
         b = plan.base_idx[t]
-        x = syn.generate(b, plan.hall_idx[t].repeat(4))
+        x = syn.generate(b, plan.hall_idx[t].repeat(3))
         assert_close(X[t], augment.apply(x, plan.aug[t]))
         assert torch.equal(Y[t], syn.base_labels[b])
     # replay: the same plan gives the same inputs
@@ -142,7 +142,7 @@ def test_trajectory_loss_gradients_finite_and_nonzero(kind):
     net, w0, w1 = _tiny_student(1, 3, (8, 8))
     M = syn.num_bases if kind == "haba" else 6
     plan = sample_plan(
-        IndexStream(M, 5), 3, getattr(syn, "n_hallucinators", 1), (8, 8), generator=torch.Generator().manual_seed(2)
+        IndexStream(M, 3), 3, getattr(syn, "n_hallucinators", 1), (8, 8), generator=torch.Generator().manual_seed(2)
     )
     lr = torch.tensor(0.01, requires_grad=True)
     loss = trajectory_loss(NaiveEngine(), net, syn, plan, w0, w1, lr)

@@ -168,33 +168,57 @@ def test_exact_engine_matches_naive():
 # Index stream and step plan
 
 
-@pytest.mark.parametrize("n,b", [(10, 10), (10, 5), (7, 3), (13, 13), (5, 1)])
-def test_index_stream_batches(n, b):
-    g = torch.Generator().manual_seed(1)
-    s = IndexStream(n, b)
-    batches = [s.next(g) for _ in range(3 * n)]
-    assert all(x.shape == (b,) and x.dtype == torch.long for x in batches)
-    flat = torch.cat(batches)
-    assert flat.min() >= 0 and flat.max() < n
-    # The stream is a concatenation of permutations: every window of n aligned indices is a permutation.
-    for i in range(0, flat.numel() - n + 1, n):
-        assert sorted(flat[i : i + n].tolist()) == list(range(n))
+def _reference_chunks(n, b, g, draws, iterations):
+    """The reference's --batch_syn draws: per iteration an emptied chunk list; a permutation split into chunks of b
+    when it is empty; the last chunk popped."""
+    out = []
+    for _ in range(iterations):
+        chunks = []
+        for _ in range(draws):
+            if not chunks:
+                chunks = list(torch.split(torch.randperm(n, generator=g), b))
+            out.append(chunks.pop())
+    return out
+
+
+@pytest.mark.parametrize("n,b", [(10, 10), (10, 5), (12, 3), (13, 13), (5, 1)])
+@pytest.mark.parametrize("draws", [1, 3, 7])
+def test_index_stream_draws_the_references_chunks(n, b, draws):
+    s, g = IndexStream(n, b), torch.Generator().manual_seed(1)
+    ours = []
+    for _ in range(4):
+        s.start_iteration()
+        ours += [s.next(g) for _ in range(draws)]
+    oracle = _reference_chunks(n, b, torch.Generator().manual_seed(1), draws, 4)
+    assert len(ours) == len(oracle) and all(torch.equal(x, y) for x, y in zip(ours, oracle))
+    assert all(x.shape == (b,) and x.dtype == torch.long for x in ours)
+
+
+def test_index_stream_refuses_a_batch_that_does_not_divide():
+    with pytest.raises(ValueError, match="--batch_syn 3 does not divide the 7 synthetic samples.*e.g. 1 or 7"):
+        IndexStream(7, 3)
+    with pytest.raises(ValueError, match="--batch_syn 256 does not divide the 500 .*e.g. 250 or 500"):
+        IndexStream(500, 256)
 
 
 def test_index_stream_state_roundtrip_and_errors():
     g = torch.Generator().manual_seed(2)
-    s = IndexStream(7, 3)
+    s = IndexStream(12, 3)
     s.next(g)
     state, gstate = s.state_dict(), g.get_state()
-    a = [s.next(g) for _ in range(4)]
-    s2 = IndexStream(7, 3)
+    a = [s.next(g) for _ in range(6)]
+    s2 = IndexStream(12, 3)
     s2.load_state_dict(state)
     g.set_state(gstate)
-    b = [s2.next(g) for _ in range(4)]
+    b = [s2.next(g) for _ in range(6)]
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # A checkpoint written before the chunks were kept: its unused indices in order, taken from the front.
+    old = IndexStream(12, 3)
+    old.load_state_dict({"n": 12, "batch": 3, "pending": torch.arange(6)})
+    assert [old.next(g).tolist() for _ in range(2)] == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(ValueError, match="batch"):
         IndexStream(7, 8)
-    with pytest.raises(ValueError, match="n=7"):
+    with pytest.raises(ValueError, match="n=12"):
         IndexStream(6, 3).load_state_dict(state)
 
 
@@ -212,12 +236,12 @@ def test_plan_is_reproducible_from_the_generator():
     plans = []
     for _ in range(2):
         g = torch.Generator().manual_seed(5)
-        plans.append(sample_plan(IndexStream(12, 5), 6, 3, (8, 8), adversarial=True, generator=g))
+        plans.append(sample_plan(IndexStream(12, 4), 6, 3, (8, 8), adversarial=True, generator=g))
     _plans_equal(*plans)
     p = plans[0]
-    assert p.base_idx.shape == (6, 5) and p.hall_idx.shape == (6,)
-    assert len(p.aug) == 6 and all(a.n == 5 for a in p.aug)
-    assert p.club.aug.n == 10 and p.club.hall_pair[0] != p.club.hall_pair[1]
+    assert p.base_idx.shape == (6, 4) and p.hall_idx.shape == (6,)
+    assert len(p.aug) == 6 and all(a.n == 4 for a in p.aug)
+    assert p.club.aug.n == 8 and p.club.hall_pair[0] != p.club.hall_pair[1]
     assert p.hall_idx.min() >= 0 and p.hall_idx.max() < 3
 
 
