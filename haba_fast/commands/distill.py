@@ -76,7 +76,8 @@ _FLAGS: List[tuple] = [
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
     ("lr_style", ["--lr_style", "--lr-style"], dict(type=float), "learning rate of the hallucinators"),
     ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "dc/dsa/dm: real images per class per step"),
-    ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int), "bases per unrolled step (default: all; must divide the synthetic set's size)"),
+    ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int),
+     "bases per unrolled step (default: all; a divisor of them)"),
     ("batch_train", ["--batch_train", "--batch-train"], dict(type=int), "evaluation training batch"),
     (
         "pix_init",
