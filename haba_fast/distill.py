@@ -316,6 +316,19 @@ def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
     return dataclasses.replace(cfg, **PRESETS[name])
 
 
+# MTT's distill.py (the pixel reference) defaults where they differ from HaBa's distill_fac.py, whose defaults
+# DistillConfig carries.
+MTT_PIXEL_DEFAULTS: Dict[str, Any] = {"iterations": 5000, "lr_img": 1000.0, "syn_steps": 20, "pix_init": "noise"}
+
+
+def apply_pixel_reference(cfg: DistillConfig) -> DistillConfig:
+    """``cfg`` as pixel MTT with MTT's distill.py defaults (``MTT_PIXEL_DEFAULTS``), for a drop-in of that script.
+
+    The CLI applies them for ``--parameterization pixels`` (objective mtt, no preset) before the flags given.
+    """
+    return dataclasses.replace(cfg, parameterization="pixels", **MTT_PIXEL_DEFAULTS)
+
+
 def apply_objective(cfg: DistillConfig, name: str) -> DistillConfig:
     """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1; DM: 1.0; ...).
 

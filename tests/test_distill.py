@@ -401,6 +401,22 @@ OURS = [
 ]
 
 
+def test_pixels_take_mtt_distill_py_defaults_and_flags_still_win():
+    """--parameterization pixels is a drop-in for MTT's distill.py: its defaults (--Iteration 5000, --lr_img 1000,
+    --syn_steps 20, --pix_init noise), where HaBa keeps distill_fac.py's (15000, 100, 64, real)."""
+    _, px = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels"])
+    assert (px.iterations, px.lr_img, px.syn_steps, px.pix_init) == (5000, 1000.0, 20, "noise")
+    assert (px.lr_lr, px.lr_teacher, px.expert_epochs, px.max_start_epoch) == (1e-5, 0.01, 3, 25)  # shared
+    _, hb = _parse(["--dataset", "CIFAR10"])
+    assert (hb.parameterization, hb.iterations, hb.lr_img, hb.syn_steps, hb.pix_init) == (
+        "haba", 15000, 100.0, 64, "real")
+    _, given = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels", "--Iteration", "7",
+                       "--lr_img", "5", "--syn_steps", "3", "--pix_init", "real"])
+    assert (given.iterations, given.lr_img, given.syn_steps, given.pix_init) == (7, 5.0, 3, "real")
+    _, dm = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels", "--objective", "dm"])
+    assert dm.lr_img == 1.0 and dm.syn_steps == 64  # DM's public code, not MTT's script
+
+
 def test_both_spellings_give_the_same_config():
     _, a = _parse(REF)
     _, b = _parse(OURS)

@@ -184,7 +184,7 @@ _FLAGS: List[tuple] = [
         "parameterization",
         ["--parameterization"],
         dict(type=str, choices=["haba", "pixels"]),
-        "haba (bases + hallucinators) or pixels (plain MTT)",
+        "haba (bases + hallucinators) or pixels (plain MTT, with MTT distill.py's defaults)",
     ),
     (
         "engine",
@@ -357,12 +357,14 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 def config_from_args(args: argparse.Namespace):
     """DistillConfig: defaults, then the preset, then the flags given on the command line."""
     from haba_fast import augment
-    from haba_fast.distill import DistillConfig, apply_objective, apply_preset
+    from haba_fast.distill import DistillConfig, apply_objective, apply_pixel_reference, apply_preset
 
     refuse_unsupported(args)
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
+    elif getattr(args, "parameterization", None) == "pixels" and getattr(args, "objective", "mtt") == "mtt":
+        cfg = apply_pixel_reference(cfg)  # MTT's distill.py defaults (--Iteration 5000, --lr_img 1000, ...)
     if hasattr(args, "objective"):
         cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
