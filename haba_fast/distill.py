@@ -223,7 +223,7 @@ class DistillConfig:
         if not self.eval_models:
             from haba_fast.evaluate import eval_pool
 
-            eval_pool(self.eval_mode, self.model)  # a clear error now, not at the first evaluation
+            eval_pool(self.eval_mode, self.model, self.pool_reference)  # a clear error now, not at the first one
         if self.budget_ipc is not None and self.budget_ipc < 1:
             raise ValueError(f"--budget-ipc must be >= 1, got {self.budget_ipc}")
         for name in ("lr_img", "lr_style", "lr_teacher", "min_lr"):
@@ -287,6 +287,11 @@ class DistillConfig:
         if self.min_lr is not None:
             return float(self.min_lr)
         return 0.001 if self.parameterization == "haba" else None
+
+    @property
+    def pool_reference(self) -> str:
+        """Whose ``--eval_mode`` pools apply: MTT's utils.py for pixel MTT (its ``M`` adds ResNet18_AP), else HaBa's."""
+        return "mtt" if self.parameterization == "pixels" and self.objective == "mtt" else "haba"
 
     @property
     def standardize(self) -> bool:
@@ -856,7 +861,7 @@ def eval_config(cfg: DistillConfig, device=None):
     from haba_fast.evaluate import EvalConfig, eval_pool
 
     return EvalConfig(
-        models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model),
+        models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model, cfg.pool_reference),
         num_eval=max(1, cfg.num_eval),
         epochs=max(1, cfg.epoch_eval_train),
         batch_size=cfg.batch_train,

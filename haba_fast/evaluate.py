@@ -38,8 +38,9 @@ CORESET_METHODS = ("random", "herding", "kcenter")
 DEFAULT_EVAL_LR = 0.01
 
 
-# The reference's get_eval_pool (HaBa utils.py; MTT's is the same without "C"). "S" and "C" depend on the training
-# model; any other value falls back to the training model there, which hides typos: here it is an error.
+# The reference's get_eval_pool (HaBa utils.py). "S" and "C" depend on the training model; any other value falls back
+# to the training model there, which hides typos: here it is an error. MTT's utils.py differs in "M" only
+# (MTT_POOL_M), the pool of pixel MTT runs (``eval_pool(.., reference="mtt")``).
 EVAL_MODES: dict[str, tuple[str, ...]] = {
     "S": (),  # the training model itself (a "...BN" name is evaluated without its BN suffix)
     "M": COMMON_MODELS,  # architectures
@@ -50,15 +51,17 @@ EVAL_MODES: dict[str, tuple[str, ...]] = {
     "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),  # norms: none/batch/layer/instance/group
     "C": (),  # the training model and ConvNet
 }
+MTT_POOL_M: tuple[str, ...] = ("ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18")
 
 
-def eval_pool(eval_mode: str, model: str = "ConvNet") -> tuple[str, ...]:
+def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -> tuple[str, ...]:
     """The evaluation architectures of ``--eval_mode`` for a set distilled with ``model`` (the reference's pool).
 
     Args:
         eval_mode: one of :data:`EVAL_MODES` (``S`` itself, ``M`` architectures, ``W`` widths, ``D`` depths,
             ``A`` activations, ``P`` poolings, ``N`` norms, ``C`` itself and ConvNet).
         model: the training (distillation) model, a ``haba_fast.models.get_network`` name.
+        reference: ``haba`` (HaBa's utils.py) or ``mtt`` (MTT's, for pixel MTT: ``M`` adds ``ResNet18_AP``).
 
     Returns:
         The ``get_network`` names to evaluate, in the reference's order.
@@ -73,13 +76,18 @@ def eval_pool(eval_mode: str, model: str = "ConvNet") -> tuple[str, ...]:
     if mode not in EVAL_MODES:
         raise ValueError(
             f"unknown --eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)} (S: the training model, "
-            "M: ConvNet/AlexNet/VGG11/ResNet18, W: widths, D: depths, A: activations, P: poolings, N: norms, "
+            "M: ConvNet/AlexNet/VGG11/ResNet18 (pixel MTT: + ResNet18_AP), W: widths, D: depths, A: activations, "
+            "P: poolings, N: norms, "
             "C: the training model and ConvNet)"
         )
+    if reference not in ("haba", "mtt"):
+        raise ValueError(f"reference must be 'haba' or 'mtt', got {reference!r}")
     if mode == "S":
         pool: tuple[str, ...] = (model[: model.index("BN")] if "BN" in model else model,)
     elif mode == "C":
         pool = (model, "ConvNet")
+    elif mode == "M" and reference == "mtt":
+        pool = MTT_POOL_M
     else:
         pool = EVAL_MODES[mode]
     missing = [m for m in pool if m not in NETWORK_NAMES]

@@ -256,6 +256,22 @@ def test_eval_pool_depends_on_the_training_model_as_the_reference():
     assert set(EVAL_MODES) == set(REFERENCE_POOLS)
 
 
+def test_pixel_mtt_evaluates_mtt_s_pool():
+    """MTT's utils.py get_eval_pool "M" adds ResNet18_AP (its other modes equal HaBa's); a pixel MTT run uses it."""
+    from haba_fast.distill import DistillConfig, eval_config
+
+    assert eval_pool("M", "ConvNet", "mtt") == ("ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18")
+    for mode in sorted(set(REFERENCE_POOLS) - {"M"}):
+        assert eval_pool(mode, "ConvNet", "mtt") == eval_pool(mode, "ConvNet")
+    pixels = DistillConfig(parameterization="pixels", eval_mode="M")
+    assert eval_config(pixels).models == eval_pool("M", "ConvNet", "mtt")
+    for other in (DistillConfig(eval_mode="M"), DistillConfig(parameterization="pixels", eval_mode="M",
+                                                              objective="dm")):
+        assert eval_config(other).models == tuple(REFERENCE_POOLS["M"])
+    with pytest.raises(ValueError, match="reference must be"):
+        eval_pool("M", "ConvNet", "dc")
+
+
 def test_eval_pool_refuses_unknown_modes_and_missing_networks(monkeypatch):
     with pytest.raises(ValueError, match="unknown --eval_mode 'I'"):
         eval_pool("I", "ConvNet")

@@ -202,7 +202,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
         recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        cfg.models = eval_pool(args.eval_mode or "S", args.model or recorded.get("model") or "ConvNet")
+        # A pixel set of trajectory matching (ours, or MTT's images_*.pt) takes MTT's pools; the rest HaBa's.
+        pixel_mtt = (syn is not None and not getattr(syn, "n_hallucinators", 0)
+                     and recorded.get("objective", "mtt") == "mtt")
+        cfg.models = eval_pool(args.eval_mode or "S", args.model or recorded.get("model") or "ConvNet",
+                               "mtt" if pixel_mtt else "haba")
     cfg.validate()
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
