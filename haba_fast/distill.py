@@ -863,7 +863,7 @@ def eval_config(cfg: DistillConfig, device=None):
     return EvalConfig(
         models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model, cfg.pool_reference),
         num_eval=max(1, cfg.num_eval),
-        epochs=max(1, cfg.epoch_eval_train),
+        epochs=cfg.epoch_eval_train,
         batch_size=cfg.batch_train,
         dsa=cfg.dsa,  # --no_aug only turns augmentation off while distilling, as in the reference
         dsa_strategy=cfg.dsa_strategy,

@@ -136,8 +136,8 @@ class EvalConfig:
             raise ValueError("EvalConfig.models is empty; give at least one architecture (e.g. ConvNet)")
         if self.num_eval < 1:
             raise ValueError(f"num_eval must be >= 1, got {self.num_eval}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 0:  # 0 trains one epoch, as the reference's range(Epoch + 1)
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.batch_size < 1 or self.test_batch_size < 1:

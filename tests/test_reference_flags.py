@@ -337,7 +337,7 @@ class _TinyNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@pytest.mark.parametrize("epoch_eval_train", [1, 2, 3, 4, 7, 10])
+@pytest.mark.parametrize("epoch_eval_train", [0, 1, 2, 3, 4, 7, 10])
 def test_evaluation_trains_epoch_plus_one_epochs_and_decays_after_half_plus_one(epoch_eval_train, monkeypatch):
     import haba_fast.evaluate as ev
 
@@ -357,6 +357,9 @@ def test_evaluation_trains_epoch_plus_one_epochs_and_decays_after_half_plus_one(
     E = epoch_eval_train
     assert seen == [pytest.approx(_reference_lrs(E + 1, E // 2 + 1, 0.1))]
     assert res.epochs == E
+    from haba_fast.distill import DistillConfig, eval_config
+
+    assert eval_config(DistillConfig(epoch_eval_train=E)).epochs == E  # --epoch_eval_train 0 trains one epoch
 
 
 @pytest.mark.parametrize("epochs", [3, 5, 8])

@@ -62,7 +62,8 @@ _FLAGS: List[tuple] = [
         "eval_it",
         ["--eval_it", "--eval-it"],
         dict(type=int),
-        "evaluate every this many iterations (in the last tenth of the run, as the reference, and at the end)",
+        "evaluate every this many iterations (haba: in the last tenth of the run, as distill_fac.py; pixels: from "
+        "the start, as MTT's distill.py; and at the end)",
     ),
     (
         "epoch_eval_train",
