@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "REFERENCE_NAMES", "ZCA", "Dataset", "load", "read_idx"]
+__all__ = ["DATASETS", "REFERENCE_NAMES", "ZCA", "Dataset", "canonical_name", "load", "read_idx"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "folder")
 
@@ -324,7 +324,12 @@ class Dataset:
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """Our name of a dataset from any accepted spelling (``FashionMNIST``, ``fashion_mnist`` -> ``fashion-mnist``).
+
+    Raises:
+        TypeError: not a str. ValueError: an unknown dataset (the message lists ours).
+    """
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
     # Accept the reference's spellings too (FashionMNIST, CIFAR10, ...).
@@ -769,7 +774,7 @@ def load(
         ValueError: unknown name, bad arguments, corrupt or inconsistent files (the message names the file).
         FileNotFoundError: missing files (the message lists the expected paths and where the data comes from).
     """
-    canon = _canonical(name)
+    canon = canonical_name(name)
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -917,8 +917,10 @@ def train_experts(
     if offset and start < cfg.num_experts and log is not None:
         log(f"appending to {out_dir}: {offset} experts found there; the new ones are seeded from index {offset} on")
     if start >= cfg.num_experts and log is not None:
-        log(f"nothing to train: {out_dir} already holds {start} experts (num_experts {cfg.num_experts} is the "
-            "total here, where the reference's buffer.py adds that many on every run: raise it to add more)")
+        log(f"nothing to train: {out_dir} already holds {offset + start} experts ("
+            + (f"this run's {cfg.num_experts} appended after the {offset} found)" if offset else
+               f"num_experts {cfg.num_experts} is the total here, where the reference's buffer.py adds that many on "
+               "every run: raise it to add more)"))
     if writer is None:  # another rank: it only stages its experts' own files
         writer = _StagingWriter(out_dir, fmt, storage)
 

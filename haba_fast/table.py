@@ -834,19 +834,31 @@ def protocol_tag(protocol: Protocol) -> str:
 def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> None:
     """Raise ``ValueError`` when the work folder ``out`` or one of ``files`` (cell JSON, tuning log) holds another
     dataset's results: cells are keyed by protocol and cell alone, so they would be reused as this dataset's."""
+    from haba_fast.data import canonical_name
+
     records = [p for d in (Path(out) / "cells", Path(out) / "longer" / "cells") if d.is_dir()
                for p in sorted(d.rglob("*.json"))]
     for path in [*records, *(f for f in files if f is not None)]:
         try:
             other = json.loads(Path(path).read_text()).get("dataset")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue  # unreadable or not a record: nothing is reused from it
-        if other is not None and other != dataset_name:
+        if other is not None and _same_dataset(other, dataset_name, canonical_name):
+            continue
+        if other is not None:
             where = f"the work folder {out}" if path in records else str(path)
             raise ValueError(
                 f"{where} holds {other} results ({path}); a {dataset_name} table would reuse them as its own. "
                 f"Choose another --out (e.g. runs/table-{dataset_name}) and, for a cell JSON or tuning log, a "
                 "file of its own")
+
+
+def _same_dataset(a: str, b: str, canonical_name: Callable[[str], str]) -> bool:
+    """Whether two dataset names are one dataset (any spelling ``haba_fast.data`` accepts, e.g. FashionMNIST)."""
+    try:
+        return canonical_name(a) == canonical_name(b)
+    except ValueError:  # a name data does not know: only the same text is the same dataset
+        return a == b
 
 
 def check_same_table(cells_json, protocol: Protocol) -> None:
@@ -1518,10 +1530,10 @@ def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> Lis
         return [head, "", f"Not run yet: these cells run once every row of IPC {ipc} is finished."]
     lines = [head, "", f"| set | {p.eval_model} (the table) | " + " | ".join(models) + " |",
              "|---|---|" + "---|" * len(models)]
-    # the sets evaluated so far, and the best ones still to come (their rows say "not run yet"); a set evaluated
-    # while it was the best, and overtaken since (another HaBa setting), is marked so
+    # the sets evaluated so far, and the best ones that can still run (their rows say "not run yet"); a set
+    # evaluated while it was the best, and overtaken since (another HaBa setting), is marked so
     best = {r["key"] for r in best_sets(cells, ipc)}
-    sources = sorted({r["source"] for r in xarch} | best, key=_sort_key)
+    sources = sorted({r["source"] for r in xarch} | {r["key"] for r in cross_sources(cells, ipc)}, key=_sort_key)
     for src in sources:
         mine = {r["model"]: r for r in xarch if r["source"] == src}
         overtaken = "" if src in best or not best else ", no longer the best"

@@ -343,10 +343,12 @@ def run_file_case(c):
             path = (make_replay_buffer if c["target"] == "replay" else make_haba_buffer)(d, m, rng)
             argv = ["distill", "--dataset", "digits", "--buffer_path", str(path), "--ipc", "1", "--n_style", "2",
                     "--Iteration", "1", "--syn_steps", "2", "--expert_epochs", "1", "--max_start_epoch", "1",
-                    "--num_eval", "0", "--batch_syn", "4", "--device", "cpu",
+                    "--num_eval", "0", "--batch_syn", "5", "--device", "cpu",
                     "--out", str(d / "run"), "--no-progress"]
         rc, err = _cli(argv)
         lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln and not ln.startswith(" ")]
+        # The unmutated artefact is the control: the command itself must work on it, or no case tests anything.
+        assert m != "none" or rc == 0, f"`{argv[0]}` failed on the unmutated {c['target']} (exit {rc}): {err[-1000:]}"
         if rc == 0:
             assert _usable["now"], f"mutation {m!r} of the {c['target']} was accepted by `{argv[0]}` (exit 0)"
             return {"rc": 0}

@@ -260,7 +260,7 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
             "--syn-steps",
             "3",
             "--batch-syn",
-            "6",
+            "5",
             "--width",
             "32",
         ]

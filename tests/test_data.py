@@ -81,7 +81,7 @@ def test_unknown_name_lists_all_datasets():
     ],
 )
 def test_reference_spellings_are_accepted(spelling, canon):
-    assert data._canonical(spelling) == canon
+    assert data.canonical_name(spelling) == canon
 
 
 def test_name_must_be_str():

@@ -37,6 +37,13 @@ def worker():
     w.close()
 
 
+@pytest.mark.parametrize("target,command", [("synthetic", "eval"), ("synthetic", "export"), ("reference", "eval"),
+                                            ("reference", "export"), ("replay", "distill"), ("haba", "distill")])
+def test_unmutated_files_are_the_working_control(worker, target, command):
+    """Each command works on the unmutated artefact (else every mutation "fails cleanly" and nothing is tested)."""
+    _check(worker, {"seed": 0, "target": target, "mutation": "none", "command": command})
+
+
 def _check(worker, case):
     out = worker.run("fuzz_cases_files:run_file_case", case)
     assert out["status"] not in BAD, f"{out['status']}: {out.get('message')}\n{out.get('trace', '')}\ncase={case}"

@@ -323,7 +323,7 @@ def _distiller(engine: str):
     parser = argparse.ArgumentParser()
     iteration.add_arguments(parser)
     args = parser.parse_args(
-        ["--engine", engine, "--ipc", "2", "--n-hallucinators", "3", "--syn-steps", "3", "--batch-syn", "6",
+        ["--engine", engine, "--ipc", "2", "--n-hallucinators", "3", "--syn-steps", "3", "--batch-syn", "5",
          "--width", "32", "--device", DEVICE]
     )
     return iteration.build_distiller(args)

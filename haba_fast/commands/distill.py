@@ -383,12 +383,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def _canonical_dataset(name: str) -> str:
-    from haba_fast.data import DATASETS, REFERENCE_NAMES
+    from haba_fast.data import DATASETS, REFERENCE_NAMES, canonical_name
 
-    key = name.strip().lower().replace("_", "").replace("-", "")
-    for ours, ref in REFERENCE_NAMES.items():
-        if key in (ours.replace("-", ""), ref.lower()):
-            return ours
+    try:
+        return canonical_name(name)
+    except ValueError:
+        pass
     raise ValueError(
         f"unknown --dataset {name!r}: choose one of {', '.join(DATASETS)} (or the reference's spellings "
         f"{', '.join(REFERENCE_NAMES.values())})"
