@@ -739,6 +739,15 @@ def _signature_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def _zca_input(dataset) -> dict[str, Any]:
+    """``{"zca_input": "normalized"}`` when the dataset was mean/std-normalized before its ZCA (MNIST and
+    Fashion-MNIST, as the reference; since 2026-12-03), else nothing: the header of every other buffer is unchanged."""
+    mean = tuple(getattr(dataset, "mean", ()) or ())
+    if getattr(dataset, "zca", None) is not None and any(m != 0.0 for m in mean):
+        return {"zca_input": "normalized"}
+    return {}
+
+
 def _content_mismatch(stored: dict[str, Any], content: dict[str, Any]) -> list[str]:
     """The training data differ from the ones the stored experts were trained on (folders written before the
     content was recorded have none to compare)."""
@@ -894,6 +903,7 @@ def train_experts(
         "model": cfg.model,
         "dataset": getattr(dataset, "name", None),
         "zca": getattr(dataset, "zca", None) is not None,
+        **_zca_input(dataset),
         "channels": channels,
         "num_classes": num_classes,
         "im_size": list(im_size),

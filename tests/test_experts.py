@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -399,6 +400,32 @@ def test_a_finished_folder_says_nothing_was_trained(digits, haba_buffer, tmp_pat
     train_experts(digits, _cfg(), out, progress=False, log=notes.append)
     assert len(notes) == 1 and "nothing to train" in notes[0] and "raise it to add more" in notes[0]
     assert load_buffer(out).num_trajectories == 2
+
+
+@pytest.mark.skipif(not Path(data.FASHION_MNIST_ROOT).is_dir(), reason="Fashion-MNIST not installed")
+def test_a_fashion_zca_buffer_whitened_from_pixels_is_refused(tmp_path):
+    """Since MNIST / Fashion-MNIST ZCA whitens the normalized images (the reference's order), a buffer recorded
+    without that (made before) is refused by MTT, and cannot be resumed with the new data."""
+    import json
+
+    from haba_fast.distill import DistillConfig, Distiller
+    from haba_fast.experts import HEADER_NAME
+
+    fm = data.load("fashion-mnist", zca=True, subset_per_class=3, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "b"
+    train_experts(fm, _cfg(num_experts=1, epochs=1), out, progress=False)
+    header = json.loads((out / HEADER_NAME).read_text())
+    assert header["zca"] is True and header["zca_input"] == "normalized"
+    cfg = DistillConfig(dataset="fashion-mnist", model=MODEL, ipc=1, parameterization="pixels", syn_steps=2,
+                        expert_epochs=1, max_start_epoch=1, iterations=1, engine="naive", device="cpu", num_eval=0,
+                        zca=True)
+    Distiller(cfg, fm, load_buffer(out), device="cpu")  # its own buffer: accepted
+    del header["zca_input"]  # as a buffer written before the change records it
+    (out / HEADER_NAME).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=r"ZCA of \[0, 1\] pixels"):
+        Distiller(cfg, fm, load_buffer(out), device="cpu")
+    with pytest.raises(ValueError, match="zca_input: None -> 'normalized'"):
+        train_experts(fm, _cfg(num_experts=2, epochs=1), out, progress=False)
 
 
 def test_bad_arguments(digits, tmp_path):
