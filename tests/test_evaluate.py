@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -248,6 +249,20 @@ def test_cli_eval_mode_m_takes_mtt_s_pool_for_a_pixel_mtt_set(tmp_path, monkeypa
         assert main(["eval", str(tmp_path / f"{name}.pt"), "--eval_mode", "M", "--quiet", "--device", "cpu"]) == 0
     assert seen == [eval_pool("M", "ConvNet", "mtt"), eval_pool("M", "ConvNet"), eval_pool("M", "ConvNet")]
     assert "ResNet18_AP" in seen[0] and "ResNet18_AP" not in seen[1]
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_ROOT), reason="Fashion-MNIST not installed")
+def test_cli_eval_refuses_an_old_fashion_zca_set(tmp_path, capsys):
+    """A Fashion-MNIST ZCA set of ours without a recorded mean/std was whitened from [0, 1] pixels (before the
+    reference's order was followed): evaluating it in today's space would be wrong, so it is a clear error."""
+    from haba_fast.cli import main
+    from haba_fast.data import ZCA
+
+    px = Pixels(10, 1, 1, (28, 28), generator=torch.Generator().manual_seed(0))
+    zca = ZCA().fit(torch.rand(20, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    px.save(tmp_path / "old.pt", meta={"dataset": "fashion-mnist", "zca": zca.state_dict()})
+    assert main(["eval", str(tmp_path / "old.pt"), "--models", MODEL, "--quiet", "--device", "cpu"]) == 2
+    assert "whitened from [0, 1] pixels" in capsys.readouterr().err
 
 
 def test_cli_eval_baseline_json_and_checkpoint(tmp_path, capsys):

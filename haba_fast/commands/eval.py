@@ -217,6 +217,13 @@ def run(args: argparse.Namespace) -> int:
         subset_per_class=args.subset_per_class,
         generator=torch.Generator().manual_seed(args.seed),
     )
+    if zca and meta.get("zca") is not None and "mean" not in meta and any(m != 0.0 for m in ds.mean):
+        # Our files record mean/std since MNIST / Fashion-MNIST ZCA whitens normalized images (the reference's
+        # order, 2026-12-03); one without them was whitened from [0, 1] pixels: another space than this data's.
+        raise ValueError(
+            f"{args.checkpoint} was distilled on {dataset_name} whitened from [0, 1] pixels (before 2026-12-03); "
+            "its ZCA now whitens the normalized images, as the reference does: distill it again"
+        )
     # A reference checkpoint does not record K (load_synthetic assumed 10): use the dataset's.
     if (
         syn is not None
