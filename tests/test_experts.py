@@ -490,7 +490,7 @@ def test_cli_buffer_both_spellings(tmp_path, capsys):
     )
     for args in (a, b):
         assert (args.num_experts, args.lr_teacher, args.train_epochs, args.batch_train) == (3, 0.02, 4, 32)
-        assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, "digits", "haba")
+        assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, None, "haba")
 
     rc = main(
         [
@@ -542,3 +542,16 @@ def test_cli_buffer_both_spellings(tmp_path, capsys):
     )
     assert rc == 0 and load_buffer(tmp_path / "ours").storage_dtype == torch.bfloat16
     assert main(["buffer", "--train_epochs", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 2
+
+
+def test_cli_buffer_without_dataset_says_it_trains_on_digits(tmp_path, capsys):
+    """The reference's buffer.py defaults to CIFAR10; ours to the embedded digits, and it says so."""
+    from haba_fast.cli import main
+
+    assert main(["buffer", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1", "--out",
+                 str(tmp_path / "b"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "no --dataset: the embedded digits (the reference's buffer.py defaults to CIFAR10" in out
+    assert main(["buffer", "--dataset", "digits", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1",
+                 "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "no --dataset" not in capsys.readouterr().out
