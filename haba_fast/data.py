@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "REFERENCE_NAMES", "ZCA", "Dataset", "canonical_name", "load", "read_idx"]
+__all__ = ["DATASETS", "REFERENCE_NAMES", "ZCA", "Dataset", "canonical_name", "load", "read_idx", "zca_of_normalized"]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "folder")
 
@@ -62,6 +62,14 @@ _STATS = {
 # Datasets the reference normalizes by mean/std whatever --zca says (its MNIST/FashionMNIST transform has no ZCA
 # branch), so their ZCA is fit on normalized images; every other dataset is whitened from pixels in [0, 1].
 _NORMALIZED_BEFORE_ZCA = frozenset({"mnist", "fashion-mnist"})
+
+
+
+def zca_of_normalized(dataset) -> bool:
+    """Whether ``dataset`` was mean/std-normalized before its ZCA (MNIST / Fashion-MNIST since 2026-12-03, as the
+    reference; files made before whitened [0, 1] pixels, so buffers and sets record which)."""
+    return getattr(dataset, "zca", None) is not None and any(m != 0.0 for m in (getattr(dataset, "mean", ()) or ()))
+
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 DEFAULT_ROOT = "data"  # the reference scripts' default --data_path

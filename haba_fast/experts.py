@@ -742,10 +742,9 @@ def _signature_mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _zca_input(dataset) -> dict[str, Any]:
     """``{"zca_input": "normalized"}`` when the dataset was mean/std-normalized before its ZCA (MNIST and
     Fashion-MNIST, as the reference; since 2026-12-03), else nothing: the header of every other buffer is unchanged."""
-    mean = tuple(getattr(dataset, "mean", ()) or ())
-    if getattr(dataset, "zca", None) is not None and any(m != 0.0 for m in mean):
-        return {"zca_input": "normalized"}
-    return {}
+    from haba_fast.data import zca_of_normalized
+
+    return {"zca_input": "normalized"} if zca_of_normalized(dataset) else {}
 
 
 def _content_mismatch(stored: dict[str, Any], content: dict[str, Any]) -> list[str]:

@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
         subset_per_class=args.subset_per_class,
         generator=torch.Generator().manual_seed(args.seed),
     )
-    if zca and meta.get("zca") is not None and "mean" not in meta and any(m != 0.0 for m in ds.mean):
+    if meta.get("zca") is not None and "mean" not in meta and data.zca_of_normalized(ds):
         # Our files record mean/std since MNIST / Fashion-MNIST ZCA whitens normalized images (the reference's
         # order, 2026-12-03); one without them was whitened from [0, 1] pixels: another space than this data's.
         raise ValueError(

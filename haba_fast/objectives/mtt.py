@@ -308,8 +308,9 @@ class TrajectoryMatching(Objective):
                       "model": self.cfg.model}
             differ = [f"{k} {header[k]!r} (this run: {v!r})" for k, v in wanted.items()
                       if k in header and header[k] is not None and v is not None and header[k] != v]
-            normalized = getattr(dataset, "zca", None) is not None and any(m != 0.0 for m in dataset.mean)
-            if normalized and header.get("zca") and header.get("zca_input") != "normalized":
+            from haba_fast.data import zca_of_normalized
+
+            if zca_of_normalized(dataset) and header.get("zca") and header.get("zca_input") != "normalized":
                 differ.append("ZCA of [0, 1] pixels (a buffer from before 2026-12-03; this run whitens the "
                               "normalized images, as the reference does for MNIST / FashionMNIST: retrain it)")
             if differ:
