@@ -290,8 +290,11 @@ class DistillConfig:
 
     @property
     def pool_reference(self) -> str:
-        """Whose ``--eval_mode`` pools apply: MTT's utils.py for pixel MTT (its ``M`` adds ResNet18_AP), else HaBa's."""
-        return "mtt" if self.parameterization == "pixels" and self.objective == "mtt" else "haba"
+        """Whose ``--eval_mode`` pools apply (``evaluate.pool_reference``): HaBa's for HaBa sets, MTT's for pixel MTT
+        (its ``M`` adds ResNet18_AP), the DC/DSA/DM code's for pixel DC, DSA and DM (its ``M`` adds MLP and LeNet)."""
+        from haba_fast.evaluate import pool_reference
+
+        return pool_reference(self.parameterization, self.objective)
 
     @property
     def standardize(self) -> bool:

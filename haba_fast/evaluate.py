@@ -40,7 +40,9 @@ DEFAULT_EVAL_LR = 0.01
 
 # The reference's get_eval_pool (HaBa utils.py). "S" and "C" depend on the training model; any other value falls back
 # to the training model there, which hides typos: here it is an error. MTT's utils.py differs in "M" only
-# (MTT_POOL_M), the pool of pixel MTT runs (``eval_pool(.., reference="mtt")``).
+# (MTT_POOL_M), the pool of pixel MTT runs (``eval_pool(.., reference="mtt")``). The DC/DSA/DM code
+# (VICO-UoE/DatasetCondensation utils.py) differs in "M" (DC_POOL_M, with MLP and LeNet) and has no "C": the pools
+# of pixel DC, DSA and DM runs (``reference="dc"``).
 EVAL_MODES: dict[str, tuple[str, ...]] = {
     "S": (),  # the training model itself (a "...BN" name is evaluated without its BN suffix)
     "M": COMMON_MODELS,  # architectures
@@ -52,6 +54,16 @@ EVAL_MODES: dict[str, tuple[str, ...]] = {
     "C": (),  # the training model and ConvNet
 }
 MTT_POOL_M: tuple[str, ...] = ("ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18")
+DC_POOL_M: tuple[str, ...] = ("MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18")
+POOL_REFERENCES = ("haba", "mtt", "dc")
+
+
+def pool_reference(parameterization: str, objective: str) -> str:
+    """Whose ``--eval_mode`` pools a set takes: the code that distills it in the references. HaBa sets (any
+    objective): HaBa's utils.py; pixel MTT: MTT's; pixel DC, DSA and DM: VICO-UoE/DatasetCondensation's."""
+    if parameterization == "haba":
+        return "haba"
+    return "mtt" if objective == "mtt" else "dc"
 
 
 def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -> tuple[str, ...]:
@@ -61,7 +73,9 @@ def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -
         eval_mode: one of :data:`EVAL_MODES` (``S`` itself, ``M`` architectures, ``W`` widths, ``D`` depths,
             ``A`` activations, ``P`` poolings, ``N`` norms, ``C`` itself and ConvNet).
         model: the training (distillation) model, a ``haba_fast.models.get_network`` name.
-        reference: ``haba`` (HaBa's utils.py) or ``mtt`` (MTT's, for pixel MTT: ``M`` adds ``ResNet18_AP``).
+        reference: ``haba`` (HaBa's utils.py), ``mtt`` (MTT's, for pixel MTT: ``M`` adds ``ResNet18_AP``) or
+            ``dc`` (VICO-UoE/DatasetCondensation's, for pixel DC/DSA/DM: ``M`` is :data:`DC_POOL_M`, no ``C``);
+            :func:`pool_reference` picks it.
 
     Returns:
         The ``get_network`` names to evaluate, in the reference's order.
@@ -76,18 +90,24 @@ def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -
     if mode not in EVAL_MODES:
         raise ValueError(
             f"unknown --eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)} (S: the training model, "
-            "M: ConvNet/AlexNet/VGG11/ResNet18 (pixel MTT: + ResNet18_AP), W: widths, D: depths, A: activations, "
+            "M: ConvNet/AlexNet/VGG11/ResNet18 (pixel MTT: + ResNet18_AP; pixel DC/DSA/DM: + MLP, LeNet), W: "
+            "widths, D: depths, A: activations, "
             "P: poolings, N: norms, "
             "C: the training model and ConvNet)"
         )
-    if reference not in ("haba", "mtt"):
-        raise ValueError(f"reference must be 'haba' or 'mtt', got {reference!r}")
+    if reference not in POOL_REFERENCES:
+        raise ValueError(f"reference must be one of {', '.join(POOL_REFERENCES)}, got {reference!r}")
+    if mode == "C" and reference == "dc":
+        raise ValueError("--eval_mode C is not a mode of the DC/DSA/DM code (pixel DC, DSA and DM sets): choose S, M, "
+                         "W, D, A, P or N")
     if mode == "S":
         pool: tuple[str, ...] = (model[: model.index("BN")] if "BN" in model else model,)
     elif mode == "C":
         pool = (model, "ConvNet")
     elif mode == "M" and reference == "mtt":
         pool = MTT_POOL_M
+    elif mode == "M" and reference == "dc":
+        pool = DC_POOL_M
     else:
         pool = EVAL_MODES[mode]
     missing = [m for m in pool if m not in NETWORK_NAMES]

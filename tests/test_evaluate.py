@@ -231,7 +231,8 @@ def _eval_json(capsys, *args: str) -> dict:
 
 
 def test_cli_eval_mode_m_takes_mtt_s_pool_for_a_pixel_mtt_set(tmp_path, monkeypatch):
-    """--eval_mode M: MTT's pool (with ResNet18_AP) for a pixel set of trajectory matching, HaBa's otherwise."""
+    """--eval_mode M: MTT's pool (with ResNet18_AP) for a pixel set of trajectory matching (or of no recorded
+    objective: MTT's images_*.pt), the DC/DSA/DM code's (with MLP, LeNet) for a pixel DM set, HaBa's for HaBa."""
     import haba_fast.evaluate as evaluate_mod
     from haba_fast.cli import main
     from haba_fast.evaluate import eval_pool
@@ -247,8 +248,8 @@ def test_cli_eval_mode_m_takes_mtt_s_pool_for_a_pixel_mtt_set(tmp_path, monkeypa
     hb.save(tmp_path / "hb.pt", meta={"dataset": "digits"})
     for name in ("px", "dm", "hb"):
         assert main(["eval", str(tmp_path / f"{name}.pt"), "--eval_mode", "M", "--quiet", "--device", "cpu"]) == 0
-    assert seen == [eval_pool("M", "ConvNet", "mtt"), eval_pool("M", "ConvNet"), eval_pool("M", "ConvNet")]
-    assert "ResNet18_AP" in seen[0] and "ResNet18_AP" not in seen[1]
+    assert seen == [eval_pool("M", "ConvNet", "mtt"), eval_pool("M", "ConvNet", "dc"), eval_pool("M", "ConvNet")]
+    assert "ResNet18_AP" in seen[0] and "LeNet" in seen[1] and not {"ResNet18_AP", "LeNet"} & set(seen[2])
 
 
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_ROOT), reason="Fashion-MNIST not installed")

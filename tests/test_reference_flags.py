@@ -265,11 +265,35 @@ def test_pixel_mtt_evaluates_mtt_s_pool():
         assert eval_pool(mode, "ConvNet", "mtt") == eval_pool(mode, "ConvNet")
     pixels = DistillConfig(parameterization="pixels", eval_mode="M")
     assert eval_config(pixels).models == eval_pool("M", "ConvNet", "mtt")
-    for other in (DistillConfig(eval_mode="M"), DistillConfig(parameterization="pixels", eval_mode="M",
-                                                              objective="dm")):
-        assert eval_config(other).models == tuple(REFERENCE_POOLS["M"])
+    for objective in ("mtt", "dm"):
+        assert eval_config(DistillConfig(eval_mode="M", objective=objective)).models == tuple(REFERENCE_POOLS["M"])
     with pytest.raises(ValueError, match="reference must be"):
-        eval_pool("M", "ConvNet", "dc")
+        eval_pool("M", "ConvNet", "distill_fac")
+
+
+# VICO-UoE/DatasetCondensation utils.py get_eval_pool, transcribed: "M" differs from HaBa's; there is no "C" (its
+# unknown modes fall back to the training model).
+DC_REFERENCE_M = ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"]
+
+
+@pytest.mark.parametrize("objective", ["dc", "dsa", "dm"])
+def test_pixel_dc_dsa_dm_evaluate_the_dc_code_s_pool(objective):
+    """A pixel DC/DSA/DM run's --eval_mode means what it means in the DC/DSA/DM code (MLP and LeNet in "M", no "C");
+    the same objective under HaBa keeps HaBa's pools."""
+    from haba_fast.distill import DistillConfig, eval_config
+
+    assert eval_pool("M", "ConvNet", "dc") == tuple(DC_REFERENCE_M)
+    for mode in sorted(set(REFERENCE_POOLS) - {"M", "C"}):
+        assert eval_pool(mode, "ConvNet", "dc") == eval_pool(mode, "ConvNet")
+    pixels = DistillConfig(parameterization="pixels", eval_mode="M", objective=objective)
+    assert pixels.pool_reference == "dc" and eval_config(pixels).models == tuple(DC_REFERENCE_M)
+    haba = DistillConfig(eval_mode="M", objective=objective)
+    assert haba.pool_reference == "haba" and eval_config(haba).models == tuple(REFERENCE_POOLS["M"])
+    with pytest.raises(ValueError, match="eval_mode C is not a mode of the DC/DSA/DM code"):
+        eval_pool("C", "ConvNet", "dc")
+    with pytest.raises(ValueError, match="eval_mode C is not a mode of the DC/DSA/DM code"):
+        DistillConfig(parameterization="pixels", eval_mode="C", objective=objective).validate()
+    assert eval_pool("C", "ConvNetW32", "haba") == ("ConvNetW32", "ConvNet")
 
 
 def test_eval_pool_refuses_unknown_modes_and_missing_networks(monkeypatch):

@@ -341,6 +341,21 @@ def test_longer_protocol_cell_is_run_once_and_set_beside_the_reduced_one(tmp_pat
     assert json.loads((tmp_path / "cells.json").read_text())["longer"] == [rec]
 
 
+def test_longer_protocol_text_names_each_change_and_only_those():
+    """The cost-of-reduction text says exactly what the longer protocol changes (full: the evaluation's Epoch only)."""
+    import dataclasses
+
+    full, (lp, cell) = table.PROTOCOLS["full"], table.LONGER["full"]
+    assert table._protocol_changes(full, lp, cell) == "Epoch = 1000 instead of 150; nothing else"
+    qp, qcell = table.LONGER["quick"]
+    assert table._protocol_changes(table.PROTOCOLS["quick"], qp, qcell) == (
+        "the whole training pool (train_per_class all) instead of 1000 per class, 1000 DSA iterations instead of "
+        "100, Epoch = 1000 instead of 100; nothing else")
+    assert table._protocol_changes(full, dataclasses.replace(full, seed=1, num_eval=3), cell) == (
+        "networks = 3 instead of 5, also seed changed")
+    assert table._protocol_changes(full, dataclasses.replace(full, name="x"), cell) == "the same settings"
+
+
 def test_gaps_to_the_published_anchors_are_explained_over_three_points():
     cells = {"ipc1-dsa": {"status": "done", "mean": 0.60}, "ipc10-dc": {"status": "done", "mean": 0.81},
              "ipc1-whole": {"status": "done", "mean": 0.90}}

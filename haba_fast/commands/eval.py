@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data, dist
-    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic
+    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic, pool_reference
 
     dist.init_from_env(args.device)  # under torchrun: the runs are spread over the processes
 
@@ -202,11 +202,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
         recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-        # A pixel set of trajectory matching (ours, or MTT's images_*.pt) takes MTT's pools; the rest HaBa's.
-        pixel_mtt = (syn is not None and not getattr(syn, "n_hallucinators", 0)
-                     and recorded.get("objective", "mtt") == "mtt")
+        # The pools of the code that distills such a set: a pixel set takes MTT's (trajectory matching, and MTT's
+        # images_*.pt, which record no objective) or the DC/DSA/DM code's; HaBa sets and coresets HaBa's.
+        pixels = syn is not None and not getattr(syn, "n_hallucinators", 0)
         cfg.models = eval_pool(args.eval_mode or "S", args.model or recorded.get("model") or "ConvNet",
-                               "mtt" if pixel_mtt else "haba")
+                               pool_reference("pixels" if pixels else "haba", recorded.get("objective", "mtt")))
     cfg.validate()
     dataset_name = args.dataset or meta.get("dataset") or "digits"
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
