@@ -525,7 +525,8 @@ def _experts(dataset, protocol: Protocol, out: Path, log: Callable[[str], None])
         test_every=0,
     )
     t = time.perf_counter()
-    path = experts.train_experts(dataset, ecfg, out, progress=False)
+    with _flock(Path(out).parent / f".{Path(out).name}.lock"):  # one trainer among the runs on the folder
+        path = experts.train_experts(dataset, ecfg, out, progress=False)
     buffer = experts.load_experts(path, ecfg.num_experts)
     seconds = time.perf_counter() - t
     log(f"  experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {path} ({seconds:.0f} s)")
@@ -793,20 +794,58 @@ def _cell_dir(out: Path, protocol: Protocol, split: str) -> Path:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: Path):
-    """An exclusive ``flock`` on ``folder/.lock`` (held by the process until the block ends; none without fcntl)."""
+def _flock(path: Path, wait: bool = True):
+    """An exclusive ``flock`` on the file ``path``, held until the block ends; yields whether this process holds it
+    (``wait=False``: False at once when another process holds it). The lock goes with the process, so a run that
+    dies frees it. Without fcntl (not POSIX) nothing is locked and it yields True."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: the re-read before each write still keeps the other runs' cells
-        yield
+    except ImportError:
+        yield True
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path):
+    """An exclusive ``flock`` on ``folder/.lock`` (one writer of the outputs at a time among the runs on a folder;
+    without fcntl the re-read before each write still keeps the other runs' cells)."""
+    with _flock(folder / ".lock"):
+        yield
+
+
+def _each_once(items: Sequence[Any], key_of: Callable[[Any], str], claim_dir: Path,
+               finished: Callable[[str], bool], compute: Callable[[Any], None]) -> None:
+    """``compute(item)`` for every item whose key is not ``finished``, each by one of the runs sharing the work
+    folder (``--jobs``, or two commands): a run claims a key with a lock file ``claim_dir/.<key>.claim`` and skips
+    the keys other runs hold; after its pass it waits for each of those, and computes it itself if that run ended
+    without finishing it."""
+    def claim(item):
+        return claim_dir / f".{key_of(item)}.claim"
+
+    later = []
+    for item in items:
+        if finished(key_of(item)):
+            continue
+        with _flock(claim(item), wait=False) as mine:
+            if not mine:
+                later.append(item)
+            elif not finished(key_of(item)):  # another run may have finished it since the check above
+                compute(item)
+    for item in later:
+        with _flock(claim(item)):  # returns when the run holding it ends
+            if not finished(key_of(item)):
+                compute(item)
 
 
 def load_cells(out: Path, protocol: Protocol, split: str = "test") -> Dict[str, Dict[str, Any]]:
@@ -978,6 +1017,7 @@ def run_table(
     render_only: bool = False,
     data_root: Optional[str] = None,
     threads: Optional[int] = 1,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> Dict[str, Dict[str, Any]]:
     """Compute every selected cell not already stored under ``out``; write the document and the JSON.
@@ -1002,6 +1042,9 @@ def run_table(
         data_root: dataset folder (default: the dataset's own).
         threads: torch intra-op threads while the table runs (None: leave as is). Not part of the protocol: on a
             loaded 2-core machine one thread ran these small networks faster than two.
+        jobs: cells computed at once: ``jobs - 1`` more processes run this same table on ``out`` beside this one,
+            each cell (and each cross-architecture cell) computed by one of them (:func:`_each_once`); their lines
+            in ``log`` come prefixed ``[job k]``. Each runs ``threads`` threads: jobs 2 × threads 1 on 2 cores.
 
     Returns:
         ``{key: record}`` of every finished cell of this protocol and split (including earlier runs').
@@ -1019,14 +1062,23 @@ def run_table(
                          f"choose from {', '.join(protocol.cross_models)}")
     if not ipcs:
         raise ValueError("no IPC selected")
+    if int(jobs) < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
     out = Path(out)
     doc, cells_json, images_dir, tuning_json = (None if v is None else Path(v)
                                                 for v in (doc, cells_json, images_dir, tuning_json))
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    helpers: List[Any] = []
     try:
         check_one_dataset(dataset_name, out, cells_json, tuning_json)
+        if jobs > 1 and not render_only:
+            helpers = _start_jobs(int(jobs) - 1, dict(
+                dataset_name=dataset_name, out=out, protocol=protocol, ipcs=tuple(ipcs), rows=tuple(rows),
+                eval_split=eval_split, cross=cross, cross_models=cross_models, doc=doc, cells_json=cells_json,
+                images_dir=images_dir, tuning_json=tuning_json, longer_check=longer_check, data_root=data_root,
+                threads=threads))
         full = data.load(dataset_name, data_root)
         dataset, split = split_dataset(full, protocol, eval_split)
         if eval_split == "test" and cells_json is not None:
@@ -1108,7 +1160,10 @@ def run_table(
         for i, cell in enumerate(todo, 1):
             if finished_elsewhere(cell.key):
                 log(f"[{i}/{len(todo)}] {cell.key}: reused ({_figure(done[cell.key])})")
-                continue
+        position = {cell.key: i for i, cell in enumerate(todo, 1)}
+
+        def compute_cell(cell: Cell) -> None:
+            i = position[cell.key]
             t = time.perf_counter()
             log(f"[{i}/{len(todo)}] {cell.key}: running ...")
             rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir if eval_split == "test" else None,
@@ -1119,39 +1174,77 @@ def run_table(
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
             write_outputs()
 
+        _each_once(todo, lambda c: c.key, cell_dir, finished_elsewhere, compute_cell)
+
         if longer_check and eval_split == "test" and protocol.name in LONGER:
             lp, lcell = LONGER[protocol.name]
-            if lcell.ipc in ipcs and lcell.row in rows and lcell.key not in longer:  # `longer` was loaded above
-                log(f"{lcell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
+            ldir = _cell_dir(out / "longer", lp, "test")
+
+            def longer_finished(key: str) -> bool:
+                if key not in longer:
+                    longer.update({k: v for k, v in load_cells(out / "longer", lp).items() if k == key})
+                return key in longer
+
+            def compute_longer(cell: Cell) -> None:
+                log(f"{cell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
                 t = time.perf_counter()
                 ldata, lsplit = split_dataset(full, lp, "test")
-                rec = run_cell(lcell, ldata, lp, out / "longer", log=log)
+                rec = run_cell(cell, ldata, lp, out / "longer", log=log)
                 stamp(rec, lp, lsplit, total_seconds=time.perf_counter() - t)
-                ldir = _cell_dir(out / "longer", lp, "test")
                 ldir.mkdir(parents=True, exist_ok=True)
                 _store_cell(rec, ldir)
-                longer[lcell.key] = rec
-                log(f"{lcell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
+                longer[cell.key] = rec
+                log(f"{cell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
+
+            if lcell.ipc in ipcs and lcell.row in rows:
+                _each_once([lcell], lambda c: c.key, ldir, longer_finished, compute_longer)
 
         if cross and eval_split == "test" and protocol.cross_ipc in ipcs:
             models = protocol.cross_models if cross_models is None else tuple(cross_models)
-            for source in cross_sources(done, protocol.cross_ipc, log):
-                for model in models:
-                    key = cross_key(source["key"], model)
-                    if finished_elsewhere(key):
-                        continue
-                    log(f"cross-architecture: {source['key']} on {model} ...")
-                    rec = cross_architecture(source, model, dataset, protocol)
-                    stamp(rec, protocol, split)
-                    _store_cell(rec, cell_dir)
-                    done[key] = rec
-                    log(f"cross-architecture: {source['key']} on {model}: {_figure(rec)} in "
-                        f"{rec['seconds']['eval']:.0f} s")
-                    write_outputs()
+
+            def compute_cross(job: Tuple[Dict[str, Any], str]) -> None:
+                source, model = job
+                key = cross_key(source["key"], model)
+                log(f"cross-architecture: {source['key']} on {model} ...")
+                rec = cross_architecture(source, model, dataset, protocol)
+                stamp(rec, protocol, split)
+                _store_cell(rec, cell_dir)
+                done[key] = rec
+                log(f"cross-architecture: {source['key']} on {model}: {_figure(rec)} in "
+                    f"{rec['seconds']['eval']:.0f} s")
+                write_outputs()
+
+            jobs_ = [(source, model) for source in cross_sources(done, protocol.cross_ipc, log) for model in models]
+            _each_once(jobs_, lambda j: cross_key(j[0]["key"], j[1]), cell_dir, finished_elsewhere, compute_cross)
+        for job, proc in enumerate(helpers, 2):
+            proc.join()
+            if proc.exitcode != 0:  # its unfinished cells were waited for and computed here
+                log(f"[job {job}] ended with exit code {proc.exitcode}")
+        helpers = []
         write_outputs()
         return done
     finally:
+        for proc in helpers:  # this run failed: stop the others (their finished cells are stored)
+            proc.terminate()
+            proc.join()
         torch.set_num_threads(previous_threads)
+
+
+def _start_jobs(n: int, kwargs: Dict[str, Any]) -> List[Any]:
+    """``n`` processes running ``run_table(**kwargs)`` (fresh interpreters: spawn), numbered from 2."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_table_job, args=(job, kwargs), name=f"haba-fast table job {job}", daemon=False)
+             for job in range(2, n + 2)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+def _table_job(job: int, kwargs: Dict[str, Any]) -> None:
+    """One helper process of ``run_table(jobs=...)``: the same table, its log lines prefixed ``[job k]``."""
+    run_table(**kwargs, jobs=1, log=lambda m: print(f"[job {job}] {m}", flush=True))
 
 
 def _figure(rec: Dict[str, Any]) -> str:
@@ -1292,6 +1385,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             rel = os.path.relpath(r["image"], Path(doc).parent) if doc is not None else r["image"]
             lines.append(f"- {r['key']}: ![{r['key']}]({rel})")
     envs = [r.get("environment") for r in cells.values() if r.get("environment")]
+    keys = [r.get("key", "?") for r in cells.values() if r.get("environment")]
     commits = sorted({e.get("commit", "?") for e in envs})
     env = envs[-1] if envs else {}
     its = ", ".join(f"{o.upper()} {n}" for o, n in p.iterations)
@@ -1320,6 +1414,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         "trained, lr ×0.1 from Epoch // 2 + 2), SGD momentum 0.9, weight decay 5e-4, batch 256, DSA augmentation; "
         "lr 0.01 for coresets and DC/DSA/DM, the learned lr for MTT. Random coresets take a new draw per network. "
         f"The ceiling trains on the whole training pool for Epoch = {p.whole_epochs}.",
+        _common_settings_text(p, dataset_name),
         f"- Seed {p.seed}. Hyperparameters are the public codes' unless listed; none was tuned on the test set.",
         "",
         "Reductions against the papers (1000 evaluation epochs, thousands of iterations, 100 experts × 50 "
@@ -1329,8 +1424,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         "## Machine",
         "",
         f"{env.get('cpus', '?')} CPUs ({env.get('cpu', '?')}), torch {env.get('torch', '?')} with "
-        f"{_threads_text(envs)}, Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
-        "The machine was shared with other jobs, so seconds are indicative.",
+        f"{_threads_text(envs, keys)}, Python {env.get('python', '?')}; commit(s) {', '.join(commits)}. "
+        "The machine was shared with other jobs, so seconds are indicative. " + _total_time_text(cells, longer or {}),
         "",
         "## Published anchors (full protocols, for context only)",
         "",
@@ -1452,6 +1547,21 @@ def _haba_storage_text(rec: Dict[str, Any]) -> str:
             f"against the pixel set's {rec['ipc']} images.")
 
 
+def _common_settings_text(p: Protocol, dataset_name: str) -> str:
+    """The settings every cell shares that the protocol does not list, read from the configurations the cells run."""
+    from haba_fast import experts
+
+    cfg = {row: distill_config(Cell(p.cross_ipc, row), p, dataset_name) for row in ("dc", "dsa", "mtt")}
+    ecfg = experts.ExpertConfig(model=p.distill_model)
+    zca = "ZCA whitening" if cfg["mtt"].zca else "no ZCA whitening (images normalized by the dataset's mean and std)"
+    syn = "every synthetic row" if cfg["mtt"].batch_syn is None else f"{cfg['mtt'].batch_syn} synthetic rows"
+    dc_aug = "DC without augmentation, as its public code" if not cfg["dc"].dsa else "DC too"
+    momentum = f"momentum {ecfg.momentum:g}" if ecfg.momentum else "no momentum"
+    return (f"- Every cell: {zca}; synthetic sets initialized from {cfg['mtt'].pix_init} images; {syn} in every "
+            f"MTT step (batch_syn); DSA strategy `{cfg['dsa'].dsa_strategy}` while distilling ({dc_aug}), for the "
+            f"experts (batch {ecfg.batch_size}, SGD lr {p.expert_lr:g}, {momentum}) and at evaluation.")
+
+
 def _settings_text(p: Protocol) -> str:
     if not p.haba_settings:
         return "No HaBa setting was changed from these."
@@ -1529,17 +1639,48 @@ def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
     return out
 
 
-def _threads_text(envs: Sequence[Dict[str, Any]]) -> str:
-    """Torch intra-op threads of the cells' processes: ``1 thread`` or, mixed, ``1 thread (29 cells), 2 (6)``."""
-    counts = Counter(e.get("torch_threads", "?") for e in envs)
+def _total_time_text(cells: Dict[str, Dict[str, Any]], longer: Dict[str, Dict[str, Any]]) -> str:
+    """The sum of the finished cells' recorded seconds per part of the table (the compute the table took, one
+    process per cell; how many ran side by side is not recorded). A cell's seconds include its experts' training
+    where it trained them."""
+    parts: Dict[str, float] = {}
+    for rec in cells.values():
+        if rec.get("status") != "done":
+            continue
+        if str(rec.get("key", "")).startswith("xarch-"):
+            part, secs = "cross-architecture", (rec.get("seconds") or {}).get("eval", 0.0)
+        else:
+            part, secs = f"IPC {rec.get('ipc')}", rec.get("total_seconds") or 0.0
+        parts[part] = parts.get(part, 0.0) + float(secs)
+    secs = [rec.get("total_seconds") or 0.0 for rec in longer.values() if rec.get("status") == "done"]
+    if secs:
+        parts["the longer-protocol cell"] = float(sum(secs))
+    if not parts:
+        return ""
+    order = sorted(parts, key=lambda k: (not k.startswith("IPC"), int(k[4:]) if k.startswith("IPC") else 0, k))
+    return ("Compute of the finished cells (the sum of their recorded seconds, one process each): "
+            + ", ".join(f"{k} {parts[k] / 3600:.1f} h" for k in order)
+            + f"; {sum(parts.values()) / 3600:.1f} h in all.")
+
+
+def _threads_text(envs: Sequence[Dict[str, Any]], keys: Optional[Sequence[str]] = None) -> str:
+    """Torch intra-op threads of the cells' processes: ``1 thread per process`` or, mixed, the most common count
+    with the records (named when ``keys``, one per env, is given) that ran with another, whose seconds do not
+    compare with the rest."""
+    threads = [e.get("torch_threads", "?") for e in envs]
+    counts = Counter(threads)
     if not counts:
         return "? thread(s)"
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
     (top, n), rest = ranked[0], ranked[1:]
     if not rest:
         return f"{top} thread{'' if top == 1 else 's'} per process"
-    return (f"{top} thread{'' if top == 1 else 's'} per process ({n} records; "
-            + ", ".join(f"{k} in {m}" for k, m in rest) + ")")
+    parts = []
+    for k, m in rest:
+        named = sorted(key for key, t in zip(keys or (), threads) if t == k)
+        parts.append(f"{k} in {m}" + (f" ({', '.join(named)})" if named else ""))
+    return (f"{top} thread{'' if top == 1 else 's'} per process ({n} records; " + ", ".join(parts)
+            + ": their seconds do not compare with the others')")
 
 
 def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> List[str]:
@@ -1563,11 +1704,12 @@ def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> Lis
         overtaken = "" if src in best or not best else ", no longer the best"
         lines.append(f"| {ROW_NAMES.get(src.partition('-')[2], src)} ({src}{overtaken}) | "
                      f"{_cell_text(cells.get(src))} | " + " | ".join(_cell_text(mine.get(m)) for m in models) + " |")
-    lines += ["", "Seconds per cross-architecture cell (training and testing every network): " + "; ".join(
-        f"{r['source']} on {r['model']} {r['seconds']['eval']:.0f} s"
-        for r in sorted(xarch, key=lambda r: (_sort_key(r["source"]), models.index(r["model"])
-                                               if r["model"] in models else 99)))
-        + "."]
+    lines += ["", "Every cross-architecture cell: its networks' test accuracies (%) and its seconds (training and "
+              "testing every network):", ""]
+    for r in sorted(xarch, key=lambda r: (_sort_key(r["source"]), models.index(r["model"])
+                                          if r["model"] in models else 99)):
+        nets = ", ".join(f"{100 * a:.2f}" for a in r.get("accuracies") or ())
+        lines.append(f"- {r['source']} on {r['model']}: {nets or r.get('status', '?')} ({r['seconds']['eval']:.0f} s)")
     return lines
 
 

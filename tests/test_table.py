@@ -208,6 +208,7 @@ def test_cli_parses_table(tmp_path):
 
     args = build_parser().parse_args(["table", "--ipc", "1", "--rows", "random", "dm", "--protocol", "full"])
     assert args.ipc == [1] and args.rows == ["random", "dm"] and args.protocol == "full"
+    assert build_parser().parse_args(["table", "--jobs", "2"]).jobs == 2
     with pytest.raises(SystemExit):
         build_parser().parse_args(["table", "--rows", "nonsense"])
 
@@ -225,6 +226,7 @@ def test_another_protocol_never_writes_over_a_table(tmp_path, monkeypatch):
                       (["table", "--haba-set", "dm:lr_img=10"], "-quick-dm.lr_img=10")):
         args = build_parser().parse_args(argv)
         args.func(args)
+        assert seen["jobs"] == 1 and seen["threads"] == 1
         assert str(seen["doc"]) == f"docs/RESULTS-fashion-mnist{tag}.md"
         assert str(seen["cells_json"]) == f"bench/results/fashion_mnist{tag}_cells.json"
         assert str(seen["images_dir"]) == f"docs/images/fashion-mnist{tag}"
@@ -354,6 +356,65 @@ def test_longer_protocol_text_names_each_change_and_only_those():
     assert table._protocol_changes(full, dataclasses.replace(full, seed=1, num_eval=3), cell) == (
         "networks = 3 instead of 5, also seed changed")
     assert table._protocol_changes(full, dataclasses.replace(full, name="x"), cell) == "the same settings"
+
+
+def _until(cond, seconds=20.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.mark.parametrize("holder_finishes", [True, False])
+def test_each_once_leaves_a_claimed_item_to_its_holder(tmp_path, holder_finishes):
+    """Runs sharing a work folder: an item another run holds is skipped, then waited for, and computed here only
+    when that run ended without finishing it."""
+    import threading
+
+    done, calls = set(), []
+    held, release = threading.Event(), threading.Event()
+
+    def other_run():
+        with table._flock(tmp_path / ".a.claim", wait=False) as mine:
+            assert mine
+            held.set()
+            release.wait(20)
+            if holder_finishes:
+                done.add("a")
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    assert held.wait(20)
+    def compute(key):
+        calls.append(key)
+        done.add(key)
+
+    run = threading.Thread(target=table._each_once, args=(["a", "b"], str, tmp_path, done.__contains__, compute))
+    run.start()
+    assert _until(lambda: calls == ["b"]) and run.is_alive()  # b done, waiting for the other run's a
+    release.set()
+    other.join(20)
+    run.join(20)
+    assert not run.is_alive()
+    assert calls == (["b"] if holder_finishes else ["b", "a"]) and done == {"a", "b"}
+
+
+def test_jobs_compute_each_cell_once_in_any_of_the_processes(tmp_path, capfd):
+    """--jobs 2: a second process runs the same table on the folder; every cell is computed once, by either."""
+    lines = []
+    done = table.run_table("digits", tmp_path / "out", protocol=TINY, ipcs=(2,),
+                           rows=["random", "herding", "kcenter"], cross=False, cells_json=tmp_path / "cells.json",
+                           doc=tmp_path / "doc.md", jobs=2, log=lines.append)
+    assert {"ipc2-random", "ipc2-herding", "ipc2-kcenter"} <= set(done)
+    job_lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("[job 2] ")]
+    running = [ln for ln in lines + [ln[len("[job 2] "):] for ln in job_lines] if ln.endswith(": running ...")]
+    assert sorted(ln.split()[1] for ln in running) == ["ipc2-herding:", "ipc2-kcenter:", "ipc2-random:"]
+    cells = json.loads((tmp_path / "cells.json").read_text())["cells"]
+    assert sorted(c["key"] for c in cells) == ["ipc2-herding", "ipc2-kcenter", "ipc2-random"]
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        table.run_table("digits", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["random"], jobs=0)
 
 
 def test_gaps_to_the_published_anchors_are_explained_over_three_points():
@@ -553,9 +614,10 @@ def test_a_cross_architecture_set_overtaken_since_is_marked():
         cells.setdefault(f"ipc2-{row}", {"key": f"ipc2-{row}", "ipc": 2, "row": row, "status": "does not fit"})
     for src in ("ipc2-dm", "ipc2-haba-dm"):  # haba-dm was the best HaBa set when these ran
         key = table.cross_key(src, "MLP")
-        cells[key] = {"key": key, "source": src, "model": "MLP", "status": "done", "mean": 0.5, "std": 0.0,
-                      "seconds": {"eval": 1.0}}
+        cells[key] = {"key": key, "source": src, "model": "MLP", "status": "done", "mean": 0.5, "std": 0.25,
+                      "accuracies": [0.75, 0.25], "seconds": {"eval": 1.0}}
     lines = table._cross_lines(cells, TINY, 2)
+    assert "- ipc2-dm on MLP: 75.00, 25.00 (1 s)" in lines  # every network, not only mean ± std
     row = {name: next(ln for ln in lines if f"({name}" in ln) for name in ("ipc2-dm", "ipc2-haba-dm")}
     assert "(ipc2-dm)" in row["ipc2-dm"] and "(ipc2-haba-dm, no longer the best)" in row["ipc2-haba-dm"]
     assert not any("(ipc2-haba-mtt" in ln for ln in lines)  # the new best has no set file here: it cannot run
@@ -573,10 +635,26 @@ def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
     assert "longer protocol" not in "".join(table._anchor_gap_lines({"ipc1-dsa": rec}, quick))
 
 
+def test_total_time_sums_each_part_of_the_table():
+    cells = {"ipc1-dm": {"key": "ipc1-dm", "ipc": 1, "status": "done", "total_seconds": 1800},
+             "ipc10-dm": {"key": "ipc10-dm", "ipc": 10, "status": "done", "total_seconds": 3600},
+             "ipc10-haba-dm": {"key": "ipc10-haba-dm", "ipc": 10, "status": "done", "total_seconds": 3600},
+             "ipc1-haba-dm": {"key": "ipc1-haba-dm", "ipc": 1, "status": "does not fit"},
+             "xarch-ipc10-dm-MLP": {"key": "xarch-ipc10-dm-MLP", "status": "done", "seconds": {"eval": 720}}}
+    longer = {"ipc1-dsa": {"key": "ipc1-dsa", "status": "done", "total_seconds": 360}}
+    assert table._total_time_text(cells, longer) == (
+        "Compute of the finished cells (the sum of their recorded seconds, one process each): IPC 1 0.5 h, "
+        "IPC 10 2.0 h, cross-architecture 0.2 h, the longer-protocol cell 0.1 h; 2.8 h in all.")
+    assert table._total_time_text({}, {}) == ""
+
+
 def test_machine_line_counts_every_thread_setting():
     """The document's machine line names each torch thread count its cells ran with, not one cell's."""
     envs = [{"torch_threads": 1}] * 29 + [{"torch_threads": 2}] * 6
-    assert table._threads_text(envs) == "1 thread per process (29 records; 2 in 6)"
+    assert table._threads_text(envs) == ("1 thread per process (29 records; 2 in 6: their seconds do not compare "
+                                         "with the others')")
+    keys = [f"c{i:02d}" for i in range(35)]
+    assert "2 in 6 (c29, c30, c31, c32, c33, c34): their seconds" in table._threads_text(envs, keys)
     assert table._threads_text([{"torch_threads": 2}]) == "2 threads per process"
     assert table._threads_text([]) == "? thread(s)"
 

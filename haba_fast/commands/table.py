@@ -3,7 +3,8 @@
 ``haba-fast table --dataset fashion-mnist --out runs/table`` computes every cell of ``--ipc`` × ``--rows`` not
 already stored under ``--out`` (one JSON per finished cell), then writes the document (``--doc``), the JSON of
 every cell (``--cells-json``) and PNG grids of the synthetic sets (``--images``). A killed run continues where it
-stopped. ``--eval-split val`` evaluates on the held-out validation images instead (for tuning; those cells are
+stopped. ``--jobs 2`` computes two cells at once (one process each; on a 2-core machine with ``--threads 1``).
+``--eval-split val`` evaluates on the held-out validation images instead (for tuning; those cells are
 stored apart and never reach the document). The logic lives in ``haba_fast.table``.
 """
 
@@ -43,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--tuning-json", default="bench/results/{dataset_}_tuning.json",
                    help="log of every validation-split trial (written by --eval-split val, listed in the document)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 leaves torch's)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells computed at once, each in its own process with --threads threads (default 1; "
+                        "2 on a 2-core machine: --jobs 2 --threads 1)")
     p.set_defaults(func=run)
 
 
@@ -73,6 +77,7 @@ def run(args) -> int:
         tuning_json=Path(args.tuning_json.format(**names)),
         data_root=args.data_path,
         threads=args.threads or None,
+        jobs=args.jobs,
         log=lambda m: print(m, flush=True),
     )
     return 0
