@@ -553,4 +553,5 @@ def test_demo_storage_note_explains_a_loss_and_only_a_loss():
     note = storage_note(syn, 0.85, 0.90, 2)
     assert note is not None and f"{hall:,} floats" in note and "1 basis per class" in note and "2 images" in note
     assert f"({100 * hall / syn.storage().floats:.0f}% of its storage" in note
+    assert "which alone does not make HaBa win" in note and "docs/RESULTS-fashion-mnist.md" in note
     assert storage_note(syn, 0.91, 0.90, 2) is None
