@@ -417,6 +417,18 @@ def test_jobs_compute_each_cell_once_in_any_of_the_processes(tmp_path, capfd):
         table.run_table("digits", tmp_path / "out", protocol=TINY, ipcs=(2,), rows=["random"], jobs=0)
 
 
+def test_a_cell_reports_its_progress_as_it_runs(tmp_path):
+    """A long cell is not silent: the distillation logs every tenth of its iterations, the evaluation every network."""
+    lines = []
+    table.run_table("digits", tmp_path / "out", protocol=dataclasses.replace(TINY, iterations=(("dc", 2), ("dsa", 2),
+                    ("dm", 10), ("mtt", 2))), ipcs=(2,), rows=["dm", "random"], cross=False, log=lines.append)
+    its = [ln for ln in lines if ln.startswith("  ipc2-dm: iteration ")]
+    assert [ln.split()[2].rstrip(",") for ln in its] == [f"{i}/10" for i in range(1, 11)] and "loss" in its[0]
+    for key in ("ipc2-dm", "ipc2-random"):
+        nets = [ln for ln in lines if ln.startswith(f"  {key}: network ")]
+        assert [ln.split()[2] for ln in nets] == ["1/2", "2/2"] and nets[0].endswith(" s)")
+
+
 def test_gaps_to_the_published_anchors_are_explained_over_three_points():
     cells = {"ipc1-dsa": {"status": "done", "mean": 0.60}, "ipc10-dc": {"status": "done", "mean": 0.81},
              "ipc1-whole": {"status": "done", "mean": 0.90}}
@@ -527,8 +539,8 @@ def test_cross_architecture_cells_wait_for_every_row_then_run_per_model(tmp_path
 
     calls = []
     real = table.cross_architecture
-    monkeypatch.setattr(table, "cross_architecture", lambda rec, m, *a: calls.append((rec["key"], m)) or real(
-        rec, m, *a))
+    monkeypatch.setattr(table, "cross_architecture", lambda rec, m, *a, **k: calls.append((rec["key"], m)) or real(
+        rec, m, *a, **k))
     done = table.run_table("digits", tmp_path / "out", rows=["dm"], **kw)  # only the missing model runs
     assert sorted(calls) == [("ipc2-dm", "ConvNetW32"), ("ipc2-haba-dm", "ConvNetW32")]
     calls.clear()
