@@ -456,3 +456,22 @@ def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp
     write_report(rows, str(tmp_path / "iteration_cuda.json"))
     assert "exact (budget auto) completes; naive did not (out of memory or error)" in (
         tmp_path / "ITERATION.md").read_text()
+
+
+def test_trajectory_compression_bench_formulas():
+    """bench/trajectory_compression.py: its byte entropy against a counted oracle, and its RSS model against the
+    measured budget-0 ratio (1.094x at syn_steps 80 over 10 when every w_t is stored at 32 bits)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "trajectory_compression.py"
+    spec = importlib.util.spec_from_file_location("trajectory_compression", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.byte_entropy(torch.zeros(1000, dtype=torch.uint8)) == 0.0
+    assert mod.byte_entropy(torch.arange(256, dtype=torch.uint8).repeat(4)) == pytest.approx(8.0)
+    half = torch.tensor([0, 1] * 50, dtype=torch.uint8)
+    assert mod.byte_entropy(half) == pytest.approx(1.0)
+    assert mod.rss_ratio(32.0) == pytest.approx(998 / 912, abs=2e-3)
+    assert mod.rss_ratio(0.0) == pytest.approx(1.0)
+    assert mod.rss_ratio(16.0) < mod.rss_ratio(24.0) < mod.rss_ratio(32.0)
