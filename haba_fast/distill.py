@@ -953,6 +953,7 @@ def distill(
     ckpt = out / ckpt_mod.CHECKPOINT_NAME if out is not None else None
     inputs = ckpt_mod.inputs_fingerprint(dataset, buffer) if out is not None else None
     resumed = False
+    resumed_at = -1
     if ckpt is not None and ckpt.exists():
         if resume:
             state = ckpt_mod.load_checkpoint(ckpt)
@@ -968,7 +969,7 @@ def distill(
                 f"resuming from {ckpt} at iteration {distiller.iteration}"
                 + (f" with changed {', '.join(changed)}" if changed else "")
             )
-            resumed = True
+            resumed, resumed_at = True, distiller.iteration
         elif not overwrite:
             raise ValueError(
                 f"{out} already holds a run ({ckpt.name}); pass --resume to continue it or choose another --out"
@@ -1063,7 +1064,11 @@ def distill(
     result.iterations = distiller.iteration
     result.syn_lr = float(distiller.syn_lr.detach())
     distiller.synthetic.meta["lr"] = result.syn_lr  # evaluation trains with the learned lr
-    if out is not None:
+    # A finished run resumed and not stepped writes nothing: its files (whose bytes a results table records) stay.
+    untouched = resumed and distiller.iteration == resumed_at and out is not None and (out / "synthetic.pt").is_file()
+    if untouched:
+        result.checkpoint = ckpt
+    elif out is not None:
         if result.checkpoint is None and distiller.bad_steps == 0:
             result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
         from haba_fast.visualize import synthetic_grid

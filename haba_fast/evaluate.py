@@ -41,8 +41,9 @@ DEFAULT_EVAL_LR = 0.01
 # The reference's get_eval_pool (HaBa utils.py). "S" and "C" depend on the training model; any other value falls back
 # to the training model there, which hides typos: here it is an error. MTT's utils.py differs in "M" only
 # (MTT_POOL_M), the pool of pixel MTT runs (``eval_pool(.., reference="mtt")``). The DC/DSA/DM code
-# (VICO-UoE/DatasetCondensation utils.py) differs in "M" (DC_POOL_M, with MLP and LeNet) and has no "C": the pools
-# of pixel DC, DSA and DM runs (``reference="dc"``).
+# (VICO-UoE/DatasetCondensation utils.py, as of its DM commit 306245d) differs in "M" (with MLP and LeNet) and "A"
+# (with swish), adds "B" (BatchNorm networks, for DM) and "SS" (the training model, BN kept), and has no "C"
+# (DC_POOLS): the pools of pixel DC, DSA and DM runs (``reference="dc"``).
 EVAL_MODES: dict[str, tuple[str, ...]] = {
     "S": (),  # the training model itself (a "...BN" name is evaluated without its BN suffix)
     "M": COMMON_MODELS,  # architectures
@@ -54,7 +55,13 @@ EVAL_MODES: dict[str, tuple[str, ...]] = {
     "C": (),  # the training model and ConvNet
 }
 MTT_POOL_M: tuple[str, ...] = ("ConvNet", "AlexNet", "VGG11", "ResNet18_AP", "ResNet18")
-DC_POOL_M: tuple[str, ...] = ("MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18")
+# The DC/DSA/DM code's modes that differ from EVAL_MODES (None: the training model itself, BN kept); "C" is not one.
+DC_POOLS: dict[str, tuple[str, ...] | None] = {
+    "M": ("MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"),
+    "A": ("ConvNetAS", "ConvNetAR", "ConvNetAL", "ConvNetASwish"),
+    "B": ("ConvNetBN", "ConvNetASwishBN", "AlexNetBN", "VGG11BN", "ResNet18BN"),
+    "SS": None,
+}
 POOL_REFERENCES = ("haba", "mtt", "dc")
 
 
@@ -66,15 +73,23 @@ def pool_reference(parameterization: str, objective: str) -> str:
     return "mtt" if objective == "mtt" else "dc"
 
 
+def eval_modes(reference: str = "haba") -> tuple[str, ...]:
+    """The ``--eval_mode`` values of a reference's code (:data:`EVAL_MODES`; the DC/DSA/DM code: no C, + B, SS)."""
+    if reference == "dc":
+        return tuple(m for m in EVAL_MODES if m != "C") + ("B", "SS")
+    return tuple(EVAL_MODES)
+
+
 def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -> tuple[str, ...]:
     """The evaluation architectures of ``--eval_mode`` for a set distilled with ``model`` (the reference's pool).
 
     Args:
-        eval_mode: one of :data:`EVAL_MODES` (``S`` itself, ``M`` architectures, ``W`` widths, ``D`` depths,
-            ``A`` activations, ``P`` poolings, ``N`` norms, ``C`` itself and ConvNet).
+        eval_mode: one of :func:`eval_modes` (``S`` itself, ``M`` architectures, ``W`` widths, ``D`` depths,
+            ``A`` activations, ``P`` poolings, ``N`` norms, ``C`` itself and ConvNet; DC/DSA/DM: no ``C``, ``B``
+            BatchNorm networks, ``SS`` itself with BN).
         model: the training (distillation) model, a ``haba_fast.models.get_network`` name.
         reference: ``haba`` (HaBa's utils.py), ``mtt`` (MTT's, for pixel MTT: ``M`` adds ``ResNet18_AP``) or
-            ``dc`` (VICO-UoE/DatasetCondensation's, for pixel DC/DSA/DM: ``M`` is :data:`DC_POOL_M`, no ``C``);
+            ``dc`` (VICO-UoE/DatasetCondensation's, for pixel DC/DSA/DM: :data:`DC_POOLS`);
             :func:`pool_reference` picks it.
 
     Returns:
@@ -86,28 +101,25 @@ def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -
     """
     from haba_fast.models import NETWORK_NAMES
 
-    mode = str(eval_mode)
-    if mode not in EVAL_MODES:
-        raise ValueError(
-            f"unknown --eval_mode {eval_mode!r}: choose one of {', '.join(EVAL_MODES)} (S: the training model, "
-            "M: ConvNet/AlexNet/VGG11/ResNet18 (pixel MTT: + ResNet18_AP; pixel DC/DSA/DM: + MLP, LeNet), W: "
-            "widths, D: depths, A: activations, "
-            "P: poolings, N: norms, "
-            "C: the training model and ConvNet)"
-        )
     if reference not in POOL_REFERENCES:
         raise ValueError(f"reference must be one of {', '.join(POOL_REFERENCES)}, got {reference!r}")
-    if mode == "C" and reference == "dc":
-        raise ValueError("--eval_mode C is not a mode of the DC/DSA/DM code (pixel DC, DSA and DM sets): choose S, M, "
-                         "W, D, A, P or N")
+    mode = str(eval_mode)
+    if mode not in eval_modes(reference):
+        code = "the DC/DSA/DM code's (pixel DC, DSA and DM sets)" if reference == "dc" else "the reference's"
+        raise ValueError(
+            f"unknown --eval_mode {eval_mode!r}: choose one of {code} {', '.join(eval_modes(reference))} (S: the "
+            "training model, M: ConvNet/AlexNet/VGG11/ResNet18 (pixel MTT: + ResNet18_AP; pixel DC/DSA/DM: + MLP, "
+            "LeNet), W: widths, D: depths, A: activations, P: poolings, N: norms, C: the training model and "
+            "ConvNet; DC/DSA/DM: B: BatchNorm networks, SS: the training model with its BN)"
+        )
     if mode == "S":
         pool: tuple[str, ...] = (model[: model.index("BN")] if "BN" in model else model,)
     elif mode == "C":
         pool = (model, "ConvNet")
     elif mode == "M" and reference == "mtt":
         pool = MTT_POOL_M
-    elif mode == "M" and reference == "dc":
-        pool = DC_POOL_M
+    elif reference == "dc" and mode in DC_POOLS:
+        pool = DC_POOLS[mode] or (model,)
     else:
         pool = EVAL_MODES[mode]
     missing = [m for m in pool if m not in NETWORK_NAMES]

@@ -513,6 +513,8 @@ def same_protocol(record: Dict[str, Any], protocol: Protocol) -> bool:
 
 
 def _experts(dataset, protocol: Protocol, out: Path, log: Callable[[str], None]):
+    """The protocol's MTT experts in ``out`` (trained there once: another run on the folder training them is waited
+    for). Returns ``(buffer, seconds waited for another run)``."""
     from haba_fast import experts
 
     ecfg = experts.ExpertConfig(
@@ -526,11 +528,14 @@ def _experts(dataset, protocol: Protocol, out: Path, log: Callable[[str], None])
     )
     t = time.perf_counter()
     with _flock(Path(out).parent / f".{Path(out).name}.lock"):  # one trainer among the runs on the folder
+        waited = time.perf_counter() - t
+        t = time.perf_counter()
         path = experts.train_experts(dataset, ecfg, out, progress=False)
     buffer = experts.load_experts(path, ecfg.num_experts)
     seconds = time.perf_counter() - t
-    log(f"  experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {path} ({seconds:.0f} s)")
-    return buffer
+    log(f"  experts: {buffer.num_trajectories} × {buffer.num_epochs} epochs in {path} ({seconds:.0f} s"
+        + (f", after {waited:.0f} s waiting for another run training them)" if waited >= 1 else ")"))
+    return buffer, waited
 
 
 def _network_progress(log: Callable[[str], None], label: str, total: int) -> Callable[[str, int, float], None]:
@@ -560,6 +565,23 @@ def _iteration_progress(log: Callable[[str], None], label: str, total: int, ever
     return report
 
 
+# Protocol fields that decide only how a finished set is evaluated (or which cells the table holds), not the set.
+EVALUATION_FIELDS = frozenset({"name", "eval_model", "num_eval", "eval_epochs", "whole_epochs", "cross_models",
+                               "cross_ipc"})
+
+
+def same_distillation(a: Protocol, b: Protocol) -> bool:
+    """Whether two protocols distill the same sets (they differ at most in :data:`EVALUATION_FIELDS`), so that one's
+    finished distillation serves the other (``run_cell(distill_from=...)``)."""
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(Protocol)
+               if f.name not in EVALUATION_FIELDS)
+
+
+def distill_dir(work: Path, protocol: Protocol, cell: Cell) -> Path:
+    """The distillation run folder of ``cell`` (shared by its validation and test cells, which distill alike)."""
+    return protocol_work_dir(work, protocol) / "runs" / cell_stem(cell, protocol)
+
+
 def run_cell(
     cell: Cell,
     dataset,
@@ -568,8 +590,14 @@ def run_cell(
     *,
     images_dir: Optional[Path] = None,
     log: Callable[[str], None] = print,
+    distill_from: Optional[Tuple[Path, Protocol]] = None,
 ) -> Dict[str, Any]:
-    """Compute one cell on ``dataset`` (its ``test_*`` is the evaluation split); returns the cell's record."""
+    """Compute one cell on ``dataset`` (its ``test_*`` is the evaluation split); returns the cell's record.
+
+    ``distill_from=(work, protocol)``: a distillation cell takes its set from that work folder and protocol's run
+    (resumed, or reused when finished) and only its evaluation from ``protocol`` (see :func:`same_distillation`).
+    ``record["seconds"]["waited"]``: time spent waiting for another run training the MTT experts.
+    """
     from haba_fast.evaluate import EvalResult, coreset, evaluate_synthetic
     from haba_fast.factorization import Pixels
 
@@ -639,12 +667,13 @@ def run_cell(
             record.update(status="does not fit", reason=reason, storage={"budget_floats": budget},
                           settings=protocol.haba_overrides(cell.objective))
             return record
-        cfg = distill_config(cell, protocol, dataset.name)
+        dwork, dproto = distill_from or (work, protocol)
+        cfg = distill_config(cell, dproto, dataset.name)
         buffer = None
         if cell.objective == "mtt":
-            buffer = _experts(dataset, protocol, protocol_work_dir(work, protocol) / "buffer", log)
+            buffer, seconds["waited"] = _experts(dataset, dproto, protocol_work_dir(dwork, dproto) / "buffer", log)
         t = time.perf_counter()
-        run_dir = protocol_work_dir(work, protocol) / "runs" / cell_stem(cell, protocol)
+        run_dir = distill_dir(dwork, dproto, cell)
         finished_before = (run_dir / "synthetic.pt").is_file()
         result = distill(cfg, dataset, buffer, run_dir, resume=True, progress=False, evaluate=False,
                          log=lambda m: log(f"  {cell.key}: {m}"),
@@ -829,6 +858,14 @@ def _cell_dir(out: Path, protocol: Protocol, split: str) -> Path:
     return out / "cells" / (protocol.name if split == "test" else f"{protocol.name}-val")
 
 
+try:
+    import fcntl as _fcntl  # noqa: F401  (POSIX file locks: whether runs on one work folder can share it)
+
+    _HAVE_FLOCK = True
+except ImportError:  # not POSIX
+    _HAVE_FLOCK = False
+
+
 @contextlib.contextmanager
 def _flock(path: Path, wait: bool = True):
     """An exclusive ``flock`` on the file ``path``, held until the block ends; yields whether this process holds it
@@ -860,15 +897,13 @@ def _folder_lock(folder: Path):
         yield
 
 
-def _each_once(items: Sequence[Any], key_of: Callable[[Any], str], claim_dir: Path,
+def _each_once(items: Sequence[Any], key_of: Callable[[Any], str], claim: Callable[[Any], Path],
                finished: Callable[[str], bool], compute: Callable[[Any], None]) -> None:
     """``compute(item)`` for every item whose key is not ``finished``, each by one of the runs sharing the work
-    folder (``--jobs``, or two commands): a run claims a key with a lock file ``claim_dir/.<key>.claim`` and skips
-    the keys other runs hold; after its pass it waits for each of those, and computes it itself if that run ended
-    without finishing it."""
-    def claim(item):
-        return claim_dir / f".{key_of(item)}.claim"
-
+    folder (``--jobs``, or two commands): a run claims an item with the lock file ``claim(item)`` and skips the
+    items other runs hold; after its pass it waits for each of those, and computes it itself if that run ended
+    without finishing it. A run holds one claim at a time and waits only while holding none, so runs cannot wait
+    on each other in a cycle."""
     later = []
     for item in items:
         if finished(key_of(item)):
@@ -1100,6 +1135,8 @@ def run_table(
         raise ValueError("no IPC selected")
     if int(jobs) < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
+    if int(jobs) > 1 and not _HAVE_FLOCK:
+        raise ValueError("jobs > 1 needs POSIX file locks (fcntl), which this platform lacks: run with jobs=1")
     out = Path(out)
     doc, cells_json, images_dir, tuning_json = (None if v is None else Path(v)
                                                 for v in (doc, cells_json, images_dir, tuning_json))
@@ -1204,36 +1241,16 @@ def run_table(
             log(f"[{i}/{len(todo)}] {cell.key}: running ...")
             rec = run_cell(cell, dataset, protocol, out, images_dir=images_dir if eval_split == "test" else None,
                            log=log)
-            stamp(rec, protocol, split, total_seconds=time.perf_counter() - t)
+            stamp(rec, protocol, split, total_seconds=_worked(rec, t))
             _store_cell(rec, cell_dir)  # named cell_stem(cell, protocol): the record carries its settings
             done[cell.key] = rec
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
             write_outputs()
 
-        _each_once(todo, lambda c: c.key, cell_dir, finished_elsewhere, compute_cell)
+        def claim(cell: Cell) -> Path:  # beside the cell's distillation folder, which validation and test share
+            return distill_dir(out, protocol, cell).parent / f".{cell_stem(cell, protocol)}.claim"
 
-        if longer_check and eval_split == "test" and protocol.name in LONGER:
-            lp, lcell = LONGER[protocol.name]
-            ldir = _cell_dir(out / "longer", lp, "test")
-
-            def longer_finished(key: str) -> bool:
-                if key not in longer:
-                    longer.update({k: v for k, v in load_cells(out / "longer", lp).items() if k == key})
-                return key in longer
-
-            def compute_longer(cell: Cell) -> None:
-                log(f"{cell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
-                t = time.perf_counter()
-                ldata, lsplit = split_dataset(full, lp, "test")
-                rec = run_cell(cell, ldata, lp, out / "longer", log=log)
-                stamp(rec, lp, lsplit, total_seconds=time.perf_counter() - t)
-                ldir.mkdir(parents=True, exist_ok=True)
-                _store_cell(rec, ldir)
-                longer[cell.key] = rec
-                log(f"{cell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
-
-            if lcell.ipc in ipcs and lcell.row in rows:
-                _each_once([lcell], lambda c: c.key, ldir, longer_finished, compute_longer)
+        _each_once(todo, lambda c: c.key, claim, finished_elsewhere, compute_cell)
 
         if cross and eval_split == "test" and protocol.cross_ipc in ipcs:
             models = protocol.cross_models if cross_models is None else tuple(cross_models)
@@ -1250,8 +1267,37 @@ def run_table(
                     f"{rec['seconds']['eval']:.0f} s")
                 write_outputs()
 
-            jobs_ = [(source, model) for source in cross_sources(done, protocol.cross_ipc, log) for model in models]
-            _each_once(jobs_, lambda j: cross_key(j[0]["key"], j[1]), cell_dir, finished_elsewhere, compute_cross)
+            pairs = [(source, model) for source in cross_sources(done, protocol.cross_ipc, log) for model in models]
+            _each_once(pairs, lambda j: cross_key(j[0]["key"], j[1]),
+                       lambda j: cell_dir / f".{cross_key(j[0]['key'], j[1])}.claim", finished_elsewhere, compute_cross)
+
+        if longer_check and eval_split == "test" and protocol.name in LONGER:
+            lp, lcell = LONGER[protocol.name]
+            ldir = _cell_dir(out / "longer", lp, "test")
+            # The longer protocol's own distillation, or this protocol's set when only the evaluation differs.
+            source = (out, protocol) if same_distillation(protocol, lp) else (out / "longer", lp)
+
+            def longer_finished(key: str) -> bool:
+                if key not in longer:
+                    longer.update({k: v for k, v in load_cells(out / "longer", lp).items() if k == key})
+                return key in longer
+
+            def compute_longer(cell: Cell) -> None:
+                log(f"{cell.key} under the longer protocol {lp.name} (the cost of the reduction) ...")
+                t = time.perf_counter()
+                ldata, lsplit = split_dataset(full, lp, "test")
+                rec = run_cell(cell, ldata, lp, out / "longer", log=log, distill_from=source)
+                stamp(rec, lp, lsplit, total_seconds=_worked(rec, t))
+                ldir.mkdir(parents=True, exist_ok=True)
+                _store_cell(rec, ldir)
+                longer[cell.key] = rec
+                log(f"{cell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
+
+            if lcell.ipc in ipcs and lcell.row in rows:
+                _each_once([lcell], lambda c: c.key,
+                           lambda c: distill_dir(*source, c).parent / f".{cell_stem(c, source[1])}.claim",
+                           longer_finished, compute_longer)
+
         for job, proc in enumerate(helpers, 2):
             proc.join()
             if proc.exitcode != 0:  # its unfinished cells were waited for and computed here
@@ -1276,6 +1322,11 @@ def _start_jobs(n: int, kwargs: Dict[str, Any]) -> List[Any]:
     for proc in procs:
         proc.start()
     return procs
+
+
+def _worked(rec: Dict[str, Any], started: float) -> float:
+    """Seconds a cell took since ``started``, less what it spent waiting for another run (``seconds.waited``)."""
+    return time.perf_counter() - started - float((rec.get("seconds") or {}).get("waited", 0.0))
 
 
 def _table_job(job: int, kwargs: Dict[str, Any]) -> None:
@@ -1447,7 +1498,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         f"on the training pool), syn_steps {p.syn_steps}, expert_epochs {p.expert_epochs}, max_start_epoch "
         f"{p.max_start_epoch}, lr_lr {p.lr_lr:g}; the learned lr is used at evaluation.",
         f"- Evaluation: {p.num_eval} fresh {p.eval_model} networks per cell, Epoch = {p.eval_epochs} (Epoch + 1 "
-        "trained, lr ×0.1 from Epoch // 2 + 2), SGD momentum 0.9, weight decay 5e-4, batch 256, DSA augmentation; "
+        "trained, lr ×0.1 from Epoch // 2 + 2), SGD momentum 0.9, weight decay 5e-4, batch 256, DSA augmentation "
+        "(DC sets: none, as DC's evaluation of a non-MNIST dataset); "
         "lr 0.01 for coresets and DC/DSA/DM, the learned lr for MTT. Random coresets take a new draw per network. "
         f"The ceiling trains on the whole training pool for Epoch = {p.whole_epochs}.",
         _common_settings_text(p, dataset_name),
@@ -1595,7 +1647,8 @@ def _common_settings_text(p: Protocol, dataset_name: str) -> str:
     momentum = f"momentum {ecfg.momentum:g}" if ecfg.momentum else "no momentum"
     return (f"- Every cell: {zca}; synthetic sets initialized from {cfg['mtt'].pix_init} images; {syn} in every "
             f"MTT step (batch_syn); DSA strategy `{cfg['dsa'].dsa_strategy}` while distilling ({dc_aug}), for the "
-            f"experts (batch {ecfg.batch_size}, SGD lr {p.expert_lr:g}, {momentum}) and at evaluation.")
+            f"experts (batch {ecfg.batch_size}, SGD lr {p.expert_lr:g}, {momentum}) and at evaluation (but DC's). "
+            "HaBa settings listed above override these for their cells.")
 
 
 def _settings_text(p: Protocol) -> str:
@@ -1686,14 +1739,17 @@ def _total_time_text(cells: Dict[str, Dict[str, Any]], longer: Dict[str, Dict[st
         if str(rec.get("key", "")).startswith("xarch-"):
             part, secs = "cross-architecture", (rec.get("seconds") or {}).get("eval", 0.0)
         else:
-            part, secs = f"IPC {rec.get('ipc')}", rec.get("total_seconds") or 0.0
+            part = ("the ceiling" if rec.get("row") == "whole" else
+                    f"IPC {rec['ipc']}" if rec.get("ipc") is not None else "other cells")
+            secs = rec.get("total_seconds") or 0.0
         parts[part] = parts.get(part, 0.0) + float(secs)
     secs = [rec.get("total_seconds") or 0.0 for rec in longer.values() if rec.get("status") == "done"]
     if secs:
         parts["the longer-protocol cell"] = float(sum(secs))
     if not parts:
         return ""
-    order = sorted(parts, key=lambda k: (not k.startswith("IPC"), int(k[4:]) if k.startswith("IPC") else 0, k))
+    named = ["the ceiling", "cross-architecture", "the longer-protocol cell", "other cells"]
+    order = sorted(parts, key=lambda k: (int(k[4:]), 0) if k.startswith("IPC ") else (10**9, named.index(k)))
     return ("Compute of the finished cells (the sum of their recorded seconds, one process each): "
             + ", ".join(f"{k} {parts[k] / 3600:.1f} h" for k in order)
             + f"; {sum(parts.values()) / 3600:.1f} h in all.")

@@ -246,6 +246,27 @@ def test_checkpoint_kill_and_resume(digits, buffer, tmp_path):
     assert (run / "reference" / "syn_lr_2.pt").exists() and (run / "synthetic.png").stat().st_size > 0
 
 
+def test_a_finished_run_resumed_rewrites_nothing(digits, buffer, tmp_path):
+    """Resuming a finished run returns its set and leaves every file as it was (a results table records the set's
+    bytes; rewriting it under a newer config schema would orphan that record). A missing final file is written."""
+    cfg = _cfg(iterations=2, checkpoint_every=1)
+    first = distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None)
+    def files():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns if p.suffix == ".pt" else None)
+                for p in tmp_path.iterdir() if p.is_file()}
+
+    before = files()
+    again = distill(cfg, digits, buffer, tmp_path, resume=True, progress=False, log=lambda s: None)
+    assert files() == before
+    torch.testing.assert_close(again.synthetic.bases, first.synthetic.bases)
+    assert again.iterations == 2 and again.checkpoint == tmp_path / "checkpoint.pt"
+    (tmp_path / "synthetic.pt").unlink()  # a run killed after its last checkpoint, before the final set
+    distill(cfg, digits, buffer, tmp_path, resume=True, progress=False, log=lambda s: None)
+    from haba_fast.factorization import load_synthetic
+
+    torch.testing.assert_close(load_synthetic(tmp_path / "synthetic.pt").bases, first.synthetic.bases.detach())
+
+
 def test_divergence_keeps_last_good_checkpoint(digits, buffer, tmp_path):
     def blow_up(distiller, metrics):
         if distiller.iteration == 1:

@@ -29,7 +29,7 @@ from haba_fast.distill import PRESETS, DistillConfig, Distiller, eval_config, st
 from haba_fast.evaluate import EVAL_MODES, EvalConfig, _kcenter, coreset, eval_pool, evaluate_synthetic
 from haba_fast.experts import TrajectorySampler, load_buffer
 from haba_fast.factorization import HaBa
-from haba_fast.models import get_network
+from haba_fast.models import NETWORK_NAMES, get_network
 from haba_fast.training import train_network
 
 # Huage001/DatasetFactorization distill_fac.py
@@ -271,28 +271,42 @@ def test_pixel_mtt_evaluates_mtt_s_pool():
         eval_pool("M", "ConvNet", "distill_fac")
 
 
-# VICO-UoE/DatasetCondensation utils.py get_eval_pool, transcribed: "M" differs from HaBa's; there is no "C" (its
-# unknown modes fall back to the training model).
-DC_REFERENCE_M = ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"]
+# VICO-UoE/DatasetCondensation utils.py get_eval_pool (its DM commit 306245d), transcribed: the modes that differ
+# from HaBa's. "SS" evaluates the training model itself (BN kept); there is no "C" (unknown modes fall back to the
+# training model there).
+DC_REFERENCE = {
+    "M": ["MLP", "ConvNet", "LeNet", "AlexNet", "VGG11", "ResNet18"],
+    "A": ["ConvNetAS", "ConvNetAR", "ConvNetAL", "ConvNetASwish"],
+    "B": ["ConvNetBN", "ConvNetASwishBN", "AlexNetBN", "VGG11BN", "ResNet18BN"],
+}
 
 
 @pytest.mark.parametrize("objective", ["dc", "dsa", "dm"])
 def test_pixel_dc_dsa_dm_evaluate_the_dc_code_s_pool(objective):
-    """A pixel DC/DSA/DM run's --eval_mode means what it means in the DC/DSA/DM code (MLP and LeNet in "M", no "C");
-    the same objective under HaBa keeps HaBa's pools."""
+    """A pixel DC/DSA/DM run's --eval_mode means what it means in the DC/DSA/DM code (MLP and LeNet in "M", swish in
+    "A", "B", "SS", no "C"); the same objective under HaBa keeps HaBa's pools."""
     from haba_fast.distill import DistillConfig, eval_config
 
-    assert eval_pool("M", "ConvNet", "dc") == tuple(DC_REFERENCE_M)
-    for mode in sorted(set(REFERENCE_POOLS) - {"M", "C"}):
+    assert eval_pool("M", "ConvNet", "dc") == tuple(DC_REFERENCE["M"])
+    for mode in ("A", "B"):  # networks haba_fast does not build: named, never silently dropped
+        missing = [m for m in DC_REFERENCE[mode] if m not in NETWORK_NAMES]
+        assert missing
+        with pytest.raises(ValueError, match=f"--eval_mode {mode} evaluates {', '.join(missing)}"):
+            eval_pool(mode, "ConvNet", "dc")
+    for mode in sorted(set(REFERENCE_POOLS) - {"M", "A", "C"}):
         assert eval_pool(mode, "ConvNet", "dc") == eval_pool(mode, "ConvNet")
+    assert eval_pool("SS", "ConvNetBN", "dc") == ("ConvNetBN",) and eval_pool("S", "ConvNetBN", "dc") == ("ConvNet",)
     pixels = DistillConfig(parameterization="pixels", eval_mode="M", objective=objective)
-    assert pixels.pool_reference == "dc" and eval_config(pixels).models == tuple(DC_REFERENCE_M)
+    assert pixels.pool_reference == "dc" and eval_config(pixels).models == tuple(DC_REFERENCE["M"])
     haba = DistillConfig(eval_mode="M", objective=objective)
     assert haba.pool_reference == "haba" and eval_config(haba).models == tuple(REFERENCE_POOLS["M"])
-    with pytest.raises(ValueError, match="eval_mode C is not a mode of the DC/DSA/DM code"):
+    with pytest.raises(ValueError, match="unknown --eval_mode 'C': choose one of the DC/DSA/DM code's"):
         eval_pool("C", "ConvNet", "dc")
-    with pytest.raises(ValueError, match="eval_mode C is not a mode of the DC/DSA/DM code"):
+    with pytest.raises(ValueError, match="unknown --eval_mode 'C'"):
         DistillConfig(parameterization="pixels", eval_mode="C", objective=objective).validate()
+    for mode in ("B", "SS"):
+        with pytest.raises(ValueError, match=f"unknown --eval_mode '{mode}'"):
+            eval_pool(mode, "ConvNet", "haba")
     assert eval_pool("C", "ConvNetW32", "haba") == ("ConvNetW32", "ConvNet")
 
 

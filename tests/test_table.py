@@ -343,6 +343,28 @@ def test_longer_protocol_cell_is_run_once_and_set_beside_the_reduced_one(tmp_pat
     assert json.loads((tmp_path / "cells.json").read_text())["longer"] == [rec]
 
 
+def test_a_longer_protocol_that_changes_only_the_evaluation_reevaluates_the_table_s_set(tmp_path, monkeypatch):
+    """full-longer raises only the evaluation's Epoch: its cell evaluates the very set the table's cell distilled
+    (same file, same bytes; nothing distilled again), where a protocol changing the distillation distills its own."""
+    import haba_fast.distill as distill_mod
+
+    longer = dataclasses.replace(TINY, name="tiny-longer", eval_epochs=4)
+    assert table.same_distillation(TINY, longer)
+    assert not table.same_distillation(TINY, dataclasses.replace(TINY, train_per_class=None))
+    monkeypatch.setattr(table, "LONGER", {"tiny": (longer, Cell(2, "dm"))})
+    calls = []
+    real = distill_mod.distill
+    monkeypatch.setattr(distill_mod, "distill", lambda cfg, *a, **k: calls.append(cfg.iterations) or real(cfg, *a, **k))
+    _run(tmp_path, ["dm"], cross=False)
+    payload = json.loads((tmp_path / "cells.json").read_text())
+    (cell,), (rerun,) = payload["cells"], payload["longer"]
+    assert rerun["synthetic"] == cell["synthetic"] and rerun["synthetic_sha256"] == cell["synthetic_sha256"]
+    assert table._sha256(Path(cell["synthetic"])) == cell["synthetic_sha256"]  # the reuse rewrote nothing
+    assert rerun["protocol"]["eval_epochs"] == 4 and rerun["accuracies"] != cell["accuracies"]
+    assert not (tmp_path / "out" / "longer" / "protocols").exists()  # no distillation of its own
+    assert len(calls) == 2  # the table's cell distilled; the longer one only resumed the finished run
+
+
 def test_longer_protocol_text_names_each_change_and_only_those():
     """The cost-of-reduction text says exactly what the longer protocol changes (full: the evaluation's Epoch only)."""
     import dataclasses
@@ -391,7 +413,8 @@ def test_each_once_leaves_a_claimed_item_to_its_holder(tmp_path, holder_finishes
         calls.append(key)
         done.add(key)
 
-    run = threading.Thread(target=table._each_once, args=(["a", "b"], str, tmp_path, done.__contains__, compute))
+    run = threading.Thread(target=table._each_once, args=(["a", "b"], str, lambda k: tmp_path / f".{k}.claim",
+                                                          done.__contains__, compute))
     run.start()
     assert _until(lambda: calls == ["b"]) and run.is_alive()  # b done, waiting for the other run's a
     release.set()
@@ -649,6 +672,8 @@ def test_anchor_line_shows_the_longer_protocol_rerun(monkeypatch):
 
 def test_total_time_sums_each_part_of_the_table():
     cells = {"ipc1-dm": {"key": "ipc1-dm", "ipc": 1, "status": "done", "total_seconds": 1800},
+             "ipc1-whole": {"key": "ipc1-whole", "ipc": 1, "row": "whole", "status": "done", "total_seconds": 3600},
+             "old": {"key": "old", "status": "done"},
              "ipc10-dm": {"key": "ipc10-dm", "ipc": 10, "status": "done", "total_seconds": 3600},
              "ipc10-haba-dm": {"key": "ipc10-haba-dm", "ipc": 10, "status": "done", "total_seconds": 3600},
              "ipc1-haba-dm": {"key": "ipc1-haba-dm", "ipc": 1, "status": "does not fit"},
@@ -656,7 +681,8 @@ def test_total_time_sums_each_part_of_the_table():
     longer = {"ipc1-dsa": {"key": "ipc1-dsa", "status": "done", "total_seconds": 360}}
     assert table._total_time_text(cells, longer) == (
         "Compute of the finished cells (the sum of their recorded seconds, one process each): IPC 1 0.5 h, "
-        "IPC 10 2.0 h, cross-architecture 0.2 h, the longer-protocol cell 0.1 h; 2.8 h in all.")
+        "IPC 10 2.0 h, the ceiling 1.0 h, cross-architecture 0.2 h, the longer-protocol cell 0.1 h, other cells "
+        "0.0 h; 3.8 h in all.")
     assert table._total_time_text({}, {}) == ""
 
 

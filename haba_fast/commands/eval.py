@@ -16,7 +16,7 @@ import argparse
 import json
 
 from haba_fast.commands.distill import _bool_value
-from haba_fast.evaluate import CORESET_METHODS, EVAL_MODES
+from haba_fast.evaluate import CORESET_METHODS, eval_modes
 from haba_fast.training import DEFAULT_DSA_STRATEGY
 
 
@@ -61,10 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--eval_mode",
         "--eval-mode",
         dest="eval_mode",
-        choices=tuple(EVAL_MODES),
+        choices=tuple(dict.fromkeys(eval_modes("haba") + eval_modes("dc"))),
         default=None,
         help="the reference's evaluation pool: S the training model (default), M architectures, W widths, "
-        "D depths, A activations, P poolings, N norms, C the training model and ConvNet",
+        "D depths, A activations, P poolings, N norms, C the training model and ConvNet; pixel DC/DSA/DM sets "
+        "take the DC/DSA/DM code's pools (no C; B BatchNorm networks, SS the training model with its BN)",
     )
     p.add_argument(
         "--model",
