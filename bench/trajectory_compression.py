@@ -4,11 +4,12 @@
 
 At ``--memory-budget 0`` the exact engine stores every w_t (N + 1 flat float32 vectors): that, and nothing else, is
 what grows with ``--syn_steps`` (bench/results/MEMORY_BUDGET.md). Exact reversal needs each w_t bit for bit, so the
-only way to store less without recomputing is lossless coding. This measures the best any such coding could do on
-the benchmark's network: SGD steps of ConvNet-128 on a CIFAR-shaped batch of 100 (random images, as
+only way to store less without recomputing is lossless coding. This estimates what such coding could do on the
+benchmark's network: SGD steps of ConvNet-128 on a CIFAR-shaped batch of 100 (random images, as
 ``haba-fast bench iteration``), and for each step the XOR of w_{t+1}'s and w_t's float32 bit patterns (what a
-reversible store would keep), split into its four byte planes. Per plane: the empirical byte entropy (bits per
-byte, an ideal coder's rate) and zlib's level-1 size. Printed and written: bits per weight, the ideal and the zlib
+reversible store would keep), split into its four byte planes. Per plane: the empirical (order-0) byte entropy,
+bits per byte, the rate of a coder that sees each byte alone (an estimate, not a bound: context across bytes could
+do somewhat better), and zlib's level-1 size. Printed and written: bits per weight, the ideal and the zlib
 compression ratios, and the peak-RSS ratio at syn_steps 80 / 10 each would give, from the budget-0 peaks measured
 in MEMORY_BUDGET.md (912 MB at 10 steps, 1.22 MB per w_t).
 """
