@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -514,6 +515,9 @@ def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
     from haba_fast import data
 
     if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        if os.environ.get("HABA_FAST_REQUIRE_FASHION"):  # CI: the guard must run, never skip
+            pytest.fail("Fashion-MNIST is absent (Debian package dataset-fashion-mnist) and HABA_FAST_REQUIRE_FASHION "
+                        "is set: the regression guard cannot run")
         pytest.skip("Fashion-MNIST is absent (Debian package dataset-fashion-mnist)")
     p = Protocol(name="guard", val_per_class=100, train_per_class=200, num_eval=3, eval_epochs=60,
                  iterations=(("dc", 1), ("dsa", 1), ("dm", 100), ("mtt", 1)))
