@@ -417,6 +417,8 @@ def distill_config(cell: Cell, protocol: Protocol, dataset_name: str):
         budget_ipc=cell.ipc,
         n_hallucinators=protocol.n_hallucinators,
         iterations=protocol.iterations_of(obj),
+        # a killed cell resumes from its last tenth, not from the start (a checkpoint changes no result)
+        checkpoint_every=max(1, protocol.iterations_of(obj) // 10),
         batch_real=protocol.batch_real,
         num_eval=0,
         epoch_eval_train=protocol.eval_epochs,

@@ -202,6 +202,10 @@ def test_cells_are_data():
     assert keys == ["ipc1-random", "ipc1-whole", "ipc10-random"]  # the ceiling once
     cfg = table.distill_config(Cell(10, "haba-dsa"), table.PROTOCOLS["full"], "fashion-mnist")
     assert (cfg.objective, cfg.parameterization, cfg.budget_ipc, cfg.iterations) == ("dsa", "haba", 10, 200)
+    assert cfg.checkpoint_every == 20  # a killed cell loses at most a tenth of its distillation
+    from haba_fast.checkpoint import NON_RESULT_KEYS
+
+    assert "checkpoint_every" in NON_RESULT_KEYS  # so runs checkpointed otherwise before still resume
 
 
 def test_cli_parses_table(tmp_path):
