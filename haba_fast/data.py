@@ -64,7 +64,6 @@ _STATS = {
 _NORMALIZED_BEFORE_ZCA = frozenset({"mnist", "fashion-mnist"})
 
 
-
 def zca_of_normalized(dataset) -> bool:
     """Whether ``dataset`` was mean/std-normalized before its ZCA (MNIST / Fashion-MNIST since 2026-12-03, as the
     reference; files made before whitened [0, 1] pixels, so buffers and sets record which)."""

@@ -552,10 +552,10 @@ def _network_progress(log: Callable[[str], None], label: str, total: int) -> Cal
     return report
 
 
-def _iteration_progress(log: Callable[[str], None], label: str, total: int, every: int = 0):
-    """A ``distill`` ``on_iteration`` callback logging every ``every``-th iteration (default: a tenth of the run)
-    with its loss and the seconds since the callback was made."""
-    every = every or max(1, total // 10)
+def _iteration_progress(log: Callable[[str], None], label: str, total: int):
+    """A ``distill`` ``on_iteration`` callback logging every tenth of the run's ``total`` iterations with its loss
+    and the seconds since the callback was made."""
+    every = max(1, total // 10)
     t0 = time.perf_counter()
 
     def report(distiller, m: Dict[str, float]) -> None:
@@ -582,6 +582,12 @@ def same_distillation(a: Protocol, b: Protocol) -> bool:
 def distill_dir(work: Path, protocol: Protocol, cell: Cell) -> Path:
     """The distillation run folder of ``cell`` (shared by its validation and test cells, which distill alike)."""
     return protocol_work_dir(work, protocol) / "runs" / cell_stem(cell, protocol)
+
+
+def _distill_claim(work: Path, protocol: Protocol, cell: Cell) -> Path:
+    """The lock file a run holds while it computes ``cell`` (:func:`_each_once`): beside its distillation folder,
+    so that the validation and the test cell of one set never distill into it at once."""
+    return distill_dir(work, protocol, cell).parent / f".{cell_stem(cell, protocol)}.claim"
 
 
 def run_cell(
@@ -861,11 +867,9 @@ def _cell_dir(out: Path, protocol: Protocol, split: str) -> Path:
 
 
 try:
-    import fcntl as _fcntl  # noqa: F401  (POSIX file locks: whether runs on one work folder can share it)
-
-    _HAVE_FLOCK = True
+    import fcntl  # POSIX file locks: the runs on one work folder share it through them
 except ImportError:  # not POSIX
-    _HAVE_FLOCK = False
+    fcntl = None
 
 
 @contextlib.contextmanager
@@ -873,9 +877,7 @@ def _flock(path: Path, wait: bool = True):
     """An exclusive ``flock`` on the file ``path``, held until the block ends; yields whether this process holds it
     (``wait=False``: False at once when another process holds it). The lock goes with the process, so a run that
     dies frees it. Without fcntl (not POSIX) nothing is locked and it yields True."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -949,8 +951,6 @@ def protocol_tag(protocol: Protocol) -> str:
 def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> None:
     """Raise ``ValueError`` when the work folder ``out`` or one of ``files`` (cell JSON, tuning log) holds another
     dataset's results: cells are keyed by protocol and cell alone, so they would be reused as this dataset's."""
-    from haba_fast.data import canonical_name
-
     records = [p for d in (Path(out) / "cells", Path(out) / "longer" / "cells") if d.is_dir()
                for p in sorted(d.rglob("*.json"))]
     for path in [*records, *(f for f in files if f is not None)]:
@@ -958,7 +958,7 @@ def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> N
             other = json.loads(Path(path).read_text()).get("dataset")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue  # unreadable or not a record: nothing is reused from it
-        if other is not None and _same_dataset(other, dataset_name, canonical_name):
+        if other is not None and _same_dataset(other, dataset_name):
             continue
         if other is not None:
             where = f"the work folder {out}" if path in records else str(path)
@@ -968,8 +968,10 @@ def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> N
                 "file of its own")
 
 
-def _same_dataset(a: str, b: str, canonical_name: Callable[[str], str]) -> bool:
+def _same_dataset(a: str, b: str) -> bool:
     """Whether two dataset names are one dataset (any spelling ``haba_fast.data`` accepts, e.g. FashionMNIST)."""
+    from haba_fast.data import canonical_name
+
     try:
         return canonical_name(a) == canonical_name(b)
     except ValueError:  # a name data does not know: only the same text is the same dataset
@@ -1137,7 +1139,7 @@ def run_table(
         raise ValueError("no IPC selected")
     if int(jobs) < 1:
         raise ValueError(f"jobs must be at least 1, got {jobs}")
-    if int(jobs) > 1 and not _HAVE_FLOCK:
+    if int(jobs) > 1 and fcntl is None:
         raise ValueError("jobs > 1 needs POSIX file locks (fcntl), which this platform lacks: run with jobs=1")
     out = Path(out)
     doc, cells_json, images_dir, tuning_json = (None if v is None else Path(v)
@@ -1249,10 +1251,8 @@ def run_table(
             log(f"[{i}/{len(todo)}] {cell.key}: {_figure(rec)} in {rec['total_seconds']:.0f} s")
             write_outputs()
 
-        def claim(cell: Cell) -> Path:  # beside the cell's distillation folder, which validation and test share
-            return distill_dir(out, protocol, cell).parent / f".{cell_stem(cell, protocol)}.claim"
-
-        _each_once(todo, lambda c: c.key, claim, finished_elsewhere, compute_cell)
+        _each_once(todo, lambda c: c.key, lambda c: _distill_claim(out, protocol, c), finished_elsewhere,
+                   compute_cell)
 
         if cross and eval_split == "test" and protocol.cross_ipc in ipcs:
             models = protocol.cross_models if cross_models is None else tuple(cross_models)
@@ -1296,9 +1296,8 @@ def run_table(
                 log(f"{cell.key} ({lp.name}): {_figure(rec)} in {rec['total_seconds']:.0f} s")
 
             if lcell.ipc in ipcs and lcell.row in rows:
-                _each_once([lcell], lambda c: c.key,
-                           lambda c: distill_dir(*source, c).parent / f".{cell_stem(c, source[1])}.claim",
-                           longer_finished, compute_longer)
+                _each_once([lcell], lambda c: c.key, lambda c: _distill_claim(*source, c), longer_finished,
+                           compute_longer)
 
         for job, proc in enumerate(helpers, 2):
             proc.join()
@@ -1473,8 +1472,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         for r in sorted(images, key=lambda r: _sort_key(r["key"])):
             rel = os.path.relpath(r["image"], Path(doc).parent) if doc is not None else r["image"]
             lines.append(f"- {r['key']}: ![{r['key']}]({rel})")
-    envs = [r.get("environment") for r in cells.values() if r.get("environment")]
-    keys = [r.get("key", "?") for r in cells.values() if r.get("environment")]
+    measured = [r for r in cells.values() if r.get("environment")]
+    envs, keys = [r["environment"] for r in measured], [r.get("key", "?") for r in measured]
     commits = sorted({e.get("commit", "?") for e in envs})
     env = envs[-1] if envs else {}
     its = ", ".join(f"{o.upper()} {n}" for o, n in p.iterations)

@@ -388,11 +388,10 @@ def _canonical_dataset(name: str) -> str:
     try:
         return canonical_name(name)
     except ValueError:
-        pass
-    raise ValueError(
-        f"unknown --dataset {name!r}: choose one of {', '.join(DATASETS)} (or the reference's spellings "
-        f"{', '.join(REFERENCE_NAMES.values())})"
-    )
+        raise ValueError(
+            f"unknown --dataset {name!r}: choose one of {', '.join(DATASETS)} (or the reference's spellings "
+            f"{', '.join(REFERENCE_NAMES.values())})"
+        ) from None
 
 
 def register(sub) -> None:
