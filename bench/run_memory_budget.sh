@@ -6,8 +6,10 @@
 #   bench/run_memory_budget.sh             # rows (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / 500 / 30
 #   ROWS=a bench/run_memory_budget.sh      # only row (a) (row (b) takes many minutes per budget on 2 cores)
 #   FLAT=1 bench/run_memory_budget.sh      # also budgets 0 and min at syn_steps 10 and 80 (memory flat in
-#                                          # syn_steps; FLAT_BUDGETS="0 min"), FLAT_REPEATS times each (default 3),
-#                                          # interleaved, under MALLOC_ENV
+#                                          # syn_steps; FLAT_BUDGETS="0 min offload", offload = budget 0 with
+#                                          # --offload-weights), FLAT_REPEATS times each (default 3), interleaved,
+#                                          # under MALLOC_ENV
+#   APPEND=1 ...                           # add the new rows to the committed JSON instead of replacing it
 #   BACKEND=torch bench/run_memory_budget.sh   # budgets above 0 on the torch backend (autograd graphs)
 #   THREADS=1 PASSES=2 bench/run_memory_budget.sh   # torch threads per process (default: torch's); rows (a)/(b)
 #                                          # repeated PASSES times (the report takes medians)
@@ -64,9 +66,11 @@ for _ in $(seq "${PASSES:-1}"); do
 done
 if [ "${FLAT:-0}" = 1 ]; then
   for _ in $(seq "${FLAT_REPEATS:-3}"); do
-    for b in ${FLAT_BUDGETS:-0 min}; do
-      RUN_ENV="env $MALLOC_ENV" run 10 10 100 "$b"
-      RUN_ENV="env $MALLOC_ENV" run 10 80 100 "$b"
+    for b in ${FLAT_BUDGETS:-0 min offload}; do
+      extra=()
+      if [ "$b" = offload ]; then b=0; extra=(--offload-weights); fi
+      RUN_ENV="env $MALLOC_ENV" run 10 10 100 "$b" "${extra[@]}"
+      RUN_ENV="env $MALLOC_ENV" run 10 80 100 "$b" "${extra[@]}"
     done
   done
 fi
@@ -74,10 +78,12 @@ for _ in $(seq "${PASSES:-1}"); do
   case $ROWS in *b*) config 50 30 500 8GB 2GB ;; esac
 done
 
-$PY - "$TMP" "$OUT" <<'PYEOF'
-import json, sys
+$PY - "$TMP" "$OUT" "${APPEND:-0}" <<'PYEOF'
+import json, os, sys
 from haba_fast.benchmarks.iteration import write_budget_report
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+if sys.argv[3] == "1" and os.path.exists(sys.argv[2]):
+    rows = json.load(open(sys.argv[2])) + rows
 write_budget_report(rows, sys.argv[2])
 PYEOF
 rm -f "$TMP" "$TMP.row"

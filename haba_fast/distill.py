@@ -182,6 +182,8 @@ class DistillConfig:
     # MTT adjoint engines: bytes of per-step tensors kept instead of recomputed ("0" | "2GB" | "auto" | "unlimited";
     # "min": keep none and checkpoint the weight trajectory, memory flat in syn_steps)
     memory_budget: str = "0"
+    # MTT adjoint engines: the weight trajectory in a temporary file (CPU) / pinned host memory (CUDA), not in memory
+    offload_weights: bool = False
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -260,7 +262,8 @@ class DistillConfig:
             )
         if int(self.max_bad_steps) < 1:
             raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
-        from haba_fast.engines.memory import parse_memory_budget
+        from haba_fast.engines.memory import MINIMAL, parse_memory_budget
+        from haba_fast.engines.offload import OFFLOAD_WITH_MIN
 
         if parse_memory_budget(self.memory_budget) != 0 and (
             self.objective != "mtt" or self.engine == "naive" or self.soft_labels
@@ -269,6 +272,13 @@ class DistillConfig:
                 f"--memory-budget {self.memory_budget} applies to --objective mtt with the exact or first-order engine "
                 "and hard labels (naive and soft labels keep every step's graph); drop it"
             )
+        if self.offload_weights and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
+            raise ValueError(
+                "--offload-weights applies to --objective mtt with the exact or first-order engine and hard labels "
+                "(naive and soft labels keep every step's graph); drop it"
+            )
+        if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:
+            raise ValueError(OFFLOAD_WITH_MIN)
         if self.lr_param not in LR_PARAMS:
             raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
         if self.lr_param == "log" and not self.lr_teacher > 0:

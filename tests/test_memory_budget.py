@@ -360,7 +360,7 @@ def test_distill_config_and_flag():
         DistillConfig(memory_budget="1GB", engine="naive").validate()
     with pytest.raises(ValueError, match="applies to --objective mtt"):
         DistillConfig(memory_budget="1GB", objective="dm").validate()
-    assert _FLAGS[-1][0] == "memory_budget"
+    assert "memory_budget" in [f[0] for f in _FLAGS]
     assert "memory_budget" in NON_RESULT_KEYS  # a resumed run may change it: same gradients
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -272,6 +272,14 @@ _FLAGS: List[tuple] = [
         "half the free memory; unlimited: recompute nothing; min: keep none and store only every ceil(sqrt(N))-th "
         "weight vector, recomputing the others: memory flat in --syn_steps, one more forward step per step)",
     ),
+    (
+        "offload_weights",
+        ["--offload-weights", "--offload_weights"],
+        dict(action="store_const", const=True),
+        "mtt engine: keep the weight trajectory (one weight vector per unrolled step) in a temporary file in "
+        "$TMPDIR (CPU) or in pinned host memory (CUDA) instead of in memory: memory flat in --syn_steps at any "
+        "--memory-budget but min, the same results",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.

@@ -10,7 +10,8 @@ student from ``w_start`` on synthetic batches ``X [N, B, C, H, W]`` and return
   the N+1 flat weight vectors w_t (no activation, no graph); the backward pass recomputes one step's
   activations at a time from the saved (w_t, X_t). Same gradient as ``naive`` up to float rounding. Within a
   memory budget (:mod:`~haba_fast.engines.memory`) it also keeps the last steps' graphs instead of recomputing
-  them; ``engine.stream(...)`` builds each step's batch on demand, so memory does not grow with N.
+  them; ``engine.stream(...)`` builds each step's batch on demand, so memory does not grow with N but for the w_t,
+  which ``offload_weights`` (:mod:`~haba_fast.engines.offload`) moves to a file or to host memory.
 * ``first-order``: the adjoint without the Hessian term in w (TESLA-style); an approximation.
 
 Module layout (no import cycle): ``base`` (protocol, checks) <- ``naive``, ``adjoint`` <- this registry.
@@ -47,7 +48,9 @@ def default_engine_name() -> str:
     return "exact"
 
 
-def get_engine(name: Optional[str] = None, *, memory_budget: Union[str, int] = 0) -> Engine:
+def get_engine(
+    name: Optional[str] = None, *, memory_budget: Union[str, int] = 0, offload_weights: bool = False
+) -> Engine:
     """Return the engine called ``name`` (``exact`` | ``naive`` | ``first-order``; None or ``auto``: default).
 
     Args:
@@ -55,9 +58,11 @@ def get_engine(name: Optional[str] = None, *, memory_budget: Union[str, int] = 0
         memory_budget: the adjoint engines' budget for stored per-step tensors (``0`` | a size such as ``"2GB"`` |
             ``"auto"`` | ``"unlimited"``; :mod:`haba_fast.engines.memory`). ``naive`` stores every step by
             construction and takes only 0.
+        offload_weights: the adjoint engines store the weight trajectory off the device
+            (:mod:`~haba_fast.engines.offload`); ``naive`` refuses it.
 
     Raises:
-        ValueError: unknown name, a bad budget, or a budget for ``naive``.
+        ValueError: unknown name, a bad budget, or a budget or offloading for ``naive``.
     """
     if name is None or name == "auto":
         name = default_engine_name()
@@ -70,5 +75,10 @@ def get_engine(name: Optional[str] = None, *, memory_budget: Union[str, int] = 0
                 "engine 'naive' keeps every step's graph (memory grows with N) and takes no memory budget; use "
                 "--engine exact with --memory-budget"
             )
+        if offload_weights:
+            raise ValueError(
+                "engine 'naive' keeps every step's graph and cannot offload its weight trajectory; use --engine exact "
+                "with --offload-weights"
+            )
         return NaiveEngine()
-    return get_adjoint_engine(name, memory_budget=budget)
+    return get_adjoint_engine(name, memory_budget=budget, offload_weights=offload_weights)

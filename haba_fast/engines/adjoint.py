@@ -32,7 +32,10 @@ held back for the step being computed), so the backward sweep recomputes only th
 recomputes nothing. Kept or recomputed, a step's results are the same. ``min`` keeps no step and checkpoints the
 weight trajectory too: the forward sweep stores every ceil(sqrt(N))-th w_t (and w_N), the backward sweep
 recomputes one segment's w_t at a time from its checkpoint with the forward sweep's ops (the same values, bit for
-bit): ~2 sqrt(N) + 2 vectors held instead of N + 1, for one more forward gradient per step.
+bit): ~2 sqrt(N) + 2 vectors held instead of N + 1, for one more forward gradient per step. ``offload_weights``
+keeps every w_t but off the device (:mod:`haba_fast.engines.offload`: a temporary file for CPU tensors, pinned host
+memory for CUDA ones), written once and read back once: memory flat in N at any budget but ``min``, at the price of
+that traffic (1.2 MB a step for ConvNet-128).
 
 ``first-order`` is an APPROXIMATION (TESLA-style): it keeps lam fixed (drops the ``- lr h_w`` update, i.e. the
 second-order coupling between steps), so it skips the Hessian product in w. Its gradients differ from the exact
@@ -66,6 +69,7 @@ from haba_fast.backend import OpInputs, register_check, requested_backend, selec
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
 from haba_fast.engines.memory import MINIMAL, Budget, budget_bytes, checkpoint_every, keep_last, parse_memory_budget
+from haba_fast.engines.offload import OFFLOAD_WITH_MIN, OffloadedRows
 from haba_fast.models import convnet_spec, functional_forward
 
 __all__ = [
@@ -329,6 +333,39 @@ class _AllWeights:
         """After the backward sweep (the tensors go with the autograd graph; a second backward reuses them)."""
 
 
+class _OffloadedWeights:
+    """The weight trajectory offloaded (``offload_weights``): the forward sweep writes w_0 .. w_{N-1} to an
+    :class:`~haba_fast.engines.offload.OffloadedRows` store (a temporary file for CPU tensors, pinned host memory for
+    CUDA ones) as it leaves each; the backward sweep reads each back once. Held on the device: the current w_t and
+    w_N. The update is ``_AllWeights``'s, so every w_t is the same bit for bit.
+    """
+
+    def __init__(self, run: "_Run", n: int, lr: Tensor):
+        w0 = run.w_start
+        self.store = OffloadedRows(n, w0.numel(), w0.dtype, w0.device)
+        self.cur, self.cur_t = w0, 0
+        self.n, self.lr = n, lr
+        run.stats.update(stored_weights=2, offloaded_weights=n, offloaded_bytes=self.store.nbytes)
+
+    def current(self, t: int) -> Tensor:
+        if t != self.cur_t:
+            raise RuntimeError(f"the forward sweep is at step {self.cur_t}, not {t}")
+        return self.cur
+
+    def advance(self, t: int, g: Tensor) -> None:
+        self.store.write(t, self.cur)
+        self.cur, self.cur_t = torch.sub(self.cur, self.lr * g), t + 1
+
+    def final(self) -> Tensor:
+        return self.cur
+
+    def at(self, t: int) -> Tensor:
+        return self.store.read(t)
+
+    def release(self) -> None:
+        """After the backward sweep (the store goes with the autograd graph; a second backward reads it again)."""
+
+
 class _CheckpointedWeights:
     """The weight trajectory checkpointed (``--memory-budget min``): w_0, w_s, w_2s, ... and w_N are stored
     (s = ``checkpoint_every(N)``); the backward sweep recomputes one segment's w_t at a time from its checkpoint.
@@ -409,7 +446,9 @@ class _Unroll(torch.autograd.Function):
         src, step = run.source, run.step
         n = src.n_steps
         lr_d = lr.detach()
-        traj = (_CheckpointedWeights if run.checkpoint else _AllWeights)(run, n, lr_d)
+        traj = (_CheckpointedWeights if run.checkpoint else _OffloadedWeights if run.offload else _AllWeights)(
+            run, n, lr_d
+        )
         kept: dict[int, tuple] = {}
         budget = run.budget
         k = 0
@@ -418,7 +457,9 @@ class _Unroll(torch.autograd.Function):
             keep_t = step.can_keep and budget != 0 and (t == 0 or t >= n - k)
             if keep_t and t == 0:
                 # Measure one step's stored tensors (its batch's graph included), then decide how many fit.
-                exclude = {traj.ws.untyped_storage().data_ptr()} | {p.untyped_storage().data_ptr() for p in leaves}
+                exclude = {traj.current(0).untyped_storage().data_ptr()} | {
+                    p.untyped_storage().data_ptr() for p in leaves
+                }
 
                 def first_step():
                     with torch.enable_grad():
@@ -498,7 +539,15 @@ class _Run:
     """Everything one unroll needs besides the differentiated tensors (not a tensor: autograd passes it through)."""
 
     def __init__(
-        self, source, step, w_start, w_target, first_order: bool, budget: int | None, checkpoint: bool = False
+        self,
+        source,
+        step,
+        w_start,
+        w_target,
+        first_order: bool,
+        budget: int | None,
+        checkpoint: bool = False,
+        offload: bool = False,
     ):
         self.source, self.step = source, step
         self.w_start, self.w_target = w_start, w_target
@@ -506,8 +555,11 @@ class _Run:
         self.budget = budget  # bytes for kept steps; None = unlimited
         self.checkpoint = checkpoint  # store checkpoints of the weight trajectory (``min``), not every w_t
         self.checkpoint_every: int | None = None  # their spacing; None: ``checkpoint_every(N)``
+        self.offload = offload  # store every w_t off the device (``_OffloadedWeights``)
         if checkpoint and budget != 0:
             raise ValueError("a checkpointed weight trajectory keeps no step: its budget must be 0")
+        if checkpoint and offload:
+            raise ValueError(OFFLOAD_WITH_MIN)
         self.stats: dict = {}
         # Per-step hooks (e.g. a cross-process reduction): g -> g in the forward sweep,
         # (<g, lam>, h_w, h_x) -> same in the backward sweep. Empty by default.
@@ -590,22 +642,30 @@ class AdjointEngine:
             0 (or ``min``) takes ``torch`` on CUDA and ``cpu`` on a CPU (see the module docstring). ``"min"``: keep
             no step and checkpoint the weight trajectory (every ceil(sqrt(N))-th w_t; memory flat in N, one more
             forward gradient per step); both backends, stored or streamed batches.
+        offload_weights: keep the weight trajectory off the compute device: every w_t goes to a temporary file
+            (CPU tensors) or pinned host memory (CUDA tensors) as the forward sweep leaves it and comes back once in
+            the backward sweep (:mod:`haba_fast.engines.offload`), so memory is flat in N at any budget but ``min``
+            (which refuses it). Same results bit for bit. A stored X then runs the C++ op's per-step halves.
     """
 
     name = "adjoint"
     approximate = False
     first_order = False
 
-    def __init__(self, backend: str | None = None, memory_budget: Budget = 0):
+    def __init__(self, backend: str | None = None, memory_budget: Budget = 0, offload_weights: bool = False):
         if backend is not None:
             requested_backend(backend)  # a clear ValueError for an unknown name now
         self.backend = backend
         self.memory_budget = parse_memory_budget(memory_budget)
         self.checkpoint = self.memory_budget == MINIMAL  # checkpoint the weight trajectory
+        self.offload_weights = bool(offload_weights)
+        if self.checkpoint and self.offload_weights:
+            raise ValueError(OFFLOAD_WITH_MIN)
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_budget_bytes (None = unlimited), per_step_bytes (measured on
         # step 0; 0 when nothing is stored), stored_steps, recomputed_steps, stored_weights (the most w_t held at
-        # once: N + 1, or ~2 sqrt(N) + 2 with ``min``) and, with ``min``, checkpoint_every and recomputed_weights.
+        # once: N + 1, ~2 sqrt(N) + 2 with ``min``, 2 offloaded), with ``min`` checkpoint_every and
+        # recomputed_weights, offloaded: offloaded_weights and offloaded_bytes.
         self.last_stats: dict = {}
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
@@ -704,14 +764,14 @@ class AdjointEngine:
         name = self._select(model, X.device, X.dtype, distributed=distributed)
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, X.device)
-        if name == "cpu" and budget == 0 and not self.checkpoint:
+        if name == "cpu" and budget == 0 and not self.checkpoint and not self.offload_weights:
             self._record(None, 0, int(X.shape[0]))
             try:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
             except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
-        run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget, self.checkpoint)
+        run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         _add_reducer_hooks(run, reducer)
         out = _unroll(run, lr_x, (X,))
         self._record(run, budget, int(X.shape[0]))
@@ -759,14 +819,15 @@ class AdjointEngine:
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, x0.device)
         step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
-        run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint)
+        run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)
         self._record(run, budget, n_steps)
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r})"
+        offload = ", offload_weights=True" if self.offload_weights else ""
+        return f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload})"
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -806,20 +867,23 @@ class FirstOrderEngine(AdjointEngine):
         return super().__call__(*args, **kwargs)
 
 
-def get_adjoint_engine(name: str, backend: str | None = None, memory_budget: Budget = 0) -> AdjointEngine:
+def get_adjoint_engine(
+    name: str, backend: str | None = None, memory_budget: Budget = 0, offload_weights: bool = False
+) -> AdjointEngine:
     """The adjoint engine ``exact`` or ``first-order`` (``first_order`` is accepted too).
 
     Args:
         name: engine name.
         backend: ``torch`` | ``cpu`` | ``auto`` | None (see :class:`AdjointEngine`).
-        memory_budget: ``0`` | a size | ``auto`` | ``unlimited`` (see :mod:`haba_fast.engines.memory`).
+        memory_budget: ``0`` | a size | ``auto`` | ``unlimited`` | ``min`` (see :mod:`haba_fast.engines.memory`).
+        offload_weights: store the weight trajectory off the device (see :class:`AdjointEngine`).
 
     Raises:
-        ValueError: unknown name or backend.
+        ValueError: unknown name or backend, or ``min`` with ``offload_weights``.
     """
     key = str(name).strip().lower().replace("_", "-")
     if key == "exact":
-        return ExactEngine(backend, memory_budget)
+        return ExactEngine(backend, memory_budget, offload_weights)
     if key == "first-order":
-        return FirstOrderEngine(backend, memory_budget)
+        return FirstOrderEngine(backend, memory_budget, offload_weights)
     raise ValueError(f"unknown adjoint engine {name!r}: choose one of {', '.join(ADJOINT_ENGINES)}")

@@ -267,7 +267,11 @@ class TrajectoryMatching(Objective):
                 f"{ds.channels}×{self.im_size[0]}×{self.im_size[1]} images with {ds.num_classes} classes has {P}; "
                 "was the buffer trained for another model or dataset?"
             )
-        self.engine = get_engine(cfg.engine, memory_budget=getattr(cfg, "memory_budget", 0))
+        self.engine = get_engine(
+            cfg.engine,
+            memory_budget=getattr(cfg, "memory_budget", 0),
+            offload_weights=bool(getattr(cfg, "offload_weights", False)),
+        )
         from haba_fast.experts import TrajectorySampler
 
         self.trajectories = TrajectorySampler(
