@@ -564,6 +564,8 @@ tensors the backward sweep reused / recomputed; `per step`: one stored step, mea
 peak` = budget 0's peak RSS + stored steps x per step. `peak RSS` is `ru_maxrss` of the process. Budget `min`
 keeps no step and checkpoints the weight trajectory (every ceil(sqrt(N))-th w_t stored, the others recomputed per
 segment in the backward sweep); `w_t held`: the most weight vectors the engine held at once (N + 1 at other budgets).
+Rows with `--offload-weights` keep every w_t in a temporary file instead of in memory (`w_t held` 2); they have
+their own syn_steps section and stay out of the others.
 
 The machine is shared with other jobs (2 cores): wall times swing by tens of percent between runs; CPU time (all
 threads of the process) is the steadier comparison and the one the verdicts use, with one torch thread per
