@@ -284,8 +284,9 @@ def test_cpp_first_order_runs_on_cuda():
 @pytest.mark.parametrize("cfg", ENGINE_CONFIGS[1:3], ids=lambda c: f"c{c[0]}-d{c[2]}-{c[3]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
-    """The kept-step ops (budget holding 1 step, unlimited) and ``min`` (sqrt(N) weight checkpoints) on CUDA
-    tensors: budget 0's gradients and the naive unroll's (float64 oracle)."""
+    """The kept-step ops (budget holding 1 step, unlimited), ``min`` (sqrt(N) weight checkpoints) and the offloaded
+    weight trajectory (pinned host memory) on CUDA tensors: budget 0's gradients and the naive unroll's (float64
+    oracle)."""
     from haba_fast.engines import get_adjoint_engine
 
     _cpp_engine()  # skips without the op
@@ -306,12 +307,28 @@ def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
     mini = get_adjoint_engine("exact", "cpu", "min")
     out_min = grads(mini, model, X, Y, ws, wt, lr_value=0.1)
     assert mini.last_stats["stored_steps"] == 0 and mini.last_stats["recomputed_weights"] > 0  # w_t recomputed
+    off = get_adjoint_engine("exact", "cpu", 0, offload_weights=True)  # w_t in pinned host memory
+    out_off = grads(off, model, X, Y, ws, wt, lr_value=0.1)
+    assert off.last_stats["stored_weights"] == 2 and off.last_stats["offloaded_weights"] == N
     rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
-    for out in (out_unl, out_one, out_min):
+    for out in (out_unl, out_one, out_min, out_off):
         assert out[1].device == X.device
         for a, b, r in zip(out, base, ref):
             assert rel_err(a, b) < rel_same
             assert rel_err(a.double(), r) < rel_ref
+
+
+def test_offloaded_rows_in_pinned_host_memory():
+    """CUDA tensors offload to pinned host memory (CPU tensors to a file); the bytes come back as written."""
+    from haba_fast.engines.offload import OffloadedRows
+
+    store = OffloadedRows(3, 11, torch.float32, torch.device(DEVICE))
+    if ON_CUDA:
+        assert store.where == "pinned host memory" and store.host.is_pinned()
+    v = torch.randn(11, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    store.write(1, v)
+    got = store.read(1)
+    assert got.device == v.device and torch.equal(got, v)
 
 
 # ---- one full distillation iteration on CUDA ------------------------------------------------------------------

@@ -3,6 +3,7 @@ memory (CUDA) instead of in memory. The bytes come back as written, so every gra
 for bit; the engine holds two w_t at a time.
 
 Oracles: the same engine with the trajectory in memory (bitwise), and ``naive_unroll`` of tests/test_adjoint.py.
+The CUDA path (pinned host memory) is tested in tests/test_gpu.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
 from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
 from test_memory_budget import REL, _haba_problem, _syn_grads
-from utils import extension_loaded, requires_cuda
+from utils import extension_loaded
 
 from haba_fast.engines import adjoint, get_adjoint_engine, get_engine
 from haba_fast.engines.offload import OffloadedRows, filesystem_type
@@ -268,24 +269,6 @@ def test_distiller_step_offloaded_is_the_same_step(digits, buffer, backend):  # 
         out[offload] = [p.grad.clone() for p in d.synthetic.parameters()]
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)
-
-
-@requires_cuda
-@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpp)])
-def test_cuda_offload_to_pinned_host_memory(backend):
-    store = OffloadedRows(3, 11, torch.float32, torch.device("cuda"))
-    assert store.where == "pinned host memory" and store.host.is_pinned()
-    v = torch.randn(11, device="cuda")
-    store.write(1, v)
-    assert torch.equal(store.read(1), v)
-    model = _convnet(depth=2, norm="instancenorm", dtype=torch.float64).cuda()
-    X, Y, ws, wt = (t.cuda() for t in make_problem(model, 4, 3, tuple(model.im_size), torch.float64))
-    base = grads(get_adjoint_engine("exact", backend, 0), model, X, Y, ws, wt)
-    eng = get_adjoint_engine("exact", backend, 0, offload_weights=True)
-    got = grads(eng, model, X, Y, ws, wt)
-    assert eng.last_stats["stored_weights"] == 2
-    for a, b in zip(got, base):
-        assert rel_err(a, b) < REL[torch.float64]
 
 
 def test_budget_report_offload_rows(tmp_path):
