@@ -43,7 +43,9 @@ run() {  # run IPC STEPS BATCH BUDGET [extra args]
   ${RUN_ENV:-} $PY -m haba_fast.cli bench iteration --engine exact --ipc "$ipc" --n-hallucinators 5 --syn-steps "$steps" \
     --batch-syn "$batch" --warmup 0 --repeats 1 --memory-budget "$budget" --json "${THREAD_ARGS[@]}" "$@" \
     | tail -1 > "$TMP.row" || {
-    echo "{\"bench\": \"iteration\", \"engine\": \"exact\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"memory_budget\": \"$budget\", \"failed\": true}" > "$TMP.row"
+    local offload=false
+    case " $* " in *" --offload-weights "*) offload=true ;; esac
+    echo "{\"bench\": \"iteration\", \"engine\": \"exact\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"memory_budget\": \"$budget\", \"offload_weights\": $offload, \"failed\": true}" > "$TMP.row"
   }
   cat "$TMP.row" >> "$TMP"
 }

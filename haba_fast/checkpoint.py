@@ -78,7 +78,7 @@ NON_RESULT_KEYS = frozenset(
         "data_path",
         "buffer_path",
         "memory_budget",  # what the engine keeps vs recomputes: same gradients, other memory and time
-        "offload_weights",  # where the engine keeps the w_t: the same bytes
+        "offload_weights",  # where the engine keeps the w_t: the same gradients (streamed batches: bit for bit)
     }
 )
 # Guard settings: they change nothing while the run is healthy, only where it skips or stops.

@@ -318,8 +318,9 @@ def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
             assert rel_err(a.double(), r) < rel_ref
 
 
-def test_offloaded_rows_in_pinned_host_memory():
-    """CUDA tensors offload to pinned host memory (CPU tensors to a file); the bytes come back as written."""
+def test_offloaded_rows_come_back_on_the_device():
+    """CUDA tensors offload to pinned host memory (CPU tensors, HABA_GPU_TEST_DEVICE=cpu, to a file); the bytes come
+    back as written, on the tensor's device."""
     from haba_fast.engines.offload import OffloadedRows
 
     store = OffloadedRows(3, 11, torch.float32, torch.device(DEVICE))

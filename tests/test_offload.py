@@ -183,16 +183,35 @@ def test_streamed_offloaded_equals_in_memory_and_naive(dtype, backend, budget):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_offloaded_backward_twice(backend):
-    """retain_graph: a second backward reads the trajectory back again and gives the same gradients."""
+@pytest.mark.parametrize("budget", [0, "unlimited"])
+def test_offloaded_backward_twice(backend, budget):
+    """retain_graph: a second backward reads the trajectory back again (the kept steps are consumed by the first,
+    so it recomputes them): both give the in-memory engine's gradients."""
     model = _convnet(depth=1, norm="none", width=4, im=5)
     X, Y, ws, wt = make_problem(model, 5, 2, tuple(model.im_size), torch.float64)
-    Xr = X.clone().requires_grad_(True)
-    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    loss = get_adjoint_engine("exact", backend, 0, offload_weights=True)(model, Xr, Y, ws, wt, lr)
-    first = torch.autograd.grad(loss, (Xr, lr), retain_graph=True)
-    second = torch.autograd.grad(loss, (Xr, lr))
-    for a, b in zip(first, second):
+    out = {}
+    for offload in (False, True):
+        Xr = X.clone().requires_grad_(True)
+        lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        loss = get_adjoint_engine("exact", backend, budget, offload_weights=offload)(model, Xr, Y, ws, wt, lr)
+        first = torch.autograd.grad(loss, (Xr, lr), retain_graph=True)
+        out[offload] = first, torch.autograd.grad(loss, (Xr, lr))
+    for a, b in zip(*out[True]):
+        assert torch.equal(a, b)
+    # in memory at budget 0 a stored X runs the whole-unroll op (cpu backend): equal up to rounding
+    for a, b in zip(out[True][0] + out[True][1], out[False][0] + out[False][1]):
+        assert rel_err(a, b) < REL[torch.float64]
+
+
+def test_a_strided_w_start_gives_the_in_memory_bits():
+    """A non-contiguous w_start is laid out as the in-memory trajectory's row 0 (same strides, same bits)."""
+    model = _convnet(depth=1, norm="none", width=4, im=5)
+    X, Y, ws, wt = make_problem(model, 4, 2, tuple(model.im_size), torch.float64)
+    strided = torch.stack([ws, ws], 1)[:, 0]
+    assert not strided.is_contiguous()
+    base = grads(get_adjoint_engine("exact", "torch", 0), model, X, Y, strided, wt)
+    got = grads(get_adjoint_engine("exact", "torch", 0, offload_weights=True), model, X, Y, strided, wt)
+    for a, b in zip(got, base):
         assert torch.equal(a, b)
 
 

@@ -343,7 +343,7 @@ class _OffloadedWeights:
     def __init__(self, run: "_Run", n: int, lr: Tensor):
         w0 = run.w_start
         self.store = OffloadedRows(n, w0.numel(), w0.dtype, w0.device)
-        self.cur, self.cur_t = w0, 0
+        self.cur, self.cur_t = w0.contiguous(), 0  # as _AllWeights's row 0: the same strides, the same bits
         self.n, self.lr = n, lr
         run.stats.update(stored_weights=2, offloaded_weights=n, offloaded_bytes=self.store.nbytes)
 
@@ -363,7 +363,8 @@ class _OffloadedWeights:
         return self.store.read(t)
 
     def release(self) -> None:
-        """After the backward sweep (the store goes with the autograd graph; a second backward reads it again)."""
+        """After the backward sweep. The store (its file or pinned block) lives as long as the autograd graph, as
+        the in-memory trajectory does, so a second backward reads it again; dropping the loss frees it."""
 
 
 class _CheckpointedWeights:
@@ -645,7 +646,8 @@ class AdjointEngine:
         offload_weights: keep the weight trajectory off the compute device: every w_t goes to a temporary file
             (CPU tensors) or pinned host memory (CUDA tensors) as the forward sweep leaves it and comes back once in
             the backward sweep (:mod:`haba_fast.engines.offload`), so memory is flat in N at any budget but ``min``
-            (which refuses it). Same results bit for bit. A stored X then runs the C++ op's per-step halves.
+            (which refuses it). The per-step path's results bit for bit; a stored X on the ``cpu`` backend then runs
+            the C++ op's per-step halves instead of the whole-unroll op (equal up to float rounding).
     """
 
     name = "adjoint"

@@ -9,7 +9,8 @@ sweep reads each back once, in reverse order; the engine holds two at a time. Wh
   (``tempfile.TemporaryFile``), so nothing is left behind however the process ends. Its pages may sit in the
   kernel's page cache while memory is free: that is not the process's memory (RSS), and the kernel drops it under
   pressure. On a tmpfs the file is RAM (and swap), which is why that case warns.
-* CUDA tensors: pinned host memory, so the device memory is flat in N.
+* CUDA tensors: pinned host memory, so the device memory is flat in N. A write is a blocking device-to-host copy
+  (one per step, P elements; not yet measured on a GPU), a read an asynchronous copy back on the same stream.
 
 Exact: the bytes read back are the bytes written (a short read or write is an error, never a silent zero).
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,10 +30,10 @@ OFFLOAD_WITH_MIN = (
     "--offload-weights with --memory-budget min: min already holds only ~2 sqrt(N) weight vectors; choose one"
 )
 
-_warned_tmpfs: set = set()
+_warned_tmpfs: set[str] = set()
 
 
-def filesystem_type(path: str, mounts: str = "/proc/mounts") -> Optional[str]:
+def filesystem_type(path: str, mounts: str = "/proc/mounts") -> str | None:
     """The type of the filesystem holding ``path`` (``ext4``, ``tmpfs``, ...): the longest mount point of ``mounts``
     that contains it. None if unknown (no /proc)."""
     path = os.path.realpath(path)
@@ -69,7 +69,7 @@ class OffloadedRows:
     """
 
     def __init__(
-        self, n_rows: int, numel: int, dtype: torch.dtype, device: torch.device, directory: Optional[str] = None
+        self, n_rows: int, numel: int, dtype: torch.dtype, device: torch.device, directory: str | None = None
     ):
         if int(n_rows) < 1 or int(numel) < 1:
             raise ValueError(f"OffloadedRows needs n_rows >= 1 and numel >= 1, got {n_rows} and {numel}")
@@ -91,7 +91,7 @@ class OffloadedRows:
                 "folder on a disk"
             ) from exc
         self.where = f"a temporary file in {folder}"
-        if filesystem_type(folder) == "tmpfs" and folder not in _warned_tmpfs:
+        if folder not in _warned_tmpfs and filesystem_type(folder) == "tmpfs":
             _warned_tmpfs.add(folder)
             warnings.warn(
                 f"{folder} is a tmpfs: the offloaded weight trajectory stays in RAM there; set TMPDIR to a folder on "
