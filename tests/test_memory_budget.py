@@ -380,6 +380,7 @@ def test_distiller_step_spends_the_budget(digits, buffer, backend):  # noqa: F81
     for budget in ("0", "unlimited"):
         d = Distiller(_cfg(engine="exact", memory_budget=budget), digits, buffer)
         assert d.engine.memory_budget == parse_memory_budget(budget)
+        assert ("engine exact, memory budget unlimited" in d.objective.describe()) is (budget == "unlimited")
         d.engine.backend = backend
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

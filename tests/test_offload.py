@@ -285,6 +285,8 @@ def test_distiller_step_offloaded_is_the_same_step(digits, buffer, backend):  # 
             warnings.simplefilter("ignore")
             d.step()
         assert d.engine.last_stats["stored_weights"] == (2 if offload else 5)
+        described = d.objective.describe()
+        assert ("weight trajectory offloaded to a temporary file in" in described) is offload
         out[offload] = [p.grad.clone() for p in d.synthetic.parameters()]
     for a, b in zip(out[False], out[True]):
         assert torch.equal(a, b)

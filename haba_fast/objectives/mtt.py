@@ -11,6 +11,7 @@ augment ∘ generate.
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -300,7 +301,15 @@ class TrajectoryMatching(Objective):
             if m > 1
             else ""
         )
-        return f"objective mtt: engine {self.engine.name}{approx}{segments}"
+        memory = ""
+        budget = getattr(self.engine, "memory_budget", 0)
+        if budget != 0:
+            memory += f", memory budget {self.cfg.memory_budget}"
+        if getattr(self.engine, "offload_weights", False):
+            cuda = torch.device(self.device).type == "cuda"
+            where = "pinned host memory" if cuda else f"a temporary file in {tempfile.gettempdir()}"
+            memory += f", weight trajectory offloaded to {where}"
+        return f"objective mtt: engine {self.engine.name}{approx}{memory}{segments}"
 
     def _check_buffer(self, dataset) -> None:
         n = int(self.buffer.num_trajectories)
