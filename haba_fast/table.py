@@ -552,19 +552,63 @@ def _network_progress(log: Callable[[str], None], label: str, total: int) -> Cal
     return report
 
 
-def _iteration_progress(log: Callable[[str], None], label: str, total: int):
+def _iteration_progress(log: Callable[[str], None], label: str, total: int, clock: "_DistillClock | None" = None):
     """A ``distill`` ``on_iteration`` callback logging every tenth of the run's ``total`` iterations with its loss
-    and the seconds since the callback was made."""
+    and the seconds since the callback was made; it also ticks ``clock``."""
     every = max(1, total // 10)
     t0 = time.perf_counter()
 
     def report(distiller, m: Dict[str, float]) -> None:
         it = distiller.iteration
+        if clock is not None:
+            clock.tick(it)
         if it % every == 0 or it == total:
             loss = f", loss {m['loss']:.4g}" if "loss" in m else ""
             log(f"  {label}: iteration {it}/{total}{loss} ({time.perf_counter() - t0:.0f} s)")
 
     return report
+
+
+class _DistillClock:
+    """Seconds of a cell's distillation summed over the calls that ran it: a killed cell resumes from its last
+    checkpoint, and its seconds then count the work before that checkpoint too.
+
+    ``distill_progress.json`` in the run folder maps each checkpointed iteration to the seconds spent up to it
+    (written after the checkpoint, so a kill between the two loses only that iteration's record). A call whose
+    first iteration follows a checkpoint with no record (a run older than this file) counts its own seconds only,
+    and says so (``complete`` is False).
+    """
+
+    def __init__(self, run_dir: Path, checkpoint_every: int):
+        self.path = Path(run_dir) / "distill_progress.json"
+        self.every = max(1, int(checkpoint_every))
+        self.t0 = time.perf_counter()
+        self.base: float | None = None
+        self.started = False
+        try:
+            self.at = {int(k): float(v) for k, v in json.loads(self.path.read_text())["seconds_at"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self.at = {}
+
+    def tick(self, iteration: int) -> None:
+        """After ``iteration`` (1-based count of iterations done) and its checkpoint."""
+        from haba_fast.io import atomic_write_text
+
+        if not self.started:  # this call resumed after iteration - 1
+            self.started = True
+            self.base = 0.0 if iteration <= 1 else self.at.get(iteration - 1)
+        if iteration % self.every == 0 and self.base is not None:
+            self.at[iteration] = self.seconds()
+            atomic_write_text(json.dumps({"seconds_at": {str(k): v for k, v in sorted(self.at.items())}}) + "\n",
+                              self.path)
+
+    @property
+    def complete(self) -> bool:
+        """Whether :meth:`seconds` covers the whole distillation (False: only this call's part is known)."""
+        return not self.started or self.base is not None
+
+    def seconds(self) -> float:
+        return (self.base or 0.0) + time.perf_counter() - self.t0
 
 
 # Protocol fields that decide only how a finished set is evaluated (or which cells the table holds), not the set.
@@ -680,13 +724,15 @@ def run_cell(
         buffer = None
         if cell.objective == "mtt":
             buffer, seconds["waited"] = _experts(dataset, dproto, protocol_work_dir(dwork, dproto) / "buffer", log)
-        t = time.perf_counter()
         run_dir = distill_dir(dwork, dproto, cell)
         finished_before = (run_dir / "synthetic.pt").is_file()
+        clock = _DistillClock(run_dir, cfg.checkpoint_every)
         result = distill(cfg, dataset, buffer, run_dir, resume=True, progress=False, evaluate=False,
                          log=lambda m: log(f"  {cell.key}: {m}"),
-                         on_iteration=_iteration_progress(log, cell.key, cfg.iterations))
-        seconds["distill"] = _distill_seconds(run_dir, time.perf_counter() - t, finished_before)
+                         on_iteration=_iteration_progress(log, cell.key, cfg.iterations, clock))
+        seconds["distill"] = _distill_seconds(run_dir, clock.seconds(), finished_before)
+        if not clock.complete:
+            record["distill_seconds_partial"] = True  # the resumed part only: the iterations before were not timed
         syn = result.synthetic
         syn.meta["lr"] = result.syn_lr
         ev = dataclasses.replace(eval_config(cfg), models=(protocol.eval_model,), num_eval=protocol.num_eval,
@@ -1456,9 +1502,13 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         s = r.get("seconds", {})
         lines.append(
             f"| {key} | {st['floats']:,} ({budget}) | {per_class:.2f} | {rpc_text} | {r.get('lr', 0):.4g} | {accs} | "
-            f"{s.get('distill', 0):.0f} | {s.get('eval', 0):.0f} | {r.get('engine') or '–'} | "
+            f"{'≥ ' if r.get('distill_seconds_partial') else ''}{s.get('distill', 0):.0f} | {s.get('eval', 0):.0f} | "
+            f"{r.get('engine') or '–'} | "
             f"{r.get('finished', '')} |"
         )
+    if any(r.get("distill_seconds_partial") for r in cells.values()):
+        lines += ["", "≥: the distillation was resumed after its process was stopped, and the iterations before the "
+                  "resume were not timed (a run started before the table recorded its seconds at each checkpoint)."]
     lines += ["", "## Cross-architecture", ""]
     lines += _cross_lines(cells, p, p.cross_ipc)
     lines += ["", "## Tuning on the validation split", ""]

@@ -742,3 +742,73 @@ def test_tuning_log_keeps_every_protocol_and_every_setting_in_a_fresh_folder(tmp
         table.run_table("digits", tmp_path / "out", protocol=p, ipcs=(1,), rows=["haba-dm"], **common)
     assert logged() == expected
     assert [table.record_stem(t) for t in table.load_trials(log, "tiny-other")] == ["ipc1-haba-dm"]
+
+
+def test_distill_clock_sums_the_calls_of_a_resumed_cell(tmp_path, monkeypatch):
+    clock_now = [100.0]
+    monkeypatch.setattr(table.time, "perf_counter", lambda: clock_now[0])
+    first = table._DistillClock(tmp_path, checkpoint_every=5)
+    for it in range(1, 8):  # killed after iteration 7: the last checkpoint was at 5
+        clock_now[0] += 10.0
+        first.tick(it)
+    assert first.complete and first.seconds() == 70.0
+    saved = json.loads((tmp_path / "distill_progress.json").read_text())["seconds_at"]
+    assert saved == {"5": 50.0}
+    clock_now[0] = 1000.0
+    second = table._DistillClock(tmp_path, checkpoint_every=5)  # resumes after iteration 5
+    for it in range(6, 11):
+        clock_now[0] += 12.0
+        second.tick(it)
+    assert second.complete and second.seconds() == 50.0 + 5 * 12.0  # the work up to the checkpoint, then this call's
+    assert json.loads((tmp_path / "distill_progress.json").read_text())["seconds_at"] == {"5": 50.0, "10": 110.0}
+    # A run resumed from a checkpoint with no record (older than the file): only this call is known.
+    old = tmp_path / "old"
+    old.mkdir()
+    third = table._DistillClock(old, checkpoint_every=5)
+    clock_now[0] = 0.0
+    third.t0 = 0.0
+    clock_now[0] += 7.0
+    third.tick(11)
+    assert not third.complete and third.seconds() == 7.0
+    assert not (old / "distill_progress.json").exists()  # nothing recorded that would be wrong later
+
+
+def test_a_killed_cell_records_the_seconds_of_both_calls(tmp_path, monkeypatch):
+    """A distillation stopped after a checkpoint and resumed: its recorded seconds include the first call's work,
+    and the document marks a cell whose earlier part was not timed."""
+    calls = []
+    real = table._iteration_progress
+
+    def stop_once(log, label, total, clock=None):
+        report = real(log, label, total, clock)
+
+        def wrapped(distiller, m):
+            report(distiller, m)
+            if not calls and distiller.iteration == 2:
+                calls.append("stopped")
+                raise KeyboardInterrupt
+
+        return wrapped
+
+    monkeypatch.setattr(table, "_iteration_progress", stop_once)
+    proto = Protocol(**{**TINY.__dict__, "iterations": (("dc", 2), ("dsa", 2), ("dm", 4), ("mtt", 2))})
+    with pytest.raises(KeyboardInterrupt):
+        table.run_table("digits", tmp_path / "out", protocol=proto, ipcs=(2,), rows=["dm"], doc=tmp_path / "doc.md",
+                        cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img", log=lambda m: None,
+                        cross=False)
+    run_dir = next((tmp_path / "out").rglob("distill_progress.json")).parent
+    before = json.loads((run_dir / "distill_progress.json").read_text())["seconds_at"]
+    assert set(before) == {"1", "2"}  # checkpoint every iteration (a tenth of 4, at least 1)
+    done = table.run_table("digits", tmp_path / "out", protocol=proto, ipcs=(2,), rows=["dm"], doc=tmp_path / "doc.md",
+                           cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img", log=lambda m: None,
+                           cross=False)
+    rec = done["ipc2-dm"]
+    assert rec["seconds"]["distill"] >= before["2"] and "distill_seconds_partial" not in rec
+    after = json.loads((run_dir / "distill_progress.json").read_text())["seconds_at"]
+    assert after["2"] == before["2"] and after["4"] > before["2"]
+    # the same cell when the earlier part has no record: marked in the document
+    rec = dict(rec, distill_seconds_partial=True)
+    (tmp_path / "out" / "cells" / proto.name / "ipc2-dm.json").write_text(json.dumps(rec))
+    table.run_table("digits", tmp_path / "out", protocol=proto, ipcs=(2,), rows=["dm"], doc=tmp_path / "doc.md",
+                    cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img", log=lambda m: None, cross=False)
+    assert "≥ " in (tmp_path / "doc.md").read_text() and "were not timed" in (tmp_path / "doc.md").read_text()
