@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -168,10 +169,22 @@ std::vector<int64_t> buffer_cache_stats() {
 
 namespace {
 std::vector<int64_t> buffer_cache_stats_op() { return buffer_cache_stats(); }
+
+// Scopes held from Python across several op calls (a whole unrolled sweep of per-step ops), innermost last.
+thread_local std::vector<std::unique_ptr<BufferCacheScope>> tl_held;
+
+void buffer_cache_enter_op() { tl_held.push_back(std::make_unique<BufferCacheScope>()); }
+
+void buffer_cache_leave_op() {
+  TORCH_CHECK(!tl_held.empty(), "buffer_cache_leave: no scope entered on this thread (call buffer_cache_enter first)");
+  tl_held.pop_back();
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("buffer_cache_stats() -> int[]", &buffer_cache_stats_op);
+  m.def("buffer_cache_enter() -> ()", &buffer_cache_enter_op);
+  m.def("buffer_cache_leave() -> ()", &buffer_cache_leave_op);
 }
 
 }  // namespace haba_fast

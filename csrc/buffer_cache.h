@@ -18,6 +18,10 @@
 // alive. When the last scope ends, the free lists are returned to the system, so memory held by the cache never
 // outlives an engine call. Blocks still in use at that point (returned tensors) are freed normally later.
 // HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096).
+//
+// Ops: buffer_cache_stats() (counters), and buffer_cache_enter() / buffer_cache_leave(), which hold a scope on the
+// calling thread across several op calls: the per-step ops of one unrolled sweep (Python's
+// haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of each starting empty.
 #pragma once
 
 #include <cstdint>

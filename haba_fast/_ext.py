@@ -12,9 +12,10 @@ message saying how to rebuild. A build without the record (an older in-place bui
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 _load_error: Optional[str] = None
 
@@ -90,6 +91,25 @@ def extension_available() -> bool:
 def extension_error() -> Optional[str]:
     """The reason the extension failed to load, or None (call ``extension_available`` first)."""
     return _load_error
+
+
+@contextlib.contextmanager
+def buffer_cache_scope() -> Iterator[None]:
+    """Hold the C++ buffer cache's scope on this thread for the ``with`` block (csrc/buffer_cache.h): the per-step
+    ops called inside it reuse each other's large CPU blocks (every step of a sweep allocates the same shapes)
+    instead of each op call starting with an empty cache and paying fresh pages' faults. The free blocks go back to
+    the system when the block ends. Nothing happens unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``)
+    and the extension has the ops."""
+    if not has_op("buffer_cache_enter"):
+        yield
+        return
+    import torch
+
+    torch.ops.haba_fast.buffer_cache_enter()
+    try:
+        yield
+    finally:
+        torch.ops.haba_fast.buffer_cache_leave()
 
 
 def has_op(name: str) -> bool:

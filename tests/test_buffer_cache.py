@@ -212,3 +212,58 @@ def test_other_threads_never_draw_from_the_cache(monkeypatch):
     # of them was counted as a cached block.
     assert stats()[LIVE] == live_before, (stats(), live_before)
     assert stats()[FREE_BYTES] == 0 and stats()[SCOPES] == 0
+
+
+def _per_step_run(budget=0, seed=0):
+    """(loss, dL/dX, dL/dlr) of the exact engine through the C++ per-step ops (the offloaded trajectory takes them
+    at budget 0; a budget keeps steps), the path of HaBa's streamed batches."""
+    from haba_fast.engines import get_adjoint_engine
+
+    model = _convnet(channel=3, width=32, depth=2, im=16, k=3, dtype=torch.float32, seed=seed)
+    X, Y, w_start, w_target = make_problem(model, n_steps=4, batch=32, im_size=(16, 16), dtype=torch.float32,
+                                           seed=seed)
+    eng = get_adjoint_engine("exact", "cpu", budget, offload_weights=budget == 0)
+    Xr = X.clone().requires_grad_(True)
+    lr = torch.tensor(0.05, requires_grad=True)
+    loss = eng(model, Xr, Y, w_start, w_target, lr)
+    loss.backward()
+    return loss.detach(), Xr.grad, lr.grad
+
+
+@pytest.mark.parametrize("budget", [0, "unlimited"])
+def test_a_sweep_of_per_step_ops_holds_one_scope(monkeypatch, budget):
+    """The engine holds the cache's scope for a whole sweep of per-step ops (haba_fast._ext.buffer_cache_scope):
+    the steps reuse each other's blocks, the results are the cache-off results bit for bit, nothing is kept after."""
+    from haba_fast.engines import adjoint
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    off = _per_step_run(budget=budget)
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    before = stats()
+    on = _per_step_run(budget=budget)
+    held = stats()
+    with monkeypatch.context() as m:  # the same sweep with the scope only per op call
+        m.setattr(adjoint, "_sweep_buffers", lambda run: adjoint.contextlib.nullcontext())
+        per_call = _per_step_run(budget=budget)
+    after = stats()
+    for a, b, c in zip(off, on, per_call):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert held[FREE_BYTES] == 0 and held[SCOPES] == 0 and after[SCOPES] == 0
+    # Held across the sweep, the steps reuse each other's blocks: more hits than with one scope per op call.
+    assert held[HITS] - before[HITS] > after[HITS] - held[HITS]
+
+
+def test_held_scope_is_balanced_and_leave_without_enter_raises(monkeypatch):
+    from haba_fast._ext import buffer_cache_scope
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    run(*problem())  # installs the wrapper
+    with pytest.raises(ValueError, match="inside"):
+        with buffer_cache_scope():
+            assert stats()[SCOPES] == 1
+            with buffer_cache_scope():
+                assert stats()[SCOPES] == 2
+            raise ValueError("inside")
+    assert stats()[SCOPES] == 0 and stats()[FREE_BYTES] == 0
+    with pytest.raises(RuntimeError, match="no scope entered on this thread"):
+        torch.ops.haba_fast.buffer_cache_leave()

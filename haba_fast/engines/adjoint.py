@@ -58,6 +58,7 @@ the budget itself (bench/results/MEMORY_BUDGET.md). ``backend="torch"`` / ``"cpu
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Optional, Sequence
 
@@ -65,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast._ext import buffer_cache_scope
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
@@ -433,6 +435,14 @@ class _CheckpointedWeights:
         self.segment, self.cur = {}, None
 
 
+def _sweep_buffers(run: "_Run"):
+    """The C++ buffer cache held for a whole sweep of the C++ per-step ops on CPU tensors (their steps allocate the
+    same large blocks: a held scope reuses them across steps instead of per op call), else nothing."""
+    if isinstance(run.step, _CppStep) and run.w_start.device.type == "cpu":
+        return buffer_cache_scope()
+    return contextlib.nullcontext()
+
+
 class _Unroll(torch.autograd.Function):
     """Forward: N SGD steps storing the weight trajectory (every w_t, or checkpoints of it) and, within the budget,
     the last k steps' graphs. Backward: the adjoint recursion (exact, or first-order), recomputing the steps that
@@ -444,6 +454,16 @@ class _Unroll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lr: Tensor, run: "_Run", *leaves: Tensor) -> Tensor:
+        with _sweep_buffers(run):
+            return _Unroll._forward(ctx, lr, run, *leaves)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        with _sweep_buffers(ctx.run):
+            return _Unroll._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _forward(ctx, lr: Tensor, run: "_Run", *leaves: Tensor) -> Tensor:
         src, step = run.source, run.step
         n = src.n_steps
         lr_d = lr.detach()
@@ -496,7 +516,7 @@ class _Unroll(torch.autograd.Function):
         return (traj.final() - run.w_target).pow(2).sum() / denom
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def _backward(ctx, grad_loss: Tensor):
         (lr,) = ctx.saved_tensors
         run, traj, kept = ctx.run, ctx.traj, ctx.kept
         src, step = run.source, run.step
