@@ -265,16 +265,11 @@ class DistillConfig:
         from haba_fast.engines.memory import MINIMAL, parse_memory_budget
         from haba_fast.engines.offload import OFFLOAD_WITH_MIN
 
-        if parse_memory_budget(self.memory_budget) != 0 and (
-            self.objective != "mtt" or self.engine == "naive" or self.soft_labels
-        ):
+        adjoint_only = [f"--memory-budget {self.memory_budget}"] if parse_memory_budget(self.memory_budget) != 0 else []
+        adjoint_only += ["--offload-weights"] if self.offload_weights else []
+        if adjoint_only and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
             raise ValueError(
-                f"--memory-budget {self.memory_budget} applies to --objective mtt with the exact or first-order engine "
-                "and hard labels (naive and soft labels keep every step's graph); drop it"
-            )
-        if self.offload_weights and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
-            raise ValueError(
-                "--offload-weights applies to --objective mtt with the exact or first-order engine and hard labels "
+                f"{adjoint_only[0]} applies to --objective mtt with the exact or first-order engine and hard labels "
                 "(naive and soft labels keep every step's graph); drop it"
             )
         if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:

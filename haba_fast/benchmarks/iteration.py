@@ -648,10 +648,9 @@ def _budget_section(rows, title, ipc, steps, batch) -> list[str]:
     return lines + [""]
 
 
-def _flat_section(rows, budget: str = "0", offload: bool = False) -> list[str]:
-    """One budget (offloaded or not) at syn_steps 10 and 80: the peak RSS ratio, medians of the current runs (one
-    malloc setting)."""
-    flat = [
+def _flat_rows(rows, budget: str, offload: bool) -> list:
+    """The syn_steps rows (bpc 10, batch 100, syn_steps 10 or 80) of one budget, offloaded or not, that ran."""
+    return [
         r
         for r in rows
         if (r.get("ipc"), r.get("batch_syn")) == (10, 100)
@@ -660,6 +659,12 @@ def _flat_section(rows, budget: str = "0", offload: bool = False) -> list[str]:
         and r.get("syn_steps") in (10, 80)
         and not r.get("failed")
     ]
+
+
+def _flat_section(rows, budget: str = "0", offload: bool = False) -> list[str]:
+    """One budget (offloaded or not) at syn_steps 10 and 80: the peak RSS ratio, medians of the current runs (one
+    malloc setting)."""
+    flat = _flat_rows(rows, budget, offload)
     if not flat:
         return []
     if offload:
@@ -706,12 +711,8 @@ def _flat_section(rows, budget: str = "0", offload: bool = False) -> list[str]:
                 off = [r["cpu_s_per_iter"] for r in cur if r["syn_steps"] == n]
                 mem = [
                     r["cpu_s_per_iter"]
-                    for r in rows
-                    if (r.get("ipc"), r.get("batch_syn"), r.get("syn_steps")) == (10, 100, n)
-                    and str(r.get("memory_budget")) == budget
-                    and not r.get("offload_weights")
-                    and (r.get("env") or {}).get("commit") in commits
-                    and not r.get("failed")
+                    for r in _flat_rows(rows, budget, offload=False)
+                    if r["syn_steps"] == n and (r.get("env") or {}).get("commit") in commits
                 ]
                 if off and mem:
                     lines.append(
