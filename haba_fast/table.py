@@ -29,6 +29,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -1194,9 +1197,11 @@ def run_table(
     if threads:
         torch.set_num_threads(int(threads))
     helpers: List[Any] = []
+    restore_sigterm = None
     try:
         check_one_dataset(dataset_name, out, cells_json, tuning_json)
         if jobs > 1 and not render_only:
+            restore_sigterm = _sigterm_raises()
             helpers = _start_jobs(int(jobs) - 1, dict(
                 dataset_name=dataset_name, out=out, protocol=protocol, ipcs=tuple(ipcs), rows=tuple(rows),
                 eval_split=eval_split, cross=cross, cross_models=cross_models, doc=doc, cells_json=cells_json,
@@ -1353,10 +1358,42 @@ def run_table(
         write_outputs()
         return done
     finally:
-        for proc in helpers:  # this run failed: stop the others (their finished cells are stored)
+        for proc in helpers:  # this run failed or was stopped: stop the others (their finished cells are stored)
             proc.terminate()
             proc.join()
+        if restore_sigterm is not None:
+            restore_sigterm()
         torch.set_num_threads(previous_threads)
+
+
+def _sigterm_raises() -> Optional[Callable[[], None]]:
+    """While helper processes run: SIGTERM (``kill``, a batch system's time limit) raises ``SystemExit(143)`` in
+    this run, so that its ``finally`` stops the helpers instead of the process dying around them. Only from the
+    main thread and only over the default handler (a handler the caller installed is left alone). Returns the
+    function restoring the previous handler, or None when nothing was installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """In a helper process: end it when the run that started it dies, however it dies (SIGKILL included, which
+    no handler sees). On Linux the kernel sends the helper SIGTERM at its parent's death (``PR_SET_PDEATHSIG``);
+    a parent already gone before that request ends the helper here. Elsewhere only the latter check runs."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(128 + int(signal.SIGTERM))
 
 
 def _start_jobs(n: int, kwargs: Dict[str, Any]) -> List[Any]:
@@ -1364,7 +1401,7 @@ def _start_jobs(n: int, kwargs: Dict[str, Any]) -> List[Any]:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_table_job, args=(job, kwargs), name=f"haba-fast table job {job}", daemon=False)
+    procs = [ctx.Process(target=_table_job, args=(job, os.getpid(), kwargs), name=f"haba-fast table job {job}", daemon=False)
              for job in range(2, n + 2)]
     for proc in procs:
         proc.start()
@@ -1376,8 +1413,10 @@ def _worked(rec: Dict[str, Any], started: float) -> float:
     return time.perf_counter() - started - float((rec.get("seconds") or {}).get("waited", 0.0))
 
 
-def _table_job(job: int, kwargs: Dict[str, Any]) -> None:
-    """One helper process of ``run_table(jobs=...)``: the same table, its log lines prefixed ``[job k]``."""
+def _table_job(job: int, parent_pid: int, kwargs: Dict[str, Any]) -> None:
+    """One helper process of ``run_table(jobs=...)``: the same table, its log lines prefixed ``[job k]``; it ends
+    with the run that started it (``parent_pid``)."""
+    _exit_with_parent(parent_pid)
     run_table(**kwargs, jobs=1, log=lambda m: print(f"[job {job}] {m}", flush=True))
 
 

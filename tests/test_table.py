@@ -6,10 +6,13 @@ Fashion-MNIST train subset that HaBa + DM beats a random coreset at equal storag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 import torch
@@ -812,3 +815,66 @@ def test_a_killed_cell_records_the_seconds_of_both_calls(tmp_path, monkeypatch):
     table.run_table("digits", tmp_path / "out", protocol=proto, ipcs=(2,), rows=["dm"], doc=tmp_path / "doc.md",
                     cells_json=tmp_path / "cells.json", images_dir=tmp_path / "img", log=lambda m: None, cross=False)
     assert "≥ " in (tmp_path / "doc.md").read_text() and "were not timed" in (tmp_path / "doc.md").read_text()
+
+
+def _children(pid: int) -> List[int]:
+    """Live child processes of ``pid`` (Linux /proc)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux's")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_stopping_a_jobs_run_stops_its_helpers(tmp_path, sig):
+    """--jobs 2 stopped by SIGTERM (its finally stops the helper) or SIGKILL (the kernel ends the helper with its
+    parent): no helper process is left computing cells after the run is gone."""
+    import signal
+    import subprocess
+    import threading
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "from haba_fast import table\n"
+        "if __name__ == '__main__':\n"
+        "    slow = table.Protocol(name='slow', val_per_class=20, train_per_class=50, num_eval=1, eval_epochs=1,\n"
+        "        iterations=(('dc', 1), ('dsa', 1), ('dm', 10**7), ('mtt', 1)), batch_real=8)\n"
+        f"    table.run_table('digits', {str(tmp_path / 'out')!r}, protocol=slow, ipcs=(2,), rows=['dm', 'haba-dm'],\n"
+        "        cross=False, jobs=2)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: List[str] = []
+    helpers: List[int] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        both_running = _until(lambda: sum(ln.rstrip().endswith(": running ...") for ln in lines) == 2, 120)
+        assert both_running, "".join(lines)
+        helpers.extend(_children(proc.pid))
+        assert helpers, "the run has no helper process"
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(60)
+        assert _until(lambda: not any(_alive(p) for p in helpers), 30), f"helpers left running: {helpers}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pid in filter(_alive, helpers):  # a failed check leaves nothing computing
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    reader.join(10)
+    assert proc.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL), "".join(lines)
