@@ -1401,8 +1401,8 @@ def _start_jobs(n: int, kwargs: Dict[str, Any]) -> List[Any]:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_table_job, args=(job, os.getpid(), kwargs), name=f"haba-fast table job {job}", daemon=False)
-             for job in range(2, n + 2)]
+    procs = [ctx.Process(target=_table_job, args=(job, os.getpid(), kwargs), name=f"haba-fast table job {job}",
+                         daemon=False) for job in range(2, n + 2)]
     for proc in procs:
         proc.start()
     return procs

@@ -1,0 +1,159 @@
+"""Where a HaBa iteration's engine time goes at budget 0 and with every step kept: the C++ per-step ops, timed.
+
+    python bench/kept_step_split.py [--rounds 3] [--steps 20] [--batch 100] [--json bench/results/kept_step_split.json]
+
+The exact engine's two sweeps on CPU tensors are N calls of one forward op and N calls of one backward op: budget 0
+runs ``trajectory_step_grad`` then ``trajectory_step_adjoint`` (which recomputes the step's primal pass), a kept
+step runs ``trajectory_step_grad_keep`` then ``trajectory_step_adjoint_kept`` (which reuses it). Each arm replays
+both sweeps on fixed random inputs (ConvNet-128, CIFAR-shaped batch, one torch thread) in a fresh process (after one
+untimed step of each op) with the buffer cache held per sweep, as the engine does (``HABA_FAST_BUFFER_CACHE=1``):
+the kept arm holds all N kept lists until its backward sweep consumes them, newest first. Per op: CPU seconds summed
+over the sweep and minor page faults. Arms are interleaved round by round; the summary takes medians.
+
+What the engine ratio can reach: per width x width block, the forward sweep's step costs 3 convolutions, the
+recomputing backward step 8 and the kept one 6 (docs/ARCHITECTURE.md), so a kept sweep pair does 9 where budget 0
+does 11: ``conv_floor`` = 9/11. ``kept_if_conv_bound`` = (grad + adjoint x 6/8) / (grad + adjoint), from budget
+0's own op times: the ratio a kept step would give if the backward op's time scaled with its convolutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONV_FLOOR = 9 / 11  # convolutions per block: (3 + 6) kept against (3 + 8) recomputed
+
+
+def child(arm: str, steps: int, batch: int) -> dict:
+    """One arm in this process: both sweeps, per-op CPU seconds and minor faults."""
+    import torch
+
+    from haba_fast._ext import buffer_cache_scope, extension_available, extension_error
+    from haba_fast.engines.adjoint import cpp_spec
+    from haba_fast.models import flatten_params, get_network
+
+    if not extension_available():
+        raise SystemExit(f"the C++ extension is not loaded: {extension_error()}")
+    torch.set_num_threads(1)
+    ops = torch.ops.haba_fast
+    model = get_network("ConvNet", 3, 10, (32, 32), generator=torch.Generator().manual_seed(0))
+    spec = cpp_spec(model)
+    gen = torch.Generator().manual_seed(1)
+    w = flatten_params(model).detach()
+    xs = [torch.randn(batch, 3, 32, 32, generator=gen) for _ in range(steps)]
+    ys = [torch.randint(0, 10, (batch,), generator=gen) for _ in range(steps)]
+    lam = torch.randn(w.shape, generator=gen) * 1e-3
+    acc: dict = {}
+
+    def timed(name, op, *args):
+        r0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+        out = op(*args)
+        a = acc.setdefault(name, {"calls": 0, "cpu_s": 0.0, "minor_faults": 0})
+        a["calls"] += 1
+        a["cpu_s"] += time.process_time() - t0
+        a["minor_faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+        return out
+
+    if arm == "kept":  # one untimed step of each op first: oneDNN builds its kernels on first use
+        ops.trajectory_step_adjoint_kept(
+            w, xs[0], ys[0], lam, ops.trajectory_step_grad_keep(w, xs[0], ys[0], spec)[1], spec, True
+        )
+    else:
+        ops.trajectory_step_grad(w, xs[0], ys[0], spec)
+        ops.trajectory_step_adjoint(w, xs[0], ys[0], lam, spec, True)
+    kept = [None] * steps
+    with buffer_cache_scope():  # the forward sweep
+        for t in range(steps):
+            if arm == "kept":
+                _, kept[t] = timed("grad_keep", ops.trajectory_step_grad_keep, w, xs[t], ys[t], spec)
+            else:
+                timed("grad", ops.trajectory_step_grad, w, xs[t], ys[t], spec)
+    with buffer_cache_scope():  # the backward sweep, newest step first
+        for t in reversed(range(steps)):
+            if arm == "kept":
+                k = kept[t]
+                kept[t] = None
+                timed("adjoint_kept", ops.trajectory_step_adjoint_kept, w, xs[t], ys[t], lam, k, spec, True)
+                del k
+            else:
+                timed("adjoint", ops.trajectory_step_adjoint, w, xs[t], ys[t], lam, spec, True)
+    return {
+        "arm": arm,
+        "ops": acc,
+        "engine_cpu_s": sum(a["cpu_s"] for a in acc.values()),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def one(arm: str, steps: int, batch: int) -> dict:
+    env = dict(os.environ, HABA_FAST_BUFFER_CACHE="1")
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", arm, "--steps", str(steps), "--batch", str(batch)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(rows: list) -> dict:
+    def med(arm, op=None):
+        xs = [r["ops"][op]["cpu_s"] if op else r["engine_cpu_s"] for r in rows if r["arm"] == arm]
+        return statistics.median(xs)
+
+    grad, adjoint = med("budget0", "grad"), med("budget0", "adjoint")
+    keep, adjoint_kept = med("kept", "grad_keep"), med("kept", "adjoint_kept")
+    return {
+        "budget0_engine_cpu_s": med("budget0"),
+        "kept_engine_cpu_s": med("kept"),
+        "kept_over_budget0": med("kept") / med("budget0"),
+        "grad_keep_over_grad": keep / grad,
+        "adjoint_kept_over_adjoint": adjoint_kept / adjoint,
+        "kept_if_conv_bound": (grad + adjoint * 6 / 8) / (grad + adjoint),
+        "conv_floor": CONV_FLOOR,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--json", default="bench/results/kept_step_split.json")
+    ap.add_argument("--child", choices=["budget0", "kept"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch)))
+        return
+    from haba_fast.timing import environment
+
+    rows = []
+    for r in range(args.rounds):
+        for arm in ("budget0", "kept") if r % 2 == 0 else ("kept", "budget0"):
+            rows.append(dict(one(arm, args.steps, args.batch), round=r))
+            print(json.dumps(rows[-1]), flush=True)
+    summary = summarize(rows)
+    out = {
+        "command": f"python bench/kept_step_split.py --rounds {args.rounds} --steps {args.steps} --batch {args.batch}",
+        "env": environment(),
+        "load_average_at_end": os.getloadavg(),
+        "summary": summary,
+        "rows": rows,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(args.json).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    os.replace(tmp, args.json)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
