@@ -476,3 +476,38 @@ def test_trajectory_compression_bench_formulas():
     assert mod.rss_ratio(32.0) == pytest.approx(998 / 912, abs=2e-3)
     assert mod.rss_ratio(0.0) == pytest.approx(1.0)
     assert mod.rss_ratio(16.0) < mod.rss_ratio(24.0) < mod.rss_ratio(32.0)
+
+
+def test_kept_step_split_bench():
+    """bench/kept_step_split.py: its summary against hand-computed ratios, and each arm's sweeps (tiny shapes) call
+    the ops it names once per step."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "kept_step_split.py"
+    spec = importlib.util.spec_from_file_location("kept_step_split", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rows = [
+        {"arm": "budget0", "ops": {"grad": {"cpu_s": 2.0}, "adjoint": {"cpu_s": 8.0}}, "engine_cpu_s": 10.0},
+        {"arm": "budget0", "ops": {"grad": {"cpu_s": 4.0}, "adjoint": {"cpu_s": 9.0}}, "engine_cpu_s": 13.0},
+        {"arm": "budget0", "ops": {"grad": {"cpu_s": 3.0}, "adjoint": {"cpu_s": 7.0}}, "engine_cpu_s": 11.0},
+        {"arm": "kept", "ops": {"grad_keep": {"cpu_s": 3.3}, "adjoint_kept": {"cpu_s": 6.0}}, "engine_cpu_s": 9.3},
+    ]
+    s = mod.summarize(rows)
+    assert s["kept_over_budget0"] == pytest.approx(9.3 / 11.0)
+    assert s["grad_keep_over_grad"] == pytest.approx(1.1) and s["adjoint_kept_over_adjoint"] == pytest.approx(0.75)
+    assert s["kept_if_conv_bound"] == pytest.approx((3.0 + 8.0 * 6 / 8) / 11.0)
+    assert s["conv_floor"] == pytest.approx(9 / 11)
+    from haba_fast._ext import extension_available
+
+    if not extension_available():
+        pytest.skip("the C++ extension is not built")
+    threads = torch.get_num_threads()
+    try:
+        for arm, ops in (("budget0", {"grad", "adjoint"}), ("kept", {"grad_keep", "adjoint_kept"})):
+            r = mod.child(arm, steps=3, batch=4)
+            assert set(r["ops"]) == ops and all(v["calls"] == 3 for v in r["ops"].values())
+            assert r["engine_cpu_s"] == pytest.approx(sum(v["cpu_s"] for v in r["ops"].values()))
+    finally:
+        torch.set_num_threads(threads)
