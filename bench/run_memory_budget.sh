@@ -5,8 +5,9 @@
 #
 #   bench/run_memory_budget.sh             # rows (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / 500 / 30
 #   ROWS=a bench/run_memory_budget.sh      # only row (a) (row (b) takes many minutes per budget on 2 cores)
-#   B_BUDGETS="unlimited" ROWS=b ...       # row (b)'s budgets after 0 (default "8GB 2GB unlimited"; unlimited keeps
-#                                          # all 30 steps, ~15 GB over budget 0's ~3 GB: it needs ~18 GB free)
+#   A_BUDGETS=..., B_BUDGETS="unlimited"   # rows (a) / (b): the budgets after 0 (defaults "2GB 8GB unlimited min"
+#                                          # and "8GB 2GB unlimited"; (b) unlimited keeps all 30 steps, ~15 GB over
+#                                          # budget 0's ~3 GB: it needs ~18 GB free)
 #   FLAT=1 bench/run_memory_budget.sh      # also budgets 0 and min at syn_steps 10 and 80 (memory flat in
 #                                          # syn_steps; FLAT_BUDGETS="0 min offload", offload = budget 0 with
 #                                          # --offload-weights), FLAT_REPEATS times each (default 3), interleaved,
@@ -15,6 +16,8 @@
 #   BACKEND=torch bench/run_memory_budget.sh   # budgets above 0 on the torch backend (autograd graphs)
 #   THREADS=1 PASSES=2 bench/run_memory_budget.sh   # torch threads per process (default: torch's); rows (a)/(b)
 #                                          # repeated PASSES times (the report takes medians)
+#   WARMUP=1 ...                           # rows (a)/(b) time the iteration after one untimed one in the same
+#                                          # process (the steady state of a long run; own sections in the report)
 #   RESULTS=/tmp/r, PYTHON=...             # output folder (default bench/results), interpreter
 # On a shared machine THREADS=1 makes CPU time the work done: with 2 threads on 2 busy cores, the OpenMP threads
 # spin at barriers while their sibling is descheduled, and that spinning counts as CPU time.
@@ -43,7 +46,7 @@ run() {  # run IPC STEPS BATCH BUDGET [extra args]
   shift 4
   echo "bench memory budget: ipc=$ipc syn_steps=$steps batch_syn=$batch budget=$budget $*" >&2
   ${RUN_ENV:-} $PY -m haba_fast.cli bench iteration --engine exact --ipc "$ipc" --n-hallucinators 5 --syn-steps "$steps" \
-    --batch-syn "$batch" --warmup 0 --repeats 1 --memory-budget "$budget" --json "${THREAD_ARGS[@]}" "$@" \
+    --batch-syn "$batch" --warmup "${ROW_WARMUP:-0}" --repeats 1 --memory-budget "$budget" --json "${THREAD_ARGS[@]}" "$@" \
     | tail -1 > "$TMP.row" || {
     local offload=false
     case " $* " in *" --offload-weights "*) offload=true ;; esac
@@ -66,7 +69,7 @@ config() {  # config IPC STEPS BATCH BUDGETS...
 }
 
 for _ in $(seq "${PASSES:-1}"); do
-  case $ROWS in *a*) config 10 20 100 2GB 8GB unlimited min ;; esac
+  case $ROWS in *a*) ROW_WARMUP=${WARMUP:-0} config 10 20 100 ${A_BUDGETS:-2GB 8GB unlimited min} ;; esac
 done
 if [ "${FLAT:-0}" = 1 ]; then
   for _ in $(seq "${FLAT_REPEATS:-3}"); do
@@ -79,7 +82,7 @@ if [ "${FLAT:-0}" = 1 ]; then
   done
 fi
 for _ in $(seq "${PASSES:-1}"); do
-  case $ROWS in *b*) config 50 30 500 ${B_BUDGETS:-8GB 2GB unlimited} ;; esac
+  case $ROWS in *b*) ROW_WARMUP=${WARMUP:-0} config 50 30 500 ${B_BUDGETS:-8GB 2GB unlimited} ;; esac
 done
 
 $PY - "$TMP" "$OUT" "${APPEND:-0}" <<'PYEOF'

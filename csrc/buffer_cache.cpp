@@ -5,6 +5,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -95,7 +96,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void enter() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (scopes_.load() == 0) cap_ = cache_cap_bytes();
+    if (scopes_.load() == 0) cap_ = std::max(cache_cap_bytes(), retain_bytes_);
     scopes_.fetch_add(1, std::memory_order_acq_rel);
     ++tl_scopes;
   }
@@ -106,25 +107,56 @@ class CachingCPUAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       --tl_scopes;
       if (scopes_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      for (auto& kv : free_) drop.insert(drop.end(), kv.second.begin(), kv.second.end());
-      free_.clear();
-      free_bytes_ = 0;
+      trim_locked(retain_bytes_, &drop);
+    }
+    for (void* p : drop) c10::free_cpu(p);
+  }
+
+  // Free blocks up to `bytes` outlive the last scope (they serve the next one); `bytes` = 0 hands every free
+  // block back to the system now when no scope is alive (else when the last one ends).
+  void retain(size_t bytes) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      retain_bytes_ = bytes;
+      if (scopes_.load() == 0) trim_locked(bytes, &drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {hits_, misses_, int64_t(free_bytes_), int64_t(live_.size()), int64_t(scopes_.load())};
+    return {hits_,          misses_, int64_t(free_bytes_), int64_t(live_.size()), int64_t(scopes_.load()),
+            /*installed=*/1, int64_t(retain_bytes_)};
   }
 
  private:
+  // Keep at most `keep` bytes of free blocks (largest first: the kept steps' activations), moving the rest to
+  // `drop` (freed by the caller outside the lock). Holds mu_.
+  void trim_locked(size_t keep, std::vector<void*>* drop) {
+    std::vector<size_t> sizes;
+    for (auto& kv : free_) sizes.push_back(kv.first);
+    std::sort(sizes.rbegin(), sizes.rend());
+    size_t kept = 0;
+    for (size_t n : sizes) {
+      auto& blocks = free_[n];
+      const size_t fit = (keep - kept) / n;  // kept <= keep throughout
+      while (blocks.size() > fit) {
+        drop->push_back(blocks.back());
+        blocks.pop_back();
+      }
+      kept += n * blocks.size();
+      if (blocks.empty()) free_.erase(n);
+    }
+    free_bytes_ = kept;
+  }
+
   c10::Allocator* base_;
   std::mutex mu_;
   std::atomic<int> scopes_{0};
   std::unordered_map<size_t, std::vector<void*>> free_;  // size -> freed blocks of exactly that size
   std::unordered_map<void*, size_t> live_;               // blocks handed out by this cache -> size
-  size_t free_bytes_ = 0, cap_ = 0;
+  size_t free_bytes_ = 0, cap_ = 0, retain_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };
 
@@ -159,12 +191,19 @@ BufferCacheScope::~BufferCacheScope() {
   if (active_) installed()->leave();
 }
 
+void buffer_cache_retain(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "buffer_cache_retain: bytes must be >= 0, got ", bytes);
+  // Retaining needs the cache switched on; handing back works whenever the wrapper was installed.
+  if (bytes > 0 && !cache_enabled()) return;
+  if (bytes == 0 && g_alloc.load(std::memory_order_acquire) == nullptr) return;
+  CachingCPUAllocator* a = installed();
+  if (a != nullptr) a->retain(size_t(bytes));
+}
+
 std::vector<int64_t> buffer_cache_stats() {
   CachingCPUAllocator* a = g_alloc.load(std::memory_order_acquire);
-  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0};
-  std::vector<int64_t> s = a->stats();
-  s.push_back(1);
-  return s;
+  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0, 0};
+  return a->stats();
 }
 
 namespace {
@@ -185,6 +224,7 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("buffer_cache_stats() -> int[]", &buffer_cache_stats_op);
   m.def("buffer_cache_enter() -> ()", &buffer_cache_enter_op);
   m.def("buffer_cache_leave() -> ()", &buffer_cache_leave_op);
+  m.def("buffer_cache_retain(int bytes) -> ()", &buffer_cache_retain);
 }
 
 }  // namespace haba_fast

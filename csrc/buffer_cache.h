@@ -16,12 +16,14 @@
 // a thread inside a scope (the engine's own thread: other threads of the process never draw from the cache):
 // those come from a free list of same-size blocks, and go back to it when their tensor dies while a scope is
 // alive. When the last scope ends, the free lists are returned to the system, so memory held by the cache never
-// outlives an engine call. Blocks still in use at that point (returned tensors) are freed normally later.
-// HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096).
+// outlives an engine call -- unless the engine asked to retain some (buffer_cache_retain below: a memory budget's
+// kept steps between iterations). Blocks still in use at that point (returned tensors) are freed normally later.
+// HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096; the retained bytes when larger).
 //
-// Ops: buffer_cache_stats() (counters), and buffer_cache_enter() / buffer_cache_leave(), which hold a scope on the
-// calling thread across several op calls: the per-step ops of one unrolled sweep (Python's
-// haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of each starting empty.
+// Ops: buffer_cache_stats() (counters), buffer_cache_retain(bytes), and buffer_cache_enter() / buffer_cache_leave(),
+// which hold a scope on the calling thread across several op calls: the per-step ops of one unrolled sweep
+// (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of each starting
+// empty.
 #pragma once
 
 #include <cstdint>
@@ -41,7 +43,15 @@ class BufferCacheScope {
 };
 
 // Counters since the process started: {hits, misses, bytes kept free now, live cached blocks, scopes alive,
-// installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on)}. For tests and `haba-fast info`.
+// installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on), bytes retained}. For
+// tests and `haba-fast info`.
 std::vector<int64_t> buffer_cache_stats();
+
+// Free blocks up to `bytes` outlive the last scope, to serve the next one (the exact engine's kept steps, whose
+// blocks the next iteration allocates again: fresh pages cost a fault and a zeroing per 4 KiB, and on a VM far
+// more); while retaining, a scope may also hold that many free bytes (HABA_FAST_BUFFER_CACHE_MB or more).
+// 0 (the start) hands them back: at once when no scope is alive, else when the last one ends. Retaining is a
+// no-op while the cache is off; handing back works whenever the wrapper was installed.
+void buffer_cache_retain(int64_t bytes);
 
 }  // namespace haba_fast

@@ -112,6 +112,17 @@ def buffer_cache_scope() -> Iterator[None]:
         torch.ops.haba_fast.buffer_cache_leave()
 
 
+def buffer_cache_retain(nbytes: int) -> None:
+    """Let up to ``nbytes`` of the C++ buffer cache's free blocks outlive the last scope, so the next sweep reuses
+    them instead of faulting in fresh pages (the exact engine's kept steps between iterations); 0 hands them back
+    to the system. Nothing happens unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``) and the extension
+    has the op."""
+    if has_op("buffer_cache_retain"):
+        import torch
+
+        torch.ops.haba_fast.buffer_cache_retain(int(nbytes))
+
+
 def has_op(name: str) -> bool:
     """True when the extension is loaded and registered ``torch.ops.haba_fast.<name>``."""
     if not extension_available():

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
+from haba_fast._ext import buffer_cache_retain
 from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
@@ -1065,6 +1066,7 @@ def distill(
     finally:
         if bar is not None:
             bar.close()
+        buffer_cache_retain(0)  # the blocks the engine kept between iterations go back to the system
 
     result.iterations = distiller.iteration
     result.syn_lr = float(distiller.syn_lr.detach())

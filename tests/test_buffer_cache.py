@@ -17,6 +17,7 @@ import threading
 import pytest
 import torch
 from test_adjoint import _convnet, make_problem
+from test_distill import buffer, digits  # noqa: F401  (module fixtures reused)
 from utils import requires_ext
 
 from haba_fast._ext import has_op
@@ -27,7 +28,15 @@ pytestmark = [
     pytest.mark.skipif(not has_op("buffer_cache_stats"), reason="C++ extension without the buffer cache"),
 ]
 
-HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED = range(6)
+HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED, RETAINED = range(7)
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _nothing_retained_after():
+    """Retention is process-wide: no test leaves blocks retained for the next one."""
+    yield
+    torch.ops.haba_fast.buffer_cache_retain(0)
 
 
 def stats():
@@ -146,7 +155,7 @@ def test_off_by_default_the_allocator_is_never_replaced():
         """,
         {},
     )
-    assert out == str([0, 0, 0, 0, 0, 0]), out
+    assert out == str([0] * 7), out
 
 
 def test_cli_program_opts_in_for_its_own_process_and_main_does_not():
@@ -236,6 +245,7 @@ def test_a_sweep_of_per_step_ops_holds_one_scope(monkeypatch, budget):
     the steps reuse each other's blocks, the results are the cache-off results bit for bit, nothing is kept after."""
     from haba_fast.engines import adjoint
 
+    monkeypatch.setattr(adjoint, "_retain_kept_blocks", lambda run: None)  # retention: the next tests
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     off = _per_step_run(budget=budget)
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
@@ -267,3 +277,75 @@ def test_held_scope_is_balanced_and_leave_without_enter_raises(monkeypatch):
     assert stats()[SCOPES] == 0 and stats()[FREE_BYTES] == 0
     with pytest.raises(RuntimeError, match="no scope entered on this thread"):
         torch.ops.haba_fast.buffer_cache_leave()
+
+
+def _alloc_and_free(*mib):
+    """Inside a scope: tensors of these many MiB, written and dropped (their blocks go to the free lists)."""
+    ts = [torch.empty(m * MIB, dtype=torch.uint8).fill_(1) for m in mib]
+    del ts
+
+
+def test_retained_blocks_outlive_the_scope_and_serve_the_next_one(monkeypatch):
+    """buffer_cache_retain(n): free blocks up to n bytes (largest first) survive the last scope; the next scope draws
+    from them; retain(0) hands them back at once, or at the last leave while a scope is alive."""
+    from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    buffer_cache_retain(8 * MIB)
+    assert stats()[RETAINED] == 8 * MIB
+    with buffer_cache_scope():
+        _alloc_and_free(6, 3, 2)
+    assert stats()[FREE_BYTES] == 8 * MIB, "6 + 2 MiB fit in 8 MiB, largest first; the 3 MiB block goes back"
+    before = stats()
+    with buffer_cache_scope():
+        _alloc_and_free(6)
+    after = stats()
+    assert after[HITS] == before[HITS] + 1 and after[MISSES] == before[MISSES], "the retained block was not reused"
+    with buffer_cache_scope():  # handing back while a scope is alive waits for its end
+        buffer_cache_retain(0)
+        assert stats()[FREE_BYTES] == 8 * MIB
+    assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
+    buffer_cache_retain(5 * MIB)
+    with buffer_cache_scope():
+        _alloc_and_free(2, 2, 2)
+    assert stats()[FREE_BYTES] == 4 * MIB, "two of the three 2 MiB blocks fit in 5 MiB"
+    buffer_cache_retain(0)  # no scope alive: at once
+    assert stats()[FREE_BYTES] == 0
+    with pytest.raises(RuntimeError, match="must be >= 0"):
+        torch.ops.haba_fast.buffer_cache_retain(-1)
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    buffer_cache_retain(8 * MIB)  # the cache switched off: nothing is retained
+    assert stats()[RETAINED] == 0
+
+
+def test_kept_unrolls_reuse_the_retained_blocks_and_budget_0_hands_them_back(monkeypatch):
+    """The engine retains its kept steps' blocks between unrolls: the next unroll draws them instead of fresh pages,
+    with the cache-off results bit for bit; an unroll at budget 0 retains nothing and hands them back."""
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    off = _per_step_run(budget="unlimited")
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    s0 = stats()
+    first = _per_step_run(budget="unlimited")
+    s1 = stats()
+    second = _per_step_run(budget="unlimited")
+    s2 = stats()
+    for a, b, c in zip(off, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert 0 < s1[FREE_BYTES] <= s1[RETAINED]
+    assert s2[MISSES] - s1[MISSES] < s1[MISSES] - s0[MISSES], "the second unroll did not draw the retained blocks"
+    _per_step_run(budget=0)
+    assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
+
+
+def test_a_distill_run_hands_the_retained_blocks_back_at_its_end(monkeypatch, digits, buffer):  # noqa: F811
+    """haba_fast.distill.distill: retention set by the engine during the run, handed back when the run ends."""
+    from test_distill import _cfg
+
+    from haba_fast.distill import distill
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    during = []
+    distill(_cfg(engine="exact", memory_budget="unlimited", iterations=2), digits, buffer, progress=False,
+            evaluate=False, log=lambda m: None, on_iteration=lambda d, m: during.append(stats()[RETAINED]))
+    assert len(during) == 2 and all(r > 0 for r in during)
+    assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from haba_fast._ext import buffer_cache_scope
+from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, normalized_distance
@@ -435,12 +435,26 @@ class _CheckpointedWeights:
         self.segment, self.cur = {}, None
 
 
+def _cached_sweeps(run: "_Run") -> bool:
+    """Whether the sweeps run the C++ per-step ops on CPU tensors, which draw from the C++ buffer cache."""
+    return isinstance(run.step, _CppStep) and run.w_start.device.type == "cpu"
+
+
 def _sweep_buffers(run: "_Run"):
     """The C++ buffer cache held for a whole sweep of the C++ per-step ops on CPU tensors (their steps allocate the
     same large blocks: a held scope reuses them across steps instead of per op call), else nothing."""
-    if isinstance(run.step, _CppStep) and run.w_start.device.type == "cpu":
-        return buffer_cache_scope()
-    return contextlib.nullcontext()
+    return buffer_cache_scope() if _cached_sweeps(run) else contextlib.nullcontext()
+
+
+def _retain_kept_blocks(run: "_Run") -> None:
+    """Before the backward sweep of the C++ ops on CPU: let the blocks of the kept steps (and two steps' more for
+    the step's own buffers) outlive the sweep, so the next unroll's forward sweep reuses them instead of faulting
+    in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget 0 keeps no step and
+    retains nothing (which also hands back what an earlier kept unroll retained). ``Distiller``'s run hands the
+    blocks back at its end (``buffer_cache_retain(0)``)."""
+    if _cached_sweeps(run):
+        stored = int(run.stats.get("stored_steps", 0))
+        buffer_cache_retain((stored + 2) * int(run.stats.get("per_step_bytes", 0)) if stored else 0)
 
 
 class _Unroll(torch.autograd.Function):
@@ -459,6 +473,7 @@ class _Unroll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
+        _retain_kept_blocks(ctx.run)
         with _sweep_buffers(ctx.run):
             return _Unroll._backward(ctx, grad_loss)
 
