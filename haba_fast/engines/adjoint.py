@@ -447,14 +447,13 @@ def _sweep_buffers(run: "_Run"):
 
 
 def _retain_kept_blocks(run: "_Run") -> None:
-    """Before the backward sweep of the C++ ops on CPU: let the blocks of the kept steps (and two steps' more for
-    the step's own buffers) outlive the sweep, so the next unroll's forward sweep reuses them instead of faulting
-    in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget 0 keeps no step and
-    retains nothing (which also hands back what an earlier kept unroll retained). ``Distiller``'s run hands the
-    blocks back at its end (``buffer_cache_retain(0)``)."""
+    """Before the backward sweep of the C++ ops on CPU: let as many bytes as the kept steps hold outlive the sweep
+    (the largest free blocks: the kept activations' sizes), so the next unroll's forward sweep reuses them instead
+    of faulting in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget 0 keeps no
+    step and retains nothing (which also hands back what an earlier kept unroll retained). ``distill()`` hands the
+    blocks back when its run ends (``buffer_cache_retain(0)``)."""
     if _cached_sweeps(run):
-        stored = int(run.stats.get("stored_steps", 0))
-        buffer_cache_retain((stored + 2) * int(run.stats.get("per_step_bytes", 0)) if stored else 0)
+        buffer_cache_retain(int(run.stats.get("stored_steps", 0)) * int(run.stats.get("per_step_bytes", 0)))
 
 
 class _Unroll(torch.autograd.Function):
