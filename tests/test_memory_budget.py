@@ -511,3 +511,16 @@ def test_kept_step_split_bench():
             assert r["engine_cpu_s"] == pytest.approx(sum(v["cpu_s"] for v in r["ops"].values()))
     finally:
         torch.set_num_threads(threads)
+
+
+def test_first_touch_bench_times_every_block():
+    """bench/first_touch.py: one CPU-time entry per block of a pass, each block written (the first touch)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "first_touch.py"
+    spec = importlib.util.spec_from_file_location("first_touch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seconds = mod.touch_pass(1 << 20, 3)
+    assert len(seconds) == 3 and all(s >= 0 for s in seconds)
