@@ -5,9 +5,9 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -107,19 +107,25 @@ class CachingCPUAllocator final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mu_);
       --tl_scopes;
       if (scopes_.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-      trim_locked(retain_bytes_, &drop);
+      trim_locked(&drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
 
-  // Free blocks up to `bytes` outlive the last scope (they serve the next one); `bytes` = 0 hands every free
-  // block back to the system now when no scope is alive (else when the last one ends).
-  void retain(size_t bytes) {
+  // Free blocks of these sizes (a multiset: one entry per block) outlive the last scope and serve the next one;
+  // the empty list hands every free block back to the system, now when no scope is alive (else when the last
+  // one ends).
+  void retain(const std::vector<size_t>& sizes) {
     std::vector<void*> drop;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      retain_bytes_ = bytes;
-      if (scopes_.load() == 0) trim_locked(bytes, &drop);
+      retain_counts_.clear();
+      retain_bytes_ = 0;
+      for (size_t n : sizes) {
+        ++retain_counts_[n];
+        retain_bytes_ += n;
+      }
+      if (scopes_.load() == 0) trim_locked(&drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
@@ -131,22 +137,20 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
  private:
-  // Keep at most `keep` bytes of free blocks (largest first: the kept steps' activations), moving the rest to
-  // `drop` (freed by the caller outside the lock). Holds mu_.
-  void trim_locked(size_t keep, std::vector<void*>* drop) {
-    std::vector<size_t> sizes;
-    for (auto& kv : free_) sizes.push_back(kv.first);
-    std::sort(sizes.rbegin(), sizes.rend());
+  // Keep, of each size, at most as many free blocks as retained; move the rest to `drop` (freed by the caller
+  // outside the lock). Holds mu_.
+  void trim_locked(std::vector<void*>* drop) {
     size_t kept = 0;
-    for (size_t n : sizes) {
-      auto& blocks = free_[n];
-      const size_t fit = (keep - kept) / n;  // kept <= keep throughout
+    for (auto it = free_.begin(); it != free_.end();) {
+      auto want = retain_counts_.find(it->first);
+      const size_t fit = want == retain_counts_.end() ? 0 : want->second;
+      auto& blocks = it->second;
       while (blocks.size() > fit) {
         drop->push_back(blocks.back());
         blocks.pop_back();
       }
-      kept += n * blocks.size();
-      if (blocks.empty()) free_.erase(n);
+      kept += it->first * blocks.size();
+      it = blocks.empty() ? free_.erase(it) : std::next(it);
     }
     free_bytes_ = kept;
   }
@@ -156,6 +160,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::atomic<int> scopes_{0};
   std::unordered_map<size_t, std::vector<void*>> free_;  // size -> freed blocks of exactly that size
   std::unordered_map<void*, size_t> live_;               // blocks handed out by this cache -> size
+  std::unordered_map<size_t, size_t> retain_counts_;     // size -> free blocks of that size to keep past a scope
   size_t free_bytes_ = 0, cap_ = 0, retain_bytes_ = 0;
   int64_t hits_ = 0, misses_ = 0;
 };
@@ -191,13 +196,17 @@ BufferCacheScope::~BufferCacheScope() {
   if (active_) installed()->leave();
 }
 
-void buffer_cache_retain(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "buffer_cache_retain: bytes must be >= 0, got ", bytes);
+void buffer_cache_retain(const std::vector<int64_t>& sizes) {
+  std::vector<size_t> blocks;
+  for (int64_t n : sizes) {
+    TORCH_CHECK(n >= 0, "buffer_cache_retain: block sizes must be >= 0, got ", n);
+    if (size_t(n) >= kMinCachedBytes) blocks.push_back(size_t(n));  // smaller blocks never enter the cache
+  }
   // Retaining needs the cache switched on; handing back works whenever the wrapper was installed.
-  if (bytes > 0 && !cache_enabled()) return;
-  if (bytes == 0 && g_alloc.load(std::memory_order_acquire) == nullptr) return;
+  if (!blocks.empty() && !cache_enabled()) return;
+  if (blocks.empty() && g_alloc.load(std::memory_order_acquire) == nullptr) return;
   CachingCPUAllocator* a = installed();
-  if (a != nullptr) a->retain(size_t(bytes));
+  if (a != nullptr) a->retain(blocks);
 }
 
 std::vector<int64_t> buffer_cache_stats() {
@@ -208,6 +217,8 @@ std::vector<int64_t> buffer_cache_stats() {
 
 namespace {
 std::vector<int64_t> buffer_cache_stats_op() { return buffer_cache_stats(); }
+
+void buffer_cache_retain_op(c10::IntArrayRef sizes) { buffer_cache_retain(sizes.vec()); }
 
 // Scopes held from Python across several op calls (a whole unrolled sweep of per-step ops), innermost last.
 thread_local std::vector<std::unique_ptr<BufferCacheScope>> tl_held;
@@ -224,7 +235,7 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("buffer_cache_stats() -> int[]", &buffer_cache_stats_op);
   m.def("buffer_cache_enter() -> ()", &buffer_cache_enter_op);
   m.def("buffer_cache_leave() -> ()", &buffer_cache_leave_op);
-  m.def("buffer_cache_retain(int bytes) -> ()", &buffer_cache_retain);
+  m.def("buffer_cache_retain(int[] sizes) -> ()", &buffer_cache_retain_op);
 }
 
 }  // namespace haba_fast

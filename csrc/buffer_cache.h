@@ -20,7 +20,7 @@
 // kept steps between iterations). Blocks still in use at that point (returned tensors) are freed normally later.
 // HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096; the retained bytes when larger).
 //
-// Ops: buffer_cache_stats() (counters), buffer_cache_retain(bytes), and buffer_cache_enter() / buffer_cache_leave(),
+// Ops: buffer_cache_stats() (counters), buffer_cache_retain(sizes), and buffer_cache_enter() / buffer_cache_leave(),
 // which hold a scope on the calling thread across several op calls: the per-step ops of one unrolled sweep
 // (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of each starting
 // empty.
@@ -47,11 +47,12 @@ class BufferCacheScope {
 // tests and `haba-fast info`.
 std::vector<int64_t> buffer_cache_stats();
 
-// Free blocks up to `bytes` outlive the last scope, to serve the next one (the exact engine's kept steps, whose
-// blocks the next iteration allocates again: fresh pages cost a fault and a zeroing per 4 KiB, and on a VM far
-// more); while retaining, a scope may also hold that many free bytes (HABA_FAST_BUFFER_CACHE_MB or more).
-// 0 (the start) hands them back: at once when no scope is alive, else when the last one ends. Retaining is a
-// no-op while the cache is off; handing back works whenever the wrapper was installed.
-void buffer_cache_retain(int64_t bytes);
+// Free blocks of these sizes (a multiset, one entry per block; blocks under 1 MiB are never cached and are
+// ignored) outlive the last scope, to serve the next one: the exact engine's kept steps, whose blocks the next
+// iteration allocates again (fresh pages cost a fault and a zeroing per 4 KiB, and on a VM far more). While
+// retaining, a scope may also hold that many free bytes (HABA_FAST_BUFFER_CACHE_MB or more). The empty list (the
+// start) hands them back: at once when no scope is alive, else when the last one ends. Retaining is a no-op while
+// the cache is off; handing back works whenever the wrapper was installed.
+void buffer_cache_retain(const std::vector<int64_t>& sizes);
 
 }  // namespace haba_fast

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 _load_error: Optional[str] = None
 
@@ -112,15 +112,15 @@ def buffer_cache_scope() -> Iterator[None]:
         torch.ops.haba_fast.buffer_cache_leave()
 
 
-def buffer_cache_retain(nbytes: int) -> None:
-    """Let up to ``nbytes`` of the C++ buffer cache's free blocks outlive the last scope, so the next sweep reuses
-    them instead of faulting in fresh pages (the exact engine's kept steps between iterations); 0 hands them back
-    to the system. Nothing happens unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``) and the extension
-    has the op."""
+def buffer_cache_retain(sizes: Sequence[int] = ()) -> None:
+    """Let free blocks of these byte sizes (one entry per block) in the C++ buffer cache outlive the last scope, so
+    the next sweep reuses them instead of faulting in fresh pages (the exact engine's kept steps between
+    iterations); no sizes hands them back to the system. Nothing happens unless the cache is switched on
+    (``HABA_FAST_BUFFER_CACHE=1``) and the extension has the op."""
     if has_op("buffer_cache_retain"):
         import torch
 
-        torch.ops.haba_fast.buffer_cache_retain(int(nbytes))
+        torch.ops.haba_fast.buffer_cache_retain([int(n) for n in sizes])
 
 
 def has_op(name: str) -> bool:

@@ -1066,7 +1066,7 @@ def distill(
     finally:
         if bar is not None:
             bar.close()
-        buffer_cache_retain(0)  # the blocks the engine kept between iterations go back to the system
+        buffer_cache_retain()  # the blocks the engine kept between iterations go back to the system
 
     result.iterations = distiller.iteration
     result.syn_lr = float(distiller.syn_lr.detach())

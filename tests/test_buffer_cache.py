@@ -36,7 +36,7 @@ MIB = 1 << 20
 def _nothing_retained_after():
     """Retention is process-wide: no test leaves blocks retained for the next one."""
     yield
-    torch.ops.haba_fast.buffer_cache_retain(0)
+    torch.ops.haba_fast.buffer_cache_retain([])
 
 
 def stats():
@@ -286,35 +286,36 @@ def _alloc_and_free(*mib):
 
 
 def test_retained_blocks_outlive_the_scope_and_serve_the_next_one(monkeypatch):
-    """buffer_cache_retain(n): free blocks up to n bytes (largest first) survive the last scope; the next scope draws
-    from them; retain(0) hands them back at once, or at the last leave while a scope is alive."""
+    """buffer_cache_retain(sizes): free blocks of those sizes (a multiset) survive the last scope, the others go
+    back; the next scope draws from them; no sizes hands them back at once, or at the last leave while a scope is
+    alive; blocks under the cache's 1 MiB threshold are ignored."""
     from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
 
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
-    buffer_cache_retain(8 * MIB)
+    buffer_cache_retain([6 * MIB, 2 * MIB, 1000])
     assert stats()[RETAINED] == 8 * MIB
     with buffer_cache_scope():
-        _alloc_and_free(6, 3, 2)
-    assert stats()[FREE_BYTES] == 8 * MIB, "6 + 2 MiB fit in 8 MiB, largest first; the 3 MiB block goes back"
+        _alloc_and_free(6, 3, 2, 2)
+    assert stats()[FREE_BYTES] == 8 * MIB, "one 6 MiB and one 2 MiB block are retained; 3 MiB and the second 2 go"
     before = stats()
     with buffer_cache_scope():
         _alloc_and_free(6)
     after = stats()
     assert after[HITS] == before[HITS] + 1 and after[MISSES] == before[MISSES], "the retained block was not reused"
     with buffer_cache_scope():  # handing back while a scope is alive waits for its end
-        buffer_cache_retain(0)
+        buffer_cache_retain()
         assert stats()[FREE_BYTES] == 8 * MIB
     assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
-    buffer_cache_retain(5 * MIB)
+    buffer_cache_retain([2 * MIB] * 2)
     with buffer_cache_scope():
         _alloc_and_free(2, 2, 2)
-    assert stats()[FREE_BYTES] == 4 * MIB, "two of the three 2 MiB blocks fit in 5 MiB"
-    buffer_cache_retain(0)  # no scope alive: at once
+    assert stats()[FREE_BYTES] == 4 * MIB, "two of the three 2 MiB blocks are retained"
+    buffer_cache_retain([])  # no scope alive: at once
     assert stats()[FREE_BYTES] == 0
     with pytest.raises(RuntimeError, match="must be >= 0"):
-        torch.ops.haba_fast.buffer_cache_retain(-1)
+        torch.ops.haba_fast.buffer_cache_retain([-1])
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
-    buffer_cache_retain(8 * MIB)  # the cache switched off: nothing is retained
+    buffer_cache_retain([8 * MIB])  # the cache switched off: nothing is retained
     assert stats()[RETAINED] == 0
 
 
@@ -338,14 +339,26 @@ def test_kept_unrolls_reuse_the_retained_blocks_and_budget_0_hands_them_back(mon
 
 
 def test_a_distill_run_hands_the_retained_blocks_back_at_its_end(monkeypatch, digits, buffer):  # noqa: F811
-    """haba_fast.distill.distill: retention set by the engine during the run, handed back when the run ends."""
+    """haba_fast.distill.distill: each kept unroll asks to retain its kept steps' block sizes, and the run hands
+    them back when it ends (digits' blocks are under the cache's threshold: the calls are what is checked)."""
     from test_distill import _cfg
 
-    from haba_fast.distill import distill
+    from haba_fast import _ext
+    from haba_fast import distill as distill_mod
+    from haba_fast.engines import adjoint
 
+    calls = []
+
+    def recording(sizes=()):
+        calls.append(list(sizes))
+        _ext.buffer_cache_retain(sizes)
+
+    monkeypatch.setattr(adjoint, "buffer_cache_retain", recording)
+    monkeypatch.setattr(distill_mod, "buffer_cache_retain", recording)
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
-    during = []
-    distill(_cfg(engine="exact", memory_budget="unlimited", iterations=2), digits, buffer, progress=False,
-            evaluate=False, log=lambda m: None, on_iteration=lambda d, m: during.append(stats()[RETAINED]))
-    assert len(during) == 2 and all(r > 0 for r in during)
+    cfg = _cfg(engine="exact", memory_budget="unlimited", iterations=2)
+    distill_mod.distill(cfg, digits, buffer, progress=False, evaluate=False, log=lambda m: None)
+    assert len(calls) == 3 and calls[-1] == [], calls
+    for sizes in calls[:2]:  # every kept step's storages, syn_steps kept steps
+        assert sizes and len(sizes) % cfg.syn_steps == 0 and all(n > 0 for n in sizes)
     assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0

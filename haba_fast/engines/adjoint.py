@@ -203,9 +203,10 @@ class _TorchStep:
         return graph[2].detach(), graph
 
     @staticmethod
-    def kept_bytes(kept) -> int:
-        """Bytes of a kept step outside autograd's saved tensors (none: the graph is all saved tensors)."""
-        return 0
+    def kept_sizes(kept) -> list[int]:
+        """Byte sizes of a kept step's storages outside autograd's saved tensors (none: the graph is all saved
+        tensors)."""
+        return []
 
     def graph(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(w leaf, x leaf, g with its create-graph graph): what a kept step stores."""
@@ -259,10 +260,10 @@ class _CppStep:
         return g, tuple(kept)
 
     @staticmethod
-    def kept_bytes(kept) -> int:
-        """Bytes of the distinct storages of a kept step's tensors."""
+    def kept_sizes(kept) -> list[int]:
+        """Byte sizes of the distinct storages of a kept step's tensors."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept if t.numel()}
-        return int(sum(storages.values()))
+        return [int(n) for n in storages.values()]
 
     def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
         if kept is None:
@@ -274,22 +275,23 @@ class _CppStep:
         return g_dot_lam, (hw if want_hw else None), hx
 
 
-def _saved_bytes(fn, exclude: set[int]):
-    """Run ``fn()`` and count the bytes of the distinct storages autograd saves for backward (not in ``exclude``)."""
+def _saved_sizes(fn, exclude: set[int]):
+    """Run ``fn()`` and list the byte sizes of the distinct storages autograd saves for backward (not in
+    ``exclude``)."""
     seen: set[int] = set()
-    total = [0]
+    sizes: list[int] = []
 
     def pack(t: Tensor) -> Tensor:
         st = t.untyped_storage()
         key = st.data_ptr()
         if key not in seen and key not in exclude:
             seen.add(key)
-            total[0] += st.nbytes()
+            sizes.append(int(st.nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return out, total[0]
+    return out, sizes
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -447,13 +449,13 @@ def _sweep_buffers(run: "_Run"):
 
 
 def _retain_kept_blocks(run: "_Run") -> None:
-    """Before the backward sweep of the C++ ops on CPU: let as many bytes as the kept steps hold outlive the sweep
-    (the largest free blocks: the kept activations' sizes), so the next unroll's forward sweep reuses them instead
-    of faulting in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget 0 keeps no
-    step and retains nothing (which also hands back what an earlier kept unroll retained). ``distill()`` hands the
-    blocks back when its run ends (``buffer_cache_retain(0)``)."""
+    """Before the backward sweep of the C++ ops on CPU: let blocks of the kept steps' sizes (one kept step's
+    storages x the kept steps) outlive the sweep, so the next unroll's forward sweep takes its kept tensors from
+    them instead of faulting in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget
+    0 keeps no step and retains nothing (which also hands back what an earlier kept unroll retained).
+    ``distill()`` hands the blocks back when its run ends (``buffer_cache_retain([])``)."""
     if _cached_sweeps(run):
-        buffer_cache_retain(int(run.stats.get("stored_steps", 0)) * int(run.stats.get("per_step_bytes", 0)))
+        buffer_cache_retain(run.kept_block_sizes * int(run.stats.get("stored_steps", 0)))
 
 
 class _Unroll(torch.autograd.Function):
@@ -501,10 +503,12 @@ class _Unroll(torch.autograd.Function):
                         x, y = src.batch(0)
                     return step.keep(traj.current(0), x, y), x, y
 
-                ((g, graph), x, y), per_step = _saved_bytes(first_step, exclude)
-                per_step += step.kept_bytes(graph)
+                ((g, graph), x, y), sizes = _saved_sizes(first_step, exclude)
+                sizes += step.kept_sizes(graph)
+                per_step = sum(sizes)
                 k = keep_last(n, per_step, budget)
                 run.stats.update(per_step_bytes=per_step, stored_steps=k)
+                run.kept_block_sizes = sizes
                 if n - k == 0:
                     kept[0] = (graph, x, y)
                 del graph, x
@@ -596,6 +600,7 @@ class _Run:
         if checkpoint and offload:
             raise ValueError(OFFLOAD_WITH_MIN)
         self.stats: dict = {}
+        self.kept_block_sizes: list[int] = []  # byte sizes of one kept step's storages (measured on step 0)
         # Per-step hooks (e.g. a cross-process reduction): g -> g in the forward sweep,
         # (<g, lam>, h_w, h_x) -> same in the backward sweep. Empty by default.
         self.grad_hooks: list = []
