@@ -36,6 +36,7 @@ def touch_pass(block_bytes: int, blocks: int) -> list[float]:
 def main() -> None:
     import torch
 
+    from haba_fast.io import atomic_write_text
     from haba_fast.timing import environment
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -65,9 +66,7 @@ def main() -> None:
         "passes": passes,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, args.json)
+    atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch)))
         return
+    from haba_fast.io import atomic_write_text
     from haba_fast.timing import environment
 
     rows = []
@@ -149,9 +150,7 @@ def main() -> None:
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.json).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, args.json)
+    atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
     print(json.dumps(summary, indent=1))
 
 

@@ -580,6 +580,11 @@ other); the verdicts take medians.
 """
 
 
+def _first_cpu_s(row):
+    """CPU seconds of a row's first (warm-up) iteration: a fresh process's first iteration; None without one."""
+    return (row.get("warmup_cpu_s") or [None])[0]
+
+
 def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[str]:
     """One configuration's rows of one kind: the first iteration of a fresh process (``warm`` False: rows without
     warm-up, as every row before the key existed), or an iteration after warm-up ones (the steady state)."""
@@ -607,7 +612,7 @@ def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[
             lines.append(f"| {r.get('memory_budget')} | | | | | | failed | |{blank} | | {r.get('note', '')} |")
             continue
         note = ("*superseded*: " if r.get("superseded") else "") + (r.get("note") or "")
-        first_cpu = f" {_fmt((r.get('warmup_cpu_s') or [None])[0], '.1f')} |" if warm else ""
+        first_cpu = f" {_fmt(_first_cpu_s(r), '.1f')} |" if warm else ""
         lines.append(
             f"| {r.get('memory_budget')} | {r.get('engine_backend')} | {r.get('threads', '-')} | "
             f"{r.get('stored_steps')} | "
@@ -648,7 +653,7 @@ def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[
             f"runs): CPU **{cpu:.2f}x**, wall {ratio:.2f}x (target <= 0.75x in CPU time) -> "
             f"{'met' if cpu <= 0.75 else 'NOT met'}"
         )
-        firsts = [[(r.get("warmup_cpu_s") or [None])[0] for r in rs_] for rs_ in (bigs, bases)]
+        firsts = [[_first_cpu_s(r) for r in rs_] for rs_ in (bigs, bases)]
         if warm and all(None not in f for f in firsts):
             lines.append(
                 f"- the same processes' first iterations (nothing retained yet): CPU "
