@@ -96,7 +96,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void enter() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (scopes_.load() == 0) cap_ = std::max(cache_cap_bytes(), retain_bytes_);
+    if (scopes_.load() == 0) cap_ = cache_cap_bytes() + retain_bytes_;
     scopes_.fetch_add(1, std::memory_order_acq_rel);
     ++tl_scopes;
   }
@@ -125,21 +125,41 @@ class CachingCPUAllocator final : public c10::Allocator {
         ++retain_counts_[n];
         retain_bytes_ += n;
       }
+      cap_ = cache_cap_bytes() + retain_bytes_;
       if (scopes_.load() == 0) trim_locked(&drop);
+    }
+    for (void* p : drop) c10::free_cpu(p);
+  }
+
+  // While held, every free block outlives the last scope (the cap still bounds what a scope keeps free); releasing
+  // the hold trims to the retained sizes, now when no scope is alive (else when the last one ends).
+  void hold(bool on) {
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      hold_ = on;
+      if (!on && scopes_.load() == 0) trim_locked(&drop);
     }
     for (void* p : drop) c10::free_cpu(p);
   }
 
   std::vector<int64_t> stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {hits_,          misses_, int64_t(free_bytes_), int64_t(live_.size()), int64_t(scopes_.load()),
-            /*installed=*/1, int64_t(retain_bytes_)};
+    return {hits_,
+            misses_,
+            int64_t(free_bytes_),
+            int64_t(live_.size()),
+            int64_t(scopes_.load()),
+            /*installed=*/1,
+            int64_t(retain_bytes_),
+            int64_t(hold_)};
   }
 
  private:
-  // Keep, of each size, at most as many free blocks as retained; move the rest to `drop` (freed by the caller
-  // outside the lock). Holds mu_.
+  // Keep, of each size, at most as many free blocks as retained (all of them while held); move the rest to `drop`
+  // (freed by the caller outside the lock). Holds mu_.
   void trim_locked(std::vector<void*>* drop) {
+    if (hold_) return;
     size_t kept = 0;
     for (auto it = free_.begin(); it != free_.end();) {
       auto want = retain_counts_.find(it->first);
@@ -162,6 +182,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::unordered_map<void*, size_t> live_;               // blocks handed out by this cache -> size
   std::unordered_map<size_t, size_t> retain_counts_;     // size -> free blocks of that size to keep past a scope
   size_t free_bytes_ = 0, cap_ = 0, retain_bytes_ = 0;
+  bool hold_ = false;
   int64_t hits_ = 0, misses_ = 0;
 };
 
@@ -209,9 +230,17 @@ void buffer_cache_retain(const std::vector<int64_t>& sizes) {
   if (a != nullptr) a->retain(blocks);
 }
 
+void buffer_cache_hold(bool on) {
+  // Holding needs the cache switched on; releasing works whenever the wrapper was installed.
+  if (on && !cache_enabled()) return;
+  if (!on && g_alloc.load(std::memory_order_acquire) == nullptr) return;
+  CachingCPUAllocator* a = installed();
+  if (a != nullptr) a->hold(on);
+}
+
 std::vector<int64_t> buffer_cache_stats() {
   CachingCPUAllocator* a = g_alloc.load(std::memory_order_acquire);
-  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0, 0};
+  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0, 0, 0};
   return a->stats();
 }
 
@@ -219,6 +248,8 @@ namespace {
 std::vector<int64_t> buffer_cache_stats_op() { return buffer_cache_stats(); }
 
 void buffer_cache_retain_op(c10::IntArrayRef sizes) { buffer_cache_retain(sizes.vec()); }
+
+void buffer_cache_hold_op(bool on) { buffer_cache_hold(on); }
 
 // Scopes held from Python across several op calls (a whole unrolled sweep of per-step ops), innermost last.
 thread_local std::vector<std::unique_ptr<BufferCacheScope>> tl_held;
@@ -236,6 +267,7 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("buffer_cache_enter() -> ()", &buffer_cache_enter_op);
   m.def("buffer_cache_leave() -> ()", &buffer_cache_leave_op);
   m.def("buffer_cache_retain(int[] sizes) -> ()", &buffer_cache_retain_op);
+  m.def("buffer_cache_hold(bool on) -> ()", &buffer_cache_hold_op);
 }
 
 }  // namespace haba_fast

@@ -17,13 +17,14 @@
 // those come from a free list of same-size blocks, and go back to it when their tensor dies while a scope is
 // alive. When the last scope ends, the free lists are returned to the system, so memory held by the cache never
 // outlives an engine call -- unless the engine asked to retain some (buffer_cache_retain below: a memory budget's
-// kept steps between iterations). Blocks still in use at that point (returned tensors) are freed normally later.
-// HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096; the retained bytes when larger).
+// kept steps between iterations) or a run holds them all (buffer_cache_hold: distill() between its sweeps and
+// iterations). Blocks still in use at that point (returned tensors) are freed normally later.
+// HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096) beyond the retained bytes.
 //
-// Ops: buffer_cache_stats() (counters), buffer_cache_retain(sizes), and buffer_cache_enter() / buffer_cache_leave(),
-// which hold a scope on the calling thread across several op calls: the per-step ops of one unrolled sweep
-// (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of each starting
-// empty.
+// Ops: buffer_cache_stats() (counters), buffer_cache_retain(sizes), buffer_cache_hold(on), and buffer_cache_enter()
+// / buffer_cache_leave(), which hold a scope on the calling thread across several op calls: the per-step ops of one
+// unrolled sweep (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of
+// each starting empty.
 #pragma once
 
 #include <cstdint>
@@ -43,16 +44,23 @@ class BufferCacheScope {
 };
 
 // Counters since the process started: {hits, misses, bytes kept free now, live cached blocks, scopes alive,
-// installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on), bytes retained}. For
-// tests and `haba-fast info`.
+// installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on), bytes retained, held
+// (0/1)}. For tests and `haba-fast info`.
 std::vector<int64_t> buffer_cache_stats();
 
 // Free blocks of these sizes (a multiset, one entry per block; blocks under 1 MiB are never cached and are
 // ignored) outlive the last scope, to serve the next one: the exact engine's kept steps, whose blocks the next
 // iteration allocates again (fresh pages cost a fault and a zeroing per 4 KiB, and on a VM far more). While
-// retaining, a scope may also hold that many free bytes (HABA_FAST_BUFFER_CACHE_MB or more). The empty list (the
+// retaining, a scope may also hold that many more free bytes (beyond HABA_FAST_BUFFER_CACHE_MB). The empty list (the
 // start) hands them back: at once when no scope is alive, else when the last one ends. Retaining is a no-op while
 // the cache is off; handing back works whenever the wrapper was installed.
 void buffer_cache_retain(const std::vector<int64_t>& sizes);
+
+// While held, every free block outlives the last scope and serves the next one: a run's sweeps and iterations
+// allocate the same blocks again, and between two sweeps the pages would otherwise go back to the system (a VM
+// that hands freed guest pages to its host charges up to ~30 us per 4 KiB page to touch them again). The free
+// bytes stay capped (HABA_FAST_BUFFER_CACHE_MB beyond the retained bytes). Releasing the hold trims to the
+// retained sizes. Holding is a no-op while the cache is off.
+void buffer_cache_hold(bool on);
 
 }  // namespace haba_fast

@@ -123,6 +123,43 @@ def buffer_cache_retain(sizes: Sequence[int] = ()) -> None:
         torch.ops.haba_fast.buffer_cache_retain([int(n) for n in sizes])
 
 
+def buffer_cache_hold(on: bool) -> None:
+    """While held, every free block of the C++ buffer cache outlives the last scope and serves the next scope
+    (capped by ``HABA_FAST_BUFFER_CACHE_MB`` beyond the retained blocks); releasing it trims to the retained
+    sizes. Nothing happens unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``) and the extension has
+    the op."""
+    if has_op("buffer_cache_hold"):
+        import torch
+
+        torch.ops.haba_fast.buffer_cache_hold(bool(on))
+
+
+def buffer_cache_is_held() -> bool:
+    """Whether the C++ buffer cache is switched on and held now (``buffer_cache_hold``)."""
+    if not has_op("buffer_cache_stats"):
+        return False
+    import torch
+
+    stats = list(torch.ops.haba_fast.buffer_cache_stats())
+    return len(stats) > 7 and bool(stats[7])
+
+
+@contextlib.contextmanager
+def buffer_cache_held() -> Iterator[None]:
+    """Hold the C++ buffer cache's free blocks for a run of iterations (``distill()``, ``bench iteration``, each
+    step inside a ``buffer_cache_scope()``, so that all its large blocks on this thread come from the cache): every
+    iteration allocates the same blocks again, so from the second one on the step works in resident pages instead
+    of faulting fresh ones in (a fault and a page zeroing per 4 KiB; on a VM that hands freed guest pages back to
+    its host, up to ~30 us each: bench/first_touch.py). At the end every block, the retained ones included, goes
+    back to the system."""
+    buffer_cache_hold(True)
+    try:
+        yield
+    finally:
+        buffer_cache_hold(False)
+        buffer_cache_retain()
+
+
 def has_op(name: str) -> bool:
     """True when the extension is loaded and registered ``torch.ops.haba_fast.<name>``."""
     if not extension_available():

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
-from haba_fast._ext import buffer_cache_retain
+from haba_fast._ext import buffer_cache_held, buffer_cache_scope
 from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
@@ -1028,45 +1028,46 @@ def distill(
             dynamic_ncols=True,
         )
     try:
-        while distiller.iteration < cfg.iterations:
-            m = _guarded_step(distiller, ckpt, history, log)
-            result.history.append(m)
-            if history is not None:
-                history.append(m)
-            if bar is not None:
-                bar.update(1)
-                if "loss" in m:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
-            it = distiller.iteration
-            if it in eval_its:
-                ev = _evaluate(distiller, dataset, cfg, distiller.eval_generator)
-                result.evaluations.append(ev)
-                acc = max(v["mean"] for k, v in ev.items() if isinstance(v, dict))
-                say = bar.write if (bar is not None and log is print) else log  # keep the bar intact
-                say(
-                    "iteration {}: ".format(it)
-                    + ", ".join(
-                        f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}"
-                        for k, v in ev.items()
-                        if isinstance(v, dict)
+        with buffer_cache_held():  # a step's large blocks serve every later step, then go back at the end
+            while distiller.iteration < cfg.iterations:
+                with buffer_cache_scope():  # the whole step draws from the held cache (not the evaluation)
+                    m = _guarded_step(distiller, ckpt, history, log)
+                result.history.append(m)
+                if history is not None:
+                    history.append(m)
+                if bar is not None:
+                    bar.update(1)
+                    if "loss" in m:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
+                it = distiller.iteration
+                if it in eval_its:
+                    ev = _evaluate(distiller, dataset, cfg, distiller.eval_generator)
+                    result.evaluations.append(ev)
+                    acc = max(v["mean"] for k, v in ev.items() if isinstance(v, dict))
+                    say = bar.write if (bar is not None and log is print) else log  # keep the bar intact
+                    say(
+                        "iteration {}: ".format(it)
+                        + ", ".join(
+                            f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}"
+                            for k, v in ev.items()
+                            if isinstance(v, dict)
+                        )
                     )
-                )
-                if out is not None and acc > best:
-                    best = acc
-                    with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
-                        meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
-                        distiller.synthetic.save(out / "synthetic_best.pt", meta)
-                        ckpt_mod.save_reference(distiller, out / "reference", "best")
-            # No checkpoint inside a run of bad steps: a resume must start from a state that stepped well.
-            due = it % every == 0 or it == cfg.iterations
-            if out is not None and due and distiller.bad_steps == 0:
-                result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
-            if on_iteration is not None:  # last: a callback that raises leaves this iteration's checkpoint written
-                on_iteration(distiller, m)
+                    if out is not None and acc > best:
+                        best = acc
+                        with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
+                            meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
+                            distiller.synthetic.save(out / "synthetic_best.pt", meta)
+                            ckpt_mod.save_reference(distiller, out / "reference", "best")
+                # No checkpoint inside a run of bad steps: a resume must start from a state that stepped well.
+                due = it % every == 0 or it == cfg.iterations
+                if out is not None and due and distiller.bad_steps == 0:
+                    result.checkpoint = ckpt_mod.save_checkpoint(distiller, out, dataset, inputs=inputs)
+                if on_iteration is not None:  # last: a callback that raises leaves this iteration's checkpoint written
+                    on_iteration(distiller, m)
     finally:
         if bar is not None:
             bar.close()
-        buffer_cache_retain()  # the blocks the engine kept between iterations go back to the system
 
     result.iterations = distiller.iteration
     result.syn_lr = float(distiller.syn_lr.detach())

@@ -73,6 +73,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (all threads): pages it touched for the first time, or again after
+    the kernel took them back."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
 def git_commit() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -28,14 +28,15 @@ pytestmark = [
     pytest.mark.skipif(not has_op("buffer_cache_stats"), reason="C++ extension without the buffer cache"),
 ]
 
-HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED, RETAINED = range(7)
+HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED, RETAINED, HELD = range(8)
 MIB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
 def _nothing_retained_after():
-    """Retention is process-wide: no test leaves blocks retained for the next one."""
+    """Retention and holding are process-wide: no test leaves blocks retained or held for the next one."""
     yield
+    torch.ops.haba_fast.buffer_cache_hold(False)
     torch.ops.haba_fast.buffer_cache_retain([])
 
 
@@ -155,7 +156,7 @@ def test_off_by_default_the_allocator_is_never_replaced():
         """,
         {},
     )
-    assert out == str([0] * 7), out
+    assert out == str([0] * 8), out
 
 
 def test_cli_program_opts_in_for_its_own_process_and_main_does_not():
@@ -338,9 +339,75 @@ def test_kept_unrolls_reuse_the_retained_blocks_and_budget_0_hands_them_back(mon
     assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
 
 
-def test_a_distill_run_hands_the_retained_blocks_back_at_its_end(monkeypatch, digits, buffer):  # noqa: F811
-    """haba_fast.distill.distill: each kept unroll asks to retain its kept steps' block sizes, and the run hands
-    them back when it ends (digits' blocks are under the cache's threshold: the calls are what is checked)."""
+def test_held_blocks_outlive_every_scope_until_the_hold_ends(monkeypatch):
+    """buffer_cache_hold(True): every free block survives the last scope (the cap still bounds them) and serves the
+    next scope; releasing the hold trims to the retained sizes, at once with no scope alive, else at the last leave;
+    switched off, holding does nothing."""
+    from haba_fast._ext import buffer_cache_hold, buffer_cache_retain, buffer_cache_scope
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    buffer_cache_hold(True)
+    assert stats()[HELD] == 1
+    with buffer_cache_scope():
+        _alloc_and_free(6, 3, 2, 2)
+    assert stats()[FREE_BYTES] == 13 * MIB, "held: every free block outlives the scope"
+    before = stats()
+    with buffer_cache_scope():
+        _alloc_and_free(6, 3, 2, 2)
+    after = stats()
+    assert after[HITS] - before[HITS] == 4 and after[MISSES] == before[MISSES], "the held blocks were not reused"
+    buffer_cache_retain([3 * MIB])
+    with buffer_cache_scope():  # releasing while a scope is alive waits for its end
+        buffer_cache_hold(False)
+        assert stats()[FREE_BYTES] == 13 * MIB and stats()[HELD] == 0
+    assert stats()[FREE_BYTES] == 3 * MIB, "released: only the retained 3 MiB block stays"
+    buffer_cache_retain([])
+    assert stats()[FREE_BYTES] == 0
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", "4")  # the cap bounds what a held cache keeps free
+    buffer_cache_hold(True)
+    with buffer_cache_scope():
+        _alloc_and_free(3, 2, 2)
+    assert 0 < stats()[FREE_BYTES] <= 4 * MIB, "held beyond the 4 MiB cap"
+    buffer_cache_hold(False)  # no scope alive: at once
+    assert stats()[FREE_BYTES] == 0
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    buffer_cache_hold(True)  # the cache switched off: nothing is held
+    assert stats()[HELD] == 0
+
+
+@pytest.mark.parametrize("budget", [0, "unlimited"])
+def test_held_unrolls_reuse_each_others_blocks_with_the_same_results(monkeypatch, budget):
+    """Held for a run (buffer_cache_held, as distill() does), the second unroll draws its blocks -- the working
+    set of both sweeps, not only kept steps -- from the first one's, bit for bit the cache-off results; at the end
+    every block goes back."""
+    from haba_fast._ext import buffer_cache_held
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    off = _per_step_run(budget=budget)
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    _per_step_run(budget=budget)  # not held: each sweep starts from an empty cache
+    s0 = stats()
+    _per_step_run(budget=budget)
+    s1 = stats()
+    with buffer_cache_held():
+        first = _per_step_run(budget=budget)
+        s2 = stats()
+        second = _per_step_run(budget=budget)
+        s3 = stats()
+        assert s3[HELD] == 1 and s3[FREE_BYTES] > 0
+    for a, b, c in zip(off, first, second):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert s3[MISSES] - s2[MISSES] < s1[MISSES] - s0[MISSES], "the held unroll still allocated fresh blocks"
+    if budget == 0:
+        assert s3[MISSES] == s2[MISSES], "at budget 0 a held unroll allocates nothing new"
+    assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0 and stats()[HELD] == 0
+
+
+def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(monkeypatch, digits, buffer):  # noqa: F811
+    """haba_fast.distill.distill holds the cache for its iterations and runs each step inside a scope; each kept
+    unroll asks to retain its kept steps' block sizes; the run releases the hold and hands every block back when it
+    ends (digits' blocks are under the
+    cache's threshold: the calls are what is checked)."""
     from test_distill import _cfg
 
     from haba_fast import _ext
@@ -348,17 +415,59 @@ def test_a_distill_run_hands_the_retained_blocks_back_at_its_end(monkeypatch, di
     from haba_fast.engines import adjoint
 
     calls = []
+    real_retain, real_hold = _ext.buffer_cache_retain, _ext.buffer_cache_hold
 
-    def recording(sizes=()):
-        calls.append(list(sizes))
-        _ext.buffer_cache_retain(sizes)
+    def retain(sizes=()):
+        calls.append(("retain", list(sizes)))
+        real_retain(sizes)
 
-    monkeypatch.setattr(adjoint, "buffer_cache_retain", recording)
-    monkeypatch.setattr(distill_mod, "buffer_cache_retain", recording)
+    def hold(on):
+        calls.append(("hold", on))
+        real_hold(on)
+
+    real_step = distill_mod._guarded_step
+    scopes_in_steps = []
+
+    def step(*args, **kwargs):
+        scopes_in_steps.append(stats()[SCOPES])
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(adjoint, "buffer_cache_retain", retain)
+    monkeypatch.setattr(_ext, "buffer_cache_retain", retain)
+    monkeypatch.setattr(_ext, "buffer_cache_hold", hold)
+    monkeypatch.setattr(distill_mod, "_guarded_step", step)
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
     cfg = _cfg(engine="exact", memory_budget="unlimited", iterations=2)
     distill_mod.distill(cfg, digits, buffer, progress=False, evaluate=False, log=lambda m: None)
-    assert len(calls) == 3 and calls[-1] == [], calls
-    for sizes in calls[:2]:  # every kept step's storages, syn_steps kept steps
+    assert scopes_in_steps == [1, 1], "each step runs inside one scope of the held cache"
+    assert [c[0] for c in calls] == ["hold", "retain", "retain", "hold", "retain"], calls
+    assert calls[0] == ("hold", True) and calls[-2:] == [("hold", False), ("retain", [])]
+    for _, sizes in calls[1:3]:  # every kept step's storages, syn_steps kept steps
         assert sizes and len(sizes) % cfg.syn_steps == 0 and all(n > 0 for n in sizes)
-    assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0
+    assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0 and stats()[HELD] == 0
+
+
+def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
+    """``haba-fast bench iteration`` times its iterations as distill() runs them (held), and its row says so, with
+    the minor page faults of the timed and the warm-up iterations; the hold ends with the run."""
+    import argparse
+    import json
+
+    from haba_fast._ext import buffer_cache_is_held
+    from haba_fast.benchmarks import iteration
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    parser = argparse.ArgumentParser()
+    iteration.add_arguments(parser)
+    args = parser.parse_args(
+        "--engine exact --ipc 2 --n-hallucinators 2 --syn-steps 2 --batch-syn 5 --width 32 --warmup 1 --repeats 2 "
+        "--memory-budget unlimited --json".split()
+    )
+    assert iteration.run(args) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["buffer_cache_held"] is True and not buffer_cache_is_held()
+    assert row["minor_faults_per_iter"] >= 0 and len(row["warmup_minor_faults"]) == 1
+    assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    assert iteration.run(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False

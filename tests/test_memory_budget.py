@@ -421,6 +421,27 @@ def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
     assert "spread of the runs: 80 MB at 10 steps" in text
 
 
+def test_budget_report_steady_state_section(tmp_path):
+    """The steady-state section (rows with warm-up): first-iteration CPU seconds, page faults in thousands, the
+    *held* note, and the verdicts from the timed iterations."""
+    from haba_fast.benchmarks.iteration import write_budget_report
+
+    def row(budget, cpu, first, faults, **kw):
+        return dict(ipc=10, syn_steps=20, batch_syn=100, memory_budget=budget, memory_budget_mb=None,
+                    engine_backend="cpu", threads=1, s_per_iter=cpu, cpu_s_per_iter=cpu, peak_rss_mb=1000,
+                    warmup=1, warmup_cpu_s=[first], minor_faults_per_iter=faults, **kw)
+
+    rows = [row("0", 20.0, 22.0, 4400, buffer_cache_held=True),
+            row("unlimited", 16.0, 33.0, 2200, buffer_cache_held=True),
+            row("unlimited", 30.0, 40.0, None, superseded=True, note="older")]
+    write_budget_report(rows, str(tmp_path / "memory_budget.json"))
+    text = (tmp_path / "MEMORY_BUDGET.md").read_text()
+    assert "| 0 | cpu | 1 | None | None | - | 20.0 | 20.0 | 22.0 | 4 | 1000 | - | *held* |" in text
+    assert "| 30.0 | 30.0 | 40.0 | - | 1000 | - | *superseded*: older |" in text
+    assert "(medians of 1 and 1 runs): CPU **0.80x**" in text
+    assert "first iterations (nothing retained yet): CPU 1.50x" in text
+
+
 def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp_path):
     """bench/run_iteration.sh's report on a GPU: ``exact --memory-budget auto`` rows stay separate from budget 0's
     (not merged), and the issue's targets against naive are checked at (a) and (b) in time and CUDA memory."""
@@ -509,6 +530,9 @@ def test_kept_step_split_bench():
             r = mod.child(arm, steps=3, batch=4)
             assert set(r["ops"]) == ops and all(v["calls"] == 3 for v in r["ops"].values())
             assert r["engine_cpu_s"] == pytest.approx(sum(v["cpu_s"] for v in r["ops"].values()))
+            held = mod.child(arm, steps=3, batch=4, repeats=2, hold=True)  # two sweep pairs; the last one timed
+            assert len(held["per_repeat"]) == 2 and held["ops"] == held["per_repeat"][-1] and held["hold"]
+            assert all(v["calls"] == 3 for p in held["per_repeat"] for v in p.values())
     finally:
         torch.set_num_threads(threads)
 

@@ -452,8 +452,8 @@ def _retain_kept_blocks(run: "_Run") -> None:
     """Before the backward sweep of the C++ ops on CPU: let blocks of the kept steps' sizes (one kept step's
     storages x the kept steps) outlive the sweep, so the next unroll's forward sweep takes its kept tensors from
     them instead of faulting in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget
-    0 keeps no step and retains nothing (which also hands back what an earlier kept unroll retained).
-    ``distill()`` hands the blocks back when its run ends (``buffer_cache_retain([])``)."""
+    0 keeps no step and retains nothing (which also hands back what an earlier kept unroll retained, unless a run
+    holds the cache: ``buffer_cache_held``). ``distill()`` hands the blocks back when its run ends."""
     if _cached_sweeps(run):
         buffer_cache_retain(run.kept_block_sizes * int(run.stats.get("stored_steps", 0)))
 
