@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
-from haba_fast._ext import buffer_cache_held, buffer_cache_scope
+from haba_fast._ext import run_buffers, step_buffers
 from haba_fast.engines import ENGINES
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
@@ -1028,9 +1028,9 @@ def distill(
             dynamic_ncols=True,
         )
     try:
-        with buffer_cache_held():  # a step's large blocks serve every later step, then go back at the end
+        with run_buffers(cfg.memory_budget):  # unlimited: a step's blocks serve the next steps, then go back
             while distiller.iteration < cfg.iterations:
-                with buffer_cache_scope():  # the whole step draws from the held cache (not the evaluation)
+                with step_buffers(cfg.memory_budget):  # the whole step (not the evaluation) from the held cache
                     m = _guarded_step(distiller, ckpt, history, log)
                 result.history.append(m)
                 if history is not None:

@@ -403,11 +403,13 @@ def test_held_unrolls_reuse_each_others_blocks_with_the_same_results(monkeypatch
     assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0 and stats()[HELD] == 0
 
 
-def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(monkeypatch, digits, buffer):  # noqa: F811
-    """haba_fast.distill.distill holds the cache for its iterations and runs each step inside a scope; each kept
-    unroll asks to retain its kept steps' block sizes; the run releases the hold and hands every block back when it
-    ends (digits' blocks are under the
-    cache's threshold: the calls are what is checked)."""
+@pytest.mark.parametrize("budget", ["unlimited", "0", "8GB"])
+def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(monkeypatch, digits, buffer,  # noqa: F811
+                                                                             budget):
+    """haba_fast.distill.distill at budget unlimited holds the cache for its iterations and runs each step inside a
+    scope; each kept unroll asks to retain its kept steps' block sizes; the run releases the hold and hands every
+    block back when it ends. At other budgets nothing is held and no step runs in a scope (the engine's sweeps hold
+    their own). Digits' blocks are under the cache's threshold: the calls are what is checked."""
     from test_distill import _cfg
 
     from haba_fast import _ext
@@ -437,8 +439,13 @@ def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(mon
     monkeypatch.setattr(_ext, "buffer_cache_hold", hold)
     monkeypatch.setattr(distill_mod, "_guarded_step", step)
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
-    cfg = _cfg(engine="exact", memory_budget="unlimited", iterations=2)
+    cfg = _cfg(engine="exact", memory_budget=budget, iterations=2)
     distill_mod.distill(cfg, digits, buffer, progress=False, evaluate=False, log=lambda m: None)
+    if budget != "unlimited":
+        assert scopes_in_steps == [0, 0] and [c[0] for c in calls] == ["retain", "retain"], (scopes_in_steps, calls)
+        if budget == "0":
+            assert calls == [("retain", [])] * 2, "budget 0 retains nothing"
+        return
     assert scopes_in_steps == [1, 1], "each step runs inside one scope of the held cache"
     assert [c[0] for c in calls] == ["hold", "retain", "retain", "hold", "retain"], calls
     assert calls[0] == ("hold", True) and calls[-2:] == [("hold", False), ("retain", [])]
@@ -448,8 +455,9 @@ def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(mon
 
 
 def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
-    """``haba-fast bench iteration`` times its iterations as distill() runs them (held), and its row says so, with
-    the minor page faults of the timed and the warm-up iterations; the hold ends with the run."""
+    """``haba-fast bench iteration`` times its iterations as distill() runs them (held at budget unlimited, not at
+    0), and its row says so, with the minor page faults of the timed and the warm-up iterations; the hold ends with
+    the run."""
     import argparse
     import json
 
@@ -468,6 +476,10 @@ def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
     assert row["buffer_cache_held"] is True and not buffer_cache_is_held()
     assert row["minor_faults_per_iter"] >= 0 and len(row["warmup_minor_faults"]) == 1
     assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0
+    args.memory_budget = "0"
+    assert iteration.run(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False
+    args.memory_budget = "unlimited"
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     assert iteration.run(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False

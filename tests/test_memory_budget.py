@@ -63,6 +63,16 @@ def test_budget_bytes_resolves_auto_and_unlimited():
     assert 0 < auto < 2**50
 
 
+@pytest.mark.parametrize("budget, held", [("unlimited", True), ("0", False), (None, False), ("min", False),
+                                          ("8GB", False), ("auto", False)])
+def test_only_an_unlimited_budget_holds_the_step_buffers(budget, held):
+    """A run holds its steps' blocks between steps only where no cap is to be kept (unlimited); 0 and min keep the
+    smallest footprint."""
+    from haba_fast.engines.memory import holds_step_buffers
+
+    assert holds_step_buffers(budget) is held
+
+
 def test_keep_last():
     assert keep_last(7, 10, None) == 7
     assert keep_last(7, 10, 0) == 0
@@ -396,15 +406,19 @@ def test_distiller_step_spends_the_budget(digits, buffer, backend):  # noqa: F81
         assert rel_err(a, b) < 1e-5
 
 
+def _budget_row(budget, cpu, rss, steps=20, wall=None, **kw):
+    """One row of bench/run_memory_budget.sh's JSON at bpc 10 / batch 100 (wall time 2x CPU unless given)."""
+    mb = {"0": 0, "2GB": 2048, "unlimited": None}[budget]
+    return dict(ipc=10, syn_steps=steps, batch_syn=100, memory_budget=budget, memory_budget_mb=mb,
+                engine_backend="cpu", s_per_iter=2 * cpu if wall is None else wall, cpu_s_per_iter=cpu,
+                peak_rss_mb=rss, **kw)
+
+
 def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
     """bench/run_memory_budget.sh's report: verdicts from the current rows (CPU time), medians for syn_steps."""
     from haba_fast.benchmarks.iteration import write_budget_report
 
-    def row(budget, cpu, rss, steps=20, **kw):
-        mb = {"0": 0, "2GB": 2048, "unlimited": None}[budget]
-        return dict(ipc=10, syn_steps=steps, batch_syn=100, memory_budget=budget, memory_budget_mb=mb,
-                    engine_backend="cpu", s_per_iter=2 * cpu, cpu_s_per_iter=cpu, peak_rss_mb=rss, **kw)
-
+    row = _budget_row
     rows = [
         row("0", 50.0, 1000, superseded=True),
         row("unlimited", 90.0, 7000, superseded=True),
@@ -427,16 +441,15 @@ def test_budget_report_steady_state_section(tmp_path):
     from haba_fast.benchmarks.iteration import write_budget_report
 
     def row(budget, cpu, first, faults, **kw):
-        return dict(ipc=10, syn_steps=20, batch_syn=100, memory_budget=budget, memory_budget_mb=None,
-                    engine_backend="cpu", threads=1, s_per_iter=cpu, cpu_s_per_iter=cpu, peak_rss_mb=1000,
-                    warmup=1, warmup_cpu_s=[first], minor_faults_per_iter=faults, **kw)
+        return _budget_row(budget, cpu, 1000, wall=cpu, threads=1, warmup=1, warmup_cpu_s=[first],
+                           minor_faults_per_iter=faults, **kw)
 
     rows = [row("0", 20.0, 22.0, 4400, buffer_cache_held=True),
             row("unlimited", 16.0, 33.0, 2200, buffer_cache_held=True),
             row("unlimited", 30.0, 40.0, None, superseded=True, note="older")]
     write_budget_report(rows, str(tmp_path / "memory_budget.json"))
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
-    assert "| 0 | cpu | 1 | None | None | - | 20.0 | 20.0 | 22.0 | 4 | 1000 | - | *held* |" in text
+    assert "| 0 | cpu | 1 | None | None | - | 20.0 | 20.0 | 22.0 | 4 | 1000 | - | *held* |" in text, text
     assert "| 30.0 | 30.0 | 40.0 | - | 1000 | - | *superseded*: older |" in text
     assert "(medians of 1 and 1 runs): CPU **0.80x**" in text
     assert "first iterations (nothing retained yet): CPU 1.50x" in text
