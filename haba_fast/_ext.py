@@ -145,28 +145,30 @@ def buffer_cache_is_held() -> bool:
 
 
 @contextlib.contextmanager
-def buffer_cache_held() -> Iterator[None]:
-    """Hold the C++ buffer cache's free blocks for a run of iterations (``distill()``, ``bench iteration``, each
-    step inside a ``buffer_cache_scope()``, so that all its large blocks on this thread come from the cache): every
-    iteration allocates the same blocks again, so from the second one on the step works in resident pages instead
-    of faulting fresh ones in (a fault and a page zeroing per 4 KiB; on a VM that hands freed guest pages back to
-    its host, up to ~30 us each: bench/first_touch.py). At the end every block, the retained ones included, goes
-    back to the system."""
-    buffer_cache_hold(True)
+def buffer_cache_held(hold: bool = True) -> Iterator[None]:
+    """A run of iterations (``distill()``, ``bench iteration``): with ``hold``, the C++ buffer cache's free blocks
+    are held for the run (each step inside a ``buffer_cache_scope()``, so that all its large blocks on this thread
+    come from the cache): every iteration allocates the same blocks again, so from the second one on the step works
+    in resident pages instead of faulting fresh ones in (a fault and a page zeroing per 4 KiB; on a VM that hands
+    freed guest pages back to its host, up to ~30 us each: bench/first_touch.py). Held or not, at the end every
+    block, the kept steps' retained ones included, goes back to the system."""
+    if hold:
+        buffer_cache_hold(True)
     try:
         yield
     finally:
-        buffer_cache_hold(False)
+        if hold:
+            buffer_cache_hold(False)
         buffer_cache_retain()
 
 
 def run_buffers(memory_budget) -> contextlib.AbstractContextManager:
-    """The buffer cache for a run of steps at this memory budget: held (``buffer_cache_held``) where the budget
-    keeps a step's blocks between steps (``engines.memory.holds_step_buffers``: ``unlimited``), else nothing (the
-    engine's sweeps still hold their own scopes, and retain their kept steps' blocks)."""
+    """The buffer cache for a run of steps at this memory budget: held where the budget keeps a step's blocks
+    between steps (``engines.memory.holds_step_buffers``: ``unlimited``), else only handed back at the end (the
+    engine's sweeps hold their own scopes, and kept unrolls retain their kept steps' blocks between iterations)."""
     from haba_fast.engines.memory import holds_step_buffers
 
-    return buffer_cache_held() if holds_step_buffers(memory_budget) else contextlib.nullcontext()
+    return buffer_cache_held(holds_step_buffers(memory_budget))
 
 
 def step_buffers(memory_budget) -> contextlib.AbstractContextManager:
