@@ -27,7 +27,6 @@ does 11: ``conv_floor`` = 9/11. ``kept_if_conv_bound`` = (grad + adjoint x 6/8) 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -86,7 +85,7 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
         ops.trajectory_step_grad(w, xs[0], ys[0], spec)
         ops.trajectory_step_adjoint(w, xs[0], ys[0], lam, spec, True)
     per_repeat = []
-    with buffer_cache_held() if hold else contextlib.nullcontext():
+    with buffer_cache_held(hold):  # handing every retained block back at the end, held or not
         for _ in range(repeats):
             acc = {}
             kept = [None] * steps
@@ -108,7 +107,6 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
                     else:
                         timed("adjoint", ops.trajectory_step_adjoint, w, xs[t], ys[t], lam, spec, True)
             per_repeat.append(acc)
-    buffer_cache_retain([])
     return {
         "arm": arm,
         "repeats": repeats,

@@ -162,23 +162,6 @@ def buffer_cache_held(hold: bool = True) -> Iterator[None]:
         buffer_cache_retain()
 
 
-def run_buffers(memory_budget) -> contextlib.AbstractContextManager:
-    """The buffer cache for a run of steps at this memory budget: held where the budget keeps a step's blocks
-    between steps (``engines.memory.holds_step_buffers``: ``unlimited``), else only handed back at the end (the
-    engine's sweeps hold their own scopes, and kept unrolls retain their kept steps' blocks between iterations)."""
-    from haba_fast.engines.memory import holds_step_buffers
-
-    return buffer_cache_held(holds_step_buffers(memory_budget))
-
-
-def step_buffers(memory_budget) -> contextlib.AbstractContextManager:
-    """One step of a run (inside ``run_buffers``): a ``buffer_cache_scope()`` where the run holds the cache, so that
-    every large block of the step on this thread comes from it and goes back to it, else nothing."""
-    from haba_fast.engines.memory import holds_step_buffers
-
-    return buffer_cache_scope() if holds_step_buffers(memory_budget) else contextlib.nullcontext()
-
-
 def has_op(name: str) -> bool:
     """True when the extension is loaded and registered ``torch.ops.haba_fast.<name>``."""
     if not extension_available():

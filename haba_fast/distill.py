@@ -37,8 +37,8 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
-from haba_fast._ext import run_buffers, step_buffers
 from haba_fast.engines import ENGINES
+from haba_fast.engines.memory import run_buffers, step_buffers
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
 

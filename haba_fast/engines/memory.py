@@ -29,12 +29,15 @@ sqrt(N) vectors for the same count of recomputations, a few MB, at the price of 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
 from typing import Optional, Union
 
 import torch
+
+from haba_fast._ext import buffer_cache_held, buffer_cache_scope
 
 __all__ = [
     "AUTO_FRACTION",
@@ -46,6 +49,8 @@ __all__ = [
     "free_memory_bytes",
     "keep_last",
     "parse_memory_budget",
+    "run_buffers",
+    "step_buffers",
 ]
 
 AUTO_FRACTION = 0.5  # ``auto``: half of the free memory (the rest for generate/augment, the optimizer, other jobs)
@@ -82,6 +87,19 @@ def holds_step_buffers(memory_budget: Union[str, int, float, None]) -> bool:
     +1.5 GB over budget 0's 3 GB peak). A size or ``auto`` is a cap that this pile is not counted against, and
     0 / ``min`` keep the smallest footprint, so they hold nothing between steps."""
     return parse_memory_budget(memory_budget) == UNLIMITED
+
+
+def run_buffers(memory_budget) -> contextlib.AbstractContextManager:
+    """The buffer cache for a run of steps at this memory budget: held where the budget keeps a step's blocks
+    between steps (:func:`holds_step_buffers`: ``unlimited``), else only handed back at the end (the
+    engine's sweeps hold their own scopes, and kept unrolls retain their kept steps' blocks between iterations)."""
+    return buffer_cache_held(holds_step_buffers(memory_budget))
+
+
+def step_buffers(memory_budget) -> contextlib.AbstractContextManager:
+    """One step of a run (inside ``run_buffers``): a ``buffer_cache_scope()`` where the run holds the cache, so that
+    every large block of the step on this thread comes from it and goes back to it, else nothing."""
+    return buffer_cache_scope() if holds_step_buffers(memory_budget) else contextlib.nullcontext()
 
 
 def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
