@@ -51,7 +51,7 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
         extension_available,
         extension_error,
     )
-    from haba_fast.engines.adjoint import cpp_spec
+    from haba_fast.engines.adjoint import _CppStep, cpp_spec
     from haba_fast.models import flatten_params, get_network
     from haba_fast.timing import minor_faults
 
@@ -96,7 +96,7 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
                     else:
                         timed("grad", ops.trajectory_step_grad, w, xs[t], ys[t], spec)
             if arm == "kept":  # what the engine retains before its backward sweep (engines/adjoint.py)
-                buffer_cache_retain([t.untyped_storage().nbytes() for t in kept[0] if t.numel()] * steps)
+                buffer_cache_retain(_CppStep.kept_sizes(kept[0]) * steps)
             with buffer_cache_scope():  # the backward sweep, newest step first
                 for t in reversed(range(steps)):
                     if arm == "kept":

@@ -96,7 +96,7 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   void enter() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (scopes_.load() == 0) cap_ = cache_cap_bytes() + retain_bytes_;
+    if (scopes_.load() == 0) set_cap_locked();
     scopes_.fetch_add(1, std::memory_order_acq_rel);
     ++tl_scopes;
   }
@@ -125,7 +125,7 @@ class CachingCPUAllocator final : public c10::Allocator {
         ++retain_counts_[n];
         retain_bytes_ += n;
       }
-      cap_ = cache_cap_bytes() + retain_bytes_;
+      set_cap_locked();
       if (scopes_.load() == 0) trim_locked(&drop);
     }
     for (void* p : drop) c10::free_cpu(p);
@@ -156,6 +156,9 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
  private:
+  // The free bytes a scope may keep: HABA_FAST_BUFFER_CACHE_MB beyond the retained blocks. Holds mu_.
+  void set_cap_locked() { cap_ = cache_cap_bytes() + retain_bytes_; }
+
   // Keep, of each size, at most as many free blocks as retained (all of them while held); move the rest to `drop`
   // (freed by the caller outside the lock). Holds mu_.
   void trim_locked(std::vector<void*>* drop) {
