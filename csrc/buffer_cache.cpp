@@ -152,7 +152,8 @@ class CachingCPUAllocator final : public c10::Allocator {
             int64_t(scopes_.load()),
             /*installed=*/1,
             int64_t(retain_bytes_),
-            int64_t(hold_)};
+            int64_t(hold_),
+            int64_t(cache_cap_bytes())};
   }
 
  private:
@@ -243,7 +244,7 @@ void buffer_cache_hold(bool on) {
 
 std::vector<int64_t> buffer_cache_stats() {
   CachingCPUAllocator* a = g_alloc.load(std::memory_order_acquire);
-  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0, 0, 0};
+  if (a == nullptr || installed() != a) return {0, 0, 0, 0, 0, 0, 0, 0, int64_t(cache_cap_bytes())};
   return a->stats();
 }
 

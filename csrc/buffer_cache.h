@@ -45,7 +45,8 @@ class BufferCacheScope {
 
 // Counters since the process started: {hits, misses, bytes kept free now, live cached blocks, scopes alive,
 // installed (0/1: whether the wrapper was ever installed, i.e. the cache was switched on), bytes retained, held
-// (0/1)}. For tests and `haba-fast info`.
+// (0/1), free cap (the bytes a scope may keep free beyond the retained ones: HABA_FAST_BUFFER_CACHE_MB, read
+// now)}. For tests, `haba-fast info` and the run's hold policy (haba_fast.engines.memory).
 std::vector<int64_t> buffer_cache_stats();
 
 // Free blocks of these sizes (a multiset, one entry per block; blocks under 1 MiB are never cached and are

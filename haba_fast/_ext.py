@@ -144,22 +144,61 @@ def buffer_cache_is_held() -> bool:
     return len(stats) > 7 and bool(stats[7])
 
 
-@contextlib.contextmanager
-def buffer_cache_held(hold: bool = True) -> Iterator[None]:
-    """A run of iterations (``distill()``, ``bench iteration``): with ``hold``, the C++ buffer cache's free blocks
-    are held for the run (each step inside a ``buffer_cache_scope()``, so that all its large blocks on this thread
-    come from the cache): every iteration allocates the same blocks again, so from the second one on the step works
-    in resident pages instead of faulting fresh ones in (a fault and a page zeroing per 4 KiB; on a VM that hands
-    freed guest pages back to its host, up to ~30 us each: bench/first_touch.py). Held or not, at the end every
-    block, the kept steps' retained ones included, goes back to the system."""
-    if hold:
-        buffer_cache_hold(True)
-    try:
-        yield
-    finally:
-        if hold:
-            buffer_cache_hold(False)
-        buffer_cache_retain()
+def buffer_cache_free_cap() -> Optional[int]:
+    """The bytes a scope of the C++ buffer cache may keep free beyond the retained blocks
+    (``HABA_FAST_BUFFER_CACHE_MB``, default 4096 MiB, read now), or None where the extension lacks the counter."""
+    if not has_op("buffer_cache_stats"):
+        return None
+    import torch
+
+    stats = list(torch.ops.haba_fast.buffer_cache_stats())
+    return int(stats[8]) if len(stats) > 8 else None
+
+
+class BufferCacheRun:
+    """A run of iterations (``distill()``, ``bench iteration``) over the C++ buffer cache: ``hold()`` holds its free
+    blocks from then on for the rest of the run (each step inside ``step()``, a ``buffer_cache_scope()``, so that all
+    its large blocks on this thread come from the cache): every iteration allocates the same blocks again, so the
+    steps work in resident pages instead of faulting fresh ones in (a fault and a page zeroing per 4 KiB; on a VM
+    that hands freed guest pages back to its host, up to ~30 us each: bench/first_touch.py). Held or not, at the end
+    every block, the kept steps' retained ones included, goes back to the system.
+
+    Args:
+        hold: hold from the start of the run.
+    """
+
+    def __init__(self, hold: bool = False):
+        self._hold_at_start = bool(hold)
+        self.held = False  # whether this run holds the cache now (a no-op with the cache switched off)
+
+    def hold(self) -> None:
+        """Hold the cache's free blocks for the rest of the run (call between steps)."""
+        if not self.held:
+            buffer_cache_hold(True)
+            self.held = True
+
+    def step(self) -> contextlib.AbstractContextManager:
+        """One step of the run: inside a ``buffer_cache_scope()`` while the run holds the cache, else nothing (the
+        engine's sweeps hold their own scopes)."""
+        return buffer_cache_scope() if self.held else contextlib.nullcontext()
+
+    def __enter__(self) -> "BufferCacheRun":
+        if self._hold_at_start:
+            self.hold()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.held:
+                buffer_cache_hold(False)
+                self.held = False
+        finally:
+            buffer_cache_retain()
+
+
+def buffer_cache_held(hold: bool = True) -> BufferCacheRun:
+    """A run of iterations holding the C++ buffer cache from its start when ``hold`` (:class:`BufferCacheRun`)."""
+    return BufferCacheRun(hold)
 
 
 def has_op(name: str) -> bool:

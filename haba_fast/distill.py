@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from haba_fast import dist
 from haba_fast.engines import ENGINES
-from haba_fast.engines.memory import run_buffers, step_buffers
+from haba_fast.engines.memory import RunBuffers
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.plan import IndexStream, StepPlan
 
@@ -1028,10 +1028,12 @@ def distill(
             dynamic_ncols=True,
         )
     try:
-        with run_buffers(cfg.memory_budget):  # unlimited: a step's blocks serve the next steps, then go back
+        # Held (unlimited, or a budget with room for it): a step's blocks serve the next steps, then go back.
+        with RunBuffers(cfg.memory_budget) as buffers:
             while distiller.iteration < cfg.iterations:
-                with step_buffers(cfg.memory_budget):  # the whole step (not the evaluation) from the held cache
+                with buffers.step():  # the whole step (not the evaluation) from the held cache
                     m = _guarded_step(distiller, ckpt, history, log)
+                buffers.after_step(distiller.engine)
                 result.history.append(m)
                 if history is not None:
                     history.append(m)

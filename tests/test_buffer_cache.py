@@ -28,7 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not has_op("buffer_cache_stats"), reason="C++ extension without the buffer cache"),
 ]
 
-HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED, RETAINED, HELD = range(8)
+HITS, MISSES, FREE_BYTES, LIVE, SCOPES, INSTALLED, RETAINED, HELD, FREE_CAP = range(9)
 MIB = 1 << 20
 
 
@@ -110,6 +110,19 @@ def test_zero_cap_keeps_nothing(monkeypatch):
     assert after[MISSES] > before[MISSES]
 
 
+def test_the_free_cap_counter_reads_the_variable_now(monkeypatch):
+    """The last counter (and _ext.buffer_cache_free_cap, which the run's hold policy compares with a budget's spare
+    bytes) is HABA_FAST_BUFFER_CACHE_MB in bytes as it is set now, 4096 MiB unset, 0 for 0 or less."""
+    from haba_fast._ext import buffer_cache_free_cap
+
+    for value, cap in (("12", 12 * MIB), ("0", 0), ("-5", 0), (None, 4096 * MIB)):
+        if value is None:
+            monkeypatch.delenv("HABA_FAST_BUFFER_CACHE_MB", raising=False)
+        else:
+            monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", value)
+        assert stats()[FREE_CAP] == cap and buffer_cache_free_cap() == cap, value
+
+
 def test_concurrent_calls_from_two_threads_give_the_same_results(monkeypatch):
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
     problems = [problem(seed=s) for s in (0, 1)]
@@ -154,9 +167,9 @@ def test_off_by_default_the_allocator_is_never_replaced():
         t.run(*args)
         print(list(torch.ops.haba_fast.buffer_cache_stats()))
         """,
-        {},
+        {"HABA_FAST_BUFFER_CACHE_MB": "4096"},
     )
-    assert out == str([0] * 8), out
+    assert out == str([0] * 8 + [4096 << 20]), out  # the counters, and the free cap the cache would have
 
 
 def test_cli_program_opts_in_for_its_own_process_and_main_does_not():
@@ -403,13 +416,15 @@ def test_held_unrolls_reuse_each_others_blocks_with_the_same_results(monkeypatch
     assert stats()[FREE_BYTES] == 0 and stats()[RETAINED] == 0 and stats()[HELD] == 0
 
 
-@pytest.mark.parametrize("budget", ["unlimited", "0", "8GB"])
+@pytest.mark.parametrize("budget, cap_mb", [("unlimited", None), ("0", None), ("8GB", None), ("8GB", "16384")])
 def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(monkeypatch, digits, buffer,  # noqa: F811
-                                                                             budget):
-    """haba_fast.distill.distill at budget unlimited holds the cache for its iterations and runs each step inside a
-    scope; each kept unroll asks to retain its kept steps' block sizes; the run releases the hold and hands every
-    block back when it ends. At other budgets nothing is held and no step runs in a scope (the engine's sweeps hold
-    their own). Digits' blocks are under the cache's threshold: the calls are what is checked."""
+                                                                             budget, cap_mb):
+    """haba_fast.distill.distill holds the cache for its iterations and runs each step inside a scope: at budget
+    unlimited from the first step, at a size from the step after the first unroll showed that the budget's spare
+    bytes hold the cache's free cap (8GB with digits' small steps, unless the cap is 16 GiB); each kept unroll asks
+    to retain its kept steps' block sizes; the run releases the hold and hands every block back when it ends. At
+    budget 0, or a size without room for the cap, nothing is held and no step runs in a scope (the engine's sweeps
+    hold their own). Digits' blocks are under the cache's threshold: the calls are what is checked."""
     from test_distill import _cfg
 
     from haba_fast import _ext
@@ -439,29 +454,35 @@ def test_a_distill_run_holds_the_cache_and_hands_every_block_back_at_its_end(mon
     monkeypatch.setattr(_ext, "buffer_cache_hold", hold)
     monkeypatch.setattr(distill_mod, "_guarded_step", step)
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
-    cfg = _cfg(engine="exact", memory_budget=budget, iterations=2)
+    if cap_mb is not None:
+        monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", cap_mb)
+    cfg = _cfg(engine="exact", memory_budget=budget, iterations=3)
     distill_mod.distill(cfg, digits, buffer, progress=False, evaluate=False, log=lambda m: None)
-    if budget != "unlimited":  # nothing held, but the blocks the kept unrolls retained are handed back at the end
-        assert scopes_in_steps == [0, 0] and [c[0] for c in calls] == ["retain"] * 3, (scopes_in_steps, calls)
-        assert calls[-1] == ("retain", [])
-        if budget == "0":
-            assert calls == [("retain", [])] * 3, "budget 0 retains nothing"
-        else:
-            assert all(sizes for _, sizes in calls[:2]), "a sized budget that holds every step retains them"
-        assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0 and stats()[HELD] == 0
-        return
-    assert scopes_in_steps == [1, 1], "each step runs inside one scope of the held cache"
-    assert [c[0] for c in calls] == ["hold", "retain", "retain", "hold", "retain"], calls
-    assert calls[0] == ("hold", True) and calls[-2:] == [("hold", False), ("retain", [])]
-    for _, sizes in calls[1:3]:  # every kept step's storages, syn_steps kept steps
-        assert sizes and len(sizes) % cfg.syn_steps == 0 and all(n > 0 for n in sizes)
     assert stats()[RETAINED] == 0 and stats()[FREE_BYTES] == 0 and stats()[HELD] == 0
+    assert calls[-1] == ("retain", []), "every block goes back at the end"
+    kept_retains = [sizes for name, sizes in calls[:-1] if name == "retain"]
+    assert len(kept_retains) == 3, calls  # one per unroll, before its backward sweep
+    if budget == "0":
+        assert scopes_in_steps == [0, 0, 0] and calls == [("retain", [])] * 4, "budget 0 holds and retains nothing"
+        return
+    for sizes in kept_retains:  # every kept step's storages, syn_steps kept steps
+        assert sizes and len(sizes) % cfg.syn_steps == 0 and all(n > 0 for n in sizes)
+    if cap_mb is not None:  # 8 GB minus the kept steps is less than the 16 GiB cap: never held
+        assert scopes_in_steps == [0, 0, 0] and [c[0] for c in calls] == ["retain"] * 4, (scopes_in_steps, calls)
+        return
+    if budget == "unlimited":
+        assert scopes_in_steps == [1, 1, 1], "each step runs inside one scope of the held cache"
+        assert [c[0] for c in calls] == ["hold", "retain", "retain", "retain", "hold", "retain"], calls
+    else:  # held from the step after the first unroll measured its kept steps
+        assert scopes_in_steps == [0, 1, 1], scopes_in_steps
+        assert [c[0] for c in calls] == ["retain", "hold", "retain", "retain", "hold", "retain"], calls
+    assert [c for c in calls if c[0] == "hold"] == [("hold", True), ("hold", False)]
 
 
 def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
     """``haba-fast bench iteration`` times its iterations as distill() runs them (held at budget unlimited, not at
-    0), and its row says so, with the minor page faults of the timed and the warm-up iterations; the hold ends with
-    the run."""
+    0, at 8GB from the second iteration unless the cache's free cap does not fit), and its row says so, with the
+    minor page faults of the timed and the warm-up iterations; the hold ends with the run."""
     import argparse
     import json
 
@@ -483,6 +504,14 @@ def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
     args.memory_budget = "0"
     assert iteration.run(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False
+    args.memory_budget = "8GB"  # held from the iteration after the first: its spare bytes hold the 4 GiB cap
+    assert iteration.run(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is True
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", "16384")  # a cap the 8 GB budget cannot hold
+    assert iteration.run(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False
+    monkeypatch.delenv("HABA_FAST_BUFFER_CACHE_MB")
+    assert stats()[HELD] == 0
     args.memory_budget = "unlimited"
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     assert iteration.run(args) == 0

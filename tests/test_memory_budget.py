@@ -13,6 +13,7 @@ from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unrol
 from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
 from utils import extension_loaded
 
+from haba_fast._ext import has_op
 from haba_fast.backend import BackendUnavailableError
 from haba_fast.engines import get_adjoint_engine, get_engine
 from haba_fast.engines.memory import budget_bytes, keep_last, parse_memory_budget
@@ -65,12 +66,45 @@ def test_budget_bytes_resolves_auto_and_unlimited():
 
 @pytest.mark.parametrize("budget, held", [("unlimited", True), ("0", False), (None, False), ("min", False),
                                           ("8GB", False), ("auto", False)])
-def test_only_an_unlimited_budget_holds_the_step_buffers(budget, held):
-    """A run holds its steps' blocks between steps only where no cap is to be kept (unlimited); 0 and min keep the
-    smallest footprint."""
+def test_before_any_unroll_only_an_unlimited_budget_holds_the_step_buffers(budget, held):
+    """Before an unroll has measured a step, a run holds its steps' blocks between steps only where no cap is to be
+    kept (unlimited); 0 and min keep the smallest footprint."""
     from haba_fast.engines.memory import holds_step_buffers
 
     assert holds_step_buffers(budget) is held
+
+
+def test_spare_bytes():
+    from haba_fast.engines.memory import spare_bytes
+
+    assert spare_bytes(dict(memory_budget_bytes=100, stored_steps=3, per_step_bytes=20)) == 20  # 100 - (3 + 1) x 20
+    assert spare_bytes(dict(memory_budget_bytes=100, stored_steps=0, per_step_bytes=0)) == 100
+    assert spare_bytes(dict(memory_budget_bytes=0, stored_steps=0, per_step_bytes=0)) == 0
+    assert spare_bytes(dict(memory_budget_bytes=None, stored_steps=7, per_step_bytes=20)) is None  # unlimited
+    assert spare_bytes({}) is None
+
+
+@pytest.mark.skipif(not has_op("buffer_cache_stats"), reason="C++ extension without the buffer cache")
+@pytest.mark.parametrize("budget, stored, per_step_mb, held", [
+    ("100MB", 3, 20, True),   # 100 - 4 x 20 = 20 MB spare >= the 20 MB cap
+    ("100MB", 4, 20, False),  # the kept steps fill it: 0 MB spare
+    ("100MB", 3, 21, False),  # 16 MB spare < 20 MB
+    ("21MB", 0, 1, True),     # nothing kept yet room for the cap
+    ("0", 0, 0, False),       # budget 0 and min never hold
+    ("min", 0, 0, False),
+    ("unlimited", 7, 20, True),
+])
+def test_a_sized_budget_holds_once_its_spare_bytes_hold_the_free_cap(monkeypatch, budget, stored, per_step_mb,
+                                                                    held):
+    """After an unroll, a size (or auto) holds the step buffers only if what its kept steps and the step being
+    computed leave of it holds the cache's whole free cap (HABA_FAST_BUFFER_CACHE_MB): then peak RSS stays within
+    budget + budget 0's peak."""
+    from haba_fast.engines.memory import budget_bytes, holds_step_buffers
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", "20")
+    stats = dict(memory_budget_bytes=budget_bytes(budget, torch.device("cpu")), stored_steps=stored,
+                 per_step_bytes=per_step_mb << 20)
+    assert holds_step_buffers(budget, stats) is held
 
 
 def test_keep_last():

@@ -29,7 +29,6 @@ sqrt(N) vectors for the same count of recomputations, a few MB, at the price of 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import warnings
@@ -37,7 +36,7 @@ from typing import Optional, Union
 
 import torch
 
-from haba_fast._ext import buffer_cache_held, buffer_cache_scope
+from haba_fast._ext import BufferCacheRun, buffer_cache_free_cap
 
 __all__ = [
     "AUTO_FRACTION",
@@ -49,8 +48,8 @@ __all__ = [
     "free_memory_bytes",
     "keep_last",
     "parse_memory_budget",
-    "run_buffers",
-    "step_buffers",
+    "RunBuffers",
+    "spare_bytes",
 ]
 
 AUTO_FRACTION = 0.5  # ``auto``: half of the free memory (the rest for generate/augment, the optimizer, other jobs)
@@ -78,28 +77,64 @@ _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-z]*)\s*$")
 Budget = Union[int, str]  # bytes >= 0, "auto", "unlimited" or "min"
 
 
-def holds_step_buffers(memory_budget: Union[str, int, float, None]) -> bool:
-    """Whether a run at this memory budget keeps its steps' large CPU blocks between steps (``distill()``: the C++
-    buffer cache held for the run, each step in a scope; haba_fast._ext.buffer_cache_held). Only ``unlimited``:
-    every free block of a step then stays in the process for the next one -- the whole working set, not only the
-    kept steps -- which saves re-faulting it in (up to ~30 us per 4 KiB page on a VM that hands freed pages back to
-    its host) but piles the free blocks of the step's phases up beside each other (measured at bpc 50, batch 500:
-    +1.5 GB over budget 0's 3 GB peak). A size or ``auto`` is a cap that this pile is not counted against, and
-    0 / ``min`` keep the smallest footprint, so they hold nothing between steps."""
-    return parse_memory_budget(memory_budget) == UNLIMITED
+def spare_bytes(stats: dict) -> Optional[int]:
+    """What a budget leaves beside its kept steps and the step held back for the one being computed: budget -
+    (stored_steps + 1) x per_step_bytes, from an engine's ``last_stats``; None for an unlimited budget (or no stats).
+    """
+    budget = stats.get("memory_budget_bytes")
+    if budget is None:
+        return None
+    return int(budget) - (int(stats.get("stored_steps", 0)) + 1) * int(stats.get("per_step_bytes", 0))
 
 
-def run_buffers(memory_budget) -> contextlib.AbstractContextManager:
-    """The buffer cache for a run of steps at this memory budget: held where the budget keeps a step's blocks
-    between steps (:func:`holds_step_buffers`: ``unlimited``), else only handed back at the end (the
-    engine's sweeps hold their own scopes, and kept unrolls retain their kept steps' blocks between iterations)."""
-    return buffer_cache_held(holds_step_buffers(memory_budget))
+def holds_step_buffers(memory_budget: Union[str, int, float, None], stats: Optional[dict] = None) -> bool:
+    """Whether a run at this memory budget keeps its steps' large CPU blocks between steps (the C++ buffer cache
+    held, each step in a scope: :class:`RunBuffers`). Every free block of a step then stays in the process for the
+    next one -- the whole working set, not only the kept steps -- which saves re-faulting it in (up to ~30 us per
+    4 KiB page on a VM that hands freed pages back to its host) but piles the free blocks of the step's phases up
+    beside each other (measured at bpc 50, batch 500: +1.5 GB over budget 0's 3 GB peak), up to the cache's free
+    cap (``HABA_FAST_BUFFER_CACHE_MB``, default 4096 MiB).
+
+    * ``unlimited``: always.
+    * a size or ``auto``: once an unroll of the C++ engine on CPU tensors has shown (``stats``: its ``last_stats``)
+      that the budget's spare bytes (:func:`spare_bytes`) hold the whole free cap, so that peak RSS stays within
+      the budget + budget 0's peak; a budget that its kept steps fill does not hold.
+    * 0 and ``min``: never (they keep the smallest footprint).
+    """
+    budget = parse_memory_budget(memory_budget)
+    if budget == UNLIMITED:
+        return True
+    if budget in (0, MINIMAL) or stats is None:
+        return False
+    spare, cap = spare_bytes(stats), buffer_cache_free_cap()
+    return spare is not None and cap is not None and spare >= cap
 
 
-def step_buffers(memory_budget) -> contextlib.AbstractContextManager:
-    """One step of a run (inside ``run_buffers``): a ``buffer_cache_scope()`` where the run holds the cache, so that
-    every large block of the step on this thread comes from it and goes back to it, else nothing."""
-    return buffer_cache_scope() if holds_step_buffers(memory_budget) else contextlib.nullcontext()
+class RunBuffers(BufferCacheRun):
+    """The C++ buffer cache over a run of steps at a memory budget (``distill()``, ``bench iteration``): held from
+    the start at ``unlimited``, from the step after the first unroll that shows the budget can afford it at a size
+    or ``auto`` (:func:`holds_step_buffers`), never at 0 or ``min``; every block goes back at the end.
+
+    Use::
+
+        with RunBuffers(budget) as buffers:
+            for ...:
+                with buffers.step():
+                    distiller.step()
+                buffers.after_step(distiller.engine)
+    """
+
+    def __init__(self, memory_budget):
+        self.memory_budget = parse_memory_budget(memory_budget)
+        super().__init__(hold=holds_step_buffers(self.memory_budget))
+
+    def after_step(self, engine) -> None:
+        """After a step: hold from the next step on where the engine's last unroll (the C++ op on CPU tensors, whose
+        blocks the cache serves) shows that the budget affords it."""
+        if self.held or getattr(engine, "last_backend", None) != "cpu":
+            return
+        if holds_step_buffers(self.memory_budget, getattr(engine, "last_stats", None)):
+            self.hold()
 
 
 def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
