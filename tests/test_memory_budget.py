@@ -93,6 +93,7 @@ def test_spare_bytes():
     ("0", 0, 0, False),       # budget 0 and min never hold
     ("min", 0, 0, False),
     ("unlimited", 7, 20, True),
+    ("100MB-cuda", 3, 20, False),  # a budget of GPU memory says nothing about the host's
 ])
 def test_a_sized_budget_holds_once_its_spare_bytes_hold_the_free_cap(monkeypatch, budget, stored, per_step_mb,
                                                                     held):
@@ -102,9 +103,11 @@ def test_a_sized_budget_holds_once_its_spare_bytes_hold_the_free_cap(monkeypatch
     from haba_fast.engines.memory import budget_bytes, holds_step_buffers
 
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE_MB", "20")
-    stats = dict(memory_budget_bytes=budget_bytes(budget, torch.device("cpu")), stored_steps=stored,
-                 per_step_bytes=per_step_mb << 20)
+    budget, _, device = budget.partition("-")
+    stats = dict(memory_device=device or "cpu", memory_budget_bytes=budget_bytes(budget, torch.device("cpu")),
+                 stored_steps=stored, per_step_bytes=per_step_mb << 20)
     assert holds_step_buffers(budget, stats) is held
+    assert holds_step_buffers(budget, {}) is (budget == "unlimited"), "no unroll yet: only unlimited holds"
 
 
 def test_keep_last():

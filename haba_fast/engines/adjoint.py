@@ -703,7 +703,8 @@ class AdjointEngine:
         if self.checkpoint and self.offload_weights:
             raise ValueError(OFFLOAD_WITH_MIN)
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
-        # The last call's budget bookkeeping: memory_budget_bytes (None = unlimited), per_step_bytes (measured on
+        # The last call's budget bookkeeping: memory_device ("cpu" | "cuda": where the budget's bytes are),
+        # memory_budget_bytes (None = unlimited), per_step_bytes (measured on
         # step 0; 0 when nothing is stored), stored_steps, recomputed_steps, stored_weights (the most w_t held at
         # once: N + 1, ~2 sqrt(N) + 2 with ``min``, 2 offloaded), with ``min`` checkpoint_every and
         # recomputed_weights, offloaded: offloaded_weights and offloaded_bytes.
@@ -749,8 +750,9 @@ class AdjointEngine:
         if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
             raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
 
-    def _record(self, run: "_Run | None", budget: int | None, n_steps: int) -> None:
+    def _record(self, run: "_Run | None", budget: int | None, n_steps: int, device: torch.device) -> None:
         stats = {
+            "memory_device": device.type,  # where the budget's bytes are: host memory or the GPU's
             "memory_budget_bytes": budget,
             "per_step_bytes": 0,
             "stored_steps": 0,
@@ -806,7 +808,7 @@ class AdjointEngine:
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, X.device)
         if name == "cpu" and budget == 0 and not self.checkpoint and not self.offload_weights:
-            self._record(None, 0, int(X.shape[0]))
+            self._record(None, 0, int(X.shape[0]), X.device)
             try:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
             except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
@@ -815,7 +817,7 @@ class AdjointEngine:
         run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         _add_reducer_hooks(run, reducer)
         out = _unroll(run, lr_x, (X,))
-        self._record(run, budget, int(X.shape[0]))
+        self._record(run, budget, int(X.shape[0]), X.device)
         return out
 
     def stream(
@@ -863,7 +865,7 @@ class AdjointEngine:
         run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)
-        self._record(run, budget, n_steps)
+        self._record(run, budget, n_steps, ws.device)
         return out
 
     def __repr__(self) -> str:

@@ -96,15 +96,15 @@ def holds_step_buffers(memory_budget: Union[str, int, float, None], stats: Optio
     cap (``HABA_FAST_BUFFER_CACHE_MB``, default 4096 MiB).
 
     * ``unlimited``: always.
-    * a size or ``auto``: once an unroll of the C++ engine on CPU tensors has shown (``stats``: its ``last_stats``)
-      that the budget's spare bytes (:func:`spare_bytes`) hold the whole free cap, so that peak RSS stays within
-      the budget + budget 0's peak; a budget that its kept steps fill does not hold.
+    * a size or ``auto``: once an unroll on CPU tensors has shown (``stats``: the engine's ``last_stats``) that the
+      budget's spare bytes (:func:`spare_bytes`) hold the whole free cap, so that peak RSS stays within the budget +
+      budget 0's peak; a budget that its kept steps fill does not hold, nor one of GPU memory.
     * 0 and ``min``: never (they keep the smallest footprint).
     """
     budget = parse_memory_budget(memory_budget)
     if budget == UNLIMITED:
         return True
-    if budget in (0, MINIMAL) or stats is None:
+    if budget in (0, MINIMAL) or not stats or stats.get("memory_device") != "cpu":
         return False
     spare, cap = spare_bytes(stats), buffer_cache_free_cap()
     return spare is not None and cap is not None and spare >= cap
@@ -113,7 +113,9 @@ def holds_step_buffers(memory_budget: Union[str, int, float, None], stats: Optio
 class RunBuffers(BufferCacheRun):
     """The C++ buffer cache over a run of steps at a memory budget (``distill()``, ``bench iteration``): held from
     the start at ``unlimited``, from the step after the first unroll that shows the budget can afford it at a size
-    or ``auto`` (:func:`holds_step_buffers`), never at 0 or ``min``; every block goes back at the end.
+    or ``auto`` (:func:`holds_step_buffers`), never at 0 or ``min``; once held, to the end of the run (a size's
+    kept steps and spare bytes do not change between iterations; ``auto``'s free memory then counts the held
+    blocks as used, which must not release them); every block goes back at the end.
 
     Use::
 
@@ -129,11 +131,9 @@ class RunBuffers(BufferCacheRun):
         super().__init__(hold=holds_step_buffers(self.memory_budget))
 
     def after_step(self, engine) -> None:
-        """After a step: hold from the next step on where the engine's last unroll (the C++ op on CPU tensors, whose
-        blocks the cache serves) shows that the budget affords it."""
-        if self.held or getattr(engine, "last_backend", None) != "cpu":
-            return
-        if holds_step_buffers(self.memory_budget, getattr(engine, "last_stats", None)):
+        """After a step: hold from the next step on where the engine's last unroll (``engine.last_stats``; None: an
+        objective without a trajectory engine) shows that the budget affords it."""
+        if not self.held and holds_step_buffers(self.memory_budget, getattr(engine, "last_stats", None)):
             self.hold()
 
 
