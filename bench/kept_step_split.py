@@ -14,7 +14,7 @@ over the sweep and minor page faults. Arms are interleaved round by round; the s
 With ``--repeats R`` each process replays the sweep pair R times and the summary times the last one (the steady
 state of a long run): before each backward sweep the kept arm retains its kept steps' blocks for the next pair
 (``buffer_cache_retain``, one kept step's storages x N), as the engine does, and with ``--hold`` the repeats run
-held (``buffer_cache_held``, as ``distill()`` runs its iterations), so from the second pair on both arms' sweeps
+held (``BufferCacheRun(hold=True)``, as ``distill()`` runs its iterations), so from the second pair on both arms' sweeps
 find their working set resident too. The first pair of a fresh process faults every block in; on a virtual machine
 that hands freed pages back to its host (``bench/first_touch.py``) that costs several CPU seconds per GB.
 
@@ -45,7 +45,7 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
     import torch
 
     from haba_fast._ext import (
-        buffer_cache_held,
+        BufferCacheRun,
         buffer_cache_retain,
         buffer_cache_scope,
         extension_available,
@@ -85,7 +85,7 @@ def child(arm: str, steps: int, batch: int, repeats: int = 1, hold: bool = False
         ops.trajectory_step_grad(w, xs[0], ys[0], spec)
         ops.trajectory_step_adjoint(w, xs[0], ys[0], lam, spec, True)
     per_repeat = []
-    with buffer_cache_held(hold):  # handing every retained block back at the end, held or not
+    with BufferCacheRun(hold):  # handing every retained block back at the end, held or not
         for _ in range(repeats):
             acc = {}
             kept = [None] * steps

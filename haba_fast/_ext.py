@@ -134,25 +134,28 @@ def buffer_cache_hold(on: bool) -> None:
         torch.ops.haba_fast.buffer_cache_hold(bool(on))
 
 
-def buffer_cache_is_held() -> bool:
-    """Whether the C++ buffer cache is switched on and held now (``buffer_cache_hold``)."""
+_STAT_HELD, _STAT_FREE_CAP = 7, 8  # indices in buffer_cache_stats() (csrc/buffer_cache.h)
+
+
+def _buffer_cache_stat(index: int) -> Optional[int]:
+    """One counter of the C++ buffer cache (``buffer_cache_stats()[index]``); None where the extension lacks it."""
     if not has_op("buffer_cache_stats"):
-        return False
+        return None
     import torch
 
-    stats = list(torch.ops.haba_fast.buffer_cache_stats())
-    return len(stats) > 7 and bool(stats[7])
+    stats = torch.ops.haba_fast.buffer_cache_stats()
+    return int(stats[index]) if len(stats) > index else None
+
+
+def buffer_cache_is_held() -> bool:
+    """Whether the C++ buffer cache is switched on and held now (``buffer_cache_hold``)."""
+    return bool(_buffer_cache_stat(_STAT_HELD))
 
 
 def buffer_cache_free_cap() -> Optional[int]:
     """The bytes a scope of the C++ buffer cache may keep free beyond the retained blocks
     (``HABA_FAST_BUFFER_CACHE_MB``, default 4096 MiB, read now), or None where the extension lacks the counter."""
-    if not has_op("buffer_cache_stats"):
-        return None
-    import torch
-
-    stats = list(torch.ops.haba_fast.buffer_cache_stats())
-    return int(stats[8]) if len(stats) > 8 else None
+    return _buffer_cache_stat(_STAT_FREE_CAP)
 
 
 class BufferCacheRun:
@@ -194,11 +197,6 @@ class BufferCacheRun:
                 self.held = False
         finally:
             buffer_cache_retain()
-
-
-def buffer_cache_held(hold: bool = True) -> BufferCacheRun:
-    """A run of iterations holding the C++ buffer cache from its start when ``hold`` (:class:`BufferCacheRun`)."""
-    return BufferCacheRun(hold)
 
 
 def has_op(name: str) -> bool:

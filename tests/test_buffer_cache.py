@@ -390,10 +390,10 @@ def test_held_blocks_outlive_every_scope_until_the_hold_ends(monkeypatch):
 
 @pytest.mark.parametrize("budget", [0, "unlimited"])
 def test_held_unrolls_reuse_each_others_blocks_with_the_same_results(monkeypatch, budget):
-    """Held for a run (buffer_cache_held, as distill() does), the second unroll draws its blocks -- the working
+    """Held for a run (BufferCacheRun(hold=True), as distill() does), the second unroll draws its blocks -- the working
     set of both sweeps, not only kept steps -- from the first one's, bit for bit the cache-off results; at the end
     every block goes back."""
-    from haba_fast._ext import buffer_cache_held
+    from haba_fast._ext import BufferCacheRun
 
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     off = _per_step_run(budget=budget)
@@ -402,7 +402,7 @@ def test_held_unrolls_reuse_each_others_blocks_with_the_same_results(monkeypatch
     s0 = stats()
     _per_step_run(budget=budget)
     s1 = stats()
-    with buffer_cache_held():
+    with BufferCacheRun(hold=True):
         first = _per_step_run(budget=budget)
         s2 = stats()
         second = _per_step_run(budget=budget)

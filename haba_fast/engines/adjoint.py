@@ -453,7 +453,7 @@ def _retain_kept_blocks(run: "_Run") -> None:
     storages x the kept steps) outlive the sweep, so the next unroll's forward sweep takes its kept tensors from
     them instead of faulting in fresh pages -- what PyTorch's CUDA caching allocator does across iterations. Budget
     0 keeps no step and retains nothing (which also hands back what an earlier kept unroll retained, unless a run
-    holds the cache: ``buffer_cache_held``). ``distill()`` hands the blocks back when its run ends."""
+    holds the cache: ``engines.memory.RunBuffers``). ``distill()`` hands the blocks back when its run ends."""
     if _cached_sweeps(run):
         buffer_cache_retain(run.kept_block_sizes * int(run.stats.get("stored_steps", 0)))
 
