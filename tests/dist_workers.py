@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -35,8 +36,11 @@ def _entry(local_rank: int, world: int, port: int, fn, out_dir: str, args: tuple
         MASTER_PORT=str(port),
         HABA_FAST_DIST_TIMEOUT=os.environ.get("HABA_FAST_DIST_TIMEOUT", "60"),
     )
+    import faulthandler
+
     from haba_fast import dist
 
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal (SIGABRT, SIGSEGV) prints every thread's stack
     torch.set_num_threads(1)
     assert dist.init_from_env("cpu")
     try:
@@ -46,15 +50,44 @@ def _entry(local_rank: int, world: int, port: int, fn, out_dir: str, args: tuple
         dist.destroy(wait=False)
         raise
     dist.destroy()
+    (Path(out_dir) / f"rank{local_rank}.left").touch()
+    # The rank's result is saved and it has left the group: end the process here, without the interpreter's
+    # teardown (static destructors of the communication library's threads), which is no part of what is tested.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _rank_stages(out_dir: Path, world: int) -> str:
+    """How far each rank got, from the files ``_entry`` leaves: for the error of a rank that died."""
+    stages = []
+    for r in range(world):
+        stage = (
+            "left the group"
+            if (out_dir / f"rank{r}.left").exists()
+            else ("saved its result" if (out_dir / f"rank{r}.pt").exists() else "did not save a result")
+        )
+        stages.append(f"rank {r} {stage}")
+    return "; ".join(stages)
 
 
 def run_ranks(fn, world: int, out_dir, *args) -> list:
-    """``fn(out_dir, *args)`` on ``world`` gloo ranks; their return values in rank order."""
+    """``fn(out_dir, *args)`` on ``world`` gloo ranks; their return values in rank order. A rank that dies raises
+    ``torch.multiprocessing.ProcessExitedException`` (or the rank's error), with how far every rank got."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if world == 1:
         return [fn(str(out_dir), *args)]
-    mp.start_processes(_entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, start_method="spawn")
+    for r in range(world):  # an earlier call's files in the same folder must not pass for this call's
+        for name in (f"rank{r}.pt", f"rank{r}.left"):
+            (out_dir / name).unlink(missing_ok=True)
+    try:
+        mp.start_processes(
+            _entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, start_method="spawn"
+        )
+    except mp.ProcessExitedException as exc:
+        exc.add_note(f"{fn.__name__} on {world} ranks: {_rank_stages(out_dir, world)}")
+        raise
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -187,8 +220,13 @@ def distill_config(**kw):
     return DistillConfig(**base)
 
 
-ENGINE_CASES = (("naive", torch.float64), ("naive", torch.float32), ("exact", torch.float64),
-                ("exact", torch.float32), ("first-order", torch.float64))
+ENGINE_CASES = (
+    ("naive", torch.float64),
+    ("naive", torch.float32),
+    ("exact", torch.float64),
+    ("exact", torch.float32),
+    ("first-order", torch.float64),
+)
 
 
 def engine_grads_all(out_dir: str) -> dict:
@@ -250,8 +288,15 @@ def train_buffers(out_dir: str, num_experts: dict, sub: str) -> None:
     ds = digits()
     for fmt, n in num_experts.items():
         cfg = ExpertConfig(
-            model=MODEL, num_experts=n, epochs=2, batch_size=64, save_interval=2, seed=5, device="cpu",
-            dsa_strategy="color_crop", test_every=0,
+            model=MODEL,
+            num_experts=n,
+            epochs=2,
+            batch_size=64,
+            save_interval=2,
+            seed=5,
+            device="cpu",
+            dsa_strategy="color_crop",
+            test_every=0,
         )
         train_experts(ds, cfg, Path(out_dir) / f"{fmt}_{sub}", fmt=fmt, progress=False)
     return None
@@ -280,3 +325,15 @@ def leave_in_turn(out_dir: str) -> bool:
         marker.write_text("here")
     dist.destroy()
     return marker.exists()
+
+
+def abort_rank1(out_dir: str) -> int:
+    """Rank 1 aborts (SIGABRT) after 1 s; rank 0 returns at once (its result is saved, then it waits to leave)."""
+    import time
+
+    from haba_fast import dist
+
+    if dist.rank() == 1:
+        time.sleep(1.0)
+        os.abort()
+    return dist.rank()

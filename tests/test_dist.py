@@ -14,6 +14,7 @@ import textwrap
 import dist_workers as W
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from haba_fast import dist
 
@@ -75,6 +76,16 @@ def test_collectives_on_two_ranks(tmp_path):
 def test_destroy_waits_for_every_rank(tmp_path):
     # A rank that left while its peer still read the last collective aborted the peer (SIGABRT): destroy() waits.
     assert W.run_ranks(W.leave_in_turn, 2, tmp_path) == [True, True]
+
+
+def test_a_rank_killed_by_a_signal_says_how_far_each_rank_got(tmp_path, capfd):
+    """The harness's own report: a rank that aborts fails the run with the signal, where every thread of it was
+    (faulthandler) and how far each rank got; an earlier call's result files in the folder do not count."""
+    torch.save(0, tmp_path / "rank1.pt")
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT") as info:
+        W.run_ranks(W.abort_rank1, 2, tmp_path)
+    assert "abort_rank1 on 2 ranks: rank 0 saved its result; rank 1 did not save a result" in info.value.__notes__
+    assert "Fatal Python error: Aborted" in capfd.readouterr().err
 
 
 def test_cli_leaves_the_process_group_after_every_command(monkeypatch):
