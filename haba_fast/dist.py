@@ -146,21 +146,39 @@ def init_from_env(device: Optional[str] = None) -> bool:
 def destroy(wait: bool = True) -> None:
     """Leave the process group (no-op on one process).
 
-    ``wait`` (the normal exit): every rank first waits at a barrier. A rank that tore the group down while a peer's
-    last collective was still reading from it made the peer's transport thread abort its process ("terminate
-    called without an active exception", SIGABRT). The barrier is bounded by the group's timeout; past it (a
-    dead peer) the group is left anyway. ``wait=False``: leave at once (on an error path, where a peer may never
-    arrive).
+    ``wait`` (the normal exit): every rank first waits at a barrier, then, through the group's key-value store
+    (:func:`_leave_together`), until every rank has returned from that barrier. A rank that tore the group down
+    while a peer still read a message from it made the peer's transport thread abort its process ("terminate
+    called without an active exception", SIGABRT): the barrier alone does not prevent it, since a rank returns from
+    the barrier once it has heard from every peer, which can be before a peer has heard from it. The waits are
+    bounded by the group's timeout; past it (a dead peer) the group is left anyway. ``wait=False``: leave at once
+    (on an error path, where a peer may never arrive).
     """
+    global _leave_rounds
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         try:
             if wait and dist.get_world_size() > 1:
                 dist.barrier()
+                _leave_rounds += 1
+                store = dist.distributed_c10d._get_default_store()
+                _leave_together(store, dist.get_world_size(), f"haba_fast/leave/{_leave_rounds}")
         except RuntimeError:
             pass  # a peer is gone: nothing to wait for; leave the group all the same
         finally:
             dist.destroy_process_group()
+
+
+_leave_rounds = 0  # destroy()'s waits in this process: each uses its own key, the same on every rank
+
+
+def _leave_together(store, world: int, key: str) -> None:
+    """Return once all ``world`` ranks have called this with ``key``, through ``store`` (a
+    ``torch.distributed.Store``) and not through the group's own connections, so that no rank is still reading a
+    collective's message when this returns. Raises the store's error (a ``RuntimeError``) past its timeout."""
+    if store.add(key, 1) == world:
+        store.set(f"{key}/all", "1")
+    store.wait([f"{key}/all"])
 
 
 def barrier() -> None:
@@ -361,4 +379,3 @@ class BatchReducer:
         """A replicated tensor as used by this rank's shard, differentiable: backward sums the gradient over ranks
         (each rank's shard contributes its part)."""
         return _Share.apply(t) if self.active else t
-

@@ -205,6 +205,20 @@ def test_a_dead_rank_ends_the_job_with_an_error(tmp_path, failure):
         assert "Timed out" in proc.stderr  # rank 0's collective gave up after the timeout
 
 
+def test_a_finished_job_leaves_cleanly_under_torchrun(tmp_path):
+    """The normal exit under torchrun: every rank leaves through destroy() (barrier, then the store's wait) and the
+    job exits 0; a second destroy() is a no-op."""
+    script = tmp_path / "ok.py"
+    script.write_text("import torch\nfrom haba_fast import dist\nassert dist.init_from_env('cpu')\nr = dist.rank()\n"
+                      "dist.all_reduce_sum_(torch.ones(4))\ndist.destroy()\ndist.destroy()\nprint('left', r)\n")
+    env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(W.free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["left 0", "left 1"]
+
+
 def test_buffer_files_equal_one_process(tmp_path):
     """2 ranks resume a 1-process run up to 5 experts (rounds of 2, the last one partial): same trajectories, same
     files, same grouping into replay_buffer files, as one process training all 5. The haba layout resumes from 1
@@ -257,3 +271,37 @@ def test_distill_run_writes_on_rank_0_and_resumes(tmp_path):
     r0, _ = W.run_ranks(W.distill_run, 2, tmp_path, "two", 3, True)
     (last,) = r0["history"]
     assert last["iteration"] == 2.0 and abs(last["loss"] - ref["history"][2]["loss"]) < 1e-5
+
+
+def test_leave_together_returns_when_every_rank_has_arrived():
+    """destroy()'s last wait goes through the store: each of 2 callers (threads, one in-process store) returns only
+    once both have arrived, round after round; a caller alone times out with the store's error."""
+    import datetime
+    import threading
+    import time
+
+    import torch.distributed as tdist
+
+    store = tdist.HashStore()
+    store.set_timeout(datetime.timedelta(seconds=10))
+    returned = []
+
+    def rank(name, delay, key):
+        time.sleep(delay)
+        dist._leave_together(store, 2, key)
+        returned.append((name, time.monotonic()))
+
+    for round_ in range(2):
+        start = time.monotonic()
+        key = f"round{round_}"
+        threads = [threading.Thread(target=rank, args=(n, d, key)) for n, d in (("early", 0.0), ("late", 0.5))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        assert sorted(n for n, _ in returned) == ["early", "late"], f"round {round_}"
+        assert all(t - start >= 0.5 for _, t in returned), "the early rank returned before the late one arrived"
+        returned.clear()
+    store.set_timeout(datetime.timedelta(seconds=0.5))
+    with pytest.raises(RuntimeError):
+        dist._leave_together(store, 2, "alone")
