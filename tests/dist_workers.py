@@ -328,12 +328,12 @@ def leave_in_turn(out_dir: str) -> bool:
 
 
 def abort_rank1(out_dir: str) -> int:
-    """Rank 1 aborts (SIGABRT) after 1 s; rank 0 returns at once (its result is saved, then it waits to leave)."""
+    """Rank 1 aborts (SIGABRT) after 2 s; rank 0 returns at once (its result is saved, then it waits to leave)."""
     import time
 
     from haba_fast import dist
 
     if dist.rank() == 1:
-        time.sleep(1.0)
+        time.sleep(2.0)
         os.abort()
     return dist.rank()

@@ -209,14 +209,17 @@ def test_a_finished_job_leaves_cleanly_under_torchrun(tmp_path):
     """The normal exit under torchrun: every rank leaves through destroy() (barrier, then the store's wait) and the
     job exits 0; a second destroy() is a no-op."""
     script = tmp_path / "ok.py"
-    script.write_text("import torch\nfrom haba_fast import dist\nassert dist.init_from_env('cpu')\nr = dist.rank()\n"
-                      "dist.all_reduce_sum_(torch.ones(4))\ndist.destroy()\ndist.destroy()\nprint('left', r)\n")
+    script.write_text(
+        "import pathlib, sys, torch\nfrom haba_fast import dist\nassert dist.init_from_env('cpu')\nr = dist.rank()\n"
+        "dist.all_reduce_sum_(torch.ones(4))\ndist.destroy()\ndist.destroy()\n"
+        "(pathlib.Path(sys.argv[1]) / f'left{r}').touch()\n"
+    )
     env = dict(os.environ, HABA_FAST_DIST_TIMEOUT="30", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(W.free_port()), str(script)]
+           str(W.free_port()), str(script), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr
-    assert sorted(proc.stdout.split("\n")[:2]) == ["left 0", "left 1"]
+    assert (tmp_path / "left0").exists() and (tmp_path / "left1").exists()
 
 
 def test_buffer_files_equal_one_process(tmp_path):
