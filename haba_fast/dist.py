@@ -143,6 +143,9 @@ def init_from_env(device: Optional[str] = None) -> bool:
     return True
 
 
+_leave_rounds = 0  # destroy()'s waits in this process: each uses its own key, the same on every rank
+
+
 def destroy(wait: bool = True) -> None:
     """Leave the process group (no-op on one process).
 
@@ -167,9 +170,6 @@ def destroy(wait: bool = True) -> None:
             pass  # a peer is gone: nothing to wait for; leave the group all the same
         finally:
             dist.destroy_process_group()
-
-
-_leave_rounds = 0  # destroy()'s waits in this process: each uses its own key, the same on every rank
 
 
 def _leave_together(store, world: int, key: str) -> None:
