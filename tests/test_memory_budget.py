@@ -492,6 +492,24 @@ def test_budget_report_steady_state_section(tmp_path):
     assert "first iterations (nothing retained yet): CPU 1.50x" in text
 
 
+def test_budget_report_pairs_rows_of_one_commit(tmp_path):
+    """Beside the pooled ratio, the report gives the ratio within each commit that has rows on both sides (a commit
+    with one side only, or rows without a commit, give none)."""
+    from haba_fast.benchmarks.iteration import write_budget_report
+
+    def row(budget, cpu, commit):
+        env = {"commit": commit} if commit else {}
+        return _budget_row(budget, cpu, 1000, threads=1, warmup=1, warmup_cpu_s=[cpu], env=env)
+
+    rows = [row("0", 20.0, "aaa"), row("unlimited", 15.0, "aaa"), row("0", 10.0, "bbb"), row("0", 30.0, "ccc"),
+            row("unlimited", 27.0, "ccc"), row("unlimited", 24.0, "ccc"), row("unlimited", 12.0, "ddd"),
+            row("0", 18.0, None), row("unlimited", 9.0, None)]
+    write_budget_report(rows, str(tmp_path / "memory_budget.json"))
+    text = (tmp_path / "MEMORY_BUDGET.md").read_text()
+    assert "(medians of 5 and 4 runs): CPU **0.79x**" in text  # 15 / 19: every commit pooled
+    assert "CPU medians): 0.75x (aaa), 0.85x (ccc)\n" in text
+
+
 def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp_path):
     """bench/run_iteration.sh's report on a GPU: ``exact --memory-budget auto`` rows stay separate from budget 0's
     (not merged), and the issue's targets against naive are checked at (a) and (b) in time and CUDA memory."""

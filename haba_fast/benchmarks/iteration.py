@@ -608,6 +608,22 @@ def _first_cpu_s(row):
     return (row.get("warmup_cpu_s") or [None])[0]
 
 
+def _pairs_by_commit(bigs, bases) -> list[tuple[str, float]]:
+    """(commit, CPU-time ratio of the medians) for every commit with rows on both sides, in the rows' order: the
+    comparisons that ran the same code (the pooled ratio mixes commits and the machine's load over days)."""
+
+    def by_commit(rows_):
+        out: dict[str, list[float]] = {}
+        for r in rows_:
+            commit = (r.get("env") or {}).get("commit")
+            if commit:
+                out.setdefault(commit, []).append(r["cpu_s_per_iter"])
+        return out
+
+    big, base = by_commit(bigs), by_commit(bases)
+    return [(c, statistics.median(big[c]) / statistics.median(base[c])) for c in big if c in base]
+
+
 def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[str]:
     """One configuration's rows of one kind: the first iteration of a fresh process (``warm`` False: rows without
     warm-up, as every row before the key existed), or an iteration after warm-up ones (the steady state)."""
@@ -688,6 +704,12 @@ def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[
             f"runs): CPU **{cpu:.2f}x**, wall {ratio:.2f}x (target <= 0.75x in CPU time) -> "
             f"{'met' if cpu <= 0.75 else 'NOT met'}"
         )
+        pairs = _pairs_by_commit(bigs, bases)
+        if pairs:
+            lines.append(
+                "- the same code's pairs (the largest budget and budget 0 rows of one commit, CPU medians): "
+                + ", ".join(f"{ratio_:.2f}x ({commit})" for commit, ratio_ in pairs)
+            )
         firsts = [[_first_cpu_s(r) for r in rs_] for rs_ in (bigs, bases)]
         if warm and all(None not in f for f in firsts):
             lines.append(
