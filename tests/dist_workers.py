@@ -45,17 +45,27 @@ def _entry(local_rank: int, world: int, port: int, fn, out_dir: str, args: tuple
     assert dist.init_from_env("cpu")
     try:
         value = fn(out_dir, *args)
-        torch.save(value, Path(out_dir) / f"rank{local_rank}.pt")
+        torch.save(value, _result_file(out_dir, local_rank))
     except BaseException:
         dist.destroy(wait=False)
         raise
     dist.destroy()
-    (Path(out_dir) / f"rank{local_rank}.left").touch()
+    _left_file(out_dir, local_rank).touch()
     # The rank's result is saved and it has left the group: end the process here, without the interpreter's
     # teardown (static destructors of the communication library's threads), which is no part of what is tested.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _result_file(out_dir, r: int) -> Path:
+    """Where rank ``r`` saves its return value."""
+    return Path(out_dir) / f"rank{r}.pt"
+
+
+def _left_file(out_dir, r: int) -> Path:
+    """The file rank ``r`` creates once it has left the group."""
+    return Path(out_dir) / f"rank{r}.left"
 
 
 def _rank_stages(out_dir: Path, world: int) -> str:
@@ -64,8 +74,8 @@ def _rank_stages(out_dir: Path, world: int) -> str:
     for r in range(world):
         stage = (
             "left the group"
-            if (out_dir / f"rank{r}.left").exists()
-            else ("saved its result" if (out_dir / f"rank{r}.pt").exists() else "did not save a result")
+            if _left_file(out_dir, r).exists()
+            else ("saved its result" if _result_file(out_dir, r).exists() else "did not save a result")
         )
         stages.append(f"rank {r} {stage}")
     return "; ".join(stages)
@@ -79,8 +89,8 @@ def run_ranks(fn, world: int, out_dir, *args) -> list:
     if world == 1:
         return [fn(str(out_dir), *args)]
     for r in range(world):  # an earlier call's files in the same folder must not pass for this call's
-        for name in (f"rank{r}.pt", f"rank{r}.left"):
-            (out_dir / name).unlink(missing_ok=True)
+        _result_file(out_dir, r).unlink(missing_ok=True)
+        _left_file(out_dir, r).unlink(missing_ok=True)
     try:
         mp.start_processes(
             _entry, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, start_method="spawn"
@@ -88,7 +98,7 @@ def run_ranks(fn, world: int, out_dir, *args) -> list:
     except mp.ProcessExitedException as exc:
         exc.add_note(f"{fn.__name__} on {world} ranks: {_rank_stages(out_dir, world)}")
         raise
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(_result_file(out_dir, r), weights_only=False) for r in range(world)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,13 +230,8 @@ def distill_config(**kw):
     return DistillConfig(**base)
 
 
-ENGINE_CASES = (
-    ("naive", torch.float64),
-    ("naive", torch.float32),
-    ("exact", torch.float64),
-    ("exact", torch.float32),
-    ("first-order", torch.float64),
-)
+ENGINE_CASES = (("naive", torch.float64), ("naive", torch.float32), ("exact", torch.float64),
+                ("exact", torch.float32), ("first-order", torch.float64))
 
 
 def engine_grads_all(out_dir: str) -> dict:
@@ -288,15 +293,8 @@ def train_buffers(out_dir: str, num_experts: dict, sub: str) -> None:
     ds = digits()
     for fmt, n in num_experts.items():
         cfg = ExpertConfig(
-            model=MODEL,
-            num_experts=n,
-            epochs=2,
-            batch_size=64,
-            save_interval=2,
-            seed=5,
-            device="cpu",
-            dsa_strategy="color_crop",
-            test_every=0,
+            model=MODEL, num_experts=n, epochs=2, batch_size=64, save_interval=2, seed=5, device="cpu",
+            dsa_strategy="color_crop", test_every=0,
         )
         train_experts(ds, cfg, Path(out_dir) / f"{fmt}_{sub}", fmt=fmt, progress=False)
     return None
