@@ -28,8 +28,9 @@
 // ops over the largest activations (profiled on ConvNet-128, batch 100, 3x32x32: ~60% of an autograd HVP step is
 // element-wise mul/add/fill/pool-backward; the convolutions are ~40%). Here every layer carries a primal and a
 // tangent through the forward pass and back; on CPU tensors the norm + activation + pooling of a block run as one
-// fused loop per (sample, group) whose data stays in cache (trajectory_kernels.h). Convolutions always go through
-// at::convolution / at::convolution_backward, so the same code runs on CUDA tensors (composite path).
+// fused loop per (sample, group) whose data stays in cache (trajectory_kernels.h). Convolutions go through
+// at::convolution / at::convolution_backward, so the same code runs on CUDA tensors (composite path); on CPU
+// tensors the gradients of a convolution with few input channels take ATen's im2col + GEMM kernel (conv_bwd).
 // Measured (one step's g, h_w, h_x; ConvNet-128, batch 100, float32, same process, busy 2-core machine):
 // autograd double backward 6.4 s, this file's fused path 2.2 s, its ATen-only path 6.5 s, a plain gradient 1.4 s.
 #include <ATen/ATen.h>
@@ -434,8 +435,20 @@ Tensor conv(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, in
   return at::convolution(x, w, b, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
 }
 
+// The gradients of a convolution whose input has at most this many channels (the first block's image: 1 or 3) run
+// ATen's im2col + GEMM kernel (_slow_conv2d_backward) on CPU tensors instead of oneDNN's, which is slow when so few
+// channels come out: for [100, 256, 32, 32] -> 3 channels, one thread, the input gradient took 17.5 ms against
+// 95 ms and the weight gradient 19 ms against 55 ms (1 channel, 28 x 28 padded by 3: 0.60x / 0.63x); at 16 input
+// channels 0.61x / 0.91x, at 32 the weight gradient is already slower (1.14x), at 64 and 128 both (1.1-1.7x)
+// (bench/conv_first_block.py, bench/results/conv_first_block.json). Float64 already ran that kernel, so its
+// results are unchanged. Its weight gradient, like oneDNN's, varies with the thread count in the last bits; kept
+// and recomputed steps run the same kernels, so they stay equal bit for bit.
+constexpr int64_t kGemmConvMaxInChannels = 16;
+
 std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, const Tensor& w, int64_t pad,
                                             std::array<bool, 3> mask) {
+  if (x.device().is_cpu() && x.size(1) <= kGemmConvMaxInChannels)
+    return at::_slow_conv2d_backward(gy, x, w, {w.size(2), w.size(3)}, {1, 1}, {pad, pad}, mask);
   return at::convolution_backward(gy, x, w, at::OptionalIntArrayRef(at::IntArrayRef{w.size(0)}), {1, 1}, {pad, pad},
                                   {1, 1}, false, {0, 0}, 1, mask);
 }
@@ -573,9 +586,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       if (tan) {
         Tensor Wcd = view(lam, l.conv_w);
         if (want_g) {
-          auto r1 = at::convolution_backward(gzz, c.a, at::cat({Wcd, Wc}, 0),
-                                             at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1},
-                                             {l.pad, l.pad}, {1, 1}, false, {0, 0}, 1, {true, true, true});
+          auto r1 = conv_bwd(gzz, c.a, at::cat({Wcd, Wc}, 0), l.pad, {true, true, true});
           gad_next = std::get<0>(r1);
           gW = std::get<1>(r1).narrow(0, 0, Cw);
           gb = std::get<2>(r1).narrow(0, 0, Cw);
@@ -583,9 +594,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
           gbd = std::get<2>(r1).narrow(0, Cw, Cw);
         } else {
           // Input gradient of [gz | gzd] through [Wd; W] in one call; the weight gradient of gzd alone.
-          gad_next = std::get<0>(at::convolution_backward(
-              gzz, c.a, at::cat({Wcd, Wc}, 0), at::OptionalIntArrayRef(at::IntArrayRef{2 * Cw}), {1, 1},
-              {l.pad, l.pad}, {1, 1}, false, {0, 0}, 1, {true, false, false}));
+          gad_next = std::get<0>(conv_bwd(gzz, c.a, at::cat({Wcd, Wc}, 0), l.pad, {true, false, false}));
           if (want_hw) {
             auto rw = conv_bwd(gzz.narrow(1, Cw, Cw), c.a, Wc, l.pad, {false, true, true});
             gWd = std::get<1>(rw);

@@ -64,6 +64,35 @@ def test_step_hvp_matches_autograd_float64(norm, act, pool, path):
         assert rel_err(a, b) < 1e-9
 
 
+@pytest.mark.parametrize("channels", [1, 3, 16, 17, 24])
+def test_step_float32_on_both_first_block_convolution_kernels(channels, path):
+    """The first block's convolution gradients run ATen's im2col + GEMM kernel for <= 16 input channels and oneDNN's
+    above (csrc/trajectory.cpp, conv_bwd): on both sides of that switch one float32 step matches the float64
+    autograd oracle, and the kept step's backward equals the recomputing one bit for bit."""
+    model = _convnet(channel=channels, width=16, depth=2, im=12)
+    g = torch.Generator().manual_seed(channels)
+    w64 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    w64 = w64 + 0.2 * torch.randn(w64.shape, generator=g, dtype=w64.dtype)
+    x64 = torch.randn(6, channels, 12, 12, generator=g, dtype=w64.dtype)
+    y = torch.randint(0, model.num_classes, (6,), generator=g)
+    lam64 = torch.randn(w64.shape, generator=g, dtype=w64.dtype)
+    ref = autograd_step(model, w64, x64, y, lam64)
+    spec = cpp_spec(model)
+    w, x, lam = w64.float(), x64.float(), lam64.float()
+    ops = torch.ops.haba_fast
+    got = ops.trajectory_step_hvp(w, x, y, lam, spec)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        assert rel_err(a.double(), b) < 1e-5
+    g_keep, kept = ops.trajectory_step_grad_keep(w, x, y, spec)
+    assert torch.equal(g_keep, ops.trajectory_step_grad(w, x, y, spec))
+    recomputed = ops.trajectory_step_adjoint(w, x, y, lam, spec, True)
+    reused = ops.trajectory_step_adjoint_kept(w, x, y, lam, kept, spec, True)
+    for a, b in zip(reused, recomputed):
+        assert torch.equal(a, b)
+    assert rel_err(recomputed[1].double(), ref[1]) < 1e-5 and rel_err(recomputed[2].double(), ref[2]) < 1e-5
+
+
 CONFIGS = [
     # (channel, width, depth, norm, act, pool, im, steps, batch)
     (3, 8, 1, "instancenorm", "relu", "avgpooling", 8, 1, 3),
