@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 # (batch, input channels, gradient channels = 2 x width for the input gradient, input size, padding): ConvNet-128's
 # first block on CIFAR (3 x 32 x 32, padding 1) and on (Fashion-)MNIST (1 x 28 x 28, padding 3: the reference's
@@ -108,19 +106,11 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.threads, args.repeats) < 1:
         raise SystemExit("--threads and --repeats must be >= 1")
-    from haba_fast.io import atomic_write_text
-    from haba_fast.timing import environment
+    from haba_fast.timing import write_bench_json
 
     rows = measure(args.threads, args.repeats)
-    out = {
-        "command": f"python bench/conv_first_block.py --threads {args.threads} --repeats {args.repeats} "
-        f"--json {args.json}",
-        "env": environment(),
-        "load_average_at_end": os.getloadavg(),
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+    command = f"python bench/conv_first_block.py --threads {args.threads} --repeats {args.repeats} --json {args.json}"
+    write_bench_json(args.json, command, rows=rows)
     print(f"written {args.json}")
 
 

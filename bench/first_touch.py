@@ -14,10 +14,7 @@ retained blocks (``buffer_cache_retain``) avoid after the first iteration.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
-from pathlib import Path
 
 
 def touch_pass(block_bytes: int, blocks: int) -> list[float]:
@@ -36,8 +33,7 @@ def touch_pass(block_bytes: int, blocks: int) -> list[float]:
 def main() -> None:
     import torch
 
-    from haba_fast.io import atomic_write_text
-    from haba_fast.timing import environment
+    from haba_fast.timing import write_bench_json
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--block-mb", type=int, default=488)
@@ -58,15 +54,8 @@ def main() -> None:
             f"{s[0]:.2f} s, last {s[-1]:.2f} s ({gb_s[0]:.2f} -> {gb_s[-1]:.2f} GB per CPU s)",
             flush=True,
         )
-    out = {
-        "command": f"python bench/first_touch.py --block-mb {args.block_mb} --blocks {args.blocks} "
-        f"--passes {args.passes}",
-        "env": environment(),
-        "load_average_at_end": os.getloadavg(),
-        "passes": passes,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+    command = f"python bench/first_touch.py --block-mb {args.block_mb} --blocks {args.blocks} --passes {args.passes}"
+    write_bench_json(args.json, command, passes=passes)
 
 
 if __name__ == "__main__":

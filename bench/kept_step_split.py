@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 CONV_FLOOR = 9 / 11  # convolutions per block: (3 + 6) kept against (3 + 8) recomputed
 
@@ -175,8 +174,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.batch, args.repeats, args.hold)))
         return
-    from haba_fast.io import atomic_write_text
-    from haba_fast.timing import environment
+    from haba_fast.timing import write_bench_json
 
     rows = []
     for r in range(args.rounds):
@@ -184,16 +182,11 @@ def main() -> None:
             rows.append(dict(one(arm, args.steps, args.batch, args.repeats, args.hold), round=r))
             print(json.dumps(rows[-1]), flush=True)
     summary = summarize(rows)
-    out = {
-        "command": f"python bench/kept_step_split.py --rounds {args.rounds} --steps {args.steps} --batch {args.batch} "
-        f"--repeats {args.repeats}{' --hold' if args.hold else ''} --json {args.json}",
-        "env": environment(),
-        "load_average_at_end": os.getloadavg(),
-        "summary": summary,
-        "rows": rows,
-    }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(json.dumps(out, indent=1) + "\n", args.json)
+    command = (
+        f"python bench/kept_step_split.py --rounds {args.rounds} --steps {args.steps} --batch {args.batch} "
+        f"--repeats {args.repeats}{' --hold' if args.hold else ''} --json {args.json}"
+    )
+    write_bench_json(args.json, command, summary=summary, rows=rows)
     print(json.dumps(summary, indent=1))
 
 

@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 CHILD = """
 import contextlib, sys
@@ -52,6 +51,8 @@ def main() -> None:
     ap.add_argument("--syn-steps", type=int, default=20)
     ap.add_argument("--json", default="bench/results/sweep_cache_ab.json")
     args = ap.parse_args()
+    from haba_fast.timing import write_bench_json
+
     rows = []
     for r in range(args.rounds):
         for budget in args.budgets:
@@ -70,11 +71,9 @@ def main() -> None:
             for budget in args.budgets:
                 if budget != "0":
                     summary[budget][f"over_budget_0_{arm}"] = summary[budget][key] / summary["0"][key]
-    out = {"command": "python bench/sweep_cache_ab.py " + " ".join(
-        [f"--rounds {args.rounds}", "--budgets", *args.budgets, f"--syn-steps {args.syn_steps}"]),
-        "summary": summary, "rows": rows, "load_note": os.getloadavg()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    command = "python bench/sweep_cache_ab.py " + " ".join(
+        [f"--rounds {args.rounds}", "--budgets", *args.budgets, f"--syn-steps {args.syn_steps}"])
+    write_bench_json(args.json, command, summary=summary, rows=rows)
     print(json.dumps(summary, indent=1))
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import zlib
-from pathlib import Path
 
 import torch
 from torch.func import functional_call
@@ -50,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from haba_fast.models import get_network
-    from haba_fast.timing import environment
+    from haba_fast.timing import write_bench_json
 
     torch.manual_seed(0)
     net = get_network("ConvNet", 3, 10, (32, 32))
@@ -86,12 +85,10 @@ def main() -> None:
                      "rss_ratio_80_over_10_ideal": round(rss_ratio(bits), 4),
                      "rss_ratio_80_over_10_zlib": round(rss_ratio(zbits), 4)})
         print(json.dumps(rows[-1]))
-    out = {"command": "python bench/trajectory_compression.py " + " ".join(
-        [f"--steps {args.steps}", "--lrs", *map(str, args.lrs)]),
-        "params": int(w0.numel()), "uncompressed_rss_ratio_80_over_10": round(rss_ratio(32.0), 4),
-        "rows": rows, "environment": environment()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    command = "python bench/trajectory_compression.py " + " ".join(
+        [f"--steps {args.steps}", "--lrs", *map(str, args.lrs)])
+    out = write_bench_json(args.json, command, params=int(w0.numel()),
+                           uncompressed_rss_ratio_80_over_10=round(rss_ratio(32.0), 4), rows=rows)
     print(f"uncompressed: {out['uncompressed_rss_ratio_80_over_10']}; written {args.json}")
 
 

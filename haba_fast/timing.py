@@ -112,6 +112,20 @@ def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
     return env
 
 
+def write_bench_json(path, command: str, **results: Any) -> Dict[str, Any]:
+    """Write a bench/ script's results to ``path`` atomically (folders made) and return them: ``{"command",
+    "env": environment(), "load_average_at_end", **results}`` (the load says how busy the machine was)."""
+    import json
+    from pathlib import Path
+
+    from haba_fast.io import atomic_write_text
+
+    out = {"command": command, "env": environment(), "load_average_at_end": os.getloadavg(), **results}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps(out, indent=1) + "\n", path)
+    return out
+
+
 def add_network_timing_arguments(parser) -> None:
     """The flags every per-iteration benchmark shares: the ConvNet's size, the device, threads and repeats."""
     parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
