@@ -8,7 +8,7 @@ conv's input is the image: 1 or 3 channels. ``at::convolution_backward`` sends f
 is slow when the gradient it writes has so few channels; ``at::_slow_conv2d_backward`` (per sample: a GEMM into
 the im2col columns, then col2im) is not. Per shape: the median seconds of the input gradient and of the weight +
 bias gradient by each kernel, with the engine's buffer cache held as in a sweep (outputs reuse their blocks, no page
-faults), and each result's relative error against float64. ``csrc/trajectory.cpp`` (``conv_bwd``,
+faults; ``timing.measure``), and each result's relative error against float64. ``csrc/trajectory.cpp`` (``conv_bwd``,
 ``kGemmConvMaxInChannels`` = 16) takes im2col + GEMM up to 16 input channels, from these rows.
 """
 
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import warnings
 
 # (batch, input channels, gradient channels = 2 x width for the input gradient, input size, padding): ConvNet-128's
@@ -51,6 +49,7 @@ def _kernels(torch, gy, x, w, pad, mask):
 def measure(threads: int, repeats: int) -> list[dict]:
     import torch
 
+    from haba_fast import timing
     from haba_fast._ext import BufferCacheRun, buffer_cache_scope, extension_available, extension_error
 
     if not extension_available():
@@ -78,20 +77,17 @@ def measure(threads: int, repeats: int) -> list[dict]:
             )
             ref_t = ref[0] if mask[0] else ref[1]
             for name, fn in _kernels(torch, gy, x, w, pad, mask).items():
-                seconds = []
-                with BufferCacheRun(True):
-                    for r in range(repeats + 1):
-                        with buffer_cache_scope():
-                            t0 = time.perf_counter()
-                            out = fn()
-                            dt = time.perf_counter() - t0
-                            got = (out[0] if mask[0] else out[1]).double()
-                            err = float((got - ref_t).norm() / ref_t.norm())
-                            del out, got
-                        if r:  # the first call builds oneDNN's kernel and fills the cache
-                            seconds.append(dt)
-                row[f"{part}_{name}_s"] = statistics.median(seconds)
-                row[f"{part}_{name}_rel_err"] = err
+
+                def call(fn=fn):  # as in an engine sweep: outputs take their blocks from the held cache
+                    with buffer_cache_scope():
+                        fn()
+
+                with BufferCacheRun(True):  # warm-up: the first call builds oneDNN's kernel and fills the cache
+                    t = timing.measure(call, warmup=1, repeats=repeats)
+                out = fn()
+                got = (out[0] if mask[0] else out[1]).double()
+                row[f"{part}_{name}_s"] = t.median
+                row[f"{part}_{name}_rel_err"] = float((got - ref_t).norm() / ref_t.norm())
             row[f"{part}_gemm_over_onednn"] = row[f"{part}_im2col_gemm_s"] / row[f"{part}_onednn_s"]
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -435,20 +435,24 @@ Tensor conv(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, in
   return at::convolution(x, w, b, {1, 1}, {pad, pad}, {1, 1}, false, {0, 0}, 1);
 }
 
-// The gradients of a convolution whose input has at most this many channels (the first block's image: 1 or 3) run
-// ATen's im2col + GEMM kernel (_slow_conv2d_backward) on CPU tensors instead of oneDNN's, which is slow when so few
-// channels come out: for [100, 256, 32, 32] -> 3 channels, one thread, the input gradient took 17.5 ms against
-// 95 ms and the weight gradient 19 ms against 55 ms (1 channel, 28 x 28 padded by 3: 0.60x / 0.63x); at 16 input
-// channels 0.61x / 0.91x, at 32 the weight gradient is already slower (1.14x), at 64 and 128 both (1.1-1.7x)
-// (bench/conv_first_block.py, bench/results/conv_first_block.json). Float64 already ran that kernel, so its
-// results are unchanged. Its weight gradient, like oneDNN's, varies with the thread count in the last bits; kept
-// and recomputed steps run the same kernels, so they stay equal bit for bit.
+// The gradients of a convolution whose input has at most this many channels (the first block's image, 1 or 3
+// channels; every block of a network at most this wide) run ATen's im2col + GEMM kernel (_slow_conv2d_backward)
+// on CPU tensors instead of oneDNN's, which is slow when so few channels come out. For [100, 256, 32, 32] -> 3
+// channels the input gradient took 17.5 ms against 95 ms and the weight gradient 19 ms against 55 ms with one
+// thread (7.3 / 53 ms and 18 / 32 ms with two); at 16 input channels 0.61x / 0.91x (two threads 0.48x / 0.87x);
+// at 32 the weight gradient is already slower (1.14x), at 64 and 128 both (1.1-1.9x). At Fashion-MNIST's first
+// block (1 channel, 28 x 28 padded by 3) 0.60x / 0.63x with one thread, 0.78x / 1.09x with two
+// (bench/conv_first_block.py; bench/results/conv_first_block.json, conv_first_block_2threads.json). Float64
+// already ran that kernel (after the same contiguous copies), so its results are unchanged. Its weight gradient,
+// like oneDNN's, varies with the thread count in the last bits; kept and recomputed steps run the same kernels, so
+// they stay equal bit for bit.
 constexpr int64_t kGemmConvMaxInChannels = 16;
 
 std::tuple<Tensor, Tensor, Tensor> conv_bwd(const Tensor& gy, const Tensor& x, const Tensor& w, int64_t pad,
                                             std::array<bool, 3> mask) {
-  if (x.device().is_cpu() && x.size(1) <= kGemmConvMaxInChannels)
-    return at::_slow_conv2d_backward(gy, x, w, {w.size(2), w.size(3)}, {1, 1}, {pad, pad}, mask);
+  if (x.device().is_cpu() && x.size(1) <= kGemmConvMaxInChannels)  // the kernel reads x and w as dense NCHW
+    return at::_slow_conv2d_backward(gy, x.contiguous(), w.contiguous(), {w.size(2), w.size(3)}, {1, 1}, {pad, pad},
+                                     mask);
   return at::convolution_backward(gy, x, w, at::OptionalIntArrayRef(at::IntArrayRef{w.size(0)}), {1, 1}, {pad, pad},
                                   {1, 1}, false, {0, 0}, 1, mask);
 }

@@ -7,6 +7,7 @@ row says where it came from.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -17,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from haba_fast.io import PathLike, atomic_write_text
 
 
 @dataclass
@@ -112,16 +115,16 @@ def environment(device: Optional[torch.device] = None) -> Dict[str, Any]:
     return env
 
 
-def write_bench_json(path, command: str, **results: Any) -> Dict[str, Any]:
+RESERVED_BENCH_KEYS = ("command", "env", "load_average_at_end")
+
+
+def write_bench_json(path: PathLike, command: str, **results: Any) -> Dict[str, Any]:
     """Write a bench/ script's results to ``path`` atomically (folders made) and return them: ``{"command",
     "env": environment(), "load_average_at_end", **results}`` (the load says how busy the machine was)."""
-    import json
-    from pathlib import Path
-
-    from haba_fast.io import atomic_write_text
-
+    clash = sorted(set(results) & set(RESERVED_BENCH_KEYS))
+    if clash:
+        raise ValueError(f"write_bench_json: {', '.join(clash)} are written by write_bench_json itself")
     out = {"command": command, "env": environment(), "load_average_at_end": os.getloadavg(), **results}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(out, indent=1) + "\n", path)
     return out
 

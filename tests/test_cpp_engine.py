@@ -64,12 +64,20 @@ def test_step_hvp_matches_autograd_float64(norm, act, pool, path):
         assert rel_err(a, b) < 1e-9
 
 
+def _conv_gradient_kernels(fn) -> set[str]:
+    """The convolution-gradient ATen ops ``fn()`` runs (profiler names)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::convolution_backward")}
+
+
 @pytest.mark.parametrize("channels", [1, 3, 16, 17, 24])
 def test_step_float32_on_both_first_block_convolution_kernels(channels, path):
-    """The first block's convolution gradients run ATen's im2col + GEMM kernel for <= 16 input channels and oneDNN's
-    above (csrc/trajectory.cpp, conv_bwd): on both sides of that switch one float32 step matches the float64
-    autograd oracle, and the kept step's backward equals the recomputing one bit for bit."""
-    model = _convnet(channel=channels, width=16, depth=2, im=12)
+    """The convolution gradients run ATen's im2col + GEMM kernel for <= 16 input channels and oneDNN's above
+    (csrc/trajectory.cpp, conv_bwd; width 32 keeps the later blocks on oneDNN): on both sides of that switch one
+    float32 step matches the float64 autograd oracle, and the kept step's backward equals the recomputing one bit
+    for bit."""
+    model = _convnet(channel=channels, width=32, depth=2, im=12)
     g = torch.Generator().manual_seed(channels)
     w64 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     w64 = w64 + 0.2 * torch.randn(w64.shape, generator=g, dtype=w64.dtype)
@@ -80,6 +88,8 @@ def test_step_float32_on_both_first_block_convolution_kernels(channels, path):
     spec = cpp_spec(model)
     w, x, lam = w64.float(), x64.float(), lam64.float()
     ops = torch.ops.haba_fast
+    kernels = _conv_gradient_kernels(lambda: ops.trajectory_step_hvp(w, x, y, lam, spec))
+    assert ("aten::_slow_conv2d_backward" in kernels) == (channels <= 16)
     got = ops.trajectory_step_hvp(w, x, y, lam, spec)
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
@@ -91,6 +101,34 @@ def test_step_float32_on_both_first_block_convolution_kernels(channels, path):
     for a, b in zip(reused, recomputed):
         assert torch.equal(a, b)
     assert rel_err(recomputed[1].double(), ref[1]) < 1e-5 and rel_err(recomputed[2].double(), ref[2]) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_takes_inputs_of_any_memory_layout(layout, dtype, path):
+    """A batch that is a view (strided, a slice) or channels_last gives the contiguous batch's results (up to
+    rounding): the im2col + GEMM gradient kernel reads its input as dense NCHW, so conv_bwd hands it a contiguous
+    copy."""
+    model = _convnet(channel=3, width=8, depth=2, im=10, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    big = torch.randn(5, 3, 10, 14, generator=g, dtype=dtype)
+    y = torch.randint(0, model.num_classes, (5,), generator=g)
+    lam = torch.randn(w.shape, generator=g, dtype=dtype)
+    if layout == "transposed":
+        x = big[..., :10].transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "sliced":
+        x = big[..., 2:12]
+    else:
+        x = big[..., :10].contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    spec = cpp_spec(model)
+    ops = torch.ops.haba_fast
+    dense = x.contiguous()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # oneDNN may sum a channels_last batch in another order
+    for a, b in zip(ops.trajectory_step_hvp(w, x, y, lam, spec), ops.trajectory_step_hvp(w, dense, y, lam, spec)):
+        assert rel_err(a, b) < tol
+    assert rel_err(ops.trajectory_step_grad(w, x, y, spec), ops.trajectory_step_grad(w, dense, y, spec)) < tol
 
 
 CONFIGS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -22,10 +23,21 @@ def test_write_bench_json_records_command_environment_and_results(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]  # no temporary file left behind
 
 
-def test_write_bench_json_keeps_the_old_file_when_results_cannot_be_written(tmp_path):
+def test_write_bench_json_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     timing.write_bench_json(path, "first", rows=[1])
-    with pytest.raises(TypeError):
-        timing.write_bench_json(path, "second", rows=[object()])  # not JSON: nothing is replaced
+
+    def no_rename(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", no_rename)  # the new file is written, then cannot replace the old one
+    with pytest.raises(OSError, match="disk full"):
+        timing.write_bench_json(path, "second", rows=[2])
     assert json.loads(path.read_text())["command"] == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]  # the temporary file is removed
+
+
+def test_write_bench_json_refuses_results_named_like_its_own_keys(tmp_path):
+    with pytest.raises(ValueError, match="env"):
+        timing.write_bench_json(tmp_path / "r.json", "cmd", env={"mine": 1})
+    assert not (tmp_path / "r.json").exists()
