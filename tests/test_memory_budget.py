@@ -466,7 +466,7 @@ def test_budget_report_verdicts_skip_superseded_rows(tmp_path):
     ] + [row("0", 30.0, rss, steps=10) for rss in (910, 912, 990)] + [row("0", 200.0, 950, steps=80)] * 2
     write_budget_report(rows, str(tmp_path / "memory_budget.json"))
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
-    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.72x**, wall 0.72x" in text
+    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.725x**, wall 0.725x" in text
     assert "peak RSS 2900 MB <= budget + budget 0's peak (3048 MB) -> met" in text
     assert "(medians of 2 and 3 runs): **1.042x** (target <= 1.05x) -> met" in text
     assert "spread of the runs: 80 MB at 10 steps" in text
@@ -488,7 +488,7 @@ def test_budget_report_steady_state_section(tmp_path):
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
     assert "| 0 | cpu | 1 | None | None | - | 20.0 | 20.0 | 22.0 | 4 | 1000 | - | *held* |" in text, text
     assert "| 30.0 | 30.0 | 40.0 | - | 1000 | - | *superseded*: older |" in text
-    assert "(medians of 1 and 1 runs): CPU **0.80x**" in text
+    assert "(medians of 1 and 1 runs): CPU **0.800x**" in text
     assert "first iterations (nothing retained yet): CPU 1.50x" in text
 
 
@@ -506,7 +506,7 @@ def test_budget_report_pairs_rows_of_one_commit(tmp_path):
             row("0", 18.0, None), row("unlimited", 9.0, None)]
     write_budget_report(rows, str(tmp_path / "memory_budget.json"))
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
-    assert "(medians of 5 and 4 runs): CPU **0.79x**" in text  # 15 / 19: every commit pooled
+    assert "(medians of 5 and 4 runs): CPU **0.789x**" in text  # 15 / 19: every commit pooled
     assert "CPU medians): 0.75x (aaa), 0.85x (ccc)\n" in text
 
 

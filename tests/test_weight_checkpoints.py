@@ -235,7 +235,7 @@ def test_budget_report_min_rows(tmp_path):
     write_budget_report(rows, str(tmp_path / "memory_budget.json"))
     text = (tmp_path / "MEMORY_BUDGET.md").read_text()
     assert "budget min (checkpointed weight trajectory) / budget 0 (medians of 1 and 1 runs): CPU **1.00x**" in text
-    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.75x**" in text
+    assert "largest budget run (unlimited) / budget 0 (medians of 1 and 1 runs): CPU **0.750x**" in text
     assert "budget min: peak RSS" not in text
     assert "## Memory flat in syn_steps (budget min: checkpointed weight trajectory, bpc 10, batch 100)" in text
     assert "(medians of 1 and 2 runs): **1.020x** (target <= 1.05x) -> met" in text

@@ -701,7 +701,7 @@ def _budget_section(rows, title, ipc, steps, batch, warm: bool = False) -> list[
         cpu = med(bigs, "cpu_s_per_iter") / med(bases, "cpu_s_per_iter")
         lines.append(
             f"- largest budget run ({big['memory_budget']}) / budget 0 (medians of {len(bigs)} and {len(bases)} "
-            f"runs): CPU **{cpu:.2f}x**, wall {ratio:.2f}x (target <= 0.75x in CPU time) -> "
+            f"runs): CPU **{cpu:.3f}x**, wall {ratio:.3f}x (target <= 0.75x in CPU time) -> "
             f"{'met' if cpu <= 0.75 else 'NOT met'}"
         )
         pairs = _pairs_by_commit(bigs, bases)
