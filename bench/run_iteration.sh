@@ -6,7 +6,8 @@
 #   bench/run_iteration.sh                 # the issue's targets (CPU); takes a while on 2 cores
 #   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
 #                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps,
-#                                          # and exact with --memory-budget auto at both (the memory-budget targets)
+#                                          # and exact with --memory-budget auto at both, as chosen and with
+#                                          # --backend cpu (the memory-budget targets)
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -62,10 +63,14 @@ if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 # On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
-# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30.
+# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine
+# chooses (the torch backend keeps autograd graphs on CUDA), then with --backend cpu (the C++ op's kept steps, its
+# composite path on CUDA tensors), each its own row in the report.
 if [ "$DEVICE" != cpu ]; then
   run exact 10 $S20 100 --memory-budget auto
   run exact 50 $S30 500 --memory-budget auto
+  run exact 10 $S20 100 --memory-budget auto --backend cpu
+  run exact 50 $S30 500 --memory-budget auto --backend cpu
 fi
 
 $PY - "$TMP" "$OUT" <<'PYEOF'

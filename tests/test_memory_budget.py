@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
 from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
-from utils import extension_loaded
+from utils import devices, extension_loaded
 
 from haba_fast._ext import has_op
 from haba_fast.backend import BackendUnavailableError
@@ -360,15 +360,18 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
 
 
 @needs_cpp
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", list(CPP_MODELS))
-def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape):
-    """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint."""
+def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape, device):
+    """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint
+    (on CUDA tensors too, where a GPU is present: the composite path bench/run_iteration.sh times with
+    ``--backend cpu``)."""
     from haba_fast.engines.adjoint import cpp_spec
 
     model = _convnet(dtype=dtype, **CPP_MODELS[shape])
-    X, Y, ws, _ = make_problem(model, 1, 3, tuple(model.im_size), dtype)
-    lam = torch.randn(ws.shape, dtype=dtype)
+    X, Y, ws, _ = (t.to(device) for t in make_problem(model, 1, 3, tuple(model.im_size), dtype))
+    lam = torch.randn(ws.shape, dtype=dtype).to(device)
     spec = cpp_spec(model)
     ops = torch.ops.haba_fast
     g, kept = ops.trajectory_step_grad_keep(ws, X[0], Y[0], spec)
@@ -546,6 +549,30 @@ def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp
     write_report(rows, str(tmp_path / "iteration_cuda.json"))
     assert "exact (budget auto) completes; naive did not (out of memory or error)" in (
         tmp_path / "ITERATION.md").read_text()
+
+
+def test_iteration_report_keeps_a_forced_backend_apart(tmp_path):
+    """bench/run_iteration.sh on CUDA runs exact at budget auto twice: the engine's choice (torch graphs) and
+    ``--backend cpu`` (the C++ op's kept steps). The report gives each its own table row and target line."""
+    from haba_fast.benchmarks.iteration import write_report
+
+    def row(engine, s, mem, budget=None, backend=None):
+        r = dict(bench="iteration", engine=engine, ipc=10, syn_steps=20, batch_syn=100, s_per_iter=s, times=[s],
+                 cpu_s_per_iter=s, peak_rss_mb=900.0, peak_cuda_mb=mem, env={"gpu": "H200"},
+                 backend_requested=backend)
+        if budget is not None:
+            r["memory_budget"] = budget
+        return r
+
+    rows = [row("naive", 1.00, 2000.0), row("exact", 0.50, 3000.0, "auto"),
+            row("exact", 0.30, 1500.0, "auto", backend="cpu"), row("exact", 0.45, 1400.0, "auto", backend="auto")]
+    write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    text = (tmp_path / "ITERATION.md").read_text()
+    assert "| exact (budget auto, backend cpu) | 10 | 20 | 100 | 0.300 |" in text
+    assert "| exact (budget auto) | 10 | 20 | 100 | 0.475 |" in text  # --backend auto is the engine's choice: merged
+    assert ("(a) bpc 10, batch 100, syn_steps 20: exact (budget auto, backend cpu) / naive time = **0.30** (target "
+            "<= 0.4) -> met; peak CUDA memory 1500 vs 2000 MB (target: no larger) -> met") in text
+    assert "(a) bpc 10, batch 100, syn_steps 20: exact (budget auto) / naive time = **0.47** (target <= 0.4)" in text
 
 
 def test_trajectory_compression_bench_formulas():

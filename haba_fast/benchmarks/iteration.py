@@ -273,6 +273,7 @@ def run(args) -> int:
         "bench": "iteration",
         "engine": args.engine,
         "engine_backend": getattr(engine, "last_backend", None),
+        "backend_requested": args.backend,  # --backend (None: the engine's own choice)
         "approximate": bool(getattr(engine, "approximate", False)),
         "what": "engine" if args.engine_only else "full HaBa step (incl. adversarial term)",
         "ipc": args.ipc,
@@ -352,9 +353,12 @@ def _budget(row) -> str:
 
 
 def _label(row) -> str:
-    """Engine name for the tables: ``exact`` (budget 0) or ``exact (budget auto)``."""
-    b = _budget(row)
-    return row.get("engine", "?") if b == "0" else f"{row.get('engine')} (budget {b})"
+    """Engine name for the tables: ``exact`` (budget 0), ``exact (budget auto)``, and a forced ``--backend`` beside
+    the budget: ``exact (budget auto, backend cpu)``."""
+    parts = [] if _budget(row) == "0" else [f"budget {_budget(row)}"]
+    if row.get("backend_requested") not in (None, "auto"):
+        parts.append(f"backend {row['backend_requested']}")
+    return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
 
 
 def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
@@ -533,14 +537,14 @@ def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
                     for r in rows
                 )
                 out.append(
-                    f"- {where}: exact (budget auto) completes; naive "
+                    f"- {where}: {_label(a)} completes; naive "
                     + ("did not (out of memory or error)" if failed else "was not run")
                 )
                 continue
             ratio = a["s_per_iter"] / n["s_per_iter"]
             mem_ok = a[mem_key] <= n[mem_key]
             out.append(
-                f"- {where}: exact (budget auto) / naive time = **{ratio:.2f}** (target <= {target}) -> "
+                f"- {where}: {_label(a)} / naive time = **{ratio:.2f}** (target <= {target}) -> "
                 f"{'met' if ratio <= target else 'NOT met'}; {mem_name} {a[mem_key]:.0f} vs {n[mem_key]:.0f} MB "
                 f"(target: no larger) -> {'met' if mem_ok else 'NOT met'}"
             )
