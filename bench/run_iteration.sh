@@ -11,6 +11,7 @@
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
+#   AUTO_ROWS=1 bench/run_iteration.sh     # the budget-auto rows (both backends) on CPU too
 #   RESULTS=/tmp/r bench/run_iteration.sh  # output folder (default bench/results); PYTHON picks the interpreter
 # CPU: every row is one iteration in a fresh process (no warm-up: at tens of seconds per iteration the first-call
 # overheads are noise); the timed comparison interleaves the engines round by round so that they see the same
@@ -54,24 +55,27 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
 for round in $(seq "$ROUNDS"); do
   for engine in exact naive first-order; do run "$engine" 10 $S20 100; done
 done
+# On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
+# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine
+# chooses (the torch backend keeps autograd graphs on CUDA), then with --backend cpu (the C++ op's kept steps, its
+# composite path on CUDA tensors), each its own row in the report. They run right after the rows they are compared
+# with, so that a run cut short by its time budget (bench/run_gpu.sh) still has them.
+auto_rows() {  # auto_rows IPC STEPS BATCH
+  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
+    run exact "$1" "$2" "$3" --memory-budget auto
+    run exact "$1" "$2" "$3" --memory-budget auto --backend cpu
+  fi
+}
+auto_rows 10 $S20 100
+# The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
+run exact 50 $S30 500
+if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
+auto_rows 50 $S30 500
 # Memory growth with syn_steps (bpc 10, batch 100).
 run exact 10 $S10 100
 run exact 10 $S40 100
 run naive 10 $S10 100
 if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
-# The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
-run exact 50 $S30 500
-if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
-# On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
-# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine
-# chooses (the torch backend keeps autograd graphs on CUDA), then with --backend cpu (the C++ op's kept steps, its
-# composite path on CUDA tensors), each its own row in the report.
-if [ "$DEVICE" != cpu ]; then
-  run exact 10 $S20 100 --memory-budget auto
-  run exact 50 $S30 500 --memory-budget auto
-  run exact 10 $S20 100 --memory-budget auto --backend cpu
-  run exact 50 $S30 500 --memory-budget auto --backend cpu
-fi
 
 $PY - "$TMP" "$OUT" <<'PYEOF'
 import json, sys
