@@ -486,7 +486,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
   const bool fused = fused_ok(s, x);
   const int64_t Cw = s.width;
   std::vector<BlockCache> caches(s.depth);
-  Tensor a = x, ad;
+  Tensor a = x.contiguous(), ad;  // one dense copy of a strided batch, not one per gradient call (conv_bwd)
   for (int64_t d = 0; d < s.depth; ++d) {
     const LayerLayout& l = L.layers[d];
     BlockCache& c = caches[d];

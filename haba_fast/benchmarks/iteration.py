@@ -355,7 +355,8 @@ def _budget(row) -> str:
 def _label(row) -> str:
     """Engine name for the tables: ``exact`` (budget 0), ``exact (budget auto)``, and a forced ``--backend`` beside
     the budget: ``exact (budget auto, backend cpu)``."""
-    parts = [] if _budget(row) == "0" else [f"budget {_budget(row)}"]
+    budget = _budget(row)
+    parts = [] if budget == "0" else [f"budget {budget}"]
     if row.get("backend_requested") not in (None, "auto"):
         parts.append(f"backend {row['backend_requested']}")
     return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
