@@ -15,6 +15,9 @@ version the extension was built against is written to ``haba_fast/_build_info.py
 Environment:
     HABA_FAST_BUILD_EXT=0   install without the C++ extension (pure Python; the torch backend is used). Needs no
                             torch at build time, so it also works in an isolated build.
+    HABA_FAST_ISA_COPIES=0  compile the fused CPU loops for the build's baseline ISA only, without the AVX2 /
+                            AVX-512 copies chosen at run time (for a compiler that cannot build those copies;
+                            the loops then run several times slower on CPU tensors).
     DEBUG=1                 build the extension with -O0 -g.
     MAX_JOBS                honoured by torch.utils.cpp_extension's ninja build.
 """
@@ -109,6 +112,8 @@ def _extensions():
     cxx = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG", "-g0"]
     openmp = _openmp_flag(torch)
     cxx += ["-std=c++17", openmp]
+    if os.environ.get("HABA_FAST_ISA_COPIES", "1") == "0":
+        cxx.append("-DHABA_FAST_NO_ISA_COPIES")  # csrc/cpu_isa.h: the baseline copy of the fused loops only
     ext = CppExtension(
         name="haba_fast._C",
         sources=sources,

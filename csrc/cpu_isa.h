@@ -12,8 +12,9 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define HABA_FAST_ISA_COPIES 1  // the AVX2 / AVX-512 copies (GCC or clang on x86)
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(HABA_FAST_NO_ISA_COPIES)
+// the AVX2 / AVX-512 copies (GCC or clang on x86; HABA_FAST_ISA_COPIES=0 at build time, setup.py, leaves them out)
+#define HABA_FAST_ISA_COPIES 1
 #endif
 
 namespace haba_fast {

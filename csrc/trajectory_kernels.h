@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <vector>
 
 #include "trajectory_types.h"
 
@@ -71,7 +70,7 @@ void block_forward_impl(const BlockDims& d, const Params<T>& p, const T* z, cons
   const int64_t Ho = POOL ? d.H / 2 : d.H, Wo = POOL ? d.W / 2 : d.W;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
   at::parallel_for(0, d.B * d.G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> rbuf(HW), rdbuf(TAN ? HW : 0);
+    traj_types::Scratch<T> rbuf(HW), rdbuf(TAN ? HW : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.G, g = task % d.G;
       const int64_t base = (b * d.C + g * Cg) * HW;
@@ -181,8 +180,9 @@ void block_forward_impl(const BlockDims& d, const Params<T>& p, const T* z, cons
             }
           }
         } else {
-          std::copy(rb, rb + HW, op);
-          if (TAN) std::copy(rdb, rdb + HW, odp);
+          for (int64_t i = 0; i < HW; ++i) op[i] = rb[i];
+          if (TAN)
+            for (int64_t i = 0; i < HW; ++i) odp[i] = rdb[i];
         }
       }
     }
@@ -200,7 +200,7 @@ void block_backward_impl(const BlockDims& d, const Params<T>& p, const T* ga, co
   const int64_t BC = d.B * d.C;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(M, 1));
   at::parallel_for(0, d.B * d.G, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> grbuf(POOL ? HW : 0), grdbuf(POOL && TAN ? HW : 0);
+    traj_types::Scratch<T> grbuf(POOL ? HW : 0), grdbuf(POOL && TAN ? HW : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.G, g = task % d.G;
       const int64_t base = (b * d.C + g * Cg) * HW;

@@ -27,5 +27,24 @@ struct Params {
 
 constexpr double kEps = 1e-5;
 
+// A zero-filled per-thread scratch array for the fused loops, in place of std::vector: trajectory_kernels.h is also
+// compiled under `#pragma GCC target("arch=skylake-avx512")`, and GCC refuses to inline an always_inline function
+// defined for the default target into such code ("inlining failed in call to 'always_inline' ...: target specific
+// option mismatch", a hard error). libstdc++ 13 marks std::allocator's constructor and destructor always_inline, so
+// a std::vector there failed to compile with GCC 13 (GCC 12's libstdc++ did not mark them). Plain inline members
+// are inlined or called as the compiler sees fit.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(n > 0 ? new T[n]() : nullptr) {}
+  ~Scratch() { delete[] p_; }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
 }  // namespace traj_types
 }  // namespace haba_fast
