@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -73,6 +74,79 @@ def test_mismatched_record_is_refused_with_the_rebuild_command(monkeypatch):
         assert not _ext.has_op("generate")
     finally:
         _ext.extension_available.cache_clear()  # the next caller re-checks with the real record
+
+
+# Standard-library names whose members libstdc++ 13+ marks always_inline (std::allocator's constructor and
+# destructor), or that build on them.
+_ALLOCATING_STD = re.compile(
+    r"std::(vector|basic_string|string|deque|list|map|unordered_map|set|unordered_set|function|unique_ptr|"
+    r"shared_ptr|make_unique|make_shared|allocator)\b"
+)
+
+
+def _arch_target_includes(source: Path) -> set[str]:
+    """Local headers that ``source`` includes under a ``#pragma GCC target("arch=...")``."""
+    out, active = set(), False
+    for line in source.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#pragma GCC target(") and "arch=" in s:
+            active = True
+        elif s.startswith("#pragma GCC pop_options"):
+            active = False
+        elif active and s.startswith('#include "'):
+            out.add(s.split('"')[1])
+    return out
+
+
+def test_arch_target_copies_construct_no_std_containers():
+    """A header compiled under ``#pragma GCC target("arch=skylake-avx512")`` (the AVX-512 copy of the fused loops,
+    csrc/trajectory.cpp) must not construct standard containers: GCC refuses to inline an always_inline member
+    defined for the default target there, a hard error ("inlining failed in call to 'always_inline' ... target
+    specific option mismatch"), and libstdc++ 13 marks std::allocator's constructor and destructor so. With
+    std::vector scratch arrays the build failed on a GPU machine's g++ 13.3 (2026-12-04) while g++ 12 built it; the
+    loops use traj_types::Scratch instead. Reproduced here with g++ 12 against libstdc++-13-dev's headers."""
+    headers = set()
+    for source in (ROOT / "csrc").glob("*.cpp"):
+        headers |= _arch_target_includes(source)
+    assert "trajectory_kernels.h" in headers  # the check looks where the AVX-512 copy is compiled
+    for name in sorted(headers):
+        text = re.sub(r"//[^\n]*", "", (ROOT / "csrc" / name).read_text())  # comments may name them
+        found = sorted(set(m.group(0) for m in _ALLOCATING_STD.finditer(text)))
+        assert not found, f"csrc/{name} is compiled under an arch= target and uses {found}: use traj_types::Scratch"
+
+
+@pytest.mark.skipif(not shutil.which("g++"), reason="needs g++")
+@pytest.mark.parametrize("copies", [True, False])
+def test_isa_copies_switch(tmp_path, copies):
+    """``HABA_FAST_ISA_COPIES=0`` (setup.py) defines HABA_FAST_NO_ISA_COPIES: csrc/cpu_isa.h then declares no
+    per-ISA copies and picks the baseline loops whatever the CPU; without it, x86 GCC builds get the copies."""
+    (tmp_path / "probe.cpp").write_text(
+        textwrap.dedent(
+            """
+            #include <cstdio>
+            #include "cpu_isa.h"
+            int main() {
+            #ifdef HABA_FAST_ISA_COPIES
+              std::printf("copies %d\\n", static_cast<int>(haba_fast::kernel_isa()));
+            #else
+              std::printf("baseline-only %d\\n", static_cast<int>(haba_fast::kernel_isa()));
+            #endif
+            }
+            """
+        )
+    )
+    flags = [] if copies else ["-DHABA_FAST_NO_ISA_COPIES"]
+    subprocess.run(
+        ["g++", "-std=c++17", *flags, f"-I{ROOT / 'csrc'}", "probe.cpp", "-o", "probe"], cwd=tmp_path, check=True
+    )
+    out = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True, check=True).stdout.split()
+    if copies:
+        assert out[0] == "copies" or not re.match(r"x86_64|i.86", os.uname().machine)
+    else:
+        assert out == ["baseline-only", "0"]
+    setup_text = (ROOT / "setup.py").read_text()
+    assert 'os.environ.get("HABA_FAST_ISA_COPIES", "1") == "0"' in setup_text
+    assert '"-DHABA_FAST_NO_ISA_COPIES"' in setup_text
 
 
 def test_setup_py_without_torch_says_what_to_run(tmp_path):
