@@ -5,16 +5,17 @@
 #   DRY=1 bench/run_gpu.sh          # a CPU dry run here: every phase at tiny sizes, .venv's python, no build
 #
 # Phases run in order, each under `timeout` with its own budget, and a failing phase is logged and the next one
-# runs (no `set -e`). The whole run stays under TOTAL seconds (default 400): the later phases get what remains.
+# runs (no `set -e`). The whole run stays under TOTAL seconds (default 460): the later phases get what remains.
 # Order = priority: the C++ build and the Triton part of tests/test_gpu.py run side by side (the Triton tests
 # need no extension, and their compiles warm Triton's disk cache for the benchmarks), then the rest of
-# tests/test_gpu.py, the genaug and iteration benchmarks, and last the rest of the suite (pytest-xdist).
+# tests/test_gpu.py, the iteration benchmark and its profile (bench/profile_iteration.py), the genaug benchmark and
+# its profile, and last the rest of the suite (pytest-xdist).
 # Everything goes to $OUT in at most 8 files: summary.txt, env.txt, build.log, gpu_tests.log, bench.log,
 # suite.log and results.tar.gz (bench/results, junit xml files, every log). GPU settings are never changed.
-# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest genaug iteration profile suite), e.g. for a
-# rerun; EXTRA_CMD="..." runs one more command before the suite (phase extra, log extra.log in the tarball).
-# Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_GENAUG, B_ITER, B_PROFILE, B_EXTRA, B_SUITE (seconds), GPU_WORKERS (default 4),
-# SUITE_WORKERS (default 8; pytest-xdist when installed).
+# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest iteration iprofile iprofile_a genaug profile
+# suite), e.g. for a rerun; EXTRA_CMD="..." runs one more command before the suite (phase extra, log extra.log in
+# the tarball). Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_ITER, B_IPROFILE, B_IPROFILE_A, B_GENAUG, B_PROFILE,
+# B_EXTRA, B_SUITE (seconds), GPU_WORKERS (default 4), SUITE_WORKERS (default 8; pytest-xdist when installed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -38,11 +39,13 @@ else
   GPU_REST_K="not triton"
   SUITE_ARGS=(tests/ --ignore=tests/test_gpu.py -m "not slow")
 fi
-TOTAL=${TOTAL:-400}
+TOTAL=${TOTAL:-460}
 B_BUILD=${B_BUILD:-150}
 B_GPU=${B_GPU:-120}
 B_GENAUG=${B_GENAUG:-75}
 B_ITER=${B_ITER:-150}
+B_IPROFILE=${B_IPROFILE:-60}
+B_IPROFILE_A=${B_IPROFILE_A:-30}
 B_SUITE=${B_SUITE:-120}
 mkdir -p "$OUT"
 LOGS=$(mktemp -d /tmp/run_gpu_logs.XXXXXX)
@@ -177,10 +180,24 @@ grep -E "passed|failed|error" "$LOGS/gpu_tests.log" | tail -4
 
 # ---- benchmarks ----------------------------------------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then QUICK=1; else QUICK=0; fi
-phase genaug "$(budget "$B_GENAUG")" "$LOGS/bench.log" \
-  env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_genaug.sh
+# The iteration rows first (the memory-budget targets on the GPU), then where their time goes, then genaug.
 phase iteration "$(budget "$B_ITER")" "$LOGS/bench.log" \
   env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_iteration.sh
+if [ "$DRY" = 1 ]; then
+  IPROFILE=(--device cpu --ipc 2 --batch-syn 10 --syn-steps 2 --width 32 --repeats 1 --variants exact:0 naive)
+  IPROFILE_A=("${IPROFILE[@]}")
+else
+  IPROFILE=(--variants exact:0 exact:auto exact:auto:cpu naive)  # (b): bpc 50, batch 500, 30 steps
+  IPROFILE_A=(--ipc 10 --batch-syn 100 --syn-steps 20 --variants exact:0 exact:auto exact:auto:cpu naive)  # (a)
+fi
+# PYTHONPATH: the script imports the package from the checkout also when the editable install failed.
+phase iprofile "$(budget "$B_IPROFILE")" "$LOGS/iprofile.log" bash -c \
+  'PYTHONPATH=. $PY bench/profile_iteration.py "$@"' _ "${IPROFILE[@]}"
+phase iprofile_a "$(budget "$B_IPROFILE_A")" "$LOGS/iprofile.log" bash -c \
+  'PYTHONPATH=. $PY bench/profile_iteration.py "$@"' _ "${IPROFILE_A[@]}"
+grep -E "^=====|profiled step" "$LOGS/iprofile.log"
+phase genaug "$(budget "$B_GENAUG")" "$LOGS/bench.log" \
+  env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_genaug.sh
 # A benchmark cut short by its budget leaves its rows so far: turn them into the documents all the same.
 for f in "$RES"/genaug*.json.tmp; do
   [ -s "$f" ] || continue
