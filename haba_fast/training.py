@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast._ext import BatchBuffers
+
 DEFAULT_DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 LR_SCHEDULES = ("none", "half")
 
@@ -198,8 +200,10 @@ def evaluate_loss_accuracy(
     was_training = net.training
     net.eval()
     total_loss, correct = 0.0, 0
+    buffers, full = BatchBuffers(), min(batch_size, images.shape[0])  # blocks reused across full batches
     try:
         for start in range(0, images.shape[0], batch_size):
+            buffers.batch(min(batch_size, images.shape[0] - start), full)
             x = images[start : start + batch_size].to(device, torch.float32)
             y = labels[start : start + batch_size].to(device)
             if batch_standardize:
@@ -208,6 +212,7 @@ def evaluate_loss_accuracy(
             total_loss += F.cross_entropy(out, y, reduction="sum").item()
             correct += (out.argmax(dim=1) == y).sum().item()
     finally:
+        buffers.close()
         net.train(was_training)
     n = images.shape[0]
     return total_loss / n, correct / n
@@ -317,6 +322,9 @@ def train_network(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
+    # The full batches' large CPU blocks come back from the buffer cache from one batch and epoch to the next
+    # (BatchBuffers); handed back before a ragged last batch and before a test pass.
+    buffers = BatchBuffers()
     try:
         for ep in range(epochs):
             if decay_at is not None and ep == decay_at:
@@ -335,6 +343,7 @@ def train_network(
             total_loss = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros((), device=device, dtype=torch.int64)
             for start in range(0, n, batch_size):
+                buffers.batch(min(batch_size, n - start), min(batch_size, n))
                 idx = order[start : start + batch_size].to(x_all.device)
                 x = x_all[idx].to(device, torch.float32)
                 y = y_all[idx].to(device)
@@ -352,6 +361,7 @@ def train_network(
             stats = EpochStats(epoch=ep, loss=total_loss.item() / n, accuracy=correct.item() / n, lr=current_lr)
             last = ep == epochs - 1
             if test_data is not None and (last or (test_every and (ep + 1) % test_every == 0)):
+                buffers.close()
                 stats.test_loss, stats.test_accuracy = evaluate_loss_accuracy(
                     net,
                     test_data[0],
@@ -370,6 +380,7 @@ def train_network(
             if callback is not None:
                 callback(ep, net, stats)
     finally:
+        buffers.close()
         if bar is not None:
             bar.close()
     return history

@@ -516,3 +516,80 @@ def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
     monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
     assert iteration.run(args) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["buffer_cache_held"] is False
+
+
+def _train(seed: int = 0, test: bool = True):
+    """A short train_network run whose activations exceed the cache's 1 MiB threshold (conv outputs of 2 MiB):
+    ConvNet width 32 on 64 16x16 images, 2 epochs with DSA, then a test pass; returns the trained weights and the
+    history's numbers."""
+    from haba_fast.models import flatten_params, get_network
+    from haba_fast.training import train_network
+
+    g = torch.Generator().manual_seed(seed)
+    net = get_network("ConvNetW32", 3, 4, (16, 16), generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(64, 3, 16, 16, generator=g)
+    y = torch.arange(4).repeat_interleave(16)
+    history = train_network(
+        net, x, y, epochs=2, lr=0.01, momentum=0.9, batch_size=64, generator=g, test_data=(x, y) if test else None
+    )
+    numbers = [(e.loss, e.accuracy, e.test_loss, e.test_accuracy) for e in history.epochs]
+    return flatten_params(net).detach(), numbers
+
+
+def test_training_reuses_blocks_with_the_same_network(monkeypatch):
+    """train_network (and its test passes) hold a scope over their batches (haba_fast._ext.BatchBuffers): the
+    batches reuse each other's blocks, the trained weights and the history are bit for bit the cache-off ones, and
+    no block stays free after it."""
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    w_off, h_off = _train()
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    before = stats()
+    w_on, h_on = _train()
+    after = stats()
+    assert after[HITS] - before[HITS] > 0, "no block was reused across the batches"
+    assert after[FREE_BYTES] == 0 and after[SCOPES] == 0
+    assert torch.equal(w_off, w_on) and h_off == h_on
+
+
+def test_training_leaves_a_held_cache_alone(monkeypatch):
+    """While a run holds the cache (distill()'s iterations), an evaluation's training draws nothing from it and adds
+    no block to it: its blocks of other sizes must not stay held beside the steps' ones."""
+    from haba_fast._ext import buffer_cache_hold
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    _train()  # the wrapper is installed, the counters exist
+    buffer_cache_hold(True)
+    before = stats()
+    w_held, _ = _train()
+    after = stats()
+    buffer_cache_hold(False)
+    assert after[HITS] == before[HITS] and after[MISSES] == before[MISSES]
+    assert after[FREE_BYTES] == before[FREE_BYTES] == 0
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "0")
+    assert torch.equal(w_held, _train()[0])
+
+
+def test_scope_is_open_for_full_batches_only(monkeypatch):
+    """train_network holds the scope over its full batches, across epochs, and hands it back before a ragged last
+    batch and before each test pass (test_every=1), whose own full batches then hold one: blocks of two batch sizes
+    are never held side by side. At the end nothing stays free."""
+    import haba_fast.training as training
+    from haba_fast.models import get_network
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    seen = []
+    g = torch.Generator().manual_seed(0)
+    net = get_network("ConvNetW32", 3, 4, (16, 16), generator=torch.Generator().manual_seed(0))
+    net.register_forward_pre_hook(lambda m, inp: seen.append((m.training, inp[0].shape[0], stats()[SCOPES])))
+    x, y = torch.randn(80, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(20)
+    xt, yt = torch.randn(70, 3, 16, 16, generator=g), torch.arange(70) % 4
+    before = stats()
+    training.train_network(net, x, y, epochs=2, lr=0.01, batch_size=32, generator=g, test_data=(xt, yt), test_every=1)
+    train_pass = [(True, 32, 1), (True, 32, 1), (True, 16, 0)]
+    test_pass = [(False, 70, 1)]  # all 70 test images in one batch (test batch size 256): a full batch
+    assert seen == (train_pass + test_pass) * 2
+    after = stats()
+    assert after[HITS] > before[HITS] and after[FREE_BYTES] == 0 and after[SCOPES] == 0
+    seen.clear()
+    training.evaluate_loss_accuracy(net, xt, yt, batch_size=32)  # 32, 32, then a ragged 6
+    assert seen == [(False, 32, 1), (False, 32, 1), (False, 6, 0)]
