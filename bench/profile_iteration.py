@@ -46,7 +46,15 @@ def _variant_args(base: list[str], variant: str) -> argparse.Namespace:
 def profile_variant(variant: str, base: list[str], repeats: int) -> None:
     args = _variant_args(base, variant)
     device = torch.device(args.device)
-    distiller = build_distiller(args)
+    try:
+        _profile(variant, build_distiller(args), device, repeats)
+    finally:  # also after a failure (out of memory): the next variant starts from an empty cache and peak
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+
+
+def _profile(variant: str, distiller, device: torch.device, repeats: int) -> None:
     t = measure(distiller.step, warmup=1, repeats=repeats, device=device)
     engine = distiller.engine
     stats = getattr(engine, "last_stats", {})
@@ -79,9 +87,6 @@ def profile_variant(variant: str, base: list[str], repeats: int) -> None:
         f"other kernels {(total_us - conv_us) / 1e6:.4f} s"
     )
     print(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
-    del distiller, engine
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
 
 
 def main() -> None:
@@ -120,8 +125,6 @@ def main() -> None:
             profile_variant(variant, base, args.repeats)
         except Exception as exc:  # one failing variant (out of memory) must not cost the others
             print(f"\n===== {variant}: FAILED: {type(exc).__name__}: {str(exc)[:300]}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

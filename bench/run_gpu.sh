@@ -172,6 +172,9 @@ BUILD_S=${BUILD_LINE##* in }
 BUILD_RC2=${BUILD_LINE#*rc=}
 SUMMARY+=("$(printf '%-12s %5s %7s' build "${BUILD_RC2%% *}" "${BUILD_S%s}")")
 [ "$BUILD_RC" = 0 ] || echo "build failed (rc $BUILD_RC): the C++ engine tests will skip or fail; see build.log"
+if grep -q "retrying with HABA_FAST_ISA_COPIES=0" "$LOGS/build.log"; then  # which build the rows below ran
+  SUMMARY+=("build: the first try FAILED; the extension (if any) has the baseline CPU loops only (HABA_FAST_ISA_COPIES=0)")
+fi
 tail -5 "$LOGS/build.log"
 
 # ---- the rest of the GPU tests (C++ engine on CUDA, Distiller, CLI, bad input) -------------------------------------

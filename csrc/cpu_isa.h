@@ -13,8 +13,9 @@
 #include <cstring>
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(HABA_FAST_NO_ISA_COPIES)
-// the AVX2 / AVX-512 copies (GCC or clang on x86; HABA_FAST_ISA_COPIES=0 at build time, setup.py, leaves them out)
-#define HABA_FAST_ISA_COPIES 1
+// the AVX2 / AVX-512 copies (GCC or clang on x86; HABA_FAST_ISA_COPIES=0 at build time, setup.py, defines
+// HABA_FAST_NO_ISA_COPIES and leaves them out)
+#define HABA_FAST_HAVE_ISA_COPIES 1
 #endif
 
 namespace haba_fast {
@@ -23,7 +24,7 @@ enum class CpuIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The best copy this CPU runs, capped by HABA_FAST_CPU_ISA=baseline|avx2|avx512 (tests compare the copies).
 inline CpuIsa kernel_isa() {
-#ifdef HABA_FAST_ISA_COPIES
+#ifdef HABA_FAST_HAVE_ISA_COPIES
   static const CpuIsa cpu = [] {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&

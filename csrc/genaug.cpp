@@ -32,7 +32,7 @@
 #define GENAUG_NS genaug
 #include "genaug_kernels.h"
 #undef GENAUG_NS
-#ifdef HABA_FAST_ISA_COPIES
+#ifdef HABA_FAST_HAVE_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define GENAUG_NS genaug_avx2
@@ -48,7 +48,7 @@ using genaug_types::AugDims;
 using genaug_types::GenDims;
 using genaug_types::HallLayout;
 
-#ifdef HABA_FAST_ISA_COPIES
+#ifdef HABA_FAST_HAVE_ISA_COPIES
 #define GENAUG_CALL(avx2, fn, ...) ((avx2) ? ::haba_fast::genaug_avx2::fn(__VA_ARGS__) : ::haba_fast::genaug::fn(__VA_ARGS__))
 #else
 #define GENAUG_CALL(avx2, fn, ...) ::haba_fast::genaug::fn(__VA_ARGS__)

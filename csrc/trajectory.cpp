@@ -54,7 +54,7 @@
 #define TRAJ_NS traj
 #include "trajectory_kernels.h"
 #undef TRAJ_NS
-#ifdef HABA_FAST_ISA_COPIES
+#ifdef HABA_FAST_HAVE_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define TRAJ_NS traj_avx2

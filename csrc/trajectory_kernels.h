@@ -180,9 +180,8 @@ void block_forward_impl(const BlockDims& d, const Params<T>& p, const T* z, cons
             }
           }
         } else {
-          for (int64_t i = 0; i < HW; ++i) op[i] = rb[i];
-          if (TAN)
-            for (int64_t i = 0; i < HW; ++i) odp[i] = rdb[i];
+          std::copy(rb, rb + HW, op);
+          if (TAN) std::copy(rdb, rdb + HW, odp);
         }
       }
     }

@@ -156,13 +156,18 @@ class BatchBuffers:
     """The C++ buffer cache over a network's loop of batches on this thread (``train_network``, its test pass): a
     ``buffer_cache_scope()`` open while the batches have the loop's full size, so that each batch's large CPU blocks
     (activations, their gradients, the augmented batch) come back from the cache instead of as fresh pages (on the
-    2-core dev VM, 30 epochs of ConvNet-128 on 100 Fashion-MNIST-shaped images: ~0.78x the time, 2.8M page faults
-    down to ~70k; bench/train_buffers.py). The cache reuses a block for a request of the same size only, so the
-    scope is handed back (its free blocks go back to the system) before a batch of another size, an epoch's ragged
-    last one, and at ``close()``: blocks of two batch sizes are never held side by side. Nothing while a run holds
-    the cache (``distill()``'s iterations, at budgets that can afford it: an evaluation's blocks must not join the
-    blocks held for its steps), nor unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's
-    default).
+    2-core dev VM, 30 epochs of ConvNet-128 on 100 Fashion-MNIST- or CIFAR-shaped images, one batch an epoch:
+    0.75-0.76x the CPU time, 4.0-4.5M page faults down to 0.33M, 5-7% more peak RSS; bench/train_buffers.py).
+
+    The cache reuses a block for a request of the same size only, so the scope is handed back before a batch of
+    another size (an epoch's ragged last one, or a new full size), and by ``close()`` (the loop calls it before a
+    test pass and before a user's callback): blocks of two batch sizes are not held side by side by this loop.
+    What runs while the scope is open on this thread (the next epoch's data provider) shares it. Free blocks go
+    back to the system only when the last scope of the process ends: a scope held at the same time by another
+    thread or by a caller keeps them until then. Nothing while a run holds the cache (``distill()``'s iterations,
+    at budgets that can afford it: an evaluation's blocks must not join the blocks held for its steps), nor unless
+    the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's default). A loop with a ragged last batch
+    reopens the scope every epoch, so it gains only within an epoch's full batches.
 
     Use::
 
@@ -177,21 +182,26 @@ class BatchBuffers:
 
     def __init__(self):
         self._scope = contextlib.ExitStack()
-        self.open = False  # whether the scope is open now
+        self._size: Optional[int] = None  # the batch size the open scope serves; None: closed
+
+    @property
+    def open(self) -> bool:
+        """Whether the scope is open now."""
+        return self._size is not None
 
     def batch(self, size: int, full_size: int) -> None:
-        """Before each batch: open the scope for a full batch (unless a run holds the cache), close it for another
-        size."""
-        if size != full_size:
+        """Before each batch: close the scope for a size other than the one it serves, open it for a full batch
+        (unless a run holds the cache)."""
+        if self.open and size != self._size:
             self.close()
-        elif not self.open and not buffer_cache_is_held():
+        if size == full_size and not self.open and not buffer_cache_is_held():
             self._scope.enter_context(buffer_cache_scope())
-            self.open = True
+            self._size = size
 
     def close(self) -> None:
-        """Hand the scope back (before a test pass, at the end)."""
+        """Hand the scope back (before a test pass or a callback, at the end)."""
         self._scope.close()
-        self.open = False
+        self._size = None
 
 
 def buffer_cache_free_cap() -> Optional[int]:

@@ -323,7 +323,7 @@ def train_network(
 
         bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
     # The full batches' large CPU blocks come back from the buffer cache from one batch and epoch to the next
-    # (BatchBuffers); handed back before a ragged last batch and before a test pass.
+    # (BatchBuffers); handed back before a ragged last batch, a test pass and the callback.
     buffers = BatchBuffers()
     try:
         for ep in range(epochs):
@@ -378,6 +378,7 @@ def train_network(
                 bar.set_postfix(post)
                 bar.update(1)
             if callback is not None:
+                buffers.close()  # the caller's code allocates what it likes
                 callback(ep, net, stats)
     finally:
         buffers.close()

@@ -593,3 +593,61 @@ def test_scope_is_open_for_full_batches_only(monkeypatch):
     seen.clear()
     training.evaluate_loss_accuracy(net, xt, yt, batch_size=32)  # 32, 32, then a ragged 6
     assert seen == [(False, 32, 1), (False, 32, 1), (False, 6, 0)]
+
+
+def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch):
+    """The callback runs with the scope handed back; a raising callback leaves no scope open; a per-epoch data
+    provider whose sample count changes (a new full batch size) gets a fresh scope, the old size's blocks handed back
+    first."""
+    import haba_fast.training as training
+    from haba_fast.models import get_network
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    g = torch.Generator().manual_seed(0)
+    net = get_network("ConvNetW32", 3, 4, (16, 16), generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(64, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(16)
+    in_callback = []
+    training.train_network(
+        net,
+        x,
+        y,
+        epochs=2,
+        lr=0.01,
+        batch_size=64,
+        generator=g,
+        callback=lambda ep, n, s: in_callback.append((stats()[SCOPES], stats()[FREE_BYTES])),
+    )
+    assert in_callback == [(0, 0), (0, 0)]
+
+    def boom(ep, n, s):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        training.train_network(net, x, y, epochs=2, lr=0.01, batch_size=64, generator=g, callback=boom)
+    assert stats()[SCOPES] == 0
+
+    def provider(ep, gen):  # 64 samples, then 48: every batch full, the full size changes
+        n = 64 if ep % 2 == 0 else 48
+        return x[:n], y[:n]
+
+    from haba_fast._ext import BatchBuffers
+
+    switches = []
+
+    class Recorded(BatchBuffers):
+        def batch(self, size, full_size):
+            before = self._size
+            super().batch(size, full_size)
+            if self._size != before:
+                switches.append((before, self._size))
+
+    monkeypatch.setattr(training, "BatchBuffers", Recorded)
+    seen = []
+    hook = net.register_forward_pre_hook(lambda m, inp: seen.append((inp[0].shape[0], stats()[SCOPES])))
+    try:
+        training.train_network(net, provider, epochs=3, lr=0.01, batch_size=64, generator=g)
+    finally:
+        hook.remove()
+    assert seen == [(64, 1), (48, 1), (64, 1)]
+    assert switches == [(None, 64), (64, 48), (48, 64)], "a new full size must get a new scope"
+    assert stats()[SCOPES] == 0 and stats()[FREE_BYTES] == 0

@@ -109,6 +109,14 @@ def test_arch_target_copies_construct_no_std_containers():
     for source in (ROOT / "csrc").glob("*.cpp"):
         headers |= _arch_target_includes(source)
     assert "trajectory_kernels.h" in headers  # the check looks where the AVX-512 copy is compiled
+    todo = list(headers)
+    while todo:  # and at the local headers they include
+        for line in (ROOT / "csrc" / todo.pop()).read_text().splitlines():
+            name = line.strip().split('"')[1] if line.strip().startswith('#include "') else None
+            if name and name not in headers:
+                headers.add(name)
+                todo.append(name)
+    assert "trajectory_types.h" in headers
     for name in sorted(headers):
         text = re.sub(r"//[^\n]*", "", (ROOT / "csrc" / name).read_text())  # comments may name them
         found = sorted(set(m.group(0) for m in _ALLOCATING_STD.finditer(text)))
@@ -126,7 +134,7 @@ def test_isa_copies_switch(tmp_path, copies):
             #include <cstdio>
             #include "cpu_isa.h"
             int main() {
-            #ifdef HABA_FAST_ISA_COPIES
+            #ifdef HABA_FAST_HAVE_ISA_COPIES
               std::printf("copies %d\\n", static_cast<int>(haba_fast::kernel_isa()));
             #else
               std::printf("baseline-only %d\\n", static_cast<int>(haba_fast::kernel_isa()));
