@@ -1,6 +1,8 @@
 // See buffer_cache.h for why and how.
 #include "buffer_cache.h"
 
+#include "check.h"
+
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
@@ -29,6 +31,11 @@ bool cache_enabled() {
 // process (and the intra-op worker threads) is served by the replaced allocator exactly as before.
 thread_local int tl_scopes = 0;
 
+// Largest block / request ratio this thread accepts for a request that finds no free block of its exact size
+// (buffer_cache_fit): 1 = exact sizes only (the engine's sweeps, whose steps repeat their sizes exactly); a training
+// loop sets 2, so that a ragged last batch reuses the full batches' blocks instead of adding blocks of its own sizes.
+thread_local double tl_fit = 1.0;
+
 size_t cache_cap_bytes() {
   const char* v = std::getenv("HABA_FAST_BUFFER_CACHE_MB");
   long long mb = v ? std::atoll(v) : 4096;
@@ -44,13 +51,16 @@ class CachingCPUAllocator final : public c10::Allocator {
   c10::DataPtr allocate(size_t n) override {
     if (tl_scopes == 0 || n < kMinCachedBytes) return base_->allocate(n);
     void* ptr = nullptr;
+    size_t block = n;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = free_.find(n);
+      if ((it == free_.end() || it->second.empty()) && tl_fit > 1.0) it = best_fit_locked(n);
       if (it != free_.end() && !it->second.empty()) {
         ptr = it->second.back();
         it->second.pop_back();
-        free_bytes_ -= n;
+        block = it->first;  // the block keeps its own size: it goes back to the free list of that size
+        free_bytes_ -= block;
         ++hits_;
       } else {
         ++misses_;
@@ -59,7 +69,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     if (ptr == nullptr) ptr = c10::alloc_cpu(n);  // throws c10::Error on out-of-memory
     {
       std::lock_guard<std::mutex> lock(mu_);
-      live_[ptr] = n;
+      live_[ptr] = block;
     }
     return {ptr, ptr, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -160,6 +170,18 @@ class CachingCPUAllocator final : public c10::Allocator {
   // The free bytes a scope may keep: HABA_FAST_BUFFER_CACHE_MB beyond the retained blocks. Holds mu_.
   void set_cap_locked() { cap_ = cache_cap_bytes() + retain_bytes_; }
 
+  // The smallest size with a free block in [n, n * tl_fit], or free_.end(). Holds mu_.
+  std::unordered_map<size_t, std::vector<void*>>::iterator best_fit_locked(size_t n) {
+    auto best = free_.end();
+    const double limit = double(n) * tl_fit;
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->first > n && double(it->first) <= limit && !it->second.empty() &&
+          (best == free_.end() || it->first < best->first))
+        best = it;
+    }
+    return best;
+  }
+
   // Keep, of each size, at most as many free blocks as retained (all of them while held); move the rest to `drop`
   // (freed by the caller outside the lock). Holds mu_.
   void trim_locked(std::vector<void*>* drop) {
@@ -224,7 +246,7 @@ BufferCacheScope::~BufferCacheScope() {
 void buffer_cache_retain(const std::vector<int64_t>& sizes) {
   std::vector<size_t> blocks;
   for (int64_t n : sizes) {
-    TORCH_CHECK(n >= 0, "buffer_cache_retain: block sizes must be >= 0, got ", n);
+    HF_CHECK(n >= 0, "buffer_cache_retain: block sizes must be >= 0, got ", n);
     if (size_t(n) >= kMinCachedBytes) blocks.push_back(size_t(n));  // smaller blocks never enter the cache
   }
   // Retaining needs the cache switched on; handing back works whenever the wrapper was installed.
@@ -260,6 +282,13 @@ thread_local std::vector<std::unique_ptr<BufferCacheScope>> tl_held;
 
 void buffer_cache_enter_op() { tl_held.push_back(std::make_unique<BufferCacheScope>()); }
 
+double buffer_cache_fit_op(double ratio) {
+  HF_CHECK(ratio >= 1.0 && ratio <= 16.0, "buffer_cache_fit: the ratio must be in [1, 16], got ", std::to_string(ratio));
+  const double previous = tl_fit;
+  tl_fit = ratio;
+  return previous;
+}
+
 void buffer_cache_leave_op() {
   TORCH_CHECK(!tl_held.empty(), "buffer_cache_leave: no scope entered on this thread (call buffer_cache_enter first)");
   tl_held.pop_back();
@@ -272,6 +301,7 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("buffer_cache_leave() -> ()", &buffer_cache_leave_op);
   m.def("buffer_cache_retain(int[] sizes) -> ()", &buffer_cache_retain_op);
   m.def("buffer_cache_hold(bool on) -> ()", &buffer_cache_hold_op);
+  m.def("buffer_cache_fit(float ratio) -> float", &buffer_cache_fit_op);
 }
 
 }  // namespace haba_fast

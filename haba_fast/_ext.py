@@ -159,15 +159,17 @@ class BatchBuffers:
     2-core dev VM, 30 epochs of ConvNet-128 on 100 Fashion-MNIST- or CIFAR-shaped images, one batch an epoch:
     0.75-0.76x the CPU time, 4.0-4.5M page faults down to 0.33M, 5-7% more peak RSS; bench/train_buffers.py).
 
-    The cache reuses a block for a request of the same size only, so the scope is handed back before a batch of
-    another size (an epoch's ragged last one, or a new full size), and by ``close()`` (the loop calls it before a
-    test pass and before a user's callback): blocks of two batch sizes are not held side by side by this loop.
+    The cache reuses a block for a request of the same size, and in this scope (``buffer_cache_fit(FIT)``, this
+    thread) also for a request up to ``FIT`` times smaller that finds none of its size: so an epoch's ragged last
+    batch of at least half the full size runs in the full batches' blocks. The scope is handed back before a batch
+    of any other size (a smaller ragged batch, a new full size), and by ``close()`` (the loop calls it before a test
+    pass and before a user's callback): blocks of two batch sizes are not held side by side by this loop.
     What runs while the scope is open on this thread (the next epoch's data provider) shares it. Free blocks go
     back to the system only when the last scope of the process ends: a scope held at the same time by another
     thread or by a caller keeps them until then. Nothing while a run holds the cache (``distill()``'s iterations,
     at budgets that can afford it: an evaluation's blocks must not join the blocks held for its steps), nor unless
-    the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's default). A loop with a ragged last batch
-    reopens the scope every epoch, so it gains only within an epoch's full batches.
+    the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's default). A loop whose ragged last batch is
+    under half the full size reopens the scope every epoch, so it gains only within an epoch's full batches.
 
     Use::
 
@@ -180,9 +182,14 @@ class BatchBuffers:
             buffers.close()
     """
 
+    # A smaller batch (the ragged last one) draws from the full batches' blocks when they are at most this many
+    # times larger than its requests (buffer_cache_fit); a batch smaller still closes the scope.
+    FIT = 2.0
+
     def __init__(self):
         self._scope = contextlib.ExitStack()
         self._size: Optional[int] = None  # the batch size the open scope serves; None: closed
+        self._fits = False  # whether the open scope serves smaller requests from larger blocks
 
     @property
     def open(self) -> bool:
@@ -190,18 +197,25 @@ class BatchBuffers:
         return self._size is not None
 
     def batch(self, size: int, full_size: int) -> None:
-        """Before each batch: close the scope for a size other than the one it serves, open it for a full batch
-        (unless a run holds the cache)."""
-        if self.open and size != self._size:
+        """Before each batch: keep the scope for its own size and for a smaller batch that its blocks fit, close it
+        for any other size; open it for a full batch (unless a run holds the cache)."""
+        fits = self._fits and self.open and size < self._size <= self.FIT * size
+        if self.open and size != self._size and not fits:
             self.close()
         if size == full_size and not self.open and not buffer_cache_is_held():
             self._scope.enter_context(buffer_cache_scope())
+            if has_op("buffer_cache_fit"):
+                import torch
+
+                previous = torch.ops.haba_fast.buffer_cache_fit(self.FIT)
+                self._scope.callback(torch.ops.haba_fast.buffer_cache_fit, previous)  # restored before the leave
+                self._fits = True
             self._size = size
 
     def close(self) -> None:
         """Hand the scope back (before a test pass or a callback, at the end)."""
         self._scope.close()
-        self._size = None
+        self._size, self._fits = None, False
 
 
 def buffer_cache_free_cap() -> Optional[int]:

@@ -570,9 +570,10 @@ def test_training_leaves_a_held_cache_alone(monkeypatch):
 
 
 def test_scope_is_open_for_full_batches_only(monkeypatch):
-    """train_network holds the scope over its full batches, across epochs, and hands it back before a ragged last
-    batch and before each test pass (test_every=1), whose own full batches then hold one: blocks of two batch sizes
-    are never held side by side. At the end nothing stays free."""
+    """train_network holds the scope over its full batches, across epochs, and over a ragged last batch of at least
+    half their size (served from their blocks: BatchBuffers.FIT); it hands it back before a smaller ragged batch and
+    before each test pass (test_every=1), whose own full batches then hold one: blocks of two batch sizes are never
+    held side by side. At the end nothing stays free."""
     import haba_fast.training as training
     from haba_fast.models import get_network
 
@@ -581,11 +582,11 @@ def test_scope_is_open_for_full_batches_only(monkeypatch):
     g = torch.Generator().manual_seed(0)
     net = get_network("ConvNetW32", 3, 4, (16, 16), generator=torch.Generator().manual_seed(0))
     net.register_forward_pre_hook(lambda m, inp: seen.append((m.training, inp[0].shape[0], stats()[SCOPES])))
-    x, y = torch.randn(80, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(20)
+    x, y = torch.randn(72, 3, 16, 16, generator=g), torch.arange(4).repeat_interleave(18)
     xt, yt = torch.randn(70, 3, 16, 16, generator=g), torch.arange(70) % 4
     before = stats()
     training.train_network(net, x, y, epochs=2, lr=0.01, batch_size=32, generator=g, test_data=(xt, yt), test_every=1)
-    train_pass = [(True, 32, 1), (True, 32, 1), (True, 16, 0)]
+    train_pass = [(True, 32, 1), (True, 32, 1), (True, 8, 0)]  # 8 < 32 / FIT: closed
     test_pass = [(False, 70, 1)]  # all 70 test images in one batch (test batch size 256): a full batch
     assert seen == (train_pass + test_pass) * 2
     after = stats()
@@ -593,12 +594,61 @@ def test_scope_is_open_for_full_batches_only(monkeypatch):
     seen.clear()
     training.evaluate_loss_accuracy(net, xt, yt, batch_size=32)  # 32, 32, then a ragged 6
     assert seen == [(False, 32, 1), (False, 32, 1), (False, 6, 0)]
+    seen.clear()
+    x2, y2 = torch.randn(88, 3, 16, 16, generator=g), torch.arange(88) % 4
+    before = stats()
+    training.train_network(net, x2, y2, epochs=2, lr=0.01, batch_size=32, generator=g)
+    assert seen == [(True, 32, 1), (True, 32, 1), (True, 24, 1)] * 2  # 24 >= 32 / FIT: the full batches' blocks
+    after = stats()
+    assert after[MISSES] - before[MISSES] < after[HITS] - before[HITS]
+    assert after[FREE_BYTES] == 0 and after[SCOPES] == 0
+
+
+def test_a_request_with_no_block_of_its_size_takes_a_larger_one_within_the_fit_ratio(monkeypatch):
+    """buffer_cache_fit(r) (per thread, default 1): a request that finds no free block of its size takes the smallest
+    free block at most r times larger, which goes back to its own size's list; beyond r, or at 1, it misses. The
+    ratio is checked, returned, and not seen by another thread."""
+    from haba_fast._ext import buffer_cache_scope
+
+    monkeypatch.setenv("HABA_FAST_BUFFER_CACHE", "1")
+    fit = torch.ops.haba_fast.buffer_cache_fit
+    assert fit(1.0) == 1.0
+    with buffer_cache_scope():
+        _alloc_and_free(4, 8)
+        s0 = stats()
+        _alloc_and_free(3)  # exact sizes only: a miss
+        s1 = stats()
+        assert s1[MISSES] - s0[MISSES] == 1 and s1[FREE_BYTES] - s0[FREE_BYTES] == 3 * MIB
+        assert fit(2.0) == 1.0
+        try:
+            t = torch.empty(5 * MIB, dtype=torch.uint8)  # no 5 MiB block: the 8 MiB one (<= 10 MiB)
+            s2 = stats()
+            assert s2[HITS] - s1[HITS] == 1 and s1[FREE_BYTES] - s2[FREE_BYTES] == 8 * MIB
+            del t
+            assert stats()[FREE_BYTES] == s1[FREE_BYTES], "the block went back under its own 8 MiB"
+            u = torch.empty(int(1.9 * MIB), dtype=torch.uint8)  # the 3 MiB block, the smallest that fits
+            assert s1[FREE_BYTES] - stats()[FREE_BYTES] == 3 * MIB
+            del u
+            s3 = stats()
+            v = torch.empty(9 * MIB, dtype=torch.uint8)  # nothing in [9, 18] MiB: a miss
+            assert stats()[MISSES] - s3[MISSES] == 1
+            del v
+            other = []
+            thread = threading.Thread(target=lambda: other.append(fit(1.0)))
+            thread.start()
+            thread.join()
+            assert other == [1.0], "another thread has its own ratio"
+        finally:
+            assert fit(1.0) == 2.0
+    for bad in (0.5, 17.0):
+        with pytest.raises(RuntimeError, match="the ratio must be in"):
+            fit(bad)
 
 
 def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch):
     """The callback runs with the scope handed back; a raising callback leaves no scope open; a per-epoch data
-    provider whose sample count changes (a new full batch size) gets a fresh scope, the old size's blocks handed back
-    first."""
+    provider whose sample count grows, or shrinks below 1 / FIT of it (a new full batch size), gets a fresh scope,
+    the old size's blocks handed back first."""
     import haba_fast.training as training
     from haba_fast.models import get_network
 
@@ -626,8 +676,8 @@ def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch)
         training.train_network(net, x, y, epochs=2, lr=0.01, batch_size=64, generator=g, callback=boom)
     assert stats()[SCOPES] == 0
 
-    def provider(ep, gen):  # 64 samples, then 48: every batch full, the full size changes
-        n = 64 if ep % 2 == 0 else 48
+    def provider(ep, gen):  # 32, 64, 16 samples: every batch full; the full size grows, then shrinks past FIT
+        n = (32, 64, 16)[ep]
         return x[:n], y[:n]
 
     from haba_fast._ext import BatchBuffers
@@ -648,6 +698,6 @@ def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch)
         training.train_network(net, provider, epochs=3, lr=0.01, batch_size=64, generator=g)
     finally:
         hook.remove()
-    assert seen == [(64, 1), (48, 1), (64, 1)]
-    assert switches == [(None, 64), (64, 48), (48, 64)], "a new full size must get a new scope"
+    assert seen == [(32, 1), (64, 1), (16, 1)]
+    assert switches == [(None, 32), (32, 64), (64, 16)], "a new full size must get a new scope"
     assert stats()[SCOPES] == 0 and stats()[FREE_BYTES] == 0
