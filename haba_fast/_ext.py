@@ -156,8 +156,8 @@ class BatchBuffers:
     """The C++ buffer cache over a network's loop of batches on this thread (``train_network``, its test pass): a
     ``buffer_cache_scope()`` open while the batches have the loop's full size, so that each batch's large CPU blocks
     (activations, their gradients, the augmented batch) come back from the cache instead of as fresh pages (on the
-    2-core dev VM, 30 epochs of ConvNet-128 on 100 Fashion-MNIST- or CIFAR-shaped images, one batch an epoch:
-    0.75-0.76x the CPU time, 4.0-4.5M page faults down to 0.33M, 5-7% more peak RSS; bench/train_buffers.py).
+    2-core dev VM, ConvNet-128 on 100 Fashion-MNIST- or CIFAR-shaped images or 500 CIFAR-shaped ones: 0.71-0.73x
+    the CPU time, 4.5-5.0M page faults down to 0.18-0.30M, 4-9% more peak RSS; bench/train_buffers.py).
 
     The cache reuses a block for a request of the same size, and in this scope (``buffer_cache_fit(FIT)``, this
     thread) also for a request up to ``FIT`` times smaller that finds none of its size: so an epoch's ragged last
