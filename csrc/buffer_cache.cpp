@@ -189,9 +189,9 @@ class CachingCPUAllocator final : public c10::Allocator {
     size_t kept = 0;
     for (auto it = free_.begin(); it != free_.end();) {
       auto want = retain_counts_.find(it->first);
-      const size_t fit = want == retain_counts_.end() ? 0 : want->second;
+      const size_t keep = want == retain_counts_.end() ? 0 : want->second;
       auto& blocks = it->second;
-      while (blocks.size() > fit) {
+      while (blocks.size() > keep) {
         drop->push_back(blocks.back());
         blocks.pop_back();
       }
@@ -205,7 +205,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::mutex mu_;
   std::atomic<int> scopes_{0};
   std::unordered_map<size_t, std::vector<void*>> free_;  // size -> freed blocks of exactly that size
-  std::unordered_map<void*, size_t> live_;               // blocks handed out by this cache -> size
+  std::unordered_map<void*, size_t> live_;               // blocks handed out -> block size (>= the request)
   std::unordered_map<size_t, size_t> retain_counts_;     // size -> free blocks of that size to keep past a scope
   size_t free_bytes_ = 0, cap_ = 0, retain_bytes_ = 0;
   bool hold_ = false;

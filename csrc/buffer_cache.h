@@ -22,13 +22,13 @@
 // HABA_FAST_BUFFER_CACHE_MB caps the bytes kept free (default 4096) beyond the retained bytes.
 //
 // A request that finds no free block of its size takes the smallest free block up to buffer_cache_fit(ratio) times
-// larger (per thread; default 1: exact sizes only; returns the previous ratio), which keeps its own size.
+// larger (per thread; ratio in [1, 16], default 1: exact sizes only; returns the previous ratio), which keeps its
+// own size.
 //
 // Ops: buffer_cache_stats() (counters), buffer_cache_retain(sizes), buffer_cache_hold(on), buffer_cache_fit(ratio),
-// and buffer_cache_enter()
-// / buffer_cache_leave(), which hold a scope on the calling thread across several op calls: the per-step ops of one
-// unrolled sweep (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each other's blocks instead of
-// each starting empty.
+// and buffer_cache_enter() / buffer_cache_leave(), which hold a scope on the calling thread across several op calls:
+// the per-step ops of one unrolled sweep (Python's haba_fast._ext.buffer_cache_scope), whose steps then reuse each
+// other's blocks instead of each starting empty.
 #pragma once
 
 #include <cstdint>

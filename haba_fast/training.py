@@ -323,7 +323,8 @@ def train_network(
 
         bar = tqdm(total=epochs, desc=desc, leave=False, dynamic_ncols=True)
     # The full batches' large CPU blocks come back from the buffer cache from one batch and epoch to the next
-    # (BatchBuffers); handed back before a ragged last batch, a test pass and the callback.
+    # (BatchBuffers); handed back before a ragged batch under 1 / BatchBuffers.FIT of the full size, a test pass
+    # and the callback.
     buffers = BatchBuffers()
     try:
         for ep in range(epochs):

@@ -519,18 +519,28 @@ def test_bench_iteration_runs_held_and_counts_page_faults(monkeypatch, capsys):
 
 
 def _train(seed: int = 0, test: bool = True):
-    """A short train_network run whose activations exceed the cache's 1 MiB threshold (conv outputs of 2 MiB):
-    ConvNet width 32 on 64 16x16 images, 2 epochs with DSA, then a test pass; returns the trained weights and the
-    history's numbers."""
+    """A short train_network run whose activations exceed the cache's 1 MiB threshold (conv outputs of 1-2 MiB):
+    ConvNet width 32 on 88 16x16 images in batches of 32 (the ragged last one runs in the full ones' blocks), 2
+    epochs with DSA, then a test pass; returns the trained weights and the history's numbers."""
     from haba_fast.models import flatten_params, get_network
     from haba_fast.training import train_network
 
     g = torch.Generator().manual_seed(seed)
     net = get_network("ConvNetW32", 3, 4, (16, 16), generator=torch.Generator().manual_seed(seed))
-    x = torch.randn(64, 3, 16, 16, generator=g)
-    y = torch.arange(4).repeat_interleave(16)
+    x = torch.randn(88, 3, 16, 16, generator=g)  # batches of 32, 32 and a ragged 24 (in the full ones' blocks)
+    y = torch.arange(88) % 4
+    xt, yt = torch.randn(70, 3, 16, 16, generator=g), torch.arange(70) % 4  # test batches of 32, 32 and 6
     history = train_network(
-        net, x, y, epochs=2, lr=0.01, momentum=0.9, batch_size=64, generator=g, test_data=(x, y) if test else None
+        net,
+        x,
+        y,
+        epochs=2,
+        lr=0.01,
+        momentum=0.9,
+        batch_size=32,
+        generator=g,
+        test_data=(xt, yt) if test else None,
+        test_batch_size=32,
     )
     numbers = [(e.loss, e.accuracy, e.test_loss, e.test_accuracy) for e in history.epochs]
     return flatten_params(net).detach(), numbers
@@ -596,11 +606,13 @@ def test_scope_is_open_for_full_batches_only(monkeypatch):
     assert seen == [(False, 32, 1), (False, 32, 1), (False, 6, 0)]
     seen.clear()
     x2, y2 = torch.randn(88, 3, 16, 16, generator=g), torch.arange(88) % 4
-    before = stats()
-    training.train_network(net, x2, y2, epochs=2, lr=0.01, batch_size=32, generator=g)
-    assert seen == [(True, 32, 1), (True, 32, 1), (True, 24, 1)] * 2  # 24 >= 32 / FIT: the full batches' blocks
+    misses = []
+    hook = net.register_forward_pre_hook(lambda m, inp: misses.append(stats()[MISSES]))
+    training.train_network(net, x2, y2, epochs=3, lr=0.01, batch_size=32, generator=g)
+    hook.remove()
+    assert seen == [(True, 32, 1), (True, 32, 1), (True, 24, 1)] * 3  # 24 >= 32 / FIT: the full batches' blocks
     after = stats()
-    assert after[MISSES] - before[MISSES] < after[HITS] - before[HITS]
+    assert after[MISSES] == misses[3], "after the first epoch every block, the ragged batch's too, is a reused one"
     assert after[FREE_BYTES] == 0 and after[SCOPES] == 0
 
 
@@ -626,9 +638,12 @@ def test_a_request_with_no_block_of_its_size_takes_a_larger_one_within_the_fit_r
             assert s2[HITS] - s1[HITS] == 1 and s1[FREE_BYTES] - s2[FREE_BYTES] == 8 * MIB
             del t
             assert stats()[FREE_BYTES] == s1[FREE_BYTES], "the block went back under its own 8 MiB"
-            u = torch.empty(int(1.9 * MIB), dtype=torch.uint8)  # the 3 MiB block, the smallest that fits
+            u = torch.empty(int(2.1 * MIB), dtype=torch.uint8)  # 3 and 4 MiB fit (<= 4.2): the smaller one
             assert s1[FREE_BYTES] - stats()[FREE_BYTES] == 3 * MIB
             del u
+            w = torch.empty(4 * MIB, dtype=torch.uint8)  # its own size first, not the 8 MiB block
+            assert s1[FREE_BYTES] - stats()[FREE_BYTES] == 4 * MIB
+            del w
             s3 = stats()
             v = torch.empty(9 * MIB, dtype=torch.uint8)  # nothing in [9, 18] MiB: a miss
             assert stats()[MISSES] - s3[MISSES] == 1
@@ -676,8 +691,8 @@ def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch)
         training.train_network(net, x, y, epochs=2, lr=0.01, batch_size=64, generator=g, callback=boom)
     assert stats()[SCOPES] == 0
 
-    def provider(ep, gen):  # 32, 64, 16 samples: every batch full; the full size grows, then shrinks past FIT
-        n = (32, 64, 16)[ep]
+    def provider(ep, gen):  # every batch full; the full size shrinks within FIT, grows, then shrinks past FIT
+        n = (64, 48, 64, 16)[ep]
         return x[:n], y[:n]
 
     from haba_fast._ext import BatchBuffers
@@ -695,9 +710,9 @@ def test_scope_closed_for_callbacks_exceptions_and_a_new_batch_size(monkeypatch)
     seen = []
     hook = net.register_forward_pre_hook(lambda m, inp: seen.append((inp[0].shape[0], stats()[SCOPES])))
     try:
-        training.train_network(net, provider, epochs=3, lr=0.01, batch_size=64, generator=g)
+        training.train_network(net, provider, epochs=4, lr=0.01, batch_size=64, generator=g)
     finally:
         hook.remove()
-    assert seen == [(32, 1), (64, 1), (16, 1)]
-    assert switches == [(None, 32), (32, 64), (64, 16)], "a new full size must get a new scope"
+    assert seen == [(64, 1), (48, 1), (64, 1), (16, 1)]
+    assert switches == [(None, 64), (64, 48), (48, 64), (64, 16)], "a new full size must get a new scope"
     assert stats()[SCOPES] == 0 and stats()[FREE_BYTES] == 0
