@@ -161,17 +161,17 @@ class BatchBuffers:
 
     The cache reuses a block for a request of the same size, and in this scope (``buffer_cache_fit(FIT)``, this
     thread) also for a request up to ``FIT`` times smaller that finds none of its size: so an epoch's ragged last
-    batch of at least 1 / FIT of the full size runs in the full batches' blocks (a tensor may then sit in a block
-    up to FIT times its size). The scope is handed back before a batch of any other size (a ragged one under
-    1 / FIT of the full size, a new full size), and by ``close()`` (the loop calls it before a test pass and before
-    a user's callback): apart from what a kept ragged batch misses, blocks of two batch sizes are not held side by
-    side by this loop.
-    What runs while the scope is open on this thread (the next epoch's data provider) shares it, and its ratio. Free blocks go
-    back to the system only when the last scope of the process ends: a scope held at the same time by another
-    thread or by a caller keeps them until then. Nothing while a run holds the cache (``distill()``'s iterations,
-    at budgets that can afford it: an evaluation's blocks must not join the blocks held for its steps), nor unless
-    the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's default). A loop whose ragged last batch is
-    under half the full size reopens the scope every epoch, so it gains only within an epoch's full batches.
+    batch of at least 1 / FIT of the full size runs in the full batches' blocks (a tensor may then sit in a block up
+    to FIT times its size). The scope is handed back before a batch of any other size (a ragged one under 1 / FIT of
+    the full size, a new full size), and by ``close()`` (the loop calls it before a test pass and before a user's
+    callback): apart from what a kept ragged batch misses, blocks of two batch sizes are not held side by side by
+    this loop. What runs while the scope is open on this thread (the next epoch's data provider) shares it, and its
+    ratio. Free blocks go back to the system only when the last scope of the process ends: a scope held at the same
+    time by another thread or by a caller keeps them until then. Nothing while a run holds the cache
+    (``distill()``'s iterations, at budgets that can afford it: an evaluation's blocks must not join the blocks held
+    for its steps), nor unless the cache is switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's default). A loop
+    whose ragged last batch is under half the full size reopens the scope every epoch, so it gains only within an
+    epoch's full batches.
 
     Use::
 
@@ -191,7 +191,6 @@ class BatchBuffers:
     def __init__(self):
         self._scope = contextlib.ExitStack()
         self._size: Optional[int] = None  # the batch size the open scope serves; None: closed
-        self._fits = False  # whether the open scope serves smaller requests from larger blocks
 
     @property
     def open(self) -> bool:
@@ -201,7 +200,8 @@ class BatchBuffers:
     def batch(self, size: int, full_size: int) -> None:
         """Before each batch: keep the scope for its own size and for a smaller batch that its blocks fit, close it
         for any other size; open it for a full batch (unless a run holds the cache)."""
-        fits = self._fits and size < full_size == self._size <= self.FIT * size  # this loop's ragged batch
+        # this loop's ragged batch, in the full batches' blocks (where the extension has buffer_cache_fit)
+        fits = size < full_size == self._size <= self.FIT * size and has_op("buffer_cache_fit")
         if self.open and size != self._size and not fits:
             self.close()
         if size == full_size and not self.open and not buffer_cache_is_held():
@@ -211,13 +211,12 @@ class BatchBuffers:
 
                 previous = torch.ops.haba_fast.buffer_cache_fit(self.FIT)
                 self._scope.callback(torch.ops.haba_fast.buffer_cache_fit, previous)  # restored before the leave
-                self._fits = True
             self._size = size
 
     def close(self) -> None:
         """Hand the scope back (before a test pass or a callback, at the end)."""
         self._scope.close()
-        self._size, self._fits = None, False
+        self._size = None
 
 
 def buffer_cache_free_cap() -> Optional[int]:
