@@ -213,6 +213,77 @@ def test_budget_on_any_module():
             assert rel_err(a, r) < 1e-12
 
 
+def _peak_bytes(fn, device: str) -> int:
+    """Peak bytes allocated while ``fn()`` runs, above what was allocated before: the CUDA allocator's statistics,
+    or on a CPU the profiler's allocation records (each op's net allocation, in order)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("n_steps", [1, 4, 7])
+def test_kept_torch_steps_hold_no_more_than_the_naive_unroll(device, n_steps):
+    """Every step kept (the torch backend: create-graph graphs, as naive's) peaks no higher than naive: the kept
+    graphs save the trajectory's own w_t, not copies of it (a copy per step was N x P bytes over naive)."""
+    model = _convnet(depth=2, width=16, im=8).to(device)
+    X, Y, ws, wt = (t.to(device) for t in make_problem(model, n_steps, 4, (8, 8), torch.float64))
+
+    def call(engine):
+        def fn():
+            Xr = X.clone().requires_grad_(True)
+            lr = torch.tensor(0.1, dtype=X.dtype, device=device, requires_grad=True)
+            engine(model, Xr, Y, ws, wt, lr).backward()
+
+        return fn
+
+    exact = get_adjoint_engine("exact", "torch", "unlimited")
+    naive_peak = _peak_bytes(call(get_engine("naive")), device)
+    exact_peak = _peak_bytes(call(exact), device)
+    assert exact.last_stats["stored_steps"] == n_steps
+    assert naive_peak > 0 and exact_peak <= naive_peak, (exact_peak, naive_peak)
+
+
+def test_a_kept_torch_step_saves_the_trajectorys_weights():
+    """The kept graph's weight leaf shares w_t's storage (the trajectory never writes a w_t after making it)."""
+    from haba_fast.engines.adjoint import _AllWeights, _TorchStep
+
+    model = _convnet(depth=2, width=4, im=7)
+    X, Y, ws, wt = make_problem(model, 3, 2, (7, 7), torch.float64)
+
+    class _Holder:
+        w_start, stats = ws, {}
+
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    traj = _AllWeights(_Holder(), 3, lr)
+    step = _TorchStep(model)
+    gs = []
+    for t in range(3):
+        w = traj.current(t)
+        g, (wl, _, _) = step.keep(w, X[t], Y[t])
+        assert wl.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        traj.advance(t, g)
+        gs.append(g)
+    assert len({traj.at(t).untyped_storage().data_ptr() for t in range(4)}) == 4
+    for t in range(3):
+        assert torch.equal(traj.at(t + 1), traj.at(t) - lr * gs[t])
+    with pytest.raises(RuntimeError, match="forward sweep is at step 3"):
+        traj.advance(1, g)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The backend dispatch.
 

@@ -211,7 +211,7 @@ class _TorchStep:
     def graph(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(w leaf, x leaf, g with its create-graph graph): what a kept step stores."""
         with torch.enable_grad():
-            wl = w.detach().clone().requires_grad_(True)  # a copy: w is a row of the trajectory, written later
+            wl = w.detach().requires_grad_(True)  # shares w's storage: the trajectory never writes a w_t again
             xl = x.detach().requires_grad_(True)
             ce = F.cross_entropy(functional_forward(self.model, wl, xl), y)
             (g,) = torch.autograd.grad(ce, wl, create_graph=True)
@@ -309,12 +309,15 @@ def _forward_grad(run: "_Run", t: int, w: Tensor) -> Tensor:
 
 
 class _AllWeights:
-    """The weight trajectory stored whole: w_0 .. w_N as the rows of one [N+1, P] tensor."""
+    """The weight trajectory stored whole: w_0 .. w_N, each its own [P] tensor, never written after it is made.
+
+    Separate tensors, not the rows of one [N+1, P] tensor: a kept torch step's graph then saves w_t itself (a leaf
+    sharing its storage) instead of a copy, which writing the next row in place would otherwise force (rows share
+    their base's version counter), so kept steps hold no weight vector beyond the trajectory's.
+    """
 
     def __init__(self, run: "_Run", n: int, lr: Tensor):
-        w0 = run.w_start
-        self.ws = torch.empty((n + 1, w0.numel()), dtype=w0.dtype, device=w0.device)
-        self.ws[0] = w0
+        self.ws: list[Tensor] = [run.w_start.contiguous()]
         self.n, self.lr = n, lr
         run.stats["stored_weights"] = n + 1
 
@@ -324,7 +327,9 @@ class _AllWeights:
 
     def advance(self, t: int, g: Tensor) -> None:
         """w_{t+1} = w_t - lr g_t."""
-        torch.sub(self.ws[t], self.lr * g, out=self.ws[t + 1])
+        if len(self.ws) != t + 1:
+            raise RuntimeError(f"the forward sweep is at step {len(self.ws) - 1}, not {t}")
+        self.ws.append(torch.sub(self.ws[t], self.lr * g))
 
     def final(self) -> Tensor:
         return self.ws[self.n]
