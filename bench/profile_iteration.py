@@ -1,7 +1,7 @@
 """Where the time of one full HaBa iteration goes, per trajectory engine variant: torch.profiler kernel tables.
 
     python bench/profile_iteration.py --device cuda --ipc 50 --batch-syn 500 --syn-steps 30 \\
-        --variants naive exact:0 exact:auto exact:auto:cpu [--cudnn-benchmark]
+        --variants naive exact:0 exact:auto exact:auto:torch [--cudnn-benchmark]
 
 A variant is ``ENGINE[:BUDGET[:BACKEND]]`` (budget 0 | auto | unlimited | 2GB, backend auto | cpu | torch). For
 each, in one process one after the other: the median wall time of ``Distiller.step()`` (after a warm-up), then
@@ -91,7 +91,7 @@ def _profile(variant: str, distiller, device: torch.device, repeats: int) -> Non
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--variants", nargs="+", default=["naive", "exact:0", "exact:auto", "exact:auto:cpu"])
+    p.add_argument("--variants", nargs="+", default=["naive", "exact:0", "exact:auto", "exact:auto:torch"])
     p.add_argument("--device", default="cuda")
     p.add_argument("--ipc", type=int, default=50)
     p.add_argument("--batch-syn", type=int, default=500)

@@ -6,8 +6,8 @@
 #   bench/run_iteration.sh                 # the targets (CPU); takes a while on 2 cores
 #   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
 #                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps,
-#                                          # and exact with --memory-budget auto at both, as chosen and with
-#                                          # --backend cpu (the memory-budget targets)
+#                                          # and exact with --memory-budget auto at both, as chosen (the C++ op)
+#                                          # and with --backend torch (the memory-budget targets)
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -57,13 +57,13 @@ for round in $(seq "$ROUNDS"); do
 done
 # On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
 # against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine
-# chooses (the torch backend keeps autograd graphs on CUDA), then with --backend cpu (the C++ op's kept steps, its
-# composite path on CUDA tensors), each its own row in the report. They run right after the rows they are compared
+# chooses (the C++ op's kept steps, its composite path on CUDA tensors), then with --backend torch (kept autograd
+# graphs), each its own row in the report. They run right after the rows they are compared
 # with, so that a run cut short by its time budget (bench/run_gpu.sh) still has them.
 auto_rows() {  # auto_rows IPC STEPS BATCH
   if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
     run exact "$1" "$2" "$3" --memory-budget auto
-    run exact "$1" "$2" "$3" --memory-budget auto --backend cpu
+    run exact "$1" "$2" "$3" --memory-budget auto --backend torch
   fi
 }
 auto_rows 10 $S20 100

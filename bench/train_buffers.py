@@ -7,9 +7,9 @@ batches: with the cache switched on (``HABA_FAST_BUFFER_CACHE=1``, the CLI's def
 (activations, their gradients, the augmented batch) come back from the cache instead of as fresh pages, which glibc
 maps and unmaps for every block this large (a page fault and a zeroing per 4 KiB). Each row is one fresh process: a
 ConvNet-128 trained with DSA on a synthetic set (``WORKLOADS``: 100 or 500 random images for ``--epochs`` epochs or
-a fifth of them; the evaluation protocol's inner loop), then tested on 2,000 images; cache on and off alternate round by round so that they see the
-same machine load. Reported per row: CPU seconds of the training + test (one torch thread), minor page faults, peak
-RSS.
+a fifth of them; the evaluation protocol's inner loop), then tested on 2,000 images; cache on and off alternate
+round by round so that they see the same machine load. Reported per row: CPU seconds of the training + test (one
+torch thread), minor page faults, peak RSS.
 """
 
 from __future__ import annotations

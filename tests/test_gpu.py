@@ -310,8 +310,11 @@ def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
     off = get_adjoint_engine("exact", "cpu", 0, offload_weights=True)  # w_t in pinned host memory
     out_off = grads(off, model, X, Y, ws, wt, lr_value=0.1)
     assert off.last_stats["stored_weights"] == 2 and off.last_stats["offloaded_weights"] == N
+    chosen = get_adjoint_engine("exact", None, "unlimited")  # backend auto: the C++ op on CUDA too, keeping steps
+    out_chosen = grads(chosen, model, X, Y, ws, wt, lr_value=0.1)
+    assert chosen.last_backend == "cpu" and chosen.last_stats["stored_steps"] == N
     rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
-    for out in (out_unl, out_one, out_min, out_off):
+    for out in (out_unl, out_one, out_min, out_off, out_chosen):
         assert out[1].device == X.device
         for a, b, r in zip(out, base, ref):
             assert rel_err(a, b) < rel_same

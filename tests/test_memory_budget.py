@@ -623,8 +623,9 @@ def test_iteration_report_keeps_budget_rows_apart_and_checks_the_gpu_targets(tmp
 
 
 def test_iteration_report_keeps_a_forced_backend_apart(tmp_path):
-    """bench/run_iteration.sh on CUDA runs exact at budget auto twice: the engine's choice (torch graphs) and
-    ``--backend cpu`` (the C++ op's kept steps). The report gives each its own table row and target line."""
+    """bench/run_iteration.sh on CUDA runs exact at budget auto twice: the engine's choice (the C++ op's kept steps)
+    and a forced ``--backend`` (there ``torch``: kept autograd graphs). The report gives each its own table row and
+    target line."""
     from haba_fast.benchmarks.iteration import write_report
 
     def row(engine, s, mem, budget=None, backend=None):

@@ -51,9 +51,15 @@ Backends (``haba_fast.backend``'s vocabulary; ``select_backend("trajectory_match
   steps through ``trajectory_step_grad_keep`` / ``trajectory_step_adjoint_kept``;
 * ``torch``: autograd on ``haba_fast.models.functional_forward``, any ``nn.Module``; honours the memory budget.
 
-With ``backend`` None/``auto`` and a budget other than 0 the engine takes ``torch`` for CUDA tensors (its stored
-graphs beat the C++ op's composite CUDA path at large batches); for CPU tensors it stays on ``cpu``, which spends
-the budget itself (bench/results/MEMORY_BUDGET.md). ``backend="torch"`` / ``"cpu"`` spend it anywhere they run.
+With ``backend`` None/``auto`` the engine takes ``cpu`` wherever it can run, at any budget and on CPU or CUDA
+tensors; it spends the budget itself, in about a third of the torch step's bytes per kept step (98 against 283 MB
+for ConvNet-128 at batch 100). On CPUs it is the faster backend at every budget (bench/results/MEMORY_BUDGET.md).
+On GPUs the two have been measured only on different cards, each as a ratio to naive on its own card
+(docs/RESULTS.md): the C++ op at budget 0 (every step recomputed) took 0.45x naive at bpc 10 / batch 100 and 1.19x
+at bpc 50 / batch 500 on an H100, the torch step with every step kept 1.07x and 1.13x on an H200; keeping its
+steps spares the C++ op the primal convolutions, 2 of its 12 per block and step, which should take it below the
+torch step at both sizes. ``bench/run_iteration.sh`` on a GPU times both at ``auto`` side by side to settle it.
+``backend="torch"`` / ``"cpu"`` force one.
 """
 
 from __future__ import annotations
@@ -683,8 +689,8 @@ class AdjointEngine:
             ``python`` are deprecated spellings of ``cpu`` / ``torch``.
         memory_budget: bytes of per-step forward-sweep tensors the backward sweep may reuse instead of
             recomputing: ``0`` (default; store only w_t), a size (``"2GB"``), ``"auto"`` or ``"unlimited"``
-            (``haba_fast.engines.memory``). Both backends store steps; an automatic choice with a budget other than
-            0 (or ``min``) takes ``torch`` on CUDA and ``cpu`` on a CPU (see the module docstring). ``"min"``: keep
+            (``haba_fast.engines.memory``). Both backends store steps; an automatic choice takes ``cpu`` wherever
+            it can run, at any budget (see the module docstring). ``"min"``: keep
             no step and checkpoint the weight trajectory (every ceil(sqrt(N))-th w_t; memory flat in N, one more
             forward gradient per step); both backends, stored or streamed batches.
         offload_weights: keep the weight trajectory off the compute device: every w_t goes to a temporary file
@@ -716,19 +722,12 @@ class AdjointEngine:
         self.last_stats: dict = {}
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
-        name = select_backend(
+        return select_backend(
             "trajectory_match",
             OpInputs(device, dtype, extra={"model": model, "distributed": distributed}),
             self.backend,
             legacy_env="HABA_FAST_ADJOINT",
         )
-        if name == "cpu" and self.memory_budget not in (0, MINIMAL) and requested_backend(self.backend) == "auto":
-            # On CUDA the torch step's stored graphs beat the C++ op's composite path at large batches (naive vs
-            # exact, bench/results/ITERATION.md); on a CPU the C++ op keeps its own steps (trajectory_step_grad_keep),
-            # which saves more than autograd's double backward would (bench/results/MEMORY_BUDGET.md).
-            if device.type == "cuda":
-                return "torch"
-        return name
 
     @staticmethod
     def _check(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
