@@ -715,14 +715,21 @@ Layout check_inputs(const Spec& s, const Tensor& X, const Tensor& Y, const Tenso
               "trajectory_match: w_target must be a flat vector of P = ", L.P, " parameters, got shape ",
               w_target.sizes());
   if (check_values) {
+    // One host read for all the value checks (on CUDA each read is a device sync, and the per-step ops run these
+    // checks every step); only when one fails are they read one by one, for the message.
     auto mm = at::aminmax(Y);
-    int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-    HF_CHECK(lo >= 0 && hi < s.classes, "trajectory_match: labels must be in [0, ", s.classes, "), got values in [",
-                lo, ", ", hi, "]");
-    HF_CHECK(at::isfinite(X).all().item<bool>(), "trajectory_match: X contains NaN or Inf");
-    HF_CHECK(at::isfinite(w_start).all().item<bool>() && at::isfinite(w_target).all().item<bool>(),
-                "trajectory_match: w_start or w_target contains NaN or Inf");
-    HF_CHECK(at::isfinite(lr).item<bool>(), "trajectory_match: lr is NaN or Inf");
+    Tensor ok = at::stack({std::get<0>(mm) >= 0, std::get<1>(mm) < s.classes, at::isfinite(X).all(),
+                           at::isfinite(w_start).all(), at::isfinite(w_target).all(), at::isfinite(lr).all()})
+                    .all();
+    if (!ok.item<bool>()) {
+      int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+      HF_CHECK(lo >= 0 && hi < s.classes, "trajectory_match: labels must be in [0, ", s.classes,
+               "), got values in [", lo, ", ", hi, "]");
+      HF_CHECK(at::isfinite(X).all().item<bool>(), "trajectory_match: X contains NaN or Inf");
+      HF_CHECK(at::isfinite(w_start).all().item<bool>() && at::isfinite(w_target).all().item<bool>(),
+               "trajectory_match: w_start or w_target contains NaN or Inf");
+      HF_CHECK(at::isfinite(lr).item<bool>(), "trajectory_match: lr is NaN or Inf");
+    }
   }
   return L;
 }

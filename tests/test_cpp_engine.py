@@ -263,6 +263,38 @@ def test_op_errors_are_runtime_errors_not_crashes():
             op(*args)
 
 
+def test_each_value_check_names_its_input():
+    """The value checks share one host read (one device sync on CUDA); a failure still names the bad input, for the
+    whole-unroll op and for the per-step ops that run the checks every step."""
+    model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
+    spec = cpp_spec(model)
+    nan_ws, inf_wt = ws.clone(), wt.clone()
+    nan_ws[3], inf_wt[-1] = float("nan"), float("inf")
+    neg_y = Y.clone()
+    neg_y[1, 2] = -1
+    whole = torch.ops.haba_fast.trajectory_match
+    cases = [
+        ((X, neg_y, ws, wt, lr), r"labels must be in \[0, 5\), got values in \[-1, "),
+        ((X, Y, nan_ws, wt, lr), "w_start or w_target contains NaN or Inf"),
+        ((X, Y, ws, inf_wt, lr), "w_start or w_target contains NaN or Inf"),
+        ((X, Y, ws, wt, torch.full_like(lr, float("nan"))), "lr is NaN or Inf"),
+    ]
+    for (x, y, a, b, r), msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            whole(x, y, a, b, r, spec, False)
+    whole(X, Y, ws, wt, lr, spec, False)  # and the good inputs pass
+    bad_x = X[0].clone()
+    bad_x[1, 0, 2, 2] = float("nan")
+    for op in (torch.ops.haba_fast.trajectory_step_grad, torch.ops.haba_fast.trajectory_step_grad_keep):
+        with pytest.raises(RuntimeError, match=r"labels must be in \[0, 5\), got values in \[-1, "):
+            op(ws, X[1], neg_y[1], spec)
+        with pytest.raises(RuntimeError, match="X contains NaN or Inf"):
+            op(ws, bad_x, Y[0], spec)
+        with pytest.raises(RuntimeError, match="w_start or w_target contains NaN or Inf"):
+            op(nan_ws, X[0], Y[0], spec)
+        op(ws, X[0], Y[0], spec)
+
+
 def test_engine_checks_image_size():
     model, X, Y, ws, wt, lr = _op_args(requires_grad=False)
     eng = get_adjoint_engine("exact", "cpu")
