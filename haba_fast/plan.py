@@ -9,7 +9,7 @@ backward pass, so nothing is drawn again there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -17,7 +17,15 @@ from torch import Tensor
 
 from haba_fast import augment
 
-__all__ = ["IndexStream", "PairPlan", "StepPlan", "sample_pair", "sample_plan"]
+__all__ = ["IndexStream", "PairPlan", "StepPlan", "aug_to", "sample_pair", "sample_plan"]
+
+
+def aug_to(aug: Any, device) -> Any:
+    """Augmentation parameters on ``device``: an AugParams, a list/tuple of them (an "M" chain, or one entry per
+    step, nested as deep as a plan nests them), or None."""
+    if isinstance(aug, (list, tuple)):
+        return [aug_to(a, device) for a in aug]
+    return aug.to(device) if aug is not None else None
 
 
 class IndexStream:
@@ -88,6 +96,12 @@ class PairPlan:
     hall_pair: Tensor
     aug: Any = None
 
+    def to(self, device) -> "PairPlan":
+        """The same draws with every tensor on ``device``."""
+        return replace(
+            self, base_idx=self.base_idx.to(device), hall_pair=self.hall_pair.to(device), aug=aug_to(self.aug, device)
+        )
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -112,6 +126,18 @@ class StepPlan:
     @property
     def num_steps(self) -> int:
         return int(self.base_idx.shape[0])
+
+    def to(self, device) -> "StepPlan":
+        """The same plan with every tensor on ``device``. Moved once per iteration, so that building a step's batch
+        on a GPU copies nothing from the host (each such copy waits for the GPU to finish its queued work)."""
+        return replace(
+            self,
+            base_idx=self.base_idx.to(device),
+            hall_idx=self.hall_idx.to(device),
+            aug=aug_to(self.aug, device),
+            club=None if self.club is None else self.club.to(device),
+            adversary=None if self.adversary is None else self.adversary.to(device),
+        )
 
     @property
     def batch(self) -> int:

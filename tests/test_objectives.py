@@ -128,6 +128,35 @@ def test_build_inputs_haba_matches_per_step_generate_and_augment():
     assert torch.equal(X, X2)
 
 
+@pytest.mark.parametrize("mode", ["S", "M"])
+def test_step_plan_to_moves_every_tensor_and_keeps_the_draws(mode):
+    """StepPlan.to (once per iteration, so that a GPU step copies nothing from the host): every tensor of the plan,
+    the per-step augmentation ("M": a chain per step) and the adversarial draws, on the device, values unchanged."""
+    syn = _haba()
+    g = torch.Generator().manual_seed(4)
+    plan = sample_plan(IndexStream(syn.num_bases, 3), 4, syn.n_hallucinators, syn.im_size, mode=mode,
+                       adversarial=True, generator=g)
+    moved = plan.to("meta")
+
+    def aug_tensors(aug):
+        chain = aug if isinstance(aug, list) else [aug]  # "M": a chain of AugParams
+        return [v for a in chain for v in a.values.values()]
+
+    def tensors(p):
+        out = [p.base_idx, p.hall_idx] + [v for step in p.aug for v in aug_tensors(step)]
+        for pair in (p.club, p.adversary):
+            out += [pair.base_idx, pair.hall_pair] + aug_tensors(pair.aug)
+        return out
+
+    before, after = tensors(plan), tensors(moved)
+    assert len(after) == len(before) > 10
+    assert all(t.device.type == "meta" for t in after) and all(t.device.type == "cpu" for t in before)
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(after, before))
+    back = plan.to("cpu")  # a move to where the plan is changes nothing
+    assert all(torch.equal(a, b) for a, b in zip(tensors(back), before))
+    assert moved.num_steps == 4 and moved.batch == 3
+
+
 def test_build_inputs_pixels():
     syn = Pixels(3, 2, 1, (8, 8), generator=torch.Generator().manual_seed(0))
     plan = sample_plan(IndexStream(6, 6), 2, 1, (8, 8), strategy="none", generator=torch.Generator().manual_seed(0))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from haba_fast.engines.base import Engine
 from haba_fast.objectives.base import Objective, ObjectiveOutput, ObjectiveSetup, register_objective
-from haba_fast.plan import StepPlan
+from haba_fast.plan import StepPlan, aug_to
 
 __all__ = [
     "is_haba",
@@ -61,12 +61,6 @@ def _family_key(params: Any) -> Tuple[str, ...]:
     return (params.family,)
 
 
-def _to(params: Any, device: torch.device) -> Any:
-    if isinstance(params, (list, tuple)):
-        return [_to(p, device) for p in params]
-    return params.to(device) if hasattr(params, "to") else params
-
-
 def _cat(params_list: Sequence[Any]) -> Any:
     from haba_fast.augment import AugParams
 
@@ -95,7 +89,7 @@ def augment_groups(x: Tensor, params_per_group: Sequence[Any], group_size: int) 
     G = len(params_per_group)
     if x.shape[0] != G * group_size:
         raise ValueError(f"augment_groups: x has {x.shape[0]} rows, expected {G} groups × {group_size}")
-    params_per_group = [_to(p, x.device) for p in params_per_group]
+    params_per_group = [aug_to(p, x.device) for p in params_per_group]
     keys = [_family_key(p) for p in params_per_group]
     order: Dict[Tuple[str, ...], List[int]] = {}
     for g, k in enumerate(keys):
@@ -175,9 +169,10 @@ def trajectory_loss(
     from haba_fast.dist import BatchReducer, world_size
 
     sharded = shard and world_size() > 1
+    plan = plan.to(next(iter(syn.parameters())).device)  # once: the steps' batches then copy nothing from the host
     if hasattr(engine, "stream") and not sharded:
         params = [p for p in syn.parameters() if p.requires_grad]
-        device = next(iter(syn.parameters())).device
+        device = plan.base_idx.device
         return engine.stream(
             model,
             lambda t: step_inputs(syn, plan, t),
