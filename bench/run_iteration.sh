@@ -7,7 +7,8 @@
 #   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
 #                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps,
 #                                          # and exact with --memory-budget auto at both, as chosen (the C++ op)
-#                                          # and with --backend torch (the memory-budget targets)
+#                                          # and with --backend torch, then exact with --compile-step at both
+#                                          # (the memory-budget targets)
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -66,11 +67,20 @@ auto_rows() {  # auto_rows IPC STEPS BATCH
     run exact "$1" "$2" "$3" --memory-budget auto --backend torch
   fi
 }
+# On a GPU, after the rows above: exact with the torch step compiled (--compile-step: torch.compile of the
+# forward-over-reverse step, its elementwise work fused into Triton kernels; budget 0), against naive at (a) and (b).
+compiled_rows() {  # compiled_rows IPC STEPS BATCH
+  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
+    run exact "$1" "$2" "$3" --compile-step
+  fi
+}
 auto_rows 10 $S20 100
 # The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 auto_rows 50 $S30 500
+compiled_rows 10 $S20 100
+compiled_rows 50 $S30 500
 # Memory growth with syn_steps (bpc 10, batch 100).
 run exact 10 $S10 100
 run exact 10 $S40 100

@@ -53,6 +53,12 @@ def add_arguments(parser) -> None:
         "memory (CUDA) instead of in memory",
     )
     parser.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="exact/first-order: the torch backend's step compiled with torch.compile (budget 0 or min; the "
+        "warm-up iterations include the compile)",
+    )
+    parser.add_argument(
         "--baseline-rss-mb",
         type=float,
         default=None,
@@ -146,13 +152,23 @@ def build_distiller(args):
         pix_init="real",
     )
     distiller = Distiller(cfg, dataset, buffer, device=args.device)
-    if args.backend is not None and args.engine != "naive":
-        from haba_fast.engines import get_adjoint_engine
-
-        distiller.engine = get_adjoint_engine(
-            args.engine, backend=args.backend, memory_budget=args.memory_budget, offload_weights=args.offload_weights
-        )
+    if (args.backend is not None or args.compile_step) and args.engine != "naive":
+        distiller.engine = _adjoint_engine(args)
     return distiller
+
+
+def _adjoint_engine(args):
+    """The adjoint engine of ``--engine`` with ``--backend``, ``--memory-budget``, ``--offload-weights`` and
+    ``--compile-step``."""
+    from haba_fast.engines import get_adjoint_engine
+
+    return get_adjoint_engine(
+        args.engine,
+        backend=args.backend,
+        memory_budget=args.memory_budget,
+        offload_weights=args.offload_weights,
+        compile_step=args.compile_step,
+    )
 
 
 def engine_only_fn(args):
@@ -175,12 +191,8 @@ def engine_only_fn(args):
     X = torch.randn(args.syn_steps, args.batch_syn, 3, 32, 32, generator=g).to(args.device).requires_grad_(True)
     Y = torch.randint(0, 10, (args.syn_steps, args.batch_syn), generator=g).to(args.device)
     lr = torch.tensor(0.01, device=args.device, requires_grad=True)
-    if args.backend is not None and args.engine != "naive":
-        from haba_fast.engines import get_adjoint_engine
-
-        engine = get_adjoint_engine(
-            args.engine, backend=args.backend, memory_budget=args.memory_budget, offload_weights=args.offload_weights
-        )
+    if (args.backend is not None or args.compile_step) and args.engine != "naive":
+        engine = _adjoint_engine(args)
     else:
         engine = get_engine(args.engine, memory_budget=args.memory_budget, offload_weights=args.offload_weights)
 
@@ -274,6 +286,7 @@ def run(args) -> int:
         "engine": args.engine,
         "engine_backend": getattr(engine, "last_backend", None),
         "backend_requested": args.backend,  # --backend (None: the engine's own choice)
+        "compile_step": bool(args.compile_step),
         "approximate": bool(getattr(engine, "approximate", False)),
         "what": "engine" if args.engine_only else "full HaBa step (incl. adversarial term)",
         "ipc": args.ipc,
@@ -359,12 +372,15 @@ def _label(row) -> str:
     parts = [] if budget == "0" else [f"budget {budget}"]
     if row.get("backend_requested") not in (None, "auto"):
         parts.append(f"backend {row['backend_requested']}")
+    if row.get("compile_step"):
+        parts.append("compiled step")
     return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
 
 
 def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
+    """The first row of ``engine`` at this configuration and budget (not a compiled-step row)."""
     for r in rows:
-        if r.get("failed") or r.get("engine") != engine or _budget(r) != budget:
+        if r.get("failed") or r.get("engine") != engine or _budget(r) != budget or r.get("compile_step"):
             continue
         if (r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")) != (ipc, steps, batch):
             continue
@@ -514,16 +530,16 @@ def _section(rows, title) -> str:
 
 
 def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
-    """The memory-budget targets against naive: exact with ``--memory-budget auto`` at (a) bpc 10 / batch 100 /
-    syn_steps 20 (time <= 0.4x naive's) and (b) bpc 50 / batch 500 / syn_steps 30 (<= 0.8x), in memory no larger
-    than naive's. Rows from the same run (merged rows)."""
+    """The memory-budget targets against naive: exact with ``--memory-budget auto`` (and exact with
+    ``--compile-step``) at (a) bpc 10 / batch 100 / syn_steps 20 (time <= 0.4x naive's) and (b) bpc 50 / batch 500 /
+    syn_steps 30 (<= 0.8x), in memory no larger than naive's. Rows from the same run (merged rows)."""
     out = []
     for name, (ipc, batch), target in (("(a)", (10, 100), 0.4), ("(b)", (50, 500), 0.8)):
         autos = [
             r
             for r in rows
             if not r.get("failed")
-            and _budget(r) == "auto"
+            and (_budget(r) == "auto" or r.get("compile_step"))
             and r.get("engine") == "exact"
             and (r.get("ipc"), r.get("batch_syn")) == (ipc, batch)
         ]

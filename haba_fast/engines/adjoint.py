@@ -281,6 +281,69 @@ class _CppStep:
         return g_dot_lam, (hw if want_hw else None), hx
 
 
+# torch.compile's backend for compiled steps (the tests set "aot_eager": the same traced graphs, no code generated).
+COMPILE_BACKEND = "inductor"
+
+
+class _CompiledStep:
+    """The torch step's math as two pure ``torch.func`` functions, each compiled once with ``torch.compile``
+    (``compile_step=True``: Triton kernels on CUDA, C++ on a CPU, the elementwise work between the convolutions
+    fused):
+
+        forward sweep:  g = grad_w CE(f(w, x), y)
+        backward sweep: jvp(grad_{w,x} CE, (w, x), (lam, 0)) -> primal (g, .), tangent (H_ww lam, H_xw lam)
+
+    i.e. forward-over-reverse, as the C++ op computes it; ``<g, lam>`` from the primal. Any ``nn.Module`` that
+    ``torch.func`` and ``torch.compile`` take (through ``functional_forward``). It keeps no step: each backward step
+    recomputes its primal inside the compiled call, so the engine's budget must be 0 or ``min``.
+
+    Args:
+        model: the student architecture.
+        compiler: ``torch.compile``'s backend (``inductor``; the tests also use ``aot_eager``, which traces the same
+            graphs without generating code).
+    """
+
+    can_keep = False
+
+    def __init__(self, model: nn.Module, compiler: str = "inductor"):
+        self.model = model
+
+        def loss(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(functional_forward(model, w, x), y)
+
+        def grad(w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+            return torch.func.grad(loss)(w, x, y)
+
+        def adjoint(w: Tensor, x: Tensor, y: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            def grads(w_: Tensor, x_: Tensor):
+                return torch.func.grad(loss, argnums=(0, 1))(w_, x_, y)
+
+            (g, _), (hw, hx) = torch.func.jvp(grads, (w, x), (lam, torch.zeros_like(x)))
+            return torch.dot(g, lam), hw, hx
+
+        self._grad = torch.compile(grad, backend=compiler, fullgraph=True, dynamic=False)
+        self._adjoint = torch.compile(adjoint, backend=compiler, fullgraph=True, dynamic=False)
+
+    @staticmethod
+    def _run(fn, *args: Tensor):
+        try:
+            return fn(*args)
+        except Exception as exc:  # dynamo / inductor failures: say which option to drop
+            if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise RuntimeError(
+                    f"compile_step: torch.compile failed on this model ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); run without --compile-step"
+                ) from exc
+            raise
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        return self._run(self._grad, w.detach(), x.detach(), y)
+
+    def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
+        g_dot_lam, hw, hx = self._run(self._adjoint, w.detach(), x.detach(), y, lam.detach())
+        return g_dot_lam, (hw if want_hw else None), (hx if want_hx else None)
+
+
 def _saved_sizes(fn, exclude: set[int]):
     """Run ``fn()`` and list the byte sizes of the distinct storages autograd saves for backward (not in
     ``exclude``)."""
@@ -698,13 +761,23 @@ class AdjointEngine:
             the backward sweep (:mod:`haba_fast.engines.offload`), so memory is flat in N at any budget but ``min``
             (which refuses it). The per-step path's results bit for bit; a stored X on the ``cpu`` backend then runs
             the C++ op's per-step halves instead of the whole-unroll op (equal up to float rounding).
+        compile_step: run the torch backend's step compiled (:class:`_CompiledStep`: ``torch.func``
+            forward-over-reverse under ``torch.compile``, its elementwise work fused; the first call of a run
+            compiles, tens of seconds). Takes the torch backend (``backend`` ``cpu`` refuses it) and keeps no step
+            (budget 0 or ``min``; offloading works). Gradients equal the other steps' up to float rounding.
     """
 
     name = "adjoint"
     approximate = False
     first_order = False
 
-    def __init__(self, backend: str | None = None, memory_budget: Budget = 0, offload_weights: bool = False):
+    def __init__(
+        self,
+        backend: str | None = None,
+        memory_budget: Budget = 0,
+        offload_weights: bool = False,
+        compile_step: bool = False,
+    ):
         if backend is not None:
             requested_backend(backend)  # a clear ValueError for an unknown name now
         self.backend = backend
@@ -713,6 +786,13 @@ class AdjointEngine:
         self.offload_weights = bool(offload_weights)
         if self.checkpoint and self.offload_weights:
             raise ValueError(OFFLOAD_WITH_MIN)
+        self.compile_step = bool(compile_step)
+        if self.compile_step and self.memory_budget not in (0, MINIMAL):
+            raise ValueError(
+                f"compile_step recomputes every step (a compiled step keeps no graph): it takes --memory-budget 0 or "
+                f"min, got {self.memory_budget!r}"
+            )
+        self._compiled: _CompiledStep | None = None  # the last model's compiled step (a run has one student)
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_device ("cpu" | "cuda": where the budget's bytes are),
         # memory_budget_bytes (None = unlimited), per_step_bytes (measured on
@@ -722,12 +802,27 @@ class AdjointEngine:
         self.last_stats: dict = {}
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
+        if self.compile_step:  # a torch-backend step
+            if requested_backend(self.backend, legacy_env="HABA_FAST_ADJOINT") not in ("auto", "torch"):
+                raise ValueError("compile_step compiles the torch backend's step; it cannot run with backend 'cpu'")
+            return "torch"
         return select_backend(
             "trajectory_match",
             OpInputs(device, dtype, extra={"model": model, "distributed": distributed}),
             self.backend,
             legacy_env="HABA_FAST_ADJOINT",
         )
+
+    def _step(self, name: str, model: nn.Module):
+        """The per-step implementation of backend ``name``. A compiled step is kept for the next call with the same
+        model, which then runs its compiled code without tracing again."""
+        if name == "cpu":
+            return _CppStep(cpp_spec(model))
+        if not self.compile_step:
+            return _TorchStep(model)
+        if self._compiled is None or self._compiled.model is not model:
+            self._compiled = _CompiledStep(model, COMPILE_BACKEND)
+        return self._compiled
 
     @staticmethod
     def _check(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
@@ -817,7 +912,7 @@ class AdjointEngine:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
             except RuntimeError as exc:  # the op's checks: bad input the checks above did not catch
                 raise ValueError(str(exc).split("\n")[0]) from exc
-        step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
+        step = self._step(name, model)
         run = _Run(_TensorBatches(X, Y), step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         _add_reducer_hooks(run, reducer)
         out = _unroll(run, lr_x, (X,))
@@ -865,7 +960,7 @@ class AdjointEngine:
         name = self._select(model, x0.device, x0.dtype)
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, x0.device)
-        step = _CppStep(cpp_spec(model)) if name == "cpu" else _TorchStep(model)
+        step = self._step(name, model)
         run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)
@@ -874,7 +969,10 @@ class AdjointEngine:
 
     def __repr__(self) -> str:
         offload = ", offload_weights=True" if self.offload_weights else ""
-        return f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload})"
+        compiled = ", compile_step=True" if self.compile_step else ""
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload}{compiled})"
+        )
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -915,7 +1013,11 @@ class FirstOrderEngine(AdjointEngine):
 
 
 def get_adjoint_engine(
-    name: str, backend: str | None = None, memory_budget: Budget = 0, offload_weights: bool = False
+    name: str,
+    backend: str | None = None,
+    memory_budget: Budget = 0,
+    offload_weights: bool = False,
+    compile_step: bool = False,
 ) -> AdjointEngine:
     """The adjoint engine ``exact`` or ``first-order`` (``first_order`` is accepted too).
 
@@ -924,13 +1026,15 @@ def get_adjoint_engine(
         backend: ``torch`` | ``cpu`` | ``auto`` | None (see :class:`AdjointEngine`).
         memory_budget: ``0`` | a size | ``auto`` | ``unlimited`` | ``min`` (see :mod:`haba_fast.engines.memory`).
         offload_weights: store the weight trajectory off the device (see :class:`AdjointEngine`).
+        compile_step: the torch backend's step compiled with ``torch.compile`` (see :class:`AdjointEngine`).
 
     Raises:
-        ValueError: unknown name or backend, or ``min`` with ``offload_weights``.
+        ValueError: unknown name or backend, ``min`` with ``offload_weights``, or ``compile_step`` with a budget
+            other than 0 and ``min``.
     """
     key = str(name).strip().lower().replace("_", "-")
     if key == "exact":
-        return ExactEngine(backend, memory_budget, offload_weights)
+        return ExactEngine(backend, memory_budget, offload_weights, compile_step)
     if key == "first-order":
-        return FirstOrderEngine(backend, memory_budget, offload_weights)
+        return FirstOrderEngine(backend, memory_budget, offload_weights, compile_step)
     raise ValueError(f"unknown adjoint engine {name!r}: choose one of {', '.join(ADJOINT_ENGINES)}")
