@@ -482,3 +482,21 @@ def test_cpp_engine_device_mix_is_a_clear_error():
         op(X, Y + 100, ws, wt, lr, spec, False)
     assert torch.isfinite(op(X, Y, ws, wt, lr, spec, False))  # still healthy
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="inductor's Triton code needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_step_on_cuda_matches_naive(dtype):
+    """compile_step on CUDA tensors (inductor's Triton kernels): the naive unroll's loss, dL/dX and dL/dlr (float64
+    oracle). Last in the file: each dtype is a compile."""
+    from haba_fast.engines import get_adjoint_engine
+
+    model64, X64, Y, ws64, wt64 = _engine_problem(ENGINE_CONFIGS[1], torch.float64)
+    ref = grads(naive_unroll, model64, X64, Y, ws64, wt64, lr_value=0.1)
+    model = _engine_problem(ENGINE_CONFIGS[1], dtype)[0]
+    eng = get_adjoint_engine("exact", None, 0, compile_step=True)
+    out = grads(eng, model, X64.to(dtype), Y, ws64.to(dtype), wt64.to(dtype), lr_value=0.1)
+    assert eng.last_backend == "torch" and out[1].device == X64.device
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    for a, r in zip(out, ref):
+        assert rel_err(a.double(), r) < tol
