@@ -22,8 +22,8 @@ REL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
-    """Every test compiles its own steps: dynamo's caches (and its per-code-object recompile limit, 8: one compile per
-    model and dtype) start empty."""
+    """Every test compiles its own steps: dynamo's caches start empty (its recompile limit, 8 by default, counts every
+    new input shape, dtype and architecture in the process)."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -117,15 +117,18 @@ def test_a_compiled_step_is_kept_for_its_model(traced_only):
     assert seen[0] is seen[1] and seen[2] is not seen[1] and seen[2].model is other
 
 
-def test_compile_step_refuses_what_it_cannot_honour():
+def test_compile_step_refuses_what_it_cannot_honour(monkeypatch):
     with pytest.raises(ValueError, match="compile_step recomputes every step"):
         get_adjoint_engine("exact", memory_budget="unlimited", compile_step=True)
     with pytest.raises(ValueError, match="compile_step recomputes every step"):
         get_adjoint_engine("exact", memory_budget="2GB", compile_step=True)
+    with pytest.raises(ValueError, match="cannot run with backend 'cpu'"):
+        get_adjoint_engine("exact", "cpu", compile_step=True)
     model = _convnet(depth=1, width=4, im=6)
     X, Y, ws, wt = make_problem(model, 2, 2, (6, 6), torch.float64)
+    monkeypatch.setenv("HABA_FAST_BACKEND", "cpu")  # the environment names it: refused at the call
     with pytest.raises(ValueError, match="cannot run with backend 'cpu'"):
-        grads(get_adjoint_engine("exact", "cpu", compile_step=True), model, X, Y, ws, wt)
+        grads(get_adjoint_engine("exact", compile_step=True), model, X, Y, ws, wt)
     assert "compile_step=True" in repr(get_adjoint_engine("exact", compile_step=True))
     assert "compile_step" not in repr(get_adjoint_engine("exact"))
 
@@ -147,6 +150,9 @@ def test_bench_iteration_compile_step_row(traced_only):
     assert d.engine.last_backend == "torch"
     row = {"engine": "exact", "compile_step": True, "backend_requested": None}
     assert iteration._label(row) == "exact (compiled step)"
+    naive = p.parse_args(["--engine", "naive", "--compile-step"])
+    with pytest.raises(ValueError, match="naive takes neither"):
+        iteration.run(naive)
 
 
 def test_inductor_generated_code_equals_the_naive_unroll():
@@ -170,5 +176,5 @@ def test_a_compile_failure_is_a_clear_error(monkeypatch):
     step, ref = adjoint._CompiledStep(model, "aot_eager"), adjoint._TorchStep(model)
     for b in (1, 2):
         assert rel_err(step.grad(ws, X[0][:b], Y[0][:b]), ref.grad(ws, X[0][:b], Y[0][:b])) < 1e-12
-    with pytest.raises(RuntimeError, match="compile_step: torch.compile failed .*run without --compile-step"):
+    with pytest.raises(RuntimeError, match="compile_step: dynamo's recompile limit is reached .* without compile_step"):
         step.grad(ws, X[0][:3], Y[0][:3])

@@ -284,6 +284,25 @@ def test_a_kept_torch_step_saves_the_trajectorys_weights():
         traj.advance(1, g)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpp)])
+@pytest.mark.parametrize("budget", [0, "unlimited"])
+@pytest.mark.parametrize("which", ["w_start", "w_target"])
+def test_a_snapshot_changed_in_place_before_backward_is_an_error(which, budget, backend):
+    """The backward sweep reads the caller's w_start (as w_0) and w_target again; changing either in place after the
+    forward pass is a clear error, as autograd makes it for the tensors naive's graph saves (streamed batches: the
+    per-step path on both backends)."""
+    from haba_fast.objectives.mtt import trajectory_loss
+
+    syn, plan, model, ws, wt = _haba_problem(3, torch.float64)
+    snaps = {"w_start": ws.clone(), "w_target": wt.clone()}
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    eng = get_adjoint_engine("exact", backend, budget)
+    loss = trajectory_loss(eng, model, syn, plan, snaps["w_start"], snaps["w_target"], lr)
+    snaps[which].add_(1.0)  # the caller reuses its buffer before the backward pass
+    with pytest.raises(RuntimeError, match="w_start or w_target was modified in place"):
+        loss.backward()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The backend dispatch.
 
@@ -436,8 +455,7 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
 @pytest.mark.parametrize("shape", list(CPP_MODELS))
 def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape, device):
     """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint
-    (on CUDA tensors too, where a GPU is present: the composite path bench/run_iteration.sh times with
-    ``--backend cpu``)."""
+    (on CUDA tensors too, where a GPU is present: the composite path that backend auto runs there)."""
     from haba_fast.engines.adjoint import cpp_spec
 
     model = _convnet(dtype=dtype, **CPP_MODELS[shape])

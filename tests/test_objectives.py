@@ -131,12 +131,23 @@ def test_build_inputs_haba_matches_per_step_generate_and_augment():
 @pytest.mark.parametrize("mode", ["S", "M"])
 def test_step_plan_to_moves_every_tensor_and_keeps_the_draws(mode):
     """StepPlan.to (once per iteration, so that a GPU step copies nothing from the host): every tensor of the plan,
-    the per-step augmentation ("M": a chain per step) and the adversarial draws, on the device, values unchanged."""
+    of the per-step augmentation ("M": a chain per step) and of the adversarial draws goes to the device with its
+    shape and dtype; the augmentations' families, sizes and cutout ratios stay."""
     syn = _haba()
     g = torch.Generator().manual_seed(4)
-    plan = sample_plan(IndexStream(syn.num_bases, 3), 4, syn.n_hallucinators, syn.im_size, mode=mode,
-                       adversarial=True, generator=g)
+    plan = sample_plan(
+        IndexStream(syn.num_bases, 3), 4, syn.n_hallucinators, syn.im_size, mode=mode, adversarial=True, generator=g
+    )
     moved = plan.to("meta")
+
+    def chains(p):
+        steps = [a for step in p.aug for a in (step if isinstance(step, list) else [step])]
+        pairs = [a for pair in (p.club, p.adversary) for a in (pair.aug if isinstance(pair.aug, list) else [pair.aug])]
+        return steps + pairs
+
+    assert [(a.family, a.n, a.cutout_ratio) for a in chains(moved)] == [
+        (a.family, a.n, a.cutout_ratio) for a in chains(plan)
+    ]
 
     def aug_tensors(aug):
         chain = aug if isinstance(aug, list) else [aug]  # "M": a chain of AugParams
@@ -152,8 +163,7 @@ def test_step_plan_to_moves_every_tensor_and_keeps_the_draws(mode):
     assert len(after) == len(before) > 10
     assert all(t.device.type == "meta" for t in after) and all(t.device.type == "cpu" for t in before)
     assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(after, before))
-    back = plan.to("cpu")  # a move to where the plan is changes nothing
-    assert all(torch.equal(a, b) for a, b in zip(tensors(back), before))
+    assert all(a is b for a, b in zip(tensors(plan.to("cpu")), before))  # already there: the same tensors
     assert moved.num_steps == 4 and moved.batch == 3
 
 

@@ -204,7 +204,7 @@ def test_offloaded_backward_twice(backend, budget):
 
 
 def test_a_strided_w_start_gives_the_in_memory_bits():
-    """A non-contiguous w_start is laid out as the in-memory trajectory's row 0 (same strides, same bits)."""
+    """A non-contiguous w_start is laid out as the in-memory trajectory's w_0 (same strides, same bits)."""
     model = _convnet(depth=1, norm="none", width=4, im=5)
     X, Y, ws, wt = make_problem(model, 4, 2, tuple(model.im_size), torch.float64)
     strided = torch.stack([ws, ws], 1)[:, 0]
@@ -213,6 +213,19 @@ def test_a_strided_w_start_gives_the_in_memory_bits():
     got = grads(get_adjoint_engine("exact", "torch", 0, offload_weights=True), model, X, Y, strided, wt)
     for a, b in zip(got, base):
         assert torch.equal(a, b)
+
+
+def test_offloaded_kept_torch_steps_count_their_weights():
+    """Offloaded, a kept torch step's graph holds its w_t on the device (the trajectory no longer does): one stored
+    step is P values more than in memory, where w_t is the trajectory's."""
+    model = _convnet(depth=1, norm="none", width=4, im=5)
+    X, Y, ws, wt = make_problem(model, 3, 2, tuple(model.im_size), torch.float64)
+    per_step = {}
+    for offload in (False, True):
+        eng = get_adjoint_engine("exact", "torch", "unlimited", offload_weights=offload)
+        grads(eng, model, X, Y, ws, wt)
+        per_step[offload] = eng.last_stats["per_step_bytes"]
+    assert per_step[True] - per_step[False] == ws.numel() * ws.element_size()
 
 
 def test_offloaded_trajectory_goes_to_tmpdir(tmp_path, monkeypatch):

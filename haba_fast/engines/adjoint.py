@@ -283,6 +283,7 @@ class _CppStep:
 
 # torch.compile's backend for compiled steps (the tests set "aot_eager": the same traced graphs, no code generated).
 COMPILE_BACKEND = "inductor"
+_COMPILE_NEEDS_TORCH = "compile_step compiles the torch backend's step; it cannot run with backend {!r}"
 
 
 class _CompiledStep:
@@ -291,7 +292,7 @@ class _CompiledStep:
     fused):
 
         forward sweep:  g = grad_w CE(f(w, x), y)
-        backward sweep: jvp(grad_{w,x} CE, (w, x), (lam, 0)) -> primal (g, .), tangent (H_ww lam, H_xw lam)
+        backward sweep: jvp(w -> grad_{w,x} CE(f(w, x), y), w, lam) -> primal (g, .), tangent (H_ww lam, H_xw lam)
 
     i.e. forward-over-reverse, as the C++ op computes it; ``<g, lam>`` from the primal. Any ``nn.Module`` that
     ``torch.func`` and ``torch.compile`` take (through ``functional_forward``). It keeps no step: each backward step
@@ -315,10 +316,10 @@ class _CompiledStep:
             return torch.func.grad(loss)(w, x, y)
 
         def adjoint(w: Tensor, x: Tensor, y: Tensor, lam: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            def grads(w_: Tensor, x_: Tensor):
-                return torch.func.grad(loss, argnums=(0, 1))(w_, x_, y)
+            def grads(w_: Tensor):  # x is held fixed: the tangent runs along lam in w only
+                return torch.func.grad(loss, argnums=(0, 1))(w_, x, y)
 
-            (g, _), (hw, hx) = torch.func.jvp(grads, (w, x), (lam, torch.zeros_like(x)))
+            (g, _), (hw, hx) = torch.func.jvp(grads, (w,), (lam,))
             return torch.dot(g, lam), hw, hx
 
         self._grad = torch.compile(grad, backend=compiler, fullgraph=True, dynamic=False)
@@ -328,13 +329,19 @@ class _CompiledStep:
     def _run(fn, *args: Tensor):
         try:
             return fn(*args)
-        except Exception as exc:  # dynamo / inductor failures: say which option to drop
-            if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+        except Exception as exc:  # dynamo / inductor failures: say what happened and which option to drop
+            if not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise
+            if "RecompileLimit" in type(exc).__name__ or "recompile limit" in str(exc).lower():
                 raise RuntimeError(
-                    f"compile_step: torch.compile failed on this model ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); run without --compile-step"
+                    "compile_step: dynamo's recompile limit is reached in this process (each new input shape, dtype "
+                    "or student architecture compiles the step again); raise torch._dynamo.config.recompile_limit "
+                    "or run without compile_step"
                 ) from exc
-            raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise RuntimeError(
+                f"compile_step: torch.compile failed ({type(exc).__name__}: {first}); run without compile_step"
+            ) from exc
 
     def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
         return self._run(self._grad, w.detach(), x.detach(), y)
@@ -421,7 +428,7 @@ class _OffloadedWeights:
     def __init__(self, run: "_Run", n: int, lr: Tensor):
         w0 = run.w_start
         self.store = OffloadedRows(n, w0.numel(), w0.dtype, w0.device)
-        self.cur, self.cur_t = w0.contiguous(), 0  # as _AllWeights's row 0: the same strides, the same bits
+        self.cur, self.cur_t = w0.contiguous(), 0  # laid out as _AllWeights's w_0: the same strides, the same bits
         self.n, self.lr = n, lr
         run.stats.update(stored_weights=2, offloaded_weights=n, offloaded_bytes=self.store.nbytes)
 
@@ -567,10 +574,11 @@ class _Unroll(torch.autograd.Function):
             w = traj.current(t)
             keep_t = step.can_keep and budget != 0 and (t == 0 or t >= n - k)
             if keep_t and t == 0:
-                # Measure one step's stored tensors (its batch's graph included), then decide how many fit.
-                exclude = {traj.current(0).untyped_storage().data_ptr()} | {
-                    p.untyped_storage().data_ptr() for p in leaves
-                }
+                # Measure one step's stored tensors (its batch's graph included), then decide how many fit. w_t is
+                # the trajectory's, unless offloaded: then a kept graph holds it on the device, part of the step.
+                exclude = {p.untyped_storage().data_ptr() for p in leaves}
+                if not run.offload:
+                    exclude.add(traj.current(0).untyped_storage().data_ptr())
 
                 def first_step():
                     with torch.enable_grad():
@@ -603,6 +611,9 @@ class _Unroll(torch.autograd.Function):
         run.stats.setdefault("stored_steps", 0)
         run.stats["recomputed_steps"] = n - len(kept)
         denom = (run.w_start - run.w_target).pow(2).sum()
+        # The backward sweep reads w_start (as w_0) and w_target again: an in-place change in between is an error,
+        # as autograd makes it for the tensors naive's graph saves.
+        ctx.snapshot_versions = (run.w_start._version, run.w_target._version)
         ctx.run, ctx.traj, ctx.kept = run, traj, kept
         ctx.save_for_backward(lr)
         return (traj.final() - run.w_target).pow(2).sum() / denom
@@ -615,6 +626,11 @@ class _Unroll(torch.autograd.Function):
         n = src.n_steps
         lr_d = lr.detach()
         need_x = any(ctx.needs_input_grad[2:])
+        if (run.w_start._version, run.w_target._version) != ctx.snapshot_versions:
+            raise RuntimeError(
+                "w_start or w_target was modified in place after the engine's forward pass, which the backward pass "
+                "reads; pass a copy (w_start.clone()) if the buffer is reused"
+            )
         denom = (run.w_start - run.w_target).pow(2).sum()
         lam = 2.0 * grad_loss * (traj.final() - run.w_target) / denom
         dlr = torch.zeros((), dtype=lr.dtype, device=lr.device)
@@ -787,6 +803,8 @@ class AdjointEngine:
         if self.checkpoint and self.offload_weights:
             raise ValueError(OFFLOAD_WITH_MIN)
         self.compile_step = bool(compile_step)
+        if self.compile_step and backend is not None and requested_backend(backend) not in ("auto", "torch"):
+            raise ValueError(_COMPILE_NEEDS_TORCH.format(requested_backend(backend)))
         if self.compile_step and self.memory_budget not in (0, MINIMAL):
             raise ValueError(
                 f"compile_step recomputes every step (a compiled step keeps no graph): it takes --memory-budget 0 or "
@@ -802,9 +820,10 @@ class AdjointEngine:
         self.last_stats: dict = {}
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
-        if self.compile_step:  # a torch-backend step
-            if requested_backend(self.backend, legacy_env="HABA_FAST_ADJOINT") not in ("auto", "torch"):
-                raise ValueError("compile_step compiles the torch backend's step; it cannot run with backend 'cpu'")
+        if self.compile_step:  # a torch-backend step ($HABA_FAST_BACKEND may still name another)
+            asked = requested_backend(self.backend, legacy_env="HABA_FAST_ADJOINT")
+            if asked not in ("auto", "torch"):
+                raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
             return "torch"
         return select_backend(
             "trajectory_match",
