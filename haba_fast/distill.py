@@ -185,6 +185,8 @@ class DistillConfig:
     memory_budget: str = "0"
     # MTT adjoint engines: the weight trajectory in a temporary file (CPU) / pinned host memory (CUDA), not in memory
     offload_weights: bool = False
+    # MTT adjoint engines: the torch step compiled with torch.compile (for GPUs; budget 0 or min)
+    compile_step: bool = False
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -268,6 +270,7 @@ class DistillConfig:
 
         adjoint_only = [f"--memory-budget {self.memory_budget}"] if parse_memory_budget(self.memory_budget) != 0 else []
         adjoint_only += ["--offload-weights"] if self.offload_weights else []
+        adjoint_only += ["--compile-step"] if self.compile_step else []
         if adjoint_only and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
             raise ValueError(
                 f"{adjoint_only[0]} applies to --objective mtt with the exact or first-order engine and hard labels "
@@ -275,6 +278,11 @@ class DistillConfig:
             )
         if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:
             raise ValueError(OFFLOAD_WITH_MIN)
+        if self.compile_step and parse_memory_budget(self.memory_budget) not in (0, MINIMAL):
+            raise ValueError(
+                f"--compile-step recomputes every step (a compiled step keeps no graph): it takes --memory-budget 0 "
+                f"or min, got {self.memory_budget}"
+            )
         if self.lr_param not in LR_PARAMS:
             raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
         if self.lr_param == "log" and not self.lr_teacher > 0:

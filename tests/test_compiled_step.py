@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
+from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
 from test_memory_budget import _haba_problem, _syn_grads
 
 from haba_fast.engines import adjoint, get_adjoint_engine, get_engine
@@ -178,3 +179,58 @@ def test_a_compile_failure_is_a_clear_error(monkeypatch):
         assert rel_err(step.grad(ws, X[0][:b], Y[0][:b]), ref.grad(ws, X[0][:b], Y[0][:b])) < 1e-12
     with pytest.raises(RuntimeError, match="compile_step: dynamo's recompile limit is reached .* without compile_step"):
         step.grad(ws, X[0][:3], Y[0][:3])
+
+
+def test_distill_plumbing():
+    """``haba-fast distill --compile-step`` / ``DistillConfig.compile_step``: reaches the engine, is refused where
+    it cannot apply, and is a result key on resume (the compiled step rounds differently from the C++ op)."""
+    import argparse
+
+    from haba_fast.checkpoint import NON_RESULT_KEYS
+    from haba_fast.commands.distill import add_arguments, config_from_args
+    from haba_fast.distill import DistillConfig
+
+    with pytest.raises(ValueError, match="no step to compile"):
+        get_engine("naive", compile_step=True)
+    assert get_engine("exact", memory_budget="min", compile_step=True).compile_step
+    assert DistillConfig().compile_step is False
+    DistillConfig(compile_step=True).validate()
+    DistillConfig(compile_step=True, memory_budget="min", offload_weights=False).validate()
+    with pytest.raises(ValueError, match="--compile-step recomputes every step"):
+        DistillConfig(compile_step=True, memory_budget="2GB").validate()
+    for bad in (dict(objective="dm"), dict(engine="naive")):
+        with pytest.raises(ValueError, match="--compile-step applies to --objective mtt"):
+            DistillConfig(compile_step=True, **bad).validate()
+    assert "compile_step" not in NON_RESULT_KEYS
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--compile-step"])).compile_step is True
+    assert config_from_args(parser.parse_args(["--compile_step"])).compile_step is True
+    assert config_from_args(parser.parse_args([])).compile_step is False
+
+
+def test_distiller_step_with_the_compiled_step(traced_only, digits, buffer):  # noqa: F811
+    """A HaBa Distiller with --compile-step: the engine it builds, its description, one iteration's matching loss
+    and gradients (lr, bases, hallucinators) against the naive unroll on the same plan, and a whole step."""
+    from test_distill import _cfg
+
+    from haba_fast.distill import Distiller
+    from haba_fast.objectives.mtt import trajectory_loss
+
+    d = Distiller(_cfg(engine="exact", compile_step=True), digits, buffer)
+    assert d.engine.compile_step and "step compiled with torch.compile" in d.objective.describe()
+    _, _, w_start, w_target = d.sample_trajectory()
+    plan = d.sample_plan()
+    syn = d.synthetic
+    params = [d.syn_lr, syn.bases] + list(syn.hallucinator_parameters())
+    results = []
+    for engine in (get_engine("naive"), d.engine):
+        loss = trajectory_loss(engine, d.student, syn, plan, w_start, w_target, d.syn_lr)
+        results.append((loss.detach(), torch.autograd.grad(loss, params)))
+    (l_ref, g_ref), (l_out, g_out) = results
+    assert d.engine.last_backend == "torch" and rel_err(l_out, l_ref) < 1e-5
+    for a, b in zip(g_out, g_ref):
+        assert rel_err(a, b) < 1e-4  # float32 end to end
+    before = syn.bases.detach().clone()
+    d.step()
+    assert float((syn.bases.detach() - before).abs().max()) > 0

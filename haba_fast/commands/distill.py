@@ -280,6 +280,14 @@ _FLAGS: List[tuple] = [
         "$TMPDIR (CPU) or in pinned host memory (CUDA) instead of in memory: memory flat in --syn_steps at any "
         "--memory-budget but min, the same results",
     ),
+    (
+        "compile_step",
+        ["--compile-step", "--compile_step"],
+        dict(action="store_const", const=True),
+        "mtt engine, for GPUs: run each unrolled step compiled with torch.compile (its elementwise work fused; the "
+        "first iteration compiles, tens of seconds); --memory-budget 0 or min. The same gradients up to float "
+        "rounding; on a CPU the default C++ engine is faster",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.

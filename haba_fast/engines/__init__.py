@@ -49,7 +49,11 @@ def default_engine_name() -> str:
 
 
 def get_engine(
-    name: Optional[str] = None, *, memory_budget: Union[str, int] = 0, offload_weights: bool = False
+    name: Optional[str] = None,
+    *,
+    memory_budget: Union[str, int] = 0,
+    offload_weights: bool = False,
+    compile_step: bool = False,
 ) -> Engine:
     """Return the engine called ``name`` (``exact`` | ``naive`` | ``first-order``; None or ``auto``: default).
 
@@ -60,6 +64,8 @@ def get_engine(
             construction and takes only 0.
         offload_weights: the adjoint engines store the weight trajectory off the device
             (:mod:`~haba_fast.engines.offload`); ``naive`` refuses it.
+        compile_step: the adjoint engines run the torch step compiled with ``torch.compile`` (budget 0 or ``min``;
+            :class:`~haba_fast.engines.adjoint.AdjointEngine`); ``naive`` refuses it.
 
     Raises:
         ValueError: unknown name, a bad budget, or a budget or offloading for ``naive``.
@@ -80,5 +86,10 @@ def get_engine(
                 "engine 'naive' keeps every step's graph and cannot offload its weight trajectory; use --engine exact "
                 "with --offload-weights"
             )
+        if compile_step:
+            raise ValueError(
+                "engine 'naive' is autograd's create-graph unroll and has no step to compile; use --engine exact with "
+                "--compile-step"
+            )
         return NaiveEngine()
-    return get_adjoint_engine(name, memory_budget=budget, offload_weights=offload_weights)
+    return get_adjoint_engine(name, memory_budget=budget, offload_weights=offload_weights, compile_step=compile_step)

@@ -267,6 +267,7 @@ class TrajectoryMatching(Objective):
             cfg.engine,
             memory_budget=getattr(cfg, "memory_budget", 0),
             offload_weights=bool(getattr(cfg, "offload_weights", False)),
+            compile_step=bool(getattr(cfg, "compile_step", False)),
         )
         from haba_fast.experts import TrajectorySampler
 
@@ -304,6 +305,8 @@ class TrajectoryMatching(Objective):
             cuda = torch.device(self.device).type == "cuda"
             where = "pinned host memory" if cuda else f"a temporary file in {tempfile.gettempdir()}"
             memory += f", weight trajectory offloaded to {where}"
+        if getattr(self.engine, "compile_step", False):
+            memory += ", step compiled with torch.compile (the first iteration compiles)"
         return f"objective mtt: engine {self.engine.name}{approx}{memory}{segments}"
 
     def _check_buffer(self, dataset) -> None:
