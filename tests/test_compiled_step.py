@@ -167,18 +167,20 @@ def test_inductor_generated_code_equals_the_naive_unroll():
         assert rel_err(a, b) < 1e-12
 
 
-def test_a_compile_failure_is_a_clear_error(monkeypatch):
+def test_a_compile_failure_is_a_clear_error():
     """Each new input shape is a recompile (dynamic=False); past dynamo's recompile limit the step raises a
     RuntimeError that names the option to drop, not dynamo's internals."""
-    config = torch._dynamo.config
-    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 2)
     model = _convnet(depth=1, width=4, im=6)
     X, Y, ws, _ = make_problem(model, 1, 4, (6, 6), torch.float64)
     step, ref = adjoint._CompiledStep(model, "aot_eager"), adjoint._TorchStep(model)
-    for b in (1, 2):
-        assert rel_err(step.grad(ws, X[0][:b], Y[0][:b]), ref.grad(ws, X[0][:b], Y[0][:b])) < 1e-12
-    with pytest.raises(RuntimeError, match="compile_step: dynamo's recompile limit is reached .* without compile_step"):
-        step.grad(ws, X[0][:3], Y[0][:3])
+    config = torch._dynamo.config  # its own patch() restores the limit (monkeypatch would delete it on undo)
+    name = "recompile_limit" if "recompile_limit" in dir(config) else "cache_size_limit"
+    with config.patch(**{name: 2}):
+        for b in (1, 2):
+            assert rel_err(step.grad(ws, X[0][:b], Y[0][:b]), ref.grad(ws, X[0][:b], Y[0][:b])) < 1e-12
+        with pytest.raises(RuntimeError, match="compile_step: dynamo's recompile limit is reached .* compile_step"):
+            step.grad(ws, X[0][:3], Y[0][:3])
+    assert getattr(config, name) == 8
 
 
 def test_distill_plumbing():
