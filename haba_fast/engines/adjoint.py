@@ -286,6 +286,16 @@ COMPILE_BACKEND = "inductor"
 _COMPILE_NEEDS_TORCH = "compile_step compiles the torch backend's step; it cannot run with backend {!r}"
 
 
+def check_compile_step_budget(budget: Budget, name: str = "compile_step") -> None:
+    """A compiled step keeps no step: ValueError (naming the option as ``name``) unless the parsed ``budget`` is 0 or
+    ``min``. The engine's check, and ``DistillConfig.validate``'s for ``--compile-step``."""
+    if parse_memory_budget(budget) not in (0, MINIMAL):
+        raise ValueError(
+            f"{name} recomputes every step (a compiled step keeps no graph): it takes --memory-budget 0 or min, got "
+            f"{budget!r}"
+        )
+
+
 class _CompiledStep:
     """The torch step's math as two pure ``torch.func`` functions, each compiled once with ``torch.compile``
     (``compile_step=True``: Triton kernels on CUDA, C++ on a CPU, the elementwise work between the convolutions
@@ -794,8 +804,8 @@ class AdjointEngine:
         offload_weights: bool = False,
         compile_step: bool = False,
     ):
-        if backend is not None:
-            requested_backend(backend)  # a clear ValueError for an unknown name now
+        # a clear ValueError for an unknown name now
+        asked = requested_backend(backend) if backend is not None else None
         self.backend = backend
         self.memory_budget = parse_memory_budget(memory_budget)
         self.checkpoint = self.memory_budget == MINIMAL  # checkpoint the weight trajectory
@@ -803,13 +813,10 @@ class AdjointEngine:
         if self.checkpoint and self.offload_weights:
             raise ValueError(OFFLOAD_WITH_MIN)
         self.compile_step = bool(compile_step)
-        if self.compile_step and backend is not None and requested_backend(backend) not in ("auto", "torch"):
-            raise ValueError(_COMPILE_NEEDS_TORCH.format(requested_backend(backend)))
-        if self.compile_step and self.memory_budget not in (0, MINIMAL):
-            raise ValueError(
-                f"compile_step recomputes every step (a compiled step keeps no graph): it takes --memory-budget 0 or "
-                f"min, got {self.memory_budget!r}"
-            )
+        if self.compile_step:
+            if asked not in (None, "auto", "torch"):
+                raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
+            check_compile_step_budget(self.memory_budget)
         self._compiled: _CompiledStep | None = None  # the last model's compiled step (a run has one student)
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_device ("cpu" | "cuda": where the budget's bytes are),

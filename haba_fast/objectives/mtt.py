@@ -169,10 +169,10 @@ def trajectory_loss(
     from haba_fast.dist import BatchReducer, world_size
 
     sharded = shard and world_size() > 1
-    plan = plan.to(next(iter(syn.parameters())).device)  # once: the steps' batches then copy nothing from the host
+    device = next(iter(syn.parameters())).device
+    plan = plan.to(device)  # once: the steps' batches then copy nothing from the host
     if hasattr(engine, "stream") and not sharded:
         params = [p for p in syn.parameters() if p.requires_grad]
-        device = plan.base_idx.device
         return engine.stream(
             model,
             lambda t: step_inputs(syn, plan, t),
@@ -183,7 +183,6 @@ def trajectory_loss(
             lr,
         )
     X, Y = build_inputs(syn, plan)
-    device = X.device
     reducer = BatchReducer(X.shape[1]) if shard else BatchReducer.single(X.shape[1])
     X, Y = reducer.shard(X, Y)
     return engine(model, X, Y, w_start.to(device), w_target.to(device), lr, reducer=reducer)
