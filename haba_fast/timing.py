@@ -24,13 +24,15 @@ from haba_fast.io import PathLike, atomic_write_text
 
 @dataclass
 class Timing:
-    """Seconds per call: ``median``, ``min``, ``mean`` over ``repeats`` timed calls."""
+    """Seconds per call: ``median``, ``min``, ``mean`` over ``repeats`` timed calls; ``warmup_times``: the untimed
+    warm-up calls' seconds (the first one includes one-time costs: compiles, autotuning)."""
 
     median: float
     min: float
     mean: float
     repeats: int
     times: List[float] = field(default_factory=list)
+    warmup_times: List[float] = field(default_factory=list)
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -49,25 +51,32 @@ def measure(
     device: Optional[torch.device] = None,
     max_seconds: Optional[float] = None,
 ) -> Timing:
-    """Time ``fn()``: ``warmup`` untimed calls, then up to ``repeats`` timed calls.
+    """Time ``fn()``: ``warmup`` calls timed apart (``Timing.warmup_times``), then up to ``repeats`` timed calls.
 
     Stops repeating early once ``max_seconds`` have passed (at least one timed call).
     """
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: List[float] = []
-    start_all = time.perf_counter()
-    for _ in range(repeats):
+
+    def one_call() -> float:
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    warmup_times = [one_call() for _ in range(warmup)]
+    times: List[float] = []
+    start_all = time.perf_counter()
+    for _ in range(repeats):
+        times.append(one_call())
         if max_seconds is not None and time.perf_counter() - start_all > max_seconds and len(times) >= 1:
             break
     return Timing(
-        median=statistics.median(times), min=min(times), mean=statistics.fmean(times), repeats=len(times), times=times
+        median=statistics.median(times),
+        min=min(times),
+        mean=statistics.fmean(times),
+        repeats=len(times),
+        times=times,
+        warmup_times=warmup_times,
     )
 
 

@@ -665,6 +665,24 @@ def test_iteration_report_keeps_a_forced_backend_apart(tmp_path):
     assert "(a) bpc 10, batch 100, syn_steps 20: exact (budget auto) / naive time = **0.47** (target <= 0.4)" in text
 
 
+def test_iteration_report_gives_the_compiled_steps_first_iteration(tmp_path):
+    """A compiled-step row's first (warm-up) iteration includes the compile: its note gives those seconds, and the row
+    gets its own target line against naive."""
+    from haba_fast.benchmarks.iteration import write_report
+
+    base = dict(bench="iteration", ipc=50, syn_steps=30, batch_syn=500, cpu_s_per_iter=1.0, peak_rss_mb=900.0,
+                env={"gpu": "H200"})
+    rows = [dict(base, engine="naive", s_per_iter=1.0, times=[1.0], peak_cuda_mb=9000.0),
+            dict(base, engine="exact", s_per_iter=0.7, times=[0.7], peak_cuda_mb=700.0, compile_step=True,
+                 warmup=1, warmup_s=[61.25])]
+    write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    text = (tmp_path / "ITERATION.md").read_text()
+    assert "| exact (compiled step) | 50 | 30 | 500 | 0.700 |" in text
+    assert "first iteration 61.2 s (the compile) |" in text
+    assert ("(b) bpc 50, batch 500, syn_steps 30: exact (compiled step) / naive time = **0.70** (target <= 0.8) -> "
+            "met") in text
+
+
 def test_trajectory_compression_bench_formulas():
     """bench/trajectory_compression.py: its byte entropy against a counted oracle, and its RSS model against the
     measured budget-0 ratio (1.094x at syn_steps 80 over 10 when every w_t is stored at 32 bits)."""

@@ -41,3 +41,19 @@ def test_write_bench_json_refuses_results_named_like_its_own_keys(tmp_path):
     with pytest.raises(ValueError, match="env"):
         timing.write_bench_json(tmp_path / "r.json", "cmd", env={"mine": 1})
     assert not (tmp_path / "r.json").exists()
+
+
+def test_measure_times_the_warmup_calls_apart_from_the_timed_ones():
+    """``Timing.warmup_times`` holds each untimed warm-up call's seconds (a compiled step's first call includes its
+    compile, which the benchmark rows record as ``warmup_s``); the timed calls are the rest."""
+    import time
+
+    delays = iter([0.05, 0.0, 0.0, 0.0])
+
+    def fn():
+        time.sleep(next(delays))
+
+    t = timing.measure(fn, warmup=1, repeats=3)
+    assert len(t.warmup_times) == 1 and t.warmup_times[0] >= 0.05
+    assert t.repeats == 3 and len(t.times) == 3 and max(t.times) < 0.05
+    assert timing.measure(lambda: None, warmup=0, repeats=2).warmup_times == []

@@ -6,7 +6,8 @@ bases, hallucinators and learned lr, the optimizer steps, and the adversary's ow
 CIFAR-shaped data (10 classes, 3x32x32) and a synthetic expert buffer (the student's initial weights plus small
 random drifts per epoch, the right P): no files.
 
-Prints ONE JSON line: ``s_per_iter`` (median over ``--repeats`` timed iterations after ``--warmup``),
+Prints ONE JSON line: ``s_per_iter`` (median over ``--repeats`` timed iterations after ``--warmup``; the warm-up
+iterations' wall and CPU seconds in ``warmup_s`` / ``warmup_cpu_s``),
 ``peak_rss_mb`` (peak resident set of this process: run one configuration per process so the peak is its own;
 ``bench/run_iteration.sh`` does), the configuration and ``haba_fast.timing.environment()``. ``--engine-only`` times
 the engine call alone (forward + backward of the matching loss on fixed inputs) instead of the full step.
@@ -307,6 +308,7 @@ def run(args) -> int:
         "times": t.times,
         "warmup": int(args.warmup),  # untimed iterations first (the steady state a long run sees, when >= 1)
         "warmup_cpu_s": warmup_cpu_times,  # their CPU seconds: the first is a fresh process's first iteration
+        "warmup_s": t.warmup_times,  # their wall seconds (a compiled step's first one includes its compile)
         "minor_faults_per_iter": statistics.median(faults),
         # distill()'s hold on the C++ buffer cache over its iterations (budget unlimited; a no-op with the cache off)
         "buffer_cache_held": held,
@@ -455,6 +457,8 @@ def _section(rows, title) -> str:
         note = "approximation" if r.get("approximate") else ""
         if cuda and r.get("peak_rss_mb") is not None:
             note = (note + "; " if note else "") + f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        if r.get("compile_step") and r.get("warmup_s"):
+            note = (note + "; " if note else "") + f"first iteration {r['warmup_s'][0]:.1f} s (the compile)"
         lines.append(
             f"| {_label(r)} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), tf)} "
             f"| {_fmt(r.get('cpu_s_per_iter'), tf)} | {len(r.get('times', []))} "
