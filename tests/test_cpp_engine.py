@@ -71,6 +71,29 @@ def _conv_gradient_kernels(fn) -> set[str]:
     return {e.name for e in prof.events() if e.name in ("aten::_slow_conv2d_backward", "aten::convolution_backward")}
 
 
+@pytest.mark.parametrize("im,expect_aten_pool_backward", [(8, False), (9, True)])
+def test_composite_avg_pool_backward_is_one_broadcast_multiply_at_even_sizes(im, expect_aten_pool_backward,
+                                                                           monkeypatch):
+    """The ATen-only path (what runs on CUDA) turns 2x2 average pooling's backward and the activation's derivative
+    into one broadcast multiply where the block's size is even (ATen's CUDA avg_pool2d_backward was 5.5x its forward's
+    time on an H200); an odd size (9 -> 4: the last row and column get no gradient) keeps ATen's kernel. Values: the
+    step's g, h_w and h_x against autograd in float64 at both sizes."""
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
+    model = _convnet(width=8, depth=2, norm="instancenorm", act="sigmoid", pool="avgpooling", im=im)
+    g = torch.Generator().manual_seed(3)
+    w = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    w = w + 0.2 * torch.randn(w.shape, generator=g, dtype=w.dtype)
+    x = torch.randn(4, 3, im, im, generator=g, dtype=w.dtype)
+    y = torch.randint(0, model.num_classes, (4,), generator=g)
+    lam = torch.randn(w.shape, generator=g, dtype=w.dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.ops.haba_fast.trajectory_step_hvp(w, x, y, lam, cpp_spec(model))
+    names = {e.name for e in prof.events()}
+    assert ("aten::avg_pool2d_backward" in names) == expect_aten_pool_backward
+    for a, b in zip(got, autograd_step(model, w, x, y, lam)):
+        assert rel_err(a, b) < 1e-9
+
+
 @pytest.mark.parametrize("channels", [1, 3, 16, 17, 24])
 def test_step_float32_on_both_first_block_convolution_kernels(channels, path):
     """The convolution gradients run ATen's im2col + GEMM kernel for <= 16 input channels and oneDNN's above
