@@ -6,10 +6,11 @@
 //   trajectory_match_forward(X, Y, w_start, w_target, lr, spec, first_order) -> (loss, W [N+1, P])
 //   trajectory_match_backward(grad, X, Y, W, w_target, lr, spec, first_order) -> (dX, dlr)
 //   trajectory_step_hvp(w, x, y, lam, spec) -> (g, h_w, h_x)     (one step's gradient and Hessian products; tests)
-//   trajectory_step_grad(w, x, y, spec) -> g                      (the streamed engine's forward step)
+//   trajectory_step_grad(w, x, y, spec, check_values=True) -> g   (the streamed engine's forward step)
 //   trajectory_step_adjoint(w, x, y, lam, spec, want_hw) -> (<g, lam>, h_w, h_x)   (its backward step)
-//   trajectory_step_grad_keep(w, x, y, spec) -> (g, kept)          (a kept step of the memory budget: g and the
-//                                                                    forward sweep's per-block tensors, 3 x depth)
+//   trajectory_step_grad_keep(w, x, y, spec, check_values=True) -> (g, kept)   (a kept step of the memory
+//                                                     budget: g and the forward sweep's per-block tensors, 3 x depth)
+//   (check_values=False: no value checks, no host read; for callers that checked the values once per unroll)
 //   trajectory_step_adjoint_kept(w, x, y, lam, kept, spec, want_hw) -> as trajectory_step_adjoint, reusing kept
 //
 //   X [N, B, C, H, W] float/double, Y [N, B] int64, w_start/w_target [P], lr 0-dim (all on one device).
@@ -822,11 +823,14 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_hvp(const Tensor& w, const Te
 
 // One step of the streamed engine (haba_fast/engines/adjoint.py builds each step's batch on demand, so X never
 // exists as one [N, B, C, H, W] tensor): the forward sweep's g_t, and the backward sweep's adjoint step.
-Tensor trajectory_step_grad(const Tensor& w, const Tensor& x, const Tensor& y, at::IntArrayRef spec) {
+// check_values=false skips the value checks (labels in range, finite x and w), whose host read is a device sync on
+// CUDA: for callers that checked them once per unroll (the step plan on the host); shapes are checked always.
+Tensor trajectory_step_grad(const Tensor& w, const Tensor& x, const Tensor& y, at::IntArrayRef spec,
+                            bool check_values) {
   Spec s = parse_spec(spec);
   HF_CHECK(x.dim() == 4, "trajectory_step_grad: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
   HF_CHECK(y.dim() == 1, "trajectory_step_grad: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
-  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), check_values);
   at::NoGradGuard no_grad;
   std::optional<haba_fast::BufferCacheScope> reuse_buffers;
   if (x.is_cpu()) reuse_buffers.emplace();
@@ -854,11 +858,11 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint(const Tensor& w, cons
 // The forward sweep's step of a kept step: g and the tensors its backward step reuses (see step(): per block, the
 // conv output, the block output and the gradient w.r.t. the block input, empty for block 0), 3 * depth tensors.
 std::tuple<Tensor, std::vector<Tensor>> trajectory_step_grad_keep(const Tensor& w, const Tensor& x, const Tensor& y,
-                                                                  at::IntArrayRef spec) {
+                                                                  at::IntArrayRef spec, bool check_values) {
   Spec s = parse_spec(spec);
   HF_CHECK(x.dim() == 4, "trajectory_step_grad_keep: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
   HF_CHECK(y.dim() == 1, "trajectory_step_grad_keep: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
-  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
+  Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), check_values);
   at::NoGradGuard no_grad;
   std::optional<haba_fast::BufferCacheScope> reuse_buffers;
   if (x.is_cpu()) reuse_buffers.emplace();
@@ -993,10 +997,11 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
   m.def("trajectory_match_backward(Tensor grad, Tensor X, Tensor Y, Tensor W, Tensor w_target, Tensor lr, "
         "int[] spec, bool first_order) -> (Tensor, Tensor)");
   m.def("trajectory_step_hvp(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec) -> (Tensor, Tensor, Tensor)");
-  m.def("trajectory_step_grad(Tensor w, Tensor x, Tensor y, int[] spec) -> Tensor");
+  m.def("trajectory_step_grad(Tensor w, Tensor x, Tensor y, int[] spec, bool check_values=True) -> Tensor");
   m.def("trajectory_step_adjoint(Tensor w, Tensor x, Tensor y, Tensor lam, int[] spec, bool want_hw) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("trajectory_step_grad_keep(Tensor w, Tensor x, Tensor y, int[] spec) -> (Tensor, Tensor[])");
+  m.def("trajectory_step_grad_keep(Tensor w, Tensor x, Tensor y, int[] spec, bool check_values=True) -> "
+        "(Tensor, Tensor[])");
   m.def("trajectory_step_adjoint_kept(Tensor w, Tensor x, Tensor y, Tensor lam, Tensor[] kept, int[] spec, "
         "bool want_hw) -> (Tensor, Tensor, Tensor)");
 }

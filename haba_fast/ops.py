@@ -25,8 +25,10 @@ sample, so a whole batch with per-sample parameters is one pass. A family withou
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,13 +38,52 @@ from haba_fast.aug_families import KernelCode
 from haba_fast.aug_families import family as _family
 from haba_fast.backend import OpInputs, requested_backend, select_backend
 
-__all__ = ["generate", "augment", "generate_augment"]
+__all__ = ["generate", "augment", "generate_augment", "values_checked", "check_index_bounds", "check_augment_params"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight", "dec_bias")
 
 
 # ---- validation ---------------------------------------------------------------------------------------
+_VALUES_CHECKED = contextvars.ContextVar("haba_fast_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """Inside this block the ops skip the checks that read a value back from the device (on CUDA, a sync per call):
+    generate's index bounds and augment's parameter finiteness. For callers that checked those values once, on the
+    host (``haba_fast.objectives.mtt.check_plan``: a step plan per iteration, before it moves to the GPU); shapes,
+    dtypes and devices are still checked. Per thread of execution (a ``contextvars`` variable)."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
+def check_index_bounds(base_idx: Tensor, hall_idx: Tensor, num_bases: int, n_hallucinators: int, op: str) -> None:
+    """ValueError unless ``base_idx`` [n] lies in [0, num_bases) and ``hall_idx`` [n] in [0, n_hallucinators).
+
+    One host read for the four bounds (on CUDA each ``int(t.min())`` would be a device sync of its own)."""
+    if not base_idx.numel():
+        return
+    bounds = torch.stack([base_idx.min(), base_idx.max(), hall_idx.min(), hall_idx.max()]).tolist()
+    for name, (lo, hi), limit in (("base_idx", bounds[:2], num_bases), ("hall_idx", bounds[2:], n_hallucinators)):
+        if lo < 0 or hi >= limit:
+            raise ValueError(f"{op}: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
+
+
+def check_augment_params(params) -> None:
+    """ValueError if a floating parameter of ``params`` (an AugParams or a list of them) is NaN or Inf: the kernels'
+    bilinear taps would fall outside the image and silently give zeros (the reference gives NaN). One host read."""
+    floats = [
+        (p.family, k, v) for p in _chain(params) for k, v in p.values.items() if v.is_floating_point() and v.numel()
+    ]
+    if floats and not bool(torch.stack([torch.isfinite(v).all().to(floats[0][2].device) for _, _, v in floats]).all()):
+        bad = [f"{fam}.{k}" for fam, k, v in floats if not bool(torch.isfinite(v).all())]
+        raise ValueError(f"augment: parameters {', '.join(bad)} contain NaN or Inf (sample them from finite ranges)")
+
+
 def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx):
     """Validate generate's inputs; return all nine, in order, with base_idx and hall_idx as int64."""
     tensors = (bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias)
@@ -95,27 +136,26 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
         idx.append(t.to(torch.int64))
     if idx[0].shape != idx[1].shape:
         raise ValueError(f"generate: base_idx ({idx[0].shape[0]}) and hall_idx ({idx[1].shape[0]}) differ in length")
-    if idx[0].numel():
-        # One host read for the four bounds: on CUDA each int(t.min()) would be a device sync of its own.
-        bounds = torch.stack([idx[0].min(), idx[0].max(), idx[1].min(), idx[1].max()]).tolist()
-        for name, (lo, hi), limit in (("base_idx", bounds[:2], M), ("hall_idx", bounds[2:], Hn)):
-            if lo < 0 or hi >= limit:
-                raise ValueError(f"generate: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
+    if not _VALUES_CHECKED.get():
+        check_index_bounds(idx[0], idx[1], M, Hn, "generate")
     return (*tensors, idx[0], idx[1])
 
 
 def _chain(params) -> List:
+    """``params`` as a list of AugParams (TypeError for anything else)."""
     chain = list(params) if isinstance(params, (list, tuple)) else [params]
     for p in chain:
         if not (hasattr(p, "family") and hasattr(p, "values") and hasattr(p, "n")):
             raise TypeError(f"augment: params must be an AugParams or a list/tuple of them, got {type(p).__name__}")
-    floats = [(p.family, k, v) for p in chain for k, v in p.values.items() if v.is_floating_point() and v.numel()]
-    # One host read for the whole chain. A NaN/Inf parameter would make the kernels' bilinear taps fall outside
-    # the image and silently give zeros (the reference gives NaN): refuse it instead.
-    if floats and not bool(torch.stack([torch.isfinite(v).all().to(floats[0][2].device) for _, _, v in floats]).all()):
-        bad = [f"{fam}.{k}" for fam, k, v in floats if not bool(torch.isfinite(v).all())]
-        raise ValueError(f"augment: parameters {', '.join(bad)} contain NaN or Inf (sample them from finite ranges)")
     return chain
+
+
+def _checked_chain(params) -> List:
+    """``_chain`` and, unless under :func:`values_checked`, the finiteness check."""
+    out = _chain(params)
+    if not _VALUES_CHECKED.get():
+        check_augment_params(out)
+    return out
 
 
 def _check_images(x, op: str = "augment", dtype_error: type = TypeError) -> None:
@@ -348,7 +388,7 @@ def augment(x: Tensor, params, *, backend: Optional[str] = None) -> Tensor:
         [n, C, H, W], a new tensor of ``x``'s dtype and device; differentiable in ``x``.
     """
     _check_images(x)
-    chain = _chain(params)
+    chain = _checked_chain(params)
     name = _pick("augment", x, backend, chain)
     if name == "torch":
         return _reference.augment_reference(x, chain if isinstance(params, (list, tuple)) else params)
@@ -385,7 +425,7 @@ def generate_augment(
         [n, C, H, W]; differentiable in bases and every hallucinator parameter.
     """
     gen = _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx)
-    chain = _chain(params)
+    chain = _checked_chain(params)
     name = _pick("generate_augment", bases, backend, chain)
     if name == "torch":
         return _reference.augment_reference(_reference.generate_reference(*gen), chain)

@@ -5,6 +5,8 @@ Oracle: ``naive_unroll`` of tests/test_adjoint.py (a plain create-graph unroll t
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -419,6 +421,101 @@ def test_streamed_checks_make_inputs():
     bad = lambda t: (torch.zeros(3, 3, 9, 9, dtype=torch.float64), torch.zeros(3, dtype=torch.long))  # noqa: E731
     with pytest.raises(ValueError, match="make_inputs"):
         eng.stream(model, lambda t: (bad(t)[0][None], bad(t)[1]), 2, list(syn.parameters()), ws, wt, 0.1)
+
+
+def _count_calls(monkeypatch, module, name) -> list:
+    calls = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_streamed_plan_is_checked_once_per_iteration_not_per_step(backend, monkeypatch):
+    """trajectory_loss checks the step plan's indices and augmentation parameters once, on the host
+    (mtt.check_plan), and builds every step's batch under ops.values_checked(): the checks that read a value back
+    from the device (a sync per call on CUDA) run as often at 6 steps as at 2; the C++ op's steps skip their value
+    checks. Outside the context the ops still check every call."""
+    from haba_fast import ops
+    from haba_fast.engines.adjoint import _CppStep
+    from haba_fast.objectives.mtt import step_inputs, trajectory_loss
+
+    if backend == "cpu" and not extension_loaded():
+        pytest.skip("the C++ extension is not built")
+    steps_made: list = []
+    real_init = _CppStep.__init__
+
+    def recording_init(self, spec, check_values=True):
+        steps_made.append(check_values)
+        real_init(self, spec, check_values)
+
+    monkeypatch.setattr(_CppStep, "__init__", recording_init)
+    counts = {}
+    for N in (2, 6):
+        bounds = _count_calls(monkeypatch, ops, "check_index_bounds")
+        finite = _count_calls(monkeypatch, ops, "check_augment_params")
+        syn, plan, model, ws, wt = _haba_problem(N, torch.float64)
+        _syn_grads(lambda lr: trajectory_loss(get_adjoint_engine("exact", backend), model, syn, plan, ws, wt, lr),
+                   syn, torch.float64)
+        counts[N] = (len(bounds), len(finite))
+        monkeypatch.undo()
+        monkeypatch.setattr(_CppStep, "__init__", recording_init)
+    assert counts[2] == counts[6] and counts[2][0] >= 1 and counts[2][1] >= 1, counts
+    assert steps_made == ([False, False] if backend == "cpu" else [])
+    bounds = _count_calls(monkeypatch, ops, "check_index_bounds")
+    finite = _count_calls(monkeypatch, ops, "check_augment_params")
+    step_inputs(syn, plan.to("cpu"), 0)  # outside the context: generate and augment check their values
+    assert len(bounds) == 1 and len(finite) >= 1
+
+
+def test_check_plan_names_what_is_wrong():
+    from haba_fast.objectives.mtt import check_plan
+
+    syn, plan, model, ws, wt = _haba_problem(2, torch.float64)
+    check_plan(syn, plan, model.num_classes)  # a sampled plan passes
+    bad = dataclasses.replace(plan, base_idx=plan.base_idx.clone())
+    bad.base_idx[1, 0] = syn.num_bases
+    with pytest.raises(ValueError, match=r"step plan: base_idx values must lie in \[0, 8\)"):
+        check_plan(syn, bad, model.num_classes)
+    bad = dataclasses.replace(plan, hall_idx=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"hall_idx values must lie in \[0, 3\)"):
+        check_plan(syn, bad, model.num_classes)
+    aug = copy.deepcopy(plan.aug)
+    first = aug[0][0] if isinstance(aug[0], list) else aug[0]
+    key = next(k for k, v in first.values.items() if v.is_floating_point())
+    first.values[key][0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_plan(syn, dataclasses.replace(plan, aug=aug), model.num_classes)
+    with pytest.raises(ValueError, match=r"labels lie in \[0, 3\] but the student has 1 classes"):
+        check_plan(syn, plan, 1)
+
+
+@needs_cpp
+def test_cpp_step_ops_skip_value_checks_only_when_asked():
+    """trajectory_step_grad / _keep with check_values=False run on a non-finite batch (the caller checked once); by
+    default they refuse it."""
+    from haba_fast.engines.adjoint import cpp_spec
+
+    model = _convnet(depth=2, norm="groupnorm")
+    X, Y, ws, _ = make_problem(model, 1, 4, tuple(model.im_size), torch.float64)
+    x = X[0].clone()
+    x[0, 0, 0, 0] = float("nan")
+    spec = cpp_spec(model)
+    for op in (torch.ops.haba_fast.trajectory_step_grad, torch.ops.haba_fast.trajectory_step_grad_keep):
+        with pytest.raises(RuntimeError, match="X contains NaN or Inf"):
+            op(ws, x, Y[0], spec)
+        out = op(ws, x, Y[0], spec, False)
+        g = out if isinstance(out, torch.Tensor) else out[0]
+        assert not torch.isfinite(g).all()
+        clean = op(ws, X[0], Y[0], spec, False)
+        ref = op(ws, X[0], Y[0], spec)
+        assert torch.equal(clean if isinstance(clean, torch.Tensor) else clean[0],
+                           ref if isinstance(ref, torch.Tensor) else ref[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

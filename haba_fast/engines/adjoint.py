@@ -162,16 +162,28 @@ class _StreamedBatches:
 
     The forward sweep builds each batch without a graph; the backward sweep rebuilds it with one and pushes dL/dX_t
     into ``params`` at once, so neither X nor the generate/augment graph of all N steps ever exists.
+    ``values_checked``: ``make_inputs`` runs under ``haba_fast.ops.values_checked()`` (its caller checked the
+    values the ops would read back from the device, once).
     """
 
-    def __init__(self, make_inputs: Callable[[int], tuple[Tensor, Tensor]], n_steps: int, params: tuple[Tensor, ...]):
+    def __init__(
+        self,
+        make_inputs: Callable[[int], tuple[Tensor, Tensor]],
+        n_steps: int,
+        params: tuple[Tensor, ...],
+        values_checked: bool = False,
+    ):
         self.make_inputs = make_inputs
         self.n_steps = int(n_steps)
         self.params = params
+        self.values_checked = values_checked
         self.grads: list[Tensor | None] = [None] * len(params)
 
     def batch(self, t: int) -> tuple[Tensor, Tensor]:
-        x, y = self.make_inputs(t)
+        from haba_fast import ops
+
+        with ops.values_checked() if self.values_checked else contextlib.nullcontext():
+            x, y = self.make_inputs(t)
         if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(
                 f"make_inputs({t}) must return X_t [B, C, H, W] and Y_t [B], got {tuple(x.shape)} and {tuple(y.shape)}"
@@ -255,14 +267,15 @@ class _CppStep:
 
     can_keep = True
 
-    def __init__(self, spec: list[int]):
+    def __init__(self, spec: list[int], check_values: bool = True):
         self.spec = spec
+        self.check_values = check_values  # False: the ops skip their value checks (a device sync each on CUDA)
 
     def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return torch.ops.haba_fast.trajectory_step_grad(w, x.detach(), y, self.spec)
+        return torch.ops.haba_fast.trajectory_step_grad(w, x.detach(), y, self.spec, self.check_values)
 
     def keep(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
-        g, kept = torch.ops.haba_fast.trajectory_step_grad_keep(w, x.detach(), y, self.spec)
+        g, kept = torch.ops.haba_fast.trajectory_step_grad_keep(w, x.detach(), y, self.spec, self.check_values)
         return g, tuple(kept)
 
     @staticmethod
@@ -839,11 +852,12 @@ class AdjointEngine:
             legacy_env="HABA_FAST_ADJOINT",
         )
 
-    def _step(self, name: str, model: nn.Module):
+    def _step(self, name: str, model: nn.Module, check_values: bool = True):
         """The per-step implementation of backend ``name``. A compiled step is kept for the next call with the same
-        model, which then runs its compiled code without tracing again."""
+        model, which then runs its compiled code without tracing again. ``check_values=False``: the C++ op's steps
+        skip their per-step value checks (the torch steps have none)."""
         if name == "cpu":
-            return _CppStep(cpp_spec(model))
+            return _CppStep(cpp_spec(model), check_values)
         if not self.compile_step:
             return _TorchStep(model)
         if self._compiled is None or self._compiled.model is not model:
@@ -954,6 +968,8 @@ class AdjointEngine:
         w_start: Tensor,
         w_target: Tensor,
         lr: Tensor,
+        *,
+        values_checked: bool = False,
     ) -> Tensor:
         """The matching loss with each step's batch built on demand: memory flat in N.
 
@@ -964,6 +980,13 @@ class AdjointEngine:
             n_steps: N >= 1.
             params: the tensors X_t depends on (the synthetic set's parameters); autograd gives them the gradients.
             w_start, w_target: [P] constants; lr: 0-dim (differentiable).
+            values_checked: the caller vouches that every step's labels lie in [0, the model's classes) and that the
+                values ``make_inputs``'s ops would check (indices, augmentation parameters) were checked
+                (``haba_fast.objectives.mtt.check_plan``). Then no step reads a value back from the device (on CUDA,
+                a sync each): ``make_inputs`` runs under ``haba_fast.ops.values_checked()`` and the C++ op's steps
+                skip their value checks. w_start, w_target, lr and the first batch are still checked here, once; a
+                step whose inputs or weights turn non-finite is not stopped, and the loss comes out NaN or Inf (the
+                ``Distiller``'s guarded update refuses it).
 
         Returns:
             0-dim loss, differentiable in ``params`` and ``lr``; equal to ``self(model, X, Y, ...)`` with
@@ -973,7 +996,7 @@ class AdjointEngine:
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
         params = tuple(params)
-        source = _StreamedBatches(make_inputs, n_steps, params)
+        source = _StreamedBatches(make_inputs, n_steps, params, values_checked)
         with torch.no_grad():
             x0, y0 = source.batch(0)
         if not isinstance(lr, Tensor):
@@ -986,7 +1009,7 @@ class AdjointEngine:
         name = self._select(model, x0.device, x0.dtype)
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, x0.device)
-        step = self._step(name, model)
+        step = self._step(name, model, check_values=not values_checked)
         run = _Run(source, step, ws, wt, self.first_order, budget, self.checkpoint, self.offload_weights)
         del x0, y0
         out = _unroll(run, lr.to(ws.dtype), params)

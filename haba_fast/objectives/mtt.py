@@ -28,6 +28,7 @@ __all__ = [
     "augment_groups",
     "build_inputs",
     "step_inputs",
+    "check_plan",
     "trajectory_loss",
     "soft_label_trajectory_loss",
     "TrajectoryMatching",
@@ -145,6 +146,29 @@ def step_inputs(syn: nn.Module, plan: StepPlan, t: int) -> Tuple[Tensor, Tensor]
     return x, labels[idx.to(labels.device)].to(x.device)
 
 
+def check_plan(syn: nn.Module, plan: StepPlan, num_classes: Optional[int]) -> None:
+    """The values of a step plan that building its batches would check on the device, checked once (on the host,
+    where the plan is sampled): the rows ``base_idx`` [N, B] in [0, the synthetic set's rows), the hallucinators
+    ``hall_idx`` [N] in [0, Hn) (HaBa), finite augmentation parameters, and the labels of the synthetic set in
+    [0, ``num_classes``) (None: not checked). Then :func:`step_inputs` can run under
+    ``haba_fast.ops.values_checked()`` and read nothing back from a GPU. ValueError naming what is wrong.
+    """
+    from haba_fast import ops
+
+    labels = synthetic_labels(syn)
+    rows, hallucinators = int(labels.shape[0]), int(getattr(syn, "n_hallucinators", 1))
+    ops.check_index_bounds(plan.base_idx.reshape(-1), plan.hall_idx.reshape(-1), rows, hallucinators, "step plan")
+    if plan.aug:  # every step's parameters in one call: one host read
+        chains = [chain if isinstance(chain, (list, tuple)) else [chain] for chain in plan.aug]
+        ops.check_augment_params([p for chain in chains for p in chain])
+    if num_classes is not None and labels.numel():
+        lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"the synthetic set's labels lie in [{lo}, {hi}] but the student has {num_classes} classes"
+            )
+
+
 def trajectory_loss(
     engine: Engine,
     model: nn.Module,
@@ -165,13 +189,21 @@ def trajectory_loss(
     batch; the loss is the same on every rank, the gradients of X (and so of the synthetic set) and of ``lr`` are
     this rank's share, to be summed over ranks (``Distiller`` does). ``shard=False``: this rank unrolls the whole
     batch (trajectory-parallel mode: the ranks match different segments).
+
+    Streamed, the plan's values are checked once on the host (:func:`check_plan`) and no step reads a value back
+    from the device (``engine.stream(..., values_checked=True)``): weights that turn non-finite during the unroll
+    give a NaN or Inf loss, which the ``Distiller``'s guarded update refuses, rather than an error at that step.
     """
     from haba_fast.dist import BatchReducer, world_size
 
     sharded = shard and world_size() > 1
     device = next(iter(syn.parameters())).device
+    streamed = hasattr(engine, "stream") and not sharded
+    if streamed:  # on the host, before the move: the steps then read no value back from the device
+        classes = getattr(model, "num_classes", None)
+        check_plan(syn, plan, classes if isinstance(classes, int) else None)
     plan = plan.to(device)  # once: the steps' batches then copy nothing from the host
-    if hasattr(engine, "stream") and not sharded:
+    if streamed:
         params = [p for p in syn.parameters() if p.requires_grad]
         return engine.stream(
             model,
@@ -181,6 +213,7 @@ def trajectory_loss(
             w_start.to(device),
             w_target.to(device),
             lr,
+            values_checked=True,
         )
     X, Y = build_inputs(syn, plan)
     reducer = BatchReducer(X.shape[1]) if shard else BatchReducer.single(X.shape[1])
