@@ -5,14 +5,16 @@
 #
 #   bench/run_iteration.sh                 # the issue's targets (CPU); takes a while on 2 cores
 #   DEVICE=cuda bench/run_iteration.sh     # the same table on a GPU (writes iteration_cuda.json / the GPU section),
-#                                          # plus naive at 40 steps and naive at bpc 50 / batch 500 / 30 steps,
-#                                          # and exact with --memory-budget auto at both, as chosen (the C++ op)
-#                                          # and with --backend torch, then exact with --compile-step at both
-#                                          # (the memory-budget targets)
+#                                          # plus naive at bpc 50 / batch 500 / 30 steps, and at both sizes exact
+#                                          # with --memory-budget auto, as chosen (the C++ op) and with --backend
+#                                          # torch (the memory-budget targets), exact with --compile-step, and
+#                                          # exact at budget 0 with --inputs stacked and streamed-step-checks
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
-#   AUTO_ROWS=1 bench/run_iteration.sh     # the budget-auto rows (both backends) on CPU too
+#   AUTO_ROWS=1 bench/run_iteration.sh     # the budget-auto, compiled-step and --inputs rows on CPU too
+#   GROWTH=0 / GROWTH=1                    # without / with the rows of memory growth in syn_steps (CPU: with;
+#                                          # GPU: without)
 #   RESULTS=/tmp/r bench/run_iteration.sh  # output folder (default bench/results); PYTHON picks the interpreter
 # CPU: every row is one iteration in a fresh process (no warm-up: at tens of seconds per iteration the first-call
 # overheads are noise); the timed comparison interleaves the engines round by round so that they see the same
@@ -26,9 +28,10 @@ DEVICE=${DEVICE:-cpu}
 RESULTS=${RESULTS:-bench/results}
 if [ "$DEVICE" = cpu ]; then
   SUFFIX=""; DEF_ROUNDS=3; WARMUP=${WARMUP:-0}; REPEATS=${REPEATS:-1}; NAIVE40=${NAIVE40:-0}; NAIVE_BIG=${NAIVE_BIG:-0}
+  GROWTH=${GROWTH:-1}
 else
   SUFFIX="_${DEVICE%%:*}"; DEF_ROUNDS=1; WARMUP=${WARMUP:-1}; REPEATS=${REPEATS:-3}; NAIVE40=${NAIVE40:-1}
-  NAIVE_BIG=${NAIVE_BIG:-1}
+  NAIVE_BIG=${NAIVE_BIG:-1}; GROWTH=${GROWTH:-0}
 fi
 ROUNDS=${ROUNDS:-$DEF_ROUNDS}
 mkdir -p "$RESULTS"
@@ -74,18 +77,33 @@ compiled_rows() {  # compiled_rows IPC STEPS BATCH
     run exact "$1" "$2" "$3" --compile-step
   fi
 }
+# On a GPU, budget 0 with the batches built otherwise (--inputs): stacked (all N in one call, the C++ op's whole
+# unroll) and streamed with the per-step device checks of before 2026-12-04, beside the default (streamed, checked
+# once on the host): where a streamed iteration's time goes on a host-bound GPU run.
+inputs_rows() {  # inputs_rows IPC STEPS BATCH
+  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
+    run exact "$1" "$2" "$3" --inputs stacked
+    run exact "$1" "$2" "$3" --inputs streamed-step-checks
+  fi
+}
+# Each size's rows in the order of what they decide: the targets (auto), the compiled step, then the diagnostics.
 auto_rows 10 $S20 100
+compiled_rows 10 $S20 100
+inputs_rows 10 $S20 100
 # The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 auto_rows 50 $S30 500
-compiled_rows 10 $S20 100
 compiled_rows 50 $S30 500
-# Memory growth with syn_steps (bpc 10, batch 100).
-run exact 10 $S10 100
-run exact 10 $S40 100
-run naive 10 $S10 100
-if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
+inputs_rows 50 $S30 500
+# Memory growth with syn_steps (bpc 10, batch 100); GROWTH=0 skips these rows (the default on a GPU, where the
+# H100's rows of commit cfdd45e showed it: docs/RESULTS.md).
+if [ "$GROWTH" = 1 ]; then
+  run exact 10 $S10 100
+  run exact 10 $S40 100
+  run naive 10 $S10 100
+  if [ "$NAIVE40" = 1 ]; then run naive 10 $S40 100; fi
+fi
 
 $PY - "$TMP" "$OUT" <<'PYEOF'
 import json, sys

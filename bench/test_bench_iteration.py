@@ -73,3 +73,45 @@ def test_gpu_section_reports_peak_cuda_memory(tmp_path):
     assert "peak CUDA memory (MB)" in doc and "| 1100 |" in doc and "peak RSS 5000 MB" in doc
     assert "exact peak CUDA memory at syn_steps 40 / at 10: **1.10x**" in doc
     assert "exact completes, peak CUDA memory **2.00 GB**" in doc and "naive did NOT complete" in doc
+
+
+@pytest.mark.parametrize("inputs", ["stacked", "streamed-step-checks"])
+def test_inputs_variants_give_the_streamed_iterations_loss_and_gradients(inputs, monkeypatch):
+    """``--inputs``: the same iteration (same seed, same plan) with all N batches built in one call, or streamed with
+    the per-step device checks, gives the streamed default's loss and gradients; stacked never calls ``stream``, the
+    step-checks variant streams with ``values_checked=False``."""
+    import torch
+
+    from haba_fast.engines.adjoint import AdjointEngine
+
+    seen = []
+    real_stream = AdjointEngine.stream
+
+    def recording_stream(self, *args, values_checked=False, **kwargs):
+        seen.append(values_checked)
+        return real_stream(self, *args, values_checked=values_checked, **kwargs)
+
+    monkeypatch.setattr(AdjointEngine, "stream", recording_stream)
+
+    def one_iteration(**kw):
+        distiller = iteration.build_distiller(_args(engine="exact", syn_steps=3, **kw))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics = distiller.step()
+        return metrics["loss"], [p.detach().clone() for p in distiller.synthetic.parameters()]
+
+    loss, params = one_iteration()
+    assert seen == [True]
+    seen.clear()
+    loss_v, params_v = one_iteration(inputs=inputs)
+    assert seen == ([] if inputs == "stacked" else [False])
+    assert loss_v == pytest.approx(loss, rel=1e-5)
+    for a, b in zip(params_v, params):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_inputs_variants_are_refused_where_they_mean_nothing():
+    with pytest.raises(ValueError, match="naive takes none"):
+        iteration.run(_args(engine="naive", inputs="stacked"))
+    with pytest.raises(ValueError, match="--engine-only has fixed inputs"):
+        iteration.run(_args(engine="exact", inputs="stacked", engine_only=True))

@@ -762,6 +762,25 @@ def test_iteration_report_keeps_a_forced_backend_apart(tmp_path):
     assert "(a) bpc 10, batch 100, syn_steps 20: exact (budget auto) / naive time = **0.47** (target <= 0.4)" in text
 
 
+def test_iteration_report_keeps_inputs_variants_beside_the_engines_rows(tmp_path):
+    """``--inputs`` rows (stacked, streamed-step-checks) get their own table rows and are never the exact engine's
+    row in the ratios."""
+    from haba_fast.benchmarks.iteration import write_report
+
+    base = dict(bench="iteration", ipc=50, syn_steps=30, batch_syn=500, cpu_s_per_iter=1.0, peak_rss_mb=900.0,
+                env={"gpu": "H200"})
+    rows = [dict(base, engine="exact", s_per_iter=0.2, times=[0.2], peak_cuda_mb=700.0, inputs="stacked"),
+            dict(base, engine="exact", s_per_iter=0.9, times=[0.9], peak_cuda_mb=600.0, inputs="streamed"),
+            dict(base, engine="exact", s_per_iter=0.95, times=[0.95], peak_cuda_mb=600.0,
+                 inputs="streamed-step-checks")]
+    write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    text = (tmp_path / "ITERATION.md").read_text()
+    assert "| exact (stacked inputs) | 50 | 30 | 500 | 0.200 |" in text
+    assert "| exact (streamed-step-checks inputs) | 50 | 30 | 500 | 0.950 |" in text
+    assert "| exact | 50 | 30 | 500 | 0.900 |" in text
+    assert "exact completes, peak CUDA memory **0.59 GB**" in text  # the streamed row's 600 MB, not stacked's
+
+
 def test_iteration_report_gives_the_compiled_steps_first_iteration(tmp_path):
     """A compiled-step row's first (warm-up) iteration includes the compile: its note gives those seconds, and the row
     gets its own target line against naive."""

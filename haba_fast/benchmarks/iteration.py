@@ -60,6 +60,15 @@ def add_arguments(parser) -> None:
         "warm-up iterations include the compile)",
     )
     parser.add_argument(
+        "--inputs",
+        default="streamed",
+        choices=INPUTS,
+        help="exact/first-order, a diagnostic: how the unroll gets its batches. streamed (the default: each step's "
+        "batch built on demand from the plan, checked once on the host), streamed-step-checks (the same, with the "
+        "per-step checks that read values back from the device, as before 2026-12-04), stacked (all N batches "
+        "built in one call, as the naive engine gets them; budget 0 then runs the C++ op's whole unroll)",
+    )
+    parser.add_argument(
         "--baseline-rss-mb",
         type=float,
         default=None,
@@ -155,7 +164,34 @@ def build_distiller(args):
     distiller = Distiller(cfg, dataset, buffer, device=args.device)
     if (args.backend is not None or args.compile_step) and args.engine != "naive":
         distiller.engine = _adjoint_engine(args)
+    if args.inputs != "streamed":
+        distiller.engine = _InputsVariant(distiller.engine, args.inputs)
     return distiller
+
+
+INPUTS = ("streamed", "streamed-step-checks", "stacked")
+
+
+class _InputsVariant:
+    """An adjoint engine seen through ``--inputs``: ``stacked`` hides ``stream`` (``trajectory_loss`` then builds X
+    [N, B, C, H, W] in one call), ``streamed-step-checks`` streams with ``values_checked=False``. Every other
+    attribute is the engine's."""
+
+    def __init__(self, engine, inputs: str):
+        self._engine, self._inputs = engine, inputs
+
+    def __getattr__(self, name):
+        if name == "stream" and self._inputs == "stacked":
+            raise AttributeError(name)
+        if name == "stream":
+            return self._stream_with_step_checks
+        return getattr(self._engine, name)
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(*args, **kwargs)
+
+    def _stream_with_step_checks(self, *args, values_checked: bool = False, **kwargs):
+        return self._engine.stream(*args, values_checked=False, **kwargs)
 
 
 def _adjoint_engine(args):
@@ -245,8 +281,10 @@ def run(args) -> int:
         raise ValueError("--max-seconds would let the processes stop after different counts; give --repeats only")
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    if args.engine == "naive" and (args.compile_step or args.backend is not None):
-        raise ValueError("--compile-step and --backend choose how the adjoint engines run; naive takes neither")
+    if args.engine == "naive" and (args.compile_step or args.backend is not None or args.inputs != "streamed"):
+        raise ValueError("--compile-step, --backend and --inputs choose how the adjoint engines run; naive takes none")
+    if args.engine_only and args.inputs != "streamed":
+        raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
     for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
         if int(getattr(args, name)) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -290,6 +328,7 @@ def run(args) -> int:
         "engine_backend": getattr(engine, "last_backend", None),
         "backend_requested": args.backend,  # --backend (None: the engine's own choice)
         "compile_step": bool(args.compile_step),
+        "inputs": args.inputs,  # streamed | streamed-step-checks | stacked (--inputs)
         "approximate": bool(getattr(engine, "approximate", False)),
         "what": "engine" if args.engine_only else "full HaBa step (incl. adversarial term)",
         "ipc": args.ipc,
@@ -378,13 +417,20 @@ def _label(row) -> str:
         parts.append(f"backend {row['backend_requested']}")
     if row.get("compile_step"):
         parts.append("compiled step")
+    if row.get("inputs", "streamed") != "streamed":
+        parts.append(f"{row['inputs']} inputs")
     return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
 
 
+def _is_variant(row) -> bool:
+    """A compiled-step row, or one with ``--inputs`` other than streamed: diagnostics beside the engine's rows."""
+    return bool(row.get("compile_step")) or row.get("inputs", "streamed") != "streamed"
+
+
 def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
-    """The first row of ``engine`` at this configuration and budget (not a compiled-step row)."""
+    """The first row of ``engine`` at this configuration and budget (not a variant: ``_is_variant``)."""
     for r in rows:
-        if r.get("failed") or r.get("engine") != engine or _budget(r) != budget or r.get("compile_step"):
+        if r.get("failed") or r.get("engine") != engine or _budget(r) != budget or _is_variant(r):
             continue
         if (r.get("ipc"), r.get("syn_steps"), r.get("batch_syn")) != (ipc, steps, batch):
             continue
@@ -509,7 +555,7 @@ def _section(rows, title) -> str:
     big = [
         r
         for r in rows
-        if r.get("ipc") == 50 and r.get("batch_syn") == 500 and _budget(r) == "0" and not r.get("compile_step")
+        if r.get("ipc") == 50 and r.get("batch_syn") == 500 and _budget(r) == "0" and not _is_variant(r)
     ]
     for r in big:
         if r.get("failed"):
