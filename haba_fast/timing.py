@@ -50,24 +50,29 @@ def measure(
     repeats: int = 5,
     device: Optional[torch.device] = None,
     max_seconds: Optional[float] = None,
+    on_call: Optional[Callable[[str, int, float], None]] = None,
 ) -> Timing:
     """Time ``fn()``: ``warmup`` calls timed apart (``Timing.warmup_times``), then up to ``repeats`` timed calls.
 
-    Stops repeating early once ``max_seconds`` have passed (at least one timed call).
+    Stops repeating early once ``max_seconds`` have passed (at least one timed call). ``on_call(kind, i, seconds)``
+    hears of each call as it ends (kind ``"warm-up"`` or ``"timed"``): progress for a run that may be cut short.
     """
 
-    def one_call() -> float:
+    def one_call(kind: str, i: int) -> float:
         _sync(device)
         t0 = time.perf_counter()
         fn()
         _sync(device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        if on_call is not None:
+            on_call(kind, i, seconds)
+        return seconds
 
-    warmup_times = [one_call() for _ in range(warmup)]
+    warmup_times = [one_call("warm-up", i) for i in range(warmup)]
     times: List[float] = []
     start_all = time.perf_counter()
-    for _ in range(repeats):
-        times.append(one_call())
+    for i in range(repeats):
+        times.append(one_call("timed", i))
         if max_seconds is not None and time.perf_counter() - start_all > max_seconds and len(times) >= 1:
             break
     return Timing(

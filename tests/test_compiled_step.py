@@ -152,7 +152,7 @@ def test_bench_iteration_compile_step_row(traced_only):
     row = {"engine": "exact", "compile_step": True, "backend_requested": None}
     assert iteration._label(row) == "exact (compiled step)"
     naive = p.parse_args(["--engine", "naive", "--compile-step"])
-    with pytest.raises(ValueError, match="naive takes neither"):
+    with pytest.raises(ValueError, match="naive takes none"):
         iteration.run(naive)
 
 

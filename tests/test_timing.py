@@ -53,7 +53,10 @@ def test_measure_times_the_warmup_calls_apart_from_the_timed_ones():
     def fn():
         time.sleep(next(delays))
 
-    t = timing.measure(fn, warmup=1, repeats=3)
+    heard = []
+    t = timing.measure(fn, warmup=1, repeats=3, on_call=lambda kind, i, s: heard.append((kind, i, s)))
     assert len(t.warmup_times) == 1 and t.warmup_times[0] >= 0.05
+    assert [(k, i) for k, i, _ in heard] == [("warm-up", 0), ("timed", 0), ("timed", 1), ("timed", 2)]
+    assert [s for _, _, s in heard] == t.warmup_times + t.times
     assert t.repeats == 3 and len(t.times) == 3 and max(t.times) < 0.05
     assert timing.measure(lambda: None, warmup=0, repeats=2).warmup_times == []

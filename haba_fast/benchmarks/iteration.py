@@ -313,10 +313,18 @@ def run(args) -> int:
             buffers.after_step(engine)
             return out
 
+        def progress(kind: str, i: int, seconds: float) -> None:  # stderr: a row cut short still says how far it got
+            print(f"bench iteration: {kind} iteration {i + 1}: {seconds:.3f} s", file=sys.stderr, flush=True)
+
         sent = dist.payload_bytes()
         with RunBuffers(args.memory_budget) as buffers:  # as distill() runs its iterations
             t = timing.measure(
-                timed, warmup=args.warmup, repeats=args.repeats, device=device, max_seconds=args.max_seconds
+                timed,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                device=device,
+                max_seconds=args.max_seconds,
+                on_call=progress,
             )
             held = buffer_cache_is_held()
         warmup_cpu_times, cpu_times = cpu_times[: args.warmup], cpu_times[args.warmup :]
