@@ -219,23 +219,26 @@ std::pair<Tensor, Tensor> block_forward_composite(const Spec& s, const Tensor& z
     Tensor zg = gview(z, G);
     auto vm = at::var_mean(zg, {2}, /*correction=*/0, /*keepdim=*/true);
     Tensor rstd = (std::get<0>(vm) + kEps).rsqrt();
-    Tensor xh = (zg - std::get<1>(vm)) * rstd;
+    // Full-size passes written as addcmul (input + t1 * t2, broadcasting the per-group / per-channel factors): on
+    // CUDA each ATen op is a kernel and a pass over memory, so (zg - mean) * rstd becomes zg * rstd + (-mean * rstd).
+    Tensor xh = at::addcmul(-std::get<1>(vm) * rstd, zg, rstd);
     std::vector<int64_t> ashape = s.norm == kLayer ? std::vector<int64_t>{1, z.size(1), z.size(2), z.size(3)}
                                                    : std::vector<int64_t>{1, z.size(1), 1, 1};
     Tensor g4 = gam.view(ashape), b4 = bet.view(ashape);
     if (tan) {
       Tensor zdg = gview(zd, G);
       Tensor k = rstd * (zdg * xh).mean({2}, true);
-      Tensor xhd = (zdg - zdg.mean({2}, true)) * rstd - xh * k;
+      // xhd = (zdg - mean(zdg)) * rstd - xh * k
+      Tensor xhd = at::addcmul(-zdg.mean({2}, true) * rstd, zdg, rstd).addcmul_(xh, k, -1);
       xhd = xhd.view(z.sizes());
       c.xhd = xhd;
       c.k = k;
-      nd = xhd * g4 + xh.view(z.sizes()) * gamd.view(ashape) + betd.view(ashape);
+      nd = at::addcmul(betd.view(ashape), xhd, g4).addcmul_(xh.view(z.sizes()), gamd.view(ashape));
     }
     xh = xh.view(z.sizes());
     c.xh = xh;
     c.rstd = rstd;
-    n = xh * g4 + b4;
+    n = at::addcmul(b4, xh, g4);
   } else {
     n = z;
     nd = zd;
@@ -248,10 +251,11 @@ std::pair<Tensor, Tensor> block_forward_composite(const Spec& s, const Tensor& z
     c.nd = nd;
     r = sg;
   } else if (s.act == kRelu) {
-    c.d1 = (n > 0).to(n.scalar_type());
-    r = n * c.d1;
+    r = at::relu(n);
+    c.d1 = at::sign(r);  // 1 where n > 0, else 0: relu's derivative in one pass
   } else {
-    c.d1 = (n > 0).to(n.scalar_type()) * 0.99 + 0.01;
+    // where() of two 0-dim tensors of n's dtype (two Python-like scalars would give the default dtype, float32)
+    c.d1 = at::where(n > 0, at::scalar_tensor(1.0, n.options()), at::scalar_tensor(0.01, n.options()));
     r = n * c.d1;
   }
   if (tan) rd = nd * c.d1;
@@ -322,23 +326,29 @@ std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& 
   std::vector<int64_t> ashape = s.norm == kLayer ? std::vector<int64_t>{1, gn.size(1), gn.size(2), gn.size(3)}
                                                  : std::vector<int64_t>{1, gn.size(1), 1, 1};
   const Tensor& xh = c.xh;
+  const Tensor& rstd = c.rstd;
   *ggam = (gn * xh).sum(red);
   *gbet = gn.sum(red);
   Tensor g4 = gam.view(ashape);
   Tensor gx = gview(gn * g4, G);
   Tensor xhg = gview(xh, G);
   Tensor m1 = (gx * xhg).mean({2}, true);
-  Tensor gz = (gx - gx.mean({2}, true) - xhg * m1) * c.rstd;
+  // gz = (gx - mean(gx) - xh * m1) * rstd, as addcmuls (one pass each; see block_forward_composite)
+  Tensor gz = at::addcmul(-gx.mean({2}, true) * rstd, gx, rstd).addcmul_(xhg, m1 * rstd, -1);
   Tensor gzd;
   if (tan) {
     if (ggamd) {
-      *ggamd = (gnd * xh + gn * c.xhd).sum(red);
+      *ggamd = (gnd * xh).addcmul_(gn, c.xhd).sum(red);
       *gbetd = gnd.sum(red);
     }
-    Tensor gxd = gview(gnd * g4 + gn * gamd.view(ashape), G);
+    Tensor gxd = gview((gnd * g4).addcmul_(gn, gamd.view(ashape)), G);
     Tensor xhdg = gview(c.xhd, G);
-    gzd = (gxd - gxd.mean({2}, true) - xhdg * m1 - xhg * (gxd * xhg + gx * xhdg).mean({2}, true)) * c.rstd -
-          c.k * gz;
+    Tensor m2 = (gxd * xhg).addcmul_(gx, xhdg).mean({2}, true);
+    // gzd = (gxd - mean(gxd) - xhd * m1 - xh * m2) * rstd - k * gz
+    gzd = at::addcmul(-gxd.mean({2}, true) * rstd, gxd, rstd)
+              .addcmul_(xhdg, m1 * rstd, -1)
+              .addcmul_(xhg, m2 * rstd, -1)
+              .addcmul_(gz, c.k, -1);
     gzd = gzd.view(gn.sizes());
   }
   return {gz.view(gn.sizes()), gzd};

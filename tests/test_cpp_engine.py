@@ -61,7 +61,7 @@ def test_step_hvp_matches_autograd_float64(norm, act, pool, path):
     got = torch.ops.haba_fast.trajectory_step_hvp(w, x, y, lam, cpp_spec(model))
     ref = autograd_step(model, w, x, y, lam)
     for a, b in zip(got, ref):
-        assert rel_err(a, b) < 1e-9
+        assert rel_err(a, b) < 1e-12  # float64 rounding only (a float32 constant in the math showed as ~3e-10)
 
 
 def _conv_gradient_kernels(fn) -> set[str]:
@@ -91,7 +91,7 @@ def test_composite_avg_pool_backward_is_one_broadcast_multiply_at_even_sizes(im,
     names = {e.name for e in prof.events()}
     assert ("aten::avg_pool2d_backward" in names) == expect_aten_pool_backward
     for a, b in zip(got, autograd_step(model, w, x, y, lam)):
-        assert rel_err(a, b) < 1e-9
+        assert rel_err(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("channels", [1, 3, 16, 17, 24])
