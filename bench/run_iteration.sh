@@ -51,7 +51,18 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
       --syn-steps "$steps" --batch-syn "$batch" --device "$DEVICE" --warmup "$WARMUP" --repeats "$REPEATS" \
       --json "${EXTRA[@]}" "$@" >> "$TMP"; then
     echo "bench iteration: engine=$engine ipc=$ipc syn_steps=$steps batch_syn=$batch FAILED (recorded)" >&2
-    echo "{\"bench\": \"iteration\", \"engine\": \"$engine\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"device\": \"$DEVICE\", \"failed\": true}" >> "$TMP"
+    # the row's options too, so that the report labels a failed variant as itself (not as the engine's own row)
+    local opts="" prev="" a
+    for a in "$@"; do
+      case "$prev" in
+        --memory-budget) opts+=", \"memory_budget\": \"$a\"" ;;
+        --backend) opts+=", \"backend_requested\": \"$a\"" ;;
+        --inputs) opts+=", \"inputs\": \"$a\"" ;;
+      esac
+      [ "$a" = --compile-step ] && opts+=", \"compile_step\": true"
+      prev=$a
+    done
+    echo "{\"bench\": \"iteration\", \"engine\": \"$engine\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"device\": \"$DEVICE\", \"failed\": true$opts}" >> "$TMP"
   fi
 }
 
@@ -86,7 +97,7 @@ inputs_rows() {  # inputs_rows IPC STEPS BATCH
     run exact "$1" "$2" "$3" --inputs streamed-step-checks
   fi
 }
-# Each size's rows in the order of what they decide: the targets (auto), the compiled step, then the diagnostics.
+# Each size's rows: the targets (auto) first; at (b) the compiled step last, the slowest row.
 auto_rows 10 $S20 100
 compiled_rows 10 $S20 100
 inputs_rows 10 $S20 100
@@ -94,8 +105,8 @@ inputs_rows 10 $S20 100
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 auto_rows 50 $S30 500
-compiled_rows 50 $S30 500
 inputs_rows 50 $S30 500
+compiled_rows 50 $S30 500  # last: over 110 s on the H200 (2026-12-04), where the others take ~20 s
 # Memory growth with syn_steps (bpc 10, batch 100); GROWTH=0 skips these rows (the default on a GPU, where the
 # H100's rows of commit cfdd45e showed it: docs/RESULTS.md).
 if [ "$GROWTH" = 1 ]; then

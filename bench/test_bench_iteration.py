@@ -110,6 +110,21 @@ def test_inputs_variants_give_the_streamed_iterations_loss_and_gradients(inputs,
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_inputs_variant_wrapper_delegates_to_the_engine():
+    import copy
+
+    from haba_fast.engines import get_adjoint_engine
+
+    engine = get_adjoint_engine("exact", "torch")
+    stacked = iteration._InputsVariant(engine, "stacked")
+    checks = iteration._InputsVariant(engine, "streamed-step-checks")
+    assert not hasattr(stacked, "stream") and callable(checks.stream)
+    stacked.memory_budget = "auto"  # set on the engine, not on the wrapper
+    assert engine.memory_budget == "auto" and stacked.memory_budget == "auto"
+    assert "with --inputs stacked" in repr(stacked) and "ExactEngine" in repr(stacked)
+    assert copy.copy(checks)._inputs == "streamed-step-checks"
+
+
 def test_inputs_variants_are_refused_where_they_mean_nothing():
     with pytest.raises(ValueError, match="naive takes none"):
         iteration.run(_args(engine="naive", inputs="stacked"))

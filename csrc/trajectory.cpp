@@ -10,7 +10,8 @@
 //   trajectory_step_adjoint(w, x, y, lam, spec, want_hw) -> (<g, lam>, h_w, h_x)   (its backward step)
 //   trajectory_step_grad_keep(w, x, y, spec, check_values=True) -> (g, kept)   (a kept step of the memory
 //                                                     budget: g and the forward sweep's per-block tensors, 3 x depth)
-//   (check_values=False: no value checks, no host read; for callers that checked the values once per unroll)
+//   (check_values=False: no value checks, so no host read on CUDA; for callers that checked the values once per
+//   unroll. On a CPU, at::one_hot still reads the labels' range.)
 //   trajectory_step_adjoint_kept(w, x, y, lam, kept, spec, want_hw) -> as trajectory_step_adjoint, reusing kept
 //
 //   X [N, B, C, H, W] float/double, Y [N, B] int64, w_start/w_target [P], lr 0-dim (all on one device).

@@ -38,7 +38,7 @@ from haba_fast.aug_families import KernelCode
 from haba_fast.aug_families import family as _family
 from haba_fast.backend import OpInputs, requested_backend, select_backend
 
-__all__ = ["generate", "augment", "generate_augment", "values_checked", "check_index_bounds", "check_augment_params"]
+__all__ = ["generate", "augment", "generate_augment"]
 
 _FAST_DTYPES = (torch.float32, torch.float64)
 _GEN_NAMES = ("bases", "enc_weight", "enc_bias", "scale", "shift", "dec_weight", "dec_bias")
@@ -73,15 +73,16 @@ def check_index_bounds(base_idx: Tensor, hall_idx: Tensor, num_bases: int, n_hal
             raise ValueError(f"{op}: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
 
 
-def check_augment_params(params) -> None:
-    """ValueError if a floating parameter of ``params`` (an AugParams or a list of them) is NaN or Inf: the kernels'
-    bilinear taps would fall outside the image and silently give zeros (the reference gives NaN). One host read."""
+def check_augment_params(params, op: str = "augment") -> None:
+    """ValueError (naming ``op``) if a floating parameter of ``params`` (an AugParams or a list of them) is NaN or Inf:
+    the kernels' bilinear taps would fall outside the image and silently give zeros (the reference gives NaN). One
+    host read."""
     floats = [
         (p.family, k, v) for p in _chain(params) for k, v in p.values.items() if v.is_floating_point() and v.numel()
     ]
     if floats and not bool(torch.stack([torch.isfinite(v).all().to(floats[0][2].device) for _, _, v in floats]).all()):
         bad = [f"{fam}.{k}" for fam, k, v in floats if not bool(torch.isfinite(v).all())]
-        raise ValueError(f"augment: parameters {', '.join(bad)} contain NaN or Inf (sample them from finite ranges)")
+        raise ValueError(f"{op}: parameters {', '.join(bad)} contain NaN or Inf (sample them from finite ranges)")
 
 
 def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_bias, base_idx, hall_idx):

@@ -397,16 +397,43 @@ def _syncs_of_streamed_unroll(n_steps: int) -> int:
 @requires_ext_loaded
 @pytest.mark.skipif(not ON_CUDA, reason="counts CUDA syncs")
 def test_streamed_steps_do_not_sync_with_the_device():
-    """A streamed step builds its batch from a plan checked on the host and moved to the GPU once
+    """A streamed step builds its batch from a plan checked once per iteration and moved to the GPU once
     (mtt.check_plan, StepPlan.to), under ops.values_checked() (generate's index bounds and augment's finiteness are
-    not read back), and the C++ op's steps skip their value checks: the per-iteration checks stay, but a step adds
-    no sync (at most one, for something this count has not met yet; the batch of 4 rows keeps the generate
-    backward's segment sum on its one-pass path, which reads nothing back)."""
+    not read back), and the C++ op's steps skip their value checks: the per-iteration checks stay, a step adds no
+    sync. (The 8 bases here take the generate backward's one-hot sum; above 64 bases its sorted sum reads the
+    ids' range and counts back, two or three syncs in each backward step: kernels/generate.py, segment_sum.)"""
     _syncs_of_streamed_unroll(2)  # warm-up: Triton compiles, cuDNN picks its algorithms
     few, many = _syncs_of_streamed_unroll(2), _syncs_of_streamed_unroll(6)
-    per_step = (many - few) / 4
-    print(f"device syncs: {few} at 2 steps, {many} at 6 steps: {per_step:.1f} per step")
-    assert per_step <= 1, (few, many)
+    print(f"device syncs: {few} at 2 steps, {many} at 6 steps: {(many - few) / 4:.1f} per step")
+    assert many == few, (few, many)
+
+
+@requires_ext_loaded
+@pytest.mark.skipif(not ON_CUDA, reason="a bad plan on CUDA")
+def test_a_bad_step_plan_is_a_clear_error_before_any_kernel_runs():
+    """The streamed steps no longer check indices on the device, so check_plan must refuse an out-of-range row
+    before the Triton generate kernel reads it: a ValueError, and the CUDA context still works afterwards."""
+    import dataclasses
+
+    from haba_fast.engines import get_adjoint_engine
+    from haba_fast.factorization import HaBa
+    from haba_fast.models import flatten_params
+    from haba_fast.objectives.mtt import trajectory_loss
+    from haba_fast.plan import IndexStream, sample_plan
+
+    g = torch.Generator().manual_seed(3)
+    syn = HaBa(4, 2, 3, (9, 9), n_hallucinators=3, generator=g).to(DEVICE)
+    plan = sample_plan(IndexStream(8, 4), 2, 3, (9, 9), generator=g)
+    model = _convnet(channel=3, k=4, im=9, dtype=torch.float32).to(DEVICE)
+    ws = flatten_params(model).float()
+    wt = ws + 0.1 * torch.randn(ws.shape, generator=g).to(DEVICE)
+    lr = torch.tensor(0.05, device=DEVICE, requires_grad=True)
+    bad = dataclasses.replace(plan, base_idx=plan.base_idx + 1000)
+    with pytest.raises(ValueError, match="step plan: base_idx values must lie in"):
+        trajectory_loss(get_adjoint_engine("exact", None, 0), model, syn, bad, ws, wt, lr)
+    trajectory_loss(get_adjoint_engine("exact", None, 0), model, syn, plan, ws, wt, lr).backward()
+    torch.cuda.synchronize()
+    assert torch.isfinite(lr.grad)
 
 
 def _cli(*argv, timeout=240):

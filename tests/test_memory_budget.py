@@ -473,6 +473,38 @@ def test_streamed_plan_is_checked_once_per_iteration_not_per_step(backend, monke
     assert len(bounds) == 1 and len(finite) >= 1
 
 
+def test_streamed_backward_on_another_thread_checks_nothing_per_step(monkeypatch):
+    """The backward sweep rebuilds each batch wherever autograd runs it (on CUDA, its device thread):
+    _StreamedBatches sets ops.values_checked() at each call, so a backward on another thread still reads nothing
+    back per step."""
+    import threading
+
+    from haba_fast import ops
+    from haba_fast.objectives.mtt import trajectory_loss
+
+    syn, plan, model, ws, wt = _haba_problem(3, torch.float64)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = trajectory_loss(get_adjoint_engine("exact", "torch"), model, syn, plan, ws, wt, lr)
+    bounds = _count_calls(monkeypatch, ops, "check_index_bounds")
+    finite = _count_calls(monkeypatch, ops, "check_augment_params")
+    errors = []
+
+    def backward():
+        try:
+            loss.backward()
+        except Exception as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    worker = threading.Thread(target=backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert lr.grad is not None and syn.bases.grad is not None
+    assert bounds == [] and finite == []
+
+
 def test_check_plan_names_what_is_wrong():
     from haba_fast.objectives.mtt import check_plan
 
@@ -489,8 +521,15 @@ def test_check_plan_names_what_is_wrong():
     first = aug[0][0] if isinstance(aug[0], list) else aug[0]
     key = next(k for k, v in first.values.items() if v.is_floating_point())
     first.values[key][0] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match="step plan: parameters .* contain NaN or Inf"):
         check_plan(syn, dataclasses.replace(plan, aug=aug), model.num_classes)
+    # Pixels: rows are images; the plan's hallucinators are never read
+    from haba_fast.factorization import Pixels
+
+    pixels = Pixels(4, 2, 3, (9, 9), generator=torch.Generator().manual_seed(0))
+    check_plan(pixels, dataclasses.replace(plan, hall_idx=torch.tensor([0, 5])), model.num_classes)
+    with pytest.raises(ValueError, match=r"step plan: base_idx values must lie in \[0, 8\)"):
+        check_plan(pixels, dataclasses.replace(plan, base_idx=plan.base_idx + 8), model.num_classes)
     with pytest.raises(ValueError, match=r"labels lie in \[0, 3\] but the student has 1 classes"):
         check_plan(syn, plan, 1)
 

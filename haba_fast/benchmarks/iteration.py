@@ -178,14 +178,23 @@ class _InputsVariant:
     attribute is the engine's."""
 
     def __init__(self, engine, inputs: str):
-        self._engine, self._inputs = engine, inputs
+        object.__setattr__(self, "_engine", engine)
+        object.__setattr__(self, "_inputs", inputs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not found on the wrapper itself
+        if name.startswith("_"):  # (copy/pickle look up dunders before __init__ ran)
+            raise AttributeError(name)
         if name == "stream" and self._inputs == "stacked":
             raise AttributeError(name)
         if name == "stream":
             return self._stream_with_step_checks
         return getattr(self._engine, name)
+
+    def __setattr__(self, name, value) -> None:
+        setattr(self._engine, name, value)
+
+    def __repr__(self) -> str:
+        return f"{self._engine!r} with --inputs {self._inputs}"
 
     def __call__(self, *args, **kwargs):
         return self._engine(*args, **kwargs)

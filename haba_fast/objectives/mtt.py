@@ -147,20 +147,25 @@ def step_inputs(syn: nn.Module, plan: StepPlan, t: int) -> Tuple[Tensor, Tensor]
 
 
 def check_plan(syn: nn.Module, plan: StepPlan, num_classes: Optional[int]) -> None:
-    """The values of a step plan that building its batches would check on the device, checked once (on the host,
-    where the plan is sampled): the rows ``base_idx`` [N, B] in [0, the synthetic set's rows), the hallucinators
-    ``hall_idx`` [N] in [0, Hn) (HaBa), finite augmentation parameters, and the labels of the synthetic set in
-    [0, ``num_classes``) (None: not checked). Then :func:`step_inputs` can run under
-    ``haba_fast.ops.values_checked()`` and read nothing back from a GPU. ValueError naming what is wrong.
+    """The values of a step plan that building its batches would check on the device, checked once per iteration:
+    the rows ``base_idx`` [N, B] in [0, the synthetic set's bases or images), the hallucinators ``hall_idx`` [N] in
+    [0, Hn) (HaBa; Pixels never reads them), finite augmentation parameters (on the host, where the plan is drawn),
+    and the synthetic set's labels in [0, ``num_classes``) (None: not checked; read where the labels live, one read).
+    Then :func:`step_inputs` can run under ``haba_fast.ops.values_checked()`` and read nothing back from a GPU.
+    ValueError naming what is wrong.
     """
     from haba_fast import ops
 
-    labels = synthetic_labels(syn)
-    rows, hallucinators = int(labels.shape[0]), int(getattr(syn, "n_hallucinators", 1))
-    ops.check_index_bounds(plan.base_idx.reshape(-1), plan.hall_idx.reshape(-1), rows, hallucinators, "step plan")
+    base_idx = plan.base_idx.reshape(-1)
+    if is_haba(syn):
+        hall_idx = plan.hall_idx.reshape(-1)
+        ops.check_index_bounds(base_idx, hall_idx, int(syn.num_bases), int(syn.n_hallucinators), "step plan")
+    else:
+        ops.check_index_bounds(base_idx, torch.zeros_like(base_idx), int(syn.images.shape[0]), 1, "step plan")
     if plan.aug:  # every step's parameters in one call: one host read
         chains = [chain if isinstance(chain, (list, tuple)) else [chain] for chain in plan.aug]
-        ops.check_augment_params([p for chain in chains for p in chain])
+        ops.check_augment_params([p for chain in chains for p in chain], "step plan")
+    labels = synthetic_labels(syn)
     if num_classes is not None and labels.numel():
         lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
         if lo < 0 or hi >= num_classes:
@@ -190,9 +195,11 @@ def trajectory_loss(
     this rank's share, to be summed over ranks (``Distiller`` does). ``shard=False``: this rank unrolls the whole
     batch (trajectory-parallel mode: the ranks match different segments).
 
-    Streamed, the plan's values are checked once on the host (:func:`check_plan`) and no step reads a value back
-    from the device (``engine.stream(..., values_checked=True)``): weights that turn non-finite during the unroll
-    give a NaN or Inf loss, which the ``Distiller``'s guarded update refuses, rather than an error at that step.
+    Streamed, the plan's values are checked once per iteration (:func:`check_plan`; the labels against the student's
+    classes when it states them as an int ``num_classes``: the C++ engine's ConvNets do, and the torch step, which
+    runs any other model, never checked labels per step) and no step reads a value back from the device
+    (``engine.stream(..., values_checked=True)``): weights that turn non-finite during the unroll give a NaN or Inf
+    loss, which the ``Distiller``'s guarded update refuses, rather than an error at that step.
     """
     from haba_fast.dist import BatchReducer, world_size
 

@@ -1,0 +1,30 @@
+"""bench/composite_step.py at a tiny size: the counts it reports are there and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from haba_fast._ext import extension_available
+
+
+def _script():
+    path = os.path.join(os.path.dirname(__file__), "composite_step.py")
+    spec = importlib.util.spec_from_file_location("composite_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
+def test_composite_step_counts_the_ops_of_both_sweeps(monkeypatch):
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
+    out = _script().measure(batch=4, width=32, repeats=1)
+    for name in ("trajectory_step_grad", "trajectory_step_adjoint"):
+        r = out[name]
+        assert 0 < r["compute_ops"] <= r["aten_ops"] + 10 and r["compute_input_melems"] > 0
+        assert "aten::convolution" in r["top_compute_ops"] and "aten::view" not in r["top_compute_ops"]
+    # the backward sweep's step does more than the forward sweep's
+    assert out["trajectory_step_adjoint"]["compute_ops"] > out["trajectory_step_grad"]["compute_ops"]
