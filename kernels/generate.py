@@ -226,7 +226,9 @@ def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method:
     out = torch.zeros((num_segments, P), dtype=src.dtype, device=src.device)
     if R == 0 or P == 0:
         return out
-    counts = torch.bincount(seg, minlength=num_segments)
+    # Per-segment row counts. Not torch.bincount: on CUDA it reads the ids' range back to size its output (two device
+    # syncs per call, every backward step of a streamed unroll); ``seg`` lies in [0, num_segments) (the callers check).
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=seg.device).scatter_add_(0, seg, torch.ones_like(seg))
     order = torch.argsort(seg, stable=True)
     if R > ROWS_PER_CHUNK and int(counts.max()) > ROWS_PER_CHUNK:
         # Stage 1: chunks of ≤ ROWS_PER_CHUNK rows inside each segment; stage 2: chunks -> segments (recursion).

@@ -400,8 +400,8 @@ def test_streamed_steps_do_not_sync_with_the_device():
     """A streamed step builds its batch from a plan checked once per iteration and moved to the GPU once
     (mtt.check_plan, StepPlan.to), under ops.values_checked() (generate's index bounds and augment's finiteness are
     not read back), and the C++ op's steps skip their value checks: the per-iteration checks stay, a step adds no
-    sync. (The 8 bases here take the generate backward's one-hot sum; above 64 bases its sorted sum reads the
-    ids' range and counts back, two or three syncs in each backward step: kernels/generate.py, segment_sum.)"""
+    sync. (The 8 bases here take the generate backward's one-hot sum; above 64 bases and 64 rows its sorted sum
+    reads its largest count back, one sync in each backward step: kernels/generate.py, segment_sum.)"""
     _syncs_of_streamed_unroll(2)  # warm-up: Triton compiles, cuDNN picks its algorithms
     few, many = _syncs_of_streamed_unroll(2), _syncs_of_streamed_unroll(6)
     print(f"device syncs: {few} at 2 steps, {many} at 6 steps: {(many - few) / 4:.1f} per step")
