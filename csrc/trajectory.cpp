@@ -289,6 +289,51 @@ Tensor avg_pool_backward_times(const Tensor& g, const Tensor& d) {
   return (d.view({B, C, H / 2, 2, W / 2, 2}) * quarter).view({B, C, H, W});
 }
 
+// Instance norm's backward (and tangent) from (gn, gnd) w.r.t. its output: as the general case below, but with
+// gamma constant over each (sample, channel) group, so every mean over a group factors into a few per-group means:
+// P = mean(gn * xh), Q = mean(gn), R = mean(gnd * xh + gn * xhd), Qd = mean(gnd) ([B, C, 1] each), and
+// mean(gx * xh) = gamma P, mean(gx) = gamma Q, mean(gxd * xh + gx * xhd) = gamma R + gamma_dot P,
+// mean(gxd) = gamma Qd + gamma_dot Q (gx = gamma gn, gxd = gamma gnd + gamma_dot gn); the parameter gradients are
+// those means summed over the batch, times the group size L. Fewer full-size passes: 4 reductions and 10 passes
+// against the general case's 8 and 15 (with the tangent).
+std::pair<Tensor, Tensor> instance_norm_backward_composite(const Tensor& gn, const Tensor& gnd, const Tensor& gam,
+                                                           const Tensor& gamd, const BlockCache& c, Tensor* ggam,
+                                                           Tensor* gbet, Tensor* ggamd, Tensor* gbetd) {
+  const int64_t C = gn.size(1), L = gn.size(2) * gn.size(3);
+  const Tensor& rstd = c.rstd;  // [B, C, 1]
+  Tensor gn3 = gview(gn, C), xh3 = gview(c.xh, C);
+  Tensor g3 = gam.view({1, C, 1});
+  Tensor P = (gn3 * xh3).mean({2}, true);
+  Tensor Q = gn3.mean({2}, true);
+  *ggam = P.sum({0}).reshape({C}) * static_cast<double>(L);
+  *gbet = Q.sum({0}).reshape({C}) * static_cast<double>(L);
+  // The per-group factors, each [B, C, 1], times rstd: gr = gamma rstd, m1r = mean(gx * xh) rstd = P gr.
+  Tensor gr = g3 * rstd;
+  Tensor m1r = P * gr;
+  // gz = (gamma gn - gamma Q - xh m1) * rstd
+  Tensor gz = at::addcmul((Q * gr).neg_(), gn3, gr).addcmul_(xh3, m1r, -1);
+  Tensor gzd;
+  if (gnd.defined()) {
+    Tensor gnd3 = gview(gnd, C), xhd3 = gview(c.xhd, C);
+    Tensor gdr = gamd.view({1, C, 1}) * rstd;
+    Tensor R = (gnd3 * xh3).addcmul_(gn3, xhd3).mean({2}, true);
+    Tensor Qd = gnd3.mean({2}, true);
+    if (ggamd) {
+      *ggamd = R.sum({0}).reshape({C}) * static_cast<double>(L);
+      *gbetd = Qd.sum({0}).reshape({C}) * static_cast<double>(L);
+    }
+    Tensor m2r = at::addcmul(R * gr, P, gdr);  // mean(gxd * xh + gx * xhd) rstd
+    // gzd = (gxd - mean(gxd) - xhd m1 - xh m2) * rstd - k gz, gxd = gamma gnd + gamma_dot gn
+    gzd = at::addcmul((Qd * gr).addcmul_(Q, gdr).neg_(), gnd3, gr)
+              .addcmul_(gn3, gdr)
+              .addcmul_(xhd3, m1r, -1)
+              .addcmul_(xh3, m2r, -1)
+              .addcmul_(gz, c.k, -1)
+              .view(gn.sizes());
+  }
+  return {gz.view(gn.sizes()), gzd};
+}
+
 // Backward of the same block: from (ga, gad) w.r.t. the block output to (gz, gzd) w.r.t. the conv output, plus
 // the norm parameter gradients (and tangents). gad undefined = primal only.
 std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& ga, const Tensor& gad,
@@ -322,6 +367,7 @@ std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& 
     }
   }
   if (s.norm == kNormNone) return {gn, gnd};
+  if (s.norm == kInstance) return instance_norm_backward_composite(gn, gnd, gam, gamd, c, ggam, gbet, ggamd, gbetd);
   const int64_t G = groups_of(s);
   std::vector<int64_t> red = s.norm == kLayer ? std::vector<int64_t>{0} : std::vector<int64_t>{0, 2, 3};
   std::vector<int64_t> ashape = s.norm == kLayer ? std::vector<int64_t>{1, gn.size(1), gn.size(2), gn.size(3)}
