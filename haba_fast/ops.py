@@ -61,14 +61,21 @@ def values_checked() -> Iterator[None]:
         _VALUES_CHECKED.reset(token)
 
 
-def check_index_bounds(base_idx: Tensor, hall_idx: Tensor, num_bases: int, n_hallucinators: int, op: str) -> None:
-    """ValueError unless ``base_idx`` [n] lies in [0, num_bases) and ``hall_idx`` [n] in [0, n_hallucinators).
+def check_index_bounds(
+    base_idx: Tensor, hall_idx: Optional[Tensor], num_bases: int, n_hallucinators: int, op: str
+) -> None:
+    """ValueError unless ``base_idx`` [n] lies in [0, num_bases) and ``hall_idx`` [n] (None: not checked) in
+    [0, n_hallucinators).
 
-    One host read for the four bounds (on CUDA each ``int(t.min())`` would be a device sync of its own)."""
+    One host read for all the bounds (on CUDA each ``int(t.min())`` would be a device sync of its own)."""
     if not base_idx.numel():
         return
-    bounds = torch.stack([base_idx.min(), base_idx.max(), hall_idx.min(), hall_idx.max()]).tolist()
-    for name, (lo, hi), limit in (("base_idx", bounds[:2], num_bases), ("hall_idx", bounds[2:], n_hallucinators)):
+    named = [("base_idx", base_idx, num_bases)]
+    if hall_idx is not None:
+        named.append(("hall_idx", hall_idx, n_hallucinators))
+    bounds = torch.stack([b for _, t, _ in named for b in (t.min(), t.max())]).tolist()
+    for i, (name, _, limit) in enumerate(named):
+        lo, hi = bounds[2 * i : 2 * i + 2]
         if lo < 0 or hi >= limit:
             raise ValueError(f"{op}: {name} values must lie in [0, {limit}), got range [{lo}, {hi}]")
 

@@ -72,10 +72,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from haba_fast import ops
 from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
-from haba_fast.engines.base import check_engine_inputs, normalized_distance
+from haba_fast.engines.base import check_engine_inputs, model_num_classes, normalized_distance
 from haba_fast.engines.memory import MINIMAL, Budget, budget_bytes, checkpoint_every, keep_last, parse_memory_budget
 from haba_fast.engines.offload import OFFLOAD_WITH_MIN, OffloadedRows
 from haba_fast.models import convnet_spec, functional_forward
@@ -180,8 +181,6 @@ class _StreamedBatches:
         self.grads: list[Tensor | None] = [None] * len(params)
 
     def batch(self, t: int) -> tuple[Tensor, Tensor]:
-        from haba_fast import ops
-
         with ops.values_checked() if self.values_checked else contextlib.nullcontext():
             x, y = self.make_inputs(t)
         if x.dim() != 4 or y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -885,7 +884,7 @@ class AdjointEngine:
                 f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
                 "build the student with the synthetic images' size"
             )
-        classes = _num_classes(model)
+        classes = model_num_classes(model)
         if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
             raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
 
@@ -1022,11 +1021,6 @@ class AdjointEngine:
         return (
             f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload}{compiled})"
         )
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    k = getattr(model, "num_classes", None)
-    return int(k) if isinstance(k, int) else None
 
 
 class ExactEngine(AdjointEngine):

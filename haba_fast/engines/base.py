@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Engine", "normalized_distance", "check_engine_inputs"]
+__all__ = ["Engine", "normalized_distance", "check_engine_inputs", "model_num_classes"]
 
 
 class Engine(Protocol):
@@ -47,6 +47,13 @@ class Engine(Protocol):
             0-dim loss ``||w_N - w*||^2 / ||w_start - w*||^2``, differentiable in X and lr.
         """
         ...
+
+
+def model_num_classes(model: nn.Module) -> int | None:
+    """The student's class count when it states one as an int ``num_classes`` (the ConvNet family does), else None:
+    the range its labels must lie in."""
+    k = getattr(model, "num_classes", None)
+    return int(k) if isinstance(k, int) else None
 
 
 def normalized_distance(w_start: Tensor, w_target: Tensor) -> Tensor:

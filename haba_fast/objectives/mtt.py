@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from haba_fast.engines.base import Engine
+from haba_fast.engines.base import Engine, model_num_classes
 from haba_fast.objectives.base import Objective, ObjectiveOutput, ObjectiveSetup, register_objective
 from haba_fast.plan import StepPlan, aug_to
 
@@ -161,7 +161,7 @@ def check_plan(syn: nn.Module, plan: StepPlan, num_classes: Optional[int]) -> No
         hall_idx = plan.hall_idx.reshape(-1)
         ops.check_index_bounds(base_idx, hall_idx, int(syn.num_bases), int(syn.n_hallucinators), "step plan")
     else:
-        ops.check_index_bounds(base_idx, torch.zeros_like(base_idx), int(syn.images.shape[0]), 1, "step plan")
+        ops.check_index_bounds(base_idx, None, int(syn.images.shape[0]), 0, "step plan")
     if plan.aug:  # every step's parameters in one call: one host read
         chains = [chain if isinstance(chain, (list, tuple)) else [chain] for chain in plan.aug]
         ops.check_augment_params([p for chain in chains for p in chain], "step plan")
@@ -207,8 +207,7 @@ def trajectory_loss(
     device = next(iter(syn.parameters())).device
     streamed = hasattr(engine, "stream") and not sharded
     if streamed:  # on the host, before the move: the steps then read no value back from the device
-        classes = getattr(model, "num_classes", None)
-        check_plan(syn, plan, classes if isinstance(classes, int) else None)
+        check_plan(syn, plan, model_num_classes(model))
     plan = plan.to(device)  # once: the steps' batches then copy nothing from the host
     if streamed:
         params = [p for p in syn.parameters() if p.requires_grad]
