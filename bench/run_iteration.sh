@@ -8,7 +8,8 @@
 #                                          # plus naive at bpc 50 / batch 500 / 30 steps, and at both sizes exact
 #                                          # with --memory-budget auto, as chosen (the C++ op) and with --backend
 #                                          # torch (the memory-budget targets), exact with --compile-step, and
-#                                          # exact at budget 0 with --inputs stacked and streamed-step-checks
+#                                          # exact at budget 0 with --inputs stacked and streamed-step-checks,
+#                                          # and exact at auto and 0 with --block-kernels triton
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -58,6 +59,7 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
         --memory-budget) opts+=", \"memory_budget\": \"$a\"" ;;
         --backend) opts+=", \"backend_requested\": \"$a\"" ;;
         --inputs) opts+=", \"inputs\": \"$a\"" ;;
+        --block-kernels) opts+=", \"block_kernels\": \"$a\"" ;;
       esac
       [ "$a" = --compile-step ] && opts+=", \"compile_step\": true"
       prev=$a
@@ -97,14 +99,24 @@ inputs_rows() {  # inputs_rows IPC STEPS BATCH
     run exact "$1" "$2" "$3" --inputs streamed-step-checks
   fi
 }
+# On a GPU, the C++ op with its blocks' norm/activation/pooling in the Triton kernels (--block-kernels triton;
+# kernels/trajectory_block.py, one kernel per block and sweep in place of ~15 ATen passes) at budget 0 and auto.
+blocks_rows() {  # blocks_rows IPC STEPS BATCH
+  if [ "$DEVICE" != cpu ]; then
+    run exact "$1" "$2" "$3" --memory-budget auto --block-kernels triton
+    run exact "$1" "$2" "$3" --block-kernels triton
+  fi
+}
 # Each size's rows: the targets (auto) first; at (b) the compiled step last, the slowest row.
 auto_rows 10 $S20 100
+blocks_rows 10 $S20 100
 compiled_rows 10 $S20 100
 inputs_rows 10 $S20 100
 # The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 auto_rows 50 $S30 500
+blocks_rows 50 $S30 500
 inputs_rows 50 $S30 500
 compiled_rows 50 $S30 500  # last: over 110 s on the H200 (2026-12-04), where the others take ~20 s
 # Memory growth with syn_steps (bpc 10, batch 100); GROWTH=0 skips these rows (the default on a GPU, where the

@@ -130,3 +130,31 @@ def test_inputs_variants_are_refused_where_they_mean_nothing():
         iteration.run(_args(engine="naive", inputs="stacked"))
     with pytest.raises(ValueError, match="--engine-only has fixed inputs"):
         iteration.run(_args(engine="exact", inputs="stacked", engine_only=True))
+
+
+def test_block_kernels_sets_the_ops_variable_and_labels_the_row(monkeypatch, tmp_path):
+    """``--block-kernels``: the C++ op's variable for the run, the row's ``block_kernels``, its own row and target
+    line in the report (a variant, never the engine's own row); refused with naive."""
+    monkeypatch.delenv(iteration.BLOCK_KERNELS_ENV, raising=False)
+    assert iteration.block_kernels_in_use() == "default"
+    for name, value in iteration.BLOCK_KERNELS.items():
+        monkeypatch.setenv(iteration.BLOCK_KERNELS_ENV, value)
+        assert iteration.block_kernels_in_use() == name
+    monkeypatch.delenv(iteration.BLOCK_KERNELS_ENV)
+    with pytest.raises(ValueError, match="naive runs autograd"):
+        iteration.run(_args(engine="naive", block_kernels="aten"))
+
+    env = {"machine": "m", "cpus": 16, "torch_threads": 16, "torch": "x", "commit": "c", "gpu": "Fake H200"}
+
+    def row(engine, cuda_mb, s, **kw):
+        return {"bench": "iteration", "engine": engine, "ipc": 50, "syn_steps": 30, "batch_syn": 500,
+                "device": "cuda", "s_per_iter": s, "cpu_s_per_iter": s, "times": [s] * 3, "peak_rss_mb": 5000.0,
+                "peak_cuda_mb": cuda_mb, "env": env, **kw}  # fmt: skip
+
+    rows = [row("naive", 40000.0, 1.0), row("exact", 5000.0, 1.2), row("exact", 4000.0, 0.5, block_kernels="triton")]
+    assert [iteration._is_variant(r) for r in rows] == [False, False, True]
+    assert iteration._label(rows[2]) == "exact (triton blocks)"
+    assert iteration._find(rows, "exact", 50, 30, 500) is rows[1]
+    iteration.write_report(rows, str(tmp_path / "iteration_cuda.json"))
+    doc = (tmp_path / "ITERATION.md").read_text()
+    assert "exact (triton blocks) / naive time = **0.50** (target <= 0.8) -> met" in doc

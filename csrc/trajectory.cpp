@@ -37,6 +37,7 @@
 // autograd double backward 6.4 s, this file's fused path 2.2 s, its ATen-only path 6.5 s, a plain gradient 1.4 s.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -181,9 +182,12 @@ Layout make_layout(const Spec& s, int64_t H, int64_t W) {
 
 Tensor view(const Tensor& w, const Slot& s) { return w.narrow(0, s.offset, s.numel()).view(s.shape); }
 
-bool fused_enabled() {
+// HABA_FAST_TRAJECTORY_FUSED: "0" = the composite ATen ops everywhere; "triton" = the Triton block kernels where
+// they apply (see block_impl); unset or anything else = the fused CPU loops on CPU tensors, the composite ops on
+// CUDA tensors.
+std::string fused_mode() {
   const char* v = std::getenv("HABA_FAST_TRAJECTORY_FUSED");
-  return !(v && std::string(v) == "0");
+  return v ? std::string(v) : std::string();
 }
 
 int64_t groups_of(const Spec& s) {
@@ -404,16 +408,49 @@ std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& 
 // ---------------------------------------------------------------------------------------------------------------
 // Fused CPU block math (trajectory_kernels.h): instancenorm / groupnorm / none, any activation, avg or no pooling.
 
-bool fused_ok(const Spec& s, const Tensor& z) {
-  return z.device().is_cpu() && fused_enabled() && s.norm != kLayer && s.pool != kMax;
+// Who runs a block's norm -> activation -> pooling. kCpuLoops and kTriton share the fused step layout (the primal
+// and tangent convolutions as few wide calls, block_forward_fused / block_backward_fused); kComposite is the ATen
+// chain above.
+enum class BlockImpl { kComposite, kCpuLoops, kTriton };
+
+// The Triton block kernels (kernels/trajectory_block.py) are Python: registered as implementations of the two
+// schemas below by haba_fast.ops.register_trajectory_block_kernels, for CUDA tensors (and CPU tensors under
+// TRITON_INTERPRET=1); found through the dispatcher at call time.
+constexpr const char* kTritonForward = "haba_fast::trajectory_block_forward_kernel";
+constexpr const char* kTritonBackward = "haba_fast::trajectory_block_backward_kernel";
+
+// With HABA_FAST_TRAJECTORY_FUSED=triton: instance norm or none, any activation, average or no pooling (layer and
+// group norm, max pooling: the device's default implementation). Not registered for the tensors' device: an error
+// that says so, never a silent fallback.
+BlockImpl block_impl(const Spec& s, const Tensor& x) {
+  const std::string mode = fused_mode();
+  if (mode == "0") return BlockImpl::kComposite;
+  if (mode == "triton" && (s.norm == kNormNone || s.norm == kInstance) && s.pool != kMax) {
+    const c10::DispatchKey key = x.device().is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+    for (const char* name : {kTritonForward, kTritonBackward}) {
+      auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+      HF_CHECK((x.device().is_cuda() || x.device().is_cpu()) && op.hasKernelForDispatchKey(key), "HABA_FAST_TRAJECTORY_FUSED=triton: no Triton block kernel for ",
+                x.device().str(), " tensors (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1; ",
+                "haba_fast.ops.register_trajectory_block_kernels registers them, and needs triton installed)");
+    }
+    return BlockImpl::kTriton;
+  }
+  return x.device().is_cpu() && s.norm != kLayer && s.pool != kMax ? BlockImpl::kCpuLoops : BlockImpl::kComposite;
+}
+
+c10::IValue optional_ivalue(const Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
+
+void call_boxed(const char* name, std::vector<c10::IValue> args) {
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+  op.callBoxed(&args);
 }
 
 // z: the conv output [B, C, H, W], and zd its tangent (undefined: primal only), each contiguous within a sample and
 // with one batch stride: the two channel halves of one contiguous [B, 2C, H, W] tensor, or two contiguous tensors
 // (the primal kept from the forward sweep, the tangent computed now).
-std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, const Tensor& zd, const Tensor& gam,
-                                              const Tensor& bet, const Tensor& gamd, const Tensor& betd,
-                                              BlockCache& c) {
+std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, BlockImpl impl, const Tensor& z, const Tensor& zd,
+                                              const Tensor& gam, const Tensor& bet, const Tensor& gamd,
+                                              const Tensor& betd, BlockCache& c) {
   const bool tan = zd.defined();
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   TORCH_INTERNAL_ASSERT(z.stride(1) == H * W && z.stride(2) == W && z.stride(3) == 1);
@@ -427,6 +464,14 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, co
   c.xhd = tan ? at::empty({B, C, H, W}, opts) : Tensor();
   c.rstd = at::empty({B, G}, opts);
   c.k = at::empty({B, G}, opts);
+  if (impl == BlockImpl::kTriton) {
+    const bool norm = s.norm != kNormNone;
+    call_boxed(kTritonForward, {z, optional_ivalue(zd), optional_ivalue(norm ? gam : Tensor()),
+                                optional_ivalue(norm ? bet : Tensor()), optional_ivalue(norm && tan ? gamd : Tensor()),
+                                optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, out,
+                                optional_ivalue(outd), c.xh, optional_ivalue(c.xhd), c.rstd, c.k});
+    return {out, outd};
+  }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
     traj_types::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, z.stride(0)};
     traj_types::Params<scalar_t> p{};
@@ -453,9 +498,9 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, const Tensor& z, co
 }
 
 // Returns gzz: [B, C, H, W] = gz (primal only) or [B, 2C, H, W] = [gz | gzd] (with tangent), contiguous.
-Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, const Tensor& gam, const Tensor& bet,
-                            const Tensor& gamd, const Tensor& betd, BlockCache& c, Tensor* ggam, Tensor* gbet,
-                            Tensor* ggamd, Tensor* gbetd) {
+Tensor block_backward_fused(const Spec& s, BlockImpl impl, const Tensor& ga, const Tensor& gad, const Tensor& gam,
+                            const Tensor& bet, const Tensor& gamd, const Tensor& betd, BlockCache& c, Tensor* ggam,
+                            Tensor* gbet, Tensor* ggamd, Tensor* gbetd) {
   const bool tan = gad.defined();
   const Tensor& xh = c.xh;
   const int64_t B = xh.size(0), C = xh.size(1), H = xh.size(2), W = xh.size(3);
@@ -469,6 +514,13 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
   Tensor part = norm ? at::empty({4, B, C}, opts) : Tensor();
   Tensor gac = ga.contiguous();
   Tensor gadc = tan ? gad.contiguous() : Tensor();
+  if (impl == BlockImpl::kTriton) {
+    call_boxed(kTritonBackward, {gac, optional_ivalue(gadc), xh, optional_ivalue(tan ? c.xhd : Tensor()), c.rstd, c.k,
+                                 optional_ivalue(norm ? gam : Tensor()), optional_ivalue(norm ? bet : Tensor()),
+                                 optional_ivalue(norm && tan ? gamd : Tensor()),
+                                 optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, gzz,
+                                 optional_ivalue(part)});
+  } else {
   AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
     traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
     traj_types::Params<scalar_t> p{};
@@ -492,6 +544,7 @@ Tensor block_backward_fused(const Spec& s, const Tensor& ga, const Tensor& gad, 
                                    tan ? gz + C * H * W : nullptr, norm ? part.data_ptr<scalar_t>() : nullptr,
                                    want_pt);
   });
+  }
   if (norm) {
     Tensor sums = part.sum(1);  // [4, C]
     *ggam = sums[0];
@@ -564,7 +617,8 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
   TORCH_INTERNAL_ASSERT(!keep_out || !tan, "step: the forward sweep's step keeps its tensors");
   if (keep_out) keep_out->assign(kKeptPerBlock * s.depth, Tensor());
   const int64_t B = x.size(0);
-  const bool fused = fused_ok(s, x);
+  const BlockImpl impl = block_impl(s, x);
+  const bool fused = impl != BlockImpl::kComposite;
   const int64_t Cw = s.width;
   std::vector<BlockCache> caches(s.depth);
   Tensor a = x.contiguous(), ad;  // one dense copy of a strided batch, not one per gradient call (conv_bwd)
@@ -589,7 +643,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
       const Tensor& z = (*kept_in)[kKeptPerBlock * d];
       Tensor zd = conv(a, view(lam, l.conv_w), view(lam, l.conv_b), l.pad);
       if (ad.defined()) zd.add_(conv(ad, Wc, c10::nullopt, l.pad));
-      outs = fused ? block_forward_fused(s, z, zd.contiguous(), gam, bet, gamd, betd, c)
+      outs = fused ? block_forward_fused(s, impl, z, zd.contiguous(), gam, bet, gamd, betd, c)
                    : block_forward_composite(s, z, zd, gam, bet, gamd, betd, c);
       outs.first = (*kept_in)[kKeptPerBlock * d + 1];
     } else if (fused) {
@@ -601,8 +655,8 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
         zz = conv(a, Wc, bc, l.pad);
       }
       zz = zz.contiguous();
-      outs = tan ? block_forward_fused(s, zz.narrow(1, 0, Cw), zz.narrow(1, Cw, Cw), gam, bet, gamd, betd, c)
-                 : block_forward_fused(s, zz, Tensor(), gam, bet, gamd, betd, c);
+      outs = tan ? block_forward_fused(s, impl, zz.narrow(1, 0, Cw), zz.narrow(1, Cw, Cw), gam, bet, gamd, betd, c)
+                 : block_forward_fused(s, impl, zz, Tensor(), gam, bet, gamd, betd, c);
       if (keep_out) (*keep_out)[kKeptPerBlock * d] = zz;
     } else {
       Tensor z = conv(a, Wc, bc, l.pad);
@@ -665,7 +719,7 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
     const bool run_ga = need_ga && !ga_kept;
     Tensor gW, gb, gWd, gbd, ga_next, gad_next;
     if (fused) {
-      Tensor gzz = block_backward_fused(s, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd);
+      Tensor gzz = block_backward_fused(s, impl, ga, gad, gam, bet, gamd, betd, c, &ggam, &gbet, pgd, pbd);
       c.xh.reset();  // free the block's activations as soon as they are used
       c.xhd.reset();
       if (tan) {
@@ -1061,6 +1115,14 @@ TORCH_LIBRARY_FRAGMENT(haba_fast, m) {
         "(Tensor, Tensor[])");
   m.def("trajectory_step_adjoint_kept(Tensor w, Tensor x, Tensor y, Tensor lam, Tensor[] kept, int[] spec, "
         "bool want_hw) -> (Tensor, Tensor, Tensor)");
+  // One block's norm -> activation -> pooling with its tangent, forward and back (the fused CPU loops' contract):
+  // schemas only; the implementations are the Triton kernels, registered from Python (see block_impl).
+  m.def("trajectory_block_forward_kernel(Tensor z, Tensor? zd, Tensor? gam, Tensor? bet, Tensor? gamd, "
+        "Tensor? betd, int act, bool pool, Tensor(a!) out, Tensor(b!)? outd, Tensor(c!) xh, Tensor(d!)? xhd, "
+        "Tensor(e!) rstd, Tensor(f!) k) -> ()");
+  m.def("trajectory_block_backward_kernel(Tensor ga, Tensor? gad, Tensor xh, Tensor? xhd, Tensor rstd, Tensor k, "
+        "Tensor? gam, Tensor? bet, Tensor? gamd, Tensor? betd, int act, bool pool, Tensor(a!) gzz, "
+        "Tensor(b!)? part) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(haba_fast, CompositeExplicitAutograd, m) {

@@ -75,6 +75,9 @@ def extension_available() -> bool:
             _load_error = mismatch
         else:
             from haba_fast import _C  # noqa: F401
+            from haba_fast.ops import register_trajectory_block_kernels
+
+            register_trajectory_block_kernels()
     except Exception as exc:  # ImportError (not built), or an undefined symbol from an unrecorded torch mismatch
         _load_error = f"{type(exc).__name__}: {exc} (to build it: `pip install --no-build-isolation .`)"
     if _load_error is not None:

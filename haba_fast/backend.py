@@ -24,7 +24,8 @@ C++ engine implements" for ``trajectory_match`` on ``cpu``).
 
 Environment: ``HABA_FAST_BACKEND`` is the only variable that chooses a backend (``HABA_FAST_ADJOINT`` is its
 deprecated, engine-only predecessor). ``HABA_FAST_CPU_ISA`` (cap the per-ISA copies of the C++ loops),
-``HABA_FAST_TRAJECTORY_FUSED=0`` (the C++ engine's ATen-only path) and ``HABA_FAST_BUFFER_CACHE[_MB]`` tune the
+``HABA_FAST_TRAJECTORY_FUSED=0`` (the C++ engine's ATen-only path; ``=triton``: its blocks in the Triton kernels of
+``kernels/trajectory_block.py``) and ``HABA_FAST_BUFFER_CACHE[_MB]`` tune the
 ``cpu`` backend from inside; they never change which backend runs. ``haba-fast info`` lists every one that is set.
 """
 

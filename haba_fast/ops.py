@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.util
+import os
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -344,6 +346,44 @@ def _tr_augment_backward(grad: Tensor, family: int, fparams: Tensor, iparams: Te
 
 _register_fakes("haba_fast_triton", fused=False)
 _register_autograd("haba_fast_triton", fused=False)
+
+
+# The C++ trajectory op's Triton block kernels (kernels/trajectory_block.py): implementations of two schemas the
+# extension declares (trajectory_block_forward_kernel / _backward_kernel), which the op calls through the dispatcher
+# when HABA_FAST_TRAJECTORY_FUSED=triton. Registered for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1
+# is set at registration (the interpreter; tests).
+_trajectory_block_lib: Optional[torch.library.Library] = None
+
+
+def _trajectory_block_forward(*args) -> None:
+    from haba_fast.kernels.trajectory_block import block_forward
+
+    block_forward(*args)
+
+
+def _trajectory_block_backward(*args) -> None:
+    from haba_fast.kernels.trajectory_block import block_backward
+
+    block_backward(*args)
+
+
+def register_trajectory_block_kernels() -> bool:
+    """Register the Triton block kernels with the loaded extension (idempotent; called when it loads). False when
+    Triton is not installed or the extension lacks the schemas; triton itself is imported only when one runs."""
+    global _trajectory_block_lib
+    if _trajectory_block_lib is not None:
+        return True
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if not hasattr(torch.ops.haba_fast, "trajectory_block_forward_kernel"):
+        return False
+    lib = torch.library.Library("haba_fast", "IMPL")
+    devices = ["CUDA"] + (["CPU"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for device in devices:
+        lib.impl("trajectory_block_forward_kernel", _trajectory_block_forward, device)
+        lib.impl("trajectory_block_backward_kernel", _trajectory_block_backward, device)
+    _trajectory_block_lib = lib
+    return True
 
 
 def _lib(name: str):

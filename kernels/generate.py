@@ -20,11 +20,12 @@ Kernels (grid: sample × pixel tile; channels and k are constexpr, so the tap lo
 - ``_generate_bwd_kernel``: recomputes z, then ga, gz (scratch) and the per-(sample, tile) partials of every
   hallucinator parameter (stage 1 of a two-stage reduction: no atomics).
 - ``_generate_bwd_input_kernel``: gx per sample and the partials of gdb.
-- ``_segment_sum_kernel``: stage 2, sums partial rows per segment (basis for gx) in a fixed order; long
-  segments are first cut into chunks of ``ROWS_PER_CHUNK`` rows so that one basis shared by a whole batch does
-  not serialize on one program. Few segments (the hallucinators, up to ``ONEHOT_MAX_SEGMENTS``) are summed as
-  one [S, R] x [R, P] product with a 0/1 matrix instead: one library GEMM, deterministic, and no host sync
-  (the sorted path reads the longest segment's length on the host to size its chunks).
+- ``_segment_sum_kernel``: stage 2, sums partial rows per segment (basis for gx) in a fixed order. Above
+  ``ROWS_PER_CHUNK`` rows the sorted rows are first cut into fixed chunks of that many (``_segment_runs_kernel``
+  sums each segment's run within a chunk, ``_segment_heads_kernel`` each segment's runs), so that one basis
+  shared by a whole batch does not serialize on one program and no grid depends on the data: no host sync. Few
+  segments (the hallucinators, up to ``ONEHOT_MAX_SEGMENTS``) are summed as one [S, R] x [R, P] product with a
+  0/1 matrix instead: one library GEMM, deterministic.
 
 Loops with runtime bounds are ``while`` loops: Triton 3.6's interpreter (TRITON_INTERPRET=1) cannot run
 ``range`` with a runtime bound under numpy 2.x.
@@ -204,6 +205,48 @@ def _segment_sum_kernel(src_ptr, order_ptr, starts_ptr, out_ptr, P, BLOCK: tl.co
     tl.store(out_ptr + g * P + offs, acc, mask=m)
 
 
+@triton.jit
+def _segment_runs_kernel(src_ptr, order_ptr, seg_sorted_ptr, partial_ptr, R, P, CHUNK: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    """Stage 1 of the chunked sum: chunk c = sorted positions [c CHUNK, (c + 1) CHUNK); each run of one segment id
+    inside it summed in order into partial[head, tile], head = the run's first sorted position."""
+    c = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    k = c * CHUNK
+    end = tl.minimum(k + CHUNK, R)
+    head = k
+    cur = tl.load(seg_sorted_ptr + k)
+    acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
+    while k < end:
+        s = tl.load(seg_sorted_ptr + k)
+        if s != cur:
+            tl.store(partial_ptr + head * P + offs, acc, mask=m)
+            acc = tl.zeros([BLOCK], dtype=partial_ptr.dtype.element_ty)
+            head = k
+            cur = s
+        r = tl.load(order_ptr + k)
+        acc += tl.load(src_ptr + r * P + offs, mask=m, other=0.0)
+        k += 1
+    tl.store(partial_ptr + head * P + offs, acc, mask=m)
+
+
+@triton.jit
+def _segment_heads_kernel(partial_ptr, starts_ptr, out_ptr, P, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Stage 2: out[g, tile] = the sum of segment g's run heads in order: its first sorted position, then every
+    chunk boundary inside the segment (where stage 1 started a new run)."""
+    g = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < P
+    k = tl.load(starts_ptr + g)
+    end = tl.load(starts_ptr + g + 1)
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    while k < end:
+        acc += tl.load(partial_ptr + k * P + offs, mask=m, other=0.0)
+        k = (k // CHUNK + 1) * CHUNK
+    tl.store(out_ptr + g * P + offs, acc, mask=m)
+
+
 def _block(size: int, cap: int = 1024) -> int:
     return max(16, min(cap, triton.next_power_of_2(size)))
 
@@ -211,8 +254,9 @@ def _block(size: int, cap: int = 1024) -> int:
 def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method: str = "auto") -> torch.Tensor:
     """out [S, P]: rows of ``src`` [R, P] summed per segment id ``seg`` [R] (int64 in [0, S)).
 
-    ``method``: ``onehot`` (a 0/1 [S, R] matrix times ``src``), ``sorted`` (the two-stage Triton reduction) or
-    ``auto`` (onehot for S <= ONEHOT_MAX_SEGMENTS, else sorted).
+    ``method``: ``onehot`` (a 0/1 [S, R] matrix times ``src``), ``sorted`` (the Triton reduction over the rows
+    sorted by segment: one stage up to ROWS_PER_CHUNK rows, two above) or ``auto`` (onehot for S <=
+    ONEHOT_MAX_SEGMENTS, else sorted). Nothing is read back to the host: every grid is sized by R, S and P.
     """
     R, P = src.shape
     if method == "auto":
@@ -223,30 +267,29 @@ def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method:
     if method == "onehot":
         segments = torch.arange(num_segments, device=src.device, dtype=torch.int64)
         return (segments[:, None] == seg[None, :]).to(src.dtype) @ src
-    out = torch.zeros((num_segments, P), dtype=src.dtype, device=src.device)
-    if R == 0 or P == 0:
+    out = torch.empty((num_segments, P), dtype=src.dtype, device=src.device)
+    if num_segments == 0 or P == 0:
         return out
-    # Per-segment row counts. Not torch.bincount: on CUDA it reads the ids' range back to size its output (two device
-    # syncs per call, every backward step of a streamed unroll); ``seg`` lies in [0, num_segments) (the callers check).
+    # Segment starts in sorted order from per-segment row counts. Not torch.bincount: on CUDA it reads the ids'
+    # range back to size its output (two device syncs per call, every backward step of a streamed unroll); ``seg``
+    # lies in [0, num_segments) (the callers check).
     counts = torch.zeros(num_segments, dtype=torch.int64, device=seg.device).scatter_add_(0, seg, torch.ones_like(seg))
-    order = torch.argsort(seg, stable=True)
-    if R > ROWS_PER_CHUNK and int(counts.max()) > ROWS_PER_CHUNK:
-        # Stage 1: chunks of ≤ ROWS_PER_CHUNK rows inside each segment; stage 2: chunks -> segments (recursion).
-        starts = torch.cumsum(counts, 0) - counts
-        seg_sorted = seg[order]
-        rank = torch.arange(R, device=src.device) - starts[seg_sorted]
-        nchunks = (counts + ROWS_PER_CHUNK - 1) // ROWS_PER_CHUNK
-        chunk_start = torch.cumsum(nchunks, 0) - nchunks
-        chunk_of_row = torch.empty_like(seg)
-        chunk_of_row[order] = chunk_start[seg_sorted] + rank // ROWS_PER_CHUNK
-        total = int(nchunks.sum())
-        chunk_seg = torch.repeat_interleave(torch.arange(num_segments, device=src.device), nchunks)
-        partial = segment_sum(src, chunk_of_row, total, "sorted")
-        return segment_sum(partial, chunk_seg, num_segments, "sorted")
     starts = torch.zeros(num_segments + 1, dtype=torch.int64, device=src.device)
     starts[1:] = torch.cumsum(counts, 0)
+    order = torch.argsort(seg, stable=True)
     BLOCK = _block(P)
-    _segment_sum_kernel[(num_segments, triton.cdiv(P, BLOCK))](src.contiguous(), order, starts, out, P, BLOCK=BLOCK)
+    tiles = triton.cdiv(P, BLOCK)
+    src = src.contiguous()
+    if R <= ROWS_PER_CHUNK:
+        _segment_sum_kernel[(num_segments, tiles)](src, order, starts, out, P, BLOCK=BLOCK)
+        return out
+    # Two stages, so that one segment shared by a whole batch does not serialize on one program: runs within fixed
+    # chunks of the sorted rows, then each segment's run heads (partial's other rows are never written or read).
+    partial = torch.empty((R, P), dtype=src.dtype, device=src.device)
+    _segment_runs_kernel[(triton.cdiv(R, ROWS_PER_CHUNK), tiles)](
+        src, order, seg[order], partial, R, P, CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK
+    )
+    _segment_heads_kernel[(num_segments, tiles)](partial, starts, out, P, CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK)
     return out
 
 

@@ -321,6 +321,47 @@ def test_cpp_engine_cuda_budgets_match_budget_zero_and_naive(cfg, dtype):
             assert rel_err(a.double(), r) < rel_ref
 
 
+TRITON_BLOCK_CONFIGS = [
+    # (channel, width, depth, norm, act, pool, im, steps, batch): every case the Triton block kernels take
+    (3, 8, 3, "instancenorm", "relu", "avgpooling", 16, 3, 4),
+    (1, 8, 3, "instancenorm", "sigmoid", "avgpooling", 28, 2, 3),  # 28 -> 14 -> 7: an odd plane in the last block
+    (1, 8, 2, "none", "leakyrelu", "none", 7, 2, 3),
+]
+
+
+@requires_ext_loaded
+@pytest.mark.parametrize("cfg", TRITON_BLOCK_CONFIGS, ids=lambda c: f"{c[3]}-{c[4]}-{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpp_engine_with_triton_blocks_matches_its_aten_path_and_naive(cfg, dtype, monkeypatch):
+    """``HABA_FAST_TRAJECTORY_FUSED=triton``: the C++ op's blocks in the Triton kernels (kernels/trajectory_block.py),
+    at budget 0 and with every step kept, against the same op's ATen-only path (``=0``) and the naive unroll
+    (float64 oracle); the kernels must have run."""
+    from haba_fast.kernels import trajectory_block
+
+    from haba_fast.engines import get_adjoint_engine
+
+    _cpp_engine()  # skips without the op
+    model64, X64, Y, ws64, wt64 = _engine_problem(cfg, torch.float64)
+    ref = grads(naive_unroll, model64, X64, Y, ws64, wt64, lr_value=0.1)
+    model = _engine_problem(cfg, dtype)[0]
+    X, ws, wt = X64.to(dtype), ws64.to(dtype), wt64.to(dtype)
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
+    aten = grads(get_adjoint_engine("exact", "cpu", 0), model, X, Y, ws, wt, lr_value=0.1)
+    calls = []
+    real = trajectory_block.block_forward
+    monkeypatch.setattr(trajectory_block, "block_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "triton")
+    rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
+    for budget in (0, "unlimited"):
+        _poison()
+        out = grads(get_adjoint_engine("exact", "cpu", budget), model, X, Y, ws, wt, lr_value=0.1)
+        for a, b, r in zip(out, aten, ref):
+            assert a.device == X.device and bool(torch.isfinite(a).all())
+            assert rel_err(a, b) < rel_same
+            assert rel_err(a.double(), r) < rel_ref
+    assert len(calls) >= 2 * cfg[2]  # a block's forward in each sweep, every block
+
+
 def test_offloaded_rows_come_back_on_the_device():
     """CUDA tensors offload to pinned host memory (CPU tensors, HABA_GPU_TEST_DEVICE=cpu, to a file); the bytes come
     back as written, on the tensor's device."""
@@ -365,9 +406,10 @@ def test_distiller_step_exact_gradients_match_naive():
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------------------------
-def _syncs_of_streamed_unroll(n_steps: int) -> int:
+def _syncs_of_streamed_unroll(n_steps: int, bases_per_class: int = 2, batch: int = 4) -> int:
     """Device syncs (``torch.cuda.set_sync_debug_mode("warn")``) of one streamed exact unroll, forward + backward,
-    on a HaBa set and a step plan of ``n_steps`` steps (budget 0: every batch built twice)."""
+    on a HaBa set (4 classes) and a step plan of ``n_steps`` steps of ``batch`` rows (budget 0: every batch built
+    twice)."""
     import warnings
 
     from haba_fast.engines import get_adjoint_engine
@@ -377,8 +419,9 @@ def _syncs_of_streamed_unroll(n_steps: int) -> int:
     from haba_fast.plan import IndexStream, sample_plan
 
     g = torch.Generator().manual_seed(3)
-    syn = HaBa(4, 2, 3, (9, 9), n_hallucinators=3, generator=g).to(DEVICE)
-    plan = sample_plan(IndexStream(8, 4), n_steps, 3, (9, 9), generator=g)  # on the host, as the Distiller draws it
+    syn = HaBa(4, bases_per_class, 3, (9, 9), n_hallucinators=3, generator=g).to(DEVICE)
+    # on the host, as the Distiller draws it
+    plan = sample_plan(IndexStream(4 * bases_per_class, batch), n_steps, 3, (9, 9), generator=g)
     model = _convnet(channel=3, k=4, im=9, dtype=torch.float32).to(DEVICE)
     ws = flatten_params(model).float()
     wt = ws + 0.1 * torch.randn(ws.shape, generator=g).to(DEVICE)
@@ -396,14 +439,16 @@ def _syncs_of_streamed_unroll(n_steps: int) -> int:
 
 @requires_ext_loaded
 @pytest.mark.skipif(not ON_CUDA, reason="counts CUDA syncs")
-def test_streamed_steps_do_not_sync_with_the_device():
+@pytest.mark.parametrize("bases_per_class,batch", [(2, 4), (20, 80)], ids=["onehot-sum", "sorted-sum"])
+def test_streamed_steps_do_not_sync_with_the_device(bases_per_class, batch):
     """A streamed step builds its batch from a plan checked once per iteration and moved to the GPU once
     (mtt.check_plan, StepPlan.to), under ops.values_checked() (generate's index bounds and augment's finiteness are
     not read back), and the C++ op's steps skip their value checks: the per-iteration checks stay, a step adds no
-    sync. (The 8 bases here take the generate backward's one-hot sum; above 64 bases and 64 rows its sorted sum
-    reads its largest count back, one sync in each backward step: kernels/generate.py, segment_sum.)"""
-    _syncs_of_streamed_unroll(2)  # warm-up: Triton compiles, cuDNN picks its algorithms
-    few, many = _syncs_of_streamed_unroll(2), _syncs_of_streamed_unroll(6)
+    sync. 8 bases take the generate backward's one-hot sum over bases; 80 bases in batches of 80 rows its sorted
+    two-stage sum (kernels/generate.py, segment_sum), whose grids no longer depend on the data."""
+    _syncs_of_streamed_unroll(2, bases_per_class, batch)  # warm-up: Triton compiles, cuDNN picks its algorithms
+    few = _syncs_of_streamed_unroll(2, bases_per_class, batch)
+    many = _syncs_of_streamed_unroll(6, bases_per_class, batch)
     print(f"device syncs: {few} at 2 steps, {many} at 6 steps: {(many - few) / 4:.1f} per step")
     assert many == few, (few, many)
 

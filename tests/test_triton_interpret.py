@@ -81,6 +81,12 @@ SCRIPT = textwrap.dedent(
     expect = torch.zeros(3, 7, dtype=torch.float64).index_add_(0, seg, src)
     res["segment_sum_two_stage"] = rel(segment_sum(src, seg, 3, "sorted"), expect)
     res["segment_sum_onehot"] = rel(segment_sum(src, seg, 3, "onehot"), expect)
+    # many segments, runs crossing the chunk boundaries, a row count that is not a multiple of the chunk
+    R2, S2 = 4 * ROWS_PER_CHUNK + 13, 100
+    src2 = torch.randn(R2, 9, generator=g, dtype=torch.float64)
+    seg2 = torch.randint(0, S2, (R2,), generator=g)
+    expect2 = torch.zeros(S2, 9, dtype=torch.float64).index_add_(0, seg2, src2)
+    res["segment_sum_chunked_runs"] = rel(segment_sum(src2, seg2, S2, "sorted"), expect2)
 
     # registration of the triton ops: schema, autograd wiring, fake kernels
     x = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
@@ -113,7 +119,8 @@ def _tol(name: str) -> float:
 
 
 EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage",
-             "segment_sum_onehot", "opcheck_augment", "augment_color_float32", "augment_rotate_float32"]
+             "segment_sum_chunked_runs", "segment_sum_onehot", "opcheck_augment", "augment_color_float32",
+             "augment_rotate_float32"]
             + [f"augment_{f}_float64" for f in ("color", "crop", "cutout", "flip", "scale", "rotate")])
 
 

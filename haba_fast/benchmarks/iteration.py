@@ -29,6 +29,9 @@ from haba_fast.engines.memory import RunBuffers
 from haba_fast.timing import add_network_timing_arguments
 
 ENGINES = ("exact", "naive", "first-order")
+# --block-kernels NAME sets this variable of the C++ op to the value (csrc/trajectory.cpp, block_impl).
+BLOCK_KERNELS_ENV = "HABA_FAST_TRAJECTORY_FUSED"
+BLOCK_KERNELS = {"default": "1", "aten": "0", "triton": "triton"}
 
 
 def add_arguments(parser) -> None:
@@ -67,6 +70,15 @@ def add_arguments(parser) -> None:
         "batch built on demand from the plan, checked once on the host), streamed-step-checks (the same, with the "
         "per-step checks that read values back from the device, as before 2026-12-04), stacked (all N batches "
         "built in one call, as the naive engine gets them; budget 0 then runs the C++ op's whole unroll)",
+    )
+    parser.add_argument(
+        "--block-kernels",
+        default=None,
+        choices=BLOCK_KERNELS,
+        help="exact/first-order with the C++ op, a diagnostic: who runs each block's norm/activation/pooling "
+        "(HABA_FAST_TRAJECTORY_FUSED for this run). default (the fused CPU loops on a CPU, ATen ops on CUDA), aten "
+        "(ATen ops everywhere), triton (the Triton block kernels: CUDA, or a CPU under TRITON_INTERPRET=1). Unset: "
+        "the environment's choice",
     )
     parser.add_argument(
         "--baseline-rss-mb",
@@ -203,6 +215,12 @@ class _InputsVariant:
         return self._engine.stream(*args, values_checked=False, **kwargs)
 
 
+def block_kernels_in_use() -> str:
+    """The block implementation the environment asks the C++ op for: ``default`` | ``aten`` | ``triton``."""
+    value = os.environ.get(BLOCK_KERNELS_ENV)
+    return next((k for k, v in BLOCK_KERNELS.items() if v == value and k != "default"), "default")
+
+
 def _adjoint_engine(args):
     """The adjoint engine of ``--engine`` with ``--backend``, ``--memory-budget``, ``--offload-weights`` and
     ``--compile-step``."""
@@ -292,6 +310,10 @@ def run(args) -> int:
         torch.set_num_threads(int(args.threads))
     if args.engine == "naive" and (args.compile_step or args.backend is not None or args.inputs != "streamed"):
         raise ValueError("--compile-step, --backend and --inputs choose how the adjoint engines run; naive takes none")
+    if args.block_kernels is not None:
+        if args.engine == "naive":
+            raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
+        os.environ[BLOCK_KERNELS_ENV] = BLOCK_KERNELS[args.block_kernels]
     if args.engine_only and args.inputs != "streamed":
         raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
     for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
@@ -346,6 +368,7 @@ def run(args) -> int:
         "backend_requested": args.backend,  # --backend (None: the engine's own choice)
         "compile_step": bool(args.compile_step),
         "inputs": args.inputs,  # streamed | streamed-step-checks | stacked (--inputs)
+        "block_kernels": block_kernels_in_use(),  # default | aten | triton (--block-kernels / the environment)
         "approximate": bool(getattr(engine, "approximate", False)),
         "what": "engine" if args.engine_only else "full HaBa step (incl. adversarial term)",
         "ipc": args.ipc,
@@ -436,12 +459,19 @@ def _label(row) -> str:
         parts.append("compiled step")
     if row.get("inputs", "streamed") != "streamed":
         parts.append(f"{row['inputs']} inputs")
+    if row.get("block_kernels", "default") != "default":
+        parts.append(f"{row['block_kernels']} blocks")
     return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
 
 
 def _is_variant(row) -> bool:
-    """A compiled-step row, or one with ``--inputs`` other than streamed: diagnostics beside the engine's rows."""
-    return bool(row.get("compile_step")) or row.get("inputs", "streamed") != "streamed"
+    """A compiled-step row, or one with ``--inputs`` other than streamed or ``--block-kernels`` other than the
+    default: diagnostics beside the engine's rows."""
+    return (
+        bool(row.get("compile_step"))
+        or row.get("inputs", "streamed") != "streamed"
+        or row.get("block_kernels", "default") != "default"
+    )
 
 
 def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
@@ -604,15 +634,16 @@ def _section(rows, title) -> str:
 
 def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
     """The memory-budget targets against naive: exact with ``--memory-budget auto`` (and exact with
-    ``--compile-step``) at (a) bpc 10 / batch 100 / syn_steps 20 (time <= 0.4x naive's) and (b) bpc 50 / batch 500 /
-    syn_steps 30 (<= 0.8x), in memory no larger than naive's. Rows from the same run (merged rows)."""
+    ``--compile-step`` or ``--block-kernels triton``, at any budget) at (a) bpc 10 / batch 100 / syn_steps 20 (time
+    <= 0.4x naive's) and (b) bpc 50 / batch 500 / syn_steps 30 (<= 0.8x), in memory no larger than naive's. Rows
+    from the same run (merged rows)."""
     out = []
     for name, (ipc, batch), target in (("(a)", (10, 100), 0.4), ("(b)", (50, 500), 0.8)):
         autos = [
             r
             for r in rows
             if not r.get("failed")
-            and (_budget(r) == "auto" or r.get("compile_step"))
+            and (_budget(r) == "auto" or r.get("compile_step") or r.get("block_kernels") == "triton")
             and r.get("engine") == "exact"
             and (r.get("ipc"), r.get("batch_syn")) == (ipc, batch)
         ]
