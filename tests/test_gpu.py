@@ -332,7 +332,7 @@ TRITON_BLOCK_CONFIGS = [
 @requires_ext_loaded
 @pytest.mark.parametrize("cfg", TRITON_BLOCK_CONFIGS, ids=lambda c: f"{c[3]}-{c[4]}-{c[6]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpp_engine_with_triton_blocks_matches_its_aten_path_and_naive(cfg, dtype, monkeypatch):
+def test_cpp_engine_block_kernels_match_its_aten_path_and_naive(cfg, dtype, monkeypatch):
     """``HABA_FAST_TRAJECTORY_FUSED=triton``: the C++ op's blocks in the Triton kernels (kernels/trajectory_block.py),
     at budget 0 and with every step kept, against the same op's ATen-only path (``=0``) and the naive unroll
     (float64 oracle); the kernels must have run."""
