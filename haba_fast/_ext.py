@@ -75,11 +75,10 @@ def extension_available() -> bool:
             _load_error = mismatch
         else:
             from haba_fast import _C  # noqa: F401
-            from haba_fast.ops import register_trajectory_block_kernels
-
-            register_trajectory_block_kernels()
     except Exception as exc:  # ImportError (not built), or an undefined symbol from an unrecorded torch mismatch
         _load_error = f"{type(exc).__name__}: {exc} (to build it: `pip install --no-build-isolation .`)"
+    if _load_error is None:
+        _register_python_kernels()
     if _load_error is not None:
         warnings.warn(
             f"haba_fast C++ extension not loaded ({_load_error}); falling back to the pure-PyTorch backend "
@@ -89,6 +88,22 @@ def extension_available() -> bool:
         )
         return False
     return True
+
+
+def _register_python_kernels() -> None:
+    """The extension's ops implemented in Python (the trajectory op's Triton block kernels): registered once it has
+    loaded. A failure here only costs those kernels (a warning), not the extension."""
+    try:
+        from haba_fast.ops import register_trajectory_block_kernels
+
+        register_trajectory_block_kernels()
+    except Exception as exc:
+        warnings.warn(
+            f"haba_fast: the trajectory op's Triton block kernels were not registered ({type(exc).__name__}: "
+            f"{exc}); HABA_FAST_TRAJECTORY_FUSED=triton will say so, every other path is unaffected",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def extension_error() -> Optional[str]:

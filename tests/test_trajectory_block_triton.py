@@ -215,3 +215,14 @@ def test_triton_mode_without_a_kernel_for_the_device_is_a_clear_error():
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("ERROR:") and "no Triton block kernel for cpu tensors" in line, line
     assert "TRITON_INTERPRET=1" in line
+
+
+def test_a_failed_kernel_registration_warns_and_leaves_the_extension_loaded(monkeypatch):
+    from haba_fast import _ext, ops
+
+    def broken():
+        raise RuntimeError("no library API")
+
+    monkeypatch.setattr(ops, "register_trajectory_block_kernels", broken)
+    with pytest.warns(RuntimeWarning, match="Triton block kernels were not registered.*no library API"):
+        _ext._register_python_kernels()
