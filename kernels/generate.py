@@ -190,13 +190,18 @@ def _generate_bwd_input_kernel(ew_ptr, gz_ptr, gy_ptr, hidx_ptr, gx_ptr, dbpart_
 
 
 @triton.jit
-def _segment_sum_kernel(src_ptr, order_ptr, starts_ptr, out_ptr, P, BLOCK: tl.constexpr):
-    """out[g, tile] = Σ_{k in [starts[g], starts[g+1])} src[order[k], tile] (fixed order: deterministic)."""
+def _segment_program(starts_ptr, P, BLOCK: tl.constexpr):
+    """(g, offs, m, start, end) of a (segment g, column tile) program: its columns, their mask and the segment's
+    sorted positions [start, end)."""
     g = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < P
-    k = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
+    return g, offs, offs < P, tl.load(starts_ptr + g), tl.load(starts_ptr + g + 1)
+
+
+@triton.jit
+def _segment_sum_kernel(src_ptr, order_ptr, starts_ptr, out_ptr, P, BLOCK: tl.constexpr):
+    """out[g, tile] = Σ_{k in [starts[g], starts[g+1])} src[order[k], tile] (fixed order: deterministic)."""
+    g, offs, m, k, end = _segment_program(starts_ptr, P, BLOCK)
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
     while k < end:
         r = tl.load(order_ptr + k)
@@ -235,11 +240,7 @@ def _segment_runs_kernel(src_ptr, order_ptr, seg_sorted_ptr, partial_ptr, R, P, 
 def _segment_heads_kernel(partial_ptr, starts_ptr, out_ptr, P, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Stage 2: out[g, tile] = the sum of segment g's run heads in order: its first sorted position, then every
     chunk boundary inside the segment (where stage 1 started a new run)."""
-    g = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < P
-    k = tl.load(starts_ptr + g)
-    end = tl.load(starts_ptr + g + 1)
+    g, offs, m, k, end = _segment_program(starts_ptr, P, BLOCK)
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
     while k < end:
         acc += tl.load(partial_ptr + k * P + offs, mask=m, other=0.0)

@@ -83,6 +83,24 @@ def _normalized(zb, zdb, p, m, mu, rstd, mzd, kk, g, bt, gd, btd, TAN: tl.conste
 
 
 @triton.jit
+def _norm_params(gam_ptr, bet_ptr, gamd_ptr, betd_ptr, c, DT: tl.constexpr, TAN: tl.constexpr,
+                 NORM: tl.constexpr):  # fmt: skip
+    """(gam, bet, gamd, betd) of channel c: the norm's parameters and their tangents (1, 0, 0, 0 without a norm or
+    a tangent)."""
+    g = tl.full((), 1.0, DT)
+    bt = tl.full((), 0.0, DT)
+    gd = tl.full((), 0.0, DT)
+    btd = tl.full((), 0.0, DT)
+    if NORM:
+        g = tl.load(gam_ptr + c)
+        bt = tl.load(bet_ptr + c)
+        if TAN:
+            gd = tl.load(gamd_ptr + c)
+            btd = tl.load(betd_ptr + c)
+    return g, bt, gd, btd
+
+
+@triton.jit
 def _block_forward_kernel(
     z_ptr, zd_ptr, gam_ptr, bet_ptr, gamd_ptr, betd_ptr,
     out_ptr, outd_ptr, xh_ptr, xhd_ptr, rstd_ptr, k_ptr,
@@ -101,16 +119,8 @@ def _block_forward_kernel(
     rstd = tl.full((), 1.0, DT)
     mzd = tl.full((), 0.0, DT)
     kk = tl.full((), 0.0, DT)
-    g = tl.full((), 1.0, DT)
-    bt = tl.full((), 0.0, DT)
-    gd = tl.full((), 0.0, DT)
-    btd = tl.full((), 0.0, DT)
+    g, bt, gd, btd = _norm_params(gam_ptr, bet_ptr, gamd_ptr, betd_ptr, c, DT, TAN, NORM)
     if NORM:
-        g = tl.load(gam_ptr + c)
-        bt = tl.load(bet_ptr + c)
-        if TAN:
-            gd = tl.load(gamd_ptr + c)
-            btd = tl.load(betd_ptr + c)
         acc = tl.zeros([BLOCK], dtype=DT)
         start = 0
         while start < HW:
@@ -226,10 +236,7 @@ def _block_backward_kernel(
     HW = H * W
     offs = tl.arange(0, BLOCK)
     DT = xh_ptr.dtype.element_ty
-    g = tl.full((), 1.0, DT)
-    bt = tl.full((), 0.0, DT)
-    gd = tl.full((), 0.0, DT)
-    btd = tl.full((), 0.0, DT)
+    g, bt, gd, btd = _norm_params(gam_ptr, bet_ptr, gamd_ptr, betd_ptr, c, DT, TAN, NORM)
     P = tl.full((), 0.0, DT)
     Q = tl.full((), 0.0, DT)
     R = tl.full((), 0.0, DT)
@@ -237,12 +244,8 @@ def _block_backward_kernel(
     rstd = tl.full((), 1.0, DT)
     kk = tl.full((), 0.0, DT)
     if NORM:
-        g = tl.load(gam_ptr + c)
-        bt = tl.load(bet_ptr + c)
         rstd = tl.load(rstd_ptr + pid)
         if TAN:
-            gd = tl.load(gamd_ptr + c)
-            btd = tl.load(betd_ptr + c)
             kk = tl.load(k_ptr + pid)
         s1 = tl.zeros([BLOCK], dtype=DT)
         s2 = tl.zeros([BLOCK], dtype=DT)
