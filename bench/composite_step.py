@@ -100,8 +100,8 @@ def _count_block_kernels(totals: dict) -> None:
 
         return call
 
-    kb.block_forward = counted("forward", kb.block_forward)
-    kb.block_backward = counted("backward", kb.block_backward)
+    kb.trajectory_block_forward = counted("forward", kb.trajectory_block_forward)
+    kb.trajectory_block_backward = counted("backward", kb.trajectory_block_backward)
 
 
 def measure(batch: int, width: int, repeats: int, block_kernels: str = "aten") -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
 
 import pytest
@@ -143,6 +144,14 @@ def test_block_kernels_sets_the_ops_variable_and_labels_the_row(monkeypatch, tmp
     monkeypatch.delenv(iteration.BLOCK_KERNELS_ENV)
     with pytest.raises(ValueError, match="naive runs autograd"):
         iteration.run(_args(engine="naive", block_kernels="aten"))
+    seen = []
+    monkeypatch.setattr(iteration, "_run", lambda args: seen.append(iteration.block_kernels_in_use()) or 0)
+    assert iteration.run(_args(engine="exact", block_kernels="aten")) == 0
+    assert seen == ["aten"] and iteration.BLOCK_KERNELS_ENV not in os.environ  # set for the call, then restored
+    monkeypatch.setenv(iteration.BLOCK_KERNELS_ENV, "triton")
+    iteration.run(_args(engine="exact", block_kernels="default"))
+    assert seen == ["aten", "default"] and os.environ[iteration.BLOCK_KERNELS_ENV] == "triton"
+    monkeypatch.undo()
 
     env = {"machine": "m", "cpus": 16, "torch_threads": 16, "torch": "x", "commit": "c", "gpu": "Fake H200"}
 

@@ -414,10 +414,15 @@ std::pair<Tensor, Tensor> block_backward_composite(const Spec& s, const Tensor& 
 enum class BlockImpl { kComposite, kCpuLoops, kTriton };
 
 // The Triton block kernels (kernels/trajectory_block.py) are Python: registered as implementations of the two
-// schemas below by haba_fast.ops.register_trajectory_block_kernels, for CUDA tensors (and CPU tensors under
-// TRITON_INTERPRET=1); found through the dispatcher at call time.
-constexpr const char* kTritonForward = "haba_fast::trajectory_block_forward_kernel";
-constexpr const char* kTritonBackward = "haba_fast::trajectory_block_backward_kernel";
+// schemas below by haba_fast.ops.register_trajectory_block_kernels, for CUDA tensors (and CPU tensors when
+// TRITON_INTERPRET=1 is set as the extension loads); found through the dispatcher once.
+const c10::OperatorHandle& triton_block_op(bool backward) {
+  static const c10::OperatorHandle forward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("haba_fast::trajectory_block_forward_kernel", "");
+  static const c10::OperatorHandle backward_op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("haba_fast::trajectory_block_backward_kernel", "");
+  return backward ? backward_op : forward_op;
+}
 
 // With HABA_FAST_TRAJECTORY_FUSED=triton: instance norm or none, any activation, average or no pooling (layer and
 // group norm, max pooling: the device's default implementation). Not registered for the tensors' device: an error
@@ -426,12 +431,13 @@ BlockImpl block_impl(const Spec& s, const Tensor& x) {
   const std::string mode = fused_mode();
   if (mode == "0") return BlockImpl::kComposite;
   if (mode == "triton" && (s.norm == kNormNone || s.norm == kInstance) && s.pool != kMax) {
+    const bool known_device = x.device().is_cuda() || x.device().is_cpu();
     const c10::DispatchKey key = x.device().is_cuda() ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
-    for (const char* name : {kTritonForward, kTritonBackward}) {
-      auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-      HF_CHECK((x.device().is_cuda() || x.device().is_cpu()) && op.hasKernelForDispatchKey(key), "HABA_FAST_TRAJECTORY_FUSED=triton: no Triton block kernel for ",
-                x.device().str(), " tensors (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1; ",
-                "haba_fast.ops.register_trajectory_block_kernels registers them, and needs triton installed)");
+    for (bool backward : {false, true}) {
+      HF_CHECK(known_device && triton_block_op(backward).hasKernelForDispatchKey(key),
+               "HABA_FAST_TRAJECTORY_FUSED=triton: no Triton block kernel for ", x.device().str(),
+               " tensors (Triton runs on CUDA, or on the CPU when TRITON_INTERPRET=1 is set before haba_fast's ",
+               "extension loads; haba_fast.ops.register_trajectory_block_kernels registers them, and needs triton)");
     }
     return BlockImpl::kTriton;
   }
@@ -440,10 +446,7 @@ BlockImpl block_impl(const Spec& s, const Tensor& x) {
 
 c10::IValue optional_ivalue(const Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
 
-void call_boxed(const char* name, std::vector<c10::IValue> args) {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-  op.callBoxed(&args);
-}
+void call_triton_block(bool backward, std::vector<c10::IValue> args) { triton_block_op(backward).callBoxed(&args); }
 
 // z: the conv output [B, C, H, W], and zd its tangent (undefined: primal only), each contiguous within a sample and
 // with one batch stride: the two channel halves of one contiguous [B, 2C, H, W] tensor, or two contiguous tensors
@@ -466,10 +469,10 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, BlockImpl impl, con
   c.k = at::empty({B, G}, opts);
   if (impl == BlockImpl::kTriton) {
     const bool norm = s.norm != kNormNone;
-    call_boxed(kTritonForward, {z, optional_ivalue(zd), optional_ivalue(norm ? gam : Tensor()),
-                                optional_ivalue(norm ? bet : Tensor()), optional_ivalue(norm && tan ? gamd : Tensor()),
-                                optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, out,
-                                optional_ivalue(outd), c.xh, optional_ivalue(c.xhd), c.rstd, c.k});
+    call_triton_block(false, {z, optional_ivalue(zd), optional_ivalue(norm ? gam : Tensor()),
+                              optional_ivalue(norm ? bet : Tensor()), optional_ivalue(norm && tan ? gamd : Tensor()),
+                              optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, out,
+                              optional_ivalue(outd), c.xh, optional_ivalue(c.xhd), c.rstd, c.k});
     return {out, outd};
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
@@ -515,35 +518,35 @@ Tensor block_backward_fused(const Spec& s, BlockImpl impl, const Tensor& ga, con
   Tensor gac = ga.contiguous();
   Tensor gadc = tan ? gad.contiguous() : Tensor();
   if (impl == BlockImpl::kTriton) {
-    call_boxed(kTritonBackward, {gac, optional_ivalue(gadc), xh, optional_ivalue(tan ? c.xhd : Tensor()), c.rstd, c.k,
-                                 optional_ivalue(norm ? gam : Tensor()), optional_ivalue(norm ? bet : Tensor()),
-                                 optional_ivalue(norm && tan ? gamd : Tensor()),
-                                 optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, gzz,
-                                 optional_ivalue(part)});
+    call_triton_block(true, {gac, optional_ivalue(gadc), xh, optional_ivalue(tan ? c.xhd : Tensor()), c.rstd, c.k,
+                             optional_ivalue(norm ? gam : Tensor()), optional_ivalue(norm ? bet : Tensor()),
+                             optional_ivalue(norm && tan ? gamd : Tensor()),
+                             optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, gzz,
+                             optional_ivalue(part)});
   } else {
-  AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
-    traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
-    traj_types::Params<scalar_t> p{};
-    Tensor gc, bc, gdc, bdc;
-    if (norm) {
-      gc = gam.contiguous();
-      bc = bet.contiguous();
-      p.gam = gc.data_ptr<scalar_t>();
-      p.bet = bc.data_ptr<scalar_t>();
-      if (tan) {
-        gdc = gamd.contiguous();
-        bdc = betd.contiguous();
-        p.gamd = gdc.data_ptr<scalar_t>();
-        p.betd = bdc.data_ptr<scalar_t>();
+    AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
+      traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
+      traj_types::Params<scalar_t> p{};
+      Tensor gc, bc, gdc, bdc;
+      if (norm) {
+        gc = gam.contiguous();
+        bc = bet.contiguous();
+        p.gam = gc.data_ptr<scalar_t>();
+        p.bet = bc.data_ptr<scalar_t>();
+        if (tan) {
+          gdc = gamd.contiguous();
+          bdc = betd.contiguous();
+          p.gamd = gdc.data_ptr<scalar_t>();
+          p.betd = bdc.data_ptr<scalar_t>();
+        }
       }
-    }
-    scalar_t* gz = gzz.data_ptr<scalar_t>();
-    TRAJ_CALL(block_backward<scalar_t>, dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
-                                   xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
-                                   c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz,
-                                   tan ? gz + C * H * W : nullptr, norm ? part.data_ptr<scalar_t>() : nullptr,
-                                   want_pt);
-  });
+      scalar_t* gz = gzz.data_ptr<scalar_t>();
+      TRAJ_CALL(block_backward<scalar_t>, dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
+                                     xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
+                                     c.rstd.data_ptr<scalar_t>(), c.k.data_ptr<scalar_t>(), gz,
+                                     tan ? gz + C * H * W : nullptr, norm ? part.data_ptr<scalar_t>() : nullptr,
+                                     want_pt);
+    });
   }
   if (norm) {
     Tensor sums = part.sum(1);  // [4, C]

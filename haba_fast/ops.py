@@ -356,15 +356,15 @@ _trajectory_block_lib: Optional[torch.library.Library] = None
 
 
 def _trajectory_block_forward(*args) -> None:
-    from haba_fast.kernels.trajectory_block import block_forward
+    from haba_fast.kernels.trajectory_block import trajectory_block_forward
 
-    block_forward(*args)
+    trajectory_block_forward(*args)
 
 
 def _trajectory_block_backward(*args) -> None:
-    from haba_fast.kernels.trajectory_block import block_backward
+    from haba_fast.kernels.trajectory_block import trajectory_block_backward
 
-    block_backward(*args)
+    trajectory_block_backward(*args)
 
 
 def register_trajectory_block_kernels() -> bool:

@@ -21,7 +21,7 @@ Kernels (grid: sample × pixel tile; channels and k are constexpr, so the tap lo
   hallucinator parameter (stage 1 of a two-stage reduction: no atomics).
 - ``_generate_bwd_input_kernel``: gx per sample and the partials of gdb.
 - ``_segment_sum_kernel``: stage 2, sums partial rows per segment (basis for gx) in a fixed order. Above
-  ``ROWS_PER_CHUNK`` rows the sorted rows are first cut into fixed chunks of that many (``_segment_runs_kernel``
+  ``ROWS_PER_CHUNK`` rows the sorted rows are first cut into fixed chunks (~sqrt(rows); ``_segment_runs_kernel``
   sums each segment's run within a chunk, ``_segment_heads_kernel`` each segment's runs), so that one basis
   shared by a whole batch does not serialize on one program and no grid depends on the data: no host sync. Few
   segments (the hallucinators, up to ``ONEHOT_MAX_SEGMENTS``) are summed as one [S, R] x [R, P] product with a
@@ -33,6 +33,7 @@ Loops with runtime bounds are ``while`` loops: Triton 3.6's interpreter (TRITON_
 
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -256,8 +257,9 @@ def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method:
     """out [S, P]: rows of ``src`` [R, P] summed per segment id ``seg`` [R] (int64 in [0, S)).
 
     ``method``: ``onehot`` (a 0/1 [S, R] matrix times ``src``), ``sorted`` (the Triton reduction over the rows
-    sorted by segment: one stage up to ROWS_PER_CHUNK rows, two above) or ``auto`` (onehot for S <=
-    ONEHOT_MAX_SEGMENTS, else sorted). Nothing is read back to the host: every grid is sized by R, S and P.
+    sorted by segment: one stage up to ROWS_PER_CHUNK rows, two above, in chunks of ``_chunk_rows(R)``) or
+    ``auto`` (onehot for S <= ONEHOT_MAX_SEGMENTS, else sorted). Nothing is read back to the host: every grid is
+    sized by R, S and P.
     """
     R, P = src.shape
     if method == "auto":
@@ -286,12 +288,19 @@ def segment_sum(src: torch.Tensor, seg: torch.Tensor, num_segments: int, method:
         return out
     # Two stages, so that one segment shared by a whole batch does not serialize on one program: runs within fixed
     # chunks of the sorted rows, then each segment's run heads (partial's other rows are never written or read).
+    chunk = _chunk_rows(R)
     partial = torch.empty((R, P), dtype=src.dtype, device=src.device)
-    _segment_runs_kernel[(triton.cdiv(R, ROWS_PER_CHUNK), tiles)](
-        src, order, seg[order], partial, R, P, CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK
-    )
-    _segment_heads_kernel[(num_segments, tiles)](partial, starts, out, P, CHUNK=ROWS_PER_CHUNK, BLOCK=BLOCK)
+    runs_grid = (triton.cdiv(R, chunk), tiles)
+    _segment_runs_kernel[runs_grid](src, order, seg[order], partial, R, P, CHUNK=chunk, BLOCK=BLOCK)
+    _segment_heads_kernel[(num_segments, tiles)](partial, starts, out, P, CHUNK=chunk, BLOCK=BLOCK)
     return out
+
+
+def _chunk_rows(R: int) -> int:
+    """Rows per chunk of the two-stage sum over R rows: about sqrt(R) (a power of two in [8, ROWS_PER_CHUNK]), so
+    that neither stage adds much more than sqrt(R) rows in sequence (stage 1: a chunk; stage 2: one run head per
+    chunk a segment spans) and stage 1 has ~sqrt(R) programs per column tile. Chosen from R alone: no host read."""
+    return max(8, min(ROWS_PER_CHUNK, triton.next_power_of_2(math.isqrt(R))))
 
 
 def _dims(bases: torch.Tensor, enc_weight: torch.Tensor):

@@ -11,7 +11,7 @@ Forward, per plane (mean/var biased, eps 1e-5), from the conv output z and its t
 
     xh = (z - mu) rstd,  rstd = 1 / sqrt(var + eps),  k = rstd mean(zd xh),  xhd = (zd - mean(zd)) rstd - xh k
     n = gam xh + bet,  nd = gam xhd + gamd xh + betd;  r = act(n), rd = act'(n) nd;  out = avgpool2x2(r) or r
-    saved: xh, xhd (no norm: n, nd), rstd, k
+    saved: xh, xhd (no norm: n, nd), rstd, k (no norm: 1, 0)
 
 Backward, from ga / gad (w.r.t. the block output):
 
@@ -30,8 +30,10 @@ under numpy 2.x). Constants that must be exact in float64 (eps, the leaky slope)
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -101,7 +103,7 @@ def _norm_params(gam_ptr, bet_ptr, gamd_ptr, betd_ptr, c, DT: tl.constexpr, TAN:
 
 
 @triton.jit
-def _block_forward_kernel(
+def _trajectory_block_fwd_kernel(
     z_ptr, zd_ptr, gam_ptr, bet_ptr, gamd_ptr, betd_ptr,
     out_ptr, outd_ptr, xh_ptr, xhd_ptr, rstd_ptr, k_ptr,
     C, H, W, HO, WO, z_bs,
@@ -145,8 +147,8 @@ def _block_forward_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / HW + tl.full((), EPS, DT))
         mzd = tl.sum(accd, axis=0) / HW
         kk = rstd * rstd * (tl.sum(accdz, axis=0) / HW)
-        tl.store(rstd_ptr + pid, rstd)
-        tl.store(k_ptr + pid, kk)
+    tl.store(rstd_ptr + pid, rstd)  # without a norm: 1 and 0, as the CPU loops write them
+    tl.store(k_ptr + pid, kk)
     # the saved tensors (and, unpooled, the block output), every element of the plane
     start = 0
     while start < HW:
@@ -224,7 +226,7 @@ def _block_grads(ga_ptr, gad_ptr, xh_ptr, xhd_ptr, pid, p, m, W, HO, WO, HW, g, 
 
 
 @triton.jit
-def _block_backward_kernel(
+def _trajectory_block_bwd_kernel(
     ga_ptr, gad_ptr, xh_ptr, xhd_ptr, rstd_ptr, k_ptr, gam_ptr, bet_ptr, gamd_ptr, betd_ptr,
     gzz_ptr, part_ptr,
     B, C, H, W, HO, WO, gzz_bs,
@@ -277,6 +279,9 @@ def _block_backward_kernel(
             Qd = S4 / HW
             tl.store(part_ptr + 2 * B * C + pid, S3)
             tl.store(part_ptr + 3 * B * C + pid, S4)
+        else:  # no tangent: the tangent sums are 0, as the CPU loops write them
+            tl.store(part_ptr + 2 * B * C + pid, tl.full((), 0.0, DT))
+            tl.store(part_ptr + 3 * B * C + pid, tl.full((), 0.0, DT))
     gzb = gzz_ptr + b * gzz_bs + c * HW
     start = 0
     while start < HW:
@@ -303,13 +308,43 @@ def _block_size(n: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(n)))
 
 
-def _flags(act: int, zd: Optional[Tensor], gam: Optional[Tensor]) -> tuple[bool, bool]:
+def _expect(name: str, t: Optional[Tensor], shape: tuple, like: Tensor, contiguous: bool = True) -> None:
+    """ValueError unless ``t`` has ``shape`` and ``like``'s dtype and device (and is contiguous): a mis-sized
+    argument would have the kernel write out of bounds."""
+    if t is None:
+        raise ValueError(f"trajectory block kernel: {name} is required here")
+    if tuple(t.shape) != tuple(shape) or t.dtype != like.dtype or t.device != like.device:
+        raise ValueError(
+            f"trajectory block kernel: {name} must be {list(shape)} {like.dtype} on {like.device}, got "
+            f"{list(t.shape)} {t.dtype} on {t.device}"
+        )
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"trajectory block kernel: {name} must be contiguous")
+
+
+def _flags(act: int, primal: Tensor, tangent: Optional[Tensor], params: tuple) -> tuple[bool, bool]:
+    """(tangent, norm) of a call, after checking the activation code, the dtype and the norm parameters (gam, bet,
+    gamd, betd: all None for no norm; gamd/betd only with a tangent)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"trajectory block kernel: unknown activation code {act} (0 relu, 1 sigmoid, 2 leakyrelu)")
-    return zd is not None, gam is not None
+    if primal.dtype not in (torch.float32, torch.float64) or primal.dim() != 4:
+        raise ValueError(f"trajectory block kernel: a 4-D float32/float64 input, got {primal.dtype} {primal.dim()}-D")
+    tan, norm = tangent is not None, params[0] is not None
+    C = primal.shape[1]
+    for name, t, wanted in zip(("gam", "bet", "gamd", "betd"), params, (norm, norm, norm and tan, norm and tan)):
+        if wanted:
+            _expect(name, t, (C,), primal)
+        elif t is not None:
+            raise ValueError(f"trajectory block kernel: {name} given without {'a tangent' if norm else 'gam'}")
+    return tan, norm
 
 
-def block_forward(
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def trajectory_block_forward(
     z: Tensor,
     zd: Optional[Tensor],
     gam: Optional[Tensor],
@@ -325,27 +360,43 @@ def block_forward(
     rstd: Tensor,
     k: Tensor,
 ) -> None:
-    """Fill out/outd [B, C, Ho, Wo], xh/xhd [B, C, H, W] and rstd/k [B, C] (norm only) from z/zd [B, C, H, W].
+    """Fill out/outd [B, C, Ho, Wo] (Ho, Wo = H // 2, W // 2 pooled, else H, W), xh/xhd [B, C, H, W] and rstd/k
+    [B, C] (1 and 0 without a norm) from z/zd [B, C, H, W] (float32 or float64).
 
     z and zd: each plane contiguous, one batch stride shared by both (the channel halves of one [B, 2C, H, W]
-    tensor, or two contiguous tensors); the outputs contiguous. gam/bet (and gamd/betd with a tangent) [C], or None
-    for no norm. Pooling needs even H and W.
+    tensor, or two contiguous tensors); the outputs contiguous, of z's dtype and device. gam/bet [C] for instance
+    norm (None: no norm), gamd/betd [C] with a tangent and a norm. act: 0 relu, 1 sigmoid, 2 leaky relu (0.01).
     """
-    tan, norm = _flags(act, zd, gam)
+    tan, norm = _flags(act, z, zd, (gam, bet, gamd, betd))
     B, C, H, W = z.shape
     HO, WO = (H // 2, W // 2) if pool else (H, W)
-    _check_plane_layout(z, zd)
-    grid = (B * C,)
-    _block_forward_kernel[grid](
-        z, zd if tan else z, gam if norm else z, bet if norm else z, gamd if (norm and tan) else z,
-        betd if (norm and tan) else z,
-        out, outd if tan else out, xh, xhd if tan else xh, rstd, k,
-        C, H, W, HO, WO, z.stride(0),
-        TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
-    )  # fmt: skip
+    if z.stride(1) != H * W or z.stride(2) != W or z.stride(3) != 1:
+        raise ValueError("trajectory block kernel: z's planes must be contiguous")
+    if tan:
+        _expect("zd", zd, z.shape, z, contiguous=False)
+        if zd.stride() != z.stride():
+            raise ValueError("trajectory block kernel: zd must have z's strides")
+    for name, t, shape, wanted in (
+        ("out", out, (B, C, HO, WO), True),
+        ("outd", outd, (B, C, HO, WO), tan),
+        ("xh", xh, (B, C, H, W), True),
+        ("xhd", xhd, (B, C, H, W), tan),
+        ("rstd", rstd, (B, C), True),
+        ("k", k, (B, C), True),
+    ):
+        if wanted:
+            _expect(name, t, shape, z)
+    with _on_device(z):
+        _trajectory_block_fwd_kernel[(B * C,)](
+            z, zd if tan else z, gam if norm else z, bet if norm else z, gamd if (norm and tan) else z,
+            betd if (norm and tan) else z,
+            out, outd if tan else out, xh, xhd if tan else xh, rstd, k,
+            C, H, W, HO, WO, z.stride(0),
+            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
+        )  # fmt: skip
 
 
-def block_backward(
+def trajectory_block_backward(
     ga: Tensor,
     gad: Optional[Tensor],
     xh: Tensor,
@@ -362,26 +413,29 @@ def block_backward(
     part: Optional[Tensor],
 ) -> None:
     """Fill gzz [B, C or 2C, H, W] (= gz, or [gz | gzd] with a tangent) and, with a norm, part [4, B, C] (per
-    plane: sum gn xh, sum gn, sum (gnd xh + gn xhd), sum gnd) from ga/gad (w.r.t. the block output, contiguous) and
-    the forward's saved xh/xhd/rstd/k."""
-    tan, norm = _flags(act, gad, gam)
+    plane: sum gn xh, sum gn, sum (gnd xh + gn xhd), sum gnd; the last two 0 without a tangent) from ga/gad
+    [B, C, Ho, Wo] (w.r.t. the block output) and the forward's saved xh/xhd [B, C, H, W], rstd/k [B, C]. Every
+    tensor contiguous, of xh's dtype and device; gam..betd and act as in :func:`trajectory_block_forward`."""
+    tan, norm = _flags(act, xh, gad, (gam, bet, gamd, betd))
     B, C, H, W = xh.shape
     HO, WO = (H // 2, W // 2) if pool else (H, W)
-    if not (gzz.is_contiguous() and ga.is_contiguous() and (gad is None or gad.is_contiguous())):
-        raise ValueError("trajectory block kernel: ga, gad and gzz must be contiguous")
-    grid = (B * C,)
-    _block_backward_kernel[grid](
-        ga, gad if tan else ga, xh, xhd if tan else xh, rstd, k,
-        gam if norm else xh, bet if norm else xh, gamd if (norm and tan) else xh, betd if (norm and tan) else xh,
-        gzz, part if norm else gzz,
-        B, C, H, W, HO, WO, gzz.stride(0),
-        TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
-    )  # fmt: skip
-
-
-def _check_plane_layout(z: Tensor, zd: Optional[Tensor]) -> None:
-    H, W = z.shape[2], z.shape[3]
-    if z.stride(1) != H * W or z.stride(2) != W or z.stride(3) != 1:
-        raise ValueError("trajectory block kernel: z's planes must be contiguous")
-    if zd is not None and (zd.shape != z.shape or zd.stride() != z.stride()):
-        raise ValueError("trajectory block kernel: zd must have z's shape and strides")
+    for name, t, shape, wanted in (
+        ("ga", ga, (B, C, HO, WO), True),
+        ("gad", gad, (B, C, HO, WO), tan),
+        ("xh", xh, (B, C, H, W), True),
+        ("xhd", xhd, (B, C, H, W), tan),
+        ("rstd", rstd, (B, C), True),
+        ("k", k, (B, C), True),
+        ("gzz", gzz, (B, 2 * C if tan else C, H, W), True),
+        ("part", part, (4, B, C), norm),
+    ):
+        if wanted:
+            _expect(name, t, shape, xh)
+    with _on_device(xh):
+        _trajectory_block_bwd_kernel[(B * C,)](
+            ga, gad if tan else ga, xh, xhd if tan else xh, rstd, k,
+            gam if norm else xh, bet if norm else xh, gamd if (norm and tan) else xh, betd if (norm and tan) else xh,
+            gzz, part if norm else gzz,
+            B, C, H, W, HO, WO, gzz.stride(0),
+            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
+        )  # fmt: skip

@@ -348,8 +348,8 @@ def test_cpp_engine_block_kernels_match_its_aten_path_and_naive(cfg, dtype, monk
     monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
     aten = grads(get_adjoint_engine("exact", "cpu", 0), model, X, Y, ws, wt, lr_value=0.1)
     calls = []
-    real = trajectory_block.block_forward
-    monkeypatch.setattr(trajectory_block, "block_forward", lambda *a: calls.append(1) or real(*a))
+    real = trajectory_block.trajectory_block_forward
+    monkeypatch.setattr(trajectory_block, "trajectory_block_forward", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "triton")
     rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
     for budget in (0, "unlimited"):

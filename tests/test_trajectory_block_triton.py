@@ -19,6 +19,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from haba_fast._ext import extension_available
 
@@ -40,7 +41,7 @@ SCRIPT = textwrap.dedent(
 
     res = {}
     calls = {"forward": 0, "backward": 0}
-    _fwd, _bwd = kb.block_forward, kb.block_backward
+    _fwd, _bwd = kb.trajectory_block_forward, kb.trajectory_block_backward
 
     def counted_forward(*a):
         calls["forward"] += 1
@@ -50,7 +51,7 @@ SCRIPT = textwrap.dedent(
         calls["backward"] += 1
         _bwd(*a)
 
-    kb.block_forward, kb.block_backward = counted_forward, counted_backward
+    kb.trajectory_block_forward, kb.trajectory_block_backward = counted_forward, counted_backward
 
     def rel(a, b):
         a, b = a.detach().double(), b.detach().double()
@@ -79,7 +80,7 @@ SCRIPT = textwrap.dedent(
         xh, xhd = torch.empty(B, C, H, W, dtype=dtype), torch.empty(B, C, H, W, dtype=dtype)
         rstd, k = torch.empty(B, C, dtype=dtype), torch.empty(B, C, dtype=dtype)
         opt = lambda t, on: t if on else None
-        kb.block_forward(z, opt(zd, tan), opt(gam, norm), opt(bet, norm), opt(gamd, norm and tan),
+        kb.trajectory_block_forward(z, opt(zd, tan), opt(gam, norm), opt(bet, norm), opt(gamd, norm and tan),
                          opt(betd, norm and tan), act, pool, out, opt(outd, tan), xh, opt(xhd, tan), rstd, k)
         zero = torch.zeros_like(gam)
         f = lambda z_, g_, b_: oracle_block(z_, g_, b_, act, pool, norm)
@@ -89,7 +90,7 @@ SCRIPT = textwrap.dedent(
         ga, gad = rnd(B, C, HO, WO), rnd(B, C, HO, WO)
         gzz = torch.empty(B, 2 * C if tan else C, H, W, dtype=dtype)
         part = torch.empty(4, B, C, dtype=dtype)
-        kb.block_backward(ga, opt(gad, tan), xh, opt(xhd, tan), rstd, k, opt(gam, norm), opt(bet, norm),
+        kb.trajectory_block_backward(ga, opt(gad, tan), xh, opt(xhd, tan), rstd, k, opt(gam, norm), opt(bet, norm),
                           opt(gamd, norm and tan), opt(betd, norm and tan), act, pool, gzz, opt(part, norm))
 
         def vjp(z_, g_, b_, ga_):
@@ -111,6 +112,8 @@ SCRIPT = textwrap.dedent(
         kernel_case(f"kernel_nonorm_{tag}", 2, 2, 6, 6, 0, True, False, True, dtype, True)
         kernel_case(f"kernel_primal_only_{tag}", 2, 3, 8, 8, 1, True, True, False, dtype, False)
         kernel_case(f"kernel_two_chunks_{tag}", 1, 2, 34, 36, 0, True, True, True, dtype, False)  # a plane > 1024
+        # a pooled plane of 33 x 33 > 1024 too (the pooling loop over several blocks), odd, sigmoid
+        kernel_case(f"kernel_pooled_chunks_{tag}", 1, 1, 67, 67, 1, True, True, True, dtype, False)
 
     # The C++ op with HABA_FAST_TRAJECTORY_FUSED=triton against its ATen-only path, kept steps included.
     def step_ops(mode, net, x, y, lam):
@@ -140,6 +143,21 @@ SCRIPT = textwrap.dedent(
         name = f"op_{norm}_{act}_{pool}_{hw}_{tag}"
         res[name] = max(rel(a, b) for a, b in zip(out, ref))
         res[name + "_kernel_calls"] = min(calls[k] - before[k] for k in calls)
+    # The two schemas as registered ops: mutation annotations and the CPU (interpreter) registration
+    B, C, H, W = 2, 3, 6, 6
+    z, zd = torch.randn(B, C, H, W, dtype=torch.float64), torch.randn(B, C, H, W, dtype=torch.float64)
+    prm = [torch.randn(C, dtype=torch.float64) for _ in range(4)]
+    outs = [torch.empty(B, C, 3, 3, dtype=torch.float64), torch.empty(B, C, 3, 3, dtype=torch.float64),
+            torch.empty(B, C, H, W, dtype=torch.float64), torch.empty(B, C, H, W, dtype=torch.float64),
+            torch.empty(B, C, dtype=torch.float64), torch.empty(B, C, dtype=torch.float64)]
+    torch.library.opcheck(torch.ops.haba_fast.trajectory_block_forward_kernel.default,
+                          (z, zd, *prm, 0, True, *outs), test_utils=("test_schema",))
+    ga = torch.randn(B, C, 3, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.haba_fast.trajectory_block_backward_kernel.default,
+                          (ga, ga.clone(), outs[2], outs[3], outs[4], outs[5], *prm, 0, True,
+                           torch.empty(B, 2 * C, H, W, dtype=torch.float64), torch.empty(4, B, C, dtype=torch.float64)),
+                          test_utils=("test_schema",))
+    res["opcheck_schemas"] = 0.0
     print(json.dumps(res))
     """
 )
@@ -162,7 +180,8 @@ def interpreted():
 KERNEL_CASES = [
     f"kernel_{c}_{t}"
     for c, t in itertools.product(
-        ("relu_avg", "sigmoid_odd", "leaky_nopool", "nonorm", "primal_only", "two_chunks"), ("f64", "f32")
+        ("relu_avg", "sigmoid_odd", "leaky_nopool", "nonorm", "primal_only", "two_chunks", "pooled_chunks"),
+        ("f64", "f32"),
     )
 ]
 OP_CASES = [
@@ -177,6 +196,11 @@ OP_CASES = [
 def test_block_kernels_match_the_torch_oracle(interpreted, case):
     assert case in interpreted, f"{case} did not run: {sorted(interpreted)}"
     assert interpreted[case] <= _tol(case), f"{case}: max relative error {interpreted[case]:.3g}"
+
+
+@needs_ext
+def test_the_block_kernel_schemas_declare_their_mutations(interpreted):
+    assert "opcheck_schemas" in interpreted  # torch.library.opcheck's test_schema raised nothing
 
 
 @needs_ext
@@ -226,3 +250,34 @@ def test_a_failed_kernel_registration_warns_and_leaves_the_extension_loaded(monk
     monkeypatch.setattr(ops, "register_trajectory_block_kernels", broken)
     with pytest.warns(RuntimeWarning, match="Triton block kernels were not registered.*no library API"):
         _ext._register_python_kernels()
+
+
+def test_the_launchers_refuse_mis_sized_arguments_before_any_launch():
+    """A mis-sized output would be written out of bounds by the kernel: the launchers check every tensor first."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1: covered by the interpreter run")
+    from haba_fast.kernels import trajectory_block as kb
+
+    B, C, H, W = 2, 3, 6, 6
+    z, zd = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    prm = [torch.randn(C) for _ in range(4)]
+
+    def outs(**over):
+        o = dict(out=torch.empty(B, C, 3, 3), outd=torch.empty(B, C, 3, 3), xh=torch.empty(B, C, H, W),
+                 xhd=torch.empty(B, C, H, W), rstd=torch.empty(B, C), k=torch.empty(B, C))  # fmt: skip
+        o.update(over)
+        return list(o.values())
+
+    with pytest.raises(ValueError, match=r"out must be \[2, 3, 3, 3\]"):
+        kb.trajectory_block_forward(z, zd, *prm, 0, True, *outs(out=torch.empty(B, C, 6, 6)))
+    with pytest.raises(ValueError, match="xhd is required"):
+        kb.trajectory_block_forward(z, zd, *prm, 0, True, *outs(xhd=None))
+    with pytest.raises(ValueError, match="float64"):
+        kb.trajectory_block_forward(z, zd, *prm, 0, True, *outs(rstd=torch.empty(B, C, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="unknown activation code 7"):
+        kb.trajectory_block_forward(z, zd, *prm, 7, True, *outs())
+    with pytest.raises(ValueError, match="gamd given without a tangent"):
+        kb.trajectory_block_forward(z, None, *prm, 0, True, *outs(outd=None, xhd=None))
+    with pytest.raises(ValueError, match=r"gzz must be \[2, 6, 6, 6\]"):
+        kb.trajectory_block_backward(torch.randn(B, C, 3, 3), torch.randn(B, C, 3, 3), *outs()[2:6], *prm, 0, True,
+                                     torch.empty(B, C, H, W), torch.empty(4, B, C))  # fmt: skip

@@ -56,7 +56,7 @@ def test_trajectory_block_kernels_compile_for_a_cuda_target(dtype, tan, norm, ac
     from haba_fast.kernels import trajectory_block as kb
 
     flags = {"TAN": tan, "NORM": norm, "ACT": act, "POOL": pool, "BLOCK": 1024}
-    for fn in (kb._block_forward_kernel, kb._block_backward_kernel):
+    for fn in (kb._trajectory_block_fwd_kernel, kb._trajectory_block_bwd_kernel):
         assert "ptx" in _compile_for_sm90(fn, dtype, flags)
 
 

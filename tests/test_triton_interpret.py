@@ -87,6 +87,15 @@ SCRIPT = textwrap.dedent(
     seg2 = torch.randint(0, S2, (R2,), generator=g)
     expect2 = torch.zeros(S2, 9, dtype=torch.float64).index_add_(0, seg2, src2)
     res["segment_sum_chunked_runs"] = rel(segment_sum(src2, seg2, S2, "sorted"), expect2)
+    # several column tiles (P > 1024) over both stages; no rows; no segments
+    src3 = torch.randn(70, 1500, generator=g, dtype=torch.float64)
+    seg3 = torch.randint(0, 3, (70,), generator=g)
+    expect3 = torch.zeros(3, 1500, dtype=torch.float64).index_add_(0, seg3, src3)
+    empty_rows = segment_sum(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.int64), 4, "sorted")
+    no_segments = segment_sum(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.int64), 0, "sorted")
+    res["segment_sum_edges"] = max(rel(segment_sum(src3, seg3, 3, "sorted"), expect3),
+                                   float(empty_rows.abs().max()) + float(empty_rows.shape != (4, 5)),
+                                   float(no_segments.shape != (0, 5)))
 
     # registration of the triton ops: schema, autograd wiring, fake kernels
     x = torch.randn(2, 1, 4, 5, dtype=torch.float64, requires_grad=True)
@@ -119,8 +128,8 @@ def _tol(name: str) -> float:
 
 
 EXPECTED = (["generate_f64_c1", "generate_f32_k5", "generate_augment_rotate_f64", "segment_sum_two_stage",
-             "segment_sum_chunked_runs", "segment_sum_onehot", "opcheck_augment", "augment_color_float32",
-             "augment_rotate_float32"]
+             "segment_sum_chunked_runs", "segment_sum_edges", "segment_sum_onehot", "opcheck_augment",
+             "augment_color_float32", "augment_rotate_float32"]
             + [f"augment_{f}_float64" for f in ("color", "crop", "cutout", "flip", "scale", "rotate")])
 
 

@@ -297,6 +297,24 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
 
 
 def run(args) -> int:
+    """One row: the iteration timed as ``args`` asks, printed as a JSON line. ``--block-kernels`` sets the C++ op's
+    variable for the call (restored after it)."""
+    if args.block_kernels is None:
+        return _run(args)
+    if args.engine == "naive":
+        raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
+    previous = os.environ.get(BLOCK_KERNELS_ENV)
+    os.environ[BLOCK_KERNELS_ENV] = BLOCK_KERNELS[args.block_kernels]
+    try:
+        return _run(args)
+    finally:
+        if previous is None:
+            os.environ.pop(BLOCK_KERNELS_ENV, None)
+        else:
+            os.environ[BLOCK_KERNELS_ENV] = previous
+
+
+def _run(args) -> int:
     import warnings
 
     from haba_fast import dist, timing
@@ -310,10 +328,6 @@ def run(args) -> int:
         torch.set_num_threads(int(args.threads))
     if args.engine == "naive" and (args.compile_step or args.backend is not None or args.inputs != "streamed"):
         raise ValueError("--compile-step, --backend and --inputs choose how the adjoint engines run; naive takes none")
-    if args.block_kernels is not None:
-        if args.engine == "naive":
-            raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
-        os.environ[BLOCK_KERNELS_ENV] = BLOCK_KERNELS[args.block_kernels]
     if args.engine_only and args.inputs != "streamed":
         raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
     for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
