@@ -354,6 +354,26 @@ _register_autograd("haba_fast_triton", fused=False)
 # is set at registration (the interpreter; tests).
 _trajectory_block_lib: Optional[torch.library.Library] = None
 
+# The C++ op's variable choosing who runs a block's norm/activation/pooling (csrc/trajectory.cpp, block_impl), by
+# name: default (the fused CPU loops on CPU tensors, ATen ops on CUDA), aten (ATen ops everywhere), triton.
+BLOCK_KERNELS_ENV = "HABA_FAST_TRAJECTORY_FUSED"
+BLOCK_KERNELS = {"default": "1", "aten": "0", "triton": "triton"}
+
+
+def block_kernels_in_use() -> str:
+    """The block implementation the environment asks the C++ op for: ``default`` | ``aten`` | ``triton``."""
+    value = os.environ.get(BLOCK_KERNELS_ENV)
+    return next((k for k, v in BLOCK_KERNELS.items() if v == value and k != "default"), "default")
+
+
+def trajectory_block_kernel_devices() -> List[str]:
+    """The dispatch keys (``CUDA``, ``CPU``) the Triton block kernels are registered for (empty: none)."""
+    name = "haba_fast::trajectory_block_forward_kernel"
+    try:
+        return [k for k in ("CUDA", "CPU") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k)]
+    except RuntimeError:  # the extension (and so the schema) is not loaded
+        return []
+
 
 def _trajectory_block_forward(*args) -> None:
     from haba_fast.kernels.trajectory_block import trajectory_block_forward

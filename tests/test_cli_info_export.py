@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -40,6 +41,24 @@ def test_info_json(capsys, monkeypatch):
         assert info["backends"][op]["cpu"]["backend"] in ("torch", "cpu")
         if info["backends"][op]["cpu"]["backend"] == "torch":
             assert info["backends"][op]["cpu"]["note"]  # a fallback says why
+
+
+def test_info_reports_the_trajectory_block_implementation(capsys, monkeypatch):
+    from haba_fast import _ext
+
+    if not _ext.extension_available():
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
+    assert main(["info", "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["extension"]["trajectory_blocks"]
+    assert blocks["mode"] == "aten"
+    if importlib.util.find_spec("triton"):  # CPU too when TRITON_INTERPRET=1 was set as the extension loaded
+        assert blocks["triton_kernels_for"][0] == "CUDA"
+    else:
+        assert blocks["triton_kernels_for"] == []
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "triton")
+    assert main(["info"]) == 0
+    assert "trajectory blocks: triton (" in capsys.readouterr().out
 
 
 def test_info_reports_a_forced_backend_that_cannot_run(capsys, monkeypatch):

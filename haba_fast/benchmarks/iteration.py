@@ -26,12 +26,10 @@ import torch
 
 from haba_fast._ext import buffer_cache_is_held
 from haba_fast.engines.memory import RunBuffers
+from haba_fast.ops import BLOCK_KERNELS, BLOCK_KERNELS_ENV, block_kernels_in_use
 from haba_fast.timing import add_network_timing_arguments
 
 ENGINES = ("exact", "naive", "first-order")
-# --block-kernels NAME sets this variable of the C++ op to the value (csrc/trajectory.cpp, block_impl).
-BLOCK_KERNELS_ENV = "HABA_FAST_TRAJECTORY_FUSED"
-BLOCK_KERNELS = {"default": "1", "aten": "0", "triton": "triton"}
 
 
 def add_arguments(parser) -> None:
@@ -213,12 +211,6 @@ class _InputsVariant:
 
     def _stream_with_step_checks(self, *args, values_checked: bool = False, **kwargs):
         return self._engine.stream(*args, values_checked=False, **kwargs)
-
-
-def block_kernels_in_use() -> str:
-    """The block implementation the environment asks the C++ op for: ``default`` | ``aten`` | ``triton``."""
-    value = os.environ.get(BLOCK_KERNELS_ENV)
-    return next((k for k, v in BLOCK_KERNELS.items() if v == value and k != "default"), "default")
 
 
 def _adjoint_engine(args):

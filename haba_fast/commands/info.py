@@ -97,8 +97,15 @@ def collect() -> dict[str, Any]:
         loaded = _ext.extension_available()
     ext: dict[str, Any] = {"loaded": loaded}
     if loaded:
+        from haba_fast import ops
+
         listed = _registered_ops()
         ext["ops"] = listed if listed is not None else [op for op in OPS if _ext.has_op(op)]
+        # the C++ trajectory op's block math: who runs it (HABA_FAST_TRAJECTORY_FUSED), and where Triton can
+        ext["trajectory_blocks"] = {
+            "mode": ops.block_kernels_in_use(),
+            "triton_kernels_for": ops.trajectory_block_kernel_devices(),
+        }
     else:
         ext["error"] = _ext.extension_error()
     info["extension"] = ext
@@ -134,6 +141,13 @@ def _text(info: dict[str, Any]) -> str:
     lines += ["", "C++ extension (haba_fast._C):"]
     if ext["loaded"]:
         lines.append(f"  loaded; ops registered: {', '.join(ext['ops']) or 'none yet'}")
+        blocks = ext.get("trajectory_blocks")
+        if blocks:
+            where = ", ".join(blocks["triton_kernels_for"]) or "no device (triton not installed)"
+            lines.append(
+                f"  trajectory blocks: {blocks['mode']} (HABA_FAST_TRAJECTORY_FUSED=triton runs them in Triton "
+                f"kernels; registered for: {where})"
+            )
     else:
         lines.append(f"  not loaded: {ext['error']}")
     lines.append(_build_line(info.get("extension_build")))
