@@ -3,7 +3,8 @@
     python bench/profile_iteration.py --device cuda --ipc 50 --batch-syn 500 --syn-steps 30 \\
         --variants naive exact:0 exact:auto exact:auto:torch [--cudnn-benchmark]
 
-A variant is ``ENGINE[:BUDGET[:BACKEND]]`` (budget 0 | auto | unlimited | 2GB, backend auto | cpu | torch). For
+A variant is ``ENGINE[:BUDGET[:BACKEND[:BLOCKS]]]`` (budget 0 | auto | unlimited | 2GB, backend auto | cpu | torch,
+blocks default | aten | triton: who runs the C++ op's norm/activation/pooling, ``--block-kernels``). For
 each, in one process one after the other: the median wall time of ``Distiller.step()`` (after a warm-up), then
 one profiled step: the kernels by GPU time (self time, top 20), the GPU time summed into convolution kernels and
 the rest, and the GPU's busy fraction (summed kernel time / wall time: well below 1 means the host's launches are
@@ -20,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from haba_fast.benchmarks.iteration import add_arguments, build_distiller
+from haba_fast.ops import block_kernels
 from haba_fast.timing import measure
 
 # Kernel names of convolutions (cuDNN / CUTLASS implicit GEMM, im2col GEMMs on CPU).
@@ -38,6 +40,8 @@ def _variant_args(base: list[str], variant: str) -> argparse.Namespace:
         argv += ["--memory-budget", parts[1]]
     if len(parts) > 2:
         argv += ["--backend", parts[2]]
+    if len(parts) > 3:
+        argv += ["--block-kernels", parts[3]]
     p = argparse.ArgumentParser()
     add_arguments(p)
     return p.parse_args(argv)
@@ -47,7 +51,8 @@ def profile_variant(variant: str, base: list[str], repeats: int) -> None:
     args = _variant_args(base, variant)
     device = torch.device(args.device)
     try:
-        _profile(variant, build_distiller(args), device, repeats)
+        with block_kernels(args.block_kernels):
+            _profile(variant, build_distiller(args), device, repeats)
     finally:  # also after a failure (out of memory): the next variant starts from an empty cache and peak
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 
+from haba_fast import ops
 from haba_fast.benchmarks import iteration
 
 ENGINES = ["naive", "exact", "first-order"]
@@ -136,22 +137,25 @@ def test_inputs_variants_are_refused_where_they_mean_nothing():
 def test_block_kernels_sets_the_ops_variable_and_labels_the_row(monkeypatch, tmp_path):
     """``--block-kernels``: the C++ op's variable for the run, the row's ``block_kernels``, its own row and target
     line in the report (a variant, never the engine's own row); refused with naive."""
-    monkeypatch.delenv(iteration.BLOCK_KERNELS_ENV, raising=False)
-    assert iteration.block_kernels_in_use() == "default"
-    for name, value in iteration.BLOCK_KERNELS.items():
-        monkeypatch.setenv(iteration.BLOCK_KERNELS_ENV, value)
-        assert iteration.block_kernels_in_use() == name
-    monkeypatch.delenv(iteration.BLOCK_KERNELS_ENV)
+    monkeypatch.delenv(ops.BLOCK_KERNELS_ENV, raising=False)
+    assert ops.block_kernels_in_use() == "default"
+    for name, value in ops.BLOCK_KERNELS.items():
+        monkeypatch.setenv(ops.BLOCK_KERNELS_ENV, value)
+        assert ops.block_kernels_in_use() == name
+    monkeypatch.delenv(ops.BLOCK_KERNELS_ENV)
     with pytest.raises(ValueError, match="naive runs autograd"):
         iteration.run(_args(engine="naive", block_kernels="aten"))
     seen = []
-    monkeypatch.setattr(iteration, "_run", lambda args: seen.append(iteration.block_kernels_in_use()) or 0)
+    monkeypatch.setattr(iteration, "_run", lambda args: seen.append(ops.block_kernels_in_use()) or 0)
     assert iteration.run(_args(engine="exact", block_kernels="aten")) == 0
-    assert seen == ["aten"] and iteration.BLOCK_KERNELS_ENV not in os.environ  # set for the call, then restored
-    monkeypatch.setenv(iteration.BLOCK_KERNELS_ENV, "triton")
+    assert seen == ["aten"] and ops.BLOCK_KERNELS_ENV not in os.environ  # set for the call, then restored
+    monkeypatch.setenv(ops.BLOCK_KERNELS_ENV, "triton")
     iteration.run(_args(engine="exact", block_kernels="default"))
-    assert seen == ["aten", "default"] and os.environ[iteration.BLOCK_KERNELS_ENV] == "triton"
+    assert seen == ["aten", "default"] and os.environ[ops.BLOCK_KERNELS_ENV] == "triton"
     monkeypatch.undo()
+    with pytest.raises(ValueError, match="not one of"):
+        with ops.block_kernels("cuda"):
+            pass
 
     env = {"machine": "m", "cpus": 16, "torch_threads": 16, "torch": "x", "commit": "c", "gpu": "Fake H200"}
 

@@ -366,6 +366,26 @@ def block_kernels_in_use() -> str:
     return next((k for k, v in BLOCK_KERNELS.items() if v == value and k != "default"), "default")
 
 
+@contextlib.contextmanager
+def block_kernels(name: Optional[str]) -> Iterator[None]:
+    """Run the ``with`` block with the C++ op's blocks as ``name`` (a key of ``BLOCK_KERNELS``; None: as the
+    environment says), restoring the variable after it."""
+    if name is None:
+        yield
+        return
+    if name not in BLOCK_KERNELS:
+        raise ValueError(f"block kernels: {name!r} is not one of {sorted(BLOCK_KERNELS)}")
+    previous = os.environ.get(BLOCK_KERNELS_ENV)
+    os.environ[BLOCK_KERNELS_ENV] = BLOCK_KERNELS[name]
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(BLOCK_KERNELS_ENV, None)
+        else:
+            os.environ[BLOCK_KERNELS_ENV] = previous
+
+
 def trajectory_block_kernel_devices() -> List[str]:
     """The dispatch keys (``CUDA``, ``CPU``) the Triton block kernels are registered for (empty: none)."""
     name = "haba_fast::trajectory_block_forward_kernel"

@@ -26,7 +26,7 @@ import torch
 
 from haba_fast._ext import buffer_cache_is_held
 from haba_fast.engines.memory import RunBuffers
-from haba_fast.ops import BLOCK_KERNELS, BLOCK_KERNELS_ENV, block_kernels_in_use
+from haba_fast.ops import BLOCK_KERNELS, block_kernels, block_kernels_in_use
 from haba_fast.timing import add_network_timing_arguments
 
 ENGINES = ("exact", "naive", "first-order")
@@ -291,19 +291,10 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
 def run(args) -> int:
     """One row: the iteration timed as ``args`` asks, printed as a JSON line. ``--block-kernels`` sets the C++ op's
     variable for the call (restored after it)."""
-    if args.block_kernels is None:
-        return _run(args)
-    if args.engine == "naive":
+    if args.block_kernels is not None and args.engine == "naive":
         raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
-    previous = os.environ.get(BLOCK_KERNELS_ENV)
-    os.environ[BLOCK_KERNELS_ENV] = BLOCK_KERNELS[args.block_kernels]
-    try:
+    with block_kernels(args.block_kernels):
         return _run(args)
-    finally:
-        if previous is None:
-            os.environ.pop(BLOCK_KERNELS_ENV, None)
-        else:
-            os.environ[BLOCK_KERNELS_ENV] = previous
 
 
 def _run(args) -> int:
