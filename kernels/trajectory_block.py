@@ -308,6 +308,12 @@ def _block_size(n: int) -> int:
     return max(16, min(MAX_BLOCK, triton.next_power_of_2(n)))
 
 
+def _num_warps(block: int) -> int:
+    """Warps of a program: 8 values a thread up to 4 warps (a 32 x 32 plane), one warp for planes of 16 x 16 and
+    less (the deeper blocks), instead of idle threads."""
+    return max(1, min(4, block // 256))
+
+
 def _expect(name: str, t: Optional[Tensor], shape: tuple, like: Tensor, contiguous: bool = True) -> None:
     """ValueError unless ``t`` has ``shape`` and ``like``'s dtype and device (and is contiguous): a mis-sized
     argument would have the kernel write out of bounds."""
@@ -386,13 +392,14 @@ def trajectory_block_forward(
     ):
         if wanted:
             _expect(name, t, shape, z)
+    block = _block_size(H * W)
     with _on_device(z):
         _trajectory_block_fwd_kernel[(B * C,)](
             z, zd if tan else z, gam if norm else z, bet if norm else z, gamd if (norm and tan) else z,
             betd if (norm and tan) else z,
             out, outd if tan else out, xh, xhd if tan else xh, rstd, k,
             C, H, W, HO, WO, z.stride(0),
-            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
+            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=block, num_warps=_num_warps(block),
         )  # fmt: skip
 
 
@@ -431,11 +438,12 @@ def trajectory_block_backward(
     ):
         if wanted:
             _expect(name, t, shape, xh)
+    block = _block_size(H * W)
     with _on_device(xh):
         _trajectory_block_bwd_kernel[(B * C,)](
             ga, gad if tan else ga, xh, xhd if tan else xh, rstd, k,
             gam if norm else xh, bet if norm else xh, gamd if (norm and tan) else xh, betd if (norm and tan) else xh,
             gzz, part if norm else gzz,
             B, C, H, W, HO, WO, gzz.stride(0),
-            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=_block_size(H * W),
+            TAN=tan, NORM=norm, ACT=int(act), POOL=bool(pool), BLOCK=block, num_warps=_num_warps(block),
         )  # fmt: skip

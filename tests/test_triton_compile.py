@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _compile_for_sm90(fn, dtype: str, constexprs: dict, pointers: dict = None) -> set:
+def _compile_for_sm90(fn, dtype: str, constexprs: dict, pointers: dict = None, num_warps: int = 4) -> set:
     """Compile ``fn`` with every ``*_ptr`` argument a ``dtype`` pointer (``pointers`` overrides by name), other
     arguments i32, and ``constexprs`` by name; returns the produced stages."""
     import triton
@@ -37,7 +37,7 @@ def _compile_for_sm90(fn, dtype: str, constexprs: dict, pointers: dict = None) -
         src = ASTSource(fn=fn, signature=signature, constexprs=values)
     except TypeError as exc:  # another Triton's ASTSource
         pytest.skip(f"this Triton's ASTSource takes other arguments: {exc}")
-    return set(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm)
+    return set(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm)
 
 
 # Every branch of both block kernels at least once: tangent or not, norm or not, each activation, pooled or not.
@@ -55,9 +55,11 @@ BLOCK_VARIANTS = [
 def test_trajectory_block_kernels_compile_for_a_cuda_target(dtype, tan, norm, act, pool):
     from haba_fast.kernels import trajectory_block as kb
 
-    flags = {"TAN": tan, "NORM": norm, "ACT": act, "POOL": pool, "BLOCK": 1024}
-    for fn in (kb._trajectory_block_fwd_kernel, kb._trajectory_block_bwd_kernel):
-        assert "ptx" in _compile_for_sm90(fn, dtype, flags)
+    # a 32 x 32 plane as the launcher runs it (4 warps), and an 8 x 8 one (one warp)
+    for block in (1024, 64):
+        flags = {"TAN": tan, "NORM": norm, "ACT": act, "POOL": pool, "BLOCK": block}
+        for fn in (kb._trajectory_block_fwd_kernel, kb._trajectory_block_bwd_kernel):
+            assert "ptx" in _compile_for_sm90(fn, dtype, flags, num_warps=kb._num_warps(block))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
