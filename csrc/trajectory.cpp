@@ -41,6 +41,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <array>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -448,6 +449,26 @@ c10::IValue optional_ivalue(const Tensor& t) { return t.defined() ? c10::IValue(
 
 void call_triton_block(bool backward, std::vector<c10::IValue> args) { triton_block_op(backward).callBoxed(&args); }
 
+// The norm parameters (and, with a tangent, theirs) as the CPU loops read them: pointers into contiguous copies,
+// which `held` keeps alive for the call. No norm: null pointers.
+template <typename T>
+traj_types::Params<T> loop_params(bool norm, bool tan, const Tensor& gam, const Tensor& bet, const Tensor& gamd,
+                                  const Tensor& betd, std::array<Tensor, 4>& held) {
+  traj_types::Params<T> p{};
+  if (!norm) return p;
+  held[0] = gam.contiguous();
+  held[1] = bet.contiguous();
+  p.gam = held[0].data_ptr<T>();
+  p.bet = held[1].data_ptr<T>();
+  if (tan) {
+    held[2] = gamd.contiguous();
+    held[3] = betd.contiguous();
+    p.gamd = held[2].data_ptr<T>();
+    p.betd = held[3].data_ptr<T>();
+  }
+  return p;
+}
+
 // z: the conv output [B, C, H, W], and zd its tangent (undefined: primal only), each contiguous within a sample and
 // with one batch stride: the two channel halves of one contiguous [B, 2C, H, W] tensor, or two contiguous tensors
 // (the primal kept from the forward sweep, the tangent computed now).
@@ -477,20 +498,8 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, BlockImpl impl, con
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
     traj_types::BlockDims dims{B, C, H, W, G, s.norm != kNormNone, static_cast<int>(s.act), s.pool == kAvg, z.stride(0)};
-    traj_types::Params<scalar_t> p{};
-    Tensor gc, bc, gdc, bdc;  // keep contiguous copies alive during the call
-    if (s.norm != kNormNone) {
-      gc = gam.contiguous();
-      bc = bet.contiguous();
-      p.gam = gc.data_ptr<scalar_t>();
-      p.bet = bc.data_ptr<scalar_t>();
-      if (tan) {
-        gdc = gamd.contiguous();
-        bdc = betd.contiguous();
-        p.gamd = gdc.data_ptr<scalar_t>();
-        p.betd = bdc.data_ptr<scalar_t>();
-      }
-    }
+    std::array<Tensor, 4> held;
+    auto p = loop_params<scalar_t>(s.norm != kNormNone, tan, gam, bet, gamd, betd, held);
     TRAJ_CALL(block_forward<scalar_t>, dims, p, z.data_ptr<scalar_t>(), tan ? zd.data_ptr<scalar_t>() : nullptr,
                                   c.xh.data_ptr<scalar_t>(),
                                   tan ? c.xhd.data_ptr<scalar_t>() : nullptr, c.rstd.data_ptr<scalar_t>(),
@@ -526,20 +535,8 @@ Tensor block_backward_fused(const Spec& s, BlockImpl impl, const Tensor& ga, con
   } else {
     AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
       traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};
-      traj_types::Params<scalar_t> p{};
-      Tensor gc, bc, gdc, bdc;
-      if (norm) {
-        gc = gam.contiguous();
-        bc = bet.contiguous();
-        p.gam = gc.data_ptr<scalar_t>();
-        p.bet = bc.data_ptr<scalar_t>();
-        if (tan) {
-          gdc = gamd.contiguous();
-          bdc = betd.contiguous();
-          p.gamd = gdc.data_ptr<scalar_t>();
-          p.betd = bdc.data_ptr<scalar_t>();
-        }
-      }
+      std::array<Tensor, 4> held;
+      auto p = loop_params<scalar_t>(norm, tan, gam, bet, gamd, betd, held);
       scalar_t* gz = gzz.data_ptr<scalar_t>();
       TRAJ_CALL(block_backward<scalar_t>, dims, p, gac.data_ptr<scalar_t>(), tan ? gadc.data_ptr<scalar_t>() : nullptr,
                                      xh.data_ptr<scalar_t>(), tan ? c.xhd.data_ptr<scalar_t>() : nullptr,
