@@ -447,7 +447,19 @@ BlockImpl block_impl(const Spec& s, const Tensor& x) {
 
 c10::IValue optional_ivalue(const Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
 
-void call_triton_block(bool backward, std::vector<c10::IValue> args) { triton_block_op(backward).callBoxed(&args); }
+// Calls a Triton block kernel with its leading tensors `args`, then the norm's (gam, bet) and, with a tangent,
+// (gamd, betd) (None where there is no norm or no tangent, as the schemas take them), act, pool, then `tail`.
+void call_triton_block(bool backward, const Spec& s, bool tan, const Tensor& gam, const Tensor& bet,
+                       const Tensor& gamd, const Tensor& betd, std::vector<c10::IValue> args,
+                       std::vector<c10::IValue> tail) {
+  const bool norm = s.norm != kNormNone;
+  for (const Tensor* t : {&gam, &bet}) args.push_back(optional_ivalue(norm ? *t : Tensor()));
+  for (const Tensor* t : {&gamd, &betd}) args.push_back(optional_ivalue(norm && tan ? *t : Tensor()));
+  args.emplace_back(s.act);
+  args.emplace_back(s.pool == kAvg);
+  args.insert(args.end(), tail.begin(), tail.end());
+  triton_block_op(backward).callBoxed(&args);
+}
 
 // The norm parameters (and, with a tangent, theirs) as the CPU loops read them: pointers into contiguous copies,
 // which `held` keeps alive for the call. No norm: null pointers.
@@ -489,11 +501,8 @@ std::pair<Tensor, Tensor> block_forward_fused(const Spec& s, BlockImpl impl, con
   c.rstd = at::empty({B, G}, opts);
   c.k = at::empty({B, G}, opts);
   if (impl == BlockImpl::kTriton) {
-    const bool norm = s.norm != kNormNone;
-    call_triton_block(false, {z, optional_ivalue(zd), optional_ivalue(norm ? gam : Tensor()),
-                              optional_ivalue(norm ? bet : Tensor()), optional_ivalue(norm && tan ? gamd : Tensor()),
-                              optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, out,
-                              optional_ivalue(outd), c.xh, optional_ivalue(c.xhd), c.rstd, c.k});
+    call_triton_block(false, s, tan, gam, bet, gamd, betd, {z, optional_ivalue(zd)},
+                      {out, optional_ivalue(outd), c.xh, optional_ivalue(c.xhd), c.rstd, c.k});
     return {out, outd};
   }
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "trajectory_block_forward", [&] {
@@ -527,11 +536,9 @@ Tensor block_backward_fused(const Spec& s, BlockImpl impl, const Tensor& ga, con
   Tensor gac = ga.contiguous();
   Tensor gadc = tan ? gad.contiguous() : Tensor();
   if (impl == BlockImpl::kTriton) {
-    call_triton_block(true, {gac, optional_ivalue(gadc), xh, optional_ivalue(tan ? c.xhd : Tensor()), c.rstd, c.k,
-                             optional_ivalue(norm ? gam : Tensor()), optional_ivalue(norm ? bet : Tensor()),
-                             optional_ivalue(norm && tan ? gamd : Tensor()),
-                             optional_ivalue(norm && tan ? betd : Tensor()), s.act, s.pool == kAvg, gzz,
-                             optional_ivalue(part)});
+    call_triton_block(true, s, tan, gam, bet, gamd, betd,
+                      {gac, optional_ivalue(gadc), xh, optional_ivalue(tan ? c.xhd : Tensor()), c.rstd, c.k},
+                      {gzz, optional_ivalue(part)});
   } else {
     AT_DISPATCH_FLOATING_TYPES(xh.scalar_type(), "trajectory_block_backward", [&] {
       traj_types::BlockDims dims{B, C, H, W, G, norm, static_cast<int>(s.act), s.pool == kAvg, gzz.stride(0)};

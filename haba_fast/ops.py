@@ -407,23 +407,21 @@ def _trajectory_block_backward(*args) -> None:
     trajectory_block_backward(*args)
 
 
-def register_trajectory_block_kernels() -> bool:
-    """Register the Triton block kernels with the loaded extension (idempotent; called when it loads). False when
-    Triton is not installed or the extension lacks the schemas; triton itself is imported only when one runs."""
+def register_trajectory_block_kernels() -> None:
+    """Register the Triton block kernels with the loaded extension (idempotent; called when it loads). Nothing to
+    register when Triton is not installed or the extension lacks the schemas; triton itself is imported only when
+    one runs."""
     global _trajectory_block_lib
-    if _trajectory_block_lib is not None:
-        return True
-    if importlib.util.find_spec("triton") is None:
-        return False
+    if _trajectory_block_lib is not None or importlib.util.find_spec("triton") is None:
+        return
     if not hasattr(torch.ops.haba_fast, "trajectory_block_forward_kernel"):
-        return False
+        return
     lib = torch.library.Library("haba_fast", "IMPL")
     devices = ["CUDA"] + (["CPU"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     for device in devices:
         lib.impl("trajectory_block_forward_kernel", _trajectory_block_forward, device)
         lib.impl("trajectory_block_backward_kernel", _trajectory_block_backward, device)
     _trajectory_block_lib = lib
-    return True
 
 
 def _lib(name: str):

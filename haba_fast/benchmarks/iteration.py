@@ -291,8 +291,6 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
 def run(args) -> int:
     """One row: the iteration timed as ``args`` asks, printed as a JSON line. ``--block-kernels`` sets the C++ op's
     variable for the call (restored after it)."""
-    if args.block_kernels is not None and args.engine == "naive":
-        raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
     with block_kernels(args.block_kernels):
         return _run(args)
 
@@ -311,6 +309,8 @@ def _run(args) -> int:
         torch.set_num_threads(int(args.threads))
     if args.engine == "naive" and (args.compile_step or args.backend is not None or args.inputs != "streamed"):
         raise ValueError("--compile-step, --backend and --inputs choose how the adjoint engines run; naive takes none")
+    if args.engine == "naive" and args.block_kernels is not None:
+        raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
     if args.engine_only and args.inputs != "streamed":
         raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
     for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
@@ -445,30 +445,33 @@ def _budget(row) -> str:
     return str(row.get("memory_budget", "0"))
 
 
-def _label(row) -> str:
-    """Engine name for the tables: ``exact`` (budget 0), ``exact (budget auto)``, and a forced ``--backend`` beside
-    the budget: ``exact (budget auto, backend cpu)``."""
-    budget = _budget(row)
-    parts = [] if budget == "0" else [f"budget {budget}"]
-    if row.get("backend_requested") not in (None, "auto"):
-        parts.append(f"backend {row['backend_requested']}")
+def _variant_parts(row) -> list[str]:
+    """What makes a row a diagnostic beside the engine's own rows, as label parts: a compiled step, ``--inputs``
+    other than streamed, ``--block-kernels`` other than the default."""
+    parts = []
     if row.get("compile_step"):
         parts.append("compiled step")
     if row.get("inputs", "streamed") != "streamed":
         parts.append(f"{row['inputs']} inputs")
     if row.get("block_kernels", "default") != "default":
         parts.append(f"{row['block_kernels']} blocks")
+    return parts
+
+
+def _label(row) -> str:
+    """Engine name for the tables: ``exact`` (budget 0), ``exact (budget auto)``, and a forced ``--backend`` beside
+    the budget: ``exact (budget auto, backend cpu)``; then the variant's parts (``_variant_parts``)."""
+    budget = _budget(row)
+    parts = [] if budget == "0" else [f"budget {budget}"]
+    if row.get("backend_requested") not in (None, "auto"):
+        parts.append(f"backend {row['backend_requested']}")
+    parts += _variant_parts(row)
     return f"{row.get('engine', '?')} ({', '.join(parts)})" if parts else row.get("engine", "?")
 
 
 def _is_variant(row) -> bool:
-    """A compiled-step row, or one with ``--inputs`` other than streamed or ``--block-kernels`` other than the
-    default: diagnostics beside the engine's rows."""
-    return (
-        bool(row.get("compile_step"))
-        or row.get("inputs", "streamed") != "streamed"
-        or row.get("block_kernels", "default") != "default"
-    )
+    """A diagnostic row (``_variant_parts``), kept beside the engine's rows and out of their comparisons."""
+    return bool(_variant_parts(row))
 
 
 def _find(rows, engine, ipc, steps, batch, timed=None, budget="0"):
