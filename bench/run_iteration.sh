@@ -9,7 +9,8 @@
 #                                          # with --memory-budget auto, as chosen (the C++ op) and with --backend
 #                                          # torch (the memory-budget targets), exact with --compile-step, and
 #                                          # exact at budget 0 with --inputs stacked and streamed-step-checks,
-#                                          # and exact at auto and 0 with --block-kernels triton
+#                                          # and exact at auto and 0 with --block-kernels triton, and exact at auto
+#                                          # with --cuda-graphs (ATen and Triton blocks)
 #   NAIVE40=1 bench/run_iteration.sh       # also the naive unroll at 40 steps on CPU (needs a lot of memory)
 #   ROUNDS=5 bench/run_iteration.sh        # rounds of the timed comparison (default 3 on CPU, 1 on CUDA)
 #   QUICK=1 bench/run_iteration.sh         # small syn-steps and width 32: a smoke run of the script
@@ -62,6 +63,7 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
         --block-kernels) opts+=", \"block_kernels\": \"$a\"" ;;
       esac
       [ "$a" = --compile-step ] && opts+=", \"compile_step\": true"
+      [ "$a" = --cuda-graphs ] && opts+=", \"cuda_graphs\": true"
       prev=$a
     done
     echo "{\"bench\": \"iteration\", \"engine\": \"$engine\", \"ipc\": $ipc, \"syn_steps\": $steps, \"batch_syn\": $batch, \"device\": \"$DEVICE\", \"failed\": true$opts}" >> "$TMP"
@@ -72,53 +74,63 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
 for round in $(seq "$ROUNDS"); do
   for engine in exact naive first-order; do run "$engine" 10 $S20 100; done
 done
-# On a GPU: exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed)
-# against naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine
-# chooses (the C++ op's kept steps, its composite path on CUDA tensors), then with --backend torch (kept autograd
-# graphs), each its own row in the report. They run right after the rows they are compared
-# with, so that a run cut short by its time budget (bench/run_gpu.sh) still has them.
-auto_rows() {  # auto_rows IPC STEPS BATCH
+# The rows below run only on a GPU (AUTO_ROWS=1: the first four kinds on CPU too).
+# exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed) against
+# naive at (a) bpc 10 / batch 100 / syn_steps 20 and (b) bpc 50 / batch 500 / syn_steps 30: as the engine chooses
+# (the C++ op's kept steps, its composite path on CUDA tensors); --backend torch (kept autograd graphs) is
+# auto_torch_row. Each its own row in the report.
+auto_row() {  # auto_row IPC STEPS BATCH
+  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then run exact "$1" "$2" "$3" --memory-budget auto; fi
+}
+auto_torch_row() {
   if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
-    run exact "$1" "$2" "$3" --memory-budget auto
     run exact "$1" "$2" "$3" --memory-budget auto --backend torch
   fi
 }
-# On a GPU, after the rows above: exact with the torch step compiled (--compile-step: torch.compile of the
-# forward-over-reverse step, its elementwise work fused into Triton kernels; budget 0), against naive at (a) and (b).
-compiled_rows() {  # compiled_rows IPC STEPS BATCH
-  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
-    run exact "$1" "$2" "$3" --compile-step
-  fi
+# exact with the torch step compiled (--compile-step: torch.compile of the forward-over-reverse step, its
+# elementwise work fused into Triton kernels; budget 0).
+compiled_row() {
+  if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then run exact "$1" "$2" "$3" --compile-step; fi
 }
-# On a GPU, budget 0 with the batches built otherwise (--inputs): stacked (all N in one call, the C++ op's whole
-# unroll) and streamed with the per-step device checks of before 2026-12-04, beside the default (streamed, checked
-# once on the host): where a streamed iteration's time goes on a host-bound GPU run.
-inputs_rows() {  # inputs_rows IPC STEPS BATCH
+# Budget 0 with the batches built otherwise (--inputs): stacked (all N in one call, the C++ op's whole unroll) and
+# streamed with the per-step device checks of before 2026-12-04, beside the default (streamed, checked once on the
+# host): where a streamed iteration's time goes on a host-bound GPU run.
+inputs_rows() {
   if [ "$DEVICE" != cpu ] || [ "${AUTO_ROWS:-0}" = 1 ]; then
     run exact "$1" "$2" "$3" --inputs stacked
     run exact "$1" "$2" "$3" --inputs streamed-step-checks
   fi
 }
-# On a GPU, the C++ op with its blocks' norm/activation/pooling in the Triton kernels (--block-kernels triton;
-# kernels/trajectory_block.py, one kernel per block and sweep in place of ~15 ATen passes) at budget 0 and auto.
-blocks_rows() {  # blocks_rows IPC STEPS BATCH
+# GPU only: the C++ op's steps replayed from CUDA graphs (--cuda-graphs, haba_fast/engines/graphs.py: a step costs
+# the host a few launches instead of 60-230), and its blocks' norm/activation/pooling in the Triton kernels
+# (--block-kernels triton; kernels/trajectory_block.py, one kernel per block and sweep in place of ~15 ATen
+# passes), at budget auto: the candidates for the targets.
+candidate_rows() {
   if [ "$DEVICE" != cpu ]; then
+    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs
+    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs --block-kernels triton
     run exact "$1" "$2" "$3" --memory-budget auto --block-kernels triton
-    run exact "$1" "$2" "$3" --block-kernels triton
   fi
 }
-# Each size's rows: the targets (auto) first; at (b) the compiled step last, the slowest row.
-auto_rows 10 $S20 100
-blocks_rows 10 $S20 100
-compiled_rows 10 $S20 100
-inputs_rows 10 $S20 100
+blocks_zero_row() {
+  if [ "$DEVICE" != cpu ]; then run exact "$1" "$2" "$3" --block-kernels triton; fi
+}
+# Order = priority, for a GPU run cut short by its time budget (bench/run_gpu.sh): each size's target rows (naive,
+# auto, the candidates) first, then the diagnostics, the compiled step last (over 110 s at (b) on the H200,
+# 2026-12-04, where the others take ~20 s).
+auto_row 10 $S20 100
+candidate_rows 10 $S20 100
 # The reference's CIFAR-10 IPC-50 setting: bpc 50, batch 500, syn_steps 30 (naive: may run out of memory).
 run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
-auto_rows 50 $S30 500
-blocks_rows 50 $S30 500
-inputs_rows 50 $S30 500
-compiled_rows 50 $S30 500  # last: over 110 s on the H200 (2026-12-04), where the others take ~20 s
+auto_row 50 $S30 500
+candidate_rows 50 $S30 500
+for size in "10 $S20 100" "50 $S30 500"; do
+  # shellcheck disable=SC2086  # word splitting wanted: IPC STEPS BATCH
+  auto_torch_row $size; blocks_zero_row $size; inputs_rows $size
+done
+compiled_row 10 $S20 100
+compiled_row 50 $S30 500
 # Memory growth with syn_steps (bpc 10, batch 100); GROWTH=0 skips these rows (the default on a GPU, where the
 # H100's rows of commit cfdd45e showed it: docs/RESULTS.md).
 if [ "$GROWTH" = 1 ]; then

@@ -79,6 +79,7 @@ NON_RESULT_KEYS = frozenset(
         "buffer_path",
         "memory_budget",  # what the engine keeps vs recomputes: same gradients, other memory and time
         "offload_weights",  # where the engine keeps the w_t: the same gradients (streamed batches: bit for bit)
+        "cuda_graphs",  # the engine's step kernels replayed from CUDA graphs: the same kernels, the same gradients
     }
 )
 # Guard settings: they change nothing while the run is healthy, only where it skips or stops.

@@ -187,6 +187,8 @@ class DistillConfig:
     offload_weights: bool = False
     # MTT adjoint engines: the torch step compiled with torch.compile (for GPUs; budget 0 or min)
     compile_step: bool = False
+    # MTT adjoint engines: the C++ op's steps replayed from CUDA graphs (CUDA devices; haba_fast.engines.graphs)
+    cuda_graphs: bool = False
 
     def validate(self) -> "DistillConfig":
         """Raise ValueError naming the first bad value; returns self."""
@@ -271,6 +273,7 @@ class DistillConfig:
         adjoint_only = [f"--memory-budget {self.memory_budget}"] if parse_memory_budget(self.memory_budget) != 0 else []
         adjoint_only += ["--offload-weights"] if self.offload_weights else []
         adjoint_only += ["--compile-step"] if self.compile_step else []
+        adjoint_only += ["--cuda-graphs"] if self.cuda_graphs else []
         if adjoint_only and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
             raise ValueError(
                 f"{adjoint_only[0]} applies to --objective mtt with the exact or first-order engine and hard labels "
@@ -282,6 +285,12 @@ class DistillConfig:
             from haba_fast.engines.adjoint import check_compile_step_budget
 
             check_compile_step_budget(self.memory_budget, "--compile-step")
+        if self.cuda_graphs and self.compile_step:
+            raise ValueError(
+                "--cuda-graphs replays the C++ op's steps and --compile-step compiles the torch step: choose one"
+            )
+        if self.cuda_graphs and resolve_device(self.device).type != "cuda":
+            raise ValueError("--cuda-graphs replays the engine's steps as CUDA graphs: it needs --device cuda")
         if self.lr_param not in LR_PARAMS:
             raise ValueError(f"unknown --lr-param {self.lr_param!r}: choose one of {', '.join(LR_PARAMS)}")
         if self.lr_param == "log" and not self.lr_teacher > 0:

@@ -362,6 +362,87 @@ def test_cpp_engine_block_kernels_match_its_aten_path_and_naive(cfg, dtype, monk
     assert len(calls) >= 2 * cfg[2]  # a block's forward in each sweep, every block
 
 
+def _graphed_vs_eager(cfg, dtype, budgets, calls=3):
+    """Three calls (eager, captured, replayed) of a ``cuda_graphs`` engine per budget, each on new values, against the
+    eager engine (same dtype) and the naive unroll (float64 oracle)."""
+    from haba_fast.engines import get_adjoint_engine
+
+    _cpp_engine()  # skips without the op
+    rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
+    for budget in budgets:
+        graphed = get_adjoint_engine("exact", None, budget, cuda_graphs=True)
+        eager = get_adjoint_engine("exact", "cpu", budget)
+        for seed in range(calls):
+            c, width, depth, norm, act, pool, im, steps, batch = cfg
+            model64 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im)
+            X64, Y, ws64, wt64 = (
+                t.to(DEVICE) for t in make_problem(model64, steps, batch, model64.im_size, torch.float64, seed=seed)
+            )
+            model64 = model64.to(DEVICE)
+            ref = grads(naive_unroll, model64, X64, Y, ws64, wt64, lr_value=0.1)
+            model = _engine_problem(cfg, dtype)[0]
+            X, ws, wt = X64.to(dtype), ws64.to(dtype), wt64.to(dtype)
+            want = grads(eager, model, X, Y, ws, wt, lr_value=0.1)
+            _poison()
+            got = grads(graphed, model, X, Y, ws, wt, lr_value=0.1)
+            for a, b, r in zip(got, want, ref):
+                assert a.device == X.device and bool(torch.isfinite(a).all())
+                assert rel_err(a, b) < rel_same, (budget, seed, rel_err(a, b))
+                assert rel_err(a.double(), r) < rel_ref, (budget, seed, rel_err(a.double(), r))
+        assert graphed.last_backend == "cpu" and graphed.step_graphs.captures >= 2
+        assert graphed.step_graphs.replays >= cfg[7]
+        if budget == "unlimited":
+            assert graphed.last_stats["stored_steps"] == cfg[7]
+
+
+@requires_ext_loaded
+@pytest.mark.skipif(not ON_CUDA, reason="captures CUDA graphs")
+@pytest.mark.parametrize("cfg", ENGINE_CONFIGS[1:3], ids=lambda c: f"c{c[0]}-d{c[2]}-{c[3]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_graphs_replay_the_engines_steps(cfg, dtype):
+    """``cuda_graphs=True``: the C++ op's step halves captured once and replayed (budget 0: grad and adjoint; every
+    step kept: grad_keep and adjoint_kept; min: grad again for the recomputed w_t), calls on new values each."""
+    _graphed_vs_eager(cfg, dtype, (0, "unlimited", "min"))
+
+
+@requires_ext_loaded
+@pytest.mark.skipif(not ON_CUDA, reason="captures CUDA graphs")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_graphs_replay_the_block_kernels(dtype, monkeypatch):
+    """The graphs capture the Triton block kernels' launches too (``HABA_FAST_TRAJECTORY_FUSED=triton``)."""
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "triton")
+    _graphed_vs_eager(TRITON_BLOCK_CONFIGS[0], dtype, (0, "unlimited"))
+
+
+@requires_ext_loaded
+@pytest.mark.skipif(not ON_CUDA, reason="captures CUDA graphs")
+def test_cuda_graphs_replay_a_distiller_step():
+    """HaBa iterations (streamed batches: generate + augment per step, eager) with graphed steps: the matching loss
+    and the gradients of lr, the bases and every hallucinator parameter equal the eager engine's, on three
+    iterations' trajectories and plans."""
+    from haba_fast.engines import get_adjoint_engine
+    from haba_fast.objectives.mtt import trajectory_loss
+
+    d = _distiller("exact")
+    syn = d.synthetic
+    params = [d.syn_lr, syn.bases] + list(syn.hallucinator_parameters())
+    for budget in (0, "unlimited"):
+        graphed = get_adjoint_engine("exact", None, budget, cuda_graphs=True)
+        eager = get_adjoint_engine("exact", "cpu", budget)
+        for _ in range(3):
+            _, _, w_start, w_target = d.sample_trajectory()
+            plan = d.sample_plan()
+            results = []
+            for engine in (eager, graphed):
+                loss = trajectory_loss(engine, d.student, syn, plan, w_start, w_target, d.syn_lr)
+                results.append((loss.detach(), torch.autograd.grad(loss, params)))
+            (l_ref, g_ref), (l_out, g_out) = results
+            assert rel_err(l_out, l_ref) < 1e-5
+            for a, b in zip(g_out, g_ref):
+                assert rel_err(a, b) < 1e-5
+        assert graphed.step_graphs.replays > 0
+
+
 def test_offloaded_rows_come_back_on_the_device():
     """CUDA tensors offload to pinned host memory (CPU tensors, HABA_GPU_TEST_DEVICE=cpu, to a file); the bytes come
     back as written, on the tensor's device."""

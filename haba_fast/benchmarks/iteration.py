@@ -61,6 +61,12 @@ def add_arguments(parser) -> None:
         "warm-up iterations include the compile)",
     )
     parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="exact/first-order, CUDA: the C++ op's steps replayed from CUDA graphs (captured in the first "
+        "iteration: give --warmup 1 or more for the steady state)",
+    )
+    parser.add_argument(
         "--inputs",
         default="streamed",
         choices=INPUTS,
@@ -159,6 +165,7 @@ def build_distiller(args):
         engine=args.engine,
         memory_budget=args.memory_budget,
         offload_weights=args.offload_weights,
+        cuda_graphs=args.cuda_graphs,
         expert_epochs=expert_epochs,
         max_start_epoch=max_start,
         lr_teacher=0.01,
@@ -172,7 +179,7 @@ def build_distiller(args):
         pix_init="real",
     )
     distiller = Distiller(cfg, dataset, buffer, device=args.device)
-    if (args.backend is not None or args.compile_step) and args.engine != "naive":
+    if (args.backend is not None or args.compile_step or args.cuda_graphs) and args.engine != "naive":
         distiller.engine = _adjoint_engine(args)
     if args.inputs != "streamed":
         distiller.engine = _InputsVariant(distiller.engine, args.inputs)
@@ -214,8 +221,8 @@ class _InputsVariant:
 
 
 def _adjoint_engine(args):
-    """The adjoint engine of ``--engine`` with ``--backend``, ``--memory-budget``, ``--offload-weights`` and
-    ``--compile-step``."""
+    """The adjoint engine of ``--engine`` with ``--backend``, ``--memory-budget``, ``--offload-weights``,
+    ``--compile-step`` and ``--cuda-graphs``."""
     from haba_fast.engines import get_adjoint_engine
 
     return get_adjoint_engine(
@@ -224,6 +231,7 @@ def _adjoint_engine(args):
         memory_budget=args.memory_budget,
         offload_weights=args.offload_weights,
         compile_step=args.compile_step,
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -247,7 +255,7 @@ def engine_only_fn(args):
     X = torch.randn(args.syn_steps, args.batch_syn, 3, 32, 32, generator=g).to(args.device).requires_grad_(True)
     Y = torch.randint(0, 10, (args.syn_steps, args.batch_syn), generator=g).to(args.device)
     lr = torch.tensor(0.01, device=args.device, requires_grad=True)
-    if (args.backend is not None or args.compile_step) and args.engine != "naive":
+    if (args.backend is not None or args.compile_step or args.cuda_graphs) and args.engine != "naive":
         engine = _adjoint_engine(args)
     else:
         engine = get_engine(args.engine, memory_budget=args.memory_budget, offload_weights=args.offload_weights)
@@ -307,8 +315,12 @@ def _run(args) -> int:
         raise ValueError("--max-seconds would let the processes stop after different counts; give --repeats only")
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    if args.engine == "naive" and (args.compile_step or args.backend is not None or args.inputs != "streamed"):
-        raise ValueError("--compile-step, --backend and --inputs choose how the adjoint engines run; naive takes none")
+    if args.engine == "naive" and (
+        args.compile_step or args.cuda_graphs or args.backend is not None or args.inputs != "streamed"
+    ):
+        raise ValueError(
+            "--compile-step, --cuda-graphs, --backend and --inputs choose how the adjoint engines run; naive takes none"
+        )
     if args.engine == "naive" and args.block_kernels is not None:
         raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
     if args.engine_only and args.inputs != "streamed":
@@ -364,6 +376,7 @@ def _run(args) -> int:
         "engine_backend": getattr(engine, "last_backend", None),
         "backend_requested": args.backend,  # --backend (None: the engine's own choice)
         "compile_step": bool(args.compile_step),
+        "cuda_graphs": bool(args.cuda_graphs),  # --cuda-graphs
         "inputs": args.inputs,  # streamed | streamed-step-checks | stacked (--inputs)
         "block_kernels": block_kernels_in_use(),  # default | aten | triton (--block-kernels / the environment)
         "approximate": bool(getattr(engine, "approximate", False)),
@@ -396,6 +409,9 @@ def _run(args) -> int:
     }
     row.update(budget_fields(args.memory_budget, getattr(engine, "last_stats", {}), args.baseline_rss_mb))
     row["offload_weights"] = bool(args.offload_weights)
+    graphs = getattr(engine, "step_graphs", None)
+    if graphs is not None:  # --cuda-graphs: the engine's counts since it was made (warm-up iterations included)
+        row["cuda_graphs_captured"], row["cuda_graph_replays"] = graphs.captures, graphs.replays
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if dist.is_main():
@@ -446,11 +462,13 @@ def _budget(row) -> str:
 
 
 def _variant_parts(row) -> list[str]:
-    """What makes a row a diagnostic beside the engine's own rows, as label parts: a compiled step, ``--inputs``
-    other than streamed, ``--block-kernels`` other than the default."""
+    """What makes a row a diagnostic beside the engine's own rows, as label parts: a compiled step, CUDA graphs,
+    ``--inputs`` other than streamed, ``--block-kernels`` other than the default."""
     parts = []
     if row.get("compile_step"):
         parts.append("compiled step")
+    if row.get("cuda_graphs"):
+        parts.append("CUDA graphs")
     if row.get("inputs", "streamed") != "streamed":
         parts.append(f"{row['inputs']} inputs")
     if row.get("block_kernels", "default") != "default":
@@ -634,16 +652,21 @@ def _section(rows, title) -> str:
 
 def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
     """The memory-budget targets against naive: exact with ``--memory-budget auto`` (and exact with
-    ``--compile-step`` or ``--block-kernels triton``, at any budget) at (a) bpc 10 / batch 100 / syn_steps 20 (time
-    <= 0.4x naive's) and (b) bpc 50 / batch 500 / syn_steps 30 (<= 0.8x), in memory no larger than naive's. Rows
-    from the same run (merged rows)."""
+    ``--compile-step``, ``--cuda-graphs`` or ``--block-kernels triton``, at any budget) at (a) bpc 10 / batch 100 /
+    syn_steps 20 (time <= 0.4x naive's) and (b) bpc 50 / batch 500 / syn_steps 30 (<= 0.8x), in memory no larger
+    than naive's. Rows from the same run (merged rows)."""
     out = []
     for name, (ipc, batch), target in (("(a)", (10, 100), 0.4), ("(b)", (50, 500), 0.8)):
         autos = [
             r
             for r in rows
             if not r.get("failed")
-            and (_budget(r) == "auto" or r.get("compile_step") or r.get("block_kernels") == "triton")
+            and (
+                _budget(r) == "auto"
+                or r.get("compile_step")
+                or r.get("cuda_graphs")
+                or r.get("block_kernels") == "triton"
+            )
             and r.get("engine") == "exact"
             and (r.get("ipc"), r.get("batch_syn")) == (ipc, batch)
         ]

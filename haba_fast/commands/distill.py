@@ -288,6 +288,14 @@ _FLAGS: List[tuple] = [
         "first iteration compiles, tens of seconds); --memory-budget 0 or min. The same gradients up to float "
         "rounding; on a CPU the default C++ engine is faster",
     ),
+    (
+        "cuda_graphs",
+        ["--cuda-graphs", "--cuda_graphs"],
+        dict(action="store_const", const=True),
+        "mtt engine, CUDA only: replay each unrolled step's C++ ops from CUDA graphs (captured at the second call, "
+        "replayed after: a step costs the host a few launches instead of hundreds); any --memory-budget. The same "
+        "gradients; the steps skip their per-step value checks",
+    ),
 ]
 
 # Reference flags that would not mean here what they mean there: parsed only to refuse them with the reason.

@@ -54,6 +54,7 @@ def get_engine(
     memory_budget: Union[str, int] = 0,
     offload_weights: bool = False,
     compile_step: bool = False,
+    cuda_graphs: bool = False,
 ) -> Engine:
     """Return the engine called ``name`` (``exact`` | ``naive`` | ``first-order``; None or ``auto``: default).
 
@@ -66,6 +67,8 @@ def get_engine(
             (:mod:`~haba_fast.engines.offload`); ``naive`` refuses it.
         compile_step: the adjoint engines run the torch step compiled with ``torch.compile`` (budget 0 or ``min``;
             :class:`~haba_fast.engines.adjoint.AdjointEngine`); ``naive`` refuses it.
+        cuda_graphs: the adjoint engines replay the C++ op's steps from CUDA graphs (CUDA tensors;
+            :mod:`~haba_fast.engines.graphs`); ``naive`` refuses it.
 
     Raises:
         ValueError: unknown name, a bad budget, or a budget or offloading for ``naive``.
@@ -91,5 +94,16 @@ def get_engine(
                 "engine 'naive' is autograd's create-graph unroll and has no step to compile; use --engine exact with "
                 "--compile-step"
             )
+        if cuda_graphs:
+            raise ValueError(
+                "engine 'naive' is autograd's create-graph unroll and has no step op to replay; use --engine exact "
+                "with --cuda-graphs"
+            )
         return NaiveEngine()
-    return get_adjoint_engine(name, memory_budget=budget, offload_weights=offload_weights, compile_step=compile_step)
+    return get_adjoint_engine(
+        name,
+        memory_budget=budget,
+        offload_weights=offload_weights,
+        compile_step=compile_step,
+        cuda_graphs=cuda_graphs,
+    )

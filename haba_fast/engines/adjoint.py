@@ -77,6 +77,7 @@ from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
 from haba_fast.engines.base import check_engine_inputs, model_num_classes, normalized_distance
+from haba_fast.engines.graphs import StepGraphs
 from haba_fast.engines.memory import MINIMAL, Budget, budget_bytes, checkpoint_every, keep_last, parse_memory_budget
 from haba_fast.engines.offload import OFFLOAD_WITH_MIN, OffloadedRows
 from haba_fast.models import convnet_spec, functional_forward
@@ -293,9 +294,56 @@ class _CppStep:
         return g_dot_lam, (hw if want_hw else None), hx
 
 
+class _GraphedCppStep(_CppStep):
+    """The C++ op's per-step halves replayed from CUDA graphs (:mod:`haba_fast.engines.graphs`): the same kernels
+    on the same values, so the same results, without the ops' value checks (a capture cannot read back)."""
+
+    def __init__(self, spec: list[int], graphs: StepGraphs):
+        super().__init__(spec, check_values=False)
+        self.graphs = graphs
+
+    def _run(self, name: str, fn, inputs, *options) -> list[Tensor]:
+        return self.graphs.run(name, fn, inputs, (tuple(self.spec),) + options)
+
+    def grad(self, w: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        def fn(w, x, y):
+            return [torch.ops.haba_fast.trajectory_step_grad(w, x, y, self.spec, False)]
+
+        return self._run("trajectory_step_grad", fn, [w, x, y])[0]
+
+    def keep(self, w: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+        def fn(w, x, y):
+            g, kept = torch.ops.haba_fast.trajectory_step_grad_keep(w, x, y, self.spec, False)
+            return [g, *kept]
+
+        g, *kept = self._run("trajectory_step_grad_keep", fn, [w, x, y])
+        return g, tuple(kept)
+
+    def adjoint(self, kept, w: Tensor, x: Tensor, y: Tensor, lam: Tensor, want_hw: bool, want_hx: bool):
+        if kept is None:
+
+            def fn(w, x, y, lam):
+                return list(torch.ops.haba_fast.trajectory_step_adjoint(w, x, y, lam, self.spec, want_hw))
+
+            out = self._run("trajectory_step_adjoint", fn, [w, x, y, lam], want_hw)
+        else:
+
+            def fn(w, x, y, lam, *kept):
+                kept = list(kept)
+                return list(torch.ops.haba_fast.trajectory_step_adjoint_kept(w, x, y, lam, kept, self.spec, want_hw))
+
+            out = self._run("trajectory_step_adjoint_kept", fn, [w, x, y, lam, *kept], want_hw)
+        g_dot_lam, hw, hx = out
+        return g_dot_lam, (hw if want_hw else None), hx
+
+
 # torch.compile's backend for compiled steps (the tests set "aot_eager": the same traced graphs, no code generated).
 COMPILE_BACKEND = "inductor"
 _COMPILE_NEEDS_TORCH = "compile_step compiles the torch backend's step; it cannot run with backend {!r}"
+_GRAPHS_NEED_CPP = "cuda_graphs replays the C++ op's steps (backend cpu); it cannot run with backend {!r}"
+_GRAPHS_WITH_COMPILE = (
+    "cuda_graphs replays the C++ op's steps and compile_step compiles the torch backend's step: choose one"
+)
 
 
 def check_compile_step_budget(budget: Budget, name: str = "compile_step") -> None:
@@ -803,6 +851,11 @@ class AdjointEngine:
             forward-over-reverse under ``torch.compile``, its elementwise work fused; the first call of a run
             compiles, tens of seconds). Takes the torch backend (``backend`` ``cpu`` refuses it) and keeps no step
             (budget 0 or ``min``; offloading works). Gradients equal the other steps' up to float rounding.
+        cuda_graphs: replay the C++ op's per-step halves from CUDA graphs (:mod:`haba_fast.engines.graphs`; CUDA
+            tensors, the ``cpu`` backend, any budget): each distinct step op runs eagerly once, is captured at its
+            second call and replayed from then on, so a step costs the host a few launches instead of 60-230. The
+            same results; the steps skip their value checks (the engine checks its inputs once per call). A stored
+            X at budget 0 then runs the per-step halves instead of the whole-unroll op. Not with ``compile_step``.
     """
 
     name = "adjoint"
@@ -815,6 +868,7 @@ class AdjointEngine:
         memory_budget: Budget = 0,
         offload_weights: bool = False,
         compile_step: bool = False,
+        cuda_graphs: bool = False,
     ):
         # a clear ValueError for an unknown name now
         asked = requested_backend(backend) if backend is not None else None
@@ -830,6 +884,15 @@ class AdjointEngine:
                 raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
             check_compile_step_budget(self.memory_budget)
         self._compiled: _CompiledStep | None = None  # the last model's compiled step (a run has one student)
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs:
+            if self.compile_step:
+                raise ValueError(_GRAPHS_WITH_COMPILE)
+            if asked not in (None, "auto", "cpu"):
+                raise ValueError(_GRAPHS_NEED_CPP.format(asked))
+        # the captured step ops, kept across calls (a run's iterations replay them); .captures / .replays count them
+        # since the engine was made; tests swap in another capture
+        self.step_graphs: StepGraphs | None = StepGraphs() if self.cuda_graphs else None
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_device ("cpu" | "cuda": where the budget's bytes are),
         # memory_budget_bytes (None = unlimited), per_step_bytes (measured on
@@ -844,10 +907,12 @@ class AdjointEngine:
             if asked not in ("auto", "torch"):
                 raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
             return "torch"
+        if self.step_graphs is not None:  # graphs replay the C++ op's steps, whatever $HABA_FAST_BACKEND says
+            self.step_graphs.check_device(device)
         return select_backend(
             "trajectory_match",
             OpInputs(device, dtype, extra={"model": model, "distributed": distributed}),
-            self.backend,
+            "cpu" if self.step_graphs is not None else self.backend,
             legacy_env="HABA_FAST_ADJOINT",
         )
 
@@ -855,6 +920,8 @@ class AdjointEngine:
         """The per-step implementation of backend ``name``. A compiled step is kept for the next call with the same
         model, which then runs its compiled code without tracing again. ``check_values=False``: the C++ op's steps
         skip their per-step value checks (the torch steps have none)."""
+        if name == "cpu" and self.step_graphs is not None:
+            return _GraphedCppStep(cpp_spec(model), self.step_graphs)
         if name == "cpu":
             return _CppStep(cpp_spec(model), check_values)
         if not self.compile_step:
@@ -945,7 +1012,8 @@ class AdjointEngine:
         name = self._select(model, X.device, X.dtype, distributed=distributed)
         self.last_backend = name
         budget = budget_bytes(self.memory_budget, X.device)
-        if name == "cpu" and budget == 0 and not self.checkpoint and not self.offload_weights:
+        whole = not (self.checkpoint or self.offload_weights or self.cuda_graphs)
+        if name == "cpu" and budget == 0 and whole:
             self._record(None, 0, int(X.shape[0]), X.device)
             try:
                 return torch.ops.haba_fast.trajectory_match(X, Y, ws, wt, lr_x, cpp_spec(model), self.first_order)
@@ -1018,8 +1086,10 @@ class AdjointEngine:
     def __repr__(self) -> str:
         offload = ", offload_weights=True" if self.offload_weights else ""
         compiled = ", compile_step=True" if self.compile_step else ""
+        graphs = ", cuda_graphs=True" if self.cuda_graphs else ""
         return (
-            f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload}{compiled})"
+            f"{type(self).__name__}(backend={self.backend!r}, memory_budget={self.memory_budget!r}{offload}{compiled}"
+            f"{graphs})"
         )
 
 
@@ -1061,6 +1131,7 @@ def get_adjoint_engine(
     memory_budget: Budget = 0,
     offload_weights: bool = False,
     compile_step: bool = False,
+    cuda_graphs: bool = False,
 ) -> AdjointEngine:
     """The adjoint engine ``exact`` or ``first-order`` (``first_order`` is accepted too).
 
@@ -1070,6 +1141,7 @@ def get_adjoint_engine(
         memory_budget: ``0`` | a size | ``auto`` | ``unlimited`` | ``min`` (see :mod:`haba_fast.engines.memory`).
         offload_weights: store the weight trajectory off the device (see :class:`AdjointEngine`).
         compile_step: the torch backend's step compiled with ``torch.compile`` (see :class:`AdjointEngine`).
+        cuda_graphs: the C++ op's steps replayed from CUDA graphs (see :class:`AdjointEngine`).
 
     Raises:
         ValueError: unknown name or backend, ``min`` with ``offload_weights``, or ``compile_step`` with a budget
@@ -1077,7 +1149,7 @@ def get_adjoint_engine(
     """
     key = str(name).strip().lower().replace("_", "-")
     if key == "exact":
-        return ExactEngine(backend, memory_budget, offload_weights, compile_step)
+        return ExactEngine(backend, memory_budget, offload_weights, compile_step, cuda_graphs)
     if key == "first-order":
-        return FirstOrderEngine(backend, memory_budget, offload_weights, compile_step)
+        return FirstOrderEngine(backend, memory_budget, offload_weights, compile_step, cuda_graphs)
     raise ValueError(f"unknown adjoint engine {name!r}: choose one of {', '.join(ADJOINT_ENGINES)}")

@@ -306,6 +306,7 @@ class TrajectoryMatching(Objective):
             memory_budget=getattr(cfg, "memory_budget", 0),
             offload_weights=bool(getattr(cfg, "offload_weights", False)),
             compile_step=bool(getattr(cfg, "compile_step", False)),
+            cuda_graphs=bool(getattr(cfg, "cuda_graphs", False)),
         )
         from haba_fast.experts import TrajectorySampler
 
@@ -345,6 +346,8 @@ class TrajectoryMatching(Objective):
             memory += f", weight trajectory offloaded to {where}"
         if getattr(self.engine, "compile_step", False):
             memory += ", step compiled with torch.compile (the first iteration compiles)"
+        if getattr(self.engine, "cuda_graphs", False):
+            memory += ", steps replayed from CUDA graphs (captured in the first iteration)"
         return f"objective mtt: engine {self.engine.name}{approx}{memory}{segments}"
 
     def _check_buffer(self, dataset) -> None:

@@ -1,0 +1,220 @@
+"""CUDA-graph replay of the engine's step ops (haba_fast/engines/graphs.py): the bookkeeping on a CPU.
+
+A CUDA graph needs a GPU (tests/test_gpu.py captures real ones). Here ``capture_by_rerun`` stands in for it with the
+same contract (static inputs, static outputs that every replay overwrites), so the engine's graphed steps are
+checked against the eager C++ steps and the naive unroll over several calls: first eager, then captured, then
+replayed on new values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_memory_budget import REL, _haba_problem, _syn_grads, needs_cpp
+
+from haba_fast.engines import get_adjoint_engine, get_engine
+from haba_fast.engines.graphs import StepGraphs, capture_by_rerun
+
+
+def _rerun_engine(name="exact", budget=0, **kw):
+    eng = get_adjoint_engine(name, None, budget, cuda_graphs=True, **kw)
+    eng.step_graphs = StepGraphs(capture_by_rerun, device_type=None)
+    return eng
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# StepGraphs alone.
+
+
+def _affine(x, a):
+    return [x * a + 1, (x - a).sum()]
+
+
+def test_first_call_runs_eagerly_the_second_captures_then_replays():
+    graphs = StepGraphs(capture_by_rerun, device_type=None)
+    x, a = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    first = graphs.run("affine", _affine, [x, a])
+    assert (graphs.captures, graphs.replays) == (0, 0)
+    second = graphs.run("affine", _affine, [x + 1, a])
+    assert (graphs.captures, graphs.replays) == (1, 1)
+    held = [t.clone() for t in second]
+    for i in range(3):  # new values through the same static inputs; returned tensors are copies, never overwritten
+        xi = torch.randn(3, 4, dtype=torch.float64)
+        out = graphs.run("affine", _affine, [xi, a * i])
+        for got, want in zip(out, _affine(xi, a * i)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(second, held):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for got, want in zip(first, _affine(x, a)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert (graphs.captures, graphs.replays) == (1, 4)
+
+
+def test_a_new_shape_dtype_or_option_is_a_new_call():
+    graphs = StepGraphs(capture_by_rerun, device_type=None)
+    x, a = torch.randn(3, 4), torch.randn(3, 4)
+    for _ in range(2):
+        graphs.run("affine", _affine, [x, a])
+    graphs.run("affine", _affine, [x[:2], a[:2]])  # another shape: eager again
+    graphs.run("affine", _affine, [x.double(), a.double()])  # another dtype
+    graphs.run("affine", _affine, [x, a], options=(True,))  # another constant
+    graphs.run("other", _affine, [x, a])  # another op
+    assert (graphs.captures, graphs.replays) == (1, 1)
+
+
+def test_a_failed_capture_names_the_op_and_the_cause():
+    def broken(fn, static_inputs):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    graphs = StepGraphs(broken, device_type=None)
+    x = torch.randn(2)
+    graphs.run("trajectory_step_adjoint", lambda x: [x * 2], [x])
+    with pytest.raises(RuntimeError, match=r"capturing trajectory_step_adjoint .*not permitted.*--cuda-graphs"):
+        graphs.run("trajectory_step_adjoint", lambda x: [x * 2], [x])
+
+
+def test_cuda_capture_refuses_other_devices():
+    with pytest.raises(ValueError, match="needs CUDA tensors, got cpu"):
+        StepGraphs().check_device(torch.device("cpu"))
+    StepGraphs(capture_by_rerun, device_type=None).check_device(torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The engine's graphed steps against its eager ones and the naive unroll.
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "name, budget",
+    [("exact", 0), ("exact", "unlimited"), ("exact", "mid"), ("exact", "min"), ("first-order", "unlimited")],
+)
+def test_graphed_steps_give_the_eager_and_naive_gradients(dtype, name, budget):
+    """Stored X, three calls on new values each (eager, captured, replayed): loss, dL/dX and dL/dlr equal the eager
+    C++ steps' (to rounding of the same kernels: exactly here) and, exact, the naive unroll's."""
+    model = _convnet(depth=2, norm="instancenorm", dtype=dtype)
+    N, batch = 5, 3
+    if budget == "mid":
+        probe = get_adjoint_engine(name, "cpu", "unlimited")
+        grads(probe, model, *make_problem(model, N, batch, tuple(model.im_size), dtype))
+        budget = int(probe.last_stats["per_step_bytes"] * 3.5)  # 2 of the 5 steps kept
+    eng = _rerun_engine(name, budget)
+    eager = get_adjoint_engine(name, "cpu", budget)
+    for seed in range(3):
+        X, Y, ws, wt = make_problem(model, N, batch, tuple(model.im_size), dtype, seed=seed)
+        got = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
+        want = grads(eager, model, X, Y, ws, wt, lr_value=0.1)
+        assert eng.last_backend == "cpu"
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < REL[dtype], (seed, rel_err(a, b))
+        if name == "exact":
+            ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
+            for a, b in zip(got, ref):
+                assert rel_err(a, b) < REL[dtype] * (1 if dtype == torch.float64 else 10), (seed, rel_err(a, b))
+    stats = eng.last_stats
+    assert eng.step_graphs.captures >= 2 and eng.step_graphs.replays >= 2 * 2 * N - 4  # calls 2 and 3
+    if budget == "unlimited":
+        assert stats["stored_steps"] == N
+    elif budget == 0:
+        assert stats["stored_steps"] == 0
+
+
+@needs_cpp
+@pytest.mark.parametrize("budget", [0, "unlimited"])
+def test_graphed_streamed_steps_give_the_eager_gradients(budget):
+    """Streamed batches (HaBa's generate + augment per step) through graphed steps, over three calls."""
+    from haba_fast.objectives.mtt import trajectory_loss
+
+    dtype = torch.float64
+    syn, plan, model, ws, wt = _haba_problem(5, dtype)
+    eng, eager = _rerun_engine("exact", budget), get_adjoint_engine("exact", "cpu", budget)
+    for i in range(3):
+        w_target = wt + 0.01 * i
+        got = _syn_grads(lambda lr: trajectory_loss(eng, model, syn, plan, ws, w_target, lr), syn, dtype)
+        want = _syn_grads(lambda lr: trajectory_loss(eager, model, syn, plan, ws, w_target, lr), syn, dtype)
+        for j, (a, b) in enumerate(zip(got, want)):
+            assert rel_err(a, b) < REL[dtype], (i, j, rel_err(a, b))
+    assert eng.step_graphs.replays >= 2 * 5
+
+
+def test_cuda_graphs_refuses_what_it_cannot_replay():
+    with pytest.raises(ValueError, match="backend cpu"):
+        get_adjoint_engine("exact", "torch", cuda_graphs=True)
+    with pytest.raises(ValueError, match="choose one"):
+        get_adjoint_engine("exact", None, 0, compile_step=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="naive.*--cuda-graphs"):
+        get_engine("naive", cuda_graphs=True)
+    eng = get_adjoint_engine("exact", None, 0, cuda_graphs=True)
+    assert "cuda_graphs=True" in repr(eng)
+    model = _convnet()
+    X, Y, ws, wt = make_problem(model, 2, 2, tuple(model.im_size), torch.float64)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        grads(eng, model, X, Y, ws, wt)
+
+
+@needs_cpp
+def test_cuda_graphs_needs_a_model_the_cpp_op_runs():
+    from test_adjoint import _MLPStudent
+
+    from haba_fast.backend import BackendUnavailableError
+
+    model = _MLPStudent().double()
+    X, Y, ws, wt = make_problem(model, 2, 2, (5, 5), torch.float64)
+    with pytest.raises(BackendUnavailableError):
+        grads(_rerun_engine(), model, X, Y, ws, wt)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The flag: Distiller config, CLI, bench.
+
+
+def test_distill_config_and_flag():
+    import argparse
+
+    from haba_fast.checkpoint import NON_RESULT_KEYS
+    from haba_fast.commands.distill import add_arguments, config_from_args
+    from haba_fast.distill import DistillConfig
+
+    assert DistillConfig().cuda_graphs is False
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        DistillConfig(cuda_graphs=True, device="cpu").validate()
+    with pytest.raises(ValueError, match="--cuda-graphs applies to --objective mtt"):
+        DistillConfig(cuda_graphs=True, engine="naive", device="cpu").validate()
+    with pytest.raises(ValueError, match="choose one"):
+        DistillConfig(cuda_graphs=True, compile_step=True, device="cpu").validate()
+    assert "cuda_graphs" in NON_RESULT_KEYS  # a resumed run may switch it: the same kernels
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    if torch.cuda.is_available():  # --device auto takes the GPU
+        assert config_from_args(parser.parse_args(["--cuda-graphs"])).cuda_graphs is True
+    else:
+        with pytest.raises(ValueError, match="needs --device cuda"):
+            config_from_args(parser.parse_args(["--cuda-graphs"]))
+    assert config_from_args(parser.parse_args([])).cuda_graphs is False
+
+
+def test_bench_iteration_cuda_graphs_row():
+    """``haba-fast bench iteration --cuda-graphs``: refused on a CPU and for naive; the report's label and its target
+    line."""
+    import argparse
+
+    from haba_fast.benchmarks import iteration
+
+    p = argparse.ArgumentParser()
+    iteration.add_arguments(p)
+    small = ["--ipc", "2", "--syn-steps", "2", "--batch-syn", "4", "--width", "32", "--device", "cpu"]
+    with pytest.raises(ValueError, match="needs --device cuda"):
+        iteration.build_distiller(p.parse_args(["--cuda-graphs", *small]))
+    with pytest.raises(ValueError, match="naive takes none"):
+        iteration.run(p.parse_args(["--engine", "naive", "--cuda-graphs", *small]))
+    row = {"engine": "exact", "cuda_graphs": True, "memory_budget": "auto", "block_kernels": "triton"}
+    assert iteration._label(row) == "exact (budget auto, CUDA graphs, triton blocks)"
+    assert iteration._is_variant(row)
+    common = {"engine": "exact", "ipc": 10, "syn_steps": 20, "batch_syn": 100, "peak_cuda_mb": 100.0}
+    rows = [
+        dict(common, engine="naive", s_per_iter=1.0, peak_cuda_mb=200.0),
+        dict(common, cuda_graphs=True, s_per_iter=0.3),
+    ]
+    (line,) = iteration._auto_budget_checks(rows, "peak_cuda_mb", "peak CUDA memory")
+    assert "exact (CUDA graphs) / naive time = **0.30** (target <= 0.4) -> met" in line
