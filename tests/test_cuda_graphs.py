@@ -218,3 +218,60 @@ def test_bench_iteration_cuda_graphs_row():
     ]
     (line,) = iteration._auto_budget_checks(rows, "peak_cuda_mb", "peak CUDA memory")
     assert "exact (CUDA graphs) / naive time = **0.30** (target <= 0.4) -> met" in line
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a capture needs of the ops: no value read back on the host.
+
+
+def _host_reads(fn) -> list[list[str]]:
+    """The ancestry (innermost first) of every value read back to the host (``aten::_local_scalar_dense``, what
+    ``.item()`` runs) and every data-dependent op (``nonzero``, ``is_nonzero``, ``equal``) while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    reads = []
+    for event in prof.events():
+        if event.name in ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"):
+            chain, parent = [event.name], event.cpu_parent
+            while parent is not None:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            reads.append(chain)
+    return reads
+
+
+@needs_cpp
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(depth=2, norm="instancenorm"),
+        dict(depth=2, norm="groupnorm", act="sigmoid", im=11, width=8),
+        dict(depth=2, norm="layernorm", pool="maxpooling"),
+        dict(depth=3, norm="none", pool="none", act="leakyrelu", im=7, width=4),
+    ],
+    ids=["instancenorm", "groupnorm", "layernorm-maxpool", "nonorm"],
+)
+def test_the_step_ops_read_nothing_back_without_value_checks(shape, monkeypatch):
+    """The four step ops on the ATen path (``HABA_FAST_TRAJECTORY_FUSED=0``, what CUDA tensors run by default) with
+    ``check_values=False`` read no value back, which a CUDA-graph capture forbids; the only reads are at::one_hot's
+    range checks, which ATen runs on CPU tensors only. With the value checks on, the op does read back."""
+    from haba_fast.engines.adjoint import cpp_spec
+
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
+    model = _convnet(**shape)
+    X, Y, ws, _ = make_problem(model, 1, 4, tuple(model.im_size), torch.float64)
+    spec, x, y, lam = cpp_spec(model), X[0], Y[0], torch.randn_like(ws)
+    ops = torch.ops.haba_fast
+
+    def steps():
+        ops.trajectory_step_grad(ws, x, y, spec, False)
+        _, kept = ops.trajectory_step_grad_keep(ws, x, y, spec, False)
+        ops.trajectory_step_adjoint(ws, x, y, lam, spec, True)
+        ops.trajectory_step_adjoint_kept(ws, x, y, lam, kept, spec, True)
+
+    reads = _host_reads(steps)
+    assert reads and all("aten::one_hot" in chain for chain in reads), [c for c in reads if "aten::one_hot" not in c]
+    checked = _host_reads(lambda: ops.trajectory_step_grad(ws, x, y, spec, True))
+    assert any("aten::one_hot" not in chain for chain in checked)  # the checks' reads: the test sees them
