@@ -3,8 +3,9 @@
     python bench/profile_iteration.py --device cuda --ipc 50 --batch-syn 500 --syn-steps 30 \\
         --variants naive exact:0 exact:auto exact:auto:torch [--cudnn-benchmark]
 
-A variant is ``ENGINE[:BUDGET[:BACKEND[:BLOCKS]]]`` (budget 0 | auto | unlimited | 2GB, backend auto | cpu | torch,
-blocks default | aten | triton: who runs the C++ op's norm/activation/pooling, ``--block-kernels``). For
+A variant is ``ENGINE[:BUDGET[:BACKEND[:BLOCKS[:STEPS]]]]`` (budget 0 | auto | unlimited | 2GB, backend auto |
+cpu | torch, blocks default | aten | triton: who runs the C++ op's norm/activation/pooling, ``--block-kernels``;
+steps eager | graphs: the C++ op's steps replayed from CUDA graphs, ``--cuda-graphs``). For
 each, in one process one after the other: the median wall time of ``Distiller.step()`` (after a warm-up), then
 one profiled step: the kernels by GPU time (self time, top 20), the GPU time summed into convolution kernels and
 the rest, and the GPU's busy fraction (summed kernel time / wall time: well below 1 means the host's launches are
@@ -42,6 +43,10 @@ def _variant_args(base: list[str], variant: str) -> argparse.Namespace:
         argv += ["--backend", parts[2]]
     if len(parts) > 3:
         argv += ["--block-kernels", parts[3]]
+    if len(parts) > 4:
+        if parts[4] not in ("eager", "graphs"):
+            raise ValueError(f"variant {variant!r}: its fifth part is eager or graphs, got {parts[4]!r}")
+        argv += ["--cuda-graphs"] if parts[4] == "graphs" else []
     p = argparse.ArgumentParser()
     add_arguments(p)
     return p.parse_args(argv)
