@@ -104,11 +104,12 @@ inputs_rows() {
 # GPU only: the C++ op's steps replayed from CUDA graphs (--cuda-graphs, haba_fast/engines/graphs.py: a step costs
 # the host a few launches instead of 60-230), and its blocks' norm/activation/pooling in the Triton kernels
 # (--block-kernels triton; kernels/trajectory_block.py, one kernel per block and sweep in place of ~15 ATen
-# passes), at budget auto: the candidates for the targets.
+# passes), at budget auto: the candidates for the targets. The graphed rows warm up twice: a step op is captured at
+# its second call, in the second iteration for one called once per iteration.
 candidate_rows() {
   if [ "$DEVICE" != cpu ]; then
-    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs
-    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs --block-kernels triton
+    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs --warmup 2
+    run exact "$1" "$2" "$3" --memory-budget auto --cuda-graphs --block-kernels triton --warmup 2
     run exact "$1" "$2" "$3" --memory-budget auto --block-kernels triton
   fi
 }

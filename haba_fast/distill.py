@@ -281,14 +281,14 @@ class DistillConfig:
             )
         if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:
             raise ValueError(OFFLOAD_WITH_MIN)
-        if self.compile_step:
-            from haba_fast.engines.adjoint import check_compile_step_budget
-
-            check_compile_step_budget(self.memory_budget, "--compile-step")
         if self.cuda_graphs and self.compile_step:
             raise ValueError(
                 "--cuda-graphs replays the C++ op's steps and --compile-step compiles the torch step: choose one"
             )
+        if self.compile_step:
+            from haba_fast.engines.adjoint import check_compile_step_budget
+
+            check_compile_step_budget(self.memory_budget, "--compile-step")
         if self.cuda_graphs and resolve_device(self.device).type != "cuda":
             raise ValueError("--cuda-graphs replays the engine's steps as CUDA graphs: it needs --device cuda")
         if self.lr_param not in LR_PARAMS:
@@ -540,6 +540,12 @@ class Distiller:
                 f"a multi-process run ({dist.world_size()} processes) splits MTT's unrolled batches over ranks; "
                 f"--objective {cfg.objective}{' with --soft-labels' if cfg.soft_labels else ''} runs on one process "
                 "(start it without torchrun)"
+            )
+        if getattr(cfg, "cuda_graphs", False) and dist.world_size() > 1 and m == 1:
+            raise ValueError(
+                f"--cuda-graphs replays the C++ engine's steps, and a data-parallel run ({dist.world_size()} "
+                "processes, one trajectory per iteration) unrolls with the torch engine's per-step all-reduce: drop "
+                "--cuda-graphs, or run trajectory-parallel (--trajectories-per-iteration, a multiple of the processes)"
             )
         if objective_cls.needs_buffer and buffer is None:
             raise ValueError(

@@ -8,9 +8,12 @@ replayed on new values.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_distill import buffer, digits  # noqa: F401  (module fixtures reused)
 from test_memory_budget import REL, _haba_problem, _syn_grads, needs_cpp
 
 from haba_fast.engines import get_adjoint_engine, get_engine
@@ -63,15 +66,121 @@ def test_a_new_shape_dtype_or_option_is_a_new_call():
     assert (graphs.captures, graphs.replays) == (1, 1)
 
 
+def test_a_change_of_math_mode_is_a_new_call():
+    """TF32 on or off (set through either of torch's APIs) or cuDNN's switches choose other kernels: a new call, not
+    a replay of the old graph."""
+    graphs = StepGraphs(capture_by_rerun, device_type=None)
+    x, a = torch.randn(3), torch.randn(3)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False):
+        for _ in range(2):
+            graphs.run("affine", _affine, [x, a])
+        assert graphs.captures == 1
+        conv = torch.backends.cudnn.conv
+        before = conv.fp32_precision
+        try:
+            conv.fp32_precision = "ieee" if before != "ieee" else "tf32"
+            graphs.run("affine", _affine, [x, a])  # eager: a new call
+        finally:
+            conv.fp32_precision = before
+        assert (graphs.captures, graphs.replays) == (1, 1)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False):
+        graphs.run("affine", _affine, [x, a])
+    assert (graphs.captures, graphs.replays) == (1, 1)
+
+
 def test_a_failed_capture_names_the_op_and_the_cause():
     def broken(fn, static_inputs):
-        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        try:  # an error inside a capture surfaces as the capture's own failure, the first one as its context
+            raise ValueError("a sync inside the capture")
+        except ValueError:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore") from None
 
     graphs = StepGraphs(broken, device_type=None)
     x = torch.randn(2)
     graphs.run("trajectory_step_adjoint", lambda x: [x * 2], [x])
-    with pytest.raises(RuntimeError, match=r"capturing trajectory_step_adjoint .*not permitted.*--cuda-graphs"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"capturing trajectory_step_adjoint .*ValueError: a sync inside the capture; RuntimeError: operation "
+        r"not permitted when stream is capturing\); run without --cuda-graphs",
+    ):
         graphs.run("trajectory_step_adjoint", lambda x: [x * 2], [x])
+
+
+def test_cuda_capture_warms_up_on_a_side_stream_then_captures_on_the_inputs_device(monkeypatch):
+    """capture_cuda_graph's order of calls, with torch.cuda's stream and graph API faked (no GPU here): inside the
+    inputs' device, one run on a side stream that waits for the current one, the current stream waits for it,
+    then one run captured on a fresh stream into a new graph, whose replay and outputs are returned. The fakes take
+    the real API's parameters (checked against torch's signatures)."""
+    import inspect
+
+    from haba_fast.engines import graphs as graphs_mod
+
+    assert {"cuda_graph", "stream"} <= set(inspect.signature(torch.cuda.graph.__init__).parameters)
+    assert hasattr(torch.cuda.CUDAGraph, "replay") and hasattr(torch.cuda.Stream, "wait_stream")
+    log = []
+
+    class Stream:
+        count = 0
+
+        def __init__(self):
+            Stream.count += 1
+            self.name = f"s{Stream.count}"
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits {other.name}")
+
+    current = [Stream()]  # s1: the caller's stream
+
+    @contextlib.contextmanager
+    def on_device(device):
+        log.append(f"device {device}")
+        yield
+        log.append("device exit")
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        saved, current[0] = current[0], stream
+        yield
+        current[0] = saved
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def capture(cuda_graph, stream=None):
+        assert isinstance(cuda_graph, Graph)
+        log.append(f"capture on {stream.name}")
+        with on_stream(stream):
+            yield
+        log.append("capture end")
+
+    monkeypatch.setattr(torch.cuda, "device", on_device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[0])
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    def fn(x):
+        log.append(f"run on {current[0].name}")
+        return (x * 2,)
+
+    x = torch.ones(2)
+    replay, outputs = graphs_mod.capture_cuda_graph(fn, [x])
+    replay()
+    assert log == [
+        "device cpu",
+        "s2 waits s1",
+        "run on s2",
+        "s1 waits s2",
+        "capture on s3",
+        "run on s3",
+        "capture end",
+        "device exit",
+        "replay",
+    ]
+    assert isinstance(outputs, list) and torch.equal(outputs[0], x * 2)
 
 
 def test_cuda_capture_refuses_other_devices():
@@ -138,7 +247,70 @@ def test_graphed_streamed_steps_give_the_eager_gradients(budget):
     assert eng.step_graphs.replays >= 2 * 5
 
 
-def test_cuda_graphs_refuses_what_it_cannot_replay():
+@needs_cpp
+def test_graphed_streams_need_values_checked_once():
+    """A graphed step cannot check values: a stream whose caller did not check them is refused."""
+    syn, plan, model, ws, wt = _haba_problem(2, torch.float64)
+    from haba_fast.objectives.mtt import step_inputs
+
+    eng = _rerun_engine()
+    with pytest.raises(ValueError, match="values_checked=True"):
+        eng.stream(model, lambda t: step_inputs(syn, plan, t), 2, list(syn.parameters()), ws, wt, 0.1)
+
+
+def _as_on_a_gpu(monkeypatch):
+    """DistillConfig.validate without its --cuda-graphs device check (this machine has no GPU)."""
+    from haba_fast.distill import DistillConfig
+
+    validate = DistillConfig.validate
+
+    def validate_as_on_a_gpu(self):
+        graphs, self.cuda_graphs = self.cuda_graphs, False
+        try:
+            return validate(self)
+        finally:
+            self.cuda_graphs = graphs
+
+    monkeypatch.setattr(DistillConfig, "validate", validate_as_on_a_gpu)
+
+
+@needs_cpp
+def test_distiller_iterations_through_graphed_steps(digits, buffer, monkeypatch):  # noqa: F811
+    """``DistillConfig(cuda_graphs=True)`` reaches the MTT objective's engine; three HaBa iterations with its steps
+    replayed (the stand-in capture) move the synthetic set as the eager engine's do."""
+    from test_distill import _cfg
+
+    from haba_fast.distill import Distiller
+
+    _as_on_a_gpu(monkeypatch)
+    runs = {}
+    for graphs in (False, True):
+        d = Distiller(_cfg(engine="exact", memory_budget="unlimited", cuda_graphs=graphs), digits, buffer)
+        assert d.engine.cuda_graphs is graphs
+        assert ("steps replayed from CUDA graphs" in d.objective.describe()) is graphs
+        if graphs:
+            d.engine.step_graphs = StepGraphs(capture_by_rerun, device_type=None)
+        for _ in range(3):
+            d.step()
+        runs[graphs] = [p.detach().clone() for p in d.synthetic.parameters()]
+    assert d.engine.step_graphs.replays > 0
+    for a, b in zip(runs[True], runs[False]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_data_parallel_runs_refuse_cuda_graphs(digits, buffer, monkeypatch):  # noqa: F811
+    from test_distill import _cfg
+
+    from haba_fast import dist
+    from haba_fast.distill import Distiller
+
+    _as_on_a_gpu(monkeypatch)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="data-parallel run .*--trajectories-per-iteration"):
+        Distiller(_cfg(engine="exact", cuda_graphs=True), digits, buffer)
+
+
+def test_cuda_graphs_refuses_what_it_cannot_replay(monkeypatch):
     with pytest.raises(ValueError, match="backend cpu"):
         get_adjoint_engine("exact", "torch", cuda_graphs=True)
     with pytest.raises(ValueError, match="choose one"):
@@ -150,6 +322,9 @@ def test_cuda_graphs_refuses_what_it_cannot_replay():
     model = _convnet()
     X, Y, ws, wt = make_problem(model, 2, 2, tuple(model.im_size), torch.float64)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
+        grads(eng, model, X, Y, ws, wt)
+    monkeypatch.setenv("HABA_FAST_BACKEND", "torch")  # the environment may not name another backend either
+    with pytest.raises(ValueError, match="cannot run with backend 'torch'"):
         grads(eng, model, X, Y, ws, wt)
 
 
@@ -218,6 +393,10 @@ def test_bench_iteration_cuda_graphs_row():
     ]
     (line,) = iteration._auto_budget_checks(rows, "peak_cuda_mb", "peak CUDA memory")
     assert "exact (CUDA graphs) / naive time = **0.30** (target <= 0.4) -> met" in line
+    assert "peak CUDA memory 100 vs 200 MB (target: no larger) -> met" in line
+    rows[0]["peak_cuda_reserved_mb"], rows[1]["peak_cuda_reserved_mb"] = 220.0, 260.0  # the pools, reserved
+    (line,) = iteration._auto_budget_checks(rows, "peak_cuda_mb", "peak CUDA memory")
+    assert "peak CUDA memory reserved 260 vs 220 MB (target: no larger) -> NOT met" in line
 
 
 # ----------------------------------------------------------------------------------------------------------------------

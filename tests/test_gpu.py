@@ -362,16 +362,16 @@ def test_cpp_engine_block_kernels_match_its_aten_path_and_naive(cfg, dtype, monk
     assert len(calls) >= 2 * cfg[2]  # a block's forward in each sweep, every block
 
 
-def _graphed_vs_eager(cfg, dtype, budgets, calls=3):
+def _graphed_vs_eager(cfg, dtype, budgets, calls=3, name="exact", offload=False):
     """Three calls (eager, captured, replayed) of a ``cuda_graphs`` engine per budget, each on new values, against the
-    eager engine (same dtype) and the naive unroll (float64 oracle)."""
+    eager engine (same dtype) and, exact, the naive unroll (float64 oracle)."""
     from haba_fast.engines import get_adjoint_engine
 
     _cpp_engine()  # skips without the op
     rel_same, rel_ref = (1e-12, 1e-9) if dtype == torch.float64 else (1e-5, 1e-4)
     for budget in budgets:
-        graphed = get_adjoint_engine("exact", None, budget, cuda_graphs=True)
-        eager = get_adjoint_engine("exact", "cpu", budget)
+        graphed = get_adjoint_engine(name, None, budget, offload_weights=offload, cuda_graphs=True)
+        eager = get_adjoint_engine(name, "cpu", budget, offload_weights=offload)
         for seed in range(calls):
             c, width, depth, norm, act, pool, im, steps, batch = cfg
             model64 = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im)
@@ -388,7 +388,8 @@ def _graphed_vs_eager(cfg, dtype, budgets, calls=3):
             for a, b, r in zip(got, want, ref):
                 assert a.device == X.device and bool(torch.isfinite(a).all())
                 assert rel_err(a, b) < rel_same, (budget, seed, rel_err(a, b))
-                assert rel_err(a.double(), r) < rel_ref, (budget, seed, rel_err(a.double(), r))
+                if name == "exact":
+                    assert rel_err(a.double(), r) < rel_ref, (budget, seed, rel_err(a.double(), r))
         assert graphed.last_backend == "cpu" and graphed.step_graphs.captures >= 2
         assert graphed.step_graphs.replays >= cfg[7]
         if budget == "unlimited":
@@ -403,6 +404,14 @@ def test_cuda_graphs_replay_the_engines_steps(cfg, dtype):
     """``cuda_graphs=True``: the C++ op's step halves captured once and replayed (budget 0: grad and adjoint; every
     step kept: grad_keep and adjoint_kept; min: grad again for the recomputed w_t), calls on new values each."""
     _graphed_vs_eager(cfg, dtype, (0, "unlimited", "min"))
+
+
+@requires_ext_loaded
+@pytest.mark.skipif(not ON_CUDA, reason="captures CUDA graphs")
+def test_cuda_graphs_replay_first_order_and_offloaded_steps():
+    """First-order (its adjoint's h_w is a zero-size output) and the weight trajectory in pinned host memory."""
+    _graphed_vs_eager(ENGINE_CONFIGS[1], torch.float64, (0, "unlimited"), name="first-order")
+    _graphed_vs_eager(ENGINE_CONFIGS[1], torch.float64, (0, "unlimited"), offload=True)
 
 
 @requires_ext_loaded

@@ -63,8 +63,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="exact/first-order, CUDA: the C++ op's steps replayed from CUDA graphs (captured in the first "
-        "iteration: give --warmup 1 or more for the steady state)",
+        help="exact/first-order, CUDA: the C++ op's steps replayed from CUDA graphs (each step op captured at its "
+        "second call, for one called once per iteration in the second iteration: give --warmup 2 for the steady "
+        "state)",
     )
     parser.add_argument(
         "--inputs",
@@ -411,9 +412,11 @@ def _run(args) -> int:
     row["offload_weights"] = bool(args.offload_weights)
     graphs = getattr(engine, "step_graphs", None)
     if graphs is not None:  # --cuda-graphs: the engine's counts since it was made (warm-up iterations included)
-        row["cuda_graphs_captured"], row["cuda_graph_replays"] = graphs.captures, graphs.replays
+        row["cuda_graph_captures"], row["cuda_graph_replays"] = graphs.captures, graphs.replays
     if device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        # a captured graph's working set stays in its private pool, reserved but not allocated between replays
+        row["peak_cuda_reserved_mb"] = torch.cuda.max_memory_reserved(device) / 2**20
     if dist.is_main():
         sys.stdout.write(json.dumps(row) + "\n")
         sys.stdout.flush()
@@ -686,10 +689,14 @@ def _auto_budget_checks(rows, mem_key: str, mem_name: str) -> list:
                 )
                 continue
             ratio = a["s_per_iter"] / n["s_per_iter"]
-            mem_ok = a[mem_key] <= n[mem_key]
+            key, name_mem = mem_key, mem_name
+            if a.get("cuda_graphs") and "peak_cuda_reserved_mb" in a and "peak_cuda_reserved_mb" in n:
+                # the graphs' pools are reserved, not allocated, between replays: compare what both reserved
+                key, name_mem = "peak_cuda_reserved_mb", "peak CUDA memory reserved"
+            mem_ok = a[key] <= n[key]
             out.append(
                 f"- {where}: {_label(a)} / naive time = **{ratio:.2f}** (target <= {target}) -> "
-                f"{'met' if ratio <= target else 'NOT met'}; {mem_name} {a[mem_key]:.0f} vs {n[mem_key]:.0f} MB "
+                f"{'met' if ratio <= target else 'NOT met'}; {name_mem} {a[key]:.0f} vs {n[key]:.0f} MB "
                 f"(target: no larger) -> {'met' if mem_ok else 'NOT met'}"
             )
     return out

@@ -292,9 +292,9 @@ _FLAGS: List[tuple] = [
         "cuda_graphs",
         ["--cuda-graphs", "--cuda_graphs"],
         dict(action="store_const", const=True),
-        "mtt engine, CUDA only: replay each unrolled step's C++ ops from CUDA graphs (captured at the second call, "
-        "replayed after: a step costs the host a few launches instead of hundreds); any --memory-budget. The same "
-        "gradients; the steps skip their per-step value checks",
+        "mtt engine, CUDA only: replay each unrolled step's C++ ops from CUDA graphs (each captured at its second "
+        "call, replayed after: a step costs the host a few launches instead of hundreds); any --memory-budget. The "
+        "same gradients; the steps skip their per-step value checks (the plan is checked once per iteration)",
     ),
 ]
 

@@ -854,8 +854,9 @@ class AdjointEngine:
         cuda_graphs: replay the C++ op's per-step halves from CUDA graphs (:mod:`haba_fast.engines.graphs`; CUDA
             tensors, the ``cpu`` backend, any budget): each distinct step op runs eagerly once, is captured at its
             second call and replayed from then on, so a step costs the host a few launches instead of 60-230. The
-            same results; the steps skip their value checks (the engine checks its inputs once per call). A stored
-            X at budget 0 then runs the per-step halves instead of the whole-unroll op. Not with ``compile_step``.
+            same results; the steps skip their value checks (the engine checks a stored X once per call; ``stream``
+            needs ``values_checked=True``). A stored X at budget 0 then runs the per-step halves instead of the
+            whole-unroll op. Not with ``compile_step``, nor with another backend named by ``$HABA_FAST_BACKEND``.
     """
 
     name = "adjoint"
@@ -907,7 +908,10 @@ class AdjointEngine:
             if asked not in ("auto", "torch"):
                 raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
             return "torch"
-        if self.step_graphs is not None:  # graphs replay the C++ op's steps, whatever $HABA_FAST_BACKEND says
+        if self.step_graphs is not None:  # graphs replay the C++ op's steps: $HABA_FAST_BACKEND may not name another
+            asked = requested_backend(self.backend, legacy_env="HABA_FAST_ADJOINT")
+            if asked not in ("auto", "cpu"):
+                raise ValueError(_GRAPHS_NEED_CPP.format(asked))
             self.step_graphs.check_device(device)
         return select_backend(
             "trajectory_match",
@@ -1062,6 +1066,12 @@ class AdjointEngine:
         n_steps = int(n_steps)
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+        if self.step_graphs is not None and not values_checked:
+            raise ValueError(
+                "cuda_graphs replays steps without their value checks (a capture cannot read values back): stream "
+                "batches whose values the caller checked once (values_checked=True, after "
+                "haba_fast.objectives.mtt.check_plan), or run without cuda_graphs"
+            )
         params = tuple(params)
         source = _StreamedBatches(make_inputs, n_steps, params, values_checked)
         with torch.no_grad():

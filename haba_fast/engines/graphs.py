@@ -45,7 +45,8 @@ Capture = Callable[[StepFn, list[Tensor]], tuple[Callable[[], None], list[Tensor
 
 def capture_cuda_graph(fn: StepFn, static_inputs: list[Tensor]) -> tuple[Callable[[], None], list[Tensor]]:
     """Capture ``fn(*static_inputs)`` into a CUDA graph with its own memory pool, after one warm-up run on a side
-    stream. Returns (replay, static outputs). Recording runs no kernel: the outputs hold values after a replay."""
+    stream; both streams are the inputs' device's. Returns (replay, static outputs). Recording runs no kernel: the
+    outputs hold values after a replay."""
     device = static_inputs[0].device
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
@@ -54,7 +55,7 @@ def capture_cuda_graph(fn: StepFn, static_inputs: list[Tensor]) -> tuple[Callabl
             fn(*static_inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
             outputs = list(fn(*static_inputs))
     return graph.replay, outputs
 
@@ -71,11 +72,30 @@ def capture_by_rerun(fn: StepFn, static_inputs: list[Tensor]) -> tuple[Callable[
     return replay, outputs
 
 
+def _math_mode() -> tuple:
+    """The switches that choose which kernels a call runs (a graph replays the ones it captured): cuDNN on,
+    benchmark, deterministic; deterministic algorithms; float32 precision of convolutions and matmuls (TF32 or
+    not, from torch's per-op settings: the legacy ``allow_tf32`` flags raise on reading once those were set);
+    CUDA autocast."""
+    cudnn = torch.backends.cudnn
+    return (
+        cudnn.enabled,
+        cudnn.benchmark,
+        cudnn.deterministic,
+        torch.are_deterministic_algorithms_enabled(),
+        cudnn.conv.fp32_precision,
+        torch.backends.cuda.matmul.fp32_precision,
+        torch.is_autocast_enabled("cuda"),
+    )
+
+
 class _Graph:
-    """One captured call: its static inputs, the replay, its static outputs."""
+    """One captured call: its static inputs, the replay, its static outputs, and the CUDA stream of its last replay
+    (None on other devices)."""
 
     def __init__(self, static_inputs: list[Tensor], replay: Callable[[], None], outputs: list[Tensor]):
         self.static_inputs, self.replay, self.outputs = static_inputs, replay, outputs
+        self.stream = None
 
 
 class StepGraphs:
@@ -95,6 +115,18 @@ class StepGraphs:
         self._graphs: dict[tuple, _Graph | None] = {}  # None: seen once, ran eagerly
         self.captures = 0
         self.replays = 0
+
+    @staticmethod
+    def _after_last_replay(graph: _Graph) -> None:
+        """On CUDA: order this call after the graph's last replay when that ran on another stream (its static
+        buffers are about to be overwritten), and remember this call's stream."""
+        device = graph.static_inputs[0].device
+        if device.type != "cuda":
+            return
+        current = torch.cuda.current_stream(device)
+        if graph.stream is not None and graph.stream != current:
+            current.wait_stream(graph.stream)
+        graph.stream = current
 
     def check_device(self, device: torch.device) -> None:
         """ValueError unless this capture works on ``device``."""
@@ -121,8 +153,7 @@ class StepGraphs:
             name,
             tuple(options),
             os.environ.get(BLOCK_KERNELS_ENV),  # which block implementation the op runs
-            torch.backends.cudnn.allow_tf32,  # a graph replays the convolutions it captured, TF32 or not
-            torch.backends.cuda.matmul.allow_tf32,
+            _math_mode(),
             tuple((tuple(t.shape), t.dtype, t.device) for t in inputs),
         )
         if key not in self._graphs:
@@ -134,15 +165,19 @@ class StepGraphs:
             try:
                 replay, outputs = self._capture(fn, static_inputs)
             except Exception as exc:
+                # an error inside the capture surfaces as the capture's own failure: name the first cause too
+                causes = [exc] + ([exc.__context__] if exc.__context__ is not None else [])
+                said = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in reversed(causes))
                 raise RuntimeError(
-                    f"cuda_graphs: capturing {name} as a CUDA graph failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); run without --cuda-graphs"
+                    f"cuda_graphs: capturing {name} as a CUDA graph failed ({said}); run without --cuda-graphs"
                 ) from exc
             graph = self._graphs[key] = _Graph(static_inputs, replay, outputs)
             self.captures += 1
         else:
+            self._after_last_replay(graph)
             for static, t in zip(graph.static_inputs, inputs):
                 static.copy_(t)
         graph.replay()
+        self._after_last_replay(graph)
         self.replays += 1
         return [t.clone() for t in graph.outputs]

@@ -347,7 +347,7 @@ class TrajectoryMatching(Objective):
         if getattr(self.engine, "compile_step", False):
             memory += ", step compiled with torch.compile (the first iteration compiles)"
         if getattr(self.engine, "cuda_graphs", False):
-            memory += ", steps replayed from CUDA graphs (captured in the first iteration)"
+            memory += ", steps replayed from CUDA graphs (each step op captured at its second call)"
         return f"objective mtt: engine {self.engine.name}{approx}{memory}{segments}"
 
     def _check_buffer(self, dataset) -> None:
