@@ -397,6 +397,11 @@ def test_bench_iteration_cuda_graphs_row():
     rows[0]["peak_cuda_reserved_mb"], rows[1]["peak_cuda_reserved_mb"] = 220.0, 260.0  # the pools, reserved
     (line,) = iteration._auto_budget_checks(rows, "peak_cuda_mb", "peak CUDA memory")
     assert "peak CUDA memory reserved 260 vs 220 MB (target: no larger) -> NOT met" in line
+    rows[1].update(cuda_graph_captures=3, cuda_graph_replays=150, env={"gpu": "G"}, peak_rss_mb=900.0)
+    rows[0].update(peak_rss_mb=800.0)
+    table = iteration._section(rows, "GPU")
+    assert "| exact (CUDA graphs) | 10 | 20 | 100 | 0.300 |" in table
+    assert "peak RSS 900 MB; 260 MB reserved; 3 graphs, 150 replays (warm-up included)" in table
 
 
 # ----------------------------------------------------------------------------------------------------------------------

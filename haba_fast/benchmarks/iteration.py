@@ -529,8 +529,9 @@ def _merge(rows):
         cpu = [r["cpu_s_per_iter"] for r in ok if r.get("cpu_s_per_iter") is not None]
         m["cpu_s_per_iter"] = statistics.median(cpu) if cpu else None
         m["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
-        if any(r.get("peak_cuda_mb") is not None for r in ok):
-            m["peak_cuda_mb"] = max(r.get("peak_cuda_mb") or 0 for r in ok)
+        for key in ("peak_cuda_mb", "peak_cuda_reserved_mb"):
+            if any(r.get(key) is not None for r in ok):
+                m[key] = max(r.get(key) or 0 for r in ok)
         merged.append(m)
     return merged
 
@@ -553,7 +554,9 @@ def _section(rows, title) -> str:
     if cuda:
         lines.append(
             f"Card **{env.get('gpu')}**; triton {env.get('triton')}. Each row: warm-up iterations first (Triton "
-            "compiles, cuDNN autotuning), then the median of the timed ones; memory = peak CUDA memory allocated."
+            "compiles, cuDNN autotuning), then the median of the timed ones; memory = peak CUDA memory allocated "
+            "(the note gives the peak reserved where recorded: CUDA graphs' pools are reserved, not allocated, "
+            "between replays)."
         )
     tf = ".3f" if cuda else ".2f"  # GPU iterations take tens of milliseconds
     lines += [
@@ -571,6 +574,10 @@ def _section(rows, title) -> str:
         note = "approximation" if r.get("approximate") else ""
         if cuda and r.get("peak_rss_mb") is not None:
             note = (note + "; " if note else "") + f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        if r.get("peak_cuda_reserved_mb") is not None:
+            note += f"; {r['peak_cuda_reserved_mb']:.0f} MB reserved"
+        if r.get("cuda_graph_replays") is not None:
+            note += f"; {r['cuda_graph_captures']} graphs, {r['cuda_graph_replays']} replays (warm-up included)"
         if r.get("compile_step") and r.get("warmup_s"):
             note = (note + "; " if note else "") + f"first iteration {r['warmup_s'][0]:.1f} s (the compile)"
         lines.append(
