@@ -70,9 +70,10 @@ run() {  # run ENGINE IPC STEPS BATCH [extra args]
   fi
 }
 
-# Time at syn_steps 20, engines interleaved round by round.
+# Time at syn_steps 20, engines interleaved round by round (on a GPU first-order waits for the diagnostics below).
+if [ "$DEVICE" = cpu ]; then ENGINES="exact naive first-order"; else ENGINES="exact naive"; fi
 for round in $(seq "$ROUNDS"); do
-  for engine in exact naive first-order; do run "$engine" 10 $S20 100; done
+  for engine in $ENGINES; do run "$engine" 10 $S20 100; done
 done
 # The rows below run only on a GPU (AUTO_ROWS=1: the first four kinds on CPU too).
 # exact with --memory-budget auto (a fraction of free CUDA memory: per-step tensors kept, fewer recomputed) against
@@ -126,6 +127,7 @@ run exact 50 $S30 500
 if [ "$NAIVE_BIG" = 1 ]; then run naive 50 $S30 500; fi
 auto_row 50 $S30 500
 candidate_rows 50 $S30 500
+if [ "$DEVICE" != cpu ]; then run first-order 10 $S20 100; fi
 for size in "10 $S20 100" "50 $S30 500"; do
   # shellcheck disable=SC2086  # word splitting wanted: IPC STEPS BATCH
   auto_torch_row $size; blocks_zero_row $size; inputs_rows $size
