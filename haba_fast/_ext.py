@@ -79,7 +79,7 @@ def extension_available() -> bool:
         _load_error = f"{type(exc).__name__}: {exc} (to build it: `pip install --no-build-isolation .`)"
     if _load_error is None:
         _register_python_kernels()
-    if _load_error is not None:
+    else:
         warnings.warn(
             f"haba_fast C++ extension not loaded ({_load_error}); falling back to the pure-PyTorch backend "
             "(several times slower on the CPU).",

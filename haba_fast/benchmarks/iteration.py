@@ -571,15 +571,16 @@ def _section(rows, title) -> str:
                 "did not complete (out of memory or error) |"
             )
             continue
-        note = "approximation" if r.get("approximate") else ""
+        notes = ["approximation"] if r.get("approximate") else []
         if cuda and r.get("peak_rss_mb") is not None:
-            note = (note + "; " if note else "") + f"peak RSS {r['peak_rss_mb']:.0f} MB"
+            notes.append(f"peak RSS {r['peak_rss_mb']:.0f} MB")
         if r.get("peak_cuda_reserved_mb") is not None:
-            note += f"; {r['peak_cuda_reserved_mb']:.0f} MB reserved"
+            notes.append(f"{r['peak_cuda_reserved_mb']:.0f} MB reserved")
         if r.get("cuda_graph_replays") is not None:
-            note += f"; {r['cuda_graph_captures']} graphs, {r['cuda_graph_replays']} replays (warm-up included)"
+            notes.append(f"{r['cuda_graph_captures']} graphs, {r['cuda_graph_replays']} replays (warm-up included)")
         if r.get("compile_step") and r.get("warmup_s"):
-            note = (note + "; " if note else "") + f"first iteration {r['warmup_s'][0]:.1f} s (the compile)"
+            notes.append(f"first iteration {r['warmup_s'][0]:.1f} s (the compile)")
+        note = "; ".join(notes)
         lines.append(
             f"| {_label(r)} | {r['ipc']} | {r['syn_steps']} | {r['batch_syn']} | {_fmt(r.get('s_per_iter'), tf)} "
             f"| {_fmt(r.get('cpu_s_per_iter'), tf)} | {len(r.get('times', []))} "

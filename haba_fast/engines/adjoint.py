@@ -885,15 +885,14 @@ class AdjointEngine:
                 raise ValueError(_COMPILE_NEEDS_TORCH.format(asked))
             check_compile_step_budget(self.memory_budget)
         self._compiled: _CompiledStep | None = None  # the last model's compiled step (a run has one student)
-        self.cuda_graphs = bool(cuda_graphs)
-        if self.cuda_graphs:
+        if cuda_graphs:
             if self.compile_step:
                 raise ValueError(_GRAPHS_WITH_COMPILE)
             if asked not in (None, "auto", "cpu"):
                 raise ValueError(_GRAPHS_NEED_CPP.format(asked))
-        # the captured step ops, kept across calls (a run's iterations replay them); .captures / .replays count them
-        # since the engine was made; tests swap in another capture
-        self.step_graphs: StepGraphs | None = StepGraphs() if self.cuda_graphs else None
+        # cuda_graphs: the captured step ops, kept across calls (a run's iterations replay them); .captures /
+        # .replays count them since the engine was made; tests swap in another capture
+        self.step_graphs: StepGraphs | None = StepGraphs() if cuda_graphs else None
         self.last_backend: str | None = None  # which implementation the last call used ("cpu" | "torch")
         # The last call's budget bookkeeping: memory_device ("cpu" | "cuda": where the budget's bytes are),
         # memory_budget_bytes (None = unlimited), per_step_bytes (measured on
@@ -901,6 +900,11 @@ class AdjointEngine:
         # once: N + 1, ~2 sqrt(N) + 2 with ``min``, 2 offloaded), with ``min`` checkpoint_every and
         # recomputed_weights, offloaded: offloaded_weights and offloaded_bytes.
         self.last_stats: dict = {}
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the C++ op's steps are replayed from CUDA graphs (``step_graphs`` holds them)."""
+        return self.step_graphs is not None
 
     def _select(self, model: nn.Module, device: torch.device, dtype: torch.dtype, *, distributed: bool = False) -> str:
         if self.compile_step:  # a torch-backend step ($HABA_FAST_BACKEND may still name another)

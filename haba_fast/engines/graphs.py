@@ -160,24 +160,28 @@ class StepGraphs:
             self._graphs[key] = None
             return list(fn(*inputs))
         graph = self._graphs[key]
-        if graph is None:
-            static_inputs = [t.clone() for t in inputs]
-            try:
-                replay, outputs = self._capture(fn, static_inputs)
-            except Exception as exc:
-                # an error inside the capture surfaces as the capture's own failure: name the first cause too
-                causes = [exc] + ([exc.__context__] if exc.__context__ is not None else [])
-                said = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in reversed(causes))
-                raise RuntimeError(
-                    f"cuda_graphs: capturing {name} as a CUDA graph failed ({said}); run without --cuda-graphs"
-                ) from exc
-            graph = self._graphs[key] = _Graph(static_inputs, replay, outputs)
-            self.captures += 1
+        if graph is None:  # its static inputs are clones of these
+            graph = self._graphs[key] = self._captured(name, fn, inputs)
+            self._after_last_replay(graph)
         else:
             self._after_last_replay(graph)
             for static, t in zip(graph.static_inputs, inputs):
                 static.copy_(t)
         graph.replay()
-        self._after_last_replay(graph)
         self.replays += 1
         return [t.clone() for t in graph.outputs]
+
+    def _captured(self, name: str, fn: StepFn, inputs: list[Tensor]) -> _Graph:
+        """``fn`` captured on clones of ``inputs``; a failure is a RuntimeError naming the op and the cause."""
+        static_inputs = [t.clone() for t in inputs]
+        try:
+            replay, outputs = self._capture(fn, static_inputs)
+        except Exception as exc:
+            # an error inside the capture surfaces as the capture's own failure: name the first cause too
+            causes = [exc] + ([exc.__context__] if exc.__context__ is not None else [])
+            said = "; ".join(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}" for e in reversed(causes))
+            raise RuntimeError(
+                f"cuda_graphs: capturing {name} as a CUDA graph failed ({said}); run without --cuda-graphs"
+            ) from exc
+        self.captures += 1
+        return _Graph(static_inputs, replay, outputs)
