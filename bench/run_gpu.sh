@@ -10,12 +10,14 @@
 # compile with inductor); with 15 minutes of device time a session has room for this run and a short second one.
 # Order = priority: the C++ build and the Triton part of tests/test_gpu.py run side by side (the Triton tests
 # need no extension, and their compiles warm Triton's disk cache for the benchmarks), then the rest of
-# tests/test_gpu.py, the iteration benchmark and its profile (bench/profile_iteration.py), the genaug benchmark and
-# its profile, and last the rest of the suite (pytest-xdist).
+# tests/test_gpu.py but its compiled-step tests, the iteration benchmark and its profile
+# (bench/profile_iteration.py), the compiled-step tests (they compile with inductor, and the compiled step is a
+# diagnostic, not a candidate for the targets), the genaug benchmark and its profile, and last the rest of the
+# suite (pytest-xdist).
 # Everything goes to $OUT in at most 8 files: summary.txt, env.txt, build.log, gpu_tests.log, bench.log,
 # suite.log and results.tar.gz (bench/results, junit xml files, every log). GPU settings are never changed.
-# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest iteration iprofile iprofile_a genaug profile
-# suite), e.g. for a rerun; EXTRA_CMD="..." runs one more command before the suite (phase extra, log extra.log in
+# SKIP="suite build" skips phases by name (build gpu_triton gpu_rest iteration iprofile iprofile_a gpu_compiled
+# genaug profile suite), e.g. for a rerun; EXTRA_CMD="..." runs one more command before the suite (phase extra, log extra.log in
 # the tarball). Overrides: PYTHON, TOTAL, B_BUILD, B_GPU, B_ITER, B_IPROFILE, B_IPROFILE_A, B_GENAUG, B_PROFILE,
 # B_EXTRA, B_SUITE (seconds), GPU_WORKERS (default 4), SUITE_WORKERS (default 8; pytest-xdist when installed).
 set -uo pipefail
@@ -31,14 +33,16 @@ if [ "$DRY" = 1 ]; then
   export HABA_GPU_TEST_DEVICE=cpu TRITON_INTERPRET=1
   export ROUNDS=1  # one round of the iteration benchmark's timed comparison
   GPU_TRITON_K="triton and (n7-cb1-C1-8x8 or 1ch-8x8 or refuses or (augment_float32 and (color or flip)) or info)"
-  GPU_REST_K="not triton and (c1-d2-groupnorm or first_order or distiller or device_mix)"
+  GPU_REST_K="not triton and not compiled_step and (c1-d2-groupnorm or first_order or distiller or device_mix)"
+  GPU_COMPILED_K="compiled_step"  # skipped off CUDA: the phase's plumbing only
   SUITE_ARGS=(tests/test_cli_info_export.py tests/test_ops_generate.py -k "bad_inputs or info")
 else
   PY=${PYTHON:-python3}
   DEVICE=cuda
   OUT=${OUT:?set OUT to the folder whose files come back}
   GPU_TRITON_K="triton"
-  GPU_REST_K="not triton"
+  GPU_REST_K="not triton and not compiled_step"
+  GPU_COMPILED_K="compiled_step"
   SUITE_ARGS=(tests/ --ignore=tests/test_gpu.py -m "not slow")
 fi
 TOTAL=${TOTAL:-540}
@@ -204,6 +208,10 @@ phase iprofile "$(budget "$B_IPROFILE")" "$LOGS/iprofile.log" bash -c \
 phase iprofile_a "$(budget "$B_IPROFILE_A")" "$LOGS/iprofile.log" bash -c \
   'PYTHONPATH=. $PY bench/profile_iteration.py "$@"' _ "${IPROFILE_A[@]}"
 grep -E "^=====|profiled step" "$LOGS/iprofile.log"
+# The compiled-step tests (torch.compile with inductor: a minute of compiling) after the target rows.
+phase gpu_compiled "$(budget "$B_GPU")" "$LOGS/gpu_tests.log" bash -c 'gpu_tests "$@"' _ "$GPU_COMPILED_K" \
+  junit_gpu_compiled.xml
+grep -E "passed|failed|error" "$LOGS/gpu_tests.log" | tail -2
 phase genaug "$(budget "$B_GENAUG")" "$LOGS/bench.log" \
   env DEVICE="$DEVICE" PYTHON="$PY" RESULTS="$RES" QUICK="$QUICK" bench/run_genaug.sh
 # A benchmark cut short by its budget leaves its rows so far: turn them into the documents all the same.
