@@ -253,7 +253,6 @@ def select_backend(
     op: str,
     inputs: Union[OpInputs, torch.device, str],
     backend: Optional[str] = None,
-    cpu_op: Optional[str] = None,
     *,
     legacy_env: Optional[str] = None,
 ) -> str:
@@ -263,13 +262,11 @@ def select_backend(
         op: one of :data:`OPS` (``generate``, ``augment``, ``generate_augment``, ``trajectory_match``).
         inputs: an :class:`OpInputs`, or just a device.
         backend: explicit override; None reads $HABA_FAST_BACKEND (default ``auto``).
-        cpu_op: unused; kept so older callers keep working (the C++ op of each op is in :data:`OPS`).
         legacy_env: an older op-specific environment variable still honoured (see :func:`requested_backend`).
 
     Raises:
         BackendUnavailableError: ``backend`` (or the environment) names a backend that cannot run here.
     """
-    del cpu_op
     _check_op(op)
     inputs = _inputs(inputs)
     asked = requested_backend(backend, legacy_env=legacy_env)

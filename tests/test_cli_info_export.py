@@ -161,6 +161,12 @@ def test_export_uses_recorded_zca_and_dataset(tmp_path):
     pt, npz = _check_outputs(tmp_path / "f", 4, 1, (4, 4))
     expected = (zca1.inverse(pt["images"]).float() * 0.3530 + 0.2861).clamp(0, 1)
     torch.testing.assert_close(torch.from_numpy(npz["pixels"]), expected)
+    # --denormalize-dataset with a recorded ZCA: the inverse ZCA, then that dataset's mean/std (not ignored).
+    argv = ["export", str(tmp_path / "f.pt"), "--out", str(tmp_path / "fm"), "--denormalize-dataset", "mnist"]
+    assert main(argv) == 0
+    pt, npz = _check_outputs(tmp_path / "fm", 4, 1, (4, 4))
+    expected = (zca1.inverse(pt["images"]).float() * 0.3081 + 0.1307).clamp(0, 1)
+    torch.testing.assert_close(torch.from_numpy(npz["pixels"]), expected)
     # No ZCA, no mean/std: the recorded dataset name gives the reference's normalization.
     haba.save(tmp_path / "d.pt", {"dataset": "CIFAR10"})
     assert main(["export", str(tmp_path / "d.pt"), "--out", str(tmp_path / "d")]) == 0

@@ -8,7 +8,7 @@ parsed in its spelling (``--ipc``, ``--n_style``, ``--syn_steps``, ``--Iteration
 spelling (``--n-style``, ``--syn-steps``, ``--iterations``, ...); both set the same option, so the
 reference's shell scripts run with ``python distill_fac.py`` replaced by ``haba-fast distill``. A flag
 either means what it means in the reference or is refused with the reason and what to use instead
-(:data:`REFUSED`: ``--subset``, ``--batch_real``, ``--pretrained_ckpt``, ``--force_save``, ``--lr_init``,
+(:data:`REFUSED`: ``--subset``, ``--batch_real`` with MTT, ``--pretrained_ckpt``, ``--force_save``, ``--lr_init``,
 ``--texture``, ``--canvas_size``, ``--canvas_samples``, and ``--no_aug False``); nothing is ignored.
 """
 
@@ -191,7 +191,7 @@ _FLAGS: List[tuple] = [
         "engine",
         ["--engine"],
         dict(type=str, choices=["exact", "naive", "first-order", "auto"]),
-        "unrolled-gradient engine (auto: exact when available, else naive)",
+        "unrolled-gradient engine (auto: exact)",
     ),
     (
         "budget_ipc",
@@ -212,9 +212,15 @@ _FLAGS: List[tuple] = [
         "checkpoint_every",
         ["--checkpoint-every", "--checkpoint_every"],
         dict(type=int),
-        "write a checkpoint every this many iterations (default: --eval_it)",
+        "write a checkpoint every this many iterations (default: --eval_it, or the end of the run when it is 0)",
     ),
-    ("max_loss", ["--max-loss", "--max_loss"], dict(type=float), "stop when the matching loss exceeds this (exploded)"),
+    (
+        "max_loss",
+        ["--max-loss", "--max_loss"],
+        dict(type=float),
+        "MTT: a step whose normalized matching loss exceeds this (default 1e4) counts as exploded: it is skipped, "
+        "and --max-bad-steps of them in a row stop the run",
+    ),
     (
         "batch_standardize",
         ["--batch-standardize", "--batch_standardize"],
@@ -357,7 +363,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ours.add_argument(
         "--out",
         default=None,
-        help="output folder (default runs/<dataset>_<parameterization>_ipc<ipc>; the demo: runs/demo)",
+        help="output folder (default runs/<dataset>_<parameterization>[_<objective> unless mtt]_ipc<budget-ipc or "
+        "ipc>; the demo: runs/demo)",
     )
     ours.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     ours.add_argument(

@@ -31,8 +31,8 @@ def register(sub) -> None:
                         help="number of classes of a reference checkpoint (not stored there; default 10)")
     parser.add_argument("--denormalize-dataset", metavar="NAME", default=None,
                         help="undo this dataset's normalization for the PNG (mnist, fashion-mnist, cifar10, cifar100, "
-                             "svhn, or any haba_fast.data name); default: the checkpoint's recorded ZCA, mean/std or "
-                             "dataset, else per-image min-max")
+                             "svhn, or any haba_fast.data name; after the inverse of a recorded ZCA, its mean/std); "
+                             "default: the checkpoint's recorded ZCA, mean/std or dataset, else per-image min-max")
     parser.add_argument("--ncol", type=int, default=None, help="images per row of the PNG")
     parser.set_defaults(func=run)
 
@@ -75,8 +75,8 @@ def _dataset_stats(name: str):
 def _denormalizer(syn, dataset_name):
     """A callable network-space -> [0, 1], or None (per-image min-max) when the normalization is unknown.
 
-    Order: a recorded ZCA (inverted, then the recorded mean/std); --denormalize-dataset; the recorded mean/std;
-    the recorded dataset name.
+    Order: a recorded ZCA (inverted, then --denormalize-dataset's or else the recorded mean/std);
+    --denormalize-dataset; the recorded mean/std; the recorded dataset name.
     """
     from haba_fast import visualize
 
@@ -92,9 +92,12 @@ def _denormalizer(syn, dataset_name):
             print(f"note: cannot undo the recorded ZCA whitening ({type(exc).__name__}: {exc}); "
                   "the PNG uses per-image min-max")
             return None
-        if meta.get("mean") is None or meta.get("std") is None:
+        if dataset_name:
+            stats = visualize.denormalizer(*_dataset_stats(dataset_name))
+        elif meta.get("mean") is None or meta.get("std") is None:
             return inverse
-        stats = visualize.denormalizer(list(meta["mean"]), list(meta["std"]))
+        else:
+            stats = visualize.denormalizer(list(meta["mean"]), list(meta["std"]))
         return lambda x: stats(inverse(x))
     if dataset_name:
         return visualize.denormalizer(*_dataset_stats(dataset_name))
