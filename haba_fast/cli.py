@@ -55,8 +55,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Bad input from the user: a clear one-line message, not a traceback.
         print(f"haba-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        print(f"haba-fast {args.command}: error: {_OOM_ADVICE} ({_allocator_message(exc)})", file=sys.stderr)
+        return 2
     finally:
         _leave_process_group(wait=finished)
+
+
+_OOM_ADVICE = (
+    "out of memory: the sizes asked for do not fit this machine; use smaller ones (--ipc / --budget-ipc, "
+    "--n_style, --batch_syn, --syn_steps, --batch-train, --batch), or for the trajectory engine "
+    "--memory-budget 0 or min, or --offload-weights"
+)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: Python's MemoryError, torch's CPU allocator or CUDA's."""
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ()))):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text or "CUDA out of memory" in text
+
+
+def _allocator_message(exc: BaseException) -> str:
+    """The allocator's own words, without torch's source location: e.g. "you tried to allocate 40000000000 bytes"."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text.split("DefaultCPUAllocator: ", 1)[-1][:300]
 
 
 def _leave_process_group(wait: bool) -> None:

@@ -129,7 +129,9 @@ def init_from_env(device: Optional[str] = None) -> bool:
         return False
     if not dist.is_available():
         raise ValueError("this PyTorch build has no torch.distributed; run on one process")
-    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    from haba_fast.devices import resolve_device
+
+    cuda = resolve_device(device).type == "cuda"
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if local >= torch.cuda.device_count():

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
+from haba_fast.devices import resolve_device
 from haba_fast.engines import ENGINES
 from haba_fast.engines.memory import RunBuffers
 from haba_fast.objectives.base import OBJECTIVES
@@ -367,16 +368,6 @@ def apply_objective(cfg: DistillConfig, name: str) -> DistillConfig:
     from haba_fast.objectives.base import objective_defaults
 
     return dataclasses.replace(cfg, objective=name, **objective_defaults(name))
-
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    """``auto``/None: CUDA when available, else CPU; otherwise the named device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return dev
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -228,9 +228,9 @@ def format_table(results: Sequence[EvalResult]) -> str:
 
 
 def _device(cfg_device) -> torch.device:
-    if cfg_device:
-        return torch.device(cfg_device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from haba_fast.devices import resolve_device
+
+    return resolve_device(cfg_device or None)
 
 
 def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] | Callable, int, tuple[int, ...]]:

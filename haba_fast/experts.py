@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
+from haba_fast.devices import resolve_device
 from haba_fast.io import (
     atomic_path,
     atomic_torch_save,
@@ -891,7 +892,7 @@ def train_experts(
         remove_temp_files(out_dir, recursive=False)
 
     dist.run_on_main(prepare_folder)
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.device or None)
     storage = "bfloat16" if dtype == torch.bfloat16 else "float32"
 
     channels, num_classes = int(dataset.channels), int(dataset.num_classes)

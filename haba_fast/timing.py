@@ -7,6 +7,7 @@ row says where it came from.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -143,11 +144,19 @@ def write_bench_json(path: PathLike, command: str, **results: Any) -> Dict[str, 
     return out
 
 
+def _threads(text: str) -> int:
+    """argparse type of --threads: a positive integer."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def add_network_timing_arguments(parser) -> None:
     """The flags every per-iteration benchmark shares: the ConvNet's size, the device, threads and repeats."""
     parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
     parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_threads, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")

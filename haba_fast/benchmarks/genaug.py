@@ -30,6 +30,7 @@ from torch import nn
 
 from haba_fast.aug_families import family
 from haba_fast.augment import FAMILIES
+from haba_fast.devices import resolve_device
 
 # Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a
 # batch of 500 in another order stay near 1e-6; a wrong kernel is off by O(1)).
@@ -267,7 +268,7 @@ def run_benchmark(args) -> Dict:
     from haba_fast.backend import BackendUnavailableError, select_backend
     from haba_fast.timing import environment, measure
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     cb = args.base_channels or args.channels
     families = [f.strip() for f in args.families.split(",") if f.strip()]

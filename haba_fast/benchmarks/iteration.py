@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from haba_fast._ext import buffer_cache_is_held
+from haba_fast.devices import resolve_device
 from haba_fast.engines.memory import RunBuffers
 from haba_fast.ops import BLOCK_KERNELS, block_kernels, block_kernels_in_use
 from haba_fast.timing import add_network_timing_arguments
@@ -331,7 +332,7 @@ def _run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_syn > 10 * args.ipc:
         raise ValueError(f"--batch-syn {args.batch_syn} exceeds the {10 * args.ipc} bases (10 classes x --ipc)")
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the first-order engine's one-time notice would break the JSON line
         if args.engine_only:

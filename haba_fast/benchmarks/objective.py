@@ -24,6 +24,7 @@ from typing import Any, Dict, List
 
 import torch
 
+from haba_fast.devices import resolve_device
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.timing import add_network_timing_arguments
 
@@ -105,7 +106,7 @@ def rows(args):
 
     from haba_fast import timing
 
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     env = timing.environment(device)
     for objective in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         if objective not in OBJECTIVES:
