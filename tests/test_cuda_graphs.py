@@ -9,6 +9,7 @@ replayed on new values.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -86,6 +87,60 @@ def test_a_change_of_math_mode_is_a_new_call():
     with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False):
         graphs.run("affine", _affine, [x, a])
     assert (graphs.captures, graphs.replays) == (1, 1)
+
+
+_UNDO: list = []  # how to set back what _toggle_switch set outside monkeypatch
+
+
+def _toggle_switch(name: str, monkeypatch) -> None:
+    """Flip one of the switches ``_math_mode`` reads, or the block-kernels variable."""
+    if name == "cudnn.enabled":
+        monkeypatch.setattr(torch.backends.cudnn, "enabled", not torch.backends.cudnn.enabled)
+    elif name == "cudnn.deterministic":
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", not torch.backends.cudnn.deterministic)
+    elif name == "deterministic algorithms":
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(not before)
+        _UNDO.append(lambda: torch.use_deterministic_algorithms(before))
+    elif name == "matmul precision":
+        matmul = torch.backends.cuda.matmul
+        before = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if before != "tf32" else "ieee"
+        _UNDO.append(lambda: setattr(matmul, "fp32_precision", before))
+    elif name == "cuda autocast":
+        torch.set_autocast_enabled("cuda", True)
+        _UNDO.append(lambda: torch.set_autocast_enabled("cuda", False))
+    else:
+        from haba_fast.engines.graphs import BLOCK_KERNELS_ENV
+
+        monkeypatch.setenv(BLOCK_KERNELS_ENV, "0" if os.environ.get(BLOCK_KERNELS_ENV) != "0" else "1")
+
+
+
+@pytest.mark.parametrize(
+    "switch",
+    ["cudnn.enabled", "cudnn.deterministic", "deterministic algorithms", "matmul precision", "cuda autocast",
+     "block kernels variable"],
+)
+def test_every_switch_of_the_key_makes_a_new_call(switch, monkeypatch):
+    """Each switch that chooses the kernels a call runs (the math mode, and $HABA_FAST_TRAJECTORY_FUSED: which block
+    implementation the C++ op runs) is part of the key: flipped, a call runs eagerly instead of replaying a graph
+    of other kernels; flipped back, the old graph replays."""
+    graphs = StepGraphs(capture_by_rerun, device_type=None)
+    x, a = torch.randn(3), torch.randn(3)
+    for _ in range(2):
+        graphs.run("affine", _affine, [x, a])
+    assert (graphs.captures, graphs.replays) == (1, 1)
+    try:
+        _toggle_switch(switch, monkeypatch)
+        graphs.run("affine", _affine, [x, a])  # eager: a new call
+        assert (graphs.captures, graphs.replays) == (1, 1)
+    finally:
+        while _UNDO:
+            _UNDO.pop()()
+        monkeypatch.undo()
+    graphs.run("affine", _affine, [x, a])
+    assert (graphs.captures, graphs.replays) == (1, 2)
 
 
 def test_a_failed_capture_names_the_op_and_the_cause():
@@ -221,12 +276,19 @@ def test_graphed_steps_give_the_eager_and_naive_gradients(dtype, name, budget):
             ref = grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
             for a, b in zip(got, ref):
                 assert rel_err(a, b) < REL[dtype] * (1 if dtype == torch.float64 else 10), (seed, rel_err(a, b))
+    # Which op kinds ran from graphs, and how often: with a stand-in capture the values cannot tell a graphed op
+    # from an eager one, the counts can. Each op kind is seen once eagerly (its first call), captured at its second
+    # and replayed from then on: replays = the op calls of the three calls - the op kinds.
     stats = eng.last_stats
-    assert eng.step_graphs.captures >= 2 and eng.step_graphs.replays >= 2 * 2 * N - 4  # calls 2 and 3
-    if budget == "unlimited":
-        assert stats["stored_steps"] == N
-    elif budget == 0:
-        assert stats["stored_steps"] == 0
+    recompute, keep = {"trajectory_step_grad", "trajectory_step_adjoint"}, {"trajectory_step_grad_keep",
+                                                                            "trajectory_step_adjoint_kept"}
+    kinds, stored, extra_grads = {0: (recompute, 0, 0), "unlimited": (keep, N, 0), "min": (recompute, 0, 3)}.get(
+        budget, (recompute | keep, 2, 0)
+    )
+    captured = {key[0] for key, graph in eng.step_graphs._graphs.items() if graph is not None}
+    assert captured == kinds and eng.step_graphs.captures == len(kinds)
+    assert stats["stored_steps"] == stored and stats.get("recomputed_weights", 0) == extra_grads
+    assert eng.step_graphs.replays == 3 * (2 * N + extra_grads) - len(kinds)
 
 
 @needs_cpp

@@ -26,6 +26,14 @@ REL = {torch.float64: 1e-12, torch.float32: 1e-5}
 needs_cpp = pytest.mark.skipif(not extension_loaded(), reason="the C++ extension is not built")
 
 
+@pytest.fixture(params=["fused", "composite"])
+def cpp_path(request, monkeypatch):
+    """The C++ op's two CPU paths: its fused loops, and the ATen-only path that CUDA tensors run
+    (``HABA_FAST_TRAJECTORY_FUSED=0``): both checked against the oracles on a CPU-only machine."""
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Parsing and the schedule.
 
@@ -175,8 +183,9 @@ def test_every_budget_gives_the_budget_zero_gradients(dtype, name):
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", list(CPP_MODELS))
-def test_cpp_every_budget_gives_the_budget_zero_and_naive_gradients(dtype, shape):
-    """The C++ op's kept steps: 1..N stored (odd N), unlimited, against budget 0 and the naive unroll."""
+def test_cpp_every_budget_gives_the_budget_zero_and_naive_gradients(dtype, shape, cpp_path):
+    """The C++ op's kept steps: 1..N stored (odd N), unlimited, against budget 0 and the naive unroll; fused and
+    ATen-only paths."""
     model = _convnet(dtype=dtype, **CPP_MODELS[shape])
     _check_every_budget("exact", "cpu", dtype, model, 5 if shape == "instancenorm" else 3, 3)
 
@@ -589,9 +598,9 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", list(CPP_MODELS))
-def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape, device):
-    """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint
-    (on CUDA tensors too, where a GPU is present: the composite path that backend auto runs there)."""
+def test_cpp_kept_step_ops_match_the_recomputing_ones(dtype, shape, device, cpp_path):
+    """trajectory_step_grad_keep / trajectory_step_adjoint_kept == trajectory_step_grad / trajectory_step_adjoint,
+    on the fused and the ATen-only path (and on CUDA tensors, where a GPU is present)."""
     from haba_fast.engines.adjoint import cpp_spec
 
     model = _convnet(dtype=dtype, **CPP_MODELS[shape])

@@ -53,9 +53,9 @@ SCRIPT = textwrap.dedent(
 
     kb.trajectory_block_forward, kb.trajectory_block_backward = counted_forward, counted_backward
 
-    def rel(a, b):
+    def rel(a, b):  # norm-relative, no floor: a small gradient is held to the same relative tolerance
         a, b = a.detach().double(), b.detach().double()
-        return float((a - b).abs().max() / max(float(b.abs().max()), 1.0))
+        return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
     ACTS = {0: F.relu, 1: torch.sigmoid, 2: lambda n: F.leaky_relu(n, 0.01)}
 
