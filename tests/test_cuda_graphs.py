@@ -3,7 +3,8 @@
 A CUDA graph needs a GPU (tests/test_gpu.py captures real ones). Here ``capture_by_rerun`` stands in for it with the
 same contract (static inputs, static outputs that every replay overwrites), so the engine's graphed steps are
 checked against the eager C++ steps and the naive unroll over several calls: first eager, then captured, then
-replayed on new values.
+replayed on new values. The engine tests use ``capture_strictly``, which also fails a step that reads a tensor other
+than its static inputs (a real graph would replay that tensor's value at capture time).
 """
 
 from __future__ import annotations
@@ -16,15 +17,58 @@ import torch
 from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
 from test_distill import buffer, digits  # noqa: F401  (module fixtures reused)
 from test_memory_budget import REL, _haba_problem, _syn_grads, needs_cpp
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from haba_fast.engines import get_adjoint_engine, get_engine
 from haba_fast.engines.graphs import StepGraphs, capture_by_rerun
 
 
+class _OnlyStaticInputs(TorchDispatchMode):
+    """Fails an op that reads a tensor which is neither one of the call's static inputs nor made during the call: a
+    CUDA graph would replay such a tensor's value at capture time (a step function that closed over an outside
+    tensor), where the rerun stand-in silently reads the new one."""
+
+    def __init__(self, static_inputs):
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in static_inputs}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.known:
+                raise AssertionError(f"{func} read a tensor that is not a static input of the captured call")
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.known.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def capture_strictly(fn, static_inputs):
+    """``capture_by_rerun`` whose runs may read nothing but the static inputs and what they make (a real graph's
+    constraint on its tensors)."""
+
+    def checked(*inputs):
+        with _OnlyStaticInputs(static_inputs):
+            return fn(*inputs)
+
+    return capture_by_rerun(checked, static_inputs)
+
+
 def _rerun_engine(name="exact", budget=0, **kw):
     eng = get_adjoint_engine(name, None, budget, cuda_graphs=True, **kw)
-    eng.step_graphs = StepGraphs(capture_by_rerun, device_type=None)
+    eng.step_graphs = StepGraphs(capture_strictly, device_type=None)
     return eng
+
+
+def test_the_strict_stand_in_catches_a_step_reading_an_outside_tensor():
+    graphs = StepGraphs(capture_strictly, device_type=None)
+    x, outside = torch.randn(3), torch.randn(3)
+    graphs.run("clean", lambda x: [x * 2 + 1], [x])
+    graphs.run("clean", lambda x: [x * 2 + 1], [x])  # captured: reads only x and what it made
+    graphs.run("leaky", lambda x: [x + outside], [x])  # eager the first time
+    with pytest.raises(RuntimeError, match="capturing leaky as a CUDA graph failed.*not a static input"):
+        graphs.run("leaky", lambda x: [x + outside], [x])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -351,7 +395,7 @@ def test_distiller_iterations_through_graphed_steps(digits, buffer, monkeypatch)
         assert d.engine.cuda_graphs is graphs
         assert ("steps replayed from CUDA graphs" in d.objective.describe()) is graphs
         if graphs:
-            d.engine.step_graphs = StepGraphs(capture_by_rerun, device_type=None)
+            d.engine.step_graphs = StepGraphs(capture_strictly, device_type=None)
         for _ in range(3):
             d.step()
         runs[graphs] = [p.detach().clone() for p in d.synthetic.parameters()]
