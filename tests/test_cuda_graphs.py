@@ -442,7 +442,7 @@ def test_cuda_graphs_needs_a_model_the_cpp_op_runs():
 
     model = _MLPStudent().double()
     X, Y, ws, wt = make_problem(model, 2, 2, (5, 5), torch.float64)
-    with pytest.raises(BackendUnavailableError):
+    with pytest.raises(BackendUnavailableError, match="_MLPStudent is not a ConvNet the C\\+\\+ engine implements"):
         grads(_rerun_engine(), model, X, Y, ws, wt)
 
 

@@ -67,11 +67,16 @@ def test_parse_memory_budget_rejects_with_the_accepted_forms(bad):
         parse_memory_budget(bad)
 
 
-def test_budget_bytes_resolves_auto_and_unlimited():
+def test_budget_bytes_resolves_auto_and_unlimited(monkeypatch):
+    from haba_fast.engines import memory
+
     assert budget_bytes("unlimited", torch.device("cpu")) is None
     assert budget_bytes("1MB", torch.device("cpu")) == 2**20
-    auto = budget_bytes("auto", torch.device("cpu"))
-    assert 0 < auto < 2**50
+    assert 0 < budget_bytes("auto", torch.device("cpu")) <= memory.free_memory_bytes(torch.device("cpu"))
+    # auto = the stated fraction of what the device has free now
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: 10 * 2**30)
+    assert budget_bytes("auto", torch.device("cpu")) == int(memory.AUTO_FRACTION * 10 * 2**30)
+    assert 0 < memory.AUTO_FRACTION < 1
 
 
 @pytest.mark.parametrize("budget, held", [("unlimited", True), ("0", False), (None, False), ("min", False),
