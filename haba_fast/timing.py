@@ -157,6 +157,8 @@ def add_network_timing_arguments(parser) -> None:
     parser.add_argument("--width", type=int, default=128, help="ConvNet width (default 128)")
     parser.add_argument("--depth", type=int, default=3, help="ConvNet depth (default 3)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
-    parser.add_argument("--threads", type=_threads, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=_threads, default=None, help="torch.set_num_threads (default: torch's choice)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations (default 3)")
