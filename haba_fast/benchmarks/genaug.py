@@ -23,13 +23,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Dict, List
+import os
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
 
 from haba_fast.aug_families import family
 from haba_fast.augment import FAMILIES
+from haba_fast.commands.bench import SEED_BOUNDS, check_flags
 from haba_fast.devices import resolve_device
 
 # Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a
@@ -222,6 +224,63 @@ def minimal_bytes(
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
+def least_resident_bytes(
+    n: int, M: int, cb: int, C: int, H: int, W: int, k: int, Hn: int, elem: int, reference: bool = True
+) -> int:
+    """Bytes the benchmark holds at once, at least: a lower bound from the shapes it allocates.
+
+    During a fused step's backward these are alive together: the problem (bases [M, c_b, H, W] and the hallucinator
+    parameters, as in ``minimal_bytes``), their clones that take the gradients, the gradients, with the reference
+    path its own copy of the bases and parameters, the grad of the output and the output [n, C, H, W], and the two
+    index vectors [n] (int64). Intermediates (and the reference path's per-sample tensors) are not counted.
+
+    Args:
+        n: samples; M: bases; cb, C: basis / image channels; H, W: image size; k: kernel size; Hn: hallucinators.
+        elem: bytes per float (4 or 8); reference: whether the reference path's copies are held too.
+    """
+    Ho, Wo = H - k + 1, W - k + 1
+    problem = (M * cb * H * W + Hn * C * cb * k * k + 2 * Hn * C + 2 * Hn * C * Ho * Wo + Hn * C * C * k * k) * elem
+    return (4 if reference else 3) * problem + 2 * n * C * H * W * elem + 2 * n * 8
+
+
+def _memory_of(device: torch.device) -> Tuple[int, str]:
+    """Total bytes of ``device``'s memory and a name for it: the CUDA device's, or this machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's memory (RAM)"
+
+
+def check_args(args, device: torch.device) -> Tuple[int, List[str]]:
+    """Raise ValueError for bad flags, before any work: counts and sizes below 1 (warm-up below 0), a kernel larger
+    than the image, no or unknown families, tensors that cannot fit ``device``'s memory.
+
+    Returns:
+        (c_b, families): the basis channels and the families to time (in order, each once).
+    """
+    check_flags(args, batch=1, size=1, channels=1, base_channels=1, k=1, hallucinators=1, bases=1, warmup=0, repeats=1)
+    check_flags(args, seed=SEED_BOUNDS)
+    if args.size < args.k:
+        raise ValueError(f"--size {args.size} must be >= --k {args.k}")
+    families = list(dict.fromkeys(f.strip() for f in args.families.split(",") if f.strip()))
+    if not families:
+        raise ValueError(f"--families {args.families!r} names no family: choose from {', '.join(FAMILIES)}")
+    for f in families:
+        if f not in FAMILIES:
+            raise ValueError(f"--families: unknown family {f!r}: choose from {', '.join(FAMILIES)}")
+    cb = args.channels if args.base_channels is None else args.base_channels
+    elem = 8 if args.dtype == "float64" else 4
+    shape = (args.batch, args.bases, cb, args.channels, args.size, args.size, args.k, args.hallucinators)
+    need = least_resident_bytes(*shape, elem, reference=not args.no_reference)
+    total, where = _memory_of(device)
+    if need > total:
+        raise ValueError(
+            f"--batch {args.batch} --size {args.size} --channels {args.channels} --base-channels {cb} --k {args.k} "
+            f"--hallucinators {args.hallucinators} --bases {args.bases} --dtype {args.dtype}: the benchmark's tensors "
+            f"need at least {need / 1e9:,.1f} GB, more than the {total / 1e9:,.1f} GB of {where}; use smaller sizes"
+        )
+    return cb, families
+
+
 def copy_bandwidth(device, nbytes: int = 1 << 30, repeats: int = 10) -> Dict[str, float]:
     """The card's device-to-device copy bandwidth: ``dst.copy_(src)`` of ``nbytes``, timed with CUDA events.
 
@@ -270,20 +329,14 @@ def run_benchmark(args) -> Dict:
 
     device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
-    cb = args.base_channels or args.channels
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    for f in families:
-        if f not in FAMILIES:
-            raise ValueError(f"--families: unknown family {f!r}: choose from {', '.join(FAMILIES)}")
-    if args.batch < 1 or args.size < args.k:
-        raise ValueError("--batch must be >= 1 and --size >= --k")
-    problem = make_problem(
-        args.batch, args.size, args.channels, cb, args.k, args.hallucinators, args.bases, device, dtype, args.seed
-    )
+    cb, families = check_args(args, device)
     try:
         backend = select_backend("generate_augment", device, None if args.backend == "auto" else args.backend)
     except BackendUnavailableError as exc:  # the CLI prints ValueErrors as one-line errors
         raise ValueError(f"--backend {args.backend} --device {args.device}: {exc}") from exc
+    problem = make_problem(
+        args.batch, args.size, args.channels, cb, args.k, args.hallucinators, args.bases, device, dtype, args.seed
+    )
     leaves = [problem[k].clone().requires_grad_(True) for k in _PARAM_NAMES]
     ref_bases = problem["bases"].clone().requires_grad_(True)
     mods = reference_modules(problem)

@@ -24,10 +24,18 @@ from typing import Any
 
 import torch
 
-from haba_fast._ext import buffer_cache_is_held
+from haba_fast._ext import buffer_cache_is_held, extension_available
+from haba_fast.backend import BackendUnavailableError, OpInputs, requested_backend, select_backend
+from haba_fast.commands.bench import SEED_BOUNDS, check_flags
 from haba_fast.devices import resolve_device
 from haba_fast.engines.memory import RunBuffers
-from haba_fast.ops import BLOCK_KERNELS, block_kernels, block_kernels_in_use
+from haba_fast.ops import (
+    BLOCK_KERNELS,
+    BLOCK_KERNELS_ENV,
+    block_kernels,
+    block_kernels_in_use,
+    trajectory_block_kernel_devices,
+)
 from haba_fast.timing import add_network_timing_arguments
 
 ENGINES = ("exact", "naive", "first-order")
@@ -301,8 +309,55 @@ def budget_fields(memory_budget: str, stats: dict, baseline_rss_mb: float | None
 def run(args) -> int:
     """One row: the iteration timed as ``args`` asks, printed as a JSON line. ``--block-kernels`` sets the C++ op's
     variable for the call (restored after it)."""
+    check_args(args)
     with block_kernels(args.block_kernels):
         return _run(args)
+
+
+def check_args(args) -> None:
+    """Raise ValueError for flags that are bad on their own or together, before any work (the device's checks come
+    once it is resolved: ``_check_triton_blocks``)."""
+    check_flags(args, ipc=1, n_hallucinators=1, syn_steps=1, batch_syn=1, width=1, depth=1, warmup=0, repeats=1)
+    check_flags(args, max_seconds=0.0, baseline_rss_mb=0.0, seed=SEED_BOUNDS)
+    if args.batch_syn > 10 * args.ipc:
+        raise ValueError(f"--batch-syn {args.batch_syn} exceeds the {10 * args.ipc} bases (10 classes x --ipc)")
+    if args.engine == "naive" and (
+        args.compile_step or args.cuda_graphs or args.backend is not None or args.inputs != "streamed"
+    ):
+        raise ValueError(
+            "--compile-step, --cuda-graphs, --backend and --inputs choose how the adjoint engines run; naive takes none"
+        )
+    if args.engine == "naive" and args.block_kernels is not None:
+        raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
+    if args.engine_only and args.inputs != "streamed":
+        raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
+    if args.backend is not None:
+        requested_backend(args.backend)  # an unknown name: a clear error now
+    if args.block_kernels is not None and _torch_step(args):
+        raise ValueError(
+            "--block-kernels chooses how the C++ op runs its blocks; --backend torch and --compile-step run the "
+            "torch step"
+        )
+
+
+def _torch_step(args) -> bool:
+    """Whether the adjoint engine runs the torch backend's step (not the C++ op) as ``args`` asks."""
+    return bool(args.compile_step) or requested_backend(args.backend, legacy_env="HABA_FAST_ADJOINT") == "torch"
+
+
+def _check_triton_blocks(args, device: torch.device) -> None:
+    """Triton block kernels asked for (``--block-kernels triton`` or the environment) where the C++ op has none for
+    ``device``: the op would raise in the first iteration; a one-line error now instead."""
+    if block_kernels_in_use() != "triton" or args.engine == "naive" or _torch_step(args):
+        return
+    extension_available()  # loads the extension, which registers the Triton block kernels it can
+    if device.type.upper() not in trajectory_block_kernel_devices():
+        asked = "--block-kernels triton" if args.block_kernels else f"{BLOCK_KERNELS_ENV}=triton"
+        raise ValueError(
+            f"{asked} --device {device}: no Triton block kernel for {device.type} tensors (Triton runs on CUDA, or "
+            "on the CPU when TRITON_INTERPRET=1 is set before haba_fast's extension loads; "
+            "haba_fast.ops.register_trajectory_block_kernels registers them, and needs triton)"
+        )
 
 
 def _run(args) -> int:
@@ -317,22 +372,15 @@ def _run(args) -> int:
         raise ValueError("--max-seconds would let the processes stop after different counts; give --repeats only")
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    if args.engine == "naive" and (
-        args.compile_step or args.cuda_graphs or args.backend is not None or args.inputs != "streamed"
-    ):
-        raise ValueError(
-            "--compile-step, --cuda-graphs, --backend and --inputs choose how the adjoint engines run; naive takes none"
-        )
-    if args.engine == "naive" and args.block_kernels is not None:
-        raise ValueError("--block-kernels chooses how the C++ op runs its blocks; naive runs autograd")
-    if args.engine_only and args.inputs != "streamed":
-        raise ValueError("--inputs chooses how a full iteration builds its batches; --engine-only has fixed inputs")
-    for name in ("ipc", "n_hallucinators", "syn_steps", "batch_syn", "width", "depth", "repeats"):
-        if int(getattr(args, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_syn > 10 * args.ipc:
-        raise ValueError(f"--batch-syn {args.batch_syn} exceeds the {10 * args.ipc} bases (10 classes x --ipc)")
     device = resolve_device(args.device)
+    if args.backend is not None:  # one that cannot run here: a one-line error now, not in the first iteration
+        # the data-parallel step's engine sees a reducer (the C++ op has no per-step all-reduce)
+        inputs = OpInputs(device, torch.float32, extra={"distributed": dist.world_size() > 1 and not args.engine_only})
+        try:
+            select_backend("trajectory_match", inputs, args.backend)
+        except BackendUnavailableError as exc:
+            raise ValueError(f"--backend {args.backend} --device {device}: {exc}") from exc
+    _check_triton_blocks(args, device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the first-order engine's one-time notice would break the JSON line
         if args.engine_only:

@@ -20,10 +20,11 @@ import json
 import statistics
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
+from haba_fast.commands.bench import SEED_BOUNDS, check_flags
 from haba_fast.devices import resolve_device
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.timing import add_network_timing_arguments
@@ -70,8 +71,9 @@ def build_distiller(args, objective: str, parameterization: str):
             "ipc": args.ipc,
             "n_hallucinators": args.n_hallucinators,
             "batch_real": args.batch_real,
-            "outer_loop": args.outer_loop,
-            "inner_loop": args.inner_loop,
+            # DC/DSA only (DistillConfig refuses them with another objective)
+            "outer_loop": args.outer_loop if objective in ("dc", "dsa") else None,
+            "inner_loop": args.inner_loop if objective in ("dc", "dsa") else None,
             "syn_steps": args.syn_steps,
             "engine": args.engine,
             "expert_epochs": 2,
@@ -100,20 +102,48 @@ def _time(fn, args, device) -> Dict[str, Any]:
     return {"s_per_iter": t.median, "s_per_iter_min": t.min, "cpu_s_per_iter": statistics.median(cpu), "times": t.times}
 
 
+def check_args(args) -> Tuple[List[str], List[str]]:
+    """Raise ValueError for bad flags, before any row runs: counts below 1 (warm-up below 0), an unknown engine, no
+    or unknown objectives and parameterizations, DC/DSA loops without DC or DSA.
+
+    Returns:
+        (objectives, parameterizations) to run, in the order given.
+    """
+    from haba_fast.engines import ENGINES
+
+    check_flags(args, ipc=1, n_hallucinators=1, batch_real=1, syn_steps=1, width=1, depth=1, warmup=0, repeats=1)
+    check_flags(args, outer_loop=1, inner_loop=1, seed=SEED_BOUNDS)
+    if args.engine not in ENGINES + ("auto",):
+        raise ValueError(f"unknown engine {args.engine!r}: choose one of {', '.join(ENGINES)} (or auto)")
+    objectives = _names("objective", args.objectives, OBJECTIVES)
+    pars = _names("parameterization", args.parameterizations, PARAMETERIZATIONS)
+    if (args.outer_loop is not None or args.inner_loop is not None) and not {"dc", "dsa"} & set(objectives):
+        raise ValueError("--outer-loop / --inner-loop apply to the dc and dsa objectives, and --objectives has neither")
+    return objectives, pars
+
+
+def _names(what: str, text: str, known) -> List[str]:
+    """The comma-separated names of ``--{what}s``, each one of ``known``; at least one."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"--{what}s {text!r} names no {what}: choose among {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {what} {name!r}: choose among {', '.join(known)}")
+    return names
+
+
 def rows(args):
     """Yield one result dict per (objective, parameterization[, gradient batching])."""
     import warnings
 
     from haba_fast import timing
 
+    objectives, pars = check_args(args)
     device = resolve_device(args.device)
     env = timing.environment(device)
-    for objective in [o.strip() for o in args.objectives.split(",") if o.strip()]:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}: choose among {', '.join(OBJECTIVES)}")
-        for par in [p.strip() for p in args.parameterizations.split(",") if p.strip()]:
-            if par not in PARAMETERIZATIONS:
-                raise ValueError(f"unknown parameterization {par!r}: choose among {', '.join(PARAMETERIZATIONS)}")
+    for objective in objectives:
+        for par in pars:
             modes = [None]
             if objective in ("dc", "dsa"):
                 modes = ["auto"] if args.no_loop else ["auto", "vmap", "loop"]
@@ -152,10 +182,7 @@ def rows(args):
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(int(args.threads))
-    for name in ("ipc", "n_hallucinators", "batch_real", "syn_steps", "width", "depth", "repeats"):
-        if int(getattr(args, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for row in rows(args):
+    for row in rows(args):  # its flags checked before the first row
         sys.stdout.write(json.dumps(row) + "\n")
         sys.stdout.flush()
     return 0
