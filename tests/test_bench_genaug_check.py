@@ -41,3 +41,40 @@ def test_float64_reference_keeps_every_bit():
     row = G.run_benchmark(args)
     for fam in G.FAMILIES:
         assert row["families"][fam]["max_rel_grad_err"] < G.GRAD_RTOL["float64"], fam
+
+
+# ---- the GPU bandwidth model and report (they run on the CPU) ----------------------------------------------------
+def test_minimal_bytes_by_hand():
+    """n=2, M=3, c_b=1, C=2, 4x4, k=3, Hn=1, float32: every term counted by hand (see minimal_bytes' docstring)."""
+    b = G.minimal_bytes(2, 3, 1, 2, 4, 4, 3, 1, 4)
+    bases, params, dec_bias = 3 * 16 * 4, (2 * 9 + 2 + 2 * 2 * 4 + 2 * 2 * 9 + 2) * 4, 2 * 4
+    indices, aug, images = 2 * 2 * 8, 2 * 4 * 4 + 2 * 4 * 8, 2 * 2 * 16 * 4
+    assert b["forward"] == bases + params + indices + aug + images == 872
+    assert b["backward"] == images + bases + (params - dec_bias) + indices + aug + bases + params == 1352
+    assert b["total"] == 2224
+    # float64 doubles every float term, not the int64 indices
+    b64 = G.minimal_bytes(2, 3, 1, 2, 4, 4, 3, 1, 8)
+    assert b64["total"] == 2 * 2224 - (2 * indices + 2 * 2 * 4 * 8)  # the int64 bytes, fwd + bwd
+
+
+def test_gpu_rows_get_bandwidth_and_their_own_table(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    G.add_arguments(parser)
+    args = parser.parse_args(["--batch", "4", "--size", "8", "--bases", "6", "--families", "color,flip",
+                              "--warmup", "0", "--repeats", "1", "--backend", "torch"])
+    row = G.run_benchmark(args)
+    assert "copy_gbps" not in row and "achieved_gbps" not in row["families"]["color"]  # CPU: no bandwidth fields
+    monkeypatch.setattr(G, "copy_bandwidth", lambda device: {"copy_bytes": 2, "copy_s": 1.0, "copy_gbps": 2000.0})
+    G._add_bandwidth(row, args, 3, "cuda")
+    total = G.minimal_bytes(4, 6, 3, 3, 8, 8, 3, 5, 4)["total"]
+    assert row["families"]["flip"]["achieved_gbps"] == total / row["families"]["flip"]["fwd_bwd_s"] / 1e9
+    assert row["bandwidth_fraction"] == row["mean_achieved_gbps"] / 2000.0
+    gpu = dict(row, device="cuda", env=dict(row["env"], gpu="Fake H100"))
+    (tmp_path / "cpu.json").write_text(json.dumps(G.run_benchmark(args)) + "\n")
+    (tmp_path / "gpu.json").write_text(json.dumps(gpu) + "\n")
+    doc = G.report(str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json"))
+    assert doc.index("| family | fused fwd+bwd (s) |") < doc.index("# GPU") < doc.index("| GB/s | of copy |")
+    assert "Fake H100" in doc and "2000 GB/s" in doc and doc.count("| **mean** |") == 2

@@ -11,7 +11,7 @@ from haba_fast._ext import extension_available
 
 
 def _script():
-    path = os.path.join(os.path.dirname(__file__), "composite_step.py")
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "composite_step.py")
     spec = importlib.util.spec_from_file_location("composite_step", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
