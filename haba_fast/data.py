@@ -32,7 +32,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "REFERENCE_NAMES", "ZCA", "Dataset", "canonical_name", "load", "read_idx", "zca_of_normalized"]
+__all__ = [
+    "DATASETS",
+    "REFERENCE_NAMES",
+    "ZCA",
+    "Dataset",
+    "canonical_name",
+    "check_test_images",
+    "load",
+    "read_idx",
+    "zca_of_normalized",
+]
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "folder")
 
@@ -681,6 +691,8 @@ def _load_folder(root: str | None):
     images = _read_images(files)
     y = torch.tensor(labels, dtype=torch.int64)
     if train_dir.is_dir() and test_dir is not None:
+        if not _class_dirs(test_dir):
+            raise FileNotFoundError(f"no class folders in {test_dir}: expected {test_dir}/<class>/*.png|jpg")
         tfiles, tlabels, _ = _scan(test_dir, classes)
         timages = _read_images(tfiles)
         if timages.shape[1:] != images.shape[1:]:
@@ -693,6 +705,28 @@ def _load_folder(root: str | None):
         tr, te = torch.from_numpy(tr), torch.from_numpy(te)
         train, test = (images[tr], y[tr]), (images[te], y[te])
     return train, test, classes, str(base)
+
+
+def check_test_images(dataset) -> None:
+    """Raise ``ValueError`` when ``dataset`` has no test images, saying why: for a folder dataset split per class
+    (no test folder), how the split works and how many images a class needs for one of them to be tested."""
+    if int(dataset.test_images.shape[0]) > 0:
+        return
+    name = getattr(dataset, "name", "?")
+    root = getattr(dataset, "root", None)
+    if name != "folder" or root is None:
+        raise ValueError(f"dataset {name} has no test images")
+    base = Path(root)
+    split_dir = base / "train" if (base / "train").is_dir() else base
+    counts = [f"{p.name} {len(_image_files(p))}" for p in _class_dirs(split_dir)] if split_dir.is_dir() else []
+    listed = ", ".join(counts[:10]) + (f", ... ({len(counts)} classes)" if len(counts) > 10 else "")
+    layout = "without train/ and test/ folders" if split_dir == base else "without a test/ or val/ folder beside train/"
+    raise ValueError(
+        f"the folder dataset {base} has no test images: {layout}, the n images of each {split_dir}/<class>/ are "
+        f"split, round(n / 4) held out for testing and at least one kept for training, so a class needs 3 images or "
+        f"more to have one tested (images per class here: {listed or 'none'}). Add images, or give "
+        f"{base}/train/<class>/ and {base}/test/<class>/ folders"
+    )
 
 
 # ------------------------------------------------------------------------------------------ digits

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
+from haba_fast.data import check_test_images
 from haba_fast.training import DEFAULT_DSA_STRATEGY, train_network
 
 COMMON_MODELS = ("ConvNet", "AlexNet", "VGG11", "ResNet18")  # the reference's cross-architecture pool ("M")
@@ -171,7 +172,12 @@ class EvalConfig:
         if self.epochs < 0:  # 0 trains one epoch, as the reference's range(Epoch + 1)
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+            raise ValueError(f"lr (--lr) must be a positive number, got {self.lr}")
+        # SGD's own check names no flag and lets NaN through (NaN networks, chance accuracy).
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum (--momentum) must be a number in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay (--weight-decay) must be a number >= 0, got {self.weight_decay}")
         if self.batch_size < 1 or self.test_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size}, {self.test_batch_size}")
 
@@ -335,6 +341,7 @@ def evaluate_synthetic(
             f"synthetic samples are {list(shape)} but dataset {getattr(dataset, 'name', '?')} images are "
             f"{list(expected)}: evaluate on the dataset the set was distilled from (--dataset, --zca)"
         )
+    check_test_images(dataset)
     test = (dataset.test_images, dataset.test_labels)
     # Every run's seed is drawn up front, in the order one process uses them, so the runs are independent and can
     # be spread over ranks (run j on rank j mod K; haba_fast.dist: one process runs them all).

@@ -83,7 +83,9 @@ class ExpertConfig:
         dsa, dsa_strategy: DSA augmentation of training batches (``--dsa``, ``--dsa_strategy``).
         decay: lr ×0.1 (new SGD) after epoch ``epochs // 2 + 1``, as the reference ``--decay`` (off by default).
         batch_standardize: HaBa's per-batch standardization (train and test).
-        save_interval: experts per ``replay_buffer_<n>.pt`` file in the reference format.
+        save_interval: experts per ``replay_buffer_<n>.pt`` file in the reference format; in ours (one file per
+            expert) the size of the groups of consecutive experts that ``--max_files`` counts as its files
+            (``experts.json`` records it; :meth:`MemmapExpertBuffer.file_groups`).
         seed: base seed; expert ``i`` uses a generator seeded from ``(seed, i)``.
         test_every: test accuracy every this many epochs (0: only after the last epoch).
         device: training device (None: CUDA when available, else CPU).
@@ -112,6 +114,11 @@ class ExpertConfig:
             raise ValueError(f"epochs (--train_epochs) must be >= 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr (--lr_teacher) must be a positive number, got {self.lr}")
+        # SGD's own check names no flag, comes after the output folder exists, and lets NaN through (NaN experts).
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum (--mom) must be a number in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay (--l2) must be a number >= 0, got {self.weight_decay}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size (--batch_train) must be >= 1, got {self.batch_size}")
         if self.save_interval < 1:
@@ -782,6 +789,13 @@ def _open_writer(out_dir: Path, fmt: str, cfg: ExpertConfig, meta: dict[str, Any
                     f"cannot resume {header_path}: it was trained with other settings ({'; '.join(mismatch)}); "
                     "use another output directory"
                 )
+            stored = (header.get("config") or {}).get("save_interval", 10)
+            if stored != cfg.save_interval:  # the header keeps its own: another value would be ignored
+                raise ValueError(
+                    f"cannot resume {header_path} with save_interval {cfg.save_interval}: its experts are grouped in "
+                    f"runs of {stored} (what --max_files counts as files), recorded when it was created; pass "
+                    f"--save_interval {stored} or use another output directory"
+                )
             for t in header["trajectories"]:
                 if not (out_dir / t["file"]).exists():
                     raise ValueError(f"cannot resume {header_path}: listed trajectory {t['file']} is missing")
@@ -883,6 +897,10 @@ def train_experts(
     if fmt == "reference" and dtype != torch.float32:
         raise ValueError("the reference buffer format stores float32; use fmt='haba' for bfloat16 storage")
     cfg.validate()
+    if getattr(dataset, "test_images", None) is not None:  # the experts' test accuracy: before the folder is made
+        from haba_fast.data import check_test_images
+
+        check_test_images(dataset)
     out_dir = Path(out_dir)
     # Rank 0 alone probes the folder (read-only or full: a clear error before any training) and removes what a
     # killed run was writing (its expert is retrained). Another rank's probe would be one of those temp files, so

@@ -973,19 +973,61 @@ def _each_once(items: Sequence[Any], key_of: Callable[[Any], str], claim: Callab
 
 
 def load_cells(out: Path, protocol: Protocol, split: str = "test") -> Dict[str, Dict[str, Any]]:
-    """Finished cells under ``out`` for this protocol and split (files of another protocol are ignored)."""
+    """Finished cells under ``out`` for this protocol and split (files of another protocol are ignored; a file that
+    is not a cell JSON is a ValueError naming it)."""
     d = _cell_dir(Path(out), protocol, split)
     cells: Dict[str, Dict[str, Any]] = {}
     if not d.is_dir():
         return cells
     for path in sorted(d.glob("*.json")):
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # unreadable: recomputed
-        if rec.get("format") == FORMAT and same_protocol(rec, protocol):
+        rec = read_json_object(path, "table cell", _CELL_ADVICE)
+        if rec is not None and rec.get("format") == FORMAT and same_protocol(rec, protocol) and "key" in rec:
             cells[rec["key"]] = rec
     return cells
+
+
+_CELL_ADVICE = "delete it to recompute the cell"
+
+
+def read_json_object(path, what: str, advice: str = "") -> Optional[Dict[str, Any]]:
+    """The JSON object stored in ``path``, or None when there is no such file.
+
+    Raises:
+        ValueError: ``"<path>: not a <what> JSON file (<why>)"``, then ``advice`` (what to do about it), when the
+            path is a folder, cannot be read, is not UTF-8 JSON text, or holds something other than an object.
+    """
+    path = Path(path)
+    tail = f"; {advice}" if advice else ""
+    try:
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: not a {what} JSON file (it is a folder)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read this {what} JSON file ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a {what} JSON file (not UTF-8 text: byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}){tail}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a {what} JSON file ({exc}){tail}") from exc
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a {what} JSON file (it holds a JSON {_json_kind(payload)}, not an object)"
+                         f"{tail}")
+    return payload
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _records(payload: Dict[str, Any], section: str, path, what: str, advice: str) -> List[Any]:
+    """``payload[section]`` of a cell JSON or tuning log, checked to be a list (absent: empty)."""
+    records = payload.get(section, [])
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not a {what} JSON file (its {section!r} entry is a JSON {_json_kind(records)}, not "
+                         f"a list); {advice}")
+    return records
 
 
 def protocol_tag(protocol: Protocol) -> str:
@@ -1003,10 +1045,11 @@ def check_one_dataset(dataset_name: str, out: Path, *files: Optional[Path]) -> N
     records = [p for d in (Path(out) / "cells", Path(out) / "longer" / "cells") if d.is_dir()
                for p in sorted(d.rglob("*.json"))]
     for path in [*records, *(f for f in files if f is not None)]:
-        try:
-            other = json.loads(Path(path).read_text()).get("dataset")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            continue  # unreadable or not a record: nothing is reused from it
+        if path in records:
+            stored = read_json_object(path, "table cell", _CELL_ADVICE)
+        else:
+            stored = read_json_object(path, "table", "pass another file, or delete it")
+        other = None if stored is None else stored.get("dataset")
         if other is not None and _same_dataset(other, dataset_name):
             continue
         if other is not None:
@@ -1032,10 +1075,8 @@ def check_same_table(cells_json, protocol: Protocol) -> None:
 
     A run writes the whole file from its own protocol's cells, so writing over another table would drop it.
     """
-    try:
-        stored = json.loads(Path(cells_json).read_text()).get("protocol")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return  # no table there yet (or unreadable: nothing to keep)
+    payload = read_json_object(cells_json, "table cells", _CELLS_JSON_ADVICE)
+    stored = None if payload is None else payload.get("protocol")  # None: no table there yet
     if not isinstance(stored, dict):
         return
     ours = protocol.to_dict()
@@ -1048,18 +1089,21 @@ def check_same_table(cells_json, protocol: Protocol) -> None:
             f"suffix {protocol_tag(protocol)!r} for it)")
 
 
+_CELLS_JSON_ADVICE = "pass another --cells-json, or delete it (it is written anew from the cells under --out)"
+_TUNING_JSON_ADVICE = "pass another --tuning-json, or delete it (it is written anew from the trials under --out)"
+
+
 def committed_cells(cells_json, protocol: Protocol, section: str = "cells") -> Dict[str, Dict[str, Any]]:
-    """The finished cells of ``protocol`` in a cell JSON written by :func:`run_table` (empty if none/unreadable).
+    """The finished cells of ``protocol`` in a cell JSON written by :func:`run_table` (empty if there is none).
 
     ``section``: ``cells`` (the table's) or ``longer`` (the cell rerun under the longer protocol, :data:`LONGER`).
     """
-    try:
-        payload = json.loads(Path(cells_json).read_text())
-    except (OSError, json.JSONDecodeError):
+    payload = read_json_object(cells_json, "table cells", _CELLS_JSON_ADVICE)
+    if payload is None:
         return {}
     return {
         rec["key"]: rec
-        for rec in payload.get(section, [])
+        for rec in _records(payload, section, cells_json, "table cells", _CELLS_JSON_ADVICE)
         if isinstance(rec, dict) and rec.get("format") == FORMAT and same_protocol(rec, protocol) and "key" in rec
     }
 
@@ -1069,11 +1113,8 @@ def validation_trials(out: Path, protocol: Protocol) -> List[Dict[str, Any]]:
     d = _cell_dir(Path(out), protocol, "val")
     trials = []
     for path in sorted(d.glob("*.json")) if d.is_dir() else ():
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if rec.get("format") == FORMAT and "row" in rec:
+        rec = read_json_object(path, "table cell", "delete it to recompute the trial")
+        if rec is not None and rec.get("format") == FORMAT and "row" in rec and "key" in rec:
             trials.append(rec)
     return sorted(trials, key=_run_order)
 
@@ -1109,17 +1150,17 @@ def _run_order(rec: Dict[str, Any]) -> Tuple[str, float, str, str]:
 
 
 def load_trials(tuning_json, protocol_name: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The trials of a tuning log written by a validation run (empty when there is none or it is unreadable).
+    """The trials of a tuning log written by a validation run (empty when there is none).
 
     ``protocol_name``: only the trials of that protocol (the log of a dataset holds every protocol's).
     """
     if tuning_json is None:
         return []
-    try:
-        payload = json.loads(Path(tuning_json).read_text())
-    except (OSError, json.JSONDecodeError):
+    payload = read_json_object(tuning_json, "tuning log", _TUNING_JSON_ADVICE)
+    if payload is None:
         return []
-    return [t for t in payload.get("trials", []) if isinstance(t, dict) and "row" in t and "key" in t
+    trials = _records(payload, "trials", tuning_json, "tuning log", _TUNING_JSON_ADVICE)
+    return [t for t in trials if isinstance(t, dict) and "row" in t and "key" in t
             and (protocol_name is None or _protocol_name(t) == protocol_name)]
 
 
@@ -1190,16 +1231,31 @@ def run_table(
         raise ValueError(f"jobs must be at least 1, got {jobs}")
     if int(jobs) > 1 and fcntl is None:
         raise ValueError("jobs > 1 needs POSIX file locks (fcntl), which this platform lacks: run with jobs=1")
+    if threads is not None and int(threads) < 0:
+        raise ValueError(f"threads (--threads) must be >= 0 (0 leaves torch's setting), got {threads}")
+    idle = _idle_cross_models(protocol, ipcs, eval_split, cross, render_only) if cross_models is not None else None
+    if idle:
+        raise ValueError(f"cross_models (--cross-models) chooses cross-architecture cells, which this run does not "
+                         f"compute: {idle}; drop --cross-models or that option")
     out = Path(out)
     doc, cells_json, images_dir, tuning_json = (None if v is None else Path(v)
                                                 for v in (doc, cells_json, images_dir, tuning_json))
+    for flag, path in (("--doc", doc), ("--cells-json", cells_json), ("--tuning-json", tuning_json)):
+        if path is not None and path.is_dir():
+            raise ValueError(f"{flag} {path} is a folder: give the path of a file")
+    # Every file read before anything is written or computed: a bad one is named now, not after hours of cells.
+    payload = None if cells_json is None else read_json_object(cells_json, "table cells", _CELLS_JSON_ADVICE)
+    for section in ("cells", "longer") if payload is not None else ():
+        _records(payload, section, cells_json, "table cells", _CELLS_JSON_ADVICE)
+    load_trials(tuning_json)
+    check_one_dataset(dataset_name, out, cells_json, tuning_json)
+    _check_outputs_writable(out, eval_split, doc, cells_json, None if render_only else images_dir, tuning_json)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
     helpers: List[Any] = []
     restore_sigterm = None
     try:
-        check_one_dataset(dataset_name, out, cells_json, tuning_json)
         if jobs > 1 and not render_only:
             restore_sigterm = _sigterm_raises()
             helpers = _start_jobs(int(jobs) - 1, dict(
@@ -1364,6 +1420,35 @@ def run_table(
         if restore_sigterm is not None:
             restore_sigterm()
         torch.set_num_threads(previous_threads)
+
+
+def _idle_cross_models(protocol: Protocol, ipcs: Sequence[int], eval_split: str, cross: bool,
+                       render_only: bool) -> Optional[str]:
+    """Why a run computes no cross-architecture cell (so that choosing their architectures would do nothing)."""
+    if not cross:
+        return "--no-cross skips them"
+    if render_only:
+        return "--render-only computes nothing"
+    if eval_split != "test":
+        return "they are computed on the test split only, not with --eval-split val"
+    if protocol.cross_ipc not in ipcs:
+        return f"they evaluate the sets of IPC {protocol.cross_ipc} (protocol {protocol.name}), which --ipc leaves out"
+    return None
+
+
+def _check_outputs_writable(out: Path, eval_split: str, doc: Optional[Path], cells_json: Optional[Path],
+                            images_dir: Optional[Path], tuning_json: Optional[Path]) -> None:
+    """Probe every folder the run writes into (creating it) before any cell is computed: a ValueError naming the
+    option, not an error after hours of cells."""
+    from haba_fast.io import check_writable
+
+    files = {"--doc": doc, "--cells-json": cells_json} if eval_split == "test" else {"--tuning-json": tuning_json}
+    check_writable(out, what="work folder (--out)")
+    folders = {"--images folder": images_dir} if eval_split == "test" else {}
+    folders.update({f"{flag} folder": path.parent for flag, path in files.items() if path is not None})
+    for what, folder in folders.items():
+        if folder is not None:
+            check_writable(folder, what=what)
 
 
 def _sigterm_raises() -> Optional[Callable[[], None]]:

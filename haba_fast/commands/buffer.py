@@ -115,7 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="save_interval",
         type=int,
         default=10,
-        help="experts per replay_buffer_<n>.pt file (reference format; default 10)",
+        help="experts per replay_buffer_<n>.pt file (--format reference); --format haba writes one file per expert "
+        "and records it as the size of the groups that distill's --max_files counts as files (default 10)",
     )
     p.add_argument("--subset", default=None, help=f"refused: {REFUSED['subset']}")
     p.add_argument(

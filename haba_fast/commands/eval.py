@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from haba_fast.commands.distill import _bool_value
 from haba_fast.evaluate import CORESET_METHODS, eval_modes
@@ -38,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--herding-features",
         dest="herding_features",
         choices=("embedding", "pixels"),
-        default="embedding",
-        help="herding / k-center feature space (random ConvNet embedding, or pixels)",
+        default=None,
+        help="feature space of a --baseline herding / kcenter coreset: a random ConvNet's embedding (default) or "
+        "the pixels",
     )
     p.add_argument("--dataset", default=None, help="dataset to test on (default: the checkpoint's, else digits)")
     p.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="folder with the dataset files")
@@ -106,8 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dsa-strategy",
         "--dsa_strategy",
         dest="dsa_strategy",
-        default=DEFAULT_DSA_STRATEGY,
-        help="DSA families (default: all six); 'none' turns DSA off",
+        default=None,
+        help=f"DSA families (default: all six, {DEFAULT_DSA_STRATEGY}); 'none' turns DSA off",
     )
     p.add_argument("--no-dsa", dest="dsa", action="store_false", help="train without augmentation")
     p.add_argument(
@@ -129,18 +131,91 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="standardize every train and test batch by its mean/std, as HaBa's evaluation (default: on for a "
         "HaBa set, off for pixel sets and coresets, as `haba-fast distill` evaluates)",
     )
-    p.add_argument("--it", default="best", help="iteration to read from a reference checkpoint directory (best)")
+    p.add_argument("--it", default=None, help="iteration to read from a reference checkpoint directory (best)")
     p.add_argument(
         "--num-classes",
         dest="num_classes",
         type=int,
         default=None,
-        help="classes of a reference checkpoint (default: the dataset's)",
+        help="classes of a reference checkpoint, which does not record them (default: the dataset's)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of network inits, shuffling and augmentation (0)")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def checkpoint_kind(path) -> str:
+    """What a CHECKPOINT path is, for the flags that mean something for one kind only.
+
+    Returns ``"directory"`` (a reference run folder), ``"ours"`` (our ``.pt``: it records its classes and its one
+    iteration), ``"reference"`` (a reference ``images_<it>.pt``: its name gives the iteration) or ``"other"``
+    (missing or unknown: ``load_synthetic`` names the problem). Reads the file memory-mapped: cheap.
+    """
+    from collections.abc import Mapping
+
+    import torch
+
+    from haba_fast import io as hio
+
+    p = Path(path)
+    if p.is_dir():
+        return "directory"
+    if not p.is_file():
+        return "other"
+    obj = hio.torch_load(p, what="synthetic-set checkpoint", mmap=True)
+    if isinstance(obj, Mapping) and "format" in obj:
+        return "ours"
+    return "reference" if isinstance(obj, torch.Tensor) else "other"
+
+
+def refuse_reference_flags(checkpoint, *, it, num_classes) -> None:
+    """Refuse ``--it`` / ``--num-classes`` where they do nothing (ValueError naming the flag and the reason).
+
+    ``--it`` picks an iteration in a reference run folder; ``--num-classes`` gives reference files the number of
+    classes they do not record. Our ``.pt`` records both (one iteration), and a reference ``images_<it>.pt`` names its
+    iteration. ``--num-classes`` must be >= 1 wherever it is given.
+    """
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {num_classes}")
+    if it is None and num_classes is None:
+        return
+    kind = checkpoint_kind(checkpoint)
+    if it is not None and kind in ("ours", "reference"):
+        why = "a haba-fast synthetic set holds one iteration" if kind == "ours" else "its name gives the iteration"
+        raise ValueError(f"--it picks the iteration in a reference run folder, and {checkpoint} is a file ({why}): "
+                         "drop --it, or pass the folder")
+    if num_classes is not None and kind == "ours":
+        raise ValueError(f"--num-classes is for reference checkpoints, which do not record their classes; {checkpoint} "
+                         "is a haba-fast synthetic set, which does: drop --num-classes")
+
+
+def check_num_classes_used(checkpoint, num_classes, syn) -> None:
+    """After loading: refuse a ``--num-classes`` the checkpoint overrode (a reference labels file gives K)."""
+    if num_classes is not None and syn.num_classes != num_classes:
+        raise ValueError(f"--num-classes {num_classes} does not apply: {checkpoint} records {syn.num_classes} classes "
+                         "(its labels file): drop --num-classes")
+
+
+def _refuse_idle_flags(args: argparse.Namespace) -> None:
+    """Refuse the flags that would do nothing with the rest of the command line, each with the reason."""
+    if args.checkpoint is not None:
+        if args.ipc is not None:
+            raise ValueError("--ipc sizes a --baseline coreset; a CHECKPOINT has its own size: drop --ipc")
+        if args.herding_features is not None:
+            raise ValueError("--herding-features chooses how a --baseline herding / kcenter coreset is picked; it does "
+                             "nothing for a CHECKPOINT: drop it")
+        refuse_reference_flags(args.checkpoint, it=args.it, num_classes=args.num_classes)
+    else:
+        if args.herding_features is not None and args.baseline == "random":
+            raise ValueError("--herding-features chooses how a herding / kcenter coreset is picked; --baseline random "
+                             "uses no features: drop it")
+        for flag, value in (("--it", args.it), ("--num-classes", args.num_classes)):
+            if value is not None:
+                raise ValueError(f"{flag} reads a reference checkpoint; --baseline evaluates a coreset: drop {flag}")
+    if not args.dsa and args.dsa_strategy not in (None, "none"):
+        raise ValueError(f"--dsa-strategy {args.dsa_strategy} chooses the augmentation that --no-dsa turns off: drop "
+                         "one of them")
 
 
 def register(sub) -> None:
@@ -170,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--baseline needs --ipc N (images per class, N >= 1)")
     if args.models is not None and args.eval_mode is not None:
         raise ValueError("give --models or --eval_mode, not both")
+    _refuse_idle_flags(args)
     cfg = EvalConfig(
         models=("ConvNet",),  # replaced below, once the checkpoint's training model is known
         num_eval=args.num_eval,
@@ -179,22 +255,25 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
         dsa=args.dsa,
-        dsa_strategy=args.dsa_strategy,
+        dsa_strategy=args.dsa_strategy or DEFAULT_DSA_STRATEGY,
         lr_schedule=args.lr_schedule,
         batch_standardize=bool(args.batch_standardize),
         device=args.device,
     )
+    cfg.validate()  # the settings, before anything is loaded (the models are checked again once chosen)
     g = torch.Generator().manual_seed(args.seed)
 
     syn, meta, label = None, {}, None
     if args.checkpoint is not None:
         from haba_fast.factorization import load_synthetic
 
-        it = int(args.it) if str(args.it).isdigit() else args.it
+        it = args.it or "best"
+        it = int(it) if it.isdigit() else it
         kwargs = {"it": it}
         if args.num_classes is not None:
             kwargs["num_classes"] = args.num_classes
         syn = load_synthetic(args.checkpoint, **kwargs)
+        check_num_classes_used(args.checkpoint, args.num_classes, syn)
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
@@ -234,7 +313,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         syn = load_synthetic(args.checkpoint, it=kwargs["it"], num_classes=ds.num_classes)
     if syn is None:
-        syn = coreset(ds, args.ipc, args.baseline, generator=g, features=args.herding_features)
+        syn = coreset(ds, args.ipc, args.baseline, generator=g, features=args.herding_features or "embedding")
         label = f"{args.baseline} coreset ipc {args.ipc}"
     progress = not args.quiet and not args.json and dist.is_main()
     result = evaluate_synthetic(syn, ds, cfg, generator=g, progress=progress, label=label)

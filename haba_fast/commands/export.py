@@ -26,7 +26,7 @@ def register(sub) -> None:
     parser.add_argument("--reference-images", help="reference images_<it>.pt (bases, or MTT pixels)")
     parser.add_argument("--reference-styles", help="reference styles_<it>.pt / weights_best.pt (HaBa hallucinators)")
     parser.add_argument("--reference-labels", help="MTT labels_<it>.pt (pixels)")
-    parser.add_argument("--it", default="best", help="iteration to read from a reference directory (default: best)")
+    parser.add_argument("--it", default=None, help="iteration to read from a reference directory (default: best)")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="number of classes of a reference checkpoint (not stored there; default 10)")
     parser.add_argument("--denormalize-dataset", metavar="NAME", default=None,
@@ -38,24 +38,34 @@ def register(sub) -> None:
 
 
 def _load(args):
+    from haba_fast.commands.eval import check_num_classes_used, refuse_reference_flags
     from haba_fast.factorization import HaBa, Pixels, load_synthetic
 
+    if args.num_classes is not None and args.num_classes < 1:
+        raise ValueError(f"--num-classes must be >= 1, got {args.num_classes}")
     given = [a for a in ("reference_images", "reference_styles", "reference_labels") if getattr(args, a)]
     if given:
         if args.checkpoint:
             raise ValueError("give either CHECKPOINT or --reference-images/--reference-styles, not both")
         if not args.reference_images:
             raise ValueError("--reference-styles/--reference-labels need --reference-images")
+        if args.it is not None:
+            raise ValueError("--it picks the iteration in a reference run folder; --reference-images names the files "
+                             "of one iteration: drop --it")
         if args.reference_styles:
-            return HaBa.from_reference(args.reference_images, args.reference_styles, args.num_classes or 10)
-        if args.reference_labels or args.num_classes:
+            return HaBa.from_reference(args.reference_images, args.reference_styles,
+                                       10 if args.num_classes is None else args.num_classes)
+        if args.reference_labels or args.num_classes is not None:
             return Pixels.from_reference(args.reference_images, args.reference_labels, num_classes=args.num_classes)
         raise ValueError("--reference-images alone is ambiguous: add --reference-styles (HaBa), "
                          "--reference-labels or --num-classes (pixels)")
     if not args.checkpoint:
         raise ValueError("give a CHECKPOINT (our .pt file or a reference directory) or --reference-images")
-    it = int(args.it) if str(args.it).isdigit() else args.it
-    return load_synthetic(args.checkpoint, it=it, num_classes=args.num_classes)
+    refuse_reference_flags(args.checkpoint, it=args.it, num_classes=args.num_classes)
+    it = args.it or "best"
+    syn = load_synthetic(args.checkpoint, it=int(it) if it.isdigit() else it, num_classes=args.num_classes)
+    check_num_classes_used(args.checkpoint, args.num_classes, syn)
+    return syn
 
 
 def _dataset_stats(name: str):
@@ -115,17 +125,18 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    from haba_fast import io as hio
     from haba_fast import visualize
     from haba_fast.factorization import HaBa
 
+    if args.ncol is not None and args.ncol <= 0:
+        raise ValueError(f"--ncol must be a positive int, got {args.ncol}")
     syn = _load(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    hio.check_writable(out, what="--out folder")
     denorm = _denormalizer(syn, args.denormalize_dataset)
-    if args.ncol is not None and args.ncol <= 0:
-        raise ValueError(f"--ncol must be a positive int, got {args.ncol}")
 
     with torch.no_grad():
         samples = {}
@@ -142,7 +153,6 @@ def run(args) -> int:
     labels = labels.cpu().long()
     samples.update(images=images, labels=labels, kind=syn.kind, meta=getattr(syn, "meta", {}))
 
-    from haba_fast import io as hio
     from haba_fast.factorization import _check_meta, _to_cpu
 
     try:
