@@ -80,6 +80,35 @@ class DemoConfig:
     # 1.8 s with 2 threads against 0.6 s with 1 (measured here).
     threads: Optional[int] = 1
 
+    def validate(self) -> "DemoConfig":
+        """Raise ValueError naming the first bad setting, before anything runs (the experts train first).
+
+        Checks the two distillations' configs, the experts', the evaluation's, and that the experts train long
+        enough for the segments the distillations match. Sizes that need the data are checked by ``run_demo``
+        once the digits are loaded, still before the experts train.
+        """
+        if int(self.num_eval) < 1:  # the demo's table compares evaluated accuracies: nothing to show without them
+            raise ValueError(
+                f"the digits demo needs --num_eval >= 1 (evaluation networks per method), got {self.num_eval}"
+            )
+        for param in ("haba", "pixels"):
+            _distill_config(self, param).validate()
+        _expert_config(self).validate()
+        _eval_config(self).validate()
+        if not self.lr_teacher > 0:  # the random coreset's evaluation trains with it
+            raise ValueError(
+                f"the digits demo needs --lr_teacher > 0 (it evaluates the coreset with it), got {self.lr_teacher}"
+            )
+        need = self.max_start_epoch - 1 + self.expert_epochs
+        if need > self.expert_train_epochs:
+            raise ValueError(
+                f"--max_start_epoch {self.max_start_epoch} + --expert_epochs {self.expert_epochs} needs snapshots up "
+                f"to epoch {need}, but the demo's experts train {self.expert_train_epochs} epochs; lower them"
+            )
+        if self.threads is not None and int(self.threads) < 1:
+            raise ValueError(f"threads must be >= 1 (or None), got {self.threads}")
+        return self
+
 
 def _distill_config(demo: DemoConfig, parameterization: str) -> "DistillConfig":  # noqa: F821
     from haba_fast.distill import DistillConfig
@@ -134,9 +163,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 def run_demo(demo: Optional[DemoConfig] = None, *, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Run the digits demo end to end; returns the results dict (also written to ``<out>/results.json``)."""
-    demo = demo or DemoConfig()
-    if int(demo.num_eval) < 1:  # the demo's table compares evaluated accuracies: nothing to show without them
-        raise ValueError(f"the digits demo needs --num_eval >= 1 (evaluation networks per method), got {demo.num_eval}")
+    demo = (demo or DemoConfig()).validate()
     return _with_threads(demo, lambda: _run(demo, log))
 
 
@@ -151,11 +178,10 @@ def _with_threads(demo: DemoConfig, fn: Callable[[], Any]) -> Any:
         torch.set_num_threads(threads)
 
 
-def _experts(demo: DemoConfig, dataset, buffer_dir: Path, log: Callable[[str], None]):
-    """Train (or reuse) the demo's experts on ``dataset``'s train images; returns the loaded buffer."""
+def _expert_config(demo: DemoConfig):
     from haba_fast import experts
 
-    ecfg = experts.ExpertConfig(
+    return experts.ExpertConfig(
         model=demo.model,
         num_experts=demo.num_experts,
         epochs=demo.expert_train_epochs,
@@ -165,6 +191,13 @@ def _experts(demo: DemoConfig, dataset, buffer_dir: Path, log: Callable[[str], N
         device=demo.device,
         test_every=0,
     )
+
+
+def _experts(demo: DemoConfig, dataset, buffer_dir: Path, log: Callable[[str], None]):
+    """Train (or reuse) the demo's experts on ``dataset``'s train images; returns the loaded buffer."""
+    from haba_fast import experts
+
+    ecfg = _expert_config(demo)
     t = time.perf_counter()
     buffer_dir = experts.train_experts(dataset, ecfg, buffer_dir, progress=demo.progress)
     buffer = experts.load_experts(buffer_dir, ecfg.num_experts)
@@ -222,6 +255,12 @@ def _run(demo: DemoConfig, log: Callable[[str], None]) -> Dict[str, Any]:
         f"digits: {n_train} train / {dataset.test_labels.numel()} test images of "
         f"{dataset.channels}×{dataset.im_size[0]}×{dataset.im_size[1]}, {dataset.num_classes} classes"
     )
+
+    # Sizes that need the data (bases per class at the budget, memory), before the experts train.
+    from haba_fast.distill import check_fits, resolve_device
+
+    for param in ("haba", "pixels"):
+        check_fits(_distill_config(demo, param), dataset, resolve_device(demo.device))
 
     # 1. experts (resumable: a second run reuses the finished ones)
     buffer = _experts(demo, dataset, out / "buffer", log)

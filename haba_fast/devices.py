@@ -7,11 +7,12 @@ device without CUDA) is a ``ValueError`` naming the flag and what to use instead
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import os
+from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["device_memory_bytes", "resolve_device"]
 
 
 def resolve_device(device: Optional[Union[str, torch.device]], flag: str = "--device") -> torch.device:
@@ -40,3 +41,12 @@ def resolve_device(device: Optional[Union[str, torch.device]], flag: str = "--de
         if dev.index is not None and dev.index >= count:
             raise ValueError(f"{flag} {device}: this machine has {count} GPU(s) (cuda:0 to cuda:{count - 1})")
     return dev
+
+
+def device_memory_bytes(device: Union[str, torch.device]) -> Tuple[int, str]:
+    """Total bytes of ``device``'s memory and a name for it: the CUDA device's, or this machine's RAM (what a size
+    check holds tensors against before allocating them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory), f"{device}'s memory"
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "this machine's memory (RAM)"

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from haba_fast import dist
-from haba_fast.devices import resolve_device
+from haba_fast.devices import device_memory_bytes, resolve_device
 from haba_fast.engines import ENGINES
 from haba_fast.engines.memory import RunBuffers
 from haba_fast.objectives.base import OBJECTIVES
@@ -55,6 +55,8 @@ __all__ = [
     "distill",
     "apply_objective",
     "apply_preset",
+    "check_fits",
+    "check_out_dir",
     "resolve_device",
 ]
 
@@ -89,6 +91,128 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 _DROPPED_FIELDS = ("subset", "pretrained_ckpt", "force_save")
+
+# Every float setting of DistillConfig: (field, flag, must be > 0). Each must be finite and >= 0 (> 0 where marked):
+# a NaN lr or weight would train nothing and a negative one climb the loss. A test checks that no float field is
+# missing here.
+FLOAT_SETTINGS: Tuple[Tuple[str, str, bool], ...] = (
+    ("lr_img", "--lr_img", False),
+    ("lr_lr", "--lr_lr", False),
+    ("lr_teacher", "--lr_teacher", False),
+    ("lr_style", "--lr_style", False),
+    ("lambda_club_content", "--lambda_club_content", False),
+    ("lambda_likeli_content", "--lambda_likeli_content", False),
+    ("lambda_cls_content", "--lambda_cls_content", False),
+    ("lambda_contrast_content", "--lambda_contrast_content", False),
+    ("min_lr", "--min_lr", False),
+    ("adversary_lr", "adversary_lr", False),
+    ("max_loss", "--max-loss", True),
+    ("lr_net", "--lr-net", True),
+    ("lr_label", "--lr-label", True),
+)
+
+
+def _mtt(c: "DistillConfig") -> bool:
+    return c.objective == "mtt"
+
+
+def _not_mtt(c: "DistillConfig") -> bool:
+    return c.objective != "mtt"
+
+
+def _adjoint(c: "DistillConfig") -> bool:
+    return c.objective == "mtt" and c.engine != "naive" and not c.soft_labels
+
+
+def _haba(c: "DistillConfig") -> bool:
+    return c.parameterization == "haba"
+
+
+def _gradient_matching(c: "DistillConfig") -> bool:
+    return c.objective in ("dc", "dsa")
+
+
+_MTT_LR = "--objective mtt (the other objectives learn no lr: they train and evaluate with --lr-net)"
+_ADJOINT = (
+    "--objective mtt with the exact or first-order engine and hard labels (naive and soft labels keep every step's "
+    "graph)"
+)
+_DC_LOOPS = "--objective dc or dsa (the --outer-loop / --inner-loop of gradient matching)"
+_HALLUCINATORS = "--parameterization haba (pixel sets have no hallucinators)"
+_ADVERSARY = "--parameterization haba (the adversarial term; pixel sets have none)"
+# Settings that only some configurations read: field -> (flag, the configurations that read it, whether a config is
+# one of them), checked against the code that reads each: only MTT (haba_fast.objectives.mtt) unrolls a student,
+# reads the buffer and learns an lr (Distiller: opt_lr; the others start syn_lr at lr_net and never step it, so
+# lr_lr, lr_teacher, min_lr and lr_param do nothing there) and has a normalized loss (max_loss); dc/dsa/dm draw
+# --batch_syn batches only for HaBa's adversarial term; pixel sets have no hallucinators and no adversary.
+# DistillConfig.refuse_unused names the first one set where it does nothing: the CLI for every flag given
+# explicitly, validate for those whose default means off (_OFF_BY_DEFAULT).
+SCOPES: Dict[str, Tuple[str, str, Callable[["DistillConfig"], bool]]] = {
+    "engine": ("--engine", "--objective mtt (the engine unrolls its student)", _mtt),
+    "syn_steps": ("--syn_steps", "--objective mtt (the student's unrolled steps)", _mtt),
+    "expert_epochs": ("--expert_epochs", "--objective mtt (the expert segment matched)", _mtt),
+    "max_start_epoch": ("--max_start_epoch", "--objective mtt (the expert segment matched)", _mtt),
+    "buffer_path": ("--buffer_path", "--objective mtt (the others read no expert buffer)", _mtt),
+    "load_all": ("--load_all", "--objective mtt (the others read no expert buffer)", _mtt),
+    "max_files": ("--max_files", "--objective mtt (the others read no expert buffer)", _mtt),
+    "max_experts": ("--max_experts", "--objective mtt (the others read no expert buffer)", _mtt),
+    "trajectories_per_iteration": (
+        "--trajectories-per-iteration",
+        "--objective mtt (it matches expert segments)",
+        _mtt,
+    ),
+    "lr_lr": ("--lr_lr", _MTT_LR, _mtt),
+    "lr_teacher": ("--lr_teacher", _MTT_LR, _mtt),
+    "min_lr": ("--min-lr", _MTT_LR, _mtt),
+    "lr_param": ("--lr-param", _MTT_LR, _mtt),
+    "max_loss": (
+        "--max-loss",
+        "--objective mtt (only its loss is normalized; the others skip a step only on a non-finite loss)",
+        _mtt,
+    ),
+    "memory_budget": ("--memory-budget", _ADJOINT, _adjoint),
+    "offload_weights": ("--offload-weights", _ADJOINT, _adjoint),
+    "compile_step": ("--compile-step", _ADJOINT, _adjoint),
+    "cuda_graphs": ("--cuda-graphs", _ADJOINT, _adjoint),
+    "batch_syn": (
+        "--batch_syn",
+        "--objective mtt, or to the adversarial term of --parameterization haba (--lambda_club_content > 0); dc, "
+        "dsa and dm match every synthetic sample at once",
+        lambda c: c.objective == "mtt" or (c.parameterization == "haba" and c.lambda_club_content != 0),
+    ),
+    "lr_net": ("--lr-net", "--objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)", _not_mtt),
+    "outer_loop": ("--outer-loop", _DC_LOOPS, _gradient_matching),
+    "inner_loop": ("--inner-loop", _DC_LOOPS, _gradient_matching),
+    "n_hallucinators": ("--n_style", _HALLUCINATORS, _haba),
+    "lr_style": ("--lr_style", _HALLUCINATORS, _haba),
+    "kernel_size": ("--kernel-size", _HALLUCINATORS, _haba),
+    "hallucinator_init": ("--hallucinator-init", _HALLUCINATORS, _haba),
+    "single_channel": ("--single_channel", "--parameterization haba (its bases; pixel sets store images)", _haba),
+    "lambda_club_content": ("--lambda_club_content", _ADVERSARY, _haba),
+    "lambda_likeli_content": ("--lambda_likeli_content", _ADVERSARY, _haba),
+    "lambda_cls_content": ("--lambda_cls_content", _ADVERSARY, _haba),
+    "lambda_contrast_content": ("--lambda_contrast_content", _ADVERSARY, _haba),
+    "lr_label": ("--lr-label", "--soft-labels (the learned label logits)", lambda c: bool(c.soft_labels)),
+}
+# SCOPES fields whose default means "off" (no budget, no offload, DC's own loops, one segment): validate refuses them
+# set to anything else where nothing reads them, whoever set them.
+_OFF_BY_DEFAULT = (
+    "outer_loop",
+    "inner_loop",
+    "trajectories_per_iteration",
+    "memory_budget",
+    "offload_weights",
+    "compile_step",
+    "cuda_graphs",
+)
+
+
+def _is_set(cfg: "DistillConfig", name: str, defaults: "DistillConfig") -> bool:
+    if name == "memory_budget":
+        from haba_fast.engines.memory import parse_memory_budget
+
+        return parse_memory_budget(cfg.memory_budget) != 0
+    return getattr(cfg, name) != getattr(defaults, name)
 
 
 class DivergenceError(ValueError):
@@ -213,6 +337,14 @@ class DistillConfig:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"--batch_syn must be >= 1, got {self.batch_syn}")
+        # Checked whether or not this run evaluates (--num_eval 0): the config is recorded with the set.
+        if int(self.batch_train) < 1:
+            raise ValueError(f"--batch_train must be >= 1, got {self.batch_train}")
+        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+            raise ValueError(
+                f"--checkpoint-every must be >= 1, got {self.checkpoint_every} (leave it out for the default: every "
+                "--eval_it iterations, or the end of the run)"
+            )
         for name in ("max_files", "max_experts"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
@@ -232,35 +364,28 @@ class DistillConfig:
             from haba_fast.evaluate import eval_pool
 
             eval_pool(self.eval_mode, self.model, self.pool_reference)  # a clear error now, not at the first one
+        for name in self.eval_models:
+            if name not in NETWORK_NAMES:
+                raise ValueError(f"unknown --eval-models network {name!r}; valid names: {', '.join(NETWORK_NAMES)}")
         if self.budget_ipc is not None and self.budget_ipc < 1:
             raise ValueError(f"--budget-ipc must be >= 1, got {self.budget_ipc}")
-        for name in ("lr_img", "lr_style", "lr_teacher", "min_lr"):
-            if getattr(self, name) is None:
+        for name, flag, positive in FLOAT_SETTINGS:
+            if getattr(self, name) is None:  # min_lr: the reference's floor
                 continue
             v = float(getattr(self, name))
-            if not math.isfinite(v) or v < 0:
-                raise ValueError(f"--{name} must be a finite number >= 0, got {v}")
-        if not (self.max_loss > 0):
-            raise ValueError(f"max_loss must be > 0, got {self.max_loss}")
+            if not math.isfinite(v) or v < 0 or (positive and v == 0):
+                raise ValueError(f"{flag} must be a finite number {'>' if positive else '>='} 0, got {v}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown --objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
-        for name in ("lr_net", "lr_label"):
-            v = float(getattr(self, name))
-            if not math.isfinite(v) or v <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
         for name in ("outer_loop", "inner_loop"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.batch_real < 1:
             raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
-        if self.objective not in ("dc", "dsa") and (self.outer_loop is not None or self.inner_loop is not None):
-            raise ValueError(f"--outer-loop / --inner-loop apply to --objective dc or dsa, not {self.objective}")
         m = self.trajectories_per_iteration
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"--trajectories-per-iteration must be an int >= 1, got {m!r}")
-        if m > 1 and self.objective != "mtt":
-            raise ValueError("--trajectories-per-iteration matches expert segments: it needs --objective mtt")
         if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
             raise ValueError(
                 f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
@@ -271,15 +396,15 @@ class DistillConfig:
         from haba_fast.engines.memory import MINIMAL, parse_memory_budget
         from haba_fast.engines.offload import OFFLOAD_WITH_MIN
 
-        adjoint_only = [f"--memory-budget {self.memory_budget}"] if parse_memory_budget(self.memory_budget) != 0 else []
-        adjoint_only += ["--offload-weights"] if self.offload_weights else []
-        adjoint_only += ["--compile-step"] if self.compile_step else []
-        adjoint_only += ["--cuda-graphs"] if self.cuda_graphs else []
-        if adjoint_only and (self.objective != "mtt" or self.engine == "naive" or self.soft_labels):
-            raise ValueError(
-                f"{adjoint_only[0]} applies to --objective mtt with the exact or first-order engine and hard labels "
-                "(naive and soft labels keep every step's graph); drop it"
-            )
+        try:
+            parse_memory_budget(self.memory_budget)
+        except ValueError as exc:
+            raise ValueError(f"--memory-budget {self.memory_budget}: {exc}") from None
+        # Settings whose default means "off": set to anything else where nothing reads them, they are refused here
+        # (the CLI refuses every flag of SCOPES given explicitly where it does nothing: refuse_unused).
+        defaults = DistillConfig()
+        off = [n for n in _OFF_BY_DEFAULT if _is_set(self, n, defaults)]
+        self.refuse_unused(off)
         if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:
             raise ValueError(OFFLOAD_WITH_MIN)
         if self.cuda_graphs and self.compile_step:
@@ -297,6 +422,18 @@ class DistillConfig:
         if self.lr_param == "log" and not self.lr_teacher > 0:
             raise ValueError(f"--lr-param log needs --lr_teacher > 0, got {self.lr_teacher}")
         return self
+
+    def unused(self, names: Sequence[str]) -> List[str]:
+        """The settings among ``names`` (DistillConfig fields) that this configuration never reads (see SCOPES)."""
+        return [n for n in names if n in SCOPES and not SCOPES[n][2](self)]
+
+    def refuse_unused(self, names: Sequence[str]) -> None:
+        """Raise ValueError naming the first of ``names`` that this configuration never reads, and who reads it."""
+        for name in self.unused(names):
+            flag, where, _ = SCOPES[name]
+            if name == "memory_budget":
+                flag = f"{flag} {self.memory_budget}"
+            raise ValueError(f"{flag} applies to {where}; drop it")
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -394,6 +531,87 @@ def rows_per_class(cfg: DistillConfig, dataset) -> int:
             tuple(dataset.im_size),
             num_classes=dataset.num_classes,
         )
+    )
+
+
+def check_fits(cfg: DistillConfig, dataset, device) -> None:
+    """Refuse, before anything is allocated, sizes whose tensors alone exceed ``device``'s total memory.
+
+    A bound, not an estimate of the peak: the synthetic set's parameters (float32: bases + hallucinators, or images,
+    and the soft label logits), and for MTT with the exact / first-order engine the weight trajectory it stores
+    (``syn_steps + 1`` float32 vectors of the student's P parameters; at every --memory-budget but min, unless
+    --offload-weights) together with them. Optimizer states, batches and networks come on top.
+
+    Raises:
+        ValueError: naming the sizes and the flags to lower.
+    """
+    from haba_fast.engines.memory import MINIMAL, parse_memory_budget
+    from haba_fast.factorization import hallucinator_floats
+
+    K, C = int(dataset.num_classes), int(dataset.channels)
+    H, W = (int(s) for s in dataset.im_size)
+    rpc = rows_per_class(cfg, dataset)
+    total, where = device_memory_bytes(device)
+    if cfg.parameterization == "haba":
+        c_b = 1 if cfg.single_channel else C
+        floats = K * rpc * c_b * H * W + cfg.n_hallucinators * hallucinator_floats(C, c_b, cfg.kernel_size, (H, W))
+        lower = "--ipc / --budget-ipc or --n_style"
+    else:
+        floats = K * rpc * C * H * W
+        lower = "--ipc / --budget-ipc"
+    if cfg.soft_labels:
+        floats += K * rpc * K
+    syn = 4 * floats
+    if syn > total:
+        raise ValueError(
+            f"the synthetic set ({floats:,} floats = {syn / 1e9:,.1f} GB) does not fit {where} "
+            f"({total / 1e9:,.1f} GB): lower {lower}"
+        )
+    if not _adjoint(cfg) or cfg.offload_weights or parse_memory_budget(cfg.memory_budget) == MINIMAL:
+        return
+    from haba_fast.models import get_network
+
+    P = sum(p.numel() for p in get_network(cfg.model, C, K, (H, W), device="meta").parameters())
+    N = int(cfg.syn_steps)
+    trajectory = 4 * (N + 1) * P
+    if syn + trajectory > total:
+        raise ValueError(
+            f"the weight trajectory of --syn_steps {N} ({N + 1} weight vectors of {P:,} floats = "
+            f"{trajectory / 1e9:,.1f} GB) with the synthetic set ({syn / 1e9:,.1f} GB) does not fit {where} "
+            f"({total / 1e9:,.1f} GB): lower --syn_steps, or use --memory-budget min (keeps about 2·sqrt(N) of the "
+            "vectors) or --offload-weights (keeps them in a temporary file, or in host memory on CUDA)"
+        )
+
+
+def check_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an output folder that this run must not write into, before any work.
+
+    ``resume`` with ``overwrite`` contradict each other. A folder holding a finished run's ``synthetic.pt`` (the
+    final set, written after the last checkpoint) but no checkpoint (removed, or never written: a run whose last
+    steps were bad) has nothing to resume and is not free: only ``overwrite`` replaces it. A folder with a checkpoint
+    is ``distill``'s to judge; one with only a killed run's earlier files (``synthetic_best.pt`` before the first
+    checkpoint) starts over, as ``resume`` does without a checkpoint.
+
+    Raises:
+        ValueError: naming the folder, what it holds and how to proceed.
+    """
+    from haba_fast.checkpoint import CHECKPOINT_NAME
+
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one of them")
+    if out_dir is None or overwrite:
+        return
+    out = Path(out_dir)
+    if (out / CHECKPOINT_NAME).exists() or not (out / "synthetic.pt").exists():
+        return
+    if resume:
+        raise ValueError(
+            f"nothing to resume in {out}: it holds a finished run's synthetic.pt but no {CHECKPOINT_NAME}; pass "
+            "--overwrite (without --resume) to start over there, or choose another --out"
+        )
+    raise ValueError(
+        f"{out} already holds a finished run (synthetic.pt, and no {CHECKPOINT_NAME} to resume from); pass "
+        "--overwrite to replace it or choose another --out"
     )
 
 
@@ -544,6 +762,7 @@ class Distiller:
                 "the dc, dsa and dm objectives need none"
             )
 
+        check_fits(cfg, dataset, self.device)  # before the synthetic set (and the engine's trajectory) is allocated
         self.synthetic = build_synthetic(cfg, dataset, generator, self.device)
         self.labels = _labels_of(self.synthetic).to(self.device)
         M = self.labels.numel()
@@ -936,7 +1155,8 @@ def distill(
         out_dir: where checkpoints, the final synthetic set and the PNG grid go (None: nothing is written).
         resume: continue from ``out_dir/checkpoint.pt`` when it exists (else start fresh). The checkpoint's
             result-changing settings and inputs must equal this run's (``haba_fast.checkpoint.check_resume``).
-        overwrite: start fresh even when ``out_dir`` holds a checkpoint (else that is an error without resume).
+        overwrite: start fresh even when ``out_dir`` holds a checkpoint or a run's synthetic set (else that is an
+            error without resume; with resume, always an error).
         allow_changed: config keys (or flag spellings) that may differ from the checkpoint's on resume; the new
             values apply from the resumed iteration on.
         progress: show a tqdm progress bar (loss, lr).
@@ -951,8 +1171,9 @@ def distill(
     Raises:
         DivergenceError: ``max_bad_steps`` iterations in a row were bad (non-finite or exploded loss or gradients);
             the message names the likely cause, and the last good checkpoint stays in out_dir.
-        ValueError: ``out_dir`` is not writable (checked before any work), a checkpoint write failed, or the
-            checkpoint does not match this run.
+        ValueError: ``out_dir`` is not writable or holds another run (checked before any work: ``check_out_dir``),
+            the sizes cannot fit the device (``check_fits``), a checkpoint write failed, or the checkpoint does not
+            match this run.
     """
     from haba_fast import checkpoint as ckpt_mod
     from haba_fast.io import check_writable, remove_temp_files
@@ -962,6 +1183,7 @@ def distill(
     out = Path(out_dir) if out_dir is not None else None
     if not dist.is_main():  # several processes: rank 0 alone reads the checkpoint, writes files and logs
         out, log, progress = None, (lambda message: None), False
+    check_out_dir(out, resume=resume, overwrite=overwrite)
     if out is not None:
         check_writable(out, what="--out folder")
         # Only the folders a run writes (a shared --out such as the home folder keeps other programs' files).

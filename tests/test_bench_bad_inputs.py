@@ -15,6 +15,7 @@ import torch
 from haba_fast import ops, timing
 from haba_fast.benchmarks import genaug, iteration, objective
 from haba_fast.cli import main
+from haba_fast.devices import device_memory_bytes
 
 GA = ["bench", "genaug", "--batch", "10", "--size", "8", "--channels", "1", "--bases", "10", "--hallucinators", "1",
       "--warmup", "0", "--repeats", "1", "--families", "color"]  # fmt: skip
@@ -81,9 +82,9 @@ def test_genaug_refuses_tensors_larger_than_the_memory(no_work, capsys):
 def test_genaug_memory_is_the_cuda_devices_on_cuda(monkeypatch):
     """On CUDA the bound is held against the card's total memory (a fake 0.1 GB card here), on a CPU the RAM's."""
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert genaug._memory_of(torch.device("cpu")) == (pages, "this machine's memory (RAM)")
+    assert device_memory_bytes(torch.device("cpu")) == (pages, "this machine's memory (RAM)")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: argparse.Namespace(total_memory=10**8))
-    assert genaug._memory_of(torch.device("cuda:0")) == (10**8, "cuda:0's memory")
+    assert device_memory_bytes(torch.device("cuda:0")) == (10**8, "cuda:0's memory")
     parser = argparse.ArgumentParser()
     genaug.add_arguments(parser)
     args = parser.parse_args(GA[2:] + ["--size", "1024"])  # 4 x 50 MB of problem, 2 x 42 MB of images

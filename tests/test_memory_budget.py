@@ -61,7 +61,9 @@ def test_parse_memory_budget(text, expected):
     assert parse_memory_budget(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["-1GB", "8XB", "GB", "", "1e9", "lots", -5, float("nan"), True, [1]])
+@pytest.mark.parametrize(
+    "bad", ["-1GB", "8XB", "GB", "", "1e9", "lots", "none", "0.5", "0.1B", -5, 0.5, float("nan"), True, [1]]
+)
 def test_parse_memory_budget_rejects_with_the_accepted_forms(bad):
     with pytest.raises(ValueError, match="memory budget"):
         parse_memory_budget(bad)

@@ -469,8 +469,6 @@ def test_cli_runs_dm_without_a_buffer(tmp_path, capsys):
             "--device",
             "cpu",
             "--no-progress",
-            "--buffer_path",
-            str(tmp_path / "no_buffers_here"),
             "--out",
             str(tmp_path / "run"),
         ]
@@ -478,6 +476,11 @@ def test_cli_runs_dm_without_a_buffer(tmp_path, capsys):
     assert rc == 0
     assert (tmp_path / "run" / "synthetic.pt").exists()
     assert "objective dm" in capsys.readouterr().out
+    # a buffer path would be read by nothing: refused, not ignored
+    argv = ["distill", "--dataset", "digits", "--objective", "dm", "--buffer_path", str(tmp_path), "--out",
+            str(tmp_path / "other")]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert "--buffer_path" in capsys.readouterr().err
 
 
 def test_max_loss_only_flags_mtt(digits):

@@ -224,6 +224,32 @@ def test_refused_flags_are_refused_by_the_demo_too(capsys):
     assert "--texture is not supported" in capsys.readouterr().err
 
 
+# The reference's command lines: HaBa's run_cifar10_ipc1_style5.sh and MTT's README example for distill.py (with
+# --parameterization pixels, our drop-in for that script); the last two add flags the references accept there and
+# ignore (augmentation off), which must keep running, with a warning.
+REFERENCE_COMMAND_LINES = {
+    "haba": "--dataset=CIFAR10 --ipc=1 --n_style=5 --syn_steps=50 --expert_epochs=2 --max_start_epoch=2 --zca "
+    "--lr_img=100 --lr_lr=1e-07 --lr_teacher=0.01 --pix_init real --buffer_path=/b --data_path=/d --lr_style 100 "
+    "--lambda_club_content 0.1 --lambda_contrast_content 0.1 --lambda_cls_content 1. --lambda_likeli_content 0.1",
+    "mtt": "--dataset=CIFAR10 --ipc=1 --syn_steps=50 --expert_epochs=2 --max_start_epoch=2 --zca --lr_img=1000 "
+    "--lr_lr=1e-07 --lr_teacher=0.01 --buffer_path=/b --data_path=/d --parameterization pixels",
+    "haba, no augmentation": "--dataset=CIFAR10 --ipc=1 --n_style=5 --dsa False --dsa_strategy color_crop",
+    "mtt, no augmentation": "--dataset=CIFAR10 --ipc=1 --no_aug --num_eval 0 --dsa_strategy color_crop "
+    "--parameterization pixels",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_COMMAND_LINES))
+def test_reference_command_lines_still_run(name, capsys):
+    cfg = _distill_config(REFERENCE_COMMAND_LINES[name].split())
+    assert cfg.dataset == "cifar10" and cfg.ipc == 1 and cfg.objective == "mtt"
+    err = capsys.readouterr().err
+    if "no augmentation" in name:
+        assert "warning: --dsa_strategy has no effect here" in err and "the reference ignores it too" in err
+    else:
+        assert err == ""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # --eval_mode: the reference's get_eval_pool
 

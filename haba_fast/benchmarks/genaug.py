@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 from haba_fast.aug_families import family
 from haba_fast.augment import FAMILIES
 from haba_fast.commands.bench import SEED_BOUNDS, check_flags
-from haba_fast.devices import resolve_device
+from haba_fast.devices import device_memory_bytes, resolve_device
 
 # Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a
 # batch of 500 in another order stay near 1e-6; a wrong kernel is off by O(1)).
@@ -243,13 +242,6 @@ def least_resident_bytes(
     return (4 if reference else 3) * problem + 2 * n * C * H * W * elem + 2 * n * 8
 
 
-def _memory_of(device: torch.device) -> Tuple[int, str]:
-    """Total bytes of ``device``'s memory and a name for it: the CUDA device's, or this machine's RAM."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory, f"{device}'s memory"
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "this machine's memory (RAM)"
-
-
 def check_args(args, device: torch.device) -> Tuple[int, List[str]]:
     """Raise ValueError for bad flags, before any work: counts and sizes below 1 (warm-up below 0), a kernel larger
     than the image, no or unknown families, tensors that cannot fit ``device``'s memory.
@@ -271,7 +263,7 @@ def check_args(args, device: torch.device) -> Tuple[int, List[str]]:
     elem = 8 if args.dtype == "float64" else 4
     shape = (args.batch, args.bases, cb, args.channels, args.size, args.size, args.k, args.hallucinators)
     need = least_resident_bytes(*shape, elem, reference=not args.no_reference)
-    total, where = _memory_of(device)
+    total, where = device_memory_bytes(device)
     if need > total:
         raise ValueError(
             f"--batch {args.batch} --size {args.size} --channels {args.channels} --base-channels {cb} --k {args.k} "

@@ -9,13 +9,17 @@ spelling (``--n-style``, ``--syn-steps``, ``--iterations``, ...); both set the s
 reference's shell scripts run with ``python distill_fac.py`` replaced by ``haba-fast distill``. A flag
 either means what it means in the reference or is refused with the reason and what to use instead
 (:data:`REFUSED`: ``--subset``, ``--batch_real`` with MTT, ``--pretrained_ckpt``, ``--force_save``, ``--lr_init``,
-``--texture``, ``--canvas_size``, ``--canvas_samples``, and ``--no_aug False``); nothing is ignored.
+``--texture``, ``--canvas_size``, ``--canvas_samples``, and ``--no_aug False``); nothing is ignored. A flag given
+that the chosen configuration never reads is refused as well (``--syn_steps`` with ``--objective dm``, ``--n_style``
+with ``--parameterization pixels``: :data:`haba_fast.distill.SCOPES`); a combination that the reference scripts
+accept and ignore too (``--dsa False --dsa_strategy color``) runs, with a warning (:func:`reference_no_ops`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Any, Dict, List
 
 _S = argparse.SUPPRESS
@@ -401,16 +405,64 @@ def config_from_args(args: argparse.Namespace):
         cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
     given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
-    if "lr_net" in given and (given.get("objective") or cfg.objective) == "mtt":
-        raise ValueError("--lr-net applies to --objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)")
+    if "ipc" in given and "budget_ipc" in given:
+        raise ValueError(
+            "give --ipc or --budget-ipc, not both: --budget-ipc chooses the bases (images) per class itself"
+        )
     if "eval_models" in given:
         given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
     if "dataset" in given:
         given["dataset"] = _canonical_dataset(given["dataset"])
     if "dsa_strategy" in given:
         augment.parse_strategy(given["dsa_strategy"])  # a clear error naming an unknown family
-    cfg = dataclasses.replace(cfg, **given)
-    return cfg.validate()
+    cfg = dataclasses.replace(cfg, **given).validate()
+    cfg.refuse_unused(list(given))  # a flag given explicitly that this configuration never reads (distill.SCOPES)
+    for dest, why in reference_no_ops(cfg, given):
+        if cfg.objective != "mtt":  # our own modes: an error, as for SCOPES
+            raise ValueError(f"{_flag_name(dest)} has no effect here: {why}; drop it")
+        print(
+            f"haba-fast distill: warning: {_flag_name(dest)} has no effect here: {why} (the reference ignores it too)",
+            file=sys.stderr,
+        )
+    return cfg
+
+
+def _flag_name(dest: str) -> str:
+    return next(f[1][0] for f in _FLAGS if f[0] == dest)
+
+
+def reference_no_ops(cfg, given) -> List[tuple]:
+    """(dest, why) for each flag in ``given`` that ``cfg`` never reads although the reference scripts accept it in
+    the same combination and ignore it there too (``--dsa False --dsa_strategy color``): with ``--objective mtt``
+    the CLI warns, so that reference command lines keep running; with the other objectives it refuses them."""
+    from haba_fast.distill import eval_iterations
+
+    # Who reads the distillation's augmentation strategy (Distiller.strategy): every objective but dc (which matches
+    # unaugmented gradients), and HaBa's adversarial term.
+    reader = cfg.objective != "dc" or (cfg.parameterization == "haba" and cfg.lambda_club_content != 0)
+    evaluates = bool(eval_iterations(cfg))
+    found = []
+    no_dsa = "--dsa False turns augmentation off"
+    if "dsa" not in given:  # --objective dc's default, not the command line's
+        no_dsa = f"--objective {cfg.objective} turns augmentation off (its default --dsa False; --dsa True evaluates)"
+    if "dsa_strategy" in given and not (cfg.dsa and ((reader and not cfg.no_aug) or evaluates)):
+        if not cfg.dsa:
+            why = no_dsa
+        else:
+            off = "--no_aug turns augmentation off while distilling"
+            if not reader:
+                off = "--objective dc distills without augmentation"
+            why = f"{off} and this run evaluates nothing (--num_eval 0 or --Iteration 0)"
+        found.append(("dsa_strategy", why))
+    if "no_aug" in given and cfg.no_aug and not (cfg.dsa and reader):
+        why = no_dsa if not cfg.dsa else "--objective dc distills without augmentation"
+        found.append(("no_aug", why))
+    if cfg.parameterization == "haba" and cfg.lambda_club_content == 0:
+        for dest in ("lambda_likeli_content", "lambda_cls_content", "lambda_contrast_content"):
+            if dest in given:
+                why = "--lambda_club_content 0 cuts the adversary off from the synthetic set, so it is not trained"
+                found.append((dest, why))
+    return found
 
 
 def _canonical_dataset(name: str) -> str:
@@ -451,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
     if not given_dataset:
         return _run_demo(args)
     from haba_fast import data, experts
-    from haba_fast.distill import distill
+    from haba_fast.distill import check_fits, check_out_dir, distill, resolve_device
     from haba_fast.io import check_writable
 
     cfg = config_from_args(args)
@@ -460,8 +512,10 @@ def run(args: argparse.Namespace) -> int:
     allow = [f.strip() for f in args.allow_changed.split(",") if f.strip()]
     if allow and not args.resume:
         raise ValueError("--allow-changed needs --resume")
+    check_out_dir(out, resume=args.resume, overwrite=args.overwrite)  # distill() checks again; this is before loading
     check_writable(out, what="--out folder")  # before loading anything: a read-only or full disk fails now
     dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
+    check_fits(cfg, dataset, resolve_device(cfg.device))  # before the buffer (the Distiller checks again)
     from haba_fast.objectives.base import get_objective
 
     # Only trajectory matching reads expert trajectories.

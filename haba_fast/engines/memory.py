@@ -141,26 +141,28 @@ def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
     """Parse a memory budget: ``0`` | a size (``8GB``, ``512MB``, ``1.5GiB``, bytes) | ``auto`` | ``unlimited`` |
     ``min``.
 
-    Units are binary (1 KB = 1024 bytes, as RSS is reported). None means 0. ``minimal`` is a spelling of ``min``.
+    Units are binary (1 KB = 1024 bytes, as RSS is reported). None means 0. ``minimal`` is a spelling of ``min``,
+    ``inf`` one of ``unlimited``. A size must come to a whole number of bytes: ``1.5GiB`` is, ``0.5`` (bytes) and
+    ``0.1B`` are not.
 
     Returns:
         bytes (int >= 0), ``"auto"``, ``"unlimited"`` or ``"min"``.
 
     Raises:
-        ValueError: anything else (negative, NaN, unknown unit), with the accepted forms.
+        ValueError: anything else (negative, NaN, unknown unit, a fraction of a byte), with the accepted forms.
     """
     if value is None:
         return 0
     if isinstance(value, bool):
         raise ValueError(f"memory budget must be a size, 0, auto, unlimited or min, got {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"memory budget must be >= 0 bytes, got {value!r}")
+        if not math.isfinite(value) or value < 0 or value != int(value):
+            raise ValueError(f"memory budget must be a whole number of bytes >= 0, got {value!r}")
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"memory budget must be a string or a number of bytes, got {type(value).__name__}")
     text = value.strip().lower()
-    if text in ("auto", UNLIMITED, "inf", "none"):
+    if text in ("auto", UNLIMITED, "inf"):
         return "auto" if text == "auto" else UNLIMITED
     if text in (MINIMAL, "minimal"):
         return MINIMAL
@@ -171,7 +173,10 @@ def parse_memory_budget(value: Union[str, int, float, None]) -> Budget:
             "units B/KB/MB/GB/TB), auto (a fraction of the free memory), unlimited, or min (checkpoint the weight "
             "trajectory too: memory flat in N, one more forward gradient per step)"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    size = float(m.group(1)) * _UNITS[m.group(2)]
+    if size != int(size) and (_UNITS[m.group(2)] == 1 or size < 1):  # 1.5GiB rounds to bytes; 0.5 bytes does not
+        raise ValueError(f"memory budget {value!r} is not a whole number of bytes: give 0, or 1 byte or more")
+    return int(size)
 
 
 def free_memory_bytes(device: torch.device) -> int:
