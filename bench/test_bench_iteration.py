@@ -9,7 +9,6 @@ tests/test_bench_iteration_check.py, which the test suite runs.
 
 from __future__ import annotations
 
-import argparse
 import math
 import warnings
 
@@ -21,22 +20,9 @@ ENGINES = ["naive", "exact", "first-order"]
 
 
 def _args(**kw):
-    parser = argparse.ArgumentParser()
-    iteration.add_arguments(parser)
-    args = parser.parse_args([])
-    defaults = {
-        "ipc": 2,
-        "n_hallucinators": 3,
-        "syn_steps": 4,
-        "batch_syn": 20,
-        "width": 32,
-        "depth": 3,
-        "device": "cpu",
-    }
-    defaults.update(kw)
-    for k, v in defaults.items():
-        setattr(args, k, v)
-    return args
+    """A small CPU row: ConvNet-32, bpc 2, batch 20, 4 steps."""
+    small = dict(ipc=2, n_hallucinators=3, syn_steps=4, batch_syn=20, width=32, depth=3, device="cpu")
+    return iteration.arguments(**{**small, **kw})
 
 
 @pytest.mark.parametrize("engine", ENGINES)

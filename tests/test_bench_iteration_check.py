@@ -4,7 +4,6 @@ report's GPU section."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import warnings
 
@@ -15,22 +14,9 @@ from haba_fast.benchmarks import iteration
 
 
 def _args(**kw):
-    parser = argparse.ArgumentParser()
-    iteration.add_arguments(parser)
-    args = parser.parse_args([])
-    defaults = {
-        "ipc": 2,
-        "n_hallucinators": 3,
-        "syn_steps": 4,
-        "batch_syn": 20,
-        "width": 32,
-        "depth": 3,
-        "device": "cpu",
-    }
-    defaults.update(kw)
-    for k, v in defaults.items():
-        setattr(args, k, v)
-    return args
+    """A small CPU row: ConvNet-32, bpc 2, batch 20, 4 steps."""
+    small = dict(ipc=2, n_hallucinators=3, syn_steps=4, batch_syn=20, width=32, depth=3, device="cpu")
+    return iteration.arguments(**{**small, **kw})
 
 
 @pytest.mark.parametrize("engine", ["exact", "first-order"])

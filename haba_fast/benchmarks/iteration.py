@@ -122,6 +122,21 @@ class SyntheticBuffer:
         return self._w0 + float(epoch) * self._drift[int(traj)]
 
 
+def arguments(**overrides):
+    """The row's settings as the CLI parses them with no flag, then ``overrides`` (field -> value): for calling
+    :func:`run`, :func:`build_distiller` or :func:`engine_only_fn` from Python."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    for name, value in overrides.items():
+        if not hasattr(args, name):
+            raise ValueError(f"bench iteration has no setting {name!r}")
+        setattr(args, name, value)
+    return args
+
+
 def random_cifar(per_class: int, seed: int = 0):
     """A ``haba_fast.data.Dataset`` of random CIFAR-shaped images: 10 classes x ``per_class``, 3x32x32."""
     from haba_fast.data import Dataset
