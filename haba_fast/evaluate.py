@@ -252,6 +252,10 @@ def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] |
                 "synthetic images must be [N, C, H, W] with labels [N]; "
                 f"got {tuple(images.shape)}, {tuple(labels.shape)}"
             )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"synthetic labels must be integer class indices, got {labels.dtype}")
+        if not images.is_floating_point():
+            raise TypeError(f"synthetic images must be a float tensor, got {images.dtype}")
         images = images.detach().to(device, torch.float32)
         return (images, labels.detach().to(device).long()), images.shape[0], tuple(images.shape[1:])
     materialize = getattr(syn, "materialize", None)
@@ -266,6 +270,7 @@ def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] |
             syn = copy.deepcopy(syn).to(device)  # generate on the training device; the caller's module stays put
     with torch.no_grad():
         x0, _ = syn.materialize(torch.Generator().manual_seed(0))
+    _check_finite(x0)
     shape = tuple(x0.shape[1:])
     n = x0.shape[0]
     # Soft labels: train on the learned class probabilities [N, K] (one row per image / basis) with a soft CE.
@@ -283,17 +288,47 @@ def _training_source(syn, device: torch.device) -> tuple[tuple[Tensor, Tensor] |
     return epoch_data, n, shape
 
 
+def _check_against(syn, source, dataset) -> None:
+    """The set's classes within the dataset's, and fixed samples (a pair, a pixel set) finite; a HaBa set's draws
+    are checked by ``_training_source``."""
+    K, name = int(dataset.num_classes), getattr(dataset, "name", "?")
+    classes = getattr(syn, "num_classes", None)
+    if classes is not None and int(classes) > K:
+        raise ValueError(
+            f"the synthetic set has {int(classes)} classes but dataset {name} has {K}: evaluate on the dataset it "
+            "was distilled from"
+        )
+    if isinstance(source, tuple):
+        images, labels = source
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= K):
+            raise ValueError(
+                f"synthetic labels must lie in [0, {K}) (dataset {name} has {K} classes), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        _check_finite(images)
+
+
+def _check_finite(images: Tensor) -> None:
+    if not torch.isfinite(images).all():
+        raise ValueError("the synthetic images contain NaN or Inf: the set is corrupt (or diverged while distilling)")
+
+
 def resolve_lr(syn, cfg_lr: float | None, lr: float | None) -> float:
-    """The evaluation lr: explicit ``lr`` > ``cfg_lr`` > the set's learned ``meta["lr"]`` > 0.01."""
-    for value in (lr, cfg_lr):
-        if value is not None:
-            return float(value)
+    """The evaluation lr: explicit ``lr`` > ``cfg_lr`` > the set's learned ``meta["lr"]`` > 0.01.
+
+    Raises:
+        ValueError: the lr it would use is not a finite number > 0 (a learned lr too: not silently replaced).
+    """
     meta = getattr(syn, "meta", None) or {}
     learned = meta.get("lr") if isinstance(meta, dict) else None
-    if learned is not None:
-        learned = float(learned.item() if isinstance(learned, Tensor) else learned)
-        if learned > 0 and math.isfinite(learned):
-            return learned
+    for value, what in ((lr, "lr"), (cfg_lr, "the evaluation config's lr"), (learned, "the set's learned lr")):
+        if value is None:
+            continue
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+        return float(value)
     return DEFAULT_EVAL_LR
 
 
@@ -335,6 +370,7 @@ def evaluate_synthetic(
     device = _device(cfg.device)
     rate = resolve_lr(syn, cfg.lr, lr)
     source, n, shape = _training_source(syn, device)
+    _check_against(syn, source, dataset)
     expected = (dataset.channels, *dataset.im_size)
     if tuple(shape) != tuple(expected):
         raise ValueError(

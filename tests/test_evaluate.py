@@ -310,3 +310,36 @@ def test_cli_eval_reference_checkpoint_directory(tmp_path, capsys):
     syn.to_reference(tmp_path / "run", it=5, lr=0.03)  # images_5.pt, styles_5.pt, syn_lr_5.pt
     out = _eval_json(capsys, str(tmp_path / "run"), "--it", "5", "--models", MODEL)
     assert out["label"] == "HaBa" and out["lr"] == pytest.approx(0.03) and out["num_samples"] == 10
+
+
+@pytest.mark.parametrize(
+    "corrupt, error, message",
+    [
+        (lambda x, y: (x, y + 10), ValueError, r"synthetic labels must lie in \[0, 10\)"),
+        (lambda x, y: (x, y - 1), ValueError, r"synthetic labels must lie in \[0, 10\)"),
+        (lambda x, y: (x, y.float()), TypeError, "labels must be integer class indices"),
+        (lambda x, y: (torch.full_like(x, float("nan")), y), ValueError, "contain NaN or Inf"),
+        (lambda x, y: (x.long(), y), TypeError, "images must be a float tensor"),
+    ],
+)
+def test_a_bad_raw_pair_is_refused_before_training(digits, corrupt, error, message):
+    x, y = coreset(digits, 1, "random", torch.Generator().manual_seed(0))
+    with pytest.raises(error, match=message):
+        evaluate_synthetic(corrupt(x, y), digits, _cfg(epochs=1), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_set_of_more_classes_or_a_bad_learned_lr_is_refused(digits):
+    more = Pixels(12, 1, digits.channels, digits.im_size, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the synthetic set has 12 classes but dataset digits has 10"):
+        evaluate_synthetic(more, digits, _cfg(epochs=1), generator=torch.Generator().manual_seed(0))
+    syn = Pixels(digits.num_classes, 1, digits.channels, digits.im_size, generator=torch.Generator().manual_seed(0))
+    for bad in (float("nan"), -0.5, 0.0):
+        syn.meta["lr"] = torch.tensor(bad)
+        with pytest.raises(ValueError, match="the set's learned lr must be a finite number > 0"):
+            resolve_lr(syn, None, None)
+        assert resolve_lr(syn, None, 0.03) == 0.03  # an explicit lr is used, the learned one not read
+    with torch.no_grad():
+        syn.images.fill_(float("nan"))
+    syn.meta["lr"] = 0.05
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        evaluate_synthetic(syn, digits, _cfg(epochs=1), generator=torch.Generator().manual_seed(0))

@@ -76,7 +76,12 @@ from haba_fast import ops
 from haba_fast._ext import buffer_cache_retain, buffer_cache_scope
 from haba_fast.backend import OpInputs, register_check, requested_backend, select_backend
 from haba_fast.dist import BatchReducer
-from haba_fast.engines.base import check_engine_inputs, model_num_classes, normalized_distance
+from haba_fast.engines.base import (
+    as_lr_tensor,
+    check_engine_batch,
+    check_engine_inputs,
+    check_engine_values,
+)
 from haba_fast.engines.graphs import StepGraphs
 from haba_fast.engines.memory import MINIMAL, Budget, budget_bytes, checkpoint_every, keep_last, parse_memory_budget
 from haba_fast.engines.offload import OFFLOAD_WITH_MIN, OffloadedRows
@@ -938,31 +943,6 @@ class AdjointEngine:
             self._compiled = _CompiledStep(model, COMPILE_BACKEND)
         return self._compiled
 
-    @staticmethod
-    def _check(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
-        for name, t in (("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device} but X is on {device}: put all engine inputs on one device")
-        normalized_distance(w_start, w_target)
-        if not (torch.isfinite(w_start).all() and torch.isfinite(w_target).all()):
-            raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
-        if not torch.isfinite(lr.detach()):
-            raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
-
-    @staticmethod
-    def _check_batch(model: nn.Module, X: Tensor, Y: Tensor) -> None:
-        if not torch.isfinite(X.detach()).all():
-            raise ValueError("X (the synthetic batches) contains NaN or Inf; lower the learning rates")
-        im_size = getattr(model, "im_size", None)
-        if im_size is not None and tuple(X.shape[-2:]) != tuple(im_size):
-            raise ValueError(
-                f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
-                "build the student with the synthetic images' size"
-            )
-        classes = model_num_classes(model)
-        if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
-            raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")
-
     def _record(self, run: "_Run | None", budget: int | None, n_steps: int, device: torch.device) -> None:
         stats = {
             "memory_device": device.type,  # where the budget's bytes are: host memory or the GPU's
@@ -1008,11 +988,10 @@ class AdjointEngine:
         Raises:
             BackendUnavailableError: a backend forced by name cannot run these inputs.
         """
-        if not isinstance(lr, Tensor):
-            lr = torch.tensor(float(lr), dtype=X.dtype, device=X.device)
+        lr = as_lr_tensor(lr, X)
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
-        self._check(Y, w_start, w_target, lr, X.device)
-        self._check_batch(model, X, Y)
+        check_engine_values(Y, w_start, w_target, lr, X.device)
+        check_engine_batch(model, X, Y)
         ws = w_start.detach().to(X.dtype)
         wt = w_target.detach().to(X.dtype)
         lr_x = lr.to(X.dtype)
@@ -1080,11 +1059,10 @@ class AdjointEngine:
         source = _StreamedBatches(make_inputs, n_steps, params, values_checked)
         with torch.no_grad():
             x0, y0 = source.batch(0)
-        if not isinstance(lr, Tensor):
-            lr = torch.tensor(float(lr), dtype=x0.dtype, device=x0.device)
+        lr = as_lr_tensor(lr, x0)
         check_engine_inputs(model, x0[None], y0[None], w_start, w_target, lr)
-        self._check(y0, w_start, w_target, lr, x0.device)
-        self._check_batch(model, x0, y0)
+        check_engine_values(y0, w_start, w_target, lr, x0.device)
+        check_engine_batch(model, x0, y0)
         ws = w_start.detach().to(x0.dtype)
         wt = w_target.detach().to(x0.dtype)
         name = self._select(model, x0.device, x0.dtype)

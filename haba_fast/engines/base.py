@@ -17,7 +17,15 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Engine", "normalized_distance", "check_engine_inputs", "model_num_classes"]
+__all__ = [
+    "Engine",
+    "as_lr_tensor",
+    "check_engine_batch",
+    "check_engine_inputs",
+    "check_engine_values",
+    "model_num_classes",
+    "normalized_distance",
+]
 
 
 class Engine(Protocol):
@@ -77,10 +85,24 @@ def normalized_distance(w_start: Tensor, w_target: Tensor) -> Tensor:
     return denom
 
 
+def as_lr_tensor(lr, X: Tensor) -> Tensor:
+    """The learned lr as a tensor: a Python number becomes a 0-dim tensor of X's dtype and device."""
+    if isinstance(lr, Tensor):
+        return lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise TypeError(f"lr must be a 0-dim tensor or a number, got {type(lr).__name__}")
+    return torch.tensor(float(lr), dtype=X.dtype, device=X.device)
+
+
 def check_engine_inputs(model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor) -> None:
-    """Validate the engine arguments' shapes and dtypes (clear ValueError/TypeError)."""
+    """Validate the engine arguments' types, shapes and dtypes (clear ValueError/TypeError)."""
+    for name, t in (("X", X), ("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if X.dim() != 5:
         raise ValueError(f"X must be [N, B, C, H, W] (one batch per unrolled step), got shape {tuple(X.shape)}")
+    if X.shape[0] < 1 or X.shape[1] < 1:
+        raise ValueError(f"X must hold at least one step of at least one sample, got shape {tuple(X.shape)}")
     if Y.dim() != 2 or tuple(Y.shape) != tuple(X.shape[:2]):
         raise ValueError(f"Y must be [N, B] = {tuple(X.shape[:2])} to match X, got shape {tuple(Y.shape)}")
     if Y.dtype != torch.long:
@@ -96,3 +118,30 @@ def check_engine_inputs(model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor,
             )
     if lr.dim() != 0:
         raise ValueError(f"lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
+
+
+def check_engine_values(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
+    """Every input on X's ``device``, the expert snapshots finite and apart, lr finite (clear ValueError)."""
+    for name, t in (("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but X is on {device}: put all engine inputs on one device")
+    normalized_distance(w_start, w_target)
+    if not (torch.isfinite(w_start).all() and torch.isfinite(w_target).all()):
+        raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
+    if not torch.isfinite(lr.detach()):
+        raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
+
+
+def check_engine_batch(model: nn.Module, X: Tensor, Y: Tensor) -> None:
+    """X finite and of the model's image size, Y within the model's classes (clear ValueError)."""
+    if not torch.isfinite(X.detach()).all():
+        raise ValueError("X (the synthetic batches) contains NaN or Inf; lower the learning rates")
+    im_size = getattr(model, "im_size", None)
+    if im_size is not None and tuple(X.shape[-2:]) != tuple(im_size):
+        raise ValueError(
+            f"X holds {X.shape[-2]}x{X.shape[-1]} images but the model was built for im_size {tuple(im_size)}; "
+            "build the student with the synthetic images' size"
+        )
+    classes = model_num_classes(model)
+    if classes is not None and Y.numel() and (int(Y.min()) < 0 or int(Y.max()) >= classes):
+        raise ValueError(f"labels Y must be in [0, {classes}) for this model, got [{int(Y.min())}, {int(Y.max())}]")

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from haba_fast.dist import BatchReducer
-from haba_fast.engines.base import check_engine_inputs, normalized_distance
+from haba_fast.engines.base import (
+    as_lr_tensor,
+    check_engine_batch,
+    check_engine_inputs,
+    check_engine_values,
+    normalized_distance,
+)
 from haba_fast.models import functional_forward
 
 __all__ = ["NaiveEngine"]
@@ -41,7 +47,10 @@ class NaiveEngine:
         ``reducer`` (data parallelism, ``haba_fast.dist.BatchReducer``): X and Y hold this rank's shard of every
         step's batch; the weighted shard gradients are summed over ranks so every rank steps the same w_{t+1}.
         """
+        lr = as_lr_tensor(lr, X)
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
+        check_engine_values(Y, w_start, w_target, lr, X.device)
+        check_engine_batch(model, X, Y)
         denom = normalized_distance(w_start, w_target)
         # The start point is a constant of the objective; a fresh leaf so grad() can differentiate the CE.
         w = w_start.detach().to(X.dtype).requires_grad_(True)
