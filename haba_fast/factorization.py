@@ -29,6 +29,7 @@ Files:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -87,9 +88,7 @@ def _storage(floats: int, image_floats: int, train_size: int | None) -> Storage:
     equiv = floats / image_floats
     pct = None
     if train_size is not None:
-        if train_size <= 0:
-            raise ValueError(f"train_size must be a positive number of training images, got {train_size}")
-        pct = 100.0 * equiv / train_size
+        pct = 100.0 * equiv / _positive_int(train_size, "train_size", "storage")
     return Storage(int(floats), float(equiv), pct)
 
 
@@ -142,6 +141,39 @@ def budget_bpc(ipc: int, n_hallucinators: int, kernel_size: int, channels: int, 
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
+def _positive_int(value, name: str, owner: str) -> int:
+    """``value`` as an int >= 1: an int (or an integral float such as ``3.0``), never a bool; TypeError or
+    ValueError naming ``owner: name`` otherwise (None, NaN, Inf, 0.5, ``'3'``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a positive int, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or int(value) != value or value < 1:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_indices(idx, what: str, high: int, device, n: int | None = None) -> Tensor:
+    """Row indices as a 1-D int64 tensor ``[n]`` on ``device``, each in ``[0, high)``.
+
+    An int is broadcast to ``[n]`` when ``n`` is given (a per-batch choice such as one hallucinator), and refused
+    otherwise. TypeError for a float or bool tensor, ValueError for another shape or a value out of range.
+    """
+    if isinstance(idx, int):
+        if n is None:
+            raise ValueError(f"{what} must be a 1-D tensor [n] of indices, got an int")
+        idx = torch.full((n,), idx, dtype=torch.long, device=device)
+    idx = torch.as_tensor(idx, device=device)
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.is_complex():
+        raise TypeError(f"{what} must be an integer tensor, got {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{what} must be 1-D [n], got shape {list(idx.shape)}")
+    idx = idx.long()
+    # Range check only for CPU tensors: on CUDA it would force a device sync on every step.
+    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
+        raise ValueError(f"{what} out of range: values must lie in [0, {high}), got "
+                         f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
 def _check_generator(generator) -> None:
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -307,6 +339,7 @@ class _Synthetic(nn.Module):
         merged = dict(getattr(self, "meta", {}) or {})
         merged.update(dict(meta or {}))
         _check_meta(merged)
+        _check_meta_lr(merged, f"{type(self).__name__}.save")
         first = next(iter(self.parameters()))
         payload = {
             "format": FORMAT,
@@ -345,11 +378,10 @@ class Pixels(_Synthetic):
     def __init__(self, num_classes: int, ipc: int, channels: int, im_size, generator: torch.Generator | None = None,
                  soft_labels: bool = False):
         super().__init__()
-        for name, v in (("num_classes", num_classes), ("ipc", ipc), ("channels", channels)):
-            if int(v) != v or v <= 0:
-                raise ValueError(f"Pixels: {name} must be a positive int, got {v!r}")
+        num_classes, ipc, channels = (_positive_int(v, name, "Pixels") for name, v in
+                                      (("num_classes", num_classes), ("ipc", ipc), ("channels", channels)))
         _check_generator(generator)
-        self.num_classes, self.ipc, self.channels = int(num_classes), int(ipc), int(channels)
+        self.num_classes, self.ipc, self.channels = num_classes, ipc, channels
         self.im_size = pair(im_size)
         self.images = nn.Parameter(torch.empty(self.num_classes * self.ipc, self.channels, *self.im_size))
         self.register_buffer("labels", torch.arange(self.num_classes).repeat_interleave(self.ipc))
@@ -389,8 +421,9 @@ class Pixels(_Synthetic):
         return self
 
     def sample_batch(self, indices: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """``(images[indices] [n, C, H, W]`` (differentiable), ``labels[indices] [n])``."""
-        indices = torch.as_tensor(indices, device=self.images.device)
+        """``(images[indices] [n, C, H, W]`` (differentiable), ``labels[indices] [n])``; ``indices`` ``[n]`` int in
+        ``[0, K*ipc)`` (checked as ``HaBa.sample_batch`` checks them)."""
+        indices = _check_indices(indices, "indices", self.num_samples, self.images.device)
         return self.images[indices], self.labels[indices]
 
     @torch.no_grad()
@@ -476,15 +509,13 @@ class HaBa(_Synthetic):
                  generator: torch.Generator | None = None, soft_labels: bool = False):
         super().__init__()
         base_channels = channels if base_channels is None else base_channels
-        for name, v in (("num_classes", num_classes), ("bpc", bpc), ("channels", channels),
-                        ("n_hallucinators", n_hallucinators), ("kernel_size", kernel_size),
-                        ("base_channels", base_channels)):
-            if int(v) != v or v <= 0:
-                raise ValueError(f"HaBa: {name} must be a positive int, got {v!r}")
+        num_classes, bpc, channels, n_hallucinators, kernel_size, base_channels = (
+            _positive_int(v, name, "HaBa") for name, v in (
+                ("num_classes", num_classes), ("bpc", bpc), ("channels", channels),
+                ("n_hallucinators", n_hallucinators), ("kernel_size", kernel_size), ("base_channels", base_channels)))
         _check_generator(generator)
-        self.num_classes, self.bpc, self.channels = int(num_classes), int(bpc), int(channels)
-        self.n_hallucinators, self.kernel_size = int(n_hallucinators), int(kernel_size)
-        self.base_channels = int(base_channels)
+        self.num_classes, self.bpc, self.channels = num_classes, bpc, channels
+        self.n_hallucinators, self.kernel_size, self.base_channels = n_hallucinators, kernel_size, base_channels
         self.im_size = pair(im_size)
         H, W = self.im_size
         k, C, cb, Hn = self.kernel_size, self.channels, self.base_channels, self.n_hallucinators
@@ -613,22 +644,7 @@ class HaBa(_Synthetic):
         return [self.enc_weight, self.enc_bias, self.scale, self.shift, self.dec_weight, self.dec_bias]
 
     def _index(self, idx, n: int | None, what: str, high: int) -> Tensor:
-        device = self.bases.device
-        if isinstance(idx, int):
-            if n is None:
-                raise ValueError(f"{what}: an int index needs a tensor of base indices beside it")
-            idx = torch.full((n,), idx, dtype=torch.long, device=device)
-        idx = torch.as_tensor(idx, device=device)
-        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            raise TypeError(f"{what} must be an integer tensor, got {idx.dtype}")
-        if idx.dim() != 1:
-            raise ValueError(f"{what} must be 1-D [n], got shape {list(idx.shape)}")
-        idx = idx.long()
-        # Range check only for CPU tensors: on CUDA it would force a device sync on every step.
-        if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= high):
-            raise ValueError(f"{what} out of range: values must lie in [0, {high}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-        return idx
+        return _check_indices(idx, what, high, self.bases.device, n)
 
     def generate(self, base_idx, hall_idx) -> Tensor:
         """Hallucinated samples ``[n, C, H, W]``, differentiable in bases and hallucinators.
@@ -652,8 +668,8 @@ class HaBa(_Synthetic):
         return self.generate(base_idx, hall_idx)
 
     def labels_of(self, base_idx: Tensor) -> Tensor:
-        """Class labels ``[n]`` of the bases ``base_idx``."""
-        return torch.as_tensor(base_idx, device=self.bases.device).long() // self.bpc
+        """Class labels ``[n]`` of the bases ``base_idx`` (``[n]`` int in ``[0, K*bpc)``)."""
+        return self._index(base_idx, None, "base_idx", self.num_bases) // self.bpc
 
     def sample_batch(self, indices, generator: torch.Generator | None = None, *,
                      hall=None) -> tuple[Tensor, Tensor]:
@@ -737,6 +753,7 @@ class HaBa(_Synthetic):
             raise ValueError(f"reference images: {M} bases is not a multiple of num_classes={num_classes} "
                              "(pass the dataset's number of classes)")
         styles = dict(styles)
+        lr_files = syn_lr is not None  # a path the caller passed; never one read from the styles file
         if syn_lr is None and "syn_lr" in styles:
             syn_lr = styles["syn_lr"]
         stacked = _parse_styles(styles, styles_what)
@@ -766,7 +783,7 @@ class HaBa(_Synthetic):
             haba.dec_weight.copy_(stacked["dec.weight"])
             haba.dec_bias.copy_(stacked["dec.bias"])
         if syn_lr is not None:
-            haba.meta["lr"] = _lr_value(syn_lr)
+            haba.meta["lr"] = _lr_value(syn_lr, files=lr_files)
         return haba
 
     def reference_styles(self) -> dict[str, Tensor]:
@@ -792,11 +809,13 @@ class HaBa(_Synthetic):
         paths = [d / names["images"], d / names["styles"]]
         hio.atomic_torch_save(self.bases.detach().cpu().clone(), paths[0])
         hio.atomic_torch_save(self.reference_styles(), paths[1])
+        lr_files = lr is not None  # a path the caller passed may be read; meta's lr must be a number
         lr = self.meta.get("lr") if lr is None else lr
         if lr is not None:
             paths.append(d / names["lr"])
             # float64 keeps the Python float exact
-            hio.atomic_torch_save(torch.tensor(_lr_value(lr, positive=False), dtype=torch.float64), paths[2])
+            value = _lr_value(lr, positive=False, files=lr_files)
+            hio.atomic_torch_save(torch.tensor(value, dtype=torch.float64), paths[2])
         return paths + self._write_soft_labels(d, it)
 
     @classmethod
@@ -851,10 +870,13 @@ def _load_tensor(x, what: str) -> Tensor:
     return x.detach().cpu()
 
 
-def _lr_value(lr, *, positive: bool = True) -> float:
-    """One finite number from a float, a 1-element tensor or a file (``positive``: and > 0, as a file must hold)."""
+def _lr_value(lr, *, positive: bool = True, files: bool = False) -> float:
+    """One finite number from a float, a 1-element tensor or, with ``files``, a file (``positive``: and > 0, as a
+    file must hold). ``files`` only for a path the caller passed: a value read from a file must not open another."""
     where = ""
     if isinstance(lr, (str, os.PathLike)):
+        if not files:
+            raise ValueError(f"learned lr must be a number, got {type(lr).__name__} {str(lr)!r}")
         where = f" (file {lr})"
         lr = hio.torch_load(lr, what="learned lr file")
     if isinstance(lr, Tensor):
@@ -868,6 +890,15 @@ def _lr_value(lr, *, positive: bool = True) -> float:
     if not math.isfinite(lr) or (positive and lr <= 0):
         raise ValueError(f"learned lr must be a finite number{' > 0' if positive else ''}, got {lr}{where}")
     return float(lr)
+
+
+def _check_meta_lr(meta: Mapping[str, Any], where: object) -> None:
+    """``meta['lr']`` (when present and not None) by the rule ``load`` applies: a finite number > 0."""
+    if meta.get("lr") is not None:
+        try:
+            _lr_value(meta["lr"])
+        except ValueError as exc:
+            raise ValueError(f"{where}: meta 'lr': {exc}") from exc
 
 
 def _parse_styles(styles: Mapping[str, Any], what: str) -> dict[str, Tensor]:
@@ -908,7 +939,7 @@ def _find_lr(directory: Path, it) -> float | None:
     for name in (f"syn_lr_{it}.pt", f"lr_{it}.pt"):
         p = directory / name
         if p.exists():
-            return _lr_value(p)
+            return _lr_value(p, files=True)
     return None
 
 
@@ -1024,11 +1055,9 @@ def _from_payload(payload: Mapping[str, Any], path: Path):
     if kind == "pixels" and not torch.equal(obj.labels, torch.arange(obj.num_classes).repeat_interleave(obj.ipc)):
         raise ValueError(f"{path}: 'labels' must be each class 0..{obj.num_classes - 1} repeated ipc={obj.ipc} times")
     obj.meta = dict(meta)
-    if "lr" in obj.meta and obj.meta["lr"] is not None:
-        try:
-            obj.meta["lr"] = _lr_value(obj.meta["lr"])
-        except ValueError as exc:
-            raise ValueError(f"{path}: meta 'lr': {exc}") from exc
+    _check_meta_lr(obj.meta, path)
+    if obj.meta.get("lr") is not None:
+        obj.meta["lr"] = _lr_value(obj.meta["lr"])
     return obj
 
 

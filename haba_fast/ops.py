@@ -117,6 +117,8 @@ def _check_generate(bases, enc_weight, enc_bias, scale, shift, dec_weight, dec_b
     Hn, C, cbw, k, _ = enc_weight.shape
     if cbw != cb:
         raise ValueError(f"generate: enc_weight has {cbw} input channels but bases have c_b={cb}")
+    if k < 1:  # the C++ kernel would return dec_bias alone; the reference conv raises
+        raise ValueError(f"generate: enc_weight's kernel size k must be >= 1, got shape {tuple(enc_weight.shape)}")
     if k > H or k > W:
         raise ValueError(f"generate: kernel size {k} exceeds the image size {H}x{W}")
     Ho, Wo = H - k + 1, W - k + 1
