@@ -111,6 +111,12 @@ Spec parse_spec(at::IntArrayRef s) {
   HF_CHECK(p.pool >= 0 && p.pool <= 2, "trajectory_match: spec pool code must be 0..2 (none, avg, max), got ",
               p.pool);
   HF_CHECK(p.pad0 >= 0, "trajectory_match: spec first_padding must be >= 0, got ", p.pad0);
+  // Sizes beyond any network that fits a machine: the layout's products below then cannot overflow int64.
+  constexpr int64_t kMaxSpec = int64_t(1) << 24;
+  HF_CHECK(p.channel <= kMaxSpec && p.classes <= kMaxSpec && p.width <= kMaxSpec && p.depth <= 1024 &&
+               p.pad0 <= kMaxSpec,
+           "trajectory_match: spec channel, num_classes, width and first_padding must be <= 2^24 and depth <= 1024, "
+           "got ", s);
   HF_CHECK(p.norm != kGroup || p.width % 4 == 0, "trajectory_match: groupnorm uses 4 groups, width ", p.width,
               " is not a multiple of 4");
   return p;
@@ -142,8 +148,13 @@ Layout make_layout(const Spec& s, int64_t H, int64_t W) {
   Layout L;
   int64_t off = 0;
   auto take = [&](std::vector<int64_t> shape) {
+    int64_t n = 1, end = 0;
+    for (int64_t v : shape) {
+      HF_CHECK(!__builtin_mul_overflow(n, v, &n) && !__builtin_add_overflow(off, n, &end),
+               "trajectory_match: the spec and image size give more parameters than int64 counts");
+    }
     Slot sl{off, std::move(shape)};
-    off += sl.numel();
+    off += n;
     return sl;
   };
   int64_t cin = s.channel;
