@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -231,20 +232,71 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         FileNotFoundError: no file. ValueError: corrupt, not a checkpoint, or holding anything but tensors and
         plain values (a crafted or foreign pickle).
     """
+    from haba_fast.io import _unpickling_detail
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"distillation checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's weights-only error advises re-running with weights_only=False: not advice for a damaged or crafted
+        # file, so only its useful line is kept (as haba_fast.io.torch_load does).
+        if isinstance(exc, pickle.UnpicklingError):
+            detail = _unpickling_detail(exc)
+        else:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(
             f"distillation checkpoint {path} is corrupt or holds more than tensors and plain values, and was "
-            f"not loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); delete it to start "
-            "over, or resume from a copy you trust"
+            f"not loaded ({type(exc).__name__}: {detail}); delete it to start over, or resume from a copy you trust"
         ) from exc
     if not isinstance(state, dict) or state.get("format") not in _FORMATS:
         raise ValueError(f"{path} is not a haba_fast distillation checkpoint (missing format tag {FORMAT})")
+    _check_state(state, path)
     return state
+
+
+def _check_state(state: Dict[str, Any], path: Path) -> None:
+    """Refuse a damaged state at load, naming the entry, instead of a raw error (or a NaN run) after it."""
+
+    def damaged(entry: str, what: str) -> ValueError:
+        return ValueError(
+            f"distillation checkpoint {path} is damaged: its entry {entry} {what}, and it was not loaded; delete it "
+            "to start over, or resume from a copy you trust"
+        )
+
+    for key, default in (("iteration", None), ("bad_steps", 0)):
+        v = state.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise damaged(key, f"is {v!r}, not an integer >= 0")
+    synthetic = state.get("synthetic")
+    if not isinstance(synthetic, dict):
+        raise damaged("synthetic", f"is a {type(synthetic).__name__}, not a dict of tensors")
+    # The learned values: a NaN or inf here would resume and fail at the first step, blaming the learning rates.
+    learned = {f"synthetic[{k!r}]": t for k, t in synthetic.items()}
+    learned["syn_lr"] = state.get("syn_lr")
+    if state.get("lr_param") is not None:
+        learned["lr_param"] = state["lr_param"]
+    for entry, t in learned.items():
+        if not isinstance(t, Tensor):
+            raise damaged(entry, f"is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise damaged(entry, "holds NaN or inf values")
+    # Both generators of a run are CPU generators (Distiller): set_state on one refuses a bad state's size or type.
+    rng = state.get("rng")
+    if rng is None:  # format 1: the distillation generator only
+        generators = {"generator": state.get("generator")}
+    elif isinstance(rng, dict):
+        generators = {"rng['distill']": rng.get("distill")}
+        if rng.get("eval") is not None:
+            generators["rng['eval']"] = rng["eval"]
+    else:
+        raise damaged("rng", f"is a {type(rng).__name__}, not a dict")
+    for entry, g in generators.items():
+        try:
+            torch.Generator().set_state(g)
+        except (RuntimeError, TypeError) as exc:
+            raise damaged(entry, f"is not a random generator's state ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------

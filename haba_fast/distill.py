@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,7 +317,26 @@ class DistillConfig:
     cuda_graphs: bool = False
 
     def validate(self) -> "DistillConfig":
-        """Raise ValueError naming the first bad value; returns self."""
+        """Raise ValueError naming the first bad value; returns self.
+
+        Normalizes in place: integer fields to ``int`` (a NumPy integer is one), and ``eval_models`` given as a
+        comma-separated string (``"ConvNet,MLP"``, as ``EvalConfig.models`` takes it) to a tuple.
+        """
+        from haba_fast.checkpoint import flag_name
+
+        # Every int field, by its annotation: a float would be truncated by int() (ipc 2.7 runs with 2 and records
+        # 2.7) or fail later in range(); a bool or a string is a mistake. None only where the field allows it.
+        for f in dataclasses.fields(self):
+            if f.type not in ("int", "Optional[int]"):
+                continue
+            v = getattr(self, f.name)
+            if v is None and f.type == "Optional[int]":
+                continue
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(f"{flag_name(f.name)} must be an integer, got {v!r}")
+            setattr(self, f.name, int(v))
+        if isinstance(self.eval_models, str):
+            self.eval_models = _split_models(self.eval_models)
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"unknown parameterization {self.parameterization!r}: choose one of {', '.join(PARAMETERIZATIONS)}"
@@ -475,6 +495,20 @@ class DistillConfig:
         if "eval_models" in d:
             d["eval_models"] = tuple(d["eval_models"])
         return cls(**d)
+
+
+def _split_models(names: str) -> Tuple[str, ...]:
+    """``--eval-models`` given as one string: split at commas by ``EvalConfig``'s rule; none named: the eval_mode
+    pool (as the CLI's ``--eval-models ""``)."""
+    from haba_fast.evaluate import EvalConfig
+
+    split = EvalConfig(models=names)
+    try:
+        split.validate()  # splits the string, then refuses an empty list (which here means the eval_mode pool)
+    except ValueError:
+        if split.models:
+            raise
+    return tuple(split.models)
 
 
 def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
