@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "CHECKPOINT_NAME",
     "FORMAT",
+    "FORMATS",
     "GUARD_KEYS",
     "HISTORY_NAME",
     "INIT_ONLY_KEYS",
@@ -64,7 +65,7 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.jsonl"
 FORMAT = "haba_fast.distill/2"
-_FORMATS = ("haba_fast.distill/1", FORMAT)
+FORMATS = ("haba_fast.distill/1", FORMAT)  # every resume-state format this version reads
 
 # DistillConfig keys that never change what a run computes: where it runs and writes, how often it checkpoints
 # or evaluates, and when it stops (``iterations``: a run may be extended). Inputs given by path (data_path,
@@ -188,7 +189,7 @@ def load_distiller_state(distiller: "Distiller", state: Dict[str, Any]) -> None:
         ValueError: not a distillation state, or one whose tensors have other shapes (``STRUCTURAL_KEYS``).
     """
     d = distiller
-    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
         raise ValueError(f"not a haba_fast distillation checkpoint (missing format tag {FORMAT})")
     mismatch = _structural_mismatch(state.get("config", {}), d.cfg)
     if mismatch:
@@ -250,7 +251,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
             f"distillation checkpoint {path} is corrupt or holds more than tensors and plain values, and was "
             f"not loaded ({type(exc).__name__}: {detail}); delete it to start over, or resume from a copy you trust"
         ) from exc
-    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+    if not isinstance(state, dict) or state.get("format") not in FORMATS:
         raise ValueError(f"{path} is not a haba_fast distillation checkpoint (missing format tag {FORMAT})")
     _check_state(state, path)
     return state

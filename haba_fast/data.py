@@ -20,6 +20,7 @@ searched too, so the reference's ``--data_path`` works unchanged.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import zlib
@@ -432,7 +433,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: truncated idx header ({len(raw)} bytes, needs {header})")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(dims) * dtype.itemsize  # Python ints: a header of huge dimensions cannot wrap around
     if len(raw) - header != expected:
         raise ValueError(
             f"{path}: header says shape {dims} ({expected} data bytes) but the file holds {len(raw) - header}: "
@@ -482,7 +483,15 @@ def _load_idx_dataset(name: str, root: str | None):
             raise ValueError(f"{py}: expected labels [N], got shape {y.shape}")
         if len(x) != len(y):
             raise ValueError(f"{px} holds {len(x)} images but {py} holds {len(y)} labels")
+        if split == "train" and (len(x) == 0 or min(x.shape[1:]) < 1):
+            raise ValueError(f"{px}: no training images (shape {x.shape})")
         out.append((_to_float(x[:, None], 255.0), _labels(y, 10, py)))
+    train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+    if train_hw != test_hw:
+        raise ValueError(
+            f"{found['train_images']} holds {train_hw[0]}x{train_hw[1]} images but {found['test_images']} "
+            f"{test_hw[0]}x{test_hw[1]}: the two splits must be of one dataset"
+        )
     classes = FASHION_CLASSES if name == "fashion-mnist" else [str(c) for c in range(10)]
     return out[0], out[1], list(classes), str(base)
 

@@ -326,10 +326,15 @@ class DistillConfig:
 
         # Every int field, by its annotation: a float would be truncated by int() (ipc 2.7 runs with 2 and records
         # 2.7) or fail later in range(); a bool or a string is a mistake. None only where the field allows it.
+        # Every bool field likewise: a string such as "no" would read as on.
         for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool", "Optional[bool]"):
+                if not (isinstance(v, bool) or (v is None and f.type == "Optional[bool]")):
+                    raise ValueError(f"{flag_name(f.name)} must be True or False, got {v!r}")
+                continue
             if f.type not in ("int", "Optional[int]"):
                 continue
-            v = getattr(self, f.name)
             if v is None and f.type == "Optional[int]":
                 continue
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):

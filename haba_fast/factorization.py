@@ -1082,6 +1082,13 @@ def load_synthetic(path: PathLike, *, it: int | str = "best", num_classes: int |
                                 "checkpoint directory with images_<it>.pt)")
     obj = hio.torch_load(p, what="synthetic-set checkpoint")
     if isinstance(obj, Mapping) and "format" in obj:
+        from haba_fast.checkpoint import FORMATS as RESUME_FORMATS
+
+        if obj["format"] in RESUME_FORMATS:
+            raise ValueError(
+                f"{p} is a distillation run's resume state (checkpoint.pt), not a synthetic set: give the run's "
+                "synthetic.pt or synthetic_best.pt (or continue the run with `haba-fast distill --resume`)"
+            )
         if obj["format"] != FORMAT:
             raise ValueError(f"{p}: format {obj['format']!r} is not supported by this haba_fast (reads {FORMAT!r})")
         return _from_payload(obj, p)

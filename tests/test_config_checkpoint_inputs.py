@@ -137,3 +137,21 @@ def test_garbage_checkpoint_gives_no_weights_only_advice(tmp_path):
     with pytest.raises(ValueError, match="is corrupt") as info:
         ck.load_checkpoint(path)
     assert "weights_only" not in str(info.value) and str(path) in str(info.value)
+
+
+BOOL_FIELDS = [f.name for f in dataclasses.fields(DistillConfig) if f.type in ("bool", "Optional[bool]")]
+
+
+@pytest.mark.parametrize("name", BOOL_FIELDS)
+def test_every_bool_field_refuses_non_bools(name):
+    """A string such as "no" would read as on."""
+    for value in ("no", 0, 1.0):
+        with pytest.raises(ValueError, match=f"must be True or False, got {value!r}"):
+            DistillConfig(**{name: value}).validate()
+
+
+def test_a_resume_state_given_as_a_synthetic_set_says_what_it_is(one_run):
+    from haba_fast.factorization import load_synthetic
+
+    with pytest.raises(ValueError, match="is a distillation run's resume state .* give the run's synthetic.pt"):
+        load_synthetic(one_run / ck.CHECKPOINT_NAME)

@@ -666,3 +666,25 @@ def test_gzip_module_used_for_gz_only(tmp_path, idx_arrays):
     q.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"abc"))
     with pytest.raises(ValueError, match="bad magic"):
         read_idx(q)
+
+
+def test_idx_splits_of_other_image_sizes_or_an_empty_train_split_are_refused(tmp_path):
+    from data_fixtures import write_mnist
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 8).astype(np.uint8)
+    write_mnist(tmp_path / "a", rng.integers(0, 255, (8, 4, 4), dtype=np.uint8), y,
+                rng.integers(0, 255, (8, 5, 5), dtype=np.uint8), y)  # fmt: skip
+    with pytest.raises(ValueError, match="holds 4x4 images but .* 5x5: the two splits must be of one dataset"):
+        data.load("mnist", str(tmp_path / "a"))
+    write_mnist(tmp_path / "b", np.zeros((0, 4, 4), np.uint8), np.zeros(0, np.uint8),
+                rng.integers(0, 255, (8, 4, 4), dtype=np.uint8), y)  # fmt: skip
+    with pytest.raises(ValueError, match="no training images"):
+        data.load("mnist", str(tmp_path / "b"))
+
+
+def test_an_idx_header_of_huge_dimensions_is_a_clear_error(tmp_path):
+    p = tmp_path / "train-images-idx3-ubyte"
+    p.write_bytes(bytes([0, 0, 8, 4]) + (65536).to_bytes(4, "big") * 4)  # 2**64 bytes: int64 wraps to 0
+    with pytest.raises(ValueError, match=r"header says shape \(65536, 65536, 65536, 65536\)"):
+        data.read_idx(p)

@@ -99,3 +99,9 @@ def test_the_cpp_op_refuses_specs_whose_layout_would_overflow(spec, message):
     w, x, y = torch.randn(10), torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.haba_fast.trajectory_step_grad(w, x, y, spec, True)
+
+
+@pytest.mark.parametrize("switch", ["offload_weights", "compile_step", "cuda_graphs"])
+def test_engine_switches_must_be_bools(switch):
+    with pytest.raises(TypeError, match=f"{switch} must be True or False, got 'no'"):
+        get_engine("exact", **{switch: "no"})

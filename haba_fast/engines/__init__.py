@@ -72,12 +72,17 @@ def get_engine(
 
     Raises:
         ValueError: unknown name, a bad budget, or a budget or offloading for ``naive``.
+        TypeError: a switch that is not a bool.
     """
     if name is None or name == "auto":
         name = default_engine_name()
     if name not in ENGINES:
         raise ValueError(f"unknown engine {name!r}: choose one of {', '.join(ENGINES)}")
     budget = parse_memory_budget(memory_budget)
+    switches = {"offload_weights": offload_weights, "compile_step": compile_step, "cuda_graphs": cuda_graphs}
+    for flag, value in switches.items():
+        if not isinstance(value, bool):  # a string such as "no" would read as on
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     if name == "naive":
         if budget != 0:
             raise ValueError(
