@@ -285,6 +285,8 @@ class MemmapExpertBuffer(ExpertBuffer):
         if self.num_params < 1 or self.num_epochs < 1:
             raise ValueError(f"expert buffer header {self.path}: num_params ({self.num_params}) and num_epochs "
                              f"({self.num_epochs}) must be >= 1")
+        if len(set(map(str, files))) != len(files):
+            raise ValueError(f"expert buffer header {self.path} lists a trajectory file twice: the header is corrupt")
         for f in files:
             # The header names files beside it; anything else (a path, '..') would read outside the buffer.
             if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
@@ -529,8 +531,13 @@ def _read_header(path: Path) -> dict[str, Any]:
         raise ValueError(f"expert buffer header {path} is corrupt (not JSON: {exc})") from exc
     if not isinstance(header, dict) or header.get("format") != FORMAT_TAG:
         raise ValueError(f"{path} is not a haba_fast expert buffer header (format tag {FORMAT_TAG!r} missing)")
-    if int(header.get("version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"expert buffer {path} has format version {header.get('version')}; upgrade haba_fast")
+    version = header.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"expert buffer header {path}: version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"expert buffer {path} has format version {version}; upgrade haba_fast")
+    if not isinstance(header.get("config", {}), dict):
+        raise ValueError(f"expert buffer header {path}: config must be an object, got {header['config']!r}")
     return header
 
 

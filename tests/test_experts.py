@@ -555,3 +555,24 @@ def test_cli_buffer_without_dataset_says_it_trains_on_digits(tmp_path, capsys):
     assert main(["buffer", "--dataset", "digits", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1",
                  "--out", str(tmp_path / "c"), "--quiet"]) == 0
     assert "no --dataset" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda h: h.update(version="abc"), "version must be an integer, got 'abc'"),
+        (lambda h: h.update(config="x"), "config must be an object, got 'x'"),
+        (lambda h: h["trajectories"].append(dict(h["trajectories"][0])), "lists a trajectory file twice"),
+    ],
+)
+def test_a_corrupt_header_field_is_named(haba_buffer, tmp_path, edit, message):
+    import json
+    import shutil
+
+    bad = tmp_path / "buf"
+    shutil.copytree(haba_buffer, bad)
+    header = json.loads((bad / experts.HEADER_NAME).read_text())
+    edit(header)
+    (bad / experts.HEADER_NAME).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=message):
+        load_buffer(bad)
