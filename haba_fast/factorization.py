@@ -444,8 +444,10 @@ class Pixels(_Synthetic):
         ``images``/``labels`` may be tensors or paths. Labels must be class-major with equal counts.
         """
         images = _load_tensor(images, "reference images")
-        if images.dim() != 4:
-            raise ValueError(f"reference images must be [K*ipc, C, H, W], got {list(images.shape)}")
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise ValueError(f"reference images must be [K*ipc, C, H, W] with K*ipc >= 1, got {list(images.shape)}")
+        if num_classes is not None:
+            _positive_int(num_classes, "num_classes", "Pixels.from_reference")
         if labels is not None:
             labels = _load_tensor(labels, "reference labels")
             if labels.dim() != 1 or labels.shape[0] != images.shape[0]:

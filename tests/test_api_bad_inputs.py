@@ -143,3 +143,10 @@ def test_labels_of_refuses_out_of_range():
     for bad in ([99], [-1], [99, -1]):
         with pytest.raises(ValueError, match=r"base_idx out of range.*\[0, 4\)"):
             haba.labels_of(torch.tensor(bad))
+
+
+def test_pixels_from_reference_refuses_no_images_and_no_classes():
+    with pytest.raises(ValueError, match=r"K\*ipc >= 1"):
+        Pixels.from_reference(torch.zeros(0, 1, 4, 4), num_classes=2)
+    with pytest.raises(ValueError, match="Pixels.from_reference: num_classes"):
+        Pixels.from_reference(torch.zeros(4, 1, 4, 4), num_classes=0)
