@@ -114,8 +114,8 @@ Spec parse_spec(at::IntArrayRef s) {
   // Sizes beyond any network that fits a machine: the layout's products below then cannot overflow int64.
   constexpr int64_t kMaxSpec = int64_t(1) << 24;
   HF_CHECK(p.channel <= kMaxSpec && p.classes <= kMaxSpec && p.width <= kMaxSpec && p.depth <= 1024 &&
-               p.pad0 <= kMaxSpec,
-           "trajectory_match: spec channel, num_classes, width and first_padding must be <= 2^24 and depth <= 1024, "
+               p.pad0 <= 1024,
+           "trajectory_match: spec channel, num_classes and width must be <= 2^24, depth and first_padding <= 1024, "
            "got ", s);
   HF_CHECK(p.norm != kGroup || p.width % 4 == 0, "trajectory_match: groupnorm uses 4 groups, width ", p.width,
               " is not a multiple of 4");
@@ -186,7 +186,10 @@ Layout make_layout(const Spec& s, int64_t H, int64_t W) {
     cin = s.width;
     L.layers.push_back(l);
   }
-  L.fc_w = take({s.classes, s.width * H * W});
+  int64_t fc_in = 0;  // width x H x W, checked as take() checks its shapes
+  HF_CHECK(!__builtin_mul_overflow(s.width, H, &fc_in) && !__builtin_mul_overflow(fc_in, W, &fc_in),
+           "trajectory_match: the spec and image size give more parameters than int64 counts");
+  L.fc_w = take({s.classes, fc_in});
   L.fc_b = take({s.classes});
   L.P = off;
   return L;

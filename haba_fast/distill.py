@@ -398,6 +398,8 @@ class DistillConfig:
             if getattr(self, name) is None:  # min_lr: the reference's floor
                 continue
             v = float(getattr(self, name))
+            if name == "max_loss" and v == math.inf:  # no "exploded" guard; a non-finite loss still stops a step
+                continue
             if not math.isfinite(v) or v < 0 or (positive and v == 0):
                 raise ValueError(f"{flag} must be a finite number {'>' if positive else '>='} 0, got {v}")
         if self.objective not in OBJECTIVES:
@@ -622,14 +624,18 @@ def check_fits(cfg: DistillConfig, dataset, device) -> None:
         )
 
 
+_HOLDS_A_RUN = "{out} already holds a run ({name}); pass --resume to continue it or choose another --out"
+
+
 def check_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
     """Refuse an output folder that this run must not write into, before any work.
 
     ``resume`` with ``overwrite`` contradict each other. A folder holding a finished run's ``synthetic.pt`` (the
     final set, written after the last checkpoint) but no checkpoint (removed, or never written: a run whose last
     steps were bad) has nothing to resume and is not free: only ``overwrite`` replaces it. A folder with a checkpoint
-    is ``distill``'s to judge; one with only a killed run's earlier files (``synthetic_best.pt`` before the first
-    checkpoint) starts over, as ``resume`` does without a checkpoint.
+    needs ``resume`` (whether its settings match is ``distill``'s to judge) or ``overwrite``; one with only a killed
+    run's earlier files (``synthetic_best.pt`` before the first checkpoint) starts over, as ``resume`` does without a
+    checkpoint.
 
     Raises:
         ValueError: naming the folder, what it holds and how to proceed.
@@ -641,7 +647,11 @@ def check_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
     if out_dir is None or overwrite:
         return
     out = Path(out_dir)
-    if (out / CHECKPOINT_NAME).exists() or not (out / "synthetic.pt").exists():
+    if (out / CHECKPOINT_NAME).exists():
+        if not resume:
+            raise ValueError(_HOLDS_A_RUN.format(out=out, name=CHECKPOINT_NAME))
+        return  # distill() compares the run's settings with this one's
+    if not (out / "synthetic.pt").exists():
         return
     if resume:
         raise ValueError(
@@ -1251,9 +1261,7 @@ def distill(
             )
             resumed, resumed_at = True, distiller.iteration
         elif not overwrite:
-            raise ValueError(
-                f"{out} already holds a run ({ckpt.name}); pass --resume to continue it or choose another --out"
-            )
+            raise ValueError(_HOLDS_A_RUN.format(out=out, name=ckpt.name))
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
     if dist.world_size() > 1:  # every rank continues from the state rank 0 read and checked

@@ -66,11 +66,14 @@ def _config(argv):
         ("--lr_teacher", "inf"),
         ("--lr_style", "nan"),
         ("--min-lr", "nan"),
-        ("--max-loss", "inf"),
+        ("--max-loss", "nan"),
+        ("--max-loss=-inf", None),
     ],
 )
 def test_non_finite_or_negative_floats_are_refused(tmp_path, capsys, flag, value):
-    line = _error(_mtt(tmp_path, flag, value), capsys)
+    line = _error(_mtt(tmp_path, *([flag] if value is None else [flag, value])), capsys)
+    if value is None:  # --flag=value (a value starting with "-")
+        flag, value = flag.split("=")
     name = {"--min-lr": "--min_lr"}.get(flag, flag)
     bound = "> 0" if flag == "--max-loss" else ">= 0"
     assert f"{name} must be a finite number {bound}, got {float(value)}" in line
@@ -80,7 +83,7 @@ def test_every_float_setting_is_checked():
     floats = {f.name for f in dataclasses.fields(DistillConfig) if f.type in ("float", "Optional[float]")}
     assert floats == {name for name, _, _ in distill_mod.FLOAT_SETTINGS}
     for name in sorted(floats):
-        for bad in (math.nan, math.inf, -1.0):
+        for bad in (math.nan, -math.inf, -1.0) + (() if name == "max_loss" else (math.inf,)):  # max_loss: inf = off
             with pytest.raises(ValueError, match="must be a finite number"):
                 DistillConfig(**{name: bad}).validate()
 
@@ -268,6 +271,16 @@ def test_a_finished_run_without_checkpoint_is_not_overwritten(tmp_path, capsys):
     assert "holds a finished run" not in _error(_mtt(tmp_path, "--overwrite"), capsys)
 
 
+def test_a_run_with_a_checkpoint_needs_resume_before_anything_loads(tmp_path, capsys):
+    out = tmp_path / "R"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"a run's resume state")
+    line = _error(_mtt(tmp_path), capsys)  # refused before the (missing) buffer is read
+    assert "already holds a run (checkpoint.pt); pass --resume to continue it" in line
+    assert "holds a run (checkpoint.pt)" not in _error(_mtt(tmp_path, "--resume"), capsys)  # on to the buffer
+    assert "holds a run (checkpoint.pt)" not in _error(_mtt(tmp_path, "--overwrite"), capsys)
+
+
 def test_distill_guards_the_folder_too(tmp_path):
     from haba_fast.distill import distill
 
@@ -317,3 +330,8 @@ def test_a_weight_trajectory_larger_than_memory_is_refused(tmp_path, capsys):
     # With the trajectory checkpointed (min) the bound does not apply: the run goes on (to the missing buffer).
     line = _error(_mtt(tmp_path, "--syn_steps", str(10**9), "--memory-budget", "min"), capsys)
     assert "weight trajectory" not in line and "no_buffer" in line
+
+
+def test_max_loss_inf_turns_the_exploded_guard_off():
+    """+inf: no step counts as exploded (a non-finite loss still does); accepted, as before the float checks."""
+    assert DistillConfig(max_loss=float("inf")).validate().max_loss == float("inf")

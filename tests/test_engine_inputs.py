@@ -84,19 +84,20 @@ def test_a_python_number_lr_is_taken_by_every_engine(engine):
 
 @pytest.mark.skipif(not __import__("haba_fast._ext", fromlist=["x"]).extension_available(), reason="no C++ extension")
 @pytest.mark.parametrize(
-    "spec, message",
+    "spec, side, message",
     [
-        ([1, 10, 2**62, 1, 1, 0, 1, 1], r"must be <= 2\^24 and depth <= 1024"),
-        ([1, 10, 8, 2**40, 1, 0, 1, 1], r"must be <= 2\^24 and depth <= 1024"),
-        ([1, 10, 8, 1, 1, 0, 1, 2**61], r"must be <= 2\^24 and depth <= 1024"),
-        # within the bounds, but classes x width x (image + padding)^2 overflows int64
-        ([1, 2**24, 2**24, 1, 0, 0, 0, 2**24], "more parameters than int64 counts"),
+        ([1, 10, 2**62, 1, 1, 0, 1, 1], 8, r"must be <= 2\^24, depth and first_padding <= 1024"),
+        ([1, 10, 8, 2**40, 1, 0, 1, 1], 8, r"must be <= 2\^24, depth and first_padding <= 1024"),
+        ([1, 10, 8, 1, 1, 0, 1, 2**61], 8, r"must be <= 2\^24, depth and first_padding <= 1024"),
+        ([3, 10, 2**24, 1, 0, 0, 0, 2**24], 8, r"must be <= 2\^24, depth and first_padding <= 1024"),
+        # within the bounds, but classes x width x 256 x 256 = 2^64 parameters: int64 would wrap around
+        ([1, 2**24, 2**24, 1, 0, 0, 0, 1], 256, "more parameters than int64 counts"),
     ],
 )
-def test_the_cpp_op_refuses_specs_whose_layout_would_overflow(spec, message):
+def test_the_cpp_op_refuses_specs_whose_layout_would_overflow(spec, side, message):
     """A spec list passed to the C++ op by hand: sizes checked before the layout multiplies them (int64 overflow is
     undefined behaviour), never a parameter count that wrapped around."""
-    w, x, y = torch.randn(10), torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    w, x, y = torch.randn(10), torch.randn(1, 1, side, side), torch.zeros(1, dtype=torch.long)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.haba_fast.trajectory_step_grad(w, x, y, spec, True)
 
