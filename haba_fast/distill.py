@@ -133,6 +133,8 @@ def _gradient_matching(c: "DistillConfig") -> bool:
     return c.objective in ("dc", "dsa")
 
 
+_MTT_BUFFER = "--objective mtt (the others read no expert buffer)"
+_MTT_SEGMENT = "--objective mtt (the expert segment matched)"
 _MTT_LR = "--objective mtt (the other objectives learn no lr: they train and evaluate with --lr-net)"
 _ADJOINT = (
     "--objective mtt with the exact or first-order engine and hard labels (naive and soft labels keep every step's "
@@ -151,12 +153,12 @@ _ADVERSARY = "--parameterization haba (the adversarial term; pixel sets have non
 SCOPES: Dict[str, Tuple[str, str, Callable[["DistillConfig"], bool]]] = {
     "engine": ("--engine", "--objective mtt (the engine unrolls its student)", _mtt),
     "syn_steps": ("--syn_steps", "--objective mtt (the student's unrolled steps)", _mtt),
-    "expert_epochs": ("--expert_epochs", "--objective mtt (the expert segment matched)", _mtt),
-    "max_start_epoch": ("--max_start_epoch", "--objective mtt (the expert segment matched)", _mtt),
-    "buffer_path": ("--buffer_path", "--objective mtt (the others read no expert buffer)", _mtt),
-    "load_all": ("--load_all", "--objective mtt (the others read no expert buffer)", _mtt),
-    "max_files": ("--max_files", "--objective mtt (the others read no expert buffer)", _mtt),
-    "max_experts": ("--max_experts", "--objective mtt (the others read no expert buffer)", _mtt),
+    "expert_epochs": ("--expert_epochs", _MTT_SEGMENT, _mtt),
+    "max_start_epoch": ("--max_start_epoch", _MTT_SEGMENT, _mtt),
+    "buffer_path": ("--buffer_path", _MTT_BUFFER, _mtt),
+    "load_all": ("--load_all", _MTT_BUFFER, _mtt),
+    "max_files": ("--max_files", _MTT_BUFFER, _mtt),
+    "max_experts": ("--max_experts", _MTT_BUFFER, _mtt),
     "trajectories_per_iteration": (
         "--trajectories-per-iteration",
         "--objective mtt (it matches expert segments)",

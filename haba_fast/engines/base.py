@@ -120,16 +120,21 @@ def check_engine_inputs(model: nn.Module, X: Tensor, Y: Tensor, w_start: Tensor,
         raise ValueError(f"lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
 
 
-def check_engine_values(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> None:
-    """Every input on X's ``device``, the expert snapshots finite and apart, lr finite (clear ValueError)."""
+def check_engine_values(Y: Tensor, w_start: Tensor, w_target: Tensor, lr: Tensor, device: torch.device) -> Tensor:
+    """Every input on X's ``device``, the expert snapshots finite and apart, lr finite (clear ValueError).
+
+    Returns:
+        ``normalized_distance(w_start, w_target)``, the loss's denominator (computed once here).
+    """
     for name, t in (("Y", Y), ("w_start", w_start), ("w_target", w_target), ("lr", lr)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but X is on {device}: put all engine inputs on one device")
-    normalized_distance(w_start, w_target)
+    denom = normalized_distance(w_start, w_target)
     if not (torch.isfinite(w_start).all() and torch.isfinite(w_target).all()):
         raise ValueError("w_start or w_target contains NaN or Inf: the expert buffer is corrupt")
     if not torch.isfinite(lr.detach()):
         raise ValueError(f"lr is not finite ({float(lr)}); lower --lr_lr")
+    return denom
 
 
 def check_engine_batch(model: nn.Module, X: Tensor, Y: Tensor) -> None:

@@ -14,7 +14,6 @@ from haba_fast.engines.base import (
     check_engine_batch,
     check_engine_inputs,
     check_engine_values,
-    normalized_distance,
 )
 from haba_fast.models import functional_forward
 
@@ -49,9 +48,8 @@ class NaiveEngine:
         """
         lr = as_lr_tensor(lr, X)
         check_engine_inputs(model, X, Y, w_start, w_target, lr)
-        check_engine_values(Y, w_start, w_target, lr, X.device)
+        denom = check_engine_values(Y, w_start, w_target, lr, X.device)
         check_engine_batch(model, X, Y)
-        denom = normalized_distance(w_start, w_target)
         # The start point is a constant of the objective; a fresh leaf so grad() can differentiate the CE.
         w = w_start.detach().to(X.dtype).requires_grad_(True)
         reducer = reducer if reducer is not None else BatchReducer.single(X.shape[1])
