@@ -841,6 +841,13 @@ StepResult step(const Spec& s, const Layout& L, const Tensor& w, const Tensor& x
 // ---------------------------------------------------------------------------------------------------------------
 // Validation: every problem becomes a RuntimeError with a message that says what is wrong (never a crash).
 
+// The adjoint `lam` of a step op: w's shape, dtype and device, each named when it differs.
+void check_lam_like_w(const char* op, const Tensor& lam, const Tensor& w) {
+  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(), op,
+           ": lam must be like w (", w.sizes(), " ", w.scalar_type(), " on ", w.device(), "), got ", lam.sizes(), " ",
+           lam.scalar_type(), " on ", lam.device());
+}
+
 Layout check_inputs(const Spec& s, const Tensor& X, const Tensor& Y, const Tensor& w_start, const Tensor& w_target,
                     const Tensor& lr, bool check_values) {
   HF_CHECK(X.dim() == 5, "trajectory_match: X must be [N, B, C, H, W] (one batch per unrolled step), got ",
@@ -946,8 +953,7 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_hvp(const Tensor& w, const Te
   Spec s = parse_spec(spec);
   HF_CHECK(x.dim() == 4, "trajectory_step_hvp: x must be [B, C, H, W], got ", x.sizes());
   Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), true);
-  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
-              "trajectory_step_hvp: lam must be like w");
+  check_lam_like_w("trajectory_step_hvp", lam, w);
   at::NoGradGuard no_grad;
   StepResult r = step(s, L, w, x, y, lam, true);
   return {r.g, r.hw, r.hx};
@@ -977,8 +983,7 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint(const Tensor& w, cons
   HF_CHECK(x.dim() == 4, "trajectory_step_adjoint: x must be [B, C, H, W], got ", x.dim(), "-d shape ", x.sizes());
   HF_CHECK(y.dim() == 1, "trajectory_step_adjoint: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
   Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), false);
-  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
-           "trajectory_step_adjoint: lam must be like w (", w.sizes(), "), got ", lam.sizes());
+  check_lam_like_w("trajectory_step_adjoint", lam, w);
   at::NoGradGuard no_grad;
   std::optional<haba_fast::BufferCacheScope> reuse_buffers;
   if (x.is_cpu()) reuse_buffers.emplace();
@@ -1048,8 +1053,7 @@ std::tuple<Tensor, Tensor, Tensor> trajectory_step_adjoint_kept(const Tensor& w,
            x.sizes());
   HF_CHECK(y.dim() == 1, "trajectory_step_adjoint_kept: y must be [B], got ", y.dim(), "-d shape ", y.sizes());
   Layout L = check_inputs(s, x.unsqueeze(0), y.unsqueeze(0), w, w, w.new_zeros({}), false);
-  HF_CHECK(lam.sizes() == w.sizes() && lam.scalar_type() == w.scalar_type() && lam.device() == w.device(),
-           "trajectory_step_adjoint_kept: lam must be like w (", w.sizes(), "), got ", lam.sizes());
+  check_lam_like_w("trajectory_step_adjoint_kept", lam, w);
   std::vector<Tensor> k = check_kept(s, L, x, kept.vec());
   at::NoGradGuard no_grad;
   std::optional<haba_fast::BufferCacheScope> reuse_buffers;

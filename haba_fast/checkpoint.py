@@ -233,7 +233,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         FileNotFoundError: no file. ValueError: corrupt, not a checkpoint, or holding anything but tensors and
         plain values (a crafted or foreign pickle).
     """
-    from haba_fast.io import _unpickling_detail
+    from haba_fast.io import unpickling_detail
 
     path = Path(path)
     if not path.exists():
@@ -244,7 +244,7 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         # torch's weights-only error advises re-running with weights_only=False: not advice for a damaged or crafted
         # file, so only its useful line is kept (as haba_fast.io.torch_load does).
         if isinstance(exc, pickle.UnpicklingError):
-            detail = _unpickling_detail(exc)
+            detail = unpickling_detail(exc)
         else:
             detail = str(exc).splitlines()[0] if str(exc) else ""
         raise ValueError(
@@ -283,6 +283,11 @@ def _check_state(state: Dict[str, Any], path: Path) -> None:
             raise damaged(entry, f"is a {type(t).__name__}, not a tensor")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise damaged(entry, "holds NaN or inf values")
+    # The optimizers' moments and the adversary's weights: a NaN there reaches the learned values at the first step.
+    for key in ("opt_img", "opt_style", "opt_lr", "opt_label", "objective", "adversary", "opt_adv"):
+        for entry, t in _nested_tensors(state.get(key), key):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise damaged(entry, "holds NaN or inf values")
     # Both generators of a run are CPU generators (Distiller): set_state on one refuses a bad state's size or type.
     rng = state.get("rng")
     if rng is None:  # format 1: the distillation generator only
@@ -298,6 +303,19 @@ def _check_state(state: Dict[str, Any], path: Path) -> None:
             torch.Generator().set_state(g)
         except (RuntimeError, TypeError) as exc:
             raise damaged(entry, f"is not a random generator's state ({exc})") from None
+
+
+def _nested_tensors(value: Any, entry: str) -> Iterator[Tuple[str, Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with its entry's path, such as
+    ``opt_img['state'][0]['momentum_buffer']``."""
+    if isinstance(value, Tensor):
+        yield entry, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _nested_tensors(v, f"{entry}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _nested_tensors(v, f"{entry}[{i}]")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -70,8 +70,20 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    """True on rank 0: the process that writes files and logs."""
-    return rank() == 0
+    """True on rank 0: the process that writes files and logs.
+
+    Before the process group is joined (a command's checks and warnings), torchrun's ``$RANK`` decides when
+    ``$WORLD_SIZE`` > 1, so that a job prints its warnings once, not once per process.
+    """
+    return rank() == 0 if _active() else _launched_rank() == 0
+
+
+def _launched_rank() -> int:
+    """torchrun's ``$RANK`` when ``$WORLD_SIZE`` > 1, else 0 (a bad value is 0 here; init_from_env refuses it)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
 
 
 def print_main(*args, **kwargs) -> None:

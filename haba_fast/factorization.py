@@ -157,6 +157,8 @@ def _check_indices(idx, what: str, high: int, device, n: int | None = None) -> T
     An int is broadcast to ``[n]`` when ``n`` is given (a per-batch choice such as one hallucinator), and refused
     otherwise. TypeError for a float or bool tensor, ValueError for another shape or a value out of range.
     """
+    if isinstance(idx, bool):
+        raise TypeError(f"{what} must be an integer tensor or an int, got a bool")
     if isinstance(idx, int):
         if n is None:
             raise ValueError(f"{what} must be a 1-D tensor [n] of indices, got an int")

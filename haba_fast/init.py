@@ -24,7 +24,7 @@ def pair(value: Union[int, Sequence[int]], name: str = "im_size") -> tuple[int, 
         value = (value, value)
     try:
         h, w = (int(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be an int or a pair (H, W) of positive ints, got {value!r}") from None
     if h < 1 or w < 1 or any(isinstance(v, bool) for v in value) or (h, w) != tuple(value):
         raise ValueError(f"{name} must be an int or a pair (H, W) of positive ints, got {tuple(value)!r}")

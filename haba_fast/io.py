@@ -171,7 +171,7 @@ def torch_load(path: PathLike, *, what: str = "file", weights_only: bool = True,
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        detail = _unpickling_detail(exc)
+        detail = unpickling_detail(exc)
         if weights_only and "GLOBAL" in detail:
             raise ValueError(
                 f"{what} {path} was refused: it holds Python objects other than tensors and plain values, and "
@@ -183,7 +183,7 @@ def torch_load(path: PathLike, *, what: str = "file", weights_only: bool = True,
         raise ValueError(f"{what} {path} is corrupt or not a torch file ({type(exc).__name__}: {exc})") from exc
 
 
-def _unpickling_detail(exc: BaseException) -> str:
+def unpickling_detail(exc: BaseException) -> str:
     """The useful line of torch's weights-only error: the object it would not build, or the bad opcode."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     for key in ("GLOBAL", "Unsupported", "WeightsUnpickler error"):

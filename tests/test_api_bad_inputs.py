@@ -40,6 +40,13 @@ def test_sample_batch_refuses_bad_indices(make, indices, exc, match):
         make().sample_batch(indices)
 
 
+@pytest.mark.parametrize("hall", [True, False, torch.tensor([True, False])])
+def test_generate_refuses_a_bool_hallucinator_index(hall):
+    """A bool is not an index: ``generate(idx, True)`` used to pick hallucinator 1."""
+    with pytest.raises(TypeError, match=r"hall_idx must be an integer tensor"):
+        _haba().generate(torch.tensor([0, 1]), hall)
+
+
 def test_pixels_sample_batch_good_indices():
     pix = _pixels()
     x, y = pix.sample_batch(torch.tensor([3, 0, 3]))

@@ -104,6 +104,10 @@ DAMAGES = {
         lambda s: s["synthetic"][_first_synthetic(s)].view(-1)[0].fill_(math.nan),
         r"synthetic\['\w+'\] holds NaN or inf",
     ),
+    "optimizer moment nan": (
+        lambda s: next(iter(s["opt_img"]["state"].values()))["momentum_buffer"].view(-1)[0].fill_(math.nan),
+        r"opt_img\['state'\]\[0\]\['momentum_buffer'\] holds NaN or inf",
+    ),
     "iteration str": (lambda s: s.update(iteration="x"), "iteration is 'x', not an integer"),
     "rng size": (
         lambda s: s["rng"].update(distill=torch.zeros(3, dtype=torch.uint8)),

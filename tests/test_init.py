@@ -12,7 +12,7 @@ from haba_fast.objectives.contrastive import Adversary
 
 def test_pair():
     assert pair(7) == (7, 7) and pair((3, 5)) == (3, 5) and pair([4, 2]) == (4, 2)
-    for bad in (0, (3,), (3, 0), (2.5, 3), True, "ab", None, (True, 2)):
+    for bad in (0, (3,), (3, 0), (2.5, 3), True, "ab", None, (True, 2), (float("inf"), 3), (3, float("nan"))):
         with pytest.raises(ValueError, match="im_size must be an int or a pair"):
             pair(bad)
     with pytest.raises(ValueError, match="kernel must be"):

@@ -599,6 +599,10 @@ def test_cpp_step_ops_match_step_hvp(want_hw):
         torch.ops.haba_fast.trajectory_step_grad(ws, X, Y[0], spec)
     with pytest.raises(RuntimeError, match="lam must be like w"):
         torch.ops.haba_fast.trajectory_step_adjoint(ws, X[0], Y[0], lam[:-1], spec, want_hw)
+    # Same shape, another dtype: the message names both dtypes (it used to show two equal shapes only).
+    with pytest.raises(RuntimeError, match=r"trajectory_step_hvp: lam must be like w \(\[\d+\] Double on cpu\), got "
+                                           r"\[\d+\] Float on cpu"):
+        torch.ops.haba_fast.trajectory_step_hvp(ws, X[0], Y[0], lam.float(), spec)
 
 
 @needs_cpp

@@ -30,7 +30,7 @@ from torch import nn
 
 from haba_fast.aug_families import family
 from haba_fast.augment import FAMILIES
-from haba_fast.commands.bench import SEED_BOUNDS, check_flags
+from haba_fast.benchmarks import SEED_BOUNDS, check_flags
 from haba_fast.devices import device_memory_bytes, resolve_device
 
 # Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a

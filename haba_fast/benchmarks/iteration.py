@@ -26,7 +26,7 @@ import torch
 
 from haba_fast._ext import buffer_cache_is_held, extension_available
 from haba_fast.backend import BackendUnavailableError, OpInputs, requested_backend, select_backend
-from haba_fast.commands.bench import SEED_BOUNDS, check_flags
+from haba_fast.benchmarks import SEED_BOUNDS, check_flags
 from haba_fast.devices import resolve_device
 from haba_fast.engines.memory import RunBuffers
 from haba_fast.ops import (

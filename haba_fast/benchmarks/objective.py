@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from haba_fast.commands.bench import SEED_BOUNDS, check_flags
+from haba_fast.benchmarks import SEED_BOUNDS, check_flags
 from haba_fast.devices import resolve_device
 from haba_fast.objectives.base import OBJECTIVES
 from haba_fast.timing import add_network_timing_arguments
