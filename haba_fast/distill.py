@@ -186,6 +186,7 @@ SCOPES: Dict[str, Tuple[str, str, Callable[["DistillConfig"], bool]]] = {
     "lr_net": ("--lr-net", "--objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)", _not_mtt),
     "outer_loop": ("--outer-loop", _DC_LOOPS, _gradient_matching),
     "inner_loop": ("--inner-loop", _DC_LOOPS, _gradient_matching),
+    "dis_metric": ("--dis_metric", "--objective dc or dsa (the distance between gradients)", _gradient_matching),
     "n_hallucinators": ("--n_style", _HALLUCINATORS, _haba),
     "lr_style": ("--lr_style", _HALLUCINATORS, _haba),
     "kernel_size": ("--kernel-size", _HALLUCINATORS, _haba),
@@ -301,6 +302,7 @@ class DistillConfig:
     lr_net: float = 0.01  # DC/DSA: the matching network's SGD lr; DC/DSA/DM evaluate with it (no learned lr)
     outer_loop: Optional[int] = None  # DC/DSA: synthetic updates per fresh network (None: get_loops(ipc))
     inner_loop: Optional[int] = None  # DC/DSA: network epochs on the synthetic set between them (None: get_loops)
+    dis_metric: str = "ours"  # DC/DSA: gradient distance: ours (per output channel), mse or cos (all concatenated)
     soft_labels: bool = False  # learnable label logits per image (Pixels) / per basis (HaBa)
     lr_label: float = 1.0  # SGD lr of the label logits (the objective's momentum)
     max_bad_steps: int = 5  # a non-finite/exploded step is skipped; this many in a row stop the run
@@ -352,6 +354,10 @@ class DistillConfig:
             raise ValueError(f"unknown engine {self.engine!r}: choose one of {', '.join(ENGINES)} (or auto)")
         if self.pix_init not in PIX_INITS:
             raise ValueError(f"unknown --pix_init {self.pix_init!r}: choose real or noise")
+        from haba_fast.objectives.gradient import DIS_METRICS
+
+        if self.dis_metric not in DIS_METRICS:
+            raise ValueError(f"unknown --dis_metric {self.dis_metric!r}: choose one of {', '.join(DIS_METRICS)}")
         if self.hallucinator_init not in HALLUCINATOR_INITS:
             raise ValueError(
                 f"unknown --hallucinator-init {self.hallucinator_init!r}: choose {' or '.join(HALLUCINATOR_INITS)}"
@@ -528,8 +534,9 @@ def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
 
 
 # MTT's distill.py (the pixel reference) defaults where they differ from HaBa's distill_fac.py, whose defaults
-# DistillConfig carries.
-MTT_PIXEL_DEFAULTS: Dict[str, Any] = {"iterations": 5000, "lr_img": 1000.0, "syn_steps": 20, "pix_init": "noise"}
+# DistillConfig carries. Both initialize from real images (--pix_init real: mtt-distillation's default since its
+# texture commit; its first release said noise).
+MTT_PIXEL_DEFAULTS: Dict[str, Any] = {"iterations": 5000, "lr_img": 1000.0, "syn_steps": 20}
 
 
 def apply_pixel_reference(cfg: DistillConfig) -> DistillConfig:
@@ -541,13 +548,39 @@ def apply_pixel_reference(cfg: DistillConfig) -> DistillConfig:
 
 
 def apply_objective(cfg: DistillConfig, name: str) -> DistillConfig:
-    """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1; DM: 1.0; ...).
+    """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1, noise init,
+    20 evaluation networks; DM: lr_img 1.0, IPC 50; ...) and run length (:func:`objective_schedule`).
 
-    The CLI applies them before the flags given explicitly; in the Python API call this first, then override.
+    The CLI applies them before the flags given explicitly, then sizes the run for the final IPC; in the Python API
+    call this first, then override (and take :func:`objective_schedule` again after changing ``ipc``).
     """
     from haba_fast.objectives.base import objective_defaults
 
-    return dataclasses.replace(cfg, objective=name, **objective_defaults(name))
+    cfg = dataclasses.replace(cfg, objective=name, **objective_defaults(name))
+    try:
+        return dataclasses.replace(cfg, **objective_schedule(cfg))
+    except ValueError:  # DC loops unknown for this IPC: the objective names the problem when it is built
+        return cfg
+
+
+def objective_schedule(cfg: DistillConfig) -> Dict[str, int]:
+    """The objective's public-script run length and evaluation interval, in synthetic updates (``iterations``,
+    ``eval_it``); empty for MTT (``DistillConfig`` carries distill_fac.py's).
+
+    DC/DSA's main.py runs ``--Iteration 1000`` iterations of ``outer_loop`` updates each (one fresh network per
+    iteration) and evaluates every 500 of them; DM's main_DM.py runs 20000 updates and evaluates every 2000.
+
+    Raises:
+        ValueError: DC/DSA at an IPC without public loops and no ``outer_loop`` given.
+    """
+    from haba_fast.objectives.base import get_objective
+
+    objective = get_objective(cfg.objective)
+    if objective.reference_schedule is None:
+        return {}
+    iterations, every = objective.reference_schedule
+    k = objective.updates_per_iteration(cfg)
+    return {"iterations": iterations * k, "eval_it": every * k}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1118,20 +1151,26 @@ class Distiller:
 
 
 def eval_iterations(cfg: DistillConfig) -> List[int]:
-    """Iterations after which the run evaluates, and always at the end.
+    """Iterations after which the run evaluates (``i`` updates done; 0 is the initialization), and always at the end.
 
-    The references' pools: HaBa's distill_fac.py evaluates every ``eval_it`` in the last tenth of the run; MTT's
-    distill.py (pixels) every ``eval_it`` from the start. Iteration 0 (the initialization, before any update) is
-    not evaluated here: ``haba-fast eval --baseline random`` measures real-image initializations.
+    The references' pools: HaBa's distill_fac.py (HaBa + MTT) evaluates every ``eval_it`` in the last tenth of the
+    run (``np.arange((Iteration // 10) * 9, Iteration + 1, eval_it)``); MTT's distill.py (pixels) every ``eval_it``
+    from the start, the initialization included (``np.arange(0, Iteration + 1, eval_it)``), as the DC/DSA/DM
+    scripts, which HaBa with those objectives follows too.
+    So iteration 0 is evaluated where the reference's pool holds it: pixel runs, and runs of fewer than 10
+    iterations (``--Iteration 0`` evaluates the initialization alone). DC/DSA/DM's scripts evaluate only at the end
+    when ``eval_mode`` is not S (``[args.Iteration]``).
     """
-    if cfg.num_eval <= 0 or cfg.iterations <= 0:
+    if cfg.num_eval <= 0 or cfg.iterations < 0:
         return []
-    its = set()
+    its = {cfg.iterations}
+    if cfg.objective != "mtt" and cfg.eval_mode not in ("S", "SS"):
+        return sorted(its)  # DC/DSA/DM's scripts evaluate another pool than S at the end only
     if cfg.eval_it > 0:
-        first = (cfg.iterations // 10) * 9 if cfg.parameterization == "haba" else 0
+        last_tenth = cfg.parameterization == "haba" and cfg.objective == "mtt"  # distill_fac.py's pool
+        first = (cfg.iterations // 10) * 9 if last_tenth else 0
         its.update(range(first, cfg.iterations + 1, cfg.eval_it))
-    its.add(cfg.iterations)
-    return sorted(i for i in its if i > 0)
+    return sorted(its)
 
 
 def _storage_line(storage) -> str:
@@ -1288,13 +1327,19 @@ def distill(
             else f"; data-parallel on {k} processes (every unrolled step's batch split over them)"
         )
     )
-    best = -1.0
+    # Each evaluated network's best mean so far: as the reference, an evaluation in which any network beats its own
+    # best saves the set as synthetic_best.pt (reference/images_best.pt).
+    best: Dict[str, float] = {}
     if resumed and out is not None and (out / "synthetic_best.pt").exists():
-        # A resumed run keeps its best: only a better evaluation may replace synthetic_best.pt.
+        # A resumed run keeps its bests: only a better evaluation may replace synthetic_best.pt.
         from haba_fast.io import torch_load
 
-        recorded = torch_load(out / "synthetic_best.pt", what="best checkpoint").get("meta", {}).get("accuracy")
-        best = float(recorded) if recorded is not None else best
+        meta = torch_load(out / "synthetic_best.pt", what="best checkpoint").get("meta", {})
+        recorded = meta.get("best_accuracy")
+        if isinstance(recorded, dict):
+            best = {str(k): float(v) for k, v in recorded.items()}
+        elif meta.get("accuracy") is not None:  # written before per-network bests: its maximum, for every network
+            best = {model: float(meta["accuracy"]) for model in eval_config(cfg).models}
     history = None
     if out is not None:
         history = ckpt_mod.History(out / ckpt_mod.HISTORY_NAME)
@@ -1311,7 +1356,26 @@ def distill(
             desc=f"distill {cfg.parameterization}",
             dynamic_ncols=True,
         )
+    def evaluate_now(say: Callable[[str], None]) -> None:
+        """Evaluate the set at this iteration; save it as the best when a network beats its own best."""
+        it = distiller.iteration
+        ev = _evaluate(distiller, dataset, cfg, distiller.eval_generator)
+        result.evaluations.append(ev)
+        means = {k: v["mean"] for k, v in ev.items() if isinstance(v, dict)}
+        say(f"iteration {it}: " + ", ".join(f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}"
+                                            for k, v in ev.items() if isinstance(v, dict)))
+        improved = [k for k, acc in means.items() if acc > best.get(k, -1.0)]
+        best.update({k: means[k] for k in improved})
+        if out is not None and improved:
+            with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
+                meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=max(means.values()),
+                            best_accuracy=dict(best))
+                distiller.synthetic.save(out / "synthetic_best.pt", meta)
+                ckpt_mod.save_reference(distiller, out / "reference", "best")
+
     try:
+        if distiller.iteration == 0 and 0 in eval_its:  # the initialization, before any update (the reference's it 0)
+            evaluate_now(bar.write if (bar is not None and log is print) else log)
         # Held (unlimited, or a budget with room for it): a step's blocks serve the next steps, then go back.
         with RunBuffers(cfg.memory_budget) as buffers:
             while distiller.iteration < cfg.iterations:
@@ -1327,24 +1391,7 @@ def distill(
                         bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['syn_lr']:.4g}")
                 it = distiller.iteration
                 if it in eval_its:
-                    ev = _evaluate(distiller, dataset, cfg, distiller.eval_generator)
-                    result.evaluations.append(ev)
-                    acc = max(v["mean"] for k, v in ev.items() if isinstance(v, dict))
-                    say = bar.write if (bar is not None and log is print) else log  # keep the bar intact
-                    say(
-                        "iteration {}: ".format(it)
-                        + ", ".join(
-                            f"{k} {v['mean'] * 100:.2f}% ± {v['std'] * 100:.2f}"
-                            for k, v in ev.items()
-                            if isinstance(v, dict)
-                        )
-                    )
-                    if out is not None and acc > best:
-                        best = acc
-                        with ckpt_mod.writing(f"the best synthetic set (iteration {it})", out):
-                            meta = dict(ckpt_mod.synthetic_meta(distiller, dataset), accuracy=acc)
-                            distiller.synthetic.save(out / "synthetic_best.pt", meta)
-                            ckpt_mod.save_reference(distiller, out / "reference", "best")
+                    evaluate_now(bar.write if (bar is not None and log is print) else log)  # keep the bar intact
                 # No checkpoint inside a run of bad steps: a resume must start from a state that stepped well.
                 due = it % every == 0 or it == cfg.iterations
                 if out is not None and due and distiller.bad_steps == 0:

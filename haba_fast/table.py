@@ -418,8 +418,10 @@ def distill_config(cell: Cell, protocol: Protocol, dataset_name: str):
         model=protocol.distill_model,
         parameterization=cell.parameterization,
         budget_ipc=cell.ipc,
+        ipc=1,  # unread (budget_ipc sizes every cell); DistillConfig's, not DM's 50, so that every cell's record stays
         n_hallucinators=protocol.n_hallucinators,
         iterations=protocol.iterations_of(obj),
+        pix_init="real",  # every row from real images (DC/DSA's scripts start from noise; DM, MTT and HaBa from real)
         # a killed cell resumes from its last tenth, not from the start (a checkpoint changes no result)
         checkpoint_every=max(1, protocol.iterations_of(obj) // 10),
         batch_real=protocol.batch_real,

@@ -285,15 +285,68 @@ def test_divergence_keeps_last_good_checkpoint(digits, buffer, tmp_path):
 def test_periodic_evaluation(digits, buffer, tmp_path):
     cfg = _cfg(iterations=2, eval_it=1, num_eval=1, epoch_eval_train=2)
     res = distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None)
-    assert [e["iteration"] for e in res.evaluations] == [1, 2]
+    assert [e["iteration"] for e in res.evaluations] == [0, 1, 2]  # distill_fac.py's pool: arange(0, 3, 1)
     assert 0.0 <= res.evaluations[-1][MODEL]["mean"] <= 1.0
     assert (tmp_path / "synthetic_best.pt").exists() and (tmp_path / "reference" / "weights_best.pt").exists()
+
+
+# Each evaluation's mean per network: A and B as under --eval_mode M. Iteration 2 beats neither network's best;
+# iteration 3 beats B's only (0.52 > 0.50) though it is below the best of all networks (0.60).
+SCRIPTED_MEANS = {0: (0.50, 0.50), 1: (0.60, 0.40), 2: (0.55, 0.45), 3: (0.50, 0.52)}
+
+
+def _scripted_evaluate(distiller, dataset, cfg, generator):
+    a, b = SCRIPTED_MEANS[distiller.iteration]
+    return {"iteration": distiller.iteration, "A": {"mean": a, "std": 0.0, "accs": [a]},
+            "B": {"mean": b, "std": 0.0, "accs": [b]}}
+
+
+def test_best_set_is_saved_when_any_network_beats_its_own_best(digits, buffer, tmp_path, monkeypatch):
+    """The reference keeps a best per evaluated network (best_acc[model_eval]) and saves images_best.pt when any
+    of them improves; the initialization (iteration 0) is evaluated and can be the best."""
+    import haba_fast.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod, "_evaluate", _scripted_evaluate)
+    saved = []
+    real_save = distill_mod.Distiller  # the set's save is recorded through the file it writes
+
+    def best_iteration():
+        return torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]["iteration"]
+
+    def record(d, m):
+        if (tmp_path / "synthetic_best.pt").exists():
+            saved.append(best_iteration())
+
+    cfg = _cfg(iterations=3, eval_it=1, num_eval=1, epoch_eval_train=1, checkpoint_every=1)
+    res = distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None, on_iteration=record)
+    assert [e["iteration"] for e in res.evaluations] == [0, 1, 2, 3] and real_save is distill_mod.Distiller
+    assert saved == [1, 1, 3]  # after iterations 1, 2, 3: iteration 0's best was replaced at 1, kept at 2
+    meta = torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]
+    assert meta["best_accuracy"] == {"A": 0.60, "B": 0.52} and meta["accuracy"] == 0.52
+
+
+def test_resumed_run_keeps_each_networks_best(digits, buffer, tmp_path, monkeypatch):
+    import haba_fast.distill as distill_mod
+
+    monkeypatch.setattr(distill_mod, "_evaluate", _scripted_evaluate)
+    kw = dict(eval_it=1, num_eval=1, epoch_eval_train=1, checkpoint_every=1)
+    distill(_cfg(iterations=2, **kw), digits, buffer, tmp_path, progress=False, log=lambda s: None)
+    best = torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]
+    assert best["iteration"] == 1 and best["best_accuracy"] == {"A": 0.60, "B": 0.50}
+    distill(_cfg(iterations=3, **kw), digits, buffer, tmp_path, resume=True, allow_changed=["iterations"],
+            progress=False, log=lambda s: None)
+    meta = torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]
+    assert meta["iteration"] == 3 and meta["best_accuracy"] == {"A": 0.60, "B": 0.52}
 
 
 def test_eval_iterations_follow_the_reference():
     assert eval_iterations(DistillConfig(iterations=1000, eval_it=50)) == [900, 950, 1000]
     assert eval_iterations(DistillConfig(iterations=10, eval_it=100)) == [9, 10]  # np.arange(9, 11, 100) + the end
     assert eval_iterations(DistillConfig(iterations=10, num_eval=0)) == []
+    # Fewer than 10 iterations: distill_fac.py's pool starts at (Iteration // 10) * 9 = 0, the initialization.
+    assert eval_iterations(DistillConfig(iterations=5, eval_it=100)) == [0, 5]
+    assert eval_iterations(DistillConfig(iterations=0, eval_it=100)) == [0]
+    assert eval_iterations(DistillConfig(parameterization="pixels", iterations=250, eval_it=100)) == [0, 100, 200, 250]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -424,16 +477,16 @@ OURS = [
 
 def test_pixels_take_mtt_distill_py_defaults_and_flags_still_win():
     """--parameterization pixels is a drop-in for MTT's distill.py: its defaults (--Iteration 5000, --lr_img 1000,
-    --syn_steps 20, --pix_init noise), where HaBa keeps distill_fac.py's (15000, 100, 64, real)."""
+    --syn_steps 20), where HaBa keeps distill_fac.py's (15000, 100, 64); both initialize from real images."""
     _, px = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels"])
-    assert (px.iterations, px.lr_img, px.syn_steps, px.pix_init) == (5000, 1000.0, 20, "noise")
+    assert (px.iterations, px.lr_img, px.syn_steps, px.pix_init) == (5000, 1000.0, 20, "real")
     assert (px.lr_lr, px.lr_teacher, px.expert_epochs, px.max_start_epoch) == (1e-5, 0.01, 3, 25)  # shared
     _, hb = _parse(["--dataset", "CIFAR10"])
     assert (hb.parameterization, hb.iterations, hb.lr_img, hb.syn_steps, hb.pix_init) == (
         "haba", 15000, 100.0, 64, "real")
     _, given = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels", "--Iteration", "7",
-                       "--lr_img", "5", "--syn_steps", "3", "--pix_init", "real"])
-    assert (given.iterations, given.lr_img, given.syn_steps, given.pix_init) == (7, 5.0, 3, "real")
+                       "--lr_img", "5", "--syn_steps", "3", "--pix_init", "noise"])
+    assert (given.iterations, given.lr_img, given.syn_steps, given.pix_init) == (7, 5.0, 3, "noise")
     _, dm = _parse(["--dataset", "CIFAR10", "--parameterization", "pixels", "--objective", "dm"])
     assert dm.lr_img == 1.0 and dm.syn_steps == 64  # DM's public code, not MTT's script
 

@@ -207,6 +207,15 @@ def test_reference_combinations_that_do_nothing_are_warned_about(tmp_path, capsy
     assert "the reference ignores it too" in err and cfg.objective == "mtt"
 
 
+@pytest.mark.parametrize("rank,printed", [("0", True), ("1", False)])
+def test_reference_no_op_warning_prints_once_per_torchrun_job(tmp_path, capsys, monkeypatch, rank, printed):
+    """Under torchrun the config is checked before the process group is joined: $RANK decides who warns."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    _config(_mtt(tmp_path, "--dsa", "False", "--dsa_strategy", "color"))
+    assert ("warning: --dsa_strategy has no effect here" in capsys.readouterr().err) == printed
+
+
 def test_augmentation_flags_that_evaluation_reads_are_not_warned_about(tmp_path, capsys):
     # --no_aug turns augmentation off while distilling only: the evaluation still uses the strategy.
     cfg = _config(_mtt(tmp_path, "--num_eval", "1", "--no_aug", "--dsa_strategy", "color"))

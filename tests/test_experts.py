@@ -490,11 +490,13 @@ def test_cli_buffer_both_spellings(tmp_path, capsys):
     )
     for args in (a, b):
         assert (args.num_experts, args.lr_teacher, args.train_epochs, args.batch_train) == (3, 0.02, 4, 32)
-        assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, None, "haba")
+        assert (args.buffer_path, args.dsa, args.mom, args.dataset, args.fmt) == ("x", False, 0.5, "CIFAR10", "haba")
 
     rc = main(
         [
             "buffer",
+            "--dataset",
+            "digits",
             "--model",
             "ConvNetW32",
             "--num_experts",
@@ -524,6 +526,8 @@ def test_cli_buffer_both_spellings(tmp_path, capsys):
     rc = main(
         [
             "buffer",
+            "--dataset",
+            "digits",
             "--model",
             MODEL,
             "--num-experts",
@@ -544,17 +548,15 @@ def test_cli_buffer_both_spellings(tmp_path, capsys):
     assert main(["buffer", "--train_epochs", "0", "--out", str(tmp_path / "z"), "--quiet"]) == 2
 
 
-def test_cli_buffer_without_dataset_says_it_trains_on_digits(tmp_path, capsys):
-    """The reference's buffer.py defaults to CIFAR10; ours to the embedded digits, and it says so."""
+def test_cli_buffer_without_dataset_reads_cifar10_as_the_reference(tmp_path, capsys):
+    """The reference's buffer.py defaults to CIFAR10 under --data_path: so does ours (no silent digits)."""
     from haba_fast.cli import main
 
-    assert main(["buffer", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1", "--out",
-                 str(tmp_path / "b"), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "no --dataset: the embedded digits (the reference's buffer.py defaults to CIFAR10" in out
+    assert main(["buffer", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1", "--data_path",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "b"), "--quiet"]) == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err and not (tmp_path / "b").exists()
     assert main(["buffer", "--dataset", "digits", "--model", "MLP", "--num_experts", "1", "--train_epochs", "1",
                  "--out", str(tmp_path / "c"), "--quiet"]) == 0
-    assert "no --dataset" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -576,3 +578,16 @@ def test_a_corrupt_header_field_is_named(haba_buffer, tmp_path, edit, message):
     (bad / experts.HEADER_NAME).write_text(json.dumps(header))
     with pytest.raises(ValueError, match=message):
         load_buffer(bad)
+
+
+def test_cli_buffer_says_it_keeps_a_last_partial_group(tmp_path, capsys):
+    """The reference's buffer.py saves only full --save_interval groups; ours keeps the rest and says so."""
+    from haba_fast.cli import main
+
+    argv = ["buffer", "--dataset", "digits", "--model", "MLP", "--train_epochs", "1", "--save_interval", "2",
+            "--quiet", "--out"]
+    assert main([*argv, str(tmp_path / "a"), "--num_experts", "3"]) == 0
+    assert "the last 1 expert(s) are kept here as a smaller group" in capsys.readouterr().out
+    assert load_buffer(tmp_path / "a").num_trajectories == 3
+    assert main([*argv, str(tmp_path / "b"), "--num_experts", "2"]) == 0
+    assert "smaller group" not in capsys.readouterr().out

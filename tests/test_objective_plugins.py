@@ -394,7 +394,7 @@ def test_distill_evaluates_with_lr_net(digits, objective, monkeypatch):
     cfg = _cfg(objective, "haba", iterations=1, num_eval=1, epoch_eval_train=1, lr_net=0.02)
     res = distill(cfg, digits, None, None, progress=False, log=lambda s: None)
     assert seen["lr"] == pytest.approx(0.02) and res.syn_lr == pytest.approx(0.02)
-    assert len(res.evaluations) == 1
+    assert [e["iteration"] for e in res.evaluations] == [0, 1]  # the scripts' pools start at iteration 0
 
 
 def test_dsa_objective_needs_augmentation(digits):

@@ -111,7 +111,7 @@ DISTILL_CASES = {
 
 # flag -> (its arguments, then a predicate on (parsed args, ExpertConfig) or (REFUSED, words)).
 BUFFER_CASES = {
-    "--dataset": (["CIFAR10"], lambda a, c: a.dataset == "CIFAR10"),
+    "--dataset": (["CIFAR100"], lambda a, c: a.dataset == "CIFAR100"),  # default CIFAR10, as buffer.py
     "--subset": (["imagenette"], (REFUSED, "ImageNet")),
     "--model": (["ConvNetW64"], lambda a, c: c.model == "ConvNetW64"),
     "--num_experts": (["7"], lambda a, c: c.num_experts == 7),
@@ -941,7 +941,7 @@ def test_eval_pool_per_reference():
     from haba_fast.distill import DistillConfig, eval_iterations
 
     kw = dict(iterations=100, eval_it=20, num_eval=1)
-    assert eval_iterations(DistillConfig(parameterization="pixels", **kw)) == [20, 40, 60, 80, 100]
+    assert eval_iterations(DistillConfig(parameterization="pixels", **kw)) == [0, 20, 40, 60, 80, 100]  # from it 0
     assert eval_iterations(DistillConfig(parameterization="haba", **kw)) == [90, 100]
     assert eval_iterations(DistillConfig(parameterization="haba", iterations=100, eval_it=5, num_eval=1)) == [
         90, 95, 100,

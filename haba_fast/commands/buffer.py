@@ -29,8 +29,8 @@ def _bool_flag(value: str) -> bool:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The reference ``buffer.py`` flags (underscore spelling) plus dash spellings and our own options."""
-    p.add_argument("--dataset", default=None, help="dataset name (ours or the reference's spelling, e.g. CIFAR10; "
-                   "default: the embedded digits, where the reference's buffer.py defaults to CIFAR10)")
+    p.add_argument("--dataset", default="CIFAR10", help="dataset name (ours or the reference's spelling; default "
+                   "CIFAR10 under --data_path, as the reference's buffer.py; digits: the embedded set)")
     p.add_argument("--model", default="ConvNet", help="network to train (default ConvNet)")
     p.add_argument(
         "--num_experts",
@@ -218,16 +218,18 @@ def run(args: argparse.Namespace) -> int:
     cfg = expert_config_from_args(args)
     dist.init_from_env(args.device)  # under torchrun: expert i is trained by rank i mod K
     g = torch.Generator().manual_seed(args.seed)
-    if args.dataset is None:  # said, not silent: the reference's buffer.py would train CIFAR10 experts here
-        dist.print_main("no --dataset: the embedded digits (the reference's buffer.py defaults to CIFAR10; pass "
-                        "--dataset CIFAR10 for it)")
-    name = args.dataset or "digits"
-    ds = data.load(name, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
+    ds = data.load(args.dataset, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
     out = args.out or expert_dir(args.buffer_path, ds.name, args.model, zca=args.zca)
     dist.print_main(
         f"experts: {cfg.num_experts} x {cfg.epochs} epochs of {cfg.model} on {ds!r} -> {out} ({args.fmt})"
         + (f", {dist.world_size()} processes" if dist.world_size() > 1 else "")
     )
+    if cfg.num_experts % cfg.save_interval:  # said, not silent: the reference would have lost the last group
+        dist.print_main(
+            f"note: --num_experts {cfg.num_experts} is not a multiple of --save_interval {cfg.save_interval}: the last "
+            f"{cfg.num_experts % cfg.save_interval} expert(s) are kept here as a smaller group (the reference's "
+            "buffer.py saves only full groups and drops them)"
+        )
     train_experts(
         ds,
         cfg,

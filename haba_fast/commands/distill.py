@@ -20,9 +20,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 _S = argparse.SUPPRESS
+
+
+class _StoreWithSpelling(argparse.Action):
+    """Store the value and which of the flag's spellings was given (``--Iteration`` counts DC/DSA's iterations)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_spelling", option_string)
 
 
 def _bool_value(text: str) -> bool:
@@ -47,6 +55,8 @@ _FLAGS: List[tuple] = [
         "(reference spellings such as CIFAR10 work); omit it for the digits demo",
     ),
     ("subset", ["--subset"], dict(type=str), "refused (see REFUSED)"),
+    ("num_exp", ["--num_exp", "--num-exp"], dict(type=int), "refused (see REFUSED)"),
+    ("save_path", ["--save_path", "--save-path"], dict(type=str), "refused (see REFUSED)"),
     ("model", ["--model"], dict(type=str), "student / expert network (default ConvNet)"),
     (
         "ipc",
@@ -66,8 +76,9 @@ _FLAGS: List[tuple] = [
         "eval_it",
         ["--eval_it", "--eval-it"],
         dict(type=int),
-        "evaluate every this many iterations (haba: in the last tenth of the run, as distill_fac.py; pixels: from "
-        "the start, as MTT's distill.py; and at the end)",
+        "evaluate every this many synthetic updates (haba: in the last tenth of the run, as distill_fac.py; pixels: "
+        "from iteration 0, as MTT's distill.py; and at the end; dc/dsa default 500 x outer loop, dm 2000, as their "
+        "scripts)",
     ),
     (
         "epoch_eval_train",
@@ -75,7 +86,14 @@ _FLAGS: List[tuple] = [
         dict(type=int),
         "epochs to train an evaluation network",
     ),
-    ("iterations", ["--Iteration", "--iterations"], dict(type=int), "distillation iterations"),
+    (
+        "iterations",
+        ["--Iteration", "--iterations"],
+        dict(type=int, action=_StoreWithSpelling),
+        "distillation iterations: synthetic updates; with dc/dsa, --Iteration counts main.py's iterations (outer "
+        "loop updates each, a fresh network per iteration) and --iterations updates (default: each objective's "
+        "script: 15000, pixels 5000, dc/dsa 1000 x outer loop, dm 20000)",
+    ),
     ("lr_img", ["--lr_img", "--lr-img"], dict(type=float), "learning rate of the bases (HaBa) or images (pixels)"),
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
@@ -86,9 +104,9 @@ _FLAGS: List[tuple] = [
     ("batch_train", ["--batch_train", "--batch-train"], dict(type=int), "evaluation training batch"),
     (
         "pix_init",
-        ["--pix_init", "--pix-init"],
+        ["--pix_init", "--pix-init", "--init"],
         dict(type=str, choices=["noise", "real"]),
-        "initialize from real images or noise",
+        "initialize from real images or noise (DC/DSA/DM's --init; default real, dc/dsa noise, as their scripts)",
     ),
     (
         "hallucinator_init",
@@ -245,6 +263,13 @@ _FLAGS: List[tuple] = [
     ("outer_loop", ["--outer-loop", "--outer_loop"], dict(type=int), "dc/dsa: updates per network (default per IPC)"),
     ("inner_loop", ["--inner-loop", "--inner_loop"], dict(type=int), "dc/dsa: network epochs between updates"),
     (
+        "dis_metric",
+        ["--dis_metric", "--dis-metric"],
+        dict(type=str, choices=["ours", "mse", "cos"]),
+        "dc/dsa: gradient distance, as the public code's: ours (per output channel, 1 - cos), mse or cos (all "
+        "gradients concatenated) (default ours)",
+    ),
+    (
         "soft_labels",
         ["--soft-labels", "--soft_labels"],
         dict(action="store_const", const=True),
@@ -324,7 +349,14 @@ REFUSED: Dict[str, str] = {
     "mtt-distillation's distill.py for textures",
     "canvas_size": "it only sizes MTT's --texture canvases, which haba_fast does not implement; drop it",
     "canvas_samples": "it only counts MTT's --texture canvas crops, which haba_fast does not implement; drop it",
+    "num_exp": "DC/DSA/DM's scripts repeat the whole distillation this many times and pool the accuracies; run the "
+    "command once per experiment with its own --seed and --out (haba-fast table runs seeds as cells)",
+    "save_path": "DC/DSA/DM's result folder; use --out (the run writes synthetic.pt, synthetic_best.pt and "
+    "reference/ there)",
 }
+
+# DC/DSA/DM's --method (main.py: DC or DSA; main_DM.py: DM) names the objective.
+METHODS = {"dc": "dc", "dsa": "dsa", "dm": "dm"}
 
 # Refused reference flags that mean something for other objectives: flag -> the objectives that use it.
 OBJECTIVE_FLAGS: Dict[str, tuple] = {"batch_real": ("dc", "dsa", "dm")}
@@ -358,6 +390,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             prefix = f"{help_text}; with mtt refused: " if dest in OBJECTIVE_FLAGS else "refused: "
             help_text = f"{prefix}{REFUSED[dest]}".replace("%", "%%")
         group.add_argument(*names, dest=dest, default=_S, help=help_text, **kwargs)
+    ref.add_argument(
+        "--method",
+        dest="method",
+        default=_S,
+        type=str,
+        help="DC/DSA/DM's scripts' --method (DC, DSA or DM): the same as --objective dc, dsa or dm",
+    )
     ours.add_argument(
         "--preset",
         default=None,
@@ -392,10 +431,11 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 
 def config_from_args(args: argparse.Namespace):
     """DistillConfig: defaults, then the preset, then the flags given on the command line."""
-    from haba_fast import augment
+    from haba_fast import augment, dist
     from haba_fast.distill import DistillConfig, apply_objective, apply_pixel_reference, apply_preset
 
     refuse_unsupported(args)
+    _method_as_objective(args)
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
@@ -416,15 +456,42 @@ def config_from_args(args: argparse.Namespace):
     if "dsa_strategy" in given:
         augment.parse_strategy(given["dsa_strategy"])  # a clear error naming an unknown family
     cfg = dataclasses.replace(cfg, **given).validate()
+    cfg = _sized_by_objective(cfg, given, getattr(args, "iterations_spelling", None))
     cfg.refuse_unused(list(given))  # a flag given explicitly that this configuration never reads (distill.SCOPES)
     for dest, why in reference_no_ops(cfg, given):
         if cfg.objective != "mtt":  # our own modes: an error, as for SCOPES
             raise ValueError(f"{_flag_name(dest)} has no effect here: {why}; drop it")
-        print(
+        dist.print_main(  # under torchrun: once per job
             f"haba-fast distill: warning: {_flag_name(dest)} has no effect here: {why} (the reference ignores it too)",
             file=sys.stderr,
         )
     return cfg
+
+
+def _method_as_objective(args: argparse.Namespace) -> None:
+    """DC/DSA/DM's ``--method`` given: set ``args.objective`` from it (ValueError for an unknown one or a clash)."""
+    if not hasattr(args, "method"):
+        return
+    objective = METHODS.get(str(args.method).strip().lower())
+    if objective is None:
+        raise ValueError(f"unknown --method {args.method!r}: DC, DSA or DM (the same as --objective dc, dsa or dm)")
+    if getattr(args, "objective", objective) != objective:
+        raise ValueError(f"--method {args.method} means --objective {objective}, not --objective {args.objective}: "
+                         "give one of them")
+    args.objective = objective
+
+
+def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optional[str]):
+    """``cfg`` with the objective's public run length for its final IPC where ``--Iteration`` / ``--eval_it`` were
+    not given (``distill.objective_schedule``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the
+    outer loop synthetic updates."""
+    from haba_fast.distill import objective_schedule
+    from haba_fast.objectives.base import get_objective
+
+    changes = {k: v for k, v in objective_schedule(cfg).items() if k not in given}
+    if "iterations" in given and iterations_spelling == "--Iteration":
+        changes["iterations"] = given["iterations"] * get_objective(cfg.objective).updates_per_iteration(cfg)
+    return dataclasses.replace(cfg, **changes).validate() if changes else cfg
 
 
 def _flag_name(dest: str) -> str:
@@ -572,7 +639,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     }
     if args.allow_changed:
         raise ValueError("--allow-changed needs --dataset and --resume (the digits demo always starts over)")
-    ignored = [d for d in CONFIG_DESTS if hasattr(args, d) and d not in mapping]
+    ignored = [d for d in (*CONFIG_DESTS, "method") if hasattr(args, d) and d not in mapping]
     if ignored:
         raise ValueError(
             f"--{ignored[0]} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "

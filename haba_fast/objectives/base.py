@@ -96,6 +96,8 @@ class Objective(abc.ABC):
         normalized_loss: the loss starts near 1 (MTT's normalized distance), so ``max_loss`` can flag an explosion;
             the others' scale grows with classes and layers, and only a non-finite loss stops them.
         defaults: ``DistillConfig`` values of the objective's public code (``haba_fast.distill.apply_objective``).
+        reference_schedule: the public script's ``(--Iteration default, evaluation interval)``, counted in its own
+            iterations (:meth:`updates_per_iteration` synthetic updates each); None: ``DistillConfig``'s (MTT's).
     """
 
     name: ClassVar[str] = ""
@@ -109,6 +111,12 @@ class Objective(abc.ABC):
         return cls.momentum, 0.9
     normalized_loss: ClassVar[bool] = False
     defaults: ClassVar[Dict[str, Any]] = {}
+    reference_schedule: ClassVar[Optional[Tuple[int, int]]] = None
+
+    @classmethod
+    def updates_per_iteration(cls, cfg) -> int:
+        """Synthetic updates in one iteration of the objective's public script (one; DC/DSA: the outer loop)."""
+        return 1
 
     def __init__(self, setup: ObjectiveSetup):
         self.setup = setup
@@ -173,8 +181,9 @@ def fresh_network(cfg, dataset, generator: torch.Generator, device, *, what: str
     """A randomly initialized ``cfg.model`` for the data (drawn from ``generator``), in train mode.
 
     Raises:
-        ValueError: the model has BatchNorm layers (the public DC/DM code freezes their statistics on real
-            batches first; not supported here: use an instancenorm model such as the default ConvNet).
+        ValueError: the model has BatchNorm layers (the public DC code freezes their statistics on real batches
+            first, DM's puts every class through one train-mode forward; not supported here: use an instancenorm
+            model such as the default ConvNet).
     """
     from haba_fast.models import get_network
 

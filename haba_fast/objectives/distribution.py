@@ -70,8 +70,11 @@ class DistributionMatching(Objective):
 
     name = "dm"
     momentum = 0.5
-    # main_DM.py: lr_img 1.0 (momentum 0.5), DSA on; hallucinators get the bases' rate.
-    defaults = {"lr_img": 1.0, "lr_style": 1.0, "dsa": True, "epoch_eval_train": 1000}
+    # main_DM.py: lr_img 1.0 (momentum 0.5), DSA on, IPC 50, 20 evaluation networks, real init; hallucinators get
+    # the bases' rate. It runs 20000 updates and evaluates every 2000 from iteration 0.
+    defaults = {"lr_img": 1.0, "lr_style": 1.0, "dsa": True, "epoch_eval_train": 1000, "ipc": 50, "num_eval": 20,
+                "pix_init": "real"}
+    reference_schedule = (20000, 2000)
 
     def __init__(self, setup: ObjectiveSetup):
         super().__init__(setup)

@@ -1,0 +1,129 @@
+"""DC/DSA/DM's own script flags and defaults (VICO-UoE/DatasetCondensation main.py, main_DM.py) mean here what they
+mean there: ``--method``, ``--init``, ``--Iteration`` counted in main.py's iterations, ``--dis_metric``, the
+scripts' defaults and evaluation pools; ``--num_exp`` and ``--save_path`` are refused with what to use instead."""
+
+from __future__ import annotations
+
+import pytest
+
+from haba_fast.cli import build_parser
+from haba_fast.commands.distill import config_from_args
+from haba_fast.distill import DistillConfig, apply_objective, eval_iterations, objective_schedule
+
+
+def _cfg(*argv):
+    return config_from_args(build_parser().parse_args(["distill", "--dataset", "digits", *argv]))
+
+
+# get_loops: IPC 1 -> outer 1, IPC 10 -> 10, IPC 50 -> 50.
+@pytest.mark.parametrize("ipc,outer", [(1, 1), (10, 10), (50, 50)])
+@pytest.mark.parametrize("objective", ["dc", "dsa"])
+def test_dc_defaults_are_main_py_s(objective, ipc, outer):
+    """main.py: --Iteration 1000 (each outer_loop updates on a fresh network), evaluation every 500 from it 0,
+    --num_eval 20, --init noise, --lr_img 0.1."""
+    cfg = _cfg("--objective", objective, "--ipc", str(ipc))
+    assert (cfg.iterations, cfg.eval_it) == (1000 * outer, 500 * outer)
+    assert (cfg.num_eval, cfg.pix_init, cfg.lr_img) == (20, "noise", 0.1)
+
+
+def test_dc_iteration_counts_main_py_iterations_and_iterations_counts_updates():
+    assert _cfg("--objective", "dsa", "--ipc", "10", "--Iteration", "7").iterations == 70
+    assert _cfg("--objective", "dsa", "--ipc", "10", "--iterations", "7").iterations == 7
+    # an explicit outer loop sizes main.py's iteration too
+    assert _cfg("--objective", "dc", "--ipc", "10", "--outer-loop", "3", "--inner-loop", "1",
+                "--Iteration", "5").iterations == 15
+    # DM's and MTT's iteration is one update whatever the spelling
+    assert _cfg("--objective", "dm", "--Iteration", "7").iterations == 7
+    assert _cfg("--Iteration", "7").iterations == 7
+
+
+def test_dm_defaults_are_main_dm_py_s():
+    cfg = _cfg("--objective", "dm")
+    assert (cfg.ipc, cfg.iterations, cfg.eval_it, cfg.num_eval, cfg.pix_init, cfg.lr_img) == (
+        50, 20000, 2000, 20, "real", 1.0)
+    assert _cfg("--objective", "dm", "--ipc", "10", "--eval_it", "5", "--num_eval", "3").eval_it == 5
+
+
+def test_mtt_defaults_are_untouched():
+    cfg = _cfg()
+    assert (cfg.ipc, cfg.iterations, cfg.eval_it, cfg.num_eval) == (1, 15000, 100, 5)
+    assert objective_schedule(cfg) == {}
+
+
+def test_dc_at_an_ipc_without_public_loops_needs_them():
+    with pytest.raises(ValueError, match="DC defines outer/inner loops only for IPC"):
+        _cfg("--objective", "dc", "--ipc", "3")
+    assert _cfg("--objective", "dc", "--ipc", "3", "--outer-loop", "2", "--inner-loop", "1").iterations == 2000
+
+
+def test_apply_objective_sizes_the_run_in_the_python_api():
+    cfg = apply_objective(DistillConfig(ipc=10), "dc")
+    assert (cfg.objective, cfg.iterations, cfg.eval_it, cfg.pix_init) == ("dc", 10000, 5000, "noise")
+    # an IPC without public loops: the objective names the problem when it is built, not apply_objective
+    assert apply_objective(DistillConfig(ipc=3), "dc").iterations == DistillConfig().iterations
+
+
+@pytest.mark.parametrize("method,objective", [("DC", "dc"), ("DSA", "dsa"), ("DM", "dm"), ("dsa", "dsa")])
+def test_method_names_the_objective(method, objective):
+    assert _cfg("--method", method, "--ipc", "1").objective == objective
+    assert _cfg("--method", method, "--objective", objective, "--ipc", "1").objective == objective
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "KIP"], r"unknown --method 'KIP': DC, DSA or DM"),
+        (["--method", "DC", "--objective", "dm"], r"--method DC means --objective dc, not --objective dm"),
+        (["--num_exp", "5"], r"--num_exp is not supported: .* own --seed and --out"),
+        (["--save_path", "result"], r"--save_path is not supported: .* use --out"),
+        (["--objective", "dc", "--dis_metric", "l1"], r"invalid choice: 'l1'"),
+    ],
+)
+def test_dc_flags_refused_with_the_reason(argv, message, capsys):
+    if "--dis_metric" in argv:  # an argparse choice: the parser exits with the reason
+        with pytest.raises(SystemExit):
+            _cfg(*argv)
+        assert "invalid choice: 'l1'" in capsys.readouterr().err
+        return
+    with pytest.raises(ValueError, match=message):
+        _cfg(*argv)
+
+
+def test_init_is_pix_init_and_dis_metric_reaches_the_config():
+    assert _cfg("--objective", "dm", "--init", "noise").pix_init == "noise"
+    assert _cfg("--objective", "dc", "--init", "real").pix_init == "real"
+    assert _cfg("--objective", "dsa", "--dis_metric", "cos").dis_metric == "cos"
+    with pytest.raises(ValueError, match="--dis_metric"):  # MTT does not match gradients
+        _cfg("--dis_metric", "mse")
+
+
+def test_method_without_dataset_is_refused_not_ignored():
+    from haba_fast.commands.distill import run
+
+    with pytest.raises(ValueError, match="--method needs --dataset"):
+        run(build_parser().parse_args(["distill", "--method", "DC"]))
+
+
+def test_dc_pool_is_every_500_iterations_from_0_and_the_end_only_for_other_eval_modes():
+    cfg = _cfg("--objective", "dc", "--ipc", "10", "--Iteration", "1000")
+    assert eval_iterations(cfg) == list(range(0, 10001, 5000))
+    multi = _cfg("--objective", "dc", "--ipc", "10", "--Iteration", "1000", "--eval_mode", "M")
+    assert eval_iterations(multi) == [10000]
+    mtt_multi = _cfg("--parameterization", "pixels", "--Iteration", "200", "--eval_mode", "M")
+    assert eval_iterations(mtt_multi) == [0, 100, 200]  # MTT's distill.py keeps its pool for every eval_mode
+
+
+# VICO-UoE/DatasetCondensation main.py and main_DM.py (the same flags; DM's --method is DM)
+DC_MAIN = [
+    "--method", "--dataset", "--model", "--ipc", "--eval_mode", "--num_exp", "--num_eval", "--epoch_eval_train",
+    "--Iteration", "--lr_img", "--lr_net", "--batch_real", "--batch_train", "--init", "--dsa_strategy",
+    "--data_path", "--save_path", "--dis_metric",
+]  # fmt: skip
+
+
+def test_every_dc_script_flag_is_known_to_distill():
+    """None is an argparse "unrecognized argument": each is read with its meaning or refused with a reason."""
+    parser = build_parser()
+    distill = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "distill")[1]
+    known = set(distill._option_string_actions)
+    assert [f for f in DC_MAIN if f not in known] == []
