@@ -17,7 +17,10 @@ from haba_fast._ext import extension_available
 from haba_fast.augment import AugParams
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
-TOL = {torch.float32: 2e-4, torch.float64: 1e-10}
+# Norm-relative error allowed against the oracle, ||out - ref|| / ||ref||, with no floor on ||ref||: gradients are
+# often 1e-5..1e-3 in size, and an absolute floor of 1 let a x3 error through. float32 results are compared with a
+# float64 oracle run where the inputs allow it (finite, moderate); bfloat16 only reaches here as an accepted input.
+TOL = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2}
 SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "huge": 1e30, "tiny": 1e-40}
 
 
@@ -36,8 +39,9 @@ def _poison(t: torch.Tensor, special: str | None, g) -> torch.Tensor:
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool = False,
-           values: bool = True) -> None:
-    """``out`` equals ``ref`` within the dtype's tolerance, non-finite exactly where ``ref`` is.
+           values: bool = True, tol: float | None = None, floor: float = 0.0) -> None:
+    """``out`` (of ``dtype``) equals ``ref`` (``dtype``, or the float64 oracle run of a float32 case) within TOL[dtype]
+    as a norm-relative error, non-finite exactly where ``ref`` is; an all-zero ``ref`` needs an all-zero ``out``.
 
     special (NaN/Inf among the inputs): the fused kernels multiply zero-weight taps instead of skipping them, so
     0 * NaN may spread a NaN further than the reference does; and they write cutout's hole as 0 where the
@@ -45,10 +49,13 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
     or exactly 0 (an erased or zero-weight value, never a made-up number); equal where both are finite.
     values=False (augmentation parameters of 1e30): the kernels fold a family into a few coefficients, whose
     products of such magnitudes cancel differently from the reference's step-by-step arithmetic; only the
-    structure (shape, dtype, no hidden NaN) is compared.
+    structure (shape, dtype, no hidden NaN) is compared. ``tol`` overrides TOL[dtype]. ``floor``: the error is
+    relative to max(||ref||, floor), for a result that is a tiny remainder of its input (an image scaled almost
+    entirely out of the frame keeps ~1e-4 of its norm, while float32 interpolation weights err by ~1e-7 of the input).
     """
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != reference {ref.dtype}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
+    assert ref.dtype in (dtype, torch.float64), f"{what}: the oracle ran in {ref.dtype}"
     o, r = out.detach().double(), ref.detach().double()
     fin_r, fin_o = torch.isfinite(r), torch.isfinite(o)
     if special:
@@ -57,10 +64,37 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
     else:
         assert torch.equal(fin_o, fin_r), f"{what}: non-finite values differ from the reference's"
     both = fin_o & fin_r
-    if values and both.any():
-        scale = max(float(r[both].abs().max()), 1.0)
-        err = float((o[both] - r[both]).abs().max())
-        assert err <= TOL.get(dtype, 1e-2) * scale * 10, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+    if not values or not both.any():
+        return
+    o, r = o[both], r[both]
+    ref_norm = float(r.norm())
+    if ref_norm == 0.0:  # e.g. dL/dX at lr = 0, or a gradient that every sample crops away: exactly zero
+        assert not o.any(), f"{what}: the reference is exactly 0, got max |value| {float(o.abs().max()):.3g}"
+        return
+    err = float((o - r).norm()) / max(ref_norm, floor)
+    tol = tol if tol is not None else TOL.get(dtype, 2e-2)
+    assert err < tol, f"{what}: norm-relative error {err:.3g} >= {tol:.0e} (||ref|| {ref_norm:.3g}, floor {floor:.3g})"
+
+
+def _reference_chain(x: torch.Tensor, params, special: bool) -> torch.Tensor:
+    """``_reference.augment_reference(x, params)``; with NaN/Inf among the inputs (``special``) each cutout hole is
+    written as 0, as the kernels write it (the reference multiplies by a 0 mask: 0 * NaN = NaN, see :func:`_close`),
+    so that a later family mixing pixels (color's mean, an interpolation) sees the kernels' 0 there as well."""
+    if not special:
+        return _reference.augment_reference(x, params)
+    out = x
+    for p in params if isinstance(params, (list, tuple)) else (params,):
+        y = _reference.augment_reference(out, p)
+        if p.family == "cutout":
+            y = y.masked_fill(_reference.augment_reference(torch.ones_like(out), p) == 0, 0)
+        out = y
+    return out
+
+
+def _oracle_dtype(dtype, clean: bool):
+    """float64 for the oracle of a float32 case with clean inputs (no NaN/Inf/1e30, no bfloat16); else ``dtype``
+    (the special values' overflow and underflow must happen where the op's own dtype has them)."""
+    return torch.float64 if clean and dtype == torch.float32 else dtype
 
 
 # ---- generate / generate_augment ---------------------------------------------------------------------------------
@@ -157,33 +191,44 @@ def _aug_params(c, n, H, W, g):
     return chain
 
 
-def _grads(out, ins, g):
-    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+def _grads(out, ins, g, dtype):
+    """Gradients of ``out`` wrt the inputs that require one, for a random cotangent (values of ``dtype``)."""
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype).to(out.dtype)
     live = [x for x in ins if x.requires_grad]
     return torch.autograd.grad(out, live, gy, allow_unused=True)
 
 
 def run_generate(c):
-    """ops.generate or ops.generate_augment (c["aug"]) on c["backend"] vs the reference, values and gradients."""
+    """ops.generate or ops.generate_augment (c["aug"]) on c["backend"] vs the reference, values and gradients.
+
+    On the torch backend the op IS the reference (haba_fast.ops returns haba_fast._reference there): only its input
+    checks are under test, so a case that is valid there ends once the op accepted it."""
     ts, bidx, hidx, dtype, bad = _gen_inputs(c)
     bad = bad if bad != "int32_idx" else None
     g = _gen(c["seed"] + 1)
     chain = _aug_params(c, c["n"], c["H"], c["W"], g) if c.get("aug") else None
-    want_grad = not bad and not c.get("special")
+    extreme = bool(c.get("extreme")) and chain is not None  # 1e30/NaN aug parameters (without a chain: nothing)
+    special = bool(c.get("special")) or extreme
+    # Gradients: not with NaN/Inf inputs, nor with extreme color parameters, whose products (brightness, saturation,
+    # contrast of 1e30) cancel or overflow differently on the two sides in the gradient as in the values (see _close;
+    # run_augment takes no gradient of any extreme case). Extreme crop/cutout/scale/rotate/flip stay compared.
+    want_grad = not bad and not c.get("special") and not (extreme and any(p.family == "color" for p in chain))
     mine = [x.detach().clone().requires_grad_(want_grad) if isinstance(x, torch.Tensor) else x for x in ts]
     if chain is None:
         out = ops.generate(*mine, bidx, hidx, backend=c["backend"])
     else:
         out = ops.generate_augment(*mine, bidx, hidx, chain, backend=c["backend"])
     assert not bad, f"bad input {bad!r} was accepted (output shape {tuple(out.shape)})"
-    theirs = [x.detach().clone().requires_grad_(want_grad) for x in ts]
+    if c["backend"] == "torch":
+        return "torch backend: the reference itself"
+    odt = _oracle_dtype(dtype, clean=not special)
+    theirs = [x.detach().to(odt).requires_grad_(want_grad) for x in ts]
     ref = _reference.generate_reference(*theirs, bidx.long(), hidx.long())
     if chain is not None:
-        ref = _reference.augment_reference(ref, chain)
-    _close(out, ref, "output", dtype, special=bool(c.get("special")) or bool(c.get("extreme")),
-           values=not c.get("extreme"))
+        ref = _reference_chain(ref, chain, special)
+    _close(out, ref, "output", dtype, special=special, values=not extreme)
     if want_grad and out.numel():
-        for i, (a, b) in enumerate(zip(_grads(out, mine, _gen(3)), _grads(ref, theirs, _gen(3)))):
+        for i, (a, b) in enumerate(zip(_grads(out, mine, _gen(3), dtype), _grads(ref, theirs, _gen(3), dtype))):
             if a is None or b is None:
                 assert (a is None or not a.any()) and (b is None or not b.any()), f"grad {i}: one side missing"
                 continue
@@ -192,7 +237,8 @@ def run_generate(c):
 
 
 def run_augment(c):
-    """ops.augment on c["backend"] vs the reference (values, and the gradient for finite inputs)."""
+    """ops.augment on c["backend"] vs the reference (values, and the gradient for finite inputs); on the torch
+    backend (the reference itself) only the input checks, as in :func:`run_generate`."""
     g = _gen(c["seed"])
     dtype = DTYPES[c["dtype"]]
     n, C, H, W = c["n"], c["C"], c["H"], c["W"]
@@ -211,18 +257,22 @@ def run_augment(c):
     if c.get("noncontig") and x.dim() == 4:
         x = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
     params = chain if len(chain) != 1 else chain[0]
-    want_grad = not bad and not c.get("special") and not c.get("extreme")
+    special = bool(c.get("special")) or bool(c.get("extreme"))
+    want_grad = not bad and not special
     xa = x.detach().clone().requires_grad_(want_grad and x.is_floating_point())
     out = ops.augment(xa, params, backend=c["backend"])
     assert bad in (None, "bf16_images"), f"bad input {bad!r} was accepted (output shape {tuple(out.shape)})"
-    xb = x.detach().clone().requires_grad_(xa.requires_grad)
-    ref = _reference.augment_reference(xb, params)
-    _close(out, ref, "output", x.dtype if x.dtype in TOL else torch.float32,
-           special=bool(c.get("special")) or bool(c.get("extreme")), values=not c.get("extreme"))
+    if c["backend"] == "torch":
+        return "torch backend: the reference itself"
+    xb = x.detach().to(_oracle_dtype(x.dtype, clean=not special)).requires_grad_(xa.requires_grad)
+    ref = _reference_chain(xb, params, special)
+    # augment is linear in x: its results' rounding scales with the input's (or the cotangent's) norm
+    x_norm = float(torch.nan_to_num(xb.detach().double(), nan=0.0, posinf=0.0, neginf=0.0).norm())
+    _close(out, ref, "output", x.dtype, special=special, values=not c.get("extreme"), floor=1e-2 * x_norm)
     if xa.requires_grad and out.numel():
-        (ga,), (gb,) = _grads(out, [xa], _gen(3)), _grads(ref, [xb], _gen(3))
+        (ga,), (gb,) = _grads(out, [xa], _gen(3), x.dtype), _grads(ref, [xb], _gen(3), x.dtype)
         _close(ga if ga is not None else torch.zeros_like(xa), gb if gb is not None else torch.zeros_like(xb),
-               "grad", dtype)
+               "grad", x.dtype, floor=1e-2 * math.sqrt(out.numel()))
     return list(out.shape)
 
 
@@ -250,9 +300,11 @@ run_raw_genaug.ALLOWED = (RuntimeError, ValueError, TypeError, IndexError)
 
 # ---- the engine op -----------------------------------------------------------------------------------------------
 def run_engine(c):
-    """torch.ops.haba_fast.trajectory_match (exact/first-order) vs the autograd naive engine, or a clean error."""
-    from haba_fast.engines import get_engine
-    from haba_fast.engines.adjoint import cpp_spec, get_adjoint_engine
+    """torch.ops.haba_fast.trajectory_match (exact/first-order) vs the float64 create-graph oracles (tests/
+    test_adjoint.py's naive_unroll / first_order_oracle), or a clean error."""
+    from test_adjoint import first_order_oracle, naive_unroll
+
+    from haba_fast.engines.adjoint import cpp_spec
     from haba_fast.models import ConvNetSpec, build_convnet
 
     assert extension_available(), "the C++ extension did not load"
@@ -310,14 +362,19 @@ def run_engine(c):
     loss = torch.ops.haba_fast.trajectory_match(Xa, Y, w_start, w_target, lra, spec, c["first_order"])
     loss.backward()
     assert bad is None, f"bad input {bad!r} was accepted (loss {float(loss)})"
-    engine = get_adjoint_engine("first-order", backend="torch") if c["first_order"] else get_engine("naive")
-    Xb = X.clone().requires_grad_(True)
-    lrb = lr.clone().requires_grad_(True)
-    ref = engine(net, Xb, Y, w_start, w_target, lrb)
+    # The plain-PyTorch oracles of tests/test_adjoint.py, in float64 (a float32 case's inputs upcast exactly).
+    oracle = first_order_oracle if c["first_order"] else naive_unroll
+    net64 = build_convnet(ConvNetSpec(c["channel"], c["classes"], width, c["depth"], c["norm"], c["act"],
+                                      c["pool"], (im, im)), _gen(c["seed"]), dtype=torch.float64)
+    Xb = X.double().requires_grad_(True)
+    lrb = lr.double().requires_grad_(True)
+    ref = oracle(net64, Xb, Y, w_start.double(), w_target.double(), lrb)
     ref.backward()
     _close(loss, ref, "loss", dtype)
-    _close(Xa.grad, Xb.grad, "dL/dX", dtype)
-    _close(lra.grad, lrb.grad, "dL/dlr", dtype)
+    _close(Xa.grad, Xb.grad, "dL/dX", dtype)  # lr = 0: exactly 0 on both sides
+    # dL/dlr = -sum_t g_t . lam, a dot product over steps and P weights that can cancel to ~1e-3 of its terms:
+    # float32 reached 2.7e-4 of the float64 value in 3000 random cases (every other float32 check: < 5e-6).
+    _close(lra.grad, lrb.grad, "dL/dlr", dtype, tol=1e-3 if dtype == torch.float32 else None)
     return float(loss)
 
 

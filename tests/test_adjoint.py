@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from utils import requires_ext
 
 from haba_fast.backend import BackendUnavailableError
 from haba_fast.engines import adjoint
@@ -25,6 +26,21 @@ def naive_unroll(model, X, Y, w_start, w_target, lr):
     for t in range(X.shape[0]):
         ce = F.cross_entropy(functional_forward(model, w, X[t]), Y[t])
         (g,) = torch.autograd.grad(ce, w, create_graph=True)
+        w = w - lr * g
+    return (w - w_target).pow(2).sum() / (w_start - w_target).pow(2).sum()
+
+
+def first_order_oracle(model, X, Y, w_start, w_target, lr):
+    """Oracle of the first-order engine: the same unroll, each step's gradient taken at a detached copy of w_t.
+
+    w_{t+1} = w_t - lr * g_t(stop_grad(w_t), X_t): the loss's value is the exact one, and autograd drops exactly the
+    dg_t/dw_t (Hessian) coupling between steps, i.e. lam = dL/dw_N is carried back unchanged;
+    dL/dX_t = -lr (dg_t/dX_t)^T lam and dL/dlr = -sum_t g_t . lam.
+    """
+    w = w_start.detach().clone()
+    for t in range(X.shape[0]):
+        wd = w.detach().requires_grad_(True)  # cut dg_t/dw_t
+        (g,) = torch.autograd.grad(F.cross_entropy(functional_forward(model, wd, X[t]), Y[t]), wd, create_graph=True)
         w = w - lr * g
     return (w - w_target).pow(2).sum() / (w_start - w_target).pow(2).sum()
 
@@ -87,27 +103,22 @@ class _MLPStudent(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        {"norm": "instancenorm", "act": "relu", "pool": "avgpooling", "depth": 1, "im": 8, "steps": 1, "batch": 3},
-        {"norm": "groupnorm", "act": "sigmoid", "pool": "maxpooling", "depth": 2, "im": 9, "steps": 3, "batch": 5},
-        {"norm": "layernorm", "act": "leakyrelu", "pool": "none", "depth": 2, "im": 7, "steps": 2, "batch": 3},
-        {"norm": "none", "act": "relu", "pool": "avgpooling", "depth": 3, "im": 11, "steps": 4, "batch": 1},
-        {"norm": "batchnorm", "act": "relu", "pool": "avgpooling", "depth": 2, "im": 8, "steps": 3, "batch": 3},
-        {
-            "norm": "instancenorm",
-            "act": "relu",
-            "pool": "avgpooling",
-            "depth": 2,
-            "im": 8,
-            "steps": 2,
-            "batch": 3,
-            "channel": 1,
-        },
-    ],
-    ids=lambda c: "-".join(str(v) for v in c.values()),
-)
+CONFIGS = [
+    {"norm": "instancenorm", "act": "relu", "pool": "avgpooling", "depth": 1, "im": 8, "steps": 1, "batch": 3},
+    {"norm": "groupnorm", "act": "sigmoid", "pool": "maxpooling", "depth": 2, "im": 9, "steps": 3, "batch": 5},
+    {"norm": "layernorm", "act": "leakyrelu", "pool": "none", "depth": 2, "im": 7, "steps": 2, "batch": 3},
+    {"norm": "none", "act": "relu", "pool": "avgpooling", "depth": 3, "im": 11, "steps": 4, "batch": 1},
+    {"norm": "batchnorm", "act": "relu", "pool": "avgpooling", "depth": 2, "im": 8, "steps": 3, "batch": 3},
+    {"norm": "instancenorm", "act": "relu", "pool": "avgpooling", "depth": 2, "im": 8, "steps": 2, "batch": 3,
+     "channel": 1},
+]
+
+
+def _cfg_id(c):
+    return "-".join(str(v) for v in c.values())
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 def test_python_exact_matches_naive_float64(cfg):
     cfg = dict(cfg)
     steps, batch = cfg.pop("steps"), cfg.pop("batch")
@@ -120,6 +131,32 @@ def test_python_exact_matches_naive_float64(cfg):
     assert rel_err(out[0], ref[0]) < 1e-12
     assert rel_err(out[1], ref[1]) < 1e-9
     assert rel_err(out[2], ref[2]) < 1e-9
+
+
+def assert_first_order_matches_oracle(model, X, Y, ws, wt, backend, lr_value=0.2):
+    """The first-order engine on ``backend`` (``torch``: Python adjoint, ``cpu``: the C++ op) against
+    :func:`first_order_oracle`: loss, dL/dX and dL/dlr in float64 (measured: ~1e-15 relative)."""
+    ref = grads(first_order_oracle, model, X, Y, ws, wt, lr_value=lr_value)
+    eng = get_adjoint_engine("first-order", backend=backend)
+    out = grads(eng, model, X, Y, ws, wt, lr_value=lr_value)
+    assert eng.last_backend == backend
+    assert ref[1].abs().max() > 0 and ref[2] != 0  # the gradients compared are not trivially zero
+    assert rel_err(out[0], ref[0]) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-10, f"dL/dX: {rel_err(out[1], ref[1]):.3g}"
+    assert rel_err(out[2], ref[2]) < 1e-10, f"dL/dlr: {rel_err(out[2], ref[2]):.3g}"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=requires_ext)])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+def test_first_order_matches_its_oracle_float64(cfg, backend):
+    """First-order (both backends) against the plain-PyTorch stop-gradient unroll, not only against itself."""
+    cfg = dict(cfg)
+    steps, batch = cfg.pop("steps"), cfg.pop("batch")
+    model = _convnet(**cfg)
+    if backend == "cpu" and adjoint.cpp_spec(model) is None:
+        pytest.skip("the C++ engine does not implement batchnorm")
+    X, Y, ws, wt = make_problem(model, steps, batch, model.im_size, torch.float64)
+    assert_first_order_matches_oracle(model, X, Y, ws, wt, backend)
 
 
 def test_python_exact_any_module_float32():
@@ -240,9 +277,10 @@ def test_trajectory_module_gets_these_engines():
     assert isinstance(get_engine("first-order"), FirstOrderEngine)
 
 
-@pytest.mark.parametrize("engine_name", ["exact"])
+@pytest.mark.parametrize("engine_name", ["exact", "first-order"])
 def test_whole_haba_iteration_gradients_match_naive(engine_name):
-    """Bases, hallucinator parameters and lr get the naive engine's gradients through generate + augment."""
+    """Bases, hallucinator parameters and lr get the naive engine's gradients (first-order: its oracle's) through
+    generate + augment."""
     import argparse
 
     from haba_fast.benchmarks import iteration
@@ -268,9 +306,16 @@ def test_whole_haba_iteration_gradients_match_naive(engine_name):
     assert_iteration_grads_match_naive(iteration.build_distiller(args), engine_name)
 
 
+def _first_order_oracle_engine(model, X, Y, w_start, w_target, lr, *, reducer=None):
+    """:func:`first_order_oracle` with the engine call's signature (one process: ``reducer`` is None)."""
+    assert reducer is None or not reducer.active
+    return first_order_oracle(model, X, Y, w_start.to(X.dtype), w_target.to(X.dtype), lr)
+
+
 def assert_iteration_grads_match_naive(distiller, engine_name):
     """One HaBa iteration's matching loss and its gradients (lr, bases, every hallucinator parameter): the engine
-    ``engine_name`` against the naive unroll on the same trajectory and plan."""
+    ``engine_name`` against the naive unroll (``first-order``: :func:`first_order_oracle`) on the same trajectory
+    and plan."""
     from haba_fast.engines import NaiveEngine
     from haba_fast.objectives.mtt import trajectory_loss
 
@@ -278,8 +323,9 @@ def assert_iteration_grads_match_naive(distiller, engine_name):
     plan = distiller.sample_plan()
     syn = distiller.synthetic
     params = [distiller.syn_lr, syn.bases] + list(syn.hallucinator_parameters())
+    oracle = _first_order_oracle_engine if engine_name in ("first-order", "first_order") else NaiveEngine()
     results = []
-    for engine in (NaiveEngine(), get_adjoint_engine(engine_name)):
+    for engine in (oracle, get_adjoint_engine(engine_name)):
         loss = trajectory_loss(engine, distiller.student, syn, plan, w_start, w_target, distiller.syn_lr)
         results.append((loss.detach(), torch.autograd.grad(loss, params)))
     (l_ref, g_ref), (l_out, g_out) = results

@@ -1,8 +1,9 @@
 """The C++ trajectory engine (csrc/trajectory.cpp): torch.ops.haba_fast.trajectory_match and its pieces.
 
-Oracles: the create-graph unroll ``naive_unroll`` (tests/test_adjoint.py) for whole trajectories, and autograd's
-double backward through ``functional_forward`` for one step's gradient and Hessian-vector products. Both the fused
-CPU loops and the ATen-only (device-generic) path are checked (``HABA_FAST_TRAJECTORY_FUSED=0`` selects the latter).
+Oracles: the create-graph unroll ``naive_unroll`` (tests/test_adjoint.py) for whole trajectories (its stop-gradient
+variant ``first_order_oracle`` for the first-order op), and autograd's double backward through ``functional_forward``
+for one step's gradient and Hessian-vector products. Both the fused CPU loops and the ATen-only (device-generic) path
+are checked (``HABA_FAST_TRAJECTORY_FUSED=0`` selects the latter).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from test_adjoint import _convnet, grads, make_problem, naive_unroll, rel_err
+from test_adjoint import _convnet, first_order_oracle, grads, make_problem, naive_unroll, rel_err
 from utils import devices, requires_ext
 
 from haba_fast._ext import has_op
@@ -167,18 +168,22 @@ CONFIGS = [
 
 
 @functools.cache
-def _oracle(cfg):
-    """(model, X, Y, w_start, w_target, naive (loss, dX, dlr)) in float64; cached: both paths compare to it."""
+def _oracle(cfg, first_order=False):
+    """(model, X, Y, w_start, w_target, oracle (loss, dX, dlr)) in float64: the naive unroll, or (``first_order``)
+    its stop-gradient variant; cached: both paths compare to it."""
     c, width, depth, norm, act, pool, im, steps, batch = cfg
     model = _convnet(channel=c, width=width, depth=depth, norm=norm, act=act, pool=pool, im=im)
     X, Y, ws, wt = make_problem(model, steps, batch, model.im_size, torch.float64)
-    return model, X, Y, ws, wt, grads(naive_unroll, model, X, Y, ws, wt, lr_value=0.1)
+    unroll = first_order_oracle if first_order else naive_unroll
+    return model, X, Y, ws, wt, grads(unroll, model, X, Y, ws, wt, lr_value=0.1)
 
 
+@pytest.mark.parametrize("engine", ["exact", "first-order"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_trajectory_matches_naive_float64(cfg, path):
-    model, X, Y, ws, wt, ref = _oracle(cfg)
-    eng = get_adjoint_engine("exact", backend="cpu")
+def test_trajectory_matches_naive_float64(cfg, engine, path):
+    """The whole-unroll op, exact against the naive unroll, first-order against first_order_oracle."""
+    model, X, Y, ws, wt, ref = _oracle(cfg, first_order=engine == "first-order")
+    eng = get_adjoint_engine(engine, backend="cpu")
     out = grads(eng, model, X, Y, ws, wt, lr_value=0.1)
     assert eng.last_backend == "cpu"
     assert rel_err(out[0], ref[0]) < 1e-12
@@ -203,7 +208,10 @@ def test_cpp_equals_python_engine_first_order():
     py = grads(get_adjoint_engine("first-order", "torch"), model, X, Y, ws, wt, lr_value=0.2)
     cpp = grads(get_adjoint_engine("first-order", "cpu"), model, X, Y, ws, wt, lr_value=0.2)
     exact = grads(get_adjoint_engine("exact", "cpu"), model, X, Y, ws, wt, lr_value=0.2)
+    ref = grads(first_order_oracle, model, X, Y, ws, wt, lr_value=0.2)
     assert rel_err(cpp[1], py[1]) < 1e-9 and rel_err(cpp[2], py[2]) < 1e-9
+    for out in (py, cpp):  # and both equal the oracle, not only each other
+        assert rel_err(out[0], ref[0]) < 1e-12 and rel_err(out[1], ref[1]) < 1e-10 and rel_err(out[2], ref[2]) < 1e-10
     assert rel_err(cpp[1], exact[1]) > 1e-3
 
 
@@ -326,13 +334,19 @@ def test_engine_checks_image_size():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_device_generic(device):
-    """The composite path runs on every device present (CUDA when a GPU is lent)."""
+def test_device_generic(device, monkeypatch):
+    """The composite path runs on every device present (CUDA when a GPU is lent). On the CPU the op takes the
+    fused loops unless HABA_FAST_TRAJECTORY_FUSED=0 selects the ATen-only path, so the test sets it; that path (and
+    only it) calls ATen's avg_pool2d_backward at this odd size (see the test above), which shows it ran."""
+    monkeypatch.setenv("HABA_FAST_TRAJECTORY_FUSED", "0")
     model = _convnet(width=8, depth=2, im=9).to(device)
     X, Y, ws, wt = make_problem(model.cpu(), 3, 3, model.im_size, torch.float64)
     model = model.to(device)
     ref = grads(naive_unroll, model.cpu(), X, Y, ws, wt)
-    out = grads(get_adjoint_engine("exact", "cpu"), model, X.to(device), Y.to(device), ws.to(device), wt.to(device))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = grads(get_adjoint_engine("exact", "cpu"), model, X.to(device), Y.to(device), ws.to(device),
+                    wt.to(device))
+    assert "aten::avg_pool2d_backward" in {e.name for e in prof.events()}, "the fused path ran, not the composite"
     assert rel_err(out[1].cpu(), ref[1]) < 1e-9 and rel_err(out[2].cpu(), ref[2]) < 1e-9
 
 

@@ -169,6 +169,54 @@ def test_distiller_step_equals_one_process(tmp_path):
             assert torch.equal(b, c)
 
 
+def test_segments_loss_is_the_mean_of_the_naive_losses_of_its_draws():
+    """--trajectories-per-iteration M on one process, against an oracle: replay the objective's generators (its own
+    generator, the trajectory walk and the index stream, restored to their state before the call), draw the M
+    (trajectory, plan) pairs in the objective's order (per segment: the trajectory, then the plan), and average the
+    naive engine's loss over them. The objective (exact engine, streamed) gives that mean's value and its gradients
+    of lr, the bases and every hallucinator parameter (float64, relative < 1e-10), and the first segment's
+    adversarial draws. The snapshots reach the naive engine in float64, as the exact engine uses them (the naive
+    engine forms ||w_start - w*||^2 in the snapshots' float32, 4e-9 away)."""
+    import copy
+
+    from test_adjoint import rel_err
+
+    from haba_fast.distill import Distiller
+    from haba_fast.engines import NaiveEngine
+    from haba_fast.objectives.mtt import build_inputs
+
+    M = 3
+    ds = W.digits()
+    d = Distiller(W.distill_config(parameterization="haba", trajectories_per_iteration=M), ds, W.toy_buffer(ds))
+    obj, syn = d.objective, d.synthetic.double()
+    lr = d.syn_lr.detach().double().requires_grad_(True)
+    params = [lr, syn.bases, *syn.hallucinator_parameters()]
+    before = (obj.generator.get_state(), copy.deepcopy(obj.trajectories.state_dict()),
+              copy.deepcopy(obj.stream.state_dict()))
+    out = obj.loss(syn, lr)
+    got = torch.autograd.grad(out.loss, params)
+
+    obj.generator.set_state(before[0])
+    obj.trajectories.load_state_dict(before[1])
+    obj.stream.load_state_dict(before[2])
+    draws = [(obj.sample_trajectory(), obj.sample_plan()) for _ in range(M)]
+    assert len({(traj, start) for (traj, start, _, _), _ in draws}) > 1  # the segments are not one draw repeated
+    terms = []
+    for (_, _, w_start, w_target), plan in draws:
+        X, Y = build_inputs(syn, plan)
+        terms.append(NaiveEngine()(obj.student, X, Y, w_start.double(), w_target.double(), lr))
+    ref = torch.stack(terms).mean()
+    want = torch.autograd.grad(ref, params)
+    assert out.metrics["segments"] == M and len(want) == len(params) > 2
+    assert rel_err(out.loss.detach(), ref.detach()) < 1e-10
+    for name, a, b in zip(["lr", "bases"] + [f"hallucinator {i}" for i in range(len(params) - 2)], got, want):
+        assert b.abs().max() > 0, name
+        assert rel_err(a, b) < 1e-10, f"{name}: {rel_err(a, b):.3g}"
+    first = draws[0][1]
+    assert torch.equal(out.club.base_idx, first.club.base_idx) and torch.equal(out.club.hall_pair, first.club.hall_pair)
+    assert out.adversary is first.adversary or torch.equal(out.adversary.base_idx, first.adversary.base_idx)
+
+
 def test_eval_gathers_every_result(tmp_path):
     (ref,) = W.run_ranks(W.evaluate_runs, 1, tmp_path / "one")
     r0, r1 = W.run_ranks(W.evaluate_runs, 2, tmp_path / "two")
@@ -306,5 +354,7 @@ def test_leave_together_returns_when_every_rank_has_arrived():
         assert all(t - start >= 0.5 for _, t in returned), "the early rank returned before the late one arrived"
         returned.clear()
     store.set_timeout(datetime.timedelta(seconds=0.5))
-    with pytest.raises(RuntimeError):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?i)timeout"):  # the store's own error (DistStoreError "Wait timeout")
         dist._leave_together(store, 2, "alone")
+    assert time.monotonic() - start >= 0.5  # it waited for the peer, for the store's timeout

@@ -230,11 +230,19 @@ def test_init_from_real_errors():
         haba.init_from_real(images, labels, generator=3)
 
 
-@pytest.mark.parametrize("bad", [{"bpc": 0}, {"kernel_size": 9}, {"n_hallucinators": -1}, {"im_size": (5,)}])
-def test_constructor_errors(bad):
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"bpc": 0}, "bpc must be a positive int, got 0"),
+        ({"kernel_size": 9}, r"kernel_size 9 is larger than the image \(8x8\)"),
+        ({"n_hallucinators": -1}, "n_hallucinators must be a positive int, got -1"),
+        ({"im_size": (5,)}, r"im_size must be an int or a pair \(H, W\) of positive ints, got \(5,\)"),
+    ],
+)
+def test_constructor_errors(bad, match):
     kw = {"num_classes": 2, "bpc": 1, "channels": 3, "im_size": 8, "n_hallucinators": 2, "kernel_size": 3}
     kw.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         HaBa(**kw)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 from fuzz_harness import BAD, Worker, drive, report
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from utils import requires_ext
 
@@ -34,27 +34,42 @@ def _maybe_bad(options):
     return st.sampled_from([None] * len(options) + list(options))
 
 
+def _with_backend(fields: dict, bad_options, backends, torch_accepts=()):
+    """``fields`` plus "bad" (:func:`_maybe_bad`) and "backend". On the torch backend haba_fast.ops returns
+    haba_fast._reference's result, the oracle itself, so the torch backend gets bad inputs only (its input checks are
+    what it can get wrong) and every valid case, or one the torch backend takes (``torch_accepts``: any floating
+    dtype), goes to a kernel backend (C++ or Triton)."""
+    kernels = [b for b in backends if b != "torch"] or list(backends)
+
+    def backend_for(bad):
+        pool = kernels if bad is None or bad in torch_accepts else list(backends)
+        return st.sampled_from(pool).map(lambda b: (bad, b))
+
+    return st.tuples(st.fixed_dictionaries(fields), _maybe_bad(bad_options).flatmap(backend_for)).map(
+        lambda t: {**t[0], "bad": t[1][0], "backend": t[1][1]}
+    )
+
+
 def gen_cases(backends=("cpu", "torch"), small=False):
     dim = st.integers(1, 5 if small else 7)
-    return st.fixed_dictionaries({
+    return _with_backend({
         "seed": st.integers(0, 2**16), "dtype": st.sampled_from(["f32", "f64"]),
         "n": st.integers(0, 3 if small else 5), "M": st.integers(1, 3), "cb": st.integers(1, 2),
-        "C": st.integers(1, 1 if small else 3), "H": dim, "W": dim, "k": st.integers(1, 4), "Hn": st.integers(1, 3),
-        "special": SPECIALS, "noncontig": st.booleans(), "bad": _maybe_bad(GEN_BAD),
-        "backend": st.sampled_from(backends), "aug": st.booleans(), "families": CHAINS,
-        "extreme": st.booleans(), "special_aug": st.sampled_from(["huge", "nan", "inf"]), "aug_f32": st.booleans(),
-    })
+        "C": st.integers(1, 2 if small else 3), "H": dim, "W": dim, "k": st.integers(1, 4), "Hn": st.integers(1, 3),
+        "special": SPECIALS, "noncontig": st.booleans(), "aug": st.booleans(), "families": CHAINS,
+        "extreme": st.sampled_from([False, False, True]),  # only meaningful with "aug"
+        "special_aug": st.sampled_from(["huge", "nan", "inf"]), "aug_f32": st.booleans(),
+    }, GEN_BAD, backends, torch_accepts=("bf16",))
 
 
 def aug_cases(backends=("cpu", "torch"), small=False):
     dim = st.integers(1, 5 if small else 9)
-    return st.fixed_dictionaries({
+    return _with_backend({
         "seed": st.integers(0, 2**16), "dtype": st.sampled_from(["f32", "f64"]),
         "n": st.integers(0, 3 if small else 5), "C": st.integers(1, 3), "H": dim, "W": dim,
-        "special": SPECIALS, "noncontig": st.booleans(), "bad": _maybe_bad(AUG_BAD),
-        "backend": st.sampled_from(backends), "families": CHAINS, "extreme": st.booleans(),
+        "special": SPECIALS, "noncontig": st.booleans(), "families": CHAINS, "extreme": st.booleans(),
         "special_aug": st.sampled_from(["huge", "nan", "inf"]), "aug_f32": st.booleans(),
-    })
+    }, AUG_BAD, backends, torch_accepts=("bf16_images",))
 
 
 RAW_CASES = st.fixed_dictionaries({
@@ -72,9 +87,15 @@ ENGINE_CASES = st.fixed_dictionaries({
     "act": st.sampled_from(["relu", "sigmoid", "leakyrelu"]),
     "pool": st.sampled_from(["avgpooling", "maxpooling", "none"]),
     "im": st.integers(4, 8), "N": st.integers(1, 3), "B": st.integers(1, 3),
-    "lr": st.sampled_from([0.01, 0.1, 0.0, -0.05, 3.0]), "first_order": st.booleans(),
+    # no lr = 0 here: dL/dX is exactly 0 there on both sides (it took 9 of the 20 valid draws); ENGINE_LR0 pins it
+    "lr": st.sampled_from([0.01, 0.1, -0.05, 3.0]), "first_order": st.booleans(),
     "bad": _maybe_bad(ENGINE_BAD),
 })
+# lr = 0: w_N = w_start, so the loss is 1 and dL/dX must be exactly 0 (fuzz_cases_ops._close: an all-zero reference
+# needs an all-zero result); dL/dlr is not 0.
+ENGINE_LR0 = {"seed": 7, "dtype": "f64", "channel": 2, "classes": 3, "width": 2, "depth": 2, "norm": "instancenorm",
+              "act": "relu", "pool": "avgpooling", "im": 6, "N": 2, "B": 2, "lr": 0.0, "first_order": False,
+              "bad": None}
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +110,21 @@ def _check(worker, fn, case):
     assert out["status"] not in BAD, f"{out['status']}: {out.get('message')}\n{out.get('trace', '')}\ncase={case}"
 
 
+# Valid C++ cases whose output and every gradient are not all zero: most drawn valid cases are tiny images that
+# crop/cutout erase or extreme parameters saturate (exactly-zero gradients), so these two pin a value check.
+GEN_VALUES = {
+    "seed": 11, "dtype": "f32", "n": 5, "M": 3, "cb": 2, "C": 3, "H": 7, "W": 6, "k": 3, "Hn": 2, "special": None,
+    "noncontig": True, "aug": False, "families": ["identity"], "extreme": False, "special_aug": "huge",
+    "aug_f32": False, "bad": None, "backend": "cpu",
+}
+GENAUG_VALUES = {**GEN_VALUES, "seed": 12, "dtype": "f64", "noncontig": False, "aug": True,
+                 "families": ["rotate", "color", "flip"]}
+
+
 @settings(max_examples=90, **CI)
 @given(case=gen_cases())
+@example(case=GEN_VALUES)
+@example(case=GENAUG_VALUES)
 def test_fuzz_generate(worker, case):
     _check(worker, "fuzz_cases_ops:run_generate", case)
 
@@ -111,6 +145,8 @@ def test_fuzz_raw_cpp_augment(worker, case):
 @requires_ext
 @settings(max_examples=40, **CI)
 @given(case=ENGINE_CASES)
+@example(case=ENGINE_LR0)
+@example(case={**ENGINE_LR0, "first_order": True, "dtype": "f32"})
 def test_fuzz_engine_op(worker, case):
     _check(worker, "fuzz_cases_ops:run_engine", case)
 
@@ -129,8 +165,17 @@ def test_fuzz_augment_triton_interpreter(triton_worker, case):
     _check(triton_worker, "fuzz_cases_ops:run_augment", case)
 
 
+# c_b = C = 2 at least once (a swapped in/out channel index reads the same address at c_b = C = 1).
+TRITON_TWO_CHANNELS = {
+    "seed": 5, "dtype": "f64", "n": 3, "M": 2, "cb": 2, "C": 2, "H": 4, "W": 5, "k": 2, "Hn": 2, "special": None,
+    "noncontig": False, "aug": False, "families": ["identity"], "extreme": False, "special_aug": "huge",
+    "aug_f32": False, "bad": None, "backend": "triton",
+}
+
+
 @settings(max_examples=3, **CI)
 @given(case=gen_cases(backends=("triton",), small=True))
+@example(case=TRITON_TWO_CHANNELS)
 def test_fuzz_generate_triton_interpreter(triton_worker, case):
     _check(triton_worker, "fuzz_cases_ops:run_generate", case)
 

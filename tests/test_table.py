@@ -140,21 +140,29 @@ def test_with_iterations_changes_one_objective_and_stores_apart(tmp_path):
     assert table.cell_stem(Cell(2, "dm"), longer) == "ipc2-dm"  # same file name, in another protocol's folder
     stored = {"format": table.FORMAT, "key": "ipc2-dm", "row": "dm", "protocol": TINY.to_dict()}
     assert table.same_protocol(stored, TINY) and not table.same_protocol(stored, longer)
-    for bad in (("dm", 0), ("kip", 5)):
-        with pytest.raises(ValueError):
+    for bad, match in ((("dm", 0), "iterations must be at least 1, got 0"), (("kip", 5), "unknown objective 'kip'")):
+        with pytest.raises(ValueError, match=match):
             TINY.with_iterations(*bad)
 
 
 def test_threads_option_applies_and_is_restored(tmp_path, monkeypatch):
+    """--threads holds while the cells run and is restored after the table, also when a cell raises."""
     seen = []
     monkeypatch.setattr(table, "run_cell", lambda cell, *a, **k: seen.append(torch.get_num_threads()) or {
         "status": "skipped", "key": cell.key})
     before = torch.get_num_threads()
-    try:
-        _run(tmp_path, ["random"], cross=False, threads=2)
-    except Exception:
-        pass  # the stub record is incomplete for rendering; only the thread count matters here
+    done = _run(tmp_path / "ok", ["random"], cross=False, threads=2)
     assert before != 2 and seen == [2] and torch.get_num_threads() == before
+    assert list(done) == ["ipc2-random"]
+
+    def failing(cell, *a, **k):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stub cell failed")
+
+    monkeypatch.setattr(table, "run_cell", failing)
+    with pytest.raises(RuntimeError, match="stub cell failed"):
+        _run(tmp_path / "failing", ["random"], cross=False, threads=3)
+    assert seen == [2, 3] and torch.get_num_threads() == before
 
 
 def test_a_cell_of_another_protocol_is_not_reused(tmp_path):

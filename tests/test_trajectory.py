@@ -145,11 +145,23 @@ def test_get_engine_names():
         get_engine("fast")
 
 
-@pytest.mark.parametrize("name", ["exact", "first-order"])
-def test_adjoint_engines_resolve(name):
-    eng = get_engine(name)
-    assert callable(eng)
-    assert get_engine(None).name == "exact" or getattr(get_engine(None), "name", "").startswith("exact")
+@pytest.mark.parametrize(
+    "name,cls,first_order",
+    [("exact", "ExactEngine", False), ("first-order", "FirstOrderEngine", True), (None, "ExactEngine", False),
+     ("auto", "ExactEngine", False)],
+)
+def test_adjoint_engines_resolve(name, cls, first_order):
+    """get_engine builds the adjoint engine of that name (None / auto: exact, the default), first-order flagged as
+    the approximation it is, with the memory settings it was given (and none by default)."""
+    from haba_fast.engines import adjoint
+
+    eng = get_engine(name, memory_budget="2MB", offload_weights=True)
+    assert type(eng) is getattr(adjoint, cls)
+    assert eng.name == ("first-order" if first_order else "exact")
+    assert eng.first_order is first_order and eng.approximate is first_order
+    assert eng.memory_budget == 2 * 2**20 and eng.offload_weights is True
+    plain = get_engine(name)
+    assert plain.memory_budget == 0 and plain.offload_weights is False
 
 
 def test_exact_engine_matches_naive():
