@@ -32,7 +32,7 @@ import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -208,6 +208,7 @@ _OFF_BY_DEFAULT = (
     "offload_weights",
     "compile_step",
     "cuda_graphs",
+    "dis_metric",
 )
 
 
@@ -291,7 +292,7 @@ class DistillConfig:
     adversary_lr: float = 1e-3
     device: str = "auto"
     seed: int = 0
-    checkpoint_every: Optional[int] = None  # default: eval_it
+    checkpoint_every: Optional[int] = None  # default: eval_it, at most 100 (the end of the run when eval_it is 0)
     max_loss: float = 1e4  # an MTT matching loss above this counts as exploded (it starts near 1)
     # HaBa's evaluation standardizes every train and test batch; None: on for haba, off for pixels (MTT's does not)
     batch_standardize: Optional[bool] = None
@@ -547,18 +548,22 @@ def apply_pixel_reference(cfg: DistillConfig) -> DistillConfig:
     return dataclasses.replace(cfg, parameterization="pixels", **MTT_PIXEL_DEFAULTS)
 
 
-def apply_objective(cfg: DistillConfig, name: str) -> DistillConfig:
+def apply_objective(cfg: DistillConfig, name: str, keep: Iterable[str] = ()) -> DistillConfig:
     """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1, noise init,
-    20 evaluation networks; DM: lr_img 1.0, IPC 50; ...) and run length (:func:`objective_schedule`).
+    20 evaluation networks; DM: lr_img 1.0, IPC 50 unless ``budget_ipc`` sizes the set; ...) and run length
+    (:func:`objective_schedule`), except the fields named in ``keep`` (a preset's).
 
     The CLI applies them before the flags given explicitly, then sizes the run for the final IPC; in the Python API
     call this first, then override (and take :func:`objective_schedule` again after changing ``ipc``).
     """
     from haba_fast.objectives.base import objective_defaults
 
-    cfg = dataclasses.replace(cfg, objective=name, **objective_defaults(name))
+    keep = set(keep) | ({"ipc"} if cfg.budget_ipc is not None else set())
+    cfg = dataclasses.replace(
+        cfg, objective=name, **{k: v for k, v in objective_defaults(name).items() if k not in keep}
+    )
     try:
-        return dataclasses.replace(cfg, **objective_schedule(cfg))
+        return dataclasses.replace(cfg, **{k: v for k, v in objective_schedule(cfg).items() if k not in keep})
     except ValueError:  # DC loops unknown for this IPC: the objective names the problem when it is built
         return cfg
 
@@ -571,7 +576,7 @@ def objective_schedule(cfg: DistillConfig) -> Dict[str, int]:
     iteration) and evaluates every 500 of them; DM's main_DM.py runs 20000 updates and evaluates every 2000.
 
     Raises:
-        ValueError: DC/DSA at an IPC without public loops and no ``outer_loop`` given.
+        ValueError: DC/DSA at an IPC without public loops and not both ``outer_loop`` and ``inner_loop`` given.
     """
     from haba_fast.objectives.base import get_objective
 
@@ -1173,6 +1178,12 @@ def eval_iterations(cfg: DistillConfig) -> List[int]:
     return sorted(its)
 
 
+def checkpoint_interval(cfg: DistillConfig) -> int:
+    """Iterations between checkpoints: ``checkpoint_every``, else ``eval_it`` capped at 100 (DC/DSA's scripts evaluate
+    every 500 x outer loop updates; a killed run loses at most 100), else only the end of the run."""
+    return cfg.checkpoint_every or (min(cfg.eval_it, 100) if cfg.eval_it > 0 else max(cfg.iterations, 1))
+
+
 def _storage_line(storage) -> str:
     if storage is None:
         return "storage: unknown"
@@ -1305,11 +1316,13 @@ def distill(
             raise ValueError(_HOLDS_A_RUN.format(out=out, name=ckpt.name))
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
+    fresh = not resumed  # a resumed run (even at iteration 0) has evaluated its initialization already
     if dist.world_size() > 1:  # every rank continues from the state rank 0 read and checked
         state = dist.broadcast(distiller.state_dict() if resumed else None)
+        fresh = state is None  # what every rank knows (only rank 0 read the checkpoint): evaluation is collective
         if state is not None and not dist.is_main():
             distiller.load_state_dict(state)
-    every = cfg.checkpoint_every if cfg.checkpoint_every else (cfg.eval_it if cfg.eval_it > 0 else cfg.iterations)
+    every = checkpoint_interval(cfg)
     eval_its = set(eval_iterations(cfg)) if evaluate else set()
     result = DistillResult(
         synthetic=distiller.synthetic, syn_lr=float(distiller.syn_lr.detach()), iterations=0, out_dir=out
@@ -1374,7 +1387,7 @@ def distill(
                 ckpt_mod.save_reference(distiller, out / "reference", "best")
 
     try:
-        if distiller.iteration == 0 and 0 in eval_its:  # the initialization, before any update (the reference's it 0)
+        if fresh and 0 in eval_its:  # the initialization, before any update (the reference's iteration 0)
             evaluate_now(bar.write if (bar is not None and log is print) else log)
         # Held (unlimited, or a budget with room for it): a step's blocks serve the next steps, then go back.
         with RunBuffers(cfg.memory_budget) as buffers:

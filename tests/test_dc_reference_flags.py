@@ -127,3 +127,24 @@ def test_every_dc_script_flag_is_known_to_distill():
     distill = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "distill")[1]
     known = set(distill._option_string_actions)
     assert [f for f in DC_MAIN if f not in known] == []
+
+
+def test_a_preset_keeps_its_values_under_an_objectives_defaults():
+    cfg = _cfg("--preset", "cifar10-ipc10", "--objective", "dm")
+    assert (cfg.ipc, cfg.objective, cfg.lr_img) == (10, "dm", 1.0)  # the preset's IPC, DM's lr_img (not HaBa's 100)
+    dc = _cfg("--preset", "cifar10-ipc10", "--objective", "dc")
+    assert (dc.ipc, dc.iterations, dc.pix_init) == (10, 10000, "noise")  # main.py's run at the preset's IPC
+
+
+def test_budget_ipc_leaves_ipc_unset_in_the_record():
+    """DM's --ipc 50 is not recorded beside --budget-ipc (ipc is a structural key of the resume check)."""
+    cfg = _cfg("--objective", "dm", "--budget-ipc", "10")
+    assert (cfg.ipc, cfg.budget_ipc) == (DistillConfig.ipc, 10)
+    assert apply_objective(DistillConfig(budget_ipc=10), "dm").ipc == DistillConfig.ipc
+    assert apply_objective(DistillConfig(), "dm").ipc == 50
+
+
+def test_dis_metric_is_refused_where_no_gradients_are_matched():
+    with pytest.raises(ValueError, match="--dis_metric"):
+        DistillConfig(objective="dm", dis_metric="mse").validate()
+    assert DistillConfig(objective="dc", dis_metric="mse").validate().dis_metric == "mse"

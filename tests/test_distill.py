@@ -308,7 +308,6 @@ def test_best_set_is_saved_when_any_network_beats_its_own_best(digits, buffer, t
 
     monkeypatch.setattr(distill_mod, "_evaluate", _scripted_evaluate)
     saved = []
-    real_save = distill_mod.Distiller  # the set's save is recorded through the file it writes
 
     def best_iteration():
         return torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]["iteration"]
@@ -319,7 +318,7 @@ def test_best_set_is_saved_when_any_network_beats_its_own_best(digits, buffer, t
 
     cfg = _cfg(iterations=3, eval_it=1, num_eval=1, epoch_eval_train=1, checkpoint_every=1)
     res = distill(cfg, digits, buffer, tmp_path, progress=False, log=lambda s: None, on_iteration=record)
-    assert [e["iteration"] for e in res.evaluations] == [0, 1, 2, 3] and real_save is distill_mod.Distiller
+    assert [e["iteration"] for e in res.evaluations] == [0, 1, 2, 3]
     assert saved == [1, 1, 3]  # after iterations 1, 2, 3: iteration 0's best was replaced at 1, kept at 2
     meta = torch.load(tmp_path / "synthetic_best.pt", weights_only=True)["meta"]
     assert meta["best_accuracy"] == {"A": 0.60, "B": 0.52} and meta["accuracy"] == 0.52
@@ -629,3 +628,36 @@ def test_demo_storage_note_explains_a_loss_and_only_a_loss():
     assert f"({100 * hall / syn.storage().floats:.0f}% of its storage" in note
     assert "which alone does not make HaBa win" in note and "docs/RESULTS-fashion-mnist.md" in note
     assert storage_note(syn, 0.91, 0.90, 2) is None
+
+
+def test_checkpoint_interval_is_eval_it_capped_at_100():
+    from haba_fast.distill import checkpoint_interval
+
+    assert checkpoint_interval(DistillConfig()) == 100  # eval_it 100
+    assert checkpoint_interval(DistillConfig(eval_it=20)) == 20
+    assert checkpoint_interval(DistillConfig(eval_it=5000)) == 100  # DC's 500 x outer loop: a kill loses <= 100
+    assert checkpoint_interval(DistillConfig(eval_it=5000, checkpoint_every=7)) == 7
+    assert checkpoint_interval(DistillConfig(eval_it=0, iterations=40)) == 40  # the end of the run
+
+
+def test_a_resumed_run_does_not_evaluate_its_initialization_again(digits, buffer, tmp_path, monkeypatch):
+    """--Iteration 0 evaluates the initialization once; resumed (finished, or extended), it is not evaluated again
+    and synthetic_best.pt is not rewritten."""
+    import haba_fast.distill as distill_mod
+
+    seen = []
+
+    def evaluate(distiller, dataset, cfg, generator):
+        seen.append(distiller.iteration)
+        return {"iteration": distiller.iteration, "A": {"mean": 0.5, "std": 0.0, "accs": [0.5]}}
+
+    monkeypatch.setattr(distill_mod, "_evaluate", evaluate)
+    kw = dict(eval_it=1, num_eval=1, epoch_eval_train=1)
+    distill(_cfg(iterations=0, **kw), digits, buffer, tmp_path, progress=False, log=lambda s: None)
+    assert seen == [0]
+    best = (tmp_path / "synthetic_best.pt").stat().st_mtime_ns
+    distill(_cfg(iterations=0, **kw), digits, buffer, tmp_path, resume=True, progress=False, log=lambda s: None)
+    assert seen == [0] and (tmp_path / "synthetic_best.pt").stat().st_mtime_ns == best
+    distill(_cfg(iterations=2, **kw), digits, buffer, tmp_path, resume=True, allow_changed=["iterations"],
+            progress=False, log=lambda s: None)
+    assert seen == [0, 1, 2]

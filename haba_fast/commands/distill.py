@@ -234,7 +234,8 @@ _FLAGS: List[tuple] = [
         "checkpoint_every",
         ["--checkpoint-every", "--checkpoint_every"],
         dict(type=int),
-        "write a checkpoint every this many iterations (default: --eval_it, or the end of the run when it is 0)",
+        "write a checkpoint every this many iterations (default: --eval_it, at most 100; the end of the run when "
+        "--eval_it is 0)",
     ),
     (
         "max_loss",
@@ -441,8 +442,10 @@ def config_from_args(args: argparse.Namespace):
         cfg = apply_preset(cfg, args.preset)
     elif getattr(args, "parameterization", None) == "pixels" and getattr(args, "objective", "mtt") == "mtt":
         cfg = apply_pixel_reference(cfg)  # MTT's distill.py defaults (--Iteration 5000, --lr_img 1000, ...)
-    if hasattr(args, "objective"):
-        cfg = apply_objective(cfg, args.objective)  # its public code's lr_img etc.; explicit flags override
+    # A preset's IPC stays under an objective's defaults (its name says it); its HaBa/MTT learning rates do not.
+    sized = {k: v for k, v in _presets().get(getattr(args, "preset", None) or "", {}).items() if k == "ipc"}
+    if hasattr(args, "objective"):  # its public code's lr_img etc.; explicit flags override
+        cfg = apply_objective(cfg, args.objective, keep=sized)
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
     given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
     if "ipc" in given and "budget_ipc" in given:
@@ -483,12 +486,14 @@ def _method_as_objective(args: argparse.Namespace) -> None:
 
 def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optional[str]):
     """``cfg`` with the objective's public run length for its final IPC where ``--Iteration`` / ``--eval_it`` were
-    not given (``distill.objective_schedule``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the
-    outer loop synthetic updates."""
-    from haba_fast.distill import objective_schedule
+    not given (``distill.objective_schedule``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the outer
+    loop synthetic updates."""
+    from haba_fast.distill import DistillConfig, objective_schedule
     from haba_fast.objectives.base import get_objective
 
     changes = {k: v for k, v in objective_schedule(cfg).items() if k not in given}
+    if "budget_ipc" in given and "ipc" not in given:  # unread beside --budget-ipc: not DM's 50 in the run's record
+        changes["ipc"] = DistillConfig.ipc
     if "iterations" in given and iterations_spelling == "--Iteration":
         changes["iterations"] = given["iterations"] * get_objective(cfg.objective).updates_per_iteration(cfg)
     return dataclasses.replace(cfg, **changes).validate() if changes else cfg
@@ -519,7 +524,7 @@ def reference_no_ops(cfg, given) -> List[tuple]:
             off = "--no_aug turns augmentation off while distilling"
             if not reader:
                 off = "--objective dc distills without augmentation"
-            why = f"{off} and this run evaluates nothing (--num_eval 0 or --Iteration 0)"
+            why = f"{off} and this run evaluates nothing (--num_eval 0)"
         found.append(("dsa_strategy", why))
     if "no_aug" in given and cfg.no_aug and not (cfg.dsa and reader):
         why = no_dsa if not cfg.dsa else "--objective dc distills without augmentation"
