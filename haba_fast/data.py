@@ -62,13 +62,23 @@ REFERENCE_NAMES = {
 # sources). Note: both reference repositories normalize CIFAR-100 with CIFAR-10's statistics, not with
 # CIFAR-100's own (0.5071, 0.4866, 0.4409)/(0.2673, 0.2564, 0.2762); we follow the reference so that its
 # expert buffers and checkpoints mean the same thing here.
-_STATS = {
+REFERENCE_STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2861,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
+# DC/DSA/DM's public code (DatasetCondensation utils.get_dataset): the same, except CIFAR-100's own statistics.
+DC_REFERENCE_STATS = {**REFERENCE_STATS, "cifar100": ((0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762))}
+# Whose statistics normalize: "mtt" (MTT's and HaBa's code) or "dc" (DC/DSA/DM's code).
+STATISTICS = {"mtt": REFERENCE_STATS, "dc": DC_REFERENCE_STATS}
+
+
+def statistics_for(objective: str) -> str:
+    """The :data:`STATISTICS` of the code an objective comes from: ``mtt`` for trajectory matching, ``dc`` for
+    dc, dsa and dm (they differ on CIFAR-100 only)."""
+    return "mtt" if objective == "mtt" else "dc"
 
 # Datasets the reference normalizes by mean/std whatever --zca says (its MNIST/FashionMNIST transform has no ZCA
 # branch), so their ZCA is fit on normalized images; every other dataset is whitened from pixels in [0, 1].
@@ -801,6 +811,7 @@ def load(
     normalize: bool = True,
     subset_per_class: int | None = None,
     generator: torch.Generator | None = None,
+    statistics: str = "mtt",
 ) -> Dataset:
     """Load a dataset into memory.
 
@@ -816,6 +827,9 @@ def load(
         subset_per_class: keep only k train images per class (the first k in file order, or k random ones drawn
             with ``generator``); the test set is kept whole.
         generator: draws the subset (the global RNG is never used).
+        statistics: whose per-channel mean/std normalize (:data:`STATISTICS`): ``"mtt"`` (MTT's and HaBa's code,
+            CIFAR-100 with CIFAR-10's statistics) or ``"dc"`` (DC/DSA/DM's code: CIFAR-100's own);
+            :func:`statistics_for` maps an objective to it.
 
     Returns:
         A :class:`Dataset` (images float32 ``[N, C, H, W]``, labels int64 ``[N]``).
@@ -824,6 +838,8 @@ def load(
         ValueError: unknown name, bad arguments, corrupt or inconsistent files (the message names the file).
         FileNotFoundError: missing files (the message lists the expected paths and where the data comes from).
     """
+    if statistics not in STATISTICS:
+        raise ValueError(f"statistics must be one of {', '.join(STATISTICS)}, got {statistics!r}")
     canon = canonical_name(name)
     if root is not None:
         root = os.path.expanduser(os.fspath(root))
@@ -844,8 +860,8 @@ def load(
     _check_pair(x_test, y_test, f"{canon} test split")
     channels = x_train.shape[1]
 
-    if canon in _STATS:
-        mean, std = _STATS[canon]
+    if canon in STATISTICS[statistics]:
+        mean, std = STATISTICS[statistics][canon]
     else:  # digits / folder: statistics of the full train split, before any subset, so they never change
         mean = tuple(float(v) for v in x_train.mean(dim=(0, 2, 3), dtype=torch.float64))
         std = tuple(float(v) for v in x_train.to(torch.float64).std(dim=(0, 2, 3), unbiased=False))

@@ -14,6 +14,10 @@ reference fails at its first forward, so this only adds sizes that work (e.g. th
 AlexNet, VGG and ResNet18 pool adaptively before the classifier, as HaBa's ``networks.py`` does (identity at the
 reference sizes). A size too small for an architecture (a feature map that shrinks to nothing) is a ValueError.
 
+The networks that end in one Linear on flattened features (ConvNet family, AlexNet, VGG, ResNet18 and its ``_AP``
+variants) have ``embed(x)``: that Linear's input ``[B, D]``, the features distribution matching compares, as
+``embed`` in DM's reference ``networks.py`` (VICO-UoE/DatasetCondensation). MLP and LeNet have none, as there.
+
 Initialization uses PyTorch's default distributions (``Conv2d``/``Linear``: weight and bias uniform in
 ``±1/sqrt(fan_in)``, i.e. ``kaiming_uniform_(a=sqrt(5))``; norm layers weight 1, bias 0), drawn in a fixed module
 order from the ``torch.Generator`` given, so a generator seed fixes the weights; the global RNG is not touched
@@ -197,7 +201,38 @@ class _Net(nn.Module):
             )
 
 
-class ConvNet(_Net):
+class _EmbedNet(_Net):
+    """A network that is features -> flatten -> one Linear: ``forward(x) = head(embed(x))``.
+
+    ``embed`` is what DM's reference ``networks.py`` (VICO-UoE/DatasetCondensation) calls ``embed`` for its ConvNet,
+    AlexNet, VGG and ResNet: the same layers as ``forward``, in the same order, stopping before the final Linear.
+    Subclasses define :meth:`_features` (everything before the flatten) and name their final Linear in
+    ``_head_name`` (the reference's module name, ``classifier`` or ``fc``, kept for the ``state_dict`` keys).
+    """
+
+    _head_name = "classifier"
+
+    @property
+    def head(self) -> nn.Linear:
+        """The final Linear ``[D -> num_classes]`` (``classifier``, or ``fc`` in AlexNet)."""
+        return getattr(self, self._head_name)
+
+    def _features(self, x: Tensor) -> Tensor:
+        """Feature map ``[B, c, h, w]`` of a checked input, the one ``head`` reads after flattening."""
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Features ``[B, D]`` (``D = head.in_features``) of images ``x`` ``[B, channel, H, W]``: the input of the
+        final Linear, flattened in (c, h, w) order."""
+        self._check_input(x)
+        return self._features(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]`` of images ``x`` ``[B, channel, H, W]``."""
+        return self.head(self.embed(x))
+
+
+class ConvNet(_EmbedNet):
     """The reference ConvNet: ``depth`` blocks of conv -> norm -> act -> pool, then one Linear classifier.
 
     Layer math for input x [B, C, H, W] (``spec`` = :class:`ConvNetSpec`), block d = 0 .. depth-1:
@@ -212,7 +247,7 @@ class ConvNet(_Net):
     - act: ``relu``, ``sigmoid``, ``leakyrelu`` (slope 0.01).
     - pool (omitted for ``none``): 2x2 stride 2 average or max, ``H <- floor(H / 2)``.
 
-    Then flatten in (C, H, W) order and ``Linear(width * h * w, num_classes)``.
+    Then flatten in (C, H, W) order (``embed``, ``[B, width*h*w]``) and ``Linear(width * h * w, num_classes)``.
 
     Modules (and so ``parameters()`` / ``state_dict`` order) as in the reference: ``features`` (an
     ``nn.Sequential`` of [conv, norm?, act, pool?] per block) and ``classifier``; per block the parameters are
@@ -240,14 +275,8 @@ class ConvNet(_Net):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(spec.num_features, spec.num_classes)
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Flattened features ``[B, width*h*w]`` (the classifier's input)."""
-        self._check_input(x)
-        return self.features(x).flatten(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, num_classes]`` of images ``x`` ``[B, channel, H, W]``."""
-        return self.classifier(self.embed(x))
+    def _features(self, x: Tensor) -> Tensor:
+        return self.features(x)
 
 
 def build_convnet(
@@ -304,7 +333,8 @@ class MLP(_Net):
     """Three Linear layers (128, 128, K) with ReLU on the flattened image.
 
     The reference sizes ``fc_1`` as ``28*28*1 if channel == 1 else 32*32*3``; here it is ``channel*H*W`` (equal at
-    those sizes). Parameters: fc_1, fc_2, fc_3 (weight, bias each).
+    those sizes). Parameters: fc_1, fc_2, fc_3 (weight, bias each). No ``embed``, as in DM's reference (so DM
+    refuses it).
     """
 
     def __init__(self, channel: int, num_classes: int, im_size: tuple[int, int] = (32, 32)):
@@ -327,7 +357,7 @@ class LeNet(_Net):
     Linear 120 -> ReLU -> Linear 84 -> ReLU -> Linear K.
 
     Parameters: features.0, features.3, fc_1, fc_2, fc_3. ``fc_1`` takes ``16*h*w`` features (the reference's
-    ``16*5*5`` at 1x28x28 and 3x32x32).
+    ``16*5*5`` at 1x28x28 and 3x32x32). No ``embed``, as in DM's reference (so DM refuses it).
     """
 
     def __init__(self, channel: int, num_classes: int, im_size: tuple[int, int] = (32, 32)):
@@ -362,13 +392,16 @@ class LeNet(_Net):
         return self.fc_3(out)
 
 
-class AlexNet(_Net):
+class AlexNet(_EmbedNet):
     """The reference's small AlexNet: conv5 128 (padding 4 when channel == 1, else 2) -> ReLU -> maxpool ->
     conv5 192 -> ReLU -> maxpool -> conv3 256 -> ReLU -> conv3 192 -> ReLU -> conv3 192 -> ReLU -> maxpool ->
-    adaptive average pool to 4x4 (HaBa's version; identity at 28x28/32x32) -> Linear(192*4*4, K).
+    adaptive average pool to 4x4 (HaBa's version; identity at 28x28/32x32) -> flatten (``embed``, ``[B, 3072]``)
+    -> Linear(192*4*4, K).
 
     Parameters: features.0, .3, .6, .8, .10 (weight, bias each), then fc.
     """
+
+    _head_name = "fc"
 
     def __init__(self, channel: int, num_classes: int, im_size: tuple[int, int] = (32, 32)):
         super().__init__()
@@ -397,10 +430,8 @@ class AlexNet(_Net):
         self.pool = nn.AdaptiveAvgPool2d(4)
         self.fc = nn.Linear(192 * 4 * 4, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, K]`` of ``x`` ``[B, channel, H, W]``."""
-        self._check_input(x)
-        return self.fc(self.pool(self.features(x)).flatten(1))
+    def _features(self, x: Tensor) -> Tensor:
+        return self.pool(self.features(x))
 
 
 _VGG_CFG = {
@@ -411,10 +442,10 @@ _VGG_CFG = {
 }
 
 
-class VGG(_Net):
+class VGG(_EmbedNet):
     """The reference VGG: per config entry conv3 (padding 3 on the first conv when channel == 1, else 1) -> norm
     (GroupNorm(c, c) "instancenorm", or BatchNorm2d) -> ReLU, or a 2x2 max-pool for "M"; then adaptive average
-    pool to 1x1 (HaBa's version; identity at 28x28/32x32) and Linear(512, K).
+    pool to 1x1 (HaBa's version; identity at 28x28/32x32), flatten (``embed``, ``[B, 512]``) and Linear(512, K).
 
     Parameters: per conv entry conv weight, bias, norm weight, bias (``features.{i}``), then classifier.
     """
@@ -444,10 +475,8 @@ class VGG(_Net):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(512, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, K]`` of ``x`` ``[B, channel, H, W]``."""
-        self._check_input(x)
-        return self.classifier(self.pool(self.features(x)).flatten(1))
+    def _features(self, x: Tensor) -> Tensor:
+        return self.pool(self.features(x))
 
 
 def _res_norm(norm: str, c: int) -> nn.Module:
@@ -489,7 +518,7 @@ class _BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(_Net):
+class ResNet(_EmbedNet):
     """ResNet18 of the reference (CIFAR stem: conv3 64, stride 1, padding 1, no bias -> norm -> ReLU), four stages
     of two basic blocks (64, 128, 256, 512; stride 1, 2, 2, 2), then:
 
@@ -498,6 +527,7 @@ class ResNet(_Net):
     - ``ap=True`` (``ResNet18_AP``, ``ResNet18BN_AP``): strided convs replaced by stride-1 convs + 2x2 average
       pools, no final pooling, Linear(512*h*w, K) (the reference's ``512*3*3`` for 28x28, ``512*4*4`` for 32x32).
 
+    ``embed`` is the flattened input of that Linear (``[B, 512]``, or ``[B, 512*h*w]`` with ``ap``).
     norm ``instancenorm`` = GroupNorm(c, c), ``batchnorm`` = BatchNorm2d. Parameter order: conv1, bn1,
     layer1..layer4 (blocks in order), classifier.
     """
@@ -530,14 +560,10 @@ class ResNet(_Net):
         self.pool = None if ap else nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(512 * h * w if ap else 512, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[B, K]`` of ``x`` ``[B, channel, H, W]``."""
-        self._check_input(x)
+    def _features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        if self.pool is not None:
-            out = self.pool(out)
-        return self.classifier(out.flatten(1))
+        return out if self.pool is None else self.pool(out)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ from haba_fast import io as hio
 
 __all__ = [
     "MIN_DISPLAY_SIZE",
-    "REFERENCE_NORMALIZATION",
     "denormalizer",
     "haba_grid",
     "save_grid",
@@ -38,16 +37,6 @@ PathLike = Union[str, os.PathLike]
 # Tiles smaller than this (pixels, longer side) are upsampled by an integer factor (nearest) so that
 # 8x8 digits are visible: 8 -> 64, 28 -> 56, 32 -> 64.
 MIN_DISPLAY_SIZE = 64
-
-# Per-channel (mean, std) the reference normalizes with (utils.get_dataset of the reference code);
-# used by `haba-fast export --denormalize-dataset` when the checkpoint does not record them.
-REFERENCE_NORMALIZATION = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2861,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "cifar100": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-}
 
 
 def denormalizer(mean: Sequence[float], std: Sequence[float]) -> Callable[[Tensor], Tensor]:

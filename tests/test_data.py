@@ -688,3 +688,23 @@ def test_an_idx_header_of_huge_dimensions_is_a_clear_error(tmp_path):
     p.write_bytes(bytes([0, 0, 8, 4]) + (65536).to_bytes(4, "big") * 4)  # 2**64 bytes: int64 wraps to 0
     with pytest.raises(ValueError, match=r"header says shape \(65536, 65536, 65536, 65536\)"):
         data.read_idx(p)
+
+
+def test_cifar100_statistics_follow_the_objectives_public_code(tmp_path):
+    """MTT/HaBa normalize CIFAR-100 with CIFAR-10's statistics, DC/DSA/DM's code with CIFAR-100's own."""
+    from haba_fast.data import STATISTICS, statistics_for
+
+    rng = np.random.default_rng(3)
+    write_cifar100(tmp_path, (random_uint8(rng, 6, 3, 32, 32), rng.integers(0, 100, 6)),
+                   (random_uint8(rng, 2, 3, 32, 32), rng.integers(0, 100, 2)))
+    raw = load("cifar100", tmp_path, normalize=False).train_images
+    for which, mean, std in (("mtt", (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+                             ("dc", (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762))):
+        d = load("cifar100", tmp_path, statistics=which)
+        assert d.mean == mean and d.std == std
+        m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        torch.testing.assert_close(d.train_images, (raw - m) / s, rtol=0, atol=0)
+    assert STATISTICS["dc"]["cifar10"] == STATISTICS["mtt"]["cifar10"]  # CIFAR-100 is the only difference
+    assert [statistics_for(o) for o in ("mtt", "dc", "dsa", "dm")] == ["mtt", "dc", "dc", "dc"]
+    with pytest.raises(ValueError, match="statistics must be one of mtt, dc, got 'imagenet'"):
+        load("digits", statistics="imagenet")

@@ -148,3 +148,35 @@ def test_dis_metric_is_refused_where_no_gradients_are_matched():
     with pytest.raises(ValueError, match="--dis_metric"):
         DistillConfig(objective="dm", dis_metric="mse").validate()
     assert DistillConfig(objective="dc", dis_metric="mse").validate().dis_metric == "mse"
+
+
+def test_dm_on_cifar100_is_normalized_as_dms_code_and_evaluated_so(tmp_path, monkeypatch):
+    """distill --objective dm normalizes CIFAR-100 with its own statistics (DC/DSA/DM's get_dataset), records them,
+    and eval of that set loads the data the same way."""
+    import numpy as np
+    from data_fixtures import random_uint8, write_cifar100
+
+    from haba_fast import data
+    from haba_fast.cli import main
+    from haba_fast.factorization import load_synthetic
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(100), 2)
+    write_cifar100(tmp_path / "data", (random_uint8(rng, 200, 3, 32, 32), labels),
+                   (random_uint8(rng, 100, 3, 32, 32), np.arange(100)))
+    out = tmp_path / "run"
+    assert main(["distill", "--dataset", "CIFAR100", "--data_path", str(tmp_path / "data"), "--method", "DM",
+                 "--parameterization", "pixels", "--ipc", "1", "--Iteration", "1", "--num_eval", "0",
+                 "--model", "ConvNetW32", "--batch_real", "2", "--out", str(out), "--no-progress"]) == 0
+    meta = load_synthetic(out / "synthetic.pt").meta
+    assert tuple(meta["mean"]) == data.DC_REFERENCE_STATS["cifar100"][0]
+    seen = []
+
+    def spy(*a, **kw):
+        seen.append(kw.get("statistics"))
+        raise SystemExit(0)  # the statistics are what this test is about; no evaluation needed
+
+    monkeypatch.setattr(data, "load", spy)
+    with pytest.raises(SystemExit):
+        main(["eval", str(out / "synthetic.pt"), "--data_path", str(tmp_path / "data"), "--num-eval", "1"])
+    assert seen == ["dc"]

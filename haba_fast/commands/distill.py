@@ -435,8 +435,8 @@ def config_from_args(args: argparse.Namespace):
     from haba_fast import augment, dist
     from haba_fast.distill import DistillConfig, apply_objective, apply_pixel_reference, apply_preset
 
+    _method_as_objective(args)  # first: what is refused depends on the objective (--batch_real)
     refuse_unsupported(args)
-    _method_as_objective(args)
     cfg = DistillConfig()
     if getattr(args, "preset", None):
         cfg = apply_preset(cfg, args.preset)
@@ -586,7 +586,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--allow-changed needs --resume")
     check_out_dir(out, resume=args.resume, overwrite=args.overwrite)  # distill() checks again; this is before loading
     check_writable(out, what="--out folder")  # before loading anything: a read-only or full disk fails now
-    dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca)
+    # CIFAR-100 is normalized as the objective's public code does (MTT/HaBa: CIFAR-10's statistics; DC/DSA/DM: its own)
+    dataset = data.load(cfg.dataset, cfg.data_path, zca=cfg.zca, statistics=data.statistics_for(cfg.objective))
     check_fits(cfg, dataset, resolve_device(cfg.device))  # before the buffer (the Distiller checks again)
     from haba_fast.objectives.base import get_objective
 

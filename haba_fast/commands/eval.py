@@ -278,10 +278,10 @@ def run(args: argparse.Namespace) -> int:
         label = type(syn).__name__
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
         cfg.batch_standardize = syn is not None and bool(getattr(syn, "n_hallucinators", 0))
+    recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}  # the distillation's settings
     if args.models is not None:
         cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     else:
-        recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         # The pools of the code that distills such a set: a pixel set takes MTT's (trajectory matching, and MTT's
         # images_*.pt, which record no objective) or the DC/DSA/DM code's; HaBa sets and coresets HaBa's.
         pixels = syn is not None and not getattr(syn, "n_hallucinators", 0)
@@ -296,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
         zca=zca,
         subset_per_class=args.subset_per_class,
         generator=torch.Generator().manual_seed(args.seed),
+        statistics=data.statistics_for(recorded.get("objective", "mtt")),  # the statistics the set was distilled in
     )
     if meta.get("zca") is not None and "mean" not in meta and data.zca_of_normalized(ds):
         # Our files record mean/std since MNIST / Fashion-MNIST ZCA whitens normalized images (the reference's

@@ -70,15 +70,13 @@ def _load(args):
 
 def _dataset_stats(name: str):
     """(mean, std) the dataset ``name`` is normalized with: the reference's constants, else haba_fast.data's."""
-    from haba_fast import visualize
+    from haba_fast import data
 
     key = str(name).strip().lower().replace("-", "").replace("_", "")
-    for known, stats in visualize.REFERENCE_NORMALIZATION.items():
+    for known, stats in data.REFERENCE_STATS.items():
         if key == known.replace("-", ""):
             return stats
-    from haba_fast import data  # e.g. digits: its normalization is ours, read it from the loaded dataset
-
-    ds = data.load(name)
+    ds = data.load(name)  # e.g. digits: its normalization is ours, read it from the loaded dataset
     return tuple(ds.mean), tuple(ds.std)
 
 

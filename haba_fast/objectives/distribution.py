@@ -3,16 +3,18 @@
 One synthetic update (one ``Distiller.step``):
 
 1. a fresh randomly initialized network (``cfg.model``; never trained), its ``embed`` = the features before the
-   classifier;
+   final Linear (every network of :mod:`haba_fast.models` but MLP and LeNet has one, as in DM's reference
+   ``networks.py``; those two, and BatchNorm models, are refused);
 2. per class c, a real batch of that class (``batch_real``) and the class's synthetic batch (every stored row;
    HaBa: every basis through every hallucinator, see :mod:`haba_fast.objectives.base`), augmented with the same
    DSA draw (one per class: :func:`~haba_fast.objectives.base.siamese_augment`) unless augmentation is off;
 3. loss = ``sum_c || mean embed(real_c) - mean embed(syn_c) ||^2``.
 
-All classes are embedded in one forward per side (the ConvNet's instance norm is per sample, so batching
-classes together changes nothing). Soft labels: the synthetic mean of class c weights every synthetic sample by
-its probability of c, ``m_c = sum_i p_ic f_i / sum_i p_ic`` over all synthetic samples (with one-hot labels this
-is the plain class mean), so the loss trains the label logits too.
+All classes are embedded in one forward per side: every network DM accepts is per sample (no norm, or instance,
+group or layer norm; BatchNorm models are refused), so batching classes together changes nothing. Soft labels:
+the synthetic mean of class c weights every synthetic sample by its probability of c, ``m_c = sum_i p_ic f_i /
+sum_i p_ic`` over all synthetic samples (with one-hot labels this is the plain class mean), so the loss trains the
+label logits too.
 
 Defaults of the public code (main_DM.py): ``lr_img`` 1.0, momentum 0.5, DSA on, evaluation with the fixed
 ``lr_net`` 0.01.
@@ -85,7 +87,9 @@ class DistributionMatching(Objective):
         net = fresh_network(self.cfg, self.dataset, torch.Generator().manual_seed(0), "meta", what=self.name)
         if not callable(getattr(net, "embed", None)):
             raise ValueError(
-                f"objective dm needs a network with an embed() method (ConvNet family), not {self.cfg.model}"
+                f"objective dm: --model {self.cfg.model} ({type(net).__name__}) has no embed() (the features before "
+                "its final Linear, which DM matches), as in DM's reference; use a model with one: the ConvNet "
+                "family, AlexNet, VGG11, ResNet18 or ResNet18_AP"
             )
 
     def describe(self) -> str:
