@@ -25,6 +25,7 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import pickle
 from pathlib import Path
@@ -281,13 +282,12 @@ def _check_state(state: Dict[str, Any], path: Path) -> None:
     for entry, t in learned.items():
         if not isinstance(t, Tensor):
             raise damaged(entry, f"is a {type(t).__name__}, not a tensor")
+    # The optimizers' moments and the adversary's weights: a NaN there reaches the learned values at the first step.
+    kept = [_nested_tensors(state.get(k), k) for k in ("opt_img", "opt_style", "opt_lr", "opt_label", "objective",
+                                                        "adversary", "opt_adv")]
+    for entry, t in itertools.chain(learned.items(), *kept):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise damaged(entry, "holds NaN or inf values")
-    # The optimizers' moments and the adversary's weights: a NaN there reaches the learned values at the first step.
-    for key in ("opt_img", "opt_style", "opt_lr", "opt_label", "objective", "adversary", "opt_adv"):
-        for entry, t in _nested_tensors(state.get(key), key):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise damaged(entry, "holds NaN or inf values")
     # Both generators of a run are CPU generators (Distiller): set_state on one refuses a bad state's size or type.
     rng = state.get("rng")
     if rng is None:  # format 1: the distillation generator only

@@ -143,60 +143,54 @@ _ADJOINT = (
 _DC_LOOPS = "--objective dc or dsa (the --outer-loop / --inner-loop of gradient matching)"
 _HALLUCINATORS = "--parameterization haba (pixel sets have no hallucinators)"
 _ADVERSARY = "--parameterization haba (the adversarial term; pixel sets have none)"
-# Settings that only some configurations read: field -> (flag, the configurations that read it, whether a config is
-# one of them), checked against the code that reads each: only MTT (haba_fast.objectives.mtt) unrolls a student,
-# reads the buffer and learns an lr (Distiller: opt_lr; the others start syn_lr at lr_net and never step it, so
-# lr_lr, lr_teacher, min_lr and lr_param do nothing there) and has a normalized loss (max_loss); dc/dsa/dm draw
-# --batch_syn batches only for HaBa's adversarial term; pixel sets have no hallucinators and no adversary.
-# DistillConfig.refuse_unused names the first one set where it does nothing: the CLI for every flag given
-# explicitly, validate for those whose default means off (_OFF_BY_DEFAULT).
-SCOPES: Dict[str, Tuple[str, str, Callable[["DistillConfig"], bool]]] = {
-    "engine": ("--engine", "--objective mtt (the engine unrolls its student)", _mtt),
-    "syn_steps": ("--syn_steps", "--objective mtt (the student's unrolled steps)", _mtt),
-    "expert_epochs": ("--expert_epochs", _MTT_SEGMENT, _mtt),
-    "max_start_epoch": ("--max_start_epoch", _MTT_SEGMENT, _mtt),
-    "buffer_path": ("--buffer_path", _MTT_BUFFER, _mtt),
-    "load_all": ("--load_all", _MTT_BUFFER, _mtt),
-    "max_files": ("--max_files", _MTT_BUFFER, _mtt),
-    "max_experts": ("--max_experts", _MTT_BUFFER, _mtt),
-    "trajectories_per_iteration": (
-        "--trajectories-per-iteration",
-        "--objective mtt (it matches expert segments)",
-        _mtt,
-    ),
-    "lr_lr": ("--lr_lr", _MTT_LR, _mtt),
-    "lr_teacher": ("--lr_teacher", _MTT_LR, _mtt),
-    "min_lr": ("--min-lr", _MTT_LR, _mtt),
-    "lr_param": ("--lr-param", _MTT_LR, _mtt),
+# Settings that only some configurations read: field -> (the configurations that read it, whether a config is one of
+# them; the flag is checkpoint.flag_name(field)), checked against the code that reads each: only MTT
+# (haba_fast.objectives.mtt) unrolls a student, reads the buffer and learns an lr (Distiller: opt_lr; the others start
+# syn_lr at lr_net and never step it, so lr_lr, lr_teacher, min_lr and lr_param do nothing there) and has a normalized
+# loss (max_loss); dc/dsa/dm draw --batch_syn batches only for HaBa's adversarial term; pixel sets have no hallucinators
+# and no adversary. DistillConfig.refuse_unused names the first one set where it does nothing: the CLI for every flag
+# given explicitly, validate for those whose default means off (_OFF_BY_DEFAULT).
+SCOPES: Dict[str, Tuple[str, Callable[["DistillConfig"], bool]]] = {
+    "engine": ("--objective mtt (the engine unrolls its student)", _mtt),
+    "syn_steps": ("--objective mtt (the student's unrolled steps)", _mtt),
+    "expert_epochs": (_MTT_SEGMENT, _mtt),
+    "max_start_epoch": (_MTT_SEGMENT, _mtt),
+    "buffer_path": (_MTT_BUFFER, _mtt),
+    "load_all": (_MTT_BUFFER, _mtt),
+    "max_files": (_MTT_BUFFER, _mtt),
+    "max_experts": (_MTT_BUFFER, _mtt),
+    "trajectories_per_iteration": ("--objective mtt (it matches expert segments)", _mtt),
+    "lr_lr": (_MTT_LR, _mtt),
+    "lr_teacher": (_MTT_LR, _mtt),
+    "min_lr": (_MTT_LR, _mtt),
+    "lr_param": (_MTT_LR, _mtt),
     "max_loss": (
-        "--max-loss",
         "--objective mtt (only its loss is normalized; the others skip a step only on a non-finite loss)",
         _mtt,
     ),
-    "memory_budget": ("--memory-budget", _ADJOINT, _adjoint),
-    "offload_weights": ("--offload-weights", _ADJOINT, _adjoint),
-    "compile_step": ("--compile-step", _ADJOINT, _adjoint),
-    "cuda_graphs": ("--cuda-graphs", _ADJOINT, _adjoint),
+    "memory_budget": (_ADJOINT, _adjoint),
+    "offload_weights": (_ADJOINT, _adjoint),
+    "compile_step": (_ADJOINT, _adjoint),
+    "cuda_graphs": (_ADJOINT, _adjoint),
     "batch_syn": (
-        "--batch_syn",
         "--objective mtt, or to the adversarial term of --parameterization haba (--lambda_club_content > 0); dc, "
         "dsa and dm match every synthetic sample at once",
         lambda c: c.objective == "mtt" or (c.parameterization == "haba" and c.lambda_club_content != 0),
     ),
-    "lr_net": ("--lr-net", "--objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)", _not_mtt),
-    "outer_loop": ("--outer-loop", _DC_LOOPS, _gradient_matching),
-    "inner_loop": ("--inner-loop", _DC_LOOPS, _gradient_matching),
-    "dis_metric": ("--dis_metric", "--objective dc or dsa (the distance between gradients)", _gradient_matching),
-    "n_hallucinators": ("--n_style", _HALLUCINATORS, _haba),
-    "lr_style": ("--lr_style", _HALLUCINATORS, _haba),
-    "kernel_size": ("--kernel-size", _HALLUCINATORS, _haba),
-    "hallucinator_init": ("--hallucinator-init", _HALLUCINATORS, _haba),
-    "single_channel": ("--single_channel", "--parameterization haba (its bases; pixel sets store images)", _haba),
-    "lambda_club_content": ("--lambda_club_content", _ADVERSARY, _haba),
-    "lambda_likeli_content": ("--lambda_likeli_content", _ADVERSARY, _haba),
-    "lambda_cls_content": ("--lambda_cls_content", _ADVERSARY, _haba),
-    "lambda_contrast_content": ("--lambda_contrast_content", _ADVERSARY, _haba),
-    "lr_label": ("--lr-label", "--soft-labels (the learned label logits)", lambda c: bool(c.soft_labels)),
+    "lr_net": ("--objective dc, dsa or dm (mtt learns its lr: --lr_teacher, --lr_lr)", _not_mtt),
+    "outer_loop": (_DC_LOOPS, _gradient_matching),
+    "inner_loop": (_DC_LOOPS, _gradient_matching),
+    "dis_metric": ("--objective dc or dsa (the distance between gradients)", _gradient_matching),
+    "n_hallucinators": (_HALLUCINATORS, _haba),
+    "lr_style": (_HALLUCINATORS, _haba),
+    "kernel_size": (_HALLUCINATORS, _haba),
+    "hallucinator_init": (_HALLUCINATORS, _haba),
+    "single_channel": ("--parameterization haba (its bases; pixel sets store images)", _haba),
+    "lambda_club_content": (_ADVERSARY, _haba),
+    "lambda_likeli_content": (_ADVERSARY, _haba),
+    "lambda_cls_content": (_ADVERSARY, _haba),
+    "lambda_contrast_content": (_ADVERSARY, _haba),
+    "lr_label": ("--soft-labels (the learned label logits)", lambda c: bool(c.soft_labels)),
 }
 # SCOPES fields whose default means "off" (no budget, no offload, DC's own loops, one segment): validate refuses them
 # set to anything else where nothing reads them, whoever set them.
@@ -210,14 +204,6 @@ _OFF_BY_DEFAULT = (
     "cuda_graphs",
     "dis_metric",
 )
-
-
-def _is_set(cfg: "DistillConfig", name: str, defaults: "DistillConfig") -> bool:
-    if name == "memory_budget":
-        from haba_fast.engines.memory import parse_memory_budget
-
-        return parse_memory_budget(cfg.memory_budget) != 0
-    return getattr(cfg, name) != getattr(defaults, name)
 
 
 class DivergenceError(ValueError):
@@ -345,8 +331,10 @@ class DistillConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise ValueError(f"{flag_name(f.name)} must be an integer, got {v!r}")
             setattr(self, f.name, int(v))
-        if isinstance(self.eval_models, str):
-            self.eval_models = _split_models(self.eval_models)
+        if isinstance(self.eval_models, str):  # none named: the eval_mode pool (as the CLI's --eval-models "")
+            from haba_fast.evaluate import split_models
+
+            self.eval_models = split_models(self.eval_models)
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(
                 f"unknown parameterization {self.parameterization!r}: choose one of {', '.join(PARAMETERIZATIONS)}"
@@ -364,24 +352,24 @@ class DistillConfig:
                 f"unknown --hallucinator-init {self.hallucinator_init!r}: choose {' or '.join(HALLUCINATOR_INITS)}"
             )
         for name in ("ipc", "syn_steps", "expert_epochs", "max_start_epoch", "kernel_size", "n_hallucinators"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("iterations", "num_eval", "eval_it", "epoch_eval_train"):
-            if int(getattr(self, name)) < 0:
+            if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_syn is not None and self.batch_syn < 1:
             raise ValueError(f"--batch_syn must be >= 1, got {self.batch_syn}")
         # Checked whether or not this run evaluates (--num_eval 0): the config is recorded with the set.
-        if int(self.batch_train) < 1:
+        if self.batch_train < 1:
             raise ValueError(f"--batch_train must be >= 1, got {self.batch_train}")
-        if self.checkpoint_every is not None and int(self.checkpoint_every) < 1:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise ValueError(
                 f"--checkpoint-every must be >= 1, got {self.checkpoint_every} (leave it out for the default: every "
                 "--eval_it iterations, or the end of the run)"
             )
         for name in ("max_files", "max_experts"):
             v = getattr(self, name)
-            if v is not None and int(v) < 1:
+            if v is not None and v < 1:
                 raise ValueError(f"--{name} must be >= 1, got {v}")
         if self.load_all and (self.max_files is not None or self.max_experts is not None):
             raise ValueError(
@@ -415,33 +403,34 @@ class DistillConfig:
             raise ValueError(f"unknown --objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         for name in ("outer_loop", "inner_loop"):
             v = getattr(self, name)
-            if v is not None and int(v) < 1:
+            if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
         if self.batch_real < 1:
             raise ValueError(f"--batch_real must be >= 1, got {self.batch_real}")
-        m = self.trajectories_per_iteration
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        m = self.trajectories_per_iteration  # an int already (the field walk above)
+        if m < 1:
             raise ValueError(f"--trajectories-per-iteration must be an int >= 1, got {m!r}")
         if self.soft_labels and self.objective == "mtt" and self.engine in ("exact", "first-order"):
             raise ValueError(
                 f"--soft-labels with --objective mtt unrolls the student with create_graph (the {self.engine} engine "
                 "takes hard labels only); use --engine naive or auto"
             )
-        if int(self.max_bad_steps) < 1:
+        if self.max_bad_steps < 1:
             raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
         from haba_fast.engines.memory import MINIMAL, parse_memory_budget
         from haba_fast.engines.offload import OFFLOAD_WITH_MIN
 
         try:
-            parse_memory_budget(self.memory_budget)
+            budget = parse_memory_budget(self.memory_budget)
         except ValueError as exc:
             raise ValueError(f"--memory-budget {self.memory_budget}: {exc}") from None
         # Settings whose default means "off": set to anything else where nothing reads them, they are refused here
         # (the CLI refuses every flag of SCOPES given explicitly where it does nothing: refuse_unused).
         defaults = DistillConfig()
-        off = [n for n in _OFF_BY_DEFAULT if _is_set(self, n, defaults)]
+        off = [n for n in _OFF_BY_DEFAULT if (budget != 0 if n == "memory_budget" else
+                                              getattr(self, n) != getattr(defaults, n))]
         self.refuse_unused(off)
-        if self.offload_weights and parse_memory_budget(self.memory_budget) == MINIMAL:
+        if self.offload_weights and budget == MINIMAL:
             raise ValueError(OFFLOAD_WITH_MIN)
         if self.cuda_graphs and self.compile_step:
             raise ValueError(
@@ -461,12 +450,14 @@ class DistillConfig:
 
     def unused(self, names: Sequence[str]) -> List[str]:
         """The settings among ``names`` (DistillConfig fields) that this configuration never reads (see SCOPES)."""
-        return [n for n in names if n in SCOPES and not SCOPES[n][2](self)]
+        return [n for n in names if n in SCOPES and not SCOPES[n][1](self)]
 
     def refuse_unused(self, names: Sequence[str]) -> None:
         """Raise ValueError naming the first of ``names`` that this configuration never reads, and who reads it."""
+        from haba_fast.checkpoint import flag_name
+
         for name in self.unused(names):
-            flag, where, _ = SCOPES[name]
+            flag, (where, _) = flag_name(name), SCOPES[name]
             if name == "memory_budget":
                 flag = f"{flag} {self.memory_budget}"
             raise ValueError(f"{flag} applies to {where}; drop it")
@@ -511,20 +502,6 @@ class DistillConfig:
         if "eval_models" in d:
             d["eval_models"] = tuple(d["eval_models"])
         return cls(**d)
-
-
-def _split_models(names: str) -> Tuple[str, ...]:
-    """``--eval-models`` given as one string: split at commas by ``EvalConfig``'s rule; none named: the eval_mode
-    pool (as the CLI's ``--eval-models ""``)."""
-    from haba_fast.evaluate import EvalConfig
-
-    split = EvalConfig(models=names)
-    try:
-        split.validate()  # splits the string, then refuses an empty list (which here means the eval_mode pool)
-    except ValueError:
-        if split.models:
-            raise
-    return tuple(split.models)
 
 
 def apply_preset(cfg: DistillConfig, name: str) -> DistillConfig:
@@ -650,9 +627,9 @@ def check_fits(cfg: DistillConfig, dataset, device) -> None:
         )
     if not _adjoint(cfg) or cfg.offload_weights or parse_memory_budget(cfg.memory_budget) == MINIMAL:
         return
-    from haba_fast.models import get_network
+    from haba_fast.models import get_network, num_params
 
-    P = sum(p.numel() for p in get_network(cfg.model, C, K, (H, W), device="meta").parameters())
+    P = num_params(get_network(cfg.model, C, K, (H, W), device="meta"))
     N = int(cfg.syn_steps)
     trajectory = 4 * (N + 1) * P
     if syn + trajectory > total:
@@ -662,9 +639,6 @@ def check_fits(cfg: DistillConfig, dataset, device) -> None:
             f"({total / 1e9:,.1f} GB): lower --syn_steps, or use --memory-budget min (keeps about 2·sqrt(N) of the "
             "vectors) or --offload-weights (keeps them in a temporary file, or in host memory on CUDA)"
         )
-
-
-_HOLDS_A_RUN = "{out} already holds a run ({name}); pass --resume to continue it or choose another --out"
 
 
 def check_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
@@ -689,7 +663,8 @@ def check_out_dir(out_dir, *, resume: bool, overwrite: bool) -> None:
     out = Path(out_dir)
     if (out / CHECKPOINT_NAME).exists():
         if not resume:
-            raise ValueError(_HOLDS_A_RUN.format(out=out, name=CHECKPOINT_NAME))
+            raise ValueError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it or choose "
+                             "another --out")
         return  # distill() compares the run's settings with this one's
     if not (out / "synthetic.pt").exists():
         return
@@ -1296,24 +1271,22 @@ def distill(
     inputs = ckpt_mod.inputs_fingerprint(dataset, buffer) if out is not None else None
     resumed = False
     resumed_at = -1
-    if ckpt is not None and ckpt.exists():
-        if resume:
-            state = ckpt_mod.load_checkpoint(ckpt)
-            changed = ckpt_mod.check_resume(state, cfg, inputs, allow_changed, where=str(ckpt), log=log)
-            distiller.load_state_dict(state)
-            if distiller.iteration > cfg.iterations:  # its result is not this run's: never hand it back as one
-                raise ValueError(
-                    f"{ckpt} is at iteration {distiller.iteration}, past this run's --Iteration {cfg.iterations}: "
-                    f"its synthetic set is not a {cfg.iterations}-iteration result. Take synthetic_{cfg.iterations}.pt "
-                    "from that folder if it was saved, raise --Iteration to continue the run, or choose another --out"
-                )
-            log(
-                f"resuming from {ckpt} at iteration {distiller.iteration}"
-                + (f" with changed {', '.join(changed)}" if changed else "")
+    # (check_out_dir refused a checkpoint without --resume or --overwrite)
+    if resume and ckpt is not None and ckpt.exists():
+        state = ckpt_mod.load_checkpoint(ckpt)
+        changed = ckpt_mod.check_resume(state, cfg, inputs, allow_changed, where=str(ckpt), log=log)
+        distiller.load_state_dict(state)
+        if distiller.iteration > cfg.iterations:  # its result is not this run's: never hand it back as one
+            raise ValueError(
+                f"{ckpt} is at iteration {distiller.iteration}, past this run's --Iteration {cfg.iterations}: "
+                f"its synthetic set is not a {cfg.iterations}-iteration result. Take synthetic_{cfg.iterations}.pt "
+                "from that folder if it was saved, raise --Iteration to continue the run, or choose another --out"
             )
-            resumed, resumed_at = True, distiller.iteration
-        elif not overwrite:
-            raise ValueError(_HOLDS_A_RUN.format(out=out, name=ckpt.name))
+        log(
+            f"resuming from {ckpt} at iteration {distiller.iteration}"
+            + (f" with changed {', '.join(changed)}" if changed else "")
+        )
+        resumed, resumed_at = True, distiller.iteration
     elif resume and out is not None:
         log(f"no checkpoint in {out}; starting a new run")
     fresh = not resumed  # a resumed run (even at iteration 0) has evaluated its initialization already

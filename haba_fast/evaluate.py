@@ -24,7 +24,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import numpy as np
 import torch
@@ -129,6 +129,11 @@ def eval_pool(eval_mode: str, model: str = "ConvNet", reference: str = "haba") -
     return pool
 
 
+def split_models(names: str) -> Tuple[str, ...]:
+    """``--models`` / ``--eval-models`` given as one string: the names between commas, blanks dropped."""
+    return tuple(m.strip() for m in names.split(",") if m.strip())
+
+
 @dataclass
 class EvalConfig:
     """The evaluation protocol (defaults: the reference's).
@@ -164,7 +169,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if isinstance(self.models, str):
-            self.models = tuple(m.strip() for m in self.models.split(",") if m.strip())
+            self.models = split_models(self.models)
         if not self.models:
             raise ValueError("EvalConfig.models is empty; give at least one architecture (e.g. ConvNet)")
         if self.num_eval < 1:

@@ -896,13 +896,14 @@ def _lr_value(lr, *, positive: bool = True, files: bool = False) -> float:
     return float(lr)
 
 
-def _check_meta_lr(meta: Mapping[str, Any], where: object) -> None:
-    """``meta['lr']`` (when present and not None) by the rule ``load`` applies: a finite number > 0."""
-    if meta.get("lr") is not None:
-        try:
-            _lr_value(meta["lr"])
-        except ValueError as exc:
-            raise ValueError(f"{where}: meta 'lr': {exc}") from exc
+def _check_meta_lr(meta: Mapping[str, Any], where: object) -> float | None:
+    """``meta['lr']`` (when present and not None) as a float, by the rule ``load`` applies: a finite number > 0."""
+    if meta.get("lr") is None:
+        return None
+    try:
+        return _lr_value(meta["lr"])
+    except ValueError as exc:
+        raise ValueError(f"{where}: meta 'lr': {exc}") from exc
 
 
 def _parse_styles(styles: Mapping[str, Any], what: str) -> dict[str, Tensor]:
@@ -1059,9 +1060,9 @@ def _from_payload(payload: Mapping[str, Any], path: Path):
     if kind == "pixels" and not torch.equal(obj.labels, torch.arange(obj.num_classes).repeat_interleave(obj.ipc)):
         raise ValueError(f"{path}: 'labels' must be each class 0..{obj.num_classes - 1} repeated ipc={obj.ipc} times")
     obj.meta = dict(meta)
-    _check_meta_lr(obj.meta, path)
-    if obj.meta.get("lr") is not None:
-        obj.meta["lr"] = _lr_value(obj.meta["lr"])
+    lr = _check_meta_lr(obj.meta, path)
+    if lr is not None:
+        obj.meta["lr"] = lr
     return obj
 
 

@@ -32,6 +32,7 @@ from haba_fast.aug_families import family
 from haba_fast.augment import FAMILIES
 from haba_fast.benchmarks import SEED_BOUNDS, check_flags
 from haba_fast.devices import device_memory_bytes, resolve_device
+from haba_fast.factorization import hallucinator_floats
 
 # Largest max|fused − reference| / max|reference| over the gradients accepted before timing (float32 sums of a
 # batch of 500 in another order stay near 1e-6; a wrong kernel is off by O(1)).
@@ -237,8 +238,7 @@ def least_resident_bytes(
         n: samples; M: bases; cb, C: basis / image channels; H, W: image size; k: kernel size; Hn: hallucinators.
         elem: bytes per float (4 or 8); reference: whether the reference path's copies are held too.
     """
-    Ho, Wo = H - k + 1, W - k + 1
-    problem = (M * cb * H * W + Hn * C * cb * k * k + 2 * Hn * C + 2 * Hn * C * Ho * Wo + Hn * C * C * k * k) * elem
+    problem = (M * cb * H * W + Hn * hallucinator_floats(C, cb, k, (H, W))) * elem
     return (4 if reference else 3) * problem + 2 * n * C * H * W * elem + 2 * n * 8
 
 

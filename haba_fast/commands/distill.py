@@ -433,6 +433,7 @@ def _presets() -> Dict[str, Dict[str, Any]]:
 def config_from_args(args: argparse.Namespace):
     """DistillConfig: defaults, then the preset, then the flags given on the command line."""
     from haba_fast import augment, dist
+    from haba_fast.checkpoint import flag_name
     from haba_fast.distill import DistillConfig, apply_objective, apply_pixel_reference, apply_preset
 
     _method_as_objective(args)  # first: what is refused depends on the objective (--batch_real)
@@ -443,17 +444,15 @@ def config_from_args(args: argparse.Namespace):
     elif getattr(args, "parameterization", None) == "pixels" and getattr(args, "objective", "mtt") == "mtt":
         cfg = apply_pixel_reference(cfg)  # MTT's distill.py defaults (--Iteration 5000, --lr_img 1000, ...)
     # A preset's IPC stays under an objective's defaults (its name says it); its HaBa/MTT learning rates do not.
-    sized = {k: v for k, v in _presets().get(getattr(args, "preset", None) or "", {}).items() if k == "ipc"}
-    if hasattr(args, "objective"):  # its public code's lr_img etc.; explicit flags override
-        cfg = apply_objective(cfg, args.objective, keep=sized)
+    if hasattr(args, "objective"):  # its public code's lr_img etc.; explicit flags override. A preset's IPC (its
+        # name says it) stays; its HaBa/MTT learning rates do not.
+        cfg = apply_objective(cfg, args.objective, keep=("ipc",) if getattr(args, "preset", None) else ())
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
     given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
     if "ipc" in given and "budget_ipc" in given:
         raise ValueError(
             "give --ipc or --budget-ipc, not both: --budget-ipc chooses the bases (images) per class itself"
         )
-    if "eval_models" in given:
-        given["eval_models"] = tuple(m.strip() for m in given["eval_models"].split(",") if m.strip())
     if "dataset" in given:
         given["dataset"] = _canonical_dataset(given["dataset"])
     if "dsa_strategy" in given:
@@ -463,9 +462,9 @@ def config_from_args(args: argparse.Namespace):
     cfg.refuse_unused(list(given))  # a flag given explicitly that this configuration never reads (distill.SCOPES)
     for dest, why in reference_no_ops(cfg, given):
         if cfg.objective != "mtt":  # our own modes: an error, as for SCOPES
-            raise ValueError(f"{_flag_name(dest)} has no effect here: {why}; drop it")
+            raise ValueError(f"{flag_name(dest)} has no effect here: {why}; drop it")
         dist.print_main(  # under torchrun: once per job
-            f"haba-fast distill: warning: {_flag_name(dest)} has no effect here: {why} (the reference ignores it too)",
+            f"haba-fast distill: warning: {flag_name(dest)} has no effect here: {why} (the reference ignores it too)",
             file=sys.stderr,
         )
     return cfg
@@ -497,10 +496,6 @@ def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optiona
     if "iterations" in given and iterations_spelling == "--Iteration":
         changes["iterations"] = given["iterations"] * get_objective(cfg.objective).updates_per_iteration(cfg)
     return dataclasses.replace(cfg, **changes).validate() if changes else cfg
-
-
-def _flag_name(dest: str) -> str:
-    return next(f[1][0] for f in _FLAGS if f[0] == dest)
 
 
 def reference_no_ops(cfg, given) -> List[tuple]:

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data, dist
-    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic, pool_reference
+    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic, pool_reference, split_models
 
     dist.init_from_env(args.device)  # under torchrun: the runs are spread over the processes
 
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.batch_standardize = syn is not None and bool(getattr(syn, "n_hallucinators", 0))
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}  # the distillation's settings
     if args.models is not None:
-        cfg.models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        cfg.models = split_models(args.models)
     else:
         # The pools of the code that distills such a set: a pixel set takes MTT's (trajectory matching, and MTT's
         # images_*.pt, which record no objective) or the DC/DSA/DM code's; HaBa sets and coresets HaBa's.
