@@ -63,10 +63,58 @@ def test_apply_objective_sizes_the_run_in_the_python_api():
     assert apply_objective(DistillConfig(ipc=3), "dc").iterations == DistillConfig().iterations
 
 
-@pytest.mark.parametrize("method,objective", [("DC", "dc"), ("DSA", "dsa"), ("DM", "dm"), ("dsa", "dsa")])
+@pytest.mark.parametrize("method,objective", [("DC", "dc"), ("DSA", "dsa"), ("DM", "dm")])
 def test_method_names_the_objective(method, objective):
     assert _cfg("--method", method, "--ipc", "1").objective == objective
     assert _cfg("--method", method, "--objective", objective, "--ipc", "1").objective == objective
+
+
+@pytest.mark.parametrize("method,spelled", [("dsa", "DSA"), ("Dc", "DC"), ("dm", "DM")])
+def test_method_in_another_case_is_refused_as_main_py_would_run_dc(method, spelled):
+    """main.py tests ``args.method == 'DSA'``: 'dsa' runs DC there. Refused, naming the spelling that works."""
+    with pytest.raises(ValueError, match=f"runs DC there; write --method {spelled}"):
+        _cfg("--method", method, "--ipc", "1")
+
+
+def test_method_dsa_without_a_strategy_augments_nothing_as_main_py(capsys):
+    """main.py's --dsa_strategy default is 'None' (DiffAugment returns its input): --method DSA alone matches and
+    evaluates unaugmented there, with a warning here; --objective dsa and an explicit strategy keep DSA's."""
+    cfg = _cfg("--method", "DSA", "--ipc", "1")
+    assert (cfg.objective, cfg.dsa, cfg.dsa_strategy, cfg.epoch_eval_train) == ("dsa", True, "none", 1000)
+    assert "--method DSA without --dsa_strategy" in capsys.readouterr().err
+    full = "color_crop_cutout_flip_scale_rotate"
+    assert _cfg("--method", "DSA", "--ipc", "1", "--dsa_strategy", full).dsa_strategy == full
+    assert _cfg("--objective", "dsa", "--ipc", "1").dsa_strategy == full
+    assert _cfg("--method", "DC", "--ipc", "1").dsa_strategy == full  # unread: DC does not augment
+    assert "without --dsa_strategy" not in capsys.readouterr().err
+
+
+def test_method_dsa_without_a_strategy_runs_unaugmented(tmp_path, monkeypatch, capsys):
+    """The whole run: no augmentation reaches the distillation's real or synthetic batches, the network updates or
+    the evaluation (main.py: DiffAugment('None') everywhere), and the evaluation still trains 1000 epochs."""
+    from haba_fast import augment, evaluate
+    from haba_fast.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("augmented although main.py's strategy 'None' augments nothing")
+
+    monkeypatch.setattr(augment, "sample", refuse)
+    epochs = []
+    real_train = evaluate.train_network
+    monkeypatch.setattr(evaluate, "train_network",
+                        lambda *a, **k: (epochs.append(k.get("epochs")), real_train(*a, **k))[1])
+    assert main(["distill", "--dataset", "digits", "--method", "DSA", "--ipc", "1", "--Iteration", "1",
+                 "--num_eval", "1", "--out", str(tmp_path / "run"), "--no-progress", "--eval_it", "1",
+                 "--model", "ConvNetW32"]) == 0
+    assert "DSA strategy none (no augmentation)" in capsys.readouterr().out
+    assert epochs == [1001, 1001]  # iterations 0 and 1; evaluate_synset trains Epoch + 1 epochs, as there
+
+
+def test_epoch_eval_train_with_method_warns_that_main_py_overwrites_it(capsys):
+    assert _cfg("--method", "DC", "--ipc", "1", "--epoch_eval_train", "50").epoch_eval_train == 50
+    assert "main.py overwrites --epoch_eval_train" in capsys.readouterr().err
+    assert _cfg("--objective", "dc", "--ipc", "1", "--epoch_eval_train", "50").epoch_eval_train == 50
+    assert "overwrites" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

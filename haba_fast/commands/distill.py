@@ -356,8 +356,12 @@ REFUSED: Dict[str, str] = {
     "reference/ there)",
 }
 
-# DC/DSA/DM's --method (main.py: DC or DSA; main_DM.py: DM) names the objective.
-METHODS = {"dc": "dc", "dsa": "dsa", "dm": "dm"}
+# DC/DSA/DM's --method (main.py: DC or DSA; main_DM.py: DM) names the objective. main.py compares it with 'DSA'
+# exactly (any other value, 'dsa' too, runs DC there), so only these spellings are taken.
+METHODS = {"DC": "dc", "DSA": "dsa", "DM": "dm"}
+
+# main.py's --dsa_strategy default: 'None', which augments nothing (DiffAugment returns its input).
+MAIN_PY_DSA_STRATEGY = "none"
 
 # Refused reference flags that mean something for other objectives: flag -> the objectives that use it.
 OBJECTIVE_FLAGS: Dict[str, tuple] = {"batch_real": ("dc", "dsa", "dm")}
@@ -396,7 +400,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="method",
         default=_S,
         type=str,
-        help="DC/DSA/DM's scripts' --method (DC, DSA or DM): the same as --objective dc, dsa or dm",
+        help="DC/DSA/DM's scripts' --method (DC, DSA or DM, spelled so): --objective dc, dsa or dm, except that "
+        "--method DSA without --dsa_strategy takes main.py's default strategy 'None' (no augmentation)",
     )
     ours.add_argument(
         "--preset",
@@ -447,6 +452,7 @@ def config_from_args(args: argparse.Namespace):
     if hasattr(args, "objective"):  # its public code's lr_img etc.; explicit flags override. A preset's IPC (its
         # name says it) stays; its HaBa/MTT learning rates do not.
         cfg = apply_objective(cfg, args.objective, keep=("ipc",) if getattr(args, "preset", None) else ())
+    cfg = _main_py_method(cfg, args)
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
     given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
     if "ipc" in given and "budget_ipc" in given:
@@ -474,13 +480,50 @@ def _method_as_objective(args: argparse.Namespace) -> None:
     """DC/DSA/DM's ``--method`` given: set ``args.objective`` from it (ValueError for an unknown one or a clash)."""
     if not hasattr(args, "method"):
         return
-    objective = METHODS.get(str(args.method).strip().lower())
+    objective = METHODS.get(str(args.method).strip())
     if objective is None:
+        spelled = {k.lower(): k for k in METHODS}.get(str(args.method).strip().lower())
+        if spelled is not None:
+            raise ValueError(
+                f"--method {args.method!r}: DatasetCondensation's main.py compares --method with 'DSA' exactly, so "
+                f"{args.method!r} runs DC there; write --method {spelled}, or use --objective {METHODS[spelled]}"
+            )
         raise ValueError(f"unknown --method {args.method!r}: DC, DSA or DM (the same as --objective dc, dsa or dm)")
     if getattr(args, "objective", objective) != objective:
         raise ValueError(f"--method {args.method} means --objective {objective}, not --objective {args.objective}: "
                          "give one of them")
     args.objective = objective
+
+
+def _main_py_method(cfg, args: argparse.Namespace):
+    """``cfg`` as DatasetCondensation's main.py runs for ``--method DC|DSA`` (a reference command line), with a
+    warning where that differs from ``--objective``:
+
+    - ``--method DSA`` without ``--dsa_strategy``: main.py's default strategy 'None', which augments nothing, neither
+      while matching nor in the evaluation (which still trains 1000 epochs);
+    - ``--epoch_eval_train`` with ``--method DC|DSA``: main.py overwrites it before every evaluation (300 epochs
+      without augmentation, 1000 with); this run uses the value given.
+    """
+    from haba_fast import dist
+
+    method = getattr(args, "method", None)
+    if method not in ("DC", "DSA"):
+        return cfg
+    if method == "DSA" and not hasattr(args, "dsa_strategy"):
+        dist.print_main(
+            "haba-fast distill: warning: --method DSA without --dsa_strategy runs main.py's default strategy 'None', "
+            "which augments nothing (matching and evaluation unaugmented, as there); for DSA as the paper runs it "
+            "give --dsa_strategy color_crop_cutout_flip_scale_rotate (or use --objective dsa)",
+            file=sys.stderr,
+        )
+        cfg = dataclasses.replace(cfg, dsa_strategy=MAIN_PY_DSA_STRATEGY)
+    if hasattr(args, "epoch_eval_train"):
+        dist.print_main(
+            "haba-fast distill: warning: main.py overwrites --epoch_eval_train before every evaluation (300 "
+            f"epochs without augmentation, 1000 with); this run trains {args.epoch_eval_train} as given",
+            file=sys.stderr,
+        )
+    return cfg
 
 
 def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optional[str]):

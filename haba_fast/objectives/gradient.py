@@ -290,7 +290,10 @@ class GradientMatching(Objective):
         self.outer = 0  # outer-loop step of the current network
 
     def describe(self) -> str:
-        aug = f", Siamese DSA {self.strategy}" if self.strategy else ""
+        aug = ""
+        if self.strategy:
+            aug = (", DSA strategy none (no augmentation)" if self.strategy.lower() == "none"
+                   else f", Siamese DSA {self.strategy}")
         metric = "" if self.metric == "ours" else f", gradient distance {self.metric} (all layers concatenated)"
         return (
             f"objective {self.name}: gradient matching, outer loop {self.outer_loop}, inner loop {self.inner_loop}, "
@@ -369,6 +372,6 @@ class DSAGradientMatching(GradientMatching):
         super().__init__(setup)
         if self.strategy is None:
             raise ValueError(
-                "objective dsa needs an augmentation strategy (--dsa True, --dsa_strategy not none, no --no_aug); "
+                "objective dsa needs an augmentation strategy (--dsa True, no --no_aug); "
                 "without augmentation use --objective dc"
             )
