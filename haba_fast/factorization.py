@@ -657,9 +657,13 @@ class HaBa(_Synthetic):
             base_idx: ``[n]`` int flat basis indices (class-major: class ``c``, basis ``j`` is ``c*bpc+j``).
             hall_idx: ``[n]`` int hallucinator indices, or one int for all samples.
         """
+        base_idx = self._index(base_idx, None, "base_idx", self.num_bases)
+        return self._generate_checked(base_idx, hall_idx)
+
+    def _generate_checked(self, base_idx: Tensor, hall_idx) -> Tensor:
+        """``generate`` for ``base_idx`` [n] already checked (``_index``); checks ``hall_idx`` against it."""
         from haba_fast import ops
 
-        base_idx = self._index(base_idx, None, "base_idx", self.num_bases)
         hall_idx = self._index(hall_idx, base_idx.shape[0], "hall_idx", self.n_hallucinators)
         if hall_idx.shape[0] != base_idx.shape[0]:
             raise ValueError(f"base_idx and hall_idx must have the same length, got {base_idx.shape[0]} and "
@@ -692,7 +696,7 @@ class HaBa(_Synthetic):
         indices = self._index(indices, None, "indices", self.num_bases)
         if hall is None:
             hall = int(_randint(self.n_hallucinators, 1, generator, "cpu")[0])
-        return self.generate(indices, hall), self.labels_of(indices)
+        return self._generate_checked(indices, hall), indices // self.bpc  # indices checked once, here
 
     def all_pairs(self) -> tuple[Tensor, Tensor]:
         """Every basis through every hallucinator: ``(x [K*bpc*Hn, C, H, W], y [K*bpc*Hn])``.

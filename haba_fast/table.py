@@ -233,6 +233,16 @@ class Protocol:
         table = tuple((o, int(iterations) if o == objective else n) for o, n in self.iterations)
         return dataclasses.replace(self, name=f"{self.name}-{objective}{int(iterations)}", iterations=table)
 
+    def with_seed(self, seed: int) -> "Protocol":
+        """This protocol with another ``seed`` (experts, distillations and evaluation networks; the split keeps
+        ``split_seed``): a replicate. Named ``<name>-seed<seed>`` so that its cells and runs are stored apart; seed
+        0 is this protocol itself."""
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"a table seed must be an int >= 0, got {seed!r}")
+        if seed == self.seed:
+            return self
+        return dataclasses.replace(self, name=f"{self.name}-seed{seed}", seed=seed)
+
     def haba_overrides(self, objective: Optional[str]) -> Dict[str, Any]:
         """The ``DistillConfig`` values HaBa cells of ``objective`` take over the protocol's (chosen on validation)."""
         return {str(k): v for k, v in dict(self.haba_settings).get(objective, ())}

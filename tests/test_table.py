@@ -145,6 +145,34 @@ def test_with_iterations_changes_one_objective_and_stores_apart(tmp_path):
             TINY.with_iterations(*bad)
 
 
+def test_with_seed_is_a_replicate_stored_apart():
+    """Another seed: the experts, distillations and evaluation networks change, the split does not; its cells
+    (named as seed 0's) are never reused as seed 0's, and its runs and experts live in their own folder."""
+    rep = TINY.with_seed(2)
+    assert (rep.name, rep.seed, rep.split_seed) == ("tiny-seed2", 2, TINY.split_seed)
+    assert TINY.with_seed(TINY.seed) is TINY
+    assert table.distill_config(Cell(2, "mtt"), rep, "digits").seed == 2
+    stored = {"format": table.FORMAT, "key": "ipc2-dm", "row": "dm", "protocol": TINY.to_dict()}
+    assert table.same_protocol(stored, TINY) and not table.same_protocol(stored, rep)
+    assert table.protocol_work_dir(Path("w"), rep) == Path("w") / "protocols" / "tiny-seed2"
+    assert table.protocol_tag(table.PROTOCOLS["quick"].with_seed(1)) == "-quick-seed1"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="a table seed must be an int >= 0"):
+            TINY.with_seed(bad)
+
+
+def test_seed_option_reaches_the_protocol(monkeypatch):
+    from haba_fast.cli import build_parser
+    from haba_fast.commands import table as command
+
+    seen = {}
+    monkeypatch.setattr(table, "run_table", lambda *a, **k: seen.update(k))
+    args = build_parser().parse_args(["table", "--seed", "3", "--ipc", "10", "--rows", "mtt"])
+    assert command.run(args) == 0
+    assert (seen["protocol"].name, seen["protocol"].seed) == ("quick-seed3", 3)
+    assert seen["doc"] == Path("docs/RESULTS-fashion-mnist-quick-seed3.md")
+
+
 def test_threads_option_applies_and_is_restored(tmp_path, monkeypatch):
     """--threads holds while the cells run and is restored after the table, also when a cell raises."""
     seen = []

@@ -43,6 +43,9 @@ def register(sub) -> None:
                         "(tune with --eval-split val; its cells and runs are stored apart per setting)")
     p.add_argument("--tuning-json", default="bench/results/{dataset_}_tuning.json",
                    help="log of every validation-split trial (written by --eval-split val, listed in the document)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the experts, distillations and evaluation networks (default 0; the split keeps its "
+                        "own): another seed is a replicate, stored apart as protocol <protocol>-seed<N>")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1; 0 leaves torch's)")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells computed at once, each in its own process with --threads threads (default 1; "
@@ -55,7 +58,7 @@ def run(args) -> int:
 
     from haba_fast.table import PROTOCOLS, parse_haba_set, protocol_tag, run_table
 
-    protocol = PROTOCOLS[args.protocol]
+    protocol = PROTOCOLS[args.protocol].with_seed(args.seed)
     for text in args.haba_set:
         objective, key, value = parse_haba_set(text)
         protocol = protocol.with_haba(objective, **{key: value})
