@@ -1176,6 +1176,7 @@ def eval_config(cfg: DistillConfig, device=None):
     """The evaluation protocol of a run: the reference's, with the run's pool (``eval_models``, else the ``eval_mode``
     pool), epochs, repeats, batch, DSA and batch standardization (default: on for haba)."""
     from haba_fast.evaluate import EvalConfig, eval_pool
+    from haba_fast.training import dsa_enabled
 
     return EvalConfig(
         models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model, cfg.pool_reference),
@@ -1184,6 +1185,8 @@ def eval_config(cfg: DistillConfig, device=None):
         batch_size=cfg.batch_train,
         dsa=cfg.dsa,  # --no_aug only turns augmentation off while distilling, as in the reference
         dsa_strategy=cfg.dsa_strategy,
+        # DC's main.py evaluates with get_daparam's augmentation where DSA is off (MNIST, ConvNetBN)
+        dc_aug_dataset=None if cfg.objective != "dc" or dsa_enabled(cfg.dsa, cfg.dsa_strategy) else cfg.dataset,
         batch_standardize=cfg.standardize,
         device=None if device is None else str(device),
     )

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from haba_fast import dist
 from haba_fast.data import check_test_images
-from haba_fast.training import DEFAULT_DSA_STRATEGY, train_network
+from haba_fast.training import DEFAULT_DSA_STRATEGY, dsa_enabled, train_network
 
 COMMON_MODELS = ("ConvNet", "AlexNet", "VGG11", "ResNet18")  # the reference's cross-architecture pool ("M")
 CORESET_METHODS = ("random", "herding", "kcenter")
@@ -148,6 +148,10 @@ class EvalConfig:
         batch_size: training batch.
         test_batch_size: test batch (128 as the reference's test loader; matters with ``batch_standardize``).
         dsa, dsa_strategy: DSA augmentation of training batches.
+        dc_aug_dataset: with DSA off, DC's evaluation augmentation (``haba_fast.dc_augment``) of the dataset so
+            named, per evaluated model as DC's ``get_daparam`` chooses it (MNIST: crop/scale/rotate; ConvNetBN:
+            crop/noise); a model so augmented trains ``DC_AUG_EPOCHS`` (1000) epochs, as DC's ``main.py``, the
+            others ``epochs``. None: off (DSA's, MTT's and HaBa's evaluations).
         lr_schedule: ``"half"`` (the reference's decay, above) or ``"none"``.
         batch_standardize: HaBa's per-batch standardization, train and test.
         device: training device (None: CUDA when available, else CPU).
@@ -163,9 +167,22 @@ class EvalConfig:
     test_batch_size: int = 128
     dsa: bool = True
     dsa_strategy: str = DEFAULT_DSA_STRATEGY
+    dc_aug_dataset: str | None = None
     lr_schedule: str = "half"
     batch_standardize: bool = False
     device: str | None = None
+
+    def dc_aug_for(self, model: str) -> str:
+        """The DC evaluation augmentation strategy of ``model`` (``"none"`` unless ``dc_aug_dataset`` is set)."""
+        from haba_fast.dc_augment import dc_aug_strategy
+
+        return "none" if self.dc_aug_dataset is None else dc_aug_strategy(self.dc_aug_dataset, model)
+
+    def epochs_for(self, model: str) -> int:
+        """The ``Epoch`` of ``model``: ``DC_AUG_EPOCHS`` where DC's evaluation augments it, else ``epochs``."""
+        from haba_fast.dc_augment import DC_AUG_EPOCHS
+
+        return DC_AUG_EPOCHS if self.dc_aug_for(model) != "none" else self.epochs
 
     def validate(self) -> None:
         if isinstance(self.models, str):
@@ -185,6 +202,13 @@ class EvalConfig:
             raise ValueError(f"weight_decay (--weight-decay) must be a number >= 0, got {self.weight_decay}")
         if self.batch_size < 1 or self.test_batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size}, {self.test_batch_size}")
+        if self.dc_aug_dataset is not None:
+            from haba_fast.data import canonical_name
+
+            canonical_name(self.dc_aug_dataset)  # a clear error for an unknown name
+            if dsa_enabled(self.dsa, self.dsa_strategy):
+                raise ValueError("dc_aug_dataset is DC's evaluation augmentation, which runs without DSA: give "
+                                 "dsa=False (--no-dsa) with it")
 
 
 @dataclass
@@ -400,14 +424,15 @@ def evaluate_synthetic(
         history = train_network(
             net,
             source,
-            epochs=cfg.epochs + 1,  # the reference's range(Epoch + 1)
-            decay_epoch=cfg.epochs // 2 + 2,  # it decays after epoch Epoch // 2 + 1
+            epochs=cfg.epochs_for(model) + 1,  # the reference's range(Epoch + 1)
+            decay_epoch=cfg.epochs_for(model) // 2 + 2,  # it decays after epoch Epoch // 2 + 1
             lr=rate,
             batch_size=cfg.batch_size,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             dsa=cfg.dsa,
             dsa_strategy=cfg.dsa_strategy,
+            dc_aug=cfg.dc_aug_for(model),
             lr_schedule=cfg.lr_schedule,
             batch_standardize=cfg.batch_standardize,
             generator=g,

@@ -111,7 +111,8 @@ def _hard(labels: Tensor) -> Tensor:
     return labels if labels.dim() == 1 else labels.argmax(dim=1)
 
 
-def _dsa_enabled(dsa: bool, strategy: str | None) -> bool:
+def dsa_enabled(dsa: bool, strategy: str | None) -> bool:
+    """Whether DSA augments: ``dsa`` on and a strategy other than ``"none"``."""
     return bool(dsa) and bool(strategy) and strategy.lower() != "none"
 
 
@@ -243,6 +244,7 @@ def train_network(
     weight_decay: float = 0.0,
     dsa: bool = True,
     dsa_strategy: str = DEFAULT_DSA_STRATEGY,
+    dc_aug: str = "none",
     lr_schedule: str | None = None,
     decay_epoch: int | None = None,
     batch_standardize: bool = False,
@@ -269,6 +271,8 @@ def train_network(
         batch_size: mini-batch size (the last batch of an epoch may be smaller).
         momentum, weight_decay: SGD settings (experts: 0, 0; evaluation: 0.9, 5e-4).
         dsa: augment every training batch with DSA (``dsa_strategy``; "none" turns it off too).
+        dc_aug: DC's evaluation augmentation of every training batch instead (``haba_fast.dc_augment``: a strategy
+            such as ``"crop_scale_rotate"``; ``"none"``: off); only with DSA off, as in DC's ``epoch()``.
         lr_schedule: None/"none" (constant) or "half" (×0.1 from epoch ``decay_epoch`` on, optimizer restarted).
         decay_epoch: first 0-based epoch trained at the decayed lr under ``"half"`` (default ``epochs // 2 + 2``,
             the reference ``buffer.py``'s; ``haba_fast.evaluate`` passes ``E // 2 + 2`` for ``E + 1`` epochs).
@@ -305,7 +309,13 @@ def train_network(
         generator.seed()
     device = _resolve_device(net, device)
     net.to(device)
-    use_dsa = _dsa_enabled(dsa, dsa_strategy)
+    use_dsa = dsa_enabled(dsa, dsa_strategy)
+    from haba_fast.dc_augment import check_dc_aug_strategy, dc_augment
+
+    use_dc_aug = bool(check_dc_aug_strategy(dc_aug))
+    if use_dsa and use_dc_aug:
+        raise ValueError(f"train_network: dc_aug={dc_aug!r} is DC's augmentation without DSA; DSA is on "
+                         f"({dsa_strategy!r}): give dsa=False or dc_aug='none'")
 
     def make_optimizer(rate: float) -> torch.optim.Optimizer:
         return torch.optim.SGD(net.parameters(), lr=rate, momentum=momentum, weight_decay=weight_decay)
@@ -352,6 +362,8 @@ def train_network(
                     x = standardize_batch(x)
                 if use_dsa:
                     x = _augment(x, dsa_strategy, generator)
+                elif use_dc_aug:
+                    x = dc_augment(x, dc_aug, generator)
                 out = net(x)
                 loss = soft_cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=True)

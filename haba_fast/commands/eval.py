@@ -113,6 +113,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-dsa", dest="dsa", action="store_false", help="train without augmentation")
     p.add_argument(
+        "--dc-aug",
+        "--dc_aug",
+        dest="dc_aug",
+        action="store_true",
+        help="with --no-dsa: DC's evaluation augmentation, as DC's main.py evaluates without DSA (get_daparam: "
+        "MNIST crop/scale/rotate, ConvNetBN crop/noise; those networks train 1000 epochs)",
+    )
+    p.add_argument(
         "--lr-schedule",
         dest="lr_schedule",
         choices=("half", "none"),
@@ -289,6 +297,12 @@ def run(args: argparse.Namespace) -> int:
                                pool_reference("pixels" if pixels else "haba", recorded.get("objective", "mtt")))
     cfg.validate()
     dataset_name = args.dataset or meta.get("dataset") or "digits"
+    if args.dc_aug:
+        cfg.dc_aug_dataset = dataset_name
+        cfg.validate()  # DC's augmentation needs --no-dsa
+        if all(cfg.dc_aug_for(m) == "none" for m in cfg.models):
+            raise ValueError(f"--dc-aug does nothing for {', '.join(cfg.models)} on {dataset_name}: DC's get_daparam "
+                             "augments MNIST and ConvNetBN evaluations only; drop it")
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
     ds = data.load(
         dataset_name,
