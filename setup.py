@@ -4,7 +4,7 @@ The extension is compiled against the torch that is importable while building, a
 torch version (libtorch has no stable C++ ABI across versions). So build it without build isolation, in the
 environment you run it in::
 
-    pip install --no-build-isolation .            # or -e . for development, or a haba-fast-<v>.tar.gz
+    pip install --no-build-isolation .            # or -e . for development, or a haba_fast-<v>.tar.gz
 
 An isolated build (plain ``pip install .``) cannot see your torch: it stops with a message saying the above,
 instead of compiling against a freshly downloaded torch that your own would reject at import. The torch
@@ -42,7 +42,7 @@ versions), so it is built without build isolation: an isolated build environment
 Install torch first, then build in the same environment:
 
     pip install torch --index-url https://download.pytorch.org/whl/cpu     # or your CUDA build of torch
-    pip install --no-build-isolation .                                     # or: ... haba-fast-<version>.tar.gz
+    pip install --no-build-isolation .                                     # or: ... haba_fast-<version>.tar.gz
 
 For a pure-Python install without the extension (slower; the torch backend everywhere):
 

@@ -243,3 +243,12 @@ def test_a_test_folder_without_class_folders_is_named(tmp_path):
     (tmp_path / "imgs" / "test").mkdir()
     with pytest.raises(FileNotFoundError, match="no class folders in .*test"):
         data.load("folder", tmp_path / "imgs")
+
+
+def test_buffer_refuses_an_unwritable_out_before_loading_the_data(tmp_path, capsys, monkeypatch):
+    from haba_fast import data
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("the data were loaded before --out was checked"))
+    err = _error(capsys, "buffer", ["buffer", "--dataset", "digits", "--out", tmp_path / "file" / "buf"])
+    assert f"cannot write to the --out folder {tmp_path / 'file' / 'buf'}" in err

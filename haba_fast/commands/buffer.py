@@ -214,12 +214,15 @@ def run(args: argparse.Namespace) -> int:
 
     from haba_fast import data, dist
     from haba_fast.experts import expert_dir, load_buffer, train_experts
+    from haba_fast.io import check_writable
 
     cfg = expert_config_from_args(args)
     dist.init_from_env(args.device)  # under torchrun: expert i is trained by rank i mod K
     g = torch.Generator().manual_seed(args.seed)
+    out = args.out or expert_dir(args.buffer_path, data.canonical_name(args.dataset), args.model, zca=args.zca)
+    if dist.is_main():  # a read-only or full --out fails now, before the data are loaded (and ZCA fitted)
+        check_writable(out, what="--out folder")
     ds = data.load(args.dataset, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
-    out = args.out or expert_dir(args.buffer_path, ds.name, args.model, zca=args.zca)
     dist.print_main(
         f"experts: {cfg.num_experts} x {cfg.epochs} epochs of {cfg.model} on {ds!r} -> {out} ({args.fmt})"
         + (f", {dist.world_size()} processes" if dist.world_size() > 1 else "")
