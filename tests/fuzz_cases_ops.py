@@ -43,15 +43,17 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
     """``out`` (of ``dtype``) equals ``ref`` (``dtype``, or the float64 oracle run of a float32 case) within TOL[dtype]
     as a norm-relative error, non-finite exactly where ``ref`` is; an all-zero ``ref`` needs an all-zero ``out``.
 
-    special (NaN/Inf among the inputs): the fused kernels multiply zero-weight taps instead of skipping them, so
-    0 * NaN may spread a NaN further than the reference does; and they write cutout's hole as 0 where the
-    reference multiplies by a 0 mask (0 * NaN = NaN). So where ``ref`` is non-finite, ``out`` must be non-finite
-    or exactly 0 (an erased or zero-weight value, never a made-up number); equal where both are finite.
+    special (NaN/Inf/1e30/1e-40 among the inputs; for NaN/Inf, ``ref`` is :func:`_nonfinite_oracle`'s oracle): where
+    ``ref`` is non-finite (a NaN/Inf input reaches it, or an overflow), ``out`` must be too, never a made-up number;
+    where ``ref`` is finite, ``out`` may be NaN/Inf (the fused kernels multiply zero-weight taps, e.g. an affine tap
+    outside the image reads pixel 0 with weight 0, so 0 * NaN may spread a NaN further than the reference does),
+    else it must equal ``ref``.
     values=False (augmentation parameters of 1e30): the kernels fold a family into a few coefficients, whose
     products of such magnitudes cancel differently from the reference's step-by-step arithmetic; only the
-    structure (shape, dtype, no hidden NaN) is compared. ``tol`` overrides TOL[dtype]. ``floor``: the error is
-    relative to max(||ref||, floor), for a result that is a tiny remainder of its input (an image scaled almost
-    entirely out of the frame keeps ~1e-4 of its norm, while float32 interpolation weights err by ~1e-7 of the input).
+    structure (shape, dtype, no hidden NaN) is compared, and an exact 0 (an erased or zero-weight value) may stand
+    for a NaN/Inf of ``ref``. ``tol`` overrides TOL[dtype]. ``floor``: the error is relative to max(||ref||, floor),
+    for a result that is a tiny remainder of its input (an image scaled almost entirely out of the frame keeps ~1e-4
+    of its norm, while float32 interpolation weights err by ~1e-7 of the input).
     """
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
@@ -59,8 +61,10 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
     o, r = out.detach().double(), ref.detach().double()
     fin_r, fin_o = torch.isfinite(r), torch.isfinite(o)
     if special:
-        hidden = fin_o & ~fin_r & (o != 0)
-        assert not hidden.any(), f"{what}: nonzero finite values where the reference is NaN/Inf (hidden)"
+        hidden = fin_o & ~fin_r
+        if not values:
+            hidden &= o != 0
+        assert not hidden.any(), f"{what}: finite values where the reference is NaN/Inf (a hidden NaN/Inf)"
     else:
         assert torch.equal(fin_o, fin_r), f"{what}: non-finite values differ from the reference's"
     both = fin_o & fin_r
@@ -76,9 +80,31 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
     assert err < tol, f"{what}: norm-relative error {err:.3g} >= {tol:.0e} (||ref|| {ref_norm:.3g}, floor {floor:.3g})"
 
 
+def _nonfinite_oracle(reference, inputs, dtype) -> tuple[torch.Tensor, float] | None:
+    """The oracle of an op on NaN/Inf ``inputs``, None when all are finite: ``reference(*inputs)`` with them read as
+    0, and NaN where they reach the output, i.e. where it moves when they are read as 1 instead (by more than
+    TOL[dtype] of the sample's largest value: rounding does not count; each sample's output is its own inputs').
+    Also the norm of the output with them read as 0: the scale of its rounding (a ``floor`` for :func:`_close`).
+
+    The reference itself is no oracle there: its bilinear taps (grid_sample) multiply a NaN by a zero weight at an
+    exact-integer sampling coordinate (0 * NaN = NaN), where a kernel whose coordinate rounds to the other side of
+    the integer does not read that pixel and gives the right, finite value of the other taps.
+    """
+    if all(torch.isfinite(t).all() for t in inputs):
+        return None
+    with torch.no_grad():
+        r0, r1 = (reference(*(torch.where(torch.isfinite(t), t.detach(), fill) for t in inputs)) for fill in (0.0, 1.0))
+    a, b = r0.double(), r1.double()
+    a_finite = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = a_finite.abs().flatten(1).amax(1).clamp(min=1.0).view(-1, 1, 1, 1)
+    # b != a: an overflow to the same infinity does not move
+    moved = (b != a) & ~((b - a).abs() <= TOL.get(dtype, 2e-2) * scale)
+    return r0.masked_fill(moved, math.nan), float(a_finite.norm())
+
+
 def _reference_chain(x: torch.Tensor, params, special: bool) -> torch.Tensor:
     """``_reference.augment_reference(x, params)``; with NaN/Inf among the inputs (``special``) each cutout hole is
-    written as 0, as the kernels write it (the reference multiplies by a 0 mask: 0 * NaN = NaN, see :func:`_close`),
+    written as 0, as the kernels write it (the reference multiplies by a 0 mask: 0 * NaN = NaN),
     so that a later family mixing pixels (color's mean, an interpolation) sees the kernels' 0 there as well."""
     if not special:
         return _reference.augment_reference(x, params)
@@ -223,10 +249,14 @@ def run_generate(c):
         return "torch backend: the reference itself"
     odt = _oracle_dtype(dtype, clean=not special)
     theirs = [x.detach().to(odt).requires_grad_(want_grad) for x in ts]
-    ref = _reference.generate_reference(*theirs, bidx.long(), hidx.long())
-    if chain is not None:
-        ref = _reference_chain(ref, chain, special)
-    _close(out, ref, "output", dtype, special=special, values=not extreme)
+
+    def reference(*ins):
+        y = _reference.generate_reference(*ins, bidx.long(), hidx.long())
+        return _reference_chain(y, chain, special) if chain is not None else y
+
+    ref = reference(*theirs)
+    oracle, size = _nonfinite_oracle(reference, theirs, dtype) or (ref, 0.0)
+    _close(out, oracle, "output", dtype, special=special, values=not extreme, floor=1e-2 * size)
     if want_grad and out.numel():
         for i, (a, b) in enumerate(zip(_grads(out, mine, _gen(3), dtype), _grads(ref, theirs, _gen(3), dtype))):
             if a is None or b is None:
@@ -266,9 +296,10 @@ def run_augment(c):
         return "torch backend: the reference itself"
     xb = x.detach().to(_oracle_dtype(x.dtype, clean=not special)).requires_grad_(xa.requires_grad)
     ref = _reference_chain(xb, params, special)
+    oracle, _ = _nonfinite_oracle(lambda t: _reference_chain(t, params, special), [xb], x.dtype) or (ref, 0.0)
     # augment is linear in x: its results' rounding scales with the input's (or the cotangent's) norm
     x_norm = float(torch.nan_to_num(xb.detach().double(), nan=0.0, posinf=0.0, neginf=0.0).norm())
-    _close(out, ref, "output", x.dtype, special=special, values=not c.get("extreme"), floor=1e-2 * x_norm)
+    _close(out, oracle, "output", x.dtype, special=special, values=not c.get("extreme"), floor=1e-2 * x_norm)
     if xa.requires_grad and out.numel():
         (ga,), (gb,) = _grads(out, [xa], _gen(3), x.dtype), _grads(ref, [xb], _gen(3), x.dtype)
         _close(ga if ga is not None else torch.zeros_like(xa), gb if gb is not None else torch.zeros_like(xb),

@@ -191,6 +191,16 @@ def test_regression_rotate_on_a_size_one_axis(request, backend, hw):
     _check(w, "fuzz_cases_ops:run_augment", case)
 
 
+@pytest.mark.parametrize("family, seed, dtype, hw", [("rotate", 627, "f32", (7, 7)), ("scale", 24, "f64", (7, 3))])
+def test_regression_nan_pixel_at_an_exact_integer_sampling_point(worker, family, seed, dtype, hw):
+    """A NaN pixel that the reference reads with weight 0 (an exact-integer sampling coordinate: 0 * NaN = NaN)
+    where the kernel's coordinate rounds to the other side of the integer and skips it: the kernel's finite value is
+    the right one (fuzz_cases_ops._nonfinite_oracle); the check used to call it a hidden NaN."""
+    case = {"seed": seed, "dtype": dtype, "n": 2, "C": 1, "H": hw[0], "W": hw[1], "special": "nan",
+            "noncontig": False, "bad": None, "backend": "cpu", "families": [family], "extreme": False}
+    _check(worker, "fuzz_cases_ops:run_augment", case)
+
+
 def test_regression_nonfinite_aug_params_are_refused(worker):
     """A NaN rotation or scale used to give zeros on the fused kernels (the reference gives NaN)."""
     for fam in ("rotate", "scale", "color", "flip"):
