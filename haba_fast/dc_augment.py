@@ -67,7 +67,8 @@ def check_dc_aug_strategy(strategy: str) -> list[str]:
 
 
 def dc_augment(images: Tensor, strategy: str, generator: torch.Generator) -> Tensor:
-    """A new batch ``[n, C, H, W]`` (float32): every image through one transform of ``strategy`` (module docstring).
+    """A new batch ``[n, C, H, W]`` (``images``' dtype): every image through one transform of ``strategy`` (module
+    docstring).
 
     Args:
         images: ``[n, C, H, W]`` floating batch (any device; ``rotate`` runs on the CPU, as in the reference).
@@ -78,7 +79,7 @@ def dc_augment(images: Tensor, strategy: str, generator: torch.Generator) -> Ten
     if images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"dc_augment takes a floating [n, C, H, W] batch, got {images.dtype} "
                          f"{list(images.shape)}")
-    out = images.detach().to(torch.float32).clone()
+    out = images.detach().clone()
     if not transforms or out.shape[0] == 0:
         return out
     n, C, H, W = out.shape

@@ -1172,12 +1172,18 @@ def _storage_of(syn: nn.Module, dataset):
     return syn.storage(int(dataset.train_labels.numel()))
 
 
-def eval_config(cfg: DistillConfig, device=None):
+def eval_config(cfg: DistillConfig, device=None, dataset_name: Optional[str] = None):
     """The evaluation protocol of a run: the reference's, with the run's pool (``eval_models``, else the ``eval_mode``
-    pool), epochs, repeats, batch, DSA and batch standardization (default: on for haba)."""
+    pool), epochs, repeats, batch, DSA and batch standardization (default: on for haba). Objective dc without DSA
+    evaluates as DC's main.py: get_daparam's augmentation of ``dataset_name`` (default ``cfg.dataset``; MNIST,
+    ConvNetBN), those networks 1000 epochs while ``epoch_eval_train`` is DC's default, else as given."""
+    from haba_fast.dc_augment import DC_AUG_EPOCHS
     from haba_fast.evaluate import EvalConfig, eval_pool
+    from haba_fast.objectives.gradient import GradientMatching
     from haba_fast.training import dsa_enabled
 
+    dc_eval = cfg.objective == "dc" and not dsa_enabled(cfg.dsa, cfg.dsa_strategy)
+    main_py_epochs = cfg.epoch_eval_train == GradientMatching.defaults["epoch_eval_train"]
     return EvalConfig(
         models=tuple(cfg.eval_models) or eval_pool(cfg.eval_mode, cfg.model, cfg.pool_reference),
         num_eval=max(1, cfg.num_eval),
@@ -1186,7 +1192,8 @@ def eval_config(cfg: DistillConfig, device=None):
         dsa=cfg.dsa,  # --no_aug only turns augmentation off while distilling, as in the reference
         dsa_strategy=cfg.dsa_strategy,
         # DC's main.py evaluates with get_daparam's augmentation where DSA is off (MNIST, ConvNetBN)
-        dc_aug_dataset=None if cfg.objective != "dc" or dsa_enabled(cfg.dsa, cfg.dsa_strategy) else cfg.dataset,
+        dc_aug_dataset=(dataset_name or cfg.dataset) if dc_eval else None,
+        dc_aug_epochs=DC_AUG_EPOCHS if dc_eval and main_py_epochs else None,
         batch_standardize=cfg.standardize,
         device=None if device is None else str(device),
     )
@@ -1199,7 +1206,7 @@ def _evaluate(distiller: Distiller, dataset, cfg: DistillConfig, generator: torc
     res = evaluate_synthetic(
         distiller.synthetic,
         dataset,
-        eval_config(cfg, distiller.device),
+        eval_config(cfg, distiller.device, getattr(dataset, "name", None)),
         lr=float(distiller.syn_lr.detach()),
         generator=generator,
         label=f"{cfg.parameterization} it {distiller.iteration}",

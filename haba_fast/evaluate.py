@@ -150,8 +150,9 @@ class EvalConfig:
         dsa, dsa_strategy: DSA augmentation of training batches.
         dc_aug_dataset: with DSA off, DC's evaluation augmentation (``haba_fast.dc_augment``) of the dataset so
             named, per evaluated model as DC's ``get_daparam`` chooses it (MNIST: crop/scale/rotate; ConvNetBN:
-            crop/noise); a model so augmented trains ``DC_AUG_EPOCHS`` (1000) epochs, as DC's ``main.py``, the
-            others ``epochs``. None: off (DSA's, MTT's and HaBa's evaluations).
+            crop/noise). None: off (DSA's, MTT's and HaBa's evaluations).
+        dc_aug_epochs: the ``Epoch`` of a model that DC's augmentation augments (DC's ``main.py``: 1000, whatever
+            ``--epoch_eval_train`` says); None: ``epochs``.
         lr_schedule: ``"half"`` (the reference's decay, above) or ``"none"``.
         batch_standardize: HaBa's per-batch standardization, train and test.
         device: training device (None: CUDA when available, else CPU).
@@ -168,6 +169,7 @@ class EvalConfig:
     dsa: bool = True
     dsa_strategy: str = DEFAULT_DSA_STRATEGY
     dc_aug_dataset: str | None = None
+    dc_aug_epochs: int | None = None
     lr_schedule: str = "half"
     batch_standardize: bool = False
     device: str | None = None
@@ -179,10 +181,11 @@ class EvalConfig:
         return "none" if self.dc_aug_dataset is None else dc_aug_strategy(self.dc_aug_dataset, model)
 
     def epochs_for(self, model: str) -> int:
-        """The ``Epoch`` of ``model``: ``DC_AUG_EPOCHS`` where DC's evaluation augments it, else ``epochs``."""
-        from haba_fast.dc_augment import DC_AUG_EPOCHS
-
-        return DC_AUG_EPOCHS if self.dc_aug_for(model) != "none" else self.epochs
+        """The ``Epoch`` of ``model``: ``dc_aug_epochs`` (when set) where DC's evaluation augments it, else
+        ``epochs``."""
+        if self.dc_aug_epochs is not None and self.dc_aug_for(model) != "none":
+            return int(self.dc_aug_epochs)
+        return self.epochs
 
     def validate(self) -> None:
         if isinstance(self.models, str):
@@ -193,6 +196,8 @@ class EvalConfig:
             raise ValueError(f"num_eval must be >= 1, got {self.num_eval}")
         if self.epochs < 0:  # 0 trains one epoch, as the reference's range(Epoch + 1)
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.dc_aug_epochs is not None and self.dc_aug_epochs < 0:
+            raise ValueError(f"dc_aug_epochs must be >= 0 or None, got {self.dc_aug_epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr (--lr) must be a positive number, got {self.lr}")
         # SGD's own check names no flag and lets NaN through (NaN networks, chance accuracy).
@@ -421,11 +426,12 @@ def evaluate_synthetic(
             continue
         g = torch.Generator().manual_seed(seed)
         net = get_network(model, dataset.channels, dataset.num_classes, dataset.im_size, generator=g, device=device)
+        epochs = cfg.epochs_for(model)
         history = train_network(
             net,
             source,
-            epochs=cfg.epochs_for(model) + 1,  # the reference's range(Epoch + 1)
-            decay_epoch=cfg.epochs_for(model) // 2 + 2,  # it decays after epoch Epoch // 2 + 1
+            epochs=epochs + 1,  # the reference's range(Epoch + 1)
+            decay_epoch=epochs // 2 + 2,  # it decays after epoch Epoch // 2 + 1
             lr=rate,
             batch_size=cfg.batch_size,
             momentum=cfg.momentum,

@@ -750,8 +750,9 @@ def run_cell(
             record["distill_seconds_partial"] = True  # the resumed part only: the iterations before were not timed
         syn = result.synthetic
         syn.meta["lr"] = result.syn_lr
+        # the protocol's evaluation for every row: DC's own (get_daparam's MNIST/ConvNetBN augmentation) is not used
         ev = dataclasses.replace(eval_config(cfg), models=(protocol.eval_model,), num_eval=protocol.num_eval,
-                                 epochs=protocol.eval_epochs, device="cpu")
+                                 epochs=protocol.eval_epochs, device="cpu", dc_aug_dataset=None, dc_aug_epochs=None)
         t = time.perf_counter()
         res = evaluate_synthetic(syn, dataset, ev, lr=result.syn_lr, generator=g_eval, label=cell.key,
                                  callback=_network_progress(log, cell.key, ev.num_eval))

@@ -244,7 +244,7 @@ def train_network(
     weight_decay: float = 0.0,
     dsa: bool = True,
     dsa_strategy: str = DEFAULT_DSA_STRATEGY,
-    dc_aug: str = "none",
+    dc_aug: str | None = "none",
     lr_schedule: str | None = None,
     decay_epoch: int | None = None,
     batch_standardize: bool = False,
@@ -272,7 +272,7 @@ def train_network(
         momentum, weight_decay: SGD settings (experts: 0, 0; evaluation: 0.9, 5e-4).
         dsa: augment every training batch with DSA (``dsa_strategy``; "none" turns it off too).
         dc_aug: DC's evaluation augmentation of every training batch instead (``haba_fast.dc_augment``: a strategy
-            such as ``"crop_scale_rotate"``; ``"none"``: off); only with DSA off, as in DC's ``epoch()``.
+            such as ``"crop_scale_rotate"``; ``"none"`` or None: off); only with DSA off, as in DC's ``epoch()``.
         lr_schedule: None/"none" (constant) or "half" (×0.1 from epoch ``decay_epoch`` on, optimizer restarted).
         decay_epoch: first 0-based epoch trained at the decayed lr under ``"half"`` (default ``epochs // 2 + 2``,
             the reference ``buffer.py``'s; ``haba_fast.evaluate`` passes ``E // 2 + 2`` for ``E + 1`` epochs).
@@ -312,6 +312,7 @@ def train_network(
     use_dsa = dsa_enabled(dsa, dsa_strategy)
     from haba_fast.dc_augment import check_dc_aug_strategy, dc_augment
 
+    dc_aug = dc_aug or "none"
     use_dc_aug = bool(check_dc_aug_strategy(dc_aug))
     if use_dsa and use_dc_aug:
         raise ValueError(f"train_network: dc_aug={dc_aug!r} is DC's augmentation without DSA; DSA is on "

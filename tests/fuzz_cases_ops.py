@@ -405,14 +405,15 @@ def run_engine(c):
     # float32 reached 2.7e-4 of the float64 value in 3000 random cases (every other float32 check: < 5e-6).
     tols = {"loss": TOL[dtype], "dL/dX": TOL[dtype], "dL/dlr": 1e-3 if dtype == torch.float32 else TOL[dtype]}
     if dtype == torch.float32:  # an ill-conditioned case (loss ~1e4, lr 3) is off in plain torch's float32 too:
-        # the kernel may err up to 4x what the same oracle errs in float32, never less strictly than TOL
+        # the kernel may err up to 4x what the same oracle errs in float32, never less strictly than TOL, and never
+        # more loosely than 1e-2 (a case plain torch's float32 misses by more fails: none did in 14 long profiles)
         net32 = build_convnet(ConvNetSpec(c["channel"], c["classes"], width, c["depth"], c["norm"], c["act"],
                                           c["pool"], (im, im)), _gen(c["seed"]), dtype=torch.float32)
         Xc, lrc = X.clone().requires_grad_(True), lr.clone().requires_grad_(True)
         ref32 = oracle(net32, Xc, Y, w_start, w_target, lrc)
         ref32.backward()
         for what, a, b in (("loss", ref32, ref), ("dL/dX", Xc.grad, Xb.grad), ("dL/dlr", lrc.grad, lrb.grad)):
-            tols[what] = max(tols[what], 4 * _norm_relative(a, b))
+            tols[what] = max(tols[what], min(4 * _norm_relative(a, b), 1e-2))
     _close(loss, ref, "loss", dtype, tol=tols["loss"])
     _close(Xa.grad, Xb.grad, "dL/dX", dtype, tol=tols["dL/dX"])  # lr = 0: exactly 0 on both sides
     _close(lra.grad, lrb.grad, "dL/dlr", dtype, tol=tols["dL/dlr"])

@@ -4,6 +4,8 @@ main.py evaluates MNIST and ConvNetBN networks with it, 1000 epochs; DSA, DM, MT
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,7 @@ def test_noise_adds_a_thousandth_of_a_normal_draw():
 
 
 def test_crop_noise_picks_each_transform_about_half_the_time_and_none_leaves_the_batch():
+    assert dca.dc_augment(_batch().double(), "crop_noise", torch.Generator()).dtype == torch.float64
     x = _batch(400, 1, 6, 6)
     out = dca.dc_augment(x, "crop_noise", torch.Generator().manual_seed(1))
     noisy = ((out - x).abs().amax(dim=(1, 2, 3)) < 0.01) & ~torch.isclose(out, x).flatten(1).all(1)
@@ -125,7 +128,7 @@ def test_train_network_augments_with_dc_only_without_dsa(monkeypatch):
         train_network(net, x, y, epochs=1, lr=0.01, dc_aug="crop", generator=torch.Generator())
 
 
-def test_dc_evaluation_augments_mnist_and_convnetbn_for_1000_epochs_only_under_dc(monkeypatch):
+def test_dc_evaluation_augments_mnist_and_convnetbn_for_1000_epochs_only_under_dc():
     """DistillConfig -> EvalConfig: objective dc (DSA off) evaluates MNIST and ConvNetBN networks with get_daparam's
     strategy for 1000 epochs and the others as configured; dsa, dm, mtt and dc with --dsa True never."""
     dc = eval_config(DistillConfig(dataset="mnist", objective="dc", dsa=False, epoch_eval_train=300,
@@ -142,6 +145,13 @@ def test_dc_evaluation_augments_mnist_and_convnetbn_for_1000_epochs_only_under_d
                 DistillConfig(dataset="mnist"),
                 DistillConfig(dataset="mnist", objective="dc", dsa=True)):
         assert eval_config(cfg).dc_aug_dataset is None
+    # the dataset evaluated on, not the config's name, decides (distill() passes the loaded dataset's name)
+    named = DistillConfig(dataset="cifar10", objective="dc", dsa=False, eval_models=("ConvNet",))
+    assert eval_config(named).dc_aug_for("ConvNet") == "none"
+    assert eval_config(named, dataset_name="mnist").dc_aug_for("ConvNet") == "crop_scale_rotate"
+    # another --epoch_eval_train than DC's 300 holds for the augmented networks too
+    short = eval_config(DistillConfig(dataset="mnist", objective="dc", dsa=False, epoch_eval_train=20))
+    assert (short.dc_aug_dataset, short.epochs_for("ConvNet")) == ("mnist", 20)
     with pytest.raises(ValueError, match="runs without DSA"):
         EvalConfig(dc_aug_dataset="mnist", dsa=True).validate()
     with pytest.raises(ValueError, match="unknown dataset|Unknown dataset|dataset"):
@@ -163,9 +173,13 @@ def test_evaluate_synthetic_trains_each_model_with_its_dc_augmentation(monkeypat
 
     monkeypatch.setattr(evaluate, "train_network", recording)
     cfg = EvalConfig(models=("ConvNetW32", "ConvNetBN"), num_eval=1, epochs=5, dsa=False, dc_aug_dataset="digits",
-                     device="cpu")
+                     dc_aug_epochs=1000, device="cpu")
     evaluate.evaluate_synthetic(syn, ds, cfg, lr=0.01, generator=torch.Generator().manual_seed(0))
     assert seen == [(6, "none", False), (1001, "crop_noise", False)]
+    seen.clear()  # without dc_aug_epochs (haba-fast eval --dc-aug, or a DC run's --epoch_eval_train): epochs for all
+    evaluate.evaluate_synthetic(syn, ds, dataclasses.replace(cfg, dc_aug_epochs=None), lr=0.01,
+                                generator=torch.Generator().manual_seed(0))
+    assert seen == [(6, "none", False), (6, "crop_noise", False)]
 
 
 def test_eval_dc_aug_flag_is_refused_where_it_would_do_nothing(capsys, monkeypatch):

@@ -69,11 +69,14 @@ def test_method_names_the_objective(method, objective):
     assert _cfg("--method", method, "--objective", objective, "--ipc", "1").objective == objective
 
 
-@pytest.mark.parametrize("method,spelled", [("dsa", "DSA"), ("Dc", "DC"), ("dm", "DM")])
-def test_method_in_another_case_is_refused_as_main_py_would_run_dc(method, spelled):
-    """main.py tests ``args.method == 'DSA'``: 'dsa' runs DC there. Refused, naming the spelling that works."""
-    with pytest.raises(ValueError, match=f"runs DC there; write --method {spelled}"):
+@pytest.mark.parametrize("method", ["dsa", "Dsa", "dSA"])
+def test_dsa_in_another_case_is_refused_as_main_py_would_run_dc(method):
+    """main.py tests ``args.method == 'DSA'``: 'dsa' runs DC there. Refused, naming the spelling that works; DC and
+    DM in any case mean what they mean there ('dc' runs DC; main_DM.py never reads --method)."""
+    with pytest.raises(ValueError, match=f"'{method}' runs DC there; write --method DSA"):
         _cfg("--method", method, "--ipc", "1")
+    assert _cfg("--method", "dc", "--ipc", "1").objective == "dc"
+    assert _cfg("--method", "Dm", "--ipc", "1").objective == "dm"
 
 
 def test_method_dsa_without_a_strategy_augments_nothing_as_main_py(capsys):
@@ -87,6 +90,9 @@ def test_method_dsa_without_a_strategy_augments_nothing_as_main_py(capsys):
     assert _cfg("--objective", "dsa", "--ipc", "1").dsa_strategy == full
     assert _cfg("--method", "DC", "--ipc", "1").dsa_strategy == full  # unread: DC does not augment
     assert "without --dsa_strategy" not in capsys.readouterr().err
+    for off in (["--dsa", "False"], ["--no_aug", "True"]):  # the strategy is never read: no warning about it
+        assert _cfg("--method", "DSA", "--ipc", "1", *off).dsa_strategy == full
+        assert "without --dsa_strategy" not in capsys.readouterr().err
 
 
 def test_method_dsa_without_a_strategy_runs_unaugmented(tmp_path, monkeypatch, capsys):
@@ -111,8 +117,20 @@ def test_method_dsa_without_a_strategy_runs_unaugmented(tmp_path, monkeypatch, c
 
 
 def test_epoch_eval_train_with_method_warns_that_main_py_overwrites_it(capsys):
-    assert _cfg("--method", "DC", "--ipc", "1", "--epoch_eval_train", "50").epoch_eval_train == 50
+    """A value other than the script's default is used as given, on every network (DC's augmented ones too), with a
+    warning under --method; at the default, main.py's 300 / 1000 (augmented) hold."""
+    from haba_fast.distill import eval_config
+
+    cfg = _cfg("--method", "DC", "--ipc", "1", "--epoch_eval_train", "50", "--eval_models", "ConvNet,ConvNetBN")
     assert "main.py overwrites --epoch_eval_train" in capsys.readouterr().err
+    ev = eval_config(cfg, dataset_name="mnist")
+    assert [ev.epochs_for(m) for m in ev.models] == [50, 50]
+    cfg = _cfg("--method", "DC", "--ipc", "1", "--epoch_eval_train", "300", "--eval_models", "ConvNet,ConvNetBN")
+    assert "overwrites" not in capsys.readouterr().err  # the default: nothing differs from main.py
+    ev = eval_config(cfg, dataset_name="mnist")
+    assert [ev.epochs_for(m) for m in ev.models] == [1000, 1000]
+    ev = eval_config(cfg, dataset_name="fashion-mnist")
+    assert [ev.epochs_for(m) for m in ev.models] == [300, 1000]
     assert _cfg("--objective", "dc", "--ipc", "1", "--epoch_eval_train", "50").epoch_eval_train == 50
     assert "overwrites" not in capsys.readouterr().err
 

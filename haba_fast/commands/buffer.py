@@ -13,6 +13,8 @@ continues from its last finished expert when rerun with the same flags.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Optional
 
 from haba_fast.training import DEFAULT_DSA_STRATEGY
 
@@ -209,19 +211,54 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost of ``path`` and its parents that does not exist yet (None: ``path`` exists)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _remove_empty(path: Path, top: Optional[Path]) -> None:
+    """Remove ``path`` and its parents up to ``top`` while they are empty folders (``top`` None: nothing)."""
+    if top is None:
+        return
+    for p in (path, *path.parents):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        if p == top:
+            return
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data, dist
-    from haba_fast.experts import expert_dir, load_buffer, train_experts
+    from haba_fast.experts import expert_dir
     from haba_fast.io import check_writable
 
     cfg = expert_config_from_args(args)
     dist.init_from_env(args.device)  # under torchrun: expert i is trained by rank i mod K
     g = torch.Generator().manual_seed(args.seed)
     out = args.out or expert_dir(args.buffer_path, data.canonical_name(args.dataset), args.model, zca=args.zca)
+    created = _first_missing(Path(out))  # the folder check_writable creates, so that a failed load leaves none
     if dist.is_main():  # a read-only or full --out fails now, before the data are loaded (and ZCA fitted)
         check_writable(out, what="--out folder")
+    try:
+        _train(args, cfg, g, out)
+    except BaseException:  # a failure before anything was written leaves no folder behind (a written one stays)
+        _remove_empty(Path(out), created)
+        raise
+    return 0
+
+
+def _train(args: argparse.Namespace, cfg, g, out) -> None:
+    """Load the data, train the experts into ``out`` and report the buffer."""
+    import torch
+
+    from haba_fast import data, dist
+    from haba_fast.experts import load_buffer, train_experts
+
     ds = data.load(args.dataset, args.data_path, zca=args.zca, subset_per_class=args.subset_per_class, generator=g)
     dist.print_main(
         f"experts: {cfg.num_experts} x {cfg.epochs} epochs of {cfg.model} on {ds!r} -> {out} ({args.fmt})"
@@ -248,4 +285,3 @@ def run(args: argparse.Namespace) -> int:
         f"buffer: {buf.num_trajectories} trajectories x {buf.num_epochs + 1} snapshots x {buf.num_params} "
         f"parameters at {out}"
     )
-    return 0

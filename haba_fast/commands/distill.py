@@ -356,9 +356,9 @@ REFUSED: Dict[str, str] = {
     "reference/ there)",
 }
 
-# DC/DSA/DM's --method (main.py: DC or DSA; main_DM.py: DM) names the objective. main.py compares it with 'DSA'
-# exactly (any other value, 'dsa' too, runs DC there), so only these spellings are taken.
-METHODS = {"DC": "dc", "DSA": "dsa", "DM": "dm"}
+# DC/DSA/DM's --method (main.py: DC or DSA; main_DM.py: DM) names the objective, in any case but DSA's: main.py
+# compares it with 'DSA' exactly (another value, 'dsa' too, runs DC there; main_DM.py never reads it).
+METHODS = {"dc": "dc", "dsa": "dsa", "dm": "dm"}
 
 # main.py's --dsa_strategy default: 'None', which augments nothing (DiffAugment returns its input).
 MAIN_PY_DSA_STRATEGY = "none"
@@ -480,15 +480,15 @@ def _method_as_objective(args: argparse.Namespace) -> None:
     """DC/DSA/DM's ``--method`` given: set ``args.objective`` from it (ValueError for an unknown one or a clash)."""
     if not hasattr(args, "method"):
         return
-    objective = METHODS.get(str(args.method).strip())
+    method = str(args.method).strip()
+    objective = METHODS.get(method.lower())
     if objective is None:
-        spelled = {k.lower(): k for k in METHODS}.get(str(args.method).strip().lower())
-        if spelled is not None:
-            raise ValueError(
-                f"--method {args.method!r}: DatasetCondensation's main.py compares --method with 'DSA' exactly, so "
-                f"{args.method!r} runs DC there; write --method {spelled}, or use --objective {METHODS[spelled]}"
-            )
         raise ValueError(f"unknown --method {args.method!r}: DC, DSA or DM (the same as --objective dc, dsa or dm)")
+    if objective == "dsa" and method != "DSA":
+        raise ValueError(
+            f"--method {args.method!r}: DatasetCondensation's main.py compares --method with 'DSA' exactly, so "
+            f"{args.method!r} runs DC there; write --method DSA (or --method DC), or use --objective dsa"
+        )
     if getattr(args, "objective", objective) != objective:
         raise ValueError(f"--method {args.method} means --objective {objective}, not --objective {args.objective}: "
                          "give one of them")
@@ -501,15 +501,17 @@ def _main_py_method(cfg, args: argparse.Namespace):
 
     - ``--method DSA`` without ``--dsa_strategy``: main.py's default strategy 'None', which augments nothing, neither
       while matching nor in the evaluation (which still trains 1000 epochs);
-    - ``--epoch_eval_train`` with ``--method DC|DSA``: main.py overwrites it before every evaluation (300 epochs
-      without augmentation, 1000 with); this run uses the value given.
+    - ``--epoch_eval_train`` other than the default with ``--method DC|DSA``: main.py overwrites it before every
+      evaluation (300 epochs without augmentation, 1000 with); this run uses the value given.
     """
     from haba_fast import dist
 
-    method = getattr(args, "method", None)
+    method = str(getattr(args, "method", "")).strip().upper()
     if method not in ("DC", "DSA"):
         return cfg
-    if method == "DSA" and not hasattr(args, "dsa_strategy"):
+    # (--dsa False / --no_aug: the strategy is never read, and the objective says so)
+    if method == "DSA" and not hasattr(args, "dsa_strategy") and getattr(args, "dsa", True) is not False \
+            and not getattr(args, "no_aug", False):
         dist.print_main(
             "haba-fast distill: warning: --method DSA without --dsa_strategy runs main.py's default strategy 'None', "
             "which augments nothing (matching and evaluation unaugmented, as there); for DSA as the paper runs it "
@@ -517,7 +519,7 @@ def _main_py_method(cfg, args: argparse.Namespace):
             file=sys.stderr,
         )
         cfg = dataclasses.replace(cfg, dsa_strategy=MAIN_PY_DSA_STRATEGY)
-    if hasattr(args, "epoch_eval_train"):
+    if hasattr(args, "epoch_eval_train") and args.epoch_eval_train != cfg.epoch_eval_train:
         dist.print_main(
             "haba-fast distill: warning: main.py overwrites --epoch_eval_train before every evaluation (300 "
             f"epochs without augmentation, 1000 with); this run trains {args.epoch_eval_train} as given",
