@@ -90,7 +90,8 @@ def _close(out: torch.Tensor, ref: torch.Tensor, what: str, dtype, special: bool
 def _special_rows(t: torch.Tensor) -> torch.Tensor:
     """[len(t)] bool: the rows (dim 0) of ``t`` holding a special value (NaN, Inf, or one of 1e29 and more, whose
     products overflow where the fused and the reference arithmetic do not agree on the order)."""
-    v = t.detach().double().reshape(t.shape[0], -1) if t.dim() else t.detach().double().reshape(1, 1)
+    v = t.detach().double()
+    v = v.reshape(1, 1) if not v.dim() else v.flatten(1) if v.dim() > 1 else v.reshape(-1, 1)
     return (~torch.isfinite(v) | (v.abs() >= 1e29)).any(1)
 
 
