@@ -1,0 +1,93 @@
+"""HaBa against its pixel baseline over table replicates (``haba-fast table --seed N``): is the difference real?
+
+Reads the committed cell JSONs of the quick protocol (seed 0: ``bench/results/<dataset>_cells.json``; seed N:
+``bench/results/<dataset>-quick-seedN_cells.json``), pairs each HaBa cell with its pixel cell of the same seed and
+IPC, and writes every seed's figures and the mean ± sample std of the paired differences over the seeds to
+``bench/results/<dataset>_replicates.json`` (and prints a markdown table). A seed changes the experts, the
+distillations and the evaluation networks; the train/validation split stays.
+
+    python bench/seed_replicates.py [--dataset fashion_mnist] [--pairs mtt:haba-mtt dm:haba-dm] [--ipc 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def seed_files(dataset: str) -> dict[int, Path]:
+    """Seed -> the cell JSON holding that seed's quick-protocol cells."""
+    files = {0: RESULTS / f"{dataset}_cells.json"}
+    for path in sorted(RESULTS.glob(f"{dataset}-quick-seed*_cells.json")):
+        match = re.fullmatch(rf"{re.escape(dataset)}-quick-seed(\d+)_cells\.json", path.name)
+        if match:
+            files[int(match.group(1))] = path
+    return {s: p for s, p in sorted(files.items()) if p.exists()}
+
+
+def cells_of(path: Path) -> dict[str, dict]:
+    return {c["key"]: c for c in json.loads(path.read_text())["cells"] if c.get("mean") is not None}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="fashion_mnist", help="the cell JSONs' dataset prefix (default fashion_mnist)")
+    p.add_argument("--pairs", nargs="+", default=["mtt:haba-mtt", "dm:haba-dm"], help="PIXEL_ROW:HABA_ROW pairs")
+    p.add_argument("--ipc", type=int, default=10)
+    p.add_argument("--out", default=None, help="JSON to write (default bench/results/<dataset>_replicates.json)")
+    args = p.parse_args(argv)
+    files = seed_files(args.dataset)
+    if not files:
+        print(f"no cell JSONs for {args.dataset} in {RESULTS}", file=sys.stderr)
+        return 2
+    report = {"dataset": args.dataset, "ipc": args.ipc, "files": {s: str(f.relative_to(RESULTS.parent.parent))
+                                                                   for s, f in files.items()}, "pairs": []}
+    lines = ["| pixels vs HaBa | seed | pixels (%) | HaBa (%) | HaBa − pixels |", "|---|---|---|---|---|"]
+    for pair in args.pairs:
+        pixel_row, haba_row = pair.split(":")
+        seeds = []
+        for seed, path in files.items():
+            cells = cells_of(path)
+            a, b = cells.get(f"ipc{args.ipc}-{pixel_row}"), cells.get(f"ipc{args.ipc}-{haba_row}")
+            if a is None or b is None:
+                continue
+            seeds.append({"seed": seed, "pixels": a["mean"], "haba": b["mean"], "difference": b["mean"] - a["mean"],
+                          "pixels_networks": a["accuracies"], "haba_networks": b["accuracies"]})
+            lines.append(f"| {pixel_row} vs {haba_row} | {seed} | {100 * a['mean']:.2f} | {100 * b['mean']:.2f} | "
+                         f"{100 * (b['mean'] - a['mean']):+.2f} |")
+        if not seeds:
+            continue
+        diff_m, diff_s = mean_std([s["difference"] for s in seeds])
+        pix_m, pix_s = mean_std([s["pixels"] for s in seeds])
+        hab_m, hab_s = mean_std([s["haba"] for s in seeds])
+        summary = {"pixel_row": pixel_row, "haba_row": haba_row, "seeds": seeds, "n": len(seeds),
+                   "pixels_mean": pix_m, "pixels_std": pix_s, "haba_mean": hab_m, "haba_std": hab_s,
+                   "difference_mean": diff_m, "difference_std": diff_s,
+                   "difference_sem": diff_s / math.sqrt(len(seeds)), "haba_ahead": sum(s["difference"] > 0
+                                                                                       for s in seeds)}
+        report["pairs"].append(summary)
+        lines.append(f"| {pixel_row} vs {haba_row} | mean ± std over {len(seeds)} | {100 * pix_m:.2f} ± "
+                     f"{100 * pix_s:.2f} | {100 * hab_m:.2f} ± {100 * hab_s:.2f} | {100 * diff_m:+.2f} ± "
+                     f"{100 * diff_s:.2f} (HaBa ahead in {summary['haba_ahead']} of {len(seeds)}) |")
+    out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_replicates.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print("\n".join(lines))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

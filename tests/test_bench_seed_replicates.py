@@ -1,0 +1,48 @@
+"""bench/seed_replicates.py on made-up cell JSONs: seeds paired by IPC and row, differences and their spread."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+
+def _script():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "seed_replicates.py")
+    spec = importlib.util.spec_from_file_location("seed_replicates", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(path, **means):
+    cells = [{"key": f"ipc10-{row}", "mean": m, "accuracies": [m] * 3} for row, m in means.items()]
+    path.write_text(json.dumps({"cells": cells}))
+
+
+def test_pairs_each_seed_and_summarizes_the_differences(tmp_path, monkeypatch, capsys):
+    module = _script()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    _cells(tmp_path / "ds_cells.json", mtt=0.70, **{"haba-mtt": 0.72})
+    _cells(tmp_path / "ds-quick-seed1_cells.json", mtt=0.71, **{"haba-mtt": 0.70})
+    _cells(tmp_path / "ds-quick-seed2_cells.json", mtt=0.69, **{"haba-mtt": 0.73})
+    _cells(tmp_path / "ds-quick-seed3_cells.json", mtt=0.70)  # no HaBa cell: left out
+    (tmp_path / "ds-quick-seedx_cells.json").write_text("{}")  # not a seed file name: ignored
+    out = tmp_path / "rep.json"
+    assert module.main(["--dataset", "ds", "--pairs", "mtt:haba-mtt", "--out", str(out)]) == 0
+    pair = json.loads(out.read_text())["pairs"][0]
+    assert [s["seed"] for s in pair["seeds"]] == [0, 1, 2]
+    assert [round(s["difference"], 6) for s in pair["seeds"]] == [0.02, -0.01, 0.04]
+    assert pair["difference_mean"] == pytest.approx(0.05 / 3)
+    assert pair["difference_std"] == pytest.approx(0.025166, abs=1e-6)  # sample std (ddof 1)
+    assert pair["haba_ahead"] == 2 and pair["n"] == 3
+    assert "HaBa ahead in 2 of 3" in capsys.readouterr().out
+
+
+def test_no_cell_files_is_an_error(tmp_path, monkeypatch, capsys):
+    module = _script()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    assert module.main(["--dataset", "none"]) == 2
+    assert "no cell JSONs for none" in capsys.readouterr().err
