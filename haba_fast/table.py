@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -1121,6 +1122,48 @@ def committed_cells(cells_json, protocol: Protocol, section: str = "cells") -> D
     }
 
 
+def replicate_cells(out: Path, protocol: Protocol, cells_json=None) -> Dict[int, Dict[str, Dict[str, Any]]]:
+    """Seed -> the finished cells of each replicate of ``protocol`` (:meth:`Protocol.with_seed`; seed 0's protocols
+    only): from the work folder ``out`` (``cells/<name>-seed<N>``) and from the cell JSONs that ``haba-fast table
+    --seed N`` writes beside ``cells_json`` under the command's default names (the work folder's cell wins)."""
+    if protocol.seed != 0:
+        return {}
+    found: Dict[int, Optional[Path]] = {}
+    cell_root = Path(out) / "cells"
+    for sub in sorted(cell_root.iterdir()) if cell_root.is_dir() else ():
+        m = re.fullmatch(rf"{re.escape(protocol.name)}-seed(\d+)", sub.name)
+        if m and sub.is_dir():
+            found[int(m.group(1))] = None
+    tail = f"{protocol_tag(protocol)}_cells.json"
+    if cells_json is not None and Path(cells_json).name.endswith(tail):
+        prefix = Path(cells_json).name[: -len(tail)]
+        for path in sorted(Path(cells_json).parent.glob(f"{prefix}-{protocol.name}-seed*_cells.json")):
+            m = re.match(rf"{re.escape(prefix)}-{re.escape(protocol.name)}-seed(\d+)", path.name)
+            if m and path.name == f"{prefix}{protocol_tag(protocol.with_seed(int(m.group(1))))}_cells.json":
+                found[int(m.group(1))] = path
+    replicates = {}
+    for seed, path in sorted(found.items()):
+        if seed == protocol.seed:
+            continue
+        rep = protocol.with_seed(seed)
+        cells = committed_cells(path, rep) if path is not None else {}
+        cells.update(load_cells(out, rep))
+        if cells:
+            replicates[seed] = cells
+    return replicates
+
+
+def _replicate_gaps(ipc: int, objective: str, cells: Dict[str, Dict[str, Any]],
+                    replicates: Dict[int, Dict[str, Dict[str, Any]]]) -> List[Tuple[int, float]]:
+    """(seed, HaBa − pixels in points) for seed 0's ``cells`` and every replicate where both cells are done."""
+    gaps = []
+    for seed, group in [(0, cells), *sorted(replicates.items())]:
+        h, px = group.get(Cell(ipc, f"haba-{objective}").key), group.get(Cell(ipc, objective).key)
+        if h is not None and px is not None and h.get("status") == "done" and px.get("status") == "done":
+            gaps.append((seed, _pct(h["mean"]) - _pct(px["mean"])))
+    return gaps
+
+
 def validation_trials(out: Path, protocol: Protocol) -> List[Dict[str, Any]]:
     """Every finished validation-split cell under ``out`` of this protocol name, any HaBa settings (oldest first)."""
     d = _cell_dir(Path(out), protocol, "val")
@@ -1337,7 +1380,8 @@ def run_table(
                 atomic_write_text(render_markdown(done, protocol, split, dataset_name,
                                                   None if cells_json is None else str(cells_json), doc,
                                                   tuning=load_trials(tuning_json, protocol.name), longer=longer,
-                                                  tuning_json=None if tuning_json is None else str(tuning_json)),
+                                                  tuning_json=None if tuning_json is None else str(tuning_json),
+                                                  replicates=replicate_cells(out, protocol, cells_json)),
                                   doc)
 
         def stamp(rec: Dict[str, Any], proto: Protocol, split_info: Dict[str, Any], **extra: Any) -> None:
@@ -1557,13 +1601,17 @@ def _cell_text(rec: Optional[Dict[str, Any]]) -> str:
 def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split: Dict[str, Any],
                     dataset_name: str, cells_json: Optional[str] = None, doc: Optional[Path] = None, *,
                     tuning: Sequence[Dict[str, Any]] = (), tuning_json: Optional[str] = None,
-                    longer: Optional[Dict[str, Dict[str, Any]]] = None) -> str:
+                    longer: Optional[Dict[str, Dict[str, Any]]] = None,
+                    replicates: Optional[Dict[int, Dict[str, Dict[str, Any]]]] = None) -> str:
     """The results document: table, HaBa vs pixels, every seed, timings, tuning, protocol, machine, anchors.
 
     ``cells_json``: where the JSON of every cell is written (named in the document). ``doc``: where the document
     goes (pictures are linked relative to it). ``tuning``: every validation-split trial (:func:`load_trials`),
     listed in full; ``tuning_json``: where they are stored. ``longer``: cells rerun under the longer protocol.
+    ``replicates``: seed -> cells of the protocol's replicates (:func:`replicate_cells`): with three seeds or more
+    of a HaBa / pixel pair, its verdict is the mean gap over the seeds against twice its standard error.
     """
+    replicates = replicates or {}
     ipcs = sorted({int(r["ipc"]) for r in cells.values() if "ipc" in r} | {1, 10})
     p = protocol
     model_text = p.eval_model + (" (width 128, depth 3, instancenorm, average pooling)" if p.eval_model == "ConvNet"
@@ -1610,10 +1658,39 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             verdict = "HaBa is better" if gap > 0 else "**HaBa is worse**" if gap < 0 else "equal as printed"
             if gap and abs(gap) <= max(_pct(h["std"]), _pct(px["std"])):
                 verdict += ", by no more than the networks' spread"
+            seeds = _replicate_gaps(ipc, obj, cells, replicates)
+            over = ""
+            if len(seeds) > 1:
+                values = [g for _, g in seeds]
+                mean = sum(values) / len(values)
+                std = (sum((g - mean) ** 2 for g in values) / (len(values) - 1)) ** 0.5
+                ahead = sum(g > 0 for g in values)
+                over = (f" Over {len(seeds)} seeds ({', '.join(str(sd) for sd, _ in seeds)}; a seed changes the "
+                        f"experts, distillations and networks): {mean:+.2f} ± {std:.2f} points (sample std), HaBa "
+                        f"ahead in {ahead} of {len(seeds)}")
+                if len(seeds) >= 3:
+                    resolved = abs(mean) > 2 * std / len(seeds) ** 0.5
+                    verdict = ("HaBa is better" if mean > 0 else "**HaBa is worse**") if resolved else \
+                        f"no difference resolved over {len(seeds)} seeds (the mean gap is within twice its standard " \
+                        "error)"
+                over += "."
             lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f} "
-                         f"({gap:+.2f} points: {verdict}). {_haba_storage_text(h)}")
+                         f"({gap:+.2f} points: {verdict}).{over} {_haba_storage_text(h)}")
     if not compared:
         lines.append("No pair of HaBa and pixel cells is finished yet.")
+    if replicates:
+        seeds = sorted(replicates)
+        keys = sorted({k for group in replicates.values() for k, r in group.items() if r.get("status") == "done"},
+                      key=lambda k: (int(k.split("-")[0][3:]) if k.startswith("ipc") else 0, k))
+        lines += ["", "## Replicates", "",
+                  f"Cells recomputed under other seeds (`haba-fast table --seed N`, protocol {p.name}-seed<N>: other "
+                  "experts, distillations and evaluation networks, the same split), beside seed 0's; mean ± std over "
+                  "each cell's networks. `python bench/seed_replicates.py` writes the paired differences.", "",
+                  "| cell | seed 0 | " + " | ".join(f"seed {sd}" for sd in seeds) + " |",
+                  "|---|---|" + "---|" * len(seeds)]
+        for key in keys:
+            lines.append(f"| {key} | {_cell_text(cells.get(key))} | "
+                         + " | ".join(_cell_text(replicates[sd].get(key)) for sd in seeds) + " |")
     nofit = [r for r in cells.values() if r.get("status") == "does not fit"]
     if nofit:
         lines += ["", "Cells that do not fit their budget (never run). With bases of the images' channels (always, for "

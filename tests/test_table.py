@@ -173,6 +173,54 @@ def test_seed_option_reaches_the_protocol(monkeypatch):
     assert seen["doc"] == Path("docs/RESULTS-fashion-mnist-quick-seed3.md")
 
 
+def _pair(haba, pixels, ipc=10, obj="mtt"):
+    done = dict(status="done", std=0.001, ipc=ipc, rows_per_class=45, bases_floats=10, n_hallucinators=5, storage={
+        "floats": 100, "budget_floats": 100, "image_equivalents_per_class": 10}, hallucinator_floats=10)
+    return {f"ipc{ipc}-haba-{obj}": {**done, "key": f"ipc{ipc}-haba-{obj}", "mean": haba},
+            f"ipc{ipc}-{obj}": {**done, "key": f"ipc{ipc}-{obj}", "mean": pixels}}
+
+
+def test_replicates_decide_the_verdict_and_are_listed():
+    """One seed: the seed's own gap decides; three seeds or more: the mean gap against twice its standard error."""
+    split = {"train_images": 1, "val_images": 1, "test_images": 1, "split_seed": 0, "eval_split": "test"}
+    seed0 = _pair(0.7525, 0.7480)
+
+    def verdict(replicates):
+        doc = table.render_markdown(seed0, TINY, split, "fashion-mnist", replicates=replicates)
+        return next(x for x in doc.splitlines() if x.startswith("- IPC 10, MTT")), doc
+
+    alone, doc = verdict({})
+    assert "(+0.45 points: HaBa is better" in alone and "Over" not in alone and "## Replicates" not in doc
+    noisy, doc = verdict({1: _pair(0.7594, 0.7350), 2: _pair(0.7301, 0.7473)})
+    assert "no difference resolved over 3 seeds" in noisy and "HaBa ahead in 2 of 3" in noisy
+    assert "Over 3 seeds (0, 1, 2" in noisy and "+0.39 ± 2.08 points" in noisy
+    assert "| ipc10-mtt | 74.80 ± 0.10 | 73.50 ± 0.10 | 74.73 ± 0.10 |" in doc
+    steady, _ = verdict({1: _pair(0.7600, 0.7530), 2: _pair(0.7560, 0.7510)})  # +0.45, +0.70, +0.50: resolved
+    assert "(+0.45 points: HaBa is better). Over 3 seeds" in steady and "+0.55 ± 0.13 points" in steady
+    two, _ = verdict({1: _pair(0.70, 0.75)})  # two seeds: reported, the verdict stays seed 0's
+    assert "(+0.45 points: HaBa is better" in two and "Over 2 seeds" in two
+
+
+def test_replicate_cells_come_from_the_work_folder_and_the_committed_jsons(tmp_path):
+    quick = table.PROTOCOLS["quick"]
+    rec = {**_pair(0.75, 0.74)["ipc10-mtt"], "format": table.FORMAT, "row": "mtt"}
+    for seed in (1, 2):
+        rep = quick.with_seed(seed)
+        stored = {**rec, "protocol": rep.to_dict(), "mean": 0.7 + seed / 100}
+        (tmp_path / f"fashion_mnist-quick-seed{seed}_cells.json").write_text(json.dumps({"cells": [stored]}))
+    (tmp_path / "fashion_mnist-quick-seed7_cells.json").write_text(json.dumps({"cells": [  # another protocol inside
+        {**rec, "protocol": quick.to_dict()}]}))
+    work = tmp_path / "work"
+    table._store_cell({**rec, "protocol": quick.with_seed(2).to_dict(), "mean": 0.5},
+                      table._cell_dir(work, quick.with_seed(2), "test"))
+    table._cell_dir(work, quick.with_seed(3), "test").mkdir(parents=True)  # a replicate with no finished cell
+    reps = table.replicate_cells(work, quick, tmp_path / "fashion_mnist_cells.json")
+    assert sorted(reps) == [1, 2]
+    assert reps[1]["ipc10-mtt"]["mean"] == 0.71 and reps[2]["ipc10-mtt"]["mean"] == 0.5  # the work folder wins
+    assert table.replicate_cells(work, quick.with_seed(1), None) == {}  # a replicate has no replicates
+    assert table.replicate_cells(tmp_path / "none", quick, tmp_path / "other_name.json") == {}
+
+
 def test_threads_option_applies_and_is_restored(tmp_path, monkeypatch):
     """--threads holds while the cells run and is restored after the table, also when a cell raises."""
     seen = []
