@@ -1671,8 +1671,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
                 if len(seeds) >= 3:
                     resolved = abs(mean) > 2 * std / len(seeds) ** 0.5
                     verdict = ("HaBa is better" if mean > 0 else "**HaBa is worse**") if resolved else \
-                        f"no difference resolved over {len(seeds)} seeds (the mean gap is within twice its standard " \
-                        "error)"
+                        f"no difference resolved over {len(seeds)} seeds, the mean gap within twice its standard error"
                 over += "."
             lines.append(f"- IPC {ipc}, {obj.upper()}: HaBa {100 * h['mean']:.2f} vs pixels {100 * px['mean']:.2f} "
                          f"({gap:+.2f} points: {verdict}).{over} {_haba_storage_text(h)}")
