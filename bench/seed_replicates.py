@@ -6,7 +6,7 @@ IPC, and writes every seed's figures and the mean ± sample std of the paired di
 ``bench/results/<dataset>_replicates.json`` (and prints a markdown table). A seed changes the experts, the
 distillations and the evaluation networks; the train/validation split stays.
 
-    python bench/seed_replicates.py [--dataset fashion_mnist] [--pairs mtt:haba-mtt dm:haba-dm] [--ipc 10]
+    python bench/seed_replicates.py [--dataset fashion_mnist] [--pairs mtt:haba-mtt dm:haba-dm ...] [--ipc 10]
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="fashion_mnist", help="the cell JSONs' dataset prefix (default fashion_mnist)")
-    p.add_argument("--pairs", nargs="+", default=["mtt:haba-mtt", "dm:haba-dm"], help="PIXEL_ROW:HABA_ROW pairs")
+    p.add_argument("--pairs", nargs="+", default=[f"{o}:haba-{o}" for o in ("mtt", "dm", "dc", "dsa")],
+                   help="PIXEL_ROW:HABA_ROW pairs (default: every objective)")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--out", default=None, help="JSON to write (default bench/results/<dataset>_replicates.json)")
     args = p.parse_args(argv)
