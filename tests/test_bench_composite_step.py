@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
+from utils import load_bench_script
 
 from haba_fast._ext import extension_available
 
 
 def _script():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "composite_step.py")
-    spec = importlib.util.spec_from_file_location("composite_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("composite_step")
 
 
 @pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import pytest
+from utils import load_bench_script
 
 
 def _script():
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "seed_replicates.py")
-    spec = importlib.util.spec_from_file_location("seed_replicates", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("seed_replicates")
 
 
 def _cells(path, **means):

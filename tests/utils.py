@@ -41,3 +41,14 @@ def assert_close(actual, expected, dtype=None, **kw):
     kw.setdefault("rtol", rtol)
     kw.setdefault("atol", atol)
     torch.testing.assert_close(actual, expected, **kw)
+
+
+def load_bench_script(name: str):
+    """The module of ``bench/<name>.py`` (bench/ is not a package), freshly executed."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
