@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from haba_fast.table import mean_and_sample_std
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -33,13 +35,6 @@ def seed_files(dataset: str) -> dict[int, Path]:
 
 def cells_of(path: Path) -> dict[str, dict]:
     return {c["key"]: c for c in json.loads(path.read_text())["cells"] if c.get("mean") is not None}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof 1; 0 for one value)."""
-    m = sum(values) / len(values)
-    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return m, s
 
 
 def main(argv=None) -> int:
@@ -71,9 +66,9 @@ def main(argv=None) -> int:
                          f"{100 * (b['mean'] - a['mean']):+.2f} |")
         if not seeds:
             continue
-        diff_m, diff_s = mean_std([s["difference"] for s in seeds])
-        pix_m, pix_s = mean_std([s["pixels"] for s in seeds])
-        hab_m, hab_s = mean_std([s["haba"] for s in seeds])
+        diff_m, diff_s = mean_and_sample_std([s["difference"] for s in seeds])
+        pix_m, pix_s = mean_and_sample_std([s["pixels"] for s in seeds])
+        hab_m, hab_s = mean_and_sample_std([s["haba"] for s in seeds])
         summary = {"pixel_row": pixel_row, "haba_row": haba_row, "seeds": seeds, "n": len(seeds),
                    "pixels_mean": pix_m, "pixels_std": pix_s, "haba_mean": hab_m, "haba_std": hab_s,
                    "difference_mean": diff_m, "difference_std": diff_s,

@@ -1153,6 +1153,13 @@ def replicate_cells(out: Path, protocol: Protocol, cells_json=None) -> Dict[int,
     return replicates
 
 
+def mean_and_sample_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for one value) of ``values`` (at least one)."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
 def _replicate_gaps(ipc: int, objective: str, cells: Dict[str, Dict[str, Any]],
                     replicates: Dict[int, Dict[str, Dict[str, Any]]]) -> List[Tuple[int, float]]:
     """(seed, HaBa − pixels in points) for seed 0's ``cells`` and every replicate where both cells are done."""
@@ -1662,8 +1669,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
             over = ""
             if len(seeds) > 1:
                 values = [g for _, g in seeds]
-                mean = sum(values) / len(values)
-                std = (sum((g - mean) ** 2 for g in values) / (len(values) - 1)) ** 0.5
+                mean, std = mean_and_sample_std(values)
                 ahead = sum(g > 0 for g in values)
                 over = (f" Over {len(seeds)} seeds ({', '.join(str(sd) for sd, _ in seeds)}; a seed changes the "
                         f"experts, distillations and networks): {mean:+.2f} ± {std:.2f} points (sample std), HaBa "
