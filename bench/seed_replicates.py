@@ -6,7 +6,13 @@ IPC, and writes every seed's figures and the mean ± sample std of the paired di
 ``bench/results/<dataset>_replicates.json`` (and prints a markdown table). A seed changes the experts, the
 distillations and the evaluation networks; the train/validation split stays.
 
+``--haba-set TAG`` takes the HaBa cells from the table's runs with those HaBa settings instead (``haba-fast table
+--haba-set dc:lr_style=0.01`` writes ``<dataset>-quick-dc.lr_style=0.01_cells.json`` and, per replicate,
+``<dataset>-quick-seedN-dc.lr_style=0.01_cells.json``; TAG is the part after ``quick[-seedN]-``), still paired with
+the protocol's pixel cells of the same seed, and writes ``<dataset>_replicates-<TAG>.json``.
+
     python bench/seed_replicates.py [--dataset fashion_mnist] [--pairs mtt:haba-mtt dm:haba-dm ...] [--ipc 10]
+                                    [--haba-set dc.lr_style=0.01]
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ from haba_fast.table import mean_and_sample_std
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def seed_files(dataset: str) -> dict[int, Path]:
-    """Seed -> the cell JSON holding that seed's quick-protocol cells."""
-    files = {0: RESULTS / f"{dataset}_cells.json"}
+def seed_files(dataset: str, tag: str | None = None) -> dict[int, Path]:
+    """Seed -> the cell JSON holding that seed's quick-protocol cells (with HaBa settings ``tag``, if given)."""
+    files = {0: RESULTS / (f"{dataset}_cells.json" if tag is None else f"{dataset}-quick-{tag}_cells.json")}
+    suffix = "" if tag is None else f"-{tag}"
     for path in sorted(RESULTS.glob(f"{dataset}-quick-seed*_cells.json")):
-        match = re.fullmatch(rf"{re.escape(dataset)}-quick-seed(\d+)_cells\.json", path.name)
+        match = re.fullmatch(rf"{re.escape(dataset)}-quick-seed(\d+){re.escape(suffix)}_cells\.json", path.name)
         if match:
             files[int(match.group(1))] = path
     return {s: p for s, p in sorted(files.items()) if p.exists()}
@@ -43,21 +50,32 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", nargs="+", default=[f"{o}:haba-{o}" for o in ("mtt", "dm", "dc", "dsa")],
                    help="PIXEL_ROW:HABA_ROW pairs (default: every objective)")
     p.add_argument("--ipc", type=int, default=10)
-    p.add_argument("--out", default=None, help="JSON to write (default bench/results/<dataset>_replicates.json)")
+    p.add_argument("--haba-set", dest="tag", default=None,
+                   help="HaBa cells from the table runs with these settings, e.g. dc.lr_style=0.01 (see above)")
+    p.add_argument("--out", default=None, help="JSON to write (default bench/results/<dataset>_replicates.json, "
+                                               "with --haba-set <dataset>_replicates-<TAG>.json)")
     args = p.parse_args(argv)
     files = seed_files(args.dataset)
-    if not files:
-        print(f"no cell JSONs for {args.dataset} in {RESULTS}", file=sys.stderr)
+    haba_files = files if args.tag is None else seed_files(args.dataset, args.tag)
+    if not files or not haba_files:
+        what = args.dataset if args.tag is None else f"{args.dataset} with HaBa settings {args.tag}"
+        print(f"no cell JSONs for {what} in {RESULTS}", file=sys.stderr)
         return 2
-    report = {"dataset": args.dataset, "ipc": args.ipc, "files": {s: str(f.relative_to(RESULTS.parent.parent))
-                                                                   for s, f in files.items()}, "pairs": []}
+
+    def names(group: dict[int, Path]) -> dict[int, str]:
+        return {s: str(f.relative_to(RESULTS.parent.parent)) for s, f in group.items()}
+
+    report = {"dataset": args.dataset, "ipc": args.ipc, "haba_settings": args.tag, "files": names(files),
+              "haba_files": names(haba_files), "pairs": []}
     lines = ["| pixels vs HaBa | seed | pixels (%) | HaBa (%) | HaBa − pixels |", "|---|---|---|---|---|"]
     for pair in args.pairs:
         pixel_row, haba_row = pair.split(":")
         seeds = []
         for seed, path in files.items():
-            cells = cells_of(path)
-            a, b = cells.get(f"ipc{args.ipc}-{pixel_row}"), cells.get(f"ipc{args.ipc}-{haba_row}")
+            if seed not in haba_files:
+                continue
+            a = cells_of(path).get(f"ipc{args.ipc}-{pixel_row}")
+            b = cells_of(haba_files[seed]).get(f"ipc{args.ipc}-{haba_row}")
             if a is None or b is None:
                 continue
             seeds.append({"seed": seed, "pixels": a["mean"], "haba": b["mean"], "difference": b["mean"] - a["mean"],
@@ -78,7 +96,8 @@ def main(argv=None) -> int:
         lines.append(f"| {pixel_row} vs {haba_row} | mean ± std over {len(seeds)} | {100 * pix_m:.2f} ± "
                      f"{100 * pix_s:.2f} | {100 * hab_m:.2f} ± {100 * hab_s:.2f} | {100 * diff_m:+.2f} ± "
                      f"{100 * diff_s:.2f} (HaBa ahead in {summary['haba_ahead']} of {len(seeds)}) |")
-    out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_replicates.json"
+    tag = "" if args.tag is None else f"-{args.tag}"
+    out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_replicates{tag}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n".join(lines))
     print(f"written: {out}")

@@ -771,6 +771,19 @@ def step_used_hallucinators(optimizer: torch.optim.Optimizer) -> None:
             buf[unused] = 0 if buf_rows is None else buf_rows
 
 
+@torch.no_grad()
+def hallucinator_norms(syn) -> Dict[str, float]:
+    """``{"hall_enc_norm", "hall_dec_norm"}``: Frobenius norms of a HaBa's encoder / decoder weights (all of them).
+
+    The history logs them every iteration. The networks that train on a HaBa set (instancenorm ConvNets) normalize
+    their first layer's output per image, so what they see of a sample hardly depends on its scale, nor the loss on
+    the decoder weights' scale. Under SGD such weights grow with every step and their effective learning rate falls
+    as 1/norm²: norms that jump by 10x or more in the first iterations and then stay put mean ``--lr_style`` froze
+    the hallucinators where its first steps threw them (docs/RESULTS.md, "HaBa with gradient matching").
+    """
+    return {"hall_enc_norm": float(syn.enc_weight.norm()), "hall_dec_norm": float(syn.dec_weight.norm())}
+
+
 class Distiller:
     """One distillation run's state and its iteration.
 
@@ -945,7 +958,8 @@ class Distiller:
             ``adv_contrast`` (HaBa with λ_club ≠ 0), ``syn_lr`` (after the step), ``lr_clamped`` (1.0 when the min_lr
             floor fired),
             ``adv_skipped`` (HaBa: 1.0 when the adversary's loss or gradients were not finite and it did not step),
-            ``start_epoch``, ``trajectory``, ``iteration``.
+            ``hall_enc_norm`` / ``hall_dec_norm`` (HaBa: Frobenius norm of all hallucinators' encoder / decoder
+            weights after the step; see :func:`hallucinator_norms`), ``start_epoch``, ``trajectory``, ``iteration``.
 
         Raises:
             BadStepError (a DivergenceError): non-finite or exploding loss/gradients, or an update that would
@@ -982,6 +996,8 @@ class Distiller:
             "lr_clamped": float(lr_clamped),
         }
         metrics.update(out.metrics)
+        if self.haba:
+            metrics.update(hallucinator_norms(self.synthetic))
         if self.uses_adversary:
             metrics["club"] = float(club.detach())
             # The adversary trains on a fresh batch of the updated synthetic set; its loss must not move it.

@@ -106,11 +106,25 @@ def test_step_updates_every_parameter(digits, buffer):
     assert d.iteration == 1
 
 
+def test_step_logs_the_hallucinators_weight_norms(digits, buffer):
+    d = Distiller(_cfg(), digits, buffer)
+    first = d.step()
+    syn = d.synthetic
+    # Oracle: the norm of every hallucinator's weights, summed in squares one hallucinator at a time, after the step.
+    for key, weight in (("hall_enc_norm", syn.enc_weight), ("hall_dec_norm", syn.dec_weight)):
+        want = math.sqrt(sum(float((weight[h].detach().double() ** 2).sum()) for h in range(syn.n_hallucinators)))
+        assert first[key] == pytest.approx(want, rel=1e-6), key
+    with torch.no_grad():
+        syn.dec_weight.mul_(3.0)
+    second = d.step()
+    assert second["hall_dec_norm"] > 2.5 * first["hall_dec_norm"]  # logged from the current weights, not a cache
+
+
 def test_pixels_step_has_no_adversary(digits, buffer):
     d = Distiller(_cfg(parameterization="pixels", ipc=2), digits, buffer)
     before = d.synthetic.images.detach().clone()
     m = d.step()
-    assert d.adversary is None and "club" not in m
+    assert d.adversary is None and "club" not in m and "hall_enc_norm" not in m
     assert not torch.equal(before, d.synthetic.images)
 
 
