@@ -779,7 +779,7 @@ def hallucinator_norms(syn) -> Dict[str, float]:
     their first layer's output per image, so what they see of a sample hardly depends on its scale, nor the loss on
     the decoder weights' scale. Under SGD such weights grow with every step and their effective learning rate falls
     as 1/norm²: norms that jump by 10x or more in the first iterations and then stay put mean ``--lr_style`` froze
-    the hallucinators where its first steps threw them (docs/RESULTS.md, "HaBa with gradient matching").
+    the hallucinators where its first steps threw them (docs/RESULTS.md, "Why HaBa + DC/DSA collapses").
     """
     return {"hall_enc_norm": float(syn.enc_weight.norm()), "hall_dec_norm": float(syn.dec_weight.norm())}
 
