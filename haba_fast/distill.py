@@ -777,7 +777,7 @@ def hallucinator_norms(syn) -> Dict[str, float]:
 
     The history logs them every iteration. The networks that train on a HaBa set (instancenorm ConvNets) normalize
     their first layer's output per image, so what they see of a sample hardly depends on its scale, nor the loss on
-    the decoder weights' scale. Under SGD such weights grow with every step and their effective learning rate falls
+    the decoder weights' scale. Under SGD such weights keep growing, and their effective learning rate falls
     as 1/norm²: norms that jump by 10x or more in the first iterations and then stay put mean ``--lr_style`` froze
     the hallucinators where its first steps threw them (docs/RESULTS.md, "Why HaBa + DC/DSA collapses").
     """
