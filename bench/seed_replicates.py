@@ -68,14 +68,17 @@ def main(argv=None) -> int:
     report = {"dataset": args.dataset, "ipc": args.ipc, "haba_settings": args.tag, "files": names(files),
               "haba_files": names(haba_files), "pairs": []}
     lines = ["| pixels vs HaBa | seed | pixels (%) | HaBa (%) | HaBa − pixels |", "|---|---|---|---|---|"]
+    # Each file read once: (pixel cells, HaBa cells) per seed that has both files.
+    by_seed = {}
+    for seed in files.keys() & haba_files.keys():
+        pixel_cells = cells_of(files[seed])
+        by_seed[seed] = (pixel_cells, pixel_cells if args.tag is None else cells_of(haba_files[seed]))
     for pair in args.pairs:
         pixel_row, haba_row = pair.split(":")
         seeds = []
-        for seed, path in files.items():
-            if seed not in haba_files:
-                continue
-            a = cells_of(path).get(f"ipc{args.ipc}-{pixel_row}")
-            b = cells_of(haba_files[seed]).get(f"ipc{args.ipc}-{haba_row}")
+        for seed, (pixel_cells, haba_cells) in sorted(by_seed.items()):
+            a = pixel_cells.get(f"ipc{args.ipc}-{pixel_row}")
+            b = haba_cells.get(f"ipc{args.ipc}-{haba_row}")
             if a is None or b is None:
                 continue
             seeds.append({"seed": seed, "pixels": a["mean"], "haba": b["mean"], "difference": b["mean"] - a["mean"],

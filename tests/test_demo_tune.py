@@ -1,12 +1,12 @@
 """The digits demo's validation tuning (haba_fast.demo.tune): split, isolation from the test set, the trial log."""
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from utils import load_bench_script
 
 from haba_fast import data
 from haba_fast.demo import TUNABLE, DemoConfig, check_trial, tune
@@ -145,9 +145,7 @@ def test_the_bench_trials_are_valid():
     path = Path(__file__).resolve().parents[1] / "bench" / "tune_demo.py"
     if not path.exists():  # the sdist ships tests/ without bench/
         pytest.skip("bench/tune_demo.py is not in this tree")
-    spec = importlib.util.spec_from_file_location("tune_demo", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("tune_demo")
     assert mod.TRIALS and [check_trial(t)[0] for t in mod.TRIALS].count("pixels") >= 1
     keys = [json.dumps(t, sort_keys=True) for t in mod.TRIALS]
     assert len(set(keys)) == len(keys)  # no trial listed twice

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_adjoint import _convnet, _MLPStudent, grads, make_problem, naive_unroll, rel_err
 from test_distill import buffer, digits  # noqa: F401, F811  (module fixtures reused)
-from utils import devices, extension_loaded
+from utils import devices, extension_loaded, load_bench_script
 
 from haba_fast._ext import has_op
 from haba_fast.backend import BackendUnavailableError
@@ -861,13 +861,7 @@ def test_iteration_report_gives_the_compiled_steps_first_iteration(tmp_path):
 def test_trajectory_compression_bench_formulas():
     """bench/trajectory_compression.py: its byte entropy against a counted oracle, and its RSS model against the
     measured budget-0 ratio (1.094x at syn_steps 80 over 10 when every w_t is stored at 32 bits)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "trajectory_compression.py"
-    spec = importlib.util.spec_from_file_location("trajectory_compression", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("trajectory_compression")
     assert mod.byte_entropy(torch.zeros(1000, dtype=torch.uint8)) == 0.0
     assert mod.byte_entropy(torch.arange(256, dtype=torch.uint8).repeat(4)) == pytest.approx(8.0)
     half = torch.tensor([0, 1] * 50, dtype=torch.uint8)
@@ -880,13 +874,7 @@ def test_trajectory_compression_bench_formulas():
 def test_kept_step_split_bench():
     """bench/kept_step_split.py: its summary against hand-computed ratios, and each arm's sweeps (tiny shapes) call
     the ops it names once per step."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "kept_step_split.py"
-    spec = importlib.util.spec_from_file_location("kept_step_split", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("kept_step_split")
     rows = [
         {"arm": "budget0", "ops": {"grad": {"cpu_s": 2.0}, "adjoint": {"cpu_s": 8.0}}, "engine_cpu_s": 10.0},
         {"arm": "budget0", "ops": {"grad": {"cpu_s": 4.0}, "adjoint": {"cpu_s": 9.0}}, "engine_cpu_s": 13.0},
@@ -917,12 +905,6 @@ def test_kept_step_split_bench():
 
 def test_first_touch_bench_times_every_block():
     """bench/first_touch.py: one CPU-time entry per block of a pass, each block written (the first touch)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "first_touch.py"
-    spec = importlib.util.spec_from_file_location("first_touch", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench_script("first_touch")
     seconds = mod.touch_pass(1 << 20, 3)
     assert len(seconds) == 3 and all(s >= 0 for s in seconds)
