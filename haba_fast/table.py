@@ -180,7 +180,10 @@ class Protocol:
         batch_real: real images per class per DC/DSA/DM matching step.
         dc_loops: DC/DSA ``(outer_loop, inner_loop)``; None: the public code's ``get_loops(ipc)`` (IPC 1, 10, 20..).
         n_hallucinators: HaBa's hallucinators.
-        lr_img, lr_style: per objective; None entries keep the objective's public-code default.
+        lr_img: per objective; objectives it does not name keep their public-code default.
+        lr_style: the hallucinators' rate per objective (HaBa cells only). Every objective is named: one left out
+            is filled in with its default of today (:meth:`__post_init__`), so that a stored cell never depends on
+            a default that may move; stored protocols that left one out ran at :data:`_STORED_LR_STYLE`.
         num_experts, expert_train_epochs, expert_lr: the MTT experts (trained on the training pool).
         syn_steps, expert_epochs, max_start_epoch, lr_lr: MTT's matching settings.
         whole_epochs: the whole-set ceiling's ``Epoch``.
@@ -205,7 +208,9 @@ class Protocol:
     dc_loops: Optional[Tuple[int, int]] = None  # DC/DSA (outer, inner) loops; None: the public code's get_loops
     n_hallucinators: int = 5
     lr_img: Tuple[Tuple[str, float], ...] = (("mtt", 10.0),)
-    lr_style: Tuple[Tuple[str, float], ...] = (("mtt", 0.3),)
+    # DC/DSA at 0.1, the objectives' default until 2026-12-05 and what every HaBa + DC/DSA cell here ran with; 0.01,
+    # their default since, did better on the validation split (docs/RESULTS.md, "Why HaBa + DC/DSA collapses").
+    lr_style: Tuple[Tuple[str, float], ...] = (("dc", 0.1), ("dm", 1.0), ("dsa", 0.1), ("mtt", 0.3))
     num_experts: int = 3
     expert_train_epochs: int = 6
     expert_lr: float = 0.01
@@ -218,6 +223,15 @@ class Protocol:
     cross_ipc: int = 10
     seed: int = 0
     haba_settings: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
+
+    def __post_init__(self):
+        named = {str(o): float(v) for o, v in self.lr_style}
+        unknown = sorted(set(named) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"lr_style names unknown objectives {', '.join(unknown)}: choose from "
+                             f"{', '.join(OBJECTIVES)}")
+        filled = {o: named[o] if o in named else objective_lr_style(o) for o in OBJECTIVES}
+        object.__setattr__(self, "lr_style", tuple(sorted(filled.items())))
 
     def iterations_of(self, objective: str) -> int:
         return int(dict(self.iterations)[objective])
@@ -498,9 +512,26 @@ def _stem(key: str, settings: Dict[str, Any]) -> str:
                                  for k, v in sorted(settings.items()))
 
 
+def objective_lr_style(objective: str) -> float:
+    """The hallucinators' rate ``objective`` gives HaBa by default (its public-code default, else DistillConfig's)."""
+    from haba_fast.distill import DistillConfig
+    from haba_fast.objectives.base import objective_defaults
+
+    return float(objective_defaults(objective).get("lr_style", DistillConfig.lr_style))
+
+
+# What a stored protocol's HaBa cells ran with for an objective its lr_style did not name: the objectives' defaults
+# until 2026-12-05 (DC/DSA 0.1, then moved to 0.01; DM 1.0). Every protocol since names them all.
+_STORED_LR_STYLE: Dict[str, float] = {"dc": 0.1, "dsa": 0.1, "dm": 1.0}
+
+
 def _filled(protocol: Dict[str, Any]) -> Dict[str, Any]:
-    """A stored protocol with the fields added to :class:`Protocol` since it was stored at their defaults."""
-    return {**_DEFAULT_PROTOCOL, **protocol}
+    """A stored protocol with the fields added to :class:`Protocol` since it was stored at their defaults, and its
+    ``lr_style`` naming every objective (:data:`_STORED_LR_STYLE` for those it left out), in one order."""
+    full = {**_DEFAULT_PROTOCOL, **protocol}
+    rates = {**_STORED_LR_STYLE, **{str(o): float(v) for o, v in full["lr_style"]}}
+    full["lr_style"] = [[o, v] for o, v in sorted(rates.items())]
+    return full
 
 
 def _protocol_name(rec: Dict[str, Any]) -> Optional[str]:
@@ -512,12 +543,15 @@ def _decides(protocol: Dict[str, Any], row: Optional[str]) -> Dict[str, Any]:
     """The part of a protocol (as stored) that decides a cell of ``row``.
 
     Fields added to :class:`Protocol` after a cell was stored take their default (the cell ran with it); the HaBa
-    overrides count only for HaBa cells, and only their own objective's.
+    overrides and ``lr_style`` count only for HaBa cells, and only their own objective's.
     """
     full = _filled(protocol)
     settings = {o: {k: v for k, v in s} for o, s in full.pop("haba_settings") or ()}
+    rates = dict(full.pop("lr_style"))
     if row is not None and row.startswith("haba-"):
-        full["haba"] = settings.get(row.split("-")[-1], {})
+        objective = row.split("-")[-1]
+        full["haba"] = settings.get(objective, {})
+        full["lr_style"] = rates.get(objective)
     return full
 
 
@@ -1747,7 +1781,8 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
     env = envs[-1] if envs else {}
     its = ", ".join(f"{o.upper()} {n}" for o, n in p.iterations)
     lr_img = ", ".join(f"{o.upper()} {v:g}" for o, v in p.lr_img) or "defaults"
-    lr_style = ", ".join(f"{o.upper()} {v:g}" for o, v in p.lr_style) or "defaults"
+    lr_style = ", ".join(f"{o.upper()} {v:g}" + (f" (default {objective_lr_style(o):g})"
+                                                 if objective_lr_style(o) != v else "") for o, v in p.lr_style)
     lines += [
         "",
         "## Protocol",
@@ -1760,7 +1795,7 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
         f"- Distillation network: {p.distill_model} (the evaluation network is {p.eval_model}); iterations: {its}; "
         f"real images per class per DC/DSA/DM step: {p.batch_real}; DC/DSA loops: the public code's `get_loops`; "
         f"lr_img: {lr_img} (other objectives: their public-code defaults, DC/DSA 0.1, DM 1.0); "
-        f"lr_style: {lr_style}.",
+        f"lr_style (HaBa's hallucinators): {lr_style}.",
         f"- HaBa: {p.n_hallucinators} hallucinators (kernel 3), bases per class = the most that fit the budget; "
         "the reference scripts' loss weights; batch standardization at evaluation. "
         + _settings_text(p),

@@ -360,6 +360,24 @@ def test_allow_changed_through_the_cli(cli_buffer, tmp_path, capsys):
     assert state["opt_img"]["param_groups"][0]["lr"] == 5.0
 
 
+def test_a_haba_dc_run_from_before_the_lr_style_default_moved_resumes_with_its_rate(tmp_path, capsys):
+    """DC/DSA's lr_style default moved from 0.1 to 0.01 (2026-12-05): a run begun at 0.1 is never continued at 0.01
+    unasked; the error names the change, and giving the old rate resumes it."""
+    from haba_fast.cli import main
+
+    run = tmp_path / "run"
+    argv = ["distill", "--dataset", "digits", "--model", MODEL, "--objective", "dc", "--ipc", "2", "--n_style", "2",
+            "--outer-loop", "1", "--inner-loop", "1", "--num_eval", "0", "--device", "cpu", "--out", str(run),
+            "--no-progress"]  # fmt: skip
+    assert main([*argv, "--Iteration", "1", "--lr_style", "0.1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--Iteration", "2", "--resume"]) == 2
+    assert "--lr_style 0.1 -> 0.01" in capsys.readouterr().err
+    assert main([*argv, "--Iteration", "2", "--resume", "--lr_style", "0.1"]) == 0
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 2 and state["config"]["lr_style"] == 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Read-only and full output folders
 

@@ -597,6 +597,63 @@ def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
     assert table.load_cells(tmp_path / "out", TINY) == {}
 
 
+def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
+    """The objectives' default moved (DC/DSA 0.1 -> 0.01); the table's protocols keep the rate their cells ran at."""
+    from haba_fast.distill import DistillConfig, apply_objective
+
+    for objective in ("dc", "dsa"):
+        assert apply_objective(DistillConfig(), objective).lr_style == 0.01
+        for name in ("quick", "full"):
+            assert dict(table.PROTOCOLS[name].lr_style)[objective] == 0.1
+            cfg = table.distill_config(Cell(10, f"haba-{objective}"), table.PROTOCOLS[name], "fashion-mnist")
+            assert cfg.lr_style == 0.1
+    # An objective a protocol leaves out takes today's default, named, so a stored cell never rests on a default.
+    p = Protocol(name="x", lr_style=(("mtt", 0.3),))
+    assert dict(p.lr_style) == {"dc": 0.01, "dsa": 0.01, "dm": 1.0, "mtt": 0.3}
+    assert table.distill_config(Cell(10, "haba-dc"), p, "fashion-mnist").lr_style == 0.01
+    assert Protocol(name="x", lr_style=(("mtt", 0.3), ("dc", 0.1))) == Protocol(name="x", lr_style=(
+        ("dc", 0.1), ("dsa", 0.01), ("dm", 1.0), ("mtt", 0.3)))  # one order, whatever the order given
+    with pytest.raises(ValueError, match="lr_style names unknown objectives kip"):
+        Protocol(name="x", lr_style=(("kip", 1.0),))
+
+
+def test_a_cell_stored_when_lr_style_named_only_mtt_ran_at_that_days_defaults():
+    """Cells stored before every objective was named (lr_style [["mtt", 0.3]]) ran DC/DSA at 0.1, DM at 1.0:
+    they stay the table's cells, and are not taken for a HaBa + DC cell at 0.01; pixel cells ignore lr_style."""
+    stored = dict(table.PROTOCOLS["quick"].to_dict(), lr_style=[["mtt", 0.3]])
+    at_001 = dataclasses.replace(table.PROTOCOLS["quick"], lr_style=(("dc", 0.01), ("dsa", 0.01), ("dm", 1.0),
+                                                                      ("mtt", 0.3)))
+    for row in ("haba-dc", "haba-dsa", "haba-dm", "haba-mtt", "dc", "dm", "random", "whole"):
+        assert table.same_protocol({"protocol": stored, "row": row}, table.PROTOCOLS["quick"]), row
+    for row, same in (("haba-dc", False), ("haba-dsa", False), ("haba-dm", True), ("dc", True), ("dsa", True)):
+        assert table.same_protocol({"protocol": stored, "row": row}, at_001) is same, row
+    # a cross-architecture cell is decided by its source's row
+    assert not table.same_protocol({"protocol": stored, "source": "ipc10-haba-dc"}, at_001)
+    # the whole-table check agrees: the same table, not another protocol's
+    cells_json = Path(__file__).resolve().parents[1] / "bench" / "results" / "fashion_mnist_cells.json"
+    if cells_json.is_file():
+        table.check_same_table(cells_json, table.PROTOCOLS["quick"])
+        with pytest.raises(ValueError, match="holds the table of another protocol"):
+            table.check_same_table(cells_json, at_001)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "fashion_mnist-full", "fashion_mnist-quick-seed2",
+                                  "fashion_mnist-quick-seed1-dc.lr_style=0.01"])
+def test_committed_cells_keep_their_protocol(name):
+    """Every committed cell is still its protocol's (a change to Protocol must not orphan the stored results)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "results" / f"{name}_cells.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not in this checkout")
+    p = table.PROTOCOLS["full" if "-full" in name else "quick"]
+    if "seed" in name:
+        p = p.with_seed(int(name.split("seed")[1][0]))
+    if "lr_style=0.01" in name:
+        p = p.with_haba("dc", lr_style=0.01)
+    records = json.loads(path.read_text())["cells"]
+    assert records and all(table.same_protocol(r, p) for r in records)
+    assert table.committed_cells(path, p).keys() == {r["key"] for r in records}
+
+
 @pytest.mark.slow
 def test_haba_dm_beats_random_on_fashion_mnist(tmp_path):
     """HaBa + DM at a budget of 2 images per class (1 basis/class + 5 hallucinators: 14,700 floats) beats a random
