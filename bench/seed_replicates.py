@@ -96,6 +96,10 @@ def main(argv=None) -> int:
                    "difference_sem": diff_s / math.sqrt(len(seeds)), "haba_ahead": sum(s["difference"] > 0
                                                                                        for s in seeds)}
         report["pairs"].append(summary)
+        if len(seeds) == 1:  # one seed has no spread (a sample std needs two)
+            summary.update(pixels_std=None, haba_std=None, difference_std=None, difference_sem=None)
+            lines.append(f"| {pixel_row} vs {haba_row} | one seed only: no mean ± std | | | |")
+            continue
         lines.append(f"| {pixel_row} vs {haba_row} | mean ± std over {len(seeds)} | {100 * pix_m:.2f} ± "
                      f"{100 * pix_s:.2f} | {100 * hab_m:.2f} ± {100 * hab_s:.2f} | {100 * diff_m:+.2f} ± "
                      f"{100 * diff_s:.2f} (HaBa ahead in {summary['haba_ahead']} of {len(seeds)}) |")

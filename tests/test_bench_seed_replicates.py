@@ -65,3 +65,15 @@ def test_no_cell_files_is_an_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(module, "RESULTS", tmp_path)
     assert module.main(["--dataset", "none"]) == 2
     assert "no cell JSONs for none" in capsys.readouterr().err
+
+
+def test_one_seed_has_no_spread(tmp_path, monkeypatch, capsys):
+    module = _script()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    _cells(tmp_path / "ds_cells.json", dm=0.78, **{"haba-dm": 0.75})
+    assert module.main(["--dataset", "ds", "--pairs", "dm:haba-dm"]) == 0
+    pair = json.loads((tmp_path / "ds_replicates.json").read_text())["pairs"][0]
+    assert pair["n"] == 1 and pair["difference_mean"] == pytest.approx(-0.03)
+    assert pair["difference_std"] is None and pair["difference_sem"] is None and pair["haba_std"] is None
+    out = capsys.readouterr().out
+    assert "one seed only" in out and "± 0.00" not in out
