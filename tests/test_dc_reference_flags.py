@@ -246,3 +246,14 @@ def test_dm_on_cifar100_is_normalized_as_dms_code_and_evaluated_so(tmp_path, mon
     with pytest.raises(SystemExit):
         main(["eval", str(out / "synthetic.pt"), "--data_path", str(tmp_path / "data"), "--num-eval", "1"])
     assert seen == ["dc"]
+
+
+def test_lr_style_help_states_each_objectives_default(capsys):
+    """The hallucinators' rate per objective, as ``--help`` states it and as a run gets it (HaBa + dc/dsa: 0.01)."""
+    for objective, rate in (("mtt", 100.0), ("dc", 0.01), ("dsa", 0.01), ("dm", 1.0)):
+        assert _cfg("--objective", objective, "--ipc", "10").lr_style == rate
+        assert apply_objective(DistillConfig(), objective).lr_style == rate
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: mtt 100, the reference's; dc/dsa 0.01; dm 1.0)" in text
