@@ -343,3 +343,52 @@ def test_a_set_of_more_classes_or_a_bad_learned_lr_is_refused(digits):
     syn.meta["lr"] = 0.05
     with pytest.raises(ValueError, match="contain NaN or Inf"):
         evaluate_synthetic(syn, digits, _cfg(epochs=1), generator=torch.Generator().manual_seed(0))
+
+
+def test_cli_bases_only_trains_on_the_bases_alone(tmp_path, capsys, monkeypatch):
+    """--bases-only (an ablation): the set's bases with their labels, at the rate and batch standardization the
+    whole set would get; the result equals evaluating that (bases, labels) pair directly (the oracle)."""
+    import haba_fast.evaluate as evaluate_mod
+    from haba_fast.cli import main
+
+    ds = data.load("digits")
+    hb = HaBa(10, 2, 1, ds.im_size, n_hallucinators=2, generator=torch.Generator().manual_seed(0)).init_from_real(
+        ds, generator=torch.Generator().manual_seed(1))
+    path = hb.save(tmp_path / "hb.pt", meta={"dataset": "digits", "lr": 0.03})
+    out = _eval_json(capsys, str(path), "--bases-only", "--models", MODEL, "--seed", "4")
+    cfg = EvalConfig(models=(MODEL,), num_eval=1, epochs=1, batch_standardize=True, device="cpu")
+    oracle = evaluate_synthetic((hb.bases.detach(), hb.base_labels), ds, cfg, lr=0.03,
+                                generator=torch.Generator().manual_seed(4))
+    assert out["accuracies"][MODEL] == oracle.accuracies[MODEL] and out["lr"] == pytest.approx(0.03)
+    assert "bases only" in out["label"]
+    assert out["num_samples"] == 20  # one image per basis
+    whole = _eval_json(capsys, str(path), "--models", MODEL, "--seed", "4")
+    assert whole["lr"] == pytest.approx(0.03)
+
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_synthetic", lambda syn, ds, cfg, **kw: seen.append((syn, cfg)) or (
+        EvalResult({m: [0.5] for m in cfg.models}, lr=0.01, num_samples=1, epochs=1, label="x")))
+    assert main(["eval", str(path), "--bases-only", "--models", MODEL, "--quiet", "--device", "cpu",
+                 "--lr", "0.05", "--batch-standardize", "False"]) == 0
+    (x, y), cfg = seen[0]
+    assert torch.equal(x, hb.bases.detach()) and torch.equal(y, hb.base_labels)
+    assert cfg.lr == 0.05 and cfg.batch_standardize is False  # flags given explicitly still win
+
+
+def test_cli_bases_only_refuses_what_has_no_image_bases(tmp_path, capsys):
+    from haba_fast.cli import main
+
+    px = Pixels(10, 1, 1, (8, 8), generator=torch.Generator().manual_seed(0))
+    px.save(tmp_path / "px.pt", meta={"dataset": "digits"})
+    single = HaBa(10, 1, 3, (8, 8), n_hallucinators=2, base_channels=1, generator=torch.Generator().manual_seed(0))
+    single.save(tmp_path / "single.pt", meta={"dataset": "digits"})
+    soft = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, soft_labels=True, generator=torch.Generator().manual_seed(0))
+    soft.save(tmp_path / "soft.pt", meta={"dataset": "digits"})
+    for args, message in (
+        ([str(tmp_path / "px.pt")], "is a Pixels set, not a HaBa set"),
+        ([str(tmp_path / "single.pt")], "1-channel bases for 3-channel samples"),
+        ([str(tmp_path / "soft.pt")], "learns soft labels"),
+        (["--baseline", "random", "--ipc", "1"], "a --baseline coreset has none"),
+    ):
+        assert main(["eval", *args, "--bases-only", "--models", MODEL, "--quiet", "--device", "cpu"]) == 2, args
+        assert message in capsys.readouterr().err, args

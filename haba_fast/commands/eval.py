@@ -139,6 +139,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="standardize every train and test batch by its mean/std, as HaBa's evaluation (default: on for a "
         "HaBa set, off for pixel sets and coresets, as `haba-fast distill` evaluates)",
     )
+    p.add_argument(
+        "--bases-only",
+        "--bases_only",
+        dest="bases_only",
+        action="store_true",
+        help="an ablation: train on a HaBa set's bases alone (one image per basis, no hallucinator), with the lr and "
+        "batch standardization the whole set would get",
+    )
     p.add_argument("--it", default=None, help="iteration to read from a reference checkpoint directory (best)")
     p.add_argument(
         "--num-classes",
@@ -205,6 +213,22 @@ def check_num_classes_used(checkpoint, num_classes, syn) -> None:
                          "(its labels file): drop --num-classes")
 
 
+def bases_only(syn, checkpoint):
+    """``(images [K*bpc, C, H, W], labels [K*bpc])``: a HaBa set's bases as a training set of their own, one image
+    per basis (an ablation: what the hallucinators add). ValueError for a set without hallucinators or with bases
+    that are not images (fewer channels than the samples)."""
+    if not getattr(syn, "n_hallucinators", 0):
+        raise ValueError(f"--bases-only: {checkpoint} is a {type(syn).__name__} set, not a HaBa set: it has no bases "
+                         "apart from its images; drop --bases-only")
+    if getattr(syn, "label_logits", None) is not None:
+        raise ValueError(f"--bases-only: {checkpoint} learns soft labels, which its bases alone would not train on; "
+                         "drop --bases-only")
+    if syn.bases.shape[1] != syn.channels:
+        raise ValueError(f"--bases-only: {checkpoint} has {syn.bases.shape[1]}-channel bases for {syn.channels}-"
+                         "channel samples; only its hallucinators make images of them")
+    return syn.bases.detach().clone(), syn.base_labels.clone()
+
+
 def _refuse_idle_flags(args: argparse.Namespace) -> None:
     """Refuse the flags that would do nothing with the rest of the command line, each with the reason."""
     if args.checkpoint is not None:
@@ -221,6 +245,8 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
         for flag, value in (("--it", args.it), ("--num-classes", args.num_classes)):
             if value is not None:
                 raise ValueError(f"{flag} reads a reference checkpoint; --baseline evaluates a coreset: drop {flag}")
+        if args.bases_only:
+            raise ValueError("--bases-only takes a HaBa set's bases; a --baseline coreset has none: drop --bases-only")
     if not args.dsa and args.dsa_strategy not in (None, "none"):
         raise ValueError(f"--dsa-strategy {args.dsa_strategy} chooses the augmentation that --no-dsa turns off: drop "
                          "one of them")
@@ -241,7 +267,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data, dist
-    from haba_fast.evaluate import EvalConfig, coreset, eval_pool, evaluate_synthetic, pool_reference, split_models
+    from haba_fast.evaluate import (
+        EvalConfig,
+        coreset,
+        eval_pool,
+        evaluate_synthetic,
+        pool_reference,
+        resolve_lr,
+        split_models,
+    )
 
     dist.init_from_env(args.device)  # under torchrun: the runs are spread over the processes
 
@@ -327,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
         and getattr(syn, "num_classes", ds.num_classes) != ds.num_classes
     ):
         syn = load_synthetic(args.checkpoint, it=kwargs["it"], num_classes=ds.num_classes)
+    if args.bases_only:
+        cfg.lr = resolve_lr(syn, cfg.lr, None)  # the rate the whole set would train at (its learned lr)
+        syn, label = bases_only(syn, args.checkpoint), f"{label} bases only"
     if syn is None:
         syn = coreset(ds, args.ipc, args.baseline, generator=g, features=args.herding_features or "embedding")
         label = f"{args.baseline} coreset ipc {args.ipc}"
