@@ -87,17 +87,18 @@ def main(argv=None) -> int:
                          f"{100 * (b['mean'] - a['mean']):+.2f} |")
         if not seeds:
             continue
+        spread = len(seeds) > 1  # one seed has no spread (a sample std needs two): its stds are null
         diff_m, diff_s = mean_and_sample_std([s["difference"] for s in seeds])
         pix_m, pix_s = mean_and_sample_std([s["pixels"] for s in seeds])
         hab_m, hab_s = mean_and_sample_std([s["haba"] for s in seeds])
         summary = {"pixel_row": pixel_row, "haba_row": haba_row, "seeds": seeds, "n": len(seeds),
-                   "pixels_mean": pix_m, "pixels_std": pix_s, "haba_mean": hab_m, "haba_std": hab_s,
-                   "difference_mean": diff_m, "difference_std": diff_s,
-                   "difference_sem": diff_s / math.sqrt(len(seeds)), "haba_ahead": sum(s["difference"] > 0
-                                                                                       for s in seeds)}
+                   "pixels_mean": pix_m, "pixels_std": pix_s if spread else None, "haba_mean": hab_m,
+                   "haba_std": hab_s if spread else None, "difference_mean": diff_m,
+                   "difference_std": diff_s if spread else None,
+                   "difference_sem": diff_s / math.sqrt(len(seeds)) if spread else None,
+                   "haba_ahead": sum(s["difference"] > 0 for s in seeds)}
         report["pairs"].append(summary)
-        if len(seeds) == 1:  # one seed has no spread (a sample std needs two)
-            summary.update(pixels_std=None, haba_std=None, difference_std=None, difference_sem=None)
+        if not spread:
             lines.append(f"| {pixel_row} vs {haba_row} | one seed only: no mean ± std | | | |")
             continue
         lines.append(f"| {pixel_row} vs {haba_row} | mean ± std over {len(seeds)} | {100 * pix_m:.2f} ± "

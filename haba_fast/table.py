@@ -1781,8 +1781,9 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
     env = envs[-1] if envs else {}
     its = ", ".join(f"{o.upper()} {n}" for o, n in p.iterations)
     lr_img = ", ".join(f"{o.upper()} {v:g}" for o, v in p.lr_img) or "defaults"
-    lr_style = ", ".join(f"{o.upper()} {v:g}" + (f" (default {objective_lr_style(o):g})"
-                                                 if objective_lr_style(o) != v else "") for o, v in p.lr_style)
+    defaults = {o: objective_lr_style(o) for o, _ in p.lr_style}
+    lr_style = ", ".join(f"{o.upper()} {v:g}" + (f" (default {defaults[o]:g})" if defaults[o] != v else "")
+                         for o, v in p.lr_style)
     lines += [
         "",
         "## Protocol",
