@@ -7,12 +7,12 @@ IPC, and writes every seed's figures and the mean ± sample std of the paired di
 distillations and the evaluation networks; the train/validation split stays.
 
 ``--haba-set TAG`` takes the HaBa cells from the table's runs with those HaBa settings instead (``haba-fast table
---haba-set dc:lr_style=0.01`` writes ``<dataset>-quick-dc.lr_style=0.01_cells.json`` and, per replicate,
-``<dataset>-quick-seedN-dc.lr_style=0.01_cells.json``; TAG is the part after ``quick[-seedN]-``), still paired with
+--haba-set dc:lr_style=0.1`` writes ``<dataset>-quick-dc.lr_style=0.1_cells.json`` and, per replicate,
+``<dataset>-quick-seedN-dc.lr_style=0.1_cells.json``; TAG is the part after ``quick[-seedN]-``), still paired with
 the protocol's pixel cells of the same seed, and writes ``<dataset>_replicates-<TAG>.json``.
 
     python bench/seed_replicates.py [--dataset fashion_mnist] [--pairs mtt:haba-mtt dm:haba-dm ...] [--ipc 10]
-                                    [--haba-set dc.lr_style=0.01]
+                                    [--haba-set dc.lr_style=0.1]
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
                    help="PIXEL_ROW:HABA_ROW pairs (default: every objective)")
     p.add_argument("--ipc", type=int, default=10)
     p.add_argument("--haba-set", dest="tag", default=None,
-                   help="HaBa cells from the table runs with these settings, e.g. dc.lr_style=0.01 (see above)")
+                   help="HaBa cells from the table runs with these settings, e.g. dc.lr_style=0.1 (see above)")
     p.add_argument("--out", default=None, help="JSON to write (default bench/results/<dataset>_replicates.json, "
                                                "with --haba-set <dataset>_replicates-<TAG>.json)")
     args = p.parse_args(argv)

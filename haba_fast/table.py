@@ -208,9 +208,9 @@ class Protocol:
     dc_loops: Optional[Tuple[int, int]] = None  # DC/DSA (outer, inner) loops; None: the public code's get_loops
     n_hallucinators: int = 5
     lr_img: Tuple[Tuple[str, float], ...] = (("mtt", 10.0),)
-    # DC/DSA at 0.1, the objectives' default until 2026-12-05 and what every HaBa + DC/DSA cell here ran with; 0.01,
-    # their default since, did better on the validation split (docs/RESULTS.md, "Why HaBa + DC/DSA collapses").
-    lr_style: Tuple[Tuple[str, float], ...] = (("dc", 0.1), ("dm", 1.0), ("dsa", 0.1), ("mtt", 0.3))
+    # DC/DSA at 0.01, their default since 2026-12-05 (chosen on the validation split: docs/RESULTS.md, "Why HaBa +
+    # DC/DSA collapses"); the full protocol keeps 0.1, the rate its HaBa + DC/DSA cells ran at.
+    lr_style: Tuple[Tuple[str, float], ...] = (("dc", 0.01), ("dm", 1.0), ("dsa", 0.01), ("mtt", 0.3))
     num_experts: int = 3
     expert_train_epochs: int = 6
     expert_lr: float = 0.01
@@ -232,6 +232,14 @@ class Protocol:
                              f"{', '.join(OBJECTIVES)}")
         filled = {o: named[o] if o in named else objective_lr_style(o) for o in OBJECTIVES}
         object.__setattr__(self, "lr_style", tuple(sorted(filled.items())))
+        # An lr_style override equal to the protocol's own rate is no override: dropped, so that one protocol has
+        # one form (and one set of output names) however its rate was given.
+        kept = []
+        for objective, settings in self.haba_settings:
+            settings = tuple((k, v) for k, v in settings if not (k == "lr_style" and float(v) == filled.get(objective)))
+            if settings:
+                kept.append((objective, settings))
+        object.__setattr__(self, "haba_settings", tuple(kept))
 
     def iterations_of(self, objective: str) -> int:
         return int(dict(self.iterations)[objective])
@@ -290,6 +298,8 @@ PROTOCOLS: Dict[str, Protocol] = {
         expert_train_epochs=10,
         max_start_epoch=6,
         whole_epochs=10,
+        # its HaBa + DC/DSA cells ran at 0.1, the objectives' default until 2026-12-05 (not rerun at 0.01)
+        lr_style=(("dc", 0.1), ("dm", 1.0), ("dsa", 0.1), ("mtt", 0.3)),
     ),
 }
 
@@ -534,6 +544,27 @@ def _filled(protocol: Dict[str, Any]) -> Dict[str, Any]:
     return full
 
 
+def _effective(protocol: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored protocol as its cells ran: :func:`_filled`, with each HaBa ``lr_style`` override folded into the
+    objective's ``lr_style`` (a rate given either way is the same rate) and objectives left with no override
+    dropped from ``haba_settings``."""
+    full = _filled(protocol)
+    rates = dict((str(o), float(v)) for o, v in full["lr_style"])
+    settings = []
+    for objective, items in full.get("haba_settings") or ():
+        rest = []
+        for key, value in items:
+            if key == "lr_style":
+                rates[str(objective)] = float(value)
+            else:
+                rest.append([key, value])
+        if rest:
+            settings.append([objective, rest])
+    full["lr_style"] = [[o, v] for o, v in sorted(rates.items())]
+    full["haba_settings"] = settings
+    return full
+
+
 def _protocol_name(rec: Dict[str, Any]) -> Optional[str]:
     """The name of the protocol a stored record ran under (None when it has none)."""
     return (rec.get("protocol") or {}).get("name")
@@ -543,9 +574,10 @@ def _decides(protocol: Dict[str, Any], row: Optional[str]) -> Dict[str, Any]:
     """The part of a protocol (as stored) that decides a cell of ``row``.
 
     Fields added to :class:`Protocol` after a cell was stored take their default (the cell ran with it); the HaBa
-    overrides and ``lr_style`` count only for HaBa cells, and only their own objective's.
+    overrides and ``lr_style`` count only for HaBa cells, and only their own objective's; an ``lr_style`` counts
+    by its value, whether the protocol's own or an override (:func:`_effective`).
     """
-    full = _filled(protocol)
+    full = _effective(protocol)
     settings = {o: {k: v for k, v in s} for o, s in full.pop("haba_settings") or ()}
     rates = dict(full.pop("lr_style"))
     if row is not None and row.startswith("haba-"):
@@ -1128,7 +1160,7 @@ def check_same_table(cells_json, protocol: Protocol) -> None:
     if not isinstance(stored, dict):
         return
     ours = protocol.to_dict()
-    if _filled(stored) != _filled(ours):
+    if _effective(stored) != _effective(ours):
         named = "" if stored.get("name") == ours["name"] else f" {stored.get('name')!r}"
         raise ValueError(
             f"{cells_json} holds the table of another protocol{named} (or other HaBa settings); writing this run's "
@@ -1224,7 +1256,25 @@ def record_settings(rec: Dict[str, Any]) -> Dict[str, Any]:
     """
     if isinstance(rec.get("settings"), dict):
         return dict(rec["settings"])
-    return dict(_decides(rec.get("protocol") or {}, rec.get("row")).get("haba", {}))
+    row = str(rec.get("row") or "")
+    if not row.startswith("haba-"):
+        return {}
+    stored = dict(_filled(rec.get("protocol") or {}).get("haba_settings") or ())
+    return {str(k): v for k, v in stored.get(row.split("-")[-1], ())}
+
+
+def trial_settings(rec: Dict[str, Any], protocol: Protocol) -> Dict[str, Any]:
+    """The HaBa settings a stored cell ran with that differ from ``protocol``'s, as ``--haba-set`` would give them:
+    its overrides (:func:`record_settings`), with ``lr_style`` counted by its value (the stored protocol's own
+    rate or an override), named only where it is not ``protocol``'s rate for the objective."""
+    settings = {k: v for k, v in record_settings(rec).items() if k != "lr_style"}
+    row = str(rec.get("row") or "")
+    if row.startswith("haba-"):
+        objective = row.split("-")[-1]
+        rate = _decides(rec.get("protocol") or {}, row).get("lr_style")
+        if rate is not None and rate != dict(protocol.lr_style).get(objective):
+            settings["lr_style"] = rate
+    return settings
 
 
 def record_stem(rec: Dict[str, Any]) -> str:
@@ -1979,10 +2029,10 @@ def _tuning_lines(trials: Sequence[Dict[str, Any]], p: Protocol, tuning_json: Op
     ]
     for t in trials:
         if t.get("status") != "done":
-            lines.append(f"| {t['key']} | {_stem('', record_settings(t)).lstrip('-') or 'protocol'} | "
+            lines.append(f"| {t['key']} | {_stem('', trial_settings(t, p)).lstrip('-') or 'protocol'} | "
                          f"{t.get('status')} | – | – | – | {t.get('finished', '')} |")
             continue
-        settings = ", ".join(f"{k} {v}" for k, v in sorted(record_settings(t).items())) or "protocol"
+        settings = ", ".join(f"{k} {v}" for k, v in sorted(trial_settings(t, p).items())) or "protocol"
         rpc = t.get("rows_per_class")
         rpc_text = "–" if rpc is None else f"{rpc}" + (f" + {t['n_hallucinators']} hall." if t.get("n_hallucinators")
                                                        else "")
@@ -2006,10 +2056,10 @@ def _tuning_summary(trials: Sequence[Dict[str, Any]], p: Protocol) -> List[str]:
         mine = [t for t in done if t["key"] == key]
         obj = mine[0]["row"].split("-")[-1]
         best = max(mine, key=lambda t: t["mean"])
-        used = next((t for t in mine if record_settings(t) == p.haba_overrides(obj)), None)
+        used = next((t for t in mine if trial_settings(t, p) == p.haba_overrides(obj)), None)
 
         def name(t):
-            settings = ", ".join(f"{k} {v}" for k, v in sorted(record_settings(t).items()))
+            settings = ", ".join(f"{k} {v}" for k, v in sorted(trial_settings(t, p).items()))
             return f"the setting {settings}" if settings else "the protocol's setting"
 
         text = (f"- {key}: {len(mine)} trial(s); best on validation: {name(best)}, {100 * best['mean']:.2f} "

@@ -375,8 +375,11 @@ def test_cli_bases_only_trains_on_the_bases_alone(tmp_path, capsys, monkeypatch)
     assert cfg.lr == 0.05 and cfg.batch_standardize is False  # flags given explicitly still win
 
 
-def test_cli_bases_only_refuses_what_has_no_image_bases(tmp_path, capsys):
+def test_cli_bases_only_refuses_what_has_no_image_bases(tmp_path, capsys, monkeypatch):
+    from haba_fast import data
     from haba_fast.cli import main
+
+    monkeypatch.setattr(data, "load", lambda *a, **k: pytest.fail("read the dataset before refusing"))
 
     px = Pixels(10, 1, 1, (8, 8), generator=torch.Generator().manual_seed(0))
     px.save(tmp_path / "px.pt", meta={"dataset": "digits"})

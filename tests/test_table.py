@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List
@@ -305,7 +306,7 @@ def test_cli_parses_table(tmp_path):
         build_parser().parse_args(["table", "--rows", "nonsense"])
 
 
-def test_another_protocol_never_writes_over_a_table(tmp_path, monkeypatch):
+def test_another_protocol_never_writes_over_a_table(tmp_path, monkeypatch, capsys):
     quick = table.PROTOCOLS["quick"]
     assert table.protocol_tag(quick) == ""
     assert table.protocol_tag(table.PROTOCOLS["full"]) == "-full"
@@ -315,9 +316,15 @@ def test_another_protocol_never_writes_over_a_table(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(table, "run_table", lambda *a, **k: seen.update(k))
     for argv, tag in ((["table"], ""), (["table", "--protocol", "full"], "-full"),
-                      (["table", "--haba-set", "dm:lr_img=10"], "-quick-dm.lr_img=10")):
+                      (["table", "--haba-set", "dm:lr_img=10"], "-quick-dm.lr_img=10"),
+                      (["table", "--haba-set", "dc:lr_style=0.1"], "-quick-dc.lr_style=0.1"),
+                      (["table", "--haba-set", "dc:lr_style=0.01"], ""),  # the quick protocol's own rate
+                      (["table", "--protocol", "full", "--haba-set", "dc:lr_style=0.1"], "-full")):
         args = build_parser().parse_args(argv)
         args.func(args)
+        own = "lr_style" in argv[-1] and tag in ("", "-full")
+        name = "full" if "full" in argv else "quick"
+        assert (f"is the {name} protocol's own lr_style" in capsys.readouterr().err) is own, argv
         assert seen["jobs"] == 1 and seen["threads"] == 1
         assert str(seen["doc"]) == f"docs/RESULTS-fashion-mnist{tag}.md"
         assert str(seen["cells_json"]) == f"bench/results/fashion_mnist{tag}_cells.json"
@@ -598,15 +605,16 @@ def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
 
 
 def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
-    """The objectives' default moved (DC/DSA 0.1 -> 0.01); the table's protocols keep the rate their cells ran at."""
+    """The objectives' default moved (DC/DSA 0.1 -> 0.01): the quick protocol follows it, the full protocol keeps
+    the rate its cells ran at."""
     from haba_fast.distill import DistillConfig, apply_objective
 
     for objective in ("dc", "dsa"):
         assert apply_objective(DistillConfig(), objective).lr_style == 0.01
-        for name in ("quick", "full"):
-            assert dict(table.PROTOCOLS[name].lr_style)[objective] == 0.1
+        for name, rate in (("quick", 0.01), ("full", 0.1)):
+            assert dict(table.PROTOCOLS[name].lr_style)[objective] == rate
             cfg = table.distill_config(Cell(10, f"haba-{objective}"), table.PROTOCOLS[name], "fashion-mnist")
-            assert cfg.lr_style == 0.1
+            assert cfg.lr_style == rate
     # An objective a protocol leaves out takes today's default, named, so a stored cell never rests on a default.
     p = Protocol(name="x", lr_style=(("mtt", 0.3),))
     assert dict(p.lr_style) == {"dc": 0.01, "dsa": 0.01, "dm": 1.0, "mtt": 0.3}
@@ -619,39 +627,88 @@ def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
 
 def test_a_cell_stored_when_lr_style_named_only_mtt_ran_at_that_days_defaults():
     """Cells stored before every objective was named (lr_style [["mtt", 0.3]]) ran DC/DSA at 0.1, DM at 1.0:
-    they stay the table's cells, and are not taken for a HaBa + DC cell at 0.01; pixel cells ignore lr_style."""
+    they are a protocol at 0.1's cells, and are not taken for a HaBa + DC cell at 0.01; pixel cells ignore
+    lr_style."""
     stored = dict(table.PROTOCOLS["quick"].to_dict(), lr_style=[["mtt", 0.3]])
-    at_001 = dataclasses.replace(table.PROTOCOLS["quick"], lr_style=(("dc", 0.01), ("dsa", 0.01), ("dm", 1.0),
-                                                                      ("mtt", 0.3)))
+    quick = table.PROTOCOLS["quick"]  # DC/DSA at 0.01
+    at_01 = dataclasses.replace(quick, lr_style=(("dc", 0.1), ("dsa", 0.1), ("dm", 1.0), ("mtt", 0.3)))
     for row in ("haba-dc", "haba-dsa", "haba-dm", "haba-mtt", "dc", "dm", "random", "whole"):
-        assert table.same_protocol({"protocol": stored, "row": row}, table.PROTOCOLS["quick"]), row
+        assert table.same_protocol({"protocol": stored, "row": row}, at_01), row
     for row, same in (("haba-dc", False), ("haba-dsa", False), ("haba-dm", True), ("dc", True), ("dsa", True)):
-        assert table.same_protocol({"protocol": stored, "row": row}, at_001) is same, row
+        assert table.same_protocol({"protocol": stored, "row": row}, quick) is same, row
     # a cross-architecture cell is decided by its source's row
-    assert not table.same_protocol({"protocol": stored, "source": "ipc10-haba-dc"}, at_001)
+    assert not table.same_protocol({"protocol": stored, "source": "ipc10-haba-dc"}, quick)
     # the whole-table check agrees: the same table, not another protocol's
     cells_json = Path(__file__).resolve().parents[1] / "bench" / "results" / "fashion_mnist_cells.json"
     if cells_json.is_file():
-        table.check_same_table(cells_json, table.PROTOCOLS["quick"])
+        table.check_same_table(cells_json, quick)
         with pytest.raises(ValueError, match="holds the table of another protocol"):
-            table.check_same_table(cells_json, at_001)
+            table.check_same_table(cells_json, at_01)
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "fashion_mnist-full", "fashion_mnist-quick-seed2",
-                                  "fashion_mnist-quick-seed1-dc.lr_style=0.01"])
+def test_an_lr_style_counts_by_its_value_whether_the_protocols_rate_or_an_override():
+    """A HaBa + DC cell run at 0.01 through ``--haba-set dc:lr_style=0.01`` under a protocol at 0.1 is a cell of
+    the protocol at 0.01, and the reverse; an override equal to the protocol's rate is no override."""
+    quick = table.PROTOCOLS["quick"]
+    at_01 = dataclasses.replace(quick, lr_style=(("dc", 0.1), ("dsa", 0.1), ("dm", 1.0), ("mtt", 0.3)))
+    assert quick.with_haba("dc", lr_style=0.01) == quick and table.protocol_tag(quick.with_haba("dc", lr_style=0.01)) \
+        == ""
+    assert at_01.with_haba("dc", lr_style=0.1).haba_settings == ()
+    mixed = quick.with_haba("dm", lambda_club_content=0.0, lr_style=1.0)  # lr_style 1.0 is DM's rate: dropped
+    assert mixed.haba_overrides("dm") == {"lambda_club_content": 0.0}
+    tuned = at_01.with_haba("dc", lr_style=0.01).to_dict()  # how the 0.01 cells were run before the switch
+    for row, same in (("haba-dc", True), ("haba-dsa", False), ("dc", True), ("haba-mtt", True)):
+        assert table.same_protocol({"protocol": tuned, "row": row}, quick) is same, row
+    assert table.same_protocol({"protocol": quick.to_dict(), "row": "haba-dc"}, at_01.with_haba("dc", lr_style=0.01))
+    assert not table.same_protocol({"protocol": tuned, "row": "haba-dc"}, quick.with_haba("dc", lr_style=0.001))
+    # another override beside it still decides the cell
+    assert not table.same_protocol({"protocol": tuned, "row": "haba-dc"}, quick.with_haba("dc", n_hallucinators=4))
+    # the settings a trial is shown with are those that differ from the page's protocol
+    rec = {"row": "haba-dc", "protocol": tuned, "settings": {"lr_style": 0.01}}
+    assert table.trial_settings(rec, quick) == {}
+    assert table.trial_settings(rec, at_01) == {"lr_style": 0.01}
+    old = {"row": "haba-dc", "protocol": at_01.to_dict(), "settings": {}}
+    assert table.trial_settings(old, quick) == {"lr_style": 0.1} and table.trial_settings(old, at_01) == {}
+    assert table.trial_settings({"row": "dc", "protocol": at_01.to_dict()}, quick) == {}
+    # the record's own overrides (its file name) are unchanged
+    assert table.record_stem({"key": "ipc10-haba-dc", **rec}) == "ipc10-haba-dc--lr_style=0.01"
+
+
+def test_the_whole_table_check_compares_rates_by_value(tmp_path):
+    quick = table.PROTOCOLS["quick"]
+    at_01 = dataclasses.replace(quick, lr_style=(("dc", 0.1), ("dsa", 0.1), ("dm", 1.0), ("mtt", 0.3)))
+    path = tmp_path / "cells.json"
+    path.write_text(json.dumps({"protocol": at_01.with_haba("dc", lr_style=0.01).with_haba(
+        "dsa", lr_style=0.01).to_dict(), "cells": []}))
+    table.check_same_table(path, quick)  # the same rates, given as overrides
+    with pytest.raises(ValueError, match="holds the table of another protocol"):
+        table.check_same_table(path, at_01)
+
+
+_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+_CELL_FILE = re.compile(r"fashion_mnist(?:-(quick|full))?(?:-seed(\d+))?"
+                        r"(?:-(dc|dsa|dm|mtt)\.(\w+)=([\d.]+))?_cells\.json")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in _RESULTS.glob("fashion_mnist*_cells.json")) or ["none"])
 def test_committed_cells_keep_their_protocol(name):
-    """Every committed cell is still its protocol's (a change to Protocol must not orphan the stored results)."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "results" / f"{name}_cells.json"
+    """Every committed cell is still its protocol's (a change to Protocol must not orphan the stored results): each
+    cell JSON that ``haba-fast table`` wrote under its default name, read back under the protocol that name says."""
+    path = _RESULTS / name
     if not path.is_file():
-        pytest.skip(f"{path} not in this checkout")
-    p = table.PROTOCOLS["full" if "-full" in name else "quick"]
-    if "seed" in name:
-        p = p.with_seed(int(name.split("seed")[1][0]))
-    if "lr_style=0.01" in name:
-        p = p.with_haba("dc", lr_style=0.01)
+        pytest.skip(f"no committed Fashion-MNIST cells in {_RESULTS}")
+    m = _CELL_FILE.fullmatch(name)
+    assert m, f"{name}: not a name haba-fast table writes"
+    p = table.PROTOCOLS[m.group(1) or "quick"]
+    if m.group(2):
+        p = p.with_seed(int(m.group(2)))
+    if m.group(3):
+        p = p.with_haba(m.group(3), **{m.group(4): float(m.group(5))})
+    assert name == f"fashion_mnist{table.protocol_tag(p)}_cells.json"
     records = json.loads(path.read_text())["cells"]
     assert records and all(table.same_protocol(r, p) for r in records)
     assert table.committed_cells(path, p).keys() == {r["key"] for r in records}
+    table.check_same_table(path, p)
 
 
 @pytest.mark.slow

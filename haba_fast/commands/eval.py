@@ -316,6 +316,8 @@ def run(args: argparse.Namespace) -> int:
             kwargs["num_classes"] = args.num_classes
         syn = load_synthetic(args.checkpoint, **kwargs)
         check_num_classes_used(args.checkpoint, args.num_classes, syn)
+        if args.bases_only:
+            bases_only(syn, args.checkpoint)  # a set without image bases is refused now, before the data is read
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not

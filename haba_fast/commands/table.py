@@ -54,6 +54,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     from haba_fast.table import PROTOCOLS, parse_haba_set, protocol_tag, run_table
@@ -62,6 +63,9 @@ def run(args) -> int:
     for text in args.haba_set:
         objective, key, value = parse_haba_set(text)
         protocol = protocol.with_haba(objective, **{key: value})
+        if key == "lr_style" and value == dict(protocol.lr_style).get(objective):
+            print(f"note: --haba-set {text}: {value:g} is the {args.protocol} protocol's own lr_style for "
+                  f"{objective}; the protocol's cells and files are used", file=sys.stderr)
     names = {"dataset": args.dataset, "dataset_": args.dataset.replace("-", "_"), "tag": protocol_tag(protocol)}
     run_table(
         args.dataset,
