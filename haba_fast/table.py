@@ -539,7 +539,8 @@ def _filled(protocol: Dict[str, Any]) -> Dict[str, Any]:
     """A stored protocol with the fields added to :class:`Protocol` since it was stored at their defaults, and its
     ``lr_style`` naming every objective (:data:`_STORED_LR_STYLE` for those it left out), in one order."""
     full = {**_DEFAULT_PROTOCOL, **protocol}
-    rates = {**_STORED_LR_STYLE, **{str(o): float(v) for o, v in full["lr_style"]}}
+    stored = protocol.get("lr_style") or ()  # not today's defaults: a protocol stored without it ran at its day's
+    rates = {**_STORED_LR_STYLE, **{str(o): float(v) for o, v in stored}}
     full["lr_style"] = [[o, v] for o, v in sorted(rates.items())]
     return full
 
@@ -946,6 +947,12 @@ def stored_set_problem(record: Dict[str, Any]) -> Optional[str]:
     for key, want in (("iteration", record.get("iterations")), ("dataset", record.get("dataset"))):
         if want is not None and meta.get(key) != want:
             return f"{path} holds {key} {meta.get(key)!r}, the cell's set had {want!r}"
+    row = str(record.get("row") or "")
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if row.startswith("haba-") and config.get("lr_style") is not None:  # a HaBa set of another rate, same length
+        want = _decides(record.get("protocol") or {}, row).get("lr_style")
+        if want is not None and float(config["lr_style"]) != want:
+            return f"{path} holds a set distilled at lr_style {config['lr_style']:g}, the cell's at {want:g}"
     return None
 
 
@@ -1278,7 +1285,11 @@ def trial_settings(rec: Dict[str, Any], protocol: Protocol) -> Dict[str, Any]:
 
 
 def record_stem(rec: Dict[str, Any]) -> str:
-    """File and run-folder name of a stored cell: the :func:`cell_stem` of the cell it records."""
+    """File name of a stored cell (and, as computed, its run folder's): the :func:`cell_stem` of the cell under the
+    protocol it ran with. When a protocol's own rate moved (the quick protocol's DC/DSA ``lr_style``, 0.1 -> 0.01 on
+    2026-12-05) a cell run before at the new rate through ``--haba-set`` keeps its old stem, and its run folder may
+    have been moved to the name the protocol now gives it: records are matched by protocol (:func:`same_protocol`)
+    and their sets by bytes (:func:`stored_set_problem`), never by name."""
     return _stem(rec["key"], record_settings(rec))
 
 

@@ -638,6 +638,10 @@ def test_a_cell_stored_when_lr_style_named_only_mtt_ran_at_that_days_defaults():
         assert table.same_protocol({"protocol": stored, "row": row}, quick) is same, row
     # a cross-architecture cell is decided by its source's row
     assert not table.same_protocol({"protocol": stored, "source": "ipc10-haba-dc"}, quick)
+    # a protocol stored with no lr_style at all ran at its day's rates, not today's defaults
+    bare = {k: v for k, v in stored.items() if k != "lr_style"}
+    assert table.same_protocol({"protocol": bare, "row": "haba-dc"}, at_01)
+    assert not table.same_protocol({"protocol": bare, "row": "haba-dc"}, quick)
     # the whole-table check agrees: the same table, not another protocol's
     cells_json = Path(__file__).resolve().parents[1] / "bench" / "results" / "fashion_mnist_cells.json"
     if cells_json.is_file():
@@ -832,6 +836,25 @@ def test_a_replaced_set_file_is_never_evaluated_as_the_cells(tmp_path):
     assert "cannot be read as a synthetic set" in table.stored_set_problem(old)
     path.unlink()
     assert "missing" in table.stored_set_problem(rec)
+
+
+def test_an_old_record_without_a_digest_is_not_taken_for_a_set_of_another_rate(tmp_path):
+    """A record stored before the digest is checked by its set's meta: a HaBa set of the same length and dataset
+    distilled at another lr_style (a run folder renamed when a protocol's rate moved) is not the cell's."""
+    from haba_fast.factorization import HaBa
+
+    path = tmp_path / "synthetic.pt"
+    HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0)).save(
+        path, meta={"dataset": "digits", "iteration": 5, "config": {"lr_style": 0.1}})
+    quick = table.PROTOCOLS["quick"]  # DC at 0.01
+    at_01 = dataclasses.replace(quick, lr_style=(("dc", 0.1), ("dsa", 0.1), ("dm", 1.0), ("mtt", 0.3)))
+    rec = {"row": "haba-dc", "iterations": 5, "dataset": "digits", "synthetic": str(path)}
+    assert "distilled at lr_style 0.1, the cell's at 0.01" in table.stored_set_problem({**rec, "protocol":
+                                                                                        quick.to_dict()})
+    assert table.stored_set_problem({**rec, "protocol": at_01.to_dict()}) is None
+    assert table.stored_set_problem({**rec, "protocol": quick.with_haba("dc", lr_style=0.1).to_dict()}) is None
+    # a pixel row has no hallucinators: its lr_style is never read
+    assert table.stored_set_problem({**rec, "row": "dc", "protocol": quick.to_dict()}) is None
 
 
 def test_a_work_folder_or_file_of_another_dataset_is_refused(tmp_path):
