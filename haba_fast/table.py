@@ -566,6 +566,16 @@ def _effective(protocol: Dict[str, Any]) -> Dict[str, Any]:
     return full
 
 
+def _haba_objective(row: Optional[str]) -> Optional[str]:
+    """The objective of a HaBa row name as stored (``haba-dc`` -> ``dc``); None for any other row."""
+    return row.split("-")[-1] if row and row.startswith("haba-") else None
+
+
+def _stored_rate(rec: Dict[str, Any]) -> Optional[float]:
+    """The ``lr_style`` a stored HaBa cell ran at, by value (:func:`_decides`); None for other rows."""
+    return _decides(rec.get("protocol") or {}, rec.get("row")).get("lr_style")
+
+
 def _protocol_name(rec: Dict[str, Any]) -> Optional[str]:
     """The name of the protocol a stored record ran under (None when it has none)."""
     return (rec.get("protocol") or {}).get("name")
@@ -581,8 +591,8 @@ def _decides(protocol: Dict[str, Any], row: Optional[str]) -> Dict[str, Any]:
     full = _effective(protocol)
     settings = {o: {k: v for k, v in s} for o, s in full.pop("haba_settings") or ()}
     rates = dict(full.pop("lr_style"))
-    if row is not None and row.startswith("haba-"):
-        objective = row.split("-")[-1]
+    objective = _haba_objective(row)
+    if objective is not None:
         full["haba"] = settings.get(objective, {})
         full["lr_style"] = rates.get(objective)
     return full
@@ -947,10 +957,9 @@ def stored_set_problem(record: Dict[str, Any]) -> Optional[str]:
     for key, want in (("iteration", record.get("iterations")), ("dataset", record.get("dataset"))):
         if want is not None and meta.get(key) != want:
             return f"{path} holds {key} {meta.get(key)!r}, the cell's set had {want!r}"
-    row = str(record.get("row") or "")
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    if row.startswith("haba-") and config.get("lr_style") is not None:  # a HaBa set of another rate, same length
-        want = _decides(record.get("protocol") or {}, row).get("lr_style")
+    if config.get("lr_style") is not None:  # a HaBa set of another rate, same length
+        want = _stored_rate(record)
         if want is not None and float(config["lr_style"]) != want:
             return f"{path} holds a set distilled at lr_style {config['lr_style']:g}, the cell's at {want:g}"
     return None
@@ -1263,11 +1272,11 @@ def record_settings(rec: Dict[str, Any]) -> Dict[str, Any]:
     """
     if isinstance(rec.get("settings"), dict):
         return dict(rec["settings"])
-    row = str(rec.get("row") or "")
-    if not row.startswith("haba-"):
+    objective = _haba_objective(rec.get("row"))
+    if objective is None:
         return {}
     stored = dict(_filled(rec.get("protocol") or {}).get("haba_settings") or ())
-    return {str(k): v for k, v in stored.get(row.split("-")[-1], ())}
+    return {str(k): v for k, v in stored.get(objective, ())}
 
 
 def trial_settings(rec: Dict[str, Any], protocol: Protocol) -> Dict[str, Any]:
@@ -1275,12 +1284,9 @@ def trial_settings(rec: Dict[str, Any], protocol: Protocol) -> Dict[str, Any]:
     its overrides (:func:`record_settings`), with ``lr_style`` counted by its value (the stored protocol's own
     rate or an override), named only where it is not ``protocol``'s rate for the objective."""
     settings = {k: v for k, v in record_settings(rec).items() if k != "lr_style"}
-    row = str(rec.get("row") or "")
-    if row.startswith("haba-"):
-        objective = row.split("-")[-1]
-        rate = _decides(rec.get("protocol") or {}, row).get("lr_style")
-        if rate is not None and rate != dict(protocol.lr_style).get(objective):
-            settings["lr_style"] = rate
+    rate = _stored_rate(rec)
+    if rate is not None and rate != dict(protocol.lr_style).get(_haba_objective(rec.get("row"))):
+        settings["lr_style"] = rate
     return settings
 
 

@@ -213,10 +213,9 @@ def check_num_classes_used(checkpoint, num_classes, syn) -> None:
                          "(its labels file): drop --num-classes")
 
 
-def bases_only(syn, checkpoint):
-    """``(images [K*bpc, C, H, W], labels [K*bpc])``: a HaBa set's bases as a training set of their own, one image
-    per basis (an ablation: what the hallucinators add). ValueError for a set without hallucinators or with bases
-    that are not images (fewer channels than the samples)."""
+def check_bases_only(syn, checkpoint) -> None:
+    """ValueError unless ``syn``'s bases can train on their own (:func:`bases_only`): a set without hallucinators,
+    with soft labels, or with bases that are not images (fewer channels than the samples) is refused."""
     if not getattr(syn, "n_hallucinators", 0):
         raise ValueError(f"--bases-only: {checkpoint} is a {type(syn).__name__} set, not a HaBa set: it has no bases "
                          "apart from its images; drop --bases-only")
@@ -226,6 +225,12 @@ def bases_only(syn, checkpoint):
     if syn.bases.shape[1] != syn.channels:
         raise ValueError(f"--bases-only: {checkpoint} has {syn.bases.shape[1]}-channel bases for {syn.channels}-"
                          "channel samples; only its hallucinators make images of them")
+
+
+def bases_only(syn, checkpoint):
+    """``(images [K*bpc, C, H, W], labels [K*bpc])``: a HaBa set's bases as a training set of their own, one image
+    per basis (an ablation: what the hallucinators add); refused as :func:`check_bases_only` says."""
+    check_bases_only(syn, checkpoint)
     return syn.bases.detach().clone(), syn.base_labels.clone()
 
 
@@ -317,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
         syn = load_synthetic(args.checkpoint, **kwargs)
         check_num_classes_used(args.checkpoint, args.num_classes, syn)
         if args.bases_only:
-            bases_only(syn, args.checkpoint)  # a set without image bases is refused now, before the data is read
+            check_bases_only(syn, args.checkpoint)  # refused now, before the data is read
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
