@@ -133,6 +133,10 @@ def _gradient_matching(c: "DistillConfig") -> bool:
     return c.objective in ("dc", "dsa")
 
 
+def _evaluates(c: "DistillConfig") -> bool:
+    return c.num_eval > 0
+
+
 _MTT_BUFFER = "--objective mtt (the others read no expert buffer)"
 _MTT_SEGMENT = "--objective mtt (the expert segment matched)"
 _MTT_LR = "--objective mtt (the other objectives learn no lr: they train and evaluate with --lr-net)"
@@ -142,6 +146,7 @@ _ADJOINT = (
 )
 _DC_LOOPS = "--objective dc or dsa (the --outer-loop / --inner-loop of gradient matching)"
 _HALLUCINATORS = "--parameterization haba (pixel sets have no hallucinators)"
+_EVALUATION = "the run's evaluations (--num_eval 0 evaluates nothing)"
 _ADVERSARY = "--parameterization haba (the adversarial term; pixel sets have none)"
 # Settings that only some configurations read: field -> (the configurations that read it, whether a config is one of
 # them; the flag is checkpoint.flag_name(field)), checked against the code that reads each: only MTT
@@ -191,6 +196,10 @@ SCOPES: Dict[str, Tuple[str, Callable[["DistillConfig"], bool]]] = {
     "lambda_cls_content": (_ADVERSARY, _haba),
     "lambda_contrast_content": (_ADVERSARY, _haba),
     "lr_label": ("--soft-labels (the learned label logits)", lambda c: bool(c.soft_labels)),
+    # Ours: read only by the run's evaluations (the reference's own evaluation flags, which its scripts accept and
+    # ignore with --num_eval 0, are in commands.distill.reference_no_ops).
+    "batch_standardize": (_EVALUATION, _evaluates),
+    "eval_models": (_EVALUATION, _evaluates),
 }
 # SCOPES fields whose default means "off" (no budget, no offload, DC's own loops, one segment): validate refuses them
 # set to anything else where nothing reads them, whoever set them.

@@ -229,6 +229,32 @@ def test_augmentation_flags_that_our_objectives_ignore_are_refused(tmp_path, cap
     assert "--dsa_strategy has no effect here: --objective dc turns augmentation off" in line and "drop it" in line
 
 
+@pytest.mark.parametrize("flag,value", [("--epoch_eval_train", "10"), ("--eval_mode", "M"), ("--batch_train", "64")])
+def test_reference_evaluation_flags_without_evaluation_are_warned_about_or_refused(tmp_path, capsys, flag, value):
+    """--num_eval 0 evaluates nothing: the evaluation's flags do nothing (the reference's scripts ignore them too)."""
+    cfg = _config(_mtt(tmp_path, flag, value))  # a reference command line: it runs, with a warning
+    err = capsys.readouterr().err
+    assert f"warning: {flag} has no effect here: --num_eval 0 evaluates nothing" in err and cfg.num_eval == 0
+    line = _error(_plain(tmp_path, "--objective", "dm", flag, value), capsys)  # our objectives: refused
+    assert f"{flag} has no effect here: --num_eval 0 evaluates nothing; drop it" in line
+    cfg = _config(_mtt(tmp_path, "--num_eval", "1", flag, value))  # read where the run evaluates
+    assert "warning" not in capsys.readouterr().err and cfg.num_eval == 1
+
+
+def test_batch_train_sizes_gradient_matching_batches_without_evaluation(tmp_path, capsys):
+    # DC/DSA train their network on the synthetic set in batches of --batch_train, as DC's main.py does.
+    cfg = _config(_plain(tmp_path, "--objective", "dc", "--outer-loop", "1", "--inner-loop", "1", "--batch_train",
+                         "64"))  # fmt: skip
+    assert cfg.batch_train == 64 and "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--batch-standardize"], ["--eval-models", "ConvNet"]])
+def test_our_evaluation_flags_without_evaluation_are_refused(tmp_path, capsys, extra):
+    line = _error(_mtt(tmp_path, *extra), capsys)
+    assert f"{extra[0]} applies to the run's evaluations (--num_eval 0 evaluates nothing); drop it" in line
+    assert _config(_mtt(tmp_path, "--num_eval", "1", *extra)).num_eval == 1
+
+
 def test_evaluation_values_are_checked_without_evaluation(tmp_path, capsys):
     assert "--batch_train must be >= 1, got 0" in _error(_mtt(tmp_path, "--batch_train", "0"), capsys)
     assert "unknown --eval-models network 'Foo'" in _error(_mtt(tmp_path, "--eval-models", "Foo"), capsys)

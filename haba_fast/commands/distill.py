@@ -570,6 +570,10 @@ def reference_no_ops(cfg, given) -> List[tuple]:
     if "no_aug" in given and cfg.no_aug and not (cfg.dsa and reader):
         why = no_dsa if not cfg.dsa else "--objective dc distills without augmentation"
         found.append(("no_aug", why))
+    if not evaluates:  # the evaluation's own settings (batch_train also sizes DC/DSA's inner-loop batches)
+        for dest in ("epoch_eval_train", "eval_mode", "batch_train"):
+            if dest in given and not (dest == "batch_train" and cfg.objective in ("dc", "dsa")):
+                found.append((dest, "--num_eval 0 evaluates nothing"))
     if cfg.parameterization == "haba" and cfg.lambda_club_content == 0:
         for dest in ("lambda_likeli_content", "lambda_cls_content", "lambda_contrast_content"):
             if dest in given:

@@ -258,10 +258,11 @@ class GradientMatching(Objective):
     momentum = 0.5
     # The public code's main.py: lr_img 0.1 (momentum 0.5), noise init, 20 evaluation networks; DC evaluates without
     # augmentation, 300 epochs. The hallucinators' rate is ours (the HaBa paper gives none for DC): 0.01. The bases'
-    # rate, 0.1 (the default until 2026-12-05), throws their weights to ~100x their norm in the first updates, where
-    # they freeze; on Fashion-MNIST IPC 10 0.01 did better on the validation split and no seed collapsed
-    # (docs/RESULTS.md, "Why HaBa + DC/DSA collapses"; the table's protocols keep 0.1, the setting of their stored
-    # cells). It runs --Iteration 1000 iterations of outer_loop updates each and evaluates every 500 from iteration 0.
+    # rate, 0.1 (the hallucinators' default until 2026-12-05), throws their weights to ~100x their norm in the first
+    # updates, where they freeze; on Fashion-MNIST IPC 10 0.01 did better on the validation split and no seed
+    # collapsed (docs/RESULTS.md, "Why HaBa + DC/DSA collapses"; the quick table runs 0.01, the full one keeps 0.1,
+    # the setting of its stored cells). It runs --Iteration 1000 iterations of outer_loop updates each and evaluates
+    # every 500 from iteration 0.
     defaults = {"lr_img": 0.1, "lr_style": 0.01, "dsa": False, "epoch_eval_train": 300, "pix_init": "noise",
                 "num_eval": 20}
     reference_schedule = (1000, 500)
