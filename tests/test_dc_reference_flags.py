@@ -116,6 +116,21 @@ def test_method_dsa_without_a_strategy_runs_unaugmented(tmp_path, monkeypatch, c
     assert epochs == [1001, 1001]  # iterations 0 and 1; evaluate_synset trains Epoch + 1 epochs, as there
 
 
+@pytest.mark.parametrize("method", ["DC", "DSA", "DM"])
+def test_method_without_parameterization_says_it_distills_a_haba_set(capsys, method):
+    """main.py / main_DM.py distill images; --method alone runs the objective on HaBa's bases (the default
+    parameterization), and says so once; --parameterization given (either) says nothing."""
+    assert _cfg("--method", method, "--ipc", "1").parameterization == "haba"
+    err = capsys.readouterr().err
+    assert f"note: --method {method} distills a HaBa set here" in err and "add --parameterization pixels" in err
+    for parameterization in ("pixels", "haba"):
+        assert _cfg("--method", method, "--ipc", "1", "--parameterization", parameterization).parameterization \
+            == parameterization
+        assert "note: --method" not in capsys.readouterr().err
+    assert _cfg("--objective", method.lower(), "--ipc", "1").objective == method.lower()
+    assert "note: --method" not in capsys.readouterr().err
+
+
 def test_epoch_eval_train_with_method_warns_that_main_py_overwrites_it(capsys):
     """A value other than the script's default is used as given, on every network (DC's augmented ones too), with a
     warning under --method; at the default, main.py's 300 / 1000 (augmented) hold."""

@@ -454,6 +454,13 @@ def config_from_args(args: argparse.Namespace):
         # name says it) stays; its HaBa/MTT learning rates do not.
         cfg = apply_objective(cfg, args.objective, keep=("ipc",) if getattr(args, "preset", None) else ())
     cfg = _main_py_method(cfg, args)
+    if hasattr(args, "method") and not hasattr(args, "parameterization"):
+        dist.print_main(  # main.py / main_DM.py distill images; this library distills HaBa sets unless told otherwise
+            f"haba-fast distill: note: --method {args.method} distills a HaBa set here (bases x hallucinators, "
+            "the default --parameterization haba) with its objective; main.py / main_DM.py distill images: add "
+            "--parameterization pixels for theirs",
+            file=sys.stderr,
+        )
     usable = [d for d in CONFIG_DESTS if d not in REFUSED or d in OBJECTIVE_FLAGS]
     given = {d: getattr(args, d) for d in usable if hasattr(args, d)}
     if "ipc" in given and "budget_ipc" in given:
