@@ -255,6 +255,18 @@ def test_our_evaluation_flags_without_evaluation_are_refused(tmp_path, capsys, e
     assert _config(_mtt(tmp_path, "--num_eval", "1", *extra)).num_eval == 1
 
 
+def test_one_hallucinator_with_the_adversarial_term_is_warned_about(tmp_path, capsys):
+    """distill_fac.py contrasts two different hallucinators (and fails with one); here the term compares the one
+    hallucinator with itself, and the CLI says so; without the term nothing is said."""
+    cfg = _config(_mtt(tmp_path, "--n_style", "1"))
+    err = capsys.readouterr().err
+    assert "warning: --n_style 1: the adversarial term contrasts two different hallucinators" in err
+    assert cfg.n_hallucinators == 1 and cfg.lambda_club_content > 0
+    _config(_mtt(tmp_path, "--n_style", "1", "--lambda_club_content", "0"))
+    _config(_mtt(tmp_path))  # two hallucinators
+    assert "--n_style 1" not in capsys.readouterr().err
+
+
 def test_evaluation_values_are_checked_without_evaluation(tmp_path, capsys):
     assert "--batch_train must be >= 1, got 0" in _error(_mtt(tmp_path, "--batch_train", "0"), capsys)
     assert "unknown --eval-models network 'Foo'" in _error(_mtt(tmp_path, "--eval-models", "Foo"), capsys)

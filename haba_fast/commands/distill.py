@@ -481,6 +481,13 @@ def config_from_args(args: argparse.Namespace):
             f"haba-fast distill: warning: {flag_name(dest)} has no effect here: {why} (the reference ignores it too)",
             file=sys.stderr,
         )
+    if cfg.parameterization == "haba" and cfg.n_hallucinators == 1 and cfg.lambda_club_content != 0:
+        dist.print_main(  # distill_fac.py draws two different hallucinators and fails with one (randperm(1)[1])
+            "haba-fast distill: warning: --n_style 1: the adversarial term contrasts two different hallucinators; "
+            "with one it compares the hallucinator with itself (the reference stops with an IndexError here); "
+            "--lambda_club_content 0 turns the term off",
+            file=sys.stderr,
+        )
     return cfg
 
 
