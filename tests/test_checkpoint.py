@@ -361,8 +361,9 @@ def test_allow_changed_through_the_cli(cli_buffer, tmp_path, capsys):
 
 
 def test_a_haba_dc_run_from_before_the_lr_style_default_moved_resumes_with_its_rate(tmp_path, capsys):
-    """DC/DSA's lr_style default moved from 0.1 to 0.01 (2026-12-05): a run begun at 0.1 is never continued at 0.01
-    unasked; the error names the change, and giving the old rate resumes it."""
+    """DC/DSA's lr_style default moved (0.1, then 0.01, then 0.1 / IPC: 0.05 at this IPC 2): a run begun at another
+    rate is never continued at the default unasked; the error names the change, and giving the old rate resumes
+    it."""
     from haba_fast.cli import main
 
     run = tmp_path / "run"
@@ -372,7 +373,7 @@ def test_a_haba_dc_run_from_before_the_lr_style_default_moved_resumes_with_its_r
     assert main([*argv, "--Iteration", "1", "--lr_style", "0.1"]) == 0
     capsys.readouterr()
     assert main([*argv, "--Iteration", "2", "--resume"]) == 2
-    assert "--lr_style 0.1 -> 0.01" in capsys.readouterr().err
+    assert "--lr_style 0.1 -> 0.05" in capsys.readouterr().err
     assert main([*argv, "--Iteration", "2", "--resume", "--lr_style", "0.1"]) == 0
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 2 and state["config"]["lr_style"] == 0.1

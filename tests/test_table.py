@@ -605,17 +605,22 @@ def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
 
 
 def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
-    """The objectives' default moved (DC/DSA 0.1 -> 0.01): the quick protocol follows it, the full protocol keeps
-    the rate its cells ran at."""
+    """The objectives' default moved (DC/DSA 0.1 -> 0.01, then 0.1 / IPC): the quick protocol runs 0.01 at every
+    IPC, the full protocol keeps 0.1, the rates their cells ran at."""
     from haba_fast.distill import DistillConfig, apply_objective
 
     for objective in ("dc", "dsa"):
-        assert apply_objective(DistillConfig(), objective).lr_style == 0.01
+        assert apply_objective(DistillConfig(ipc=10), objective).lr_style == 0.01
+        assert apply_objective(DistillConfig(budget_ipc=50), objective).lr_style == 0.002
+        for ipc in (10, 50):  # a protocol's rate holds at every IPC
+            cell = table.distill_config(Cell(ipc, f"haba-{objective}"), table.PROTOCOLS["quick"], "fashion-mnist")
+            assert cell.lr_style == 0.01
         for name, rate in (("quick", 0.01), ("full", 0.1)):
             assert dict(table.PROTOCOLS[name].lr_style)[objective] == rate
             cfg = table.distill_config(Cell(10, f"haba-{objective}"), table.PROTOCOLS[name], "fashion-mnist")
             assert cfg.lr_style == rate
-    # An objective a protocol leaves out takes today's default, named, so a stored cell never rests on a default.
+    # An objective a protocol leaves out takes today's default at IPC 10, named, so a stored cell never rests on a
+    # default.
     p = Protocol(name="x", lr_style=(("mtt", 0.3),))
     assert dict(p.lr_style) == {"dc": 0.01, "dsa": 0.01, "dm": 1.0, "mtt": 0.3}
     assert table.distill_config(Cell(10, "haba-dc"), p, "fashion-mnist").lr_style == 0.01
@@ -1099,3 +1104,14 @@ def test_stopping_a_jobs_run_stops_its_helpers(tmp_path, sig):
                 os.kill(pid, signal.SIGKILL)
     reader.join(10)
     assert proc.returncode == (143 if sig == "SIGTERM" else -signal.SIGKILL), "".join(lines)
+
+
+def test_the_protocol_line_states_each_rate_against_its_default():
+    """A protocol runs one hallucinator rate per objective at every IPC; the page puts it beside the objective's
+    default, which for DC/DSA depends on the IPC (0.1 / IPC)."""
+    assert table._default_rate_text("dc", 0.01) == " at every IPC (default 0.1 / IPC: 0.01 at IPC 10, 0.002 at IPC 50)"
+    assert table._default_rate_text("dsa", 0.1).startswith(" at every IPC (default 0.1 / IPC")
+    assert table._default_rate_text("dm", 1.0) == ""  # DM's default, at every IPC
+    assert table._default_rate_text("dm", 0.5) == " (default 1)"
+    assert table._default_rate_text("mtt", 0.3) == " (default 100)"
+    assert table.default_lr_style("dc", 20) == 0.005 and table.default_lr_style("dc") == 0.01

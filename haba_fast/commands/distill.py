@@ -98,7 +98,8 @@ _FLAGS: List[tuple] = [
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
     ("lr_style", ["--lr_style", "--lr-style"], dict(type=float),
-     "learning rate of the hallucinators (default: mtt 100, the reference's; dc/dsa 0.01; dm 1.0)"),
+     "learning rate of the hallucinators (default: mtt 100, the reference's; dc/dsa 0.1 / IPC: 0.01 at IPC 10, "
+     "0.002 at IPC 50; dm 1.0)"),
     ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "dc/dsa/dm: real images per class per step"),
     ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int),
      "bases per unrolled step (default: all; a divisor of them)"),
@@ -544,13 +545,15 @@ def _main_py_method(cfg, args: argparse.Namespace):
 
 
 def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optional[str]):
-    """``cfg`` with the objective's public run length for its final IPC where ``--Iteration`` / ``--eval_it`` were
-    not given (``distill.objective_schedule``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the outer
-    loop synthetic updates."""
-    from haba_fast.distill import DistillConfig, objective_schedule
+    """``cfg`` with the objective's public run length and HaBa's hallucinator rate for its final IPC where
+    ``--Iteration`` / ``--eval_it`` / ``--lr_style`` were not given (``distill.objective_schedule``,
+    ``distill.objective_lr_style``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the outer loop
+    synthetic updates."""
+    from haba_fast.distill import DistillConfig, objective_lr_style, objective_schedule
     from haba_fast.objectives.base import get_objective
 
-    changes = {k: v for k, v in objective_schedule(cfg).items() if k not in given}
+    sized = {**objective_lr_style(cfg), **objective_schedule(cfg)}
+    changes = {k: v for k, v in sized.items() if k not in given}
     if "budget_ipc" in given and "ipc" not in given:  # unread beside --budget-ipc: not DM's 50 in the run's record
         changes["ipc"] = DistillConfig.ipc
     if "iterations" in given and iterations_spelling == "--Iteration":

@@ -257,14 +257,9 @@ class GradientMatching(Objective):
     siamese = False
     momentum = 0.5
     # The public code's main.py: lr_img 0.1 (momentum 0.5), noise init, 20 evaluation networks; DC evaluates without
-    # augmentation, 300 epochs. The hallucinators' rate is ours (the HaBa paper gives none for DC): 0.01. The bases'
-    # rate, 0.1 (the hallucinators' default until 2026-12-05), throws their weights to ~100x their norm in the first
-    # updates, where they freeze; on Fashion-MNIST IPC 10 0.01 did better on the validation split and no seed
-    # collapsed (docs/RESULTS.md, "Why HaBa + DC/DSA collapses"; the quick table runs 0.01, the full one keeps 0.1,
-    # the setting of its stored cells). It runs --Iteration 1000 iterations of outer_loop updates each and evaluates
-    # every 500 from iteration 0.
-    defaults = {"lr_img": 0.1, "lr_style": 0.01, "dsa": False, "epoch_eval_train": 300, "pix_init": "noise",
-                "num_eval": 20}
+    # augmentation, 300 epochs. It runs --Iteration 1000 iterations of outer_loop updates each and evaluates every
+    # 500 from iteration 0. The hallucinators' rate is ours (the HaBa paper gives none for DC): default_lr_style.
+    defaults = {"lr_img": 0.1, "dsa": False, "epoch_eval_train": 300, "pix_init": "noise", "num_eval": 20}
     reference_schedule = (1000, 500)
     batched = "auto"  # per-class gradients: see the module docstring
 
@@ -281,6 +276,20 @@ class GradientMatching(Objective):
     def updates_per_iteration(cls, cfg) -> int:
         """main.py's iteration: ``outer_loop`` synthetic updates on one fresh network."""
         return cls.loops(cfg)[0]
+
+    # HaBa's hallucinator rate x IPC. The hallucinators' gradient grows with the bases per class (after the first
+    # update at rate 0.01 their weights' norm is 5.2 at IPC 20 and 10.8 at IPC 50), and a rate too high throws them
+    # far in the first updates, where they freeze: on Fashion-MNIST the bases' rate 0.1 (their default until
+    # 2026-12-05) collapsed one seed in three at IPC 10, and 0.01 (the flat default that replaced it that day) lost 8
+    # points at IPC 50. On the validation split 0.1 / IPC was the best rate tried at IPC 10, 20 and 50
+    # (docs/RESULTS.md, "Why HaBa + DC/DSA collapses" and "The hallucinators' rate goes as 1 / IPC"). The table's
+    # protocols name their own rate.
+    LR_STYLE_TIMES_IPC = 0.1
+
+    @classmethod
+    def default_lr_style(cls, ipc: int) -> float:
+        """``0.1 / ipc``: 0.01 at IPC 10, 0.002 at IPC 50 (see ``LR_STYLE_TIMES_IPC``)."""
+        return cls.LR_STYLE_TIMES_IPC / int(ipc)
 
     def __init__(self, setup: ObjectiveSetup):
         super().__init__(setup)
