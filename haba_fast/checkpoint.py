@@ -421,8 +421,12 @@ def check_resume(
             f"{where} was made with other shapes, which cannot change on resume: {'; '.join(structural)}; "
             "resume with the same settings or start a new --out folder"
         )
-    changed = [k for k in result_keys() if saved.get(k, defaults[k]) != now[k]]
+    # A setting this configuration never reads (distill.SCOPES: a pixel run's lr_style, ...) changes nothing.
+    changed = [k for k in result_keys() if saved.get(k, defaults[k]) != now[k] and not cfg.unused([k])]
     lines = [f"{flag_name(k)} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed]
+    # The checkpoint's values as flags: a default may have moved since the run began (HaBa + DC/DSA's lr_style).
+    keep = [f"{flag_name(k)} {_flag_text(saved.get(k, defaults[k]))}" for k in changed
+            if k not in allowed and saved.get(k, defaults[k]) is not None]
     saved_inputs = saved_state.get("inputs")
     if inputs is not None and saved_inputs is not None:
         for key, flag in _INPUT_KEYS.items():
@@ -434,14 +438,22 @@ def check_resume(
     if refused:
         keys = ",".join(dict.fromkeys(k for k in changed if k not in allowed))
         raise ValueError(
-            f"{where} was made with other settings: {'; '.join(refused)}. Resume with the same flags, pass "
-            f"--allow-changed {keys} to continue with the new values, or start a new --out folder"
+            f"{where} was made with other settings: {'; '.join(refused)}. Resume with the checkpoint's values"
+            + (f" ({' '.join(keep)}: a default may have moved since the run began)" if keep else "")
+            + f", pass --allow-changed {keys} to continue with the new values, or start a new --out folder"
         )
     for k in dict.fromkeys(changed):
         if k in INIT_ONLY_KEYS:
             log(f"--allow-changed {k}: {flag_name(k)} only sets up iteration 0; the run continues from the "
                 "checkpoint's random state and learned lr")
     return list(dict.fromkeys(changed))
+
+
+def _flag_text(value: Any) -> str:
+    """A config value as a command line gives it (floats exactly: ``repr``; a list comma-separated)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

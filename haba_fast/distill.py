@@ -55,7 +55,6 @@ __all__ = [
     "LR_PARAMS",
     "distill",
     "apply_objective",
-    "objective_lr_style",
     "apply_preset",
     "check_fits",
     "check_out_dir",
@@ -537,13 +536,11 @@ def apply_pixel_reference(cfg: DistillConfig) -> DistillConfig:
 
 def apply_objective(cfg: DistillConfig, name: str, keep: Iterable[str] = ()) -> DistillConfig:
     """``cfg`` with ``objective=name`` and that objective's public-code defaults (DC/DSA: lr_img 0.1, noise init,
-    20 evaluation networks; DM: lr_img 1.0, IPC 50 unless ``budget_ipc`` sizes the set; ...), HaBa's hallucinator
-    rate for the IPC (:func:`objective_lr_style`) and run length (:func:`objective_schedule`), except the fields
-    named in ``keep`` (a preset's).
+    20 evaluation networks; DM: lr_img 1.0, IPC 50 unless ``budget_ipc`` sizes the set; ...) and run length
+    (:func:`objective_schedule`), except the fields named in ``keep`` (a preset's).
 
     The CLI applies them before the flags given explicitly, then sizes the run for the final IPC; in the Python API
-    call this first, then override (and take :func:`objective_lr_style` and :func:`objective_schedule` again after
-    changing ``ipc`` or ``budget_ipc``).
+    call this first, then override (and take :func:`objective_schedule` again after changing ``ipc``).
     """
     from haba_fast.objectives.base import objective_defaults
 
@@ -551,21 +548,10 @@ def apply_objective(cfg: DistillConfig, name: str, keep: Iterable[str] = ()) -> 
     cfg = dataclasses.replace(
         cfg, objective=name, **{k: v for k, v in objective_defaults(name).items() if k not in keep}
     )
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in objective_lr_style(cfg).items() if k not in keep})
     try:
         return dataclasses.replace(cfg, **{k: v for k, v in objective_schedule(cfg).items() if k not in keep})
     except ValueError:  # DC loops unknown for this IPC: the objective names the problem when it is built
         return cfg
-
-
-def objective_lr_style(cfg: DistillConfig) -> Dict[str, float]:
-    """``{"lr_style": rate}``: the hallucinators' default rate of HaBa with ``cfg.objective`` at the run's IPC
-    (``budget_ipc``, else ``ipc``; DC/DSA: 0.1 / IPC, DM: 1.0); empty where ``DistillConfig``'s holds (MTT: the
-    reference's 100)."""
-    from haba_fast.objectives.base import get_objective
-
-    rate = get_objective(cfg.objective).default_lr_style(int(cfg.budget_ipc or cfg.ipc))
-    return {} if rate is None else {"lr_style": rate}
 
 
 def objective_schedule(cfg: DistillConfig) -> Dict[str, int]:

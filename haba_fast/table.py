@@ -181,10 +181,9 @@ class Protocol:
         dc_loops: DC/DSA ``(outer_loop, inner_loop)``; None: the public code's ``get_loops(ipc)`` (IPC 1, 10, 20..).
         n_hallucinators: HaBa's hallucinators.
         lr_img: per objective; objectives it does not name keep their public-code default.
-        lr_style: the hallucinators' rate per objective (HaBa cells only), one rate at every IPC. Every objective is
-            named: one left out is filled in with its default of today at IPC 10 (:meth:`__post_init__`,
-            :func:`default_lr_style`), so that a stored cell never depends on a default that may move; stored
-            protocols that left one out ran at :data:`_STORED_LR_STYLE`.
+        lr_style: the hallucinators' rate per objective (HaBa cells only). Every objective is named: one left out
+            is filled in with its default of today (:meth:`__post_init__`), so that a stored cell never depends on
+            a default that may move; stored protocols that left one out ran at :data:`_STORED_LR_STYLE`.
         num_experts, expert_train_epochs, expert_lr: the MTT experts (trained on the training pool).
         syn_steps, expert_epochs, max_start_epoch, lr_lr: MTT's matching settings.
         whole_epochs: the whole-set ceiling's ``Epoch``.
@@ -209,8 +208,9 @@ class Protocol:
     dc_loops: Optional[Tuple[int, int]] = None  # DC/DSA (outer, inner) loops; None: the public code's get_loops
     n_hallucinators: int = 5
     lr_img: Tuple[Tuple[str, float], ...] = (("mtt", 10.0),)
-    # DC/DSA at 0.01, their default since 2026-12-05 (chosen on the validation split: docs/RESULTS.md, "Why HaBa +
-    # DC/DSA collapses"); the full protocol keeps 0.1, the rate its HaBa + DC/DSA cells ran at.
+    # DC/DSA at 0.01, their default on 2026-12-05 until 0.002 replaced it (0.01 was chosen on the validation split
+    # at IPC 10: docs/RESULTS.md, "Why HaBa + DC/DSA collapses"); the full protocol keeps 0.1, the rate its HaBa +
+    # DC/DSA cells ran at.
     lr_style: Tuple[Tuple[str, float], ...] = (("dc", 0.01), ("dm", 1.0), ("dsa", 0.01), ("mtt", 0.3))
     num_experts: int = 3
     expert_train_epochs: int = 6
@@ -231,7 +231,7 @@ class Protocol:
         if unknown:
             raise ValueError(f"lr_style names unknown objectives {', '.join(unknown)}: choose from "
                              f"{', '.join(OBJECTIVES)}")
-        filled = {o: named[o] if o in named else default_lr_style(o) for o in OBJECTIVES}
+        filled = {o: named[o] if o in named else objective_lr_style(o) for o in OBJECTIVES}
         object.__setattr__(self, "lr_style", tuple(sorted(filled.items())))
         # An lr_style override equal to the protocol's own rate is no override: dropped, so that one protocol has
         # one form (and one set of output names) however its rate was given.
@@ -523,19 +523,12 @@ def _stem(key: str, settings: Dict[str, Any]) -> str:
                                  for k, v in sorted(settings.items()))
 
 
-# The IPC whose default hallucinator rate fills an objective a Protocol's lr_style leaves out (a protocol runs one
-# rate at every IPC; DC/DSA's default depends on the IPC).
-_FILL_IPC = 10
-
-
-def default_lr_style(objective: str, ipc: int = _FILL_IPC) -> float:
-    """The hallucinators' rate ``objective`` gives HaBa by default at ``ipc`` images per class (the objective's
-    ``default_lr_style``: DC/DSA 0.1 / IPC, DM 1.0; else DistillConfig's)."""
+def objective_lr_style(objective: str) -> float:
+    """The hallucinators' rate ``objective`` gives HaBa by default (its public-code default, else DistillConfig's)."""
     from haba_fast.distill import DistillConfig
-    from haba_fast.objectives.base import get_objective
+    from haba_fast.objectives.base import objective_defaults
 
-    rate = get_objective(objective).default_lr_style(ipc)
-    return float(DistillConfig.lr_style if rate is None else rate)
+    return float(objective_defaults(objective).get("lr_style", DistillConfig.lr_style))
 
 
 # What a stored protocol's HaBa cells ran with for an objective its lr_style did not name: the objectives' defaults
@@ -1856,7 +1849,9 @@ def render_markdown(cells: Dict[str, Dict[str, Any]], protocol: Protocol, split:
     env = envs[-1] if envs else {}
     its = ", ".join(f"{o.upper()} {n}" for o, n in p.iterations)
     lr_img = ", ".join(f"{o.upper()} {v:g}" for o, v in p.lr_img) or "defaults"
-    lr_style = ", ".join(f"{o.upper()} {v:g}" + _default_rate_text(o, v) for o, v in p.lr_style)
+    defaults = {o: objective_lr_style(o) for o, _ in p.lr_style}
+    lr_style = ", ".join(f"{o.upper()} {v:g}" + (f" (default {defaults[o]:g})" if defaults[o] != v else "")
+                         for o, v in p.lr_style)
     lines += [
         "",
         "## Protocol",
@@ -2182,16 +2177,6 @@ def _cross_lines(cells: Dict[str, Dict[str, Any]], p: Protocol, ipc: int) -> Lis
         nets = ", ".join(f"{100 * a:.2f}" for a in r.get("accuracies") or ())
         lines.append(f"- {r['source']} on {r['model']}: {nets or r.get('status', '?')} ({r['seconds']['eval']:.0f} s)")
     return lines
-
-
-def _default_rate_text(objective: str, rate: float) -> str:
-    """What the protocol's ``rate`` for ``objective`` is against the objective's own default (empty where equal at
-    every IPC), for the page: " (default 1)", or " at every IPC (default 0.1 / IPC: 0.01 at IPC 10, 0.002 at IPC
-    50)" for a default that depends on the IPC."""
-    at = {ipc: default_lr_style(objective, ipc) for ipc in (1, 10, 50)}
-    if len(set(at.values())) == 1:
-        return "" if at[10] == rate else f" (default {at[10]:g})"
-    return (f" at every IPC (default {at[1]:g} / IPC: {at[10]:g} at IPC 10, {at[50]:g} at IPC 50)")
 
 
 def _sort_key(key: str) -> Tuple[int, int, str]:

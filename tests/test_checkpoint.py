@@ -361,9 +361,8 @@ def test_allow_changed_through_the_cli(cli_buffer, tmp_path, capsys):
 
 
 def test_a_haba_dc_run_from_before_the_lr_style_default_moved_resumes_with_its_rate(tmp_path, capsys):
-    """DC/DSA's lr_style default moved (0.1, then 0.01, then 0.1 / IPC: 0.05 at this IPC 2): a run begun at another
-    rate is never continued at the default unasked; the error names the change, and giving the old rate resumes
-    it."""
+    """DC/DSA's lr_style default moved (0.1, then 0.01, then 0.002): a run begun at another rate is never continued
+    at the default unasked; the error names the change, and giving the old rate resumes it."""
     from haba_fast.cli import main
 
     run = tmp_path / "run"
@@ -373,7 +372,7 @@ def test_a_haba_dc_run_from_before_the_lr_style_default_moved_resumes_with_its_r
     assert main([*argv, "--Iteration", "1", "--lr_style", "0.1"]) == 0
     capsys.readouterr()
     assert main([*argv, "--Iteration", "2", "--resume"]) == 2
-    assert "--lr_style 0.1 -> 0.05" in capsys.readouterr().err
+    assert "--lr_style 0.1 -> 0.002" in capsys.readouterr().err
     assert main([*argv, "--Iteration", "2", "--resume", "--lr_style", "0.1"]) == 0
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 2 and state["config"]["lr_style"] == 0.1
@@ -538,3 +537,22 @@ def test_digest_of_a_large_dataset(n):
     assert _digest(t) != a
     small = torch.arange(1000.0)  # below the sample count: every element, unchanged by the clamp
     assert _digest(small) == _digest(small.clone())
+
+
+def test_a_setting_the_run_never_reads_does_not_block_its_resume():
+    """A pixel DC run begun when lr_style's default was 0.01 resumes under today's 0.002: pixel sets have no
+    hallucinators (distill.SCOPES). A HaBa run stops, naming the change and the checkpoint's value."""
+    import dataclasses
+
+    from haba_fast.checkpoint import check_resume
+    from haba_fast.distill import DistillConfig
+
+    pixels = DistillConfig(objective="dc", parameterization="pixels", ipc=50, lr_style=0.002)
+    assert check_resume({"config": {**pixels.to_dict(), "lr_style": 0.01}}, pixels) == []
+    haba = dataclasses.replace(pixels, parameterization="haba")
+    with pytest.raises(ValueError) as err:
+        check_resume({"config": {**haba.to_dict(), "lr_style": 0.01}}, haba)
+    assert "--lr_style 0.01 -> 0.002. Resume with the checkpoint's values (--lr_style 0.01: a default may have moved" \
+        in str(err.value) and "--allow-changed lr_style" in str(err.value)
+    assert check_resume({"config": {**haba.to_dict(), "lr_style": 0.01}}, haba, allow_changed=["lr_style"]) == [
+        "lr_style"]

@@ -242,10 +242,14 @@ def test_reference_evaluation_flags_without_evaluation_are_warned_about_or_refus
 
 
 def test_batch_train_sizes_gradient_matching_batches_without_evaluation(tmp_path, capsys):
-    # DC/DSA train their network on the synthetic set in batches of --batch_train, as DC's main.py does.
-    cfg = _config(_plain(tmp_path, "--objective", "dc", "--outer-loop", "1", "--inner-loop", "1", "--batch_train",
+    # DC/DSA train their network on the synthetic set in batches of --batch_train between outer steps, as DC's
+    # main.py does; with an outer loop of 1 there is no such step, and nothing reads it.
+    cfg = _config(_plain(tmp_path, "--objective", "dc", "--outer-loop", "2", "--inner-loop", "1", "--batch_train",
                          "64"))  # fmt: skip
     assert cfg.batch_train == 64 and "warning" not in capsys.readouterr().err
+    line = _error(_plain(tmp_path, "--objective", "dsa", "--outer-loop", "1", "--inner-loop", "1", "--batch_train",
+                         "64"), capsys)  # fmt: skip
+    assert "--batch_train has no effect here: --num_eval 0 evaluates nothing; drop it" in line
 
 
 @pytest.mark.parametrize("extra", [["--batch-standardize"], ["--eval-models", "ConvNet"]])
@@ -253,6 +257,18 @@ def test_our_evaluation_flags_without_evaluation_are_refused(tmp_path, capsys, e
     line = _error(_mtt(tmp_path, *extra), capsys)
     assert f"{extra[0]} applies to the run's evaluations (--num_eval 0 evaluates nothing); drop it" in line
     assert _config(_mtt(tmp_path, "--num_eval", "1", *extra)).num_eval == 1
+
+
+def test_main_py_epochs_warning_is_not_given_where_nothing_is_evaluated(tmp_path, capsys):
+    """--method DC overwrites --epoch_eval_train in main.py (a warning says so), but with --num_eval 0 the flag does
+    nothing at all: one message, the refusal."""
+    argv = _plain(tmp_path, "--method", "DC", "--outer-loop", "2", "--inner-loop", "1", "--epoch_eval_train", "10")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--epoch_eval_train has no effect here: --num_eval 0 evaluates nothing" in err
+    assert "main.py overwrites" not in err
+    _config([a if a != "0" else "1" for a in argv])  # --num_eval 1: the warning stands
+    assert "main.py overwrites --epoch_eval_train" in capsys.readouterr().err
 
 
 def test_one_hallucinator_with_the_adversarial_term_is_warned_about(tmp_path, capsys):

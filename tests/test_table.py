@@ -605,13 +605,12 @@ def test_a_cell_stored_before_a_protocol_field_existed_is_reused(tmp_path):
 
 
 def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
-    """The objectives' default moved (DC/DSA 0.1 -> 0.01, then 0.1 / IPC): the quick protocol runs 0.01 at every
-    IPC, the full protocol keeps 0.1, the rates their cells ran at."""
+    """The objectives' default moved (DC/DSA 0.1 -> 0.01 -> 0.002): the quick protocol runs 0.01, the full protocol
+    keeps 0.1, the rates their cells ran at, at every IPC."""
     from haba_fast.distill import DistillConfig, apply_objective
 
     for objective in ("dc", "dsa"):
-        assert apply_objective(DistillConfig(ipc=10), objective).lr_style == 0.01
-        assert apply_objective(DistillConfig(budget_ipc=50), objective).lr_style == 0.002
+        assert apply_objective(DistillConfig(), objective).lr_style == 0.002
         for ipc in (10, 50):  # a protocol's rate holds at every IPC
             cell = table.distill_config(Cell(ipc, f"haba-{objective}"), table.PROTOCOLS["quick"], "fashion-mnist")
             assert cell.lr_style == 0.01
@@ -619,13 +618,12 @@ def test_lr_style_names_every_objective_and_pins_the_tables_hallucinator_rate():
             assert dict(table.PROTOCOLS[name].lr_style)[objective] == rate
             cfg = table.distill_config(Cell(10, f"haba-{objective}"), table.PROTOCOLS[name], "fashion-mnist")
             assert cfg.lr_style == rate
-    # An objective a protocol leaves out takes today's default at IPC 10, named, so a stored cell never rests on a
-    # default.
+    # An objective a protocol leaves out takes today's default, named, so a stored cell never rests on a default.
     p = Protocol(name="x", lr_style=(("mtt", 0.3),))
-    assert dict(p.lr_style) == {"dc": 0.01, "dsa": 0.01, "dm": 1.0, "mtt": 0.3}
-    assert table.distill_config(Cell(10, "haba-dc"), p, "fashion-mnist").lr_style == 0.01
+    assert dict(p.lr_style) == {"dc": 0.002, "dsa": 0.002, "dm": 1.0, "mtt": 0.3}
+    assert table.distill_config(Cell(10, "haba-dc"), p, "fashion-mnist").lr_style == 0.002
     assert Protocol(name="x", lr_style=(("mtt", 0.3), ("dc", 0.1))) == Protocol(name="x", lr_style=(
-        ("dc", 0.1), ("dsa", 0.01), ("dm", 1.0), ("mtt", 0.3)))  # one order, whatever the order given
+        ("dc", 0.1), ("dsa", 0.002), ("dm", 1.0), ("mtt", 0.3)))  # one order, whatever the order given
     with pytest.raises(ValueError, match="lr_style names unknown objectives kip"):
         Protocol(name="x", lr_style=(("kip", 1.0),))
 
@@ -1107,11 +1105,8 @@ def test_stopping_a_jobs_run_stops_its_helpers(tmp_path, sig):
 
 
 def test_the_protocol_line_states_each_rate_against_its_default():
-    """A protocol runs one hallucinator rate per objective at every IPC; the page puts it beside the objective's
-    default, which for DC/DSA depends on the IPC (0.1 / IPC)."""
-    assert table._default_rate_text("dc", 0.01) == " at every IPC (default 0.1 / IPC: 0.01 at IPC 10, 0.002 at IPC 50)"
-    assert table._default_rate_text("dsa", 0.1).startswith(" at every IPC (default 0.1 / IPC")
-    assert table._default_rate_text("dm", 1.0) == ""  # DM's default, at every IPC
-    assert table._default_rate_text("dm", 0.5) == " (default 1)"
-    assert table._default_rate_text("mtt", 0.3) == " (default 100)"
-    assert table.default_lr_style("dc", 20) == 0.005 and table.default_lr_style("dc") == 0.01
+    """The page puts each protocol rate beside the objective's default where they differ."""
+    split = {"train_images": 1, "val_images": 1, "test_images": 1, "split_seed": 0, "eval_split": "test"}
+    doc = table.render_markdown({}, table.PROTOCOLS["quick"], split, "fashion-mnist")
+    line = next(x for x in doc.splitlines() if "lr_style (HaBa's hallucinators)" in x)
+    assert "DC 0.01 (default 0.002), DM 1, DSA 0.01 (default 0.002), MTT 0.3 (default 100)" in line

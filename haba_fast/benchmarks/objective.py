@@ -60,7 +60,7 @@ def build_distiller(args, objective: str, parameterization: str):
     if objective == "mtt":
         student = get_network(model, 3, 10, (32, 32), generator=torch.Generator().manual_seed(args.seed))
         buffer = SyntheticBuffer(flatten_params(student), num_epochs=4, seed=args.seed)
-    cfg = apply_objective(DistillConfig(ipc=args.ipc), objective)  # the rates of this IPC (DC/DSA's lr_style)
+    cfg = apply_objective(DistillConfig(), objective)
     cfg = cfg.__class__(
         **{
             **cfg.to_dict(),

@@ -98,8 +98,7 @@ _FLAGS: List[tuple] = [
     ("lr_lr", ["--lr_lr", "--lr-lr"], dict(type=float), "learning rate of the learned learning rate"),
     ("lr_teacher", ["--lr_teacher", "--lr-teacher"], dict(type=float), "initial learned learning rate"),
     ("lr_style", ["--lr_style", "--lr-style"], dict(type=float),
-     "learning rate of the hallucinators (default: mtt 100, the reference's; dc/dsa 0.1 / IPC: 0.01 at IPC 10, "
-     "0.002 at IPC 50; dm 1.0)"),
+     "learning rate of the hallucinators (default: mtt 100, the reference's; dc/dsa 0.002; dm 1.0)"),
     ("batch_real", ["--batch_real", "--batch-real"], dict(type=int), "dc/dsa/dm: real images per class per step"),
     ("batch_syn", ["--batch_syn", "--batch-syn"], dict(type=int),
      "bases per unrolled step (default: all; a divisor of them)"),
@@ -485,7 +484,8 @@ def config_from_args(args: argparse.Namespace):
     if cfg.parameterization == "haba" and cfg.n_hallucinators == 1 and cfg.lambda_club_content != 0:
         dist.print_main(  # distill_fac.py draws two different hallucinators and fails with one (randperm(1)[1])
             "haba-fast distill: warning: --n_style 1: the adversarial term contrasts two different hallucinators; "
-            "with one it compares the hallucinator with itself (the reference stops with an IndexError here); "
+            "with one it compares the hallucinator with itself (HaBa's distill_fac.py stops with an IndexError "
+            "here); "
             "--lambda_club_content 0 turns the term off",
             file=sys.stderr,
         )
@@ -535,7 +535,9 @@ def _main_py_method(cfg, args: argparse.Namespace):
             file=sys.stderr,
         )
         cfg = dataclasses.replace(cfg, dsa_strategy=MAIN_PY_DSA_STRATEGY)
-    if hasattr(args, "epoch_eval_train") and args.epoch_eval_train != cfg.epoch_eval_train:
+    # (with --num_eval 0 nothing is evaluated, and reference_no_ops says so instead)
+    if hasattr(args, "epoch_eval_train") and args.epoch_eval_train != cfg.epoch_eval_train \
+            and getattr(args, "num_eval", cfg.num_eval) != 0:
         dist.print_main(
             "haba-fast distill: warning: main.py overwrites --epoch_eval_train before every evaluation (300 "
             f"epochs without augmentation, 1000 with); this run trains {args.epoch_eval_train} as given",
@@ -545,15 +547,13 @@ def _main_py_method(cfg, args: argparse.Namespace):
 
 
 def _sized_by_objective(cfg, given: Dict[str, Any], iterations_spelling: Optional[str]):
-    """``cfg`` with the objective's public run length and HaBa's hallucinator rate for its final IPC where
-    ``--Iteration`` / ``--eval_it`` / ``--lr_style`` were not given (``distill.objective_schedule``,
-    ``distill.objective_lr_style``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the outer loop
-    synthetic updates."""
-    from haba_fast.distill import DistillConfig, objective_lr_style, objective_schedule
+    """``cfg`` with the objective's public run length for its final IPC where ``--Iteration`` / ``--eval_it`` were
+    not given (``distill.objective_schedule``), and DC/DSA's ``--Iteration N`` as N main.py iterations: N x the outer
+    loop synthetic updates."""
+    from haba_fast.distill import DistillConfig, objective_schedule
     from haba_fast.objectives.base import get_objective
 
-    sized = {**objective_lr_style(cfg), **objective_schedule(cfg)}
-    changes = {k: v for k, v in sized.items() if k not in given}
+    changes = {k: v for k, v in objective_schedule(cfg).items() if k not in given}
     if "budget_ipc" in given and "ipc" not in given:  # unread beside --budget-ipc: not DM's 50 in the run's record
         changes["ipc"] = DistillConfig.ipc
     if "iterations" in given and iterations_spelling == "--Iteration":
@@ -566,6 +566,7 @@ def reference_no_ops(cfg, given) -> List[tuple]:
     the same combination and ignore it there too (``--dsa False --dsa_strategy color``): with ``--objective mtt``
     the CLI warns, so that reference command lines keep running; with the other objectives it refuses them."""
     from haba_fast.distill import eval_iterations
+    from haba_fast.objectives.base import get_objective
 
     # Who reads the distillation's augmentation strategy (Distiller.strategy): every objective but dc (which matches
     # unaugmented gradients), and HaBa's adversarial term.
@@ -587,9 +588,11 @@ def reference_no_ops(cfg, given) -> List[tuple]:
     if "no_aug" in given and cfg.no_aug and not (cfg.dsa and reader):
         why = no_dsa if not cfg.dsa else "--objective dc distills without augmentation"
         found.append(("no_aug", why))
-    if not evaluates:  # the evaluation's own settings (batch_train also sizes DC/DSA's inner-loop batches)
+    if not evaluates:  # the evaluation's own settings (batch_train also sizes DC/DSA's inner-loop batches, which
+        # run between outer steps: none with an outer loop of 1)
+        inner_batches = cfg.objective in ("dc", "dsa") and get_objective(cfg.objective).loops(cfg)[0] > 1
         for dest in ("epoch_eval_train", "eval_mode", "batch_train"):
-            if dest in given and not (dest == "batch_train" and cfg.objective in ("dc", "dsa")):
+            if dest in given and not (dest == "batch_train" and inner_batches):
                 found.append((dest, "--num_eval 0 evaluates nothing"))
     if cfg.parameterization == "haba" and cfg.lambda_club_content == 0:
         for dest in ("lambda_likeli_content", "lambda_cls_content", "lambda_contrast_content"):

@@ -118,13 +118,6 @@ class Objective(abc.ABC):
         """Synthetic updates in one iteration of the objective's public script (one; DC/DSA: the outer loop)."""
         return 1
 
-    @classmethod
-    def default_lr_style(cls, ipc: int) -> Optional[float]:
-        """HaBa's hallucinator rate by default for a run of ``ipc`` images per class (``budget_ipc``, else ``ipc``):
-        ``defaults``' ``lr_style`` (DM 1.0); None: ``DistillConfig``'s (MTT: the reference's 100)."""
-        rate = cls.defaults.get("lr_style")
-        return None if rate is None else float(rate)
-
     def __init__(self, setup: ObjectiveSetup):
         self.setup = setup
         self.cfg = setup.cfg
