@@ -421,12 +421,12 @@ def check_resume(
             f"{where} was made with other shapes, which cannot change on resume: {'; '.join(structural)}; "
             "resume with the same settings or start a new --out folder"
         )
+    was = {k: saved.get(k, defaults[k]) for k in result_keys()}
     # A setting this configuration never reads (distill.SCOPES: a pixel run's lr_style, ...) changes nothing.
-    changed = [k for k in result_keys() if saved.get(k, defaults[k]) != now[k] and not cfg.unused([k])]
-    lines = [f"{flag_name(k)} {saved.get(k, defaults[k])!r} -> {now[k]!r}" for k in changed]
+    changed = [k for k in was if was[k] != now[k] and not cfg.unused([k])]
+    lines = [f"{flag_name(k)} {was[k]!r} -> {now[k]!r}" for k in changed]
     # The checkpoint's values as flags: a default may have moved since the run began (HaBa + DC/DSA's lr_style).
-    keep = [f"{flag_name(k)} {_flag_text(saved.get(k, defaults[k]))}" for k in changed
-            if k not in allowed and saved.get(k, defaults[k]) is not None]
+    keep = [f"{flag_name(k)} {_flag_text(was[k])}" for k in changed if k not in allowed and was[k] is not None]
     saved_inputs = saved_state.get("inputs")
     if inputs is not None and saved_inputs is not None:
         for key, flag in _INPUT_KEYS.items():

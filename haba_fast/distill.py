@@ -134,7 +134,7 @@ def _gradient_matching(c: "DistillConfig") -> bool:
 
 
 def _evaluates(c: "DistillConfig") -> bool:
-    return c.num_eval > 0
+    return bool(eval_iterations(c))
 
 
 _MTT_BUFFER = "--objective mtt (the others read no expert buffer)"

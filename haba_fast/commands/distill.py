@@ -485,8 +485,7 @@ def config_from_args(args: argparse.Namespace):
         dist.print_main(  # distill_fac.py draws two different hallucinators and fails with one (randperm(1)[1])
             "haba-fast distill: warning: --n_style 1: the adversarial term contrasts two different hallucinators; "
             "with one it compares the hallucinator with itself (HaBa's distill_fac.py stops with an IndexError "
-            "here); "
-            "--lambda_club_content 0 turns the term off",
+            "here); --lambda_club_content 0 turns the term off",
             file=sys.stderr,
         )
     return cfg
@@ -589,8 +588,8 @@ def reference_no_ops(cfg, given) -> List[tuple]:
         why = no_dsa if not cfg.dsa else "--objective dc distills without augmentation"
         found.append(("no_aug", why))
     if not evaluates:  # the evaluation's own settings (batch_train also sizes DC/DSA's inner-loop batches, which
-        # run between outer steps: none with an outer loop of 1)
-        inner_batches = cfg.objective in ("dc", "dsa") and get_objective(cfg.objective).loops(cfg)[0] > 1
+        # train the network between the outer steps of one iteration: none with an outer loop of 1, none elsewhere)
+        inner_batches = get_objective(cfg.objective).updates_per_iteration(cfg) > 1
         for dest in ("epoch_eval_train", "eval_mode", "batch_train"):
             if dest in given and not (dest == "batch_train" and inner_batches):
                 found.append((dest, "--num_eval 0 evaluates nothing"))
