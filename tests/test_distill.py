@@ -593,7 +593,7 @@ def test_bad_choices_are_argparse_errors(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_no_dataset_runs_the_demo(monkeypatch):
+def test_no_dataset_runs_the_demo(monkeypatch, capsys):
     import haba_fast.demo as demo_mod
     from haba_fast.cli import main
 
@@ -602,6 +602,11 @@ def test_no_dataset_runs_the_demo(monkeypatch):
     assert main(["distill", "--out", "x/y", "--Iteration", "5", "--lr_img", "7", "--no-progress"]) == 0
     d = seen["demo"]
     assert (d.out, d.iterations, d.haba_lr_img, d.progress) == ("x/y", 5, 7.0, False)
+    # reference flags without --dataset: the reference would run CIFAR10, so the demo says what it runs
+    err = capsys.readouterr().err
+    assert "runs the digits demo with --iterations, --lr_img" in err and "CIFAR10" in err
+    assert main(["distill", "--out", "x/z", "--no-progress"]) == 0
+    assert "digits demo" not in capsys.readouterr().err  # no reference flag given: no note
     assert main(["distill", "--zca"]) == 2  # a flag the demo cannot honour: a clear error, exit 2
 
 

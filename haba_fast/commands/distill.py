@@ -715,9 +715,16 @@ def _run_demo(args: argparse.Namespace) -> int:
             f"--{ignored[0]} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "
             f"takes only {', '.join('--' + k for k in mapping)})"
         )
-    for dest, field in mapping.items():
-        if hasattr(args, dest):
-            setattr(demo, field, getattr(args, dest))
+    given = [dest for dest in mapping if hasattr(args, dest)]
+    if given:  # a reference command line that lost its --dataset would mean CIFAR10 there
+        print(
+            "haba-fast distill: note: no --dataset, so this runs the digits demo with "
+            f"{', '.join('--' + d for d in given)}; distill_fac.py's default dataset is CIFAR10 "
+            "(give --dataset CIFAR10 --data_path DIR for that)",
+            file=sys.stderr,
+        )
+    for dest in given:
+        setattr(demo, mapping[dest], getattr(args, dest))
     demo.progress = args.progress
     if demo.engine != "auto":
         from haba_fast.engines import get_engine
