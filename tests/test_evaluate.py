@@ -395,3 +395,103 @@ def test_cli_bases_only_refuses_what_has_no_image_bases(tmp_path, capsys, monkey
     ):
         assert main(["eval", *args, "--bases-only", "--models", MODEL, "--quiet", "--device", "cpu"]) == 2, args
         assert message in capsys.readouterr().err, args
+
+
+def _spy_eval(monkeypatch):
+    """Replace evaluate_synthetic with a recorder of the EvalConfig each ``haba-fast eval`` call would train with."""
+    import haba_fast.evaluate as evaluate_mod
+
+    seen = []
+    monkeypatch.setattr(evaluate_mod, "evaluate_synthetic", lambda syn, ds, cfg, **kw: seen.append(cfg) or (
+        EvalResult({m: [0.5] for m in cfg.models}, lr=0.01, num_samples=1, epochs=1, label="x")))
+    return seen
+
+
+def _run_record(objective, **kw):
+    """The settings a ``haba-fast distill --objective OBJECTIVE`` run records in its synthetic set's meta."""
+    from haba_fast.distill import DistillConfig, apply_objective
+
+    return apply_objective(DistillConfig(dataset="digits", ipc=1, **kw), objective).to_dict()
+
+
+@pytest.mark.parametrize("objective", ["dc", "dsa", "dm", "mtt"])
+def test_cli_eval_takes_the_recorded_runs_protocol(objective, tmp_path, monkeypatch, capsys):
+    """A set of ours is evaluated as its run evaluated it (the oracle: distill.eval_config of the recorded settings):
+    a DC set as DC's main.py (20 networks x 300 epochs, no DSA), DSA / DM with their repeats and epochs."""
+    from haba_fast.cli import main
+    from haba_fast.distill import DistillConfig, eval_config
+
+    seen = _spy_eval(monkeypatch)
+    record = _run_record(objective)
+    hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    hb.save(tmp_path / "hb.pt", meta={"dataset": "digits", "lr": 0.02, "config": record})
+    assert main(["eval", str(tmp_path / "hb.pt"), "--quiet", "--device", "cpu"]) == 0
+    want = eval_config(DistillConfig.from_dict(record), dataset_name="digits")
+    got = seen[0]
+    for key in ("num_eval", "epochs", "batch_size", "dsa", "dsa_strategy", "dc_aug_dataset", "dc_aug_epochs",
+                "batch_standardize"):
+        assert getattr(got, key) == getattr(want, key), key
+    if objective == "dc":
+        assert (got.num_eval, got.epochs, got.dsa) == (20, 300, False)
+    assert "evaluating as the run did" in capsys.readouterr().err
+
+
+def test_cli_eval_flags_win_over_the_recorded_protocol(tmp_path, monkeypatch, capsys):
+    from haba_fast.cli import main
+
+    seen = _spy_eval(monkeypatch)
+    hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    hb.save(tmp_path / "dc.pt", meta={"dataset": "digits", "lr": 0.02, "config": _run_record("dc")})
+    hb.save(tmp_path / "quiet.pt", meta={"dataset": "digits", "lr": 0.02, "config": _run_record("mtt", num_eval=0)})
+    base = ["--quiet", "--device", "cpu"]
+    assert main(["eval", str(tmp_path / "dc.pt"), "--num_eval", "2", "--epochs", "3", "--batch_train", "7",
+                 "--dsa", "True", "--batch-standardize", "False", *base]) == 0
+    assert main(["eval", str(tmp_path / "dc.pt"), "--dsa-strategy", "color", *base]) == 0  # a strategy asks for DSA
+    assert main(["eval", str(tmp_path / "quiet.pt"), *base]) == 0  # the run evaluated nothing: the default repeats
+    explicit, strategy, quiet = seen
+    assert (explicit.num_eval, explicit.epochs, explicit.batch_size, explicit.dsa) == (2, 3, 7, True)
+    assert explicit.batch_standardize is False and explicit.dc_aug_dataset is None
+    assert (strategy.dsa, strategy.dsa_strategy, strategy.num_eval, strategy.epochs) == (True, "color", 20, 300)
+    assert quiet.num_eval == 5
+
+
+def test_cli_eval_dsa_false_is_no_dsa(tmp_path, monkeypatch):
+    """``--dsa False`` (the reference's spelling, which ``distill`` takes) is ``--no-dsa``; with a strategy it is
+    refused as --no-dsa is."""
+    from haba_fast.cli import main
+
+    seen = _spy_eval(monkeypatch)
+    assert main(["eval", "--baseline", "random", "--ipc", "1", "--dsa", "False", "--quiet", "--device", "cpu"]) == 0
+    assert main(["eval", "--baseline", "random", "--ipc", "1", "--quiet", "--device", "cpu"]) == 0
+    assert [c.dsa for c in seen] == [False, True]
+    assert main(["eval", "--baseline", "random", "--ipc", "1", "--dsa", "False", "--dsa_strategy", "color"]) == 2
+
+
+def test_cli_eval_unreadable_record_falls_back_to_the_defaults(tmp_path, monkeypatch, capsys):
+    from haba_fast.cli import main
+
+    seen = _spy_eval(monkeypatch)
+    hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    hb.save(tmp_path / "new.pt", meta={"dataset": "digits", "lr": 0.02,
+                                        "config": {"objective": "dc", "a_later_setting": 1}})
+    assert main(["eval", str(tmp_path / "new.pt"), "--quiet", "--device", "cpu"]) == 0
+    assert (seen[0].num_eval, seen[0].epochs, seen[0].dsa) == (5, 1000, True)
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_cli_eval_warns_when_the_learned_lr_is_unknown(tmp_path, monkeypatch, capsys):
+    """The reference's scripts save no learned lr: such a set trains at 0.01 and the command says so, unless --lr
+    is given or the set records its lr."""
+    from haba_fast.cli import main
+
+    _spy_eval(monkeypatch)
+    syn = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    syn.to_reference(tmp_path / "bare", it=5)  # images_5.pt, styles_5.pt: no lr, as distill_fac.py writes
+    syn.to_reference(tmp_path / "ours", it=5, lr=0.03)  # with syn_lr_5.pt
+    base = ["--it", "5", "--quiet", "--device", "cpu", "--models", MODEL]
+    assert main(["eval", str(tmp_path / "bare"), *base]) == 0
+    assert "records no learned lr" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "bare"), "--lr", "0.02", *base]) == 0
+    assert main(["eval", str(tmp_path / "ours"), *base]) == 0
+    assert main(["eval", "--baseline", "random", "--ipc", "1", "--quiet", "--device", "cpu"]) == 0
+    assert "learned lr" not in capsys.readouterr().err

@@ -8,6 +8,12 @@ Trains fresh networks on the set (the reference protocol: SGD momentum 0.9, weig
 learned lr, DSA, batch 256, --epochs E trained as E + 1 epochs with lr x0.1 after epoch E // 2 + 1) and
 prints test accuracy mean ± std per architecture. ``--eval_mode`` picks the architectures as the
 reference's ``get_eval_pool`` does (S, M, W, D, A, P, N, C); ``--models`` names them instead.
+
+A set that ``haba-fast distill`` wrote records its run's settings, and is evaluated as that run evaluated it
+(:func:`haba_fast.distill.eval_config`: its repeats, epochs, batch, augmentation and batch standardization; a DC
+set as DC's main.py, without DSA, 20 networks of 300 epochs), flags given winning; other sets (reference files,
+coresets) take :data:`COMMAND_DEFAULTS`. The reference saves no learned lr: a set without one is evaluated at
+0.01, with a warning, unless ``--lr`` is given.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from pathlib import Path
 from haba_fast.commands.distill import _bool_value
 from haba_fast.evaluate import CORESET_METHODS, eval_modes
 from haba_fast.training import DEFAULT_DSA_STRATEGY
+
+# The protocol of a set that records no run (the reference's evaluate_synset defaults): flags left unset take these.
+COMMAND_DEFAULTS = {"num_eval": 5, "epochs": 1000, "batch_size": 256, "dsa": True}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,16 +83,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the training model that --eval_mode S/C refer to (default: the checkpoint's, else ConvNet)",
     )
-    p.add_argument("--num-eval", "--num_eval", dest="num_eval", type=int, default=5, help="repeats per model (5)")
+    p.add_argument("--num-eval", "--num_eval", dest="num_eval", type=int, default=None,
+                   help=f"repeats per model (default: the run's, else {COMMAND_DEFAULTS['num_eval']})")
     p.add_argument(
         "--epochs",
         "--epoch_eval_train",
         "--epoch-eval-train",
         dest="epochs",
         type=int,
-        default=1000,
+        default=None,
         help="the reference's Epoch: each network trains Epoch + 1 epochs, lr x0.1 after epoch Epoch // 2 + 1 "
-        "(1000)",
+        f"(default: the run's, else {COMMAND_DEFAULTS['epochs']})",
     )
     p.add_argument(
         "--lr",
@@ -99,8 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--batch-train",
         dest="batch_size",
         type=int,
-        default=256,
-        help="training batch (256)",
+        default=None,
+        help=f"training batch (default: the run's, else {COMMAND_DEFAULTS['batch_size']})",
     )
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
     p.add_argument("--weight-decay", dest="weight_decay", type=float, default=5e-4, help="SGD weight decay (5e-4)")
@@ -109,9 +119,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dsa_strategy",
         dest="dsa_strategy",
         default=None,
-        help=f"DSA families (default: all six, {DEFAULT_DSA_STRATEGY}); 'none' turns DSA off",
+        help=f"DSA families (default: the run's, else all six, {DEFAULT_DSA_STRATEGY}); 'none' turns DSA off",
     )
-    p.add_argument("--no-dsa", dest="dsa", action="store_false", help="train without augmentation")
+    p.add_argument("--no-dsa", dest="dsa", action="store_false", default=None,
+                   help="train without augmentation (default: as the run evaluated, else with DSA)")
+    p.add_argument("--dsa", dest="dsa", type=_bool_value, default=None, metavar="{True,False}",
+                   help="the reference's spelling: --dsa False = --no-dsa")
     p.add_argument(
         "--dc-aug",
         "--dc_aug",
@@ -252,9 +265,56 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} reads a reference checkpoint; --baseline evaluates a coreset: drop {flag}")
         if args.bases_only:
             raise ValueError("--bases-only takes a HaBa set's bases; a --baseline coreset has none: drop --bases-only")
-    if not args.dsa and args.dsa_strategy not in (None, "none"):
+    if args.dsa is False and args.dsa_strategy not in (None, "none"):
         raise ValueError(f"--dsa-strategy {args.dsa_strategy} chooses the augmentation that --no-dsa turns off: drop "
                          "one of them")
+
+
+def warn_unknown_lr(checkpoint) -> None:
+    """Say that ``checkpoint`` records no learned lr, so its networks train at the default 0.01 (the reference's
+    distill.py / distill_fac.py save none: wandb logs it as Synthetic_LR)."""
+    import sys
+
+    from haba_fast.dist import print_main
+    from haba_fast.evaluate import DEFAULT_EVAL_LR
+
+    print_main(f"haba-fast eval: warning: {checkpoint} records no learned lr (the reference's scripts save none; "
+               f"wandb logs it as Synthetic_LR): training at {DEFAULT_EVAL_LR:g}; give --lr to evaluate as the run "
+               "did", file=sys.stderr)
+
+
+def adopt_run_protocol(cfg, recorded: dict, dataset_name: str, given: dict, args: argparse.Namespace) -> None:
+    """Set ``cfg``'s protocol to the one the run that wrote the set evaluated with (``recorded``: its DistillConfig
+    as a dict; :func:`haba_fast.distill.eval_config`), except where a flag was given (``given``, ``args``); a run
+    that evaluated nothing (``num_eval`` 0) leaves the repeats at the command's default. Says what it took."""
+    import sys
+
+    from haba_fast.dist import print_main
+    from haba_fast.distill import DistillConfig, eval_config
+    from haba_fast.training import dsa_enabled
+
+    try:
+        run = eval_config(DistillConfig.from_dict(recorded), dataset_name=dataset_name)
+    except (TypeError, ValueError) as e:
+        print_main(f"haba-fast eval: warning: the run's settings could not be read ({e}); evaluating with the "
+                   "command's defaults", file=sys.stderr)
+        return
+    taken = [key for key in COMMAND_DEFAULTS if key not in given]
+    if int(recorded.get("num_eval", 1)) <= 0 and "num_eval" in taken:
+        taken.remove("num_eval")
+    for key in taken:
+        setattr(cfg, key, getattr(run, key))
+    if args.dsa_strategy is None:
+        cfg.dsa_strategy = run.dsa_strategy
+    if "dsa" not in given:  # DC's main.py augments MNIST / ConvNetBN evaluations its own way where DSA is off
+        cfg.dc_aug_dataset, cfg.dc_aug_epochs = run.dc_aug_dataset, run.dc_aug_epochs
+    if args.batch_standardize is None:
+        cfg.batch_standardize = run.batch_standardize
+    augmentation = (f"DSA {cfg.dsa_strategy}" if dsa_enabled(cfg.dsa, cfg.dsa_strategy)
+                    else "DC's augmentation where it applies" if cfg.dc_aug_dataset else "no augmentation")
+    print_main(f"haba-fast eval: evaluating as the run did: {cfg.num_eval} networks x {cfg.epochs} epochs, batch "
+               f"{cfg.batch_size}, {augmentation}" + (", batches standardized" if cfg.batch_standardize else "")
+               + " (flags given win)", file=sys.stderr)
 
 
 def register(sub) -> None:
@@ -293,15 +353,19 @@ def run(args: argparse.Namespace) -> int:
     if args.models is not None and args.eval_mode is not None:
         raise ValueError("give --models or --eval_mode, not both")
     _refuse_idle_flags(args)
+    given = {key: getattr(args, key) for key in COMMAND_DEFAULTS if getattr(args, key) is not None}
+    if args.dsa_strategy not in (None, "none"):
+        given.setdefault("dsa", True)  # a strategy asks for DSA, whatever the run did
+    settings = {**COMMAND_DEFAULTS, **given}  # the run's protocol replaces the defaults below, where recorded
     cfg = EvalConfig(
         models=("ConvNet",),  # replaced below, once the checkpoint's training model is known
-        num_eval=args.num_eval,
-        epochs=args.epochs,
+        num_eval=settings["num_eval"],
+        epochs=settings["epochs"],
         lr=args.lr,
         momentum=args.momentum,
         weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        dsa=args.dsa,
+        batch_size=settings["batch_size"],
+        dsa=settings["dsa"],
         dsa_strategy=args.dsa_strategy or DEFAULT_DSA_STRATEGY,
         lr_schedule=args.lr_schedule,
         batch_standardize=bool(args.batch_standardize),
@@ -325,6 +389,8 @@ def run(args: argparse.Namespace) -> int:
             check_bases_only(syn, args.checkpoint)  # refused now, before the data is read
         meta = dict(getattr(syn, "meta", None) or {})
         label = type(syn).__name__
+        if args.lr is None and meta.get("lr") is None:
+            warn_unknown_lr(args.checkpoint)
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
         cfg.batch_standardize = syn is not None and bool(getattr(syn, "n_hallucinators", 0))
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}  # the distillation's settings
@@ -338,6 +404,8 @@ def run(args: argparse.Namespace) -> int:
                                pool_reference("pixels" if pixels else "haba", recorded.get("objective", "mtt")))
     cfg.validate()
     dataset_name = args.dataset or meta.get("dataset") or "digits"
+    if recorded:
+        adopt_run_protocol(cfg, recorded, dataset_name, given, args)
     if args.dc_aug:
         cfg.dc_aug_dataset = dataset_name
         cfg.validate()  # DC's augmentation needs --no-dsa
