@@ -86,6 +86,7 @@ bench: install
 	$(PY) -m pytest -q bench --benchmark-json bench/results/pytest-benchmark.json
 
 lint: install
+	$(PY) -m ruff --version >/dev/null 2>&1 || $(PY) -m pip install ruff
 	$(PY) -m ruff check haba_fast kernels tests bench
 
 clean:

@@ -495,3 +495,23 @@ def test_cli_eval_warns_when_the_learned_lr_is_unknown(tmp_path, monkeypatch, ca
     assert main(["eval", str(tmp_path / "ours"), *base]) == 0
     assert main(["eval", "--baseline", "random", "--ipc", "1", "--quiet", "--device", "cpu"]) == 0
     assert "learned lr" not in capsys.readouterr().err
+
+
+def test_cli_eval_reads_the_dataset_where_the_run_did(tmp_path, monkeypatch):
+    """Without --data_path a set of ours is tested on its dataset from the folder its run read (recorded); a
+    --data_path given, or another --dataset, wins."""
+    from haba_fast.cli import main
+
+    seen = []
+
+    def spy(name, path=None, **kw):
+        seen.append((name, path))
+        raise SystemExit(0)  # where the data is read from is what this test is about
+
+    monkeypatch.setattr(data, "load", spy)
+    hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    hb.save(tmp_path / "hb.pt", meta={"dataset": "mnist", "lr": 0.02, "config": _run_record("mtt", data_path="/d")})
+    for extra in ([], ["--data_path", "/e"], ["--dataset", "digits"]):
+        with pytest.raises(SystemExit):
+            main(["eval", str(tmp_path / "hb.pt"), "--quiet", "--device", "cpu", *extra])
+    assert seen == [("mnist", "/d"), ("mnist", "/e"), ("digits", None)]

@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the pixels",
     )
     p.add_argument("--dataset", default=None, help="dataset to test on (default: the checkpoint's, else digits)")
-    p.add_argument("--data-path", "--data_path", dest="data_path", default=None, help="folder with the dataset files")
+    p.add_argument("--data-path", "--data_path", dest="data_path", default=None,
+                   help="folder with the dataset files (default: the run's, for its own dataset)")
     p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten (default: as the checkpoint records)")
     p.add_argument(
         "--subset-per-class",
@@ -413,9 +414,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--dc-aug does nothing for {', '.join(cfg.models)} on {dataset_name}: DC's get_daparam "
                              "augments MNIST and ConvNetBN evaluations only; drop it")
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
+    data_path = args.data_path
+    if data_path is None and args.dataset is None:
+        data_path = recorded.get("data_path")  # the folder the run read its dataset from
     ds = data.load(
         dataset_name,
-        args.data_path,
+        data_path,
         zca=zca,
         subset_per_class=args.subset_per_class,
         generator=torch.Generator().manual_seed(args.seed),
