@@ -123,8 +123,8 @@ def test_eval_checks_every_float_flag(sets, capsys, flag, value, message):
     (["--ipc", "2"], "--ipc sizes a --baseline coreset; a CHECKPOINT has its own size: drop --ipc"),
     (["--herding-features", "pixels"], "--herding-features chooses how a --baseline herding / kcenter coreset is "
                                        "picked; it does nothing for a CHECKPOINT"),
-    (["--no-dsa", "--dsa-strategy", "color"], "--dsa-strategy color chooses the augmentation that --no-dsa turns "
-                                              "off: drop one of them"),
+    (["--no-dsa", "--dsa-strategy", "color"], "--dsa-strategy color chooses the augmentation that --no-dsa "
+                                              "(--dsa False) turns off: drop one of them"),
 ])
 def test_eval_refuses_flags_our_set_ignores(sets, capsys, extra, message):
     err = _error(capsys, "eval", ["eval", sets / "px.pt", *EVAL, *extra])

@@ -604,9 +604,11 @@ def test_no_dataset_runs_the_demo(monkeypatch, capsys):
     assert (d.out, d.iterations, d.haba_lr_img, d.progress) == ("x/y", 5, 7.0, False)
     # reference flags without --dataset: the reference would run CIFAR10, so the demo says what it runs
     err = capsys.readouterr().err
-    assert "runs the digits demo with --iterations, --lr_img" in err and "CIFAR10" in err
-    assert main(["distill", "--out", "x/z", "--no-progress"]) == 0
-    assert "digits demo" not in capsys.readouterr().err  # no reference flag given: no note
+    assert "runs the digits demo with --Iteration, --lr_img;" in err and "CIFAR10" in err  # as the user spelled them
+    assert main(["distill", "--out", "x/z", "--n-hallucinators", "3", "--no-progress"]) == 0
+    assert "demo with --n_style;" in capsys.readouterr().err  # the reference's spelling of a dash flag
+    assert main(["distill", "--out", "x/z", "--seed", "3", "--engine", "exact", "--no-progress"]) == 0
+    assert "digits demo" not in capsys.readouterr().err  # only our own flags given: no note
     assert main(["distill", "--zca"]) == 2  # a flag the demo cannot honour: a clear error, exit 2
 
 

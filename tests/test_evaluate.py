@@ -428,12 +428,37 @@ def test_cli_eval_takes_the_recorded_runs_protocol(objective, tmp_path, monkeypa
     assert main(["eval", str(tmp_path / "hb.pt"), "--quiet", "--device", "cpu"]) == 0
     want = eval_config(DistillConfig.from_dict(record), dataset_name="digits")
     got = seen[0]
-    for key in ("num_eval", "epochs", "batch_size", "dsa", "dsa_strategy", "dc_aug_dataset", "dc_aug_epochs",
-                "batch_standardize"):
+    for key in ("models", "num_eval", "epochs", "batch_size", "dsa", "dsa_strategy", "dc_aug_dataset",
+                "dc_aug_epochs", "batch_standardize"):
         assert getattr(got, key) == getattr(want, key), key
     if objective == "dc":
         assert (got.num_eval, got.epochs, got.dsa) == (20, 300, False)
-    assert "evaluating as the run did" in capsys.readouterr().err
+    assert "as its run evaluated it" in capsys.readouterr().err
+
+
+def test_cli_eval_takes_the_runs_pool_and_dc_augmentation(tmp_path, monkeypatch, capsys):
+    """A DC run on MNIST evaluated as main.py: DC's augmentation and 1000 epochs for the networks it augments, 300
+    for the rest; --epochs given wins for all of them; --no-dsa alone is no augmentation, --no-dsa --dc-aug DC's.
+    The run's pool (--eval_mode M) is taken unless --models / --eval_mode / --model is given."""
+    from haba_fast.cli import main
+
+    seen = _spy_eval(monkeypatch)
+    digits = data.load("digits", subset_per_class=2)
+    monkeypatch.setattr(data, "load", lambda name, path=None, **kw: digits)
+    hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    hb.save(tmp_path / "dc.pt", meta={"dataset": "mnist", "lr": 0.02, "config": _run_record("dc", eval_mode="M")})
+    base = [str(tmp_path / "dc.pt"), "--quiet", "--device", "cpu"]
+    for extra in ([], ["--epochs", "3"], ["--no-dsa"], ["--no-dsa", "--dc-aug"], ["--models", "MLP"]):
+        assert main(["eval", *base, *extra]) == 0, extra
+    run, epochs, no_aug, dc_aug, models = seen
+    assert run.dc_aug_for("ConvNet") != "none" and run.epochs_for("ConvNet") == 1000 and run.epochs == 300
+    assert "ConvNet 1000" in capsys.readouterr().err  # the note names the epochs DC's augmentation trains
+    assert epochs.epochs_for("ConvNet") == 3 and epochs.dc_aug_for("ConvNet") != "none"
+    assert no_aug.dc_aug_for("ConvNet") == "none" and no_aug.epochs_for("ConvNet") == 300
+    assert dc_aug.dc_aug_for("ConvNet") != "none" and dc_aug.epochs_for("ConvNet") == 1000
+    from haba_fast.evaluate import eval_pool
+
+    assert run.models == eval_pool("M", "ConvNet", "haba") and models.models == ("MLP",)
 
 
 def test_cli_eval_flags_win_over_the_recorded_protocol(tmp_path, monkeypatch, capsys):
@@ -511,7 +536,18 @@ def test_cli_eval_reads_the_dataset_where_the_run_did(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load", spy)
     hb = HaBa(10, 1, 1, (8, 8), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
     hb.save(tmp_path / "hb.pt", meta={"dataset": "mnist", "lr": 0.02, "config": _run_record("mtt", data_path="/d")})
-    for extra in ([], ["--data_path", "/e"], ["--dataset", "digits"]):
+    for extra in ([], ["--data_path", "/e"], ["--dataset", "digits"], ["--dataset", "MNIST"]):
         with pytest.raises(SystemExit):
             main(["eval", str(tmp_path / "hb.pt"), "--quiet", "--device", "cpu", *extra])
-    assert seen == [("mnist", "/d"), ("mnist", "/e"), ("digits", None)]
+    assert seen == [("mnist", "/d"), ("mnist", "/e"), ("digits", None), ("MNIST", "/d")]
+
+
+def test_cli_eval_missing_recorded_data_folder_says_where_it_came_from(tmp_path, capsys):
+    from haba_fast.cli import main
+
+    hb = HaBa(10, 1, 1, (28, 28), n_hallucinators=2, generator=torch.Generator().manual_seed(0))
+    record = _run_record("mtt", data_path=str(tmp_path / "gone"))
+    hb.save(tmp_path / "hb.pt", meta={"dataset": "mnist", "lr": 0.02, "config": record})
+    assert main(["eval", str(tmp_path / "hb.pt"), "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "gone") in err and "give --data_path" in err

@@ -681,6 +681,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# The demo's flags that distill_fac.py does not have (no CIFAR10 note for them).
+_OURS_IN_THE_DEMO = ("seed", "device", "engine", "budget_ipc")
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from haba_fast.demo import DemoConfig, run_demo
 
@@ -709,18 +713,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     }
     if args.allow_changed:
         raise ValueError("--allow-changed needs --dataset and --resume (the digits demo always starts over)")
+    from haba_fast.checkpoint import flag_name
+    from haba_fast.dist import print_main
+
     ignored = [d for d in (*CONFIG_DESTS, "method") if hasattr(args, d) and d not in mapping]
     if ignored:
         raise ValueError(
-            f"--{ignored[0]} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "
-            f"takes only {', '.join('--' + k for k in mapping)})"
+            f"{flag_name(ignored[0])} needs --dataset (without it, `haba-fast distill` runs the digits demo, which "
+            f"takes only {', '.join(flag_name(k) for k in mapping)})"
         )
     given = [dest for dest in mapping if hasattr(args, dest)]
-    if given:  # a reference command line that lost its --dataset would mean CIFAR10 there
-        print(
-            "haba-fast distill: note: no --dataset, so this runs the digits demo with "
-            f"{', '.join('--' + d for d in given)}; distill_fac.py's default dataset is CIFAR10 "
-            "(give --dataset CIFAR10 --data_path DIR for that)",
+    # A reference command line that lost its --dataset would mean CIFAR10 there (our own flags are not its).
+    reference = [getattr(args, f"{d}_spelling", None) or flag_name(d) for d in given if d not in _OURS_IN_THE_DEMO]
+    if reference:
+        print_main(
+            f"haba-fast distill: note: no --dataset, so this runs the digits demo with {', '.join(reference)}; "
+            "distill_fac.py's default dataset is CIFAR10 (give --dataset CIFAR10 --data_path DIR for that)",
             file=sys.stderr,
         )
     for dest in given:

@@ -9,17 +9,19 @@ learned lr, DSA, batch 256, --epochs E trained as E + 1 epochs with lr x0.1 afte
 prints test accuracy mean ± std per architecture. ``--eval_mode`` picks the architectures as the
 reference's ``get_eval_pool`` does (S, M, W, D, A, P, N, C); ``--models`` names them instead.
 
-A set that ``haba-fast distill`` wrote records its run's settings, and is evaluated as that run evaluated it
-(:func:`haba_fast.distill.eval_config`: its repeats, epochs, batch, augmentation and batch standardization; a DC
-set as DC's main.py, without DSA, 20 networks of 300 epochs), flags given winning; other sets (reference files,
-coresets) take :data:`COMMAND_DEFAULTS`. The reference saves no learned lr: a set without one is evaluated at
-0.01, with a warning, unless ``--lr`` is given.
+A set that ``haba-fast distill`` wrote records its run's settings. If that run evaluated (``--num_eval`` > 0) the
+set is evaluated as it was (:func:`haba_fast.distill.eval_config`: its pool, repeats, epochs, batch, augmentation
+and batch standardization; a DC set as DC's main.py, without DSA, 20 networks of 300 epochs), flags given
+winning; other sets (reference files, coresets, runs that evaluated apart such as the demo's and the table's) take
+:data:`COMMAND_DEFAULTS`. Its dataset is read from the folder its run read it from. The reference saves no
+learned lr: a set without one is evaluated at 0.01, with a warning, unless ``--lr`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from haba_fast.commands.distill import _bool_value
@@ -53,8 +55,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the pixels",
     )
     p.add_argument("--dataset", default=None, help="dataset to test on (default: the checkpoint's, else digits)")
-    p.add_argument("--data-path", "--data_path", dest="data_path", default=None,
-                   help="folder with the dataset files (default: the run's, for its own dataset)")
+    p.add_argument(
+        "--data-path",
+        "--data_path",
+        dest="data_path",
+        default=None,
+        help="folder with the dataset files (default: the folder a set's run read its dataset from)",
+    )
     p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten (default: as the checkpoint records)")
     p.add_argument(
         "--subset-per-class",
@@ -84,8 +91,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the training model that --eval_mode S/C refer to (default: the checkpoint's, else ConvNet)",
     )
-    p.add_argument("--num-eval", "--num_eval", dest="num_eval", type=int, default=None,
-                   help=f"repeats per model (default: the run's, else {COMMAND_DEFAULTS['num_eval']})")
+    p.add_argument(
+        "--num-eval",
+        "--num_eval",
+        dest="num_eval",
+        type=int,
+        default=None,
+        help=f"repeats per model (default: the run's, else {COMMAND_DEFAULTS['num_eval']})",
+    )
     p.add_argument(
         "--epochs",
         "--epoch_eval_train",
@@ -122,10 +135,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"DSA families (default: the run's, else all six, {DEFAULT_DSA_STRATEGY}); 'none' turns DSA off",
     )
-    p.add_argument("--no-dsa", dest="dsa", action="store_false", default=None,
-                   help="train without augmentation (default: as the run evaluated, else with DSA)")
-    p.add_argument("--dsa", dest="dsa", type=_bool_value, default=None, metavar="{True,False}",
-                   help="the reference's spelling: --dsa False = --no-dsa")
+    p.add_argument(
+        "--no-dsa",
+        dest="dsa",
+        action="store_false",
+        default=None,
+        help="train without augmentation (default: as the run evaluated, else with DSA)",
+    )
+    p.add_argument(
+        "--dsa",
+        dest="dsa",
+        type=_bool_value,
+        default=None,
+        metavar="{True,False}",
+        help="the reference's spelling: --dsa False = --no-dsa",
+    )
     p.add_argument(
         "--dc-aug",
         "--dc_aug",
@@ -267,15 +291,13 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
         if args.bases_only:
             raise ValueError("--bases-only takes a HaBa set's bases; a --baseline coreset has none: drop --bases-only")
     if args.dsa is False and args.dsa_strategy not in (None, "none"):
-        raise ValueError(f"--dsa-strategy {args.dsa_strategy} chooses the augmentation that --no-dsa turns off: drop "
-                         "one of them")
+        raise ValueError(f"--dsa-strategy {args.dsa_strategy} chooses the augmentation that --no-dsa (--dsa False) "
+                         "turns off: drop one of them")
 
 
 def warn_unknown_lr(checkpoint) -> None:
     """Say that ``checkpoint`` records no learned lr, so its networks train at the default 0.01 (the reference's
     distill.py / distill_fac.py save none: wandb logs it as Synthetic_LR)."""
-    import sys
-
     from haba_fast.dist import print_main
     from haba_fast.evaluate import DEFAULT_EVAL_LR
 
@@ -284,39 +306,51 @@ def warn_unknown_lr(checkpoint) -> None:
                "did", file=sys.stderr)
 
 
-def adopt_run_protocol(cfg, recorded: dict, dataset_name: str, given: dict, args: argparse.Namespace) -> None:
-    """Set ``cfg``'s protocol to the one the run that wrote the set evaluated with (``recorded``: its DistillConfig
-    as a dict; :func:`haba_fast.distill.eval_config`), except where a flag was given (``given``, ``args``); a run
-    that evaluated nothing (``num_eval`` 0) leaves the repeats at the command's default. Says what it took."""
-    import sys
-
+def recorded_run(recorded: dict):
+    """The DistillConfig a set of ours records (``meta["config"]``), validated; None, with a warning, where it cannot
+    be read (a later version's setting, a corrupt value)."""
     from haba_fast.dist import print_main
-    from haba_fast.distill import DistillConfig, eval_config
-    from haba_fast.training import dsa_enabled
+    from haba_fast.distill import DistillConfig
 
     try:
-        run = eval_config(DistillConfig.from_dict(recorded), dataset_name=dataset_name)
-    except (TypeError, ValueError) as e:
+        return DistillConfig.from_dict(recorded).validate()
+    except (TypeError, ValueError, AttributeError) as e:
         print_main(f"haba-fast eval: warning: the run's settings could not be read ({e}); evaluating with the "
                    "command's defaults", file=sys.stderr)
-        return
-    taken = [key for key in COMMAND_DEFAULTS if key not in given]
-    if int(recorded.get("num_eval", 1)) <= 0 and "num_eval" in taken:
-        taken.remove("num_eval")
-    for key in taken:
-        setattr(cfg, key, getattr(run, key))
-    if args.dsa_strategy is None:
-        cfg.dsa_strategy = run.dsa_strategy
-    if "dsa" not in given:  # DC's main.py augments MNIST / ConvNetBN evaluations its own way where DSA is off
-        cfg.dc_aug_dataset, cfg.dc_aug_epochs = run.dc_aug_dataset, run.dc_aug_epochs
-    if args.batch_standardize is None:
-        cfg.batch_standardize = run.batch_standardize
-    augmentation = (f"DSA {cfg.dsa_strategy}" if dsa_enabled(cfg.dsa, cfg.dsa_strategy)
-                    else "DC's augmentation where it applies" if cfg.dc_aug_dataset else "no augmentation")
-    print_main(f"haba-fast eval: evaluating as the run did: {cfg.num_eval} networks x {cfg.epochs} epochs, batch "
-               f"{cfg.batch_size}, {augmentation}" + (", batches standardized" if cfg.batch_standardize else "")
-               + " (flags given win)", file=sys.stderr)
+        return None
 
+
+def adopt_run_protocol(cfg, run, given: dict, *, dsa_strategy, batch_standardize) -> None:
+    """Set ``cfg``'s protocol to ``run`` (the EvalConfig the set's run evaluated with: ``distill.eval_config``)
+    wherever no flag was given: ``given`` (the :data:`COMMAND_DEFAULTS` keys given), ``dsa_strategy`` and
+    ``batch_standardize`` (None: not given). DC's augmentation (MNIST / ConvNetBN networks, their epochs) is taken
+    where DSA is not given; its epochs unless ``--epochs`` is."""
+    for key in COMMAND_DEFAULTS:
+        if key not in given:
+            setattr(cfg, key, getattr(run, key))
+    if dsa_strategy is None:
+        cfg.dsa_strategy = run.dsa_strategy
+    if "dsa" not in given:
+        cfg.dc_aug_dataset = run.dc_aug_dataset
+    if "epochs" not in given:
+        cfg.dc_aug_epochs = run.dc_aug_epochs
+    if batch_standardize is None:
+        cfg.batch_standardize = run.batch_standardize
+
+
+def protocol_text(cfg) -> str:
+    """``cfg``'s protocol in words: networks x epochs (per architecture where DC's augmentation changes them),
+    batch, augmentation, standardization."""
+    from haba_fast.training import dsa_enabled
+
+    epochs = {m: cfg.epochs_for(m) for m in cfg.models}
+    odd = {m: e for m, e in epochs.items() if e != cfg.epochs}
+    epochs_text = f"{cfg.epochs} epochs" + (f" ({', '.join(f'{m} {e}' for m, e in odd.items())})" if odd else "")
+    augmented = [m for m in cfg.models if cfg.dc_aug_for(m) != "none"]
+    augmentation = (f"DSA {cfg.dsa_strategy}" if dsa_enabled(cfg.dsa, cfg.dsa_strategy)
+                    else f"DC's augmentation ({', '.join(augmented)})" if augmented else "no augmentation")
+    return (f"{cfg.num_eval} networks x {epochs_text} per model, batch {cfg.batch_size}, {augmentation}"
+            + (", batches standardized" if cfg.batch_standardize else ""))
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -333,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from haba_fast import data, dist
+    from haba_fast.distill import eval_config
     from haba_fast.evaluate import (
         EvalConfig,
         coreset,
@@ -395,8 +430,18 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_standardize is None:  # HaBa's evaluation standardizes; MTT's (pixels) and the coresets' do not
         cfg.batch_standardize = syn is not None and bool(getattr(syn, "n_hallucinators", 0))
     recorded = meta.get("config") if isinstance(meta.get("config"), dict) else {}  # the distillation's settings
+    dataset_name = args.dataset or meta.get("dataset") or "digits"
+    run_cfg = recorded_run(recorded) if recorded else None
+    # The protocol the run evaluated with; a run that evaluated nothing (the demo, the table's cells: evaluated
+    # apart) has none.
+    run_eval = eval_config(run_cfg, dataset_name=dataset_name) if run_cfg is not None and run_cfg.num_eval > 0 else None
+    if run_eval is not None:
+        adopt_run_protocol(cfg, run_eval, given, dsa_strategy=args.dsa_strategy,
+                           batch_standardize=args.batch_standardize)
     if args.models is not None:
         cfg.models = split_models(args.models)
+    elif run_eval is not None and args.eval_mode is None and args.model is None:
+        cfg.models = run_eval.models
     else:
         # The pools of the code that distills such a set: a pixel set takes MTT's (trajectory matching, and MTT's
         # images_*.pt, which record no objective) or the DC/DSA/DM code's; HaBa sets and coresets HaBa's.
@@ -404,27 +449,36 @@ def run(args: argparse.Namespace) -> int:
         cfg.models = eval_pool(args.eval_mode or "S", args.model or recorded.get("model") or "ConvNet",
                                pool_reference("pixels" if pixels else "haba", recorded.get("objective", "mtt")))
     cfg.validate()
-    dataset_name = args.dataset or meta.get("dataset") or "digits"
-    if recorded:
-        adopt_run_protocol(cfg, recorded, dataset_name, given, args)
     if args.dc_aug:
         cfg.dc_aug_dataset = dataset_name
         cfg.validate()  # DC's augmentation needs --no-dsa
         if all(cfg.dc_aug_for(m) == "none" for m in cfg.models):
             raise ValueError(f"--dc-aug does nothing for {', '.join(cfg.models)} on {dataset_name}: DC's get_daparam "
                              "augments MNIST and ConvNetBN evaluations only; drop it")
+    if run_eval is not None:
+        dist.print_main(f"haba-fast eval: as its run evaluated it: {protocol_text(cfg)} (flags given win)",
+                        file=sys.stderr)
     zca = args.zca if args.zca is not None else bool(meta.get("zca"))
     data_path = args.data_path
-    if data_path is None and args.dataset is None:
-        data_path = recorded.get("data_path")  # the folder the run read its dataset from
-    ds = data.load(
-        dataset_name,
-        data_path,
-        zca=zca,
-        subset_per_class=args.subset_per_class,
-        generator=torch.Generator().manual_seed(args.seed),
-        statistics=data.statistics_for(recorded.get("objective", "mtt")),  # the statistics the set was distilled in
-    )
+    if data_path is None and run_cfg is not None and run_cfg.data_path is not None and (
+        args.dataset is None
+        or data.canonical_name(args.dataset) == data.canonical_name(meta.get("dataset") or run_cfg.dataset)
+    ):
+        data_path = run_cfg.data_path  # the folder the run read this dataset from
+    try:
+        ds = data.load(
+            dataset_name,
+            data_path,
+            zca=zca,
+            subset_per_class=args.subset_per_class,
+            generator=torch.Generator().manual_seed(args.seed),
+            statistics=data.statistics_for(recorded.get("objective", "mtt")),  # the statistics it was distilled in
+        )
+    except FileNotFoundError as e:
+        if args.data_path is None and data_path is not None:
+            raise FileNotFoundError(f"{e} (the folder its run read {dataset_name} from, as the set records: give "
+                                    "--data_path)") from None
+        raise
     if meta.get("zca") is not None and "mean" not in meta and data.zca_of_normalized(ds):
         # Our files record mean/std since MNIST / Fashion-MNIST ZCA whitens normalized images (the reference's
         # order, 2026-12-03); one without them was whitened from [0, 1] pixels: another space than this data's.
@@ -455,7 +509,7 @@ def run(args: argparse.Namespace) -> int:
         out["processes"] = dist.world_size()
         dist.print_main(json.dumps(out, indent=1))
     else:
-        dist.print_main(f"dataset {ds.name}: {cfg.num_eval} x {cfg.epochs} epochs per model, lr {result.lr:g}"
+        dist.print_main(f"dataset {ds.name}: {protocol_text(cfg)}, lr {result.lr:g}"
                         + (f" ({dist.world_size()} processes)" if dist.world_size() > 1 else ""))
         dist.print_main(result.table())
     return 0
