@@ -372,8 +372,8 @@ def storage_note(haba_set, haba_acc: float, pixel_acc: float, pixel_ipc: int) ->
         f"why HaBa trails pixel MTT here: at {H}×{W} its {haba_set.n_hallucinators} hallucinators cost {hall:,} floats "
         f"({100 * hall / total:.0f}% of its storage, {hall / image:.1f} images), mostly their scale/shift maps, so it "
         f"keeps {haba_set.bpc} basis per class against pixel MTT's {pixel_ipc} images. On larger images the maps "
-        "cost a smaller share, which alone does not make HaBa win: on Fashion-MNIST (28×28, maps ~9%) it leads "
-        "pixels with MTT only (docs/RESULTS-fashion-mnist.md)"
+        "cost a smaller share, which alone does not make HaBa win: on Fashion-MNIST (28×28, maps ~9%) it ties pixels "
+        "with MTT over five seeds and trails with DC, DSA and DM (docs/RESULTS-fashion-mnist.md)"
     )
 
 
