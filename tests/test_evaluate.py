@@ -233,13 +233,10 @@ def _eval_json(capsys, *args: str) -> dict:
 def test_cli_eval_mode_m_takes_mtt_s_pool_for_a_pixel_mtt_set(tmp_path, monkeypatch):
     """--eval_mode M: MTT's pool (with ResNet18_AP) for a pixel set of trajectory matching (or of no recorded
     objective: MTT's images_*.pt), the DC/DSA/DM code's (with MLP, LeNet) for a pixel DM set, HaBa's for HaBa."""
-    import haba_fast.evaluate as evaluate_mod
     from haba_fast.cli import main
     from haba_fast.evaluate import eval_pool
 
-    seen = []
-    monkeypatch.setattr(evaluate_mod, "evaluate_synthetic", lambda syn, ds, cfg, **kw: seen.append(cfg.models) or (
-        EvalResult({m: [0.5] for m in cfg.models}, lr=0.01, num_samples=1, epochs=1, label="x")))
+    seen = _spy_eval(monkeypatch)
     ds = data.load("digits", subset_per_class=2)
     px = Pixels(10, 1, 1, ds.im_size, generator=torch.Generator().manual_seed(0))
     hb = HaBa(10, 1, 1, ds.im_size, n_hallucinators=2, generator=torch.Generator().manual_seed(0))
@@ -248,6 +245,7 @@ def test_cli_eval_mode_m_takes_mtt_s_pool_for_a_pixel_mtt_set(tmp_path, monkeypa
     hb.save(tmp_path / "hb.pt", meta={"dataset": "digits"})
     for name in ("px", "dm", "hb"):
         assert main(["eval", str(tmp_path / f"{name}.pt"), "--eval_mode", "M", "--quiet", "--device", "cpu"]) == 0
+    seen = [cfg.models for cfg in seen]
     assert seen == [eval_pool("M", "ConvNet", "mtt"), eval_pool("M", "ConvNet", "dc"), eval_pool("M", "ConvNet")]
     assert "ResNet18_AP" in seen[0] and "LeNet" in seen[1] and not {"ResNet18_AP", "LeNet"} & set(seen[2])
 

@@ -259,12 +259,11 @@ class GradientMatching(Objective):
     # The public code's main.py: lr_img 0.1 (momentum 0.5), noise init, 20 evaluation networks; DC evaluates without
     # augmentation, 300 epochs. It runs --Iteration 1000 iterations of outer_loop updates each and evaluates every
     # 500 from iteration 0. The hallucinators' rate is ours (the HaBa paper gives none for DC): 0.002. A rate too
-    # high throws them far in the first updates, where they freeze, and their gradient grows with the IPC (after
-    # the first update at 0.01 their weights' norm is 5.2 at IPC 20, 10.8 at IPC 50): on Fashion-MNIST the bases'
-    # rate 0.1 (the default until 2026-12-05) collapsed one seed in three at IPC 10, and 0.01 (the default after it
-    # that day) lost 8 points at IPC 50. On the validation split 0.002 was within 0.43 points of the best rate tried
-    # in every trial at IPC 10, 20 and 50 (docs/RESULTS.md, "The hallucinators' rate": DSA at IPC 10 +1.28 over
-    # 0.01, DC at IPC 10 -0.21); the table's protocols name their own rate.
+    # high throws them far in the first updates, where they freeze, and their gradient grows with the IPC: on
+    # Fashion-MNIST 0.1 (the default until 2026-12-05) collapsed one seed in three at IPC 10 and 0.01 lost 8 points
+    # at IPC 50; 0.002 was within 0.43 points of the best rate tried at IPC 10, 20 and 50 on the validation split,
+    # and over five seeds at IPC 10 it beat 0.01 with DSA and tied it with DC (docs/RESULTS.md, "The hallucinators'
+    # rate"); the table's protocols name their own rate.
     defaults = {"lr_img": 0.1, "lr_style": 0.002, "dsa": False, "epoch_eval_train": 300, "pix_init": "noise",
                 "num_eval": 20}
     reference_schedule = (1000, 500)
